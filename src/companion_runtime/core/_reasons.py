@@ -123,3 +123,5 @@ class Reason(enum.StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     #: The request could not be parsed as HTTP.
     BAD_REQUEST = "bad_request"
+    #: The request body is larger than the front door accepts.
+    REQUEST_TOO_LARGE = "request_too_large"
