@@ -1,0 +1,156 @@
+"""The source allowlist: may a model be fetched from this URL?
+
+Matching is done on parsed components, never on the raw string, because a string prefix test
+accepts ``https://models.example.com.evil.net/`` and ``https://models.example.com@evil.net/``
+for the entry ``https://models.example.com``. A URL matches an entry when its scheme is
+``https``, its host equals the entry's host (ASCII, case-insensitive), its port equals the
+entry's port (443 when absent) and its path lies inside the entry's path on a ``/`` segment
+boundary (case-sensitive).
+
+Shapes that different URL parsers disagree about are refused outright as ``malformed_spec``
+rather than interpreted: userinfo, backslashes, whitespace or control characters anywhere,
+non-ASCII, percent-encoded dots, slashes and backslashes (``%2e``, ``%2f``, ``%5c``, any case,
+anywhere in the URL), ``.``/``..`` or empty path segments, fragments, an empty host, bracketed
+(IPv6) hosts, scheme-relative URLs, and ports that are empty, non-numeric or out of range.
+The scheme is compared case-insensitively (RFC 3986), so ``HTTPS://`` is ``https``.
+Queries are allowed on a source URL (they do not change which host or path is asked for);
+an allowlist entry with a query, a fragment or a non-``https`` scheme is invalid and grants
+nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+from typing import NamedTuple, cast
+from urllib.parse import urlsplit
+
+from companion_runtime.core._reasons import Reason
+from companion_runtime.core._verdict import ALLOW, Verdict, deny
+
+__all__ = ["validate_source_url"]
+
+_MALFORMED = deny(Reason.MALFORMED_SPEC)
+_SCHEME_NOT_ALLOWED = deny(Reason.SCHEME_NOT_ALLOWED)
+_SOURCE_NOT_ALLOWED = deny(Reason.SOURCE_NOT_ALLOWED)
+
+# Space, C0 controls, DEL, backslash, and percent-encoded '.', '/' or '\' in any case.
+_FORBIDDEN = re.compile(r"[\x00-\x20\x7f\\]|%(?:2[eEfF]|5[cC])")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
+_PORT_DIGITS = re.compile(r"[0-9]{1,5}")
+_DEFAULT_PORT = 443
+_ALLOWLIST_TYPES = (list, tuple, set, frozenset)
+
+
+class _Parsed(NamedTuple):
+    host: str
+    port: int
+    path: str
+    has_query_or_fragment: bool
+
+
+class _Refused(Exception):
+    """Internal: carries the verdict out of the parser."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__()
+        self.verdict = verdict
+
+
+def _parse(url: str) -> _Parsed:
+    """Parse an ``https`` URL strictly; raise :class:`_Refused` with the denial otherwise."""
+    if not url.isascii() or _FORBIDDEN.search(url) is not None:
+        raise _Refused(_MALFORMED)
+    scheme, colon, rest = url.partition(":")
+    if not colon or _SCHEME.fullmatch(scheme) is None:
+        # No scheme at all, or a scheme-relative "//host/" URL.
+        raise _Refused(_MALFORMED)
+    if scheme.lower() != "https":
+        raise _Refused(_SCHEME_NOT_ALLOWED)
+    if not rest.startswith("//"):
+        # "https:/x" or "https:x": no authority, hence no host.
+        raise _Refused(_MALFORMED)
+    try:
+        parts = urlsplit(url, allow_fragments=True)
+    except ValueError:
+        raise _Refused(_MALFORMED) from None
+    netloc = parts.netloc
+    if parts.fragment or "#" in url or "@" in netloc or "[" in netloc or "]" in netloc:
+        raise _Refused(_MALFORMED)
+    host, colon, port_text = netloc.partition(":")
+    host = host.lower()
+    if not host or any(_HOST_LABEL.fullmatch(label) is None for label in host.split(".")):
+        raise _Refused(_MALFORMED)
+    if colon:
+        if _PORT_DIGITS.fullmatch(port_text) is None:
+            raise _Refused(_MALFORMED)
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise _Refused(_MALFORMED)
+    else:
+        port = _DEFAULT_PORT
+    path = parts.path or "/"
+    segments = path.split("/")
+    # segments[0] is "" (the path is absolute); the last may be "" (a trailing slash).
+    for segment in segments[1:-1]:
+        if segment in ("", ".", ".."):
+            raise _Refused(_MALFORMED)
+    if segments[-1] in (".", ".."):
+        raise _Refused(_MALFORMED)
+    return _Parsed(host, port, path, bool(parts.query) or "?" in url)
+
+
+@lru_cache(maxsize=256)
+def _parse_entry(entry: str) -> _Parsed | None:
+    """Parse an allowlist entry; ``None`` when it is not a valid ``https`` prefix."""
+    try:
+        parsed = _parse(entry)
+    except _Refused:
+        return None
+    if parsed.has_query_or_fragment:
+        return None
+    return parsed
+
+
+def _inside(path: str, prefix: str) -> bool:
+    if path == prefix:
+        return True
+    if prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path.startswith(prefix + "/")
+
+
+def validate_source_url(url: object, allowed_source_urls: object) -> Verdict:
+    """May a model be fetched from ``url`` under the allowlist ``allowed_source_urls``?
+
+    Never raises. ``scheme_not_allowed`` for a scheme other than ``https``;
+    ``malformed_spec`` for a URL that is not a ``str`` or is refused as ambiguous (see the
+    module documentation) and for an allowlist that is not a list, tuple or set;
+    ``source_not_allowed`` when no valid entry covers the URL (an empty allowlist covers
+    nothing).
+    """
+    try:
+        if type(url) is not str:
+            return _MALFORMED
+        try:
+            parsed = _parse(url)
+        except _Refused as refused:
+            return refused.verdict
+        if type(allowed_source_urls) not in _ALLOWLIST_TYPES:
+            return _MALFORMED
+        for entry in cast("Iterable[object]", allowed_source_urls):
+            if type(entry) is not str:
+                continue
+            allowed = _parse_entry(entry)
+            if (
+                allowed is not None
+                and parsed.host == allowed.host
+                and parsed.port == allowed.port
+                and _inside(parsed.path, allowed.path)
+            ):
+                return ALLOW
+        return _SOURCE_NOT_ALLOWED
+    except Exception:  # noqa: BLE001  # pragma: no cover - defensive (e.g. MemoryError)
+        return _MALFORMED
