@@ -1,0 +1,286 @@
+"""Manifest loading: every field type-checked, defaults documented, errors never echo values."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from companion_runtime.bind.manifest import (
+    DEFAULT_HEALTH_PATH,
+    DEFAULT_LIMITS,
+    DEFAULT_READY_TIMEOUT_S,
+    Manifest,
+    ManifestError,
+    load_manifest,
+    load_manifest_text,
+    manifest_from_dict,
+)
+from companion_runtime.core import Reason
+
+DIGEST = "ab" * 32
+SECRET = "s3cr3t-token-value"
+
+FULL_TOML = f"""
+[model]
+name = "tinyllama"
+url = "https://models.example.com/tinyllama-q4.gguf?token={SECRET}"
+sha256 = "{DIGEST}"
+size_bytes = 668788096
+
+[sources]
+allow = ["https://models.example.com/"]
+
+[runtime]
+command = ["/usr/local/bin/llama-server", "-m", "{{model_path}}", "--port", "{{port}}"]
+health_path = "/healthz"
+ready_timeout_s = 60
+
+[limits]
+max_in_flight = 2
+queue_bound = 8
+queue_timeout_s = 2.5
+max_ram_bytes = 8_000_000_000
+max_vram_bytes = 4_000_000_000
+max_cpu_percent = 90
+"""
+
+
+def minimal() -> dict[str, Any]:
+    return {
+        "model": {
+            "name": "m",
+            "url": f"https://models.example.com/m.gguf?token={SECRET}",
+            "sha256": DIGEST,
+            "size_bytes": 10,
+        },
+        "sources": {"allow": ["https://models.example.com/"]},
+        "runtime": {"command": ["/bin/true"]},
+    }
+
+
+def with_field(table: str, key: str, value: object) -> dict[str, Any]:
+    data = copy.deepcopy(minimal())
+    data.setdefault(table, {})[key] = value
+    return data
+
+
+def assert_refused(data: dict[str, Any], reason: Reason, field: str) -> ManifestError:
+    with pytest.raises(ManifestError) as caught:
+        manifest_from_dict(data)
+    error = caught.value
+    assert error.reason is reason
+    assert error.field == field
+    assert str(error) == f"{field}: {reason.value}"
+    assert SECRET not in str(error)
+    assert DIGEST not in str(error)
+    return error
+
+
+@pytest.mark.unit
+def test_full_manifest_loads_every_field(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(FULL_TOML)
+    manifest = load_manifest(path)
+    assert isinstance(manifest, Manifest)
+    assert manifest.model.name == "tinyllama"
+    assert manifest.model.url.startswith("https://models.example.com/tinyllama-q4.gguf")
+    assert manifest.model.sha256 == DIGEST
+    assert manifest.model.size_bytes == 668788096
+    assert manifest.sources.allow == ("https://models.example.com/",)
+    assert manifest.runtime.command == (
+        "/usr/local/bin/llama-server",
+        "-m",
+        "{model_path}",
+        "--port",
+        "{port}",
+    )
+    assert manifest.runtime.health_path == "/healthz"
+    assert manifest.runtime.ready_timeout_s == 60.0
+    assert isinstance(manifest.runtime.ready_timeout_s, float)
+    limits = manifest.limits
+    assert (limits.max_in_flight, limits.queue_bound, limits.queue_timeout_s) == (2, 8, 2.5)
+    assert (limits.max_ram_bytes, limits.max_vram_bytes) == (8_000_000_000, 4_000_000_000)
+    assert limits.max_cpu_percent == 90.0
+
+
+@pytest.mark.unit
+def test_optional_fields_take_documented_defaults() -> None:
+    manifest = manifest_from_dict(minimal())
+    assert manifest.runtime.health_path == DEFAULT_HEALTH_PATH == "/health"
+    assert manifest.runtime.ready_timeout_s == DEFAULT_READY_TIMEOUT_S == 120.0
+    assert manifest.limits == DEFAULT_LIMITS
+    assert DEFAULT_LIMITS.max_in_flight == 4
+    assert DEFAULT_LIMITS.queue_bound == 64
+    assert DEFAULT_LIMITS.max_cpu_percent == 100.0
+    partial = manifest_from_dict(with_field("limits", "queue_bound", 3))
+    assert partial.limits.queue_bound == 3
+    assert partial.limits.max_in_flight == DEFAULT_LIMITS.max_in_flight
+
+
+@pytest.mark.unit
+def test_manifest_is_frozen() -> None:
+    manifest = manifest_from_dict(minimal())
+    with pytest.raises(AttributeError):
+        manifest.model.url = "https://evil.example/"  # type: ignore[misc]
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://models.example.com/m.gguf", Reason.SCHEME_NOT_ALLOWED),
+        (f"https://models.example.com.evil.net/m.gguf?token={SECRET}", Reason.SOURCE_NOT_ALLOWED),
+        (f"https://models.example.com@evil.net/m.gguf?token={SECRET}", None),
+        ("https://other.example.com/m.gguf", Reason.SOURCE_NOT_ALLOWED),
+    ],
+)
+def test_model_url_is_checked_against_the_allowlist(url: str, reason: Reason | None) -> None:
+    with pytest.raises(ManifestError) as caught:
+        manifest_from_dict(with_field("model", "url", url))
+    assert caught.value.field == "model.url"
+    assert caught.value.reason is not Reason.OK
+    if reason is not None:
+        assert caught.value.reason is reason
+    assert SECRET not in str(caught.value) and "evil" not in str(caught.value)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("table", "key", "value", "reason", "field"),
+    [
+        ("model", "sha256", "AB" * 32, Reason.MALFORMED_SPEC, "model.sha256"),
+        ("model", "sha256", "ab" * 31, Reason.MALFORMED_SPEC, "model.sha256"),
+        ("model", "sha256", 5, Reason.MALFORMED_MANIFEST, "model.sha256"),
+        ("model", "size_bytes", 0, Reason.MALFORMED_SPEC, "model.size_bytes"),
+        ("model", "size_bytes", -1, Reason.MALFORMED_SPEC, "model.size_bytes"),
+        ("model", "size_bytes", True, Reason.MALFORMED_MANIFEST, "model.size_bytes"),
+        ("model", "size_bytes", 1.5, Reason.MALFORMED_MANIFEST, "model.size_bytes"),
+        ("model", "size_bytes", "10", Reason.MALFORMED_MANIFEST, "model.size_bytes"),
+        ("model", "name", "", Reason.MALFORMED_MANIFEST, "model.name"),
+        ("model", "name", "a\nb", Reason.MALFORMED_MANIFEST, "model.name"),
+        ("model", "name", "x" * 129, Reason.MALFORMED_MANIFEST, "model.name"),
+        ("model", "url", 7, Reason.MALFORMED_MANIFEST, "model.url"),
+        ("model", "sha265", DIGEST, Reason.MALFORMED_MANIFEST, "model"),
+        ("sources", "allow", [], Reason.MALFORMED_MANIFEST, "sources.allow"),
+        (
+            "sources",
+            "allow",
+            "https://models.example.com/",
+            Reason.MALFORMED_MANIFEST,
+            "sources.allow",
+        ),
+        ("sources", "allow", [3], Reason.MALFORMED_MANIFEST, "sources.allow[0]"),
+        (
+            "sources",
+            "allow",
+            ["https://models.example.com/", "http://x.example/"],
+            Reason.SCHEME_NOT_ALLOWED,
+            "sources.allow[1]",
+        ),
+        ("runtime", "command", [], Reason.MALFORMED_MANIFEST, "runtime.command"),
+        ("runtime", "command", "/bin/true", Reason.MALFORMED_MANIFEST, "runtime.command"),
+        ("runtime", "command", ["/bin/true", 3], Reason.MALFORMED_MANIFEST, "runtime.command[1]"),
+        (
+            "runtime",
+            "command",
+            ["/bin/true", "a\x00b"],
+            Reason.MALFORMED_MANIFEST,
+            "runtime.command[1]",
+        ),
+        ("runtime", "command", [" "], Reason.MALFORMED_MANIFEST, "runtime.command[0]"),
+        ("runtime", "health_path", "health", Reason.MALFORMED_MANIFEST, "runtime.health_path"),
+        ("runtime", "health_path", "/a b", Reason.MALFORMED_MANIFEST, "runtime.health_path"),
+        ("runtime", "ready_timeout_s", 0, Reason.MALFORMED_MANIFEST, "runtime.ready_timeout_s"),
+        ("runtime", "ready_timeout_s", False, Reason.MALFORMED_MANIFEST, "runtime.ready_timeout_s"),
+        (
+            "runtime",
+            "ready_timeout_s",
+            float("inf"),
+            Reason.MALFORMED_MANIFEST,
+            "runtime.ready_timeout_s",
+        ),
+        (
+            "runtime",
+            "ready_timeout_s",
+            float("nan"),
+            Reason.MALFORMED_MANIFEST,
+            "runtime.ready_timeout_s",
+        ),
+        ("limits", "max_in_flight", 0, Reason.MALFORMED_MANIFEST, "limits.max_in_flight"),
+        ("limits", "max_in_flight", True, Reason.MALFORMED_MANIFEST, "limits.max_in_flight"),
+        ("limits", "queue_bound", 2.0, Reason.MALFORMED_MANIFEST, "limits.queue_bound"),
+        ("limits", "queue_timeout_s", -1, Reason.MALFORMED_MANIFEST, "limits.queue_timeout_s"),
+        ("limits", "max_ram_bytes", "8G", Reason.MALFORMED_MANIFEST, "limits.max_ram_bytes"),
+        ("limits", "max_vram_bytes", 0, Reason.MALFORMED_MANIFEST, "limits.max_vram_bytes"),
+        ("limits", "max_cpu_percent", 101, Reason.MALFORMED_MANIFEST, "limits.max_cpu_percent"),
+        ("limits", "max_cpu_percent", 0, Reason.MALFORMED_MANIFEST, "limits.max_cpu_percent"),
+        ("limits", "max_threads", 3, Reason.MALFORMED_MANIFEST, "limits"),
+    ],
+)
+def test_each_bad_field_is_named(
+    table: str, key: str, value: object, reason: Reason, field: str
+) -> None:
+    assert_refused(with_field(table, key, value), reason, field)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("table", ["model", "sources", "runtime"])
+def test_required_tables(table: str) -> None:
+    data = minimal()
+    del data[table]
+    assert_refused(data, Reason.MALFORMED_MANIFEST, table)
+    data = minimal()
+    data[table] = ["not", "a", "table"]
+    assert_refused(data, Reason.MALFORMED_MANIFEST, table)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("key", ["name", "url", "sha256", "size_bytes"])
+def test_required_model_fields(key: str) -> None:
+    data = minimal()
+    del data["model"][key]
+    assert_refused(data, Reason.MALFORMED_MANIFEST, f"model.{key}")
+
+
+@pytest.mark.unit
+def test_unknown_top_level_table_is_refused() -> None:
+    data = minimal()
+    data["extra"] = {}
+    assert_refused(data, Reason.MALFORMED_MANIFEST, "manifest")
+    data = minimal()
+    data["limits"] = 3
+    assert_refused(data, Reason.MALFORMED_MANIFEST, "limits")
+
+
+@pytest.mark.unit
+def test_bad_toml_and_files(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError) as caught:
+        load_manifest_text(f'[model]\nurl = "https://x/?token={SECRET}"\nbroken = ')
+    assert caught.value.reason is Reason.MALFORMED_MANIFEST
+    assert SECRET not in str(caught.value)
+
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(tmp_path / "missing.toml")
+    assert caught.value.reason is Reason.FILE_NOT_FOUND
+    assert "missing" not in str(caught.value)
+
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(binary)
+    assert caught.value.reason is Reason.MALFORMED_MANIFEST
+
+    huge = tmp_path / "huge.toml"
+    huge.write_text("# " + "x" * (1024 * 1024 + 10))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(huge)
+    assert caught.value.reason is Reason.MALFORMED_MANIFEST
+
+    with pytest.raises(ManifestError):
+        load_manifest(tmp_path)  # a directory is not a manifest
+    with pytest.raises(ManifestError):
+        load_manifest_text(b"[model]")  # type: ignore[arg-type]
