@@ -1,0 +1,434 @@
+"""Spawning and stopping a runtime process: argv, environment, process group, output, death.
+
+Theory of operation
+-------------------
+:func:`build_launch_spec` turns a manifest command template into a :class:`LaunchSpec`. Only
+the placeholders ``{model_path}``, ``{port}`` and ``{host}`` are filled (by hand, never with
+``str.format``, so ``{port.__class__}`` cannot reach an attribute); any other field, a format
+spec or a conversion is refused. The executable must be an absolute path to an existing
+executable file. There is no shell anywhere. The host is always ``127.0.0.1`` and the port a
+free loopback port picked here. The environment is scrubbed to an allowlist (``PATH``,
+``LANG``, ``LC_*``, ``HOME``, ``TMPDIR``) plus the caller's explicit extras, so a secret in the
+manager's environment never reaches the runtime.
+
+:class:`SubprocessLauncher` runs a spec as an async context manager::
+
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await runtime.wait()
+
+The child leads its own session and process group, so stopping it reaches every process it
+started: SIGTERM to the group, a grace period, SIGKILL to the group, then the exit is reaped.
+Leaving the context always stops the runtime.
+
+Dying with the manager: on Linux the child is started through a tiny stdlib-only wrapper
+(``python -I -S -c``, about 30 ms) that sets ``PR_SET_PDEATHSIG`` to SIGKILL, checks that its
+parent is still the manager (closing the race where the manager died before ``prctl``), and
+``execv``s the runtime in place, so the runtime keeps the wrapper's PID and inherits the death
+signal. A ``preexec_fn`` would do the same without the 30 ms but is not safe in a process that
+runs threads (psutil, NVML and ``asyncio.to_thread`` workers), which the manager always does.
+Two limits follow from the kernel's semantics: the signal fires when the *thread* that spawned
+the child exits (asyncio spawns from the event-loop thread, which lives as long as the
+manager's loop), and it reaches the runtime only, not processes the runtime itself starts.
+
+Output: stdout and stderr are drained continuously by reader tasks into ring buffers that keep
+the last ``output_cap_bytes`` of each stream, so the child never blocks on a full pipe and the
+manager never holds more than the cap.
+
+Foreign exceptions (``OSError`` from spawning) become :class:`ProcessError` with a
+:class:`Reason` in one place, :func:`_spawn_errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import string
+import sys
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Protocol, final
+
+from companion_runtime.core._reasons import Reason
+
+__all__ = [
+    "DEFAULT_OUTPUT_CAP_BYTES",
+    "ENV_ALLOWLIST",
+    "LOOPBACK_HOST",
+    "PLACEHOLDERS",
+    "LaunchSpec",
+    "OutputTail",
+    "ProcessError",
+    "ProcessLauncher",
+    "RuntimeProcess",
+    "StopOutcome",
+    "SubprocessLauncher",
+    "build_launch_spec",
+    "choose_loopback_port",
+    "scrub_environment",
+]
+
+#: The only address a runtime is ever told to bind.
+LOOPBACK_HOST: Final = "127.0.0.1"
+#: The placeholders a command template may use.
+PLACEHOLDERS: Final = frozenset({"model_path", "port", "host"})
+#: Environment variables passed through from the manager (plus every ``LC_*``).
+ENV_ALLOWLIST: Final = frozenset({"PATH", "LANG", "HOME", "TMPDIR"})
+#: Bytes kept from the end of each output stream.
+DEFAULT_OUTPUT_CAP_BYTES: Final = 64 * 1024
+_READ_CHUNK_BYTES: Final = 64 * 1024
+# How long stop() waits for the output pipes to close after the group is dead; a process that
+# left the group (its own setsid) could hold them open forever.
+_PIPE_CLOSE_TIMEOUT_S: Final = 2.0
+
+# The death-signal wrapper: stdlib only, isolated (-I -S) so it starts fast and reads nothing
+# from the environment. argv: [expected parent pid, executable, *args]. Exit codes follow the
+# shell's convention (126: cannot arm, 127: cannot exec).
+_PDEATHSIG_WRAPPER: Final = (
+    "import ctypes,os,signal,sys\n"
+    "libc=ctypes.CDLL(None,use_errno=True)\n"
+    "if libc.prctl(1,int(signal.SIGKILL),0,0,0)!=0:os._exit(126)\n"  # 1 = PR_SET_PDEATHSIG
+    "if os.getppid()!=int(sys.argv[1]):os._exit(0)\n"
+    "try:os.execv(sys.argv[2],sys.argv[2:])\n"
+    "except OSError:os._exit(127)\n"
+)
+
+
+@final
+class ProcessError(Exception):
+    """A runtime could not be launched. ``str(error)`` is the reason code only."""
+
+    def __init__(self, reason: Reason) -> None:
+        super().__init__(reason.value)
+        self.reason: Final = reason
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchSpec:
+    """Everything needed to start one runtime: built by :func:`build_launch_spec`."""
+
+    #: The filled argv; ``argv[0]`` is an absolute path to an executable file.
+    argv: tuple[str, ...]
+    #: The complete (scrubbed) environment of the child.
+    env: Mapping[str, str]
+    #: Always :data:`LOOPBACK_HOST`.
+    host: str
+    #: The loopback port the runtime was told to listen on.
+    port: int
+    #: Bytes kept from the end of each of stdout and stderr.
+    output_cap_bytes: int = DEFAULT_OUTPUT_CAP_BYTES
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://{self.host}:{self.port}"
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StopOutcome:
+    """How a runtime ended when it was stopped."""
+
+    #: The exit status (negative: killed by that signal).
+    returncode: int
+    #: True when the grace period ran out and the group was SIGKILLed.
+    killed: bool
+
+
+@final
+@dataclass(slots=True, kw_only=True)
+class OutputTail:
+    """A ring buffer that keeps the last ``cap_bytes`` of a stream and counts the rest."""
+
+    cap_bytes: int
+    total_bytes: int = 0
+    _buffer: bytearray = field(default_factory=bytearray)
+
+    def append(self, chunk: bytes) -> None:
+        """Add ``chunk``; drop the oldest bytes beyond the cap."""
+        self.total_bytes += len(chunk)
+        self._buffer += chunk
+        excess = len(self._buffer) - self.cap_bytes
+        if excess > 0:
+            del self._buffer[:excess]
+
+    @property
+    def dropped_bytes(self) -> int:
+        """Bytes seen but no longer kept."""
+        return self.total_bytes - len(self._buffer)
+
+    def snapshot(self) -> bytes:
+        """The kept bytes (at most ``cap_bytes``)."""
+        return bytes(self._buffer)
+
+
+class RuntimeProcess(Protocol):
+    """A running runtime, as the supervisor sees it."""
+
+    @property
+    def pid(self) -> int:
+        """The runtime's PID (also its process group id)."""
+        ...
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once reaped, else ``None``."""
+        ...
+
+    async def wait(self) -> int:
+        """Wait for the runtime to exit; return its exit status."""
+        ...
+
+    async def stop(self, *, grace_s: float) -> StopOutcome:
+        """SIGTERM the group, wait ``grace_s``, SIGKILL the group, reap."""
+        ...
+
+    def stdout_tail(self) -> bytes:
+        """The last bytes the runtime wrote to stdout."""
+        ...
+
+    def stderr_tail(self) -> bytes:
+        """The last bytes the runtime wrote to stderr."""
+        ...
+
+
+class ProcessLauncher(Protocol):
+    """The spawn seam: run a :class:`LaunchSpec` for the duration of a context."""
+
+    def launch(
+        self, spec: LaunchSpec, *, stop_grace_s: float = ...
+    ) -> contextlib.AbstractAsyncContextManager[RuntimeProcess]:
+        """Start the runtime; leaving the context stops it (SIGTERM, grace, SIGKILL)."""
+        ...
+
+
+def scrub_environment(
+    source: Mapping[str, str], extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Keep only allowlisted variables of ``source`` (``PATH``, ``LANG``, ``LC_*``, ``HOME``,
+    ``TMPDIR``) and add ``extra`` on top. Nothing else passes."""
+    kept = {
+        name: value
+        for name, value in source.items()
+        if name in ENV_ALLOWLIST or name.startswith("LC_")
+    }
+    if extra:
+        for name, value in extra.items():
+            if type(name) is not str or type(value) is not str or not name or "=" in name:
+                raise ProcessError(Reason.MALFORMED_SPEC)
+            kept[name] = value
+    return kept
+
+
+def choose_loopback_port() -> int:
+    """Return a loopback TCP port that was free a moment ago.
+
+    The port is released before the runtime binds it, so another process could take it in
+    between; the runtime then fails its health check and the supervisor's restart picks a new
+    port. Binding port 0 is the only portable way to ask the kernel for a free one.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK_HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def build_launch_spec(
+    command_template: Sequence[str],
+    *,
+    model_path: str | os.PathLike[str],
+    port: int | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    base_env: Mapping[str, str] | None = None,
+    output_cap_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
+) -> LaunchSpec:
+    """Fill a command template and check it; raise :class:`ProcessError` when it is unusable.
+
+    ``MALFORMED_SPEC``: the template is empty, not a sequence of strings, uses a placeholder
+    other than ``{model_path}``/``{port}``/``{host}`` (or a format spec or conversion), puts a
+    placeholder in the executable, or never mentions ``{port}`` (the runtime must be told where
+    to listen). ``EXECUTABLE_NOT_ALLOWED``: ``argv[0]`` is not an absolute path to an existing
+    executable regular file. ``base_env`` defaults to the manager's environment.
+    """
+    if isinstance(command_template, str | bytes) or not isinstance(command_template, Sequence):
+        raise ProcessError(Reason.MALFORMED_SPEC)
+    if not command_template or any(type(arg) is not str for arg in command_template):
+        raise ProcessError(Reason.MALFORMED_SPEC)
+    if type(output_cap_bytes) is not int or output_cap_bytes <= 0:
+        raise ProcessError(Reason.MALFORMED_SPEC)
+    if port is None:
+        port = choose_loopback_port()
+    elif type(port) is not int or not 0 < port < 65536:
+        raise ProcessError(Reason.MALFORMED_SPEC)
+    values = {"model_path": os.fspath(model_path), "port": str(port), "host": LOOPBACK_HOST}
+
+    executable, *arguments = command_template
+    if _fields(executable):
+        raise ProcessError(Reason.MALFORMED_SPEC)
+    if not any("port" in _fields(argument) for argument in arguments):
+        raise ProcessError(Reason.MALFORMED_SPEC)
+    argv = (_unescape(executable), *(_fill(argument, values) for argument in arguments))
+    _check_executable(argv[0])
+    env = scrub_environment(os.environ if base_env is None else base_env, extra_env)
+    return LaunchSpec(
+        argv=argv, env=env, host=LOOPBACK_HOST, port=port, output_cap_bytes=output_cap_bytes
+    )
+
+
+def _parse(template: str) -> list[tuple[str, str | None]]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:  # an unmatched brace
+        raise ProcessError(Reason.MALFORMED_SPEC) from None
+    pieces: list[tuple[str, str | None]] = []
+    for literal, name, format_spec, conversion in parsed:
+        if name is not None and (name not in PLACEHOLDERS or format_spec or conversion):
+            raise ProcessError(Reason.MALFORMED_SPEC)
+        pieces.append((literal, name))
+    return pieces
+
+
+def _fields(template: str) -> set[str]:
+    return {name for _, name in _parse(template) if name is not None}
+
+
+def _fill(template: str, values: Mapping[str, str]) -> str:
+    return "".join(literal + (values[name] if name else "") for literal, name in _parse(template))
+
+
+def _unescape(template: str) -> str:
+    return "".join(literal for literal, _ in _parse(template))
+
+
+def _check_executable(executable: str) -> None:
+    path = Path(executable)
+    if not path.is_absolute() or not path.is_file() or not os.access(path, os.X_OK):
+        raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED)
+
+
+@contextlib.contextmanager
+def _spawn_errors() -> Iterator[None]:
+    """The one place spawn-time ``OSError``s become a :class:`Reason`."""
+    try:
+        yield
+    except PermissionError:
+        raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED) from None
+    except OSError:
+        raise ProcessError(Reason.SPAWN_FAILED) from None
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    # The group outlives its leader while any member is alive; ESRCH means it is empty.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
+@final
+class _SubprocessRuntime:
+    """The real :class:`RuntimeProcess`: an asyncio subprocess in its own process group."""
+
+    def __init__(self, process: asyncio.subprocess.Process, cap_bytes: int) -> None:
+        self._process = process
+        self.stdout = OutputTail(cap_bytes=cap_bytes)
+        self.stderr = OutputTail(cap_bytes=cap_bytes)
+        self._stop_lock = asyncio.Lock()
+        self._stop_outcome: StopOutcome | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    async def stop(self, *, grace_s: float) -> StopOutcome:
+        async with self._stop_lock:
+            if self._stop_outcome is not None:
+                return self._stop_outcome
+            pgid = self._process.pid
+            killed = False
+            if self._process.returncode is None:
+                _signal_group(pgid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(self._process.wait(), timeout=max(grace_s, 0.0))
+                except TimeoutError:
+                    killed = True
+            # SIGKILL the group even when the leader went quietly: anything it started and
+            # left behind in the group goes too.
+            _signal_group(pgid, signal.SIGKILL)
+            returncode = await self._process.wait()
+            self._stop_outcome = StopOutcome(returncode=returncode, killed=killed)
+            return self._stop_outcome
+
+    def stdout_tail(self) -> bytes:
+        return self.stdout.snapshot()
+
+    def stderr_tail(self) -> bytes:
+        return self.stderr.snapshot()
+
+
+async def _drain(stream: asyncio.StreamReader | None, tail: OutputTail) -> None:
+    if stream is None:
+        return
+    while chunk := await stream.read(_READ_CHUNK_BYTES):
+        tail.append(chunk)
+
+
+@final
+class SubprocessLauncher:
+    """The real :class:`ProcessLauncher` (asyncio subprocess, own session, death signal)."""
+
+    def __init__(self, *, use_death_signal: bool | None = None) -> None:
+        """``use_death_signal`` defaults to on where ``PR_SET_PDEATHSIG`` exists (Linux)."""
+        self._use_death_signal = (
+            sys.platform.startswith("linux") if use_death_signal is None else use_death_signal
+        )
+
+    def _argv(self, spec: LaunchSpec) -> tuple[str, ...]:
+        if not self._use_death_signal:
+            return spec.argv
+        return (sys.executable, "-I", "-S", "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *spec.argv)
+
+    @contextlib.asynccontextmanager
+    async def launch(
+        self, spec: LaunchSpec, *, stop_grace_s: float = 5.0
+    ) -> AsyncIterator[RuntimeProcess]:
+        """Start ``spec``; on leaving, stop it (SIGTERM, ``stop_grace_s``, SIGKILL) and reap."""
+        argv = self._argv(spec)
+        with _spawn_errors():
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=dict(spec.env),
+                start_new_session=True,
+                close_fds=True,
+            )
+        runtime = _SubprocessRuntime(process, spec.output_cap_bytes)
+        # The readers are not in a TaskGroup around the ``yield``: that would wrap the
+        # caller's own exception in an ExceptionGroup. They are awaited below instead.
+        drains = [
+            asyncio.create_task(_drain(process.stdout, runtime.stdout)),
+            asyncio.create_task(_drain(process.stderr, runtime.stderr)),
+        ]
+        try:
+            yield runtime
+        finally:
+            try:
+                # Shielded so a cancelled caller still leaves no process behind.
+                await asyncio.shield(runtime.stop(grace_s=stop_grace_s))
+                await asyncio.wait(drains, timeout=_PIPE_CLOSE_TIMEOUT_S)
+            finally:
+                for task in drains:
+                    task.cancel()
+                # Our own readers: their cancellation (just issued) is theirs, not ours.
+                await asyncio.gather(*drains, return_exceptions=True)

@@ -1,0 +1,350 @@
+"""Spawning, stopping and containing real runtime processes (stand-in runtime and real children)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from companion_runtime.bind.process import (
+    LOOPBACK_HOST,
+    OutputTail,
+    ProcessError,
+    SubprocessLauncher,
+    build_launch_spec,
+    choose_loopback_port,
+    scrub_environment,
+)
+from companion_runtime.core._reasons import Reason
+from tests.support.supervision import (
+    process_gone,
+    read_runtime_pid,
+    standin_command,
+    start_manager,
+    wait_for,
+)
+
+pytestmark = pytest.mark.anyio
+
+_PRINT_ENV = "import json, os, sys; print(json.dumps(dict(os.environ))); sys.stdout.flush()"
+
+
+async def _wait_healthy(base_url: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get(base_url + "/health")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.02)
+    raise AssertionError("runtime never answered its health check")
+
+
+# --- the command template ----------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_template_fills_only_the_three_placeholders() -> None:
+    spec = build_launch_spec(
+        [sys.executable, "-m", "{model_path}", "--host", "{host}", "--port", "{port}", "x{{y}}"],
+        model_path="/models/m.gguf",
+        port=4242,
+    )
+    assert spec.argv == (
+        sys.executable,
+        "-m",
+        "/models/m.gguf",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "4242",
+        "x{y}",
+    )
+    assert spec.host == LOOPBACK_HOST
+    assert spec.base_url == "http://127.0.0.1:4242"
+
+
+@pytest.mark.unit
+def test_a_free_loopback_port_is_chosen_when_none_is_given() -> None:
+    spec = build_launch_spec([sys.executable, "{port}"], model_path="m")
+    assert 0 < spec.port < 65536
+    assert spec.argv[1] == str(spec.port)
+    assert choose_loopback_port() != 0
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "argument",
+    [
+        "{port.__class__}",
+        "{model_path[0]}",
+        "{port!r}",
+        "{port:>10}",
+        "{secret}",
+        "{}",
+        "{0}",
+        "unbalanced{",
+        "unbalanced}",
+    ],
+)
+def test_any_other_placeholder_is_refused(argument: str) -> None:
+    with pytest.raises(ProcessError) as caught:
+        build_launch_spec([sys.executable, "{port}", argument], model_path="m")
+    assert caught.value.reason is Reason.MALFORMED_SPEC
+    assert str(caught.value) == "malformed_spec"
+
+
+@pytest.mark.security
+def test_a_placeholder_in_the_executable_is_refused() -> None:
+    with pytest.raises(ProcessError) as caught:
+        build_launch_spec(["{model_path}", "{port}"], model_path=sys.executable)
+    assert caught.value.reason is Reason.MALFORMED_SPEC
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("template", [[], "python {port}", [sys.executable, 7], [sys.executable]])
+def test_malformed_templates_are_refused(template: object) -> None:
+    with pytest.raises(ProcessError) as caught:
+        build_launch_spec(template, model_path="m")  # type: ignore[arg-type]
+    assert caught.value.reason is Reason.MALFORMED_SPEC
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("port", [0, 65536, -1, True, "80"])
+def test_a_bad_explicit_port_is_refused(port: object) -> None:
+    with pytest.raises(ProcessError):
+        build_launch_spec([sys.executable, "{port}"], model_path="m", port=port)  # type: ignore[arg-type]
+
+
+@pytest.mark.security
+def test_the_executable_must_be_an_absolute_path_to_an_executable_file(tmp_path: Path) -> None:
+    plain = tmp_path / "not-executable"
+    plain.write_text("#!/bin/sh\n")
+    plain.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    for executable in ["python3", "./python3", str(tmp_path), str(tmp_path / "absent"), str(plain)]:
+        with pytest.raises(ProcessError) as caught:
+            build_launch_spec([executable, "{port}"], model_path="m")
+        assert caught.value.reason is Reason.EXECUTABLE_NOT_ALLOWED, executable
+
+
+# --- the environment -----------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_scrubbing_keeps_only_the_allowlist_and_the_extras() -> None:
+    source = {
+        "PATH": "/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C",
+        "HOME": "/h",
+        "TMPDIR": "/t",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "LD_PRELOAD": "/evil.so",
+        "PYTHONPATH": "/x",
+    }
+    assert scrub_environment(source, {"CUDA_VISIBLE_DEVICES": "0"}) == {
+        "PATH": "/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C",
+        "HOME": "/h",
+        "TMPDIR": "/t",
+        "CUDA_VISIBLE_DEVICES": "0",
+    }
+    with pytest.raises(ProcessError):
+        scrub_environment({}, {"A=B": "c"})
+
+
+@pytest.mark.security
+async def test_a_secret_in_the_managers_environment_does_not_reach_the_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COMPANION_TEST_SECRET_TOKEN", "hunter2-very-secret")
+    monkeypatch.setenv("LD_PRELOAD", "")
+    monkeypatch.setenv("LC_TIME", "C")
+    spec = build_launch_spec(
+        [sys.executable, "-c", _PRINT_ENV, "{port}"],
+        model_path="m",
+        extra_env={"RUNTIME_EXTRA": "1"},
+    )
+    async with SubprocessLauncher().launch(spec) as runtime:
+        assert await asyncio.wait_for(runtime.wait(), 10) == 0
+        await asyncio.sleep(0.05)
+    child_env = json.loads(runtime.stdout_tail())
+    assert "COMPANION_TEST_SECRET_TOKEN" not in child_env
+    assert "hunter2-very-secret" not in runtime.stdout_tail().decode()
+    assert "LD_PRELOAD" not in child_env
+    assert child_env["LC_TIME"] == "C"
+    assert child_env["RUNTIME_EXTRA"] == "1"
+    assert child_env["PATH"] == os.environ["PATH"]
+    # Python itself may add LC_CTYPE (locale coercion); nothing else beyond the allowlist.
+    allowed = {"PATH", "LANG", "HOME", "TMPDIR", "RUNTIME_EXTRA"}
+    assert {name for name in child_env if not name.startswith("LC_")} <= allowed
+
+
+# --- process group, output, stop ---------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_the_runtime_leads_its_own_session_and_answers_on_loopback() -> None:
+    spec = build_launch_spec(standin_command(), model_path="m")
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await _wait_healthy(spec.base_url)
+        assert os.getpgid(runtime.pid) == runtime.pid
+        assert os.getsid(runtime.pid) == runtime.pid
+        assert os.getpgid(runtime.pid) != os.getpgid(0)
+        # The wrapper exec'd in place: the PID we hold is the runtime itself.
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(spec.base_url + "/pid")).json()["pid"] == runtime.pid
+        connections = psutil.Process(runtime.pid).net_connections(kind="tcp")
+        listening = [c for c in connections if c.status == psutil.CONN_LISTEN]
+        assert [c.laddr.ip for c in listening] == ["127.0.0.1"]
+    assert runtime.returncode is not None
+
+
+@pytest.mark.integration
+async def test_output_is_capped_and_drained_so_the_child_never_blocks() -> None:
+    cap = 4096
+    one_mib = 1024 * 1024
+    spec = build_launch_spec(
+        standin_command("--emit-stdout-bytes", str(one_mib)), model_path="m", output_cap_bytes=cap
+    )
+    async with SubprocessLauncher().launch(spec) as runtime:
+        # A child blocked on a full 64 KiB pipe would never get to listening.
+        await _wait_healthy(spec.base_url)
+        tail = runtime.stdout_tail()
+        assert len(tail) <= cap
+        assert b"END-OF-OUTPUT" in tail
+    assert len(runtime.stdout_tail()) <= cap
+
+
+@pytest.mark.unit
+def test_output_tail_keeps_the_last_bytes_and_counts_the_dropped() -> None:
+    tail = OutputTail(cap_bytes=5)
+    tail.append(b"abc")
+    tail.append(b"defgh")
+    assert tail.snapshot() == b"defgh"
+    assert tail.total_bytes == 8
+    assert tail.dropped_bytes == 3
+
+
+@pytest.mark.integration
+async def test_stop_sends_sigterm_and_the_runtime_exits_within_the_grace() -> None:
+    spec = build_launch_spec(standin_command(), model_path="m")
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await _wait_healthy(spec.base_url)
+        started = time.monotonic()
+        outcome = await runtime.stop(grace_s=5.0)
+        assert time.monotonic() - started < 2.0
+    assert outcome.killed is False
+    assert outcome.returncode == 0
+    assert process_gone(runtime.pid)
+
+
+@pytest.mark.integration
+async def test_a_runtime_that_ignores_sigterm_is_sigkilled_after_the_grace() -> None:
+    spec = build_launch_spec(standin_command("--ignore-sigterm"), model_path="m")
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await _wait_healthy(spec.base_url)
+        started = time.monotonic()
+        outcome = await runtime.stop(grace_s=0.5)
+        elapsed = time.monotonic() - started
+    assert outcome.killed is True
+    assert outcome.returncode == -signal.SIGKILL
+    assert 0.5 <= elapsed < 3.0
+    assert process_gone(runtime.pid)
+
+
+@pytest.mark.integration
+async def test_stopping_reaches_every_process_in_the_group() -> None:
+    spec = build_launch_spec(standin_command("--spawn-child"), model_path="m")
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await _wait_healthy(spec.base_url)
+        line = next(
+            ln for ln in runtime.stdout_tail().decode().splitlines() if ln.startswith("CHILD ")
+        )
+        grandchild = psutil.Process(int(line.split()[1]))
+        created = grandchild.create_time()
+    assert wait_for(lambda: process_gone(grandchild.pid, created), 5.0)
+
+
+@pytest.mark.integration
+async def test_leaving_the_context_on_an_error_or_a_cancellation_leaves_no_process() -> None:
+    spec = build_launch_spec(standin_command("--ignore-sigterm"), model_path="m")
+    launcher = SubprocessLauncher()
+    pids: list[int] = []
+    with pytest.raises(RuntimeError):
+        async with launcher.launch(spec, stop_grace_s=0.2) as runtime:
+            pids.append(runtime.pid)
+            raise RuntimeError("boom")
+
+    async def hold() -> None:
+        async with launcher.launch(
+            build_launch_spec(standin_command(), model_path="m"), stop_grace_s=0.2
+        ) as held:
+            pids.append(held.pid)
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(hold())
+    while len(pids) < 2:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert all(process_gone(pid) for pid in pids)
+
+
+@pytest.mark.integration
+async def test_an_executable_the_kernel_cannot_run_is_spawn_failed(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00\x01\x02 not a program")
+    garbage.chmod(0o755)
+    spec = build_launch_spec([str(garbage), "{port}"], model_path="m")
+    with pytest.raises(ProcessError) as caught:
+        async with SubprocessLauncher(use_death_signal=False).launch(spec):
+            pass
+    assert caught.value.reason is Reason.SPAWN_FAILED
+    # Through the death-signal wrapper the exec failure surfaces as exit status 127.
+    async with SubprocessLauncher().launch(spec) as runtime:
+        assert await asyncio.wait_for(runtime.wait(), 10) == 127
+
+
+# --- dying with the manager ----------------------------------------------------------------
+
+
+def _kill_manager_and_check(template: list[str], *, wait_healthy: bool, timeout_s: float) -> bool:
+    manager = start_manager(template, "/nonexistent/model.gguf", wait_healthy=wait_healthy)
+    try:
+        runtime_pid = read_runtime_pid(manager)
+        created = psutil.Process(runtime_pid).create_time()
+        assert psutil.Process(runtime_pid).ppid() == manager.pid
+        os.kill(manager.pid, signal.SIGKILL)
+        manager.wait(10)
+        return wait_for(lambda: process_gone(runtime_pid, created), timeout_s)
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+            manager.wait()
+        if manager.stdout is not None:
+            manager.stdout.close()
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(120)
+def test_a_manager_killed_with_sigkill_leaves_no_runtime_behind_20_trials() -> None:
+    # The manager waits until the runtime is healthy, so the runtime has finished writing to
+    # its stdout pipe: a later write to the dead manager's pipe (EPIPE) cannot be what ends it.
+    # Without the death signal the runtime survives this test (checked by hand).
+    template = standin_command()
+    clean = [_kill_manager_and_check(template, wait_healthy=True, timeout_s=3.0) for _ in range(20)]
+    assert clean.count(True) == 20, f"{clean.count(True)}/20 trials clean"

@@ -1,0 +1,130 @@
+"""A stand-in inference runtime: a stdlib HTTP server run as a real child process.
+
+It exists only for faults the real llama.cpp server cannot show on demand: a slow start, a
+runtime that never turns healthy, a crash in the middle of a request, one that ignores SIGTERM,
+and resident memory that grows past a limit when asked. Everything else is tested against the
+real server.
+
+    python tests/support/standin_runtime.py --port P [--host H] [--listen-delay-s S]
+        [--loading-s S] [--never-healthy] [--ignore-sigterm] [--spawn-child]
+        [--emit-stdout-bytes N]
+
+Endpoints: ``GET /health`` (200 ``{"status":"ok"}``, 503 while loading), ``POST /work?sleep_s=S``
+(answers after S seconds), ``POST /crash`` (sends the headers and part of a body, then exits
+with status 3), ``POST /allocate?mib=N`` (holds N MiB more, touched so they are resident),
+``POST /release`` (frees all of it), ``GET /pid``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+_held: list[bytearray] = []
+_ready_at = 0.0
+_never_healthy = False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        return
+
+    def _reply(self, status: int, body: dict[str, object]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/health":
+            if _never_healthy or time.monotonic() < _ready_at:
+                self._reply(503, {"error": {"code": 503, "message": "Loading model"}})
+            else:
+                self._reply(200, {"status": "ok"})
+        elif path == "/pid":
+            self._reply(200, {"pid": os.getpid()})
+        else:
+            self._reply(404, {"error": "not found"})
+
+    def do_POST(self) -> None:
+        parts = urlsplit(self.path)
+        query = parse_qs(parts.query)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        if parts.path == "/work":
+            time.sleep(float(query.get("sleep_s", ["0"])[0]))
+            self._reply(200, {"done": True})
+        elif parts.path == "/crash":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"partial": ')
+            self.wfile.flush()
+            os._exit(3)
+        elif parts.path == "/allocate":
+            mib = int(query.get("mib", ["0"])[0])
+            block = bytearray(mib * 1024 * 1024)
+            for offset in range(0, len(block), 4096):  # touch every page: make it resident
+                block[offset] = 1
+            _held.append(block)
+            self._reply(200, {"held_mib": sum(len(b) for b in _held) // (1024 * 1024)})
+        elif parts.path == "/release":
+            _held.clear()
+            self._reply(200, {"held_mib": 0})
+        else:
+            self._reply(404, {"error": "not found"})
+
+
+def main() -> None:
+    global _ready_at, _never_healthy
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--listen-delay-s", type=float, default=0.0)
+    parser.add_argument("--loading-s", type=float, default=0.0)
+    parser.add_argument("--never-healthy", action="store_true")
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--spawn-child", action="store_true")
+    parser.add_argument("--emit-stdout-bytes", type=int, default=0)
+    args = parser.parse_args()
+
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if args.emit_stdout_bytes:
+        remaining = args.emit_stdout_bytes
+        while remaining > 0:
+            n = min(remaining, 8192)
+            sys.stdout.write("x" * n)
+            remaining -= n
+        sys.stdout.write("\nEND-OF-OUTPUT\n")
+        sys.stdout.flush()
+    if args.spawn_child:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(f"CHILD {child.pid}", flush=True)
+    _never_healthy = args.never_healthy
+    time.sleep(args.listen_delay_s)
+    _ready_at = time.monotonic() + args.loading_s
+    server = ThreadingHTTPServer((args.host, args.port), _Handler)
+    server.daemon_threads = True
+    print(f"LISTENING {args.port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Test helpers for runtime supervision: the stand-in runtime's command and process checks."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STANDIN_SCRIPT = Path(__file__).resolve().with_name("standin_runtime.py")
+
+
+def standin_command(*flags: str) -> list[str]:
+    """A command template that runs the stand-in runtime with ``flags``."""
+    return [sys.executable, str(STANDIN_SCRIPT), "--host", "{host}", "--port", "{port}", *flags]
+
+
+def process_gone(pid: int, create_time: float | None = None) -> bool:
+    """True when ``pid`` no longer names a live process (a zombie counts as gone: it is dead
+    and only waits for whoever inherited it to reap it). With ``create_time``, a different
+    process that reused the PID also counts as gone."""
+    try:
+        process = psutil.Process(pid)
+        if create_time is not None and process.create_time() != create_time:
+            return True
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout_s`` passes; return its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+async def async_wait_for(
+    predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.01
+) -> bool:
+    """Like :func:`wait_for`, without blocking the event loop."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval_s)
+    return predicate()
+
+
+# A manager process: launches the runtime from the template given as JSON in argv[1] with the
+# model path argv[2], optionally waits for its health URL, prints "RUNTIME <pid>" and then
+# waits forever (until the test kills it with SIGKILL).
+_MANAGER_SCRIPT = """
+import asyncio, json, sys, time
+import httpx
+from companion_runtime.bind.process import SubprocessLauncher, build_launch_spec
+
+async def main():
+    spec = build_launch_spec(json.loads(sys.argv[1]), model_path=sys.argv[2])
+    async with SubprocessLauncher().launch(spec) as runtime:
+        if sys.argv[3] == "wait-healthy":
+            async with httpx.AsyncClient() as client:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    try:
+                        if (await client.get(spec.base_url + "/health")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await asyncio.sleep(0.05)
+        print("RUNTIME", runtime.pid, flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def start_manager(
+    command_template: list[str], model_path: str, *, wait_healthy: bool = False
+) -> subprocess.Popen[str]:
+    """Start a manager process (see ``_MANAGER_SCRIPT``) that launches one runtime."""
+    import json
+
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _MANAGER_SCRIPT,
+            json.dumps(command_template),
+            model_path,
+            "wait-healthy" if wait_healthy else "no-wait",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+
+
+def read_runtime_pid(manager: subprocess.Popen[str]) -> int:
+    """Read the ``RUNTIME <pid>`` line the manager prints once the runtime is up."""
+    assert manager.stdout is not None
+    line = manager.stdout.readline()
+    assert line.startswith("RUNTIME "), line
+    return int(line.split()[1])
