@@ -1,0 +1,537 @@
+"""The front door against a real in-test upstream, with real sockets and httpx as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+
+from companion_runtime import Lifecycle, LifecycleState
+from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig
+from tests.support.frontdoor import (
+    ReadyDoor,
+    ready_controller,
+    running_front_door,
+    tiny_upstream,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(scenario())  # type: ignore[arg-type]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+def reason_of(response: httpx.Response) -> str:
+    body = response.json()
+    assert body["ok"] is False
+    return str(body["reason"])
+
+
+async def raw_exchange(door: ReadyDoor, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+    writer.write(payload)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    return data
+
+
+# --- the guards ---------------------------------------------------------------------------
+
+
+@pytest.mark.security
+def test_missing_wrong_or_malformed_token_is_401() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                async with httpx.AsyncClient(base_url=door.url) as client:
+                    cases = [
+                        {},
+                        {"authorization": "Bearer " + "x" * len(door.token)},
+                        {"authorization": "Bearer " + door.token[:-1]},
+                        {"authorization": "Basic " + door.token},
+                        {"authorization": door.token},
+                    ]
+                    for headers in cases:
+                        response = await client.get("/echo", headers=headers)
+                        assert response.status_code == 401
+                        assert reason_of(response) == "unauthorized"
+                        assert response.headers["www-authenticate"] == "Bearer"
+                    # Two Authorization headers, one of them right: still refused.
+                    response = await client.get(
+                        "/echo",
+                        headers=[
+                            ("authorization", "Bearer wrong-token-value"),
+                            ("authorization", f"Bearer {door.token}"),
+                        ],
+                    )
+                    assert response.status_code == 401
+                    ok = await client.get("/echo", headers=door.auth)
+                    assert ok.status_code == 200
+                    # Scheme names are case-insensitive (RFC 9110).
+                    ok = await client.get(
+                        "/echo", headers={"authorization": f"bearer {door.token}"}
+                    )
+                    assert ok.status_code == 200
+            assert upstream.requests_seen == 2
+
+    run(scenario)
+
+
+@pytest.mark.security
+def test_host_must_be_a_loopback_name_with_the_front_door_port() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    for host in (
+                        "evil.example",
+                        f"evil.example:{port}",
+                        "127.0.0.1",
+                        f"127.0.0.1:{port + 1}",
+                        f"localhost.evil.example:{port}",
+                        f"127.0.0.2:{port}",
+                    ):
+                        response = await client.get("/echo", headers={"host": host})
+                        assert response.status_code == 403, host
+                        assert reason_of(response) == "host_not_allowed"
+                    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+                        response = await client.get("/echo", headers={"host": host})
+                        assert response.status_code == 200, host
+                    # Host is checked before the token: a rebinding page learns nothing more.
+                    response = await client.get(
+                        "/echo", headers={"host": "evil.example", "authorization": "Bearer x"}
+                    )
+                    assert reason_of(response) == "host_not_allowed"
+            assert upstream.requests_seen == 3
+
+    run(scenario)
+
+
+@pytest.mark.security
+def test_cross_origin_requests_are_403() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    for origin in (
+                        "http://evil.example",
+                        "null",
+                        f"https://127.0.0.1:{door.door.port}",
+                        f"http://127.0.0.1:{door.door.port + 1}",
+                    ):
+                        response = await client.post(
+                            "/echo", headers={"origin": origin}, content=b"{}"
+                        )
+                        assert response.status_code == 403, origin
+                        assert reason_of(response) == "origin_not_allowed"
+                    # A CORS preflight from another origin is refused the same way.
+                    response = await client.options(
+                        "/echo", headers={"origin": "http://evil.example"}
+                    )
+                    assert response.status_code == 403
+                    response = await client.post(
+                        "/echo", headers={"origin": door.url}, content=b"{}"
+                    )
+                    assert response.status_code == 200
+            assert upstream.requests_seen == 1
+
+    run(scenario)
+
+
+def test_listener_is_bound_to_127_0_0_1_only() -> None:
+    async def scenario() -> None:
+        async with running_front_door(None) as door:
+            port = door.door.port
+            # Another loopback address on the same port is a different socket: nothing there.
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.2", port)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert writer.get_extra_info("peername")[0] == "127.0.0.1"
+            writer.close()
+
+    run(scenario)
+
+
+# --- status and relay ---------------------------------------------------------------------
+
+
+def test_status_reports_state_counters_and_front_door_statistics() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    await client.get("/echo")
+                    await client.get("/echo", headers={"authorization": "Bearer nope"})
+                    response = await client.get("/_status?verbose=1")
+                    assert response.status_code == 200
+                    status = response.json()
+                    assert status["state"] == "ready"
+                    assert status["in_flight"] == 0
+                    assert status["queued"] == 0
+                    front = status["front_door"]
+                    assert front["proxied_total"] == 1
+                    assert front["refused_by_reason"] == {"unauthorized": 1}
+                    posted = await client.post("/_status")
+                    assert posted.status_code == 405
+                    assert upstream.requests_seen == 1  # /_status never reaches the runtime
+                    unauthenticated = await client.get("/_status", headers={"authorization": ""})
+                    assert unauthenticated.status_code == 401
+
+    run(scenario)
+
+
+@pytest.mark.security
+def test_relay_drops_credentials_and_hop_by_hop_headers_and_keeps_the_rest() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    response = await client.post(
+                        "/echo?alpha=1&beta=two",
+                        content=b'{"prompt": "hi"}',
+                        headers={
+                            "cookie": "session=secret",
+                            "x-custom": "kept",
+                            "connection": "keep-alive, x-hop",
+                            "x-hop": "dropped",
+                            "keep-alive": "timeout=5",
+                            "proxy-authorization": "Basic abc",
+                            "content-type": "application/json",
+                        },
+                    )
+                    assert response.status_code == 200
+                    seen = response.json()
+                    assert seen["method"] == "POST"
+                    assert seen["target"] == "/echo?alpha=1&beta=two"
+                    assert seen["body"] == '{"prompt": "hi"}'
+                    headers = seen["headers"]
+                    assert "authorization" not in headers
+                    assert "proxy-authorization" not in headers
+                    assert "cookie" not in headers
+                    assert "keep-alive" not in headers
+                    assert headers["x-custom"] == "kept"
+                    assert headers["content-type"] == "application/json"
+                    assert headers["host"] == upstream.url.removeprefix("http://")
+                    assert door.token not in json.dumps(headers)
+                    # Response side: CORS decisions are not the runtime's to make here.
+                    assert "access-control-allow-origin" not in response.headers
+                    assert response.headers["x-upstream"] == "tiny"
+                    head = await client.head("/echo")
+                    assert head.status_code == 200
+                    assert head.content == b""
+
+    run(scenario)
+
+
+def test_keep_alive_reuses_connections_on_both_legs() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    for _ in range(20):
+                        assert (await client.get("/echo")).status_code == 200
+                assert door.door.statistics().proxied_total == 20
+            assert upstream.requests_seen == 20
+            assert upstream.connections_seen == 1
+
+    run(scenario)
+
+
+def test_streamed_events_reach_the_client_before_the_stream_ends() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    started = time.monotonic()
+                    arrivals: list[float] = []
+                    chunks: list[bytes] = []
+                    async with client.stream("GET", "/stream?n=5&gap_ms=200") as response:
+                        assert response.status_code == 200
+                        assert response.headers["content-type"] == "text/event-stream"
+                        async for chunk in response.aiter_raw():
+                            arrivals.append(time.monotonic() - started)
+                            chunks.append(chunk)
+                    body = b"".join(chunks)
+                    assert body == b"".join(f"data: token-{i}\n\n".encode() for i in range(5))
+                    # The stream takes >= 1 s upstream; the first event must not wait for it.
+                    assert arrivals[0] < 0.5
+                    assert arrivals[-1] >= 0.8
+                    assert len(arrivals) >= 4
+
+    run(scenario)
+
+
+# --- body and protocol limits -------------------------------------------------------------
+
+
+def test_request_body_over_the_cap_is_413() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_body_bytes=1000) as door:
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    response = await client.post("/echo", content=b"x" * 1001)
+                    assert response.status_code == 413
+                    assert reason_of(response) == "request_too_large"
+
+                    async def chunked() -> object:
+                        for _ in range(5):
+                            yield b"y" * 300
+
+                    response = await client.post("/echo", content=chunked())  # type: ignore[arg-type]
+                    assert response.status_code == 413
+                    assert reason_of(response) == "request_too_large"
+                    response = await client.post("/echo", content=b"x" * 1000)
+                    assert response.status_code == 200
+                    assert len(response.json()["body"]) == 1000
+            assert upstream.requests_seen == 1
+
+    run(scenario)
+
+
+def test_malformed_http_is_400_bad_request() -> None:
+    async def scenario() -> None:
+        async with running_front_door(None) as door:
+            for payload in (
+                b"NOT HTTP AT ALL\r\n\r\n",
+                b"GET /echo HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+                b"GET /echo HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
+                f"GET http://127.0.0.1:{door.door.port}/echo HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{door.door.port}\r\n\r\n".encode(),
+            ):
+                answer = await raw_exchange(door, payload)
+                status_line, _, rest = answer.partition(b"\r\n")
+                assert status_line.startswith(b"HTTP/1.1 400"), payload
+                assert b'{"ok":false,"reason":"bad_request"}' in rest
+            # An oversized head is refused too (h11 hints 431), with the same reason.
+            huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"
+            answer = await raw_exchange(door, huge)
+            assert answer.split(b" ")[1] in (b"400", b"431")
+            assert b"bad_request" in answer
+
+    run(scenario)
+
+
+def test_expect_100_continue_is_answered() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                writer.write(
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\nContent-Length: 5\r\n"
+                    "Expect: 100-continue\r\n\r\n".encode()
+                )
+                interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert interim.startswith(b"HTTP/1.1 100")
+                writer.write(b"hello")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200")
+                writer.close()
+            assert upstream.last_headers.get("expect") is None
+
+    run(scenario)
+
+
+# --- admission ----------------------------------------------------------------------------
+
+
+@pytest.mark.stress
+def test_burst_is_bounded_and_every_request_is_answered_or_refused_with_a_reason() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_in_flight=2, queue_bound=4) as door:
+                limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+                async with httpx.AsyncClient(
+                    base_url=door.url, headers=door.auth, limits=limits, timeout=30
+                ) as client:
+                    responses = await asyncio.gather(
+                        *(client.get("/slow?ms=300") for _ in range(30))
+                    )
+                statuses = Counter(response.status_code for response in responses)
+                assert set(statuses) <= {200, 503}
+                refused = [response for response in responses if response.status_code == 503]
+                assert Counter(reason_of(response) for response in refused) == {
+                    "queue_full": len(refused)
+                }
+                assert all(response.headers["retry-after"] == "1" for response in refused)
+                # All 30 arrive within a few ms, while the first two take 300 ms: 2 run,
+                # 4 wait, and the rest are refused.
+                assert statuses[200] == 6
+                assert statuses[503] == 24
+                stats = door.controller.statistics()
+                assert stats.peak_in_flight == 2
+                assert door.door.statistics().peak_proxied_in_flight == 2
+                assert stats.admitted_total == stats.completed_total == 6
+                assert door.door.statistics().refused_by_reason == {"queue_full": 24}
+            assert upstream.peak_active == 2
+            assert upstream.requests_seen == 6
+
+    run(scenario)
+
+
+def test_queue_deadline_and_not_ready_are_503_with_retry_after() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(
+                upstream.url, max_in_flight=1, queue_bound=4, queue_timeout_s=0.2
+            ) as door:
+                async with httpx.AsyncClient(
+                    base_url=door.url, headers=door.auth, timeout=10
+                ) as client:
+                    slow, late = await asyncio.gather(
+                        client.get("/slow?ms=800"), client.get("/slow?ms=1")
+                    )
+                    assert slow.status_code == 200
+                    assert late.status_code == 503
+                    assert reason_of(late) == "queue_timeout"
+                    door.controller.set_lifecycle(Lifecycle(LifecycleState.DRAINING))
+                    response = await client.get("/echo")
+                    assert response.status_code == 503
+                    assert reason_of(response) == "not_ready"
+                    assert int(response.headers["retry-after"]) >= 1
+
+    run(scenario)
+
+
+# --- upstream failures --------------------------------------------------------------------
+
+
+def test_upstream_failures_are_502_with_a_reason_and_release_the_slot() -> None:
+    async def scenario() -> None:
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        closed.close()
+        async with running_front_door(dead_url) as door:
+            async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                response = await client.get("/echo")
+                assert response.status_code == 502
+                assert reason_of(response) == "upstream_error"
+        async with running_front_door(None) as door:
+            async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                response = await client.get("/echo")
+                assert response.status_code == 502
+                assert reason_of(response) == "runtime_gone"
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    response = await client.get("/drop")
+                    assert response.status_code == 502
+                    assert reason_of(response) == "runtime_gone"
+                    # Dies after the head: the client must see a broken response, not a
+                    # short one that looks complete.
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        await client.get("/die")
+                    assert door.door.statistics().upstream_aborts == 1
+                    assert door.controller.statistics().in_flight == 0
+                    assert (await client.get("/echo")).status_code == 200
+
+    run(scenario)
+
+
+async def _open_raw(
+    door: ReadyDoor, target: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+    writer.write(
+        f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+        f"Authorization: Bearer {door.token}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    return reader, writer
+
+
+def test_client_disconnect_mid_stream_or_in_queue_releases_its_place() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_in_flight=1) as door:
+                reader, writer = await _open_raw(door, "/stream?n=50&gap_ms=100")
+                first = await asyncio.wait_for(reader.readuntil(b"token-0"), 5)
+                assert first.startswith(b"HTTP/1.1 200")
+                assert door.controller.statistics().in_flight == 1
+                # While the stream holds the only slot, a second client queues, then leaves.
+                _queued_reader, queued_writer = await _open_raw(door, "/echo")
+                await wait_for(lambda: door.controller.statistics().queued == 1)
+                queued_writer.close()
+                await wait_for(lambda: door.controller.statistics().queued == 0)
+                writer.close()
+                await wait_for(lambda: door.controller.statistics().in_flight == 0)
+                assert door.door.statistics().client_disconnects == 2
+                assert door.door.statistics().proxied_in_flight == 0
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    assert (await client.get("/echo")).status_code == 200
+            # The runtime leg of the abandoned stream was dropped, not read to the end.
+            await asyncio.sleep(0.3)
+            assert upstream.active == 0
+
+    run(scenario)
+
+
+@pytest.mark.security
+def test_nothing_logged_carries_the_token_or_the_target(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="companion_runtime")
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_in_flight=1, queue_bound=1) as door:
+                async with httpx.AsyncClient(
+                    base_url=door.url, headers=door.auth, timeout=10
+                ) as client:
+                    await asyncio.gather(
+                        *(client.get("/slow?ms=200&secret=hush-query") for _ in range(4))
+                    )
+                    await client.get("/echo", headers={"authorization": "Bearer guess-secret"})
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        await client.get("/die?secret=hush-query")
+                    caplog.set_level(logging.DEBUG)
+                    assert door.token not in caplog.text
+
+    run(scenario)
+    assert caplog.records  # the refusals and the failure were logged ...
+    for text in ("hush-query", "guess-secret", "/slow", "/die"):
+        assert text not in caplog.text  # ... without request data
+
+
+def test_aclose_lets_a_busy_request_finish_and_closes_idle_connections() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            controller = ready_controller(max_in_flight=2, queue_bound=2)
+            door = FrontDoor(
+                config=FrontDoorConfig(token="t" * 32),
+                controller=controller,
+                runtime_url=lambda: upstream.url,
+            )
+            await door.start()
+            headers = {"authorization": "Bearer " + "t" * 32}
+            async with httpx.AsyncClient(base_url=door.url, headers=headers) as idle_client:
+                assert (await idle_client.get("/echo")).status_code == 200
+                async with httpx.AsyncClient(base_url=door.url, headers=headers) as client:
+                    busy = asyncio.create_task(client.get("/slow?ms=400"))
+                    await wait_for(lambda: controller.statistics().in_flight == 1)
+                    started = time.monotonic()
+                    await door.aclose(grace_s=5)
+                    assert time.monotonic() - started < 3
+                    assert (await busy).status_code == 200
+                    assert door.statistics().open_connections == 0
+                    with pytest.raises(httpx.TransportError):
+                        await client.get("/echo")
+
+    run(scenario)

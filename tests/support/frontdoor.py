@@ -1,0 +1,239 @@
+"""Test helpers for the front door: a tiny real HTTP upstream and a ready front door over it.
+
+The upstream is the standard library's threading HTTP server (an HTTP implementation that is
+not the front door's own h11), speaking HTTP/1.1 keep-alive on 127.0.0.1. Its routes:
+
+* ``/echo`` — JSON with the method, target, request headers and body it received;
+* ``/slow?ms=N`` — sleeps N ms, then answers; counts concurrent requests (``peak_active``);
+* ``/stream?n=N&gap_ms=M`` — a chunked ``text/event-stream`` of N events, M ms apart, flushed
+  one by one;
+* ``/die`` — sends a head promising 1000 bytes, 10 bytes, then closes the socket;
+* ``/drop`` — closes the connection without answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from companion_runtime import (
+    Lifecycle,
+    LifecycleState,
+    ResourceObservation,
+    create_resource_limits,
+)
+from companion_runtime.bind.admission import AdmissionController
+from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig
+
+__all__ = [
+    "ReadyDoor",
+    "TinyUpstream",
+    "ready_controller",
+    "running_front_door",
+    "tiny_upstream",
+]
+
+
+class TinyUpstream(ThreadingHTTPServer):
+    """The upstream server; ``url`` is its base URL, counters are thread-safe."""
+
+    daemon_threads = True
+    # The front door may open many connections at once in the flood tests.
+    request_queue_size = 1024
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.lock = threading.Lock()
+        self.active = 0
+        self.peak_active = 0
+        self.requests_seen = 0
+        self.connections_seen = 0
+        self.last_headers: dict[str, str] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def enter(self) -> None:
+        with self.lock:
+            self.active += 1
+            self.requests_seen += 1
+            self.peak_active = max(self.peak_active, self.active)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.active -= 1
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: TinyUpstream
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections_seen += 1
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("content-length", "0"))
+        return self.rfile.read(length) if length else b""
+
+    def _json(self, status: int, payload: object) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        # The front door must strip these: it does not do CORS for the runtime.
+        self.send_header("access-control-allow-origin", "*")
+        self.send_header("x-upstream", "tiny")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._route()
+
+    def do_POST(self) -> None:
+        self._route()
+
+    def do_HEAD(self) -> None:
+        self._route()
+
+    def _route(self) -> None:
+        parts = urlsplit(self.path)
+        query = {key: values[0] for key, values in parse_qs(parts.query).items()}
+        body = self._body()
+        self.server.enter()
+        try:
+            if parts.path == "/echo":
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                with self.server.lock:
+                    self.server.last_headers = headers
+                self._json(
+                    200,
+                    {
+                        "method": self.command,
+                        "target": self.path,
+                        "headers": headers,
+                        "body": body.decode("latin-1"),
+                    },
+                )
+            elif parts.path == "/slow":
+                time.sleep(int(query.get("ms", "50")) / 1000)
+                self._json(200, {"ok": True})
+            elif parts.path == "/stream":
+                self._stream(int(query.get("n", "5")), int(query.get("gap_ms", "100")))
+            elif parts.path == "/die":
+                self.send_response(200)
+                self.send_header("content-length", "1000")
+                self.end_headers()
+                self.wfile.write(b"0123456789")
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+            elif parts.path == "/drop":
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+            else:
+                self._json(404, {"error": "no such route"})
+        finally:
+            self.server.leave()
+
+    def _stream(self, count: int, gap_ms: int) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for index in range(count):
+            event = f"data: token-{index}\n\n".encode()
+            self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+            self.wfile.flush()
+            time.sleep(gap_ms / 1000)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+@contextmanager
+def tiny_upstream() -> Iterator[TinyUpstream]:
+    """Run a :class:`TinyUpstream` in a thread for the duration of the block."""
+    server = TinyUpstream()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def ready_controller(*, max_in_flight: int, queue_bound: int) -> AdmissionController:
+    """A real admission controller in ``ready`` with a fresh, small resource sample."""
+    controller = AdmissionController(
+        max_in_flight=max_in_flight,
+        queue_bound=queue_bound,
+        resource_limits=create_resource_limits(
+            max_ram_bytes=8 * 1024**3, max_vram_bytes=1024**3, max_cpu_percent=100
+        ),
+        # The tests push one sample; an hour keeps it fresh for the whole test.
+        max_sample_age_s=3600.0,
+    )
+    controller.update_resources(
+        ResourceObservation(ram_bytes=1024, vram_bytes=0, cpu_percent=1.0),
+        taken_at=time.monotonic(),
+    )
+    controller.set_lifecycle(Lifecycle(LifecycleState.STARTING))
+    controller.set_lifecycle(Lifecycle(LifecycleState.READY))
+    return controller
+
+
+class ReadyDoor:
+    """A running front door with its token, controller and a few client helpers."""
+
+    def __init__(self, door: FrontDoor, controller: AdmissionController, token: str) -> None:
+        self.door = door
+        self.controller = controller
+        self.token = token
+
+    @property
+    def url(self) -> str:
+        return self.door.url
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"}
+
+
+@asynccontextmanager
+async def running_front_door(
+    upstream_url: str | None,
+    *,
+    max_in_flight: int = 2,
+    queue_bound: int = 4,
+    queue_timeout_s: float = 30.0,
+    max_body_bytes: int = 1024 * 1024,
+) -> AsyncIterator[ReadyDoor]:
+    """A started :class:`FrontDoor` over ``upstream_url`` with a ready controller."""
+    token = secrets.token_urlsafe(32)
+    controller = ready_controller(max_in_flight=max_in_flight, queue_bound=queue_bound)
+    config = FrontDoorConfig(
+        token=token, queue_timeout_s=queue_timeout_s, max_body_bytes=max_body_bytes
+    )
+    async with FrontDoor(
+        config=config,
+        controller=controller,
+        runtime_url=lambda: upstream_url,
+        status=lambda: {"state": str(LifecycleState.READY)},
+    ) as door:
+        yield ReadyDoor(door, controller, token)
+        await asyncio.sleep(0)
