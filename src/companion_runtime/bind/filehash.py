@@ -1,0 +1,158 @@
+"""Verify a file on disk against an expected SHA-256 and size, through the core accumulator.
+
+The pure :class:`~companion_runtime.core.IntegrityAccumulator` decides; this module only feeds it
+the file's bytes. Reading and hashing overlap: two large buffers alternate, the main thread
+``readinto``\\ s one while a worker thread hashes the other (``hashlib`` releases the GIL for
+large buffers), so a re-verify runs at close to the hash's own speed.
+
+The size is checked from ``stat`` first, so a file of the wrong length is refused without
+reading it, and the accumulator refuses the first byte past the expected size, so a file that
+grows while it is read is refused too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Final, Literal, Protocol
+
+from companion_runtime.core import IntegrityAccumulator, Reason, SpecError, Verdict
+
+__all__ = [
+    "LOCAL_ALLOWLIST",
+    "LOCAL_SOURCE_URL",
+    "READ_BUFFER_BYTES",
+    "RawReadable",
+    "VerifyPolicy",
+    "hash_file_into",
+    "verify_file",
+]
+
+#: ``"full"`` re-hashes every byte; ``"size_only"`` trusts the store and checks the length only.
+VerifyPolicy = Literal["full", "size_only"]
+
+#: Size of each of the two read buffers. Large reads keep the per-call overhead negligible and
+#: let hashlib release the GIL for long stretches.
+READ_BUFFER_BYTES: Final = 8 * 1024 * 1024
+
+#: The accumulator is built for downloads and insists on a source; a local file has none, so it
+#: is described by this placeholder (``.invalid`` is reserved and never resolves).
+LOCAL_SOURCE_URL: Final = "https://local.invalid/file"
+#: The allowlist that admits :data:`LOCAL_SOURCE_URL`.
+LOCAL_ALLOWLIST: Final = ("https://local.invalid/",)
+
+
+class RawReadable(Protocol):
+    """A binary file opened without buffering (``open(path, "rb", buffering=0)``)."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+    def fileno(self) -> int: ...
+
+
+_OK = Verdict(True, Reason.OK)
+_FILE_NOT_FOUND = Verdict(False, Reason.FILE_NOT_FOUND)
+_SIZE_MISMATCH = Verdict(False, Reason.SIZE_MISMATCH)
+_MALFORMED = Verdict(False, Reason.MALFORMED_SPEC)
+
+
+def verify_file(
+    path: str | os.PathLike[str],
+    *,
+    expected_digest: str,
+    expected_size_bytes: int,
+    policy: VerifyPolicy = "full",
+    progress: Callable[[int, int], None] | None = None,
+) -> Verdict:
+    """Is the file at ``path`` exactly the expected bytes? Never raises on I/O errors.
+
+    A missing or unreadable file (or a directory) is ``file_not_found``; a bad digest/size spec
+    is ``malformed_spec``; then ``size_mismatch`` (from ``stat`` first) or ``digest_mismatch``.
+    ``progress(received_bytes, total_bytes)`` is called after each buffer.
+    """
+    try:
+        accumulator = IntegrityAccumulator(
+            expected_digest=expected_digest,
+            expected_size_bytes=expected_size_bytes,
+            source_url=LOCAL_SOURCE_URL,
+            allowed_source_urls=LOCAL_ALLOWLIST,
+        )
+    except SpecError as error:
+        return Verdict(False, error.reason)
+    if policy not in ("full", "size_only"):
+        return _MALFORMED
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return _FILE_NOT_FOUND
+            if info.st_size != expected_size_bytes:
+                accumulator.abort()
+                return _SIZE_MISMATCH
+            if policy == "size_only":
+                return _OK
+            verdict = hash_file_into(
+                handle, accumulator, progress=progress, total_bytes=expected_size_bytes
+            )
+    except OSError:
+        return _FILE_NOT_FOUND
+    if not verdict.ok:
+        return verdict
+    return accumulator.finalize()
+
+
+def hash_file_into(
+    handle: RawReadable,
+    accumulator: IntegrityAccumulator,
+    *,
+    limit_bytes: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    total_bytes: int = 0,
+) -> Verdict:
+    """Feed ``handle``'s bytes (up to ``limit_bytes``, else to EOF) to ``accumulator``.
+
+    Returns the first refusing ``update`` verdict, or ok. Does not finalize. ``OSError`` from
+    reading propagates. Used for re-verifying blobs and for re-hashing a kept partial download.
+    """
+    # Tell the kernel we read front to back so it reads ahead aggressively (a hint only).
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    buffer_size = READ_BUFFER_BYTES
+    if limit_bytes is not None:
+        buffer_size = max(1, min(buffer_size, limit_bytes))
+    buffers = (bytearray(buffer_size), bytearray(buffer_size))
+    views = (memoryview(buffers[0]), memoryview(buffers[1]))
+    remaining = limit_bytes
+    pending: Future[Verdict] | None = None
+    index = 0
+    done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="filehash") as worker:
+        try:
+            while True:
+                view = views[index]
+                if remaining is not None and remaining < len(view):
+                    view = view[:remaining]
+                count = (handle.readinto(view) or 0) if len(view) else 0
+                if pending is not None:
+                    # Wait for the other buffer before handing this one over: at most one
+                    # buffer is being hashed while the next one is being read.
+                    verdict = pending.result()
+                    pending = None
+                    if not verdict.ok:
+                        return verdict
+                if not count:
+                    return _OK
+                done += count
+                if remaining is not None:
+                    remaining -= count
+                pending = worker.submit(accumulator.update, view[:count])
+                if progress is not None:
+                    progress(done, total_bytes)
+                index ^= 1
+        finally:
+            if pending is not None:
+                # Never leave the worker hashing a buffer we are about to reuse or drop.
+                pending.result()

@@ -1,0 +1,183 @@
+"""The content-addressed model store.
+
+Layout under the store root (everything on one file system, so a rename is atomic)::
+
+    blobs/sha256-<hex>             verified models, read-only (0444), never written in place
+    tmp/sha256-<hex>.partial       the download in progress (kept for resume), never trusted
+    locks/sha256-<hex>.lock        one file lock per digest: one downloader at a time
+
+A file reaches ``blobs/`` only through :meth:`ModelStore.publish`, which fsyncs it, makes it
+read-only, renames it into place and fsyncs the directory, so a crash at any point leaves either
+no blob or a complete one. Nothing half-written is ever at a final path.
+
+The root is, in order of precedence: the ``root`` argument (the CLI's ``--store``), the
+environment variable ``COMPANION_RUNTIME_STORE``, the user cache directory
+(``platformdirs.user_cache_dir("companion-runtime")/models``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final, final
+
+import filelock
+import platformdirs
+
+from companion_runtime.core import Reason
+
+__all__ = [
+    "STORE_ENV_VAR",
+    "ModelStore",
+    "StoreError",
+    "default_store_root",
+]
+
+#: Environment variable that overrides the default store root.
+STORE_ENV_VAR: Final = "COMPANION_RUNTIME_STORE"
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_BLOB_MODE: Final = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH  # 0o444
+
+
+@final
+class StoreError(Exception):
+    """A store operation failed; ``reason`` says why and the message is the reason code alone."""
+
+    def __init__(self, reason: Reason) -> None:
+        super().__init__(reason.value)
+        self.reason: Final = reason
+
+
+def default_store_root(environ: Mapping[str, str] | None = None) -> Path:
+    """Return the store root used when none is given: the env override or the user cache dir."""
+    env = os.environ if environ is None else environ
+    override = env.get(STORE_ENV_VAR)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_cache_dir("companion-runtime")) / "models"
+
+
+def _check_digest(digest: str) -> str:
+    if not isinstance(digest, str) or _DIGEST.fullmatch(digest) is None:
+        raise StoreError(Reason.MALFORMED_SPEC)
+    return digest
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@final
+class ModelStore:
+    """A directory of verified model blobs addressed by their SHA-256.
+
+    Thread-safe: every method is a self-contained file-system operation; serialising
+    downloads of one digest is the job of :meth:`lock`.
+    """
+
+    __slots__ = ("blobs_dir", "locks_dir", "root", "tmp_dir")
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root: Final = Path(root).expanduser() if root is not None else default_store_root()
+        self.blobs_dir: Final = self.root / "blobs"
+        self.tmp_dir: Final = self.root / "tmp"
+        self.locks_dir: Final = self.root / "locks"
+
+    def ensure_layout(self) -> None:
+        """Create the store directories (owner-only) if they do not exist yet."""
+        try:
+            for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            raise StoreError(Reason.STORE_ERROR) from None
+
+    def blob_path(self, digest: str) -> Path:
+        """Final path of the blob with this digest (it may not exist)."""
+        return self.blobs_dir / f"sha256-{_check_digest(digest)}"
+
+    def partial_path(self, digest: str) -> Path:
+        """Path of the kept, unverified download of this digest (for resume)."""
+        return self.tmp_dir / f"sha256-{_check_digest(digest)}.partial"
+
+    def lock_path(self, digest: str) -> Path:
+        """Path of the lock file that serialises downloads of this digest."""
+        return self.locks_dir / f"sha256-{_check_digest(digest)}.lock"
+
+    def lock(self, digest: str, *, timeout_s: float = -1) -> filelock.BaseFileLock:
+        """An inter-process (and inter-thread) lock for this digest; use it as a context manager.
+
+        ``timeout_s`` < 0 waits forever. A ``filelock.Timeout`` is raised when it expires.
+        """
+        # thread_local=False: one pull may take the lock in one thread and the store work runs
+        # in another; is_singleton=False keeps separate lock objects per call so two threads
+        # of one process exclude each other exactly as two processes do.
+        return filelock.FileLock(
+            self.lock_path(digest), timeout=timeout_s, thread_local=False, is_singleton=False
+        )
+
+    def has_blob(self, digest: str) -> bool:
+        """Whether a blob for this digest is present (presence only; verify before use)."""
+        return self.blob_path(digest).is_file()
+
+    def free_bytes(self) -> int:
+        """Free space available to this user on the store's file system."""
+        try:
+            return shutil.disk_usage(self._existing_ancestor()).free
+        except OSError:
+            raise StoreError(Reason.STORE_ERROR) from None
+
+    def publish(self, temp_path: Path, digest: str) -> Path:
+        """Atomically move a verified temp file into place as the blob for ``digest``.
+
+        The caller must have verified the bytes. The file is fsynced, made read-only, renamed
+        over the final path, and the directory fsynced.
+        """
+        final_path = self.blob_path(digest)
+        try:
+            fd = os.open(temp_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.fchmod(fd, _BLOB_MODE)
+            finally:
+                os.close(fd)
+            os.replace(temp_path, final_path)
+            fsync_directory(self.blobs_dir)
+            fsync_directory(self.tmp_dir)
+        except OSError:
+            raise StoreError(Reason.STORE_ERROR) from None
+        return final_path
+
+    def remove_blob(self, digest: str) -> None:
+        """Remove the blob for ``digest`` (used when it no longer verifies)."""
+        path = self.blob_path(digest)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            fsync_directory(self.blobs_dir)
+        except OSError:
+            raise StoreError(Reason.STORE_ERROR) from None
+
+    def remove_partial(self, digest: str) -> None:
+        """Drop the kept partial download of ``digest``, if any."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                self.partial_path(digest).unlink()
+        except OSError:
+            raise StoreError(Reason.STORE_ERROR) from None
+
+    def _existing_ancestor(self) -> Path:
+        path = self.root
+        while not path.exists() and path.parent != path:
+            path = path.parent
+        return path

@@ -1,0 +1,116 @@
+"""Re-verifying a file: stat first, overlapping read/hash, every refusal a reason."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+
+from companion_runtime.bind import filehash
+from companion_runtime.bind.filehash import verify_file
+from companion_runtime.core import Reason
+from tests.support.https import model_bytes
+
+
+def write_model(tmp_path: Path, size: int) -> tuple[Path, bytes, str]:
+    data, digest = model_bytes(size)
+    path = tmp_path / "model.bin"
+    path.write_bytes(data)
+    return path, data, digest
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("size", [1, 4096, 3 * 1024 * 1024 + 7])
+def test_intact_file_verifies(tmp_path: Path, size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small buffers so the two-buffer rotation is exercised many times on a small file.
+    monkeypatch.setattr(filehash, "READ_BUFFER_BYTES", 64 * 1024)
+    path, _data, digest = write_model(tmp_path, size)
+    seen: list[tuple[int, int]] = []
+    verdict = verify_file(
+        path,
+        expected_digest=digest,
+        expected_size_bytes=size,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert verdict.ok and verdict.reason is Reason.OK
+    assert seen[-1] == (size, size)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+@pytest.mark.unit
+@pytest.mark.data_integrity
+@pytest.mark.parametrize("position", [0, 1, -1])
+def test_one_flipped_bit_anywhere_is_refused(
+    tmp_path: Path, position: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(filehash, "READ_BUFFER_BYTES", 64 * 1024)
+    path, data, digest = write_model(tmp_path, 200_000)
+    flipped = bytearray(data)
+    flipped[position if position >= 0 else len(data) - 1] ^= 0x80
+    path.write_bytes(flipped)
+    verdict = verify_file(path, expected_digest=digest, expected_size_bytes=len(data))
+    assert not verdict.ok and verdict.reason is Reason.DIGEST_MISMATCH
+
+
+@pytest.mark.unit
+@pytest.mark.data_integrity
+def test_size_comes_from_stat_first(tmp_path: Path) -> None:
+    path, data, digest = write_model(tmp_path, 10_000)
+    # A 64 GiB sparse file would take far longer than the timeout to read: a quick refusal
+    # proves the size was judged from stat before any byte was hashed.
+    sparse = tmp_path / "sparse.bin"
+    with open(sparse, "wb") as handle:
+        handle.truncate(64 * 1024**3)
+    started = time.monotonic()
+    verdict = verify_file(sparse, expected_digest=digest, expected_size_bytes=len(data))
+    assert verdict.reason is Reason.SIZE_MISMATCH
+    assert time.monotonic() - started < 1.0
+    with open(path, "ab") as handle:
+        handle.write(b"x")
+    verdict = verify_file(path, expected_digest=digest, expected_size_bytes=len(data))
+    assert verdict.reason is Reason.SIZE_MISMATCH
+
+
+@pytest.mark.unit
+def test_size_only_policy_skips_the_hash(tmp_path: Path) -> None:
+    path, data, digest = write_model(tmp_path, 10_000)
+    path.write_bytes(b"\x00" * len(data))  # same size, wrong bytes
+    assert verify_file(
+        path, expected_digest=digest, expected_size_bytes=len(data), policy="size_only"
+    ).ok
+    assert (
+        verify_file(path, expected_digest=digest, expected_size_bytes=len(data)).reason
+        is Reason.DIGEST_MISMATCH
+    )
+    assert (
+        verify_file(
+            path,
+            expected_digest=digest,
+            expected_size_bytes=len(data),
+            policy="bogus",  # type: ignore[arg-type]
+        ).reason
+        is Reason.MALFORMED_SPEC
+    )
+
+
+@pytest.mark.unit
+def test_missing_directory_and_bad_spec(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"").hexdigest()
+    assert (
+        verify_file(tmp_path / "nope", expected_digest="ab" * 32, expected_size_bytes=1).reason
+        is Reason.FILE_NOT_FOUND
+    )
+    assert (
+        verify_file(tmp_path, expected_digest="ab" * 32, expected_size_bytes=1).reason
+        is Reason.FILE_NOT_FOUND
+    )
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    assert verify_file(path, expected_digest=digest.upper(), expected_size_bytes=1).reason is (
+        Reason.MALFORMED_SPEC
+    )
+    assert verify_file(path, expected_digest=digest, expected_size_bytes=0).reason is (
+        Reason.MALFORMED_SPEC
+    )

@@ -1,0 +1,122 @@
+"""The content-addressed store: layout, root precedence, atomic read-only publish, locks."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from companion_runtime.bind.store import (
+    STORE_ENV_VAR,
+    ModelStore,
+    StoreError,
+    default_store_root,
+)
+from companion_runtime.core import Reason
+
+DIGEST = "cd" * 32
+
+
+@pytest.mark.unit
+def test_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(STORE_ENV_VAR, raising=False)
+    cache_default = default_store_root()
+    assert cache_default.name == "models"
+    assert "companion-runtime" in str(cache_default)
+    assert default_store_root({STORE_ENV_VAR: str(tmp_path / "env")}) == tmp_path / "env"
+    monkeypatch.setenv(STORE_ENV_VAR, str(tmp_path / "env"))
+    assert ModelStore().root == tmp_path / "env"
+    assert ModelStore(tmp_path / "explicit").root == tmp_path / "explicit"
+
+
+@pytest.mark.unit
+def test_layout_and_paths(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "s")
+    store.ensure_layout()
+    for directory in (store.blobs_dir, store.tmp_dir, store.locks_dir):
+        assert directory.is_dir()
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert store.blob_path(DIGEST) == tmp_path / "s" / "blobs" / f"sha256-{DIGEST}"
+    assert store.partial_path(DIGEST).parent == store.tmp_dir
+    assert store.lock_path(DIGEST).parent == store.locks_dir
+    assert not store.has_blob(DIGEST)
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.parametrize("digest", ["CD" * 32, "cd" * 31, "../" + "a" * 61, "", 5])
+def test_bad_digest_never_becomes_a_path(tmp_path: Path, digest: object) -> None:
+    store = ModelStore(tmp_path)
+    with pytest.raises(StoreError) as caught:
+        store.blob_path(digest)  # type: ignore[arg-type]
+    assert caught.value.reason is Reason.MALFORMED_SPEC
+    assert str(caught.value) == "malformed_spec"
+
+
+@pytest.mark.unit
+@pytest.mark.data_integrity
+def test_publish_is_atomic_and_read_only(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.ensure_layout()
+    temp = store.partial_path(DIGEST)
+    temp.write_bytes(b"verified bytes")
+    path = store.publish(temp, DIGEST)
+    assert path == store.blob_path(DIGEST)
+    assert path.read_bytes() == b"verified bytes"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert not temp.exists()
+    assert store.has_blob(DIGEST)
+    store.remove_blob(DIGEST)
+    assert not store.has_blob(DIGEST)
+    store.remove_blob(DIGEST)  # idempotent
+
+
+@pytest.mark.unit
+def test_publish_of_a_missing_file_is_a_store_error(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.ensure_layout()
+    with pytest.raises(StoreError) as caught:
+        store.publish(store.partial_path(DIGEST), DIGEST)
+    assert caught.value.reason is Reason.STORE_ERROR
+    assert not store.has_blob(DIGEST)
+
+
+@pytest.mark.unit
+def test_unwritable_root_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(StoreError) as caught:
+        ModelStore(blocker / "store").ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
+
+
+@pytest.mark.unit
+def test_free_bytes_reports_the_file_system(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "not" / "yet")
+    assert store.free_bytes() == os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+
+
+@pytest.mark.integration
+def test_lock_excludes_a_second_thread(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.ensure_layout()
+    inside = threading.Event()
+    order: list[str] = []
+
+    def second() -> None:
+        inside.wait()
+        with store.lock(DIGEST):
+            order.append("second")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with store.lock(DIGEST):
+        inside.set()
+        time.sleep(0.3)
+        order.append("first")
+    thread.join(5)
+    assert order == ["first", "second"]

@@ -1,0 +1,183 @@
+"""Test support for the verified pull: a fault-injecting loopback HTTPS origin and checks.
+
+Each fault is one thing a hostile or broken server does; the origin applies it to one path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from companion_runtime.bind.https_origin import ModelOrigin, OriginHandler, RequestRecord
+from companion_runtime.bind.store import ModelStore
+
+#: Put into every test URL's query: it must never appear in a message, log or CLI output.
+SECRET_TOKEN = "tok-7f3a9c-SECRET-do-not-leak"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fault:
+    """What the origin does wrong for one path.
+
+    kind: ``bitflip`` | ``truncate`` | ``oversize`` | ``lying_length`` | ``redirect`` |
+    ``gzip`` | ``status`` | ``stall`` | ``ignore_range`` | ``bad_content_range`` |
+    ``set_cookie_redirect``.
+    """
+
+    kind: str
+    location: str = ""
+    status: int = 0
+    #: For ``stall``: bytes sent before the server goes silent.
+    stall_after_bytes: int = 0
+
+
+class FaultHandler(OriginHandler):
+    """Applies the :class:`FaultyOrigin`'s fault for the requested path, else serves normally."""
+
+    server: object  # type: ignore[assignment]
+
+    @property
+    def faulty(self) -> FaultyOrigin:
+        origin = self.origin
+        assert isinstance(origin, FaultyOrigin)
+        return origin
+
+    def respond(self, record: RequestRecord, body: bytes | None, send_body: bool) -> None:
+        fault = self.faulty.faults.get(record.path)
+        if fault is None or body is None:
+            super().respond(record, body, send_body)
+            return
+        kind = fault.kind
+        if kind == "bitflip":
+            flipped = bytearray(body)
+            flipped[len(flipped) // 2] ^= 0x01
+            super().respond(record, bytes(flipped), send_body)
+        elif kind == "truncate":
+            self._raw(record, 200, {"Content-Length": str(len(body))}, body[: len(body) // 2])
+            self.close_connection = True
+        elif kind == "oversize":
+            extra = body + os.urandom(len(body))
+            self._raw(record, 200, {"Content-Length": str(len(extra))}, extra)
+        elif kind == "lying_length":
+            # Claims half the size, then writes everything and hangs up.
+            self._raw(record, 200, {"Content-Length": str(len(body) // 2)}, body)
+            self.close_connection = True
+        elif kind in ("redirect", "set_cookie_redirect"):
+            headers = {"Location": fault.location, "Content-Length": "0"}
+            if kind == "set_cookie_redirect":
+                headers["Set-Cookie"] = "session=leaked-cookie; Path=/"
+            self._raw(record, fault.status or 302, headers, b"")
+        elif kind == "gzip":
+            packed = gzip.compress(body)
+            self._raw(
+                record,
+                200,
+                {"Content-Length": str(len(packed)), "Content-Encoding": "gzip"},
+                packed,
+            )
+        elif kind == "status":
+            self.send_status_only(record, fault.status)
+        elif kind == "stall":
+            self._raw(
+                record,
+                200,
+                {"Content-Length": str(len(body))},
+                body[: fault.stall_after_bytes],
+            )
+            # Go silent until the test ends (or the client hangs up).
+            self.faulty.closing.wait(30)
+            self.close_connection = True
+        elif kind == "ignore_range":
+            self._raw(record, 200, {"Content-Length": str(len(body))}, body)
+        elif kind == "bad_content_range":
+            if record.range_header is None:
+                super().respond(record, body, send_body)
+            else:
+                # Claims to start at 0 although byte N was asked for.
+                self._raw(
+                    record,
+                    206,
+                    {
+                        "Content-Length": str(len(body)),
+                        "Content-Range": f"bytes 0-{len(body) - 1}/{len(body)}",
+                    },
+                    body,
+                )
+        else:
+            raise AssertionError(f"unknown fault {kind}")
+
+    def _raw(
+        self, record: RequestRecord, status: int, headers: dict[str, str], data: bytes
+    ) -> None:
+        self.send_response(status)
+        record.status = status
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if data:
+            self.send_bytes(record, data)
+
+
+class FaultyOrigin(ModelOrigin):
+    """A :class:`ModelOrigin` with per-path faults and optional pacing of body chunks."""
+
+    def __init__(
+        self,
+        files: dict[str, bytes],
+        *,
+        faults: dict[str, Fault] | None = None,
+        chunk_delay_s: float = 0.0,
+    ) -> None:
+        super().__init__(files, handler=FaultHandler)
+        self.faults: dict[str, Fault] = dict(faults or {})
+        self.chunk_delay_s = chunk_delay_s
+
+    def chunk_sent(self, record: RequestRecord) -> None:
+        if self.chunk_delay_s:
+            time.sleep(self.chunk_delay_s)
+
+
+def model_bytes(size: int, seed: int = 0) -> tuple[bytes, str]:
+    """Deterministic pseudo-random model bytes and their SHA-256 hex digest."""
+    blocks = []
+    counter = 0
+    while sum(len(b) for b in blocks) < size:
+        blocks.append(hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 64)
+        counter += 1
+    data = b"".join(blocks)[:size]
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def secret_url(origin: ModelOrigin, path: str) -> str:
+    """The origin's URL for ``path`` with the secret token in its query."""
+    return f"{origin.url(path)}?token={SECRET_TOKEN}"
+
+
+def assert_nothing_published(store: ModelStore) -> None:
+    """No blob at any final path, and no temp file bigger than expected lingering in blobs/."""
+    if store.blobs_dir.exists():
+        assert list(store.blobs_dir.iterdir()) == []
+
+
+def assert_no_leak(texts: Iterable[str], digest: str) -> None:
+    """None of ``texts`` (messages, logs, CLI output) carries the token, query or digest."""
+    for text in texts:
+        assert SECRET_TOKEN not in text
+        assert "token=" not in text
+        assert digest not in text
+
+
+def body_requests(origin: ModelOrigin, path: str) -> list[RequestRecord]:
+    """GET requests for ``path`` that transferred at least one body byte."""
+    return [r for r in origin.requests if r.path == path and r.method == "GET" and r.bytes_sent]
+
+
+def partial_size(store: ModelStore, digest: str) -> int:
+    """Size of the kept partial download of ``digest`` (0 if none)."""
+    path: Path = store.partial_path(digest)
+    return path.stat().st_size if path.exists() else 0
