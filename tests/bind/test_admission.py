@@ -10,6 +10,15 @@ from collections.abc import Awaitable, Callable
 from types import MappingProxyType
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from companion_runtime import Reason, ResourceObservation, SpecError
 from companion_runtime.bind.admission import (
@@ -620,3 +629,193 @@ def test_every_refusal_carries_its_code_and_a_retry_hint(reason: Reason) -> None
     assert str(refusal) == reason.value
     assert refusal.reason is reason
     assert refusal.retry_after_s >= 1
+
+
+# --- interleavings (Hypothesis state machine) ---------------------------------------------------
+
+
+class _Boom(Exception):
+    pass
+
+
+class _Request:
+    """One client request in the state machine; its task runs on the machine's loop."""
+
+    def __init__(self, machine: AdmissionMachine, index: int, deadline: float | None) -> None:
+        self.machine = machine
+        self.index = index
+        self.deadline = deadline
+        self.release = asyncio.Event()
+        self.raise_in_body = False
+        self.cancel_after_exit: _Request | None = None
+        self.entered = False
+        self.in_body = False
+        self.refused: Reason | None = None
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        machine = self.machine
+        try:
+            async with machine.controller.slot(deadline=self.deadline):
+                self.entered = True
+                machine.entered_order.append(self.index)
+                self.in_body = True
+                try:
+                    await self.release.wait()
+                    if self.raise_in_body:
+                        raise _Boom
+                finally:
+                    self.in_body = False
+            # Same synchronous step as the release above: a hand-off and a cancellation of
+            # the waiter it went to happen "at the same moment".
+            if self.cancel_after_exit is not None:
+                self.cancel_after_exit.task.cancel()
+        except AdmissionRefused as refusal:
+            self.refused = refusal.reason
+        except _Boom:
+            pass
+
+    @property
+    def waiting(self) -> bool:
+        return not self.task.done() and not self.in_body
+
+
+class AdmissionMachine(RuleBasedStateMachine):
+    """Random arrivals, releases, raising bodies, cancellations, deadlines, lifecycle moves and
+    resource samples; after every step the counters must match what the clients observed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.requests: list[_Request] = []
+        self.entered_order: list[int] = []
+        self.max_in_flight = 1
+        self.queue_bound = 1
+
+    def _do(self, action: Callable[[], None]) -> None:
+        async def step() -> None:
+            action()
+            await settle()
+
+        self.loop.run_until_complete(step())
+
+    def _running(self) -> list[_Request]:
+        return [request for request in self.requests if request.in_body]
+
+    def _waiting(self) -> list[_Request]:
+        return [request for request in self.requests if request.waiting]
+
+    @initialize(max_in_flight=st.integers(1, 3), queue_bound=st.integers(1, 4))
+    def create(self, max_in_flight: int, queue_bound: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.queue_bound = queue_bound
+        self.controller = ready_controller(max_in_flight=max_in_flight, queue_bound=queue_bound)
+
+    @rule(deadline=st.sampled_from(["none", "past", "short", "long"]))
+    def arrive(self, deadline: str) -> None:
+        now = time.monotonic()
+        absolute = {"none": None, "past": now - 1, "short": now + 0.002, "long": now + 60}[deadline]
+
+        def action() -> None:
+            self.requests.append(_Request(self, len(self.requests), absolute))
+
+        self._do(action)
+
+    @precondition(lambda self: bool(self._running()))
+    @rule(pick=st.integers(0, 99), raise_in_body=st.booleans())
+    def finish(self, pick: int, raise_in_body: bool) -> None:
+        running = self._running()
+        request = running[pick % len(running)]
+        request.raise_in_body = raise_in_body
+        self._do(request.release.set)
+
+    @precondition(lambda self: bool(self._running()))
+    @rule(pick=st.integers(0, 99))
+    def cancel_running(self, pick: int) -> None:
+        running = self._running()
+        self._do(running[pick % len(running)].task.cancel)
+
+    @precondition(lambda self: bool(self._waiting()))
+    @rule(pick=st.integers(0, 99))
+    def cancel_waiting(self, pick: int) -> None:
+        waiting = self._waiting()
+        self._do(waiting[pick % len(waiting)].task.cancel)
+
+    @precondition(lambda self: bool(self._running()) and bool(self._waiting()))
+    @rule(pick_running=st.integers(0, 99), pick_waiting=st.integers(0, 99))
+    def release_and_cancel_a_waiter_at_once(self, pick_running: int, pick_waiting: int) -> None:
+        running = self._running()
+        waiting = self._waiting()
+        request = running[pick_running % len(running)]
+        request.cancel_after_exit = waiting[pick_waiting % len(waiting)]
+        self._do(request.release.set)
+
+    @precondition(lambda self: bool(self._running()) and bool(self._waiting()))
+    @rule(pick_running=st.integers(0, 99), pick_waiting=st.integers(0, 99))
+    def cancel_a_waiter_just_before_a_release(self, pick_running: int, pick_waiting: int) -> None:
+        running = self._running()
+        waiting = self._waiting()
+        finishing = running[pick_running % len(running)]
+        victim = waiting[pick_waiting % len(waiting)]
+
+        def action() -> None:
+            finishing.release.set()
+            victim.task.cancel()
+
+        self._do(action)
+
+    @rule(lifecycle=st.sampled_from([READY, READY, DRAINING, STOPPED]))
+    def move_lifecycle(self, lifecycle: object) -> None:
+        self._do(lambda: self.controller.set_lifecycle(lifecycle))  # type: ignore[arg-type]
+
+    @rule(over=st.booleans())
+    def sample(self, over: bool) -> None:
+        observation = RAM_OVER if over else CALM
+        self._do(lambda: self.controller.update_resources(observation, taken_at=time.monotonic()))
+
+    @rule()
+    def let_short_deadlines_pass(self) -> None:
+        self.loop.run_until_complete(asyncio.sleep(0.004))
+        self.loop.run_until_complete(settle())
+
+    @invariant()
+    def counters_match_what_clients_saw(self) -> None:
+        if not hasattr(self, "controller"):
+            return
+        stats = self.controller.statistics()
+        assert 0 <= stats.in_flight <= self.max_in_flight
+        assert 0 <= stats.queued <= self.queue_bound
+        assert stats.peak_in_flight <= self.max_in_flight
+        assert stats.peak_queued <= self.queue_bound
+        assert stats.in_flight == len(self._running())
+        assert stats.queued == len(self._waiting())
+        if stats.queued:
+            assert stats.in_flight == self.max_in_flight
+        # FIFO: bodies are entered in arrival order, queued or not.
+        assert self.entered_order == sorted(self.entered_order)
+        assert stats.admitted_total == len(self.entered_order)
+        assert stats.admitted_total - stats.completed_total == stats.in_flight
+        refused: dict[str, int] = {}
+        for request in self.requests:
+            if request.refused is not None:
+                refused[request.refused.value] = refused.get(request.refused.value, 0) + 1
+        assert dict(stats.refused_by_reason) == refused
+        assert stats.refused_total == sum(refused.values())
+        cancelled = [r for r in self.requests if r.task.cancelled() and not r.entered]
+        assert stats.cancelled_total == len(cancelled)
+
+    def teardown(self) -> None:
+        try:
+            if hasattr(self, "controller"):
+                for request in self.requests:
+                    request.task.cancel()
+                self.loop.run_until_complete(settle())
+                assert_idle(self.controller)
+        finally:
+            self.loop.close()
+
+
+AdmissionMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None
+)
+test_admission_interleavings = AdmissionMachine.TestCase
