@@ -10,8 +10,10 @@ boundary (case-sensitive).
 Shapes that different URL parsers disagree about are refused outright as ``malformed_spec``
 rather than interpreted: userinfo, backslashes, whitespace or control characters anywhere,
 non-ASCII, percent-encoded dots, slashes and backslashes (``%2e``, ``%2f``, ``%5c``, any case,
-anywhere in the URL), ``.``/``..`` or empty path segments, fragments, an empty host, bracketed
-(IPv6) hosts, scheme-relative URLs, and ports that are empty, non-numeric or out of range.
+anywhere in the URL), percent-encoded ``%`` or control characters, a ``%`` not followed by two
+hex digits, characters outside RFC 3986 in the path or query (``"``, ``<``, ``{``, ``[``,
+``|``, ...), ``.``/``..`` or empty path segments, fragments, an empty host, bracketed (IPv6)
+hosts, scheme-relative URLs, and ports that are empty, non-numeric or out of range.
 The scheme is compared case-insensitively (RFC 3986), so ``HTTPS://`` is ``https``.
 Queries are allowed on a source URL (they do not change which host or path is asked for);
 an allowlist entry with a query, a fragment or a non-``https`` scheme is invalid and grants
@@ -40,6 +42,13 @@ _FORBIDDEN = re.compile(r"[\x00-\x20\x7f\\]|%(?:2[eEfF]|5[cC])")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
 _PORT_DIGITS = re.compile(r"[0-9]{1,5}")
+# RFC 3986 path and query characters only, so that every HTTP client sends exactly this text
+# (others, such as '"', '<', '{', '[' or '|', are re-encoded by some clients and not by others).
+# Percent-encoded '%' and control characters are refused: a server that decodes twice, or
+# stops at NUL, would see a different path than the one that was checked.
+_PATH_OR_QUERY = re.compile(
+    r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%(?![01][0-9A-Fa-f]|7[fF]|25)[0-9A-Fa-f]{2})*"
+)
 _DEFAULT_PORT = 443
 _ALLOWLIST_TYPES = (list, tuple, set, frozenset)
 
@@ -91,6 +100,11 @@ def _parse(url: str) -> _Parsed:
             raise _Refused(_MALFORMED)
     else:
         port = _DEFAULT_PORT
+    if (
+        _PATH_OR_QUERY.fullmatch(parts.path) is None
+        or _PATH_OR_QUERY.fullmatch(parts.query) is None
+    ):
+        raise _Refused(_MALFORMED)
     path = parts.path or "/"
     segments = path.split("/")
     # segments[0] is "" (the path is absolute); the last may be "" (a trailing slash).

@@ -16,6 +16,10 @@ from companion_runtime.core._reasons import Reason
 
 __all__ = ["ALLOW", "SpecError", "Verdict", "deny"]
 
+_REASONS_BY_VALUE: MappingProxyType[str, Reason] = MappingProxyType(
+    {reason.value: reason for reason in Reason}
+)
+
 
 @final
 class SpecError(ValueError):
@@ -28,7 +32,10 @@ class SpecError(ValueError):
     reason: Reason
 
     def __init__(self, reason: Reason) -> None:
-        self.reason = Reason(reason)
+        # Never echo a value that is not a reason code: it could be the caller's input.
+        self.reason = Reason.MALFORMED_SPEC
+        if type(reason) is Reason or type(reason) is str:
+            self.reason = _REASONS_BY_VALUE.get(reason, Reason.MALFORMED_SPEC)
         super().__init__(self.reason.value)
 
 

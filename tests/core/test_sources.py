@@ -1,0 +1,445 @@
+"""The source allowlist (``core/_sources.py``): parsed matching, bypass shapes refused."""
+
+from __future__ import annotations
+
+import string
+from urllib.parse import urlsplit
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import companion_runtime as cr
+from tests.support.core import ALLOWLIST, THOROUGH, SneakyStr, garbage
+
+pytestmark = pytest.mark.unit
+
+OK = "ok"
+MALFORMED = "malformed_spec"
+SCHEME = "scheme_not_allowed"
+NOT_ALLOWED = "source_not_allowed"
+
+CASES = [
+    # Plain matches, and what parsing (not prefixing) means for them.
+    ("https://models.example.com/tiny.gguf", OK),
+    ("https://models.example.com/a/b/c.gguf", OK),
+    ("https://models.example.com", OK),
+    ("https://models.example.com?download=1", OK),
+    ("https://models.example.com/tiny.gguf?download=1&x=%41", OK),
+    ("https://MODELS.Example.COM/tiny.gguf", OK),
+    ("HTTPS://models.example.com/tiny.gguf", OK),
+    ("hTtPs://models.example.com/tiny.gguf", OK),
+    ("https://models.example.com:443/tiny.gguf", OK),
+    ("https://models.example.com:0443/tiny.gguf", OK),
+    ("https://cdn.example.org/models/tiny.gguf", OK),
+    ("https://cdn.example.org/models/", OK),
+    ("https://cdn.example.org/models/sub/dir/x", OK),
+    # Look-alike hosts and paths outside the entry.
+    ("https://models.example.com.evil.net/tiny.gguf", NOT_ALLOWED),
+    ("https://evil.net/models.example.com/tiny.gguf", NOT_ALLOWED),
+    ("https://evilmodels.example.com/tiny.gguf", NOT_ALLOWED),
+    ("https://example.com/tiny.gguf", NOT_ALLOWED),
+    ("https://cdn.example.org/models-evil/tiny.gguf", NOT_ALLOWED),
+    ("https://cdn.example.org/modelsx", NOT_ALLOWED),
+    ("https://cdn.example.org/models", NOT_ALLOWED),
+    ("https://cdn.example.org/Models/tiny.gguf", NOT_ALLOWED),
+    ("https://cdn.example.org/", NOT_ALLOWED),
+    ("https://models.example.com:8443/tiny.gguf", NOT_ALLOWED),
+    ("https://models.example.com:444/tiny.gguf", NOT_ALLOWED),
+    ("https://models.example.com:80/tiny.gguf", NOT_ALLOWED),
+    ("https://127.0.0.1/tiny.gguf", NOT_ALLOWED),
+    # Other schemes.
+    ("http://models.example.com/tiny.gguf", SCHEME),
+    ("HTTP://models.example.com/tiny.gguf", SCHEME),
+    ("ftp://models.example.com/tiny.gguf", SCHEME),
+    ("file:///etc/passwd", SCHEME),
+    ("javascript:alert(1)", SCHEME),
+    ("data:text/plain,hello", SCHEME),
+    ("httpss://models.example.com/", SCHEME),
+    ("ws://models.example.com/", SCHEME),
+    # Userinfo.
+    ("https://models.example.com@evil.net/tiny.gguf", MALFORMED),
+    ("https://user@models.example.com/tiny.gguf", MALFORMED),
+    ("https://user:pass@models.example.com/tiny.gguf", MALFORMED),
+    ("https://:@models.example.com/tiny.gguf", MALFORMED),
+    ("https://evil.net%40models.example.com/", MALFORMED),
+    # Backslashes, whitespace and controls, anywhere.
+    ("https://models.example.com\\@evil.net/", MALFORMED),
+    ("https://models.example.com/a\\..\\b", MALFORMED),
+    ("https:\\\\models.example.com\\x", MALFORMED),
+    ("https://models.example.com/a b", MALFORMED),
+    (" https://models.example.com/x", MALFORMED),
+    ("https://models.example.com/x ", MALFORMED),
+    ("https://models.example.com/x\n", MALFORMED),
+    ("https://models.exa\tmple.com/x", MALFORMED),
+    ("https://models.example.com/x\r\nHost: evil", MALFORMED),
+    ("https://models.example.com/x\x00.gguf", MALFORMED),
+    ("https://models.example.com/x\x7f", MALFORMED),
+    ("\x00https://models.example.com/x", MALFORMED),
+    # Non-ASCII, including homoglyph hosts and dots that IDNA folds into '.'.
+    ("https://mоdels.example.com/x", MALFORMED),
+    ("https://models.example.com\u3002evil.net/", MALFORMED),
+    ("https://models\uff0eexample.com/x", MALFORMED),
+    ("https://models.example.com/caf\u00e9.gguf", MALFORMED),
+    ("https://ｍodels.example.com/x", MALFORMED),
+    # Percent-encoded dots, slashes, backslashes; broken or double encodings.
+    ("https://models.example.com/%2e%2e/secret", MALFORMED),
+    ("https://models.example.com/%2E%2E/secret", MALFORMED),
+    ("https://cdn.example.org/models%2f..%2fsecret", MALFORMED),
+    ("https://cdn.example.org/models/%2F", MALFORMED),
+    ("https://cdn.example.org/models/%5c", MALFORMED),
+    ("https://cdn.example.org/models/%5C", MALFORMED),
+    ("https://models.example.com/x?next=%2e", MALFORMED),
+    ("https://models.example.com/%252e%252e/x", MALFORMED),
+    ("https://models.example.com/x%00.gguf", MALFORMED),
+    ("https://models.example.com/x%0a", MALFORMED),
+    ("https://models.example.com/x%7F", MALFORMED),
+    ("https://models.example.com/x%", MALFORMED),
+    ("https://models.example.com/x%4", MALFORMED),
+    ("https://models.example.com/x%zz", MALFORMED),
+    # Characters some clients re-encode and others send as they are.
+    ('https://models.example.com/a"b', MALFORMED),
+    ("https://models.example.com/a<b>", MALFORMED),
+    ("https://models.example.com/a{b}", MALFORMED),
+    ("https://models.example.com/a[b]", MALFORMED),
+    ("https://models.example.com/a|b", MALFORMED),
+    ("https://models.example.com/a^b", MALFORMED),
+    ("https://models.example.com/a`b", MALFORMED),
+    # Dot and empty segments.
+    ("https://cdn.example.org/models/../secret", MALFORMED),
+    ("https://cdn.example.org/models/./x", MALFORMED),
+    ("https://cdn.example.org/models/..", MALFORMED),
+    ("https://cdn.example.org/models/.", MALFORMED),
+    ("https://cdn.example.org/models//x", MALFORMED),
+    ("https://models.example.com//evil.net/x", MALFORMED),
+    # Fragments.
+    ("https://models.example.com/x#frag", MALFORMED),
+    ("https://evil.net#@models.example.com/", MALFORMED),
+    ("https://models.example.com/#", MALFORMED),
+    # Hosts: empty, scheme-relative, missing authority, malformed names, IPv6.
+    ("https:///tiny.gguf", MALFORMED),
+    ("https://:443/tiny.gguf", MALFORMED),
+    ("https:/models.example.com/tiny.gguf", MALFORMED),
+    ("https:models.example.com/tiny.gguf", MALFORMED),
+    ("//models.example.com/tiny.gguf", MALFORMED),
+    ("/tiny.gguf", MALFORMED),
+    ("models.example.com/tiny.gguf", MALFORMED),
+    ("", MALFORMED),
+    ("https://", MALFORMED),
+    ("https://models.example.com./x", MALFORMED),
+    ("https://.models.example.com/x", MALFORMED),
+    ("https://models..example.com/x", MALFORMED),
+    ("https://-models.example.com/x", MALFORMED),
+    ("https://models.example.com-/x", MALFORMED),
+    ("https://models.exa!mple.com/x", MALFORMED),
+    ("https://[::1]/x", MALFORMED),
+    ("https://[::1/x", MALFORMED),
+    ("https://::1/x", MALFORMED),
+    # Ports.
+    ("https://models.example.com:/x", MALFORMED),
+    ("https://models.example.com:0/x", MALFORMED),
+    ("https://models.example.com:65536/x", MALFORMED),
+    ("https://models.example.com:99999/x", MALFORMED),
+    ("https://models.example.com:443443/x", MALFORMED),
+    ("https://models.example.com:-1/x", MALFORMED),
+    ("https://models.example.com:+443/x", MALFORMED),
+    ("https://models.example.com:4_43/x", MALFORMED),
+    ("https://models.example.com:443:443/x", MALFORMED),
+    ("https://models.example.com:https/x", MALFORMED),
+    ("https://models.example.com:０443/x", MALFORMED),
+]
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(("url", "expected"), CASES)
+def test_source_url_cases(url: str, expected: str) -> None:
+    verdict = cr.validate_source_url(url, ALLOWLIST)
+    assert verdict.reason == expected
+    assert verdict.ok is (expected == OK)
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "allowlist",
+    [
+        [],
+        (),
+        set(),
+        frozenset(),
+        ["https://other.example.net/"],
+        ["http://models.example.com/"],
+        ["https://models.example.com/?a=1"],
+        ["https://models.example.com/#x"],
+        ["https://user@models.example.com/"],
+        ["//models.example.com/"],
+        ["models.example.com"],
+        ["https://models.example.com/../"],
+        ["https://models.example.com:8443/"],
+        ["https://models.example.com/tiny"],
+        [b"https://models.example.com/"],
+        [None, 3, ["https://models.example.com/"]],
+        [SneakyStr("https://models.example.com/")],
+    ],
+)
+def test_allowlists_that_grant_nothing(allowlist: object) -> None:
+    verdict = cr.validate_source_url("https://models.example.com/tiny.gguf", allowlist)
+    assert verdict.reason == NOT_ALLOWED
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "allowlist",
+    [
+        "https://models.example.com/",
+        b"https://models.example.com/",
+        bytearray(b"https://models.example.com/"),
+        None,
+        {"https://models.example.com/": True},
+        iter(["https://models.example.com/"]),
+        (entry for entry in ["https://models.example.com/"]),
+        type("ListLike", (list,), {})(["https://models.example.com/"]),
+        42,
+    ],
+)
+def test_allowlist_of_the_wrong_type_denies(allowlist: object) -> None:
+    # A bare string would otherwise be iterated character by character.
+    verdict = cr.validate_source_url("https://models.example.com/tiny.gguf", allowlist)
+    assert verdict.reason == MALFORMED
+
+
+@pytest.mark.parametrize(
+    "allowlist",
+    [
+        ["https://models.example.com/"],
+        ("https://models.example.com/",),
+        {"https://models.example.com/"},
+        frozenset({"https://models.example.com/"}),
+        [None, "garbage", "https://models.example.com/"],
+    ],
+)
+def test_every_allowed_container_type_works(allowlist: object) -> None:
+    assert cr.validate_source_url("https://models.example.com/tiny.gguf", allowlist).ok
+
+
+@pytest.mark.parametrize(
+    ("entry", "url", "expected"),
+    [
+        ("https://models.example.com", "https://models.example.com/x", OK),
+        ("HTTPS://MODELS.EXAMPLE.COM/", "https://models.example.com/x", OK),
+        ("https://models.example.com:8443/", "https://models.example.com:8443/x", OK),
+        ("https://models.example.com:8443/", "https://models.example.com/x", NOT_ALLOWED),
+        ("https://models.example.com:443/", "https://models.example.com/x", OK),
+        (
+            "https://cdn.example.org/models/tiny.gguf",
+            "https://cdn.example.org/models/tiny.gguf",
+            OK,
+        ),
+        (
+            "https://cdn.example.org/models/tiny.gguf",
+            "https://cdn.example.org/models/tiny.gguf.evil",
+            NOT_ALLOWED,
+        ),
+        ("https://cdn.example.org/models", "https://cdn.example.org/models/tiny.gguf", OK),
+        ("https://cdn.example.org/models", "https://cdn.example.org/models.evil/x", NOT_ALLOWED),
+        ("https://127.0.0.1/", "https://127.0.0.1/x", OK),
+        ("https://xn--bcher-kva.example/", "https://xn--bcher-kva.example/x", OK),
+    ],
+)
+def test_entry_shapes(entry: str, url: str, expected: str) -> None:
+    assert cr.validate_source_url(url, [entry]).reason == expected
+
+
+@pytest.mark.security
+@given(url=garbage(), allowlist=garbage())
+@THOROUGH
+def test_never_raises_and_never_allows_garbage(url: object, allowlist: object) -> None:
+    verdict = cr.validate_source_url(url, allowlist)
+    assert type(verdict) is cr.Verdict
+    if type(url) is not str:
+        assert verdict.reason == MALFORMED
+
+
+# ---- generated URLs against an independent oracle -----------------------------------------
+
+TOKENS = [
+    "https://",
+    "HTTPS://",
+    "http://",
+    "https:",
+    "https:/",
+    "//",
+    "/",
+    "\\",
+    "@",
+    ":",
+    ":443",
+    ":8443",
+    ":0443",
+    ":0",
+    ":65536",
+    "?",
+    "#",
+    "&",
+    "=",
+    ".",
+    "..",
+    "/../",
+    "/./",
+    "%2e",
+    "%2E",
+    "%2f",
+    "%5c",
+    "%40",
+    "%41",
+    "%00",
+    "%",
+    "[",
+    "]",
+    "\t",
+    "\n",
+    " ",
+    "\x00",
+    "\u3002",
+    "\uff0e",
+    "о",
+    "models.example.com",
+    "MODELS.EXAMPLE.COM",
+    "models.example.com.",
+    "models.example.com.evil.net",
+    "evil.net",
+    "cdn.example.org",
+    "models",
+    "models/",
+    "tiny.gguf",
+    "user",
+    "x",
+]
+ENTRIES = [
+    *ALLOWLIST,
+    "https://cdn.example.org/models",
+    "https://mirror.example.net:8443/blobs/",
+    "http://plain.example.com/",
+    "https://models.example.com/?q=1",
+    "https://user@models.example.com/",
+]
+
+
+def oracle_allows(url: str, allowlist: list[str]) -> bool:
+    """``urllib.parse.urlsplit`` plus the contract's explicit rules; shares no code with the
+    module under test."""
+    if not url.isascii() or any(ord(c) <= 0x20 or c in "\x7f\\#" for c in url):
+        return False
+    if any(bad in url.lower() for bad in ("%2e", "%2f", "%5c")):
+        return False
+    try:
+        split = urlsplit(url)
+        port = split.port or 443
+    except ValueError:
+        return False
+    if split.scheme.lower() != "https" or "@" in split.netloc or not split.hostname:
+        return False
+    if not url.lower().startswith("https://"):
+        return False
+    segments = (split.path or "/").split("/")
+    if any(segment in (".", "..") for segment in segments):
+        return False
+    for entry in allowlist:
+        try:
+            entry_split = urlsplit(entry)
+            entry_port = entry_split.port or 443
+        except ValueError:
+            continue
+        if (
+            entry_split.scheme.lower() != "https"
+            or "@" in entry_split.netloc
+            or entry_split.query
+            or not entry_split.hostname
+        ):
+            continue
+        entry_segments = (entry_split.path or "/").split("/")
+        prefix = entry_segments[:-1] if entry_segments[-1] == "" else entry_segments
+        if (
+            split.hostname == entry_split.hostname
+            and port == entry_port
+            and segments[: len(prefix)] == prefix
+        ):
+            return True
+    return False
+
+
+urls = st.one_of(
+    st.lists(st.sampled_from(TOKENS), min_size=1, max_size=8).map("".join),
+    st.tuples(st.sampled_from(ENTRIES), st.lists(st.sampled_from(TOKENS), max_size=5)).map(
+        lambda pair: pair[0] + "".join(pair[1])
+    ),
+    st.text(alphabet="ab./:@?#%2e5cfEF\\ \t[]-_019hpst", max_size=40),
+)
+
+
+@pytest.mark.security
+@given(url=urls, allowlist=st.lists(st.sampled_from(ENTRIES), max_size=4))
+@example(url="https://models.example.com.evil.net/", allowlist=ALLOWLIST)
+@example(url="https://models.example.com@evil.net/", allowlist=ALLOWLIST)
+@example(url="https://models.example.com\\@evil.net/", allowlist=ALLOWLIST)
+@example(url="https://models.example.com/%2e%2e/x", allowlist=ALLOWLIST)
+@example(url="https://cdn.example.org/models%2fx", allowlist=ALLOWLIST)
+@example(url="https://models.example.com\t/x", allowlist=ALLOWLIST)
+@example(url="https://mоdels.example.com/x", allowlist=ALLOWLIST)
+@example(url="https://models.example.com:8443/x", allowlist=ALLOWLIST)
+@example(url="https:/models.example.com/x", allowlist=ALLOWLIST)
+@example(url="//models.example.com/x", allowlist=ALLOWLIST)
+@example(url="HTTPS://models.example.com/x", allowlist=ALLOWLIST)
+@THOROUGH
+def test_accepted_urls_name_an_allowlisted_host_port_and_path(
+    url: str, allowlist: list[str]
+) -> None:
+    verdict = cr.validate_source_url(url, allowlist)
+    assert type(verdict) is cr.Verdict
+    if verdict.ok:
+        assert oracle_allows(url, allowlist), url
+
+
+SAFE_SEGMENT = st.text(
+    alphabet=string.ascii_letters + string.digits + "-_~", min_size=1, max_size=12
+)
+
+
+@given(
+    entry=st.sampled_from(
+        [
+            "https://models.example.com/",
+            "https://cdn.example.org/models/",
+            "https://cdn.example.org/models",
+        ]
+    ),
+    segments=st.lists(SAFE_SEGMENT, min_size=1, max_size=5),
+    upper_host=st.booleans(),
+    explicit_port=st.booleans(),
+    query=st.none() | st.text(alphabet=string.ascii_letters + "=&", max_size=10),
+)
+@THOROUGH
+def test_every_plain_url_inside_an_entry_is_accepted(
+    entry: str, segments: list[str], upper_host: bool, explicit_port: bool, query: str | None
+) -> None:
+    split = urlsplit(entry)
+    host = split.netloc.upper() if upper_host else split.netloc
+    if explicit_port:
+        host += ":443"
+    base = split.path if split.path.endswith("/") else split.path + "/"
+    url = f"https://{host}{base}{'/'.join(segments)}"
+    if query is not None:
+        url += "?" + query
+    assert cr.validate_source_url(url, [entry]) is cr.ALLOW
+
+
+@pytest.mark.security
+@given(
+    host=st.text(alphabet=string.ascii_lowercase + ".-", min_size=1, max_size=30),
+    path=st.lists(SAFE_SEGMENT, max_size=3).map("/".join),
+)
+@THOROUGH
+def test_no_other_host_is_accepted(host: str, path: str) -> None:
+    url = f"https://{host}/{path}"
+    verdict = cr.validate_source_url(url, ["https://models.example.com/"])
+    if verdict.ok:
+        assert host == "models.example.com"
