@@ -1,0 +1,132 @@
+"""``validate_source_url`` against an independent oracle built on ``urllib.parse`` and httpx.
+
+An ``ok`` verdict must name, under both parsers, an allowlisted host and port and a path inside
+the entry on a segment boundary, with no userinfo and none of the refused shapes
+(``tests.support.fuzzing.url_oracle_violation``). Known bypasses of prefix matching are kept
+as explicit regression cases.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from companion_runtime import ALLOW, Reason, validate_source_url
+from tests.fuzz._budget import EXAMPLES, HYPOTHESIS_EXAMPLES, SEED
+from tests.support.fuzzing import (
+    ALLOWLIST_ENTRIES,
+    URL_TOKENS,
+    random_allowlist,
+    random_url,
+    url_oracle_violation,
+)
+
+pytestmark = [pytest.mark.security]
+
+ALLOW_MODELS = ["https://models.example.com/"]
+ALLOW_CDN = ["https://cdn.example.org/models/"]
+
+
+def test_seeded_batch_of_urls_is_never_accepted_outside_the_allowlist() -> None:
+    rng = random.Random(SEED)
+    reasons: Counter[Reason] = Counter()
+    for index in range(EXAMPLES):
+        url = random_url(rng)
+        allowlist = random_allowlist(rng)
+        verdict = validate_source_url(url, allowlist)
+        violation = url_oracle_violation(url, allowlist, verdict)
+        assert violation is None, f"input {index}: {violation}: {url!r} {allowlist!r}"
+        reasons[verdict.reason] += 1
+    assert set(reasons) == {
+        Reason.OK,
+        Reason.MALFORMED_SPEC,
+        Reason.SCHEME_NOT_ALLOWED,
+        Reason.SOURCE_NOT_ALLOWED,
+    }
+
+
+_url_text = st.lists(st.one_of(st.sampled_from(URL_TOKENS), st.text(max_size=4)), max_size=10).map(
+    "".join
+)
+
+
+@settings(
+    max_examples=HYPOTHESIS_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    entry=st.sampled_from(ALLOWLIST_ENTRIES),
+    suffix=_url_text,
+    allowlist=st.lists(st.sampled_from(ALLOWLIST_ENTRIES), min_size=1, max_size=3),
+)
+def test_url_oracle_property_near_allowlisted_entries(
+    entry: str, suffix: str, allowlist: list[str]
+) -> None:
+    url = entry + suffix
+    verdict = validate_source_url(url, allowlist)
+    assert url_oracle_violation(url, allowlist, verdict) is None
+
+
+@settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None)
+@given(url=st.one_of(_url_text, st.text(), st.binary(), st.none(), st.integers()))
+def test_url_oracle_property_on_arbitrary_values(url: object) -> None:
+    verdict = validate_source_url(url, ALLOW_MODELS)
+    assert url_oracle_violation(url, ALLOW_MODELS, verdict) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "allowlist", "reason"),
+    [
+        # The bypasses of the module this project replaces (raw string prefix matching).
+        ("https://models.example.com.evil.net/tiny.gguf", ALLOW_MODELS, "source_not_allowed"),
+        ("https://models.example.com@evil.net/tiny.gguf", ALLOW_MODELS, "malformed_spec"),
+        ("https://models.example.com:443@evil.net/x", ALLOW_MODELS, "malformed_spec"),
+        ("https://evil.net/https://models.example.com/", ALLOW_MODELS, "malformed_spec"),
+        ("https://evil.net/models.example.com/x", ALLOW_MODELS, "source_not_allowed"),
+        ("https://cdn.example.org/models-evil/x", ALLOW_CDN, "source_not_allowed"),
+        ("https://cdn.example.org/models/../secrets", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/%2e%2e/secrets", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models%2fx", ALLOW_CDN, "malformed_spec"),
+        ("https://models.example.com\\@evil.net/", ALLOW_MODELS, "malformed_spec"),
+        ("https://models.example.com\t.evil.net/", ALLOW_MODELS, "malformed_spec"),
+        ("https://models.example.com:8443/x", ALLOW_MODELS, "source_not_allowed"),
+        ("http://models.example.com/x", ALLOW_MODELS, "scheme_not_allowed"),
+        ("//models.example.com/x", ALLOW_MODELS, "malformed_spec"),
+        ("https://models.example.com./x", ALLOW_MODELS, "malformed_spec"),
+        ("https://mödels.example.com/x", ALLOW_MODELS, "malformed_spec"),
+        ("https://[::1]/x", ["https://[::1]/"], "malformed_spec"),
+        ("https://models.example.com/x#frag", ALLOW_MODELS, "malformed_spec"),
+        # An entry that is not a valid https prefix grants nothing, not even itself.
+        (
+            "https://models.example.com/x",
+            ["https://user@models.example.com/"],
+            "source_not_allowed",
+        ),
+        ("https://models.example.com/x", "https://models.example.com/", "malformed_spec"),
+        # Accepted: case-insensitive host and scheme, default port spelt out, a query.
+        ("HTTPS://MODELS.example.com:443/x?sig=1", ALLOW_MODELS, "ok"),
+    ],
+)
+def test_regression_cases(url: str, allowlist: object, reason: str) -> None:
+    verdict = validate_source_url(url, allowlist)
+    assert verdict.reason.value == reason
+    assert url_oracle_violation(url, allowlist, verdict) is None
+
+
+def test_the_oracle_rejects_an_allowlist_that_accepts_by_string_prefix() -> None:
+    # The oracle catches the exact bug of the replaced module.
+    assert (
+        url_oracle_violation("https://models.example.com.evil.net/x", ALLOW_MODELS, ALLOW)
+        == "accepted URL is inside no valid allowlist entry"
+    )
+    assert url_oracle_violation("https://models.example.com@evil.net/x", ALLOW_MODELS, ALLOW)
+
+
+def test_the_oracle_accepts_a_path_that_httpx_sends_percent_encoded() -> None:
+    # Found by the fuzzer as a false alarm of an earlier oracle: httpx sends "}" as "%7D",
+    # which names the same path, so the oracle compares decoded paths.
+    allowlist = ["https://mirror.example.net:8443/blobs/"]
+    assert url_oracle_violation("https://mirror.example.net:8443/blobs/}", allowlist, ALLOW) is None
