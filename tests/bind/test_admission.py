@@ -692,7 +692,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.max_in_flight = 1
         self.queue_bound = 1
 
-    def _do(self, action: Callable[[], None]) -> None:
+    def _do(self, action: Callable[[], object]) -> None:
         async def step() -> None:
             action()
             await settle()
