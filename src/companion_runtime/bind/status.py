@@ -1,0 +1,119 @@
+"""Read a running front door's ``GET /_status`` (the ``status`` command).
+
+Where to look: ``--url`` and ``--token-file`` when given; otherwise the state file that
+``serve`` writes in the state directory (see :mod:`companion_runtime.bind.session`). The token
+is sent only to a loopback ``http`` URL, never through a proxy from the environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, final
+from urllib.parse import urlsplit
+
+import httpx
+from rich.table import Table
+
+from companion_runtime.bind.session import (
+    SessionFileError,
+    default_state_dir,
+    read_serve_state,
+    read_token_file,
+)
+from companion_runtime.core import Reason, Verdict
+
+__all__ = ["StatusResult", "fetch_status", "read_status", "status_table"]
+
+_LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusResult:
+    """The verdict and, when it is ok, the status document."""
+
+    verdict: Verdict
+    document: Mapping[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        """``{"ok", "reason"}`` followed by the document's fields."""
+        return {**self.verdict.to_dict(), **self.document}
+
+
+def _refused(reason: Reason) -> StatusResult:
+    return StatusResult(verdict=Verdict(False, reason))
+
+
+def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResult:
+    """``GET {url}/_status`` with the bearer token; never raises for a refusal."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname not in _LOOPBACK_HOSTS:
+        return _refused(Reason.HOST_NOT_ALLOWED)
+    try:
+        with httpx.Client(trust_env=False, timeout=timeout_s) as client:
+            response = client.get(
+                url.rstrip("/") + "/_status", headers={"authorization": f"Bearer {token}"}
+            )
+    except httpx.TimeoutException:
+        return _refused(Reason.TIMEOUT)
+    except httpx.ConnectError:
+        # Nothing listens there: no front door is serving.
+        return _refused(Reason.NOT_READY)
+    except (httpx.HTTPError, ValueError):
+        return _refused(Reason.UPSTREAM_ERROR)
+    if response.status_code == 401:
+        return _refused(Reason.UNAUTHORIZED)
+    if response.status_code == 403:
+        try:
+            reason = Reason(response.json()["reason"])
+        except (ValueError, KeyError, TypeError):
+            reason = Reason.HTTP_STATUS
+        return _refused(reason)
+    if response.status_code != 200:
+        return _refused(Reason.HTTP_STATUS)
+    try:
+        document = response.json()
+    except ValueError:
+        return _refused(Reason.UPSTREAM_ERROR)
+    if not isinstance(document, dict):
+        return _refused(Reason.UPSTREAM_ERROR)
+    return StatusResult(verdict=Verdict(True, Reason.OK), document=document)
+
+
+def read_status(
+    *, url: str | None = None, token_file: Path | None = None, state_dir: Path | None = None
+) -> StatusResult:
+    """Find the front door (flags first, then the state file) and fetch its status."""
+    try:
+        if url is None or token_file is None:
+            state = read_serve_state(state_dir or default_state_dir())
+            url = url or state.url
+            token_file = token_file or state.token_file
+        token = read_token_file(token_file)
+    except SessionFileError as error:
+        return _refused(error.reason)
+    return fetch_status(url, token)
+
+
+def status_table(document: Mapping[str, object]) -> Table:
+    """A two-column table of the status document (nested mappings flattened with dots)."""
+    table = Table(title="companion-runtime front door", show_header=True)
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for name, value in _flatten(document):
+        table.add_row(name, value)
+    return table
+
+
+def _flatten(document: Mapping[str, object], prefix: str = "") -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    for name, value in document.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            nested = _flatten(value, key + ".")
+            rows.extend(nested if nested else [(key, "-")])
+        else:
+            rows.append((key, "-" if value is None else str(value)))
+    return rows
