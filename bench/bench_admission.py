@@ -94,6 +94,8 @@ async def uncontended(rounds: int, operations: int) -> dict[str, float]:
     await _batch_controller(controller, operations)  # warm-up
     await _batch_semaphore(semaphore, operations)
     for _ in range(rounds):
+        # What the supervisor's sampler does about once a second: keep the sample fresh.
+        controller.update_resources(CALM, taken_at=time.monotonic())
         controller_times.append(await _batch_controller(controller, operations))
         semaphore_times.append(await _batch_semaphore(semaphore, operations))
         core_times.append(_batch_core_only(operations))

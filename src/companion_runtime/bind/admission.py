@@ -382,12 +382,16 @@ class AdmissionController:
             return
         raise AdmissionRefused(waiter.reason)
 
-    def _settle(self, waiter: _Waiter, reason: Reason) -> None:
+    def _settle(
+        self, waiter: _Waiter, reason: Reason, dequeued: AdmissionState | None = None
+    ) -> None:
         """Decide the outcome of ``waiter`` (already removed from the queue) and wake it.
 
         ``reason`` is ``OK`` for a hand-off; the slot must then be free in the counters.
+        ``dequeued`` is ``record_dequeued`` of the current counters when the caller already
+        computed it to ask the core.
         """
-        self._admission = record_dequeued(self._admission)
+        self._admission = record_dequeued(self._admission) if dequeued is None else dequeued
         timer = waiter.timer
         if timer is not None:
             timer.cancel()
@@ -438,7 +442,7 @@ class AdmissionController:
         while waiters:
             waiter, _ = waiters.popitem(last=False)
             # Ask with the queue place already given back, as the core counts a hand-off.
-            verdict = self._evaluate(record_dequeued(self._admission))
-            self._settle(waiter, verdict.reason)
+            dequeued = record_dequeued(self._admission)
+            self._settle(waiter, self._evaluate(dequeued).reason, dequeued)
             if waiter.outcome is _GRANTED:
                 return
