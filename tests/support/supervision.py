@@ -110,3 +110,23 @@ def read_runtime_pid(manager: subprocess.Popen[str]) -> int:
     line = manager.stdout.readline()
     assert line.startswith("RUNTIME "), line
     return int(line.split()[1])
+
+
+def llama_ready() -> bool:
+    """Whether the embedded llama.cpp launcher and the tiny model can be used here."""
+    try:
+        from companion_runtime.bind.llama_server import llama_available
+        from companion_runtime.bind.tiny_model import write_tiny_model  # noqa: F401
+    except ImportError:
+        return False
+    return llama_available()
+
+
+def real_runtime(model_dir: Path) -> tuple[list[str], Path]:
+    """The embedded llama.cpp server's command template (one thread, small context) and the
+    tiny model written into ``model_dir``."""
+    from companion_runtime.bind.llama_server import embedded_llama_command
+    from companion_runtime.bind.tiny_model import write_tiny_model
+
+    model = write_tiny_model(model_dir / "tiny.gguf")
+    return embedded_llama_command(parallel=2, threads=1, context_size=256), model

@@ -1,0 +1,310 @@
+"""Resource probes: what the runtime uses (RSS, CPU share, VRAM) and what the machine has left.
+
+:class:`PsutilResourceProbe` samples one runtime: its PID and every descendant. It never walks
+the machine's process table: on Linux the descendants are read from
+``/proc/<pid>/task/<tid>/children`` (the kernel's per-process child list), so only our own
+processes are ever looked at; elsewhere psutil's ``children(recursive=True)`` is the fallback.
+
+- RAM is the sum of the processes' RSS.
+- CPU is psutil's per-process percent (100 = one core) summed and divided by the CPU count, so
+  it is a share of the **whole machine**, as the core's limits expect. The first sample of a
+  process reads 0 (psutil needs two readings), so the probe keeps its ``psutil.Process``
+  objects between samples.
+- VRAM comes from NVML when an NVIDIA GPU is present, else it is 0. NVML has no query for one
+  PID's *current* GPU memory (accounting stats give a peak, and only when an administrator has
+  turned accounting on), so the probe asks each device for its running compute and graphics
+  processes and keeps only the entries whose PID is ours, inside one function; nothing about
+  any other process is stored, returned or logged.
+
+All psutil and NVML calls block, so they run in a worker thread (``asyncio.to_thread``).
+Foreign exceptions are translated in one place per adapter: a runtime that vanished is
+:class:`ProbeError` with ``runtime_exited``; any NVML failure means "no GPU" (0 bytes).
+A sample is a core :class:`ResourceObservation` plus ``taken_at`` on the monotonic clock (the
+same clock the admission controller ages samples on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol, final
+
+import psutil
+
+from companion_runtime.core import Reason, ResourceObservation
+
+__all__ = [
+    "GpuMemory",
+    "MachineHeadroom",
+    "NoGpu",
+    "NvmlGpuMemory",
+    "ProbeError",
+    "PsutilResourceProbe",
+    "ResourceProbe",
+    "ResourceSample",
+    "default_gpu_memory",
+    "measure_machine_headroom",
+]
+
+_MAX_DESCENDANTS: Final = 4096
+
+
+@final
+class ProbeError(Exception):
+    """A sample could not be taken. ``str(error)`` is the reason code only."""
+
+    def __init__(self, reason: Reason) -> None:
+        super().__init__(reason.value)
+        self.reason: Final = reason
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceSample:
+    """One reading of the runtime's resource use."""
+
+    #: What the core's limits are checked against.
+    observation: ResourceObservation
+    #: When it was taken, on the probe's clock (monotonic by default).
+    taken_at: float
+    #: How many processes (the runtime and its descendants) were measured.
+    process_count: int
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MachineHeadroom:
+    """What the machine has left, for the fit check."""
+
+    #: Memory that can be given to a new process without swapping (psutil's ``available``).
+    available_ram_bytes: int
+    #: Free GPU memory summed over devices; 0 without a GPU.
+    available_vram_bytes: int
+    #: Whether an NVIDIA GPU answered NVML.
+    gpu_present: bool
+
+
+class GpuMemory(Protocol):
+    """The GPU seam (blocking calls; run them in a worker thread)."""
+
+    def present(self) -> bool:
+        """Whether a GPU can be asked at all."""
+        ...
+
+    def process_vram_bytes(self, pids: frozenset[int]) -> int:
+        """GPU memory used by exactly these PIDs, summed over devices."""
+        ...
+
+    def free_vram_bytes(self) -> int:
+        """Free GPU memory summed over devices."""
+        ...
+
+
+class ResourceProbe(Protocol):
+    """The resource seam: one sample of the runtime."""
+
+    async def sample(self) -> ResourceSample:
+        """Measure now; :class:`ProbeError` (``runtime_exited``) when the runtime is gone."""
+        ...
+
+
+@final
+class NoGpu:
+    """The :class:`GpuMemory` of a machine without a GPU: always 0."""
+
+    def present(self) -> bool:
+        return False
+
+    def process_vram_bytes(self, pids: frozenset[int]) -> int:
+        return 0
+
+    def free_vram_bytes(self) -> int:
+        return 0
+
+
+@final
+class NvmlGpuMemory:
+    """The real :class:`GpuMemory` (nvidia-ml-py). Any NVML failure reads as "no GPU"."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._nvml: Any = None
+        self._initialised = False
+
+    def _handles(self) -> list[Any]:
+        with self._lock:
+            if not self._initialised:
+                self._initialised = True
+                try:
+                    import pynvml
+
+                    pynvml.nvmlInit()
+                    self._nvml = pynvml
+                except Exception:  # noqa: BLE001 - no driver, no library, no GPU: all mean 0
+                    self._nvml = None
+        nvml = self._nvml
+        if nvml is None:
+            return []
+        with _nvml_errors_mean_nothing():
+            return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        return []
+
+    def present(self) -> bool:
+        return bool(self._handles())
+
+    def process_vram_bytes(self, pids: frozenset[int]) -> int:
+        total = 0
+        for handle in self._handles():
+            with _nvml_errors_mean_nothing():
+                running = [
+                    *self._nvml.nvmlDeviceGetComputeRunningProcesses(handle),
+                    *self._nvml.nvmlDeviceGetGraphicsRunningProcesses(handle),
+                ]
+                # Filtered at once: only our PIDs' figures leave this function.
+                total += sum(
+                    entry.usedGpuMemory or 0
+                    for entry in running
+                    if entry.pid in pids and entry.usedGpuMemory is not None
+                )
+        return total
+
+    def free_vram_bytes(self) -> int:
+        total = 0
+        for handle in self._handles():
+            with _nvml_errors_mean_nothing():
+                total += int(self._nvml.nvmlDeviceGetMemoryInfo(handle).free)
+        return total
+
+
+@contextlib.contextmanager
+def _nvml_errors_mean_nothing() -> Iterator[None]:
+    """The one place NVML exceptions are translated: the figure is left out (counts as 0)."""
+    try:
+        yield
+    except Exception:  # noqa: BLE001, S110 - NVMLError and friends; a GPU we cannot read is none
+        pass
+
+
+_default_gpu: GpuMemory | None = None
+
+
+def default_gpu_memory() -> GpuMemory:
+    """The process-wide NVML adapter (initialised once, lazily)."""
+    global _default_gpu
+    if _default_gpu is None:
+        _default_gpu = NvmlGpuMemory()
+    return _default_gpu
+
+
+def _direct_children_linux(pid: int) -> list[int]:
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                children.extend(int(text) for text in (task / "children").read_text().split())
+    return children
+
+
+def _descendants(root: psutil.Process) -> list[int]:
+    if sys.platform.startswith("linux") and Path("/proc/self/task").is_dir():
+        found: list[int] = []
+        frontier = [root.pid]
+        while frontier and len(found) < _MAX_DESCENDANTS:
+            children = _direct_children_linux(frontier.pop())
+            found.extend(children)
+            frontier.extend(children)
+        return found
+    return [child.pid for child in root.children(recursive=True)]
+
+
+@final
+class PsutilResourceProbe:
+    """The real :class:`ResourceProbe` for the runtime with PID ``pid``."""
+
+    def __init__(
+        self,
+        pid: int,
+        *,
+        gpu: GpuMemory | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        cpu_count: int | None = None,
+    ) -> None:
+        self._pid = pid
+        self._gpu = gpu if gpu is not None else default_gpu_memory()
+        self._clock = clock
+        self._cpu_count = cpu_count or psutil.cpu_count() or 1
+        self._lock = threading.Lock()
+        self._root: psutil.Process | None = None
+        # Kept between samples: cpu_percent() measures since the previous call on the object.
+        self._processes: dict[int, psutil.Process] = {}
+
+    async def sample(self) -> ResourceSample:
+        return await asyncio.to_thread(self._sample_blocking)
+
+    def _sample_blocking(self) -> ResourceSample:
+        # The one place psutil exceptions are translated.
+        with self._lock:
+            try:
+                return self._measure()
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                raise ProbeError(Reason.RUNTIME_EXITED) from None
+            except (psutil.Error, OSError):
+                raise ProbeError(Reason.MALFORMED_OBSERVATION) from None
+
+    def _measure(self) -> ResourceSample:
+        if self._root is None:
+            self._root = psutil.Process(self._pid)
+            self._processes[self._pid] = self._root
+        root = self._root
+        if not root.is_running() or root.status() == psutil.STATUS_ZOMBIE:
+            raise psutil.NoSuchProcess(self._pid)
+        pids = [self._pid, *_descendants(root)]
+        ram_bytes = 0
+        cpu_percent = 0.0
+        measured: set[int] = set()
+        for pid in pids:
+            process = self._processes.get(pid)
+            try:
+                if process is None:
+                    process = self._processes[pid] = psutil.Process(pid)
+                with process.oneshot():
+                    ram_bytes += process.memory_info().rss
+                    cpu_percent += process.cpu_percent(interval=None)
+                measured.add(pid)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                if pid == self._pid:
+                    raise
+                # A descendant that exited between listing and reading: no longer ours to count.
+        for gone in self._processes.keys() - measured:
+            del self._processes[gone]
+        vram_bytes = self._gpu.process_vram_bytes(frozenset(measured))
+        # Rounding between readings can put the share a hair above 100; the machine cannot.
+        share = min(cpu_percent / self._cpu_count, 100.0)
+        return ResourceSample(
+            observation=ResourceObservation(ram_bytes, vram_bytes, share),
+            taken_at=self._clock(),
+            process_count=len(measured),
+        )
+
+
+def _headroom_blocking(gpu: GpuMemory) -> MachineHeadroom:
+    available = int(psutil.virtual_memory().available)
+    present = gpu.present()
+    return MachineHeadroom(
+        available_ram_bytes=available,
+        available_vram_bytes=gpu.free_vram_bytes() if present else 0,
+        gpu_present=present,
+    )
+
+
+async def measure_machine_headroom(gpu: GpuMemory | None = None) -> MachineHeadroom:
+    """Available RAM and free VRAM now (in a worker thread)."""
+    return await asyncio.to_thread(
+        _headroom_blocking, gpu if gpu is not None else default_gpu_memory()
+    )

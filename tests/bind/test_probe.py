@@ -1,0 +1,127 @@
+"""Resource probes on real child processes: the stand-in runtime, a busy loop, the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from companion_runtime.bind.health import HealthPolicy, HttpHealthChecker, wait_until_healthy
+from companion_runtime.bind.probe import (
+    NoGpu,
+    NvmlGpuMemory,
+    ProbeError,
+    PsutilResourceProbe,
+    measure_machine_headroom,
+)
+from companion_runtime.bind.process import SubprocessLauncher, build_launch_spec
+from companion_runtime.core import LifecycleEvent, Reason, ResourceObservation
+from tests.support.supervision import llama_ready, real_runtime, standin_command
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+MIB = 1024 * 1024
+POLICY = HealthPolicy(interval_s=0.02)
+
+
+async def _healthy(base_url: str) -> None:
+    async with HttpHealthChecker(base_url + "/health") as checker:
+        wait = await wait_until_healthy(checker, ready_timeout_s=60, policy=POLICY)
+    assert wait.event is LifecycleEvent.HEALTH_OK
+
+
+async def test_a_sample_sums_the_runtime_and_its_children_and_rss_follows_allocation() -> None:
+    spec = build_launch_spec(standin_command("--spawn-child"), model_path="m")
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await _healthy(spec.base_url)
+        probe = PsutilResourceProbe(runtime.pid, gpu=NoGpu())
+        first = await probe.sample()
+        assert type(first.observation) is ResourceObservation
+        assert first.process_count == 2
+        family = [psutil.Process(runtime.pid), *psutil.Process(runtime.pid).children()]
+        direct = sum(p.memory_info().rss for p in family)
+        assert abs(first.observation.ram_bytes - direct) < 16 * MIB
+        assert first.observation.vram_bytes == 0
+        loop_time = asyncio.get_running_loop().time()
+        assert abs(first.taken_at - loop_time) < 5  # monotonic, like the loop's clock
+
+        async with httpx.AsyncClient() as client:
+            response = await client.post(spec.base_url + "/allocate?mib=200")
+            assert response.status_code == 200
+            grown = await probe.sample()
+            assert grown.observation.ram_bytes - first.observation.ram_bytes > 150 * MIB
+            await client.post(spec.base_url + "/release")
+        released = await probe.sample()
+        assert released.observation.ram_bytes < grown.observation.ram_bytes - 150 * MIB
+        assert released.taken_at > grown.taken_at > first.taken_at
+
+
+async def test_cpu_is_a_share_of_the_whole_machine() -> None:
+    busy = "import sys\nwhile True: pass"
+    spec = build_launch_spec([sys.executable, "-c", busy, "{port}"], model_path="m")
+    async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
+        probe = PsutilResourceProbe(runtime.pid, gpu=NoGpu())
+        await probe.sample()  # psutil's first reading is the baseline
+        await asyncio.sleep(1.0)
+        sample = await probe.sample()
+    cores = psutil.cpu_count() or 1
+    # One busy thread is one core: 100 / cores percent of the machine (less if starved).
+    assert 100 / cores / 4 < sample.observation.cpu_percent <= 100 / cores + 5
+
+
+async def test_a_runtime_that_exited_is_runtime_exited() -> None:
+    spec = build_launch_spec([sys.executable, "-c", "pass", "{port}"], model_path="m")
+    async with SubprocessLauncher().launch(spec) as runtime:
+        probe = PsutilResourceProbe(runtime.pid, gpu=NoGpu())
+        await runtime.wait()
+        with pytest.raises(ProbeError) as caught:
+            await probe.sample()
+    assert caught.value.reason is Reason.RUNTIME_EXITED
+    assert str(caught.value) == "runtime_exited"
+
+
+@pytest.mark.security
+async def test_sampling_never_walks_the_machines_process_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("listed the process table")
+
+    spec = build_launch_spec(standin_command("--spawn-child"), model_path="m")
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await _healthy(spec.base_url)
+        monkeypatch.setattr(psutil, "process_iter", forbidden)
+        monkeypatch.setattr(psutil, "pids", forbidden)
+        monkeypatch.setattr(psutil.Process, "children", forbidden)
+        sample = await PsutilResourceProbe(runtime.pid, gpu=NoGpu()).sample()
+    assert sample.process_count == 2
+
+
+async def test_without_an_nvidia_gpu_nvml_reads_as_no_gpu() -> None:
+    gpu = NvmlGpuMemory()
+    if gpu.present():
+        pytest.skip("an NVIDIA GPU answers NVML here")
+    assert gpu.process_vram_bytes(frozenset({1})) == 0
+    assert gpu.free_vram_bytes() == 0
+    headroom = await measure_machine_headroom(gpu)
+    assert headroom.gpu_present is False
+    assert headroom.available_vram_bytes == 0
+    assert 0 < headroom.available_ram_bytes <= psutil.virtual_memory().total
+
+
+@pytest.mark.skipif(not llama_ready(), reason="the embedded llama.cpp server is not available")
+async def test_the_real_server_is_measured(tmp_path: Path) -> None:
+    template, model = real_runtime(tmp_path)
+    spec = build_launch_spec(template, model_path=model)
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await _healthy(spec.base_url)
+        probe = PsutilResourceProbe(runtime.pid)
+        sample = await probe.sample()
+        direct = psutil.Process(runtime.pid).memory_info().rss
+    assert sample.process_count >= 1
+    assert sample.observation.ram_bytes >= direct - 16 * MIB
+    assert sample.observation.ram_bytes > model.stat().st_size
