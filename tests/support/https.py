@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from companion_runtime.bind.store import ModelStore
 
 #: Put into every test URL's query: it must never appear in a message, log or CLI output.
 SECRET_TOKEN = "tok-7f3a9c-SECRET-do-not-leak"
+#: How much more than the model an ``oversize`` fault sends.
+OVERSIZE_EXTRA_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,7 +62,9 @@ class FaultHandler(OriginHandler):
             self._raw(record, 200, {"Content-Length": str(len(body))}, body[: len(body) // 2])
             self.close_connection = True
         elif kind == "oversize":
-            extra = body + os.urandom(len(body))
+            # Far more than loopback socket buffers hold, so the server can tell how much the
+            # client actually read before hanging up.
+            extra = body + bytes(OVERSIZE_EXTRA_BYTES)
             self._raw(record, 200, {"Content-Length": str(len(extra))}, extra)
         elif kind == "lying_length":
             # Claims half the size, then writes everything and hangs up.

@@ -4,7 +4,7 @@ Layout under the store root (everything on one file system, so a rename is atomi
 
     blobs/sha256-<hex>             verified models, read-only (0444), never written in place
     tmp/sha256-<hex>.partial       the download in progress (kept for resume), never trusted
-    locks/sha256-<hex>.lock        one file lock per digest: one downloader at a time
+    locks/<key>.lock               one file lock per digest: one downloader at a time
 
 A file reaches ``blobs/`` only through :meth:`ModelStore.publish`, which fsyncs it, makes it
 read-only, renames it into place and fsyncs the directory, so a crash at any point leaves either
@@ -18,6 +18,7 @@ environment variable ``COMPANION_RUNTIME_STORE``, the user cache directory
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -111,8 +112,13 @@ class ModelStore:
         return self.tmp_dir / f"sha256-{_check_digest(digest)}.partial"
 
     def lock_path(self, digest: str) -> Path:
-        """Path of the lock file that serialises downloads of this digest."""
-        return self.locks_dir / f"sha256-{_check_digest(digest)}.lock"
+        """Path of the lock file that serialises downloads of this digest.
+
+        Named by a key derived from the digest, not the digest itself: the lock library logs
+        lock paths, and log lines must not carry a model's digest.
+        """
+        key = hashlib.sha256(b"companion-runtime lock\x00" + _check_digest(digest).encode())
+        return self.locks_dir / f"{key.hexdigest()[:32]}.lock"
 
     def lock(self, digest: str, *, timeout_s: float = -1) -> filelock.BaseFileLock:
         """An inter-process (and inter-thread) lock for this digest; use it as a context manager.

@@ -1,0 +1,127 @@
+"""Pull a model into the store: reuse a verified blob, or download, verify and publish it.
+
+Policy for a stored blob that no longer verifies (tampered with or corrupted on disk): it is
+never used. It is removed from the store and the model is downloaded again from its allowlisted
+source; the new bytes go through the same verification as any download. A warning is logged
+(reason code only).
+
+Concurrency: the whole pull of one digest runs under the store's per-digest file lock, so two
+pulls in two threads or two processes download it once; the second finds the published blob
+when it gets the lock, and re-verifies it like any other stored blob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import final
+
+from companion_runtime.bind.download import (
+    DEFAULT_DOWNLOAD_OPTIONS,
+    DownloadError,
+    DownloadOptions,
+    FreeSpace,
+    ProgressCallback,
+    download_to_store,
+)
+from companion_runtime.bind.filehash import VerifyPolicy, verify_file
+from companion_runtime.bind.manifest import Manifest, ModelSpec
+from companion_runtime.bind.store import ModelStore, StoreError
+from companion_runtime.core import Reason, Verdict, validate_integrity_spec
+
+__all__ = ["PullResult", "pull_model"]
+
+_log = logging.getLogger(__name__)
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PullResult:
+    """The outcome of a pull: the verdict, and the verified blob's path when it is ok."""
+
+    verdict: Verdict
+    path: Path | None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the pull produced a verified blob."""
+        return self.verdict.ok
+
+    def to_dict(self) -> dict[str, object]:
+        """``{"ok", "reason"}`` plus ``"path"`` on success (the CLI's JSON shape)."""
+        result: dict[str, object] = dict(self.verdict.to_dict())
+        if self.path is not None:
+            result["path"] = str(self.path)
+        return result
+
+
+def _refused(reason: Reason) -> PullResult:
+    return PullResult(verdict=Verdict(False, reason), path=None)
+
+
+def pull_model(
+    source: Manifest | ModelSpec,
+    *,
+    store: ModelStore,
+    allowed_source_urls: tuple[str, ...] | None = None,
+    ca_bundle: Path | None = None,
+    progress: ProgressCallback | None = None,
+    options: DownloadOptions | None = None,
+    free_space: FreeSpace | None = None,
+    verify_policy: VerifyPolicy = "full",
+) -> PullResult:
+    """Make the manifest's model available in ``store`` as a verified blob.
+
+    ``source`` is a :class:`Manifest` or a :class:`ModelSpec` plus ``allowed_source_urls``.
+    Never raises for refusals: they come back as a :class:`PullResult` whose verdict carries the
+    reason. Blocking; thread-safe (call it from a worker thread in async code).
+    ``verify_policy="size_only"`` skips re-hashing an already stored blob (opt-in; a download
+    is always fully verified).
+    """
+    if isinstance(source, Manifest):
+        model = source.model
+        allow = source.sources.allow
+    else:
+        model = source
+        allow = allowed_source_urls or ()
+    if not validate_integrity_spec(model.sha256, model.size_bytes).ok:
+        return _refused(Reason.MALFORMED_SPEC)
+    base = options or DEFAULT_DOWNLOAD_OPTIONS
+    if ca_bundle is not None:
+        base = dataclasses.replace(base, ca_bundle=ca_bundle)
+    try:
+        store.ensure_layout()
+        with store.lock(model.sha256):
+            if store.has_blob(model.sha256):
+                blob = store.blob_path(model.sha256)
+                verdict = verify_file(
+                    blob,
+                    expected_digest=model.sha256,
+                    expected_size_bytes=model.size_bytes,
+                    policy=verify_policy,
+                )
+                if verdict.ok:
+                    return PullResult(verdict=verdict, path=blob)
+                _log.warning(
+                    "stored blob failed re-verification (%s); fetching it again",
+                    verdict.reason.value,
+                )
+                store.remove_blob(model.sha256)
+            path = download_to_store(
+                url=model.url,
+                allowed_source_urls=allow,
+                expected_digest=model.sha256,
+                expected_size_bytes=model.size_bytes,
+                store=store,
+                options=base,
+                progress=progress,
+                free_space=free_space,
+            )
+    except (DownloadError, StoreError) as error:
+        return _refused(error.reason)
+    except OSError:
+        # Creating the store or taking its lock failed.
+        return _refused(Reason.STORE_ERROR)
+    return PullResult(verdict=Verdict(True, Reason.OK), path=path)

@@ -1,0 +1,170 @@
+"""pull_model: reuse a verified blob, never use a tampered one, download once under contention."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from companion_runtime.bind.download import DownloadOptions
+from companion_runtime.bind.manifest import Manifest, manifest_from_dict
+from companion_runtime.bind.pull import PullResult, pull_model
+from companion_runtime.bind.store import ModelStore
+from companion_runtime.core import Reason
+from tests.support.https import (
+    Fault,
+    FaultyOrigin,
+    assert_no_leak,
+    assert_nothing_published,
+    body_requests,
+    model_bytes,
+    secret_url,
+)
+
+SIZE = 400_000
+DATA, DIGEST = model_bytes(SIZE, seed=7)
+FAST = DownloadOptions(connect_timeout_s=5, stall_timeout_s=5, buffer_bytes=32 * 1024)
+
+
+@pytest.fixture
+def origin() -> Iterator[FaultyOrigin]:
+    # Paced so concurrent pulls really overlap the first one's transfer.
+    with FaultyOrigin({"/m.bin": DATA, "/bad.bin": DATA}, chunk_delay_s=0.02) as server:
+        server.faults["/bad.bin"] = Fault(kind="bitflip")
+        yield server
+
+
+def manifest_for(origin: FaultyOrigin, path: str = "/m.bin") -> Manifest:
+    return manifest_from_dict(
+        {
+            "model": {
+                "name": "m",
+                "url": secret_url(origin, path),
+                "sha256": DIGEST,
+                "size_bytes": SIZE,
+            },
+            "sources": {"allow": [origin.base_url]},
+            "runtime": {"command": ["/bin/true"]},
+        }
+    )
+
+
+def pull(origin: FaultyOrigin, store: ModelStore, path: str = "/m.bin") -> PullResult:
+    return pull_model(
+        manifest_for(origin, path), store=store, ca_bundle=origin.ca_pem_path, options=FAST
+    )
+
+
+@pytest.mark.integration
+def test_second_pull_reuses_the_verified_blob(origin: FaultyOrigin, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    first = pull(origin, store)
+    assert first.ok and first.path == store.blob_path(DIGEST)
+    assert first.to_dict() == {"ok": True, "reason": "ok", "path": str(first.path)}
+    second = pull(origin, store)
+    assert second.ok and second.path == first.path
+    assert len(body_requests(origin, "/m.bin")) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_tampered_blob_is_never_used_and_is_fetched_again(
+    origin: FaultyOrigin, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    store = ModelStore(tmp_path)
+    blob = pull(origin, store).path
+    assert blob is not None
+    os.chmod(blob, 0o644)
+    tampered = bytearray(DATA)
+    tampered[12345] ^= 0x10
+    blob.write_bytes(tampered)
+    result = pull(origin, store)
+    assert result.ok
+    assert result.path is not None and result.path.read_bytes() == DATA
+    assert len(body_requests(origin, "/m.bin")) == 2
+    assert "digest_mismatch" in caplog.text
+    assert_no_leak([caplog.text], DIGEST)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_tampered_blob_with_a_bad_source_leaves_nothing(
+    origin: FaultyOrigin, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    store = ModelStore(tmp_path)
+    store.ensure_layout()
+    store.blob_path(DIGEST).write_bytes(b"\x00" * SIZE)  # planted, same size
+    result = pull(origin, store, "/bad.bin")
+    assert result.verdict.reason is Reason.DIGEST_MISMATCH
+    assert result.path is None
+    assert result.to_dict() == {"ok": False, "reason": "digest_mismatch"}
+    assert_nothing_published(store)
+    assert_no_leak([caplog.text, repr(result)], DIGEST)
+
+
+@pytest.mark.integration
+def test_size_only_policy_trusts_a_same_size_blob(origin: FaultyOrigin, tmp_path: Path) -> None:
+    # The opt-in policy is what it says: a same-size blob is accepted without hashing.
+    store = ModelStore(tmp_path)
+    store.ensure_layout()
+    store.blob_path(DIGEST).write_bytes(b"\x00" * SIZE)
+    result = pull_model(
+        manifest_for(origin),
+        store=store,
+        ca_bundle=origin.ca_pem_path,
+        options=FAST,
+        verify_policy="size_only",
+    )
+    assert result.ok and origin.requests == []
+
+
+@pytest.mark.integration
+@pytest.mark.stress
+def test_concurrent_pulls_in_threads_download_once(origin: FaultyOrigin, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    results: list[PullResult] = []
+    lock = threading.Lock()
+    start = threading.Barrier(4)
+
+    def worker() -> None:
+        start.wait()
+        result = pull(origin, store)
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 4
+    assert all(r.ok and r.path == store.blob_path(DIGEST) for r in results)
+    assert len(body_requests(origin, "/m.bin")) == 1
+    assert store.blob_path(DIGEST).read_bytes() == DATA
+
+
+@pytest.mark.integration
+def test_bad_spec_and_unwritable_store(origin: FaultyOrigin, tmp_path: Path) -> None:
+    manifest = manifest_for(origin)
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    result = pull_model(manifest, store=ModelStore(blocker / "s"), ca_bundle=origin.ca_pem_path)
+    assert result.verdict.reason is Reason.STORE_ERROR
+    spec = manifest.model
+    result = pull_model(spec, store=ModelStore(tmp_path / "s"), ca_bundle=origin.ca_pem_path)
+    # A bare ModelSpec without an allowlist is allowed nowhere.
+    assert result.verdict.reason is Reason.SOURCE_NOT_ALLOWED
+    result = pull_model(
+        spec,
+        store=ModelStore(tmp_path / "s"),
+        allowed_source_urls=(origin.base_url,),
+        ca_bundle=origin.ca_pem_path,
+        options=FAST,
+    )
+    assert result.ok
