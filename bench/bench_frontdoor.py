@@ -1,0 +1,295 @@
+"""Front door overhead: the same short completions direct to llama.cpp and through the front door.
+
+    .venv/bin/python bench/bench_frontdoor.py [--rounds 5] [--requests 400] [--streams 100]
+
+One llama.cpp server (embedded launcher, tiny model, 8 slots) and one front door in its own
+process (as ``serve`` runs it: the real admission controller, max_in_flight 8). The load client
+is a third process (this one): plain h11 over keep-alive sockets, so its own cost is small and
+the same on both paths. Rounds alternate direct / front door so that drift on a shared machine
+hits both. Printed: per-round medians, then the median over rounds of
+
+* latency p50 / p99 at concurrency 8 (``n_predict`` 1–4), and the difference (added latency);
+* throughput at concurrency 8, and the ratio front door / direct;
+* time to the first streamed body byte (``stream: true``, one request at a time), and the
+  difference.
+
+Not a test: it asserts nothing and prints figures for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import h11
+
+CONCURRENCY = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_healthy(port: int, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("llama.cpp server did not become healthy")
+
+
+# --- the front door process ---------------------------------------------------------------
+
+
+async def _front_door_child(runtime_url: str) -> None:
+    from companion_runtime import (
+        Lifecycle,
+        LifecycleState,
+        ResourceObservation,
+        create_resource_limits,
+    )
+    from companion_runtime.bind.admission import AdmissionController
+    from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig
+    from companion_runtime.bind.session import new_token
+
+    controller = AdmissionController(
+        max_in_flight=CONCURRENCY,
+        queue_bound=64,
+        resource_limits=create_resource_limits(
+            max_ram_bytes=16 * 1024**3, max_vram_bytes=1024**3, max_cpu_percent=100
+        ),
+    )
+    controller.set_lifecycle(Lifecycle(LifecycleState.STARTING))
+    controller.set_lifecycle(Lifecycle(LifecycleState.READY))
+    token = new_token()
+
+    async def sample_resources() -> None:
+        # Stands in for the supervisor's sampler: a fresh sample every second.
+        while True:
+            controller.update_resources(
+                ResourceObservation(ram_bytes=1, vram_bytes=0, cpu_percent=1.0),
+                taken_at=time.monotonic(),
+            )
+            await asyncio.sleep(1.0)
+
+    config = FrontDoorConfig(token=token)
+    async with (
+        FrontDoor(config=config, controller=controller, runtime_url=lambda: runtime_url) as door,
+        asyncio.TaskGroup() as group,
+    ):
+        sampler = group.create_task(sample_resources())
+        print(json.dumps({"port": door.port, "token": token}), flush=True)
+        # Runs until stdin closes (the parent exits or is done).
+        await asyncio.to_thread(sys.stdin.read)
+        sampler.cancel()
+
+
+# --- the load client ----------------------------------------------------------------------
+
+
+class _Client:
+    """One keep-alive HTTP/1.1 connection."""
+
+    def __init__(self, port: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.port = port
+        self.headers = [(b"host", f"127.0.0.1:{port}".encode()), *headers]
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.reader is None or self.writer is None or self.conn.our_state is not h11.IDLE:
+            if self.writer is not None:
+                self.writer.close()
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self.conn = h11.Connection(h11.CLIENT)
+        return self.reader, self.writer
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def request(self, body: bytes) -> tuple[float, float]:
+        """Send a POST /completion; return (seconds to complete, seconds to first body byte)."""
+        reader, writer = await self._connect()
+        conn = self.conn
+        headers = [*self.headers, (b"content-length", str(len(body)).encode())]
+        started = time.perf_counter()
+        writer.write(
+            conn.send(h11.Request(method="POST", target="/completion", headers=headers))
+            + conn.send(h11.Data(data=body))
+            + conn.send(h11.EndOfMessage())
+        )
+        first = 0.0
+        status = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                if not first:
+                    first = time.perf_counter() - started
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        elapsed = time.perf_counter() - started
+        if status != 200:
+            raise SystemExit(f"unexpected status {status}")
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        else:
+            writer.close()
+            self.reader = self.writer = None
+        return elapsed, first
+
+
+def _completion(index: int, *, stream: bool = False) -> bytes:
+    return json.dumps(
+        {"prompt": f"hello {index % 7}", "n_predict": 1 + index % 4, "stream": stream}
+    ).encode()
+
+
+async def _load(port: int, headers: list[tuple[bytes, bytes]], requests: int) -> dict[str, float]:
+    clients = [_Client(port, headers) for _ in range(CONCURRENCY)]
+    latencies: list[float] = []
+    counter = iter(range(requests))
+
+    async def worker(client: _Client) -> None:
+        for index in counter:
+            elapsed, _ = await client.request(_completion(index))
+            latencies.append(elapsed)
+
+    # Warm the connections so the round measures steady state, not connects.
+    await asyncio.gather(*(client.request(_completion(0)) for client in clients))
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(client) for client in clients))
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        "throughput_rps": requests / wall,
+    }
+
+
+async def _first_bytes(port: int, headers: list[tuple[bytes, bytes]], streams: int) -> float:
+    # llama.cpp closes a connection after a streamed response, so each stream gets a fresh
+    # client connection on both paths (opened before the clock starts).
+    firsts = []
+    for index in range(streams + 1):
+        client = _Client(port, headers)
+        _, first = await client.request(_completion(index, stream=True))
+        client.close()
+        if index:
+            firsts.append(first)
+    return statistics.median(firsts) * 1000
+
+
+def _median_of(rounds: list[dict[str, float]], key: str) -> float:
+    return statistics.median(entry[key] for entry in rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=400, help="per round and path")
+    parser.add_argument("--streams", type=int, default=100, help="per round and path")
+    parser.add_argument("--front-door-child", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.front_door_child:
+        asyncio.run(_front_door_child(arguments.front_door_child))
+        return
+
+    from companion_runtime.bind.llama_server import embedded_llama_command, llama_available
+    from companion_runtime.bind.tiny_model import write_tiny_model
+
+    if not llama_available():
+        raise SystemExit("needs the llama extra: pip install -e '.[llama]'")
+    with tempfile.TemporaryDirectory(prefix="bench-frontdoor-") as scratch:
+        model = write_tiny_model(Path(scratch) / "tiny.gguf")
+        runtime_port = _free_port()
+        argv = [
+            part.format(model_path=model, host="127.0.0.1", port=runtime_port)
+            for part in embedded_llama_command(parallel=CONCURRENCY, metrics=False)
+        ]
+        runtime = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        door = subprocess.Popen(
+            [sys.executable, __file__, "--front-door-child", f"http://127.0.0.1:{runtime_port}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_healthy(runtime_port)
+            assert door.stdout is not None
+            ready = json.loads(door.stdout.readline())
+            door_port = int(ready["port"])
+            auth = [(b"authorization", f"Bearer {ready['token']}".encode())]
+            paths: dict[str, tuple[int, list[tuple[bytes, bytes]]]] = {
+                "direct": (runtime_port, []),
+                "front door": (door_port, auth),
+            }
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+            print(
+                f"{arguments.rounds} rounds x {arguments.requests} completions at concurrency "
+                f"{CONCURRENCY}, {arguments.streams} streams one at a time; cpus={os.cpu_count()}"
+            )
+            for round_index in range(arguments.rounds):
+                for name, (port, headers) in paths.items():
+                    figures = asyncio.run(_load(port, headers, arguments.requests))
+                    figures["first_byte_ms"] = asyncio.run(
+                        _first_bytes(port, headers, arguments.streams)
+                    )
+                    results[name].append(figures)
+                    print(
+                        f"  round {round_index + 1} {name:>10}: p50 {figures['p50_ms']:.3f} ms"
+                        f"  p99 {figures['p99_ms']:.3f} ms"
+                        f"  {figures['throughput_rps']:.0f} req/s"
+                        f"  first byte {figures['first_byte_ms']:.3f} ms"
+                    )
+        finally:
+            if door.stdin is not None:
+                door.stdin.close()
+            door.wait(timeout=10)
+            runtime.terminate()
+            runtime.wait(timeout=30)
+
+    def row(label: str, key: str, fmt: Callable[[float], str]) -> None:
+        direct = _median_of(results["direct"], key)
+        through = _median_of(results["front door"], key)
+        ratio = through / direct if direct else float("nan")
+        print(
+            f"{label:<28} direct {fmt(direct):>12}  front door {fmt(through):>12}  "
+            f"added {fmt(through - direct):>12}  ratio {ratio:.3f}"
+        )
+
+    print("medians over rounds:")
+    row("latency p50 (c=8)", "p50_ms", lambda value: f"{value:.3f} ms")
+    row("latency p99 (c=8)", "p99_ms", lambda value: f"{value:.3f} ms")
+    row("throughput (c=8)", "throughput_rps", lambda value: f"{value:.0f} rps")
+    row("first streamed byte (c=1)", "first_byte_ms", lambda value: f"{value:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
