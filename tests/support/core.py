@@ -47,6 +47,9 @@ class Hostile:
     __iter__ = __str__ = __format__ = _boom
 
     def __getattr__(self, name: str) -> NoReturn:
+        # Dunder look-ups (pytest ids, copy, pickle) get the ordinary answer; fields do not.
+        if name.startswith("__"):
+            raise AttributeError(name)
         raise RuntimeError("hostile attribute")
 
     def __repr__(self) -> str:
