@@ -1,0 +1,214 @@
+"""Run llama.cpp's own HTTP server in a process of its own, from Python.
+
+``python -m companion_runtime.bind.llama_server -m MODEL --host 127.0.0.1 --port N`` starts
+llama.cpp's server code (the same routes as the upstream ``llama-server`` binary: ``/health``,
+``/completion``, ``/v1/*``, ``/metrics``, ``/slots``) in-process through the ``xllamacpp``
+binding, so a runtime is available wherever the ``llama`` extra is installed, without a C++
+build. It is meant to be spawned and supervised like any other runtime executable:
+
+- it listens on a loopback address only (anything else is a usage error);
+- ``/health`` answers ``503`` while the model loads and ``200`` once it is ready;
+- SIGTERM or SIGINT stops it cleanly: the listener closes, the port is released, exit 0;
+- without ``xllamacpp`` it exits with :data:`EXIT_NOT_INSTALLED` and names the install command.
+
+Exit codes: :data:`EXIT_OK`, :data:`EXIT_START_FAILED`, :data:`EXIT_USAGE`,
+:data:`EXIT_NOT_INSTALLED`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import ipaddress
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "EXIT_NOT_INSTALLED",
+    "EXIT_OK",
+    "EXIT_START_FAILED",
+    "EXIT_USAGE",
+    "INSTALL_COMMAND",
+    "MODULE",
+    "embedded_llama_command",
+    "llama_available",
+    "main",
+]
+
+#: The server ran and was stopped by a signal.
+EXIT_OK: Final = 0
+#: The server could not start (model missing or unloadable, port unavailable).
+EXIT_START_FAILED: Final = 1
+#: The command line was invalid (argparse's own code).
+EXIT_USAGE: Final = 2
+#: ``xllamacpp`` is not installed; the message names :data:`INSTALL_COMMAND`.
+EXIT_NOT_INSTALLED: Final = 3
+
+#: How to get the optional dependency this launcher needs.
+INSTALL_COMMAND: Final = "pip install 'companion-runtime[llama]'"
+#: The module path to run with ``python -m``.
+MODULE: Final = "companion_runtime.bind.llama_server"
+
+_STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
+_PROGRAM: Final = "llama_server"
+
+
+def llama_available() -> bool:
+    """Return whether the ``xllamacpp`` binding is installed.
+
+    Only looks the package up; it does not import it, so the caller's process does not load
+    llama.cpp's native libraries.
+    """
+    return importlib.util.find_spec("xllamacpp") is not None
+
+
+def embedded_llama_command(
+    *,
+    parallel: int = 2,
+    threads: int | None = None,
+    context_size: int | None = None,
+    metrics: bool = True,
+) -> list[str]:
+    """Return the argv template that runs this launcher, for a manifest's ``[runtime] command``.
+
+    The placeholders ``{model_path}``, ``{host}`` and ``{port}`` are left in place for the
+    supervisor to fill. The first element is the absolute path of the current interpreter.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        MODULE,
+        "-m",
+        "{model_path}",
+        "--host",
+        "{host}",
+        "--port",
+        "{port}",
+        "--parallel",
+        str(parallel),
+    ]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    if context_size is not None:
+        command += ["-c", str(context_size)]
+    if metrics:
+        command.append("--metrics")
+    return command
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be a port number (0 picks a free one)")
+    return value
+
+
+def _loopback_host(text: str) -> str:
+    # The runtime must never be reachable from another machine: the front door is the only
+    # way in, and it checks a token. So only loopback addresses are accepted here.
+    if text == "localhost":
+        return "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a loopback IP address") from None
+    if not address.is_loopback:
+        raise argparse.ArgumentTypeError("must be a loopback IP address")
+    return str(address)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}",
+        description="Serve a GGUF model with llama.cpp's HTTP server, embedded via xllamacpp.",
+    )
+    parser.add_argument("-m", "--model", required=True, type=Path, help="GGUF model file")
+    parser.add_argument("--host", default="127.0.0.1", type=_loopback_host)
+    parser.add_argument("--port", default=8080, type=_port)
+    parser.add_argument("-np", "--parallel", default=1, type=_positive_int, help="slots")
+    parser.add_argument("-t", "--threads", type=_positive_int, help="CPU threads")
+    parser.add_argument(
+        "-c", "--ctx-size", type=int, default=0, help="context size (0: the model's own)"
+    )
+    parser.add_argument("--metrics", action="store_true", help="enable /metrics")
+    parser.add_argument(
+        "-lv", "--verbosity", type=int, default=0, help="llama.cpp log verbosity (0: quiet)"
+    )
+    return parser
+
+
+def _say(message: str) -> None:
+    print(f"{_PROGRAM}: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGTERM or SIGINT; return the process exit code."""
+    arguments = _parser().parse_args(argv)
+    if arguments.ctx_size < 0:
+        _say("the context size must not be negative")
+        return EXIT_USAGE
+
+    try:
+        import xllamacpp
+    except ImportError:
+        _say(f"the embedded llama.cpp runtime needs xllamacpp; install it with: {INSTALL_COMMAND}")
+        return EXIT_NOT_INSTALLED
+
+    model: Path = arguments.model
+    if not model.is_file():
+        _say("the model file does not exist or is not a regular file")
+        return EXIT_START_FAILED
+
+    params = xllamacpp.CommonParams()
+    params.model.path = str(model)
+    params.hostnames = [arguments.host]
+    params.port = arguments.port
+    params.n_parallel = arguments.parallel
+    params.n_ctx = arguments.ctx_size
+    params.endpoint_metrics = arguments.metrics
+    params.endpoint_slots = True
+    params.verbosity = arguments.verbosity
+    # No browser UI: the runtime sits behind the front door and serves only the API.
+    params.ui = False
+    if arguments.threads is not None:
+        params.cpuparams.n_threads = arguments.threads
+        params.cpuparams_batch.n_threads = arguments.threads
+
+    # Block the stop signals before any server thread exists: every thread inherits the mask,
+    # so a signal stays pending (even one that arrives while the model loads) until the main
+    # thread collects it with sigwait below, and no C++ thread is interrupted by it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        server = xllamacpp.Server(params)
+    except (RuntimeError, ValueError):
+        # xllamacpp reports every start failure (bind error, unloadable model) as RuntimeError
+        # (ValueError for invalid parameters); llama.cpp has already logged the detail.
+        _say("the server failed to start")
+        return EXIT_START_FAILED
+
+    _say(f"listening on {server.listening_address}")
+    received = signal.sigwait(_STOP_SIGNALS)
+    # A second signal while shutting down takes the default action and ends the process.
+    for stop_signal in _STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    _say(f"stopping on {signal.Signals(received).name}")
+    # Dropping the last reference runs the C++ destructor: it ends the inference loop, stops
+    # the HTTP listener (releasing the port) and joins the server threads.
+    del server
+    _say("stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
