@@ -7,7 +7,9 @@ object on standard output.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +24,127 @@ app = typer.Typer(
 )
 
 # --- verify / pull ------------------------------------------------------------------------
-# (bodies live in this section; they call companion_runtime.bind.filehash / .pull)
+# Exit 0 verified, 1 refused (the reason code on stderr, or in the JSON object), 2 usage error:
+# bad or missing options (click's own), and a MANIFEST or --ca-bundle path that does not exist.
+# Refusal output never carries the digest, the URL or its query. On success the blob's path is
+# printed (it is content-addressed, so it contains the digest by design).
+
+
+def _verified_exit(payload: dict[str, object], *, ok: bool, json_output: bool) -> None:
+    if json_output:
+        typer.echo(json.dumps(payload))
+    elif ok:
+        path = payload.get("path")
+        typer.echo(path if path is not None else "ok")
+    else:
+        typer.echo(f"refused: {payload['reason']}", err=True)
+    raise typer.Exit(0 if ok else 1)
+
+
+def _usage_error(message: str) -> None:
+    # click's own usage errors echo the offending value; this one deliberately does not.
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _progress_bar(
+    enabled: bool, description: str, total: int
+) -> tuple[contextlib.AbstractContextManager[object], Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr when it is a terminal (and not --json), else nothing."""
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return contextlib.nullcontext(), None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task(description, total=total)
+
+    def update(done: int, _total: int) -> None:
+        bar.update(task, completed=done)
+
+    return bar, update
+
+
+@app.command()
+def verify(
+    file: Annotated[Path, typer.Argument(help="The file to verify.")],
+    sha256: Annotated[str, typer.Option("--sha256", help="Expected SHA-256, 64 lowercase hex.")],
+    size: Annotated[int, typer.Option("--size", help="Expected size in bytes.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Verify FILE against an expected SHA-256 and size (exit 0 verified, 1 refused).
+
+    A missing or unreadable FILE is refused as file_not_found; a digest that is not 64
+    lowercase hex characters, or a size below 1, as malformed_spec.
+    """
+    from companion_runtime.bind.filehash import verify_file
+
+    bar, progress = _progress_bar(not json_output, "verify", size)
+    with bar:
+        verdict = verify_file(
+            file, expected_digest=sha256, expected_size_bytes=size, progress=progress
+        )
+    _verified_exit(dict(verdict.to_dict()), ok=verdict.ok, json_output=json_output)
+
+
+@app.command()
+def pull(
+    manifest: Annotated[Path, typer.Argument(help="The model manifest (TOML).")],
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model store directory. Default: $COMPANION_RUNTIME_STORE, else the "
+            "user cache directory."
+        ),
+    ] = None,
+    ca_bundle: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA bundle to trust instead of the system store (a mirror)."),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Download the manifest's model into the store and verify it (exit 0 ok, 1 refused).
+
+    An already stored blob is re-verified and reused; one that no longer verifies is removed
+    and fetched again. Prints the verified blob's path.
+    """
+    from companion_runtime.bind.manifest import ManifestError, load_manifest
+    from companion_runtime.bind.pull import pull_model
+    from companion_runtime.bind.store import ModelStore
+
+    if not manifest.is_file():
+        _usage_error("MANIFEST does not exist or is not a file")
+    if ca_bundle is not None and not ca_bundle.is_file():
+        _usage_error("--ca-bundle does not exist or is not a file")
+    try:
+        loaded = load_manifest(manifest)
+    except ManifestError as error:
+        payload: dict[str, object] = {"ok": False, "reason": error.reason.value}
+        payload["field"] = error.field
+        _verified_exit(payload, ok=False, json_output=json_output)
+        return
+    bar, progress = _progress_bar(not json_output, loaded.model.name, loaded.model.size_bytes)
+    with bar:
+        result = pull_model(loaded, store=ModelStore(store), ca_bundle=ca_bundle, progress=progress)
+    _verified_exit(result.to_dict(), ok=result.ok, json_output=json_output)
+
 
 # --- serve / status / demo ----------------------------------------------------------------
 # (bodies live in this section; they call companion_runtime.bind.serve / .demo)

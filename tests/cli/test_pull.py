@@ -1,0 +1,264 @@
+"""`companion-runtime pull` as a real child process against a real loopback HTTPS origin.
+
+Includes the two faults only a real process can show: a pull killed with SIGKILL mid-download
+(the next pull resumes with Range), and two processes pulling the same model at once (one
+body transfer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from companion_runtime.bind.store import STORE_ENV_VAR, ModelStore
+from tests.support.https import (
+    Fault,
+    FaultyOrigin,
+    assert_no_leak,
+    assert_nothing_published,
+    body_requests,
+    model_bytes,
+    partial_size,
+    secret_url,
+)
+
+SMALL, SMALL_DIGEST = model_bytes(200_000, seed=11)
+# Larger than the 4 MiB receive buffer, so a killed pull has written some of it.
+LARGE, LARGE_DIGEST = model_bytes(12 * 1024 * 1024, seed=12)
+
+
+@pytest.fixture
+def origin() -> Iterator[FaultyOrigin]:
+    files = {"/small.bin": SMALL, "/flip.bin": SMALL, "/large.bin": LARGE}
+    with FaultyOrigin(files, faults={"/flip.bin": Fault(kind="bitflip")}) as server:
+        yield server
+
+
+def write_manifest(
+    tmp_path: Path, origin: FaultyOrigin, path: str, digest: str, size: int, **model: object
+) -> Path:
+    url = model.get("url", secret_url(origin, path))
+    manifest = tmp_path / "model.toml"
+    manifest.write_text(
+        f"""
+[model]
+name = "test-model"
+url = "{url}"
+sha256 = "{digest}"
+size_bytes = {size}
+
+[sources]
+allow = ["{origin.base_url}"]
+
+[runtime]
+command = ["/bin/true"]
+"""
+    )
+    return manifest
+
+
+def command(manifest: Path, store: Path | None, origin: FaultyOrigin, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "companion_runtime.cli", "pull", str(manifest)]
+    if store is not None:
+        args += ["--store", str(store)]
+    return [*args, "--ca-bundle", str(origin.ca_pem_path), *extra]
+
+
+def run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.e2e
+def test_pull_prints_one_json_object_with_the_path(origin: FaultyOrigin, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, origin, "/small.bin", SMALL_DIGEST, len(SMALL))
+    result = run(command(manifest, tmp_path / "store", origin, "--json"))
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.strip().splitlines()
+    payload = json.loads(line)
+    assert payload["ok"] is True and payload["reason"] == "ok"
+    blob = Path(payload["path"])
+    assert blob == ModelStore(tmp_path / "store").blob_path(SMALL_DIGEST)
+    assert blob.read_bytes() == SMALL
+    # Plain mode prints the path; piped stderr gets no progress bar.
+    again = run(command(manifest, tmp_path / "store", origin))
+    assert again.returncode == 0
+    assert again.stdout.strip() == str(blob)
+    assert again.stderr == ""
+    assert len(body_requests(origin, "/small.bin")) == 1
+
+
+@pytest.mark.e2e
+def test_store_defaults_to_the_environment_variable(origin: FaultyOrigin, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, origin, "/small.bin", SMALL_DIGEST, len(SMALL))
+    env = {**os.environ, STORE_ENV_VAR: str(tmp_path / "env-store")}
+    result = run(command(manifest, None, origin, "--json"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["path"].startswith(str(tmp_path / "env-store"))
+
+
+@pytest.mark.e2e
+@pytest.mark.security
+@pytest.mark.parametrize("json_flag", [True, False])
+def test_refused_pull_exits_1_and_leaks_nothing(
+    origin: FaultyOrigin, tmp_path: Path, json_flag: bool
+) -> None:
+    manifest = write_manifest(tmp_path, origin, "/flip.bin", SMALL_DIGEST, len(SMALL))
+    extra = ("--json",) if json_flag else ()
+    result = run(command(manifest, tmp_path / "store", origin, *extra))
+    assert result.returncode == 1
+    if json_flag:
+        (line,) = result.stdout.strip().splitlines()
+        assert json.loads(line) == {"ok": False, "reason": "digest_mismatch"}
+    else:
+        assert result.stdout == ""
+        assert "refused: digest_mismatch" in result.stderr
+    assert_no_leak([result.stdout, result.stderr], SMALL_DIGEST)
+    assert_nothing_published(ModelStore(tmp_path / "store"))
+
+
+@pytest.mark.e2e
+@pytest.mark.security
+def test_manifest_problems(origin: FaultyOrigin, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    missing = run(command(tmp_path / "absent.toml", store, origin, "--json"))
+    assert missing.returncode == 2
+    assert "absent" not in missing.stderr
+    bad_ca = run(
+        [
+            sys.executable,
+            "-m",
+            "companion_runtime.cli",
+            "pull",
+            str(tmp_path / "x.toml"),
+            "--ca-bundle",
+            str(tmp_path / "none.pem"),
+        ]
+    )
+    assert bad_ca.returncode == 2
+
+    outside = write_manifest(
+        tmp_path,
+        origin,
+        "/small.bin",
+        SMALL_DIGEST,
+        len(SMALL),
+        url="https://elsewhere.example/small.bin?token=tok-7f3a9c-SECRET-do-not-leak",
+    )
+    result = run(command(outside, store, origin, "--json"))
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == {
+        "ok": False,
+        "reason": "source_not_allowed",
+        "field": "model.url",
+    }
+    assert_no_leak([result.stdout, result.stderr], SMALL_DIGEST)
+    assert origin.requests == []
+
+    outside.write_text("[model\nname=")
+    result = run(command(outside, store, origin, "--json"))
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["reason"] == "malformed_manifest"
+
+
+@pytest.mark.e2e
+def test_progress_bar_on_a_terminal(origin: FaultyOrigin, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, origin, "/large.bin", LARGE_DIGEST, len(LARGE))
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            command(manifest, tmp_path / "store", origin),
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            env={**os.environ, "COLUMNS": "100", "TERM": "xterm"},
+        )
+        os.close(terminal)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert process.wait(60) == 0
+    finally:
+        os.close(controller)
+    assert b"test-model" in seen
+    assert LARGE_DIGEST.encode() not in seen and b"token=" not in seen
+
+
+@pytest.mark.e2e
+@pytest.mark.data_integrity
+def test_pull_killed_mid_download_resumes_with_range(origin: FaultyOrigin, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, origin, "/large.bin", LARGE_DIGEST, len(LARGE))
+    store = ModelStore(tmp_path / "store")
+    origin.chunk_delay_s = 0.03  # ~8 MiB/s: the kill lands mid-transfer
+    process = subprocess.Popen(
+        command(manifest, store.root, origin, "--json"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while partial_size(store, LARGE_DIGEST) < 4 * 1024 * 1024:
+            assert process.poll() is None, "the pull finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    kept = partial_size(store, LARGE_DIGEST)
+    assert 0 < kept < len(LARGE)
+    assert not store.has_blob(LARGE_DIGEST)
+
+    origin.chunk_delay_s = 0.0
+    before = len(origin.requests)
+    result = run(command(manifest, store.root, origin, "--json"))
+    assert result.returncode == 0, result.stderr
+    assert Path(json.loads(result.stdout)["path"]).read_bytes() == LARGE
+    (resumed,) = origin.requests[before:]
+    assert resumed.range_header == f"bytes={kept}-"
+    assert resumed.status == 206
+    assert resumed.bytes_sent == len(LARGE) - kept
+
+
+@pytest.mark.e2e
+@pytest.mark.stress
+def test_two_processes_download_once(origin: FaultyOrigin, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, origin, "/large.bin", LARGE_DIGEST, len(LARGE))
+    store = tmp_path / "store"
+    origin.chunk_delay_s = 0.005
+    processes = [
+        subprocess.Popen(
+            command(manifest, store, origin, "--json"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    paths = {json.loads(stdout)["path"] for stdout, _ in outputs}
+    assert paths == {str(ModelStore(store).blob_path(LARGE_DIGEST))}
+    assert len(body_requests(origin, "/large.bin")) == 1

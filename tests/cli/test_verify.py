@@ -1,0 +1,96 @@
+"""`companion-runtime verify` run as a real child process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.https import model_bytes
+
+DATA, DIGEST = model_bytes(100_000, seed=3)
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "verify", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "model.bin"
+    path.write_bytes(DATA)
+    return path
+
+
+@pytest.mark.e2e
+def test_verified_file_exits_0(model: Path) -> None:
+    result = run(str(model), "--sha256", DIGEST, "--size", str(len(DATA)), "--json")
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == {"ok": True, "reason": "ok"}
+    plain = run(str(model), "--sha256", DIGEST, "--size", str(len(DATA)))
+    assert plain.returncode == 0 and plain.stdout.strip() == "ok"
+    # Piped stderr: no progress bar.
+    assert plain.stderr == ""
+
+
+@pytest.mark.e2e
+@pytest.mark.data_integrity
+@pytest.mark.parametrize(
+    ("mutate", "size_delta", "reason"),
+    [
+        ("flip", 0, "digest_mismatch"),
+        ("none", 1, "size_mismatch"),
+        ("delete", 0, "file_not_found"),
+    ],
+)
+def test_refusals_exit_1_with_the_reason(
+    model: Path, mutate: str, size_delta: int, reason: str
+) -> None:
+    if mutate == "flip":
+        data = bytearray(DATA)
+        data[-1] ^= 1
+        model.write_bytes(data)
+    elif mutate == "delete":
+        model.unlink()
+    args = (str(model), "--sha256", DIGEST, "--size", str(len(DATA) + size_delta))
+    result = run(*args, "--json")
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0]) == {"ok": False, "reason": reason}
+    plain = run(*args)
+    assert plain.returncode == 1
+    assert plain.stdout == ""
+    assert plain.stderr.strip() == f"refused: {reason}"
+    for text in (result.stdout, result.stderr, plain.stderr):
+        assert DIGEST not in text and str(model) not in text
+
+
+@pytest.mark.e2e
+def test_malformed_digest_is_refused(model: Path) -> None:
+    result = run(str(model), "--sha256", DIGEST.upper(), "--size", str(len(DATA)), "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["reason"] == "malformed_spec"
+    assert DIGEST.upper() not in result.stdout + result.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--sha256", DIGEST, "--size", "lots"),
+        ("--size", "10"),
+        ("--sha256", DIGEST),
+    ],
+)
+def test_usage_errors_exit_2(model: Path, args: tuple[str, ...]) -> None:
+    assert run(str(model), *args).returncode == 2
