@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,23 +72,17 @@ def test_all_lists_exactly_the_public_names() -> None:
 
 
 def test_private_modules_declare_all_and_core_reexports_them() -> None:
-    from companion_runtime.core import (
-        _admission,
-        _gate,
-        _integrity,
-        _lifecycle,
-        _reasons,
-        _resources,
-        _sources,
-        _verdict,
+    # Every module of the core, found on disk, so that a new module cannot be forgotten.
+    names = [info.name for info in pkgutil.iter_modules(core.__path__) if info.name.startswith("_")]
+    assert {"_verdict", "_sources", "_integrity", "_lifecycle", "_admission", "_resources"} <= set(
+        names
     )
-
-    modules = (_admission, _gate, _integrity, _lifecycle, _reasons, _resources, _sources, _verdict)
     exported: set[str] = set()
-    for module in modules:
-        for name in module.__all__:
-            assert hasattr(module, name)
-            assert getattr(core, name) is getattr(module, name)
+    for name in names:
+        module = importlib.import_module(f"{core.__name__}.{name}")
+        assert isinstance(module.__all__, list), name
+        for public in module.__all__:
+            assert getattr(core, public) is getattr(module, public), (name, public)
         exported |= set(module.__all__)
     assert exported == set(core.__all__)
 
@@ -123,3 +119,14 @@ def test_public_classes_are_final_and_slotted() -> None:
         assert getattr(cls, "__final__", False) is True, cls
         assert "__slots__" in vars(cls), cls
     assert getattr(cr.SpecError, "__final__", False) is True
+
+
+@pytest.mark.security
+def test_the_import_contracts_hold() -> None:
+    # The purity of the core is also a static contract (pyproject.toml, [tool.importlinter]).
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run(
+        [str(lint_imports)], cwd=ROOT, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "The core is pure: no I/O modules KEPT" in result.stdout

@@ -16,6 +16,7 @@ from companion_runtime.core._admission import (
     record_in_flight,
     record_queued,
 )
+from companion_runtime.core._fit import evaluate_model_fit
 from companion_runtime.core._gate import evaluate_runtime_request
 from companion_runtime.core._integrity import (
     IntegrityAccumulator,
@@ -66,6 +67,7 @@ __all__ = [
     "create_resource_limits",
     "deny",
     "evaluate_admission",
+    "evaluate_model_fit",
     "evaluate_resource_limits",
     "evaluate_runtime_request",
     "record_completion",
