@@ -478,6 +478,28 @@ def test_waiter_cancelled_just_before_release_is_skipped() -> None:
     run(main)
 
 
+def test_waiter_cancelled_as_it_is_refused_counts_as_cancelled() -> None:
+    async def main() -> None:
+        controller = ready_controller(max_in_flight=1, queue_bound=4)
+        holder = Holder(controller)
+        await settle()
+        waiter = Holder(controller)
+        await settle()
+        # Refused and cancelled in one synchronous step: the caller never sees the refusal.
+        controller.set_lifecycle(DRAINING)
+        waiter.task.cancel()
+        await settle()
+        assert waiter.task.cancelled() and waiter.refused is None
+        stats = controller.statistics()
+        assert (stats.refused_total, stats.cancelled_total) == (0, 1)
+        assert dict(stats.refused_by_reason) == {}
+        assert (stats.in_flight, stats.queued) == (1, 0)
+        await finish_all([holder])
+        assert_idle(controller)
+
+    run(main)
+
+
 # --- lifecycle ----------------------------------------------------------------------------------
 
 
@@ -680,13 +702,30 @@ class _Request:
         return not self.task.done() and not self.in_body
 
 
+class _VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock is a :class:`FakeClock`: timers fire only when the test moves
+    time, so Hypothesis sees the same run every time it replays an example."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self._virtual_clock = clock
+
+    def time(self) -> float:
+        return self._virtual_clock()
+
+
 class AdmissionMachine(RuleBasedStateMachine):
     """Random arrivals, releases, raising bodies, cancellations, deadlines, lifecycle moves and
-    resource samples; after every step the counters must match what the clients observed."""
+    resource samples; after every step the counters must match what the clients observed.
+
+    Time is virtual (shared by the controller and the loop), so deadlines expire exactly when
+    the ``let_time_pass`` rule says and never because the machine was slow.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
+        self.clock = FakeClock()
+        self.loop = _VirtualTimeLoop(self.clock)
         self.requests: list[_Request] = []
         self.entered_order: list[int] = []
         self.max_in_flight = 1
@@ -709,11 +748,13 @@ class AdmissionMachine(RuleBasedStateMachine):
     def create(self, max_in_flight: int, queue_bound: int) -> None:
         self.max_in_flight = max_in_flight
         self.queue_bound = queue_bound
-        self.controller = ready_controller(max_in_flight=max_in_flight, queue_bound=queue_bound)
+        self.controller = ready_controller(
+            max_in_flight=max_in_flight, queue_bound=queue_bound, clock=self.clock
+        )
 
     @rule(deadline=st.sampled_from(["none", "past", "short", "long"]))
     def arrive(self, deadline: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         absolute = {"none": None, "past": now - 1, "short": now + 0.002, "long": now + 60}[deadline]
 
         def action() -> None:
@@ -764,6 +805,18 @@ class AdmissionMachine(RuleBasedStateMachine):
 
         self._do(action)
 
+    @precondition(lambda self: bool(self._waiting()))
+    @rule(pick=st.integers(0, 99))
+    def leave_ready_and_cancel_a_waiter_at_once(self, pick: int) -> None:
+        waiting = self._waiting()
+        victim = waiting[pick % len(waiting)]
+
+        def action() -> None:
+            self.controller.set_lifecycle(DRAINING)
+            victim.task.cancel()
+
+        self._do(action)
+
     @rule(lifecycle=st.sampled_from([READY, READY, DRAINING, STOPPED]))
     def move_lifecycle(self, lifecycle: object) -> None:
         self._do(lambda: self.controller.set_lifecycle(lifecycle))  # type: ignore[arg-type]
@@ -771,12 +824,12 @@ class AdmissionMachine(RuleBasedStateMachine):
     @rule(over=st.booleans())
     def sample(self, over: bool) -> None:
         observation = RAM_OVER if over else CALM
-        self._do(lambda: self.controller.update_resources(observation, taken_at=time.monotonic()))
+        self._do(lambda: self.controller.update_resources(observation, taken_at=self.clock()))
 
     @rule()
-    def let_short_deadlines_pass(self) -> None:
-        self.loop.run_until_complete(asyncio.sleep(0.004))
-        self.loop.run_until_complete(settle())
+    def let_time_pass(self) -> None:
+        # Past every "short" deadline set so far, never near a "long" one.
+        self._do(lambda: self.clock.advance(0.004))
 
     @invariant()
     def counters_match_what_clients_saw(self) -> None:

@@ -410,9 +410,9 @@ class AdmissionController:
         waiter.future.set_result(None)
 
     def _expire(self, waiter: _Waiter) -> None:
+        # Only a waiting waiter's timer can fire: whoever decides an outcome cancels the timer
+        # first, and the loop skips a handle cancelled even within the same iteration.
         waiter.timer = None
-        if waiter.outcome is not _WAITING:
-            return
         del self._waiters[waiter]
         self._settle(waiter, Reason.QUEUE_TIMEOUT)
 
