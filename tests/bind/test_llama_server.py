@@ -292,6 +292,16 @@ def test_sigterm_during_a_stream_still_exits_cleanly(server: LlamaServer) -> Non
     assert _port_is_reusable(server.port)
 
 
+def test_sigterm_right_after_ready_is_not_lost(model: Path, tmp_path: Path) -> None:
+    # llama.cpp reports ready before its inference loop runs, and a stop that lands in that gap
+    # used to be forgotten (the process then hung). Stop at the earliest moment, a few times.
+    for _ in range(5):
+        with running_llama_server(embedded_command(model, free_port()), tmp_path) as running:
+            started = time.monotonic()
+            assert running.stop(signal.SIGTERM) == 0, running.log_tail()
+            assert time.monotonic() - started < 5.0
+
+
 # --- the embedded launcher's own command line -------------------------------------------------
 
 

@@ -22,6 +22,8 @@ import importlib.util
 import ipaddress
 import signal
 import sys
+import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -54,6 +56,7 @@ MODULE: Final = "companion_runtime.bind.llama_server"
 
 _STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
 _PROGRAM: Final = "llama_server"
+_LOOP_START_TIMEOUT_S: Final = 30.0
 
 
 def llama_available() -> bool:
@@ -151,6 +154,28 @@ def _say(message: str) -> None:
     print(f"{_PROGRAM}: {message}", file=sys.stderr, flush=True)
 
 
+def _wait_for_inference_loop(address: str) -> None:
+    # llama.cpp's inference loop sets its "running" flag when it starts, after the server has
+    # already reported that it is ready. A stop request (terminate) that lands before the loop
+    # starts is overwritten, and the destructor then waits for ever. GET /slots is answered by
+    # the loop itself, so once it answers, the loop runs and a later stop cannot be lost.
+    # No proxy: the request is to our own loopback listener.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + _LOOP_START_TIMEOUT_S
+    while True:
+        try:
+            with opener.open(address + "/slots", timeout=_LOOP_START_TIMEOUT_S) as response:
+                response.read()
+            return
+        except OSError:
+            # Not answered yet (or refused for a reason the loop will not change): retry
+            # until the deadline, then carry on; the server serves either way.
+            if time.monotonic() >= deadline:
+                _say("the inference loop did not answer; a stop may need a second signal")
+                return
+            time.sleep(0.01)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGTERM or SIGINT; return the process exit code."""
     arguments = _parser().parse_args(argv)
@@ -196,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("the server failed to start")
         return EXIT_START_FAILED
 
-    _say(f"listening on {server.listening_address}")
+    address = str(server.listening_address)
+    _wait_for_inference_loop(address)
+    _say(f"listening on {address}")
     received = signal.sigwait(_STOP_SIGNALS)
     # A second signal while shutting down takes the default action and ends the process.
     for stop_signal in _STOP_SIGNALS:
