@@ -7,12 +7,13 @@ real server.
 
     python tests/support/standin_runtime.py --port P [--host H] [--listen-delay-s S]
         [--loading-s S] [--never-healthy] [--ignore-sigterm] [--spawn-child]
-        [--emit-stdout-bytes N]
+        [--emit-stdout-bytes N] [--exit-after-s S]
 
 Endpoints: ``GET /health`` (200 ``{"status":"ok"}``, 503 while loading), ``POST /work?sleep_s=S``
 (answers after S seconds), ``POST /crash`` (sends the headers and part of a body, then exits
 with status 3), ``POST /allocate?mib=N`` (holds N MiB more, touched so they are resident),
-``POST /release`` (frees all of it), ``GET /pid``.
+``POST /release`` (frees all of it), ``POST /sicken`` (``/health`` answers 503 from then on),
+``GET /pid``. ``--exit-after-s`` makes it exit by itself (status 4) S seconds after it listens.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -82,6 +84,10 @@ class _Handler(BaseHTTPRequestHandler):
                 block[offset] = 1
             _held.append(block)
             self._reply(200, {"held_mib": sum(len(b) for b in _held) // (1024 * 1024)})
+        elif parts.path == "/sicken":
+            global _never_healthy
+            _never_healthy = True
+            self._reply(200, {"sick": True})
         elif parts.path == "/release":
             _held.clear()
             self._reply(200, {"held_mib": 0})
@@ -100,6 +106,7 @@ def main() -> None:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--spawn-child", action="store_true")
     parser.add_argument("--emit-stdout-bytes", type=int, default=0)
+    parser.add_argument("--exit-after-s", type=float, default=0.0)
     args = parser.parse_args()
 
     if args.ignore_sigterm:
@@ -123,6 +130,8 @@ def main() -> None:
     server = ThreadingHTTPServer((args.host, args.port), _Handler)
     server.daemon_threads = True
     print(f"LISTENING {args.port}", flush=True)
+    if args.exit_after_s:
+        threading.Timer(args.exit_after_s, os._exit, args=(4,)).start()
     server.serve_forever()
 
 

@@ -1,0 +1,709 @@
+"""The supervisor: one runtime process, driven through the core's lifecycle table.
+
+Theory of operation
+-------------------
+``start()`` runs, in this order, and stops at the first refusal:
+
+1. **re-verify** the model blob (``verify_file``; SHA-256 by default, size only when the
+   policy says so) — a runtime is never started on bytes that did not verify, on the first
+   start nor on any restart;
+2. **fit**: model size plus an overhead allowance against the machine's headroom and the
+   resource ceilings (:func:`~companion_runtime.core._fit.evaluate_model_fit`);
+3. **spawn** (``start``: stopped → starting) through the process seam;
+4. **health-wait**: the first healthy answer, after one resource sample has been pushed to the
+   admission controller, gives ``health_ok`` (starting → ready); none before
+   ``ready_timeout_s`` gives ``health_fail`` (starting → stopped) and the process is stopped;
+   a process that exits while starting gives ``stopped``.
+
+While ready, three watchers race: the process exit watcher (an exit gives ``stopped`` at once,
+so the admission controller refuses every waiter ``not_ready`` without waiting for a health
+probe), the health watcher (``failure_threshold`` failed probes give ``health_fail``: ready →
+draining, then the process is stopped) and the resource sampler (one sample every
+``sample_interval_s`` pushed with ``update_resources``; over a ceiling, the controller refuses
+new requests until a later sample is back under it). A runtime that left service is restarted
+after an exponential backoff, re-verified and fit-checked again, up to ``max_restarts`` times;
+after that the supervisor stays ``stopped`` with ``restart_limit_reached``. A runtime that stays
+ready for ``stable_after_s`` earns its restart budget back.
+
+``stop(grace_s)``: ``drain`` (ready → draining: new requests and waiters are refused), wait up
+to ``grace_s`` for in-flight requests to finish, then SIGTERM the process group, wait
+``kill_grace_s``, SIGKILL, reap, ``stopped``.
+
+Every move goes through :func:`transition_lifecycle`, and every new :class:`Lifecycle` is pushed
+to the :class:`AdmissionController` the moment it is taken. All tasks belong to the
+supervisor's :class:`asyncio.TaskGroup` (entered with ``async with``) or are awaited by the
+code that made them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, Self, TypeVar, final
+
+from companion_runtime.bind.admission import AdmissionController
+from companion_runtime.bind.filehash import VerifyPolicy, verify_file
+from companion_runtime.bind.health import (
+    HealthChecker,
+    HealthPolicy,
+    HttpHealthChecker,
+    wait_until_healthy,
+    watch_while_ready,
+)
+from companion_runtime.bind.manifest import Manifest
+from companion_runtime.bind.probe import (
+    GpuMemory,
+    MachineHeadroom,
+    ProbeError,
+    PsutilResourceProbe,
+    ResourceProbe,
+    ResourceSample,
+    default_gpu_memory,
+    measure_machine_headroom,
+)
+from companion_runtime.bind.process import (
+    DEFAULT_OUTPUT_CAP_BYTES,
+    ProcessError,
+    ProcessLauncher,
+    RuntimeProcess,
+    SubprocessLauncher,
+    build_launch_spec,
+)
+from companion_runtime.core import (
+    ALLOW,
+    Lifecycle,
+    LifecycleEvent,
+    LifecycleState,
+    Reason,
+    ResourceLimits,
+    SpecError,
+    Verdict,
+    create_lifecycle_state,
+    create_resource_limits,
+    deny,
+    transition_lifecycle,
+)
+from companion_runtime.core._fit import evaluate_model_fit
+
+__all__ = [
+    "DEFAULT_OVERHEAD_BYTES",
+    "Supervisor",
+    "SupervisorConfig",
+    "check_fit",
+    "check_model_fit",
+]
+
+#: RAM allowed for the runtime beyond the model's bytes (code, KV cache, buffers) by default.
+DEFAULT_OVERHEAD_BYTES: Final = 256 * 1024 * 1024
+_DRAIN_POLL_S: Final = 0.01
+_RECENT_MOVES: Final = 64
+
+_T = TypeVar("_T")
+
+
+def _positive(value: object) -> bool:
+    return type(value) in (int, float) and 0 < value < math.inf  # type: ignore[operator]
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SupervisorConfig:
+    """Everything the supervisor needs; bad values raise :class:`SpecError` (``malformed_spec``)."""
+
+    #: The runtime's argv template (``{model_path}``, ``{port}``, ``{host}``).
+    command_template: tuple[str, ...]
+    #: The verified model blob the runtime is started on.
+    model_path: Path
+    #: Its SHA-256 (64 lowercase hex) and size, re-checked before every spawn.
+    expected_digest: str
+    expected_size_bytes: int
+    #: ``"full"`` re-hashes the blob; ``"size_only"`` (opt-in) only compares its size.
+    verify_policy: VerifyPolicy = "full"
+    #: Ceilings the controller enforces and the fit check uses.
+    resource_limits: ResourceLimits
+    #: Admission bounds.
+    max_in_flight: int = 4
+    queue_bound: int = 64
+    queue_timeout_s: float = 30.0
+    #: The runtime's health path and how long a start may take to turn healthy.
+    health_path: str = "/health"
+    ready_timeout_s: float = 120.0
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    #: Seconds between resource samples; a sample older than ``max_sample_age_s`` denies.
+    sample_interval_s: float = 1.0
+    max_sample_age_s: float = 5.0
+    #: Fit check: RAM beyond the model's bytes, and whether weights go to the GPU.
+    overhead_bytes: int = DEFAULT_OVERHEAD_BYTES
+    gpu_offload: bool = False
+    #: Restarts after the runtime left service; backoff doubles from ``restart_backoff_s``.
+    max_restarts: int = 3
+    restart_backoff_s: float = 0.5
+    max_restart_backoff_s: float = 30.0
+    stable_after_s: float = 60.0
+    #: ``stop()``: seconds for in-flight requests, then seconds between SIGTERM and SIGKILL.
+    stop_grace_s: float = 10.0
+    kill_grace_s: float = 5.0
+    #: Extra environment for the runtime (on top of the scrubbed allowlist).
+    extra_env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    output_cap_bytes: int = DEFAULT_OUTPUT_CAP_BYTES
+
+    def __post_init__(self) -> None:
+        ok = (
+            isinstance(self.command_template, tuple)
+            and all(type(argument) is str for argument in self.command_template)
+            and isinstance(self.model_path, Path)
+            and type(self.expected_size_bytes) is int
+            and self.verify_policy in ("full", "size_only")
+            and type(self.resource_limits) is ResourceLimits
+            and type(self.max_restarts) is int
+            and self.max_restarts >= 0
+            and type(self.overhead_bytes) is int
+            and self.overhead_bytes >= 0
+            and type(self.gpu_offload) is bool
+            and type(self.health_path) is str
+            and self.health_path.startswith("/")
+            and isinstance(self.health, HealthPolicy)
+            and all(
+                _positive(value)
+                for value in (
+                    self.queue_timeout_s,
+                    self.ready_timeout_s,
+                    self.sample_interval_s,
+                    self.max_sample_age_s,
+                    self.restart_backoff_s,
+                    self.max_restart_backoff_s,
+                    self.stable_after_s,
+                    self.stop_grace_s,
+                    self.kill_grace_s,
+                )
+            )
+        )
+        if not ok:
+            raise SpecError(Reason.MALFORMED_SPEC)
+
+
+def check_fit(
+    *,
+    model_size_bytes: int,
+    headroom: MachineHeadroom,
+    resource_limits: ResourceLimits,
+    overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
+    gpu_offload: bool = False,
+) -> Verdict:
+    """The fit check against a measured headroom (``model_too_large`` when it cannot fit)."""
+    return evaluate_model_fit(
+        model_size_bytes=model_size_bytes,
+        overhead_bytes=overhead_bytes,
+        available_ram_bytes=headroom.available_ram_bytes,
+        available_vram_bytes=headroom.available_vram_bytes,
+        resource_limits=resource_limits,
+        gpu_offload=gpu_offload,
+    )
+
+
+def _limits_of(manifest: Manifest) -> ResourceLimits:
+    limits = manifest.limits
+    return create_resource_limits(
+        max_ram_bytes=limits.max_ram_bytes,
+        max_vram_bytes=limits.max_vram_bytes,
+        max_cpu_percent=limits.max_cpu_percent,
+    )
+
+
+async def check_model_fit(
+    manifest: Manifest,
+    *,
+    overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
+    gpu_offload: bool = False,
+    gpu: GpuMemory | None = None,
+) -> Verdict:
+    """Will the manifest's model fit here? Uses the manifest's size alone, so it can run
+    **before** the download; measures the machine's headroom now."""
+    headroom = await measure_machine_headroom(gpu)
+    return check_fit(
+        model_size_bytes=manifest.model.size_bytes,
+        headroom=headroom,
+        resource_limits=_limits_of(manifest),
+        overhead_bytes=overhead_bytes,
+        gpu_offload=gpu_offload,
+    )
+
+
+def _config_from_manifest(
+    manifest: Manifest,
+    model_path: str | os.PathLike[str],
+    *,
+    verify_policy: VerifyPolicy = "full",
+    **settings: Any,
+) -> SupervisorConfig:
+    return SupervisorConfig(
+        command_template=tuple(manifest.runtime.command),
+        model_path=Path(model_path),
+        expected_digest=manifest.model.sha256,
+        expected_size_bytes=manifest.model.size_bytes,
+        verify_policy=verify_policy,
+        resource_limits=_limits_of(manifest),
+        max_in_flight=manifest.limits.max_in_flight,
+        queue_bound=manifest.limits.queue_bound,
+        queue_timeout_s=float(manifest.limits.queue_timeout_s),
+        health_path=manifest.runtime.health_path,
+        ready_timeout_s=float(manifest.runtime.ready_timeout_s),
+        **settings,
+    )
+
+
+async def _first_of(*coroutines: Coroutine[Any, Any, _T]) -> _T:
+    """Run the coroutines concurrently; return the first result and cancel (and await) the rest."""
+    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        first = next(task for task in tasks if task in done)
+        return first.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Only our own tasks' outcomes are collected here; our own cancellation still raises.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """Why one run of the runtime ended (private to the runner)."""
+
+    reason: Reason
+    was_ready: bool
+
+
+class _StopRequested:
+    pass
+
+
+_STOP: Final = _StopRequested()
+
+
+@final
+class Supervisor:
+    """Supervises one runtime process; see the module docstring.
+
+    Build it with :meth:`from_manifest` or from a :class:`SupervisorConfig`. Use it as an async
+    context manager (which owns its monitor tasks; leaving it stops the runtime)::
+
+        async with Supervisor.from_manifest(manifest, model_path) as supervisor:
+            verdict = await supervisor.start()
+            async with supervisor.controller.slot(deadline=...):
+                ...  # talk to supervisor.runtime_url
+    """
+
+    def __init__(
+        self,
+        config: SupervisorConfig | Manifest,
+        *,
+        model_path: str | os.PathLike[str] | None = None,
+        launcher: ProcessLauncher | None = None,
+        verifier: Callable[[Path], Awaitable[Verdict]] | None = None,
+        probe_factory: Callable[[int], ResourceProbe] | None = None,
+        checker_factory: Callable[[str], contextlib.AbstractAsyncContextManager[HealthChecker]]
+        | None = None,
+        headroom: Callable[[], Awaitable[MachineHeadroom]] | None = None,
+        gpu: GpuMemory | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``Supervisor(config)``, or ``Supervisor(manifest, model_path=...)`` (same as
+        :meth:`from_manifest` with default settings). Seams default to the real adapters;
+        tests replace a seam only to make a fault."""
+        if type(config) is Manifest and model_path is not None:
+            config = _config_from_manifest(config, model_path)
+        if type(config) is not SupervisorConfig:
+            raise SpecError(Reason.MALFORMED_SPEC)
+        self._config = config
+        self._clock = clock
+        self._gpu = gpu if gpu is not None else default_gpu_memory()
+        self._launcher: ProcessLauncher = launcher or SubprocessLauncher()
+        self._verifier = verifier or self._verify_blob
+        self._probe_factory = probe_factory or (
+            lambda pid: PsutilResourceProbe(pid, gpu=self._gpu, clock=clock)
+        )
+        self._checker_factory = checker_factory or (
+            lambda url: HttpHealthChecker(url, probe_timeout_s=config.health.probe_timeout_s)
+        )
+        self._headroom = headroom or (lambda: measure_machine_headroom(self._gpu))
+        self.controller: Final = AdmissionController(
+            max_in_flight=config.max_in_flight,
+            queue_bound=config.queue_bound,
+            resource_limits=config.resource_limits,
+            max_sample_age_s=config.max_sample_age_s,
+            clock=clock,
+        )
+        self._lifecycle: Lifecycle = create_lifecycle_state()
+        self._task_group: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._stop_requested = asyncio.Event()
+        self._stopping = False
+        self._process: RuntimeProcess | None = None
+        self._runtime_url: str | None = None
+        self._last_pid: int | None = None
+        self._last_sample: ResourceSample | None = None
+        self._last_reason: Reason = Reason.OK
+        self._ready_latency_s: float | None = None
+        self._ready_since: float | None = None
+        self._spawns = 0
+        self._restarts = 0
+        self._restarts_total = 0
+        self._refused_moves = 0
+        self._moves: collections.deque[tuple[float, LifecycleState]] = collections.deque(
+            maxlen=_RECENT_MOVES
+        )
+
+    @classmethod
+    def from_manifest(
+        cls,
+        manifest: Manifest,
+        model_path: str | os.PathLike[str],
+        *,
+        verify_policy: VerifyPolicy = "full",
+        launcher: ProcessLauncher | None = None,
+        **settings: Any,
+    ) -> Supervisor:
+        """Build a supervisor for ``manifest``'s runtime on the verified blob ``model_path``.
+
+        ``settings`` are further :class:`SupervisorConfig` fields (``sample_interval_s``,
+        ``max_restarts``, ``overhead_bytes``, ...).
+        """
+        config = _config_from_manifest(
+            manifest, model_path, verify_policy=verify_policy, **settings
+        )
+        return cls(config, launcher=launcher)
+
+    # --- public surface -------------------------------------------------------------------
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """The current lifecycle state."""
+        return self._lifecycle
+
+    @property
+    def runtime_url(self) -> str | None:
+        """``http://127.0.0.1:PORT`` while a runtime process runs, else ``None``."""
+        return self._runtime_url
+
+    @property
+    def config(self) -> SupervisorConfig:
+        """The configuration it was built with."""
+        return self._config
+
+    async def __aenter__(self) -> Self:
+        task_group = asyncio.TaskGroup()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        task_group = self._task_group
+        assert task_group is not None, "__aexit__ without __aenter__"
+        try:
+            await self.stop()
+        finally:
+            self._task_group = None
+            await task_group.__aexit__(exc_type, exc, traceback)
+        return None
+
+    async def check_fit(self) -> Verdict:
+        """The fit check on the current headroom, from the configured size alone."""
+        config = self._config
+        return check_fit(
+            model_size_bytes=config.expected_size_bytes,
+            headroom=await self._headroom(),
+            resource_limits=config.resource_limits,
+            overhead_bytes=config.overhead_bytes,
+            gpu_offload=config.gpu_offload,
+        )
+
+    async def start(self) -> Verdict:
+        """Re-verify, fit-check, spawn and wait until ready; return why not, if not.
+
+        Refusals: the verifier's reason (``digest_mismatch``, ``size_mismatch``,
+        ``file_not_found``...), ``model_too_large``, ``malformed_spec`` /
+        ``executable_not_allowed`` (command), ``spawn_failed``, ``ready_timeout``,
+        ``runtime_exited`` (died while starting), ``not_ready`` (stopped while starting),
+        ``invalid_transition`` (already running).
+        """
+        task_group = self._task_group
+        if task_group is None:
+            raise RuntimeError("use 'async with Supervisor(...)' before start()")
+        if self._runner is not None and not self._runner.done():
+            return deny(Reason.INVALID_TRANSITION)
+        self._stop_requested = asyncio.Event()
+        self._stopping = False
+        self._restarts = 0
+        prepared = await self._prepare()
+        if not prepared.ok:
+            self._last_reason = prepared.reason
+            return prepared
+        first_run: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        runner = task_group.create_task(self._run(first_run))
+        self._runner = runner
+        either: set[asyncio.Future[Any]] = {first_run, runner}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if first_run.done():
+            return first_run.result()
+        runner.result()  # the runner failed: its exception, not a verdict
+        return deny(self._last_reason if self._last_reason is not Reason.OK else Reason.NOT_READY)
+
+    async def stop(self, *, grace_s: float | None = None) -> None:
+        """Drain (wait up to ``grace_s`` for in-flight requests), then stop the process."""
+        grace = self._config.stop_grace_s if grace_s is None else grace_s
+        self._stopping = True
+        if self._move(LifecycleEvent.DRAIN):
+            deadline = self._clock() + max(grace, 0.0)
+            while self.controller.statistics().in_flight and self._clock() < deadline:
+                if self._runner is None or self._runner.done():
+                    break
+                await asyncio.sleep(_DRAIN_POLL_S)
+        self._stop_requested.set()
+        runner = self._runner
+        if runner is not None:
+            # Waited, not awaited: a runner that failed reports through the task group.
+            await asyncio.wait({runner})
+            self._runner = None
+
+    def status(self) -> dict[str, object]:
+        """A JSON-ready snapshot: state, admission counters, last sample, restarts, pid."""
+        statistics = self.controller.statistics()
+        sample = self._last_sample
+        process = self._process
+        return {
+            "state": self._lifecycle.state.value,
+            "in_flight": statistics.in_flight,
+            "queued": statistics.queued,
+            "admitted_total": statistics.admitted_total,
+            "completed_total": statistics.completed_total,
+            "refused_total": statistics.refused_total,
+            "refused_by_reason": dict(statistics.refused_by_reason),
+            "pid": process.pid if process is not None else None,
+            "last_pid": self._last_pid,
+            "runtime_url": self._runtime_url,
+            "spawns": self._spawns,
+            "restarts": self._restarts_total,
+            "last_reason": self._last_reason.value,
+            "ready_latency_s": self._ready_latency_s,
+            "refused_moves": self._refused_moves,
+            "last_sample": None
+            if sample is None
+            else {
+                "ram_bytes": sample.observation.ram_bytes,
+                "vram_bytes": sample.observation.vram_bytes,
+                "cpu_percent": sample.observation.cpu_percent,
+                "age_s": max(self._clock() - sample.taken_at, 0.0),
+                "process_count": sample.process_count,
+            },
+            "recent_moves": [{"at": at, "state": state.value} for at, state in self._moves],
+        }
+
+    # --- the moves ----------------------------------------------------------------------------
+
+    def _move(self, event: LifecycleEvent) -> bool:
+        """Ask the table; on a legal move take it and push it to the controller at once."""
+        transition = transition_lifecycle(self._lifecycle, event)
+        if not transition.ok:
+            self._refused_moves += 1
+            return False
+        self._lifecycle = transition.new_state
+        self.controller.set_lifecycle(transition.new_state)
+        self._moves.append((self._clock(), transition.new_state.state))
+        return True
+
+    async def _verify_blob(self, path: Path) -> Verdict:
+        config = self._config
+        return await asyncio.to_thread(
+            verify_file,
+            path,
+            expected_digest=config.expected_digest,
+            expected_size_bytes=config.expected_size_bytes,
+            policy=config.verify_policy,
+        )
+
+    async def _prepare(self) -> Verdict:
+        """Re-verify the blob, then the fit check. Runs before every spawn."""
+        verified = await self._verifier(self._config.model_path)
+        if not verified.ok:
+            return verified
+        return await self.check_fit()
+
+    # --- the runner ---------------------------------------------------------------------------
+
+    async def _run(self, first_run: asyncio.Future[Verdict]) -> None:
+        """Run the runtime, restarting it with backoff, until stopped or out of restarts."""
+        config = self._config
+        first_attempt = True
+        try:
+            while True:
+                ended = await self._run_once(first_run)
+                self._last_reason = ended.reason
+                if self._stopping or (first_attempt and not ended.was_ready):
+                    # A first start that failed is reported by start(), not retried.
+                    break
+                first_attempt = False
+                if (
+                    ended.was_ready
+                    and self._ready_since is not None
+                    and self._clock() - self._ready_since >= config.stable_after_s
+                ):
+                    self._restarts = 0
+                self._restarts += 1
+                if self._restarts > config.max_restarts:
+                    self._last_reason = Reason.RESTART_LIMIT_REACHED
+                    break
+                delay = min(
+                    config.restart_backoff_s * 2 ** (self._restarts - 1),
+                    config.max_restart_backoff_s,
+                )
+                if await self._sleep_unless_stopped(delay):
+                    break
+                prepared = await self._prepare()
+                if not prepared.ok:
+                    self._last_reason = prepared.reason
+                    break
+                self._restarts_total += 1
+        finally:
+            if not first_run.done():
+                first_run.set_result(deny(self._last_reason_or(Reason.NOT_READY)))
+
+    def _last_reason_or(self, fallback: Reason) -> Reason:
+        return fallback if self._last_reason is Reason.OK else self._last_reason
+
+    async def _sleep_unless_stopped(self, delay_s: float) -> bool:
+        """Sleep ``delay_s``; True when a stop was requested meanwhile."""
+        outcome = await _first_of(self._sleep_none(delay_s), self._wait_stop())
+        return outcome is _STOP
+
+    async def _sleep_none(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+
+    async def _wait_stop(self) -> _StopRequested:
+        await self._stop_requested.wait()
+        return _STOP
+
+    async def _run_once(self, first_run: asyncio.Future[Verdict]) -> _Ended:
+        config = self._config
+        try:
+            spec = build_launch_spec(
+                config.command_template,
+                model_path=config.model_path,
+                extra_env=config.extra_env,
+                output_cap_bytes=config.output_cap_bytes,
+            )
+        except ProcessError as error:
+            return _Ended(error.reason, was_ready=False)
+        if self._stop_requested.is_set() or not self._move(LifecycleEvent.START):
+            return _Ended(Reason.NOT_READY, was_ready=False)
+        was_ready = False
+        try:
+            self._spawns += 1
+            async with (
+                self._launcher.launch(spec, stop_grace_s=config.kill_grace_s) as process,
+                self._checker_factory(spec.base_url + config.health_path) as checker,
+            ):
+                self._process = process
+                self._last_pid = process.pid
+                self._runtime_url = spec.base_url
+                probe = self._probe_factory(process.pid)
+                reason = await self._until_ready(process, checker, probe)
+                if reason is Reason.OK:
+                    was_ready = True
+                    self._resolve(first_run, ALLOW)
+                    reason = await self._while_ready(process, checker, probe)
+                # Leaving the launch context stops the process: SIGTERM, grace, SIGKILL. A
+                # failed first start is reported (by _run) only after that, with it gone.
+        except ProcessError as error:
+            reason = error.reason
+        finally:
+            self._process = None
+            self._runtime_url = None
+            self._move(LifecycleEvent.STOPPED)
+        return _Ended(reason, was_ready=was_ready)
+
+    @staticmethod
+    def _resolve(future: asyncio.Future[Verdict], verdict: Verdict) -> None:
+        if not future.done():
+            future.set_result(verdict)
+
+    async def _until_ready(
+        self, process: RuntimeProcess, checker: HealthChecker, probe: ResourceProbe
+    ) -> Reason:
+        config = self._config
+
+        async def healthy() -> Reason:
+            wait = await wait_until_healthy(
+                checker,
+                ready_timeout_s=config.ready_timeout_s,
+                policy=config.health,
+                clock=self._clock,
+            )
+            if wait.event is not LifecycleEvent.HEALTH_OK or wait.answered_at is None:
+                self._move(LifecycleEvent.HEALTH_FAIL)
+                return Reason.READY_TIMEOUT
+            # The controller denies without a fresh sample, so one goes in before ready.
+            try:
+                await self._push_sample(probe)
+            except ProbeError:
+                return Reason.RUNTIME_EXITED
+            if not self._move(LifecycleEvent.HEALTH_OK):
+                return Reason.NOT_READY
+            now = self._clock()
+            self._ready_since = now
+            self._ready_latency_s = now - wait.answered_at
+            return Reason.OK
+
+        return await _first_of(
+            healthy(), self._exited(process), self._stopped_reason(Reason.NOT_READY)
+        )
+
+    async def _while_ready(
+        self, process: RuntimeProcess, checker: HealthChecker, probe: ResourceProbe
+    ) -> Reason:
+        config = self._config
+
+        async def unhealthy() -> Reason:
+            await watch_while_ready(checker, policy=config.health)
+            self._move(LifecycleEvent.HEALTH_FAIL)  # ready → draining (no-op when draining)
+            return Reason.RUNTIME_UNHEALTHY
+
+        async def sampler() -> Reason:
+            while True:
+                await asyncio.sleep(config.sample_interval_s)
+                # A failed sample leaves the last one to age out; the exit watcher reports
+                # a runtime that is gone.
+                with contextlib.suppress(ProbeError):
+                    await self._push_sample(probe)
+
+        return await _first_of(
+            self._exited(process), unhealthy(), sampler(), self._stopped_reason(Reason.OK)
+        )
+
+    async def _exited(self, process: RuntimeProcess) -> Reason:
+        await process.wait()
+        # Out of ready (or starting) at once, before the process context is even left.
+        self._move(LifecycleEvent.STOPPED)
+        return Reason.RUNTIME_EXITED
+
+    async def _stopped_reason(self, reason: Reason) -> Reason:
+        await self._stop_requested.wait()
+        return reason
+
+    async def _push_sample(self, probe: ResourceProbe) -> None:
+        sample = await probe.sample()
+        self._last_sample = sample
+        self.controller.update_resources(sample.observation, taken_at=sample.taken_at)

@@ -1,0 +1,467 @@
+"""The supervisor against the real llama.cpp server (tiny model) and, for faults it cannot
+show on demand, the stand-in runtime. Every runtime here is a real child process."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from companion_runtime.bind.admission import AdmissionRefused
+from companion_runtime.bind.health import HealthPolicy
+from companion_runtime.bind.manifest import (
+    LimitsSpec,
+    Manifest,
+    ModelSpec,
+    RuntimeSpec,
+    SourcesSpec,
+)
+from companion_runtime.bind.probe import MachineHeadroom
+from companion_runtime.bind.supervisor import (
+    Supervisor,
+    SupervisorConfig,
+    check_fit,
+    check_model_fit,
+)
+from companion_runtime.core import LifecycleState, Reason, SpecError, create_resource_limits
+from tests.support.supervision import (
+    async_wait_for,
+    llama_ready,
+    process_gone,
+    real_runtime,
+    standin_command,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+LIMITS = create_resource_limits(max_ram_bytes=8 * GIB, max_vram_bytes=8 * GIB, max_cpu_percent=100)
+HEALTH = HealthPolicy(interval_s=0.05, probe_timeout_s=0.5, failure_threshold=3)
+needs_llama = pytest.mark.skipif(not llama_ready(), reason="embedded llama.cpp not available")
+
+
+def _blob(directory: Path, data: bytes = b"stand-in model " * 256) -> tuple[Path, str, int]:
+    path = directory / "model.bin"
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _config(
+    template: list[str], model: Path, digest: str, size: int, **fields: Any
+) -> SupervisorConfig:
+    settings: dict[str, Any] = {
+        "resource_limits": LIMITS,
+        "health": HEALTH,
+        "ready_timeout_s": 60.0,
+        "sample_interval_s": 0.1,
+        "overhead_bytes": 0,
+        "stop_grace_s": 5.0,
+        "kill_grace_s": 2.0,
+        "restart_backoff_s": 0.1,
+    }
+    settings.update(fields)
+    return SupervisorConfig(
+        command_template=tuple(template),
+        model_path=model,
+        expected_digest=digest,
+        expected_size_bytes=size,
+        **settings,
+    )
+
+
+def standin(tmp_path: Path, *flags: str, **fields: Any) -> Supervisor:
+    model, digest, size = _blob(tmp_path)
+    return Supervisor(_config(standin_command(*flags), model, digest, size, **fields))
+
+
+def real(tmp_path: Path, **fields: Any) -> Supervisor:
+    template, model = real_runtime(tmp_path)
+    data = model.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    return Supervisor(_config(template, model, digest, len(data), **fields))
+
+
+def _state(supervisor: Supervisor) -> LifecycleState:
+    return supervisor.lifecycle.state
+
+
+async def _admitted(supervisor: Supervisor) -> Reason:
+    """Ask the controller for a slot and give it straight back; the reason it answered."""
+    try:
+        async with supervisor.controller.slot(deadline=time.monotonic() + 1):
+            return Reason.OK
+    except AdmissionRefused as refusal:
+        return refusal.reason
+
+
+def _moves(supervisor: Supervisor) -> list[str]:
+    moves = supervisor.status()["recent_moves"]
+    assert isinstance(moves, list)
+    return [move["state"] for move in moves]
+
+
+# --- the real server ---------------------------------------------------------------------
+
+
+@needs_llama
+async def test_the_real_runtime_starts_serves_and_stops(tmp_path: Path) -> None:
+    async with real(tmp_path) as supervisor:
+        assert _state(supervisor) is LifecycleState.STOPPED
+        assert await _admitted(supervisor) is Reason.NOT_READY
+        verdict = await supervisor.start()
+        assert verdict.ok, verdict
+        assert _state(supervisor) is LifecycleState.READY
+        status = supervisor.status()
+        pid = status["pid"]
+        assert isinstance(pid, int) and not process_gone(pid)
+        assert status["state"] == "ready"
+        latency = status["ready_latency_s"]
+        assert isinstance(latency, float) and 0 <= latency < 0.1
+        assert status["last_sample"] is not None
+        assert supervisor.runtime_url is not None
+        async with (
+            supervisor.controller.slot(deadline=time.monotonic() + 5),
+            httpx.AsyncClient(base_url=supervisor.runtime_url, timeout=30) as client,
+        ):
+            assert (await client.get("/health")).status_code == 200
+            completion = await client.post("/completion", json={"prompt": "a", "n_predict": 4})
+            assert completion.status_code == 200
+            assert "content" in completion.json()
+        assert supervisor.status()["completed_total"] == 1
+        await supervisor.stop()
+        assert _state(supervisor) is LifecycleState.STOPPED
+        assert supervisor.runtime_url is None
+        assert process_gone(pid)
+        assert _moves(supervisor) == ["starting", "ready", "draining", "stopped"]
+        assert supervisor.status()["last_reason"] == "ok"
+
+
+@needs_llama
+async def test_a_crash_while_ready_leaves_ready_within_one_health_interval(tmp_path: Path) -> None:
+    interval = 0.5
+    policy = HealthPolicy(interval_s=interval, probe_timeout_s=0.5, failure_threshold=3)
+    async with real(tmp_path, health=policy, max_restarts=0) as supervisor:
+        assert (await supervisor.start()).ok
+        pid = supervisor.status()["pid"]
+        assert isinstance(pid, int)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert await async_wait_for(lambda: _state(supervisor) is not LifecycleState.READY, 5)
+        assert time.monotonic() - killed < interval
+        assert await _admitted(supervisor) is Reason.NOT_READY
+        assert await async_wait_for(lambda: supervisor.status()["pid"] is None, 5)
+        assert supervisor.status()["last_reason"] == "restart_limit_reached"
+
+
+@needs_llama
+async def test_stop_drains_in_flight_requests_before_stopping_the_process(tmp_path: Path) -> None:
+    async with real(tmp_path) as supervisor:
+        assert (await supervisor.start()).ok
+        pid = supervisor.status()["pid"]
+        assert isinstance(pid, int)
+        release = asyncio.Event()
+        entered = asyncio.Event()
+
+        async def in_flight() -> None:
+            async with supervisor.controller.slot():
+                entered.set()
+                await release.wait()
+
+        holder = asyncio.create_task(in_flight())
+        await entered.wait()
+        stopping = asyncio.create_task(supervisor.stop(grace_s=10))
+        assert await async_wait_for(lambda: _state(supervisor) is LifecycleState.DRAINING, 2)
+        assert await _admitted(supervisor) is Reason.NOT_READY
+        await asyncio.sleep(0.3)
+        assert not stopping.done() and not process_gone(pid)  # waiting for the request
+        release.set()
+        started = time.monotonic()
+        await asyncio.wait_for(stopping, 10)
+        await holder
+        assert time.monotonic() - started < 2
+        assert _state(supervisor) is LifecycleState.STOPPED
+        assert process_gone(pid)
+
+
+@needs_llama
+async def test_built_from_a_manifest_with_the_real_runtime(tmp_path: Path) -> None:
+    template, model = real_runtime(tmp_path)
+    data = model.read_bytes()
+    manifest = Manifest(
+        model=ModelSpec(
+            name="tiny",
+            url="https://models.example.com/tiny.gguf",
+            sha256=hashlib.sha256(data).hexdigest(),
+            size_bytes=len(data),
+        ),
+        sources=SourcesSpec(allow=("https://models.example.com/",)),
+        runtime=RuntimeSpec(command=tuple(template), health_path="/health", ready_timeout_s=60),
+        limits=LimitsSpec(max_in_flight=2, queue_bound=4),
+    )
+    assert (await check_model_fit(manifest)).ok
+    async with Supervisor.from_manifest(manifest, model, health=HEALTH) as supervisor:
+        assert (await supervisor.start()).ok
+        statistics = supervisor.controller.statistics()
+        assert (statistics.max_in_flight, statistics.queue_bound) == (2, 4)
+    assert _state(supervisor) is LifecycleState.STOPPED
+
+
+# --- the model and the command are checked before anything runs -----------------------------
+
+
+@pytest.mark.data_integrity
+async def test_a_tampered_blob_is_never_started_on(tmp_path: Path) -> None:
+    supervisor = standin(tmp_path)
+    model = supervisor.config.model_path
+    data = bytearray(model.read_bytes())
+    data[100] ^= 0x01  # same size, one bit flipped
+    model.write_bytes(bytes(data))
+    async with supervisor:
+        verdict = await supervisor.start()
+        assert verdict.reason is Reason.DIGEST_MISMATCH
+        model.write_bytes(bytes(data[:-1]))
+        assert (await supervisor.start()).reason is Reason.SIZE_MISMATCH
+        model.unlink()
+        assert (await supervisor.start()).reason is Reason.FILE_NOT_FOUND
+        assert supervisor.status()["spawns"] == 0
+        assert _moves(supervisor) == []
+
+
+@pytest.mark.data_integrity
+async def test_size_only_policy_is_an_explicit_opt_in(tmp_path: Path) -> None:
+    model, digest, size = _blob(tmp_path)
+    model.write_bytes(b"X" * size)  # same size, other bytes
+    full = Supervisor(_config(standin_command(), model, digest, size))
+    size_only = Supervisor(
+        _config(standin_command(), model, digest, size, verify_policy="size_only")
+    )
+    async with full:
+        assert (await full.start()).reason is Reason.DIGEST_MISMATCH
+    async with size_only:
+        assert (await size_only.start()).ok
+
+
+@pytest.mark.data_integrity
+async def test_a_blob_tampered_after_start_is_not_restarted_on(tmp_path: Path) -> None:
+    async with standin(tmp_path, max_restarts=3) as supervisor:
+        assert (await supervisor.start()).ok
+        model = supervisor.config.model_path
+        model.write_bytes(b"tampered" + model.read_bytes()[8:])
+        async with httpx.AsyncClient(base_url=str(supervisor.runtime_url)) as client:
+            with pytest.raises(httpx.HTTPError):
+                await client.post("/crash")
+        assert await async_wait_for(
+            lambda: supervisor.status()["last_reason"] == "digest_mismatch", 5
+        )
+        assert _state(supervisor) is LifecycleState.STOPPED
+        assert supervisor.status()["spawns"] == 1
+
+
+async def test_a_model_that_cannot_fit_is_refused_before_spawning(tmp_path: Path) -> None:
+    small = create_resource_limits(max_ram_bytes=1 * MIB, max_vram_bytes=1, max_cpu_percent=100)
+    supervisor = standin(tmp_path, resource_limits=small, overhead_bytes=2 * MIB)
+    async with supervisor:
+        assert (await supervisor.check_fit()).reason is Reason.MODEL_TOO_LARGE
+        assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
+        assert supervisor.status()["spawns"] == 0
+    # Before any download: from the manifest's declared size alone, against real headroom.
+    huge = Manifest(
+        model=ModelSpec(
+            name="huge",
+            url="https://models.example.com/huge.gguf",
+            sha256="0" * 64,
+            size_bytes=10**15,
+        ),
+        sources=SourcesSpec(allow=("https://models.example.com/",)),
+        runtime=RuntimeSpec(command=(sys.executable, "{port}")),
+        limits=LimitsSpec(max_ram_bytes=2**60),
+    )
+    assert (await check_model_fit(huge)).reason is Reason.MODEL_TOO_LARGE
+    headroom = MachineHeadroom(
+        available_ram_bytes=4 * GIB, available_vram_bytes=0, gpu_present=False
+    )
+    assert check_fit(model_size_bytes=3 * GIB, headroom=headroom, resource_limits=LIMITS).ok
+
+
+@pytest.mark.security
+async def test_a_command_that_is_not_allowed_never_runs(tmp_path: Path) -> None:
+    model, digest, size = _blob(tmp_path)
+    relative = Supervisor(_config(["python3", "{port}"], model, digest, size))
+    unknown = Supervisor(_config([sys.executable, "{port}", "{secret}"], model, digest, size))
+    async with relative, unknown:
+        assert (await relative.start()).reason is Reason.EXECUTABLE_NOT_ALLOWED
+        assert (await unknown.start()).reason is Reason.MALFORMED_SPEC
+    assert relative.status()["spawns"] == unknown.status()["spawns"] == 0
+
+
+def test_a_bad_configuration_is_refused(tmp_path: Path) -> None:
+    model, digest, size = _blob(tmp_path)
+    for fields in ({"max_restarts": -1}, {"sample_interval_s": 0}, {"health_path": "health"}):
+        with pytest.raises(SpecError):
+            _config(standin_command(), model, digest, size, **fields)
+    with pytest.raises(SpecError):
+        Supervisor("not a config")  # type: ignore[arg-type]
+
+
+# --- faults the real server cannot show on demand (stand-in) ---------------------------------
+
+
+async def test_a_start_past_the_ready_timeout_ends_stopped_with_the_process_gone(
+    tmp_path: Path,
+) -> None:
+    async with standin(tmp_path, "--never-healthy", ready_timeout_s=1.0) as supervisor:
+        started = time.monotonic()
+        verdict = await supervisor.start()
+        elapsed = time.monotonic() - started
+        assert verdict.reason is Reason.READY_TIMEOUT
+        assert 1.0 <= elapsed < 4.0
+        assert _state(supervisor) is LifecycleState.STOPPED
+        pid = supervisor.status()["last_pid"]
+        assert isinstance(pid, int) and process_gone(pid)
+        assert supervisor.status()["pid"] is None
+        assert _moves(supervisor) == ["starting", "stopped"]
+        assert supervisor.status()["spawns"] == 1  # a failed first start is not retried
+
+
+async def test_a_slow_start_becomes_ready(tmp_path: Path) -> None:
+    flags = ("--listen-delay-s", "0.4", "--loading-s", "0.4")
+    async with standin(tmp_path, *flags, ready_timeout_s=10.0) as supervisor:
+        assert (await supervisor.start()).ok
+        assert _state(supervisor) is LifecycleState.READY
+
+
+async def test_a_crash_mid_request_fails_it_and_refuses_the_waiters(tmp_path: Path) -> None:
+    async with standin(tmp_path, max_in_flight=1, queue_bound=4, max_restarts=0) as supervisor:
+        assert (await supervisor.start()).ok
+        url = str(supervisor.runtime_url)
+        waiter_reasons: list[Reason] = []
+
+        async def waiter() -> None:
+            try:
+                async with supervisor.controller.slot(deadline=time.monotonic() + 10):
+                    waiter_reasons.append(Reason.OK)
+            except AdmissionRefused as refusal:
+                waiter_reasons.append(refusal.reason)
+
+        async with supervisor.controller.slot(), httpx.AsyncClient(base_url=url) as client:
+            queued = asyncio.create_task(waiter())
+            assert await async_wait_for(lambda: supervisor.controller.statistics().queued == 1, 2)
+            with pytest.raises(httpx.HTTPError):
+                await client.post("/crash")
+            assert await async_wait_for(lambda: _state(supervisor) is LifecycleState.STOPPED, 1)
+            await asyncio.wait_for(queued, 2)
+        assert waiter_reasons == [Reason.NOT_READY]
+        assert await _admitted(supervisor) is Reason.NOT_READY
+
+
+async def test_rss_over_the_limit_refuses_new_requests_until_it_drops(tmp_path: Path) -> None:
+    limits = create_resource_limits(
+        max_ram_bytes=150 * MIB, max_vram_bytes=1 * GIB, max_cpu_percent=100
+    )
+    async with standin(tmp_path, resource_limits=limits, sample_interval_s=0.05) as supervisor:
+        assert (await supervisor.start()).ok
+        assert await _admitted(supervisor) is Reason.OK
+        async with httpx.AsyncClient(base_url=str(supervisor.runtime_url)) as client:
+            assert (await client.post("/allocate?mib=200")).status_code == 200
+            assert await async_wait_for(
+                lambda: supervisor.status()["last_sample"]["ram_bytes"] > 150 * MIB,  # type: ignore[index]
+                3,
+            )
+            assert await _admitted(supervisor) is Reason.RAM_OVER_LIMIT
+            assert _state(supervisor) is LifecycleState.READY  # refused, not stopped
+            assert (await client.post("/release")).status_code == 200
+            assert await async_wait_for(
+                lambda: supervisor.status()["last_sample"]["ram_bytes"] < 150 * MIB,  # type: ignore[index]
+                3,
+            )
+            assert await _admitted(supervisor) is Reason.OK
+        refused = supervisor.status()["refused_by_reason"]
+        assert isinstance(refused, dict) and refused.get("ram_over_limit", 0) >= 1
+
+
+async def test_a_runtime_that_ignores_sigterm_is_sigkilled_after_the_grace(tmp_path: Path) -> None:
+    async with standin(tmp_path, "--ignore-sigterm", kill_grace_s=0.5) as supervisor:
+        assert (await supervisor.start()).ok
+        pid = supervisor.status()["pid"]
+        assert isinstance(pid, int)
+        started = time.monotonic()
+        await supervisor.stop(grace_s=0)
+        elapsed = time.monotonic() - started
+        assert 0.5 <= elapsed < 3.0
+        assert process_gone(pid)
+        assert _state(supervisor) is LifecycleState.STOPPED
+
+
+async def test_a_crashed_runtime_is_restarted_and_serves_again(tmp_path: Path) -> None:
+    async with standin(tmp_path, max_restarts=2) as supervisor:
+        assert (await supervisor.start()).ok
+        first_pid = supervisor.status()["pid"]
+        async with httpx.AsyncClient(base_url=str(supervisor.runtime_url)) as client:
+            with pytest.raises(httpx.HTTPError):
+                await client.post("/crash")
+        assert await async_wait_for(lambda: _state(supervisor) is not LifecycleState.READY, 1)
+        assert await async_wait_for(lambda: _state(supervisor) is LifecycleState.READY, 10)
+        assert supervisor.status()["pid"] != first_pid
+        assert supervisor.status()["restarts"] == 1
+        assert await _admitted(supervisor) is Reason.OK
+        assert _moves(supervisor) == ["starting", "ready", "stopped", "starting", "ready"]
+
+
+async def test_restarts_back_off_exponentially_up_to_the_limit(tmp_path: Path) -> None:
+    backoff = 0.2
+    async with standin(
+        tmp_path, "--exit-after-s", "0.2", max_restarts=3, restart_backoff_s=backoff
+    ) as supervisor:
+        assert (await supervisor.start()).ok
+        assert await async_wait_for(
+            lambda: supervisor.status()["last_reason"] == "restart_limit_reached", 20
+        )
+        status = supervisor.status()
+        assert status["spawns"] == 4 and status["restarts"] == 3
+        assert _state(supervisor) is LifecycleState.STOPPED
+        moves = status["recent_moves"]
+        assert isinstance(moves, list)
+        stopped_at = [m["at"] for m in moves if m["state"] == "stopped"]
+        starting_at = [m["at"] for m in moves if m["state"] == "starting"]
+        gaps = [start - stop for stop, start in zip(stopped_at, starting_at[1:], strict=False)]
+        assert len(gaps) == 3
+        for index, gap in enumerate(gaps):
+            expected = backoff * 2**index  # 0.2, 0.4, 0.8
+            assert expected <= gap < expected + 1.0, gaps
+        pid = status["last_pid"]
+        assert isinstance(pid, int) and process_gone(pid)
+
+
+async def test_a_runtime_that_turns_unhealthy_is_drained_and_stopped(tmp_path: Path) -> None:
+    async with standin(tmp_path, max_restarts=0) as supervisor:
+        assert (await supervisor.start()).ok
+        pid = supervisor.status()["pid"]
+        assert isinstance(pid, int)
+        async with httpx.AsyncClient(base_url=str(supervisor.runtime_url)) as client:
+            await client.post("/sicken")
+        assert await async_wait_for(lambda: _state(supervisor) is LifecycleState.STOPPED, 5)
+        assert _moves(supervisor) == ["starting", "ready", "draining", "stopped"]
+        assert process_gone(pid)
+
+
+async def test_start_twice_is_refused_and_leaving_the_context_stops_the_runtime(
+    tmp_path: Path,
+) -> None:
+    async with standin(tmp_path) as supervisor:
+        assert (await supervisor.start()).ok
+        assert (await supervisor.start()).reason is Reason.INVALID_TRANSITION
+        pid = supervisor.status()["pid"]
+        assert isinstance(pid, int)
+    assert process_gone(pid)
+    assert _state(supervisor) is LifecycleState.STOPPED
+    with pytest.raises(RuntimeError):
+        await supervisor.start()
