@@ -26,8 +26,10 @@ from companion_runtime.bind.process import (
 )
 from companion_runtime.core._reasons import Reason
 from tests.support.supervision import (
+    llama_ready,
     process_gone,
     read_runtime_pid,
+    real_runtime,
     standin_command,
     start_manager,
     wait_for,
@@ -323,7 +325,15 @@ async def test_an_executable_the_kernel_cannot_run_is_spawn_failed(tmp_path: Pat
 
 
 def _kill_manager_and_check(template: list[str], *, wait_healthy: bool, timeout_s: float) -> bool:
-    manager = start_manager(template, "/nonexistent/model.gguf", wait_healthy=wait_healthy)
+    return _kill_manager_and_check_model(
+        template, "/nonexistent/model.gguf", wait_healthy=wait_healthy, timeout_s=timeout_s
+    )
+
+
+def _kill_manager_and_check_model(
+    template: list[str], model: str, *, wait_healthy: bool = True, timeout_s: float
+) -> bool:
+    manager = start_manager(template, model, wait_healthy=wait_healthy)
     try:
         runtime_pid = read_runtime_pid(manager)
         created = psutil.Process(runtime_pid).create_time()
@@ -348,3 +358,14 @@ def test_a_manager_killed_with_sigkill_leaves_no_runtime_behind_20_trials() -> N
     template = standin_command()
     clean = [_kill_manager_and_check(template, wait_healthy=True, timeout_s=3.0) for _ in range(20)]
     assert clean.count(True) == 20, f"{clean.count(True)}/20 trials clean"
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not llama_ready(), reason="the embedded llama.cpp server is not available")
+def test_a_manager_killed_with_sigkill_leaves_no_real_server_behind_3_trials(
+    tmp_path: Path,
+) -> None:
+    template, model = real_runtime(tmp_path)
+    clean = [_kill_manager_and_check_model(template, str(model), timeout_s=5.0) for _ in range(3)]
+    assert clean.count(True) == 3, f"{clean.count(True)}/3 trials clean"
