@@ -162,6 +162,96 @@ def _finish(payload: dict[str, object], *, ok: bool, json_output: bool) -> None:
 
 
 @app.command()
+def serve(
+    manifest: Annotated[Path, typer.Argument(help="The model manifest (TOML).")],
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model store directory. Default: $COMPANION_RUNTIME_STORE, else the "
+            "user cache directory."
+        ),
+    ] = None,
+    ca_bundle: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA bundle to trust instead of the system store (a mirror)."),
+    ] = None,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Front door port on 127.0.0.1 (0: any free).")
+    ] = 0,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON line once ready (or refused).")
+    ] = False,
+) -> None:
+    """Fit-check, pull and verify the model, start the runtime, and serve it on 127.0.0.1.
+
+    Runs until SIGINT/SIGTERM, then stops admitting (503 not_ready), lets requests in flight
+    finish, stops the runtime, removes the token file and exits 0. Clients send
+    "Authorization: Bearer <token>" with the token from the printed token file.
+    """
+    import asyncio
+    import signal
+
+    from companion_runtime.bind.serve import ServeOptions, Serving, serve_manifest
+    from companion_runtime.core import Reason, Verdict
+
+    if not manifest.is_file():
+        typer.echo("Error: MANIFEST does not exist or is not a file", err=True)
+        raise typer.Exit(2)
+    if ca_bundle is not None and not ca_bundle.is_file():
+        typer.echo("Error: --ca-bundle does not exist or is not a file", err=True)
+        raise typer.Exit(2)
+    options = ServeOptions(manifest_path=manifest, store=store, ca_bundle=ca_bundle, port=port)
+    ready_seen = False
+
+    def on_ready(running: Serving) -> None:
+        nonlocal ready_seen
+        ready_seen = True
+        if json_output:
+            typer.echo(json.dumps(running.ready_line()))
+        else:
+            typer.echo(f"serving {running.url}  token file: {running.token_file}")
+
+    def on_progress(step: str) -> None:
+        if not json_output:
+            typer.echo(f"> {step}", err=True)
+
+    async def run() -> Verdict:
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            serve_manifest(options, on_ready=on_ready, stop=stop, on_progress=on_progress)
+        )
+
+        def on_signal() -> None:
+            stop.set()
+            if not ready_seen:
+                task.cancel()  # nothing is serving yet: abandon the start (it cleans up)
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if stop.is_set() and not ready_seen:
+                return Verdict(False, Reason.NOT_READY)
+            raise
+
+    verdict = asyncio.run(run())
+    if verdict.ok:
+        raise typer.Exit(0)
+    _finish(dict(verdict.to_dict()), ok=False, json_output=json_output)
+
+
+@app.command()
+def demo() -> None:
+    """Offline end-to-end demo: tiny model, verified pull (and a tampered copy refused),
+    llama.cpp behind the front door, a burst showing admission, queueing and refusals."""
+    from companion_runtime.bind.demo import demo_main
+
+    raise typer.Exit(demo_main())
+
+
+@app.command()
 def status(
     url: Annotated[
         str | None,

@@ -1,0 +1,262 @@
+"""``demo``: the whole path, offline, in under a minute, leaving nothing behind.
+
+1. Generate the tiny GGUF model and serve it from a loopback HTTPS origin with a throwaway CA.
+2. Pull a bit-flipped copy through the real verified path: refused ``digest_mismatch``, and
+   nothing appears at the store's final path. Then pull the real one: verified.
+3. Start llama.cpp's server (embedded launcher) on the verified blob under the supervisor,
+   behind the front door, with small limits (2 in flight, 4 queued).
+4. Send a burst of concurrent completions larger than in-flight + queue, so some run, some
+   wait and the rest are refused ``503 queue_full``.
+5. Drain and stop; print a report. Exit 0.
+
+Everything lives in a temporary directory (store, session files, CA) that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, final
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from companion_runtime.bind.https_origin import ModelOrigin
+from companion_runtime.bind.llama_server import embedded_llama_command, llama_available
+from companion_runtime.bind.manifest import Manifest, manifest_from_dict
+from companion_runtime.bind.pull import pull_model
+from companion_runtime.bind.serve import ServeRefused, serving
+from companion_runtime.bind.store import ModelStore
+from companion_runtime.core import Reason
+
+__all__ = ["BURST_SIZE", "INSTALL_HINT", "DemoReport", "run_demo"]
+
+#: How to get the runtime the demo needs.
+INSTALL_HINT: Final = (
+    "the demo runs llama.cpp through the 'llama' extra; install it with: "
+    "pip install 'companion-runtime[llama]'  (from a checkout: pip install -e '.[llama]')"
+)
+#: Demo limits: small enough that a burst shows every admission outcome.
+MAX_IN_FLIGHT: Final = 2
+QUEUE_BOUND: Final = 4
+#: Requests in the burst: more than in flight + queued, so some are refused.
+BURST_SIZE: Final = 12
+#: Tokens per completion: long enough (~100 ms) that the burst overlaps.
+N_PREDICT: Final = 24
+_MODEL_PATH: Final = "/models/tiny.gguf"
+_TAMPERED_PATH: Final = "/tampered/tiny.gguf"
+
+
+@final
+@dataclass(slots=True, kw_only=True)
+class DemoReport:
+    """What the demo observed (filled in as it goes)."""
+
+    model_bytes: int = 0
+    tampered_reason: str = ""
+    tampered_left_nothing: bool = False
+    pull_reason: str = ""
+    sent: int = 0
+    served: int = 0
+    correct_answers: int = 0
+    refused_by_reason: Counter[str] = field(default_factory=Counter)
+    peak_in_flight: int = 0
+    peak_queued: int = 0
+    runtime_pid_gone: bool = False
+    timings_s: dict[str, float] = field(default_factory=dict)
+    failure: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Every step showed what it should."""
+        return (
+            not self.failure
+            and self.tampered_reason == Reason.DIGEST_MISMATCH.value
+            and self.tampered_left_nothing
+            and self.pull_reason == Reason.OK.value
+            and self.served > 0
+            and self.correct_answers == self.served
+            and self.served + sum(self.refused_by_reason.values()) == self.sent
+            and self.runtime_pid_gone
+        )
+
+
+def _flip_one_bit(data: bytes) -> bytes:
+    tampered = bytearray(data)
+    tampered[len(tampered) // 2] ^= 0x01
+    return bytes(tampered)
+
+
+def _manifest(origin: ModelOrigin, path: str, data: bytes) -> Manifest:
+    return manifest_from_dict(
+        {
+            "model": {
+                "name": "tiny-demo",
+                "url": origin.url(path),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size_bytes": len(data),
+            },
+            "sources": {"allow": [origin.base_url]},
+            "runtime": {
+                "command": embedded_llama_command(parallel=MAX_IN_FLIGHT, threads=1),
+                "ready_timeout_s": 60,
+            },
+            "limits": {
+                "max_in_flight": MAX_IN_FLIGHT,
+                "queue_bound": QUEUE_BOUND,
+                "queue_timeout_s": 20,
+                "max_ram_bytes": 4 * 1024**3,
+                "max_vram_bytes": 1024**3,
+                "max_cpu_percent": 100,
+            },
+        }
+    )
+
+
+async def _burst(url: str, token: str, report: DemoReport) -> None:
+    limits = httpx.Limits(max_connections=BURST_SIZE, max_keepalive_connections=BURST_SIZE)
+    async with httpx.AsyncClient(
+        base_url=url,
+        headers={"authorization": f"Bearer {token}"},
+        limits=limits,
+        timeout=60,
+        trust_env=False,
+    ) as client:
+        prompts = [f"companion {chr(ord('a') + index)}" for index in range(BURST_SIZE)]
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    "/completion",
+                    json={"prompt": prompt, "n_predict": N_PREDICT, "ignore_eos": True},
+                )
+                for prompt in prompts
+            )
+        )
+    report.sent = len(responses)
+    for prompt, response in zip(prompts, responses, strict=True):
+        if response.status_code == 200:
+            report.served += 1
+            # The tiny model repeats the prompt's last character: proof the runtime answered.
+            if response.json().get("content") == prompt[-1] * N_PREDICT:
+                report.correct_answers += 1
+        else:
+            reason = str(response.json().get("reason", f"http_{response.status_code}"))
+            report.refused_by_reason[reason] += 1
+
+
+async def run_demo(*, say: Callable[[str], None] = lambda _: None) -> DemoReport:
+    """Run the demo end to end; the report says what happened (``report.ok``)."""
+    from companion_runtime.bind.tiny_model import tiny_model_bytes
+
+    report = DemoReport()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="companion-runtime-demo-") as scratch:
+        root = Path(scratch)
+        data = tiny_model_bytes()
+        report.model_bytes = len(data)
+        store = ModelStore(root / "store")
+        with ModelOrigin({_MODEL_PATH: data, _TAMPERED_PATH: _flip_one_bit(data)}) as origin:
+            say("pull a tampered copy (one bit flipped)")
+            mark = time.monotonic()
+            tampered = await asyncio.to_thread(
+                pull_model,
+                _manifest(origin, _TAMPERED_PATH, data),
+                store=store,
+                ca_bundle=origin.ca_pem_path,
+            )
+            report.tampered_reason = tampered.verdict.reason.value
+            digest = hashlib.sha256(data).hexdigest()
+            report.tampered_left_nothing = tampered.path is None and not store.has_blob(digest)
+            say("pull the real model")
+            manifest = _manifest(origin, _MODEL_PATH, data)
+            pulled = await asyncio.to_thread(
+                pull_model, manifest, store=store, ca_bundle=origin.ca_pem_path
+            )
+            report.pull_reason = pulled.verdict.reason.value
+            report.timings_s["pulls"] = time.monotonic() - mark
+        if not pulled.ok or pulled.path is None:
+            report.failure = f"pull refused: {pulled.verdict.reason.value}"
+            return report
+
+        say("start llama.cpp behind the front door")
+        mark = time.monotonic()
+        try:
+            async with serving(
+                manifest, pulled.path, state_dir=root / "state", grace_s=10
+            ) as running:
+                report.timings_s["start"] = time.monotonic() - mark
+                pid = running.supervisor.status().get("pid")
+                say(f"send a burst of {BURST_SIZE} completions")
+                mark = time.monotonic()
+                await _burst(running.url, running.token, report)
+                report.timings_s["burst"] = time.monotonic() - mark
+                statistics = running.supervisor.controller.statistics()
+                report.peak_in_flight = statistics.peak_in_flight
+                report.peak_queued = statistics.peak_queued
+                say("drain and stop")
+                mark = time.monotonic()
+        except ServeRefused as refused:
+            report.failure = f"runtime refused: {refused.reason.value}"
+            return report
+        report.timings_s["stop"] = time.monotonic() - mark
+        report.runtime_pid_gone = isinstance(pid, int) and not _pid_alive(pid)
+    report.timings_s["total"] = time.monotonic() - started
+    return report
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def report_table(report: DemoReport) -> Table:
+    """The demo's summary as a rich table."""
+    table = Table(title="companion-runtime demo", show_header=True)
+    table.add_column("step")
+    table.add_column("result")
+    table.add_row(
+        "tampered copy (1 bit flipped)",
+        f"refused: {report.tampered_reason}"
+        + (", nothing stored" if report.tampered_left_nothing else ", SOMETHING STORED"),
+    )
+    table.add_row("model pull", f"{report.pull_reason} ({report.model_bytes:,} bytes, SHA-256)")
+    table.add_row("limits", f"max_in_flight {MAX_IN_FLIGHT}, queue_bound {QUEUE_BOUND}")
+    table.add_row("requests sent", str(report.sent))
+    table.add_row(
+        "served by llama.cpp", f"{report.served} ({report.correct_answers} expected answers)"
+    )
+    table.add_row("peak in flight / queued", f"{report.peak_in_flight} / {report.peak_queued}")
+    refused = ", ".join(
+        f"{reason} {count}" for reason, count in sorted(report.refused_by_reason.items())
+    )
+    table.add_row("refused (503)", refused or "none")
+    table.add_row(
+        "runtime process after stop", "gone" if report.runtime_pid_gone else "STILL THERE"
+    )
+    timings = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in report.timings_s.items())
+    table.add_row("timings", timings)
+    if report.failure:
+        table.add_row("failure", report.failure)
+    return table
+
+
+def demo_main(console: Console | None = None) -> int:
+    """Run the demo with console output; return the exit code."""
+    console = console or Console()
+    if not llama_available():
+        console.print(INSTALL_HINT)
+        return 1
+    report = asyncio.run(run_demo(say=lambda step: console.print(f"[bold]>[/bold] {step}")))
+    console.print(report_table(report))
+    return 0 if report.ok else 1

@@ -1,0 +1,204 @@
+"""``serve``: manifest → fit check → verified pull → supervised runtime → front door.
+
+The order is the safety argument: the model's fit is checked before a byte is downloaded, the
+runtime starts only on a blob that verified, and the front door opens only once the runtime is
+``ready``. Any refusal before that point ends the command with a reason and nothing left
+running.
+
+Shutdown (SIGINT/SIGTERM, or the ``stop`` event): the supervisor drains — the runtime leaves
+``ready``, so the admission controller refuses new requests ``not_ready`` (the front door keeps
+answering them with 503) while requests in flight finish, up to the grace period — then stops
+the runtime process; then the front door closes and the token and state files are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, final
+
+from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig
+from companion_runtime.bind.manifest import Manifest, ManifestError, load_manifest
+from companion_runtime.bind.pull import pull_model
+from companion_runtime.bind.session import (
+    ServeState,
+    SessionFileError,
+    default_state_dir,
+    new_token,
+    prepare_state_dir,
+    remove_serve_state,
+    write_serve_state,
+    write_token_file,
+)
+from companion_runtime.bind.store import ModelStore
+from companion_runtime.bind.supervisor import Supervisor, check_model_fit
+from companion_runtime.core import Reason, Verdict
+
+__all__ = [
+    "DEFAULT_GRACE_S",
+    "ServeOptions",
+    "ServeRefused",
+    "Serving",
+    "serve_manifest",
+    "serving",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: How long requests in flight may take to finish once shutdown begins.
+DEFAULT_GRACE_S: Final = 30.0
+
+
+@final
+class ServeRefused(Exception):
+    """``serve`` could not reach ``ready``. ``str(error)`` is the reason code."""
+
+    def __init__(self, reason: Reason) -> None:
+        super().__init__(reason.value)
+        self.reason: Final = reason
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServeOptions:
+    """What ``companion-runtime serve`` was asked to do."""
+
+    manifest_path: Path
+    store: Path | None = None
+    ca_bundle: Path | None = None
+    port: int = 0
+    state_dir: Path | None = None
+    grace_s: float = DEFAULT_GRACE_S
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Serving:
+    """A running front door over a ready runtime."""
+
+    url: str
+    token: str
+    token_file: Path
+    door: FrontDoor
+    supervisor: Supervisor
+
+    def ready_line(self) -> dict[str, object]:
+        """The ``--json`` line printed once ready."""
+        return {"ok": True, "reason": "ok", "url": self.url, "token_file": str(self.token_file)}
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    manifest: Manifest,
+    model_path: Path,
+    *,
+    port: int = 0,
+    state_dir: Path | None = None,
+    grace_s: float = DEFAULT_GRACE_S,
+    write_state: bool = True,
+) -> AsyncIterator[Serving]:
+    """Start the runtime on a verified ``model_path``, then the front door; stop both on exit.
+
+    Raises :class:`ServeRefused` when the runtime does not become ready or a session file
+    cannot be written; nothing is left running then.
+    """
+    directory = prepare_state_dir(state_dir or default_state_dir()) if write_state else None
+    token = new_token()
+    async with Supervisor(manifest, model_path=model_path) as supervisor:
+        verdict = await supervisor.start()
+        if not verdict.ok:
+            raise ServeRefused(verdict.reason)
+        config = FrontDoorConfig(
+            token=token, port=port, queue_timeout_s=manifest.limits.queue_timeout_s
+        )
+        door = FrontDoor(
+            config=config,
+            controller=supervisor.controller,
+            runtime_url=lambda: supervisor.runtime_url,
+            status=supervisor.status,
+        )
+        token_file: Path | None = None
+        try:
+            await door.start()
+            token_dir = (
+                directory if directory is not None else prepare_state_dir(default_state_dir())
+            )
+            token_file = write_token_file(token_dir, token, port=door.port)
+            if directory is not None:
+                write_serve_state(
+                    directory, ServeState(url=door.url, token_file=token_file, pid=os.getpid())
+                )
+            yield Serving(
+                url=door.url,
+                token=token,
+                token_file=token_file,
+                door=door,
+                supervisor=supervisor,
+            )
+        finally:
+            # Drain first (new requests get 503 not_ready from the still-open front door),
+            # then stop the process, then close the listener and remove the session files.
+            try:
+                await supervisor.stop(grace_s=grace_s)
+            finally:
+                await door.aclose(grace_s=grace_s)
+                if token_file is not None:
+                    with contextlib.suppress(OSError):
+                        token_file.unlink()
+                if directory is not None:
+                    remove_serve_state(directory, pid=os.getpid())
+
+
+async def serve_manifest(
+    options: ServeOptions,
+    *,
+    on_ready: Callable[[Serving], None],
+    stop: asyncio.Event,
+    on_progress: Callable[[str], None] | None = None,
+) -> Verdict:
+    """Run ``serve`` until ``stop`` is set; return the refusal that ended it early, or ok."""
+
+    def say(step: str) -> None:
+        if on_progress is not None:
+            on_progress(step)
+
+    try:
+        manifest = await asyncio.to_thread(load_manifest, options.manifest_path)
+    except ManifestError as error:
+        return Verdict(False, error.reason)
+    say("fit")
+    fit = await check_model_fit(manifest)
+    if not fit.ok:
+        return fit
+    say("pull")
+    pulled = await asyncio.to_thread(
+        pull_model, manifest, store=ModelStore(options.store), ca_bundle=options.ca_bundle
+    )
+    if not pulled.ok or pulled.path is None:
+        return pulled.verdict
+    say("start")
+    try:
+        async with serving(
+            manifest,
+            pulled.path,
+            port=options.port,
+            state_dir=options.state_dir,
+            grace_s=options.grace_s,
+        ) as running:
+            on_ready(running)
+            await stop.wait()
+            say("drain")
+    except ServeRefused as refused:
+        return Verdict(False, refused.reason)
+    except SessionFileError as error:
+        return Verdict(False, error.reason)
+    except OSError:
+        # The front door could not bind its port (taken, or not permitted).
+        _logger.warning("front door could not listen")
+        return Verdict(False, Reason.SPAWN_FAILED)
+    return Verdict(True, Reason.OK)
