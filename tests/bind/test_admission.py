@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import pickle
 import time
 from collections.abc import Awaitable, Callable
 from types import MappingProxyType
@@ -162,6 +163,49 @@ def test_uncontended_slot_admits_and_releases() -> None:
         assert stats.peak_queued == 0
 
     run(main)
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    """A real event loop that counts the futures handed out through it."""
+
+    futures_created = 0
+
+    def create_future(self) -> asyncio.Future[object]:
+        self.futures_created += 1
+        return super().create_future()
+
+
+def test_uncontended_path_creates_no_future_and_no_task() -> None:
+    loop = _CountingLoop()
+    try:
+
+        async def main() -> None:
+            controller = ready_controller(max_in_flight=2, queue_bound=2)
+            tasks_before = len(asyncio.all_tasks())
+            for _ in range(100):
+                async with controller.slot(deadline=time.monotonic() + 10):
+                    assert len(asyncio.all_tasks()) == tasks_before
+            assert loop.futures_created == 0
+            # Waiting is what costs one future (the holders' own Event.wait() take one each).
+            holders = [Holder(controller) for _ in range(2)]
+            await settle()
+            before_waiting = loop.futures_created
+            holders.append(Holder(controller))
+            await settle()
+            assert controller.statistics().queued == 1
+            assert loop.futures_created == before_waiting + 1
+            await finish_all(holders)
+
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_refusal_survives_pickling() -> None:
+    refusal = pickle.loads(pickle.dumps(AdmissionRefused(Reason.QUEUE_FULL)))
+    assert refusal.reason is Reason.QUEUE_FULL
+    assert str(refusal) == "queue_full"
+    assert refusal.retry_after_s == RETRY_AFTER_S[Reason.QUEUE_FULL]
 
 
 def test_queue_full_at_exactly_max_in_flight_plus_queue_bound() -> None:

@@ -120,9 +120,10 @@ class AdmissionRefused(Exception):
     retry_after_s: float
 
     def __init__(self, reason: Reason) -> None:
-        self.reason = reason
-        self.retry_after_s = RETRY_AFTER_S.get(reason, _DEFAULT_RETRY_AFTER_S)
-        super().__init__(reason.value)
+        # Reason(...) also accepts the code string, which is what unpickling passes back.
+        self.reason = Reason(reason)
+        self.retry_after_s = RETRY_AFTER_S.get(self.reason, _DEFAULT_RETRY_AFTER_S)
+        super().__init__(self.reason.value)
 
 
 @final
