@@ -465,3 +465,28 @@ async def test_start_twice_is_refused_and_leaving_the_context_stops_the_runtime(
     assert _state(supervisor) is LifecycleState.STOPPED
     with pytest.raises(RuntimeError):
         await supervisor.start()
+
+
+async def test_no_move_is_ever_refused_by_the_table(tmp_path: Path) -> None:
+    # Every move the supervisor asks for is one the lifecycle table holds, through start,
+    # a crash, a restart, a health failure and a stop.
+    async with standin(tmp_path, max_restarts=1) as supervisor:
+        assert (await supervisor.start()).ok
+        async with httpx.AsyncClient(base_url=str(supervisor.runtime_url)) as client:
+            with pytest.raises(httpx.HTTPError):
+                await client.post("/crash")
+        assert await async_wait_for(lambda: supervisor.status()["restarts"] == 1, 5)
+        assert await async_wait_for(lambda: _state(supervisor) is LifecycleState.READY, 5)
+        async with httpx.AsyncClient(base_url=str(supervisor.runtime_url)) as client:
+            await client.post("/sicken")
+        assert await async_wait_for(lambda: _state(supervisor) is LifecycleState.STOPPED, 5)
+    assert supervisor.status()["refused_moves"] == 0
+    assert _moves(supervisor) == [
+        "starting",
+        "ready",
+        "stopped",
+        "starting",
+        "ready",
+        "draining",
+        "stopped",
+    ]

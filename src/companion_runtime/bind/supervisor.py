@@ -466,7 +466,7 @@ class Supervisor:
         """Drain (wait up to ``grace_s`` for in-flight requests), then stop the process."""
         grace = self._config.stop_grace_s if grace_s is None else grace_s
         self._stopping = True
-        if self._move(LifecycleEvent.DRAIN):
+        if self._lifecycle.state is LifecycleState.READY and self._move(LifecycleEvent.DRAIN):
             deadline = self._clock() + max(grace, 0.0)
             while self.controller.statistics().in_flight and self._clock() < deadline:
                 if self._runner is None or self._runner.done():
@@ -632,7 +632,9 @@ class Supervisor:
         finally:
             self._process = None
             self._runtime_url = None
-            self._move(LifecycleEvent.STOPPED)
+            # The exit watcher or a failed health wait may have moved to stopped already.
+            if self._lifecycle.state is not LifecycleState.STOPPED:
+                self._move(LifecycleEvent.STOPPED)
         return _Ended(reason, was_ready=was_ready)
 
     @staticmethod
