@@ -139,7 +139,8 @@ class AdmissionStatistics:
     in_flight: int
     #: Requests waiting in the queue now.
     queued: int
-    #: Requests that were given a slot and entered their body.
+    #: Requests given a slot (a hand-off whose waiter was cancelled before its body could
+    #: run is taken back out and counted in ``cancelled_total``).
     admitted_total: int
     #: Admitted requests whose body has finished (normally or by raising).
     completed_total: int
@@ -155,7 +156,7 @@ class AdmissionStatistics:
     cancelled_total: int = 0
 
 
-# Waiter outcomes. Plain ints in module constants: compared by identity on the hand-off path.
+# Waiter outcomes: plain ints, cheap to compare on the hand-off path.
 _WAITING: Final = 0
 _GRANTED: Final = 1
 _REFUSED: Final = 2
@@ -379,7 +380,7 @@ class AdmissionController:
         except BaseException:
             self._abandon(waiter)
             raise
-        if waiter.outcome is _GRANTED:
+        if waiter.outcome == _GRANTED:
             return
         raise AdmissionRefused(waiter.reason)
 
@@ -421,17 +422,17 @@ class AdmissionController:
         """Give back whatever a waiter whose task was interrupted still holds."""
         self._cancelled_total += 1
         outcome = waiter.outcome
-        if outcome is _WAITING:
+        if outcome == _WAITING:
             del self._waiters[waiter]
             self._admission = record_dequeued(self._admission)
             if waiter.timer is not None:
                 waiter.timer.cancel()
                 waiter.timer = None
-        elif outcome is _GRANTED:
+        elif outcome == _GRANTED:
             # Handed a slot at the very moment it was cancelled: pass the slot on.
             self._admitted_total -= 1
             self._release(completed=False)
-        elif outcome is _REFUSED:
+        elif outcome == _REFUSED:
             self._unrefuse(waiter.reason)
         # _GONE: already dequeued by whoever found its future cancelled.
 
@@ -445,5 +446,5 @@ class AdmissionController:
             # Ask with the queue place already given back, as the core counts a hand-off.
             dequeued = record_dequeued(self._admission)
             self._settle(waiter, self._evaluate(dequeued).reason, dequeued)
-            if waiter.outcome is _GRANTED:
+            if waiter.outcome == _GRANTED:
                 return
