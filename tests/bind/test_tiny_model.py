@@ -17,6 +17,8 @@ from companion_runtime.bind.tiny_model import (
     CHAT_TEMPLATE,
     PRINTABLE_CHARACTERS,
     SPACE_MARKER,
+    TINY_MODEL_SHA256,
+    TINY_MODEL_SIZE_BYTES,
     VOCABULARY,
     expected_greedy_completion,
     tiny_model_bytes,
@@ -47,6 +49,12 @@ def test_two_generations_are_byte_identical() -> None:
     assert first == second
     assert MIN_SIZE <= len(first) <= MAX_SIZE
     assert tiny_model_sha256() == hashlib.sha256(first).hexdigest()
+
+
+def test_the_pinned_digest_and_size_match_a_fresh_generation() -> None:
+    data = tiny_model_bytes()
+    assert hashlib.sha256(data).hexdigest() == TINY_MODEL_SHA256
+    assert len(data) == TINY_MODEL_SIZE_BYTES
 
 
 def test_a_fresh_interpreter_generates_the_same_bytes(tmp_path: Path) -> None:

@@ -18,12 +18,13 @@ Exit codes: :data:`EXIT_OK`, :data:`EXIT_START_FAILED`, :data:`EXIT_USAGE`,
 from __future__ import annotations
 
 import argparse
+import http
+import http.client
 import importlib.util
 import ipaddress
 import signal
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -154,26 +155,27 @@ def _say(message: str) -> None:
     print(f"{_PROGRAM}: {message}", file=sys.stderr, flush=True)
 
 
-def _wait_for_inference_loop(address: str) -> None:
+def _wait_for_inference_loop(host: str, port: int) -> None:
     # llama.cpp's inference loop sets its "running" flag when it starts, after the server has
     # already reported that it is ready. A stop request (terminate) that lands before the loop
     # starts is overwritten, and the destructor then waits for ever. GET /slots is answered by
     # the loop itself, so once it answers, the loop runs and a later stop cannot be lost.
-    # No proxy: the request is to our own loopback listener.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + _LOOP_START_TIMEOUT_S
     while True:
+        connection = http.client.HTTPConnection(host, port, timeout=_LOOP_START_TIMEOUT_S)
         try:
-            with opener.open(address + "/slots", timeout=_LOOP_START_TIMEOUT_S) as response:
-                response.read()
-            return
-        except OSError:
-            # Not answered yet (or refused for a reason the loop will not change): retry
-            # until the deadline, then carry on; the server serves either way.
-            if time.monotonic() >= deadline:
-                _say("the inference loop did not answer; a stop may need a second signal")
+            connection.request("GET", "/slots")
+            if connection.getresponse().status == http.HTTPStatus.OK:
                 return
-            time.sleep(0.01)
+        except OSError:
+            pass
+        finally:
+            connection.close()
+        # Not answered yet: retry until the deadline, then carry on; the server serves anyway.
+        if time.monotonic() >= deadline:
+            _say("the inference loop did not answer; a stop may need a second signal")
+            return
+        time.sleep(0.01)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_START_FAILED
 
     address = str(server.listening_address)
-    _wait_for_inference_loop(address)
+    _wait_for_inference_loop(arguments.host, int(address.rsplit(":", 1)[1]))
     _say(f"listening on {address}")
     received = signal.sigwait(_STOP_SIGNALS)
     # A second signal while shutting down takes the default action and ends the process.

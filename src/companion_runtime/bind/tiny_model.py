@@ -46,12 +46,21 @@ __all__ = [
     "LAYER_COUNT",
     "PRINTABLE_CHARACTERS",
     "SPACE_MARKER",
+    "TINY_MODEL_SHA256",
+    "TINY_MODEL_SIZE_BYTES",
     "VOCABULARY",
     "expected_greedy_completion",
     "tiny_model_bytes",
     "tiny_model_sha256",
     "write_tiny_model",
 ]
+
+#: SHA-256 (lowercase hex) of :func:`tiny_model_bytes`, for manifests that pin the model. A test
+#: regenerates the model and compares, so a change in the weights, the vocabulary or the GGUF
+#: writer's output shows up as a failing test rather than as a silently different model.
+TINY_MODEL_SHA256: Final = "ec4a962e6afd6e04c41711eaa74d97bd9033fb8fdc9ff5e1f120e2750408718a"
+#: Size in bytes of :func:`tiny_model_bytes`.
+TINY_MODEL_SIZE_BYTES: Final = 429_216
 
 #: Architecture hyper-parameters (llama layout).
 LAYER_COUNT: Final = 2
