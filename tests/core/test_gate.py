@@ -218,6 +218,118 @@ def test_the_allowed_path_agrees_with_the_composition(
     assert verdict is composed(ready(), admission, observation, limits)
 
 
+EDGES = st.one_of(
+    st.sampled_from([-1, 0, 1, 100, 101, True, False, 0.0, 1.0, math.nan, math.inf, -math.inf]),
+    st.sampled_from([None, "1", 10**30, 10**400, -(10**30)]),
+    st.builds(SneakyInt, st.integers(-2, 6)),
+)
+
+
+def _tamper(fields: tuple[object, ...], index: int, value: object) -> tuple[object, ...]:
+    """``fields`` with one of them (``index`` modulo their number) replaced by ``value``."""
+    position = index % len(fields)
+    return (*fields[:position], value, *fields[position + 1 :])
+
+
+@pytest.mark.security
+@given(
+    stage=st.sampled_from(["admission", "limits", "observation", "none"]),
+    counts=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(0, 3), st.integers(0, 4)),
+    ceilings=st.tuples(st.integers(1, 10**10), st.floats(1, 1e10), st.floats(1, 100)),
+    usage=st.tuples(st.integers(0, 10**10), st.floats(0, 1e10), st.integers(0, 100)),
+    index=st.integers(0, 3),
+    value=EDGES,
+)
+@THOROUGH
+def test_one_tampered_field_is_judged_like_its_own_decision(
+    stage: str,
+    counts: tuple[object, ...],
+    ceilings: tuple[object, ...],
+    usage: tuple[object, ...],
+    index: int,
+    value: object,
+) -> None:
+    # Start from values that are valid (and mostly allowing), then change exactly one field of
+    # one stage, so that nearly every example reaches the gate's fast path with one thing
+    # wrong; the stage's own public decision says what the answer must be.
+    max_in_flight, queue_bound, in_flight, queued = counts
+    counts = (max_in_flight, queue_bound, min(in_flight, max_in_flight), min(queued, queue_bound))  # type: ignore[call-overload]
+    if stage == "admission":
+        counts = _tamper(counts, index, value)
+    elif stage == "limits":
+        ceilings = _tamper(ceilings, index, value)
+    elif stage == "observation":
+        usage = _tamper(usage, index, value)
+    admission = _admission(counts)  # type: ignore[arg-type]
+    limits = _limits(ceilings)  # type: ignore[arg-type]
+    observation = _observation(usage)  # type: ignore[arg-type]
+    verdict = cr.evaluate_runtime_request(
+        lifecycle_state=ready(),
+        admission_state=admission,
+        resource_observation=observation,
+        resource_limits=limits,
+    )
+    assert verdict is composed(ready(), admission, observation, limits)
+
+
+EDGE_VALUES: list[object] = [
+    -1,
+    0,
+    1,
+    2,
+    100,
+    101,
+    True,
+    False,
+    0.0,
+    0.5,
+    2.0,
+    math.nan,
+    math.inf,
+    -math.inf,
+    None,
+    "1",
+    10**30,
+    -(10**30),
+    SneakyInt(0),
+    SneakyInt(1),
+    Hostile(),
+]
+BASES: dict[str, tuple[tuple[object, ...], tuple[object, ...], tuple[object, ...]]] = {
+    # (admission counts, limits, observation): empty and allowed; one slot left; at a ceiling.
+    "empty": ((2, 2, 0, 0), (1000, 1000, 100), (0, 0, 0)),
+    "busy": ((2, 2, 1, 2), (1000, 1000.0, 50), (10, 10.0, 1.5)),
+    "at_ceiling": ((1, 1, 0, 1), (10, 10, 10), (10, 10, 10)),
+}
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_every_single_field_tampering_is_judged_like_its_own_decision(
+    base: str, stage: int, index: int
+) -> None:
+    # Exhaustive over one field of one stage and a list of edge values, the others valid and
+    # allowing: every case reaches the gate's fast path with exactly one thing wrong.
+    stages = list(BASES[base])
+    if index >= len(stages[stage]):
+        pytest.skip("this stage has fewer fields")
+    for value in EDGE_VALUES:
+        fields = list(stages)
+        fields[stage] = _tamper(fields[stage], index, value)
+        admission = _admission(fields[0])  # type: ignore[arg-type]
+        limits = _limits(fields[1])  # type: ignore[arg-type]
+        observation = _observation(fields[2])  # type: ignore[arg-type]
+        verdict = cr.evaluate_runtime_request(
+            lifecycle_state=ready(),
+            admission_state=admission,
+            resource_observation=observation,
+            resource_limits=limits,
+        )
+        assert verdict is composed(ready(), admission, observation, limits), (stage, index, value)
+
+
 @given(a=garbage(), b=garbage(), c=garbage(), d=garbage())
 @THOROUGH
 def test_the_gate_never_raises(a: object, b: object, c: object, d: object) -> None:

@@ -30,6 +30,9 @@ _INF: Final = math.inf
 # Enum members hash through a Python-level __hash__; identities are cheaper to look up and
 # are exact (a plain "ready" string or a look-alike never has a member's identity).
 _SERVING_IDS: Final = frozenset(id(state) for state in SERVING)
+# Exact types only: bool and subclasses of int or float (which may lie in comparisons) are not
+# numbers here, as in the constructors.
+_NUMBERS: Final = frozenset({int, float})
 
 
 def evaluate_runtime_request(
@@ -58,10 +61,7 @@ def evaluate_runtime_request(
             in_flight = admission_state.in_flight
             queued = admission_state.queued
             if (
-                type(max_in_flight) is int
-                and type(queue_bound) is int
-                and type(in_flight) is int
-                and type(queued) is int
+                type(max_in_flight) is type(queue_bound) is type(in_flight) is type(queued) is int
                 and 0 <= in_flight < max_in_flight
                 and 0 <= queued <= queue_bound
                 and queue_bound > 0
@@ -75,12 +75,12 @@ def evaluate_runtime_request(
                 vram = resource_observation.vram_bytes
                 cpu = resource_observation.cpu_percent
                 if (
-                    (type(max_ram) is int or type(max_ram) is float)
-                    and (type(max_vram) is int or type(max_vram) is float)
-                    and (type(max_cpu) is int or type(max_cpu) is float)
-                    and (type(ram) is int or type(ram) is float)
-                    and (type(vram) is int or type(vram) is float)
-                    and (type(cpu) is int or type(cpu) is float)
+                    type(max_ram) in _NUMBERS
+                    and type(max_vram) in _NUMBERS
+                    and type(max_cpu) in _NUMBERS
+                    and type(ram) in _NUMBERS
+                    and type(vram) in _NUMBERS
+                    and type(cpu) in _NUMBERS
                     and 0 < max_ram < _INF
                     and 0 < max_vram < _INF
                     and 0 < max_cpu <= 100
