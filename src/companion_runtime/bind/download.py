@@ -104,7 +104,7 @@ class DownloadOptions:
     #: PEM file of CA certificates to trust *instead of* the system store (a private mirror).
     ca_bundle: Path | None = None
     #: Size of each of the two receive buffers handed to the hashing/writing thread.
-    buffer_bytes: int = 4 * 1024 * 1024
+    buffer_bytes: int = 2 * 1024 * 1024
     #: Free space required beyond the bytes still to download.
     disk_margin_bytes: int = 0
 
@@ -442,17 +442,20 @@ class _Download:
                                 verdict.reason if not verdict.ok else Reason.SIZE_MISMATCH
                             )
                         received += length
-                        position = 0
-                        while position < length:
-                            take = min(capacity - filled, length - position)
-                            buffers[index][filled : filled + take] = chunk[
-                                position : position + take
-                            ]
-                            filled += take
-                            position += take
-                            if filled == capacity:
-                                hand_over(filled)
-                                filled = 0
+                        if filled + length < capacity:
+                            # The common case: the chunk fits; one memcpy, no slicing.
+                            buffers[index][filled : filled + length] = chunk
+                            filled += length
+                        else:
+                            piece = memoryview(chunk)
+                            while piece:
+                                take = min(capacity - filled, len(piece))
+                                buffers[index][filled : filled + take] = piece[:take]
+                                filled += take
+                                piece = piece[take:]
+                                if filled == capacity:
+                                    hand_over(filled)
+                                    filled = 0
                         if self.progress is not None:
                             self.progress(received, size)
                 except httpx.HTTPError:

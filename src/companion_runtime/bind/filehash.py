@@ -36,7 +36,7 @@ VerifyPolicy = Literal["full", "size_only"]
 
 #: Size of each of the two read buffers. Large reads keep the per-call overhead negligible and
 #: let hashlib release the GIL for long stretches.
-READ_BUFFER_BYTES: Final = 8 * 1024 * 1024
+READ_BUFFER_BYTES: Final = 4 * 1024 * 1024
 
 #: The accumulator is built for downloads and insists on a source; a local file has none, so it
 #: is described by this placeholder (``.invalid`` is reserved and never resolves).
