@@ -27,9 +27,10 @@ __all__ = ["evaluate_runtime_request"]
 
 _NOT_READY: Final = deny(Reason.NOT_READY)
 _INF: Final = math.inf
-# Enum members hash through a Python-level __hash__; identities are cheaper to look up and
-# are exact (a plain "ready" string or a look-alike never has a member's identity).
-_SERVING_IDS: Final = frozenset(id(state) for state in SERVING)
+# SERVING holds one state, so the exact test is an identity test: cheaper than hashing an enum
+# member (a Python-level __hash__), and a plain "ready" string or a look-alike is never the
+# member itself. Unpacking fails at import if SERVING ever grows, so this cannot drift.
+(_SERVING_STATE,) = SERVING
 # Exact types only: bool and subclasses of int or float (which may lie in comparisons) are not
 # numbers here, as in the constructors.
 _NUMBERS: Final = frozenset({int, float})
@@ -49,7 +50,7 @@ def evaluate_runtime_request(
     (:func:`evaluate_resource_limits`'s reasons).
     """
     try:
-        if type(lifecycle_state) is not Lifecycle or id(lifecycle_state.state) not in _SERVING_IDS:
+        if type(lifecycle_state) is not Lifecycle or lifecycle_state.state is not _SERVING_STATE:
             return _NOT_READY
     except Exception:  # noqa: BLE001 - never raise: a refusal is the answer
         # A Lifecycle forged without its slot set.
