@@ -228,8 +228,10 @@ def test_stall_times_out(
     short = DownloadOptions(connect_timeout_s=5, stall_timeout_s=0.5, buffer_bytes=16 * 1024)
     error = refused(origin, store, "/stall.bin", caplog, options=short)
     assert error.reason is Reason.TIMEOUT
-    # What arrived before the stall is kept for a resume (it is re-verified then).
-    assert partial_size(store, DIGEST) == 50_000
+    # What arrived before the stall, in whole receive buffers, is kept for a resume (it is
+    # re-verified then); the buffer being filled when the stall hit is dropped.
+    kept = partial_size(store, DIGEST)
+    assert 0 < kept <= 50_000 and kept % short.buffer_bytes == 0
 
 
 @pytest.mark.integration

@@ -10,9 +10,9 @@ rules around it:
   proxies or ``.netrc`` are ever used, so nothing can be forwarded to another origin.
 * ``Accept-Encoding: identity`` is asked for and anything else refused: the raw bytes on the
   wire are what is hashed, never a decoded form of them.
-* The expected size comes from the manifest, never from ``Content-Length``. Each chunk is
-  counted before it is written; the chunk that would pass the expected size is handed to the
-  accumulator (which refuses it) and is not written, so the temp file never exceeds the size.
+* The expected size comes from the manifest, never from ``Content-Length``. Each read asks
+  for at most one byte more than the size still allows; bytes past the size are handed to the
+  accumulator (which refuses them) and never written, so the temp file never exceeds the size.
 * Bytes go to ``tmp/sha256-<hex>.partial`` in the store. At the end the file is fsynced, the
   accumulator finalized, and only then is the file published (fsync, 0444, rename, fsync dir).
 * Resume: a kept partial file is re-hashed into a fresh accumulator and continued with
@@ -25,14 +25,23 @@ rules around it:
 Reading and hashing overlap: the main thread receives into one large buffer while a worker
 thread hashes and writes the previous one.
 
-Every foreign exception (httpx, ssl, OSError, filelock) is translated to a ``Reason`` in
-:func:`reason_for_exception`, and no error message carries the URL, its query, or the digest.
+The HTTP client is the standard library's ``http.client``, used one connection per hop. The
+body is read with ``readinto`` straight into the receive buffer (one C-level loop per buffer),
+which cost about 0.9 CPU-seconds per GiB on the development machine (receive loop alone,
+against nginx over TLS) where httpx's per-16-KiB event stream cost about 1.6. At this level
+there is also no redirect handling, cookie jar, auth, ``.netrc`` or proxy variable that could
+carry anything from one hop to the next, and nothing logs the request line (with its query).
+
+Every foreign exception (ssl, socket and disk ``OSError``, ``http.client``, filelock) is
+translated to a ``Reason`` in :func:`reason_for_exception`; no error message carries the URL,
+its query, or the digest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import logging
 import os
 import re
@@ -43,10 +52,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, final
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import filelock
-import httpx
 
 from companion_runtime.bind.filehash import hash_file_into
 from companion_runtime.bind.store import ModelStore, StoreError
@@ -87,6 +95,14 @@ class DownloadError(Exception):
     def __init__(self, reason: Reason) -> None:
         super().__init__(reason.value)
         self.reason: Final = reason
+
+
+class _NetworkError(Exception):
+    """Internal: an exception raised by a network call, kept apart from disk errors."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__()
+        self.cause = cause
 
 
 @final
@@ -156,36 +172,27 @@ _TRANSLATED: Final = (
     DownloadError,
     StoreError,
     SpecError,
-    httpx.HTTPError,
-    httpx.InvalidURL,
-    ssl.SSLError,
+    _NetworkError,
     filelock.Timeout,
     OSError,
 )
 
 
 def reason_for_exception(error: BaseException) -> Reason:
-    """The one place foreign exceptions become reasons (never called with BaseException-only)."""
+    """The one place foreign exceptions become reasons.
+
+    Exceptions raised by network calls arrive wrapped in :class:`_NetworkError` (so a socket's
+    ``OSError`` is never mistaken for a disk's); bare ``OSError``\\ s come from the store.
+    """
     if isinstance(error, DownloadError | StoreError | SpecError):
         return error.reason
-    if isinstance(error, httpx.TimeoutException):
-        return Reason.TIMEOUT
-    if isinstance(error, httpx.TransportError):
-        # httpx wraps the ssl error of a failed handshake in ConnectError; dig it out.
-        cause: BaseException | None = error
-        while cause is not None:
-            if isinstance(cause, ssl.SSLError | ssl.CertificateError):
-                return Reason.TLS_ERROR
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(error, httpx.UnsupportedProtocol | httpx.InvalidURL):
-            return Reason.MALFORMED_SPEC
+    if isinstance(error, _NetworkError):
+        cause = error.cause
+        if isinstance(cause, TimeoutError):
+            return Reason.TIMEOUT
+        if isinstance(cause, ssl.SSLError | ssl.CertificateError):
+            return Reason.TLS_ERROR
         return Reason.DOWNLOAD_FAILED
-    if isinstance(error, httpx.InvalidURL):
-        return Reason.MALFORMED_SPEC
-    if isinstance(error, httpx.HTTPError):
-        return Reason.DOWNLOAD_FAILED
-    if isinstance(error, ssl.SSLError):
-        return Reason.TLS_ERROR
     if isinstance(error, filelock.Timeout):
         return Reason.STORE_ERROR
     if isinstance(error, OSError):
@@ -207,17 +214,14 @@ def _ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
     return context
 
 
-def _transport(options: DownloadOptions) -> httpx.HTTPTransport:
-    # The bare transport, not httpx.Client: no redirect handling, cookie jar, auth, .netrc or
-    # proxy variables exist at this level, so nothing can be forwarded from one hop to the
-    # next, and no request line (with its query) is logged.
-    return httpx.HTTPTransport(
-        verify=_ssl_context(options.ca_bundle),
-        trust_env=False,
-        http1=True,
-        http2=False,
-        retries=0,
-    )
+@contextlib.contextmanager
+def _network() -> Iterator[None]:
+    """Mark the enclosed calls as network I/O for :func:`reason_for_exception`."""
+    try:
+        yield
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        # ValueError: http.client's answer to some malformed responses (bad chunk sizes).
+        raise _NetworkError(error) from None
 
 
 class _Restart(Exception):
@@ -278,14 +282,14 @@ class _Download:
         return self.store.publish(self.partial, self.digest)
 
     def _fetch(self, fd: int, offset: int) -> None:
-        with _transport(self.options) as transport:
-            for _attempt in range(2):
-                try:
-                    self._transfer(transport, fd, offset)
-                    return
-                except _Restart:
-                    offset = self._restart(fd)
-            raise DownloadError(Reason.DOWNLOAD_FAILED)
+        context = _ssl_context(self.options.ca_bundle)
+        for _attempt in range(2):
+            try:
+                self._transfer(context, fd, offset)
+                return
+            except _Restart:
+                offset = self._restart(fd)
+        raise DownloadError(Reason.DOWNLOAD_FAILED)
 
     # --- partial file ---------------------------------------------------------------------
 
@@ -325,54 +329,67 @@ class _Download:
 
     # --- HTTP -----------------------------------------------------------------------------
 
+    def _connect(self, context: ssl.SSLContext, url: str) -> http.client.HTTPSConnection:
+        parts = urlsplit(url)
+        # The URL passed validate_source_url: https, a plain host, no userinfo, a valid port.
+        connection = http.client.HTTPSConnection(
+            parts.hostname or "",
+            parts.port or 443,
+            context=context,
+            timeout=self.options.connect_timeout_s,
+        )
+        with _network():
+            connection.connect()
+            assert connection.sock is not None
+            # From here on the timeout is per read: no byte for this long is a stall.
+            connection.sock.settimeout(self.options.stall_timeout_s)
+        return connection
+
     @contextlib.contextmanager
-    def _response(self, transport: httpx.HTTPTransport, offset: int) -> Iterator[httpx.Response]:
+    def _response(self, context: ssl.SSLContext, offset: int) -> Iterator[http.client.HTTPResponse]:
         headers = {"Accept-Encoding": "identity", "User-Agent": _USER_AGENT}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        timeouts = {
-            "connect": self.options.connect_timeout_s,
-            "read": self.options.stall_timeout_s,
-            "write": self.options.stall_timeout_s,
-            "pool": self.options.connect_timeout_s,
-        }
         current = self.url
         seen = {current}
         for _hop in range(self.options.max_redirects + 1):
-            request = httpx.Request(
-                "GET", current, headers=headers, extensions={"timeout": timeouts}
-            )
-            response = transport.handle_request(request)
-            if response.status_code not in _REDIRECT_STATUSES:
-                try:
+            parts = urlsplit(current)
+            target = parts.path or "/"
+            if parts.query:
+                target += "?" + parts.query
+            connection = self._connect(context, current)
+            try:
+                with _network():
+                    connection.request("GET", target, headers=headers)
+                    response = connection.getresponse()
+                if response.status not in _REDIRECT_STATUSES:
                     yield response
-                finally:
-                    response.close()
-                return
-            location = response.headers.get("location")
-            response.close()
+                    return
+                location = response.getheader("Location")
+            finally:
+                connection.close()
             if not location:
                 raise DownloadError(Reason.HTTP_STATUS)
             try:
-                target = urljoin(current, location)
+                following = urljoin(current, location)
             except ValueError:
                 raise DownloadError(Reason.REDIRECT_NOT_ALLOWED) from None
-            if not validate_source_url(target, self.allow).ok:
+            if not validate_source_url(following, self.allow).ok:
                 raise DownloadError(Reason.REDIRECT_NOT_ALLOWED)
-            if target in seen:
+            if following in seen:
                 raise DownloadError(Reason.TOO_MANY_REDIRECTS)
-            seen.add(target)
-            current = target
+            seen.add(following)
+            current = following
         raise DownloadError(Reason.TOO_MANY_REDIRECTS)
 
-    def _transfer(self, transport: httpx.HTTPTransport, fd: int, offset: int) -> None:
-        with self._response(transport, offset) as response:
-            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    def _transfer(self, context: ssl.SSLContext, fd: int, offset: int) -> None:
+        with self._response(context, offset) as response:
+            encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
             if encoding != "identity":
                 raise DownloadError(Reason.CONTENT_ENCODING_NOT_ALLOWED)
-            status = response.status_code
+            status = response.status
             if offset and status == 206:
-                if not self._content_range_ok(response.headers.get("content-range"), offset):
+                if not self._content_range_ok(response.getheader("Content-Range"), offset):
                     raise _Restart
             elif offset and status == 200:
                 # The server ignored the Range: this body starts at byte 0.
@@ -393,27 +410,24 @@ class _Download:
             return False
         return total == "*" or int(total) == self.size
 
-    def _stream(self, response: httpx.Response, fd: int, offset: int) -> None:
+    def _stream(self, response: http.client.HTTPResponse, fd: int, offset: int) -> None:
+        """Receive into one buffer while the worker hashes and writes the other."""
         accumulator = self.accumulator
         size = self.size
         received = offset
+        # What the server announced for this response; only used to tell a broken transfer
+        # (fewer bytes than it promised) from a server that promised too little.
+        announced = response.length
         capacity = self.options.buffer_bytes
-        buffers = (bytearray(capacity), bytearray(capacity))
+        views = (memoryview(bytearray(capacity)), memoryview(bytearray(capacity)))
         index = 0
-        filled = 0
         pending: Future[Verdict] | None = None
 
-        def flush(view: memoryview) -> Verdict:
+        def hash_and_write(view: memoryview) -> Verdict:
             verdict = accumulator.update(view)
             if verdict.ok:
                 _write_all(fd, view)
             return verdict
-
-        def hand_over(count: int) -> None:
-            nonlocal pending, index
-            wait()
-            pending = worker.submit(flush, memoryview(buffers[index])[:count])
-            index ^= 1
 
         def wait() -> None:
             nonlocal pending
@@ -425,47 +439,29 @@ class _Download:
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="download") as worker:
             try:
-                stream = response.stream
-                assert isinstance(stream, httpx.SyncByteStream)
-                try:
-                    for chunk in stream:
-                        length = len(chunk)
-                        if received + length > size:
-                            # Let the core refuse the overrunning chunk; none of it is written.
-                            if filled:
-                                hand_over(filled)
-                            wait()
-                            verdict = accumulator.update(chunk)
-                            # A server that sends more than promised is not one to resume from.
-                            self._discard()
-                            raise DownloadError(
-                                verdict.reason if not verdict.ok else Reason.SIZE_MISMATCH
-                            )
-                        received += length
-                        if filled + length < capacity:
-                            # The common case: the chunk fits; one memcpy, no slicing.
-                            buffers[index][filled : filled + length] = chunk
-                            filled += length
-                        else:
-                            piece = memoryview(chunk)
-                            while piece:
-                                take = min(capacity - filled, len(piece))
-                                buffers[index][filled : filled + take] = piece[:take]
-                                filled += take
-                                piece = piece[take:]
-                                if filled == capacity:
-                                    hand_over(filled)
-                                    filled = 0
-                        if self.progress is not None:
-                            self.progress(received, size)
-                except httpx.HTTPError:
-                    # The connection broke or stalled: keep what did arrive, for a resume.
-                    if filled:
-                        hand_over(filled)
+                while True:
+                    # Ask for at most one byte more than the size allows: an overrun is seen
+                    # at size + 1, never later.
+                    view = views[index][: min(capacity, size - received + 1)]
+                    with _network():
+                        count = response.readinto(view)
+                    if not count:
+                        break
+                    if received + count > size:
+                        # Let the core refuse the overrunning bytes; none of them is written.
+                        wait()
+                        verdict = accumulator.update(view[:count])
+                        # A server that sends more than promised is not one to resume from.
+                        self._discard()
+                        raise DownloadError(
+                            verdict.reason if not verdict.ok else Reason.SIZE_MISMATCH
+                        )
+                    received += count
                     wait()
-                    raise
-                if filled:
-                    hand_over(filled)
+                    pending = worker.submit(hash_and_write, view[:count])
+                    index ^= 1
+                    if self.progress is not None:
+                        self.progress(received, size)
                 wait()
             finally:
                 # Never leave the worker writing a buffer after we return.
@@ -473,8 +469,11 @@ class _Download:
                     with contextlib.suppress(Exception):
                         pending.result()
         if received < size:
-            # The stream ended early without a transport error (e.g. a lying Content-Length).
-            # Keep the bytes for a resume; finalize will refuse with size_mismatch.
+            if announced is not None and received - offset < announced:
+                # The connection ended before the bytes the server announced: a broken
+                # transfer. What arrived is kept for a resume.
+                raise DownloadError(Reason.DOWNLOAD_FAILED)
+            # The server announced (or sent) fewer bytes than the manifest promises.
             raise DownloadError(Reason.SIZE_MISMATCH)
 
 
