@@ -305,16 +305,16 @@ BASES: dict[str, tuple[tuple[object, ...], tuple[object, ...], tuple[object, ...
 
 @pytest.mark.security
 @pytest.mark.parametrize("base", sorted(BASES))
-@pytest.mark.parametrize("stage", [0, 1, 2])
-@pytest.mark.parametrize("index", [0, 1, 2, 3])
+@pytest.mark.parametrize(
+    ("stage", "index"),
+    [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)],
+)
 def test_every_single_field_tampering_is_judged_like_its_own_decision(
     base: str, stage: int, index: int
 ) -> None:
     # Exhaustive over one field of one stage and a list of edge values, the others valid and
     # allowing: every case reaches the gate's fast path with exactly one thing wrong.
     stages = list(BASES[base])
-    if index >= len(stages[stage]):
-        pytest.skip("this stage has fewer fields")
     for value in EDGE_VALUES:
         fields = list(stages)
         fields[stage] = _tamper(fields[stage], index, value)
