@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import pytest
 from hypothesis import given
@@ -105,6 +106,35 @@ def test_order_lifecycle_admission_resources(
         resource_limits=limits,
     )
     assert verdict.reason == reason
+
+
+@pytest.mark.stress
+def test_allowed_decisions_allocate_nothing() -> None:
+    lifecycle, admission, observation, limits = ready(), FREE, QUIET, reasonable_limits()
+
+    def decide(count: int) -> None:
+        for _ in range(count):
+            cr.evaluate_runtime_request(
+                lifecycle_state=lifecycle,
+                admission_state=admission,
+                resource_observation=observation,
+                resource_limits=limits,
+            )
+
+    decide(100)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        decide(20_000)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = [
+        stat
+        for stat in after.compare_to(before, "filename")
+        if "companion_runtime" in str(stat.traceback) and stat.size_diff > 0
+    ]
+    assert grown == []
 
 
 def test_the_gate_changes_nothing() -> None:

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import statistics
 import time
+import tracemalloc
 
 import pytest
 from hypothesis import example, given
@@ -214,6 +215,27 @@ def test_an_oversize_flood_is_stopped_at_size_plus_one() -> None:
     for _ in range(1000):
         assert accumulator.update(payload).reason == "size_mismatch"
     assert accumulator.received_bytes == size
+
+
+def _peak_while_streaming(view: memoryview, passes: int) -> int:
+    tracemalloc.start()
+    try:
+        accumulator = make(b"x", digest="0" * 64, size=len(view) * passes)
+        for _ in range(passes):
+            accumulator.update(view)
+        assert accumulator.received_bytes == len(view) * passes
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.stress
+def test_memory_does_not_grow_with_the_length_of_the_stream() -> None:
+    view = memoryview(bytes(range(256)) * 4096)  # 1 MiB, allocated before tracing starts
+    short = _peak_while_streaming(view, 8)
+    long = _peak_while_streaming(view, 64)
+    assert long <= short + 1024
+    assert long < 64 * 1024
 
 
 @pytest.mark.data_integrity

@@ -153,6 +153,26 @@ def test_lifecycle_takes_exact_values_and_nothing_else() -> None:
         assert str(error.value) == "unknown_state"
 
 
+@pytest.mark.parametrize(
+    ("ok", "new_state", "reason"),
+    [
+        (True, cr.Lifecycle(S.READY), cr.Reason.INVALID_TRANSITION),
+        (False, cr.Lifecycle(S.READY), cr.Reason.OK),
+        (1, cr.Lifecycle(S.READY), cr.Reason.OK),
+        (True, "ready", cr.Reason.OK),
+        (True, S.READY, cr.Reason.OK),
+        (True, cr.Lifecycle(S.READY), "ok"),
+    ],
+)
+def test_an_inconsistent_transition_cannot_be_built(
+    ok: object, new_state: object, reason: object
+) -> None:
+    with pytest.raises(cr.SpecError) as error:
+        cr.Transition(ok, new_state, reason)  # type: ignore[arg-type]
+    assert str(error.value) == "malformed_spec"
+    assert cr.Transition(True, cr.Lifecycle(S.READY), cr.Reason.OK).ok
+
+
 def test_lifecycle_is_frozen() -> None:
     lifecycle = cr.Lifecycle(S.READY)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -136,6 +136,16 @@ class Transition:
     #: :attr:`Reason.OK`, or why the move was refused.
     reason: Reason
 
+    def __post_init__(self) -> None:
+        # The same consistency as a Verdict: ok exactly when the reason is OK.
+        if (
+            type(self.ok) is not bool
+            or type(self.new_state) is not Lifecycle
+            or type(self.reason) is not Reason
+            or self.ok is not (self.reason is Reason.OK)
+        ):
+            raise SpecError(Reason.MALFORMED_SPEC)
+
     def __bool__(self) -> bool:
         return self.ok
 
