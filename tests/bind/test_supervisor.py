@@ -25,6 +25,7 @@ from companion_runtime.bind.manifest import (
     SourcesSpec,
 )
 from companion_runtime.bind.probe import MachineHeadroom
+from companion_runtime.bind.process import SubprocessLauncher
 from companion_runtime.bind.supervisor import (
     Supervisor,
     SupervisorConfig,
@@ -490,3 +491,63 @@ async def test_no_move_is_ever_refused_by_the_table(tmp_path: Path) -> None:
         "draining",
         "stopped",
     ]
+
+
+async def test_a_stop_during_the_restart_backoff_ends_it_at_once(tmp_path: Path) -> None:
+    async with standin(
+        tmp_path, "--exit-after-s", "0.2", max_restarts=3, restart_backoff_s=30
+    ) as supervisor:
+        assert (await supervisor.start()).ok
+        assert await async_wait_for(lambda: _state(supervisor) is LifecycleState.STOPPED, 5)
+        started = time.monotonic()
+        await supervisor.stop()
+        assert time.monotonic() - started < 1
+    assert supervisor.status()["spawns"] == 1
+
+
+async def test_a_runtime_that_stayed_up_earns_its_restart_budget_back(tmp_path: Path) -> None:
+    async with standin(
+        tmp_path,
+        "--exit-after-s",
+        "0.3",
+        max_restarts=1,
+        restart_backoff_s=0.05,
+        stable_after_s=0.1,
+    ) as supervisor:
+        assert (await supervisor.start()).ok
+        assert await async_wait_for(lambda: supervisor.status()["spawns"] >= 4, 10)  # type: ignore[operator]
+        assert supervisor.status()["last_reason"] != "restart_limit_reached"
+
+
+async def test_a_spawn_the_kernel_refuses_is_spawn_failed(tmp_path: Path) -> None:
+    model, digest, size = _blob(tmp_path)
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00\x01 not a program")
+    garbage.chmod(0o755)
+    supervisor = Supervisor(
+        _config([str(garbage), "{port}"], model, digest, size),
+        launcher=SubprocessLauncher(use_death_signal=False),
+    )
+    async with supervisor:
+        assert (await supervisor.start()).reason is Reason.SPAWN_FAILED
+        assert _state(supervisor) is LifecycleState.STOPPED
+        assert _moves(supervisor) == ["starting", "stopped"]
+
+
+async def test_built_as_supervisor_of_a_manifest_and_a_model_path(tmp_path: Path) -> None:
+    model, digest, size = _blob(tmp_path)
+    manifest = Manifest(
+        model=ModelSpec(
+            name="stand-in",
+            url="https://models.example.com/m.bin",
+            sha256=digest,
+            size_bytes=size,
+        ),
+        sources=SourcesSpec(allow=("https://models.example.com/",)),
+        runtime=RuntimeSpec(command=tuple(standin_command()), ready_timeout_s=30),
+        limits=LimitsSpec(max_in_flight=3, queue_bound=5),
+    )
+    async with Supervisor(manifest, model_path=model) as supervisor:
+        assert (await supervisor.start()).ok
+        assert supervisor.config.expected_digest == digest
+        assert supervisor.controller.statistics().max_in_flight == 3
