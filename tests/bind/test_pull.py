@@ -168,3 +168,19 @@ def test_bad_spec_and_unwritable_store(origin: FaultyOrigin, tmp_path: Path) -> 
         options=FAST,
     )
     assert result.ok
+
+
+@pytest.mark.integration
+def test_unknown_policy_is_refused_without_touching_the_blob(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    store = ModelStore(tmp_path)
+    assert pull(origin, store).ok
+    result = pull_model(
+        manifest_for(origin),
+        store=store,
+        ca_bundle=origin.ca_pem_path,
+        verify_policy="sometimes",  # type: ignore[arg-type]
+    )
+    assert result.verdict.reason is Reason.MALFORMED_SPEC
+    assert store.blob_path(DIGEST).read_bytes() == DATA

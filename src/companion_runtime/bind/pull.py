@@ -88,6 +88,9 @@ def pull_model(
         allow = allowed_source_urls or ()
     if not validate_integrity_spec(model.sha256, model.size_bytes).ok:
         return _refused(Reason.MALFORMED_SPEC)
+    if verify_policy not in ("full", "size_only"):
+        # Checked here: a policy the re-verify rejected would otherwise look like a bad blob.
+        return _refused(Reason.MALFORMED_SPEC)
     base = options or DEFAULT_DOWNLOAD_OPTIONS
     if ca_bundle is not None:
         base = dataclasses.replace(base, ca_bundle=ca_bundle)
