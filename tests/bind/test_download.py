@@ -56,6 +56,7 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/ignore-range.bin": Fault(kind="ignore_range"),
         "/bad-range.bin": Fault(kind="bad_content_range"),
         "/hop.bin": Fault(kind="set_cookie_redirect", location="/m.bin", status=307),
+        "/nowhere.bin": Fault(kind="redirect", location="", status=302),
         **{
             f"/chain-{i}.bin": Fault(kind="redirect", location=f"/chain-{i + 1}.bin")
             for i in range(6)
@@ -65,7 +66,7 @@ def fault_paths(base: str) -> dict[str, Fault]:
 
 @pytest.fixture(scope="module")
 def origin() -> Iterator[FaultyOrigin]:
-    files = {"/m.bin": DATA, "/chain-6.bin": DATA}
+    files = {"/m.bin": DATA, "/chain-6.bin": DATA, "/short.bin": DATA[:1000]}
     with FaultyOrigin(files) as server:
         server.faults.update(fault_paths(server.base_url))
         for path in server.faults:
@@ -168,6 +169,7 @@ def test_bad_bodies_are_refused(
         ("/loop-a.bin", Reason.TOO_MANY_REDIRECTS),
         ("/chain-0.bin", Reason.TOO_MANY_REDIRECTS),
         ("/gzip.bin", Reason.CONTENT_ENCODING_NOT_ALLOWED),
+        ("/nowhere.bin", Reason.HTTP_STATUS),
     ],
 )
 def test_transport_rules(
@@ -390,3 +392,43 @@ def test_disk_filling_up_mid_download_is_insufficient_disk(
     error = refused(origin, store, "/m.bin", caplog, free_space=lambda _path: 1 << 40)
     assert error.reason is Reason.INSUFFICIENT_DISK
     assert os.statvfs(tiny_mount).f_bavail * os.statvfs(tiny_mount).f_frsize < SIZE
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_416_to_a_range_restarts_from_zero(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server's file is shorter than the kept prefix: it answers 416; the download starts
+    # over without Range and then refuses the short body.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert refused(origin, store, "/short.bin", caplog).reason is Reason.SIZE_MISMATCH
+    first, second = origin.requests[before:]
+    assert (first.range_header, first.status) == ("bytes=100000-", 416)
+    assert (second.range_header, second.status) == (None, 200)
+
+
+@pytest.mark.integration
+def test_connection_refused_is_download_failed(
+    store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    with FaultyOrigin({"/m.bin": DATA}) as closed:
+        ca_copy = store.root.parent / "ca.pem"
+        ca_copy.write_bytes(closed.ca_pem_path.read_bytes())
+        base = closed.base_url
+    # The origin is gone: nothing listens on its port any more.
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(DownloadError) as caught:
+        download_to_store(
+            url=base + f"m.bin?token={SECRET_TOKEN}",
+            allowed_source_urls=(base,),
+            expected_digest=DIGEST,
+            expected_size_bytes=SIZE,
+            store=store,
+            options=DownloadOptions(connect_timeout_s=2, stall_timeout_s=2, ca_bundle=ca_copy),
+        )
+    assert caught.value.reason is Reason.DOWNLOAD_FAILED
+    assert_nothing_published(store)
+    assert_no_leak([str(caught.value), caplog.text], DIGEST)
