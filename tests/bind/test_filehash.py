@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -114,3 +115,12 @@ def test_missing_directory_and_bad_spec(tmp_path: Path) -> None:
     assert verify_file(path, expected_digest=digest, expected_size_bytes=0).reason is (
         Reason.MALFORMED_SPEC
     )
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(20)
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    verdict = verify_file(fifo, expected_digest="ab" * 32, expected_size_bytes=1)
+    assert verdict.reason is Reason.FILE_NOT_FOUND

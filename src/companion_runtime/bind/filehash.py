@@ -85,7 +85,10 @@ def verify_file(
     if policy not in ("full", "size_only"):
         return _MALFORMED
     try:
-        with open(path, "rb", buffering=0) as handle:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+        # (The flag changes nothing for a regular file.)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb", buffering=0) as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 return _FILE_NOT_FOUND
