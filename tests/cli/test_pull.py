@@ -247,7 +247,8 @@ def test_pull_killed_mid_download_resumes_with_range(origin: FaultyOrigin, tmp_p
 def test_two_processes_download_once(origin: FaultyOrigin, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, origin, "/large.bin", LARGE_DIGEST, len(LARGE))
     store = tmp_path / "store"
-    origin.chunk_delay_s = 0.005
+    # ~2 s of transfer: far longer than interpreter start-up, so the two really contend.
+    origin.chunk_delay_s = 0.04
     processes = [
         subprocess.Popen(
             command(manifest, store, origin, "--json"),
