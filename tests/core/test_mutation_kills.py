@@ -6,6 +6,8 @@ the mutants and for the ones that are equivalent and so cannot be killed).
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 import companion_runtime as cr
@@ -93,8 +95,13 @@ def test_deny_of_a_non_denial_is_a_spec_error_with_its_code(reason: object) -> N
 
 # --- source allowlist ----------------------------------------------------------------------------
 #
-# Host names here appear in no other test: allowlist entries are parsed once and cached, so an
-# entry another test already used would not reach the entry parser again.
+# Allowlist entries are parsed once and cached (functools.lru_cache), and the cache outlives a
+# test: an entry any earlier test (or the mutation tool's own warm-up run) parsed would never
+# reach the entry parser again. Entries whose parsing matters therefore get a fresh host name.
+
+
+def _fresh_host() -> str:
+    return f"https://fresh-{uuid.uuid4().hex}.example/"
 
 
 @pytest.mark.parametrize("url", ["1https://models.example.com/x", "models.example.com"])
@@ -112,14 +119,14 @@ def test_every_port_from_1_to_65535_can_be_allowlisted(port: int) -> None:
 
 @pytest.mark.parametrize("query", ["?", "?a=1"])
 def test_an_entry_with_a_query_even_an_empty_one_grants_nothing(query: str) -> None:
-    host = f"https://query-entry-{len(query)}.example/"
+    host = _fresh_host()
     assert cr.validate_source_url(f"{host}m.gguf", [host + query]).reason is (
         cr.Reason.SOURCE_NOT_ALLOWED
     )
 
 
 def test_an_entry_without_a_query_grants_its_prefix() -> None:
-    entry = "https://plain-entry-never-cached.example/models/"
+    entry = _fresh_host() + "models/"
     assert cr.validate_source_url(entry + "m.gguf?sig=1", [entry]) is cr.ALLOW
 
 
