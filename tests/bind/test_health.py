@@ -25,7 +25,9 @@ from tests.support.supervision import standin_command
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
-FAST = HealthPolicy(interval_s=0.02, probe_timeout_s=0.5, failure_threshold=3)
+FAST = HealthPolicy(
+    interval_s=0.02, probe_timeout_s=0.5, failure_threshold=3, ready_interval_s=None
+)
 
 
 async def test_a_slow_start_is_loading_then_healthy_and_gives_health_ok() -> None:
@@ -132,8 +134,25 @@ async def test_while_ready_consecutive_failures_give_health_fail_and_not_before(
         {"probe_timeout_s": -1},
         {"failure_threshold": 0},
         {"failure_threshold": True},
+        {"ready_interval_s": 0},
+        {"ready_interval_s": float("nan")},
     ],
 )
 def test_a_bad_policy_is_refused(fields: dict[str, object]) -> None:
     with pytest.raises(SpecError):
         HealthPolicy(**fields)  # type: ignore[arg-type]
+
+
+async def test_while_ready_the_probes_are_spaced_by_the_ready_interval() -> None:
+    spec = build_launch_spec(standin_command(), model_path="m")
+    policy = HealthPolicy(interval_s=0.01, failure_threshold=2, ready_interval_s=0.4)
+    async with (
+        SubprocessLauncher().launch(spec) as runtime,
+        HttpHealthChecker(spec.base_url + "/health") as checker,
+    ):
+        await wait_until_healthy(checker, ready_timeout_s=20, policy=policy)
+        await runtime.stop(grace_s=1.0)
+        started = time.monotonic()
+        assert await watch_while_ready(checker, policy=policy) is LifecycleEvent.HEALTH_FAIL
+        # Two failed probes, each after a 0.4 s pause (not 0.01 s).
+        assert 0.8 <= time.monotonic() - started < 2.0

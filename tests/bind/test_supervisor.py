@@ -46,7 +46,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 LIMITS = create_resource_limits(max_ram_bytes=8 * GIB, max_vram_bytes=8 * GIB, max_cpu_percent=100)
-HEALTH = HealthPolicy(interval_s=0.05, probe_timeout_s=0.5, failure_threshold=3)
+HEALTH = HealthPolicy(
+    interval_s=0.05, probe_timeout_s=0.5, failure_threshold=3, ready_interval_s=0.05
+)
 needs_llama = pytest.mark.skipif(not llama_ready(), reason="embedded llama.cpp not available")
 
 
@@ -149,7 +151,9 @@ async def test_the_real_runtime_starts_serves_and_stops(tmp_path: Path) -> None:
 @needs_llama
 async def test_a_crash_while_ready_leaves_ready_within_one_health_interval(tmp_path: Path) -> None:
     interval = 0.5
-    policy = HealthPolicy(interval_s=interval, probe_timeout_s=0.5, failure_threshold=3)
+    policy = HealthPolicy(
+        interval_s=0.05, probe_timeout_s=0.5, failure_threshold=3, ready_interval_s=interval
+    )
     async with real(tmp_path, health=policy, max_restarts=0) as supervisor:
         assert (await supervisor.start()).ok
         pid = supervisor.status()["pid"]

@@ -62,15 +62,20 @@ class HealthAnswer(enum.StrEnum):
 class HealthPolicy:
     """How often and how patiently to probe (bad values: :class:`SpecError`)."""
 
-    #: Seconds between probes.
+    #: Seconds between probes while starting (short: readiness is noticed quickly).
     interval_s: float = 0.05
     #: Seconds one probe may take.
     probe_timeout_s: float = 1.0
     #: Consecutive failed probes, while ready, that make ``health_fail``.
     failure_threshold: int = 3
+    #: Seconds between probes while ready. Longer than ``interval_s``: a crash is seen at once
+    #: by the exit watcher, so this only has to catch a runtime that hangs, and a busy runtime
+    #: should not spend its time answering probes. ``None``: the same as ``interval_s``.
+    ready_interval_s: float | None = 1.0
 
     def __post_init__(self) -> None:
-        for value in (self.interval_s, self.probe_timeout_s):
+        ready = self.interval_s if self.ready_interval_s is None else self.ready_interval_s
+        for value in (self.interval_s, self.probe_timeout_s, ready):
             if type(value) not in (int, float) or not 0 < value < math.inf:
                 raise SpecError(Reason.MALFORMED_SPEC)
         if type(self.failure_threshold) is not int or self.failure_threshold < 1:
@@ -188,11 +193,12 @@ async def wait_until_healthy(
 
 
 async def watch_while_ready(checker: HealthChecker, *, policy: HealthPolicy) -> LifecycleEvent:
-    """Probe every ``interval_s`` until ``failure_threshold`` consecutive probes fail; then
+    """Probe every ``ready_interval_s`` until ``failure_threshold`` consecutive probes fail; then
     return ``health_fail``. Runs until then (or until cancelled)."""
+    interval = policy.interval_s if policy.ready_interval_s is None else policy.ready_interval_s
     failures = 0
     while failures < policy.failure_threshold:
-        await asyncio.sleep(policy.interval_s)
+        await asyncio.sleep(interval)
         answer = await checker.check()
         failures = 0 if answer is HealthAnswer.HEALTHY else failures + 1
     return LifecycleEvent.HEALTH_FAIL
