@@ -45,7 +45,11 @@ KNOWN_ORDER = (
 )
 BEGIN = "<!-- bench/run_all.py: begin -->"
 END = "<!-- bench/run_all.py: end -->"
-_REFERENCE_LINE = re.compile(r"reference|ratio|baseline|direct|\bvs\b|\d+(?:\.\d+)?\s*x\b", re.I)
+# A line that names a reference, a ratio or a target, or divides one figure by another
+# ("allowed / bare", "accumulator / raw").
+_REFERENCE_LINE = re.compile(
+    r"reference|ratio|baseline|direct|target|\bvs\b|\d(?:\.\d+)?x\b|[a-z] / [a-z]", re.I
+)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -149,6 +153,8 @@ def reference_lines(stdout: str) -> list[str]:
     lines = stdout.splitlines()
     keep: set[int] = set()
     for index, line in enumerate(lines):
+        if line.lstrip().startswith("{"):
+            continue  # the JSON summary, tabulated separately
         if _REFERENCE_LINE.search(line):
             keep.add(index)
             if index > 0 and index - 1 not in keep:
@@ -332,6 +338,10 @@ def summary_rows(summary: dict[str, object]) -> list[tuple[str, str, str, str]]:
         if reference_key:
             used.add(reference_key)
         ratio = _ratio(value, reference)
+        if reference is None and "ratio" in key.lower() and isinstance(value, int | float):
+            # The script computed the ratio itself: show it in the ratio column.
+            rows.append((key, "", "", f"{_format_number(value)}x"))
+            continue
         rows.append(
             (
                 key,
