@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from companion_runtime import (
@@ -32,12 +38,19 @@ from companion_runtime import (
 )
 from companion_runtime.bind.admission import AdmissionController
 from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig
+from companion_runtime.bind.https_origin import ModelOrigin
 
 __all__ = [
     "ReadyDoor",
+    "ServeProcess",
     "TinyUpstream",
     "ready_controller",
     "running_front_door",
+    "running_serve",
+    "runtime_processing",
+    "serve_command",
+    "serve_env",
+    "serve_manifest_text",
     "tiny_upstream",
 ]
 
@@ -237,3 +250,169 @@ async def running_front_door(
     ) as door:
         yield ReadyDoor(door, controller, token)
         await asyncio.sleep(0)
+
+
+# --- a real `companion-runtime serve` over the real llama.cpp server ------------------------
+
+#: llama.cpp gets more slots than the front door admits, so the bound the tests see is the
+#: front door's, not the runtime's own.
+RUNTIME_PARALLEL = 8
+SERVE_READY_TIMEOUT_S = 90.0
+
+
+def serve_manifest_text(
+    origin_url: str,
+    allow: str,
+    data: bytes,
+    *,
+    max_in_flight: int = 2,
+    queue_bound: int = 4,
+    queue_timeout_s: float = 30.0,
+    size_bytes: int | None = None,
+    sha256: str | None = None,
+    max_ram_bytes: int = 4 * 1024**3,
+) -> str:
+    """A manifest for the tiny model at ``origin_url`` run by the embedded llama.cpp server."""
+    import hashlib
+
+    from companion_runtime.bind.llama_server import embedded_llama_command
+
+    command = embedded_llama_command(parallel=RUNTIME_PARALLEL, threads=1, context_size=2048)
+    return "\n".join(
+        [
+            "[model]",
+            'name = "tiny"',
+            f'url = "{origin_url}"',
+            f'sha256 = "{sha256 or hashlib.sha256(data).hexdigest()}"',
+            f"size_bytes = {size_bytes if size_bytes is not None else len(data)}",
+            "[sources]",
+            f'allow = ["{allow}"]',
+            "[runtime]",
+            f"command = {json.dumps(command)}",
+            "ready_timeout_s = 60",
+            "[limits]",
+            f"max_in_flight = {max_in_flight}",
+            f"queue_bound = {queue_bound}",
+            f"queue_timeout_s = {queue_timeout_s}",
+            f"max_ram_bytes = {max_ram_bytes}",
+            "max_vram_bytes = 1073741824",
+            "max_cpu_percent = 100",
+            "",
+        ]
+    )
+
+
+class ServeProcess:
+    """A running ``companion-runtime serve --json`` child and what its ready line said."""
+
+    def __init__(self, process: subprocess.Popen[str], ready: dict[str, object], state_dir: Path):
+        self.process = process
+        self.ready = ready
+        self.state_dir = state_dir
+        self.url = str(ready["url"])
+        self.token_file = Path(str(ready["token_file"]))
+        self.token = self.token_file.read_text().strip()
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"}
+
+    def status(self) -> dict[str, object]:
+        import httpx
+
+        response = httpx.get(self.url + "/_status", headers=self.auth, timeout=10)
+        response.raise_for_status()
+        document: dict[str, object] = response.json()
+        return document
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_s)
+
+
+def serve_command(manifest: Path, store: Path, ca_bundle: Path) -> list[str]:
+    """Argv for ``companion-runtime serve --json`` (through this interpreter)."""
+    return [
+        sys.executable,
+        "-m",
+        "companion_runtime.cli",
+        "serve",
+        str(manifest),
+        "--store",
+        str(store),
+        "--ca-bundle",
+        str(ca_bundle),
+        "--json",
+    ]
+
+
+def serve_env(state_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["COMPANION_RUNTIME_STATE_DIR"] = str(state_dir)
+    return env
+
+
+@contextmanager
+def running_serve(
+    tmp_path: Path, **manifest_options: Any
+) -> Iterator[tuple[ServeProcess, ModelOrigin]]:
+    """Serve the tiny model from a loopback HTTPS origin and run ``serve`` on it until ready."""
+    from companion_runtime.bind.tiny_model import tiny_model_bytes
+
+    data = tiny_model_bytes()
+    with ModelOrigin({"/models/tiny.gguf": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            serve_manifest_text(
+                origin.url("/models/tiny.gguf"), origin.base_url, data, **manifest_options
+            )
+        )
+        state_dir = tmp_path / "state"
+        process = subprocess.Popen(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(state_dir),
+        )
+        try:
+            assert process.stdout is not None
+            line = _readline_with_timeout(process, SERVE_READY_TIMEOUT_S)
+            ready = json.loads(line)
+            assert ready["ok"] is True, ready
+            yield ServeProcess(process, ready, state_dir), origin
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def _readline_with_timeout(process: subprocess.Popen[str], timeout_s: float) -> str:
+    assert process.stdout is not None
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()))  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout_s)
+    if not result or not result[0]:
+        process.kill()
+        _, stderr = process.communicate(timeout=10)
+        raise AssertionError(f"serve did not become ready: {stderr[-2000:]}")
+    return result[0]
+
+
+def runtime_processing(runtime_url: str) -> int:
+    """How many requests llama.cpp itself says it is processing (its /slots)."""
+    import httpx
+
+    slots = httpx.get(runtime_url + "/slots", timeout=5).json()
+    return sum(1 for slot in slots if slot.get("is_processing"))

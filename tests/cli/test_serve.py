@@ -1,0 +1,327 @@
+"""`companion-runtime serve` end to end: a real child process over the real llama.cpp server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from companion_runtime.bind.llama_server import llama_available
+from companion_runtime.bind.tiny_model import tiny_model_bytes
+from tests.support.frontdoor import (
+    RUNTIME_PARALLEL,
+    ServeProcess,
+    running_serve,
+    runtime_processing,
+    serve_command,
+    serve_env,
+    serve_manifest_text,
+)
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not llama_available(), reason="needs the llama extra"),
+]
+
+MAX_IN_FLIGHT = 2
+QUEUE_BOUND = 4
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    with running_serve(
+        tmp_path_factory.mktemp("serve"), max_in_flight=MAX_IN_FLIGHT, queue_bound=QUEUE_BOUND
+    ) as (serve, _origin):
+        yield serve
+
+
+def completion(prompt: str, n_predict: int, **extra: object) -> dict[str, object]:
+    return {"prompt": prompt, "n_predict": n_predict, "ignore_eos": True, **extra}
+
+
+# --- ready line and guards ----------------------------------------------------------------
+
+
+def test_ready_line_token_file_and_state_file(served: ServeProcess) -> None:
+    assert set(served.ready) == {"ok", "reason", "url", "token_file"}
+    assert served.ready["reason"] == "ok"
+    assert served.url.startswith("http://127.0.0.1:")
+    assert served.token_file.stat().st_mode & 0o777 == 0o600
+    assert len(served.token) >= 43
+    state = json.loads((served.state_dir / "serve.json").read_text())
+    assert state["url"] == served.url
+    assert state["token_file"] == str(served.token_file)
+    assert state["pid"] == served.process.pid
+
+
+@pytest.mark.security
+def test_guards_in_front_of_the_real_runtime(served: ServeProcess) -> None:
+    body = completion("hello", 4)
+    with httpx.Client(base_url=served.url, timeout=30, trust_env=False) as client:
+        missing = client.post("/completion", json=body)
+        assert missing.status_code == 401
+        assert missing.json() == {"ok": False, "reason": "unauthorized"}
+        wrong = client.post(
+            "/completion", json=body, headers={"authorization": "Bearer " + "A" * 43}
+        )
+        assert wrong.status_code == 401
+        assert wrong.json()["reason"] == "unauthorized"
+        rebound = client.post(
+            "/completion", json=body, headers={**served.auth, "host": "evil.example"}
+        )
+        assert rebound.status_code == 403
+        assert rebound.json() == {"ok": False, "reason": "host_not_allowed"}
+        cross = client.post(
+            "/completion", json=body, headers={**served.auth, "origin": "http://evil.example"}
+        )
+        assert cross.status_code == 403
+        assert cross.json() == {"ok": False, "reason": "origin_not_allowed"}
+        answered = client.post("/completion", json=body, headers=served.auth)
+        assert answered.status_code == 200
+        # The tiny model repeats the prompt's last character: the runtime itself answered.
+        assert answered.json()["content"] == "oooo"
+        status = client.get("/_status", headers=served.auth).json()
+        assert status["state"] == "ready"
+        assert status["front_door"]["refused_by_reason"]["unauthorized"] >= 2
+
+
+@pytest.mark.security
+def test_front_door_and_runtime_listen_on_127_0_0_1_only(served: ServeProcess) -> None:
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", served.port), timeout=5)
+    listening = [
+        connection.laddr
+        for process in [
+            psutil.Process(served.process.pid),
+            *psutil.Process(served.process.pid).children(recursive=True),
+        ]
+        for connection in process.net_connections(kind="inet")
+        if connection.status == psutil.CONN_LISTEN
+    ]
+    ports = {address.port for address in listening}
+    assert served.port in ports
+    assert len(ports) >= 2  # the front door and the runtime
+    assert {address.ip for address in listening} == {"127.0.0.1"}
+
+
+# --- admission under a flood --------------------------------------------------------------
+
+
+@pytest.mark.stress
+def test_a_flood_of_2000_never_puts_more_than_max_in_flight_on_the_runtime(
+    served: ServeProcess,
+) -> None:
+    runtime_url = str(served.status()["runtime_url"])
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample_runtime() -> None:
+        # llama.cpp's own view, sampled throughout: it has RUNTIME_PARALLEL slots, so only
+        # the front door can keep it at MAX_IN_FLIGHT.
+        with httpx.Client(trust_env=False, timeout=10) as runtime:
+            while not stop.is_set():
+                slots = runtime.get(runtime_url + "/slots").json()
+                samples.append(sum(1 for slot in slots if slot.get("is_processing")))
+                time.sleep(0.01)
+
+    total = 2000
+    # Bounded on the client side: a few hundred connections at once is what a 2-core machine
+    # and httpx's pool handle quickly; thousands queued inside httpx's pool stall the client.
+    client_concurrency = 200
+
+    async def flood() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=client_concurrency, max_keepalive_connections=0)
+        gate = asyncio.Semaphore(client_concurrency)
+        async with httpx.AsyncClient(
+            base_url=served.url, headers=served.auth, limits=limits, timeout=120, trust_env=False
+        ) as client:
+
+            async def one(index: int) -> httpx.Response:
+                async with gate:
+                    return await client.post("/completion", json=completion(f"flood {index}", 8))
+
+            return await asyncio.gather(*(one(index) for index in range(total)))
+
+    sampler = threading.Thread(target=sample_runtime)
+    sampler.start()
+    before = served.status()
+    try:
+        responses = asyncio.run(flood())
+    finally:
+        stop.set()
+        sampler.join()
+    after = served.status()
+
+    served_count = 0
+    refusals: Counter[str] = Counter()
+    for index, response in enumerate(responses):
+        if response.status_code == 200:
+            served_count += 1
+            assert response.json()["content"] == str(index)[-1] * 8
+        else:
+            assert response.status_code == 503
+            assert int(response.headers["retry-after"]) >= 1
+            refusals[response.json()["reason"]] += 1
+    assert served_count + sum(refusals.values()) == total
+    assert served_count >= MAX_IN_FLIGHT + QUEUE_BOUND
+    assert set(refusals) <= {"queue_full", "queue_timeout"}
+    assert sum(refusals.values()) > 0
+
+    assert samples and max(samples) <= MAX_IN_FLIGHT
+    assert RUNTIME_PARALLEL > MAX_IN_FLIGHT
+    front = after["front_door"]
+    assert isinstance(front, dict) and isinstance(before["front_door"], dict)
+    assert front["peak_proxied_in_flight"] <= MAX_IN_FLIGHT
+    assert front["proxied_total"] - before["front_door"]["proxied_total"] == served_count
+    assert after["in_flight"] == 0 and after["queued"] == 0
+    assert int(after["admitted_total"]) - int(before["admitted_total"]) == served_count  # type: ignore[call-overload]
+
+
+# --- streaming ----------------------------------------------------------------------------
+
+
+def test_streamed_tokens_arrive_while_the_runtime_is_still_generating(
+    served: ServeProcess,
+) -> None:
+    runtime_url = str(served.status()["runtime_url"])
+    with httpx.Client(
+        base_url=served.url, headers=served.auth, timeout=60, trust_env=False
+    ) as client:
+        with client.stream(
+            "POST", "/completion", json=completion("stream!", 1900, stream=True)
+        ) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first.removeprefix("data: "))["content"] == "!"
+            # The first event is here and the runtime is still generating the rest: nothing
+            # waited for the end of the stream.
+            assert runtime_processing(runtime_url) == 1
+            assert client.get("/_status").json()["in_flight"] == 1
+        # Leaving the block closes the connection mid-stream: the slot comes back and
+        # llama.cpp stops generating for the departed client.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if (
+                client.get("/_status").json()["in_flight"] == 0
+                and runtime_processing(runtime_url) == 0
+            ):
+                break
+            time.sleep(0.05)
+        assert client.get("/_status").json()["in_flight"] == 0
+        assert runtime_processing(runtime_url) == 0
+
+
+# --- shutdown -----------------------------------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_refuses_new_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    with running_serve(tmp_path, max_in_flight=MAX_IN_FLIGHT, queue_bound=QUEUE_BOUND) as (
+        serve,
+        _origin,
+    ):
+        runtime_pid = int(serve.status()["pid"])  # type: ignore[call-overload]
+        runtime = psutil.Process(runtime_pid)
+        results: dict[str, object] = {}
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(
+                base_url=serve.url, headers=serve.auth, timeout=120, trust_env=False
+            ) as client:
+                running = [
+                    asyncio.create_task(
+                        client.post("/completion", json=completion(f"long {index}", 1900))
+                    )
+                    for index in range(MAX_IN_FLIGHT)
+                ]
+                while (await client.get("/_status")).json()["in_flight"] < MAX_IN_FLIGHT:
+                    await asyncio.sleep(0.01)
+                waiting = asyncio.create_task(
+                    client.post("/completion", json=completion("queued", 4))
+                )
+                while (await client.get("/_status")).json()["queued"] < 1:
+                    await asyncio.sleep(0.005)
+                serve.process.send_signal(signal.SIGTERM)
+                while (await client.get("/_status")).json()["state"] != "draining":
+                    await asyncio.sleep(0.005)
+                results["new"] = await client.post("/completion", json=completion("late", 4))
+                results["waiting"] = await waiting
+                results["running"] = await asyncio.gather(*running)
+
+        asyncio.run(scenario())
+        assert serve.process.wait(timeout=60) == 0
+        for response in results["running"]:  # type: ignore[attr-defined]
+            assert response.status_code == 200
+            # Complete answers (each llama.cpp slot's context caps the length, not the drain).
+            content = response.json()["content"]
+            assert content and set(content) == {content[0]}
+        for key in ("new", "waiting"):
+            response = results[key]
+            assert isinstance(response, httpx.Response)
+            assert response.status_code == 503
+            assert response.json() == {"ok": False, "reason": "not_ready"}
+            assert int(response.headers["retry-after"]) >= 1
+        assert not runtime.is_running() or runtime.status() == psutil.STATUS_ZOMBIE
+        assert not serve.token_file.exists()
+        assert not (serve.state_dir / "serve.json").exists()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", serve.port), timeout=2)
+
+
+# --- refusals before ready ----------------------------------------------------------------
+
+
+def _serve_once(tmp_path: Path, **manifest_options: object) -> tuple[int, str, int]:
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = tiny_model_bytes()
+    with ModelOrigin({"/models/tiny.gguf": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            serve_manifest_text(
+                origin.url("/models/tiny.gguf"),
+                origin.base_url,
+                data,
+                **manifest_options,  # type: ignore[arg-type]
+            )
+        )
+        finished = subprocess.run(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            capture_output=True,
+            text=True,
+            env=serve_env(tmp_path / "state"),
+            timeout=120,
+        )
+        return finished.returncode, finished.stdout, len(origin.requests)
+
+
+@pytest.mark.data_integrity
+def test_a_model_that_does_not_verify_is_refused_before_anything_serves(tmp_path: Path) -> None:
+    returncode, stdout, _requests = _serve_once(tmp_path, sha256="0" * 64)
+    assert returncode == 1
+    assert json.loads(stdout) == {"ok": False, "reason": "digest_mismatch"}
+    assert not any((tmp_path / "store").rglob("sha256-*"))
+    assert not (tmp_path / "state" / "serve.json").exists()
+
+
+def test_a_model_too_large_is_refused_before_the_download(tmp_path: Path) -> None:
+    returncode, stdout, requests = _serve_once(
+        tmp_path, size_bytes=6 * 1024**3, max_ram_bytes=4 * 1024**3
+    )
+    assert returncode == 1
+    assert json.loads(stdout) == {"ok": False, "reason": "model_too_large"}
+    assert requests == 0
