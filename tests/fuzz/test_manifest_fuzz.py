@@ -26,13 +26,6 @@ from tests.support.fuzzing import (
 
 pytestmark = [pytest.mark.security, pytest.mark.data_integrity]
 
-# Findings reported against bind/manifest.py and not fixed yet: the batch tolerates exactly
-# these escapes (and the strict-xfail regressions below fail once they are fixed, so that this
-# set is emptied then).
-_OPEN_FINDINGS = frozenset({"OverflowError", "RecursionError"})
-_OPEN_REASON = "open finding in bind/manifest.py: the exception escapes as itself"
-
-
 def _load(text: str) -> object:
     try:
         return load_manifest_text(text)
@@ -57,9 +50,6 @@ def test_seeded_batch_of_manifests_only_raises_manifest_error() -> None:
     for index in range(max(1000, EXAMPLES // 10)):
         text = random_manifest_text(source, raw="\x00[model]\nname = 1")
         outcome = _load(text)
-        if type(outcome).__name__ in _OPEN_FINDINGS:
-            outcomes["open finding"] += 1
-            continue
         violation = manifest_outcome_violation(outcome)
         assert violation is None, f"input {index} under seed {SEED}: {violation}: {text[:300]!r}"
         if isinstance(outcome, Exception):
@@ -68,7 +58,6 @@ def test_seeded_batch_of_manifests_only_raises_manifest_error() -> None:
     assert outcomes["Manifest"] > 0 and outcomes["ManifestError"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason=_OPEN_REASON, raises=OverflowError)
 @pytest.mark.parametrize(
     ("table", "key"),
     [
@@ -84,7 +73,6 @@ def test_an_integer_too_large_for_a_float_is_a_manifest_error(table: str, key: s
     assert str(caught.value) == f"{table}.{key}: malformed_manifest"
 
 
-@pytest.mark.xfail(strict=True, reason=_OPEN_REASON, raises=RecursionError)
 @pytest.mark.parametrize(("opener", "closer"), [("[", "]"), ("{ a = ", " }")])
 def test_deeply_nested_toml_is_a_manifest_error(opener: str, closer: str) -> None:
     # Found by fuzzing: tomllib recurses per nesting level and raises RecursionError.
@@ -95,11 +83,11 @@ def test_deeply_nested_toml_is_a_manifest_error(opener: str, closer: str) -> Non
     assert str(caught.value) == "manifest: malformed_manifest"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open finding in bind/manifest.py: ModelSpec's repr shows the URL query"
-)
 def test_the_repr_of_a_loaded_manifest_does_not_show_the_url_query() -> None:
     # A manifest logged with %r (or shown in a traceback's locals) must not leak a signed URL's
     # token; the query is needed for the download, not for display.
     manifest = load_manifest_text(render_manifest(BASE_MANIFEST_FIELDS))
-    assert "SECRET-TOKEN" not in repr(manifest)
+    shown = repr(manifest)
+    assert "SECRET-TOKEN" not in shown
+    assert manifest.model.sha256 not in shown
+    assert manifest.model.url.split("?", 1)[0] in shown  # still says where the model is from

@@ -97,6 +97,14 @@ class ModelSpec:
     sha256: str
     size_bytes: int
 
+    def __repr__(self) -> str:
+        # A manifest may be logged with %r or shown among a traceback's locals: the URL's query
+        # and fragment (a signed URL's token) and the digest are left out of the text.
+        shown = self.url.split("#", 1)[0]
+        if "?" in shown:
+            shown = shown.split("?", 1)[0] + "?…"
+        return f"ModelSpec(name={self.name!r}, url={shown!r}, size_bytes={self.size_bytes!r})"
+
 
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,6 +181,10 @@ def load_manifest_text(text: str) -> Manifest:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         # The decoder's message quotes the offending line; it is deliberately dropped.
+        raise ManifestError(Reason.MALFORMED_MANIFEST, "manifest") from None
+    except RecursionError:
+        # tomllib recurses once per nesting level of arrays and inline tables; a few thousand
+        # levels exhaust the stack. No real manifest nests more than two levels.
         raise ManifestError(Reason.MALFORMED_MANIFEST, "manifest") from None
     return manifest_from_dict(data)
 
@@ -337,7 +349,10 @@ def _positive_number(table: Mapping[str, object], prefix: str, key: str, default
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ManifestError(Reason.MALFORMED_MANIFEST, f"{prefix}.{key}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer with more digits than a float can hold
+        raise ManifestError(Reason.MALFORMED_MANIFEST, f"{prefix}.{key}") from None
     if not math.isfinite(number) or number <= 0:
         raise ManifestError(Reason.MALFORMED_MANIFEST, f"{prefix}.{key}")
     return number
