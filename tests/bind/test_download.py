@@ -6,17 +6,21 @@ the URL's query (a secret token) or the digest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from companion_runtime.bind.download import (
+    DEFAULT_DOWNLOAD_OPTIONS,
     DownloadError,
     DownloadOptions,
+    _ProgressWatch,
     download_to_store,
 )
 from companion_runtime.bind.store import ModelStore
@@ -53,6 +57,9 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/404.bin": Fault(kind="status", status=404),
         "/500.bin": Fault(kind="status", status=500),
         "/stall.bin": Fault(kind="stall", stall_after_bytes=50_000),
+        "/chunked.bin": Fault(kind="chunked"),
+        "/chunked-stall.bin": Fault(kind="chunked", stall_after_bytes=50_000),
+        "/drip.bin": Fault(kind="drip", stall_after_bytes=300, drip_interval_s=0.02),
         "/ignore-range.bin": Fault(kind="ignore_range"),
         "/bad-range.bin": Fault(kind="bad_content_range"),
         "/hop.bin": Fault(kind="set_cookie_redirect", location="/m.bin", status=307),
@@ -93,12 +100,7 @@ def fetch(
         expected_digest=DIGEST,
         expected_size_bytes=SIZE,
         store=store,
-        options=DownloadOptions(
-            connect_timeout_s=options.connect_timeout_s,
-            stall_timeout_s=options.stall_timeout_s,
-            buffer_bytes=options.buffer_bytes,
-            ca_bundle=origin.ca_pem_path,
-        ),
+        options=dataclasses.replace(options, ca_bundle=origin.ca_pem_path),
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -224,16 +226,119 @@ def test_oversized_body_never_grows_the_temp_file_past_the_size(
 
 
 @pytest.mark.integration
-def test_stall_times_out(
+@pytest.mark.data_integrity
+def test_stall_keeps_every_received_byte_and_the_resume_starts_there(
     origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    short = DownloadOptions(connect_timeout_s=5, stall_timeout_s=0.5, buffer_bytes=16 * 1024)
+    # The default receive buffer (2 MiB) is far larger than what arrives before the stall:
+    # the bytes of a buffer still being filled when the stall hits must not be lost.
+    short = DownloadOptions(connect_timeout_s=5, stall_timeout_s=0.5)
+    assert short.buffer_bytes > 50_000
     error = refused(origin, store, "/stall.bin", caplog, options=short)
     assert error.reason is Reason.TIMEOUT
-    # What arrived before the stall, in whole receive buffers, is kept for a resume (it is
-    # re-verified then); the buffer being filled when the stall hit is dropped.
+    # The server sent 50,000 bytes and went silent well before the stall timeout: every one
+    # of them was read, hashed and is in the kept partial file.
+    assert body_requests(origin, "/stall.bin")[-1].bytes_sent == 50_000
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:50_000]
+    before = len(origin.requests)
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    (request,) = origin.requests[before:]
+    assert request.range_header == "bytes=50000-"
+    assert (request.status, request.bytes_sent) == (206, SIZE - 50_000)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_chunked_body_is_received_and_a_chunked_stall_keeps_its_bytes(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    short = DownloadOptions(connect_timeout_s=5, stall_timeout_s=0.5)
+    error = refused(origin, store, "/chunked-stall.bin", caplog, options=short)
+    assert error.reason is Reason.TIMEOUT
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:50_000]
+    store.partial_path(DIGEST).unlink()
+    assert fetch(origin, store, "/chunked.bin", options=short).read_bytes() == DATA
+
+
+@pytest.mark.integration
+def test_slow_drip_is_refused_by_the_minimum_progress_rule(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One byte every 20 ms never trips the 2 s per-read stall timeout; the rule (fewer than
+    # 1 KiB in 0.5 s) does. Without it the drip runs its 6 s and ends as a broken transfer.
+    slow = DownloadOptions(
+        connect_timeout_s=5,
+        stall_timeout_s=2,
+        min_progress_bytes=1024,
+        min_progress_window_s=0.5,
+    )
+    started = time.monotonic()
+    error = refused(origin, store, "/drip.bin", caplog, options=slow)
+    elapsed = time.monotonic() - started
+    assert error.reason is Reason.TIMEOUT
+    assert elapsed < 3
+    # What dripped in before the refusal is kept for a resume, like after a stall.
     kept = partial_size(store, DIGEST)
-    assert 0 < kept <= 50_000 and kept % short.buffer_bytes == 0
+    assert 0 < kept <= body_requests(origin, "/drip.bin")[-1].bytes_sent
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:kept]
+
+
+def test_minimum_progress_default_is_64_kib_in_30_s() -> None:
+    assert DEFAULT_DOWNLOAD_OPTIONS.min_progress_bytes == 64 * 1024
+    assert DEFAULT_DOWNLOAD_OPTIONS.min_progress_window_s == 30.0
+
+
+def test_minimum_progress_rule_counts_bytes_per_window() -> None:
+    watch = _ProgressWatch(min_bytes=100, window_s=10.0, now=0.0, received=1000)
+    assert not watch.too_slow(received=1001, now=9.9)  # the window has not run its length
+    assert not watch.too_slow(received=1100, now=10.0)  # 100 bytes in it: a new window starts
+    assert not watch.too_slow(received=1150, now=19.9)
+    assert watch.too_slow(received=1199, now=20.0)  # 99 bytes in the second window
+    for off in (
+        _ProgressWatch(min_bytes=0, window_s=10.0, now=0.0, received=0),
+        _ProgressWatch(min_bytes=100, window_s=0.0, now=0.0, received=0),
+    ):
+        assert not off.too_slow(received=0, now=1e9)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("path", "reason", "kwargs"),
+    [
+        ("/m.bin", Reason.INSUFFICIENT_DISK, {"free_space": lambda _path: 0}),
+        ("/bitflip.bin", Reason.DIGEST_MISMATCH, {}),
+        ("/oversize.bin", Reason.SIZE_MISMATCH, {}),
+        ("/404.bin", Reason.HTTP_STATUS, {}),
+        ("/gzip.bin", Reason.CONTENT_ENCODING_NOT_ALLOWED, {}),
+        ("/to-http.bin", Reason.REDIRECT_NOT_ALLOWED, {}),
+    ],
+)
+def test_refusals_leave_nothing_in_the_store_tmp_dir(
+    origin: FaultyOrigin,
+    store: ModelStore,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    reason: Reason,
+    kwargs: dict[str, object],
+) -> None:
+    assert refused(origin, store, path, caplog, **kwargs).reason is reason
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_insufficient_disk_keeps_a_verified_prefix_for_later(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A kept prefix is not left behind by the refusal: it was there before and it is still a
+    # valid start for a resume once space is freed.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    error = refused(origin, store, "/m.bin", caplog, free_space=lambda _path: 0)
+    assert error.reason is Reason.INSUFFICIENT_DISK
+    assert len(origin.requests) == before
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:100_000]
 
 
 @pytest.mark.integration
@@ -381,6 +486,7 @@ def test_too_small_disk_is_refused_before_any_request(
     before = len(origin.requests)
     assert refused(origin, store, "/m.bin", caplog).reason is Reason.INSUFFICIENT_DISK
     assert len(origin.requests) == before
+    assert list(store.tmp_dir.iterdir()) == []
 
 
 @pytest.mark.integration

@@ -125,6 +125,35 @@ def test_size_only_policy_trusts_a_same_size_blob(origin: FaultyOrigin, tmp_path
 
 
 @pytest.mark.integration
+@pytest.mark.data_integrity
+def test_pull_after_a_stall_resumes_at_the_last_received_byte(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    sent = 123_457
+    origin.files["/stall.bin"] = DATA
+    origin.faults["/stall.bin"] = Fault(kind="stall", stall_after_bytes=sent)
+    store = ModelStore(tmp_path)
+    # Default (2 MiB) receive buffers: the stall hits while the first one is being filled.
+    stalls = DownloadOptions(connect_timeout_s=5, stall_timeout_s=0.5)
+    result = pull_model(
+        manifest_for(origin, "/stall.bin"),
+        store=store,
+        ca_bundle=origin.ca_pem_path,
+        options=stalls,
+    )
+    assert result.verdict.reason is Reason.TIMEOUT
+    assert_nothing_published(store)
+    assert store.partial_path(DIGEST).stat().st_size == sent
+    resumed = pull(origin, store)
+    assert resumed.ok and resumed.path is not None
+    assert resumed.path.read_bytes() == DATA
+    (request,) = body_requests(origin, "/m.bin")
+    assert request.range_header == f"bytes={sent}-"
+    assert request.bytes_sent == SIZE - sent
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.integration
 @pytest.mark.stress
 def test_concurrent_pulls_in_threads_download_once(origin: FaultyOrigin, tmp_path: Path) -> None:
     store = ModelStore(tmp_path)

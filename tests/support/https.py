@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class Fault:
 
     kind: ``bitflip`` | ``truncate`` | ``oversize`` | ``lying_length`` | ``redirect`` |
     ``gzip`` | ``status`` | ``stall`` | ``ignore_range`` | ``bad_content_range`` |
-    ``set_cookie_redirect``.
+    ``set_cookie_redirect`` | ``drip`` | ``chunked``.
     """
 
     kind: str
@@ -35,6 +36,9 @@ class Fault:
     status: int = 0
     #: For ``stall``: bytes sent before the server goes silent.
     stall_after_bytes: int = 0
+    #: For ``drip``: seconds between single body bytes (``stall_after_bytes`` of them are
+    #: dripped, then the server hangs up).
+    drip_interval_s: float = 0.0
 
 
 class FaultHandler(OriginHandler):
@@ -95,6 +99,14 @@ class FaultHandler(OriginHandler):
             # Go silent until the test ends (or the client hangs up).
             self.faulty.closing.wait(30)
             self.close_connection = True
+        elif kind == "drip":
+            # Announces the whole body, then sends it one byte at a time: never silent for
+            # long enough to trip a per-read timeout, yet far too slow to finish.
+            self._raw(record, 200, {"Content-Length": str(len(body))}, b"")
+            self._drip(record, body[: fault.stall_after_bytes], fault.drip_interval_s)
+            self.close_connection = True
+        elif kind == "chunked":
+            self._chunked(record, body, fault.stall_after_bytes)
         elif kind == "ignore_range":
             self._raw(record, 200, {"Content-Length": str(len(body))}, body)
         elif kind == "bad_content_range":
@@ -113,6 +125,39 @@ class FaultHandler(OriginHandler):
                 )
         else:
             raise AssertionError(f"unknown fault {kind}")
+
+    def _drip(self, record: RequestRecord, data: bytes, interval_s: float) -> None:
+        try:
+            self.wfile.flush()
+            for position in range(len(data)):
+                if self.faulty.closing.wait(interval_s):
+                    return
+                self.wfile.write(data[position : position + 1])
+                record.bytes_sent += 1
+        except (OSError, ssl.SSLError):
+            return
+
+    def _chunked(self, record: RequestRecord, body: bytes, stall_after_bytes: int) -> None:
+        # ``Transfer-Encoding: chunked`` in odd-sized chunks. With ``stall_after_bytes``, only
+        # that many body bytes go out, then the server goes silent mid-body.
+        self.send_response(200)
+        record.status = 200
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        data = body[:stall_after_bytes] if stall_after_bytes else body
+        try:
+            for position in range(0, len(data), 7_001):
+                piece = data[position : position + 7_001]
+                self.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                record.bytes_sent += len(piece)
+            if not stall_after_bytes:
+                self.wfile.write(b"0\r\n\r\n")
+                return
+        except (OSError, ssl.SSLError):
+            self.close_connection = True
+            return
+        self.faulty.closing.wait(30)
+        self.close_connection = True
 
     def _raw(
         self, record: RequestRecord, status: int, headers: dict[str, str], data: bytes
