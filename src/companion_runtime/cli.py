@@ -187,6 +187,11 @@ def serve(
     Runs until SIGINT/SIGTERM, then stops admitting (503 not_ready), lets requests in flight
     finish, stops the runtime, removes the token file and exits 0. Clients send
     "Authorization: Bearer <token>" with the token from the printed token file.
+
+    Exits 1 with a reason code when it is refused before ready, or when the supervisor gives
+    up on the runtime once serving (restart_limit_reached after repeated crashes, or a blob
+    that no longer verifies before a restart); it shuts down the same way first. With --json
+    that reason is a second line, {"ok": false, "reason": ...}.
     """
     import asyncio
     import signal

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +25,51 @@ def test_demo_runs_end_to_end_and_exits_0() -> None:
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     for shown in ("digest_mismatch", "nothing stored", "queue_full", "gone"):
         assert shown in finished.stdout
+
+
+# --- without the llama extra --------------------------------------------------------------
+
+INSTALL_COMMAND = "pip install 'companion-runtime[llama]'"
+
+
+def _demo_without_xllamacpp(
+    prelude: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    script = f"{prelude}\nimport sys\nsys.argv = ['companion-runtime', 'demo']\n"
+    script += "from companion_runtime.cli import main\nmain()\n"
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def _assert_names_the_install_command(finished: subprocess.CompletedProcess[str]) -> None:
+    assert finished.returncode == 1, finished.stdout[-3000:] + finished.stderr[-3000:]
+    output = finished.stdout + finished.stderr
+    # Whole, on one line: not split by wrapping, "[llama]" not taken for markup.
+    assert any(INSTALL_COMMAND in line for line in output.splitlines()), output
+    assert "Traceback" not in output
+    # Refused before anything started: no burst, no report.
+    assert "queue_full" not in output
+
+
+def test_demo_without_the_llama_extra_names_the_install_command() -> None:
+    # As if the package were not installed: the import system finds nothing for it.
+    finished = _demo_without_xllamacpp("import sys\nsys.modules['xllamacpp'] = None")
+    _assert_names_the_install_command(finished)
+
+
+def test_demo_with_an_xllamacpp_that_cannot_be_imported_names_the_install_command(
+    tmp_path: Path,
+) -> None:
+    # Present but broken (e.g. a partial install): it is found, yet importing it fails.
+    (tmp_path / "xllamacpp.py").write_text("raise ImportError('native library missing')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    finished = _demo_without_xllamacpp("", env=env)
+    _assert_names_the_install_command(finished)

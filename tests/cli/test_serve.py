@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -18,6 +22,7 @@ import psutil
 import pytest
 
 from companion_runtime.bind.llama_server import llama_available
+from companion_runtime.bind.supervisor import SupervisorConfig
 from companion_runtime.bind.tiny_model import tiny_model_bytes
 from tests.support.frontdoor import (
     RUNTIME_PARALLEL,
@@ -28,11 +33,10 @@ from tests.support.frontdoor import (
     serve_env,
     serve_manifest_text,
 )
+from tests.support.supervision import process_gone, standin_command, wait_for
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not llama_available(), reason="needs the llama extra"),
-]
+pytestmark = pytest.mark.e2e
+needs_llama = pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
 
 MAX_IN_FLIGHT = 2
 QUEUE_BOUND = 4
@@ -53,6 +57,7 @@ def completion(prompt: str, n_predict: int, **extra: object) -> dict[str, object
 # --- ready line and guards ----------------------------------------------------------------
 
 
+@needs_llama
 def test_ready_line_token_file_and_state_file(served: ServeProcess) -> None:
     assert set(served.ready) == {"ok", "reason", "url", "token_file"}
     assert served.ready["reason"] == "ok"
@@ -66,6 +71,7 @@ def test_ready_line_token_file_and_state_file(served: ServeProcess) -> None:
 
 
 @pytest.mark.security
+@needs_llama
 def test_guards_in_front_of_the_real_runtime(served: ServeProcess) -> None:
     body = completion("hello", 4)
     with httpx.Client(base_url=served.url, timeout=30, trust_env=False) as client:
@@ -97,6 +103,7 @@ def test_guards_in_front_of_the_real_runtime(served: ServeProcess) -> None:
 
 
 @pytest.mark.security
+@needs_llama
 def test_front_door_and_runtime_listen_on_127_0_0_1_only(served: ServeProcess) -> None:
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.2", served.port), timeout=5)
@@ -119,6 +126,7 @@ def test_front_door_and_runtime_listen_on_127_0_0_1_only(served: ServeProcess) -
 
 
 @pytest.mark.stress
+@needs_llama
 def test_a_flood_of_2000_never_puts_more_than_max_in_flight_on_the_runtime(
     served: ServeProcess,
 ) -> None:
@@ -191,6 +199,7 @@ def test_a_flood_of_2000_never_puts_more_than_max_in_flight_on_the_runtime(
 # --- streaming ----------------------------------------------------------------------------
 
 
+@needs_llama
 def test_streamed_tokens_arrive_while_the_runtime_is_still_generating(
     served: ServeProcess,
 ) -> None:
@@ -227,6 +236,7 @@ def test_streamed_tokens_arrive_while_the_runtime_is_still_generating(
 # --- shutdown -----------------------------------------------------------------------------
 
 
+@needs_llama
 def test_sigterm_drains_in_flight_refuses_new_and_leaves_nothing_running(
     tmp_path: Path,
 ) -> None:
@@ -310,6 +320,7 @@ def _serve_once(tmp_path: Path, **manifest_options: object) -> tuple[int, str, i
 
 
 @pytest.mark.data_integrity
+@needs_llama
 def test_a_model_that_does_not_verify_is_refused_before_anything_serves(tmp_path: Path) -> None:
     returncode, stdout, _requests = _serve_once(tmp_path, sha256="0" * 64)
     assert returncode == 1
@@ -318,6 +329,7 @@ def test_a_model_that_does_not_verify_is_refused_before_anything_serves(tmp_path
     assert not (tmp_path / "state" / "serve.json").exists()
 
 
+@needs_llama
 def test_a_model_too_large_is_refused_before_the_download(tmp_path: Path) -> None:
     returncode, stdout, requests = _serve_once(
         tmp_path, size_bytes=6 * 1024**3, max_ram_bytes=4 * 1024**3
@@ -325,3 +337,114 @@ def test_a_model_too_large_is_refused_before_the_download(tmp_path: Path) -> Non
     assert returncode == 1
     assert json.loads(stdout) == {"ok": False, "reason": "model_too_large"}
     assert requests == 0
+
+
+# --- giving up ----------------------------------------------------------------------------
+
+
+def _standin_manifest_text(origin_url: str, allow: str, data: bytes, *flags: str) -> str:
+    """A manifest whose runtime is the stand-in runtime run with ``flags``."""
+    import hashlib
+
+    return "\n".join(
+        [
+            "[model]",
+            'name = "standin"',
+            f'url = "{origin_url}"',
+            f'sha256 = "{hashlib.sha256(data).hexdigest()}"',
+            f"size_bytes = {len(data)}",
+            "[sources]",
+            f'allow = ["{allow}"]',
+            "[runtime]",
+            f"command = {json.dumps(standin_command(*flags))}",
+            "ready_timeout_s = 30",
+            "[limits]",
+            "max_ram_bytes = 4294967296",
+            "max_vram_bytes = 1073741824",
+            "max_cpu_percent = 100",
+            "",
+        ]
+    )
+
+
+def test_serve_exits_1_with_restart_limit_reached_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    # The supervisor's own defaults apply (the manifest has no restart settings): each crash
+    # is restarted after a doubling backoff from 0.5 s, up to max_restarts times.
+    defaults = {field.name: field.default for field in dataclasses.fields(SupervisorConfig)}
+    max_restarts = defaults["max_restarts"]
+    assert isinstance(max_restarts, int)
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = tmp_path / "state"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(
+                origin.url("/models/standin.bin"),
+                origin.base_url,
+                data,
+                # Ready, then gone one second later (exit status 4) — every time; each run
+                # also leaves a grandchild in its process group that must not outlive it.
+                "--exit-after-s",
+                "1",
+                "--spawn-child",
+            )
+        )
+        started = time.monotonic()
+        process = subprocess.Popen(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(state_dir),
+        )
+        seen: dict[int, tuple[float, bool]] = {}  # pid -> (create time, is a runtime)
+        try:
+            serve = psutil.Process(process.pid)
+            while process.poll() is None and time.monotonic() - started < 90:
+                with contextlib.suppress(psutil.Error):
+                    direct = {child.pid for child in serve.children()}
+                    for child in serve.children(recursive=True):
+                        seen.setdefault(child.pid, (child.create_time(), child.pid in direct))
+                time.sleep(0.05)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            stdout, stderr = process.communicate(timeout=30)
+        elapsed = time.monotonic() - started
+
+    assert process.returncode == 1, stderr[-3000:]
+    # Backoffs 0.5 + 1 + 2 s and four one-second runs: well under a minute, not forever.
+    assert elapsed < 60
+    ready_line, given_up_line = (json.loads(line) for line in stdout.splitlines())
+    assert ready_line["ok"] is True
+    assert given_up_line == {"ok": False, "reason": "restart_limit_reached"}
+    assert "Traceback" not in stderr
+    runtimes = [pid for pid, (_created, is_runtime) in seen.items() if is_runtime]
+    assert len(runtimes) == 1 + max_restarts
+    assert len(seen) > len(runtimes)  # the grandchildren were seen too
+    assert wait_for(
+        lambda: all(process_gone(pid, created) for pid, (created, _) in seen.items()), 10
+    ), [pid for pid, (created, _) in seen.items() if not process_gone(pid, created)]
+    token_file = Path(str(ready_line["token_file"]))
+    assert not token_file.exists()
+    assert not (state_dir / "serve.json").exists()
+    port = int(str(ready_line["url"]).rsplit(":", 1)[1])
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_serve_help_documents_the_give_up_exit() -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert finished.returncode == 0
+    assert "Exits 1" in finished.stdout
+    assert "restart_limit_reached" in finished.stdout

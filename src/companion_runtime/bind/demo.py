@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -29,7 +31,11 @@ from rich.console import Console
 from rich.table import Table
 
 from companion_runtime.bind.https_origin import ModelOrigin
-from companion_runtime.bind.llama_server import embedded_llama_command, llama_available
+from companion_runtime.bind.llama_server import (
+    INSTALL_COMMAND,
+    embedded_llama_command,
+    llama_available,
+)
 from companion_runtime.bind.manifest import Manifest, manifest_from_dict
 from companion_runtime.bind.pull import pull_model
 from companion_runtime.bind.serve import ServeRefused, serving
@@ -41,8 +47,10 @@ __all__ = ["BURST_SIZE", "INSTALL_HINT", "DemoReport", "run_demo"]
 #: How to get the runtime the demo needs.
 INSTALL_HINT: Final = (
     "the demo runs llama.cpp through the 'llama' extra; install it with: "
-    "pip install 'companion-runtime[llama]'  (from a checkout: pip install -e '.[llama]')"
+    f"{INSTALL_COMMAND}  (from a checkout: pip install -e '.[llama]')"
 )
+#: How long the child interpreter may take to import xllamacpp.
+_IMPORT_CHECK_TIMEOUT_S: Final = 60.0
 #: Demo limits: small enough that a burst shows every admission outcome.
 MAX_IN_FLIGHT: Final = 2
 QUEUE_BOUND: Final = 4
@@ -251,11 +259,34 @@ def report_table(report: DemoReport) -> Table:
     return table
 
 
+def _llama_importable() -> bool:
+    """Whether ``import xllamacpp`` works, tried in a child interpreter.
+
+    A package that is present but cannot be imported (a broken or partial install) is found
+    here rather than as a runtime that dies while starting; the child keeps llama.cpp's native
+    libraries out of this process.
+    """
+    if not llama_available():
+        return False
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-c", "import xllamacpp"],
+            capture_output=True,
+            timeout=_IMPORT_CHECK_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return finished.returncode == 0
+
+
 def demo_main(console: Console | None = None) -> int:
     """Run the demo with console output; return the exit code."""
     console = console or Console()
-    if not llama_available():
-        console.print(INSTALL_HINT)
+    if not _llama_importable():
+        # Printed verbatim: as markup, "[llama]" would be swallowed as a style tag, and a
+        # wrapped line would split the command.
+        console.print(INSTALL_HINT, markup=False, highlight=False, soft_wrap=True)
         return 1
     report = asyncio.run(run_demo(say=lambda step: console.print(f"[bold]>[/bold] {step}")))
     console.print(report_table(report))

@@ -9,6 +9,10 @@ Shutdown (SIGINT/SIGTERM, or the ``stop`` event): the supervisor drains — the 
 ``ready``, so the admission controller refuses new requests ``not_ready`` (the front door keeps
 answering them with 503) while requests in flight finish, up to the grace period — then stops
 the runtime process; then the front door closes and the token and state files are removed.
+
+Giving up: when the supervisor stops restarting the runtime (``restart_limit_reached``, or a
+blob that no longer verifies or fits before a restart), nothing will ever be ready again, so
+``serve`` shuts down the same way and returns that reason instead of answering 503 forever.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from companion_runtime.bind.session import (
 )
 from companion_runtime.bind.store import ModelStore
 from companion_runtime.bind.supervisor import Supervisor, check_model_fit
-from companion_runtime.core import Reason, Verdict
+from companion_runtime.core import LifecycleState, Reason, Verdict
 
 __all__ = [
     "DEFAULT_GRACE_S",
@@ -52,6 +56,22 @@ _logger = logging.getLogger(__name__)
 
 #: How long requests in flight may take to finish once shutdown begins.
 DEFAULT_GRACE_S: Final = 30.0
+#: How often a running ``serve`` checks whether the supervisor has given up.
+_GIVE_UP_POLL_S: Final = 0.2
+#: Reasons the supervisor is left with once it stops restarting the runtime for good: the
+#: restart limit, or a refusal of the checks it runs before every restart (re-verify, fit).
+#: A runtime that merely exited, turned unhealthy or failed to start is restarted instead.
+_GIVEN_UP_REASONS: Final = frozenset(
+    {
+        Reason.RESTART_LIMIT_REACHED,
+        Reason.DIGEST_MISMATCH,
+        Reason.SIZE_MISMATCH,
+        Reason.FILE_NOT_FOUND,
+        Reason.MALFORMED_SPEC,
+        Reason.MODEL_TOO_LARGE,
+        Reason.MALFORMED_LIMITS,
+    }
+)
 
 
 @final
@@ -154,6 +174,25 @@ async def serving(
                     remove_serve_state(directory, pid=os.getpid())
 
 
+def _given_up(supervisor: Supervisor) -> Reason | None:
+    """The reason the supervisor stopped restarting the runtime, or None while it has not."""
+    if supervisor.lifecycle.state is not LifecycleState.STOPPED:
+        return None
+    reason = Reason(str(supervisor.status()["last_reason"]))
+    return reason if reason in _GIVEN_UP_REASONS else None
+
+
+async def _until_stop_or_given_up(supervisor: Supervisor, stop: asyncio.Event) -> Reason | None:
+    """Wait for ``stop`` (None) or for the supervisor to give up (its reason)."""
+    while not stop.is_set():
+        reason = _given_up(supervisor)
+        if reason is not None:
+            return reason
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=_GIVE_UP_POLL_S)
+    return None
+
+
 async def serve_manifest(
     options: ServeOptions,
     *,
@@ -161,7 +200,11 @@ async def serve_manifest(
     stop: asyncio.Event,
     on_progress: Callable[[str], None] | None = None,
 ) -> Verdict:
-    """Run ``serve`` until ``stop`` is set; return the refusal that ended it early, or ok."""
+    """Run ``serve`` until ``stop`` is set; return the refusal that ended it early, or ok.
+
+    Once ready, it also ends (after the same shutdown) when the supervisor gives up on the
+    runtime, returning that reason (``restart_limit_reached``, ...).
+    """
 
     def say(step: str) -> None:
         if on_progress is not None:
@@ -182,6 +225,7 @@ async def serve_manifest(
     if not pulled.ok or pulled.path is None:
         return pulled.verdict
     say("start")
+    given_up: Reason | None = None
     try:
         async with serving(
             manifest,
@@ -191,8 +235,8 @@ async def serve_manifest(
             grace_s=options.grace_s,
         ) as running:
             on_ready(running)
-            await stop.wait()
-            say("drain")
+            given_up = await _until_stop_or_given_up(running.supervisor, stop)
+            say("drain" if given_up is None else f"stop: {given_up.value}")
     except ServeRefused as refused:
         return Verdict(False, refused.reason)
     except SessionFileError as error:
@@ -201,4 +245,6 @@ async def serve_manifest(
         # The front door could not bind its port (taken, or not permitted).
         _logger.warning("front door could not listen")
         return Verdict(False, Reason.SPAWN_FAILED)
+    if given_up is not None:
+        return Verdict(False, given_up)
     return Verdict(True, Reason.OK)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from rich.table import Table
+from rich.text import Text
 
 from companion_runtime.bind.session import (
     SessionFileError,
@@ -47,9 +48,18 @@ def _refused(reason: Reason) -> StatusResult:
 
 
 def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResult:
-    """``GET {url}/_status`` with the bearer token; never raises for a refusal."""
-    parts = urlsplit(url)
-    if parts.scheme != "http" or parts.hostname not in _LOOPBACK_HOSTS:
+    """``GET {url}/_status`` with the bearer token; never raises for a refusal.
+
+    ``malformed_spec``: ``url`` cannot be parsed (a bad port, an unclosed ``[``);
+    ``host_not_allowed``: it is not ``http`` on a loopback host; ``not_ready``: nothing
+    listens there.
+    """
+    try:
+        parts = urlsplit(url)
+        hostname, _port = parts.hostname, parts.port  # .port raises for a bad port
+    except ValueError:
+        return _refused(Reason.MALFORMED_SPEC)
+    if parts.scheme != "http" or hostname not in _LOOPBACK_HOSTS:
         return _refused(Reason.HOST_NOT_ALLOWED)
     try:
         with httpx.Client(trust_env=False, timeout=timeout_s) as client:
@@ -61,6 +71,9 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
     except httpx.ConnectError:
         # Nothing listens there: no front door is serving.
         return _refused(Reason.NOT_READY)
+    except httpx.InvalidURL:
+        # Not an httpx.HTTPError: a URL httpx refuses to build a request for.
+        return _refused(Reason.MALFORMED_SPEC)
     except (httpx.HTTPError, ValueError):
         return _refused(Reason.UPSTREAM_ERROR)
     if response.status_code == 401:
@@ -103,7 +116,8 @@ def status_table(document: Mapping[str, object]) -> Table:
     table.add_column("field")
     table.add_column("value", justify="right")
     for name, value in _flatten(document):
-        table.add_row(name, value)
+        # Text, not markup: a value such as "[/x]" is shown as it is, never parsed as a tag.
+        table.add_row(Text(name), Text(value))
     return table
 
 

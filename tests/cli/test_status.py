@@ -1,0 +1,266 @@
+"""`companion-runtime status` as a real subprocess, against a real `serve` over llama.cpp."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Final
+
+import pytest
+
+from companion_runtime.bind.llama_server import llama_available
+from tests.support.frontdoor import ServeProcess, running_serve
+
+pytestmark = pytest.mark.e2e
+needs_llama = pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+
+COUNTERS = ("in_flight", "queued", "admitted_total", "completed_total", "refused_total")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    with running_serve(tmp_path_factory.mktemp("status")) as (serve, _origin):
+        yield serve
+
+
+def run_status(*options: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``companion-runtime status OPTIONS`` with ``state_dir`` as the state directory."""
+    env = dict(os.environ)
+    env["COMPANION_RUNTIME_STATE_DIR"] = str(state_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "status", *options],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def assert_refused(
+    finished: subprocess.CompletedProcess[str], reason: str, *, json_output: bool
+) -> None:
+    assert finished.returncode == 1, finished.stdout + finished.stderr
+    if json_output:
+        assert json.loads(finished.stdout) == {"ok": False, "reason": reason}
+    else:
+        assert finished.stdout == ""
+        assert finished.stderr.strip() == f"refused: {reason}"
+    assert "Traceback" not in finished.stdout + finished.stderr
+
+
+def _is_number(value: object) -> bool:
+    return type(value) in (int, float)
+
+
+# --- against a running serve --------------------------------------------------------------
+
+
+@needs_llama
+def test_json_finds_serve_through_its_state_file(served: ServeProcess) -> None:
+    finished = run_status("--json", state_dir=served.state_dir)
+    assert finished.returncode == 0, finished.stderr
+    document = json.loads(finished.stdout)  # the whole output is one JSON object
+    assert isinstance(document, dict)
+    assert document["ok"] is True and document["reason"] == "ok"
+    assert document["state"] == "ready"
+    for counter in COUNTERS:
+        assert _is_number(document[counter]), counter
+    front_door = document["front_door"]
+    assert isinstance(front_door, dict)
+    assert _is_number(front_door["proxied_total"])
+    assert all(_is_number(count) for count in front_door["refused_by_reason"].values())
+    assert document["pid"] == served.status()["pid"]  # the runtime this serve supervises
+
+
+@needs_llama
+def test_json_with_url_and_token_file_needs_no_state_file(
+    served: ServeProcess, tmp_path: Path
+) -> None:
+    finished = run_status(
+        "--url",
+        served.url,
+        "--token-file",
+        str(served.token_file),
+        "--json",
+        state_dir=tmp_path / "empty",
+    )
+    assert finished.returncode == 0, finished.stderr
+    document = json.loads(finished.stdout)
+    assert document["state"] == "ready"
+    assert all(_is_number(document[counter]) for counter in COUNTERS)
+
+
+@needs_llama
+def test_table_shows_the_state(served: ServeProcess) -> None:
+    finished = run_status(state_dir=served.state_dir)
+    assert finished.returncode == 0, finished.stderr
+    rows: dict[str, str] = {}
+    for line in finished.stdout.splitlines():
+        cells = [cell.strip() for cell in line.split("│")]
+        if len(cells) == 4 and cells[1]:
+            rows.setdefault(cells[1], cells[2])
+    assert rows.get("state") == "ready", finished.stdout
+    assert rows.get("in_flight") == "0"
+    assert rows.get("front_door.proxied_total", "").isdigit()
+
+
+@needs_llama
+@pytest.mark.security
+@pytest.mark.parametrize("json_output", [False, True])
+def test_a_wrong_token_is_refused_without_echoing_token_or_path(
+    served: ServeProcess, tmp_path: Path, json_output: bool
+) -> None:
+    wrong_token = "W" * 43
+    token_file = tmp_path / "wrong.token"
+    token_file.write_text(wrong_token + "\n")
+    finished = run_status(
+        "--url",
+        served.url,
+        "--token-file",
+        str(token_file),
+        *(["--json"] if json_output else []),
+        state_dir=served.state_dir,
+    )
+    assert_refused(finished, "unauthorized", json_output=json_output)
+    output = finished.stdout + finished.stderr
+    for secret in (wrong_token, served.token, str(token_file), str(served.token_file)):
+        assert secret not in output
+
+
+@needs_llama
+@pytest.mark.security
+@pytest.mark.parametrize("json_output", [False, True])
+def test_a_missing_token_file_is_refused_without_echoing_its_path(
+    served: ServeProcess, tmp_path: Path, json_output: bool
+) -> None:
+    missing = tmp_path / "no-such.token"
+    finished = run_status(
+        "--url",
+        served.url,
+        "--token-file",
+        str(missing),
+        *(["--json"] if json_output else []),
+        state_dir=served.state_dir,
+    )
+    assert_refused(finished, "file_not_found", json_output=json_output)
+    assert str(missing) not in finished.stdout + finished.stderr
+    assert served.token not in finished.stdout + finished.stderr
+
+
+# --- nothing to ask -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_nothing_listening_is_refused_not_ready(tmp_path: Path, json_output: bool) -> None:
+    token_file = tmp_path / "frontdoor.token"
+    token_file.write_text("T" * 43 + "\n")
+    finished = run_status(
+        "--url",
+        f"http://127.0.0.1:{free_port()}",
+        "--token-file",
+        str(token_file),
+        *(["--json"] if json_output else []),
+        state_dir=tmp_path / "state",
+    )
+    assert_refused(finished, "not_ready", json_output=json_output)
+
+
+def test_a_stale_state_file_of_a_serve_that_died_is_refused_not_ready(tmp_path: Path) -> None:
+    # What a serve killed with SIGKILL leaves behind: the files, and nobody on the port.
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    token_file = state_dir / "frontdoor.token"
+    token_file.write_text("T" * 43 + "\n")
+    (state_dir / "serve.json").write_text(
+        json.dumps(
+            {"url": f"http://127.0.0.1:{free_port()}", "token_file": str(token_file), "pid": 1}
+        )
+    )
+    assert_refused(run_status("--json", state_dir=state_dir), "not_ready", json_output=True)
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_no_serve_recorded_is_refused_file_not_found(tmp_path: Path, json_output: bool) -> None:
+    finished = run_status(*(["--json"] if json_output else []), state_dir=tmp_path / "state")
+    assert_refused(finished, "file_not_found", json_output=json_output)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:notaport", "http://127.0.0.1:99999", "http://[::1"]
+)
+def test_a_malformed_url_is_refused_without_a_traceback(tmp_path: Path, url: str) -> None:
+    token_file = tmp_path / "frontdoor.token"
+    token_file.write_text("T" * 43 + "\n")
+    finished = run_status(
+        "--url", url, "--token-file", str(token_file), state_dir=tmp_path / "state"
+    )
+    assert_refused(finished, "malformed_spec", json_output=False)
+
+
+@pytest.mark.parametrize("url", ["http://192.0.2.1:8080", "https://127.0.0.1:8080"])
+def test_the_token_goes_only_to_loopback_http(tmp_path: Path, url: str) -> None:
+    token_file = tmp_path / "frontdoor.token"
+    token_file.write_text("T" * 43 + "\n")
+    finished = run_status(
+        "--url", url, "--token-file", str(token_file), "--json", state_dir=tmp_path / "state"
+    )
+    assert_refused(finished, "host_not_allowed", json_output=True)
+
+
+# --- what a front door says is shown as it is -----------------------------------------------
+
+
+# A status document whose values look like rich markup (a closing tag with no opening one).
+_MARKUP_LIKE_DOCUMENT: Final = {"state": "ready", "last_reason": "[/bold] [red]x"}
+
+
+class _StatusDocument(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+    def do_GET(self) -> None:
+        data = json.dumps(_MARKUP_LIKE_DOCUMENT).encode()
+        self.send_response(200 if self.path == "/_status" else 404)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_the_table_prints_values_verbatim_not_as_markup(tmp_path: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StatusDocument)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        token_file = tmp_path / "frontdoor.token"
+        token_file.write_text("T" * 43 + "\n")
+        finished = run_status(
+            "--url",
+            f"http://127.0.0.1:{server.server_address[1]}",
+            "--token-file",
+            str(token_file),
+            state_dir=tmp_path / "state",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert finished.returncode == 0, finished.stderr
+    assert "[/bold] [red]x" in finished.stdout
+    assert "Traceback" not in finished.stderr
