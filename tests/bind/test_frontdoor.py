@@ -255,6 +255,44 @@ def test_keep_alive_reuses_connections_on_both_legs() -> None:
     run(scenario)
 
 
+async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response with a Content-Length body from a raw connection: (head, body)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head, await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+def test_a_connection_stays_usable_after_a_status_request() -> None:
+    # /_status is answered as soon as its head is parsed; the connection must still be kept
+    # for the next request (it once was closed under the client, which had been told nothing,
+    # so its next request on the connection met a reset).
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                request = (
+                    f"GET /_status HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\n\r\n"
+                ).encode()
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                try:
+                    for _ in range(3):
+                        writer.write(request)
+                        await writer.drain()
+                        head, body = await _read_response(reader)
+                        assert head.startswith(b"HTTP/1.1 200")
+                        assert b"connection: close" not in head.lower()
+                        assert json.loads(body)["front_door"]["open_connections"] == 1
+                        await asyncio.sleep(0.1)  # long enough for a close to reach us
+                finally:
+                    writer.close()
+
+    run(scenario)
+
+
 def test_streamed_events_reach_the_client_before_the_stream_ends() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:
@@ -529,7 +567,10 @@ def test_aclose_lets_a_busy_request_finish_and_closes_idle_connections() -> None
                     started = time.monotonic()
                     await door.aclose(grace_s=5)
                     assert time.monotonic() - started < 3
-                    assert (await busy).status_code == 200
+                    finished = await busy
+                    assert finished.status_code == 200
+                    # Its connection ends with it, and the response says so.
+                    assert finished.headers["connection"] == "close"
                     assert door.statistics().open_connections == 0
                     with pytest.raises(httpx.TransportError):
                         await client.get("/echo")

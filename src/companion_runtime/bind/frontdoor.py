@@ -462,11 +462,33 @@ class FrontDoor:
             self._connections[task] = True
             self._counters.requests_total += 1
             await self._serve_request(conn, reader, writer, event)
+            if conn.our_state is h11.DONE and conn.their_state is h11.SEND_BODY:
+                # Answered before the request was read to its end (``/_status``): read the
+                # rest, so that the connection is reused instead of closed under a client that
+                # was told it stays open. A GET's end is already parsed; no I/O happens then.
+                await self._discard_request_rest(conn, reader)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
-            if self._server is None or not self._server.is_serving():
+            if self._closing():
                 return  # shutting down: do not wait for another request on this connection
             conn.start_next_cycle()
+
+    def _closing(self) -> bool:
+        """True once the listener has stopped accepting (shutdown has begun)."""
+        return self._server is None or not self._server.is_serving()
+
+    async def _discard_request_rest(
+        self, conn: h11.Connection, reader: asyncio.StreamReader
+    ) -> None:
+        """Read and drop what is left of the current request, up to the body cap."""
+        dropped = 0
+        async with asyncio.timeout(self._config.request_timeout_s):
+            while conn.their_state is h11.SEND_BODY and dropped <= self._config.max_body_bytes:
+                event = await self._next_client_event(conn, reader)
+                if isinstance(event, h11.Data):
+                    dropped += len(event.data)
+                elif not isinstance(event, h11.EndOfMessage):
+                    return
 
     async def _next_client_event(
         self, conn: h11.Connection, reader: asyncio.StreamReader
@@ -765,6 +787,10 @@ class FrontDoor:
         response: h11.Response,
     ) -> None:
         headers = _response_headers(response.headers)
+        if self._closing():
+            # The connection ends with this response: say so, or a keep-alive client would
+            # send its next request into a socket that is being closed.
+            headers.append((b"connection", b"close"))
         head = conn.send(
             h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
         )
@@ -824,7 +850,7 @@ class FrontDoor:
         extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         headers = [_JSON_TYPE, _NO_STORE, (b"content-length", str(len(body)).encode()), *extra]
-        if close:
+        if close or self._closing():
             headers.append((b"connection", b"close"))
         out = conn.send(h11.Response(status_code=status, headers=headers))
         out_body = conn.send(h11.Data(data=body))
