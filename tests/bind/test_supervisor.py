@@ -427,9 +427,9 @@ async def test_restarts_back_off_exponentially_up_to_the_limit(tmp_path: Path) -
         tmp_path, "--exit-after-s", "0.2", max_restarts=3, restart_backoff_s=backoff
     ) as supervisor:
         assert (await supervisor.start()).ok
-        assert await async_wait_for(
-            lambda: supervisor.status()["last_reason"] == "restart_limit_reached", 20
-        )
+        given_up = await asyncio.wait_for(supervisor.wait_given_up(), 20)
+        assert given_up is Reason.RESTART_LIMIT_REACHED
+        assert supervisor.status()["last_reason"] == "restart_limit_reached"
         status = supervisor.status()
         assert status["spawns"] == 4 and status["restarts"] == 3
         assert _state(supervisor) is LifecycleState.STOPPED
@@ -506,6 +506,9 @@ async def test_a_stop_during_the_restart_backoff_ends_it_at_once(tmp_path: Path)
         started = time.monotonic()
         await supervisor.stop()
         assert time.monotonic() - started < 1
+        # A stop asked for is not the supervisor giving up on the runtime.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(supervisor.wait_given_up(), 0.3)
     assert supervisor.status()["spawns"] == 1
 
 

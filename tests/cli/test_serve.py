@@ -406,9 +406,13 @@ def test_serve_exits_1_with_restart_limit_reached_and_leaves_nothing_running(
             serve = psutil.Process(process.pid)
             while process.poll() is None and time.monotonic() - started < 90:
                 with contextlib.suppress(psutil.Error):
+                    # Descendants first, then direct children: a runtime seen in the first list
+                    # is still a direct child in the second unless it has died in between.
+                    descendants = serve.children(recursive=True)
                     direct = {child.pid for child in serve.children()}
-                    for child in serve.children(recursive=True):
-                        seen.setdefault(child.pid, (child.create_time(), child.pid in direct))
+                    for child in descendants:
+                        created, was_runtime = seen.get(child.pid, (child.create_time(), False))
+                        seen[child.pid] = (created, was_runtime or child.pid in direct)
                 time.sleep(0.05)
         finally:
             if process.poll() is None:

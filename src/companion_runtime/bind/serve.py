@@ -41,7 +41,7 @@ from companion_runtime.bind.session import (
 )
 from companion_runtime.bind.store import ModelStore
 from companion_runtime.bind.supervisor import Supervisor, check_model_fit
-from companion_runtime.core import LifecycleState, Reason, Verdict
+from companion_runtime.core import Reason, Verdict
 
 __all__ = [
     "DEFAULT_GRACE_S",
@@ -56,22 +56,6 @@ _logger = logging.getLogger(__name__)
 
 #: How long requests in flight may take to finish once shutdown begins.
 DEFAULT_GRACE_S: Final = 30.0
-#: How often a running ``serve`` checks whether the supervisor has given up.
-_GIVE_UP_POLL_S: Final = 0.2
-#: Reasons the supervisor is left with once it stops restarting the runtime for good: the
-#: restart limit, or a refusal of the checks it runs before every restart (re-verify, fit).
-#: A runtime that merely exited, turned unhealthy or failed to start is restarted instead.
-_GIVEN_UP_REASONS: Final = frozenset(
-    {
-        Reason.RESTART_LIMIT_REACHED,
-        Reason.DIGEST_MISMATCH,
-        Reason.SIZE_MISMATCH,
-        Reason.FILE_NOT_FOUND,
-        Reason.MALFORMED_SPEC,
-        Reason.MODEL_TOO_LARGE,
-        Reason.MALFORMED_LIMITS,
-    }
-)
 
 
 @final
@@ -174,23 +158,19 @@ async def serving(
                     remove_serve_state(directory, pid=os.getpid())
 
 
-def _given_up(supervisor: Supervisor) -> Reason | None:
-    """The reason the supervisor stopped restarting the runtime, or None while it has not."""
-    if supervisor.lifecycle.state is not LifecycleState.STOPPED:
-        return None
-    reason = Reason(str(supervisor.status()["last_reason"]))
-    return reason if reason in _GIVEN_UP_REASONS else None
-
-
 async def _until_stop_or_given_up(supervisor: Supervisor, stop: asyncio.Event) -> Reason | None:
-    """Wait for ``stop`` (None) or for the supervisor to give up (its reason)."""
-    while not stop.is_set():
-        reason = _given_up(supervisor)
-        if reason is not None:
-            return reason
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=_GIVE_UP_POLL_S)
-    return None
+    """Wait for ``stop`` (None) or for the supervisor to give up on the runtime (its reason)."""
+    stopped = asyncio.ensure_future(stop.wait())
+    given_up = asyncio.ensure_future(supervisor.wait_given_up())
+    try:
+        await asyncio.wait({stopped, given_up}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (stopped, given_up):
+            waiter.cancel()
+        await asyncio.gather(stopped, given_up, return_exceptions=True)
+    if stop.is_set() or not given_up.done() or given_up.cancelled():
+        return None
+    return given_up.result()
 
 
 async def serve_manifest(

@@ -352,6 +352,7 @@ class Supervisor:
         self._last_pid: int | None = None
         self._last_sample: ResourceSample | None = None
         self._last_reason: Reason = Reason.OK
+        self._given_up = asyncio.Event()
         self._ready_latency_s: float | None = None
         self._ready_since: float | None = None
         self._spawns = 0
@@ -578,8 +579,22 @@ class Supervisor:
                     break
                 self._restarts_total += 1
         finally:
+            if not self._stopping:
+                # Out of restarts, or a pre-restart check refused: nothing will bring the
+                # runtime back, and whoever serves through it should know (``wait_given_up``).
+                self._given_up.set()
             if not first_run.done():
                 first_run.set_result(deny(self._last_reason_or(Reason.NOT_READY)))
+
+    async def wait_given_up(self) -> Reason:
+        """Wait until the supervisor stops restarting the runtime for good; return why.
+
+        That is ``restart_limit_reached``, or the refusal of a check it runs before every
+        restart (re-verify, fit). A stop requested through :meth:`stop` never counts: this
+        then waits forever, so use it alongside the caller's own stop signal.
+        """
+        await self._given_up.wait()
+        return self._last_reason_or(Reason.NOT_READY)
 
     def _last_reason_or(self, fallback: Reason) -> Reason:
         return fallback if self._last_reason is Reason.OK else self._last_reason
