@@ -6,8 +6,8 @@
    next to a bare ``asyncio.Semaphore`` measured in the same run, and the ratio.
 2. 1,000 waiters behind a full set of slots: FIFO order verified, per-request cost of the
    queue (enter, hand-off, release) next to ``asyncio.Semaphore`` with the same load.
-3. Room for the supervisor's figure "time from the runtime's first healthy answer to ready"
-   (:func:`time_from_first_healthy_answer_to_ready`).
+The third figure of the admission work, "time from the runtime's first healthy answer to
+ready", needs a real runtime and the supervisor: ``bench/bench_supervisor.py`` measures it.
 
 Each figure is the median over repeated rounds; rounds of the controller and the reference
 alternate so that both see the same machine load.
@@ -171,18 +171,6 @@ async def contended(rounds: int, waiters: int) -> dict[str, float | bool]:
     }
 
 
-# --- 3. supervisor's figure ----------------------------------------------------------------------
-
-
-def time_from_first_healthy_answer_to_ready() -> float | None:
-    """Seconds from the runtime's first healthy answer to the controller admitting requests.
-
-    This figure belongs to the supervisor, which sees the health answer and then pushes
-    ``ready`` into the controller; it measures it and fills this in. ``None`` until then.
-    """
-    return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
@@ -193,7 +181,6 @@ def main() -> None:
 
     solo = asyncio.run(uncontended(rounds, operations))
     queue = asyncio.run(contended(queue_rounds, 1_000))
-    ready = time_from_first_healthy_answer_to_ready()
 
     def us(seconds: float) -> str:
         return f"{seconds * 1e6:.2f} µs"
@@ -209,10 +196,8 @@ def main() -> None:
     queue_ratio = float(queue["controller"]) / float(queue["semaphore"])
     print(f"  ratio                          {queue_ratio:.1f}x")
     print(f"  FIFO order kept: controller {queue['fifo']}, semaphore {queue['semaphore_fifo']}")
-    print(
-        "time from first healthy answer to ready: "
-        + ("pending (supervisor)" if ready is None else f"{ready * 1e3:.1f} ms")
-    )
+    # That figure needs a real runtime and the supervisor that watches it.
+    print("time from first healthy answer to ready: see bench/bench_supervisor.py")
 
 
 if __name__ == "__main__":
