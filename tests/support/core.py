@@ -176,6 +176,23 @@ def _look_alikes() -> st.SearchStrategy[object]:
     )
 
 
+def _invalid_forgery(cls: type, **fields: object) -> Any:
+    """A forged ``cls`` with ``fields``, or None when those fields make a valid instance.
+
+    Garbage must be garbage: a forgery whose every field is in range (say an admission state
+    ``1, 1, 0, 0``) is indistinguishable from a real instance, and the core rightly accepts it.
+    """
+    try:
+        cls(**fields)
+    except Exception:
+        return forged(cls, **fields)
+    return None
+
+
+def _is_not_none(value: object) -> bool:
+    return value is not None
+
+
 def _forgeries() -> st.SearchStrategy[object]:
     field_values = st.one_of(
         st.sampled_from([None, -1, 0, 1, 5, math.nan, math.inf, True, "5"]),
@@ -185,21 +202,27 @@ def _forgeries() -> st.SearchStrategy[object]:
     return st.one_of(
         st.builds(lambda: forged(cr.Lifecycle)),
         st.sampled_from(["ready", "stopped", None, 1]).map(lambda s: forged(cr.Lifecycle, state=s)),
-        st.tuples(field_values, field_values, field_values, field_values).map(
-            lambda v: forged(
+        st.tuples(field_values, field_values, field_values, field_values)
+        .map(
+            lambda v: _invalid_forgery(
                 cr.AdmissionState, max_in_flight=v[0], queue_bound=v[1], in_flight=v[2], queued=v[3]
             )
-        ),
-        st.tuples(field_values, field_values, field_values).map(
-            lambda v: forged(
+        )
+        .filter(_is_not_none),
+        st.tuples(field_values, field_values, field_values)
+        .map(
+            lambda v: _invalid_forgery(
                 cr.ResourceLimits, max_ram_bytes=v[0], max_vram_bytes=v[1], max_cpu_percent=v[2]
             )
-        ),
-        st.tuples(field_values, field_values, field_values).map(
-            lambda v: forged(
+        )
+        .filter(_is_not_none),
+        st.tuples(field_values, field_values, field_values)
+        .map(
+            lambda v: _invalid_forgery(
                 cr.ResourceObservation, ram_bytes=v[0], vram_bytes=v[1], cpu_percent=v[2]
             )
-        ),
+        )
+        .filter(_is_not_none),
         st.builds(lambda: forged(cr.AdmissionState)),
         st.builds(lambda: forged(cr.ResourceLimits)),
         st.builds(lambda: forged(cr.ResourceObservation)),
