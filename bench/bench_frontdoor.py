@@ -231,7 +231,10 @@ def main() -> None:
         runtime_port = _free_port()
         argv = [
             part.format(model_path=model, host="127.0.0.1", port=runtime_port)
-            for part in embedded_llama_command(parallel=CONCURRENCY, metrics=False)
+            # No runtime key: the direct path is the reference, and it has no key to send.
+            for part in embedded_llama_command(
+                parallel=CONCURRENCY, metrics=False, api_key_file=False
+            )
         ]
         runtime = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         door = subprocess.Popen(

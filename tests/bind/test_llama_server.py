@@ -328,7 +328,7 @@ def test_sigterm_right_after_ready_is_not_lost(model: Path, tmp_path: Path) -> N
 
 def test_embedded_command_template_runs_as_given(model: Path, tmp_path: Path) -> None:
     port = free_port()
-    template = embedded_llama_command(threads=1, context_size=512)
+    template = embedded_llama_command(threads=1, context_size=512, api_key_file=False)
     assert template[:3] == [sys.executable, "-m", MODULE]
     command = [
         part.format(model_path=model, host=HOST, port=port) if "{" in part else part
@@ -366,6 +366,42 @@ def test_a_non_loopback_host_is_a_usage_error(model: Path, host: str) -> None:
     result = _launcher("-m", str(model), "--host", host, "--port", str(free_port()))
     assert result.returncode == EXIT_USAGE
     assert "loopback" in result.stderr
+
+
+@pytest.mark.parametrize("content", [None, "", "\n"])
+def test_an_unreadable_or_empty_key_file_is_a_usage_error(
+    model: Path, tmp_path: Path, content: str | None
+) -> None:
+    key_file = tmp_path / "key"
+    if content is not None:
+        key_file.write_text(content)
+    result = _launcher(
+        "-m", str(model), "--port", str(free_port()), "--api-key-file", str(key_file)
+    )
+    assert result.returncode == EXIT_USAGE
+    assert "API key file" in result.stderr
+
+
+@pytest.mark.security
+def test_with_a_key_file_only_health_answers_without_the_key(
+    command_factory: CommandFactory, model: Path, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("k3y-for-this-run\n")
+    command = [*command_factory(model, free_port()), "--api-key-file", str(key_file)]
+    with running_llama_server(command, tmp_path) as running:
+        with httpx.Client(base_url=running.base_url, timeout=30) as client:
+            body = {"prompt": "ab", "n_predict": 2, "temperature": 0}
+            assert client.get("/health").status_code == 200
+            assert client.post("/completion", json=body).status_code == 401
+            assert client.get("/slots").status_code == 401
+            wrong = {"authorization": "Bearer not-the-key"}
+            assert client.post("/completion", json=body, headers=wrong).status_code == 401
+            right = {"authorization": "Bearer k3y-for-this-run"}
+            answered = client.post("/completion", json=body, headers=right)
+            assert answered.status_code == 200
+            assert answered.json()["content"] == "bb"
+        assert running.stop() == 0
 
 
 def test_a_missing_model_fails_to_start(tmp_path: Path) -> None:

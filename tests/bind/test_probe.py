@@ -115,7 +115,7 @@ async def test_without_an_nvidia_gpu_nvml_reads_as_no_gpu() -> None:
 
 @pytest.mark.skipif(not llama_ready(), reason="the embedded llama.cpp server is not available")
 async def test_the_real_server_is_measured(tmp_path: Path) -> None:
-    template, model = real_runtime(tmp_path)
+    template, model = real_runtime(tmp_path, api_key_file=False)
     spec = build_launch_spec(template, model_path=model)
     async with SubprocessLauncher().launch(spec) as runtime:
         await _healthy(spec.base_url)

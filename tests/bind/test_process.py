@@ -366,6 +366,6 @@ def test_a_manager_killed_with_sigkill_leaves_no_runtime_behind_20_trials() -> N
 def test_a_manager_killed_with_sigkill_leaves_no_real_server_behind_3_trials(
     tmp_path: Path,
 ) -> None:
-    template, model = real_runtime(tmp_path)
+    template, model = real_runtime(tmp_path, api_key_file=False)
     clean = [_kill_manager_and_check_model(template, str(model), timeout_s=5.0) for _ in range(3)]
     assert clean.count(True) == 3, f"{clean.count(True)}/3 trials clean"

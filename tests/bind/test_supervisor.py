@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from companion_runtime.bind.admission import AdmissionRefused
@@ -25,7 +28,7 @@ from companion_runtime.bind.manifest import (
     SourcesSpec,
 )
 from companion_runtime.bind.probe import MachineHeadroom
-from companion_runtime.bind.process import SubprocessLauncher
+from companion_runtime.bind.process import ProcessError, SubprocessLauncher, build_launch_spec
 from companion_runtime.bind.supervisor import (
     Supervisor,
     SupervisorConfig,
@@ -131,12 +134,19 @@ async def test_the_real_runtime_starts_serves_and_stops(tmp_path: Path) -> None:
         assert isinstance(latency, float) and 0 <= latency < 0.1
         assert status["last_sample"] is not None
         assert supervisor.runtime_url is not None
+        key = supervisor.runtime_authorization
+        assert key is not None and key.startswith(b"Bearer ")
         async with (
             supervisor.controller.slot(deadline=time.monotonic() + 5),
             httpx.AsyncClient(base_url=supervisor.runtime_url, timeout=30) as client,
         ):
             assert (await client.get("/health")).status_code == 200
-            completion = await client.post("/completion", json={"prompt": "a", "n_predict": 4})
+            # The runtime's port is no way around the front door: without the key, refused.
+            request = {"prompt": "a", "n_predict": 4}
+            assert (await client.post("/completion", json=request)).status_code == 401
+            completion = await client.post(
+                "/completion", json=request, headers={"authorization": key.decode()}
+            )
             assert completion.status_code == 200
             assert "content" in completion.json()
         assert supervisor.status()["completed_total"] == 1
@@ -218,6 +228,37 @@ async def test_built_from_a_manifest_with_the_real_runtime(tmp_path: Path) -> No
         statistics = supervisor.controller.statistics()
         assert (statistics.max_in_flight, statistics.queue_bound) == (2, 4)
     assert _state(supervisor) is LifecycleState.STOPPED
+
+
+@needs_llama
+@pytest.mark.security
+async def test_the_runtime_key_is_in_a_private_file_never_in_argv_and_gone_after(
+    tmp_path: Path,
+) -> None:
+    async with real(tmp_path) as supervisor:
+        assert (await supervisor.start()).ok
+        key = supervisor.runtime_authorization
+        assert key is not None
+        secret = key.removeprefix(b"Bearer ").decode()
+        pid = supervisor.status()["pid"]
+        assert isinstance(pid, int)
+        argv = psutil.Process(pid).cmdline()
+        key_file = Path(argv[argv.index("--api-key-file") + 1])
+        assert secret not in " ".join(argv)  # other local users can read argv, not the file
+        assert key_file.read_text().strip() == secret
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+        assert secret not in json.dumps(supervisor.status(), default=str)
+    assert not key_file.exists() and not key_file.parent.exists()
+
+
+def test_a_template_asking_for_a_key_file_needs_one() -> None:
+    template = [sys.executable, "--port", "{port}", "--api-key-file", "{api_key_file}"]
+    with pytest.raises(ProcessError) as refused:
+        build_launch_spec(template, model_path="m")
+    assert refused.value.reason is Reason.MALFORMED_SPEC
+    spec = build_launch_spec(template, model_path="m", api_key_file="/private/key")
+    assert spec.argv[-2:] == ("--api-key-file", "/private/key")
 
 
 # --- the model and the command are checked before anything runs -----------------------------

@@ -28,6 +28,7 @@ from tests.support.frontdoor import (
     RUNTIME_PARALLEL,
     ServeProcess,
     running_serve,
+    runtime_headers,
     runtime_processing,
     serve_command,
     serve_env,
@@ -122,6 +123,28 @@ def test_front_door_and_runtime_listen_on_127_0_0_1_only(served: ServeProcess) -
     assert {address.ip for address in listening} == {"127.0.0.1"}
 
 
+@pytest.mark.security
+@needs_llama
+def test_a_local_process_cannot_skip_the_front_door_through_the_runtime_port(
+    served: ServeProcess,
+) -> None:
+    # The runtime's port is on loopback and easy to find (here: /_status). Without the
+    # runtime's own key, which only the supervisor and the front door hold, it refuses all
+    # but /health, so nobody gets past the admission bound that way; the front door's token
+    # does not open it either.
+    runtime_url = str(served.status()["runtime_url"])
+    body = completion("bypass", 4)
+    with httpx.Client(base_url=runtime_url, timeout=30, trust_env=False) as runtime:
+        assert runtime.get("/health").status_code == 200
+        for path in ("/completion", "/v1/completions", "/v1/chat/completions"):
+            assert runtime.post(path, json=body).status_code == 401
+            assert runtime.post(path, json=body, headers=served.auth).status_code == 401
+        assert runtime.get("/slots").status_code == 401
+        key = runtime_headers(int(served.status()["pid"]))  # type: ignore[call-overload]
+        assert runtime.post("/completion", json=body, headers=key).status_code == 200
+    assert key["authorization"] not in json.dumps(served.status())
+
+
 # --- admission under a flood --------------------------------------------------------------
 
 
@@ -131,13 +154,14 @@ def test_a_flood_of_2000_never_puts_more_than_max_in_flight_on_the_runtime(
     served: ServeProcess,
 ) -> None:
     runtime_url = str(served.status()["runtime_url"])
+    key = runtime_headers(int(served.status()["pid"]))  # type: ignore[call-overload]
     samples: list[int] = []
     stop = threading.Event()
 
     def sample_runtime() -> None:
         # llama.cpp's own view, sampled throughout: it has RUNTIME_PARALLEL slots, so only
         # the front door can keep it at MAX_IN_FLIGHT.
-        with httpx.Client(trust_env=False, timeout=10) as runtime:
+        with httpx.Client(trust_env=False, timeout=10, headers=key) as runtime:
             while not stop.is_set():
                 slots = runtime.get(runtime_url + "/slots").json()
                 samples.append(sum(1 for slot in slots if slot.get("is_processing")))
@@ -204,6 +228,7 @@ def test_streamed_tokens_arrive_while_the_runtime_is_still_generating(
     served: ServeProcess,
 ) -> None:
     runtime_url = str(served.status()["runtime_url"])
+    key = runtime_headers(int(served.status()["pid"]))  # type: ignore[call-overload]
     with httpx.Client(
         base_url=served.url, headers=served.auth, timeout=60, trust_env=False
     ) as client:
@@ -217,7 +242,7 @@ def test_streamed_tokens_arrive_while_the_runtime_is_still_generating(
             assert json.loads(first.removeprefix("data: "))["content"] == "!"
             # The first event is here and the runtime is still generating the rest: nothing
             # waited for the end of the stream.
-            assert runtime_processing(runtime_url) == 1
+            assert runtime_processing(runtime_url, key) == 1
             assert client.get("/_status").json()["in_flight"] == 1
         # Leaving the block closes the connection mid-stream: the slot comes back and
         # llama.cpp stops generating for the departed client.
@@ -225,12 +250,12 @@ def test_streamed_tokens_arrive_while_the_runtime_is_still_generating(
         while time.monotonic() < deadline:
             if (
                 client.get("/_status").json()["in_flight"] == 0
-                and runtime_processing(runtime_url) == 0
+                and runtime_processing(runtime_url, key) == 0
             ):
                 break
             time.sleep(0.05)
         assert client.get("/_status").json()["in_flight"] == 0
-        assert runtime_processing(runtime_url) == 0
+        assert runtime_processing(runtime_url, key) == 0
 
 
 # --- shutdown -----------------------------------------------------------------------------

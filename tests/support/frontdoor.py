@@ -415,9 +415,19 @@ def _readline_with_timeout(process: subprocess.Popen[str], timeout_s: float) -> 
     return result[0]
 
 
-def runtime_processing(runtime_url: str) -> int:
+def runtime_headers(runtime_pid: int) -> dict[str, str]:
+    """The runtime's own key as a header, read the way only the same user can: from the key
+    file its command line names (the supervisor writes it; the front door sends it)."""
+    import psutil
+
+    argv = psutil.Process(runtime_pid).cmdline()
+    key = Path(argv[argv.index("--api-key-file") + 1]).read_text().strip()
+    return {"authorization": f"Bearer {key}"}
+
+
+def runtime_processing(runtime_url: str, headers: dict[str, str]) -> int:
     """How many requests llama.cpp itself says it is processing (its /slots)."""
     import httpx
 
-    slots = httpx.get(runtime_url + "/slots", timeout=5).json()
+    slots = httpx.get(runtime_url + "/slots", headers=headers, timeout=5).json()
     return sum(1 for slot in slots if slot.get("is_processing"))

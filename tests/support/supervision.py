@@ -122,11 +122,15 @@ def llama_ready() -> bool:
     return llama_available()
 
 
-def real_runtime(model_dir: Path) -> tuple[list[str], Path]:
+def real_runtime(model_dir: Path, *, api_key_file: bool = True) -> tuple[list[str], Path]:
     """The embedded llama.cpp server's command template (one thread, small context) and the
-    tiny model written into ``model_dir``."""
+    tiny model written into ``model_dir``. With ``api_key_file`` (the default, as in real use)
+    the template asks for the supervisor's key file."""
     from companion_runtime.bind.llama_server import embedded_llama_command
     from companion_runtime.bind.tiny_model import write_tiny_model
 
     model = write_tiny_model(model_dir / "tiny.gguf")
-    return embedded_llama_command(parallel=2, threads=1, context_size=256), model
+    template = embedded_llama_command(
+        parallel=2, threads=1, context_size=256, api_key_file=api_key_file
+    )
+    return template, model

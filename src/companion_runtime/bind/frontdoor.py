@@ -305,7 +305,9 @@ class FrontDoor:
     ``controller`` admits requests, ``runtime_url`` returns the runtime's base URL (``None``
     while it is not running) and ``status`` returns the fields ``GET /_status`` reports next to
     the admission counters (lifecycle state, last resource sample, ...). ``clock`` must be the
-    controller's clock: admission deadlines are absolute on it.
+    controller's clock: admission deadlines are absolute on it. ``runtime_authorization``
+    returns the ``Authorization`` value the runtime demands (its API key), sent on every
+    relayed request, or None.
 
     Use as ``async with FrontDoor(...) as door:``; ``door.url`` is then the listening origin.
     """
@@ -318,10 +320,12 @@ class FrontDoor:
         runtime_url: Callable[[], str | None],
         status: Callable[[], Mapping[str, object]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        runtime_authorization: Callable[[], bytes | None] | None = None,
     ) -> None:
         self._config = config
         self._controller = controller
         self._runtime_url = runtime_url
+        self._runtime_authorization = runtime_authorization
         self._status = status
         self._clock = clock
         self._token = config.token.encode()
@@ -697,6 +701,11 @@ class FrontDoor:
             return
         headers = [(name, value) for name, value in request.headers if name not in _NOT_TO_RUNTIME]
         headers.append((b"host", f"{key[0]}:{key[1]}".encode()))
+        if self._runtime_authorization is not None:
+            # The runtime's own key (never the client's token, which was dropped above).
+            credential = self._runtime_authorization()
+            if credential is not None:
+                headers.append((b"authorization", credential))
         if body or request.method in (b"POST", b"PUT", b"PATCH"):
             headers.append((b"content-length", str(len(body)).encode()))
         outgoing = h11.Request(method=request.method, target=request.target, headers=headers)

@@ -75,11 +75,14 @@ def embedded_llama_command(
     threads: int | None = None,
     context_size: int | None = None,
     metrics: bool = True,
+    api_key_file: bool = True,
 ) -> list[str]:
     """Return the argv template that runs this launcher, for a manifest's ``[runtime] command``.
 
-    The placeholders ``{model_path}``, ``{host}`` and ``{port}`` are left in place for the
-    supervisor to fill. The first element is the absolute path of the current interpreter.
+    The placeholders ``{model_path}``, ``{host}``, ``{port}`` (and, with ``api_key_file``, the
+    default, ``{api_key_file}``: the runtime then refuses every request but ``/health`` that
+    lacks the supervisor's key) are left in place for the supervisor to fill. The first element
+    is the absolute path of the current interpreter.
     """
     command = [
         sys.executable,
@@ -100,6 +103,8 @@ def embedded_llama_command(
         command += ["-c", str(context_size)]
     if metrics:
         command.append("--metrics")
+    if api_key_file:
+        command += ["--api-key-file", "{api_key_file}"]
     return command
 
 
@@ -146,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--metrics", action="store_true", help="enable /metrics")
     parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file whose first line is a key every request but /health must carry",
+    )
+    parser.add_argument(
         "-lv", "--verbosity", type=int, default=0, help="llama.cpp log verbosity (0: quiet)"
     )
     return parser
@@ -155,7 +165,7 @@ def _say(message: str) -> None:
     print(f"{_PROGRAM}: {message}", file=sys.stderr, flush=True)
 
 
-def _wait_for_inference_loop(host: str, port: int) -> None:
+def _wait_for_inference_loop(host: str, port: int, key: str | None) -> None:
     # llama.cpp's inference loop sets its "running" flag when it starts, after the server has
     # already reported that it is ready. A stop request (terminate) that lands before the loop
     # starts is overwritten, and the destructor then waits for ever. GET /slots is answered by
@@ -164,7 +174,8 @@ def _wait_for_inference_loop(host: str, port: int) -> None:
     while True:
         connection = http.client.HTTPConnection(host, port, timeout=_LOOP_START_TIMEOUT_S)
         try:
-            connection.request("GET", "/slots")
+            headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+            connection.request("GET", "/slots", headers=headers)
             if connection.getresponse().status == http.HTTPStatus.OK:
                 return
         except OSError:
@@ -196,8 +207,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("the model file does not exist or is not a regular file")
         return EXIT_START_FAILED
 
+    key: str | None = None
+    if arguments.api_key_file is not None:
+        try:
+            key = arguments.api_key_file.read_text(encoding="ascii").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError):
+            key = None
+        if not key:
+            _say("the API key file is unreadable or empty")
+            return EXIT_USAGE
+
     params = xllamacpp.CommonParams()
     params.model.path = str(model)
+    if key is not None:
+        params.api_keys = [key]
     params.hostnames = [arguments.host]
     params.port = arguments.port
     params.n_parallel = arguments.parallel
@@ -224,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_START_FAILED
 
     address = str(server.listening_address)
-    _wait_for_inference_loop(arguments.host, int(address.rsplit(":", 1)[1]))
+    _wait_for_inference_loop(arguments.host, int(address.rsplit(":", 1)[1]), key)
     _say(f"listening on {address}")
     received = signal.sigwait(_STOP_SIGNALS)
     # A second signal while shutting down takes the default action and ends the process.

@@ -3,13 +3,16 @@
 Theory of operation
 -------------------
 :func:`build_launch_spec` turns a manifest command template into a :class:`LaunchSpec`. Only
-the placeholders ``{model_path}``, ``{port}`` and ``{host}`` are filled (by hand, never with
-``str.format``, so ``{port.__class__}`` cannot reach an attribute); any other field, a format
-spec or a conversion is refused. The executable must be an absolute path to an existing
-executable file. There is no shell anywhere. The host is always ``127.0.0.1`` and the port a
-free loopback port picked here. The environment is scrubbed to an allowlist (``PATH``,
-``LANG``, ``LC_*``, ``HOME``, ``TMPDIR``) plus the caller's explicit extras, so a secret in the
-manager's environment never reaches the runtime.
+the placeholders ``{model_path}``, ``{port}``, ``{host}`` and ``{api_key_file}`` are filled (by
+hand, never with ``str.format``, so ``{port.__class__}`` cannot reach an attribute); any other
+field, a format spec or a conversion is refused. ``{api_key_file}`` is the path of a private
+file holding a key the runtime must demand of every client (``--api-key-file`` in llama.cpp's
+server); the supervisor writes it and the front door sends the key, so a local process that
+finds the runtime's port cannot skip the front door. The executable must be an absolute path
+to an existing executable file. There is no shell anywhere. The host is always ``127.0.0.1``
+and the port a free loopback port picked here. The environment is scrubbed to an allowlist
+(``PATH``, ``LANG``, ``LC_*``, ``HOME``, ``TMPDIR``) plus the caller's explicit extras, so a
+secret in the manager's environment never reaches the runtime.
 
 :class:`SubprocessLauncher` runs a spec as an async context manager::
 
@@ -69,12 +72,13 @@ __all__ = [
     "build_launch_spec",
     "choose_loopback_port",
     "scrub_environment",
+    "uses_api_key_file",
 ]
 
 #: The only address a runtime is ever told to bind.
 LOOPBACK_HOST: Final = "127.0.0.1"
 #: The placeholders a command template may use.
-PLACEHOLDERS: Final = frozenset({"model_path", "port", "host"})
+PLACEHOLDERS: Final = frozenset({"model_path", "port", "host", "api_key_file"})
 #: Environment variables passed through from the manager (plus every ``LC_*``).
 ENV_ALLOWLIST: Final = frozenset({"PATH", "LANG", "HOME", "TMPDIR"})
 #: Bytes kept from the end of each output stream.
@@ -242,6 +246,7 @@ def build_launch_spec(
     *,
     model_path: str | os.PathLike[str],
     port: int | None = None,
+    api_key_file: str | os.PathLike[str] | None = None,
     extra_env: Mapping[str, str] | None = None,
     base_env: Mapping[str, str] | None = None,
     output_cap_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
@@ -249,10 +254,11 @@ def build_launch_spec(
     """Fill a command template and check it; raise :class:`ProcessError` when it is unusable.
 
     ``MALFORMED_SPEC``: the template is empty, not a sequence of strings, uses a placeholder
-    other than ``{model_path}``/``{port}``/``{host}`` (or a format spec or conversion), puts a
-    placeholder in the executable, or never mentions ``{port}`` (the runtime must be told where
-    to listen). ``EXECUTABLE_NOT_ALLOWED``: ``argv[0]`` is not an absolute path to an existing
-    executable regular file. ``base_env`` defaults to the manager's environment.
+    other than ``{model_path}``/``{port}``/``{host}``/``{api_key_file}`` (or a format spec or
+    conversion), puts a placeholder in the executable, never mentions ``{port}`` (the runtime
+    must be told where to listen), or uses ``{api_key_file}`` without an ``api_key_file``.
+    ``EXECUTABLE_NOT_ALLOWED``: ``argv[0]`` is not an absolute path to an existing executable
+    regular file. ``base_env`` defaults to the manager's environment.
     """
     if isinstance(command_template, str | bytes) or not isinstance(command_template, Sequence):
         raise ProcessError(Reason.MALFORMED_SPEC)
@@ -265,11 +271,15 @@ def build_launch_spec(
     elif type(port) is not int or not 0 < port < 65536:
         raise ProcessError(Reason.MALFORMED_SPEC)
     values = {"model_path": os.fspath(model_path), "port": str(port), "host": LOOPBACK_HOST}
+    if api_key_file is not None:
+        values["api_key_file"] = os.fspath(api_key_file)
 
     executable, *arguments = command_template
     if _fields(executable):
         raise ProcessError(Reason.MALFORMED_SPEC)
     if not any("port" in _fields(argument) for argument in arguments):
+        raise ProcessError(Reason.MALFORMED_SPEC)
+    if api_key_file is None and uses_api_key_file(command_template):
         raise ProcessError(Reason.MALFORMED_SPEC)
     argv = (_unescape(executable), *(_fill(argument, values) for argument in arguments))
     _check_executable(argv[0])
@@ -277,6 +287,14 @@ def build_launch_spec(
     return LaunchSpec(
         argv=argv, env=env, host=LOOPBACK_HOST, port=port, output_cap_bytes=output_cap_bytes
     )
+
+
+def uses_api_key_file(command_template: Sequence[str]) -> bool:
+    """Whether the template asks for ``{api_key_file}`` (a key the runtime must demand)."""
+    try:
+        return any("api_key_file" in _fields(argument) for argument in command_template)
+    except (ProcessError, TypeError):
+        return False
 
 
 def _parse(template: str) -> list[tuple[str, str | None]]:

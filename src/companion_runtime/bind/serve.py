@@ -125,6 +125,7 @@ async def serving(
             controller=supervisor.controller,
             runtime_url=lambda: supervisor.runtime_url,
             status=supervisor.status,
+            runtime_authorization=lambda: supervisor.runtime_authorization,
         )
         token_file: Path | None = None
         try:

@@ -42,6 +42,8 @@ import collections
 import contextlib
 import math
 import os
+import secrets
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -76,6 +78,7 @@ from companion_runtime.bind.process import (
     RuntimeProcess,
     SubprocessLauncher,
     build_launch_spec,
+    uses_api_key_file,
 )
 from companion_runtime.core import (
     ALLOW,
@@ -353,6 +356,8 @@ class Supervisor:
         self._last_sample: ResourceSample | None = None
         self._last_reason: Reason = Reason.OK
         self._given_up = asyncio.Event()
+        self._api_key_path: Path | None = None
+        self._runtime_authorization: bytes | None = None
         self._ready_latency_s: float | None = None
         self._ready_since: float | None = None
         self._spawns = 0
@@ -396,6 +401,16 @@ class Supervisor:
         return self._runtime_url
 
     @property
+    def runtime_authorization(self) -> bytes | None:
+        """The ``Authorization`` value the runtime demands, or None when it demands none.
+
+        Set when the command template uses ``{api_key_file}``: a random key, written to a
+        private file (0600, in a 0700 directory) whose path fills the placeholder, so that only
+        whoever holds the key (the front door) can use the runtime's port.
+        """
+        return self._runtime_authorization
+
+    @property
     def config(self) -> SupervisorConfig:
         """The configuration it was built with."""
         return self._config
@@ -418,8 +433,30 @@ class Supervisor:
             await self.stop()
         finally:
             self._task_group = None
+            self._remove_api_key_file()
             await task_group.__aexit__(exc_type, exc, traceback)
         return None
+
+    def _api_key_file(self) -> Path:
+        """The runtime's key file, written on first use (one key per supervisor)."""
+        if self._api_key_path is None:
+            key = secrets.token_urlsafe(32)
+            directory = Path(tempfile.mkdtemp(prefix="companion-runtime-key-"))  # mode 0700
+            path = directory / "api-key"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(key + "\n")
+            self._api_key_path = path
+            self._runtime_authorization = b"Bearer " + key.encode("ascii")
+        return self._api_key_path
+
+    def _remove_api_key_file(self) -> None:
+        path = self._api_key_path
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
 
     async def check_fit(self) -> Verdict:
         """The fit check on the current headroom, from the configured size alone."""
@@ -617,11 +654,16 @@ class Supervisor:
             spec = build_launch_spec(
                 config.command_template,
                 model_path=config.model_path,
+                api_key_file=(
+                    self._api_key_file() if uses_api_key_file(config.command_template) else None
+                ),
                 extra_env=config.extra_env,
                 output_cap_bytes=config.output_cap_bytes,
             )
         except ProcessError as error:
             return _Ended(error.reason, was_ready=False)
+        except OSError:
+            return _Ended(Reason.SPAWN_FAILED, was_ready=False)  # the key file: no temp dir
         if self._stop_requested.is_set() or not self._move(LifecycleEvent.START):
             return _Ended(Reason.NOT_READY, was_ready=False)
         was_ready = False
