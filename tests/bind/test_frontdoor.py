@@ -241,6 +241,25 @@ def test_relay_drops_credentials_and_hop_by_hop_headers_and_keeps_the_rest() -> 
     run(scenario)
 
 
+@pytest.mark.security
+def test_the_runtime_gets_its_own_key_never_the_clients_token() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            runtime_key = b"Bearer runtime-only-key"
+            async with running_front_door(
+                upstream.url, runtime_authorization=runtime_key
+            ) as door:
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    for _ in range(2):  # a fresh and a reused runtime connection
+                        seen = (await client.get("/echo")).json()["headers"]
+                        assert seen["authorization"] == runtime_key.decode()
+                        assert door.token not in json.dumps(seen)
+                    status = (await client.get("/_status")).text
+                    assert "runtime-only-key" not in status
+
+    run(scenario)
+
+
 def test_keep_alive_reuses_connections_on_both_legs() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:

@@ -240,6 +240,7 @@ async def running_front_door(
     queue_bound: int = 4,
     queue_timeout_s: float = 30.0,
     max_body_bytes: int = 1024 * 1024,
+    runtime_authorization: bytes | None = None,
 ) -> AsyncIterator[ReadyDoor]:
     """A started :class:`FrontDoor` over ``upstream_url`` with a ready controller."""
     token = secrets.token_urlsafe(32)
@@ -252,6 +253,7 @@ async def running_front_door(
         controller=controller,
         runtime_url=lambda: upstream_url,
         status=lambda: {"state": str(LifecycleState.READY)},
+        runtime_authorization=lambda: runtime_authorization,
     ) as door:
         yield ReadyDoor(door, controller, token)
         await asyncio.sleep(0)
