@@ -283,8 +283,14 @@ def serve_manifest_text(
     import hashlib
 
     from companion_runtime.bind.llama_server import embedded_llama_command
+    from companion_runtime.bind.tiny_model import CONTEXT_LENGTH
 
-    command = embedded_llama_command(parallel=RUNTIME_PARALLEL, threads=1, context_size=2048)
+    # Each slot gets the model's whole trained context (2,048): a long completion then runs
+    # for most of a second instead of stopping at a slot's share (256 tokens, ~80 ms), so a
+    # test can look at the runtime while a stream is still being generated.
+    command = embedded_llama_command(
+        parallel=RUNTIME_PARALLEL, threads=1, context_size=RUNTIME_PARALLEL * CONTEXT_LENGTH
+    )
     return "\n".join(
         [
             "[model]",
