@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -246,9 +247,7 @@ def test_the_runtime_gets_its_own_key_never_the_clients_token() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:
             runtime_key = b"Bearer runtime-only-key"
-            async with running_front_door(
-                upstream.url, runtime_authorization=runtime_key
-            ) as door:
+            async with running_front_door(upstream.url, runtime_authorization=runtime_key) as door:
                 async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
                     for _ in range(2):  # a fresh and a reused runtime connection
                         seen = (await client.get("/echo")).json()["headers"]
@@ -332,6 +331,93 @@ def test_streamed_events_reach_the_client_before_the_stream_ends() -> None:
                     assert arrivals[0] < 0.5
                     assert arrivals[-1] >= 0.8
                     assert len(arrivals) >= 4
+
+    run(scenario)
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                head = f"Host: 127.0.0.1:{door.door.port}\r\nAuthorization: Bearer {door.token}\r\n"
+                pipelined = (
+                    b"".join(
+                        f"GET /echo?n={index} HTTP/1.1\r\n{head}\r\n".encode() for index in range(3)
+                    )
+                    + f"GET /_status HTTP/1.1\r\n{head}\r\n".encode()
+                )
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                try:
+                    writer.write(pipelined)  # all four heads in one write
+                    await writer.drain()
+                    for index in range(3):
+                        status, body = await _read_response(reader)
+                        assert status.startswith(b"HTTP/1.1 200")
+                        assert json.loads(body)["target"] == f"/echo?n={index}"
+                    status, body = await _read_response(reader)
+                    assert json.loads(body)["front_door"]["proxied_total"] == 3
+                finally:
+                    writer.close()
+            assert upstream.connections_seen == 1
+
+    run(scenario)
+
+
+def test_a_head_that_never_ends_is_refused_once_it_passes_16_kib() -> None:
+    # llhttp takes a header of any length; the front door bounds a head sent in pieces.
+    async def scenario() -> None:
+        async with running_front_door(None) as door:
+            reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            answer = b""
+            sent = 0
+            while not answer and sent < 40:  # 40 KiB at most, in 1 KiB pieces
+                writer.write(b"a" * 1024)
+                sent += 1
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    # Stop sending once the answer is there (more bytes would meet a reset).
+                    answer = await asyncio.wait_for(reader.read(65536), 0.02)
+            assert 16 <= sent <= 18  # refused just past 16 KiB, not at the end of the head
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 431")
+            assert b"bad_request" in answer
+            assert b"connection: close" in answer.lower()
+
+    run(scenario)
+
+
+def test_more_than_one_host_header_is_400() -> None:
+    async def scenario() -> None:
+        async with running_front_door(None) as door:
+            port = door.door.port
+            answer = await raw_exchange(
+                door,
+                f"GET /_status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nHost: evil.example\r\n"
+                f"Authorization: Bearer {door.token}\r\n\r\n".encode(),
+            )
+            assert answer.startswith(b"HTTP/1.1 400")
+            assert b"bad_request" in answer
+
+    run(scenario)
+
+
+def test_an_http_1_0_client_gets_a_chunked_stream_as_a_body_ended_by_close() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                writer.write(
+                    f"GET /stream?n=3&gap_ms=10 HTTP/1.0\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\n\r\n".encode()
+                )
+                answer = await asyncio.wait_for(reader.read(), 5)  # to EOF
+                writer.close()
+                head, _, body = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200")
+                assert b"transfer-encoding" not in head.lower()
+                assert b"connection: close" in head.lower()
+                assert body == b"".join(f"data: token-{i}\n\n".encode() for i in range(3))
 
     run(scenario)
 

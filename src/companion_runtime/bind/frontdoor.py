@@ -2,10 +2,13 @@
 
 Theory of operation
 -------------------
-Each client connection is one task running an ``h11`` server state machine over asyncio streams.
-A request passes the guards in a fixed order, and the first guard that fails answers it:
+Each client connection is an asyncio protocol that feeds an ``httptools`` (llhttp) request
+parser, plus one task that serves the parsed requests in order. A request passes the guards in a
+fixed order, and the first guard that fails answers it:
 
-1. the request target is in origin form (``/path``), else ``400 bad_request``;
+1. the request target is in origin form (``/path``), else ``400 bad_request``; so is a head
+   that does not parse, an HTTP/1.1 request without exactly one ``Host``, and a head over
+   16 KiB (``431``);
 2. ``Host`` is a loopback name (``127.0.0.1``, ``localhost``, ``[::1]``) with the front door's
    own port, else ``403 host_not_allowed`` (a DNS-rebinding page names its own host);
 3. an ``Origin`` header, when present, is the front door's own origin, else
@@ -17,15 +20,23 @@ A request passes the guards in a fixed order, and the first guard that fails ans
 (up to a cap, ``413 request_too_large`` beyond it) and then waits for an admission slot
 (``async with controller.slot(deadline=...)``); a refusal is ``503`` with ``Retry-After`` and
 ``{"ok": false, "reason": "<code>"}``. An admitted request is sent to the runtime over a pooled
-keep-alive connection (another ``h11`` state machine) without the client's credentials, and the
-response is relayed chunk by chunk as it arrives, so streamed tokens are never buffered.
+keep-alive connection (a second protocol with an ``httptools`` response parser) without the
+client's credentials. The response is relayed from the parser's callbacks as the bytes arrive,
+so streamed tokens are never buffered; when the client reads slower than the runtime writes,
+reading from the runtime pauses until the client catches up.
 
-While a request waits for a slot or is relayed, a watcher reads the client socket; when the
-client goes away the request is cancelled, which releases its slot and drops the runtime
-connection (llama.cpp stops generating when its client disconnects). If the runtime fails before
-the response head is relayed the client gets ``502`` (``upstream_error``, or ``runtime_gone``
-when the connection to it broke); after that the client connection is aborted so a truncated
-response can never look complete.
+The client connection's protocol sees the client leave (EOF or reset) at once, also while the
+request waits for a slot or is relayed; the request is then cancelled, which releases its slot
+and drops the runtime connection (llama.cpp stops generating when its client disconnects).
+Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB, after which
+reading pauses until the request is answered. If the runtime fails before the response head is
+relayed the client gets ``502`` (``upstream_error``, or ``runtime_gone`` when the connection to
+it broke; ``504 timeout`` after ``upstream_read_timeout_s`` of silence); after that the client
+connection is aborted so a truncated response can never look complete.
+
+The whole per-request path runs in callbacks and one coroutine, with no task, stream or timer
+per read: the front door is on the path of every token, and on a small machine it shares the
+cores with the runtime (docs/benchmarks.md has the measured cost).
 
 Nothing logged carries the token, the request path or its query.
 """
@@ -38,12 +49,14 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Final, Protocol, final
+from http import HTTPStatus
+from typing import Final, Protocol, cast, final
 
-import h11
+import httptools
 
 from companion_runtime.bind.admission import AdmissionRefused
 from companion_runtime.core import Reason
@@ -64,13 +77,12 @@ _logger = logging.getLogger(__name__)
 STATUS_PATH: Final = b"/_status"
 #: Largest request body accepted (completion requests are a few KiB).
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
-_READ_SIZE: Final = 65536
 _MAX_HEAD_BYTES: Final = 16 * 1024
 # Bytes a client may pipeline while its previous request is still being answered.
 _MAX_PIPELINED_BYTES: Final = 64 * 1024
 _LOOPBACK_NAMES: Final = (b"127.0.0.1", b"localhost", b"[::1]")
 
-# Hop-by-hop headers (RFC 9110 section 7.6.1) are never relayed; framing is redone by h11 on each
+# Hop-by-hop headers (RFC 9110 section 7.6.1) are never relayed, and framing is redone on each
 # leg. Credentials and browser-facing headers are dropped on the way to the runtime so the
 # runtime never sees the session token and never decides CORS for the front door.
 _HOP_BY_HOP: Final = frozenset(
@@ -94,6 +106,14 @@ _NOT_TO_RUNTIME: Final = _HOP_BY_HOP | {
     b"expect",
     b"content-length",
 }
+# Framing headers of the runtime's response: the client leg's framing is the front door's own.
+_NOT_TO_CLIENT: Final = _HOP_BY_HOP | {b"content-length"}
+_BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
+_STATUS_LINES: Final = {
+    status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())
+    for status in HTTPStatus
+}
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class AdmissionSnapshot(Protocol):
@@ -196,15 +216,6 @@ class _ClientGone(Exception):
     """The client closed its connection or reset it."""
 
 
-class _UpstreamFailed(Exception):
-    """The runtime leg failed; ``reason`` says how, ``status`` what the client gets."""
-
-    def __init__(self, reason: Reason, status: int) -> None:
-        super().__init__(reason.value)
-        self.reason = reason
-        self.status = status
-
-
 @dataclass(slots=True, kw_only=True)
 class _Counters:
     requests_total: int = 0
@@ -226,25 +237,439 @@ def _refusal_body(reason: Reason) -> bytes:
 
 # Refusal bodies are built once; the hot path only picks one.
 _REFUSAL_BODIES: Final = {reason: _refusal_body(reason) for reason in Reason}
-_JSON_TYPE: Final = (b"content-type", b"application/json")
-_NO_STORE: Final = (b"cache-control", b"no-store")
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d \r\n" % status
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+# --- the client leg -----------------------------------------------------------------------
 
 
 @final
-class _UpstreamConnection:
-    __slots__ = ("conn", "key", "reader", "reused", "writer")
+class _Request:
+    """One request as the client's parser saw it; the body fills in as it arrives."""
 
-    def __init__(
-        self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    __slots__ = (
+        "body",
+        "body_size",
+        "complete",
+        "head_bytes",
+        "headers",
+        "http_10",
+        "keep_alive",
+        "method",
+        "over_cap",
+        "target",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.http_10 = False
+        self.keep_alive = False
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.over_cap = False
+        self.complete = False
+
+
+@final
+class _Client(asyncio.Protocol):
+    """One client connection: parses requests into a queue its serving task takes them from."""
+
+    def __init__(self, door: FrontDoor) -> None:
+        self._door = door
+        self._parser = httptools.HttpRequestParser(self)
+        self._max_body = door._config.max_body_bytes
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.requests: deque[_Request] = deque()
+        self._current: _Request | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        #: 400 or 431 once the byte stream stopped being parseable HTTP.
+        self.error = 0
+        #: After an upgrade request nothing more on the connection is HTTP.
+        self.no_more = False
+        self.gone = False
+        #: True while a request is read, waits for a slot or is relayed.
+        self.busy = False
+        #: True while the request waits for a slot or is relayed (a disconnect cancels it).
+        self.cancellable = False
+        self._in_head = False
+        self._head_bytes = 0
+        self._pipelined = 0
+        self._reading_paused = False
+        self.write_paused = False
+        #: The runtime connection a response is being relayed from (paused with the client).
+        self.upstream: asyncio.Transport | None = None
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's is not an asyncio.Transport subclass, only alike).
+        self.transport = cast(asyncio.Transport, transport)
+        self.task = self._door._accept(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.error or self.no_more:
+            return
+        if self._current is None or self._in_head:
+            # A head that never ends is bounded here: llhttp itself accepts any length.
+            self._head_bytes += len(data)
+        if self.busy:
+            self._pipelined += len(data)
+            if self._pipelined > _MAX_PIPELINED_BYTES and not self._reading_paused:
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self._reading_paused = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.no_more = True
+        except httptools.HttpParserError:
+            self.error = 400
+        if self._in_head and self._head_bytes > _MAX_HEAD_BYTES and not self.error:
+            self.error = 431
+        _wake(self._waiter)
+
+    def eof_received(self) -> bool:
+        self._lost()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost()
+        _wake(self._drain_waiter)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+        _wake(self._drain_waiter)
+
+    def _lost(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        _wake(self._waiter)
+        if self.cancellable and self.task is not None:
+            self._door._counters.client_disconnects += 1
+            self.task.cancel()
+
+    # parser callbacks
+
+    def on_message_begin(self) -> None:
+        self._current = _Request()
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        request = self._current
+        assert request is not None
+        request.target += url
+        request.head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self._current
+        assert request is not None
+        request.headers.append((name.lower(), value))
+        request.head_bytes += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        request = self._current
+        assert request is not None
+        parser = self._parser
+        request.method = parser.get_method()
+        request.http_10 = parser.get_http_version() == "1.0"
+        request.keep_alive = parser.should_keep_alive() and not request.http_10
+        self._in_head = False
+        self._head_bytes = 0
+        self.requests.append(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self._current
+        assert request is not None
+        request.body_size += len(body)
+        if request.body_size > self._max_body:
+            request.over_cap = True
+            request.body.clear()
+        elif not request.over_cap:
+            request.body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self._current
+        assert request is not None
+        request.complete = True
+        self._current = None
+
+    # used by the serving task
+
+    async def wait(self) -> None:
+        """Until the parser or the connection has news."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def finished_one(self) -> None:
+        """The current request is answered: read what the client pipelined behind it."""
+        self.busy = False
+        self._pipelined = 0
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        while self.write_paused and not self.gone:
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._drain_waiter = None
+
+
+# --- the runtime leg ----------------------------------------------------------------------
+
+
+class _UpstreamFailed(Exception):
+    """The runtime leg failed; ``reason`` says how, ``status`` what the client gets."""
+
+    def __init__(self, reason: Reason, status: int) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+        self.status = status
+
+
+@final
+class _Upstream(asyncio.Protocol):
+    """One keep-alive connection to the runtime; relays one response at a time to a client."""
+
+    def __init__(self, key: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
         self.key = key
-        self.reader = reader
-        self.writer = writer
-        self.conn = h11.Connection(h11.CLIENT)
+        self._loop = loop
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
         self.reused = False
+        # The exchange in progress (None while idle in the pool).
+        self._client: _Client | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_request = False
+        self._close_after = False
+        self._chunked = False
+        self._framed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._silence_s = 0.0
+        # What the parser callbacks relay from one read, written to the client as one send.
+        self._out: list[bytes] = []
+        self.last_activity = 0.0
+        self.received = False
+        self.head_sent = False
+        self.keep_alive = False
+
+    def begin(
+        self, client: _Client, *, head_request: bool, close_after: bool, silence_s: float
+    ) -> asyncio.Future[None]:
+        """Start relaying the next response to ``client``; the future ends with it."""
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._done = done
+        self._client = client
+        self._headers = []
+        self._out.clear()
+        self._head_request = head_request
+        self._close_after = close_after
+        self._chunked = False
+        self._framed = False
+        self.received = False
+        self.head_sent = False
+        self.keep_alive = False
+        self._silence_s = silence_s
+        self.last_activity = self._loop.time()
+        self._timer = self._loop.call_at(self.last_activity + silence_s, self._check_silence)
+        client.upstream = self.transport
+        return done
+
+    def end(self) -> None:
+        """Detach from the client (the exchange is over, one way or another)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        client = self._client
+        if client is not None and client.upstream is self.transport:
+            client.upstream = None
+        self._client = None
+        self._done = None
 
     def abort(self) -> None:
-        self.writer.transport.abort()
+        self.end()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _check_silence(self) -> None:
+        self._timer = None
+        if self._done is None or self._done.done():
+            return
+        quiet_until = self.last_activity + self._silence_s
+        if self._loop.time() >= quiet_until:
+            self._fail(Reason.TIMEOUT, 504)
+        else:
+            self._timer = self._loop.call_at(quiet_until, self._check_silence)
+
+    def _fail(self, reason: Reason, status: int) -> None:
+        done = self._done
+        if done is not None and not done.done():
+            done.set_exception(_UpstreamFailed(reason, status))
+
+    def _finish(self) -> None:
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's is not an asyncio.Transport subclass, only alike).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._done is None:
+            # Bytes nobody asked for: this connection cannot be trusted with a next request.
+            self.abort()
+            return
+        self.received = True
+        self.last_activity = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.closed = True
+            self._fail(Reason.UPSTREAM_ERROR, 502)
+        except httptools.HttpParserUpgrade:
+            self.closed = True
+            self._fail(Reason.UPSTREAM_ERROR, 502)
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self._out
+        if out:
+            client = self._client
+            if client is not None:
+                client.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def eof_received(self) -> bool:
+        self._eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof()
+
+    def _eof(self) -> None:
+        self.closed = True
+        if self._done is None or self._done.done():
+            return
+        if self.head_sent and not self._framed:
+            # A body delimited by the end of the connection has ended.
+            self._complete()
+            self._flush()
+        else:
+            self._fail(Reason.RUNTIME_GONE, 502)
+
+    # parser callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._done is not None:
+            self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        client = self._client
+        if client is None or self._done is None or self._done.done():
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._headers = []  # an interim answer: the final one follows
+            return
+        self.keep_alive = self._parser.should_keep_alive() and not self._head_request
+        length: bytes | None = None
+        connection_tokens: set[bytes] = set()
+        for name, value in self._headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                self._framed = True
+            elif name == b"connection":
+                connection_tokens.update(token.strip().lower() for token in value.split(b","))
+        parts = [_status_line(status)]
+        for name, value in self._headers:
+            if (
+                name not in _NOT_TO_CLIENT
+                and name not in connection_tokens
+                and not name.startswith(b"access-control-")
+            ):
+                parts += (name, b": ", value, b"\r\n")
+        bodiless = self._head_request or status in (204, 304)
+        close = self._close_after or client._door._closing()
+        if length is not None:
+            self._framed = True
+            parts += (b"content-length: ", length, b"\r\n")
+        elif not bodiless:
+            if not self._close_after:
+                # An HTTP/1.1 client that keeps the connection gets chunks; any other client
+                # (HTTP/1.0 among them) reads the body to the end of the connection.
+                self._chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+            else:
+                close = True
+        if close:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        self._out.append(b"".join(parts))
+        self.head_sent = True
+        if bodiless:
+            # llhttp does not know this was a HEAD: never read this connection again.
+            self.keep_alive = False
+            self._complete()
+
+    def on_body(self, body: bytes) -> None:
+        client = self._client
+        if client is None or not self.head_sent or not body:
+            return
+        if self._chunked:
+            self._out.append(b"%x\r\n%b\r\n" % (len(body), body))
+        else:
+            self._out.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.head_sent:
+            self._complete()
+
+    def _complete(self) -> None:
+        client = self._client
+        if client is not None and self._chunked and self._done is not None:
+            if not self._done.done():
+                self._out.append(b"0\r\n\r\n")
+        self._finish()
 
 
 @final
@@ -254,37 +679,30 @@ class _UpstreamPool:
     def __init__(self, *, size: int, connect_timeout_s: float) -> None:
         self._size = size
         self._connect_timeout_s = connect_timeout_s
-        self._idle: list[_UpstreamConnection] = []
+        self._idle: list[_Upstream] = []
 
-    async def acquire(self, key: tuple[str, int]) -> _UpstreamConnection:
+    async def acquire(self, key: tuple[str, int]) -> _Upstream:
         while self._idle:
             candidate = self._idle.pop()
             # The runtime may have closed an idle connection (llama.cpp caps keep-alive by time
-            # and count); the stream has then already seen EOF.
-            if (
-                candidate.key == key
-                and not candidate.reader.at_eof()
-                and not candidate.writer.is_closing()
-            ):
+            # and count); its protocol has then already seen the end.
+            if candidate.key == key and not candidate.closed:
                 candidate.reused = True
                 return candidate
             candidate.abort()
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout_s):
-            reader, writer = await asyncio.open_connection(key[0], key[1], limit=_READ_SIZE * 4)
-        return _UpstreamConnection(key, reader, writer)
+            _transport, upstream = await loop.create_connection(
+                lambda: _Upstream(key, loop), key[0], key[1]
+            )
+        return upstream
 
-    def release(self, connection: _UpstreamConnection) -> None:
-        conn = connection.conn
-        if (
-            conn.our_state is h11.DONE
-            and conn.their_state is h11.DONE
-            and len(self._idle) < self._size
-            and not connection.writer.is_closing()
-        ):
-            conn.start_next_cycle()
-            self._idle.append(connection)
+    def release(self, upstream: _Upstream) -> None:
+        upstream.end()
+        if upstream.keep_alive and not upstream.closed and len(self._idle) < self._size:
+            self._idle.append(upstream)
         else:
-            connection.abort()
+            upstream.abort()
 
     def close(self) -> None:
         while self._idle:
@@ -340,7 +758,7 @@ class FrontDoor:
         # Connection task -> True while it is busy with a request (idle ones are closed at once
         # on shutdown; busy ones get the grace period).
         self._connections: dict[asyncio.Task[None], bool] = {}
-        self._runtime_key_cache: tuple[str, tuple[str, int]] | None = None
+        self._runtime_key_cache: tuple[str, tuple[str, int], bytes] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -355,12 +773,12 @@ class FrontDoor:
         """Bind ``127.0.0.1`` (never a wildcard address) and start accepting."""
         if self._server is not None:
             raise RuntimeError("already started")
-        server = await asyncio.start_server(
-            self._on_connection,
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _Client(self),
             host="127.0.0.1",
             port=self._config.port,
             backlog=self._config.backlog,
-            limit=_READ_SIZE * 4,
             reuse_address=True,
         )
         self._server = server
@@ -425,149 +843,149 @@ class FrontDoor:
         document["front_door"] = self.statistics().to_dict()
         return document
 
-    # --- one connection ---------------------------------------------------------------------
-
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections[task] = False
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD_BYTES)
-        try:
-            await self._serve_connection(conn, reader, writer)
-        except (_ClientGone, ConnectionError, TimeoutError):
-            pass
-        except Exception:
-            # A bug must not take the listener down; the connection is closed below.
-            _logger.exception("front door connection failed")
-        finally:
-            del self._connections[task]
-            if conn.our_state is h11.ERROR:
-                writer.transport.abort()
-            else:
-                writer.close()
-
-    async def _serve_connection(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        while True:
-            self._connections[task] = False
-            try:
-                async with asyncio.timeout(self._config.keep_alive_s):
-                    event = await self._next_client_event(conn, reader)
-            except h11.RemoteProtocolError as exc:
-                await self._refuse_bad_request(conn, writer, exc)
-                return
-            if not isinstance(event, h11.Request):
-                return  # ConnectionClosed, or a protocol state with nothing left to serve
-            self._connections[task] = True
-            self._counters.requests_total += 1
-            await self._serve_request(conn, reader, writer, event)
-            if conn.our_state is h11.DONE and conn.their_state is h11.SEND_BODY:
-                # Answered before the request was read to its end (``/_status``): read the
-                # rest, so that the connection is reused instead of closed under a client that
-                # was told it stays open. A GET's end is already parsed; no I/O happens then.
-                await self._discard_request_rest(conn, reader)
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
-            if self._closing():
-                return  # shutting down: do not wait for another request on this connection
-            conn.start_next_cycle()
-
     def _closing(self) -> bool:
         """True once the listener has stopped accepting (shutdown has begun)."""
         return self._server is None or not self._server.is_serving()
 
-    async def _discard_request_rest(
-        self, conn: h11.Connection, reader: asyncio.StreamReader
-    ) -> None:
-        """Read and drop what is left of the current request, up to the body cap."""
-        dropped = 0
-        async with asyncio.timeout(self._config.request_timeout_s):
-            while conn.their_state is h11.SEND_BODY and dropped <= self._config.max_body_bytes:
-                event = await self._next_client_event(conn, reader)
-                if isinstance(event, h11.Data):
-                    dropped += len(event.data)
-                elif not isinstance(event, h11.EndOfMessage):
-                    return
+    # --- one connection ---------------------------------------------------------------------
 
-    async def _next_client_event(
-        self, conn: h11.Connection, reader: asyncio.StreamReader
-    ) -> h11.Event | None:
-        """The next client event; ``None`` when h11 pauses (a pipelined request waits)."""
+    def _accept(self, client: _Client) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._on_connection(client))
+        self._connections[task] = False
+        return task
+
+    async def _on_connection(self, client: _Client) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        abort = False
+        try:
+            abort = not await self._serve_connection(client, task)
+        except (_ClientGone, ConnectionError, TimeoutError):
+            pass
+        except asyncio.CancelledError:
+            if not client.gone:
+                raise  # shutdown
+            # The client left while its request waited or was relayed; the slot is released.
+        except Exception:
+            # A bug must not take the listener down; the connection is closed below.
+            _logger.exception("front door connection failed")
+        finally:
+            self._connections.pop(task, None)
+            transport = client.transport
+            if transport is not None:
+                if abort:
+                    transport.abort()
+                else:
+                    transport.close()
+
+    async def _serve_connection(self, client: _Client, task: asyncio.Task[None]) -> bool:
+        """Serve requests until the connection ends; False when it must be aborted."""
+        connections = self._connections
+        keep_alive_s = self._config.keep_alive_s
         while True:
-            event = conn.next_event()
-            if isinstance(event, h11.Event):
-                return event
-            if event is h11.PAUSED:
-                return None
-            try:
-                data = await reader.read(_READ_SIZE)
-            except ConnectionError as exc:
-                raise _ClientGone from exc
-            conn.receive_data(data)
+            connections[task] = False
+            if not client.requests:
+                async with asyncio.timeout(keep_alive_s):
+                    while not client.requests:
+                        if client.error or client.gone or client.no_more:
+                            break
+                        await client.wait()
+            if not client.requests:
+                if client.error and not client.gone:
+                    self._refuse(client, client.error, Reason.BAD_REQUEST, close=True)
+                    await client.drain()
+                return True
+            request = client.requests.popleft()
+            connections[task] = True
+            client.busy = True
+            self._counters.requests_total += 1
+            keep = await self._serve_request(client, request)
+            client.finished_one()
+            if not keep:
+                return True
+            if client.gone or self._closing():
+                return True  # shutting down: do not wait for another request on this one
 
-    async def _serve_request(
-        self,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        request: h11.Request,
-    ) -> None:
+    async def _serve_request(self, client: _Client, request: _Request) -> bool:
+        """Answer one request; return whether the connection may carry another one."""
         target = request.target
         if not target.startswith(b"/"):
-            await self._refuse(conn, writer, 400, Reason.BAD_REQUEST, close=True)
-            return
-        host = b""
+            return self._refuse(client, 400, Reason.BAD_REQUEST, close=True)
+        host: bytes | None = None
+        hosts = 0
         origin: bytes | None = None
         authorization: list[bytes] = []
-        # h11 bounds only a head that arrives in pieces; one read can bring a whole large head.
-        head_bytes = len(target)
+        content_length = 0
+        expect = False
         for name, value in request.headers:
-            head_bytes += len(name) + len(value) + 4
             if name == b"host":
                 host = value.lower()
+                hosts += 1
             elif name == b"origin":
                 origin = value.lower() if origin is None else b"\0"
             elif name == b"authorization":
                 authorization.append(value)
-        if head_bytes > _MAX_HEAD_BYTES:
-            await self._refuse(conn, writer, 431, Reason.BAD_REQUEST, close=True)
-            return
+            elif name == b"content-length":
+                content_length = int(value)  # llhttp accepted it: digits only, one value
+            elif name == b"expect":
+                expect = value.lower() == b"100-continue"
+        if request.head_bytes > _MAX_HEAD_BYTES:
+            return self._refuse(client, 431, Reason.BAD_REQUEST, close=True)
+        if hosts > 1 or (hosts == 0 and not request.http_10):
+            return self._refuse(client, 400, Reason.BAD_REQUEST, close=True)
         if host not in self._allowed_hosts:
-            await self._refuse(conn, writer, 403, Reason.HOST_NOT_ALLOWED, close=True)
-            return
+            return self._refuse(client, 403, Reason.HOST_NOT_ALLOWED, close=True)
         if origin is not None and origin not in self._allowed_origins:
-            await self._refuse(conn, writer, 403, Reason.ORIGIN_NOT_ALLOWED, close=True)
-            return
+            return self._refuse(client, 403, Reason.ORIGIN_NOT_ALLOWED, close=True)
         if not self._authorized(authorization):
-            await self._refuse(
-                conn,
-                writer,
+            return self._refuse(
+                client,
                 401,
                 Reason.UNAUTHORIZED,
                 close=True,
                 extra=((b"www-authenticate", b"Bearer"),),
             )
-            return
 
         path = target.partition(b"?")[0]
         if path == STATUS_PATH:
             if request.method != b"GET":
-                await self._refuse(
-                    conn, writer, 405, Reason.BAD_REQUEST, close=True, extra=((b"allow", b"GET"),)
+                return self._refuse(
+                    client, 405, Reason.BAD_REQUEST, close=True, extra=((b"allow", b"GET"),)
                 )
-                return
-            await self._respond_json(conn, writer, 200, _json_body(self.status_document()))
-            return
+            keep = self._respond_json(
+                client, 200, _json_body(self.status_document()), close=not request.keep_alive
+            )
+            # Read the rest of the request, so that the connection is reused instead of closed
+            # under a client that was told it stays open.
+            if keep and not await self._body(client, request, expect=False):
+                return False
+            await client.drain()
+            return keep and not request.over_cap
 
-        body = await self._read_body(conn, reader, writer, request)
-        if body is None:
-            return
-        await self._admit_and_relay(conn, reader, writer, request, body)
+        if content_length > self._config.max_body_bytes:
+            return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
+        if not await self._body(client, request, expect=expect):
+            return self._refuse(client, client.error or 400, Reason.BAD_REQUEST, close=True)
+        if request.over_cap:
+            return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
+        keep = await self._admit_and_relay(client, request)
+        await client.drain()
+        return keep
+
+    async def _body(self, client: _Client, request: _Request, *, expect: bool) -> bool:
+        """Wait until the request's body is in (or over the cap); False on a parse error."""
+        if request.complete or request.over_cap:
+            return True
+        if expect:
+            client.write(_CONTINUE)
+        async with asyncio.timeout(self._config.request_timeout_s):
+            while not request.complete and not request.over_cap:
+                if client.error:
+                    return False
+                if client.gone:
+                    raise _ClientGone
+                await client.wait()
+        return True
 
     def _authorized(self, values: list[bytes]) -> bool:
         if len(values) != 1:
@@ -578,305 +996,145 @@ class FrontDoor:
         # Constant time on bytes; a length difference is the only thing a timing attack learns.
         return hmac.compare_digest(credentials.strip(), self._token)
 
-    async def _read_body(
-        self,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        request: h11.Request,
-    ) -> bytes | None:
-        cap = self._config.max_body_bytes
-        for name, value in request.headers:
-            if name == b"content-length" and int(value) > cap:
-                await self._refuse(conn, writer, 413, Reason.REQUEST_TOO_LARGE, close=True)
-                return None
-        if conn.they_are_waiting_for_100_continue:
-            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self._config.request_timeout_s):
-                while True:
-                    event = await self._next_client_event(conn, reader)
-                    if isinstance(event, h11.Data):
-                        size += len(event.data)
-                        if size > cap:
-                            await self._refuse(
-                                conn, writer, 413, Reason.REQUEST_TOO_LARGE, close=True
-                            )
-                            return None
-                        chunks.append(bytes(event.data))
-                    elif isinstance(event, h11.EndOfMessage):
-                        return b"".join(chunks)
-                    else:
-                        raise _ClientGone
-        except h11.RemoteProtocolError as exc:
-            await self._refuse_bad_request(conn, writer, exc)
-            return None
-
     # --- admission and relay ----------------------------------------------------------------
 
-    async def _admit_and_relay(
-        self,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        request: h11.Request,
-        body: bytes,
-    ) -> None:
-        try:
-            async with asyncio.TaskGroup() as group:
-                watcher = group.create_task(self._watch_client(conn, reader))
-                try:
-                    await self._admit_and_relay_unwatched(conn, writer, request, body)
-                finally:
-                    watcher.cancel()
-        except* (_ClientGone, ConnectionError):
-            self._counters.client_disconnects += 1
-            raise _ClientGone from None
-
-    async def _watch_client(self, conn: h11.Connection, reader: asyncio.StreamReader) -> None:
-        # Runs while the request waits and is relayed. EOF or a reset means the client left;
-        # bytes are a pipelined next request, handed to h11 to parse later.
-        pipelined = 0
-        while pipelined <= _MAX_PIPELINED_BYTES:
-            try:
-                data = await reader.read(_READ_SIZE)
-            except ConnectionError as exc:
-                raise _ClientGone from exc
-            if not data:
-                raise _ClientGone
-            pipelined += len(data)
-            conn.receive_data(data)
-        await asyncio.Event().wait()  # stop reading; the relay finishes or is cancelled
-
-    async def _admit_and_relay_unwatched(
-        self,
-        conn: h11.Connection,
-        writer: asyncio.StreamWriter,
-        request: h11.Request,
-        body: bytes,
-    ) -> None:
+    async def _admit_and_relay(self, client: _Client, request: _Request) -> bool:
         counters = self._counters
+        client.cancellable = True
         try:
             async with self._controller.slot(deadline=self._clock() + self._config.queue_timeout_s):
                 counters.proxied_in_flight += 1
                 if counters.proxied_in_flight > counters.peak_proxied_in_flight:
                     counters.peak_proxied_in_flight = counters.proxied_in_flight
                 try:
-                    await self._relay(conn, writer, request, body)
+                    return await self._relay(client, request)
                 finally:
                     counters.proxied_in_flight -= 1
         except AdmissionRefused as refused:
             retry_after = max(1, math.ceil(refused.retry_after_s))
-            await self._refuse(
-                conn,
-                writer,
+            return self._refuse(
+                client,
                 503,
                 refused.reason,
+                close=not request.keep_alive,
                 extra=((b"retry-after", str(retry_after).encode()),),
             )
+        finally:
+            client.cancellable = False
 
-    def _runtime_key(self) -> tuple[str, int] | None:
+    def _runtime_key(self) -> tuple[tuple[str, int], bytes] | None:
         url = self._runtime_url()
         if url is None:
             return None
         cached = self._runtime_key_cache
         if cached is not None and cached[0] == url:
-            return cached[1]
+            return cached[1], cached[2]
         key = _split_runtime_url(url)
-        self._runtime_key_cache = (url, key)
-        return key
+        host_line = b"host: %s:%d\r\n" % (key[0].encode(), key[1])
+        self._runtime_key_cache = (url, key, host_line)
+        return key, host_line
 
-    async def _relay(
-        self,
-        conn: h11.Connection,
-        writer: asyncio.StreamWriter,
-        request: h11.Request,
-        body: bytes,
-    ) -> None:
-        key = self._runtime_key()
-        if key is None:
-            await self._refuse(conn, writer, 502, Reason.RUNTIME_GONE)
-            return
-        headers = [(name, value) for name, value in request.headers if name not in _NOT_TO_RUNTIME]
-        headers.append((b"host", f"{key[0]}:{key[1]}".encode()))
+    def _upstream_request(self, request: _Request, host_line: bytes) -> bytes:
+        parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
+        for name, value in request.headers:
+            if name not in _NOT_TO_RUNTIME:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(host_line)
         if self._runtime_authorization is not None:
             # The runtime's own key (never the client's token, which was dropped above).
             credential = self._runtime_authorization()
             if credential is not None:
-                headers.append((b"authorization", credential))
-        if body or request.method in (b"POST", b"PUT", b"PATCH"):
-            headers.append((b"content-length", str(len(body)).encode()))
-        outgoing = h11.Request(method=request.method, target=request.target, headers=headers)
+                parts += (b"authorization: ", credential, b"\r\n")
+        body = b"".join(request.body)
+        if body or request.method in _BODY_METHODS:
+            parts.append(b"content-length: %d\r\n" % len(body))
+        parts.append(b"\r\n")
+        parts.append(body)
+        return b"".join(parts)
 
-        upstream: _UpstreamConnection | None = None
-        try:
-            try:
-                upstream, response = await self._send_upstream(key, outgoing, body)
-            except _UpstreamFailed as failed:
-                await self._refuse(conn, writer, failed.status, failed.reason)
-                return
-            try:
-                await self._relay_response(conn, writer, upstream, response)
-            except _UpstreamFailed:
-                self._counters.upstream_aborts += 1
-                _logger.warning("runtime failed while a response was relayed")
-                # The client already has a head; abort so the truncation is visible.
-                writer.transport.abort()
-                raise _ClientGone from None
-            self._counters.proxied_total += 1
-            self._pool.release(upstream)
-            upstream = None
-        finally:
-            if upstream is not None:
-                upstream.abort()
-
-    async def _send_upstream(
-        self, key: tuple[str, int], request: h11.Request, body: bytes
-    ) -> tuple[_UpstreamConnection, h11.Response]:
+    async def _relay(self, client: _Client, request: _Request) -> bool:
+        runtime = self._runtime_key()
+        if runtime is None:
+            return self._refuse(client, 502, Reason.RUNTIME_GONE, close=not request.keep_alive)
+        key, host_line = runtime
+        payload = self._upstream_request(request, host_line)
+        close_after = not request.keep_alive
         # A reused keep-alive connection may have been closed by the runtime a moment ago; if it
         # fails before a single response byte, the request is sent once more on a new one.
         for _attempt in range(2):
             try:
                 upstream = await self._pool.acquire(key)
-            except (OSError, TimeoutError) as exc:
-                raise _UpstreamFailed(Reason.UPSTREAM_ERROR, 502) from exc
+            except (OSError, TimeoutError):
+                return self._refuse(client, 502, Reason.UPSTREAM_ERROR, close=close_after)
+            done = upstream.begin(
+                client,
+                head_request=request.method == b"HEAD",
+                close_after=close_after,
+                silence_s=self._config.upstream_read_timeout_s,
+            )
             try:
-                conn = upstream.conn
-                parts = [conn.send(request)]
-                if body:
-                    parts.append(conn.send(h11.Data(data=body)))
-                parts.append(conn.send(h11.EndOfMessage()))
-                upstream.writer.write(b"".join(part for part in parts if part))
-                event = await self._next_upstream_event(upstream)
-                while isinstance(event, h11.InformationalResponse):
-                    event = await self._next_upstream_event(upstream)
-                if not isinstance(event, h11.Response):
-                    raise _UpstreamFailed(Reason.UPSTREAM_ERROR, 502)
-                return upstream, event
+                assert upstream.transport is not None
+                upstream.transport.write(payload)
+                await done
             except _UpstreamFailed as failed:
                 upstream.abort()
-                if failed.reason is Reason.RUNTIME_GONE and upstream.reused:
+                if upstream.head_sent:
+                    self._counters.upstream_aborts += 1
+                    _logger.warning("runtime failed while a response was relayed")
+                    # The client already has a head; abort so the truncation is visible.
+                    raise _ClientGone from None
+                if (
+                    failed.reason is Reason.RUNTIME_GONE
+                    and upstream.reused
+                    and not upstream.received
+                ):
                     continue
-                raise
+                return self._refuse(client, failed.status, failed.reason, close=close_after)
             except BaseException:
                 upstream.abort()
                 raise
-        raise _UpstreamFailed(Reason.RUNTIME_GONE, 502)
-
-    async def _next_upstream_event(self, upstream: _UpstreamConnection) -> h11.Event:
-        conn = upstream.conn
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                reason = Reason.RUNTIME_GONE if upstream.reader.at_eof() else Reason.UPSTREAM_ERROR
-                raise _UpstreamFailed(reason, 502) from exc
-            if event is h11.NEED_DATA:
-                try:
-                    async with asyncio.timeout(self._config.upstream_read_timeout_s):
-                        data = await upstream.reader.read(_READ_SIZE)
-                except TimeoutError as exc:
-                    raise _UpstreamFailed(Reason.TIMEOUT, 504) from exc
-                except ConnectionError as exc:
-                    raise _UpstreamFailed(Reason.RUNTIME_GONE, 502) from exc
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                raise _UpstreamFailed(Reason.RUNTIME_GONE, 502)
-            assert isinstance(event, h11.Event)
-            return event
-
-    async def _relay_response(
-        self,
-        conn: h11.Connection,
-        writer: asyncio.StreamWriter,
-        upstream: _UpstreamConnection,
-        response: h11.Response,
-    ) -> None:
-        headers = _response_headers(response.headers)
-        if self._closing():
-            # The connection ends with this response: say so, or a keep-alive client would
-            # send its next request into a socket that is being closed.
-            headers.append((b"connection", b"close"))
-        head = conn.send(
-            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
-        )
-        assert head is not None
-        writer.write(head)
-        await writer.drain()
-        while True:
-            event = await self._next_upstream_event(upstream)
-            if isinstance(event, h11.Data):
-                chunk = conn.send(event)
-                if chunk:
-                    writer.write(chunk)
-                    await writer.drain()
-            elif isinstance(event, h11.EndOfMessage):
-                tail = conn.send(h11.EndOfMessage())
-                if tail:
-                    writer.write(tail)
-                await writer.drain()
-                return
-            else:
-                raise _UpstreamFailed(Reason.UPSTREAM_ERROR, 502)
+            self._counters.proxied_total += 1
+            self._pool.release(upstream)
+            return not close_after and not self._closing()
+        return self._refuse(client, 502, Reason.RUNTIME_GONE, close=close_after)
 
     # --- answers the front door gives itself ------------------------------------------------
 
-    async def _refuse(
+    def _refuse(
         self,
-        conn: h11.Connection,
-        writer: asyncio.StreamWriter,
+        client: _Client,
         status: int,
         reason: Reason,
         *,
         close: bool = False,
         extra: tuple[tuple[bytes, bytes], ...] = (),
-    ) -> None:
+    ) -> bool:
         counts = self._counters.refused_by_reason
         counts[reason.value] = counts.get(reason.value, 0) + 1
         if status >= 500:
             _logger.debug("refused %d %s", status, reason.value)
-        await self._respond_json(
-            conn, writer, status, _REFUSAL_BODIES[reason], close=close, extra=extra
-        )
+        return self._respond_json(client, status, _REFUSAL_BODIES[reason], close=close, extra=extra)
 
-    async def _refuse_bad_request(
-        self, conn: h11.Connection, writer: asyncio.StreamWriter, exc: h11.RemoteProtocolError
-    ) -> None:
-        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            await self._refuse(conn, writer, exc.error_status_hint, Reason.BAD_REQUEST, close=True)
-
-    async def _respond_json(
+    def _respond_json(
         self,
-        conn: h11.Connection,
-        writer: asyncio.StreamWriter,
+        client: _Client,
         status: int,
         body: bytes,
         *,
         close: bool = False,
         extra: tuple[tuple[bytes, bytes], ...] = (),
-    ) -> None:
-        headers = [_JSON_TYPE, _NO_STORE, (b"content-length", str(len(body)).encode()), *extra]
-        if close or self._closing():
-            headers.append((b"connection", b"close"))
-        out = conn.send(h11.Response(status_code=status, headers=headers))
-        out_body = conn.send(h11.Data(data=body))
-        out_end = conn.send(h11.EndOfMessage())
-        writer.write(b"".join(part for part in (out, out_body, out_end) if part))
-        await writer.drain()
-
-
-def _response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    named_in_connection: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            named_in_connection.update(token.strip().lower() for token in value.split(b","))
-    return [
-        (name, value)
-        for name, value in headers
-        if name not in _HOP_BY_HOP
-        and name not in named_in_connection
-        and not name.startswith(b"access-control-")
-    ]
+    ) -> bool:
+        """Write a complete JSON response; return whether the connection stays open."""
+        close = close or self._closing()
+        parts = [
+            _status_line(status),
+            b"content-type: application/json\r\ncache-control: no-store\r\n",
+            b"content-length: %d\r\n" % len(body),
+        ]
+        for name, value in extra:
+            parts += (name, b": ", value, b"\r\n")
+        if close:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", body)
+        client.write(b"".join(parts))
+        return not close
