@@ -1,8 +1,10 @@
 """Front door overhead: the same short completions direct to llama.cpp and through the front door.
 
     .venv/bin/python bench/bench_frontdoor.py [--rounds 5] [--requests 400] [--streams 100]
+                                              [--threads N]
 
-One llama.cpp server (embedded launcher, tiny model, 8 slots) and one front door in its own
+One llama.cpp server (embedded launcher, tiny model, 8 slots, ``--threads`` compute threads:
+by default one core fewer than the machine has, at least one) and one front door in its own
 process (as ``serve`` runs it: the real admission controller, max_in_flight 8). The load client
 is a third process (this one): plain h11 over keep-alive sockets, so its own cost is small and
 the same on both paths. Rounds alternate direct / front door so that drift on a shared machine
@@ -215,6 +217,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=400, help="per round and path")
     parser.add_argument("--streams", type=int, default=100, help="per round and path")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="llama.cpp compute threads (default: one core left for the client and front door)",
+    )
     parser.add_argument("--front-door-child", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.front_door_child:
@@ -233,7 +241,10 @@ def main() -> None:
             part.format(model_path=model, host="127.0.0.1", port=runtime_port)
             # No runtime key: the direct path is the reference, and it has no key to send.
             for part in embedded_llama_command(
-                parallel=CONCURRENCY, metrics=False, api_key_file=False
+                parallel=CONCURRENCY,
+                metrics=False,
+                api_key_file=False,
+                threads=arguments.threads,
             )
         ]
         runtime = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -256,7 +267,8 @@ def main() -> None:
             results: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
             print(
                 f"{arguments.rounds} rounds x {arguments.requests} completions at concurrency "
-                f"{CONCURRENCY}, {arguments.streams} streams one at a time; cpus={os.cpu_count()}"
+                f"{CONCURRENCY}, {arguments.streams} streams one at a time; cpus={os.cpu_count()}, "
+                f"llama.cpp threads={arguments.threads}"
             )
             for round_index in range(arguments.rounds):
                 for name, (port, headers) in paths.items():
