@@ -422,6 +422,65 @@ def test_an_http_1_0_client_gets_a_chunked_stream_as_a_body_ended_by_close() -> 
     run(scenario)
 
 
+def test_an_idle_connection_is_closed_after_keep_alive_and_a_busy_one_is_not() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, keep_alive_s=0.4) as door:
+                request = (
+                    f"GET /echo HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\n\r\n"
+                ).encode()
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                try:
+                    # A request every 0.25 s for 1.5 s: never idle for 0.4 s, so never closed.
+                    for _ in range(6):
+                        writer.write(request)
+                        head, _ = await _read_response(reader)
+                        assert head.startswith(b"HTTP/1.1 200")
+                        await asyncio.sleep(0.25)
+                    # Then idle: closed by the front door after about 0.4 s.
+                    started = time.monotonic()
+                    assert await asyncio.wait_for(reader.read(), 5) == b""
+                    assert time.monotonic() - started < 1.5
+                finally:
+                    writer.close()
+                # A head sent in pieces that never completes is bounded by the same time.
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                writer.write(b"GET /echo HTTP/1.1\r\n")
+                started = time.monotonic()
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+                assert time.monotonic() - started < 1.5
+                writer.close()
+            assert upstream.requests_seen == 6
+
+    run(scenario)
+
+
+def test_a_silent_runtime_is_504_before_the_head_and_an_abort_after_it() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, upstream_read_timeout_s=0.4) as door:
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    started = time.monotonic()
+                    response = await client.get("/slow?ms=1500")
+                    assert response.status_code == 504
+                    assert reason_of(response) == "timeout"
+                    assert time.monotonic() - started < 1.2
+                    # Events 0.25 s apart keep a stream alive: each one moves the timer on.
+                    response = await client.get("/stream?n=4&gap_ms=250")
+                    assert response.status_code == 200
+                    assert response.content.count(b"data: ") == 4
+                    # Silence longer than the limit after the head: the client sees the cut.
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        await client.get("/stream?n=2&gap_ms=1200")
+                statistics = door.door.statistics()
+                assert statistics.upstream_aborts == 1
+                assert statistics.refused_by_reason.get("timeout") == 1
+                assert door.controller.statistics().in_flight == 0
+
+    run(scenario)
+
+
 # --- body and protocol limits -------------------------------------------------------------
 
 

@@ -241,12 +241,18 @@ async def running_front_door(
     queue_timeout_s: float = 30.0,
     max_body_bytes: int = 1024 * 1024,
     runtime_authorization: bytes | None = None,
+    keep_alive_s: float = 30.0,
+    upstream_read_timeout_s: float = 600.0,
 ) -> AsyncIterator[ReadyDoor]:
     """A started :class:`FrontDoor` over ``upstream_url`` with a ready controller."""
     token = secrets.token_urlsafe(32)
     controller = ready_controller(max_in_flight=max_in_flight, queue_bound=queue_bound)
     config = FrontDoorConfig(
-        token=token, queue_timeout_s=queue_timeout_s, max_body_bytes=max_body_bytes
+        token=token,
+        queue_timeout_s=queue_timeout_s,
+        max_body_bytes=max_body_bytes,
+        keep_alive_s=keep_alive_s,
+        upstream_read_timeout_s=upstream_read_timeout_s,
     )
     async with FrontDoor(
         config=config,

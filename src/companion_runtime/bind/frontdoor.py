@@ -312,6 +312,12 @@ class _Client(asyncio.Protocol):
         self.write_paused = False
         #: The runtime connection a response is being relayed from (paused with the client).
         self.upstream: asyncio.Transport | None = None
+        #: Loop time since which the serving task waits for a request head (None: it does not).
+        self.waiting_since: float | None = None
+        #: The keep-alive time ran out while waiting for a request head.
+        self.idle_expired = False
+        self._keep_alive_s = door._config.keep_alive_s
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # asyncio callbacks
 
@@ -319,6 +325,22 @@ class _Client(asyncio.Protocol):
         # A stream transport (uvloop's is not an asyncio.Transport subclass, only alike).
         self.transport = cast(asyncio.Transport, transport)
         self.task = self._door._accept(self)
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_at(loop.time() + self._keep_alive_s, self._check_idle)
+
+    def _check_idle(self) -> None:
+        # One timer per connection, moved on lazily instead of one per request.
+        self._idle_timer = None
+        if self.gone or self.idle_expired:
+            return
+        loop = asyncio.get_running_loop()
+        since = self.waiting_since
+        if since is not None and loop.time() - since >= self._keep_alive_s:
+            self.idle_expired = True
+            _wake(self._waiter)
+            return
+        start = loop.time() if since is None else since
+        self._idle_timer = loop.call_at(start + self._keep_alive_s, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
         if self.error or self.no_more:
@@ -349,6 +371,9 @@ class _Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost()
         _wake(self._drain_waiter)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -506,15 +531,15 @@ class _Upstream(asyncio.Protocol):
         self.keep_alive = False
         self._silence_s = silence_s
         self.last_activity = self._loop.time()
-        self._timer = self._loop.call_at(self.last_activity + silence_s, self._check_silence)
+        if self._timer is None:
+            # One timer per connection, moved on lazily: a response that ends in time costs
+            # no timer operation at all.
+            self._timer = self._loop.call_at(self.last_activity + silence_s, self._check_silence)
         client.upstream = self.transport
         return done
 
     def end(self) -> None:
         """Detach from the client (the exchange is over, one way or another)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         client = self._client
         if client is not None and client.upstream is self.transport:
             client.upstream = None
@@ -524,13 +549,16 @@ class _Upstream(asyncio.Protocol):
     def abort(self) -> None:
         self.end()
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()
 
     def _check_silence(self) -> None:
         self._timer = None
-        if self._done is None or self._done.done():
-            return
+        if self._done is None or self._done.done() or self.closed:
+            return  # idle: the next exchange arms the timer again
         quiet_until = self.last_activity + self._silence_s
         if self._loop.time() >= quiet_until:
             self._fail(Reason.TIMEOUT, 504)
@@ -881,15 +909,17 @@ class FrontDoor:
     async def _serve_connection(self, client: _Client, task: asyncio.Task[None]) -> bool:
         """Serve requests until the connection ends; False when it must be aborted."""
         connections = self._connections
-        keep_alive_s = self._config.keep_alive_s
+        loop = asyncio.get_running_loop()
         while True:
             connections[task] = False
             if not client.requests:
-                async with asyncio.timeout(keep_alive_s):
-                    while not client.requests:
-                        if client.error or client.gone or client.no_more:
-                            break
-                        await client.wait()
+                # Bounded by keep_alive_s: the connection's idle timer ends the wait.
+                client.waiting_since = loop.time()
+                while not client.requests:
+                    if client.error or client.gone or client.no_more or client.idle_expired:
+                        break
+                    await client.wait()
+                client.waiting_since = None
             if not client.requests:
                 if client.error and not client.gone:
                     self._refuse(client, client.error, Reason.BAD_REQUEST, close=True)
