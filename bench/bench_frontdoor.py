@@ -226,7 +226,10 @@ def main() -> None:
     parser.add_argument("--front-door-child", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.front_door_child:
-        asyncio.run(_front_door_child(arguments.front_door_child))
+        # The event loop serve runs on (uvloop where installed).
+        from companion_runtime.bind.eventloop import run as run_loop
+
+        run_loop(_front_door_child(arguments.front_door_child))
         return
 
     from companion_runtime.bind.llama_server import embedded_llama_command, llama_available

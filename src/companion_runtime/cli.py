@@ -241,7 +241,9 @@ def serve(
                 return Verdict(False, Reason.NOT_READY)
             raise
 
-    verdict = asyncio.run(run())
+    from companion_runtime.bind.eventloop import run as run_loop
+
+    verdict = run_loop(run())
     if verdict.ok:
         raise typer.Exit(0)
     _finish(dict(verdict.to_dict()), ok=False, json_output=json_output)

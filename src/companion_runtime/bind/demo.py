@@ -30,6 +30,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from companion_runtime.bind.eventloop import run as run_loop
 from companion_runtime.bind.https_origin import ModelOrigin
 from companion_runtime.bind.llama_server import (
     INSTALL_COMMAND,
@@ -288,6 +289,6 @@ def demo_main(console: Console | None = None) -> int:
         # wrapped line would split the command.
         console.print(INSTALL_HINT, markup=False, highlight=False, soft_wrap=True)
         return 1
-    report = asyncio.run(run_demo(say=lambda step: console.print(f"[bold]>[/bold] {step}")))
+    report = run_loop(run_demo(say=lambda step: console.print(f"[bold]>[/bold] {step}")))
     console.print(report_table(report))
     return 0 if report.ok else 1
