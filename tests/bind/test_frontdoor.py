@@ -531,6 +531,38 @@ def test_malformed_http_is_400_bad_request() -> None:
     run(scenario)
 
 
+def test_ambiguous_framing_is_400_closed_and_never_reaches_the_runtime() -> None:
+    # Request smuggling: a request whose body length two parsers could read differently is
+    # refused outright; the runtime only ever sees requests the front door wrote itself.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+                head = f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                auth = f"Authorization: Bearer {door.token}\r\n"
+                for framing in (
+                    "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+                    "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
+                    "Content-Length: 4\r\nContent-Length: 5\r\n",
+                    "Content-Length: 4, 5\r\n",
+                    "Content-Length: +4\r\n",
+                    "Transfer-Encoding: chunked, identity\r\n",
+                    "Content-Length : 4\r\n",
+                    "X-Folded: a\r\n b\r\nContent-Length: 4\r\n",
+                    "Content-Length: 4\nX-Bare-LF: 1\r\n",
+                ):
+                    payload = (head + auth + framing + "\r\n0\r\n\r\n").encode()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(payload)
+                    answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: it is closed
+                    writer.close()
+                    assert answer.startswith(b"HTTP/1.1 400"), framing
+                    assert b'{"ok":false,"reason":"bad_request"}' in answer, framing
+            assert upstream.requests_seen == 0
+
+    run(scenario)
+
+
 def test_expect_100_continue_is_answered() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:

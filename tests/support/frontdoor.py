@@ -242,6 +242,7 @@ async def running_front_door(
     max_body_bytes: int = 1024 * 1024,
     runtime_authorization: bytes | None = None,
     keep_alive_s: float = 30.0,
+    request_timeout_s: float = 30.0,
     upstream_read_timeout_s: float = 600.0,
 ) -> AsyncIterator[ReadyDoor]:
     """A started :class:`FrontDoor` over ``upstream_url`` with a ready controller."""
@@ -252,6 +253,7 @@ async def running_front_door(
         queue_timeout_s=queue_timeout_s,
         max_body_bytes=max_body_bytes,
         keep_alive_s=keep_alive_s,
+        request_timeout_s=request_timeout_s,
         upstream_read_timeout_s=upstream_read_timeout_s,
     )
     async with FrontDoor(
