@@ -1,0 +1,336 @@
+"""One HTTPS GET over one connection, with TLS on memory buffers: the download's transport.
+
+Why not ``http.client``: on a TLS socket every record costs two ``recv`` system calls (the
+record header, then its body) and four Python-level calls, about 131,000 system calls per GiB.
+Here TLS runs on an :class:`ssl.SSLObject` over two :class:`ssl.MemoryBIO` buffers: the socket
+is read up to :data:`RECEIVE_BYTES` at a time into the incoming buffer, and decrypted
+records go straight into the caller's memory. Measured against nginx over TLS on loopback, 1 GiB
+into a RAM-backed store, medians of six interleaved runs (2026-11-29): the system calls fall
+from about 131,000 to about 4,100 per GiB, kernel CPU from 0.76 to about 0.6 CPU-s/GiB, and
+the download (with its two-worker pipeline) reaches 706 MB/s against 587–607 MB/s on
+``http.client`` (``docs/benchmarks.md``).
+
+The response head (status line, headers, chunked framing) is parsed by llhttp
+(``httptools``); a ``Content-Length`` body is then decrypted past the parser. What the caller
+gets is deliberately small: the status, the headers, the announced length and
+:meth:`Response.read_some`, which puts what one socket read brings into a buffer. A failure
+inside ``read_some`` can only happen before it decrypted anything, so it never loses a byte
+that was received.
+
+There is no redirect handling, cookie jar, authentication, ``.netrc`` or proxy here: the caller
+follows redirects itself and checks every hop. Nothing here logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+import ssl
+import time
+from collections.abc import Iterator, Mapping
+from typing import Final, cast, final
+
+import httptools
+
+__all__ = ["MAX_HEAD_BYTES", "RECEIVE_BYTES", "ProtocolError", "Response", "get"]
+
+#: Bytes read from the socket per ``recv`` into the TLS buffer.
+RECEIVE_BYTES: Final = 256 * 1024
+#: Longest response head accepted (status line and headers).
+MAX_HEAD_BYTES: Final = 64 * 1024
+
+
+class ProtocolError(Exception):
+    """The server's answer is not HTTP/1.1 this client accepts (malformed or oversized head)."""
+
+
+@final
+class _Tls:
+    """TLS client on memory buffers over a blocking socket with a timeout."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        tls: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
+        self._sock = sock
+        self._tls = tls
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._raw = memoryview(bytearray(RECEIVE_BYTES))
+        self._eof = False
+
+    @classmethod
+    def connect(cls, host: str, port: int, *, context: ssl.SSLContext, timeout_s: float) -> _Tls:
+        """TCP connect and TLS handshake (certificate and host name checked by ``context``)."""
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+        try:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = context.wrap_bio(incoming, outgoing, server_hostname=host)
+            connection = cls(sock, tls, incoming, outgoing)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    connection._flush()
+                    if not connection._receive():
+                        raise ConnectionResetError("closed during the TLS handshake") from None
+            connection._flush()
+        except BaseException:
+            sock.close()
+            raise
+        return connection
+
+    def settimeout(self, timeout_s: float) -> None:
+        self._sock.settimeout(timeout_s)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _flush(self) -> None:
+        data = self._outgoing.read()
+        if data:
+            self._sock.sendall(data)
+
+    def _receive(self) -> int:
+        """One ``recv`` into the TLS buffer; 0 at the end of the connection."""
+        if self._eof:
+            return 0
+        count = self._sock.recv_into(self._raw)
+        if not count:
+            self._eof = True
+            self._incoming.write_eof()
+            return 0
+        self._incoming.write(self._raw[:count])
+        return count
+
+    def send(self, data: bytes) -> None:
+        self._tls.write(data)
+        self._flush()
+
+    def read_into(self, view: memoryview) -> int:
+        """Decrypt into ``view`` what the buffer holds, after one socket read if it held none.
+
+        Returns 0 only at the end of the stream. More than one socket read happens only while
+        not a single byte could be decrypted (a record arriving in pieces); that wait is
+        bounded by the socket timeout in all, so a record dripped in byte by byte is a
+        ``TimeoutError`` like a silent server. A socket error can only happen while nothing
+        has been decrypted in this call, so no decrypted byte is ever lost to one.
+        """
+        read = self._tls.read
+        size = len(view)
+        filled = 0
+        deadline = 0.0
+        while filled < size:
+            try:
+                # With a buffer, read() returns the count (typeshed knows only bytes).
+                count = cast(int, read(size - filled, view[filled:]))
+            except ssl.SSLWantReadError:
+                if filled:
+                    break
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + (self._sock.gettimeout() or math.inf)
+                elif now > deadline:
+                    raise TimeoutError("no complete TLS record in time") from None
+                self._receive()  # at the end, the EOF goes into the buffer: read() reports it
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                # A close_notify, or an end without one: either way the body ends here, and
+                # the caller compares what arrived with what was announced and promised.
+                break
+            if not count:
+                break
+            filled += count
+        return filled
+
+
+@final
+class Response:
+    """The status and head of one response, and its body one record at a time."""
+
+    def __init__(
+        self,
+        connection: _Tls,
+        status: int,
+        headers: Mapping[str, str],
+        *,
+        chunked: bool,
+        length: int | None,
+        parser: httptools.HttpResponseParser,
+        sink: _HeadSink,
+    ) -> None:
+        self._connection = connection
+        self.status = status
+        self._headers = headers
+        self.chunked = chunked
+        #: Body bytes still announced by ``Content-Length`` (None: not announced).
+        self.length = length
+        self._parser = parser
+        self._sink = sink
+        self._scratch: memoryview | None = None
+        self._deferred: httptools.HttpParserError | None = None
+
+    def getheader(self, name: str) -> str | None:
+        """The header's value (the last one when repeated), or None."""
+        return self._headers.get(name.lower())
+
+    def read_some(self, view: memoryview) -> int:
+        """Put body bytes into ``view``, with one socket read (see ``_Tls.read_into``).
+
+        0 at the end of the body. At most ``RECEIVE_BYTES`` and a record arrive per call, so
+        the caller can check its progress rules between calls.
+        """
+        if self.chunked:
+            return self._read_chunked(view)
+        left = self.length
+        if left is not None:
+            if left <= 0:
+                return 0
+            view = view[:left]
+        sink = self._sink
+        # Body bytes that arrived with the head come first.
+        count = sink.take(view) if sink.pending else self._connection.read_into(view)
+        if left is not None:
+            self.length = left - count
+        return count
+
+    def _read_chunked(self, view: memoryview) -> int:
+        sink = self._sink
+        while not sink.pending and not sink.complete:
+            if self._deferred is not None:
+                raise self._deferred
+            scratch = self._scratch
+            if scratch is None:
+                scratch = self._scratch = memoryview(bytearray(RECEIVE_BYTES))
+            count = self._connection.read_into(scratch)
+            if not count:
+                return 0
+            try:
+                self._parser.feed_data(scratch[:count])
+            except httptools.HttpParserError as error:
+                # Bytes decoded before the error are body: hand them out first.
+                self._deferred = error
+        return sink.take(view)
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+@final
+class _HeadSink:
+    """The parser's callbacks: the head, and body bytes that arrived with it or in chunks."""
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.head_bytes = 0
+        self.head_done = False
+        self.complete = False
+        self.pending = bytearray()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise ProtocolError("head too large")
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1").strip()
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+
+    def start_over(self) -> None:
+        self.headers = {}
+        self.head_done = False
+        self.complete = False
+
+    def on_body(self, body: bytes) -> None:
+        self.pending += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    def take(self, view: memoryview) -> int:
+        count = min(len(view), len(self.pending))
+        view[:count] = self.pending[:count]
+        del self.pending[:count]
+        return count
+
+
+@contextlib.contextmanager
+def get(
+    host: str,
+    port: int,
+    target: str,
+    headers: Mapping[str, str],
+    *,
+    context: ssl.SSLContext,
+    connect_timeout_s: float,
+    read_timeout_s: float,
+) -> Iterator[Response]:
+    """Send ``GET target`` to ``host:port`` over TLS and yield the response after its head.
+
+    ``connect_timeout_s`` bounds the TCP connect and TLS handshake, ``read_timeout_s`` every
+    later socket read and write. Raises ``OSError`` (``TimeoutError`` included),
+    ``ssl.SSLError``, :class:`ProtocolError` or ``httptools.HttpParserError``; the connection is
+    closed on leaving.
+    """
+    connection = _Tls.connect(host, port, context=context, timeout_s=connect_timeout_s)
+    try:
+        connection.settimeout(read_timeout_s)
+        authority = host if port == 443 else f"{host}:{port}"
+        if ":" in host:
+            authority = f"[{host}]" if port == 443 else f"[{host}]:{port}"
+        lines = [f"GET {target} HTTP/1.1", f"Host: {authority}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines.append("Connection: close")
+        connection.send(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+
+        sink = _HeadSink()
+        parser = httptools.HttpResponseParser(sink)
+        received = bytearray()
+        scratch = memoryview(bytearray(16 * 1024))
+        while True:
+            # Only the head goes to the parser here: body bytes after it are not parsed as
+            # HTTP (a server that sends more than it announced must not turn into a parse
+            # error), they wait in ``pending``.
+            end = received.find(b"\r\n\r\n")
+            while end < 0:
+                if len(received) > MAX_HEAD_BYTES:
+                    raise ProtocolError("head too large")
+                count = connection.read_into(scratch)
+                if not count:
+                    raise ProtocolError("connection closed before the response head")
+                received += scratch[:count]
+                end = received.find(b"\r\n\r\n")
+            end += 4
+            try:
+                parser.feed_data(received[:end])
+            except httptools.HttpParserCallbackError as error:
+                raise ProtocolError("malformed head") from error
+            del received[:end]
+            status = parser.get_status_code()
+            if not 100 <= status < 200:
+                break
+            sink.start_over()  # an interim answer: the final head follows
+        chunked = "chunked" in sink.headers.get("transfer-encoding", "").lower()
+        length: int | None = None
+        if chunked:
+            parser.feed_data(received)  # chunk framing is the parser's
+        else:
+            sink.pending += received
+            if "content-length" in sink.headers:
+                length = int(sink.headers["content-length"])  # llhttp accepted: digits only
+        yield Response(
+            connection,
+            status,
+            sink.headers,
+            chunked=chunked,
+            length=length,
+            parser=parser,
+            sink=sink,
+        )
+    finally:
+        connection.close()

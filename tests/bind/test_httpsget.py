@@ -1,0 +1,221 @@
+"""The download's HTTPS transport against a loopback TLS server that controls every byte.
+
+The server runs TLS on memory buffers too, so a test can send a response in any shape on the
+wire: a TLS record cut into single bytes, a head split across records, an interim ``100``
+answer, a head that never ends, a body past its length.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import httptools
+import pytest
+import trustme
+
+from companion_runtime.bind.httpsget import MAX_HEAD_BYTES, ProtocolError, get
+
+pytestmark = pytest.mark.integration
+
+
+class _Wire:
+    """The server's side of one connection: ``send`` encrypts, ``send_raw`` does not."""
+
+    def __init__(self, sock: socket.socket, tls: ssl.SSLObject, outgoing: ssl.MemoryBIO) -> None:
+        self.sock = sock
+        self.tls = tls
+        self.outgoing = outgoing
+
+    def record(self, data: bytes) -> bytes:
+        """The TLS bytes of ``data`` (one record per 16 KiB), without sending them."""
+        self.tls.write(data)
+        return self.outgoing.read()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(self.record(data))
+
+
+@contextmanager
+def tls_server(
+    authority: trustme.CA, respond: Callable[[_Wire], None]
+) -> Iterator[tuple[int, ssl.SSLContext]]:
+    """One-connection TLS server on 127.0.0.1; yields its port and a client context."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        sock, _ = listener.accept()
+        with sock:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = server_context.wrap_bio(incoming, outgoing, server_side=True)
+            request = b""
+            try:
+                while b"\r\n\r\n" not in request:
+                    try:
+                        tls.do_handshake()  # a no-op once done
+                        request += tls.read(65536)
+                    except ssl.SSLWantReadError:
+                        sock.sendall(outgoing.read())
+                        data = sock.recv(65536)
+                        if not data:
+                            return
+                        incoming.write(data)
+                respond(_Wire(sock, tls, outgoing))
+                time.sleep(0.2)  # let the client read before the close
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield port, client_context
+    finally:
+        listener.close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def authority() -> trustme.CA:
+    return trustme.CA()
+
+
+def read_all(port: int, context: ssl.SSLContext, *, read_timeout_s: float = 5.0) -> bytes:
+    out = bytearray()
+    view = memoryview(bytearray(1 << 20))
+    with get(
+        "127.0.0.1",
+        port,
+        "/m.bin",
+        {"Accept-Encoding": "identity"},
+        context=context,
+        connect_timeout_s=5,
+        read_timeout_s=read_timeout_s,
+    ) as response:
+        assert response.status == 200
+        while count := response.read_some(view):
+            out += view[:count]
+        assert response.length in (None, 0)
+    return bytes(out)
+
+
+BODY = bytes(range(256)) * 400  # 100 KiB: several records
+
+
+def test_a_body_in_many_records_with_the_head_split_across_records(authority: trustme.CA) -> None:
+    def respond(wire: _Wire) -> None:
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\n\r\n".encode()
+        wire.send(head[:10])
+        wire.send(head[10:] + BODY[:5])
+        wire.send(BODY[5:])
+
+    with tls_server(authority, respond) as (port, context):
+        assert read_all(port, context) == BODY
+
+
+def test_an_interim_100_answer_is_skipped(authority: trustme.CA) -> None:
+    def respond(wire: _Wire) -> None:
+        wire.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        wire.send(f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\n\r\n".encode() + BODY)
+
+    with tls_server(authority, respond) as (port, context):
+        assert read_all(port, context) == BODY
+
+
+def test_a_chunked_body_is_unframed(authority: trustme.CA) -> None:
+    def respond(wire: _Wire) -> None:
+        wire.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, len(BODY), 30_000):
+            piece = BODY[start : start + 30_000]
+            wire.send(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        wire.send(b"0\r\n\r\n")
+
+    with tls_server(authority, respond) as (port, context):
+        assert read_all(port, context) == BODY
+
+
+def test_bytes_past_the_announced_length_are_never_read(authority: trustme.CA) -> None:
+    # Sent in the head's record, so a parser fed everything would see a second "response".
+    def respond(wire: _Wire) -> None:
+        wire.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello, and more garbage")
+
+    with tls_server(authority, respond) as (port, context):
+        assert read_all(port, context) == b"hello"
+
+
+def test_a_record_dripped_byte_by_byte_is_a_timeout(authority: trustme.CA) -> None:
+    # Every socket read brings a byte within the read timeout, yet no record ever completes;
+    # the wait for one record is bounded by the read timeout in all.
+    def respond(wire: _Wire) -> None:
+        wire.send(f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\n\r\n".encode())
+        for byte in wire.record(BODY[:1000]):
+            wire.sock.sendall(bytes([byte]))
+            time.sleep(0.05)
+
+    with tls_server(authority, respond) as (port, context):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            read_all(port, context, read_timeout_s=0.5)
+        assert time.monotonic() - started < 3
+
+
+def test_a_head_that_never_ends_is_refused(authority: trustme.CA) -> None:
+    def respond(wire: _Wire) -> None:
+        wire.send(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(MAX_HEAD_BYTES // 1000 + 2):
+            wire.send(b"X-Filler: " + b"a" * 988 + b"\r\n")
+
+    with tls_server(authority, respond) as (port, context):
+        with pytest.raises(ProtocolError):
+            read_all(port, context)
+
+
+def test_a_malformed_head_is_a_parser_error(authority: trustme.CA) -> None:
+    def respond(wire: _Wire) -> None:
+        wire.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab")
+
+    with tls_server(authority, respond) as (port, context):
+        with pytest.raises(httptools.HttpParserError):
+            read_all(port, context)
+
+
+def test_an_end_without_close_notify_ends_the_body_short(authority: trustme.CA) -> None:
+    # The caller compares what arrived with what was announced; the transport just stops.
+    def respond(wire: _Wire) -> None:
+        wire.send(f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\n\r\n".encode() + BODY[:999])
+        wire.sock.shutdown(socket.SHUT_RDWR)
+
+    with tls_server(authority, respond) as (port, context):
+        view = memoryview(bytearray(1 << 20))
+        with get(
+            "127.0.0.1",
+            port,
+            "/m.bin",
+            {},
+            context=context,
+            connect_timeout_s=5,
+            read_timeout_s=5,
+        ) as response:
+            received = 0
+            while count := response.read_some(view):
+                received += count
+            assert received == 999
+            assert response.length == len(BODY) - 999
+
+
+def test_a_certificate_for_another_name_is_refused(authority: trustme.CA) -> None:
+    other = trustme.CA()
+
+    with tls_server(other, lambda wire: None) as (port, _):
+        context = ssl.create_default_context()
+        authority.configure_trust(context)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            read_all(port, context)
