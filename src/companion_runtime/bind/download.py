@@ -33,22 +33,24 @@ rules around it:
   any refusal that leaves it empty (free disk space, status, redirect, encoding): nothing is
   left in ``tmp/`` unless it is a prefix to resume from.
 
-Reading and hashing overlap: the main thread receives into one large buffer while a worker
-thread hashes and writes the previous one.
+Receiving, hashing and writing overlap: the main thread receives into one of four buffers
+while one worker thread hashes the buffers before it, in order, and a second one writes each
+buffer once it hashed without a refusal.
 
-The HTTP client is the standard library's ``http.client``, used one connection per hop. The
-body is read with one socket read per call (``readinto1`` on the response's buffered
-reader, so one TLS record of at most 16 KiB), straight into the receive buffer, looped until
-the buffer is full. ``HTTPResponse.readinto`` would fill the whole buffer in one C-level loop,
-but a read failing in that loop loses the count of the bytes already in the buffer. Measured
-on the receive loop alone against nginx over TLS on loopback (three runs each, 2026-11-29):
-the C-level loop 0.7 CPU-seconds per GiB, this per-record loop 0.9, which is the price of a
-failed transfer keeping every byte it received; httpx's per-16-KiB event stream cost about 1.6
-in an earlier run under load. At this level there is also no
-redirect handling, cookie jar, auth, ``.netrc`` or proxy variable that could carry anything
-from one hop to the next, and nothing logs the request line (with its query).
+The transport is :mod:`companion_runtime.bind.httpsget`: one GET per connection (one
+connection per hop), TLS on memory buffers, the head parsed by llhttp, the body decrypted
+straight into the receive buffer from socket reads of up to 256 KiB. Each call brings what one
+socket read delivers, so a read that fails can only lose bytes that were never received, and
+the minimum-progress rule is checked between calls. Measured against nginx over TLS on
+loopback into a RAM-backed store (1 GiB, medians of six interleaved runs, 2026-11-29):
+``http.client`` with one record per call (two ``recv`` system calls per 16 KiB record) and
+one hashing-and-writing worker gave 587–607 MB/s, this transport with the two workers
+706 MB/s. Before that, ``http.client`` had replaced httpx, whose per-16-KiB event stream cost
+about 1.6 CPU-seconds per GiB against 0.9. At this level there is no redirect handling, cookie
+jar, auth, ``.netrc`` or proxy variable that could carry anything from one hop to the next,
+and nothing logs the request line (with its query).
 
-Every foreign exception (ssl, socket and disk ``OSError``, ``http.client``, filelock) is
+Every foreign exception (ssl, socket and disk ``OSError``, the HTTP parser's, filelock) is
 translated to a ``Reason`` in :func:`reason_for_exception`; no error message carries the URL,
 its query, or the digest.
 """
@@ -57,13 +59,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import http.client
 import logging
 import os
 import re
 import shutil
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,7 +74,9 @@ from typing import Final, final
 from urllib.parse import urljoin, urlsplit
 
 import filelock
+import httptools
 
+from companion_runtime.bind import httpsget
 from companion_runtime.bind.filehash import hash_file_into
 from companion_runtime.bind.store import ModelStore, StoreError
 from companion_runtime.core import (
@@ -103,6 +107,8 @@ FreeSpace = Callable[[Path], int]
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _USER_AGENT: Final = "companion-runtime"
+#: Receive buffers: one being filled while the worker catches up with up to three.
+_BUFFERS: Final = 4
 
 
 @final
@@ -136,8 +142,8 @@ class DownloadOptions:
     max_redirects: int = 5
     #: PEM file of CA certificates to trust *instead of* the system store (a private mirror).
     ca_bundle: Path | None = None
-    #: Size of each of the two receive buffers handed to the hashing/writing thread.
-    buffer_bytes: int = 2 * 1024 * 1024
+    #: Size of each of the four receive buffers handed to the hashing/writing thread.
+    buffer_bytes: int = 1024 * 1024
     #: Free space required beyond the bytes still to download.
     disk_margin_bytes: int = 0
     #: Minimum progress: a body that brings fewer than this many bytes in any
@@ -242,8 +248,7 @@ def _network() -> Iterator[None]:
     """Mark the enclosed calls as network I/O for :func:`reason_for_exception`."""
     try:
         yield
-    except (OSError, http.client.HTTPException, ValueError) as error:
-        # ValueError: http.client's answer to some malformed responses (bad chunk sizes).
+    except (OSError, httpsget.ProtocolError, httptools.HttpParserError) as error:
         raise _NetworkError(error) from None
 
 
@@ -366,24 +371,8 @@ class _Download:
 
     # --- HTTP -----------------------------------------------------------------------------
 
-    def _connect(self, context: ssl.SSLContext, url: str) -> http.client.HTTPSConnection:
-        parts = urlsplit(url)
-        # The URL passed validate_source_url: https, a plain host, no userinfo, a valid port.
-        connection = http.client.HTTPSConnection(
-            parts.hostname or "",
-            parts.port or 443,
-            context=context,
-            timeout=self.options.connect_timeout_s,
-        )
-        with _network():
-            connection.connect()
-            assert connection.sock is not None
-            # From here on the timeout is per read: no byte for this long is a stall.
-            connection.sock.settimeout(self.options.stall_timeout_s)
-        return connection
-
     @contextlib.contextmanager
-    def _response(self, context: ssl.SSLContext, offset: int) -> Iterator[http.client.HTTPResponse]:
+    def _response(self, context: ssl.SSLContext, offset: int) -> Iterator[httpsget.Response]:
         headers = {"Accept-Encoding": "identity", "User-Agent": _USER_AGENT}
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -394,23 +383,26 @@ class _Download:
             target = parts.path or "/"
             if parts.query:
                 target += "?" + parts.query
-            connection = self._connect(context, current)
-            try:
+            # The URL passed validate_source_url: https, a plain host, no userinfo, a valid port.
+            with contextlib.ExitStack() as stack:
                 with _network():
-                    connection.request("GET", target, headers=headers)
-                    response = connection.getresponse()
+                    response = stack.enter_context(
+                        httpsget.get(
+                            parts.hostname or "",
+                            parts.port or 443,
+                            target,
+                            headers,
+                            context=context,
+                            connect_timeout_s=self.options.connect_timeout_s,
+                            # From here on the timeout is per read: no byte for this long is
+                            # a stall.
+                            read_timeout_s=self.options.stall_timeout_s,
+                        )
+                    )
                 if response.status not in _REDIRECT_STATUSES:
-                    try:
-                        yield response
-                    finally:
-                        # The body is read below http.client's own end-of-body handling
-                        # (see _read_once): release the response's socket here.
-                        with contextlib.suppress(OSError):
-                            response.close()
+                    yield response
                     return
                 location = response.getheader("Location")
-            finally:
-                connection.close()
             if not location:
                 raise DownloadError(Reason.HTTP_STATUS)
             try:
@@ -453,8 +445,14 @@ class _Download:
             return False
         return total == "*" or int(total) == self.size
 
-    def _stream(self, response: http.client.HTTPResponse, fd: int, offset: int) -> None:
-        """Receive into one buffer while the worker hashes and writes the other."""
+    def _stream(self, response: httpsget.Response, fd: int, offset: int) -> None:
+        """Receive into one buffer while two workers hash and write the ones before it.
+
+        The hashing thread and the writing thread each take the buffers in order; a buffer is
+        written only after it hashed without a refusal, and is filled again only after it was
+        written. SHA-256 and the copy into the page cache both release the GIL, so receiving,
+        hashing and writing run at the same time.
+        """
         accumulator = self.accumulator
         size = self.size
         received = offset
@@ -462,9 +460,10 @@ class _Download:
         # (fewer bytes than it promised) from a server that promised too little.
         announced = response.length
         capacity = self.options.buffer_bytes
-        views = (memoryview(bytearray(capacity)), memoryview(bytearray(capacity)))
+        views = [memoryview(bytearray(capacity)) for _ in range(_BUFFERS)]
         index = 0
-        pending: Future[Verdict] | None = None
+        # Buffers handed to the worker, oldest first; it hashes and writes them in order.
+        pending: deque[Future[Verdict]] = deque()
         watch = _ProgressWatch(
             min_bytes=self.options.min_progress_bytes,
             window_s=self.options.min_progress_window_s,
@@ -478,18 +477,30 @@ class _Download:
                 _write_all(fd, view)
             return verdict
 
-        def wait() -> None:
-            nonlocal pending
-            if pending is not None:
-                verdict = pending.result()
-                pending = None
-                if not verdict.ok:
-                    raise DownloadError(verdict.reason)
+        def write_hashed(hashed: Future[Verdict], view: memoryview) -> Verdict:
+            verdict = hashed.result()
+            if verdict.ok:
+                _write_all(fd, view)
+            return verdict
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="download") as worker:
+        def settle_oldest() -> None:
+            verdict = pending.popleft().result()
+            if not verdict.ok:
+                raise DownloadError(verdict.reason)
+
+        def wait() -> None:
+            while pending:
+                settle_oldest()
+
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="download-hash") as hasher,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="download-write") as writer,
+        ):
             try:
                 ended = False
                 while not ended:
+                    if len(pending) == _BUFFERS:
+                        settle_oldest()  # the one that used this buffer
                     buffer = views[index]
                     # Ask for at most one byte more than the size allows: an overrun is seen
                     # at size + 1, never later.
@@ -498,7 +509,7 @@ class _Download:
                     try:
                         with _network():
                             while filled < limit:
-                                count = _read_once(response, buffer[filled:limit])
+                                count = response.read_some(buffer[filled:limit])
                                 if not count:
                                     ended = True
                                     break
@@ -526,17 +537,18 @@ class _Download:
                             verdict.reason if not verdict.ok else Reason.SIZE_MISMATCH
                         )
                     received += filled
-                    wait()
-                    pending = worker.submit(hash_and_write, buffer[:filled])
-                    index ^= 1
+                    view = buffer[:filled]
+                    hashed = hasher.submit(accumulator.update, view)
+                    pending.append(writer.submit(write_hashed, hashed, view))
+                    index = (index + 1) % _BUFFERS
                     if self.progress is not None:
                         self.progress(received, size)
                 wait()
             finally:
                 # Never leave the worker writing a buffer after we return.
-                if pending is not None:
+                for future in pending:
                     with contextlib.suppress(Exception):
-                        pending.result()
+                        future.result()
         if received < size:
             if announced is not None and received - offset < announced:
                 # The connection ended before the bytes the server announced: a broken
@@ -573,32 +585,6 @@ class _ProgressWatch:
         self._start = now
         self._start_received = received
         return False
-
-
-def _read_once(response: http.client.HTTPResponse, view: memoryview) -> int:
-    """Receive body bytes into ``view`` with at most one read from the socket; 0 at the end.
-
-    ``HTTPResponse.readinto`` loops over socket reads until the buffer is full, and when a read
-    in that loop fails, the count of what the earlier ones put into the buffer is lost with
-    the exception. With one socket read per call a failure can only lose bytes that were
-    never received. A chunked body goes through ``read1`` (one read, plus chunk framing).
-    """
-    if response.chunked:
-        data = response.read1(len(view))
-        view[: len(data)] = data
-        return len(data)
-    source = response.fp
-    if source is None:
-        return 0
-    left = response.length
-    if left is not None:
-        if left <= 0:
-            return 0
-        view = view[:left]
-    count = source.readinto1(view)
-    if left is not None:
-        response.length = left - count
-    return count
 
 
 def _write_all(fd: int, data: memoryview) -> None:
