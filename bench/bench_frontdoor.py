@@ -15,6 +15,11 @@ hits both. Printed: per-round medians, then the median over rounds of
 * time to the first streamed body byte (``stream: true``, one request at a time), and the
   difference.
 
+Where nginx is installed, a third path goes through nginx as a reverse proxy (``proxy_pass``
+with keep-alive upstream connections and no buffering), measured in the same rounds and
+printed as a reference, not a target: what relaying through any user-space proxy costs on the
+same machine, C and all.
+
 Not a test: it asserts nothing and prints figures for docs/benchmarks.md.
 """
 
@@ -24,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -208,6 +214,58 @@ async def _first_bytes(port: int, headers: list[tuple[bytes, bytes]], streams: i
     return statistics.median(firsts) * 1000
 
 
+NGINX_PROXY_CONF = """
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream runtime {{ server 127.0.0.1:{runtime_port}; keepalive 32; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://runtime;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            # llama.cpp closes a connection after a stream; a request sent on it a moment
+            # later is sent again on a new one, as the front door does.
+            proxy_next_upstream error timeout non_idempotent;
+        }}
+    }}
+}}
+"""
+
+
+def _start_nginx(scratch: Path, runtime_port: int) -> tuple[subprocess.Popen[bytes], int] | None:
+    if shutil.which("nginx") is None:
+        return None
+    port = _free_port()
+    conf = scratch / "nginx.conf"
+    conf.write_text(NGINX_PROXY_CONF.format(tmp=scratch, port=port, runtime_port=runtime_port))
+    process = subprocess.Popen(
+        ["nginx", "-c", str(conf), "-p", str(scratch)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process, port
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    return None
+
+
 def _median_of(rounds: list[dict[str, float]], key: str) -> float:
     return statistics.median(entry[key] for entry in rounds)
 
@@ -257,8 +315,10 @@ def main() -> None:
             stdout=subprocess.PIPE,
             text=True,
         )
+        nginx: tuple[subprocess.Popen[bytes], int] | None = None
         try:
             _wait_healthy(runtime_port)
+            nginx = _start_nginx(Path(scratch), runtime_port)
             assert door.stdout is not None
             ready = json.loads(door.stdout.readline())
             door_port = int(ready["port"])
@@ -267,6 +327,8 @@ def main() -> None:
                 "direct": (runtime_port, []),
                 "front door": (door_port, auth),
             }
+            if nginx is not None:
+                paths["nginx proxy"] = (nginx[1], [])
             results: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
             print(
                 f"{arguments.rounds} rounds x {arguments.requests} completions at concurrency "
@@ -281,32 +343,43 @@ def main() -> None:
                     )
                     results[name].append(figures)
                     print(
-                        f"  round {round_index + 1} {name:>10}: p50 {figures['p50_ms']:.3f} ms"
+                        f"  round {round_index + 1} {name:>11}: p50 {figures['p50_ms']:.3f} ms"
                         f"  p99 {figures['p99_ms']:.3f} ms"
                         f"  {figures['throughput_rps']:.0f} req/s"
                         f"  first byte {figures['first_byte_ms']:.3f} ms"
                     )
         finally:
+            if nginx is not None:
+                nginx[0].terminate()
+                nginx[0].wait(timeout=10)
             if door.stdin is not None:
                 door.stdin.close()
             door.wait(timeout=10)
             runtime.terminate()
             runtime.wait(timeout=30)
 
-    def row(label: str, key: str, fmt: Callable[[float], str]) -> None:
+    def row(label: str, key: str, fmt: Callable[[float], str], path: str = "front door") -> None:
         direct = _median_of(results["direct"], key)
-        through = _median_of(results["front door"], key)
+        through = _median_of(results[path], key)
         ratio = through / direct if direct else float("nan")
         print(
-            f"{label:<28} direct {fmt(direct):>12}  front door {fmt(through):>12}  "
+            f"{label:<28} direct {fmt(direct):>12}  {path} {fmt(through):>12}  "
             f"added {fmt(through - direct):>12}  ratio {ratio:.3f}"
         )
 
+    figures: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+        ("latency p50 (c=8)", "p50_ms", lambda value: f"{value:.3f} ms"),
+        ("latency p99 (c=8)", "p99_ms", lambda value: f"{value:.3f} ms"),
+        ("throughput (c=8)", "throughput_rps", lambda value: f"{value:.0f} rps"),
+        ("first streamed byte (c=1)", "first_byte_ms", lambda value: f"{value:.3f} ms"),
+    )
     print("medians over rounds:")
-    row("latency p50 (c=8)", "p50_ms", lambda value: f"{value:.3f} ms")
-    row("latency p99 (c=8)", "p99_ms", lambda value: f"{value:.3f} ms")
-    row("throughput (c=8)", "throughput_rps", lambda value: f"{value:.0f} rps")
-    row("first streamed byte (c=1)", "first_byte_ms", lambda value: f"{value:.3f} ms")
+    for label, key, fmt in figures:
+        row(label, key, fmt)
+    if "nginx proxy" in results:
+        print("reference, same rounds: nginx as a reverse proxy (no target)")
+        for label, key, fmt in figures:
+            row(label, key, fmt, path="nginx proxy")
 
 
 if __name__ == "__main__":
