@@ -1,10 +1,11 @@
 """Front door overhead: the same short completions direct to llama.cpp and through the front door.
 
     .venv/bin/python bench/bench_frontdoor.py [--rounds 5] [--requests 400] [--streams 100]
-                                              [--threads N]
+                                              [--threads N] [--llama-server PATH]
 
-One llama.cpp server (embedded launcher, tiny model, 8 slots, ``--threads`` compute threads:
-by default one core fewer than the machine has, at least one) and one front door in its own
+One llama.cpp server (the embedded launcher, or the upstream ``llama-server`` binary given with
+``--llama-server``; tiny model, 8 slots, ``--threads`` compute threads: by default one core
+fewer than the machine has, at least one) and one front door in its own
 process (as ``serve`` runs it: the real admission controller, max_in_flight 8). The load client
 is a third process (this one): plain h11 over keep-alive sockets, so its own cost is small and
 the same on both paths. Rounds alternate direct / front door so that drift on a shared machine
@@ -281,6 +282,11 @@ def main() -> None:
         default=max(1, (os.cpu_count() or 2) - 1),
         help="llama.cpp compute threads (default: one core left for the client and front door)",
     )
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        help="an upstream llama-server binary to run instead of the embedded launcher",
+    )
     parser.add_argument("--front-door-child", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.front_door_child:
@@ -293,21 +299,28 @@ def main() -> None:
     from companion_runtime.bind.llama_server import embedded_llama_command, llama_available
     from companion_runtime.bind.tiny_model import write_tiny_model
 
-    if not llama_available():
+    if arguments.llama_server is None and not llama_available():
         raise SystemExit("needs the llama extra: pip install -e '.[llama]'")
     with tempfile.TemporaryDirectory(prefix="bench-frontdoor-") as scratch:
         model = write_tiny_model(Path(scratch) / "tiny.gguf")
         runtime_port = _free_port()
-        argv = [
-            part.format(model_path=model, host="127.0.0.1", port=runtime_port)
-            # No runtime key: the direct path is the reference, and it has no key to send.
-            for part in embedded_llama_command(
-                parallel=CONCURRENCY,
-                metrics=False,
-                api_key_file=False,
-                threads=arguments.threads,
-            )
-        ]
+        # No runtime key: the direct path is the reference, and it has no key to send.
+        if arguments.llama_server is not None:
+            argv = [
+                str(arguments.llama_server),
+                *("-m", str(model), "--host", "127.0.0.1", "--port", str(runtime_port)),
+                *("--parallel", str(CONCURRENCY), "--threads", str(arguments.threads)),
+            ]
+        else:
+            argv = [
+                part.format(model_path=model, host="127.0.0.1", port=runtime_port)
+                for part in embedded_llama_command(
+                    parallel=CONCURRENCY,
+                    metrics=False,
+                    api_key_file=False,
+                    threads=arguments.threads,
+                )
+            ]
         runtime = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         door = subprocess.Popen(
             [sys.executable, __file__, "--front-door-child", f"http://127.0.0.1:{runtime_port}"],
@@ -333,7 +346,8 @@ def main() -> None:
             print(
                 f"{arguments.rounds} rounds x {arguments.requests} completions at concurrency "
                 f"{CONCURRENCY}, {arguments.streams} streams one at a time; cpus={os.cpu_count()}, "
-                f"llama.cpp threads={arguments.threads}"
+                f"llama.cpp threads={arguments.threads}, runtime: "
+                f"{arguments.llama_server or 'embedded launcher'}"
             )
             for round_index in range(arguments.rounds):
                 for name, (port, headers) in paths.items():
