@@ -8,6 +8,7 @@ not the front door's own h11), speaking HTTP/1.1 keep-alive on 127.0.0.1. Its ro
 * ``/stream?n=N&gap_ms=M`` — a chunked ``text/event-stream`` of N events, M ms apart, flushed
   one by one;
 * ``/die`` — sends a head promising 1000 bytes, 10 bytes, then closes the socket;
+* ``/stream-die`` — a chunked event stream that closes after its first event;
 * ``/drop`` — closes the connection without answering.
 """
 
@@ -157,6 +158,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 self.wfile.write(b"0123456789")
                 self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+            elif parts.path == "/stream-die":
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                event = b"data: token\n\n"
+                self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                self.wfile.flush()
+                time.sleep(0.1)
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
             elif parts.path == "/drop":

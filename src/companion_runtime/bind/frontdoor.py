@@ -32,7 +32,8 @@ Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB, a
 reading pauses until the request is answered. If the runtime fails before the response head is
 relayed the client gets ``502`` (``upstream_error``, or ``runtime_gone`` when the connection to
 it broke; ``504 timeout`` after ``upstream_read_timeout_s`` of silence); after that the client
-connection is aborted so a truncated response can never look complete.
+connection is reset (a TCP RST, not an orderly close) so a truncated response can never look
+complete, not even to an HTTP/1.0 client whose body ends with the connection.
 
 The whole per-request path runs in callbacks and one coroutine, with no task, stream or timer
 per read: the front door is on the path of every token, and on a small machine it shares the
@@ -44,10 +45,13 @@ Nothing logged carries the token, the request path or its query.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import math
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -242,6 +246,16 @@ _REFUSAL_BODIES: Final = {reason: _refusal_body(reason) for reason in Reason}
 def _status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     return line if line is not None else b"HTTP/1.1 %d \r\n" % status
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close with a TCP reset: a plain close is an orderly end that a reader cannot tell apart
+    from the end of a body delimited by the connection."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -1111,7 +1125,11 @@ class FrontDoor:
                 if upstream.head_sent:
                     self._counters.upstream_aborts += 1
                     _logger.warning("runtime failed while a response was relayed")
-                    # The client already has a head; abort so the truncation is visible.
+                    # The client already has a head: a reset, never an orderly close, so a
+                    # truncated body can never look complete (an HTTP/1.0 client's body ends
+                    # with the connection).
+                    assert client.transport is not None
+                    _reset(client.transport)
                     raise _ClientGone from None
                 if (
                     failed.reason is Reason.RUNTIME_GONE
