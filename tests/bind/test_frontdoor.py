@@ -9,7 +9,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -504,6 +504,29 @@ def test_request_body_over_the_cap_is_413() -> None:
                     assert response.status_code == 200
                     assert len(response.json()["body"]) == 1000
             assert upstream.requests_seen == 1
+
+    run(scenario)
+
+
+def test_a_body_larger_than_the_pipelining_bound_is_read_whole() -> None:
+    # Reading pauses when a client sends more than 64 KiB *behind* the request being answered;
+    # the request's own body, up to the cap, must never trip that bound.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_body_bytes=4 * 1024 * 1024) as door:
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    body = bytes(range(256)) * (3 * 1024 * 4)  # 3 MiB
+
+                    async def pieces() -> AsyncIterator[bytes]:
+                        for start in range(0, len(body), 256 * 1024):
+                            yield body[start : start + 256 * 1024]
+                            await asyncio.sleep(0.01)
+
+                    for content in (body, pieces()):
+                        response = await client.post("/echo", content=content)
+                        assert response.status_code == 200
+                        assert response.json()["body"].encode("latin-1") == body
+            assert upstream.requests_seen == 2
 
     run(scenario)
 

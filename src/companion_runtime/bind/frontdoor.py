@@ -317,6 +317,8 @@ class _Client(asyncio.Protocol):
         self.gone = False
         #: True while a request is read, waits for a slot or is relayed.
         self.busy = False
+        #: The request being answered (its body may still be arriving).
+        self.serving: _Request | None = None
         #: True while the request waits for a slot or is relayed (a disconnect cancels it).
         self.cancellable = False
         self._in_head = False
@@ -362,7 +364,9 @@ class _Client(asyncio.Protocol):
         if self._current is None or self._in_head:
             # A head that never ends is bounded here: llhttp itself accepts any length.
             self._head_bytes += len(data)
-        if self.busy:
+        serving = self.serving
+        if self.busy and (serving is None or serving.complete):
+            # Bytes behind the request being answered (its own body is bounded by the cap).
             self._pipelined += len(data)
             if self._pipelined > _MAX_PIPELINED_BYTES and not self._reading_paused:
                 assert self.transport is not None
@@ -468,6 +472,7 @@ class _Client(asyncio.Protocol):
     def finished_one(self) -> None:
         """The current request is answered: read what the client pipelined behind it."""
         self.busy = False
+        self.serving = None
         self._pipelined = 0
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
@@ -942,6 +947,7 @@ class FrontDoor:
             request = client.requests.popleft()
             connections[task] = True
             client.busy = True
+            client.serving = request
             self._counters.requests_total += 1
             keep = await self._serve_request(client, request)
             client.finished_one()
