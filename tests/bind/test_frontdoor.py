@@ -531,6 +531,29 @@ def test_a_body_larger_than_the_pipelining_bound_is_read_whole() -> None:
     run(scenario)
 
 
+def test_a_chunked_body_is_relayed_with_a_length_and_without_its_trailer() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                writer.write(
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\nTransfer-Encoding: chunked\r\n"
+                    "Trailer: X-Late\r\n\r\n"
+                    "5\r\nhello\r\n6\r\n world\r\n0\r\nX-Late: sneaked\r\n\r\n".encode()
+                )
+                head, body = await _read_response(reader)
+                writer.close()
+                assert head.startswith(b"HTTP/1.1 200")
+                echoed = json.loads(body)
+                assert echoed["body"] == "hello world"
+                assert echoed["headers"]["content-length"] == "11"
+                assert "transfer-encoding" not in echoed["headers"]
+                assert "x-late" not in echoed["headers"]
+
+    run(scenario)
+
+
 def test_malformed_http_is_400_bad_request() -> None:
     async def scenario() -> None:
         async with running_front_door(None) as door:

@@ -428,6 +428,8 @@ class _Client(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self._current
         assert request is not None
+        if not self._in_head:
+            return  # a chunked body's trailer: checked by nobody, so relayed to nobody
         request.headers.append((name.lower(), value))
         request.head_bytes += len(name) + len(value) + 4
 
@@ -978,7 +980,7 @@ class FrontDoor:
             elif name == b"content-length":
                 content_length = int(value)  # llhttp accepted it: digits only, one value
             elif name == b"expect":
-                expect = value.lower() == b"100-continue"
+                expect = value.lower() == b"100-continue" and not request.http_10
         if request.head_bytes > _MAX_HEAD_BYTES:
             return self._refuse(client, 431, Reason.BAD_REQUEST, close=True)
         if hosts > 1 or (hosts == 0 and not request.http_10):
