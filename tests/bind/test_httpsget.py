@@ -42,9 +42,12 @@ class _Wire:
 
 @contextmanager
 def tls_server(
-    authority: trustme.CA, respond: Callable[[_Wire], None]
+    authority: trustme.CA, respond: Callable[[_Wire], None], *, drip_handshake_s: float = 0.0
 ) -> Iterator[tuple[int, ssl.SSLContext]]:
-    """One-connection TLS server on 127.0.0.1; yields its port and a client context."""
+    """One-connection TLS server on 127.0.0.1; yields its port and a client context.
+
+    ``drip_handshake_s``: send the server's handshake bytes one at a time, this far apart.
+    """
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("127.0.0.1").configure_cert(server_context)
     client_context = ssl.create_default_context()
@@ -64,7 +67,13 @@ def tls_server(
                         tls.do_handshake()  # a no-op once done
                         request += tls.read(65536)
                     except ssl.SSLWantReadError:
-                        sock.sendall(outgoing.read())
+                        pending = outgoing.read()
+                        if drip_handshake_s and pending:
+                            for byte in pending:
+                                sock.sendall(bytes([byte]))
+                                time.sleep(drip_handshake_s)
+                        else:
+                            sock.sendall(pending)
                         data = sock.recv(65536)
                         if not data:
                             return
@@ -219,3 +228,48 @@ def test_a_certificate_for_another_name_is_refused(authority: trustme.CA) -> Non
         authority.configure_trust(context)
         with pytest.raises(ssl.SSLCertVerificationError):
             read_all(port, context)
+
+
+def test_a_handshake_dripped_byte_by_byte_is_a_timeout(authority: trustme.CA) -> None:
+    # Each byte arrives well within the connect timeout; the handshake as a whole does not.
+    with tls_server(authority, lambda wire: None, drip_handshake_s=0.02) as (port, context):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            with get(
+                "127.0.0.1",
+                port,
+                "/m.bin",
+                {},
+                context=context,
+                connect_timeout_s=0.5,
+                read_timeout_s=5,
+            ):
+                pass
+        assert time.monotonic() - started < 3
+
+
+def test_a_head_dripped_byte_by_byte_is_a_timeout(authority: trustme.CA) -> None:
+    def respond(wire: _Wire) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200:
+            wire.send(bytes([byte]))  # each byte a whole record, within the read timeout
+            time.sleep(0.02)
+
+    with tls_server(authority, respond) as (port, context):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            read_all(port, context, read_timeout_s=0.5)
+        assert time.monotonic() - started < 3
+
+
+def test_a_repeated_header_reads_as_one_list(authority: trustme.CA) -> None:
+    def respond(wire: _Wire) -> None:
+        wire.send(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: identity\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: 2\r\n\r\nok"
+        )
+
+    with tls_server(authority, respond) as (port, context):
+        with get(
+            "127.0.0.1", port, "/m.bin", {}, context=context, connect_timeout_s=5, read_timeout_s=5
+        ) as response:
+            assert response.getheader("Content-Encoding") == "identity, gzip"

@@ -71,12 +71,16 @@ class _Tls:
             incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
             tls = context.wrap_bio(incoming, outgoing, server_hostname=host)
             connection = cls(sock, tls, incoming, outgoing)
+            # The whole handshake, not each read of it, is bounded by the connect timeout.
+            deadline = time.monotonic() + timeout_s
             while True:
                 try:
                     tls.do_handshake()
                     break
                 except ssl.SSLWantReadError:
                     connection._flush()
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("TLS handshake took too long") from None
                     if not connection._receive():
                         raise ConnectionResetError("closed during the TLS handshake") from None
             connection._flush()
@@ -236,7 +240,12 @@ class _HeadSink:
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > MAX_HEAD_BYTES:
             raise ProtocolError("head too large")
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1").strip()
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1").strip()
+        # A repeated field is one list (RFC 9110 section 5.3), so two Content-Encoding lines
+        # read as "identity, gzip", never as whichever came last.
+        previous = self.headers.get(key)
+        self.headers[key] = text if previous is None else f"{previous}, {text}"
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -292,6 +301,8 @@ def get(
         parser = httptools.HttpResponseParser(sink)
         received = bytearray()
         scratch = memoryview(bytearray(16 * 1024))
+        # The head as a whole must arrive within the read timeout, also when it drips in.
+        head_deadline = time.monotonic() + read_timeout_s
         while True:
             # Only the head goes to the parser here: body bytes after it are not parsed as
             # HTTP (a server that sends more than it announced must not turn into a parse
@@ -300,6 +311,8 @@ def get(
             while end < 0:
                 if len(received) > MAX_HEAD_BYTES:
                     raise ProtocolError("head too large")
+                if time.monotonic() > head_deadline:
+                    raise TimeoutError("response head took too long")
                 count = connection.read_into(scratch)
                 if not count:
                     raise ProtocolError("connection closed before the response head")
