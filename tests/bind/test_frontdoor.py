@@ -723,6 +723,10 @@ def test_upstream_failures_are_502_with_a_reason_and_release_the_slot() -> None:
                     assert door.door.statistics().upstream_aborts == 1
                     assert door.controller.statistics().in_flight == 0
                     assert (await client.get("/echo")).status_code == 200
+                    # A head the front door will not hold: refused like any broken answer.
+                    response = await client.get("/huge-head")
+                    assert response.status_code == 502
+                    assert reason_of(response) == "upstream_error"
                 # An HTTP/1.0 client reads a relayed stream to the end of the connection, so
                 # a runtime dying mid-stream must reach it as a reset, not an orderly end.
                 reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)

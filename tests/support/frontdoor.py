@@ -9,6 +9,7 @@ not the front door's own h11), speaking HTTP/1.1 keep-alive on 127.0.0.1. Its ro
   one by one;
 * ``/die`` — sends a head promising 1000 bytes, 10 bytes, then closes the socket;
 * ``/stream-die`` — a chunked event stream that closes after its first event;
+* ``/huge-head`` — a response head of about 450 KiB;
 * ``/drop`` — closes the connection without answering.
 """
 
@@ -160,6 +161,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
+            elif parts.path == "/huge-head":
+                self.send_response(200)
+                for index in range(4000):
+                    self.send_header(f"x-filler-{index}", "a" * 100)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
             elif parts.path == "/stream-die":
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")

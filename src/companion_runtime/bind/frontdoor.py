@@ -82,6 +82,8 @@ STATUS_PATH: Final = b"/_status"
 #: Largest request body accepted (completion requests are a few KiB).
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 _MAX_HEAD_BYTES: Final = 16 * 1024
+# The runtime's response head, with room for a body that comes in the same read.
+_MAX_UPSTREAM_HEAD_BYTES: Final = 256 * 1024
 # Bytes a client may pipeline while its previous request is still being answered.
 _MAX_PIPELINED_BYTES: Final = 64 * 1024
 _LOOPBACK_NAMES: Final = (b"127.0.0.1", b"localhost", b"[::1]")
@@ -533,6 +535,8 @@ class _Upstream(asyncio.Protocol):
         self.received = False
         self.head_sent = False
         self.keep_alive = False
+        # Bytes received before the response head was complete (bounded: llhttp is not).
+        self._head_bytes = 0
 
     def begin(
         self, client: _Client, *, head_request: bool, close_after: bool, silence_s: float
@@ -550,6 +554,7 @@ class _Upstream(asyncio.Protocol):
         self.received = False
         self.head_sent = False
         self.keep_alive = False
+        self._head_bytes = 0
         self._silence_s = silence_s
         self.last_activity = self._loop.time()
         if self._timer is None:
@@ -609,6 +614,13 @@ class _Upstream(asyncio.Protocol):
             return
         self.received = True
         self.last_activity = self._loop.time()
+        if not self.head_sent:
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_UPSTREAM_HEAD_BYTES:
+                # A runtime that never ends its head would grow the header list without end.
+                self.closed = True
+                self._fail(Reason.UPSTREAM_ERROR, 502)
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
