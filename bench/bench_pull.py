@@ -7,7 +7,8 @@ configuration and stopped at the end. Files: a random 1 GiB model (256 MiB with 
 RAM-backed directory, and a sparse 4 GiB one (1 GiB with --quick) for the memory figure; both
 are deleted afterwards.
 
-Figures (medians of --runs, default 3):
+Figures (medians of --runs, default 5; each round runs curl, curl | sha256sum, the pull and
+curl -o FILE in turn):
 
 * pull throughput: ``pull_model`` (download + hash + write + fsync + publish) into a store on
   the same RAM-backed file system, timed inside a child process so interpreter start-up is not
@@ -187,7 +188,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="256 MiB / 1 GiB files")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary line")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     import trustme
 
@@ -245,11 +246,7 @@ def main() -> int:
         load_before = os.getloadavg()[0]
 
         curl = ["curl", "-s", "--cacert", str(ca), "-o", "/dev/null", small_url]
-        curl_s, curl_all = median_of(runs, lambda: timed(curl, label="curl"))
         pipe = f"set -o pipefail; curl -s --cacert {ca} {small_url} | sha256sum"
-        pipe_s, pipe_all = median_of(runs, lambda: timed(pipe, shell=True, label="pipe"))
-        pulls = [child_pull(small_manifest, store, ca) for _ in range(runs)]
-        shutil.rmtree(store, ignore_errors=True)
         stored = ram / "curl-stored.bin"
 
         def curl_to_file() -> float:
@@ -260,7 +257,21 @@ def main() -> int:
             stored.unlink()
             return seconds
 
-        file_s, file_all = median_of(runs, curl_to_file)
+        # Rounds interleave the contestants, so a slow spell of the machine lands on all of
+        # them instead of on whichever happened to run then.
+        curl_all: list[float] = []
+        pipe_all: list[float] = []
+        file_all: list[float] = []
+        pulls: list[dict[str, float]] = []
+        for _round in range(runs):
+            curl_all.append(timed(curl, label="curl"))
+            pipe_all.append(timed(pipe, shell=True, label="pipe"))
+            pulls.append(child_pull(small_manifest, store, ca))
+            shutil.rmtree(store, ignore_errors=True)
+            file_all.append(curl_to_file())
+        curl_s = statistics.median(curl_all)
+        pipe_s = statistics.median(pipe_all)
+        file_s = statistics.median(file_all)
         child_pull(small_manifest, store, ca)  # the blob the re-verify reads
         pull_s = statistics.median(p["seconds"] for p in pulls)
         small_rss = max(p["vmhwm_kib"] for p in pulls) / 1024
