@@ -178,7 +178,7 @@ def child_pull(manifest: Path, store: Path, ca: Path) -> dict[str, float]:
     assert process.stdout is not None
     output = process.stdout.read()
     process.wait()
-    result = json.loads(output)
+    result: dict[str, float] = json.loads(output)
     if not result["ok"]:
         raise SystemExit(f"pull refused: {result['reason']}")
     return result
@@ -216,8 +216,8 @@ def main() -> int:
         authority.cert_pem.write_to_path(str(ca))
         leaf.private_key_pem.write_to_path(str(key))
         with open(cert, "wb") as handle:
-            for blob in leaf.cert_chain_pems:
-                handle.write(blob.bytes())
+            for pem in leaf.cert_chain_pems:
+                handle.write(pem.bytes())
         port = free_port()
         conf = work / "nginx.conf"
         conf.write_text(

@@ -26,6 +26,7 @@ from tests.support.fuzzing import (
 
 pytestmark = [pytest.mark.security, pytest.mark.data_integrity]
 
+
 def _load(text: str) -> object:
     try:
         return load_manifest_text(text)

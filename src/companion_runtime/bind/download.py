@@ -46,10 +46,10 @@ loopback into a RAM-backed store (1 GiB, medians of six interleaved runs, 2026-1
 ``http.client`` with one record per call (two ``recv`` system calls per 16 KiB record) and
 one hashing-and-writing worker gave 587–607 MB/s, this transport with the two workers
 706 MB/s with 256 KiB socket reads, and 744 MB/s (against 692 in the same run, kernel time
-0.55 against 0.62 CPU-s) with 1 MiB ones. Before that, ``http.client`` had replaced httpx, whose per-16-KiB event stream cost
-about 1.6 CPU-seconds per GiB against 0.9. At this level there is no redirect handling, cookie
-jar, auth, ``.netrc`` or proxy variable that could carry anything from one hop to the next,
-and nothing logs the request line (with its query).
+0.55 against 0.62 CPU-s) with 1 MiB ones. Before that, ``http.client`` had replaced httpx,
+whose per-16-KiB event stream cost about 1.6 CPU-seconds per GiB against 0.9. At this level
+there is no redirect handling, cookie jar, auth, ``.netrc`` or proxy variable that could carry
+anything from one hop to the next, and nothing logs the request line (with its query).
 
 Every foreign exception (ssl, socket and disk ``OSError``, the HTTP parser's, filelock) is
 translated to a ``Reason`` in :func:`reason_for_exception`; no error message carries the URL,
