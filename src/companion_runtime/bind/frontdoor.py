@@ -304,6 +304,8 @@ class _Client(asyncio.Protocol):
 
     def __init__(self, door: FrontDoor) -> None:
         self._door = door
+        # Looked up once: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._max_body = door._config.max_body_bytes
         self.transport: asyncio.Transport | None = None
@@ -343,7 +345,7 @@ class _Client(asyncio.Protocol):
         # A stream transport (uvloop's is not an asyncio.Transport subclass, only alike).
         self.transport = cast(asyncio.Transport, transport)
         self.task = self._door._accept(self)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._idle_timer = loop.call_at(loop.time() + self._keep_alive_s, self._check_idle)
 
     def _check_idle(self) -> None:
@@ -351,7 +353,7 @@ class _Client(asyncio.Protocol):
         self._idle_timer = None
         if self.gone or self.idle_expired:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         since = self.waiting_since
         if since is not None and loop.time() - since >= self._keep_alive_s:
             self.idle_expired = True
@@ -466,7 +468,7 @@ class _Client(asyncio.Protocol):
 
     async def wait(self) -> None:
         """Until the parser or the connection has news."""
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self._loop.create_future()
         self._waiter = waiter
         try:
             await waiter
@@ -488,7 +490,7 @@ class _Client(asyncio.Protocol):
 
     async def drain(self) -> None:
         while self.write_paused and not self.gone:
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = self._loop.create_future()
             self._drain_waiter = waiter
             try:
                 await waiter
@@ -742,7 +744,8 @@ class _UpstreamPool:
         self._connect_timeout_s = connect_timeout_s
         self._idle: list[_Upstream] = []
 
-    async def acquire(self, key: tuple[str, int]) -> _Upstream:
+    def take_idle(self, key: tuple[str, int]) -> _Upstream | None:
+        """The warmest idle connection to ``key``, or None; closed ones are dropped on the way."""
         while self._idle:
             candidate = self._idle.pop()
             # The runtime may have closed an idle connection (llama.cpp caps keep-alive by time
@@ -751,6 +754,10 @@ class _UpstreamPool:
                 candidate.reused = True
                 return candidate
             candidate.abort()
+        return None
+
+    async def connect(self, key: tuple[str, int]) -> _Upstream:
+        """A new connection to ``key``, within the connect timeout."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout_s):
             _transport, upstream = await loop.create_connection(
@@ -1028,12 +1035,14 @@ class FrontDoor:
 
         if content_length > self._config.max_body_bytes:
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
-        if not await self._body(client, request, expect=expect):
+        # A body that arrived with its head (the usual case) needs no wait.
+        if not request.complete and not await self._body(client, request, expect=expect):
             return self._refuse(client, client.error or 400, Reason.BAD_REQUEST, close=True)
         if request.over_cap:
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
         keep = await self._admit_and_relay(client, request)
-        await client.drain()
+        if client.write_paused:
+            await client.drain()
         return keep
 
     async def _body(self, client: _Client, request: _Request, *, expect: bool) -> bool:
@@ -1126,10 +1135,12 @@ class FrontDoor:
         # A reused keep-alive connection may have been closed by the runtime a moment ago; if it
         # fails before a single response byte, the request is sent once more on a new one.
         for _attempt in range(2):
-            try:
-                upstream = await self._pool.acquire(key)
-            except (OSError, TimeoutError):
-                return self._refuse(client, 502, Reason.UPSTREAM_ERROR, close=close_after)
+            upstream = self._pool.take_idle(key)
+            if upstream is None:
+                try:
+                    upstream = await self._pool.connect(key)
+                except (OSError, TimeoutError):
+                    return self._refuse(client, 502, Reason.UPSTREAM_ERROR, close=close_after)
             done = upstream.begin(
                 client,
                 head_request=request.method == b"HEAD",
