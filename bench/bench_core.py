@@ -70,8 +70,8 @@ def bench_gate(repeats: int, calls: int) -> None:
         "resource_limits": limits,
     }
     at_capacity = {**allowed, "admission_state": cr.AdmissionState(4, 64, 4, 0)}
-    assert cr.evaluate_runtime_request(**allowed) is cr.ALLOW  # type: ignore[arg-type]
-    assert cr.evaluate_runtime_request(**at_capacity).reason is cr.Reason.AT_CAPACITY  # type: ignore[arg-type]
+    assert cr.evaluate_runtime_request(**allowed) is cr.ALLOW
+    assert cr.evaluate_runtime_request(**at_capacity).reason is cr.Reason.AT_CAPACITY
     gate: list[float] = []
     denied: list[float] = []
     bare: list[float] = []

@@ -351,16 +351,16 @@ def main() -> None:
             )
             for round_index in range(arguments.rounds):
                 for name, (port, headers) in paths.items():
-                    figures = asyncio.run(_load(port, headers, arguments.requests))
-                    figures["first_byte_ms"] = asyncio.run(
+                    measured = asyncio.run(_load(port, headers, arguments.requests))
+                    measured["first_byte_ms"] = asyncio.run(
                         _first_bytes(port, headers, arguments.streams)
                     )
-                    results[name].append(figures)
+                    results[name].append(measured)
                     print(
-                        f"  round {round_index + 1} {name:>11}: p50 {figures['p50_ms']:.3f} ms"
-                        f"  p99 {figures['p99_ms']:.3f} ms"
-                        f"  {figures['throughput_rps']:.0f} req/s"
-                        f"  first byte {figures['first_byte_ms']:.3f} ms"
+                        f"  round {round_index + 1} {name:>11}: p50 {measured['p50_ms']:.3f} ms"
+                        f"  p99 {measured['p99_ms']:.3f} ms"
+                        f"  {measured['throughput_rps']:.0f} req/s"
+                        f"  first byte {measured['first_byte_ms']:.3f} ms"
                     )
         finally:
             if nginx is not None:
