@@ -21,6 +21,11 @@ with keep-alive upstream connections and no buffering), measured in the same rou
 printed as a reference, not a target: what relaying through any user-space proxy costs on the
 same machine, C and all.
 
+Last, the CPU time per completion of the proxy (the front door's process; nginx's master and
+workers) and of llama.cpp during the loads, summed over all rounds from the kernel's
+per-process counters: on a machine where the proxy, the runtime and the client share the
+cores, the proxy's CPU is what the throughput ratio pays for.
+
 Not a test: it asserts nothing and prints figures for docs/benchmarks.md.
 """
 
@@ -41,6 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import h11
+import psutil
 
 CONCURRENCY = 8
 
@@ -171,6 +177,21 @@ class _Client:
             writer.close()
             self.reader = self.writer = None
         return elapsed, first
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process and its live children (nginx's workers)."""
+    if pid is None:
+        return 0.0
+    process = psutil.Process(pid)
+    total = 0.0
+    for member in (process, *process.children(recursive=True)):
+        try:
+            times = member.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def _completion(index: int, *, stream: bool = False) -> bytes:
@@ -343,6 +364,16 @@ def main() -> None:
             if nginx is not None:
                 paths["nginx proxy"] = (nginx[1], [])
             results: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+            proxies: dict[str, int | None] = {
+                "direct": None,
+                "front door": door.pid,
+                "nginx proxy": nginx[0].pid if nginx is not None else None,
+            }
+            # CPU seconds of the proxy and of the runtime during the loads, summed over rounds
+            # (the kernel counts in 10 ms ticks, too coarse for one round).
+            cpu: dict[str, dict[str, float]] = {
+                name: {"proxy": 0.0, "runtime": 0.0, "requests": 0.0} for name in paths
+            }
             print(
                 f"{arguments.rounds} rounds x {arguments.requests} completions at concurrency "
                 f"{CONCURRENCY}, {arguments.streams} streams one at a time; cpus={os.cpu_count()}, "
@@ -351,7 +382,13 @@ def main() -> None:
             )
             for round_index in range(arguments.rounds):
                 for name, (port, headers) in paths.items():
+                    proxy_before = _cpu_seconds(proxies[name])
+                    runtime_before = _cpu_seconds(runtime.pid)
                     measured = asyncio.run(_load(port, headers, arguments.requests))
+                    cpu[name]["proxy"] += _cpu_seconds(proxies[name]) - proxy_before
+                    cpu[name]["runtime"] += _cpu_seconds(runtime.pid) - runtime_before
+                    # The load's warm-up sends one request per client before the clock starts.
+                    cpu[name]["requests"] += arguments.requests + CONCURRENCY
                     measured["first_byte_ms"] = asyncio.run(
                         _first_bytes(port, headers, arguments.streams)
                     )
@@ -394,6 +431,16 @@ def main() -> None:
         print("reference, same rounds: nginx as a reverse proxy (no target)")
         for label, key, fmt in figures:
             row(label, key, fmt, path="nginx proxy")
+    print("CPU per completion over all rounds' loads (from the kernel's per-process counters):")
+    for name, spent in cpu.items():
+        requests = spent["requests"]
+        proxy = f"proxy {spent['proxy'] / requests * 1000:.3f} ms" if name != "direct" else ""
+        print(
+            f"  {name:<12} llama.cpp {spent['runtime'] / requests * 1000:.3f} ms  {proxy}".rstrip()
+        )
+    if "nginx proxy" in cpu and cpu["nginx proxy"]["proxy"] > 0:
+        ratio = cpu["front door"]["proxy"] / cpu["nginx proxy"]["proxy"]
+        print(f"  front door CPU / nginx CPU per completion: {ratio:.2f}")
 
 
 if __name__ == "__main__":
