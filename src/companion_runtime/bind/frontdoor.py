@@ -88,9 +88,11 @@ _MAX_UPSTREAM_HEAD_BYTES: Final = 256 * 1024
 _MAX_PIPELINED_BYTES: Final = 64 * 1024
 _LOOPBACK_NAMES: Final = (b"127.0.0.1", b"localhost", b"[::1]")
 
-# Hop-by-hop headers (RFC 9110 section 7.6.1) are never relayed, and framing is redone on each
-# leg. Credentials and browser-facing headers are dropped on the way to the runtime so the
-# runtime never sees the session token and never decides CORS for the front door.
+# Hop-by-hop headers (RFC 9110 section 7.6.1), and any header a Connection header names, are
+# never relayed on either leg, and framing is redone on each leg (the front door adds its own
+# host, length and runtime key after that filter, so a named header never removes them).
+# Credentials and browser-facing headers are dropped on the way to the runtime so the runtime
+# never sees the session token and never decides CORS for the front door.
 _HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
@@ -281,6 +283,7 @@ class _Request:
         "http_10",
         "keep_alive",
         "method",
+        "nominated",
         "over_cap",
         "target",
     )
@@ -289,6 +292,8 @@ class _Request:
         self.method = b""
         self.target = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        # Header names the client's Connection header lists: hop-by-hop, never relayed.
+        self.nominated: frozenset[bytes] = frozenset()
         self.head_bytes = 0
         self.http_10 = False
         self.keep_alive = False
@@ -1000,6 +1005,10 @@ class FrontDoor:
                 content_length = int(value)  # llhttp accepted it: digits only, one value
             elif name == b"expect":
                 expect = value.lower() == b"100-continue" and not request.http_10
+            elif name == b"connection":
+                request.nominated = request.nominated.union(
+                    token.strip().lower() for token in value.split(b",")
+                )
         if request.head_bytes > _MAX_HEAD_BYTES:
             return self._refuse(client, 431, Reason.BAD_REQUEST, close=True)
         if hosts > 1 or (hosts == 0 and not request.http_10):
@@ -1109,8 +1118,9 @@ class FrontDoor:
 
     def _upstream_request(self, request: _Request, host_line: bytes) -> bytes:
         parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
+        nominated = request.nominated
         for name, value in request.headers:
-            if name not in _NOT_TO_RUNTIME:
+            if name not in _NOT_TO_RUNTIME and name not in nominated:
                 parts += (name, b": ", value, b"\r\n")
         parts.append(host_line)
         if self._runtime_authorization is not None:
