@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -45,6 +46,8 @@ KNOWN_ORDER = (
 )
 BEGIN = "<!-- bench/run_all.py: begin -->"
 END = "<!-- bench/run_all.py: end -->"
+#: Outputs up to this many lines get no excerpt of their reference lines, only the whole text.
+_EXCERPT_MIN_LINES: Final = 40
 # A line that names a reference, a ratio or a target, or divides one figure by another
 # ("allowed / bare", "accumulator / raw").
 _REFERENCE_LINE = re.compile(
@@ -407,7 +410,9 @@ def render(
                 lines += ["| figure | value | reference (same run) | ratio |", "|---|---|---|---|"]
                 lines += [f"| {' | '.join(_cell(cell) for cell in row)} |" for row in rows]
                 lines.append("")
-        if outcome.reference_lines:
+        # A short output is shown whole just below; an excerpt of it would only repeat it, and
+        # the one-line-above rule can drop a figure that sits between two references.
+        if outcome.reference_lines and len(outcome.stdout.splitlines()) > _EXCERPT_MIN_LINES:
             lines += ["Figures next to their reference, as printed:", "", "```text"]
             lines += outcome.reference_lines
             lines += ["```", ""]
