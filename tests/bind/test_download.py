@@ -62,6 +62,11 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/drip.bin": Fault(kind="drip", stall_after_bytes=300, drip_interval_s=0.02),
         "/ignore-range.bin": Fault(kind="ignore_range"),
         "/bad-range.bin": Fault(kind="bad_content_range"),
+        "/huge-range.bin": Fault(kind="huge_content_range"),
+        "/switch.bin": Fault(kind="switch_protocols"),
+        "/extension-drip.bin": Fault(
+            kind="chunk_extension_drip", stall_after_bytes=300, drip_interval_s=0.02
+        ),
         "/hop.bin": Fault(kind="set_cookie_redirect", location="/m.bin", status=307),
         "/nowhere.bin": Fault(kind="redirect", location="", status=302),
         **{
@@ -149,6 +154,7 @@ def test_clean_download_is_published_read_only(origin: FaultyOrigin, store: Mode
         ("/404.bin", Reason.HTTP_STATUS),
         ("/500.bin", Reason.HTTP_STATUS),
         ("/missing.bin", Reason.HTTP_STATUS),
+        ("/switch.bin", Reason.DOWNLOAD_FAILED),
     ],
 )
 def test_bad_bodies_are_refused(
@@ -283,6 +289,20 @@ def test_slow_drip_is_refused_by_the_minimum_progress_rule(
     assert store.partial_path(DIGEST).read_bytes() == DATA[:kept]
 
 
+@pytest.mark.integration
+def test_chunk_framing_dripped_without_a_body_byte_is_a_timeout(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A chunk extension arriving a byte every 20 ms trips neither the per-read stall timeout
+    # nor, carrying no body byte, the progress rule's check; the transport bounds such framing
+    # by the stall timeout in all. Without that the drip runs its 6 s and ends as a short body.
+    slow = DownloadOptions(connect_timeout_s=5, stall_timeout_s=0.5)
+    started = time.monotonic()
+    error = refused(origin, store, "/extension-drip.bin", caplog, options=slow)
+    assert error.reason is Reason.TIMEOUT
+    assert time.monotonic() - started < 3
+
+
 def test_minimum_progress_default_is_64_kib_in_30_s() -> None:
     assert DEFAULT_DOWNLOAD_OPTIONS.min_progress_bytes == 64 * 1024
     assert DEFAULT_DOWNLOAD_OPTIONS.min_progress_window_s == 30.0
@@ -403,13 +423,14 @@ def test_200_answer_to_range_restarts_from_zero(origin: FaultyOrigin, store: Mod
 
 @pytest.mark.integration
 @pytest.mark.data_integrity
+@pytest.mark.parametrize("path", ["/bad-range.bin", "/huge-range.bin"])
 def test_wrong_content_range_restarts_without_range(
-    origin: FaultyOrigin, store: ModelStore
+    origin: FaultyOrigin, store: ModelStore, path: str
 ) -> None:
     store.ensure_layout()
     store.partial_path(DIGEST).write_bytes(DATA[:100_000])
     before = len(origin.requests)
-    assert fetch(origin, store, "/bad-range.bin").read_bytes() == DATA
+    assert fetch(origin, store, path).read_bytes() == DATA
     first, second = origin.requests[before:]
     assert (first.range_header, first.status) == ("bytes=100000-", 206)
     assert (second.range_header, second.status) == (None, 200)

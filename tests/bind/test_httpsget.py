@@ -176,6 +176,52 @@ def test_a_record_dripped_byte_by_byte_is_a_timeout(authority: trustme.CA) -> No
         assert time.monotonic() - started < 3
 
 
+def test_a_protocol_switch_nobody_asked_for_is_refused(authority: trustme.CA) -> None:
+    # With "Connection: Upgrade" llhttp hands the connection over (HttpParserUpgrade, which
+    # is no HttpParserError); the transport turns that into a ProtocolError.
+    def respond(wire: _Wire) -> None:
+        wire.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n" + BODY
+        )
+
+    with tls_server(authority, respond) as (port, context):
+        with pytest.raises(ProtocolError):
+            read_all(port, context)
+
+
+def test_chunk_extensions_dripped_without_a_body_byte_are_a_timeout(
+    authority: trustme.CA,
+) -> None:
+    # Each socket read brings bytes well within the read timeout, but none of them is body:
+    # the framing as a whole is bounded by the read timeout, as a head is.
+    def respond(wire: _Wire) -> None:
+        wire.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;ext=")
+        for _ in range(60):
+            wire.send(b"a" * 16)
+            time.sleep(0.05)
+
+    with tls_server(authority, respond) as (port, context):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            read_all(port, context, read_timeout_s=0.5)
+        assert time.monotonic() - started < 2
+
+
+def test_chunk_framing_longer_than_a_head_without_a_body_byte_is_refused(
+    authority: trustme.CA,
+) -> None:
+    def respond(wire: _Wire) -> None:
+        wire.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;ext=")
+        # Twice the bound: the client may read part of it together with the head.
+        for _ in range(2 * MAX_HEAD_BYTES // 4096 + 2):
+            wire.send(b"a" * 4096)
+
+    with tls_server(authority, respond) as (port, context):
+        with pytest.raises(ProtocolError):
+            read_all(port, context)
+
+
 def test_a_head_that_never_ends_is_refused(authority: trustme.CA) -> None:
     def respond(wire: _Wire) -> None:
         wire.send(b"HTTP/1.1 200 OK\r\n")

@@ -28,7 +28,8 @@ class Fault:
 
     kind: ``bitflip`` | ``truncate`` | ``oversize`` | ``lying_length`` | ``redirect`` |
     ``gzip`` | ``status`` | ``stall`` | ``ignore_range`` | ``bad_content_range`` |
-    ``set_cookie_redirect`` | ``drip`` | ``chunked``.
+    ``huge_content_range`` | ``set_cookie_redirect`` | ``drip`` | ``chunked`` |
+    ``switch_protocols`` | ``chunk_extension_drip``.
     """
 
     kind: str
@@ -109,20 +110,35 @@ class FaultHandler(OriginHandler):
             self._chunked(record, body, fault.stall_after_bytes)
         elif kind == "ignore_range":
             self._raw(record, 200, {"Content-Length": str(len(body))}, body)
-        elif kind == "bad_content_range":
+        elif kind in ("bad_content_range", "huge_content_range"):
             if record.range_header is None:
                 super().respond(record, body, send_body)
             else:
-                # Claims to start at 0 although byte N was asked for.
+                # Claims to start at 0 although byte N was asked for; or gives numbers far
+                # past any file size (5,000 digits, beyond int()'s default limit).
+                huge = "9" * 5000
+                content_range = (
+                    f"bytes 0-{len(body) - 1}/{len(body)}"
+                    if kind == "bad_content_range"
+                    else f"bytes {huge}-{huge}/{huge}"
+                )
                 self._raw(
                     record,
                     206,
-                    {
-                        "Content-Length": str(len(body)),
-                        "Content-Range": f"bytes 0-{len(body) - 1}/{len(body)}",
-                    },
+                    {"Content-Length": str(len(body)), "Content-Range": content_range},
                     body,
                 )
+        elif kind == "chunk_extension_drip":
+            # Chunked, then one chunk extension dripped in, never a body byte: every read
+            # brings bytes, none of them counts as progress.
+            self._raw(record, 200, {"Transfer-Encoding": "chunked"}, b"")
+            extension = b"1;ext=" + b"a" * fault.stall_after_bytes
+            self._drip(record, extension, fault.drip_interval_s)
+            self.close_connection = True
+        elif kind == "switch_protocols":
+            # "101" with the headers that make llhttp hand the connection over, then the body.
+            self._raw(record, 101, {"Upgrade": "websocket", "Connection": "Upgrade"}, body)
+            self.close_connection = True
         else:
             raise AssertionError(f"unknown fault {kind}")
 

@@ -106,7 +106,9 @@ ProgressCallback = Callable[[int, int], None]
 FreeSpace = Callable[[Path], int]
 
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# ASCII digits only, at most 19 of them (any file size fits): a server's 5,000-digit number
+# must be a refused answer, not an int() past the interpreter's conversion limit.
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
 _USER_AGENT: Final = "companion-runtime"
 #: Receive buffers: one being filled while the worker catches up with up to three.
 _BUFFERS: Final = 4

@@ -93,6 +93,11 @@ class _Tls:
     def settimeout(self, timeout_s: float) -> None:
         self._sock.settimeout(timeout_s)
 
+    @property
+    def read_timeout_s(self) -> float:
+        """The socket timeout now in force (infinite when there is none)."""
+        return self._sock.gettimeout() or math.inf
+
     def close(self) -> None:
         self._sock.close()
 
@@ -139,7 +144,7 @@ class _Tls:
                     break
                 now = time.monotonic()
                 if not deadline:
-                    deadline = now + (self._sock.gettimeout() or math.inf)
+                    deadline = now + self.read_timeout_s
                 elif now > deadline:
                     raise TimeoutError("no complete TLS record in time") from None
                 self._receive()  # at the end, the EOF goes into the buffer: read() reports it
@@ -205,7 +210,17 @@ class Response:
         return count
 
     def _read_chunked(self, view: memoryview) -> int:
+        """Body bytes out of chunk framing.
+
+        Framing that brings no body byte (chunk sizes, extensions, trailers) is bounded like a
+        response head: at most :data:`MAX_HEAD_BYTES` of it in a row, and within the read
+        timeout in all. Otherwise a server dripping a chunk extension forever would keep every
+        socket read short of the stall timeout and the caller's progress rules, which only
+        ever see body bytes, would never run.
+        """
         sink = self._sink
+        framing = 0
+        deadline = 0.0
         while not sink.pending and not sink.complete:
             if self._deferred is not None:
                 raise self._deferred
@@ -220,6 +235,16 @@ class Response:
             except httptools.HttpParserError as error:
                 # Bytes decoded before the error are body: hand them out first.
                 self._deferred = error
+            if sink.pending or sink.complete:
+                break
+            framing += count
+            if framing > MAX_HEAD_BYTES:
+                raise ProtocolError("chunk framing without a body byte")
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + self._connection.read_timeout_s
+            elif now > deadline:
+                raise TimeoutError("chunk framing without a body byte took too long")
         return sink.take(view)
 
     def close(self) -> None:
@@ -324,6 +349,9 @@ def get(
                 parser.feed_data(received[:end])
             except httptools.HttpParserCallbackError as error:
                 raise ProtocolError("malformed head") from error
+            except httptools.HttpParserUpgrade:
+                # "101 Switching Protocols" (or an Upgrade) to a GET that asked for none.
+                raise ProtocolError("protocol switch not asked for") from None
             del received[:end]
             status = parser.get_status_code()
             if not 100 <= status < 200:
