@@ -48,6 +48,12 @@ CASES = [
     ("https://models.example.com:444/tiny.gguf", NOT_ALLOWED),
     ("https://models.example.com:80/tiny.gguf", NOT_ALLOWED),
     ("https://127.0.0.1/tiny.gguf", NOT_ALLOWED),
+    # DNS limits: a label of 63 characters and a name of 253 are hosts (just not allowed
+    # ones); one character more is no host at all.
+    (f"https://{'a' * 63}.example.com/x", NOT_ALLOWED),
+    (f"https://{'a' * 64}.example.com/x", MALFORMED),
+    (f"https://{'.'.join(['a' * 63] * 3 + ['b' * 61])}/x", NOT_ALLOWED),
+    (f"https://{'.'.join(['a' * 63] * 3 + ['b' * 62])}/x", MALFORMED),
     # Other schemes.
     ("http://models.example.com/tiny.gguf", SCHEME),
     ("HTTP://models.example.com/tiny.gguf", SCHEME),

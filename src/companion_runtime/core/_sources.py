@@ -40,7 +40,10 @@ _SOURCE_NOT_ALLOWED = deny(Reason.SOURCE_NOT_ALLOWED)
 # Space, C0 controls, DEL, backslash, and percent-encoded '.', '/' or '\' in any case.
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f\\]|%(?:2[eEfF]|5[cC])")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
-_HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
+# A DNS label: 1 to 63 characters (RFC 1035); a name of at most 253 (_MAX_HOST). Longer ones
+# are no host any resolver would look up, and Python's IDNA codec raises on them.
+_HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+_MAX_HOST = 253
 _PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 # RFC 3986 path and query characters only, so that every HTTP client sends exactly this text
 # (others, such as '"', '<', '{', '[' or '|', are re-encoded by some clients and not by others).
@@ -90,7 +93,11 @@ def _parse(url: str) -> _Parsed:
         raise _Refused(_MALFORMED)
     host, colon, port_text = netloc.partition(":")
     host = host.lower()
-    if not host or any(_HOST_LABEL.fullmatch(label) is None for label in host.split(".")):
+    if (
+        not host
+        or len(host) > _MAX_HOST
+        or any(_HOST_LABEL.fullmatch(label) is None for label in host.split("."))
+    ):
         raise _Refused(_MALFORMED)
     if colon:
         if _PORT_DIGITS.fullmatch(port_text) is None:
