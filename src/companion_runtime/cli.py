@@ -41,6 +41,15 @@ def _verified_exit(payload: dict[str, object], *, ok: bool, json_output: bool) -
     raise typer.Exit(0 if ok else 1)
 
 
+def _is_file(path: Path) -> bool:
+    # Python 3.11's Path.is_file() raises for a name too long (ENAMETOOLONG) instead of
+    # answering False; for the CLI such a path is simply not an existing file.
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _usage_error(message: str) -> None:
     # click's own usage errors echo the offending value; this one deliberately does not.
     typer.echo(f"Error: {message}", err=True)
@@ -127,11 +136,11 @@ def pull(
     """
     from companion_runtime.bind.manifest import ManifestError, load_manifest
     from companion_runtime.bind.pull import pull_model
-    from companion_runtime.bind.store import ModelStore
+    from companion_runtime.bind.store import ModelStore, StoreError
 
-    if not manifest.is_file():
+    if not _is_file(manifest):
         _usage_error("MANIFEST does not exist or is not a file")
-    if ca_bundle is not None and not ca_bundle.is_file():
+    if ca_bundle is not None and not _is_file(ca_bundle):
         _usage_error("--ca-bundle does not exist or is not a file")
     try:
         loaded = load_manifest(manifest)
@@ -140,9 +149,16 @@ def pull(
         payload["field"] = error.field
         _verified_exit(payload, ok=False, json_output=json_output)
         return
+    try:
+        model_store = ModelStore(store)
+    except StoreError as error:
+        _verified_exit(
+            {"ok": False, "reason": error.reason.value}, ok=False, json_output=json_output
+        )
+        return
     bar, progress = _progress_bar(not json_output, loaded.model.name, loaded.model.size_bytes)
     with bar:
-        result = pull_model(loaded, store=ModelStore(store), ca_bundle=ca_bundle, progress=progress)
+        result = pull_model(loaded, store=model_store, ca_bundle=ca_bundle, progress=progress)
     _verified_exit(result.to_dict(), ok=result.ok, json_output=json_output)
 
 
@@ -199,10 +215,10 @@ def serve(
     from companion_runtime.bind.serve import ServeOptions, Serving, serve_manifest
     from companion_runtime.core import Reason, Verdict
 
-    if not manifest.is_file():
+    if not _is_file(manifest):
         typer.echo("Error: MANIFEST does not exist or is not a file", err=True)
         raise typer.Exit(2)
-    if ca_bundle is not None and not ca_bundle.is_file():
+    if ca_bundle is not None and not _is_file(ca_bundle):
         typer.echo("Error: --ca-bundle does not exist or is not a file", err=True)
         raise typer.Exit(2)
     options = ServeOptions(manifest_path=manifest, store=store, ca_bundle=ca_bundle, port=port)

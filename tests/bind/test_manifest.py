@@ -280,6 +280,11 @@ def test_bad_toml_and_files(tmp_path: Path) -> None:
         load_manifest(huge)
     assert caught.value.reason is Reason.MALFORMED_MANIFEST
 
+    # An integer past int()'s 4,300-digit limit: tomllib raises a plain ValueError for it.
+    with pytest.raises(ManifestError) as caught:
+        load_manifest_text("[model]\nsize_bytes = " + "9" * 5000)
+    assert caught.value.reason is Reason.MALFORMED_MANIFEST
+
     with pytest.raises(ManifestError):
         load_manifest(tmp_path)  # a directory is not a manifest
     with pytest.raises(ManifestError):

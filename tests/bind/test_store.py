@@ -34,6 +34,18 @@ def test_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.mark.unit
+def test_a_home_of_no_user_is_a_store_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    nobody = "~no-such-user-companion-runtime/models"
+    with pytest.raises(StoreError) as caught:
+        ModelStore(nobody)
+    assert caught.value.reason is Reason.STORE_ERROR
+    assert str(caught.value) == "store_error"
+    monkeypatch.setenv(STORE_ENV_VAR, nobody)
+    with pytest.raises(StoreError):
+        ModelStore()
+
+
+@pytest.mark.unit
 def test_layout_and_paths(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "s")
     store.ensure_layout()

@@ -175,6 +175,26 @@ def test_manifest_problems(origin: FaultyOrigin, tmp_path: Path) -> None:
     assert result.returncode == 1
     assert json.loads(result.stdout)["reason"] == "malformed_manifest"
 
+    # A name longer than the file system allows is a path that does not exist (usage, 2).
+    too_long = tmp_path / ("m" * 300 + ".toml")
+    assert run(command(too_long, store, origin, "--json")).returncode == 2
+    result = run([*command(outside, store, origin, "--json")[:-3], "--ca-bundle", str(too_long)])
+    assert result.returncode == 2
+
+
+@pytest.mark.e2e
+def test_a_store_under_the_home_of_no_user_is_refused(origin: FaultyOrigin, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, origin, "/small.bin", SMALL_DIGEST, len(SMALL))
+    nobody = "~no-such-user-companion-runtime/models"
+    result = run(command(manifest, Path(nobody), origin, "--json"))
+    assert (result.returncode, result.stderr) == (1, "")
+    assert json.loads(result.stdout) == {"ok": False, "reason": "store_error"}
+    env = {**os.environ, STORE_ENV_VAR: nobody}
+    result = run(command(manifest, None, origin, "--json"), env=env)
+    assert (result.returncode, result.stderr) == (1, "")
+    assert json.loads(result.stdout) == {"ok": False, "reason": "store_error"}
+    assert origin.requests == []
+
 
 @pytest.mark.e2e
 def test_progress_bar_on_a_terminal(origin: FaultyOrigin, tmp_path: Path) -> None:

@@ -320,7 +320,9 @@ def test_sigterm_drains_in_flight_refuses_new_and_leaves_nothing_running(
 # --- refusals before ready ----------------------------------------------------------------
 
 
-def _serve_once(tmp_path: Path, **manifest_options: object) -> tuple[int, str, int]:
+def _serve_once(
+    tmp_path: Path, *, store: Path | None = None, **manifest_options: object
+) -> tuple[int, str, int]:
     from companion_runtime.bind.https_origin import ModelOrigin
 
     data = tiny_model_bytes()
@@ -335,7 +337,7 @@ def _serve_once(tmp_path: Path, **manifest_options: object) -> tuple[int, str, i
             )
         )
         finished = subprocess.run(
-            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            serve_command(manifest, store or tmp_path / "store", origin.ca_pem_path),
             capture_output=True,
             text=True,
             env=serve_env(tmp_path / "state"),
@@ -362,6 +364,30 @@ def test_a_model_too_large_is_refused_before_the_download(tmp_path: Path) -> Non
     assert returncode == 1
     assert json.loads(stdout) == {"ok": False, "reason": "model_too_large"}
     assert requests == 0
+
+
+@needs_llama
+def test_a_store_under_the_home_of_no_user_is_refused_before_the_download(
+    tmp_path: Path,
+) -> None:
+    returncode, stdout, requests = _serve_once(
+        tmp_path, store=Path("~no-such-user-companion-runtime/models")
+    )
+    assert returncode == 1
+    assert json.loads(stdout) == {"ok": False, "reason": "store_error"}
+    assert requests == 0
+
+
+def test_a_manifest_name_too_long_for_the_file_system_is_a_usage_error(tmp_path: Path) -> None:
+    too_long = tmp_path / ("m" * 300 + ".toml")
+    finished = subprocess.run(
+        serve_command(too_long, tmp_path / "store", too_long),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 2
+    assert "Traceback" not in finished.stderr
 
 
 # --- giving up ----------------------------------------------------------------------------

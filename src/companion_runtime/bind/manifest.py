@@ -179,8 +179,9 @@ def load_manifest_text(text: str) -> Manifest:
         raise ManifestError(Reason.MALFORMED_MANIFEST, "manifest")
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
-        # The decoder's message quotes the offending line; it is deliberately dropped.
+    except ValueError:
+        # TOMLDecodeError (its message quotes the offending line; it is deliberately dropped),
+        # or a plain ValueError for an integer past int()'s digit limit (4,300 by default).
         raise ManifestError(Reason.MALFORMED_MANIFEST, "manifest") from None
     except RecursionError:
         # tomllib recurses once per nesting level of arrays and inline tables; a few thousand

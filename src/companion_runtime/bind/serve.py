@@ -39,7 +39,7 @@ from companion_runtime.bind.session import (
     write_serve_state,
     write_token_file,
 )
-from companion_runtime.bind.store import ModelStore
+from companion_runtime.bind.store import ModelStore, StoreError
 from companion_runtime.bind.supervisor import Supervisor, check_model_fit
 from companion_runtime.core import Reason, Verdict
 
@@ -200,9 +200,11 @@ async def serve_manifest(
     if not fit.ok:
         return fit
     say("pull")
-    pulled = await asyncio.to_thread(
-        pull_model, manifest, store=ModelStore(options.store), ca_bundle=options.ca_bundle
-    )
+    try:
+        store = ModelStore(options.store)
+    except StoreError as error:
+        return Verdict(False, error.reason)
+    pulled = await asyncio.to_thread(pull_model, manifest, store=store, ca_bundle=options.ca_bundle)
     if not pulled.ok or pulled.path is None:
         return pulled.verdict
     say("start")

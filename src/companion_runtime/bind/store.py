@@ -56,12 +56,25 @@ class StoreError(Exception):
 
 
 def default_store_root(environ: Mapping[str, str] | None = None) -> Path:
-    """Return the store root used when none is given: the env override or the user cache dir."""
+    """Return the store root used when none is given: the env override or the user cache dir.
+
+    Raises :class:`StoreError` (``store_error``) when the override starts with a ``~user``
+    that names no user.
+    """
     env = os.environ if environ is None else environ
     override = env.get(STORE_ENV_VAR)
     if override:
-        return Path(override).expanduser()
+        return _expand_user(Path(override))
     return Path(platformdirs.user_cache_dir("companion-runtime")) / "models"
+
+
+def _expand_user(path: Path) -> Path:
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        # "~nosuchuser/models": there is no home to expand to, and no directory named "~…"
+        # is what the user meant either.
+        raise StoreError(Reason.STORE_ERROR) from None
 
 
 def _check_digest(digest: str) -> str:
@@ -90,7 +103,11 @@ class ModelStore:
     __slots__ = ("blobs_dir", "locks_dir", "root", "tmp_dir")
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root: Final = Path(root).expanduser() if root is not None else default_store_root()
+        """``root`` as given (``~`` expanded), else :func:`default_store_root`.
+
+        Raises :class:`StoreError` (``store_error``) for a ``~user`` that names no user.
+        """
+        self.root: Final = _expand_user(Path(root)) if root is not None else default_store_root()
         self.blobs_dir: Final = self.root / "blobs"
         self.tmp_dir: Final = self.root / "tmp"
         self.locks_dir: Final = self.root / "locks"
