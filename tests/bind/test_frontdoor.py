@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from companion_runtime import Lifecycle, LifecycleState
+from companion_runtime.bind.eventloop import run as run_on_serves_loop
 from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig
 from tests.support.frontdoor import (
     ReadyDoor,
@@ -768,30 +770,110 @@ async def _open_raw(
     return reader, writer
 
 
-def test_client_disconnect_mid_stream_or_in_queue_releases_its_place() -> None:
+def test_a_client_leaving_the_queue_gives_up_its_place() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:
             async with running_front_door(upstream.url, max_in_flight=1) as door:
-                reader, writer = await _open_raw(door, "/stream?n=50&gap_ms=100")
+                reader, writer = await _open_raw(door, "/stream?n=20&gap_ms=50")
                 first = await asyncio.wait_for(reader.readuntil(b"token-0"), 5)
                 assert first.startswith(b"HTTP/1.1 200")
                 assert door.controller.statistics().in_flight == 1
-                # While the stream holds the only slot, a second client queues, then leaves.
+                # While the stream holds the only slot, a second client queues, then leaves:
+                # nothing of it ever reached the runtime.
                 _queued_reader, queued_writer = await _open_raw(door, "/echo")
                 await wait_for(lambda: door.controller.statistics().queued == 1)
                 queued_writer.close()
                 await wait_for(lambda: door.controller.statistics().queued == 0)
+                assert door.door.statistics().client_disconnects == 1
+                assert door.controller.statistics().in_flight == 1
+                assert upstream.requests_seen == 1
+                await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
                 writer.close()
                 await wait_for(lambda: door.controller.statistics().in_flight == 0)
-                assert door.door.statistics().client_disconnects == 2
-                assert door.door.statistics().proxied_in_flight == 0
-                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
-                    assert (await client.get("/echo")).status_code == 200
-            # The runtime leg of the abandoned stream was dropped, not read to the end.
-            await asyncio.sleep(0.3)
-            assert upstream.active == 0
 
     run(scenario)
+
+
+def test_a_client_leaving_mid_stream_holds_its_slot_until_the_runtime_stops() -> None:
+    # The runtime connection is half-closed; a runtime that, like llama.cpp's server, stops a
+    # generation whose client is gone then ends it, and only then is the slot free again.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_in_flight=1) as door:
+                reader, writer = await _open_raw(door, "/stream?n=100&gap_ms=50&stop_on_eof=1")
+                await asyncio.wait_for(reader.readuntil(b"token-0"), 5)
+                left = time.monotonic()
+                writer.close()
+                await wait_for(lambda: upstream.cancelled == 1)
+                await wait_for(lambda: door.controller.statistics().in_flight == 0)
+                # Stopped by the half-close, long before the stream's 5 s.
+                assert time.monotonic() - left < 2
+                assert door.door.statistics().client_disconnects == 1
+                assert door.door.statistics().proxied_in_flight == 0
+                await wait_for(lambda: upstream.active == 0)
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    assert (await client.get("/echo")).status_code == 200
+
+    run(scenario)
+
+
+def test_clients_leaving_mid_request_never_put_more_than_max_in_flight_on_the_runtime() -> None:
+    # /slow, like a non-streamed llama.cpp completion under load, runs to its end whether or
+    # not its client is still there. A slot released at the disconnect would let the next
+    # requests in on top of it.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_in_flight=2, queue_bound=16) as door:
+
+                async def leave_early() -> None:
+                    _reader, writer = await _open_raw(door, "/slow?ms=400")
+                    await asyncio.sleep(0.05)
+                    writer.close()
+
+                async with httpx.AsyncClient(
+                    base_url=door.url, headers=door.auth, timeout=30
+                ) as client:
+                    # Three waves of two, each gone before the runtime is done with the last.
+                    for _wave in range(3):
+                        await asyncio.gather(leave_early(), leave_early())
+                    answers = await asyncio.gather(*(client.get("/slow?ms=50") for _ in range(4)))
+                assert [answer.status_code for answer in answers] == [200] * 4
+                await wait_for(lambda: door.controller.statistics().in_flight == 0)
+                assert upstream.peak_active <= 2
+                assert door.door.statistics().client_disconnects == 6
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_clients_leaving_mid_stream_log_no_error(
+    caplog: pytest.LogCaptureFixture, loop: str
+) -> None:
+    # A response arriving for a client that just left is dropped, never written to its closed
+    # connection (uvloop raises there, and the loop logs a "Fatal error on transport").
+    caplog.set_level(logging.WARNING)
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_in_flight=4, queue_bound=64) as door:
+
+                async def leave() -> None:
+                    reader, writer = await _open_raw(door, "/stream?n=2000&gap_ms=0&stop_on_eof=1")
+                    await asyncio.wait_for(reader.readuntil(b"token-0"), 10)
+                    # Gone at once (a reset), while the runtime's events keep coming.
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+
+                await asyncio.gather(*(leave() for _ in range(40)))
+                await wait_for(lambda: door.controller.statistics().in_flight == 0, 20)
+                assert door.door.statistics().client_disconnects == 40
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+    assert [record.getMessage() for record in caplog.records] == []
 
 
 @pytest.mark.security

@@ -6,7 +6,9 @@ not the front door's own h11), speaking HTTP/1.1 keep-alive on 127.0.0.1. Its ro
 * ``/echo`` — JSON with the method, target, request headers and body it received;
 * ``/slow?ms=N`` — sleeps N ms, then answers; counts concurrent requests (``peak_active``);
 * ``/stream?n=N&gap_ms=M`` — a chunked ``text/event-stream`` of N events, M ms apart, flushed
-  one by one;
+  one by one; with ``stop_on_eof=1`` it checks before each event whether its client has
+  half-closed the connection and, if so, stops and closes it unfinished, as llama.cpp's server
+  cancels a generation whose client is gone;
 * ``/die`` — sends a head promising 1000 bytes, 10 bytes, then closes the socket;
 * ``/stream-die`` — a chunked event stream that closes after its first event;
 * ``/huge-head`` — a response head of about 450 KiB;
@@ -19,6 +21,7 @@ import asyncio
 import json
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -71,6 +74,8 @@ class TinyUpstream(ThreadingHTTPServer):
         self.peak_active = 0
         self.requests_seen = 0
         self.connections_seen = 0
+        #: Streams stopped because their client half-closed (``stop_on_eof=1``).
+        self.cancelled = 0
         self.last_headers: dict[str, str] = {}
 
     @property
@@ -152,7 +157,11 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(int(query.get("ms", "50")) / 1000)
                 self._json(200, {"ok": True})
             elif parts.path == "/stream":
-                self._stream(int(query.get("n", "5")), int(query.get("gap_ms", "100")))
+                self._stream(
+                    int(query.get("n", "5")),
+                    int(query.get("gap_ms", "100")),
+                    stop_on_eof=query.get("stop_on_eof") == "1",
+                )
             elif parts.path == "/die":
                 self.send_response(200)
                 self.send_header("content-length", "1000")
@@ -187,12 +196,22 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.leave()
 
-    def _stream(self, count: int, gap_ms: int) -> None:
+    def _client_gone(self) -> bool:
+        """Whether the client half-closed: readable, and a peek finds the end."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+
+    def _stream(self, count: int, gap_ms: int, *, stop_on_eof: bool = False) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
         for index in range(count):
+            if stop_on_eof and self._client_gone():
+                with self.server.lock:
+                    self.server.cancelled += 1
+                self.close_connection = True
+                return
             event = f"data: token-{index}\n\n".encode()
             self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
             self.wfile.flush()

@@ -26,8 +26,13 @@ so streamed tokens are never buffered; when the client reads slower than the run
 reading from the runtime pauses until the client catches up.
 
 The client connection's protocol sees the client leave (EOF or reset) at once, also while the
-request waits for a slot or is relayed; the request is then cancelled, which releases its slot
-and drops the runtime connection (llama.cpp stops generating when its client disconnects).
+request waits for a slot or is relayed. A request still waiting for a slot is then cancelled.
+A request the runtime already has keeps its slot until the runtime has stopped working on it:
+the runtime connection is half-closed, which llama.cpp's server takes as the client gone (it
+cancels the generation and ends the response), and the rest of the response is read and
+dropped. Releasing the slot at the disconnect instead would let the runtime run more than
+``max_in_flight`` requests, because llama.cpp does not reliably stop a generation whose client
+went away, least of all a non-streamed one while other requests keep it busy.
 Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB, after which
 reading pauses until the request is answered. If the runtime fails before the response head is
 relayed the client gets ``502`` (``upstream_error``, or ``runtime_gone`` when the connection to
@@ -330,6 +335,9 @@ class _Client(asyncio.Protocol):
         self.serving: _Request | None = None
         #: True while the request waits for a slot or is relayed (a disconnect cancels it).
         self.cancellable = False
+        #: The runtime connection that has this client's request (a disconnect then leaves
+        #: the request running until the runtime has stopped it, see ``_Upstream.abandon``).
+        self.relaying: _Upstream | None = None
         self._in_head = False
         self._head_bytes = 0
         self._pipelined = 0
@@ -420,7 +428,12 @@ class _Client(asyncio.Protocol):
         _wake(self._waiter)
         if self.cancellable and self.task is not None:
             self._door._counters.client_disconnects += 1
-            self.task.cancel()
+            if self.relaying is not None:
+                # The runtime is working on the request: its slot stays taken until the
+                # runtime has stopped, or the runtime would run more than max_in_flight.
+                self.relaying.abandon()
+            else:
+                self.task.cancel()  # still waiting for a slot: nothing reached the runtime
 
     # parser callbacks
 
@@ -490,6 +503,8 @@ class _Client(asyncio.Protocol):
             self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
+        if self.gone:
+            return  # a response the client left behind is read from the runtime and dropped
         assert self.transport is not None
         self.transport.write(data)
 
@@ -578,6 +593,24 @@ class _Upstream(asyncio.Protocol):
             client.upstream = None
         self._client = None
         self._done = None
+
+    def abandon(self) -> None:
+        """The client left mid-exchange: ask the runtime to stop, and read on until it has.
+
+        The connection is half-closed (FIN): llama.cpp's server checks whether its client is
+        still there and cancels the generation when it is not, then ends the response. One
+        that goes on anyway is read to its end (and dropped), so the exchange, and the slot
+        held for it, lasts exactly as long as the runtime works on the request. The silence
+        timeout still bounds the wait. The connection is not reused.
+        """
+        self.keep_alive = False
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing():
+            return
+        # A client that stopped reading had paused this connection; nobody is behind it now.
+        transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
 
     def abort(self) -> None:
         self.end()
@@ -678,7 +711,11 @@ class _Upstream(asyncio.Protocol):
         if 100 <= status < 200:
             self._headers = []  # an interim answer: the final one follows
             return
-        self.keep_alive = self._parser.should_keep_alive() and not self._head_request
+        self.keep_alive = (
+            self._parser.should_keep_alive()
+            and not self._head_request
+            and not (client.gone and client.relaying is self)
+        )
         length: bytes | None = None
         connection_tokens: set[bytes] = set()
         for name, value in self._headers:
@@ -1157,12 +1194,17 @@ class FrontDoor:
                 close_after=close_after,
                 silence_s=self._config.upstream_read_timeout_s,
             )
+            client.relaying = upstream
             try:
                 assert upstream.transport is not None
                 upstream.transport.write(payload)
                 await done
             except _UpstreamFailed as failed:
                 upstream.abort()
+                if client.gone:
+                    # The client left, and the runtime has stopped (or failed) since: there
+                    # is no one to answer and nothing to retry for.
+                    raise _ClientGone from None
                 if upstream.head_sent:
                     self._counters.upstream_aborts += 1
                     _logger.warning("runtime failed while a response was relayed")
@@ -1182,9 +1224,11 @@ class FrontDoor:
             except BaseException:
                 upstream.abort()
                 raise
+            finally:
+                client.relaying = None
             self._counters.proxied_total += 1
             self._pool.release(upstream)
-            return not close_after and not self._closing()
+            return not close_after and not self._closing() and not client.gone
         return self._refuse(client, 502, Reason.RUNTIME_GONE, close=close_after)
 
     # --- answers the front door gives itself ------------------------------------------------
