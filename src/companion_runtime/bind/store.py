@@ -113,12 +113,30 @@ class ModelStore:
         self.locks_dir: Final = self.root / "locks"
 
     def ensure_layout(self) -> None:
-        """Create the store directories (owner-only) if they do not exist yet."""
+        """Create the store directories (owner-only) if they do not exist yet, and check them.
+
+        Raises :class:`StoreError` (``store_error``) unless the root (which may be a symlink,
+        say to a larger disk) and ``blobs/``, ``tmp/`` and ``locks/`` (which may not) are
+        directories of this user that not everyone can write to. Anyone who can write there
+        could swap a verified blob for other bytes before the runtime opens it. Group write is
+        allowed: with the usual per-user groups (umask 002) a directory made by hand has it.
+        """
         try:
             for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            checks = [self.root.stat()]
+            checks += [
+                directory.lstat() for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir)
+            ]
         except OSError:
             raise StoreError(Reason.STORE_ERROR) from None
+        for info in checks:
+            if (
+                not stat.S_ISDIR(info.st_mode)
+                or info.st_uid != os.geteuid()
+                or info.st_mode & stat.S_IWOTH
+            ):
+                raise StoreError(Reason.STORE_ERROR)
 
     def blob_path(self, digest: str) -> Path:
         """Final path of the blob with this digest (it may not exist)."""
