@@ -393,8 +393,15 @@ def test_a_manifest_name_too_long_for_the_file_system_is_a_usage_error(tmp_path:
 # --- giving up ----------------------------------------------------------------------------
 
 
-def _standin_manifest_text(origin_url: str, allow: str, data: bytes, *flags: str) -> str:
-    """A manifest whose runtime is the stand-in runtime run with ``flags``."""
+def _standin_manifest_text(
+    origin_url: str,
+    allow: str,
+    data: bytes,
+    *flags: str,
+    command: list[str] | None = None,
+    ready_timeout_s: float = 30,
+) -> str:
+    """A manifest whose runtime is the stand-in runtime run with ``flags`` (or ``command``)."""
     import hashlib
 
     return "\n".join(
@@ -407,8 +414,8 @@ def _standin_manifest_text(origin_url: str, allow: str, data: bytes, *flags: str
             "[sources]",
             f'allow = ["{allow}"]',
             "[runtime]",
-            f"command = {json.dumps(standin_command(*flags))}",
-            "ready_timeout_s = 30",
+            f"command = {json.dumps(command or standin_command(*flags))}",
+            f"ready_timeout_s = {ready_timeout_s}",
             "[limits]",
             "max_ram_bytes = 4294967296",
             "max_vram_bytes = 1073741824",
@@ -490,6 +497,47 @@ def test_serve_exits_1_with_restart_limit_reached_and_leaves_nothing_running(
     port = int(str(ready_line["url"]).rsplit(":", 1)[1])
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+@pytest.mark.parametrize("case", ["never healthy", "exits at once", "port taken"])
+def test_a_refusal_after_the_runtime_was_spawned_is_exit_1_with_its_reason(
+    tmp_path: Path, case: str
+) -> None:
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = tmp_path / "state"
+    taken = socket.create_server(("127.0.0.1", 0))
+    with taken, ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        flags = ("--never-healthy",) if case == "never healthy" else ()
+        manifest.write_text(
+            _standin_manifest_text(
+                origin.url("/models/standin.bin"),
+                origin.base_url,
+                data,
+                *flags,
+                command=["/bin/sh", "-c", "exit 3", "sh", "{port}"]
+                if case == "exits at once"
+                else None,
+                ready_timeout_s=1 if case == "never healthy" else 30,
+            )
+        )
+        command = serve_command(manifest, tmp_path / "store", origin.ca_pem_path)
+        if case == "port taken":
+            command += ["--port", str(taken.getsockname()[1])]
+        finished = subprocess.run(
+            command, capture_output=True, text=True, env=serve_env(state_dir), timeout=120
+        )
+    expected = {
+        "never healthy": "ready_timeout",
+        "exits at once": "runtime_exited",
+        "port taken": "spawn_failed",
+    }[case]
+    assert finished.returncode == 1, finished.stderr[-3000:]
+    assert "Traceback" not in finished.stderr
+    assert json.loads(finished.stdout) == {"ok": False, "reason": expected}
+    assert not state_dir.exists() or not any(state_dir.iterdir())
 
 
 def test_serve_help_documents_the_give_up_exit() -> None:

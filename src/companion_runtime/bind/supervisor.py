@@ -434,7 +434,14 @@ class Supervisor:
         finally:
             self._task_group = None
             self._remove_api_key_file()
-            await task_group.__aexit__(exc_type, exc, traceback)
+            try:
+                await task_group.__aexit__(exc_type, exc, traceback)
+            except BaseExceptionGroup as group:
+                # A task group wraps the exception its body raised, alone, in a group: the
+                # caller's own exception (a refusal it raised inside this context) must reach
+                # it as raised, not as an ExceptionGroup no handler of its expects.
+                if exc is None or list(group.exceptions) != [exc]:
+                    raise
         return None
 
     def _api_key_file(self) -> Path:
