@@ -106,6 +106,26 @@ def test_malformed_state_and_token_files_are_refused(tmp_path: Path) -> None:
         read_token_file(huge)
 
 
+@pytest.mark.timeout(20)
+def test_fifos_and_deeply_nested_state_are_refused_at_once(tmp_path: Path) -> None:
+    # A FIFO would block the open until a writer came; 4,000 brackets fit under the size cap
+    # and exhaust the JSON decoder's recursion.
+    directory = prepare_state_dir(tmp_path / "state")
+    fifo = directory / "frontdoor.token"
+    os.mkfifo(fifo)
+    with pytest.raises(SessionFileError) as caught:
+        read_token_file(fifo)
+    assert caught.value.reason is Reason.STORE_ERROR
+    os.mkfifo(directory / "serve.json")
+    with pytest.raises(SessionFileError):
+        read_serve_state(directory)
+    (directory / "serve.json").unlink()
+    (directory / "serve.json").write_text("[" * 4000)
+    with pytest.raises(SessionFileError) as caught:
+        read_serve_state(directory)
+    assert caught.value.reason is Reason.STORE_ERROR
+
+
 def test_state_dir_env_overrides_the_default(tmp_path: Path) -> None:
     assert default_state_dir({STATE_DIR_ENV: str(tmp_path)}) == tmp_path
     assert default_state_dir({}).name == "companion-runtime"

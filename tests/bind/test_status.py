@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,31 @@ def test_nothing_serving_or_no_state_file_is_a_refusal(tmp_path: Path) -> None:
     assert fetch_status(f"http://127.0.0.1:{port}", "t" * 43).verdict.reason is Reason.NOT_READY
     result = read_status(state_dir=tmp_path / "empty")
     assert result.verdict.reason is Reason.FILE_NOT_FOUND
+
+
+@pytest.mark.parametrize("depth", [20, 5000])
+def test_a_status_document_nested_too_deep_is_refused(depth: int) -> None:
+    # Whatever answers on the URL a state file names: its document is printed by recursion.
+    body = ('{"a":' * depth + "1" + "}" * depth).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = fetch_status(url, new_token())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.verdict.reason is Reason.UPSTREAM_ERROR

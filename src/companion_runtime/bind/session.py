@@ -133,13 +133,19 @@ def write_token_file(directory: Path, token: str, *, port: int) -> Path:
 
 
 def _read_small(path: Path) -> str:
+    # O_NONBLOCK: a FIFO planted where the file should be would block the open until a writer
+    # came; it opens at once instead, and is then refused for not being a regular file.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        descriptor = os.open(path, flags)
     except FileNotFoundError as error:
         raise SessionFileError(Reason.FILE_NOT_FOUND) from error
     except OSError as error:
         raise SessionFileError(Reason.STORE_ERROR) from error
     try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise SessionFileError(Reason.STORE_ERROR)
         with os.fdopen(descriptor, "rb") as handle:
             data = handle.read(_MAX_SMALL_FILE_BYTES + 1)
     except OSError as error:
@@ -185,7 +191,8 @@ def read_serve_state(directory: Path) -> ServeState:
     try:
         raw = json.loads(text)
         url, token_file, pid = raw["url"], raw["token_file"], raw["pid"]
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
+        # RecursionError: a few thousand nested brackets, well within the size cap.
         raise SessionFileError(Reason.STORE_ERROR) from error
     if type(url) is not str or type(token_file) is not str or type(pid) is not int:
         raise SessionFileError(Reason.STORE_ERROR)

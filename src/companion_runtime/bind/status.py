@@ -81,16 +81,17 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
     if response.status_code == 403:
         try:
             reason = Reason(response.json()["reason"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             reason = Reason.HTTP_STATUS
         return _refused(reason)
     if response.status_code != 200:
         return _refused(Reason.HTTP_STATUS)
     try:
         document = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: thousands of nested brackets from whatever answers on that port.
         return _refused(Reason.UPSTREAM_ERROR)
-    if not isinstance(document, dict):
+    if not isinstance(document, dict) or _depth(document) > _MAX_DEPTH:
         return _refused(Reason.UPSTREAM_ERROR)
     return StatusResult(verdict=Verdict(True, Reason.OK), document=document)
 
@@ -119,6 +120,30 @@ def status_table(document: Mapping[str, object]) -> Table:
         # Text, not markup: a value such as "[/x]" is shown as it is, never parsed as a tag.
         table.add_row(Text(name), Text(value))
     return table
+
+
+#: Deepest nesting a status document may have (the front door's own has 3 levels), so that
+#: printing it, which recurses once per level, stays far from the interpreter's limit.
+_MAX_DEPTH = 16
+
+
+def _depth(document: object) -> int:
+    """How deeply ``document``'s mappings and lists nest (iteratively: no recursion to run out)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(document, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, Mapping):
+            children: list[object] = list(value.values())
+        elif isinstance(value, list):
+            children = list(value)
+        else:
+            continue
+        deepest = max(deepest, level)
+        if level > _MAX_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _flatten(document: Mapping[str, object], prefix: str = "") -> list[tuple[str, str]]:
