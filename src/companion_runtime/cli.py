@@ -200,8 +200,8 @@ def serve(
 ) -> None:
     """Fit-check, pull and verify the model, start the runtime, and serve it on 127.0.0.1.
 
-    Runs until SIGINT/SIGTERM, then stops admitting (503 not_ready), lets requests in flight
-    finish, stops the runtime, removes the token file and exits 0. Clients send
+    Runs until SIGINT, SIGTERM or SIGHUP, then stops admitting (503 not_ready), lets requests
+    in flight finish, stops the runtime, removes the token file and exits 0. Clients send
     "Authorization: Bearer <token>" with the token from the printed token file.
 
     Exits 1 with a reason code when it is refused before ready, or when the supervisor gives
@@ -248,7 +248,9 @@ def serve(
                 task.cancel()  # nothing is serving yet: abandon the start (it cleans up)
 
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: closing the terminal serve runs in must drain and clean up as well,
+        # not kill it with the runtime's children, the token file and the key file left over.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, on_signal)
         try:
             return await task

@@ -540,6 +540,48 @@ def test_a_refusal_after_the_runtime_was_spawned_is_exit_1_with_its_reason(
     assert not state_dir.exists() or not any(state_dir.iterdir())
 
 
+def test_sighup_drains_and_cleans_up_like_sigterm(tmp_path: Path) -> None:
+    # Closing the terminal serve runs in sends SIGHUP.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = tmp_path / "state"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(
+                origin.url("/models/standin.bin"), origin.base_url, data, "--spawn-child"
+            )
+        )
+        process = subprocess.Popen(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(state_dir),
+        )
+        try:
+            assert process.stdout is not None
+            ready = json.loads(process.stdout.readline())
+            assert ready["ok"] is True
+            descendants = [
+                (child.pid, child.create_time())
+                for child in psutil.Process(process.pid).children(recursive=True)
+            ]
+            assert len(descendants) >= 2  # the runtime and the child it started
+            process.send_signal(signal.SIGHUP)
+            _stdout, stderr = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert wait_for(lambda: all(process_gone(pid, created) for pid, created in descendants), 10)
+    assert not Path(str(ready["token_file"])).exists()
+    assert not (state_dir / "serve.json").exists()
+
+
 def test_serve_help_documents_the_give_up_exit() -> None:
     finished = subprocess.run(
         [sys.executable, "-m", "companion_runtime.cli", "serve", "--help"],
