@@ -107,6 +107,10 @@ def test_missing_directory_and_bad_spec(tmp_path: Path) -> None:
         verify_file(tmp_path, expected_digest="ab" * 32, expected_size_bytes=1).reason
         is Reason.FILE_NOT_FOUND
     )
+    assert (  # a name with a NUL cannot exist (os.open raises ValueError for it)
+        verify_file(f"{tmp_path}/a\0b", expected_digest="ab" * 32, expected_size_bytes=1).reason
+        is Reason.FILE_NOT_FOUND
+    )
     path = tmp_path / "f"
     path.write_bytes(b"x")
     assert verify_file(path, expected_digest=digest.upper(), expected_size_bytes=1).reason is (

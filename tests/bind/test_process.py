@@ -107,6 +107,18 @@ def test_any_other_placeholder_is_refused(argument: str) -> None:
     assert str(caught.value) == "malformed_spec"
 
 
+@pytest.mark.unit
+def test_a_nul_in_an_argument_is_refused_before_anything_runs() -> None:
+    # exec cannot carry it; without this check the launch raised a bare ValueError.
+    for template, model in (
+        ([sys.executable, "{port}", "a\0b"], "m"),
+        ([sys.executable, "{port}", "{model_path}"], "m\0x"),
+    ):
+        with pytest.raises(ProcessError) as caught:
+            build_launch_spec(template, model_path=model)
+        assert caught.value.reason is Reason.MALFORMED_SPEC
+
+
 @pytest.mark.security
 def test_a_placeholder_in_the_executable_is_refused() -> None:
     with pytest.raises(ProcessError) as caught:
@@ -165,6 +177,10 @@ def test_scrubbing_keeps_only_the_allowlist_and_the_extras() -> None:
     }
     with pytest.raises(ProcessError):
         scrub_environment({}, {"A=B": "c"})
+    for extra in ({"A": "b\0c"}, {"A\0B": "c"}):
+        with pytest.raises(ProcessError) as caught:
+            scrub_environment({}, extra)
+        assert caught.value.reason is Reason.MALFORMED_SPEC
 
 
 @pytest.mark.security

@@ -378,6 +378,23 @@ async def test_a_start_past_the_ready_timeout_ends_stopped_with_the_process_gone
         assert supervisor.status()["spawns"] == 1  # a failed first start is not retried
 
 
+async def test_a_start_after_a_failed_one_is_not_reported_as_given_up(tmp_path: Path) -> None:
+    # The first start finds no runtime (the command exits at once), the second a healthy one.
+    model, digest, size = _blob(tmp_path)
+    flag = tmp_path / "present"
+    # The stand-in's own {host} and {port} placeholders are filled inside the script.
+    script = f'if [ -e "{flag}" ]; then exec {" ".join(standin_command())}; else exit 1; fi'
+    template = ["/bin/sh", "-c", script]
+    async with Supervisor(_config(template, model, digest, size, max_restarts=0)) as supervisor:
+        assert (await supervisor.start()).reason is Reason.RUNTIME_EXITED
+        flag.touch()
+        assert (await supervisor.start()).ok
+        assert _state(supervisor) is LifecycleState.READY
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(supervisor.wait_given_up(), 1.0)
+        assert supervisor.status()["last_reason"] == "ok"
+
+
 async def test_a_slow_start_becomes_ready(tmp_path: Path) -> None:
     flags = ("--listen-delay-s", "0.4", "--loading-s", "0.4")
     async with standin(tmp_path, *flags, ready_timeout_s=10.0) as supervisor:

@@ -84,6 +84,8 @@ def verify_file(
         return Verdict(False, error.reason)
     if policy not in ("full", "size_only"):
         return _MALFORMED
+    if "\0" in os.fspath(path):
+        return _FILE_NOT_FOUND  # no such name can exist (and os.open would raise ValueError)
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
         # (The flag changes nothing for a regular file.)

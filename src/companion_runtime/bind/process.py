@@ -222,7 +222,14 @@ def scrub_environment(
     }
     if extra:
         for name, value in extra.items():
-            if type(name) is not str or type(value) is not str or not name or "=" in name:
+            if (
+                type(name) is not str
+                or type(value) is not str
+                or not name
+                or "=" in name
+                or "\0" in name
+                or "\0" in value
+            ):
                 raise ProcessError(Reason.MALFORMED_SPEC)
             kept[name] = value
     return kept
@@ -256,7 +263,8 @@ def build_launch_spec(
     ``MALFORMED_SPEC``: the template is empty, not a sequence of strings, uses a placeholder
     other than ``{model_path}``/``{port}``/``{host}``/``{api_key_file}`` (or a format spec or
     conversion), puts a placeholder in the executable, never mentions ``{port}`` (the runtime
-    must be told where to listen), or uses ``{api_key_file}`` without an ``api_key_file``.
+    must be told where to listen), uses ``{api_key_file}`` without an ``api_key_file``, or
+    has a NUL in an argument once filled (or in an ``extra_env`` name or value).
     ``EXECUTABLE_NOT_ALLOWED``: ``argv[0]`` is not an absolute path to an existing executable
     regular file. ``base_env`` defaults to the manager's environment.
     """
@@ -282,6 +290,9 @@ def build_launch_spec(
     if api_key_file is None and uses_api_key_file(command_template):
         raise ProcessError(Reason.MALFORMED_SPEC)
     argv = (_unescape(executable), *(_fill(argument, values) for argument in arguments))
+    if any("\0" in part for part in argv):
+        # No C string can carry it: exec would refuse the whole argv with a ValueError.
+        raise ProcessError(Reason.MALFORMED_SPEC)
     _check_executable(argv[0])
     env = scrub_environment(os.environ if base_env is None else base_env, extra_env)
     return LaunchSpec(

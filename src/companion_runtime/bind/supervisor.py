@@ -493,6 +493,9 @@ class Supervisor:
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._restarts = 0
+        # A start that failed before gave up then; this one has not (yet).
+        self._given_up.clear()
+        self._last_reason = Reason.OK
         prepared = await self._prepare()
         if not prepared.ok:
             self._last_reason = prepared.reason
