@@ -770,6 +770,43 @@ async def _open_raw(
     return reader, writer
 
 
+def test_a_head_that_does_not_parse_counts_as_a_request_and_a_refusal() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                for garbage in (
+                    b"\x00\x01 not http\r\n\r\n",
+                    b"GET / HTTP/1.1\r\n" + b"x" * 20_000,
+                ):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                    writer.write(garbage)
+                    answer = await asyncio.wait_for(reader.read(), 5)
+                    assert answer.split(b" ", 2)[1] in (b"400", b"431")
+                    writer.close()
+                statistics = door.door.statistics().to_dict()
+                assert statistics["requests_total"] == statistics["refused_total"] == 2
+
+    run(scenario)
+
+
+def test_bytes_past_the_runtimes_own_framing_never_reach_the_client() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    first = await client.get("/overlong")
+                    assert (first.status_code, first.content) == (200, b"hello")
+                    # The same client connection's next answer is the runtime's real one.
+                    second = await client.get("/echo")
+                    assert second.json()["target"] == "/echo"
+                    head = await client.head("/overlong")
+                    assert (head.status_code, head.content) == (200, b"")
+                    third = await client.get("/echo")
+                    assert third.json()["target"] == "/echo"
+
+    run(scenario)
+
+
 def test_a_client_leaving_the_queue_gives_up_its_place() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:
@@ -874,6 +911,35 @@ def test_clients_leaving_mid_stream_log_no_error(
     else:
         run_on_serves_loop(scenario())
     assert [record.getMessage() for record in caplog.records] == []
+
+
+def _pipelined_status(door: ReadyDoor, count: int) -> bytes:
+    one = (
+        f"GET /_status HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+        f"Authorization: Bearer {door.token}\r\n\r\n"
+    ).encode()
+    return one * count
+
+
+def test_a_client_pipelining_without_reading_cannot_queue_without_bound() -> None:
+    # Reading pauses until every queued request is answered; resuming after each answer
+    # let a client add the bound's worth of requests per answer (tens of thousands queued).
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                flood = _pipelined_status(door, 40_000)
+
+                def send() -> None:
+                    with socket.create_connection(("127.0.0.1", door.door.port)) as sock:
+                        sock.settimeout(3)
+                        with contextlib.suppress(OSError):
+                            sock.sendall(flood)  # stops when the front door stops reading
+                        time.sleep(0.5)
+
+                await asyncio.to_thread(send)
+                assert door.door.statistics().peak_pipelined < 5_000
+
+    run_on_serves_loop(scenario())
 
 
 @pytest.mark.security

@@ -12,7 +12,9 @@ not the front door's own h11), speaking HTTP/1.1 keep-alive on 127.0.0.1. Its ro
 * ``/die`` — sends a head promising 1000 bytes, 10 bytes, then closes the socket;
 * ``/stream-die`` — a chunked event stream that closes after its first event;
 * ``/huge-head`` — a response head of about 450 KiB;
-* ``/drop`` — closes the connection without answering.
+* ``/drop`` — closes the connection without answering;
+* ``/overlong`` — ``content-length: 5``, then ``hello`` and more bytes in the same write (a
+  runtime that sends past its own framing).
 """
 
 from __future__ import annotations
@@ -169,6 +171,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"0123456789")
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+            elif parts.path == "/overlong":
+                self.wfile.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected"
+                )
+                self.wfile.flush()
                 self.close_connection = True
             elif parts.path == "/huge-head":
                 self.send_response(200)

@@ -33,12 +33,14 @@ cancels the generation and ends the response), and the rest of the response is r
 dropped. Releasing the slot at the disconnect instead would let the runtime run more than
 ``max_in_flight`` requests, because llama.cpp does not reliably stop a generation whose client
 went away, least of all a non-streamed one while other requests keep it busy.
-Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB, after which
-reading pauses until the request is answered. If the runtime fails before the response head is
-relayed the client gets ``502`` (``upstream_error``, or ``runtime_gone`` when the connection to
-it broke; ``504 timeout`` after ``upstream_read_timeout_s`` of silence); after that the client
-connection is reset (a TCP RST, not an orderly close) so a truncated response can never look
-complete, not even to an HTTP/1.0 client whose body ends with the connection.
+Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB or 32 requests,
+after which reading pauses until every queued request is answered; the serving task yields to
+the loop between pipelined requests, so one connection cannot hold it. If the runtime fails
+before the response head is relayed the client gets ``502`` (``upstream_error``, or
+``runtime_gone`` when the connection to it broke; ``504 timeout`` after
+``upstream_read_timeout_s`` of silence); after that the client connection is reset (a TCP RST,
+not an orderly close) so a truncated response can never look complete, not even to an HTTP/1.0
+client whose body ends with the connection.
 
 The whole per-request path runs in callbacks and one coroutine, with no task, stream or timer
 per read: the front door is on the path of every token, and on a small machine it shares the
@@ -89,8 +91,10 @@ DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 _MAX_HEAD_BYTES: Final = 16 * 1024
 # The runtime's response head, with room for a body that comes in the same read.
 _MAX_UPSTREAM_HEAD_BYTES: Final = 256 * 1024
-# Bytes a client may pipeline while its previous request is still being answered.
+# Bytes a client may pipeline while its previous request is still being answered, and how
+# many parsed requests may wait; reading then pauses until every waiting one is answered.
 _MAX_PIPELINED_BYTES: Final = 64 * 1024
+_MAX_PIPELINED_REQUESTS: Final = 32
 _LOOPBACK_NAMES: Final = (b"127.0.0.1", b"localhost", b"[::1]")
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1), and any header a Connection header names, are
@@ -209,6 +213,8 @@ class FrontDoorStatistics:
     upstream_aborts: int
     #: Open client connections.
     open_connections: int
+    #: Most parsed requests seen waiting on one connection behind the one being answered.
+    peak_pipelined: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
@@ -222,6 +228,7 @@ class FrontDoorStatistics:
             "client_disconnects": self.client_disconnects,
             "upstream_aborts": self.upstream_aborts,
             "open_connections": self.open_connections,
+            "peak_pipelined": self.peak_pipelined,
         }
 
 
@@ -238,6 +245,7 @@ class _Counters:
     peak_proxied_in_flight: int = 0
     client_disconnects: int = 0
     upstream_aborts: int = 0
+    peak_pipelined: int = 0
 
 
 def _json_body(payload: Mapping[str, object]) -> bytes:
@@ -382,13 +390,10 @@ class _Client(asyncio.Protocol):
             # A head that never ends is bounded here: llhttp itself accepts any length.
             self._head_bytes += len(data)
         serving = self.serving
-        if self.busy and (serving is None or serving.complete):
-            # Bytes behind the request being answered (its own body is bounded by the cap).
+        if self.requests or (self.busy and (serving is None or serving.complete)):
+            # Bytes behind the request being answered, or behind requests already waiting
+            # (a request's own body is bounded by the body cap instead).
             self._pipelined += len(data)
-            if self._pipelined > _MAX_PIPELINED_BYTES and not self._reading_paused:
-                assert self.transport is not None
-                self.transport.pause_reading()
-                self._reading_paused = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -397,6 +402,16 @@ class _Client(asyncio.Protocol):
             self.error = 400
         if self._in_head and self._head_bytes > _MAX_HEAD_BYTES and not self.error:
             self.error = 431
+        waiting = len(self.requests)
+        counters = self._door._counters
+        if waiting > counters.peak_pipelined:
+            counters.peak_pipelined = waiting
+        if (
+            self._pipelined > _MAX_PIPELINED_BYTES or waiting >= _MAX_PIPELINED_REQUESTS
+        ) and not self._reading_paused:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self._reading_paused = True
         _wake(self._waiter)
 
     def eof_received(self) -> bool:
@@ -494,9 +509,15 @@ class _Client(asyncio.Protocol):
             self._waiter = None
 
     def finished_one(self) -> None:
-        """The current request is answered: read what the client pipelined behind it."""
+        """The current request is answered; once none waits, read what the client sends next.
+
+        Resuming after every answer instead would let a client that keeps pipelining add the
+        bound's worth of requests per answer, without end.
+        """
         self.busy = False
         self.serving = None
+        if self.requests:
+            return
         self._pipelined = 0
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
@@ -756,9 +777,19 @@ class _Upstream(asyncio.Protocol):
             self.keep_alive = False
             self._complete()
 
+    def on_message_begin(self) -> None:
+        done = self._done
+        if done is not None and done.done():
+            # A second response in the read that ended this one: nobody asked for it, and
+            # this connection cannot be trusted with another request.
+            self.keep_alive = False
+
     def on_body(self, body: bytes) -> None:
         client = self._client
-        if client is None or not self.head_sent or not body:
+        done = self._done
+        if client is None or not self.head_sent or not body or done is None or done.done():
+            # Not after the response ended (a body on a HEAD or 204 answer, or bytes past
+            # the runtime's own framing): the client gets exactly one framed response.
             return
         if self._chunked:
             self._out.append(b"%x\r\n%b\r\n" % (len(body), body))
@@ -938,6 +969,7 @@ class FrontDoor:
             client_disconnects=counters.client_disconnects,
             upstream_aborts=counters.upstream_aborts,
             open_connections=len(self._connections),
+            peak_pipelined=counters.peak_pipelined,
         )
 
     def status_document(self) -> dict[str, object]:
@@ -1004,6 +1036,8 @@ class FrontDoor:
                 client.waiting_since = None
             if not client.requests:
                 if client.error and not client.gone:
+                    # A head that did not parse is a request too, refused like any other.
+                    self._counters.requests_total += 1
                     self._refuse(client, client.error, Reason.BAD_REQUEST, close=True)
                     await client.drain()
                 return True
@@ -1018,6 +1052,10 @@ class FrontDoor:
                 return True
             if client.gone or self._closing():
                 return True  # shutting down: do not wait for another request on this one
+            if client.requests:
+                # Answers the front door gives itself never suspend: without this, one
+                # client's pipelined requests would hold the loop until all are answered.
+                await asyncio.sleep(0)
 
     async def _serve_request(self, client: _Client, request: _Request) -> bool:
         """Answer one request; return whether the connection may carry another one."""
