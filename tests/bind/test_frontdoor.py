@@ -789,6 +789,36 @@ def test_a_head_that_does_not_parse_counts_as_a_request_and_a_refusal() -> None:
     run(scenario)
 
 
+def test_a_client_that_stops_reading_is_not_taken_for_a_failed_runtime(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The runtime keeps sending; the front door pauses it for a client that stopped reading.
+    # Past the silence limit that is the client's stall: reset, counted as one, no warning.
+    caplog.set_level(logging.WARNING)
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, upstream_read_timeout_s=0.5) as door:
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+                sock.setblocking(False)
+                loop = asyncio.get_running_loop()
+                await loop.sock_connect(sock, ("127.0.0.1", door.door.port))
+                await loop.sock_sendall(
+                    sock,
+                    f"GET /big?mib=64 HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\n\r\n".encode(),
+                )
+                await loop.sock_recv(sock, 1 << 20)
+                await asyncio.sleep(2.0)  # not reading
+                await wait_for(lambda: door.door.statistics().client_stalls == 1)
+                sock.close()
+                assert door.door.statistics().upstream_aborts == 0
+
+    run(scenario)
+    assert "runtime failed" not in caplog.text
+
+
 def test_bytes_past_the_runtimes_own_framing_never_reach_the_client() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:

@@ -13,6 +13,7 @@ not the front door's own h11), speaking HTTP/1.1 keep-alive on 127.0.0.1. Its ro
 * ``/stream-die`` — a chunked event stream that closes after its first event;
 * ``/huge-head`` — a response head of about 450 KiB;
 * ``/drop`` — closes the connection without answering;
+* ``/big?mib=N`` — N MiB of zeros with a ``content-length``, written 64 KiB at a time;
 * ``/overlong`` — ``content-length: 5``, then ``hello`` and more bytes in the same write (a
   runtime that sends past its own framing).
 """
@@ -172,6 +173,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
+            elif parts.path == "/big":
+                size = int(query.get("mib", "1")) * 1024 * 1024
+                self.send_response(200)
+                self.send_header("content-length", str(size))
+                self.end_headers()
+                block = bytes(64 * 1024)
+                for _ in range(size // len(block)):
+                    self.wfile.write(block)
             elif parts.path == "/overlong":
                 self.wfile.write(
                     b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"

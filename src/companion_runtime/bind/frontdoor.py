@@ -215,6 +215,8 @@ class FrontDoorStatistics:
     open_connections: int
     #: Most parsed requests seen waiting on one connection behind the one being answered.
     peak_pipelined: int = 0
+    #: Responses cut short because the client stopped reading for ``upstream_read_timeout_s``.
+    client_stalls: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
@@ -229,6 +231,7 @@ class FrontDoorStatistics:
             "upstream_aborts": self.upstream_aborts,
             "open_connections": self.open_connections,
             "peak_pipelined": self.peak_pipelined,
+            "client_stalls": self.client_stalls,
         }
 
 
@@ -246,6 +249,7 @@ class _Counters:
     client_disconnects: int = 0
     upstream_aborts: int = 0
     peak_pipelined: int = 0
+    client_stalls: int = 0
 
 
 def _json_body(payload: Mapping[str, object]) -> bytes:
@@ -434,6 +438,10 @@ class _Client(asyncio.Protocol):
         self.write_paused = False
         if self.upstream is not None:
             self.upstream.resume_reading()
+        relaying = self.relaying
+        if relaying is not None:
+            # The runtime's silence is counted from here: the pause was the client's doing.
+            relaying.last_activity = self._loop.time()
         _wake(self._drain_waiter)
 
     def _lost(self) -> None:
@@ -580,6 +588,8 @@ class _Upstream(asyncio.Protocol):
         self.keep_alive = False
         # Bytes received before the response head was complete (bounded: llhttp is not).
         self._head_bytes = 0
+        #: The silence that ended the exchange was the client's (it stopped reading).
+        self.client_stalled = False
 
     def begin(
         self, client: _Client, *, head_request: bool, close_after: bool, silence_s: float
@@ -597,6 +607,7 @@ class _Upstream(asyncio.Protocol):
         self.received = False
         self.head_sent = False
         self.keep_alive = False
+        self.client_stalled = False
         self._head_bytes = 0
         self._silence_s = silence_s
         self.last_activity = self._loop.time()
@@ -648,6 +659,10 @@ class _Upstream(asyncio.Protocol):
             return  # idle: the next exchange arms the timer again
         quiet_until = self.last_activity + self._silence_s
         if self._loop.time() >= quiet_until:
+            client = self._client
+            # Quiet because the client stopped reading and this connection was paused for
+            # it: the client's stall, bounded by the same time, and not the runtime's fault.
+            self.client_stalled = client is not None and client.write_paused
             self._fail(Reason.TIMEOUT, 504)
         else:
             self._timer = self._loop.call_at(quiet_until, self._check_silence)
@@ -970,6 +985,7 @@ class FrontDoor:
             upstream_aborts=counters.upstream_aborts,
             open_connections=len(self._connections),
             peak_pipelined=counters.peak_pipelined,
+            client_stalls=counters.client_stalls,
         )
 
     def status_document(self) -> dict[str, object]:
@@ -1244,8 +1260,11 @@ class FrontDoor:
                     # is no one to answer and nothing to retry for.
                     raise _ClientGone from None
                 if upstream.head_sent:
-                    self._counters.upstream_aborts += 1
-                    _logger.warning("runtime failed while a response was relayed")
+                    if upstream.client_stalled:
+                        self._counters.client_stalls += 1
+                    else:
+                        self._counters.upstream_aborts += 1
+                        _logger.warning("runtime failed while a response was relayed")
                     # The client already has a head: a reset, never an orderly close, so a
                     # truncated body can never look complete (an HTTP/1.0 client's body ends
                     # with the connection).
