@@ -50,6 +50,24 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+#: Open files serve asks for: every client connection costs one, and a local process that
+#: holds idle connections up to a 1,024 soft limit would shut everyone else out.
+_OPEN_FILES_WANTED = 65536
+
+
+def _raise_open_file_limit() -> None:
+    """Raise the soft limit on open files towards the hard one (never above it)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, _OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def _usage_error(message: str) -> None:
     # click's own usage errors echo the offending value; this one deliberately does not.
     typer.echo(f"Error: {message}", err=True)
@@ -235,6 +253,8 @@ def serve(
     def on_progress(step: str) -> None:
         if not json_output:
             typer.echo(f"> {step}", err=True)
+
+    _raise_open_file_limit()
 
     async def run() -> Verdict:
         stop = asyncio.Event()

@@ -582,6 +582,44 @@ def test_sighup_drains_and_cleans_up_like_sigterm(tmp_path: Path) -> None:
     assert not (state_dir / "serve.json").exists()
 
 
+def test_serve_raises_its_open_file_limit_to_the_hard_one(tmp_path: Path) -> None:
+    # Each client connection is a file; a low soft limit is all a local process would have
+    # to fill with idle connections to shut out everyone else.
+    import resource
+
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    data = b"the stand-in runtime never reads its model\n"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        process = subprocess.Popen(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(tmp_path / "state"),
+            preexec_fn=low_soft_limit,
+        )
+        try:
+            assert process.stdout is not None
+            assert json.loads(process.stdout.readline())["ok"] is True
+            soft, hard = psutil.Process(process.pid).rlimit(psutil.RLIMIT_NOFILE)
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+    assert (soft, hard) == (4096, 4096)
+    assert process.returncode == 0
+
+
 def test_serve_help_documents_the_give_up_exit() -> None:
     finished = subprocess.run(
         [sys.executable, "-m", "companion_runtime.cli", "serve", "--help"],
