@@ -343,10 +343,30 @@ def test_a_chunk_that_is_not_bytes_aborts(chunk: object) -> None:
     assert accumulator.received_bytes == 0
 
 
-def test_a_non_contiguous_memoryview_aborts() -> None:
+def test_a_non_contiguous_memoryview_is_taken_as_its_bytes_in_logical_order() -> None:
+    # The contract takes any memoryview; hashlib alone takes only C-contiguous ones.
     accumulator = make(DATA[::2])
-    assert accumulator.update(memoryview(DATA)[::2]).reason == "malformed_spec"
-    assert accumulator.finalize().reason == "accumulator_aborted"
+    view = memoryview(DATA)[::2]
+    assert not view.c_contiguous
+    assert accumulator.update(view) is cr.ALLOW
+    assert accumulator.received_bytes == len(DATA[::2])
+    assert accumulator.finalize() is cr.ALLOW
+    # The view's own bytes are hashed, not the buffer under it.
+    whole = make(DATA)
+    assert whole.update(view) is cr.ALLOW
+    assert whole.finalize().reason == "size_mismatch"
+
+
+def test_verify_model_bytes_takes_a_non_contiguous_memoryview() -> None:
+    data = DATA[::3]
+    verdict = cr.verify_model_bytes(
+        file_data=memoryview(DATA)[::3],
+        expected_digest=hashlib.sha256(data).hexdigest(),
+        expected_size_bytes=len(data),
+        source_url=SOURCE,
+        allowed_source_urls=ALLOWLIST,
+    )
+    assert verdict is cr.ALLOW
 
 
 def test_a_released_memoryview_aborts() -> None:
@@ -435,7 +455,7 @@ def test_verify_model_bytes_accepts_the_three_buffer_types(wrap: type) -> None:
         (DATA[:-1], {}, "size_mismatch"),
         (b"", {}, "size_mismatch"),
         (bytes(len(DATA)), {}, "digest_mismatch"),
-        (memoryview(DATA)[::2], {"expected_size_bytes": len(DATA) // 2}, "malformed_spec"),
+        (memoryview(DATA)[::2], {"expected_size_bytes": len(DATA) // 2}, "digest_mismatch"),
     ],
 )
 def test_verify_model_bytes_order(

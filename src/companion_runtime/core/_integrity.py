@@ -111,9 +111,11 @@ class IntegrityAccumulator:
     def update(self, chunk: bytes | bytearray | memoryview) -> Verdict:
         """Take the next chunk; ``ok`` while the stream is still within the expected size.
 
-        A chunk that is not ``bytes``, ``bytearray`` or a contiguous ``memoryview`` returns
-        ``malformed_spec`` and aborts the accumulator. The chunk that takes the count past
-        the expected size returns ``size_mismatch`` and aborts it: stop reading at once.
+        A chunk that is not ``bytes``, ``bytearray`` or ``memoryview`` (a view that is not
+        C-contiguous is hashed as its ``tobytes()``, its bytes in logical order) returns
+        ``malformed_spec`` and aborts the accumulator, as does a released view. The chunk that
+        takes the count past the expected size returns ``size_mismatch`` and aborts it: stop
+        reading at once.
         """
         if self._closed is not None:
             return self._closed
@@ -121,6 +123,8 @@ class IntegrityAccumulator:
         try:
             if chunk_type is memoryview:
                 size = chunk.nbytes  # type: ignore[union-attr]
+                if not chunk.c_contiguous:  # type: ignore[union-attr]
+                    chunk = chunk.tobytes()  # type: ignore[union-attr]  # hashlib needs C order
             elif chunk_type is bytes or chunk_type is bytearray:
                 size = len(chunk)
             else:
@@ -131,7 +135,7 @@ class IntegrityAccumulator:
                 return _SIZE_MISMATCH
             self._hasher.update(chunk)
         except Exception:  # noqa: BLE001 - never raise: a refusal is the answer
-            # A released or non-contiguous memoryview: refuse it like any other bad chunk.
+            # A released memoryview: refuse it like any other bad chunk.
             self._closed = _ABORTED
             return _MALFORMED
         self._received += size
@@ -198,6 +202,8 @@ def verify_model_bytes(
     try:
         if data_type is memoryview:
             size = file_data.nbytes  # type: ignore[attr-defined]
+            if not file_data.c_contiguous:  # type: ignore[attr-defined]
+                file_data = file_data.tobytes()  # type: ignore[attr-defined]
         elif data_type is bytes or data_type is bytearray:
             size = len(file_data)  # type: ignore[arg-type]
         else:
@@ -206,7 +212,7 @@ def verify_model_bytes(
             return _SIZE_MISMATCH
         actual = hashlib.sha256(file_data).digest()  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 - never raise: a refusal is the answer
-        # A released or non-contiguous memoryview.
+        # A released memoryview.
         return _MALFORMED
     expected_hashed = hashlib.sha256(bytes.fromhex(expected_digest)).digest()  # type: ignore[arg-type]
     return ALLOW if _digests_equal(actual, expected_hashed) else _DIGEST_MISMATCH
