@@ -972,6 +972,166 @@ def test_a_client_pipelining_without_reading_cannot_queue_without_bound() -> Non
     run_on_serves_loop(scenario())
 
 
+# --- the connection limit ------------------------------------------------------------------
+
+
+async def _idle_connections(
+    door: ReadyDoor, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` connections that send nothing (a peer without the token can open these)."""
+    opened = [await asyncio.open_connection("127.0.0.1", door.door.port) for _ in range(count)]
+    await wait_for(lambda: door.door.statistics().open_connections == count)
+    return opened
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_idle_connections_cannot_shut_an_authorized_client_out(loop: str) -> None:
+    # Without a limit, idle connections (no token needed to open one) held file descriptors
+    # until none was left and accept failed for everyone, authorized clients too.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_connections=4) as door:
+                idle = await _idle_connections(door, 4)
+                # A head sent in pieces that never completes is idle as well.
+                idle[1][1].write(b"GET /echo HTTP/1.1\r\n")
+                await asyncio.sleep(1.1)
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    response = await client.get("/echo")
+                    assert response.status_code == 200
+                    # The longest idle connection made room; the others are still open.
+                    assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
+                    statistics = door.door.statistics()
+                    assert statistics.connections_evicted == 1
+                    assert statistics.connections_refused == 0
+                    assert statistics.max_connections == 4
+                    assert statistics.open_connections == 4
+                    # The same client's kept connection is busy no more, but it is the
+                    # youngest: the next newcomer makes room with the next longest idle one.
+                    async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as second:
+                        assert (await second.get("/echo")).status_code == 200
+                    assert await asyncio.wait_for(idle[1][0].read(), 5) == b""
+                    assert door.door.statistics().connections_evicted == 2
+                for _, writer in idle:
+                    writer.close()
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_over_the_limit_with_none_idle_long_a_new_connection_gets_503_at_capacity(
+    loop: str,
+) -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_connections=2) as door:
+                idle = await _idle_connections(door, 2)
+                # Its request is sent at once, before the refusal is read: the 503 must still
+                # arrive whole (a plain close with the request unread would reset it).
+                reader, writer = await _open_raw(door, "/echo")
+                head, body = await _read_response(reader)
+                assert head.startswith(b"HTTP/1.1 503 ")
+                assert b"\r\nretry-after: 1\r\n" in head
+                assert b"\r\nconnection: close\r\n" in head
+                assert json.loads(body) == {"ok": False, "reason": "at_capacity"}
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+                writer.close()
+                statistics = door.door.statistics()
+                assert statistics.connections_refused == 1
+                assert statistics.connections_evicted == 0
+                assert statistics.open_connections == 2
+                assert statistics.requests_total == 0
+                for _, idle_writer in idle:
+                    idle_writer.close()
+            assert upstream.requests_seen == 0
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+
+
+def test_a_flood_of_connections_over_the_limit_holds_no_more_than_the_limit_open() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_connections=3) as door:
+                idle = await _idle_connections(door, 3)
+                flood = [
+                    await asyncio.open_connection("127.0.0.1", door.door.port) for _ in range(150)
+                ]
+                answers = []
+                for reader, writer in flood:
+                    try:
+                        answers.append(await asyncio.wait_for(reader.read(), 5))
+                    except ConnectionResetError:
+                        answers.append(b"reset")
+                    writer.close()
+                # The first 64 wait to be read; beyond that each is reset at once.
+                assert sum(answer.endswith(b'"reason":"at_capacity"}') for answer in answers) >= 64
+                assert all(
+                    answer in (b"", b"reset") or answer.startswith(b"HTTP/1.1 503 ")
+                    for answer in answers
+                )
+                statistics = door.door.statistics()
+                assert statistics.connections_refused == 150
+                assert statistics.open_connections == 3
+                await wait_for(lambda: not door.door._lingering)
+                for _, writer in idle:
+                    writer.close()
+
+    run(scenario)
+
+
+def test_a_connection_with_a_request_in_progress_is_never_closed_to_make_room() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_connections=2) as door:
+                # A stream of 30 events 50 ms apart: busy for 1.5 s, past the idle threshold.
+                stream_reader, stream_writer = await _open_raw(door, "/stream?n=30&gap_ms=50")
+                await asyncio.wait_for(stream_reader.readuntil(b"token-0"), 5)
+                ((idle_reader, idle_writer),) = await _idle_connections_after(door, 1, total=2)
+                await asyncio.sleep(1.1)
+                # The newcomer takes the idle connection's place, never the stream's.
+                reader, writer = await _open_raw(door, "/echo")
+                head, _ = await _read_response(reader)
+                assert head.startswith(b"HTTP/1.1 200")
+                assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+                # The next one finds the stream busy and the newcomer idle for too short a time.
+                late_reader, late_writer = await asyncio.open_connection(
+                    "127.0.0.1", door.door.port
+                )
+                late_head, _ = await _read_response(late_reader)
+                assert late_head.startswith(b"HTTP/1.1 503 ")
+                rest = await asyncio.wait_for(stream_reader.readuntil(b"\r\n0\r\n\r\n"), 10)
+                assert b"token-29" in rest
+                statistics = door.door.statistics()
+                assert statistics.connections_evicted == 1
+                assert statistics.connections_refused == 1
+                assert statistics.client_disconnects == 0
+                for each in (stream_writer, idle_writer, writer, late_writer):
+                    each.close()
+
+    run(scenario)
+
+
+async def _idle_connections_after(
+    door: ReadyDoor, count: int, *, total: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    opened = [await asyncio.open_connection("127.0.0.1", door.door.port) for _ in range(count)]
+    await wait_for(lambda: door.door.statistics().open_connections == total)
+    return opened
+
+
+def test_config_refuses_a_connection_limit_under_one() -> None:
+    for value in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="max_connections"):
+            FrontDoorConfig(token="t" * 32, max_connections=value)  # type: ignore[arg-type]
+
+
 @pytest.mark.security
 def test_nothing_logged_carries_the_token_or_the_target(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="companion_runtime")

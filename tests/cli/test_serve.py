@@ -620,6 +620,65 @@ def test_serve_raises_its_open_file_limit_to_the_hard_one(tmp_path: Path) -> Non
     assert process.returncode == 0
 
 
+@pytest.mark.security
+def test_idle_connections_past_the_open_file_limit_cannot_shut_out_an_authorized_client(
+    tmp_path: Path,
+) -> None:
+    # Every connection is a file descriptor; once they ran out, accept failed for everyone,
+    # and a local process needing no token could hold the front door shut with idle ones.
+    import resource
+
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    data = b"the stand-in runtime never reads its model\n"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        process = subprocess.Popen(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(tmp_path / "state"),
+            preexec_fn=low_limit,
+        )
+        idle: list[socket.socket] = []
+        try:
+            assert process.stdout is not None
+            ready = json.loads(process.stdout.readline())
+            assert ready["ok"] is True
+            url = str(ready["url"])
+            port = int(url.rsplit(":", 1)[1])
+            token = Path(str(ready["token_file"])).read_text().strip()
+            for _ in range(300):
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            time.sleep(1.2)
+            with httpx.Client(trust_env=False, timeout=10) as client:
+                response = client.get(
+                    url + "/_status", headers={"authorization": f"Bearer {token}"}
+                )
+            assert response.status_code == 200
+            front = response.json()["front_door"]
+            assert 0 < front["max_connections"] < 256
+            assert front["open_connections"] <= front["max_connections"]
+            assert front["connections_refused"] >= 300 - front["max_connections"]
+            assert front["connections_evicted"] >= 1
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=60)
+        finally:
+            for sock in idle:
+                sock.close()
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+    assert process.returncode == 0
+
+
 def test_serve_help_documents_the_give_up_exit() -> None:
     finished = subprocess.run(
         [sys.executable, "-m", "companion_runtime.cli", "serve", "--help"],

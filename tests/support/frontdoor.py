@@ -301,6 +301,7 @@ async def running_front_door(
     keep_alive_s: float = 30.0,
     request_timeout_s: float = 30.0,
     upstream_read_timeout_s: float = 600.0,
+    max_connections: int = 1024,
 ) -> AsyncIterator[ReadyDoor]:
     """A started :class:`FrontDoor` over ``upstream_url`` with a ready controller."""
     token = secrets.token_urlsafe(32)
@@ -312,6 +313,7 @@ async def running_front_door(
         keep_alive_s=keep_alive_s,
         request_timeout_s=request_timeout_s,
         upstream_read_timeout_s=upstream_read_timeout_s,
+        max_connections=max_connections,
     )
     async with FrontDoor(
         config=config,

@@ -42,6 +42,13 @@ before the response head is relayed the client gets ``502`` (``upstream_error``,
 not an orderly close) so a truncated response can never look complete, not even to an HTTP/1.0
 client whose body ends with the connection.
 
+Opening a connection needs no token, so at most ``max_connections`` are open at once, fewer
+when the open-file limit leaves room for fewer (past that limit ``accept`` would fail for
+everyone). At the limit a new connection takes the place of the one that has waited longest
+for a request, if it has waited a second or more; else it gets ``503 at_capacity`` before it
+is read, and the connection is half-closed and read until the client goes, at most a second.
+A connection with a request in progress is never closed to make room.
+
 The whole per-request path runs in callbacks and one coroutine, with no task, stream or timer
 per read: the front door is on the path of every token, and on a small machine it shares the
 cores with the runtime (docs/benchmarks.md has the measured cost).
@@ -57,6 +64,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import socket
 import struct
 import time
@@ -96,6 +104,16 @@ _MAX_UPSTREAM_HEAD_BYTES: Final = 256 * 1024
 _MAX_PIPELINED_BYTES: Final = 64 * 1024
 _MAX_PIPELINED_REQUESTS: Final = 32
 _LOOPBACK_NAMES: Final = (b"127.0.0.1", b"localhost", b"[::1]")
+# At max_connections, a connection that has waited this long for a request may be closed to
+# make room (a client that connects sends its request within milliseconds).
+_EVICTABLE_AFTER_S: Final = 1.0
+# File descriptors kept out of max_connections: the listener, the runtime connections beyond
+# the idle pool, the supervisor's pipes and files, the interpreter's own.
+_RESERVED_FDS: Final = 128
+# Refused connections kept half-open until the client has read the 503 (at most this many at
+# once, for at most a second each; beyond that a refused connection is reset at once).
+_MAX_LINGERING: Final = 64
+_LINGER_S: Final = 1.0
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1), and any header a Connection header names, are
 # never relayed on either leg, and framing is redone on each leg (the front door adds its own
@@ -172,6 +190,12 @@ class FrontDoorConfig:
     #: Idle runtime connections kept for reuse.
     upstream_pool_size: int = 32
     backlog: int = 2048
+    #: Client connections open at once (lowered at start to what the open-file limit leaves
+    #: room for). At the limit a new connection takes the place of the one that has waited
+    #: longest for a request, if it has waited a second or more; else it is answered
+    #: ``503 at_capacity`` and closed. A connection with a request in progress is never closed
+    #: to make room.
+    max_connections: int = 1024
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or len(self.token) < 16:
@@ -190,6 +214,8 @@ class FrontDoorConfig:
                 raise ValueError(name)
         if self.max_body_bytes < 0 or self.upstream_pool_size < 0 or self.backlog < 1:
             raise ValueError("bounds")
+        if not isinstance(self.max_connections, int) or self.max_connections < 1:
+            raise ValueError("max_connections")
 
 
 @final
@@ -217,6 +243,14 @@ class FrontDoorStatistics:
     peak_pipelined: int = 0
     #: Responses cut short because the client stopped reading for ``upstream_read_timeout_s``.
     client_stalls: int = 0
+    #: Client connections allowed open at once (``FrontDoorConfig.max_connections``, or less
+    #: when the open-file limit leaves room for less).
+    max_connections: int = 0
+    #: Idle connections closed to make room for a new one at ``max_connections``.
+    connections_evicted: int = 0
+    #: New connections answered ``503 at_capacity`` at ``max_connections`` (none was idle long
+    #: enough to make room).
+    connections_refused: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
@@ -232,6 +266,9 @@ class FrontDoorStatistics:
             "open_connections": self.open_connections,
             "peak_pipelined": self.peak_pipelined,
             "client_stalls": self.client_stalls,
+            "max_connections": self.max_connections,
+            "connections_evicted": self.connections_evicted,
+            "connections_refused": self.connections_refused,
         }
 
 
@@ -250,6 +287,8 @@ class _Counters:
     upstream_aborts: int = 0
     peak_pipelined: int = 0
     client_stalls: int = 0
+    connections_evicted: int = 0
+    connections_refused: int = 0
 
 
 def _json_body(payload: Mapping[str, object]) -> bytes:
@@ -267,6 +306,44 @@ _REFUSAL_BODIES: Final = {reason: _refusal_body(reason) for reason in Reason}
 def _status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     return line if line is not None else b"HTTP/1.1 %d \r\n" % status
+
+
+# The whole answer to a connection over max_connections, written before any request is read.
+_AT_CAPACITY_RESPONSE: Final = b"".join(
+    (
+        _status_line(503),
+        b"content-type: application/json\r\ncache-control: no-store\r\n",
+        b"content-length: %d\r\n" % len(_REFUSAL_BODIES[Reason.AT_CAPACITY]),
+        b"retry-after: 1\r\nconnection: close\r\n\r\n",
+        _REFUSAL_BODIES[Reason.AT_CAPACITY],
+    )
+)
+
+
+def _open_file_count() -> int:
+    for directory in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return len(os.listdir(directory))
+    return 0
+
+
+def _connection_limit(config: FrontDoorConfig) -> int:
+    """``config.max_connections``, lowered to what the open-file limit leaves room for.
+
+    Past that limit ``accept`` would fail, and no new connection, an authorized one included,
+    could get in until an old one closed: the limit must be reached here first, where the
+    front door can still make room.
+    """
+    limit = config.max_connections
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return limit
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return limit
+    room = soft - _open_file_count() - _RESERVED_FDS - config.upstream_pool_size
+    return max(1, min(limit, room))
 
 
 def _reset(transport: asyncio.Transport) -> None:
@@ -361,6 +438,10 @@ class _Client(asyncio.Protocol):
         self.waiting_since: float | None = None
         #: The keep-alive time ran out while waiting for a request head.
         self.idle_expired = False
+        #: Closed while idle to make room for a new connection at max_connections.
+        self.evicted = False
+        #: Refused at max_connections: answered, half-closed, and read until the client goes.
+        self.lingering = False
         self._keep_alive_s = door._config.keep_alive_s
         self._idle_timer: asyncio.TimerHandle | None = None
 
@@ -369,7 +450,11 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not an asyncio.Transport subclass, only alike).
         self.transport = cast(asyncio.Transport, transport)
-        self.task = self._door._accept(self)
+        door = self._door
+        if not door._make_room():
+            door._refuse_connection(self)
+            return
+        self.task = door._accept(self)
         loop = self._loop
         self._idle_timer = loop.call_at(loop.time() + self._keep_alive_s, self._check_idle)
 
@@ -428,6 +513,32 @@ class _Client(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self.lingering:
+            self.lingering = False
+            self._door._lingering.discard(self)
+
+    def evict(self) -> None:
+        """Close this idle connection (its serving task does) to make room for a new one."""
+        self.evicted = True
+        self.idle_expired = True
+        _wake(self._waiter)
+
+    def linger(self) -> None:
+        """Refused: the 503 is written; end the connection once the client has read it.
+
+        The client may already have sent its request; closing with that unread would reset the
+        connection, and a reset can destroy the 503 before the client reads it. So the sending
+        side is shut, what comes in is read and dropped, and the connection ends when the
+        client closes its side, or after a second.
+        """
+        transport = self.transport
+        assert transport is not None
+        self.no_more = True
+        self.gone = True
+        self.lingering = True
+        transport.write(_AT_CAPACITY_RESPONSE)
+        transport.write_eof()
+        self._idle_timer = self._loop.call_later(_LINGER_S, transport.abort)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -914,6 +1025,13 @@ class FrontDoor:
         # Connection task -> True while it is busy with a request (idle ones are closed at once
         # on shutdown; busy ones get the grace period).
         self._connections: dict[asyncio.Task[None], bool] = {}
+        # Clients waiting for a request head, longest-waiting first (candidates for closing
+        # at max_connections), and how many closed that way have not finished closing yet.
+        self._idle: dict[_Client, None] = {}
+        self._evicting = 0
+        self._max_connections = 0
+        # Refused connections that wait for the client to read its 503.
+        self._lingering: set[_Client] = set()
         self._runtime_key_cache: tuple[str, tuple[str, int], bytes] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -929,6 +1047,7 @@ class FrontDoor:
         """Bind ``127.0.0.1`` (never a wildcard address) and start accepting."""
         if self._server is not None:
             raise RuntimeError("already started")
+        self._max_connections = _connection_limit(self._config)
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: _Client(self),
@@ -949,6 +1068,9 @@ class FrontDoor:
         if server is None:
             return
         server.close()
+        for client in list(self._lingering):
+            if client.transport is not None:
+                client.transport.abort()
         for task, busy in list(self._connections.items()):
             if not busy:
                 task.cancel()
@@ -986,6 +1108,9 @@ class FrontDoor:
             open_connections=len(self._connections),
             peak_pipelined=counters.peak_pipelined,
             client_stalls=counters.client_stalls,
+            max_connections=self._max_connections,
+            connections_evicted=counters.connections_evicted,
+            connections_refused=counters.connections_refused,
         )
 
     def status_document(self) -> dict[str, object]:
@@ -1006,6 +1131,35 @@ class FrontDoor:
         return self._server is None or not self._server.is_serving()
 
     # --- one connection ---------------------------------------------------------------------
+
+    def _make_room(self) -> bool:
+        """Whether a new connection may open, closing the longest-idle one if need be."""
+        if len(self._connections) - self._evicting < self._max_connections:
+            return True
+        idle = self._idle
+        if idle:
+            oldest = next(iter(idle))
+            since = oldest.waiting_since
+            if since is not None and oldest._loop.time() - since >= _EVICTABLE_AFTER_S:
+                del idle[oldest]
+                oldest.evict()
+                self._evicting += 1
+                self._counters.connections_evicted += 1
+                return True
+        return False
+
+    def _refuse_connection(self, client: _Client) -> None:
+        """Answer a connection over max_connections with ``503 at_capacity``."""
+        self._counters.connections_refused += 1
+        _logger.debug("refused a connection at max_connections")
+        if len(self._lingering) >= _MAX_LINGERING:
+            assert client.transport is not None
+            client.gone = True
+            client.no_more = True
+            _reset(client.transport)  # a flood of them: no more waiting for each to read
+            return
+        self._lingering.add(client)
+        client.linger()
 
     def _accept(self, client: _Client) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._on_connection(client))
@@ -1029,6 +1183,9 @@ class FrontDoor:
             _logger.exception("front door connection failed")
         finally:
             self._connections.pop(task, None)
+            self._idle.pop(client, None)
+            if client.evicted:
+                self._evicting -= 1
             transport = client.transport
             if transport is not None:
                 if abort:
@@ -1039,17 +1196,21 @@ class FrontDoor:
     async def _serve_connection(self, client: _Client, task: asyncio.Task[None]) -> bool:
         """Serve requests until the connection ends; False when it must be aborted."""
         connections = self._connections
+        idle = self._idle
         loop = asyncio.get_running_loop()
         while True:
             connections[task] = False
             if not client.requests:
-                # Bounded by keep_alive_s: the connection's idle timer ends the wait.
+                # Bounded by keep_alive_s: the connection's idle timer ends the wait. Until a
+                # request comes, the connection may be closed to make room for a new one.
                 client.waiting_since = loop.time()
+                idle[client] = None
                 while not client.requests:
                     if client.error or client.gone or client.no_more or client.idle_expired:
                         break
                     await client.wait()
                 client.waiting_since = None
+                idle.pop(client, None)
             if not client.requests:
                 if client.error and not client.gone:
                     # A head that did not parse is a request too, refused like any other.
