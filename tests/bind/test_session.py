@@ -129,3 +129,131 @@ def test_fifos_and_deeply_nested_state_are_refused_at_once(tmp_path: Path) -> No
 def test_state_dir_env_overrides_the_default(tmp_path: Path) -> None:
     assert default_state_dir({STATE_DIR_ENV: str(tmp_path)}) == tmp_path
     assert default_state_dir({}).name == "companion-runtime"
+
+
+# --- reading back what serve left: no more trust than serve itself gives -------------------
+
+#: A user other than the one running the tests (``nobody``); giving it a file needs root.
+OTHER_UID = 65534
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="giving a file to another user needs root"
+)
+
+
+def _write_session(directory: Path) -> ServeState:
+    """Both session files as ``serve`` writes them, with this process as the ``serve``."""
+    token_file = write_token_file(directory, new_token(), port=4300)
+    state = ServeState(url="http://127.0.0.1:4300", token_file=token_file, pid=os.getpid())
+    write_serve_state(directory, state)
+    return state
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "writable by everyone",
+        "writable by the group",
+        "a symlink",
+        pytest.param("another user's", marks=needs_root),
+    ],
+)
+def test_a_state_dir_serve_would_refuse_is_refused_when_read_back(
+    tmp_path: Path, case: str
+) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    _write_session(directory)
+    if case == "writable by everyone":
+        directory.chmod(0o777)
+    elif case == "writable by the group":
+        directory.chmod(0o770)
+    elif case == "a symlink":
+        (tmp_path / "alias").symlink_to(directory)
+        directory = tmp_path / "alias"
+    else:
+        os.chown(directory, OTHER_UID, OTHER_UID)
+    with pytest.raises(SessionFileError) as caught:
+        read_serve_state(directory)
+    assert caught.value.reason is Reason.STORE_ERROR
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "readable by others",
+        "readable by the group",
+        pytest.param("another user's", marks=needs_root),
+    ],
+)
+def test_a_state_file_not_as_serve_writes_it_is_refused(tmp_path: Path, case: str) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    _write_session(directory)
+    state_file = directory / "serve.json"
+    if case == "readable by others":
+        state_file.chmod(0o604)
+    elif case == "readable by the group":
+        state_file.chmod(0o640)
+    else:
+        os.chown(state_file, OTHER_UID, OTHER_UID)
+    with pytest.raises(SessionFileError) as caught:
+        read_serve_state(directory)
+    assert caught.value.reason is Reason.STORE_ERROR
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "readable by others",
+        "writable by the group",
+        pytest.param("another user's", marks=needs_root),
+    ],
+)
+def test_a_named_token_file_not_as_serve_writes_it_is_refused(tmp_path: Path, case: str) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    state = _write_session(directory)
+    if case == "readable by others":
+        state.token_file.chmod(0o604)
+    elif case == "writable by the group":
+        state.token_file.chmod(0o620)
+    else:
+        os.chown(state.token_file, OTHER_UID, OTHER_UID)
+    with pytest.raises(SessionFileError) as caught:
+        read_token_file(read_serve_state(directory).token_file, private=True)
+    assert caught.value.reason is Reason.STORE_ERROR
+    # A token file the user names is the user's choice: only its shape is checked.
+    assert read_token_file(state.token_file)
+
+
+@pytest.mark.parametrize("case", ["another directory", "a symlink to the directory", "its parent"])
+def test_a_state_file_naming_a_token_file_outside_the_state_dir_is_refused(
+    tmp_path: Path, case: str
+) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    state = _write_session(directory)
+    elsewhere = prepare_state_dir(tmp_path / "elsewhere")
+    if case == "another directory":
+        recorded = write_token_file(elsewhere, new_token(), port=4300)
+    elif case == "a symlink to the directory":
+        (tmp_path / "alias").symlink_to(directory)
+        recorded = tmp_path / "alias" / state.token_file.name
+    else:
+        recorded = directory / ".."
+    write_serve_state(directory, ServeState(url=state.url, token_file=recorded, pid=state.pid))
+    with pytest.raises(SessionFileError) as caught:
+        read_serve_state(directory)
+    assert caught.value.reason is Reason.STORE_ERROR
+
+
+def test_a_state_dir_spelled_another_way_still_finds_its_token_file(tmp_path: Path) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    state = _write_session(directory)
+    respelled = tmp_path / "state" / "." / ".." / "state"
+    read = read_serve_state(respelled)
+    assert read.token_file == respelled / state.token_file.name
+    assert read_token_file(read.token_file, private=True) == read_token_file(state.token_file)
+
+
+def test_a_missing_state_dir_is_file_not_found_and_stays_missing(tmp_path: Path) -> None:
+    with pytest.raises(SessionFileError) as caught:
+        read_serve_state(tmp_path / "state")
+    assert caught.value.reason is Reason.FILE_NOT_FOUND
+    assert not (tmp_path / "state").exists()

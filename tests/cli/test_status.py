@@ -179,16 +179,24 @@ def test_nothing_listening_is_refused_not_ready(tmp_path: Path, json_output: boo
     assert_refused(finished, "not_ready", json_output=json_output)
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new ``0600`` file, as ``serve`` writes its session files."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
 def test_a_stale_state_file_of_a_serve_that_died_is_refused_not_ready(tmp_path: Path) -> None:
     # What a serve killed with SIGKILL leaves behind: the files, and nobody on the port.
     state_dir = tmp_path / "state"
     state_dir.mkdir(mode=0o700)
     token_file = state_dir / "frontdoor.token"
-    token_file.write_text("T" * 43 + "\n")
-    (state_dir / "serve.json").write_text(
+    write_private(token_file, "T" * 43 + "\n")
+    write_private(
+        state_dir / "serve.json",
         json.dumps(
             {"url": f"http://127.0.0.1:{free_port()}", "token_file": str(token_file), "pid": 1}
-        )
+        ),
     )
     assert_refused(run_status("--json", state_dir=state_dir), "not_ready", json_output=True)
 

@@ -12,6 +12,13 @@ there could swap the files ``status`` trusts).
 * The state file ``serve.json`` holds ``{"url", "token_file", "pid"}`` of the most recently
   started ``serve``; it is replaced atomically and removed on exit by the ``serve`` it names.
 
+A ``serve`` killed with ``SIGKILL`` leaves both files behind, and anyone who could write the
+directory could have put them there, so reading them back applies the rules writing them
+follows: the directory passes the same check, both files are regular files of the current user
+that no one else may read or write (``serve`` creates them ``0600``), and the token file lies in
+the directory itself. Whether the ``serve`` they name still runs is for the reader to check
+(``status`` does, before it sends the token anywhere).
+
 Errors are :class:`SessionFileError` carrying ``Reason.STORE_ERROR`` (the files are local
 storage the command could not use) or ``Reason.FILE_NOT_FOUND``; messages never carry a path.
 """
@@ -38,6 +45,7 @@ __all__ = [
     "STATE_FILE_NAME",
     "ServeState",
     "SessionFileError",
+    "check_state_dir",
     "default_state_dir",
     "new_token",
     "prepare_state_dir",
@@ -103,13 +111,33 @@ def prepare_state_dir(directory: Path) -> Path:
         info = directory.lstat()
     except OSError as error:
         raise SessionFileError(Reason.STORE_ERROR) from error
+    _require_private_dir(info)
+    return directory
+
+
+def check_state_dir(directory: Path) -> Path:
+    """Check an existing ``directory`` as :func:`prepare_state_dir` does, creating nothing.
+
+    ``FILE_NOT_FOUND`` when it does not exist (no ``serve`` ever wrote there).
+    """
+    try:
+        info = directory.lstat()
+    except FileNotFoundError as error:
+        raise SessionFileError(Reason.FILE_NOT_FOUND) from error
+    except OSError as error:
+        raise SessionFileError(Reason.STORE_ERROR) from error
+    _require_private_dir(info)
+    return directory
+
+
+def _require_private_dir(info: os.stat_result) -> None:
+    # Not a symlink (lstat), the current user's, and no one else may add, swap or remove files.
     if (
         not stat.S_ISDIR(info.st_mode)
         or info.st_uid != os.getuid()
         or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     ):
         raise SessionFileError(Reason.STORE_ERROR)
-    return directory
 
 
 def write_token_file(directory: Path, token: str, *, port: int) -> Path:
@@ -132,7 +160,9 @@ def write_token_file(directory: Path, token: str, *, port: int) -> Path:
     return path
 
 
-def _read_small(path: Path) -> str:
+def _read_small(path: Path, *, private: bool = False) -> str:
+    """The text of a small regular file; with ``private``, only if it is as ``serve`` writes it:
+    the current user's, and neither readable nor writable by group or others."""
     # O_NONBLOCK: a FIFO planted where the file should be would block the open until a writer
     # came; it opens at once instead, and is then refused for not being a regular file.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -143,7 +173,10 @@ def _read_small(path: Path) -> str:
     except OSError as error:
         raise SessionFileError(Reason.STORE_ERROR) from error
     try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode) or (
+            private and (info.st_uid != os.getuid() or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+        ):
             os.close(descriptor)
             raise SessionFileError(Reason.STORE_ERROR)
         with os.fdopen(descriptor, "rb") as handle:
@@ -158,9 +191,13 @@ def _read_small(path: Path) -> str:
         raise SessionFileError(Reason.STORE_ERROR) from error
 
 
-def read_token_file(path: Path) -> str:
-    """The token stored in ``path`` (surrounding whitespace removed)."""
-    token = _read_small(path).strip()
+def read_token_file(path: Path, *, private: bool = False) -> str:
+    """The token stored in ``path`` (surrounding whitespace removed).
+
+    With ``private`` (a token file a state file named, not one the user chose), the file must
+    also be the current user's and closed to group and others, as ``serve`` writes it.
+    """
+    token = _read_small(path, private=private).strip()
     if not token or any(character.isspace() for character in token):
         raise SessionFileError(Reason.STORE_ERROR)
     return token
@@ -186,8 +223,14 @@ def write_serve_state(directory: Path, state: ServeState) -> Path:
 
 
 def read_serve_state(directory: Path) -> ServeState:
-    """The state file in ``directory``; ``FILE_NOT_FOUND`` when no ``serve`` wrote one."""
-    text = _read_small(directory / STATE_FILE_NAME)
+    """The state file in ``directory``; ``FILE_NOT_FOUND`` when no ``serve`` wrote one.
+
+    ``STORE_ERROR`` unless ``directory`` passes :func:`check_state_dir`, the file is private
+    (see the module docstring) and the token file it names lies directly in ``directory``.
+    Nothing here says that the ``serve`` it names still runs.
+    """
+    check_state_dir(directory)
+    text = _read_small(directory / STATE_FILE_NAME, private=True)
     try:
         raw = json.loads(text)
         url, token_file, pid = raw["url"], raw["token_file"], raw["pid"]
@@ -196,7 +239,25 @@ def read_serve_state(directory: Path) -> ServeState:
         raise SessionFileError(Reason.STORE_ERROR) from error
     if type(url) is not str or type(token_file) is not str or type(pid) is not int:
         raise SessionFileError(Reason.STORE_ERROR)
-    return ServeState(url=url, token_file=Path(token_file), pid=pid)
+    return ServeState(url=url, token_file=_token_file_in(directory, token_file), pid=pid)
+
+
+def _token_file_in(directory: Path, recorded: str) -> Path:
+    """``recorded`` as a file directly in ``directory`` (where ``serve`` writes it), or refused.
+
+    The parent is compared by identity (device and inode, not following a symlink), so the
+    same directory spelled another way still matches and a link to somewhere else does not.
+    """
+    path = Path(recorded)
+    if path.name in ("", ".", ".."):
+        raise SessionFileError(Reason.STORE_ERROR)
+    try:
+        same = os.path.samestat(os.lstat(path.parent), os.lstat(directory))
+    except (OSError, ValueError) as error:
+        raise SessionFileError(Reason.STORE_ERROR) from error
+    if not same:
+        raise SessionFileError(Reason.STORE_ERROR)
+    return directory / path.name
 
 
 def remove_serve_state(directory: Path, *, pid: int) -> None:
