@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from companion_runtime.bind.session import (
 )
 from companion_runtime.bind.status import fetch_status, read_status, status_table
 from tests.support.frontdoor import running_front_door, tiny_upstream
+from tests.support.port_taker import port_taker
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +34,10 @@ def test_status_of_a_running_front_door(tmp_path: Path) -> None:
             async with running_front_door(upstream.url) as door:
                 directory = prepare_state_dir(tmp_path / "state")
                 token_file = write_token_file(directory, door.token, port=door.door.port)
-                write_serve_state(directory, ServeState(url=door.url, token_file=token_file, pid=1))
+                # This process is the one listening on the front door's port, as serve is.
+                write_serve_state(
+                    directory, ServeState(url=door.url, token_file=token_file, pid=os.getpid())
+                )
                 # The blocking client runs off the loop the front door runs on.
                 result = await asyncio.to_thread(read_status, state_dir=directory)
                 assert result.verdict.ok
@@ -93,3 +100,118 @@ def test_a_status_document_nested_too_deep_is_refused(depth: int) -> None:
         server.shutdown()
         server.server_close()
     assert result.verdict.reason is Reason.UPSTREAM_ERROR
+
+
+# --- a state file is trusted no more than serve would trust it ------------------------------
+
+#: A user other than the one running the tests (``nobody``); acting as it needs root.
+OTHER_UID = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+
+
+def record_session(directory: Path, *, url: str, pid: int) -> tuple[Path, str]:
+    """What ``serve`` writes once ready, naming ``url`` and ``pid``; the token file and token."""
+    token = new_token()
+    port = int(url.rsplit(":", 1)[1])
+    token_file = write_token_file(directory, token, port=port)
+    write_serve_state(directory, ServeState(url=url, token_file=token_file, pid=pid))
+    return token_file, token
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "case",
+    [
+        "serve exited",
+        "its pid now names a process that does not listen",
+        "its pid now names a process that listens on another port",
+        pytest.param("its pid now names another user's process on the port", marks=needs_root),
+    ],
+)
+def test_the_token_of_a_serve_that_is_gone_is_not_sent_to_whoever_took_its_port(
+    tmp_path: Path, case: str
+) -> None:
+    # serve killed with SIGKILL leaves its files; another local process then takes the port.
+    directory = prepare_state_dir(tmp_path / "state")
+    user = OTHER_UID if "another user" in case else None
+    with port_taker(user=user) as taker:
+        if case == "serve exited":
+            gone = subprocess.Popen([sys.executable, "-c", "pass"])
+            gone.wait()
+            record_session(directory, url=taker.url, pid=gone.pid)
+            result = read_status(state_dir=directory)
+        elif case == "its pid now names a process that listens on another port":
+            with port_taker() as elsewhere:
+                record_session(directory, url=taker.url, pid=elsewhere.pid)
+                result = read_status(state_dir=directory)
+        elif user is None:
+            with subprocess.Popen(["sleep", "60"]) as sleeper:
+                record_session(directory, url=taker.url, pid=sleeper.pid)
+                result = read_status(state_dir=directory)
+                sleeper.kill()
+        else:
+            record_session(directory, url=taker.url, pid=taker.pid)
+            result = read_status(state_dir=directory)
+        received = taker.stop()
+    assert result.to_dict() == {"ok": False, "reason": "not_ready"}
+    assert received == []
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "case",
+    [
+        "state dir writable by everyone",
+        pytest.param("state dir of another user", marks=needs_root),
+        "state file readable by others",
+        pytest.param("state file of another user", marks=needs_root),
+        "token file readable by others",
+        pytest.param("token file of another user", marks=needs_root),
+        "token file outside the state dir",
+    ],
+)
+def test_state_serve_would_refuse_is_refused_before_any_token_is_sent(
+    tmp_path: Path, case: str
+) -> None:
+    # The recorded serve is alive and listens on the recorded port (the port taker), so only
+    # the files decide: a state dir or file someone else could have written names the URL and
+    # token file, and the token must go nowhere.
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as taker:
+        token_file, _token = record_session(directory, url=taker.url, pid=taker.pid)
+        if case == "state dir writable by everyone":
+            directory.chmod(0o777)
+        elif case == "state dir of another user":
+            os.chown(directory, OTHER_UID, OTHER_UID)
+        elif case == "state file readable by others":
+            (directory / "serve.json").chmod(0o644)
+        elif case == "state file of another user":
+            os.chown(directory / "serve.json", OTHER_UID, OTHER_UID)
+        elif case == "token file readable by others":
+            token_file.chmod(0o644)
+        elif case == "token file of another user":
+            os.chown(token_file, OTHER_UID, OTHER_UID)
+        else:
+            # Another private directory of the same user, holding some other secret.
+            secret = prepare_state_dir(tmp_path / "secrets") / "other.token"
+            secret.write_text("a-secret-that-is-not-a-session-token\n")
+            secret.chmod(0o600)
+            write_serve_state(
+                directory, ServeState(url=taker.url, token_file=secret, pid=taker.pid)
+            )
+        result = read_status(state_dir=directory)
+        received = taker.stop()
+    assert result.to_dict() == {"ok": False, "reason": "store_error"}
+    assert received == []
+
+
+def test_a_live_serve_of_this_user_on_its_port_is_asked(tmp_path: Path) -> None:
+    # The same checks pass for what a running serve leaves: it gets its own token, once.
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as taker:
+        _token_file, token = record_session(directory, url=taker.url, pid=taker.pid)
+        result = read_status(state_dir=directory)
+        received = taker.stop()
+    assert result.verdict.ok, result.to_dict()
+    assert result.document["answered_by"] == "port taker"
+    assert received == [f"Bearer {token}"]

@@ -16,7 +16,9 @@ from typing import Final
 import pytest
 
 from companion_runtime.bind.llama_server import llama_available
-from tests.support.frontdoor import ServeProcess, running_serve
+from tests.support.frontdoor import ServeProcess, running_serve, serve_command, serve_env
+from tests.support.port_taker import port_taker
+from tests.support.supervision import standin_command
 
 pytestmark = pytest.mark.e2e
 needs_llama = pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
@@ -227,6 +229,152 @@ def test_the_token_goes_only_to_loopback_http(tmp_path: Path, url: str) -> None:
         "--url", url, "--token-file", str(token_file), "--json", state_dir=tmp_path / "state"
     )
     assert_refused(finished, "host_not_allowed", json_output=True)
+
+
+# --- state that serve would not trust is not trusted ----------------------------------------
+
+#: A user other than the one running the tests (``nobody``); giving it a file needs root.
+OTHER_UID = 65534
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="giving a file to another user needs root"
+)
+
+
+def standin_manifest_text(origin_url: str, allow: str, data: bytes) -> str:
+    """A manifest whose runtime is the stand-in runtime (no model is ever read)."""
+    import hashlib
+
+    return "\n".join(
+        [
+            "[model]",
+            'name = "standin"',
+            f'url = "{origin_url}"',
+            f'sha256 = "{hashlib.sha256(data).hexdigest()}"',
+            f"size_bytes = {len(data)}",
+            "[sources]",
+            f'allow = ["{allow}"]',
+            "[runtime]",
+            f"command = {json.dumps(standin_command())}",
+            "ready_timeout_s = 30",
+            "[limits]",
+            "max_ram_bytes = 4294967296",
+            "max_vram_bytes = 1073741824",
+            "max_cpu_percent = 100",
+            "",
+        ]
+    )
+
+
+@pytest.mark.security
+def test_after_serve_is_sigkilled_whoever_takes_its_port_gets_no_token(tmp_path: Path) -> None:
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = tmp_path / "state"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        process = subprocess.Popen(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(state_dir),
+        )
+        try:
+            assert process.stdout is not None
+            ready = json.loads(process.stdout.readline())
+            assert ready["ok"] is True
+            token = Path(str(ready["token_file"])).read_text().strip()
+            port = int(str(ready["url"]).rsplit(":", 1)[1])
+            alive = run_status("--json", state_dir=state_dir)
+            assert alive.returncode == 0, alive.stdout + alive.stderr
+            assert json.loads(alive.stdout)["state"] == "ready"
+        finally:
+            process.kill()
+            process.communicate(timeout=30)
+    # SIGKILL leaves no chance to clean up: the state and token files stay behind.
+    assert (state_dir / "serve.json").exists()
+    assert Path(str(ready["token_file"])).exists()
+    with port_taker(port=port) as taker:
+        finished = run_status("--json", state_dir=state_dir)
+        received = taker.stop()
+    assert_refused(finished, "not_ready", json_output=True)
+    assert received == []
+    assert token not in finished.stdout + finished.stderr
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("json_output", [False, True])
+@pytest.mark.parametrize(
+    "case", ["writable by everyone", pytest.param("another user's", marks=needs_root)]
+)
+def test_a_state_dir_serve_would_refuse_is_refused_and_nothing_is_sent(
+    tmp_path: Path, case: str, json_output: bool
+) -> None:
+    # Whoever can write the state dir could name any file as the token file and any loopback
+    # port as the front door: a private file of the user's, sent to a listener of theirs.
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    secret = tmp_path / "secret.token"
+    write_private(secret, "a-token-of-something-else\n")
+    with port_taker() as taker:
+        write_private(
+            state_dir / "serve.json",
+            json.dumps({"url": taker.url, "token_file": str(secret), "pid": taker.pid}),
+        )
+        if case == "writable by everyone":
+            state_dir.chmod(0o777)
+        else:
+            os.chown(state_dir, OTHER_UID, OTHER_UID)
+        finished = run_status(*(["--json"] if json_output else []), state_dir=state_dir)
+        received = taker.stop()
+    assert_refused(finished, "store_error", json_output=json_output)
+    assert received == []
+    output = finished.stdout + finished.stderr
+    for leaked in ("a-token-of-something-else", str(secret), str(state_dir), taker.url):
+        assert leaked not in output
+
+
+def _fallback_runtime_dir_in_use() -> bool:
+    """Whether platformdirs falls back to ``$TMPDIR/runtime-<uid>`` without XDG_RUNTIME_DIR
+    (on Linux: when ``/run/user/<uid>`` does not exist)."""
+    return sys.platform.startswith("linux") and not Path(f"/run/user/{os.geteuid()}").exists()
+
+
+@needs_root
+@pytest.mark.security
+@pytest.mark.skipif(not _fallback_runtime_dir_in_use(), reason="needs the /tmp fallback")
+@pytest.mark.parametrize("json_output", [False, True])
+def test_a_fallback_runtime_dir_of_another_user_is_refused_without_a_traceback(
+    tmp_path: Path, json_output: bool
+) -> None:
+    # With XDG_RUNTIME_DIR unset the state dir defaults to a predictable name under the
+    # temporary directory, which another user can create first; platformdirs then raises.
+    temp = tmp_path / "tmp"
+    temp.mkdir(mode=0o700)
+    taken = temp / f"runtime-{os.geteuid()}"
+    taken.mkdir(mode=0o700)
+    os.chown(taken, OTHER_UID, OTHER_UID)
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("XDG_RUNTIME_DIR", "COMPANION_RUNTIME_STATE_DIR")
+    }
+    env["TMPDIR"] = str(temp)
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "status"]
+        + (["--json"] if json_output else []),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert "Traceback" not in finished.stderr, finished.stderr[-2000:]
+    assert_refused(finished, "store_error", json_output=json_output)
+    assert str(temp) not in finished.stdout + finished.stderr
 
 
 # --- what a front door says is shown as it is -----------------------------------------------

@@ -3,10 +3,19 @@
 Where to look: ``--url`` and ``--token-file`` when given; otherwise the state file that
 ``serve`` writes in the state directory (see :mod:`companion_runtime.bind.session`). The token
 is sent only to a loopback ``http`` URL, never through a proxy from the environment.
+
+A state file is trusted no more than ``serve`` would trust it, and it is checked before any
+token is read or sent: the state directory, the state file and the token file must pass the
+checks :func:`~companion_runtime.bind.session.read_serve_state` applies (``store_error``
+otherwise, as ``serve`` refuses such a directory), and the process the state file names must be
+alive, run as the current user and itself listen on the port of the URL it recorded
+(``not_ready`` otherwise). A ``serve`` killed with ``SIGKILL`` leaves its files behind; without
+the last check, whatever later took its port would be handed the token.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +23,12 @@ from typing import Final, final
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 from rich.table import Table
 from rich.text import Text
 
 from companion_runtime.bind.session import (
+    ServeState,
     SessionFileError,
     default_state_dir,
     read_serve_state,
@@ -99,16 +110,64 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
 def read_status(
     *, url: str | None = None, token_file: Path | None = None, state_dir: Path | None = None
 ) -> StatusResult:
-    """Find the front door (flags first, then the state file) and fetch its status."""
+    """Find the front door (flags first, then the state file) and fetch its status.
+
+    Refused ``store_error`` when the state directory or a file in it is not as ``serve``
+    leaves it, ``not_ready`` when the ``serve`` the state file names no longer listens there
+    (see the module docstring); no token is read or sent then.
+    """
     try:
-        if url is None or token_file is None:
-            state = read_serve_state(state_dir or default_state_dir())
+        if url is not None and token_file is not None:
+            token = read_token_file(token_file)
+        else:
+            state = read_serve_state(_state_dir(state_dir))
+            if not _is_serving(state):
+                return _refused(Reason.NOT_READY)
             url = url or state.url
-            token_file = token_file or state.token_file
-        token = read_token_file(token_file)
+            if token_file is not None:
+                token = read_token_file(token_file)
+            else:
+                token = read_token_file(state.token_file, private=True)
     except SessionFileError as error:
         return _refused(error.reason)
     return fetch_status(url, token)
+
+
+def _state_dir(state_dir: Path | None) -> Path:
+    if state_dir is not None:
+        return state_dir
+    try:
+        return default_state_dir()
+    except OSError as error:
+        # platformdirs refuses a fallback runtime directory another user owns (PermissionError).
+        raise SessionFileError(Reason.STORE_ERROR) from error
+
+
+def _is_serving(state: ServeState) -> bool:
+    """Whether ``state.pid`` is a live process of this user listening on its URL's port.
+
+    A pid alone is not enough: after a ``SIGKILL`` the number can be reused by any process,
+    and the port taken by another. Only the process that listens on the port is the front
+    door the token belongs to.
+    """
+    try:
+        port = urlsplit(state.url).port
+    except ValueError:
+        return False
+    if port is None or state.pid <= 0:
+        return False
+    try:
+        process = psutil.Process(state.pid)
+        if process.status() == psutil.STATUS_ZOMBIE or process.uids().real != os.getuid():
+            return False
+        connections = process.net_connections(kind="inet")
+    except (psutil.Error, OverflowError, ValueError):
+        # Gone, not ours to inspect, or a pid no process could have.
+        return False
+    return any(
+        connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
+        for connection in connections
+    )
 
 
 def status_table(document: Mapping[str, object]) -> Table:

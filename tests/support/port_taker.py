@@ -1,0 +1,110 @@
+"""A local process that answers on a loopback port as if it were a front door, and tells.
+
+It stands for whatever takes a port a front door had: another program of this user, a
+program of another user, or a process that got the pid of a ``serve`` that died. It answers
+every ``GET`` with ``200`` and a status document that says ``ready``, and reports the
+``authorization`` header of every request it received, so that a test can see whether a
+token reached it.
+
+It is a forked child of the test process rather than a new program, so that it can drop to
+another user without that user needing access to this interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TextIO
+
+__all__ = ["PortTaker", "port_taker"]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    report: TextIO
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+    def do_GET(self) -> None:
+        self.server.report.write(json.dumps({"authorization": self.headers.get("authorization")}))
+        self.server.report.write("\n")
+        self.server.report.flush()
+        data = json.dumps({"state": "ready", "in_flight": 0, "answered_by": "port taker"}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class PortTaker:
+    """The running port taker: its pid, its port, and the requests it reported."""
+
+    def __init__(self, pid: int, report: TextIO) -> None:
+        self.pid = pid
+        self._report = report
+        first = report.readline()
+        if not first:
+            os.waitpid(pid, 0)
+            raise AssertionError("the port taker could not listen")
+        self.port = int(first)
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._reaped = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _read(self) -> None:
+        for line in self._report:
+            self._lines.append(line)
+
+    def stop(self) -> list[str | None]:
+        """Stop it; the ``authorization`` header of every request it received."""
+        if not self._reaped:
+            with suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self._reaped = True
+        self._reader.join(timeout=10)
+        return [json.loads(line)["authorization"] for line in self._lines]
+
+
+@contextmanager
+def port_taker(*, port: int = 0, user: int | None = None) -> Iterator[PortTaker]:
+    """Listen on ``port`` (any free one by default), as ``user`` when given (needs root)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the port taker, until it is killed
+        try:
+            os.close(read_end)
+            if user is not None:
+                os.setgroups([])
+                os.setgid(user)
+                os.setuid(user)
+            server = _Server(("127.0.0.1", port), _Handler)
+            server.report = os.fdopen(write_end, "w")
+            server.report.write(f"{server.server_address[1]}\n")
+            server.report.flush()
+            server.serve_forever()
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    taker = PortTaker(pid, os.fdopen(read_end))
+    try:
+        yield taker
+    finally:
+        taker.stop()
