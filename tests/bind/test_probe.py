@@ -41,8 +41,10 @@ async def test_a_sample_sums_the_runtime_and_its_children_and_rss_follows_alloca
         probe = PsutilResourceProbe(runtime.pid, gpu=NoGpu())
         first = await probe.sample()
         assert type(first.observation) is ResourceObservation
-        assert first.process_count == 2
-        family = [psutil.Process(runtime.pid), *psutil.Process(runtime.pid).children()]
+        # The keeper, the runtime under it, and the runtime's child.
+        assert first.process_count == 3
+        keeper = psutil.Process(runtime.pid)
+        family = [keeper, *keeper.children(recursive=True)]
         direct = sum(p.memory_info().rss for p in family)
         assert abs(first.observation.ram_bytes - direct) < 16 * MIB
         assert first.observation.vram_bytes == 0
@@ -73,6 +75,43 @@ async def test_cpu_is_a_share_of_the_whole_machine() -> None:
     assert 100 / cores / 4 < sample.observation.cpu_percent <= 100 / cores + 5
 
 
+async def test_a_process_the_runtime_left_behind_still_counts(tmp_path: Path) -> None:
+    # A double fork leaves the tree the probe walks unless the keeper, as subreaper, takes
+    # the orphan in; its 200 MiB once went uncounted, and past the RAM ceiling nothing refused.
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(
+        standin_command("--spawn-orphan", "--orphan-mib", "200", "--pid-file", str(pid_file)),
+        model_path="m",
+    )
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await _healthy(spec.base_url)
+        for _ in range(200):
+            if "orphan" in (pid_file.read_text() if pid_file.exists() else ""):
+                break
+            await asyncio.sleep(0.05)
+        sample = await PsutilResourceProbe(runtime.pid, gpu=NoGpu()).sample()
+    assert sample.process_count == 3
+    assert sample.observation.ram_bytes > 200 * MIB
+
+
+async def test_cpu_of_children_that_live_shorter_than_a_sample_counts() -> None:
+    # Children that each spin a core for 0.3 s: never alive at two samples in a row, so a
+    # per-process reading gave 0 % while the runtime kept a core busy.
+    spec = build_launch_spec(standin_command("--busy-children"), model_path="m")
+    async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
+        await _healthy(spec.base_url)
+        probe = PsutilResourceProbe(runtime.pid, gpu=NoGpu())
+        await probe.sample()
+        shares = []
+        for _ in range(3):
+            await asyncio.sleep(1.0)
+            shares.append((await probe.sample()).observation.cpu_percent)
+    cores = psutil.cpu_count() or 1
+    # About one core (less when the machine is busy, less the start-up of each child).
+    assert max(shares) > 100 / cores / 4, shares
+    assert all(share <= 100 / cores + 10 for share in shares), shares
+
+
 async def test_a_runtime_that_exited_is_runtime_exited() -> None:
     spec = build_launch_spec([sys.executable, "-c", "pass", "{port}"], model_path="m")
     async with SubprocessLauncher().launch(spec) as runtime:
@@ -98,7 +137,7 @@ async def test_sampling_never_walks_the_machines_process_table(
         monkeypatch.setattr(psutil, "pids", forbidden)
         monkeypatch.setattr(psutil.Process, "children", forbidden)
         sample = await PsutilResourceProbe(runtime.pid, gpu=NoGpu()).sample()
-    assert sample.process_count == 2
+    assert sample.process_count == 3  # the keeper, the runtime, its child
 
 
 async def test_without_an_nvidia_gpu_nvml_reads_as_no_gpu() -> None:

@@ -221,10 +221,12 @@ async def test_the_runtime_leads_its_own_session_and_answers_on_loopback() -> No
         assert os.getpgid(runtime.pid) == runtime.pid
         assert os.getsid(runtime.pid) == runtime.pid
         assert os.getpgid(runtime.pid) != os.getpgid(0)
-        # The wrapper exec'd in place: the PID we hold is the runtime itself.
+        # The PID we hold is the keeper's; the runtime is its one child, in its group.
         async with httpx.AsyncClient() as client:
-            assert (await client.get(spec.base_url + "/pid")).json()["pid"] == runtime.pid
-        connections = psutil.Process(runtime.pid).net_connections(kind="tcp")
+            served_by = (await client.get(spec.base_url + "/pid")).json()["pid"]
+        assert [child.pid for child in psutil.Process(runtime.pid).children()] == [served_by]
+        assert os.getpgid(served_by) == os.getsid(served_by) == runtime.pid
+        connections = psutil.Process(served_by).net_connections(kind="tcp")
         listening = [c for c in connections if c.status == psutil.CONN_LISTEN]
         assert [c.laddr.ip for c in listening] == ["127.0.0.1"]
     assert runtime.returncode is not None
@@ -294,6 +296,58 @@ async def test_stopping_reaches_every_process_in_the_group() -> None:
         grandchild = psutil.Process(int(line.split()[1]))
         created = grandchild.create_time()
     assert wait_for(lambda: process_gone(grandchild.pid, created), 5.0)
+
+
+def _noted_pids(pid_file: Path, *roles: str) -> dict[str, int]:
+    """The PIDs the stand-in wrote to ``pid_file``, once every role in ``roles`` is there."""
+
+    def read() -> dict[str, int]:
+        text = pid_file.read_text() if pid_file.exists() else ""
+        return {role: int(pid) for role, pid in (line.split() for line in text.splitlines())}
+
+    assert wait_for(lambda: set(roles) <= read().keys(), 10.0), read()
+    return read()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+async def test_stopping_reaches_a_process_that_left_the_group(
+    tmp_path: Path, ignores_sigterm: bool
+) -> None:
+    # A double fork into a session of its own leaves the group, so the group's signals never
+    # reach it; the keeper (its subreaper) kills it, after a quiet exit and after the grace.
+    pid_file = tmp_path / "pids"
+    flags = ["--spawn-child", "--spawn-orphan", "--pid-file", str(pid_file)]
+    if ignores_sigterm:
+        flags.append("--ignore-sigterm")
+    spec = build_launch_spec(standin_command(*flags), model_path="m")
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await _wait_healthy(spec.base_url)
+        pids = _noted_pids(pid_file, "runtime", "child", "orphan")
+        orphan = psutil.Process(pids["orphan"])
+        assert os.getsid(orphan.pid) != runtime.pid and os.getpgid(orphan.pid) != runtime.pid
+        # Left by its parent, it is the keeper's now, not init's.
+        assert orphan.ppid() == runtime.pid
+        created = {pid: psutil.Process(pid).create_time() for pid in pids.values()}
+        outcome = await runtime.stop(grace_s=0.5 if ignores_sigterm else 5.0)
+    assert outcome.killed is ignores_sigterm
+    assert outcome.returncode == (-signal.SIGKILL if ignores_sigterm else 0)
+    assert wait_for(lambda: all(process_gone(p, c) for p, c in created.items()), 5.0)
+
+
+@pytest.mark.integration
+async def test_a_runtime_that_exits_by_itself_leaves_nothing_below_it(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(
+        standin_command("--spawn-orphan", "--pid-file", str(pid_file), "--exit-after-s", "1"),
+        model_path="m",
+    )
+    async with SubprocessLauncher().launch(spec) as runtime:
+        pids = _noted_pids(pid_file, "runtime", "orphan")
+        created = psutil.Process(pids["orphan"]).create_time()
+        # The keeper exits the way the runtime did, once what it left is gone.
+        assert await asyncio.wait_for(runtime.wait(), 10) == 4
+        assert process_gone(pids["orphan"], created)
 
 
 @pytest.mark.integration
@@ -374,6 +428,33 @@ def test_a_manager_killed_with_sigkill_leaves_no_runtime_behind_20_trials() -> N
     template = standin_command()
     clean = [_kill_manager_and_check(template, wait_healthy=True, timeout_s=3.0) for _ in range(20)]
     assert clean.count(True) == 20, f"{clean.count(True)}/20 trials clean"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_manager_killed_with_sigkill_leaves_nothing_the_runtime_started_behind(
+    tmp_path: Path,
+) -> None:
+    # The death signal once reached the runtime alone: its child and a process that left its
+    # group kept running after the manager was killed.
+    pid_file = tmp_path / "pids"
+    template = standin_command("--spawn-child", "--spawn-orphan", "--pid-file", str(pid_file))
+    manager = start_manager(template, "/nonexistent/model.gguf", wait_healthy=True)
+    try:
+        read_runtime_pid(manager)
+        pids = _noted_pids(pid_file, "runtime", "child", "orphan")
+        created = {pid: psutil.Process(pid).create_time() for pid in pids.values()}
+        os.kill(manager.pid, signal.SIGKILL)
+        manager.wait(10)
+        assert wait_for(lambda: all(process_gone(p, c) for p, c in created.items()), 5.0), {
+            role: pid for role, pid in pids.items() if not process_gone(pid, created[pid])
+        }
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+            manager.wait()
+        if manager.stdout is not None:
+            manager.stdout.close()
 
 
 @pytest.mark.stress

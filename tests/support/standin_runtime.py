@@ -7,13 +7,19 @@ real server.
 
     python tests/support/standin_runtime.py --port P [--host H] [--listen-delay-s S]
         [--loading-s S] [--never-healthy] [--ignore-sigterm] [--spawn-child]
-        [--emit-stdout-bytes N] [--exit-after-s S]
+        [--emit-stdout-bytes N] [--exit-after-s S] [--spawn-orphan] [--orphan-mib N]
+        [--busy-children] [--pid-file PATH]
 
 Endpoints: ``GET /health`` (200 ``{"status":"ok"}``, 503 while loading), ``POST /work?sleep_s=S``
 (answers after S seconds), ``POST /crash`` (sends the headers and part of a body, then exits
 with status 3), ``POST /allocate?mib=N`` (holds N MiB more, touched so they are resident),
 ``POST /release`` (frees all of it), ``POST /sicken`` (``/health`` answers 503 from then on),
 ``GET /pid``. ``--exit-after-s`` makes it exit by itself (status 4) S seconds after it listens.
+
+``--spawn-orphan`` double-forks a process into a session of its own and leaves it (an orphan
+outside the runtime's process group), holding ``--orphan-mib`` MiB resident.
+``--busy-children`` keeps starting children that each spin a core for 0.3 s and exit.
+``--pid-file`` gets one line per process: ``runtime PID``, ``child PID``, ``orphan PID``.
 """
 
 from __future__ import annotations
@@ -95,6 +101,33 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, {"error": "not found"})
 
 
+def _note_pid(path: str | None, role: str, pid: int) -> None:
+    if path is not None:
+        with open(path, "a") as file:
+            file.write(f"{role} {pid}\n")
+
+
+def _spawn_orphan(mib: int, pid_file: str | None) -> None:
+    """Fork, make a new session, fork again and leave the grandchild behind."""
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        if os.fork() == 0:
+            block = bytearray(mib * 1024 * 1024)
+            for offset in range(0, len(block), 4096):
+                block[offset] = 1
+            _note_pid(pid_file, "orphan", os.getpid())
+            time.sleep(600)
+        os._exit(0)
+    os.waitpid(middle, 0)
+
+
+def _busy_children() -> None:
+    spin = "import time\nend = time.monotonic() + 0.3\nwhile time.monotonic() < end: pass"
+    while True:
+        subprocess.run([sys.executable, "-c", spin], check=False)
+
+
 def main() -> None:
     global _ready_at, _never_healthy
     parser = argparse.ArgumentParser()
@@ -107,6 +140,10 @@ def main() -> None:
     parser.add_argument("--spawn-child", action="store_true")
     parser.add_argument("--emit-stdout-bytes", type=int, default=0)
     parser.add_argument("--exit-after-s", type=float, default=0.0)
+    parser.add_argument("--spawn-orphan", action="store_true")
+    parser.add_argument("--orphan-mib", type=int, default=0)
+    parser.add_argument("--busy-children", action="store_true")
+    parser.add_argument("--pid-file")
     args = parser.parse_args()
 
     if args.ignore_sigterm:
@@ -121,9 +158,15 @@ def main() -> None:
             remaining -= n
         sys.stdout.write("\nEND-OF-OUTPUT\n")
         sys.stdout.flush()
+    _note_pid(args.pid_file, "runtime", os.getpid())
     if args.spawn_child:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         print(f"CHILD {child.pid}", flush=True)
+        _note_pid(args.pid_file, "child", child.pid)
+    if args.spawn_orphan:
+        _spawn_orphan(args.orphan_mib, args.pid_file)
+    if args.busy_children:
+        threading.Thread(target=_busy_children, daemon=True).start()
     _never_healthy = args.never_healthy
     time.sleep(args.listen_delay_s)
     _ready_at = time.monotonic() + args.loading_s

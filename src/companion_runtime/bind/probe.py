@@ -6,10 +6,12 @@ the machine's process table: on Linux the descendants are read from
 processes are ever looked at; elsewhere psutil's ``children(recursive=True)`` is the fallback.
 
 - RAM is the sum of the processes' RSS.
-- CPU is psutil's per-process percent (100 = one core) summed and divided by the CPU count, so
-  it is a share of the **whole machine**, as the core's limits expect. The first sample of a
-  process reads 0 (psutil needs two readings), so the probe keeps its ``psutil.Process``
-  objects between samples.
+- CPU is the processes' CPU time between two samples over the wall time between them, divided
+  by the CPU count, so it is a share of the **whole machine**, as the core's limits expect.
+  Each process counts its own user and system time plus that of the children it has reaped,
+  so a child that lived and died between two samples is counted too (under the process
+  keeper, every process the runtime starts is reaped inside the tree: see ``process.py``).
+  The first sample reads 0.
 - VRAM comes from NVML when an NVIDIA GPU is present, else it is 0. NVML has no query for one
   PID's *current* GPU memory (accounting stats give a peak, and only when an administrator has
   turned accounting on), so the probe asks each device for its running compute and graphics
@@ -241,8 +243,10 @@ class PsutilResourceProbe:
         self._cpu_count = cpu_count or psutil.cpu_count() or 1
         self._lock = threading.Lock()
         self._root: psutil.Process | None = None
-        # Kept between samples: cpu_percent() measures since the previous call on the object.
+        # Kept between samples, so a PID reused by an unrelated process is not taken for ours.
         self._processes: dict[int, psutil.Process] = {}
+        # CPU seconds of the tree at the previous sample, and when it was taken.
+        self._last_cpu: tuple[float, float] | None = None
 
     async def sample(self) -> ResourceSample:
         return await asyncio.to_thread(self._sample_blocking)
@@ -266,16 +270,26 @@ class PsutilResourceProbe:
             raise psutil.NoSuchProcess(self._pid)
         pids = [self._pid, *_descendants(root)]
         ram_bytes = 0
-        cpu_percent = 0.0
+        cpu_seconds = 0.0
         measured: set[int] = set()
+        now = time.monotonic()
         for pid in pids:
             process = self._processes.get(pid)
             try:
                 if process is None:
                     process = self._processes[pid] = psutil.Process(pid)
                 with process.oneshot():
+                    # A zombie still has its CPU times until it is reaped, when they move to
+                    # its reaper's children times: read them, or they would drop out and then
+                    # come back counted twice.
+                    times = process.cpu_times()
+                    cpu_seconds += (
+                        times.user
+                        + times.system
+                        + getattr(times, "children_user", 0.0)
+                        + getattr(times, "children_system", 0.0)
+                    )
                     ram_bytes += process.memory_info().rss
-                    cpu_percent += process.cpu_percent(interval=None)
                 measured.add(pid)
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 if pid == self._pid:
@@ -284,8 +298,15 @@ class PsutilResourceProbe:
         for gone in self._processes.keys() - measured:
             del self._processes[gone]
         vram_bytes = self._gpu.process_vram_bytes(frozenset(measured))
-        # Rounding between readings can put the share a hair above 100; the machine cannot.
-        share = min(cpu_percent / self._cpu_count, 100.0)
+        share = 0.0
+        if self._last_cpu is not None:
+            last_seconds, last_at = self._last_cpu
+            if now > last_at:
+                share = (cpu_seconds - last_seconds) / (now - last_at) / self._cpu_count * 100.0
+        self._last_cpu = (cpu_seconds, now)
+        # Time that moved out of the tree (a child reaped by a process outside it, where there
+        # is no keeper) would read negative; rounding can put the share a hair above 100.
+        share = min(max(share, 0.0), 100.0)
         return ResourceSample(
             observation=ResourceObservation(ram_bytes, vram_bytes, share),
             taken_at=self._clock(),

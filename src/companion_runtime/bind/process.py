@@ -23,15 +23,31 @@ The child leads its own session and process group, so stopping it reaches every 
 started: SIGTERM to the group, a grace period, SIGKILL to the group, then the exit is reaped.
 Leaving the context always stops the runtime.
 
-Dying with the manager: on Linux the child is started through a tiny stdlib-only wrapper
-(``python -I -S -c``, about 30 ms) that sets ``PR_SET_PDEATHSIG`` to SIGKILL, checks that its
-parent is still the manager (closing the race where the manager died before ``prctl``), and
-``execv``s the runtime in place, so the runtime keeps the wrapper's PID and inherits the death
-signal. A ``preexec_fn`` would do the same without the 30 ms but is not safe in a process that
-runs threads (psutil, NVML and ``asyncio.to_thread`` workers), which the manager always does.
-Two limits follow from the kernel's semantics: the signal fires when the *thread* that spawned
-the child exits (asyncio spawns from the event-loop thread, which lives as long as the
-manager's loop), and it reaches the runtime only, not processes the runtime itself starts.
+Dying with the manager, and leaving nothing behind: on Linux the runtime runs under a keeper,
+a tiny stdlib-only Python process (``python -I -S -c``, about 30 ms to start, about 10 MB
+resident) that stays its parent for the runtime's whole life; the PID the caller sees is the
+keeper's, which leads the process group. The keeper:
+
+- marks itself a child subreaper, so a process the runtime starts and abandons (a double fork,
+  even into its own session, outside the group) becomes the keeper's child, not init's: it
+  stays in the tree that the resource probe measures and that the keeper can kill;
+- sets ``PR_SET_PDEATHSIG`` and checks that its parent is still the manager (closing the race
+  where the manager died before ``prctl``); when the manager dies, it kills every process below
+  it, then itself;
+- forks and execs the runtime (which gets a death signal of its own for the keeper), passes
+  the group's SIGTERM/SIGINT/SIGHUP by letting them reach the runtime, and when the runtime
+  exits, kills whatever the runtime left below it and exits with the runtime's status (or its
+  signal), so the caller sees the runtime's own exit;
+- on SIGUSR2, the stop's escalation after the grace period, kills everything below it and then
+  itself, before the group gets SIGKILL.
+
+A ``preexec_fn`` could arm the death signal without the extra process, but it is not safe in a
+process that runs threads (psutil, NVML and ``asyncio.to_thread`` workers), which the manager
+always does, and it would cover the runtime only. One limit follows from the kernel's
+semantics: the death signal fires when the *thread* that spawned the keeper exits (asyncio
+spawns from the event-loop thread, which lives as long as the manager's loop). A process below
+the keeper that is killed while it is forking can leave a child the keeper finds on its next
+pass; it looks up to 100 times.
 
 Output: stdout and stderr are drained continuously by reader tasks into ring buffers that keep
 the last ``output_cap_bytes`` of each stream, so the child never blocks on a full pipe and the
@@ -88,17 +104,97 @@ _READ_CHUNK_BYTES: Final = 64 * 1024
 # left the group (its own setsid) could hold them open forever.
 _PIPE_CLOSE_TIMEOUT_S: Final = 2.0
 
-# The death-signal wrapper: stdlib only, isolated (-I -S) so it starts fast and reads nothing
-# from the environment. argv: [expected parent pid, executable, *args]. Exit codes follow the
-# shell's convention (126: cannot arm, 127: cannot exec).
-_PDEATHSIG_WRAPPER: Final = (
-    "import ctypes,os,signal,sys\n"
-    "libc=ctypes.CDLL(None,use_errno=True)\n"
-    "if libc.prctl(1,int(signal.SIGKILL),0,0,0)!=0:os._exit(126)\n"  # 1 = PR_SET_PDEATHSIG
-    "if os.getppid()!=int(sys.argv[1]):os._exit(0)\n"
-    "try:os.execv(sys.argv[2],sys.argv[2:])\n"
-    "except OSError:os._exit(127)\n"
-)
+# The keeper: the runtime's parent for its whole life, stdlib only and isolated (-I -S) so it
+# starts fast and reads nothing from the environment. argv: [manager pid, executable, *args].
+# It marks itself a child subreaper (a process the runtime starts and leaves, even one that made
+# its own session, becomes the keeper's child instead of init's), arms a death signal for the
+# manager, forks and execs the runtime, and reaps. When the runtime exits it kills everything
+# left below it and exits the same way; when the manager dies (the death signal) or asks for it
+# (SIGUSR2, the stop's escalation) it kills everything below it and then itself with SIGKILL.
+# SIGTERM, SIGINT and SIGHUP to the group reach the runtime directly; the keeper waits them
+# out. Exit codes follow the shell's convention (126: cannot arm, 127: cannot exec).
+_KEEPER: Final = """\
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+def below():
+    found, frontier = [], [os.getpid()]
+    while frontier and len(found) < 4096:
+        pid = frontier.pop()
+        try:
+            tasks = os.listdir('/proc/%d/task' % pid)
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open('/proc/%d/task/%s/children' % (pid, tid)) as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            frontier += kids
+    return found
+def reap():
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+def kill_below():
+    for _ in range(100):
+        pids = below()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        reap()
+def end(signum, frame):
+    kill_below()
+    os.kill(os.getpid(), signal.SIGKILL)
+if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    os._exit(126)
+signal.signal(signal.SIGUSR2, end)
+if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR2), 0, 0, 0) != 0:
+    os._exit(126)
+if os.getppid() != int(sys.argv[1]):
+    os._exit(0)
+for passed in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(passed, lambda signum, frame: None)
+keeper = os.getpid()
+runtime = os.fork()
+if runtime == 0:
+    try:
+        for passed in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+            signal.signal(passed, signal.SIG_DFL)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() == keeper:
+            os.execv(sys.argv[2], sys.argv[2:])
+    except BaseException:
+        pass
+    os._exit(127)
+while True:
+    try:
+        pid, status = os.waitpid(-1, 0)
+    except ChildProcessError:
+        os._exit(127)
+    if pid == runtime:
+        break
+kill_below()
+if os.WIFSIGNALED(status):
+    signum = os.WTERMSIG(status)
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+# How long the stop's escalation waits for the keeper to kill what is below it before the
+# group gets SIGKILL (which ends the keeper too).
+_KEEPER_KILL_TIMEOUT_S: Final = 2.0
 
 
 @final
@@ -360,8 +456,11 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
 class _SubprocessRuntime:
     """The real :class:`RuntimeProcess`: an asyncio subprocess in its own process group."""
 
-    def __init__(self, process: asyncio.subprocess.Process, cap_bytes: int) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, cap_bytes: int, *, keeper: bool
+    ) -> None:
         self._process = process
+        self._keeper = keeper
         self.stdout = OutputTail(cap_bytes=cap_bytes)
         self.stderr = OutputTail(cap_bytes=cap_bytes)
         self._stop_lock = asyncio.Lock()
@@ -390,6 +489,13 @@ class _SubprocessRuntime:
                     await asyncio.wait_for(self._process.wait(), timeout=max(grace_s, 0.0))
                 except TimeoutError:
                     killed = True
+            if killed and self._keeper:
+                # The keeper kills everything below it, a process that left the group too,
+                # then itself; the group's SIGKILL below would end it before it could.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pgid, signal.SIGUSR2)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._process.wait(), timeout=_KEEPER_KILL_TIMEOUT_S)
             # SIGKILL the group even when the leader went quietly: anything it started and
             # left behind in the group goes too.
             _signal_group(pgid, signal.SIGKILL)
@@ -424,7 +530,7 @@ class SubprocessLauncher:
     def _argv(self, spec: LaunchSpec) -> tuple[str, ...]:
         if not self._use_death_signal:
             return spec.argv
-        return (sys.executable, "-I", "-S", "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *spec.argv)
+        return (sys.executable, "-I", "-S", "-c", _KEEPER, str(os.getpid()), *spec.argv)
 
     @contextlib.asynccontextmanager
     async def launch(
@@ -442,7 +548,9 @@ class SubprocessLauncher:
                 start_new_session=True,
                 close_fds=True,
             )
-        runtime = _SubprocessRuntime(process, spec.output_cap_bytes)
+        runtime = _SubprocessRuntime(
+            process, spec.output_cap_bytes, keeper=self._use_death_signal
+        )
         # The readers are not in a TaskGroup around the ``yield``: that would wrap the
         # caller's own exception in an ExceptionGroup. They are awaited below instead.
         drains = [
