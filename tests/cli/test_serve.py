@@ -582,6 +582,54 @@ def test_sighup_drains_and_cleans_up_like_sigterm(tmp_path: Path) -> None:
     assert not (state_dir / "serve.json").exists()
 
 
+@pytest.mark.data_integrity
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_download_ends_serve_within_a_second(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    from companion_runtime.bind.store import ModelStore
+    from tests.support.https import FaultyOrigin, model_bytes, partial_size
+
+    # 256 KiB every 0.1 s: the 24 MiB would take about 10 s.
+    data, digest = model_bytes(24 * 1024 * 1024, seed=5)
+    store = ModelStore(tmp_path / "store")
+    state_dir = tmp_path / "state"
+    with FaultyOrigin({"/models/big.bin": data}, chunk_delay_s=0.1) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/big.bin"), origin.base_url, data)
+        )
+        process = subprocess.Popen(
+            serve_command(manifest, store.root, origin.ca_pem_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(state_dir),
+        )
+        try:
+            assert wait_for(
+                lambda: partial_size(store, digest) >= 1024 * 1024 or process.poll() is not None,
+                60,
+            )
+            assert process.poll() is None, process.communicate()
+            process.send_signal(signum)
+            started = time.monotonic()
+            stdout, stderr = process.communicate(timeout=60)
+            elapsed = time.monotonic() - started
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+    # As for any signal before ready: exit 1, not_ready. And nothing waited for the download.
+    assert process.returncode == 1, stderr[-3000:]
+    assert json.loads(stdout) == {"ok": False, "reason": "not_ready"}
+    assert "Traceback" not in stderr
+    assert elapsed < 2
+    assert not store.has_blob(digest)
+    assert 0 < partial_size(store, digest) < len(data)  # kept for the next pull to resume
+    assert not (state_dir / "serve.json").exists()
+
+
 def test_serve_raises_its_open_file_limit_to_the_hard_one(tmp_path: Path) -> None:
     # Each client connection is a file; a low soft limit is all a local process would have
     # to fill with idle connections to shut out everyone else.

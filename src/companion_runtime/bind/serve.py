@@ -5,6 +5,12 @@ runtime starts only on a blob that verified, and the front door opens only once 
 ``ready``. Any refusal before that point ends the command with a reason and nothing left
 running.
 
+Cancelling :func:`serve_manifest` before ready (what ``serve`` does on a signal) stops the pull
+as well: the download runs in a worker thread, which cannot be cancelled, so it is told to stop
+through its ``cancel`` event and waited for (about a second at most). Nothing is published, the
+partial download is kept for a resume, the store's lock is released, and no thread is left for
+the event loop to wait on at exit.
+
 Shutdown (SIGINT/SIGTERM, or the ``stop`` event): the supervisor drains — the runtime leaves
 ``ready``, so the admission controller refuses new requests ``not_ready`` (the front door keeps
 answering them with 503) while requests in flight finish, up to the grace period — then stops
@@ -21,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +35,7 @@ from typing import Final, final
 
 from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig
 from companion_runtime.bind.manifest import Manifest, ManifestError, load_manifest
-from companion_runtime.bind.pull import pull_model
+from companion_runtime.bind.pull import PullResult, pull_model
 from companion_runtime.bind.session import (
     ServeState,
     SessionFileError,
@@ -159,6 +166,27 @@ async def serving(
                     remove_serve_state(directory, pid=os.getpid())
 
 
+async def _pull(manifest: Manifest, store: ModelStore, ca_bundle: Path | None) -> PullResult:
+    """``pull_model`` in a worker thread; cancelling this stops the pull, then re-raises.
+
+    The thread cannot be cancelled, so it is told to stop through ``cancel`` and waited for
+    (about a second): when this returns or raises, no pull is running and its lock is free.
+    """
+    cancel = threading.Event()
+    pulling = asyncio.ensure_future(
+        asyncio.to_thread(pull_model, manifest, store=store, ca_bundle=ca_bundle, cancel=cancel)
+    )
+    try:
+        return await asyncio.shield(pulling)
+    except asyncio.CancelledError:
+        cancel.set()
+        while not pulling.done():
+            # A second cancel (another signal) does not cut the wait short.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({pulling})
+        raise
+
+
 async def _until_stop_or_given_up(supervisor: Supervisor, stop: asyncio.Event) -> Reason | None:
     """Wait for ``stop`` (None) or for the supervisor to give up on the runtime (its reason)."""
     stopped = asyncio.ensure_future(stop.wait())
@@ -204,7 +232,7 @@ async def serve_manifest(
         store = ModelStore(options.store)
     except StoreError as error:
         return Verdict(False, error.reason)
-    pulled = await asyncio.to_thread(pull_model, manifest, store=store, ca_bundle=options.ca_bundle)
+    pulled = await _pull(manifest, store, options.ca_bundle)
     if not pulled.ok or pulled.path is None:
         return pulled.verdict
     say("start")
