@@ -390,6 +390,50 @@ def test_a_manifest_name_too_long_for_the_file_system_is_a_usage_error(tmp_path:
     assert "Traceback" not in finished.stderr
 
 
+@pytest.mark.security
+@pytest.mark.skipif(
+    Path(f"/run/user/{os.geteuid()}").exists(),
+    reason="the platform's own runtime directory exists, so its fallback is never used",
+)
+def test_a_default_state_dir_the_platform_refuses_is_store_error_before_the_download(
+    tmp_path: Path,
+) -> None:
+    # With XDG_RUNTIME_DIR unset, the default is runtime-<uid> in the temporary directory, a
+    # name anyone can take first: here it is a planted symlink, which platformdirs refuses.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    temp = tmp_path / "tmp"
+    temp.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (temp / f"runtime-{os.geteuid()}").symlink_to(elsewhere)
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("XDG_RUNTIME_DIR", "COMPANION_RUNTIME_STATE_DIR")
+    }
+    env["TMPDIR"] = str(temp)
+    data = b"the stand-in runtime never reads its model\n"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        finished = subprocess.run(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        requests = origin.requests
+    assert finished.returncode == 1, finished.stderr[-3000:]
+    assert json.loads(finished.stdout) == {"ok": False, "reason": "store_error"}
+    assert "Traceback" not in finished.stderr
+    assert requests == []
+    assert list(elsewhere.iterdir()) == []
+
+
 # --- giving up ----------------------------------------------------------------------------
 
 

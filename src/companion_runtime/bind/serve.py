@@ -3,7 +3,9 @@
 The order is the safety argument: the model's fit is checked before a byte is downloaded, the
 runtime starts only on a blob that verified, and the front door opens only once the runtime is
 ``ready``. Any refusal before that point ends the command with a reason and nothing left
-running.
+running. The store and the state directory are checked before the download too: a state
+directory that cannot be used (a symlink, another user's, shared with others, or a default
+runtime directory the platform refuses) is ``store_error`` before a byte is fetched.
 
 Cancelling :func:`serve_manifest` before ready (what ``serve`` does on a signal) stops the pull
 as well: the download runs in a worker thread, which cannot be cancelled, so it is told to stop
@@ -118,7 +120,7 @@ async def serving(
     Raises :class:`ServeRefused` when the runtime does not become ready or a session file
     cannot be written; nothing is left running then.
     """
-    directory = prepare_state_dir(state_dir or default_state_dir()) if write_state else None
+    directory = _state_dir(state_dir) if write_state else None
     token = new_token()
     async with Supervisor(manifest, model_path=model_path) as supervisor:
         verdict = await supervisor.start()
@@ -137,9 +139,7 @@ async def serving(
         token_file: Path | None = None
         try:
             await door.start()
-            token_dir = (
-                directory if directory is not None else prepare_state_dir(default_state_dir())
-            )
+            token_dir = directory if directory is not None else _state_dir(None)
             token_file = write_token_file(token_dir, token, port=door.port)
             if directory is not None:
                 write_serve_state(
@@ -164,6 +164,21 @@ async def serving(
                         token_file.unlink()
                 if directory is not None:
                     remove_serve_state(directory, pid=os.getpid())
+
+
+def _state_dir(chosen: Path | None) -> Path:
+    """``chosen`` or the default state directory, created and checked.
+
+    Raises :class:`SessionFileError` (``store_error``) for one that cannot be used, the default
+    included: with ``XDG_RUNTIME_DIR`` unset, platformdirs refuses (``PermissionError``) a
+    fallback ``/tmp/runtime-<uid>`` that is a symlink or another user's.
+    """
+    if chosen is None:
+        try:
+            chosen = default_state_dir()
+        except OSError as error:
+            raise SessionFileError(Reason.STORE_ERROR) from error
+    return prepare_state_dir(chosen)
 
 
 async def _pull(manifest: Manifest, store: ModelStore, ca_bundle: Path | None) -> PullResult:
@@ -230,7 +245,8 @@ async def serve_manifest(
     say("pull")
     try:
         store = ModelStore(options.store)
-    except StoreError as error:
+        state_dir = _state_dir(options.state_dir)
+    except (StoreError, SessionFileError) as error:
         return Verdict(False, error.reason)
     pulled = await _pull(manifest, store, options.ca_bundle)
     if not pulled.ok or pulled.path is None:
@@ -242,7 +258,7 @@ async def serve_manifest(
             manifest,
             pulled.path,
             port=options.port,
-            state_dir=options.state_dir,
+            state_dir=state_dir,
             grace_s=options.grace_s,
         ) as running:
             on_ready(running)
