@@ -100,6 +100,30 @@ def _cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
                 signal.signal(signum, handler)
 
 
+def _say(message: str, *, err: bool = False) -> None:
+    """Print a line; an output nobody reads any more (a closed pipe, a hung-up terminal) is
+    dropped.
+
+    ``serve`` must not fail, nor report another outcome, because whoever started it closed its
+    stdout or stderr: the line is lost, the stream is pointed at the null device (so no later
+    write, nor the flush at exit, fails on it again) and serving goes on.
+    """
+    import os
+    import sys
+
+    try:
+        typer.echo(message, err=err)
+    except (OSError, ValueError):
+        stream = sys.stderr if err else sys.stdout
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, stream.fileno())
+            finally:
+                os.close(null)
+            stream.flush()  # what the failed write left in the buffer goes nowhere
+
+
 def _usage_error(message: str) -> None:
     # click's own usage errors echo the offending value; this one deliberately does not.
     typer.echo(f"Error: {message}", err=True)
@@ -261,6 +285,9 @@ def serve(
     ready (during the download, say) ends serve within about a second with not_ready (exit 1);
     a partial download is kept for the next pull or serve to resume.
 
+    Output is best effort: if its stdout or stderr is closed, serve goes on serving (status
+    finds it through the state file) and exits as it would have otherwise.
+
     Exits 1 with a reason code when it is refused before ready, or when the supervisor gives
     up on the runtime once serving (restart_limit_reached after repeated crashes, or a blob
     that no longer verifies before a restart); it shuts down the same way first. With --json
@@ -285,13 +312,13 @@ def serve(
         nonlocal ready_seen
         ready_seen = True
         if json_output:
-            typer.echo(json.dumps(running.ready_line()))
+            _say(json.dumps(running.ready_line()))
         else:
-            typer.echo(f"serving {running.url}  token file: {running.token_file}")
+            _say(f"serving {running.url}  token file: {running.token_file}")
 
     def on_progress(step: str) -> None:
         if not json_output:
-            typer.echo(f"> {step}", err=True)
+            _say(f"> {step}", err=True)
 
     _raise_open_file_limit()
 
@@ -321,9 +348,13 @@ def serve(
     from companion_runtime.bind.eventloop import run as run_loop
 
     verdict = run_loop(run())
-    if verdict.ok:
-        raise typer.Exit(0)
-    _finish(dict(verdict.to_dict()), ok=False, json_output=json_output)
+    if not verdict.ok:
+        reason = verdict.reason.value
+        if json_output:
+            _say(json.dumps(verdict.to_dict()))
+        else:
+            _say(f"refused: {reason}", err=True)
+    raise typer.Exit(0 if verdict.ok else 1)
 
 
 @app.command()

@@ -674,6 +674,67 @@ def test_a_signal_during_the_download_ends_serve_within_a_second(
     assert not (state_dir / "serve.json").exists()
 
 
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_serve_whose_output_is_closed_keeps_serving_and_drains_to_exit_0(
+    tmp_path: Path, closed: str
+) -> None:
+    # The app that started serve stopped reading one of its pipes: nothing to report to, but
+    # no reason to stop serving, nor to report the clean shutdown as a failure.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = tmp_path / "state"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        command = serve_command(manifest, tmp_path / "store", origin.ca_pem_path)
+        if closed == "stderr":
+            command.remove("--json")  # without it the steps ("> drain") go to stderr
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(state_dir),
+        )
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            if closed == "stdout":
+                process.stdout.close()  # before the ready line
+                still_open = process.stderr
+            else:
+                assert process.stdout.readline().startswith("serving http://127.0.0.1:")
+                process.stderr.close()  # before the shutdown's steps
+                still_open = process.stdout
+            assert wait_for(
+                lambda: (state_dir / "serve.json").exists() or process.poll() is not None, 60
+            )
+            assert process.poll() is None, still_open.read()[-3000:]
+            state = json.loads((state_dir / "serve.json").read_text())
+            token_file = Path(state["token_file"])
+            token = token_file.read_text().strip()
+            with httpx.Client(trust_env=False, timeout=10) as client:
+                response = client.get(
+                    state["url"] + "/_status", headers={"authorization": f"Bearer {token}"}
+                )
+            assert response.status_code == 200
+            assert response.json()["state"] == "ready"
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+            rest = still_open.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    assert process.returncode == 0, rest[-3000:]
+    assert "Traceback" not in rest
+    assert "could not listen" not in rest
+    assert not token_file.exists()
+    assert not (state_dir / "serve.json").exists()
+
+
 def test_serve_raises_its_open_file_limit_to_the_hard_one(tmp_path: Path) -> None:
     # Each client connection is a file; a low soft limit is all a local process would have
     # to fill with idle connections to shut out everyone else.

@@ -117,8 +117,9 @@ async def serving(
 ) -> AsyncIterator[Serving]:
     """Start the runtime on a verified ``model_path``, then the front door; stop both on exit.
 
-    Raises :class:`ServeRefused` when the runtime does not become ready or a session file
-    cannot be written; nothing is left running then.
+    Raises :class:`ServeRefused` when the runtime does not become ready or the front door
+    cannot listen (``spawn_failed``), :class:`SessionFileError` when a session file cannot be
+    written; nothing is left running then.
     """
     directory = _state_dir(state_dir) if write_state else None
     token = new_token()
@@ -138,7 +139,12 @@ async def serving(
         )
         token_file: Path | None = None
         try:
-            await door.start()
+            try:
+                await door.start()
+            except OSError:
+                # The front door could not bind its port (taken, or not permitted).
+                _logger.warning("front door could not listen")
+                raise ServeRefused(Reason.SPAWN_FAILED) from None
             token_dir = directory if directory is not None else _state_dir(None)
             token_file = write_token_file(token_dir, token, port=door.port)
             if directory is not None:
@@ -227,7 +233,9 @@ async def serve_manifest(
     """Run ``serve`` until ``stop`` is set; return the refusal that ended it early, or ok.
 
     Once ready, it also ends (after the same shutdown) when the supervisor gives up on the
-    runtime, returning that reason (``restart_limit_reached``, ...).
+    runtime, returning that reason (``restart_limit_reached``, ...). An exception raised by
+    ``on_ready`` or ``on_progress`` propagates (after the same shutdown once ready): writing
+    them so that a closed output cannot fail is the caller's part.
     """
 
     def say(step: str) -> None:
@@ -268,10 +276,6 @@ async def serve_manifest(
         return Verdict(False, refused.reason)
     except SessionFileError as error:
         return Verdict(False, error.reason)
-    except OSError:
-        # The front door could not bind its port (taken, or not permitted).
-        _logger.warning("front door could not listen")
-        return Verdict(False, Reason.SPAWN_FAILED)
     if given_up is not None:
         return Verdict(False, given_up)
     return Verdict(True, Reason.OK)
