@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +28,9 @@ app = typer.Typer(
 # Exit 0 verified, 1 refused (the reason code on stderr, or in the JSON object), 2 usage error:
 # bad or missing options (click's own), and a MANIFEST or --ca-bundle path that does not exist.
 # Refusal output never carries the digest, the URL or its query. On success the blob's path is
-# printed (it is content-addressed, so it contains the digest by design).
+# printed (it is content-addressed, so it contains the digest by design). SIGINT, SIGTERM or
+# SIGHUP stop a pull within about a second: refused with cancelled, nothing published, the
+# partial download kept for the next pull to resume.
 
 
 def _verified_exit(payload: dict[str, object], *, ok: bool, json_output: bool) -> None:
@@ -66,6 +69,59 @@ def _raise_open_file_limit() -> None:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+@contextlib.contextmanager
+def _cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
+    """While inside, SIGINT, SIGTERM and SIGHUP set ``cancel`` instead of ending the process.
+
+    The work checks ``cancel`` at least every fraction of a second and stops cleanly (files
+    flushed, locks released); a signal's default action would kill it mid-write instead.
+    """
+    import signal
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        cancel.set()
+
+    # Handlers can only be set from the main thread (the CLI's own); elsewhere nothing changes.
+    previous = (
+        {
+            signum: signal.signal(signum, on_signal)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        }
+        if threading.current_thread() is threading.main_thread()
+        else {}
+    )
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(signum, handler)
+
+
+def _say(message: str, *, err: bool = False) -> None:
+    """Print a line; an output nobody reads any more (a closed pipe, a hung-up terminal) is
+    dropped.
+
+    ``serve`` must not fail, nor report another outcome, because whoever started it closed its
+    stdout or stderr: the line is lost, the stream is pointed at the null device (so no later
+    write, nor the flush at exit, fails on it again) and serving goes on.
+    """
+    import os
+    import sys
+
+    try:
+        typer.echo(message, err=err)
+    except (OSError, ValueError):
+        stream = sys.stderr if err else sys.stdout
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, stream.fileno())
+            finally:
+                os.close(null)
+            stream.flush()  # what the failed write left in the buffer goes nowhere
 
 
 def _usage_error(message: str) -> None:
@@ -150,7 +206,9 @@ def pull(
     """Download the manifest's model into the store and verify it (exit 0 ok, 1 refused).
 
     An already stored blob is re-verified and reused; one that no longer verifies is removed
-    and fetched again. Prints the verified blob's path.
+    and fetched again. Prints the verified blob's path. SIGINT, SIGTERM or SIGHUP stop the
+    pull within about a second (exit 1, cancelled); the partial download is kept and the next
+    pull resumes it.
     """
     from companion_runtime.bind.manifest import ManifestError, load_manifest
     from companion_runtime.bind.pull import pull_model
@@ -175,8 +233,11 @@ def pull(
         )
         return
     bar, progress = _progress_bar(not json_output, loaded.model.name, loaded.model.size_bytes)
-    with bar:
-        result = pull_model(loaded, store=model_store, ca_bundle=ca_bundle, progress=progress)
+    cancel = threading.Event()
+    with _cancel_on_signals(cancel), bar:
+        result = pull_model(
+            loaded, store=model_store, ca_bundle=ca_bundle, progress=progress, cancel=cancel
+        )
     _verified_exit(result.to_dict(), ok=result.ok, json_output=json_output)
 
 
@@ -220,7 +281,12 @@ def serve(
 
     Runs until SIGINT, SIGTERM or SIGHUP, then stops admitting (503 not_ready), lets requests
     in flight finish, stops the runtime, removes the token file and exits 0. Clients send
-    "Authorization: Bearer <token>" with the token from the printed token file.
+    "Authorization: Bearer <token>" with the token from the printed token file. A signal before
+    ready (during the download, say) ends serve within about a second with not_ready (exit 1);
+    a partial download is kept for the next pull or serve to resume.
+
+    Output is best effort: if its stdout or stderr is closed, serve goes on serving (status
+    finds it through the state file) and exits as it would have otherwise.
 
     Exits 1 with a reason code when it is refused before ready, or when the supervisor gives
     up on the runtime once serving (restart_limit_reached after repeated crashes, or a blob
@@ -246,13 +312,13 @@ def serve(
         nonlocal ready_seen
         ready_seen = True
         if json_output:
-            typer.echo(json.dumps(running.ready_line()))
+            _say(json.dumps(running.ready_line()))
         else:
-            typer.echo(f"serving {running.url}  token file: {running.token_file}")
+            _say(f"serving {running.url}  token file: {running.token_file}")
 
     def on_progress(step: str) -> None:
         if not json_output:
-            typer.echo(f"> {step}", err=True)
+            _say(f"> {step}", err=True)
 
     _raise_open_file_limit()
 
@@ -282,9 +348,13 @@ def serve(
     from companion_runtime.bind.eventloop import run as run_loop
 
     verdict = run_loop(run())
-    if verdict.ok:
-        raise typer.Exit(0)
-    _finish(dict(verdict.to_dict()), ok=False, json_output=json_output)
+    if not verdict.ok:
+        reason = verdict.reason.value
+        if json_output:
+            _say(json.dumps(verdict.to_dict()))
+        else:
+            _say(f"refused: {reason}", err=True)
+    raise typer.Exit(0 if verdict.ok else 1)
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -128,3 +129,28 @@ def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     verdict = verify_file(fifo, expected_digest="ab" * 32, expected_size_bytes=1)
     assert verdict.reason is Reason.FILE_NOT_FOUND
+
+
+@pytest.mark.unit
+def test_a_cancel_stops_the_hash_between_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(filehash, "READ_BUFFER_BYTES", 64 * 1024)
+    path, data, digest = write_model(tmp_path, 1_000_000)
+    cancel = threading.Event()
+    seen: list[int] = []
+
+    def progress(done: int, _total: int) -> None:
+        seen.append(done)
+        if done >= 128 * 1024:
+            cancel.set()  # as another thread would, between two buffers
+
+    verdict = verify_file(
+        path,
+        expected_digest=digest,
+        expected_size_bytes=len(data),
+        progress=progress,
+        cancelled=cancel.is_set,
+    )
+    assert not verdict.ok and verdict.reason is Reason.CANCELLED
+    assert seen[-1] == 128 * 1024

@@ -18,7 +18,7 @@ import httptools
 import pytest
 import trustme
 
-from companion_runtime.bind.httpsget import MAX_HEAD_BYTES, ProtocolError, get
+from companion_runtime.bind.httpsget import MAX_HEAD_BYTES, POLL_S, Cancelled, ProtocolError, get
 
 pytestmark = pytest.mark.integration
 
@@ -319,3 +319,103 @@ def test_a_repeated_header_reads_as_one_list(authority: trustme.CA) -> None:
             "127.0.0.1", port, "/m.bin", {}, context=context, connect_timeout_s=5, read_timeout_s=5
         ) as response:
             assert response.getheader("Content-Encoding") == "identity, gzip"
+
+
+# --- cancellation -------------------------------------------------------------------------
+
+
+def cancel_after(delay_s: float) -> threading.Event:
+    """An event that another thread sets ``delay_s`` from now (as a signal handler would)."""
+    cancel = threading.Event()
+    timer = threading.Timer(delay_s, cancel.set)
+    timer.daemon = True
+    timer.start()
+    return cancel
+
+
+def test_a_cancel_ends_a_connect_that_hangs(authority: trustme.CA) -> None:
+    # A listener whose accept queue is full drops new connection attempts: the connect would
+    # wait out its whole timeout (60 s here); the cancel ends it at the next slice.
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):  # fills the queue
+            cancel = cancel_after(0.5)
+            started = time.monotonic()
+            with pytest.raises(Cancelled):
+                with get(
+                    "127.0.0.1",
+                    port,
+                    "/m.bin",
+                    {},
+                    context=client_context,
+                    connect_timeout_s=60,
+                    read_timeout_s=60,
+                    cancelled=cancel.is_set,
+                ):
+                    pass
+            assert time.monotonic() - started < 0.5 + POLL_S + 1
+
+
+def test_a_cancel_ends_a_read_the_server_stays_silent_on(authority: trustme.CA) -> None:
+    # Head and part of the body, then silence: every read would wait the stall timeout (60 s).
+    release = threading.Event()
+
+    def respond(wire: _Wire) -> None:
+        wire.send(f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\n\r\n".encode())
+        wire.send(BODY[:1000])
+        release.wait(30)
+
+    cancel = threading.Event()
+    with tls_server(authority, respond) as (port, context):
+        view = memoryview(bytearray(1 << 20))
+        received = 0
+        try:
+            with get(
+                "127.0.0.1",
+                port,
+                "/m.bin",
+                {},
+                context=context,
+                connect_timeout_s=60,
+                read_timeout_s=60,
+                cancelled=cancel.is_set,
+            ) as response:
+                while received < 1000:
+                    received += response.read_some(view)
+                threading.Timer(0.5, cancel.set).start()
+                started = time.monotonic()
+                with pytest.raises(Cancelled):
+                    response.read_some(view)
+                assert time.monotonic() - started < 0.5 + POLL_S + 1
+        finally:
+            release.set()
+    assert received == 1000
+
+
+def test_without_a_cancel_the_same_silence_is_still_a_timeout(authority: trustme.CA) -> None:
+    # The sliced waits add up to the read timeout, no less and not much more.
+    release = threading.Event()
+
+    def respond(wire: _Wire) -> None:
+        wire.send(f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\n\r\n".encode())
+        release.wait(30)
+
+    with tls_server(authority, respond) as (port, context):
+        try:
+            with get(
+                "127.0.0.1",
+                port,
+                "/m.bin",
+                {},
+                context=context,
+                connect_timeout_s=5,
+                read_timeout_s=1,
+            ) as response:
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    response.read_some(memoryview(bytearray(1024)))
+                assert 1 <= time.monotonic() - started < 1 + POLL_S + 1
+        finally:
+            release.set()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
 import pytest
 
 from companion_runtime.bind.download import DownloadOptions
@@ -22,8 +24,10 @@ from tests.support.https import (
     assert_nothing_published,
     body_requests,
     model_bytes,
+    partial_size,
     secret_url,
 )
+from tests.support.supervision import wait_for
 
 SIZE = 400_000
 DATA, DIGEST = model_bytes(SIZE, seed=7)
@@ -213,3 +217,142 @@ def test_unknown_policy_is_refused_without_touching_the_blob(
     )
     assert result.verdict.reason is Reason.MALFORMED_SPEC
     assert store.blob_path(DIGEST).read_bytes() == DATA
+
+
+# --- cancellation -------------------------------------------------------------------------
+
+BIG_SIZE = 8 * 1024 * 1024
+BIG, BIG_DIGEST = model_bytes(BIG_SIZE, seed=8)
+
+
+def big_manifest(origin: FaultyOrigin) -> Manifest:
+    return manifest_from_dict(
+        {
+            "model": {
+                "name": "big",
+                "url": secret_url(origin, "/big.bin"),
+                "sha256": BIG_DIGEST,
+                "size_bytes": BIG_SIZE,
+            },
+            "sources": {"allow": [origin.base_url]},
+            "runtime": {"command": ["/bin/true"]},
+        }
+    )
+
+
+def pull_in_thread(
+    manifest: Manifest, store: ModelStore, ca_bundle: Path, cancel: threading.Event
+) -> tuple[threading.Thread, list[PullResult]]:
+    results: list[PullResult] = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            pull_model(manifest, store=store, ca_bundle=ca_bundle, cancel=cancel)
+        )
+    )
+    thread.start()
+    return thread, results
+
+
+def lock_is_free(store: ModelStore, digest: str) -> bool:
+    probe = store.lock(digest, timeout_s=0)
+    try:
+        probe.acquire()
+    except filelock.Timeout:
+        return False
+    probe.release()
+    return True
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_cancelled_pull_stops_within_a_second_and_the_next_one_resumes(
+    tmp_path: Path,
+) -> None:
+    # 256 KiB every 0.1 s: the whole body would take more than 3 s, each read waits on the
+    # server, and the stall timeout (30 s by default) never comes into it.
+    with FaultyOrigin({"/big.bin": BIG}, chunk_delay_s=0.1) as origin:
+        store = ModelStore(tmp_path)
+        manifest = big_manifest(origin)
+        cancel = threading.Event()
+        thread, results = pull_in_thread(manifest, store, origin.ca_pem_path, cancel)
+        try:
+            assert wait_for(lambda: partial_size(store, BIG_DIGEST) >= 512 * 1024, 30)
+            cancel.set()
+            started = time.monotonic()
+            thread.join(10)
+            elapsed = time.monotonic() - started
+        finally:
+            cancel.set()
+            thread.join(30)
+        (result,) = results
+        assert result.verdict.reason is Reason.CANCELLED and result.path is None
+        assert elapsed < 1.5
+        assert_nothing_published(store)
+        kept = partial_size(store, BIG_DIGEST)
+        assert 0 < kept < BIG_SIZE
+        assert lock_is_free(store, BIG_DIGEST)
+
+        origin.chunk_delay_s = 0.0
+        before = len(origin.requests)
+        resumed = pull_model(manifest, store=store, ca_bundle=origin.ca_pem_path)
+        assert resumed.ok and resumed.path is not None
+        assert resumed.path.read_bytes() == BIG
+        (request,) = origin.requests[before:]
+        assert request.range_header == f"bytes={kept}-"
+        assert request.bytes_sent == BIG_SIZE - kept
+
+
+@pytest.mark.integration
+def test_a_pull_waiting_for_the_lock_can_be_cancelled(origin: FaultyOrigin, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.ensure_layout()
+    cancel = threading.Event()
+    with store.lock(DIGEST):  # another pull of the same model, taking its time
+        thread, results = pull_in_thread(manifest_for(origin), store, origin.ca_pem_path, cancel)
+        try:
+            time.sleep(0.5)
+            assert thread.is_alive()
+            cancel.set()
+            started = time.monotonic()
+            thread.join(10)
+            elapsed = time.monotonic() - started
+        finally:
+            cancel.set()
+            thread.join(30)
+    assert [result.verdict.reason for result in results] == [Reason.CANCELLED]
+    assert elapsed < 1.5
+    assert origin.requests == []
+
+
+class CancelOnceLocked(threading.Event):
+    """A cancel that comes the first time the pull looks while it holds the store's lock."""
+
+    def __init__(self, store: ModelStore, digest: str) -> None:
+        super().__init__()
+        self._store = store
+        self._digest = digest
+
+    def is_set(self) -> bool:
+        if not super().is_set() and not lock_is_free(self._store, self._digest):
+            self.set()
+        return super().is_set()
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_cancel_during_the_re_verify_keeps_the_stored_blob(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # A cancelled re-verify says nothing about the blob: it must not be removed as tampered.
+    store = ModelStore(tmp_path)
+    assert pull(origin, store).ok
+    result = pull_model(
+        manifest_for(origin),
+        store=store,
+        ca_bundle=origin.ca_pem_path,
+        cancel=CancelOnceLocked(store, DIGEST),
+    )
+    assert result.verdict.reason is Reason.CANCELLED
+    assert store.blob_path(DIGEST).read_bytes() == DATA
+    assert len(body_requests(origin, "/m.bin")) == 1
+    assert lock_is_free(store, DIGEST)

@@ -263,6 +263,53 @@ def test_pull_killed_mid_download_resumes_with_range(origin: FaultyOrigin, tmp_p
 
 
 @pytest.mark.e2e
+@pytest.mark.data_integrity
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_stops_the_pull_within_a_second_and_the_next_one_resumes(
+    origin: FaultyOrigin, tmp_path: Path, signum: signal.Signals
+) -> None:
+    manifest = write_manifest(tmp_path, origin, "/large.bin", LARGE_DIGEST, len(LARGE))
+    store = ModelStore(tmp_path / "store")
+    origin.chunk_delay_s = 0.1  # 256 KiB every 0.1 s: the 12 MiB would take about 5 s
+    process = subprocess.Popen(
+        command(manifest, store.root, origin, "--json"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while partial_size(store, LARGE_DIGEST) < 1024 * 1024:
+            assert process.poll() is None, "the pull finished before the signal"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        process.send_signal(signum)
+        started = time.monotonic()
+        stdout, stderr = process.communicate(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    assert process.returncode == 1, stderr
+    assert json.loads(stdout) == {"ok": False, "reason": "cancelled"}
+    assert "Traceback" not in stderr
+    assert elapsed < 2
+    assert not store.has_blob(LARGE_DIGEST)
+    kept = partial_size(store, LARGE_DIGEST)
+    assert 0 < kept < len(LARGE)
+
+    origin.chunk_delay_s = 0.0
+    before = len(origin.requests)
+    result = run(command(manifest, store.root, origin, "--json"))
+    assert result.returncode == 0, result.stderr
+    assert Path(json.loads(result.stdout)["path"]).read_bytes() == LARGE
+    (resumed,) = origin.requests[before:]
+    assert resumed.range_header == f"bytes={kept}-"
+    assert resumed.bytes_sent == len(LARGE) - kept
+
+
+@pytest.mark.e2e
 @pytest.mark.stress
 def test_two_processes_download_once(origin: FaultyOrigin, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, origin, "/large.bin", LARGE_DIGEST, len(LARGE))

@@ -390,6 +390,50 @@ def test_a_manifest_name_too_long_for_the_file_system_is_a_usage_error(tmp_path:
     assert "Traceback" not in finished.stderr
 
 
+@pytest.mark.security
+@pytest.mark.skipif(
+    Path(f"/run/user/{os.geteuid()}").exists(),
+    reason="the platform's own runtime directory exists, so its fallback is never used",
+)
+def test_a_default_state_dir_the_platform_refuses_is_store_error_before_the_download(
+    tmp_path: Path,
+) -> None:
+    # With XDG_RUNTIME_DIR unset, the default is runtime-<uid> in the temporary directory, a
+    # name anyone can take first: here it is a planted symlink, which platformdirs refuses.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    temp = tmp_path / "tmp"
+    temp.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (temp / f"runtime-{os.geteuid()}").symlink_to(elsewhere)
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("XDG_RUNTIME_DIR", "COMPANION_RUNTIME_STATE_DIR")
+    }
+    env["TMPDIR"] = str(temp)
+    data = b"the stand-in runtime never reads its model\n"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        finished = subprocess.run(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        requests = origin.requests
+    assert finished.returncode == 1, finished.stderr[-3000:]
+    assert json.loads(finished.stdout) == {"ok": False, "reason": "store_error"}
+    assert "Traceback" not in finished.stderr
+    assert requests == []
+    assert list(elsewhere.iterdir()) == []
+
+
 # --- giving up ----------------------------------------------------------------------------
 
 
@@ -579,6 +623,115 @@ def test_sighup_drains_and_cleans_up_like_sigterm(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
     assert wait_for(lambda: all(process_gone(pid, created) for pid, created in descendants), 10)
     assert not Path(str(ready["token_file"])).exists()
+    assert not (state_dir / "serve.json").exists()
+
+
+@pytest.mark.data_integrity
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_download_ends_serve_within_a_second(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    from companion_runtime.bind.store import ModelStore
+    from tests.support.https import FaultyOrigin, model_bytes, partial_size
+
+    # 256 KiB every 0.1 s: the 24 MiB would take about 10 s.
+    data, digest = model_bytes(24 * 1024 * 1024, seed=5)
+    store = ModelStore(tmp_path / "store")
+    state_dir = tmp_path / "state"
+    with FaultyOrigin({"/models/big.bin": data}, chunk_delay_s=0.1) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/big.bin"), origin.base_url, data)
+        )
+        process = subprocess.Popen(
+            serve_command(manifest, store.root, origin.ca_pem_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(state_dir),
+        )
+        try:
+            assert wait_for(
+                lambda: partial_size(store, digest) >= 1024 * 1024 or process.poll() is not None,
+                60,
+            )
+            assert process.poll() is None, process.communicate()
+            process.send_signal(signum)
+            started = time.monotonic()
+            stdout, stderr = process.communicate(timeout=60)
+            elapsed = time.monotonic() - started
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+    # As for any signal before ready: exit 1, not_ready. And nothing waited for the download.
+    assert process.returncode == 1, stderr[-3000:]
+    assert json.loads(stdout) == {"ok": False, "reason": "not_ready"}
+    assert "Traceback" not in stderr
+    assert elapsed < 2
+    assert not store.has_blob(digest)
+    assert 0 < partial_size(store, digest) < len(data)  # kept for the next pull to resume
+    assert not (state_dir / "serve.json").exists()
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_serve_whose_output_is_closed_keeps_serving_and_drains_to_exit_0(
+    tmp_path: Path, closed: str
+) -> None:
+    # The app that started serve stopped reading one of its pipes: nothing to report to, but
+    # no reason to stop serving, nor to report the clean shutdown as a failure.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = tmp_path / "state"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        command = serve_command(manifest, tmp_path / "store", origin.ca_pem_path)
+        if closed == "stderr":
+            command.remove("--json")  # without it the steps ("> drain") go to stderr
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(state_dir),
+        )
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            if closed == "stdout":
+                process.stdout.close()  # before the ready line
+                still_open = process.stderr
+            else:
+                assert process.stdout.readline().startswith("serving http://127.0.0.1:")
+                process.stderr.close()  # before the shutdown's steps
+                still_open = process.stdout
+            assert wait_for(
+                lambda: (state_dir / "serve.json").exists() or process.poll() is not None, 60
+            )
+            assert process.poll() is None, still_open.read()[-3000:]
+            state = json.loads((state_dir / "serve.json").read_text())
+            token_file = Path(state["token_file"])
+            token = token_file.read_text().strip()
+            with httpx.Client(trust_env=False, timeout=10) as client:
+                response = client.get(
+                    state["url"] + "/_status", headers={"authorization": f"Bearer {token}"}
+                )
+            assert response.status_code == 200
+            assert response.json()["state"] == "ready"
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+            rest = still_open.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    assert process.returncode == 0, rest[-3000:]
+    assert "Traceback" not in rest
+    assert "could not listen" not in rest
+    assert not token_file.exists()
     assert not (state_dir / "serve.json").exists()
 
 

@@ -32,6 +32,12 @@ rules around it:
   the true received count. A digest or size refusal deletes the partial file, and so does
   any refusal that leaves it empty (free disk space, status, redirect, encoding): nothing is
   left in ``tmp/`` unless it is a prefix to resume from.
+* Cancellation: ``cancel`` (a :class:`threading.Event`, set from another thread, say a
+  signal handler's) stops the download within about :data:`httpsget.POLL_S
+  <companion_runtime.bind.httpsget.POLL_S>` wherever it waits (name lookup, connect,
+  handshake, every read, the re-hash of a kept partial file) and refuses it with
+  ``cancelled``. It is treated like a broken connection: every byte received is hashed,
+  written and fsynced, the partial file is kept for a resume, and nothing is published.
 
 Receiving, hashing and writing overlap: the main thread receives into one of four buffers
 while one worker thread hashes the buffers before it, in order, and a second one writes each
@@ -65,6 +71,7 @@ import os
 import re
 import shutil
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -175,12 +182,14 @@ def download_to_store(
     options: DownloadOptions = DEFAULT_DOWNLOAD_OPTIONS,
     progress: ProgressCallback | None = None,
     free_space: FreeSpace | None = None,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """Download, verify and publish one blob; return its final path.
 
     The caller holds ``store.lock(expected_digest)``. Raises :class:`DownloadError` (with a
     ``Reason``) on every refusal or failure; nothing is ever at the final path unless it
-    verified.
+    verified. Once ``cancel`` is set, the download stops at its next wait with ``cancelled``
+    and keeps what it received for a resume.
     """
     try:
         return _Download(
@@ -192,6 +201,7 @@ def download_to_store(
             options=options,
             progress=progress,
             free_space=free_space or _disk_free,
+            cancelled=cancel.is_set if cancel is not None else None,
         ).run()
     except _TRANSLATED as error:
         reason = reason_for_exception(error)
@@ -205,6 +215,7 @@ _TRANSLATED: Final = (
     StoreError,
     SpecError,
     _NetworkError,
+    httpsget.Cancelled,
     filelock.Timeout,
     OSError,
 )
@@ -218,6 +229,8 @@ def reason_for_exception(error: BaseException) -> Reason:
     """
     if isinstance(error, DownloadError | StoreError | SpecError):
         return error.reason
+    if isinstance(error, httpsget.Cancelled):
+        return Reason.CANCELLED
     if isinstance(error, _NetworkError):
         cause = error.cause
         if isinstance(cause, TimeoutError):
@@ -248,11 +261,17 @@ def _ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
 
 @contextlib.contextmanager
 def _network() -> Iterator[None]:
-    """Mark the enclosed calls as network I/O for :func:`reason_for_exception`."""
+    """Mark the enclosed calls as network I/O for :func:`reason_for_exception`.
+
+    A cancel seen by the transport becomes ``DownloadError(cancelled)``, so the body loop
+    keeps what arrived exactly as it does for a broken connection.
+    """
     try:
         yield
     except (OSError, httpsget.ProtocolError, httptools.HttpParserError) as error:
         raise _NetworkError(error) from None
+    except httpsget.Cancelled:
+        raise DownloadError(Reason.CANCELLED) from None
 
 
 class _Restart(Exception):
@@ -273,6 +292,7 @@ class _Download:
         options: DownloadOptions,
         progress: ProgressCallback | None,
         free_space: FreeSpace,
+        cancelled: Callable[[], bool] | None = None,
     ) -> None:
         self.url = url
         self.allow = allowed_source_urls
@@ -282,6 +302,7 @@ class _Download:
         self.options = options
         self.progress = progress
         self.free_space = free_space
+        self.cancelled = cancelled
         # Raises SpecError for a URL outside the allowlist or a bad spec: nothing is fetched.
         self.accumulator = self._new_accumulator()
         self.partial = store.partial_path(expected_digest)
@@ -301,6 +322,8 @@ class _Download:
             offset = self._resume_offset(fd)
             self._check_disk(offset)
             if offset < self.size:
+                if self.cancelled is not None and self.cancelled():
+                    raise DownloadError(Reason.CANCELLED)
                 self._fetch(fd, offset)
             os.fsync(fd)
         except BaseException:
@@ -332,7 +355,11 @@ class _Download:
             return self._restart(fd)
         # Re-hash the kept prefix: the accumulator must have seen every byte it will vouch for.
         with open(fd, "rb", buffering=0, closefd=False) as handle:
-            verdict = hash_file_into(handle, self.accumulator, limit_bytes=kept)
+            verdict = hash_file_into(
+                handle, self.accumulator, limit_bytes=kept, cancelled=self.cancelled
+            )
+        if verdict.reason is Reason.CANCELLED:
+            raise DownloadError(Reason.CANCELLED)  # the kept file is untouched
         if not verdict.ok or self.accumulator.received_bytes != kept:
             return self._restart(fd)
         _log.info("resuming a kept partial download")
@@ -400,6 +427,7 @@ class _Download:
                             # From here on the timeout is per read: no byte for this long is
                             # a stall.
                             read_timeout_s=self.options.stall_timeout_s,
+                            cancelled=self.cancelled,
                         )
                     )
                 if response.status not in _REDIRECT_STATUSES:

@@ -57,6 +57,7 @@ _OK = Verdict(True, Reason.OK)
 _FILE_NOT_FOUND = Verdict(False, Reason.FILE_NOT_FOUND)
 _SIZE_MISMATCH = Verdict(False, Reason.SIZE_MISMATCH)
 _MALFORMED = Verdict(False, Reason.MALFORMED_SPEC)
+_CANCELLED = Verdict(False, Reason.CANCELLED)
 
 
 def verify_file(
@@ -66,12 +67,15 @@ def verify_file(
     expected_size_bytes: int,
     policy: VerifyPolicy = "full",
     progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Verdict:
     """Is the file at ``path`` exactly the expected bytes? Never raises on I/O errors.
 
     A missing or unreadable file (or a directory) is ``file_not_found``; a bad digest/size spec
     is ``malformed_spec``; then ``size_mismatch`` (from ``stat`` first) or ``digest_mismatch``.
-    ``progress(received_bytes, total_bytes)`` is called after each buffer.
+    ``progress(received_bytes, total_bytes)`` is called after each buffer. ``cancelled`` is
+    asked before each buffer; once it answers true the verdict is ``cancelled``, which says
+    nothing about the file.
     """
     try:
         accumulator = IntegrityAccumulator(
@@ -100,7 +104,11 @@ def verify_file(
             if policy == "size_only":
                 return _OK
             verdict = hash_file_into(
-                handle, accumulator, progress=progress, total_bytes=expected_size_bytes
+                handle,
+                accumulator,
+                progress=progress,
+                total_bytes=expected_size_bytes,
+                cancelled=cancelled,
             )
     except OSError:
         return _FILE_NOT_FOUND
@@ -116,11 +124,14 @@ def hash_file_into(
     limit_bytes: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     total_bytes: int = 0,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Verdict:
     """Feed ``handle``'s bytes (up to ``limit_bytes``, else to EOF) to ``accumulator``.
 
-    Returns the first refusing ``update`` verdict, or ok. Does not finalize. ``OSError`` from
-    reading propagates. Used for re-verifying blobs and for re-hashing a kept partial download.
+    Returns the first refusing ``update`` verdict, or ok; ``cancelled`` (asked before each
+    buffer, a few milliseconds apart) once ``cancelled()`` answers true. Does not finalize.
+    ``OSError`` from reading propagates. Used for re-verifying blobs and for re-hashing a kept
+    partial download.
     """
     # Tell the kernel we read front to back so it reads ahead aggressively (a hint only).
     with contextlib.suppress(OSError, AttributeError):
@@ -137,6 +148,8 @@ def hash_file_into(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="filehash") as worker:
         try:
             while True:
+                if cancelled is not None and cancelled():
+                    return _CANCELLED
                 view = views[index]
                 if remaining is not None and remaining < len(view):
                     view = view[:remaining]

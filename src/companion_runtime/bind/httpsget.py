@@ -18,6 +18,14 @@ gets is deliberately small: the status, the headers, the announced length and
 inside ``read_some`` can only happen before it decrypted anything, so it never loses a byte
 that was received.
 
+Cancellation: :func:`get` takes a ``cancelled`` check (``threading.Event.is_set``, say) for a
+caller in another thread that wants the transfer to stop, a ``serve`` or ``pull`` told to quit.
+No wait here is longer than :data:`POLL_S` without asking it: the name lookup runs in a helper
+thread, the connect is non-blocking, and every socket read and write waits in slices of
+:data:`POLL_S` up to its own timeout. Once it answers true, the next wait raises
+:class:`Cancelled`; a cancel therefore ends the transfer within about :data:`POLL_S` (plus one
+receive buffer), however long the connect, stall or read timeouts are.
+
 There is no redirect handling, cookie jar, authentication, ``.netrc`` or proxy here: the caller
 follows redirects itself and checks every hop. Nothing here logs.
 """
@@ -25,25 +33,118 @@ follows redirects itself and checks every hop. Nothing here logs.
 from __future__ import annotations
 
 import contextlib
-import math
+import errno
+import os
+import selectors
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final, cast, final
 
 import httptools
 
-__all__ = ["MAX_HEAD_BYTES", "RECEIVE_BYTES", "ProtocolError", "Response", "get"]
+__all__ = [
+    "MAX_HEAD_BYTES",
+    "POLL_S",
+    "RECEIVE_BYTES",
+    "Cancelled",
+    "ProtocolError",
+    "Response",
+    "get",
+]
 
 #: Bytes read from the socket per ``recv`` into the TLS buffer.
 RECEIVE_BYTES: Final = 1024 * 1024
 #: Longest response head accepted (status line and headers).
 MAX_HEAD_BYTES: Final = 64 * 1024
+#: Longest a wait goes without asking the caller's ``cancelled`` check.
+POLL_S: Final = 0.2
 
 
 class ProtocolError(Exception):
     """The server's answer is not HTTP/1.1 this client accepts (malformed or oversized head)."""
+
+
+class Cancelled(Exception):
+    """The caller's ``cancelled`` check answered true; the transfer stopped there."""
+
+
+def _never() -> bool:
+    return False
+
+
+#: One ``getaddrinfo`` answer: family, type, protocol, canonical name, address.
+_AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[object, ...]]
+
+
+def _resolve(host: str, port: int, cancelled: Callable[[], bool] | None) -> Sequence[_AddressInfo]:
+    """``getaddrinfo`` for a stream socket; a lookup that waits on DNS can be cancelled."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass  # a name, not an address literal: it needs a lookup
+    if cancelled is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    # A lookup cannot be interrupted; it runs in a daemon thread that is left behind on a
+    # cancel (it ends when the resolver gives up, and never holds the process open).
+    outcome: list[Sequence[_AddressInfo] | BaseException] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            outcome.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as error:  # noqa: BLE001 - re-raised in the waiting thread
+            outcome.append(error)
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name="https-resolve", daemon=True).start()
+    while not done.wait(POLL_S):
+        if cancelled():
+            raise Cancelled
+    (result,) = outcome
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _connect(
+    host: str, port: int, *, timeout_s: float, cancelled: Callable[[], bool] | None
+) -> socket.socket:
+    """``socket.create_connection`` whose connect waits in slices that ask ``cancelled``.
+
+    Each address gets ``timeout_s``, as with ``create_connection``; the last error is raised.
+    """
+    check = cancelled or _never
+    error: OSError | None = None
+    for family, kind, proto, _name, address in _resolve(host, port, cancelled):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            code = sock.connect_ex(address)
+            if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EINTR):
+                deadline = time.monotonic() + timeout_s
+                with selectors.DefaultSelector() as selector:
+                    selector.register(sock, selectors.EVENT_WRITE)
+                    while not selector.select(POLL_S):
+                        if check():
+                            raise Cancelled
+                        if time.monotonic() >= deadline:
+                            raise TimeoutError("timed out")
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))  # the errno's own subclass
+        except OSError as caught:
+            sock.close()
+            error = caught
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error if error is not None else OSError("no address to connect to")
 
 
 @final
@@ -56,6 +157,9 @@ class _Tls:
         tls: ssl.SSLObject,
         incoming: ssl.MemoryBIO,
         outgoing: ssl.MemoryBIO,
+        *,
+        timeout_s: float,
+        cancelled: Callable[[], bool],
     ) -> None:
         self._sock = sock
         self._tls = tls
@@ -63,15 +167,29 @@ class _Tls:
         self._outgoing = outgoing
         self._raw = memoryview(bytearray(RECEIVE_BYTES))
         self._eof = False
+        self._cancelled = cancelled
+        self._timeout_s = timeout_s
+        # Every socket call waits at most one slice; _wait() adds the slices up to the timeout.
+        sock.settimeout(min(POLL_S, timeout_s))
 
     @classmethod
-    def connect(cls, host: str, port: int, *, context: ssl.SSLContext, timeout_s: float) -> _Tls:
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        context: ssl.SSLContext,
+        timeout_s: float,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> _Tls:
         """TCP connect and TLS handshake (certificate and host name checked by ``context``)."""
-        sock = socket.create_connection((host, port), timeout=timeout_s)
+        sock = _connect(host, port, timeout_s=timeout_s, cancelled=cancelled)
         try:
             incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
             tls = context.wrap_bio(incoming, outgoing, server_hostname=host)
-            connection = cls(sock, tls, incoming, outgoing)
+            connection = cls(
+                sock, tls, incoming, outgoing, timeout_s=timeout_s, cancelled=cancelled or _never
+            )
             # The whole handshake, not each read of it, is bounded by the connect timeout.
             deadline = time.monotonic() + timeout_s
             while True:
@@ -91,26 +209,43 @@ class _Tls:
         return connection
 
     def settimeout(self, timeout_s: float) -> None:
-        self._sock.settimeout(timeout_s)
+        self._timeout_s = timeout_s
+        self._sock.settimeout(min(POLL_S, timeout_s))
 
     @property
     def read_timeout_s(self) -> float:
-        """The socket timeout now in force (infinite when there is none)."""
-        return self._sock.gettimeout() or math.inf
+        """The timeout now in force for each socket read or write."""
+        return self._timeout_s
 
     def close(self) -> None:
         self._sock.close()
 
+    def _wait(self, call: Callable[[memoryview], int], view: memoryview) -> int:
+        """``call(view)`` (a send or a receive), retried slice by slice up to the timeout.
+
+        Asks the cancel check before the call and after every slice without data.
+        """
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            if self._cancelled():
+                raise Cancelled
+            try:
+                return call(view)
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+
     def _flush(self) -> None:
         data = self._outgoing.read()
-        if data:
-            self._sock.sendall(data)
+        view = memoryview(data)
+        while view:
+            view = view[self._wait(self._sock.send, view) :]
 
     def _receive(self) -> int:
         """One ``recv`` into the TLS buffer; 0 at the end of the connection."""
         if self._eof:
             return 0
-        count = self._sock.recv_into(self._raw)
+        count = self._wait(self._sock.recv_into, self._raw)
         if not count:
             self._eof = True
             self._incoming.write_eof()
@@ -304,15 +439,19 @@ def get(
     context: ssl.SSLContext,
     connect_timeout_s: float,
     read_timeout_s: float,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[Response]:
     """Send ``GET target`` to ``host:port`` over TLS and yield the response after its head.
 
     ``connect_timeout_s`` bounds the TCP connect and TLS handshake, ``read_timeout_s`` every
     later socket read and write. Raises ``OSError`` (``TimeoutError`` included),
     ``ssl.SSLError``, :class:`ProtocolError` or ``httptools.HttpParserError``; the connection is
-    closed on leaving.
+    closed on leaving. Raises :class:`Cancelled` from the first wait (name lookup, connect,
+    read or write, the body's reads included) that finds ``cancelled()`` true.
     """
-    connection = _Tls.connect(host, port, context=context, timeout_s=connect_timeout_s)
+    connection = _Tls.connect(
+        host, port, context=context, timeout_s=connect_timeout_s, cancelled=cancelled
+    )
     try:
         connection.settimeout(read_timeout_s)
         authority = host if port == 443 else f"{host}:{port}"

@@ -8,15 +8,24 @@ source; the new bytes go through the same verification as any download. A warnin
 Concurrency: the whole pull of one digest runs under the store's per-digest file lock, so two
 pulls in two threads or two processes download it once; the second finds the published blob
 when it gets the lock, and re-verifies it like any other stored blob.
+
+Cancellation: ``cancel`` (a :class:`threading.Event`) is for a caller that must stop a pull
+running in another thread, as ``serve`` and ``pull`` do on SIGINT, SIGTERM or SIGHUP. Once it is
+set, the pull stops within about a second wherever it is (waiting for the lock, re-verifying a
+stored blob, downloading) with ``cancelled``: nothing is published, a stored blob is left as it
+is, the partial download is kept for the next pull to resume, and the lock is released.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import final
+
+import filelock
 
 from companion_runtime.bind.download import (
     DEFAULT_DOWNLOAD_OPTIONS,
@@ -27,6 +36,7 @@ from companion_runtime.bind.download import (
     download_to_store,
 )
 from companion_runtime.bind.filehash import VerifyPolicy, verify_file
+from companion_runtime.bind.httpsget import POLL_S
 from companion_runtime.bind.manifest import Manifest, ModelSpec
 from companion_runtime.bind.store import ModelStore, StoreError
 from companion_runtime.core import Reason, Verdict, validate_integrity_spec
@@ -61,6 +71,18 @@ def _refused(reason: Reason) -> PullResult:
     return PullResult(verdict=Verdict(False, reason), path=None)
 
 
+def _take(lock: filelock.BaseFileLock, cancel: threading.Event | None) -> None:
+    """Wait for ``lock`` (another pull of the same model may hold it for long), or a cancel."""
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise DownloadError(Reason.CANCELLED)
+        try:
+            lock.acquire(timeout=POLL_S if cancel is not None else -1)
+        except filelock.Timeout:
+            continue
+        return
+
+
 def pull_model(
     source: Manifest | ModelSpec,
     *,
@@ -71,6 +93,7 @@ def pull_model(
     options: DownloadOptions | None = None,
     free_space: FreeSpace | None = None,
     verify_policy: VerifyPolicy = "full",
+    cancel: threading.Event | None = None,
 ) -> PullResult:
     """Make the manifest's model available in ``store`` as a verified blob.
 
@@ -78,7 +101,8 @@ def pull_model(
     Never raises for refusals: they come back as a :class:`PullResult` whose verdict carries the
     reason. Blocking; thread-safe (call it from a worker thread in async code).
     ``verify_policy="size_only"`` skips re-hashing an already stored blob (opt-in; a download
-    is always fully verified).
+    is always fully verified). Setting ``cancel`` from another thread stops the pull within
+    about a second with ``cancelled`` (see the module docstring).
     """
     if isinstance(source, Manifest):
         model = source.model
@@ -94,9 +118,12 @@ def pull_model(
     base = options or DEFAULT_DOWNLOAD_OPTIONS
     if ca_bundle is not None:
         base = dataclasses.replace(base, ca_bundle=ca_bundle)
+    cancelled = cancel.is_set if cancel is not None else None
     try:
         store.ensure_layout()
-        with store.lock(model.sha256):
+        lock = store.lock(model.sha256)
+        _take(lock, cancel)
+        try:
             if store.has_blob(model.sha256):
                 blob = store.blob_path(model.sha256)
                 verdict = verify_file(
@@ -104,9 +131,12 @@ def pull_model(
                     expected_digest=model.sha256,
                     expected_size_bytes=model.size_bytes,
                     policy=verify_policy,
+                    cancelled=cancelled,
                 )
                 if verdict.ok:
                     return PullResult(verdict=verdict, path=blob)
+                if verdict.reason is Reason.CANCELLED:
+                    return _refused(Reason.CANCELLED)  # says nothing about the blob: keep it
                 _log.warning(
                     "stored blob failed re-verification (%s); fetching it again",
                     verdict.reason.value,
@@ -121,7 +151,10 @@ def pull_model(
                 options=base,
                 progress=progress,
                 free_space=free_space,
+                cancel=cancel,
             )
+        finally:
+            lock.release()
     except (DownloadError, StoreError) as error:
         return _refused(error.reason)
     except OSError:

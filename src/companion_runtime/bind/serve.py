@@ -3,7 +3,15 @@
 The order is the safety argument: the model's fit is checked before a byte is downloaded, the
 runtime starts only on a blob that verified, and the front door opens only once the runtime is
 ``ready``. Any refusal before that point ends the command with a reason and nothing left
-running.
+running. The store and the state directory are checked before the download too: a state
+directory that cannot be used (a symlink, another user's, shared with others, or a default
+runtime directory the platform refuses) is ``store_error`` before a byte is fetched.
+
+Cancelling :func:`serve_manifest` before ready (what ``serve`` does on a signal) stops the pull
+as well: the download runs in a worker thread, which cannot be cancelled, so it is told to stop
+through its ``cancel`` event and waited for (about a second at most). Nothing is published, the
+partial download is kept for a resume, the store's lock is released, and no thread is left for
+the event loop to wait on at exit.
 
 Shutdown (SIGINT/SIGTERM, or the ``stop`` event): the supervisor drains — the runtime leaves
 ``ready``, so the admission controller refuses new requests ``not_ready`` (the front door keeps
@@ -21,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +37,7 @@ from typing import Final, final
 
 from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig
 from companion_runtime.bind.manifest import Manifest, ManifestError, load_manifest
-from companion_runtime.bind.pull import pull_model
+from companion_runtime.bind.pull import PullResult, pull_model
 from companion_runtime.bind.session import (
     ServeState,
     SessionFileError,
@@ -108,10 +117,11 @@ async def serving(
 ) -> AsyncIterator[Serving]:
     """Start the runtime on a verified ``model_path``, then the front door; stop both on exit.
 
-    Raises :class:`ServeRefused` when the runtime does not become ready or a session file
-    cannot be written; nothing is left running then.
+    Raises :class:`ServeRefused` when the runtime does not become ready or the front door
+    cannot listen (``spawn_failed``), :class:`SessionFileError` when a session file cannot be
+    written; nothing is left running then.
     """
-    directory = prepare_state_dir(state_dir or default_state_dir()) if write_state else None
+    directory = _state_dir(state_dir) if write_state else None
     token = new_token()
     async with Supervisor(manifest, model_path=model_path) as supervisor:
         verdict = await supervisor.start()
@@ -129,10 +139,13 @@ async def serving(
         )
         token_file: Path | None = None
         try:
-            await door.start()
-            token_dir = (
-                directory if directory is not None else prepare_state_dir(default_state_dir())
-            )
+            try:
+                await door.start()
+            except OSError:
+                # The front door could not bind its port (taken, or not permitted).
+                _logger.warning("front door could not listen")
+                raise ServeRefused(Reason.SPAWN_FAILED) from None
+            token_dir = directory if directory is not None else _state_dir(None)
             token_file = write_token_file(token_dir, token, port=door.port)
             if directory is not None:
                 write_serve_state(
@@ -157,6 +170,42 @@ async def serving(
                         token_file.unlink()
                 if directory is not None:
                     remove_serve_state(directory, pid=os.getpid())
+
+
+def _state_dir(chosen: Path | None) -> Path:
+    """``chosen`` or the default state directory, created and checked.
+
+    Raises :class:`SessionFileError` (``store_error``) for one that cannot be used, the default
+    included: with ``XDG_RUNTIME_DIR`` unset, platformdirs refuses (``PermissionError``) a
+    fallback ``/tmp/runtime-<uid>`` that is a symlink or another user's.
+    """
+    if chosen is None:
+        try:
+            chosen = default_state_dir()
+        except OSError as error:
+            raise SessionFileError(Reason.STORE_ERROR) from error
+    return prepare_state_dir(chosen)
+
+
+async def _pull(manifest: Manifest, store: ModelStore, ca_bundle: Path | None) -> PullResult:
+    """``pull_model`` in a worker thread; cancelling this stops the pull, then re-raises.
+
+    The thread cannot be cancelled, so it is told to stop through ``cancel`` and waited for
+    (about a second): when this returns or raises, no pull is running and its lock is free.
+    """
+    cancel = threading.Event()
+    pulling = asyncio.ensure_future(
+        asyncio.to_thread(pull_model, manifest, store=store, ca_bundle=ca_bundle, cancel=cancel)
+    )
+    try:
+        return await asyncio.shield(pulling)
+    except asyncio.CancelledError:
+        cancel.set()
+        while not pulling.done():
+            # A second cancel (another signal) does not cut the wait short.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({pulling})
+        raise
 
 
 async def _until_stop_or_given_up(supervisor: Supervisor, stop: asyncio.Event) -> Reason | None:
@@ -184,7 +233,9 @@ async def serve_manifest(
     """Run ``serve`` until ``stop`` is set; return the refusal that ended it early, or ok.
 
     Once ready, it also ends (after the same shutdown) when the supervisor gives up on the
-    runtime, returning that reason (``restart_limit_reached``, ...).
+    runtime, returning that reason (``restart_limit_reached``, ...). An exception raised by
+    ``on_ready`` or ``on_progress`` propagates (after the same shutdown once ready): writing
+    them so that a closed output cannot fail is the caller's part.
     """
 
     def say(step: str) -> None:
@@ -202,9 +253,10 @@ async def serve_manifest(
     say("pull")
     try:
         store = ModelStore(options.store)
-    except StoreError as error:
+        state_dir = _state_dir(options.state_dir)
+    except (StoreError, SessionFileError) as error:
         return Verdict(False, error.reason)
-    pulled = await asyncio.to_thread(pull_model, manifest, store=store, ca_bundle=options.ca_bundle)
+    pulled = await _pull(manifest, store, options.ca_bundle)
     if not pulled.ok or pulled.path is None:
         return pulled.verdict
     say("start")
@@ -214,7 +266,7 @@ async def serve_manifest(
             manifest,
             pulled.path,
             port=options.port,
-            state_dir=options.state_dir,
+            state_dir=state_dir,
             grace_s=options.grace_s,
         ) as running:
             on_ready(running)
@@ -224,10 +276,6 @@ async def serve_manifest(
         return Verdict(False, refused.reason)
     except SessionFileError as error:
         return Verdict(False, error.reason)
-    except OSError:
-        # The front door could not bind its port (taken, or not permitted).
-        _logger.warning("front door could not listen")
-        return Verdict(False, Reason.SPAWN_FAILED)
     if given_up is not None:
         return Verdict(False, given_up)
     return Verdict(True, Reason.OK)

@@ -89,6 +89,9 @@ class Reason(enum.StrEnum):
     FILE_NOT_FOUND = "file_not_found"
     #: The TLS certificate or CA bundle could not be used.
     TLS_ERROR = "tls_error"
+    #: The pull was stopped on request (a signal) before it finished; what arrived is kept
+    #: for a resume and nothing was published.
+    CANCELLED = "cancelled"
 
     # --- manifest ---------------------------------------------------------------------------
     #: The manifest is not valid TOML or a field is missing or of the wrong type.
