@@ -350,6 +350,66 @@ async def test_a_runtime_that_exits_by_itself_leaves_nothing_below_it(tmp_path: 
         assert process_gone(pids["orphan"], created)
 
 
+_EXIT_AS = """
+import os, resource, signal, sys
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+how = sys.argv[1]
+if how.startswith("signal:"):
+    number = int(how.split(":")[1])
+    if number != signal.SIGKILL:
+        signal.signal(number, signal.SIG_DFL)
+    os.kill(os.getpid(), number)
+os._exit(int(how))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("how", "returncode"),
+    [
+        ("0", 0),
+        ("3", 3),
+        ("255", 255),
+        ("signal:15", -15),
+        ("signal:9", -9),
+        ("signal:10", -10),
+        ("signal:11", -11),  # would dump core, where core dumps are on
+        ("signal:34", -34),  # a real-time signal
+    ],
+)
+async def test_the_caller_sees_the_runtimes_own_exit(how: str, returncode: int) -> None:
+    spec = build_launch_spec([sys.executable, "-c", _EXIT_AS, how, "{port}"], model_path="m")
+    async with SubprocessLauncher().launch(spec) as runtime:
+        assert await asyncio.wait_for(runtime.wait(), 10) == returncode
+
+
+@pytest.mark.integration
+async def test_the_runtime_starts_with_no_signal_ignored_or_blocked() -> None:
+    # Python ignores SIGPIPE and SIGXFSZ, and a fork passes that on to what it execs: a runtime
+    # killed by SIGPIPE would have kept running, unlike one started from a shell.
+    spec = build_launch_spec(
+        ["/bin/grep", "-hE", "^Sig(Ign|Blk):", "/proc/self/status", "{port}"], model_path="m"
+    )
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await asyncio.wait_for(runtime.wait(), 10)
+        await asyncio.sleep(0.1)
+        lines = runtime.stdout_tail().decode().split()
+    assert lines == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16]
+
+
+@pytest.mark.integration
+async def test_a_stop_right_after_the_launch_is_never_lost() -> None:
+    # A SIGTERM that reached the keeper before it forked was once swallowed, and the stop
+    # waited out its whole grace period and killed.
+    outcomes = []
+    for _ in range(40):
+        spec = build_launch_spec(standin_command(), model_path="m")
+        async with SubprocessLauncher().launch(spec) as runtime:
+            await asyncio.sleep(0.001 * (_ % 20))
+            outcomes.append(await runtime.stop(grace_s=3.0))
+    assert [outcome for outcome in outcomes if outcome.killed] == []
+
+
 @pytest.mark.integration
 async def test_leaving_the_context_on_an_error_or_a_cancellation_leaves_no_process() -> None:
     spec = build_launch_spec(standin_command("--ignore-sigterm"), model_path="m")

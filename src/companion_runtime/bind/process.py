@@ -112,9 +112,14 @@ _PIPE_CLOSE_TIMEOUT_S: Final = 2.0
 # left below it and exits the same way; when the manager dies (the death signal) or asks for it
 # (SIGUSR2, the stop's escalation) it kills everything below it and then itself with SIGKILL.
 # SIGTERM, SIGINT and SIGHUP to the group reach the runtime directly; the keeper waits them
-# out. Exit codes follow the shell's convention (126: cannot arm, 127: cannot exec).
+# out. They are blocked from the start until the fork, and any that came in before it is sent
+# on to the runtime, so a stop that lands in that window is not lost. The runtime starts with
+# every signal at its default (Python ignores SIGPIPE and SIGXFSZ, and the fork would pass
+# that on). Exit codes follow the shell's convention (126: cannot arm, 127: cannot exec).
 _KEEPER: Final = """\
 import ctypes, os, signal, sys
+PASSED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+signal.pthread_sigmask(signal.SIG_BLOCK, PASSED)
 libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 def below():
@@ -162,20 +167,24 @@ if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR2), 0, 0, 0) != 0:
     os._exit(126)
 if os.getppid() != int(sys.argv[1]):
     os._exit(0)
-for passed in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+for passed in PASSED:
     signal.signal(passed, lambda signum, frame: None)
 keeper = os.getpid()
 runtime = os.fork()
 if runtime == 0:
     try:
-        for passed in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
-            signal.signal(passed, signal.SIG_DFL)
+        for default in (*PASSED, signal.SIGUSR2, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(default, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED)
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() == keeper:
             os.execv(sys.argv[2], sys.argv[2:])
     except BaseException:
         pass
     os._exit(127)
+for early in signal.sigpending() & PASSED:
+    os.kill(runtime, early)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED)
 while True:
     try:
         pid, status = os.waitpid(-1, 0)
@@ -185,11 +194,19 @@ while True:
         break
 kill_below()
 if os.WIFSIGNALED(status):
+    # Die of the runtime's signal, so the manager sees it; never with a core dump of our own
+    # (it would overwrite the runtime's).
     signum = os.WTERMSIG(status)
-    if signum not in (signal.SIGKILL, signal.SIGSTOP):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
-    os.kill(os.getpid(), signum)
+    try:
+        import resource
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+        os.kill(os.getpid(), signum)
+    except (OSError, ValueError):
+        pass  # a signal the C library keeps for itself: the shell's number for it
+    os._exit(128 + signum)
 os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 """
 # How long the stop's escalation waits for the keeper to kill what is below it before the
