@@ -44,10 +44,14 @@ client whose body ends with the connection.
 
 Opening a connection needs no token, so at most ``max_connections`` are open at once, fewer
 when the open-file limit leaves room for fewer (past that limit ``accept`` would fail for
-everyone). At the limit a new connection takes the place of the one that has waited longest
-for a request, if it has waited a second or more; else it gets ``503 at_capacity`` before it
-is read, and the connection is half-closed and read until the client goes, at most a second.
-A connection with a request in progress is never closed to make room.
+everyone). At the limit a new connection takes the place of the connection that has waited
+longest for a request among those that never sent an authorized one, if it has waited 0.1 s
+or more; failing that, of an authorized client's kept connection idle for a second or more;
+else the newcomer gets ``503 at_capacity`` before it is read, and the connection is
+half-closed and read until the client goes, at most a second. A flood must therefore bring
+``max_connections`` new connections between an authorized client's connect and its request
+to take its place. A request whose head is complete is never closed to make room; a head still
+arriving in pieces counts as waiting.
 
 The whole per-request path runs in callbacks and one coroutine, with no task, stream or timer
 per read: the front door is on the path of every token, and on a small machine it shares the
@@ -104,9 +108,12 @@ _MAX_UPSTREAM_HEAD_BYTES: Final = 256 * 1024
 _MAX_PIPELINED_BYTES: Final = 64 * 1024
 _MAX_PIPELINED_REQUESTS: Final = 32
 _LOOPBACK_NAMES: Final = (b"127.0.0.1", b"localhost", b"[::1]")
-# At max_connections, a connection that has waited this long for a request may be closed to
-# make room (a client that connects sends its request within milliseconds).
-_EVICTABLE_AFTER_S: Final = 1.0
+# At max_connections, a connection that never sent an authorized request may be closed to make
+# room once it has waited this long for one (a client that connects sends its request within
+# milliseconds; the wait keeps a newcomer from being closed by the connections accepted in the
+# same burst), and an authorized client's kept connection once it has idled the longer time.
+_EVICTABLE_AFTER_S: Final = 0.1
+_EVICTABLE_AUTHORIZED_AFTER_S: Final = 1.0
 # File descriptors kept out of max_connections: the listener, the runtime connections beyond
 # the idle pool, the supervisor's pipes and files, the interpreter's own.
 _RESERVED_FDS: Final = 128
@@ -192,9 +199,10 @@ class FrontDoorConfig:
     backlog: int = 2048
     #: Client connections open at once (lowered at start to what the open-file limit leaves
     #: room for). At the limit a new connection takes the place of the one that has waited
-    #: longest for a request, if it has waited a second or more; else it is answered
-    #: ``503 at_capacity`` and closed. A connection with a request in progress is never closed
-    #: to make room.
+    #: longest for a request: first among those that never sent an authorized request (after
+    #: 0.1 s), then among authorized clients' kept connections (after a second); else it is
+    #: answered ``503 at_capacity`` and closed. A request whose head is complete is never
+    #: closed to make room.
     max_connections: int = 1024
 
     def __post_init__(self) -> None:
@@ -327,23 +335,25 @@ def _open_file_count() -> int:
     return 0
 
 
-def _connection_limit(config: FrontDoorConfig) -> int:
-    """``config.max_connections``, lowered to what the open-file limit leaves room for.
+def _connection_limits(config: FrontDoorConfig) -> tuple[int, int]:
+    """``(max_connections, backlog)``, lowered to what the open-file limit leaves room for.
 
     Past that limit ``accept`` would fail, and no new connection, an authorized one included,
     could get in until an old one closed: the limit must be reached here first, where the
-    front door can still make room.
+    front door can still make room. asyncio's own loop accepts up to ``backlog`` connections
+    before the front door sees the first of them, so that burst gets room of its own.
     """
-    limit = config.max_connections
+    limit, backlog = config.max_connections, config.backlog
     try:
         import resource
     except ImportError:  # not on this platform
-        return limit
+        return limit, backlog
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return limit
+        return limit, backlog
     room = soft - _open_file_count() - _RESERVED_FDS - config.upstream_pool_size
-    return max(1, min(limit, room))
+    backlog = max(1, min(backlog, room // 2))
+    return max(1, min(limit, room - backlog)), backlog
 
 
 def _reset(transport: asyncio.Transport) -> None:
@@ -440,6 +450,8 @@ class _Client(asyncio.Protocol):
         self.idle_expired = False
         #: Closed while idle to make room for a new connection at max_connections.
         self.evicted = False
+        #: Has sent a request with the session token (on this connection).
+        self.authorized = False
         #: Refused at max_connections: answered, half-closed, and read until the client goes.
         self.lingering = False
         self._keep_alive_s = door._config.keep_alive_s
@@ -1026,8 +1038,10 @@ class FrontDoor:
         # on shutdown; busy ones get the grace period).
         self._connections: dict[asyncio.Task[None], bool] = {}
         # Clients waiting for a request head, longest-waiting first (candidates for closing
-        # at max_connections), and how many closed that way have not finished closing yet.
+        # at max_connections): those that never sent an authorized request, and those that
+        # did; and how many closed that way have not finished closing yet.
         self._idle: dict[_Client, None] = {}
+        self._idle_authorized: dict[_Client, None] = {}
         self._evicting = 0
         self._max_connections = 0
         # Refused connections that wait for the client to read its 503.
@@ -1047,13 +1061,13 @@ class FrontDoor:
         """Bind ``127.0.0.1`` (never a wildcard address) and start accepting."""
         if self._server is not None:
             raise RuntimeError("already started")
-        self._max_connections = _connection_limit(self._config)
+        self._max_connections, backlog = _connection_limits(self._config)
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: _Client(self),
             host="127.0.0.1",
             port=self._config.port,
-            backlog=self._config.backlog,
+            backlog=backlog,
             reuse_address=True,
         )
         self._server = server
@@ -1136,17 +1150,32 @@ class FrontDoor:
         """Whether a new connection may open, closing the longest-idle one if need be."""
         if len(self._connections) - self._evicting < self._max_connections:
             return True
-        idle = self._idle
-        if idle:
-            oldest = next(iter(idle))
-            since = oldest.waiting_since
-            if since is not None and oldest._loop.time() - since >= _EVICTABLE_AFTER_S:
-                del idle[oldest]
-                oldest.evict()
-                self._evicting += 1
-                self._counters.connections_evicted += 1
-                return True
-        return False
+        # The connection that has waited longest among those that never sent an authorized
+        # request goes first: an authorized client's request comes within milliseconds of
+        # its connect, so a flood must bring max_connections newer connections in that time
+        # to take its place. Then an authorized client's kept connection idle for a while.
+        now = self._loop_time()
+        victim: _Client | None = None
+        for idle, after_s in (
+            (self._idle, _EVICTABLE_AFTER_S),
+            (self._idle_authorized, _EVICTABLE_AUTHORIZED_AFTER_S),
+        ):
+            oldest = next(iter(idle), None)
+            since = None if oldest is None else oldest.waiting_since
+            if since is not None and now - since >= after_s:
+                victim = oldest
+                break
+        if victim is None:
+            return False
+        self._idle.pop(victim, None)
+        self._idle_authorized.pop(victim, None)
+        victim.evict()
+        self._evicting += 1
+        self._counters.connections_evicted += 1
+        return True
+
+    def _loop_time(self) -> float:
+        return asyncio.get_running_loop().time()
 
     def _refuse_connection(self, client: _Client) -> None:
         """Answer a connection over max_connections with ``503 at_capacity``."""
@@ -1184,6 +1213,7 @@ class FrontDoor:
         finally:
             self._connections.pop(task, None)
             self._idle.pop(client, None)
+            self._idle_authorized.pop(client, None)
             if client.evicted:
                 self._evicting -= 1
             transport = client.transport
@@ -1196,7 +1226,6 @@ class FrontDoor:
     async def _serve_connection(self, client: _Client, task: asyncio.Task[None]) -> bool:
         """Serve requests until the connection ends; False when it must be aborted."""
         connections = self._connections
-        idle = self._idle
         loop = asyncio.get_running_loop()
         while True:
             connections[task] = False
@@ -1204,6 +1233,7 @@ class FrontDoor:
                 # Bounded by keep_alive_s: the connection's idle timer ends the wait. Until a
                 # request comes, the connection may be closed to make room for a new one.
                 client.waiting_since = loop.time()
+                idle = self._idle_authorized if client.authorized else self._idle
                 idle[client] = None
                 while not client.requests:
                     if client.error or client.gone or client.no_more or client.idle_expired:
@@ -1277,6 +1307,8 @@ class FrontDoor:
                 close=True,
                 extra=((b"www-authenticate", b"Bearer"),),
             )
+        # Every request is checked; this only says whose kept connection it is (see _make_room).
+        client.authorized = True
 
         path = target.partition(b"?")[0]
         if path == STATUS_PATH:

@@ -11,7 +11,8 @@ processes are ever looked at; elsewhere psutil's ``children(recursive=True)`` is
   Each process counts its own user and system time plus that of the children it has reaped,
   so a child that lived and died between two samples is counted too (under the process
   keeper, every process the runtime starts is reaped inside the tree: see ``process.py``).
-  The first sample reads 0.
+  A process that sets ``SIGCHLD`` to be ignored has its children reaped by the kernel, which
+  then adds their CPU time to no one's: those are not counted. The first sample reads 0.
 - VRAM comes from NVML when an NVIDIA GPU is present, else it is 0. NVML has no query for one
   PID's *current* GPU memory (accounting stats give a peak, and only when an administrator has
   turned accounting on), so the probe asks each device for its running compute and graphics
