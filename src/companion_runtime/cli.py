@@ -370,7 +370,10 @@ def demo() -> None:
 def status(
     url: Annotated[
         str | None,
-        typer.Option(help="Front door URL. Default: the one the last `serve` recorded."),
+        typer.Option(
+            help="Front door URL. Default: the one the last `serve` recorded. Without "
+            "--token-file it must be that URL (the recorded token goes nowhere else)."
+        ),
     ] = None,
     token_file: Annotated[
         Path | None,
@@ -382,6 +385,11 @@ def status(
 
     Without --url/--token-file it reads serve.json in the state directory
     ($COMPANION_RUNTIME_STATE_DIR, else the user runtime directory).
+
+    The token serve recorded goes only to the URL serve recorded: --url without
+    --token-file is refused with host_not_allowed unless it is that URL
+    (http://127.0.0.1:PORT; [::1], where localhost may lead, is another socket,
+    which anyone may listen on). With both flags, both are your choice.
     """
     from companion_runtime.bind.status import read_status, status_table
 

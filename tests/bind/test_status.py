@@ -23,7 +23,7 @@ from companion_runtime.bind.session import (
 )
 from companion_runtime.bind.status import fetch_status, read_status, status_table
 from tests.support.frontdoor import running_front_door, tiny_upstream
-from tests.support.port_taker import port_taker
+from tests.support.port_taker import ipv6_loopback, port_taker
 
 pytestmark = pytest.mark.integration
 
@@ -215,3 +215,106 @@ def test_a_live_serve_of_this_user_on_its_port_is_asked(tmp_path: Path) -> None:
     assert result.verdict.ok, result.to_dict()
     assert result.document["answered_by"] == "port taker"
     assert received == [f"Bearer {token}"]
+
+
+# --- the recorded token goes to the recorded front door only --------------------------------
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="needs an IPv6 loopback")
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param("::1 on the recorded port", marks=needs_ipv6),
+        pytest.param("::1 on the recorded port, another user's", marks=[needs_ipv6, needs_root]),
+        pytest.param("localhost on the recorded port", marks=needs_ipv6),
+        "another port on 127.0.0.1",
+    ],
+)
+def test_a_url_other_than_the_recorded_one_gets_no_recorded_token(
+    tmp_path: Path, case: str
+) -> None:
+    # serve is alive and listens on the port it recorded, so every check of the state passes;
+    # the URL given names a socket that is not serve's, and only a token file named with it
+    # may go there.
+    directory = prepare_state_dir(tmp_path / "state")
+    user = OTHER_UID if "another user" in case else None
+    with port_taker() as serve:
+        record_session(directory, url=serve.url, pid=serve.pid)
+        if "::1" in case or "localhost" in case:
+            impostor_taken = port_taker(host="::1", port=serve.port, user=user)
+        else:
+            impostor_taken = port_taker()
+        with impostor_taken as impostor:
+            url = impostor.url
+            if "localhost" in case:
+                # It may resolve to ::1 first, and another user's socket there.
+                url = f"http://localhost:{serve.port}"
+            result = read_status(url=url, state_dir=directory)
+            to_impostor = impostor.stop()
+        to_serve = serve.stop()
+    assert result.to_dict() == {"ok": False, "reason": "host_not_allowed"}
+    assert to_impostor == []
+    assert to_serve == []
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "suffix", ["/_status", "/?a=b", "#x", "?", "/status/../"], ids=lambda suffix: suffix
+)
+def test_the_recorded_url_with_more_than_its_root_is_refused(tmp_path: Path, suffix: str) -> None:
+    # What the request would be sent to is the recorded URL only; anything the caller added
+    # would be dropped, so it is refused rather than ignored.
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as serve:
+        record_session(directory, url=serve.url, pid=serve.pid)
+        result = read_status(url=serve.url + suffix, state_dir=directory)
+        received = serve.stop()
+    assert result.to_dict() == {"ok": False, "reason": "host_not_allowed"}
+    assert received == []
+
+
+def test_a_malformed_url_without_a_token_file_is_refused_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as serve:
+        record_session(directory, url=serve.url, pid=serve.pid)
+        results = [
+            read_status(url=url, state_dir=directory)
+            for url in ("http://[::1", "http://127.0.0.1:notaport", "http://127.0.0.1:99999")
+        ]
+        received = serve.stop()
+    assert [result.verdict.reason for result in results] == [Reason.MALFORMED_SPEC] * 3
+    assert received == []
+
+
+def test_the_recorded_url_however_spelled_is_asked(tmp_path: Path) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as serve:
+        _token_file, token = record_session(directory, url=serve.url, pid=serve.pid)
+        spellings = [serve.url, serve.url + "/", f"HTTP://127.0.0.1:{serve.port}/"]
+        results = [read_status(url=url, state_dir=directory) for url in spellings]
+        received = serve.stop()
+    assert all(result.verdict.ok for result in results), [r.to_dict() for r in results]
+    assert received == [f"Bearer {token}"] * len(spellings)
+
+
+@needs_ipv6
+def test_a_url_with_a_token_file_goes_where_the_caller_says(tmp_path: Path) -> None:
+    # Both named by the caller: the state file is not read, its token not sent.
+    directory = prepare_state_dir(tmp_path / "state")
+    mine = prepare_state_dir(tmp_path / "mine")
+    with port_taker() as serve:
+        _recorded, recorded_token = record_session(directory, url=serve.url, pid=serve.pid)
+        with port_taker(host="::1", port=serve.port) as elsewhere:
+            token = new_token()
+            token_file = write_token_file(mine, token, port=elsewhere.port)
+            result = read_status(url=elsewhere.url, token_file=token_file, state_dir=directory)
+            to_elsewhere = elsewhere.stop()
+        to_serve = serve.stop()
+    assert result.verdict.ok, result.to_dict()
+    assert to_elsewhere == [f"Bearer {token}"]
+    assert to_serve == []
+    assert recorded_token != token

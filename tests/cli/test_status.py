@@ -17,7 +17,7 @@ import pytest
 
 from companion_runtime.bind.llama_server import llama_available
 from tests.support.frontdoor import ServeProcess, running_serve, serve_command, serve_env
-from tests.support.port_taker import port_taker
+from tests.support.port_taker import ipv6_loopback, port_taker
 from tests.support.supervision import standin_command
 
 pytestmark = pytest.mark.e2e
@@ -375,6 +375,45 @@ def test_a_fallback_runtime_dir_of_another_user_is_refused_without_a_traceback(
     assert "Traceback" not in finished.stderr, finished.stderr[-2000:]
     assert_refused(finished, "store_error", json_output=json_output)
     assert str(temp) not in finished.stdout + finished.stderr
+
+
+# --- the recorded token goes to the recorded front door only ------------------------------
+
+
+@needs_llama
+@pytest.mark.security
+@pytest.mark.skipif(not ipv6_loopback(), reason="needs an IPv6 loopback")
+@pytest.mark.parametrize("json_output", [False, True])
+@pytest.mark.parametrize(
+    "user", [None, pytest.param(OTHER_UID, marks=needs_root)], ids=["this user", "another user"]
+)
+def test_serve_s_port_number_on_ipv6_loopback_gets_no_recorded_token(
+    served: ServeProcess, json_output: bool, user: int | None
+) -> None:
+    # serve listens on 127.0.0.1:PORT only; [::1]:PORT is another socket, free for anyone.
+    # Every check of the state passes (serve is alive and listens on its port), and still the
+    # token it recorded is for its URL, not for one the caller names.
+    with port_taker(host="::1", port=served.port, user=user) as impostor:
+        finished = run_status(
+            "--url",
+            impostor.url,
+            *(["--json"] if json_output else []),
+            state_dir=served.state_dir,
+        )
+        received = impostor.stop()
+    assert_refused(finished, "host_not_allowed", json_output=json_output)
+    assert received == []
+    output = finished.stdout + finished.stderr
+    for leaked in (served.token, str(served.token_file), impostor.url, str(served.port)):
+        assert leaked not in output
+
+
+@needs_llama
+def test_the_url_serve_recorded_needs_no_token_file(served: ServeProcess) -> None:
+    for url in (served.url, served.url + "/"):
+        finished = run_status("--url", url, "--json", state_dir=served.state_dir)
+        assert finished.returncode == 0, finished.stdout + finished.stderr
+        assert json.loads(finished.stdout)["state"] == "ready"
 
 
 # --- what a front door says is shown as it is -----------------------------------------------

@@ -15,18 +15,23 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TextIO
 
-__all__ = ["PortTaker", "port_taker"]
+__all__ = ["PortTaker", "ipv6_loopback", "port_taker"]
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     report: TextIO
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -51,8 +56,9 @@ class _Handler(BaseHTTPRequestHandler):
 class PortTaker:
     """The running port taker: its pid, its port, and the requests it reported."""
 
-    def __init__(self, pid: int, report: TextIO) -> None:
+    def __init__(self, pid: int, report: TextIO, host: str) -> None:
         self.pid = pid
+        self.host = host
         self._report = report
         first = report.readline()
         if not first:
@@ -66,7 +72,8 @@ class PortTaker:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def _read(self) -> None:
         for line in self._report:
@@ -83,9 +90,23 @@ class PortTaker:
         return [json.loads(line)["authorization"] for line in self._lines]
 
 
+def ipv6_loopback() -> bool:
+    """Whether a socket can listen on ``::1`` here (not in every container)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 @contextmanager
-def port_taker(*, port: int = 0, user: int | None = None) -> Iterator[PortTaker]:
-    """Listen on ``port`` (any free one by default), as ``user`` when given (needs root)."""
+def port_taker(
+    *, port: int = 0, user: int | None = None, host: str = "127.0.0.1"
+) -> Iterator[PortTaker]:
+    """Listen on ``host``:``port`` (any free port by default), as ``user`` when given (needs
+    root). ``host`` may be ``::1``: the same port number there is another socket, which any
+    local user can take while a front door listens on ``127.0.0.1``."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the port taker, until it is killed
@@ -95,7 +116,8 @@ def port_taker(*, port: int = 0, user: int | None = None) -> Iterator[PortTaker]
                 os.setgroups([])
                 os.setgid(user)
                 os.setuid(user)
-            server = _Server(("127.0.0.1", port), _Handler)
+            server_class = _Server6 if ":" in host else _Server
+            server = server_class((host, port), _Handler)
             server.report = os.fdopen(write_end, "w")
             server.report.write(f"{server.server_address[1]}\n")
             server.report.flush()
@@ -103,7 +125,7 @@ def port_taker(*, port: int = 0, user: int | None = None) -> Iterator[PortTaker]
         finally:
             os._exit(1)
     os.close(write_end)
-    taker = PortTaker(pid, os.fdopen(read_end))
+    taker = PortTaker(pid, os.fdopen(read_end), host)
     try:
         yield taker
     finally:

@@ -11,6 +11,13 @@ otherwise, as ``serve`` refuses such a directory), and the process the state fil
 alive, run as the current user and itself listen on the port of the URL it recorded
 (``not_ready`` otherwise). A ``serve`` killed with ``SIGKILL`` leaves its files behind; without
 the last check, whatever later took its port would be handed the token.
+
+The recorded token goes only to the recorded URL. Those checks are about that URL, so a
+``--url`` without ``--token-file`` must name the same front door (``host_not_allowed``
+otherwise): the same scheme, host and port, with no path beyond ``/``, no query, fragment or
+user. ``localhost`` is not ``127.0.0.1``: it may resolve to ``::1``, where any local user can
+listen on the front door's port number. With ``--token-file`` as well, the URL and the token
+are both the caller's choice and the state file is not read.
 """
 
 from __future__ import annotations
@@ -113,17 +120,28 @@ def read_status(
     """Find the front door (flags first, then the state file) and fetch its status.
 
     Refused ``store_error`` when the state directory or a file in it is not as ``serve``
-    leaves it, ``not_ready`` when the ``serve`` the state file names no longer listens there
-    (see the module docstring); no token is read or sent then.
+    leaves it, ``not_ready`` when the ``serve`` the state file names no longer listens there,
+    ``host_not_allowed`` when ``url`` without ``token_file`` is not the recorded front door
+    (``malformed_spec`` when it cannot be parsed); see the module docstring. No token is read
+    or sent then.
     """
     try:
         if url is not None and token_file is not None:
             token = read_token_file(token_file)
         else:
             state = read_serve_state(_state_dir(state_dir))
+            if url is not None:
+                # The recorded token, for a URL of the caller's: only if it is the recorded one.
+                try:
+                    given = _root_of(url)
+                except ValueError:
+                    return _refused(Reason.MALFORMED_SPEC)
+                if given is None or given != _recorded_root(state):
+                    return _refused(Reason.HOST_NOT_ALLOWED)
             if not _is_serving(state):
                 return _refused(Reason.NOT_READY)
-            url = url or state.url
+            # The URL checked, never the caller's spelling of it: no two parsers to disagree.
+            url = state.url
             if token_file is not None:
                 token = read_token_file(token_file)
             else:
@@ -131,6 +149,32 @@ def read_status(
     except SessionFileError as error:
         return _refused(error.reason)
     return fetch_status(url, token)
+
+
+def _root_of(url: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` when ``url`` names the root of an ``http`` server, else ``None``.
+
+    Anything more than the root (a path, query, fragment or user) is ``None`` too. Scheme and
+    host compare as :func:`~urllib.parse.urlsplit` lowercases them; hosts are not resolved, so
+    ``localhost`` and ``127.0.0.1`` differ. Raises :class:`ValueError` when ``url`` cannot be
+    parsed (a bad port, an unclosed ``[``).
+    """
+    parts = urlsplit(url)
+    hostname, port = parts.hostname, parts.port  # .port raises for a bad port
+    if parts.scheme != "http" or not hostname:
+        return None
+    if parts.username is not None or parts.password is not None:
+        return None
+    if parts.path not in ("", "/") or parts.query or parts.fragment or url.endswith(("?", "#")):
+        return None
+    return (parts.scheme, hostname, 80 if port is None else port)
+
+
+def _recorded_root(state: ServeState) -> tuple[str, str, int] | None:
+    try:
+        return _root_of(state.url)
+    except ValueError:
+        return None
 
 
 def _state_dir(state_dir: Path | None) -> Path:

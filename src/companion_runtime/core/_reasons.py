@@ -118,7 +118,8 @@ class Reason(enum.StrEnum):
     # --- front door -------------------------------------------------------------------------
     #: The bearer token is missing or wrong.
     UNAUTHORIZED = "unauthorized"
-    #: The ``Host`` header is not a loopback name with the front door's port.
+    #: The ``Host`` header is not a loopback name with the front door's port; for ``status``,
+    #: the URL is not one the token may be sent to.
     HOST_NOT_ALLOWED = "host_not_allowed"
     #: The ``Origin`` header is not the front door's own origin.
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
