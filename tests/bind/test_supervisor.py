@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from companion_runtime.bind.admission import AdmissionRefused
+from companion_runtime.bind.filehash import verify_file
 from companion_runtime.bind.health import HealthPolicy
 from companion_runtime.bind.manifest import (
     LimitsSpec,
@@ -38,9 +39,12 @@ from companion_runtime.bind.supervisor import (
 from companion_runtime.core import LifecycleState, Reason, SpecError, create_resource_limits
 from tests.support.supervision import (
     async_wait_for,
+    big_zero_blob,
+    hashing,
     llama_ready,
     process_gone,
     real_runtime,
+    sparse_scratch_dir,
     standin_command,
 )
 
@@ -310,6 +314,35 @@ async def test_a_blob_tampered_after_start_is_not_restarted_on(tmp_path: Path) -
         )
         assert _state(supervisor) is LifecycleState.STOPPED
         assert supervisor.status()["spawns"] == 1
+
+
+@pytest.mark.data_integrity
+async def test_a_cancelled_start_stops_the_re_verify_at_once_and_keeps_the_blob(
+    tmp_path: Path,
+) -> None:
+    # What serve does on a signal before ready: cancel the start. The hash runs in a worker
+    # thread; one left running keeps the process from exiting until the whole blob is read.
+    with (
+        sparse_scratch_dir(tmp_path) as scratch,
+        big_zero_blob(scratch / "model.bin") as (digest, size),
+    ):
+        model = scratch / "model.bin"
+        async with Supervisor(_config(standin_command(), model, digest, size)) as supervisor:
+            starting = asyncio.create_task(supervisor.start())
+            await asyncio.sleep(0.5)  # the hash takes seconds
+            assert hashing() and not starting.done()
+            cancelled_at = time.monotonic()
+            starting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await starting
+            ended_after = time.monotonic() - cancelled_at
+            assert not hashing(), "the hash ran on behind the cancelled start"
+            assert ended_after < 1.5
+            # Cut short, not failed: no refusal recorded, nothing spawned, the blob intact.
+            assert supervisor.status()["last_reason"] == "ok"
+            assert supervisor.status()["spawns"] == 0
+        assert model.stat().st_size == size
+        assert verify_file(model, expected_digest=digest, expected_size_bytes=size).ok
 
 
 async def test_a_model_that_cannot_fit_is_refused_before_spawning(tmp_path: Path) -> None:

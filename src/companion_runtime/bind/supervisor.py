@@ -6,7 +6,9 @@ Theory of operation
 
 1. **re-verify** the model blob (``verify_file``; SHA-256 by default, size only when the
    policy says so) — a runtime is never started on bytes that did not verify, on the first
-   start nor on any restart;
+   start nor on any restart. The hash runs in a worker thread that a cancelled ``start()``
+   stops between two buffers (milliseconds, not the seconds a multi-GB blob takes), and that
+   is then waited for; a re-verify cut short is no refusal and leaves the blob as it is;
 2. **fit**: model size plus an overhead allowance against the machine's headroom and the
    resource ceilings (:func:`~companion_runtime.core._fit.evaluate_model_fit`);
 3. **spawn** (``start``: stopped → starting) through the process seam;
@@ -80,6 +82,7 @@ from companion_runtime.bind.process import (
     build_launch_spec,
     uses_api_key_file,
 )
+from companion_runtime.bind.worker import run_cancellable
 from companion_runtime.core import (
     ALLOW,
     Lifecycle,
@@ -574,13 +577,20 @@ class Supervisor:
         return True
 
     async def _verify_blob(self, path: Path) -> Verdict:
+        """``verify_file`` in a worker thread that a cancel stops between two buffers.
+
+        Cancelled, it raises ``CancelledError`` once the hash has stopped: the ``cancelled``
+        verdict says nothing about the blob and is never reported as a refusal.
+        """
         config = self._config
-        return await asyncio.to_thread(
-            verify_file,
-            path,
-            expected_digest=config.expected_digest,
-            expected_size_bytes=config.expected_size_bytes,
-            policy=config.verify_policy,
+        return await run_cancellable(
+            lambda cancel: verify_file(
+                path,
+                expected_digest=config.expected_digest,
+                expected_size_bytes=config.expected_size_bytes,
+                policy=config.verify_policy,
+                cancelled=cancel.is_set,
+            )
         )
 
     async def _prepare(self) -> Verdict:
