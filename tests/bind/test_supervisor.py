@@ -36,7 +36,14 @@ from companion_runtime.bind.supervisor import (
     check_fit,
     check_model_fit,
 )
-from companion_runtime.core import LifecycleState, Reason, SpecError, create_resource_limits
+from companion_runtime.core import (
+    ALLOW,
+    LifecycleState,
+    Reason,
+    SpecError,
+    Verdict,
+    create_resource_limits,
+)
 from tests.support.supervision import (
     async_wait_for,
     big_zero_blob,
@@ -343,6 +350,46 @@ async def test_a_cancelled_start_stops_the_re_verify_at_once_and_keeps_the_blob(
             assert supervisor.status()["spawns"] == 0
         assert model.stat().st_size == size
         assert verify_file(model, expected_digest=digest, expected_size_bytes=size).ok
+
+
+@pytest.mark.parametrize("during", ["the first start", "a restart"])
+async def test_a_stop_during_the_re_verify_ends_it_at_once(tmp_path: Path, during: str) -> None:
+    # A re-verify of a multi-GB blob takes seconds: a stop must not wait for it to finish.
+    slow_call = 1 if during == "the first start" else 2
+    calls = 0
+    verifying = asyncio.Event()
+
+    async def verifier(_path: Path) -> Verdict:
+        nonlocal calls
+        calls += 1
+        if calls == slow_call:
+            verifying.set()
+            await asyncio.sleep(20)
+        return ALLOW
+
+    model, digest, size = _blob(tmp_path)
+    config = _config(
+        standin_command("--exit-after-s", "0.2"),
+        model,
+        digest,
+        size,
+        max_restarts=3,
+        restart_backoff_s=0.05,
+    )
+    async with Supervisor(config, verifier=verifier) as supervisor:
+        starting = asyncio.create_task(supervisor.start())
+        if during == "a restart":
+            assert (await starting).ok
+        await asyncio.wait_for(verifying.wait(), 10)
+        stopped_at = time.monotonic()
+        await asyncio.wait_for(supervisor.stop(), 5)
+        if during == "the first start":
+            assert (await asyncio.wait_for(starting, 5)).reason is Reason.NOT_READY
+        assert time.monotonic() - stopped_at < 1
+        # A stop asked for is not the supervisor giving up on the runtime.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(supervisor.wait_given_up(), 0.3)
+        assert supervisor.status()["spawns"] == slow_call - 1
 
 
 async def test_a_model_that_cannot_fit_is_refused_before_spawning(tmp_path: Path) -> None:
