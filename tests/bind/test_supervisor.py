@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from companion_runtime.bind.admission import AdmissionRefused
+from companion_runtime.bind.filehash import verify_file
 from companion_runtime.bind.health import HealthPolicy
 from companion_runtime.bind.manifest import (
     LimitsSpec,
@@ -35,12 +36,22 @@ from companion_runtime.bind.supervisor import (
     check_fit,
     check_model_fit,
 )
-from companion_runtime.core import LifecycleState, Reason, SpecError, create_resource_limits
+from companion_runtime.core import (
+    ALLOW,
+    LifecycleState,
+    Reason,
+    SpecError,
+    Verdict,
+    create_resource_limits,
+)
 from tests.support.supervision import (
     async_wait_for,
+    big_zero_blob,
+    hashing,
     llama_ready,
     process_gone,
     real_runtime,
+    sparse_scratch_dir,
     standin_command,
 )
 
@@ -310,6 +321,75 @@ async def test_a_blob_tampered_after_start_is_not_restarted_on(tmp_path: Path) -
         )
         assert _state(supervisor) is LifecycleState.STOPPED
         assert supervisor.status()["spawns"] == 1
+
+
+@pytest.mark.data_integrity
+async def test_a_cancelled_start_stops_the_re_verify_at_once_and_keeps_the_blob(
+    tmp_path: Path,
+) -> None:
+    # What serve does on a signal before ready: cancel the start. The hash runs in a worker
+    # thread; one left running keeps the process from exiting until the whole blob is read.
+    with (
+        sparse_scratch_dir(tmp_path) as scratch,
+        big_zero_blob(scratch / "model.bin") as (digest, size),
+    ):
+        model = scratch / "model.bin"
+        async with Supervisor(_config(standin_command(), model, digest, size)) as supervisor:
+            starting = asyncio.create_task(supervisor.start())
+            await asyncio.sleep(0.5)  # the hash takes seconds
+            assert hashing() and not starting.done()
+            cancelled_at = time.monotonic()
+            starting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await starting
+            ended_after = time.monotonic() - cancelled_at
+            assert not hashing(), "the hash ran on behind the cancelled start"
+            assert ended_after < 1.5
+            # Cut short, not failed: no refusal recorded, nothing spawned, the blob intact.
+            assert supervisor.status()["last_reason"] == "ok"
+            assert supervisor.status()["spawns"] == 0
+        assert model.stat().st_size == size
+        assert verify_file(model, expected_digest=digest, expected_size_bytes=size).ok
+
+
+@pytest.mark.parametrize("during", ["the first start", "a restart"])
+async def test_a_stop_during_the_re_verify_ends_it_at_once(tmp_path: Path, during: str) -> None:
+    # A re-verify of a multi-GB blob takes seconds: a stop must not wait for it to finish.
+    slow_call = 1 if during == "the first start" else 2
+    calls = 0
+    verifying = asyncio.Event()
+
+    async def verifier(_path: Path) -> Verdict:
+        nonlocal calls
+        calls += 1
+        if calls == slow_call:
+            verifying.set()
+            await asyncio.sleep(20)
+        return ALLOW
+
+    model, digest, size = _blob(tmp_path)
+    config = _config(
+        standin_command("--exit-after-s", "0.2"),
+        model,
+        digest,
+        size,
+        max_restarts=3,
+        restart_backoff_s=0.05,
+    )
+    async with Supervisor(config, verifier=verifier) as supervisor:
+        starting = asyncio.create_task(supervisor.start())
+        if during == "a restart":
+            assert (await starting).ok
+        await asyncio.wait_for(verifying.wait(), 10)
+        stopped_at = time.monotonic()
+        await asyncio.wait_for(supervisor.stop(), 5)
+        if during == "the first start":
+            assert (await asyncio.wait_for(starting, 5)).reason is Reason.NOT_READY
+        assert time.monotonic() - stopped_at < 1
+        # A stop asked for is not the supervisor giving up on the runtime.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(supervisor.wait_given_up(), 0.3)
+        assert supervisor.status()["spawns"] == slow_call - 1
 
 
 async def test_a_model_that_cannot_fit_is_refused_before_spawning(tmp_path: Path) -> None:

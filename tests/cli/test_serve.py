@@ -34,7 +34,15 @@ from tests.support.frontdoor import (
     serve_env,
     serve_manifest_text,
 )
-from tests.support.supervision import process_gone, standin_command, wait_for
+from tests.support.supervision import (
+    BIG_BLOB_BYTES,
+    BIG_BLOB_SHA256,
+    big_zero_blob,
+    process_gone,
+    sparse_scratch_dir,
+    standin_command,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 needs_llama = pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
@@ -444,24 +452,30 @@ def _standin_manifest_text(
     *flags: str,
     command: list[str] | None = None,
     ready_timeout_s: float = 30,
+    model: tuple[str, int] | None = None,
+    max_ram_bytes: int = 4294967296,
 ) -> str:
-    """A manifest whose runtime is the stand-in runtime run with ``flags`` (or ``command``)."""
+    """A manifest whose runtime is the stand-in runtime run with ``flags`` (or ``command``).
+
+    The model is ``data``, or the (digest, size) ``model`` when given.
+    """
     import hashlib
 
+    digest, size = model or (hashlib.sha256(data).hexdigest(), len(data))
     return "\n".join(
         [
             "[model]",
             'name = "standin"',
             f'url = "{origin_url}"',
-            f'sha256 = "{hashlib.sha256(data).hexdigest()}"',
-            f"size_bytes = {len(data)}",
+            f'sha256 = "{digest}"',
+            f"size_bytes = {size}",
             "[sources]",
             f'allow = ["{allow}"]',
             "[runtime]",
             f"command = {json.dumps(command or standin_command(*flags))}",
             f"ready_timeout_s = {ready_timeout_s}",
             "[limits]",
-            "max_ram_bytes = 4294967296",
+            f"max_ram_bytes = {max_ram_bytes}",
             "max_vram_bytes = 1073741824",
             "max_cpu_percent = 100",
             "",
@@ -672,6 +686,68 @@ def test_a_signal_during_the_download_ends_serve_within_a_second(
     assert not store.has_blob(digest)
     assert 0 < partial_size(store, digest) < len(data)  # kept for the next pull to resume
     assert not (state_dir / "serve.json").exists()
+
+
+@pytest.mark.data_integrity
+def test_a_signal_during_the_re_verify_before_the_runtime_starts_ends_serve_within_a_second(
+    tmp_path: Path,
+) -> None:
+    from companion_runtime.bind.filehash import verify_file
+    from companion_runtime.bind.store import ModelStore
+
+    # The supervisor re-hashes the blob before it starts the runtime: seconds for a big one.
+    if psutil.virtual_memory().available < BIG_BLOB_BYTES + 2 * 1024**3:
+        pytest.skip("the fit check needs room for the 4 GiB model here")
+    state_dir = tmp_path / "state"
+    with sparse_scratch_dir(tmp_path) as scratch:
+        store = ModelStore(scratch / "store")
+        store.ensure_layout()
+        with big_zero_blob(store.blob_path(BIG_BLOB_SHA256)) as (digest, size):
+            manifest = tmp_path / "manifest.toml"
+            manifest.write_text(
+                # Stored already: the pull only re-verifies it and never asks this source.
+                _standin_manifest_text(
+                    "https://127.0.0.1:9/models/big.bin",
+                    "https://127.0.0.1:9/",
+                    b"",
+                    model=(digest, size),
+                    max_ram_bytes=2 * size,
+                )
+            )
+            # Without --json, serve names each step on stderr as it begins.
+            command = [sys.executable, "-m", "companion_runtime.cli", "serve", str(manifest)]
+            process = subprocess.Popen(
+                [*command, "--store", str(store.root)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=serve_env(state_dir),
+            )
+            try:
+                assert process.stderr is not None
+                steps = []
+                while (line := process.stderr.readline()) and line.strip() != "> start":
+                    steps.append(line)
+                assert line.strip() == "> start", steps
+                time.sleep(0.5)  # well into the supervisor's re-hash of the blob
+                assert process.poll() is None
+                process.send_signal(signal.SIGTERM)
+                started = time.monotonic()
+                stdout, stderr = process.communicate(timeout=60)
+                elapsed = time.monotonic() - started
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate(timeout=30)
+            assert process.returncode == 1, stderr[-3000:]
+            assert stderr.strip().endswith("refused: not_ready"), stderr[-3000:]
+            assert "Traceback" not in stderr
+            assert stdout == ""
+            assert elapsed < 1.5
+            # A re-verify cut short says nothing about the blob: it stays, and still verifies.
+            blob = store.blob_path(digest)
+            assert verify_file(blob, expected_digest=digest, expected_size_bytes=size).ok
+            assert not (state_dir / "serve.json").exists()
 
 
 @pytest.mark.parametrize("closed", ["stdout", "stderr"])

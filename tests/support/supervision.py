@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STANDIN_SCRIPT = Path(__file__).resolve().with_name("standin_runtime.py")
@@ -134,3 +139,48 @@ def real_runtime(model_dir: Path, *, api_key_file: bool = True) -> tuple[list[st
         parallel=2, threads=1, context_size=256, api_key_file=api_key_file
     )
     return template, model
+
+
+#: The size of :func:`big_zero_blob`'s blob, and its SHA-256 (of that many zero bytes).
+BIG_BLOB_BYTES = 4 * 1024 * 1024 * 1024
+BIG_BLOB_SHA256 = "8479e43911dc45e89f934fe48d01297e16f51d17aa561d4d1c216b1ae0fcddca"
+
+
+@contextlib.contextmanager
+def sparse_scratch_dir(fallback: Path) -> Iterator[Path]:
+    """A private directory for :func:`big_zero_blob`, removed on exit: in memory where there
+    is one (``/dev/shm``), else ``fallback``.
+
+    Reading a hole in memory maps the kernel's zero page, so a re-hash of the blob costs the
+    hash alone (about 2.5 s for 4 GiB here, as for any 4 GiB in the page cache); on a disk file
+    system the first read also fills a page of cache with zeros for each page (about 10 s).
+    """
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK | os.X_OK)):
+        yield fallback
+        return
+    with tempfile.TemporaryDirectory(prefix="companion-runtime-test-", dir=shm) as directory:
+        yield Path(directory)
+
+
+@contextlib.contextmanager
+def big_zero_blob(path: Path) -> Iterator[tuple[str, int]]:
+    """A read-only 4 GiB blob of zero bytes at ``path``, removed on exit; (digest, size).
+
+    It takes no space (a sparse file), yet re-hashing it costs what any 4 GiB blob's does:
+    the hash is the cost, a few seconds at about 1.7 GB/s.
+    """
+    with open(path, "xb") as handle:
+        handle.truncate(BIG_BLOB_BYTES)
+    try:
+        if os.stat(path).st_blocks * 512 > 1024 * 1024:
+            pytest.skip("this file system does not make sparse files")
+        path.chmod(0o444)
+        yield BIG_BLOB_SHA256, BIG_BLOB_BYTES
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def hashing() -> bool:
+    """Whether a file is being hashed in this process (a ``verify_file`` worker is alive)."""
+    return any(thread.name.startswith("filehash") for thread in threading.enumerate())

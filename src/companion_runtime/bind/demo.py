@@ -41,6 +41,7 @@ from companion_runtime.bind.manifest import Manifest, manifest_from_dict
 from companion_runtime.bind.pull import pull_model
 from companion_runtime.bind.serve import ServeRefused, serving
 from companion_runtime.bind.store import ModelStore
+from companion_runtime.bind.worker import run_cancellable
 from companion_runtime.core import Reason
 
 __all__ = ["BURST_SIZE", "INSTALL_HINT", "DemoReport", "run_demo"]
@@ -174,19 +175,21 @@ async def run_demo(*, say: Callable[[str], None] = lambda _: None) -> DemoReport
         with ModelOrigin({_MODEL_PATH: data, _TAMPERED_PATH: _flip_one_bit(data)}) as origin:
             say("pull a tampered copy (one bit flipped)")
             mark = time.monotonic()
-            tampered = await asyncio.to_thread(
-                pull_model,
-                _manifest(origin, _TAMPERED_PATH, data),
-                store=store,
-                ca_bundle=origin.ca_pem_path,
+            tampered_manifest = _manifest(origin, _TAMPERED_PATH, data)
+            tampered = await run_cancellable(
+                lambda cancel: pull_model(
+                    tampered_manifest, store=store, ca_bundle=origin.ca_pem_path, cancel=cancel
+                )
             )
             report.tampered_reason = tampered.verdict.reason.value
             digest = hashlib.sha256(data).hexdigest()
             report.tampered_left_nothing = tampered.path is None and not store.has_blob(digest)
             say("pull the real model")
             manifest = _manifest(origin, _MODEL_PATH, data)
-            pulled = await asyncio.to_thread(
-                pull_model, manifest, store=store, ca_bundle=origin.ca_pem_path
+            pulled = await run_cancellable(
+                lambda cancel: pull_model(
+                    manifest, store=store, ca_bundle=origin.ca_pem_path, cancel=cancel
+                )
             )
             report.pull_reason = pulled.verdict.reason.value
             report.timings_s["pulls"] = time.monotonic() - mark

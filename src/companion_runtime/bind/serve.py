@@ -8,10 +8,11 @@ directory that cannot be used (a symlink, another user's, shared with others, or
 runtime directory the platform refuses) is ``store_error`` before a byte is fetched.
 
 Cancelling :func:`serve_manifest` before ready (what ``serve`` does on a signal) stops the pull
-as well: the download runs in a worker thread, which cannot be cancelled, so it is told to stop
-through its ``cancel`` event and waited for (about a second at most). Nothing is published, the
-partial download is kept for a resume, the store's lock is released, and no thread is left for
-the event loop to wait on at exit.
+and the supervisor's re-verify of the blob as well: each runs in a worker thread, which cannot
+be cancelled, so it is told to stop through a cancel event and waited for (about a second at
+most; :mod:`~companion_runtime.bind.worker`). Nothing is published, the partial download is
+kept for a resume, the store's lock is released, a blob whose re-verify was cut short is left
+as it is, and no thread is left for the event loop to wait on at exit.
 
 Shutdown (SIGINT/SIGTERM, or the ``stop`` event): the supervisor drains — the runtime leaves
 ``ready``, so the admission controller refuses new requests ``not_ready`` (the front door keeps
@@ -29,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ from companion_runtime.bind.session import (
 )
 from companion_runtime.bind.store import ModelStore, StoreError
 from companion_runtime.bind.supervisor import Supervisor, check_model_fit
+from companion_runtime.bind.worker import run_cancellable
 from companion_runtime.core import Reason, Verdict
 
 __all__ = [
@@ -193,19 +194,9 @@ async def _pull(manifest: Manifest, store: ModelStore, ca_bundle: Path | None) -
     The thread cannot be cancelled, so it is told to stop through ``cancel`` and waited for
     (about a second): when this returns or raises, no pull is running and its lock is free.
     """
-    cancel = threading.Event()
-    pulling = asyncio.ensure_future(
-        asyncio.to_thread(pull_model, manifest, store=store, ca_bundle=ca_bundle, cancel=cancel)
+    return await run_cancellable(
+        lambda cancel: pull_model(manifest, store=store, ca_bundle=ca_bundle, cancel=cancel)
     )
-    try:
-        return await asyncio.shield(pulling)
-    except asyncio.CancelledError:
-        cancel.set()
-        while not pulling.done():
-            # A second cancel (another signal) does not cut the wait short.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({pulling})
-        raise
 
 
 async def _until_stop_or_given_up(supervisor: Supervisor, stop: asyncio.Event) -> Reason | None:

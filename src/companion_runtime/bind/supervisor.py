@@ -6,7 +6,10 @@ Theory of operation
 
 1. **re-verify** the model blob (``verify_file``; SHA-256 by default, size only when the
    policy says so) — a runtime is never started on bytes that did not verify, on the first
-   start nor on any restart;
+   start nor on any restart. The hash runs in a worker thread that a cancelled ``start()`` or
+   a ``stop()`` stops between two buffers (milliseconds, not the seconds a multi-GB blob
+   takes), and that is then waited for; a re-verify cut short is no refusal and leaves the
+   blob as it is;
 2. **fit**: model size plus an overhead allowance against the machine's headroom and the
    resource ceilings (:func:`~companion_runtime.core._fit.evaluate_model_fit`);
 3. **spawn** (``start``: stopped → starting) through the process seam;
@@ -80,6 +83,7 @@ from companion_runtime.bind.process import (
     build_launch_spec,
     uses_api_key_file,
 )
+from companion_runtime.bind.worker import run_cancellable
 from companion_runtime.core import (
     ALLOW,
     Lifecycle,
@@ -496,7 +500,10 @@ class Supervisor:
         # A start that failed before gave up then; this one has not (yet).
         self._given_up.clear()
         self._last_reason = Reason.OK
-        prepared = await self._prepare()
+        prepared = await self._prepare_unless_stopped()
+        if prepared is None:
+            self._last_reason = Reason.NOT_READY
+            return deny(Reason.NOT_READY)
         if not prepared.ok:
             self._last_reason = prepared.reason
             return prepared
@@ -511,7 +518,10 @@ class Supervisor:
         return deny(self._last_reason if self._last_reason is not Reason.OK else Reason.NOT_READY)
 
     async def stop(self, *, grace_s: float | None = None) -> None:
-        """Drain (wait up to ``grace_s`` for in-flight requests), then stop the process."""
+        """Drain (wait up to ``grace_s`` for in-flight requests), then stop the process.
+
+        A re-verify of the blob in progress, before a start or a restart, is cut short.
+        """
         grace = self._config.stop_grace_s if grace_s is None else grace_s
         self._stopping = True
         if self._lifecycle.state is LifecycleState.READY and self._move(LifecycleEvent.DRAIN):
@@ -574,13 +584,20 @@ class Supervisor:
         return True
 
     async def _verify_blob(self, path: Path) -> Verdict:
+        """``verify_file`` in a worker thread that a cancel stops between two buffers.
+
+        Cancelled, it raises ``CancelledError`` once the hash has stopped: the ``cancelled``
+        verdict says nothing about the blob and is never reported as a refusal.
+        """
         config = self._config
-        return await asyncio.to_thread(
-            verify_file,
-            path,
-            expected_digest=config.expected_digest,
-            expected_size_bytes=config.expected_size_bytes,
-            policy=config.verify_policy,
+        return await run_cancellable(
+            lambda cancel: verify_file(
+                path,
+                expected_digest=config.expected_digest,
+                expected_size_bytes=config.expected_size_bytes,
+                policy=config.verify_policy,
+                cancelled=cancel.is_set,
+            )
         )
 
     async def _prepare(self) -> Verdict:
@@ -589,6 +606,11 @@ class Supervisor:
         if not verified.ok:
             return verified
         return await self.check_fit()
+
+    async def _prepare_unless_stopped(self) -> Verdict | None:
+        """:meth:`_prepare`, cut short (None) by a stop: a re-verify takes seconds on a big blob."""
+        outcome = await _first_of(self._prepare(), self._wait_stop())
+        return outcome if isinstance(outcome, Verdict) else None
 
     # --- the runner ---------------------------------------------------------------------------
 
@@ -620,7 +642,9 @@ class Supervisor:
                 )
                 if await self._sleep_unless_stopped(delay):
                     break
-                prepared = await self._prepare()
+                prepared = await self._prepare_unless_stopped()
+                if prepared is None:
+                    break
                 if not prepared.ok:
                     self._last_reason = prepared.reason
                     break
