@@ -895,7 +895,9 @@ def test_idle_connections_past_the_open_file_limit_cannot_shut_out_an_authorized
             front = response.json()["front_door"]
             assert 0 < front["max_connections"] < 256
             assert front["open_connections"] <= front["max_connections"]
-            assert front["connections_refused"] >= 300 - front["max_connections"]
+            # Each one past the limit either took an idle one's place or was refused.
+            turned_away = front["connections_refused"] + front["connections_evicted"]
+            assert turned_away >= 300 - front["max_connections"]
             assert front["connections_evicted"] >= 1
             process.send_signal(signal.SIGTERM)
             process.communicate(timeout=60)
