@@ -1017,9 +1017,7 @@ def test_idle_connections_cannot_shut_an_authorized_client_out(loop: str) -> Non
                     assert statistics.open_connections == 4
                     # The client's kept connection is authorized: the next newcomer makes
                     # room with the next connection that never sent a token, not with it.
-                    async with httpx.AsyncClient(
-                        base_url=door.url, headers=door.auth
-                    ) as second:
+                    async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as second:
                         assert (await second.get("/echo")).status_code == 200
                     assert await asyncio.wait_for(idle[1][0].read(), 5) == b""
                     assert (await client.get("/echo")).status_code == 200

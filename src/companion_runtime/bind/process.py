@@ -565,9 +565,7 @@ class SubprocessLauncher:
                 start_new_session=True,
                 close_fds=True,
             )
-        runtime = _SubprocessRuntime(
-            process, spec.output_cap_bytes, keeper=self._use_death_signal
-        )
+        runtime = _SubprocessRuntime(process, spec.output_cap_bytes, keeper=self._use_death_signal)
         # The readers are not in a TaskGroup around the ``yield``: that would wrap the
         # caller's own exception in an ExceptionGroup. They are awaited below instead.
         drains = [
