@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -333,6 +334,37 @@ async def test_stopping_reaches_a_process_that_left_the_group(
     assert outcome.killed is ignores_sigterm
     assert outcome.returncode == (-signal.SIGKILL if ignores_sigterm else 0)
     assert wait_for(lambda: all(process_gone(p, c) for p, c in created.items()), 5.0)
+
+
+@pytest.mark.integration
+async def test_the_exit_is_seen_even_while_a_survivor_holds_the_output_pipes(
+    tmp_path: Path,
+) -> None:
+    # A SIGKILL of the keeper itself (only the same user can send one) leaves a process that
+    # made its own session running, with the output pipes open. Waiting for the pipes as well,
+    # as Python 3.11's Process.wait does, never saw the keeper's exit.
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(
+        standin_command("--spawn-orphan", "--pid-file", str(pid_file)), model_path="m"
+    )
+    survivor = 0
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            survivor = _noted_pids(pid_file, "runtime", "orphan")["orphan"]
+            os.kill(runtime.pid, signal.SIGKILL)
+            assert await asyncio.wait_for(runtime.wait(), 2.0) == -signal.SIGKILL
+            started = time.monotonic()
+            outcome = await runtime.stop(grace_s=1.0)
+            assert outcome.returncode == -signal.SIGKILL
+            assert time.monotonic() - started < 1.0
+            # Out of reach once the keeper is gone (docs/threat-model.md, row 9): the test ends
+            # it, inside the context, so that the pipes close before the loop does.
+            os.kill(survivor, signal.SIGKILL)
+            survivor = 0
+    finally:
+        if survivor:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(survivor, signal.SIGKILL)
 
 
 @pytest.mark.integration

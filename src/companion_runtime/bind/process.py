@@ -209,6 +209,8 @@ if os.WIFSIGNALED(status):
     os._exit(128 + signum)
 os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 """
+# How often a wait for the runtime's exit looks at its status when the output pipes stay open.
+_EXIT_POLL_S: Final = 0.1
 # How long the stop's escalation waits for the keeper to kill what is below it before the
 # group gets SIGKILL (which ends the keeper too).
 _KEEPER_KILL_TIMEOUT_S: Final = 2.0
@@ -492,7 +494,23 @@ class _SubprocessRuntime:
         return self._process.returncode
 
     async def wait(self) -> int:
-        return await self._process.wait()
+        return await self._exited()
+
+    async def _exited(self) -> int:
+        """The exit status, as soon as the process has exited.
+
+        ``Process.wait`` (Python 3.11) also waits for the output pipes to close, and a process
+        that outlived the keeper (one only a SIGKILL of the keeper itself leaves) can hold them
+        open for ever; the exit itself is known as soon as the child watcher reaps it.
+        """
+        waiting = asyncio.ensure_future(self._process.wait())
+        try:
+            while (returncode := self._process.returncode) is None:
+                await asyncio.wait({waiting}, timeout=_EXIT_POLL_S)
+            return returncode
+        finally:
+            if not waiting.done():
+                waiting.cancel()
 
     async def stop(self, *, grace_s: float) -> StopOutcome:
         async with self._stop_lock:
@@ -503,7 +521,7 @@ class _SubprocessRuntime:
             if self._process.returncode is None:
                 _signal_group(pgid, signal.SIGTERM)
                 try:
-                    await asyncio.wait_for(self._process.wait(), timeout=max(grace_s, 0.0))
+                    await asyncio.wait_for(self._exited(), timeout=max(grace_s, 0.0))
                 except TimeoutError:
                     killed = True
             if killed and self._keeper:
@@ -512,11 +530,11 @@ class _SubprocessRuntime:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pgid, signal.SIGUSR2)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._process.wait(), timeout=_KEEPER_KILL_TIMEOUT_S)
+                    await asyncio.wait_for(self._exited(), timeout=_KEEPER_KILL_TIMEOUT_S)
             # SIGKILL the group even when the leader went quietly: anything it started and
             # left behind in the group goes too.
             _signal_group(pgid, signal.SIGKILL)
-            returncode = await self._process.wait()
+            returncode = await self._exited()
             self._stop_outcome = StopOutcome(returncode=returncode, killed=killed)
             return self._stop_outcome
 
