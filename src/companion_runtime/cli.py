@@ -149,7 +149,10 @@ def _progress_bar(
     )
 
     bar = Progress(
-        TextColumn("{task.description}"),
+        # The description is the manifest's model name: shown as written, never read as rich
+        # markup (a "[/]" in it would end the pull with a traceback, a "[link=...]" would put
+        # a hyperlink on the user's terminal).
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),

@@ -47,11 +47,12 @@ def write_manifest(
     tmp_path: Path, origin: FaultyOrigin, path: str, digest: str, size: int, **model: object
 ) -> Path:
     url = model.get("url", secret_url(origin, path))
+    name = model.get("name", "test-model")
     manifest = tmp_path / "model.toml"
     manifest.write_text(
         f"""
 [model]
-name = "test-model"
+name = "{name}"
 url = "{url}"
 sha256 = "{digest}"
 size_bytes = {size}
@@ -222,6 +223,40 @@ def test_progress_bar_on_a_terminal(origin: FaultyOrigin, tmp_path: Path) -> Non
         os.close(controller)
     assert b"test-model" in seen
     assert LARGE_DIGEST.encode() not in seen and b"token=" not in seen
+
+
+@pytest.mark.e2e
+def test_a_model_name_that_looks_like_markup_is_shown_as_written(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # The name is the manifest author's text: on a terminal it is printed as is, not parsed
+    # as rich markup (where "[/]" is an error and "[link=...]" a terminal hyperlink).
+    name = "[/][link=https://evil.example/]m[/link]"
+    manifest = write_manifest(tmp_path, origin, "/large.bin", LARGE_DIGEST, len(LARGE), name=name)
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            command(manifest, tmp_path / "store", origin),
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            env={**os.environ, "COLUMNS": "100", "TERM": "xterm"},
+        )
+        os.close(terminal)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert process.wait(60) == 0
+    finally:
+        os.close(controller)
+    assert b"Traceback" not in seen
+    assert b"[/][link=https://evil.example/]m" in seen
+    assert b"\x1b]8;" not in seen  # no OSC 8 hyperlink
 
 
 @pytest.mark.e2e
