@@ -59,6 +59,8 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/stall.bin": Fault(kind="stall", stall_after_bytes=50_000),
         "/chunked.bin": Fault(kind="chunked"),
         "/chunked-stall.bin": Fault(kind="chunked", stall_after_bytes=50_000),
+        "/chunked-cut.bin": Fault(kind="chunked_cut", stall_after_bytes=50_000),
+        "/chunked-short.bin": Fault(kind="chunked"),
         "/drip.bin": Fault(kind="drip", stall_after_bytes=300, drip_interval_s=0.02),
         "/ignore-range.bin": Fault(kind="ignore_range"),
         "/bad-range.bin": Fault(kind="bad_content_range"),
@@ -78,7 +80,12 @@ def fault_paths(base: str) -> dict[str, Fault]:
 
 @pytest.fixture(scope="module")
 def origin() -> Iterator[FaultyOrigin]:
-    files = {"/m.bin": DATA, "/chain-6.bin": DATA, "/short.bin": DATA[:1000]}
+    files = {
+        "/m.bin": DATA,
+        "/chain-6.bin": DATA,
+        "/short.bin": DATA[:1000],
+        "/chunked-short.bin": DATA[:1000],
+    }
     with FaultyOrigin(files) as server:
         server.faults.update(fault_paths(server.base_url))
         for path in server.faults:
@@ -264,6 +271,31 @@ def test_chunked_body_is_received_and_a_chunked_stall_keeps_its_bytes(
     assert store.partial_path(DIGEST).read_bytes() == DATA[:50_000]
     store.partial_path(DIGEST).unlink()
     assert fetch(origin, store, "/chunked.bin", options=short).read_bytes() == DATA
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_chunked_body_cut_before_its_last_chunk_is_a_broken_transfer(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server hung up mid-body: that says nothing about the file's size (a chunked body
+    # ends only with its zero-size chunk), so it is download_failed, as for a body short of
+    # its Content-Length, and the next pull resumes.
+    error = refused(origin, store, "/chunked-cut.bin", caplog)
+    assert error.reason is Reason.DOWNLOAD_FAILED
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:50_000]
+    before = len(origin.requests)
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    (request,) = origin.requests[before:]
+    assert request.range_header == "bytes=50000-"
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_whole_chunked_body_shorter_than_promised_is_a_size_mismatch(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert refused(origin, store, "/chunked-short.bin", caplog).reason is Reason.SIZE_MISMATCH
 
 
 @pytest.mark.integration

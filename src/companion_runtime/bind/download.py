@@ -487,9 +487,6 @@ class _Download:
         accumulator = self.accumulator
         size = self.size
         received = offset
-        # What the server announced for this response; only used to tell a broken transfer
-        # (fewer bytes than it promised) from a server that promised too little.
-        announced = response.length
         capacity = self.options.buffer_bytes
         views = [memoryview(bytearray(capacity)) for _ in range(_BUFFERS)]
         index = 0
@@ -581,11 +578,12 @@ class _Download:
                     with contextlib.suppress(Exception):
                         future.result()
         if received < size:
-            if announced is not None and received - offset < announced:
-                # The connection ended before the bytes the server announced: a broken
-                # transfer. What arrived is kept for a resume.
+            if not response.complete:
+                # The connection ended before the body did (short of its Content-Length, or
+                # of the last chunk, or without a close_notify): a broken transfer. What
+                # arrived is kept for a resume.
                 raise DownloadError(Reason.DOWNLOAD_FAILED)
-            # The server announced (or sent) fewer bytes than the manifest promises.
+            # The server's whole body is shorter than the manifest promises.
             raise DownloadError(Reason.SIZE_MISMATCH)
 
 
