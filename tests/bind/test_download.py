@@ -292,10 +292,14 @@ def test_a_chunked_body_cut_before_its_last_chunk_is_a_broken_transfer(
 
 @pytest.mark.integration
 @pytest.mark.data_integrity
-def test_a_whole_chunked_body_shorter_than_promised_is_a_size_mismatch(
-    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("path", ["/short.bin", "/lying.bin", "/chunked-short.bin"])
+def test_a_whole_body_shorter_than_promised_is_a_size_mismatch_and_not_kept(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture, path: str
 ) -> None:
-    assert refused(origin, store, "/chunked-short.bin", caplog).reason is Reason.SIZE_MISMATCH
+    # The server said the body ended there (Content-Length reached, or the last chunk): its
+    # file is not the one the manifest means, so its bytes are no prefix to resume from.
+    assert refused(origin, store, path, caplog).reason is Reason.SIZE_MISMATCH
+    assert list(store.tmp_dir.iterdir()) == []
 
 
 @pytest.mark.integration

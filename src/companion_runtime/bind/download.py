@@ -583,7 +583,9 @@ class _Download:
                 # of the last chunk, or without a close_notify): a broken transfer. What
                 # arrived is kept for a resume.
                 raise DownloadError(Reason.DOWNLOAD_FAILED)
-            # The server's whole body is shorter than the manifest promises.
+            # The server's whole body is shorter than the manifest promises: not the file
+            # the manifest means, and nothing to resume from.
+            self._discard()
             raise DownloadError(Reason.SIZE_MISMATCH)
 
 
