@@ -70,6 +70,10 @@ def fault_paths(base: str) -> dict[str, Fault]:
             kind="chunk_extension_drip", stall_after_bytes=300, drip_interval_s=0.02
         ),
         "/hop.bin": Fault(kind="set_cookie_redirect", location="/m.bin", status=307),
+        "/to-fragment.bin": Fault(kind="redirect", location="/m.bin#part-1"),
+        "/to-other-host-fragment.bin": Fault(
+            kind="redirect", location=f"{other_host}m.bin#@{base.removeprefix('https://')}"
+        ),
         "/nowhere.bin": Fault(kind="redirect", location="", status=302),
         **{
             f"/chain-{i}.bin": Fault(kind="redirect", location=f"/chain-{i + 1}.bin")
@@ -181,6 +185,7 @@ def test_bad_bodies_are_refused(
     [
         ("/to-http.bin", Reason.REDIRECT_NOT_ALLOWED),
         ("/to-other-host.bin", Reason.REDIRECT_NOT_ALLOWED),
+        ("/to-other-host-fragment.bin", Reason.REDIRECT_NOT_ALLOWED),
         ("/loop-a.bin", Reason.TOO_MANY_REDIRECTS),
         ("/chain-0.bin", Reason.TOO_MANY_REDIRECTS),
         ("/gzip.bin", Reason.CONTENT_ENCODING_NOT_ALLOWED),
@@ -215,6 +220,18 @@ def test_allowed_redirect_is_followed_without_cookies(
     assert "cookie" not in target.headers
     # The Location carried no query, so the token did not travel with the redirect.
     assert not target.has_query
+
+
+@pytest.mark.integration
+@pytest.mark.security
+def test_a_redirect_with_a_fragment_is_followed_without_it(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    # RFC 9110 lets a Location carry a fragment; it names no other resource and is not sent.
+    before = len(origin.requests)
+    assert fetch(origin, store, "/to-fragment.bin").read_bytes() == DATA
+    hop, target = origin.requests[before:]
+    assert (hop.path, target.path) == ("/to-fragment.bin", "/m.bin")
 
 
 @pytest.mark.integration

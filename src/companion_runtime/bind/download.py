@@ -5,8 +5,9 @@ whether the bytes are the promised ones; this module moves bytes and enforces th
 rules around it:
 
 * Every hop is ``https`` and inside the allowlist: redirects are followed by hand (at most
-  :attr:`DownloadOptions.max_redirects`), each ``Location`` is resolved against the current URL
-  and checked again by ``validate_source_url``; a loop is refused. No credentials, cookies,
+  :attr:`DownloadOptions.max_redirects`), each ``Location`` is resolved against the current URL,
+  its fragment (never sent) dropped, and checked again by ``validate_source_url``; a loop is
+  refused. No credentials, cookies,
   proxies or ``.netrc`` are ever used, so nothing can be forwarded to another origin.
 * ``Accept-Encoding: identity`` is asked for and anything else refused: the raw bytes on the
   wire are what is hashed, never a decoded form of them.
@@ -437,7 +438,10 @@ class _Download:
             if not location:
                 raise DownloadError(Reason.HTTP_STATUS)
             try:
-                following = urljoin(current, location)
+                # A Location may carry a fragment (RFC 9110 section 10.2.2); a fragment is
+                # never sent, so it is dropped and what is checked is exactly what is asked.
+                # "#" starts the fragment wherever it appears, for every URL parser.
+                following = urljoin(current, location).partition("#")[0]
             except ValueError:
                 raise DownloadError(Reason.REDIRECT_NOT_ALLOWED) from None
             if not validate_source_url(following, self.allow).ok:
