@@ -130,13 +130,23 @@ def _usage_error(message: str) -> None:
     raise typer.Exit(2)
 
 
+#: The largest size a file can have (a signed 64-bit ``off_t``). A bigger expected size matches
+#: no file, so it gets no progress bar: rich turns the total into a float, and a size of a few
+#: hundred digits would end the command with an OverflowError instead of its refusal.
+_MAX_FILE_BYTES = 2**63 - 1
+
+
 def _progress_bar(
     enabled: bool, description: str, total: int
 ) -> tuple[contextlib.AbstractContextManager[object], Callable[[int, int], None] | None]:
-    """A rich progress bar on stderr when it is a terminal (and not --json), else nothing."""
+    """A rich progress bar on stderr when it is a terminal (and not --json), else nothing.
+
+    Nothing either for a total no file can have (below 1 or past :data:`_MAX_FILE_BYTES`):
+    such a command is refused without a byte read.
+    """
     import sys
 
-    if not enabled or not sys.stderr.isatty():
+    if not enabled or not 0 < total <= _MAX_FILE_BYTES or not sys.stderr.isatty():
         return contextlib.nullcontext(), None
     from rich.console import Console
     from rich.progress import (
@@ -149,7 +159,10 @@ def _progress_bar(
     )
 
     bar = Progress(
-        TextColumn("{task.description}"),
+        # The description is the manifest's model name: shown as written, never read as rich
+        # markup (a "[/]" in it would end the pull with a traceback, a "[link=...]" would put
+        # a hyperlink on the user's terminal).
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),

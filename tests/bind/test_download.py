@@ -59,6 +59,8 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/stall.bin": Fault(kind="stall", stall_after_bytes=50_000),
         "/chunked.bin": Fault(kind="chunked"),
         "/chunked-stall.bin": Fault(kind="chunked", stall_after_bytes=50_000),
+        "/chunked-cut.bin": Fault(kind="chunked_cut", stall_after_bytes=50_000),
+        "/chunked-short.bin": Fault(kind="chunked"),
         "/drip.bin": Fault(kind="drip", stall_after_bytes=300, drip_interval_s=0.02),
         "/ignore-range.bin": Fault(kind="ignore_range"),
         "/bad-range.bin": Fault(kind="bad_content_range"),
@@ -68,6 +70,10 @@ def fault_paths(base: str) -> dict[str, Fault]:
             kind="chunk_extension_drip", stall_after_bytes=300, drip_interval_s=0.02
         ),
         "/hop.bin": Fault(kind="set_cookie_redirect", location="/m.bin", status=307),
+        "/to-fragment.bin": Fault(kind="redirect", location="/m.bin#part-1"),
+        "/to-other-host-fragment.bin": Fault(
+            kind="redirect", location=f"{other_host}m.bin#@{base.removeprefix('https://')}"
+        ),
         "/nowhere.bin": Fault(kind="redirect", location="", status=302),
         **{
             f"/chain-{i}.bin": Fault(kind="redirect", location=f"/chain-{i + 1}.bin")
@@ -78,7 +84,12 @@ def fault_paths(base: str) -> dict[str, Fault]:
 
 @pytest.fixture(scope="module")
 def origin() -> Iterator[FaultyOrigin]:
-    files = {"/m.bin": DATA, "/chain-6.bin": DATA, "/short.bin": DATA[:1000]}
+    files = {
+        "/m.bin": DATA,
+        "/chain-6.bin": DATA,
+        "/short.bin": DATA[:1000],
+        "/chunked-short.bin": DATA[:1000],
+    }
     with FaultyOrigin(files) as server:
         server.faults.update(fault_paths(server.base_url))
         for path in server.faults:
@@ -174,6 +185,7 @@ def test_bad_bodies_are_refused(
     [
         ("/to-http.bin", Reason.REDIRECT_NOT_ALLOWED),
         ("/to-other-host.bin", Reason.REDIRECT_NOT_ALLOWED),
+        ("/to-other-host-fragment.bin", Reason.REDIRECT_NOT_ALLOWED),
         ("/loop-a.bin", Reason.TOO_MANY_REDIRECTS),
         ("/chain-0.bin", Reason.TOO_MANY_REDIRECTS),
         ("/gzip.bin", Reason.CONTENT_ENCODING_NOT_ALLOWED),
@@ -208,6 +220,18 @@ def test_allowed_redirect_is_followed_without_cookies(
     assert "cookie" not in target.headers
     # The Location carried no query, so the token did not travel with the redirect.
     assert not target.has_query
+
+
+@pytest.mark.integration
+@pytest.mark.security
+def test_a_redirect_with_a_fragment_is_followed_without_it(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    # RFC 9110 lets a Location carry a fragment; it names no other resource and is not sent.
+    before = len(origin.requests)
+    assert fetch(origin, store, "/to-fragment.bin").read_bytes() == DATA
+    hop, target = origin.requests[before:]
+    assert (hop.path, target.path) == ("/to-fragment.bin", "/m.bin")
 
 
 @pytest.mark.integration
@@ -264,6 +288,35 @@ def test_chunked_body_is_received_and_a_chunked_stall_keeps_its_bytes(
     assert store.partial_path(DIGEST).read_bytes() == DATA[:50_000]
     store.partial_path(DIGEST).unlink()
     assert fetch(origin, store, "/chunked.bin", options=short).read_bytes() == DATA
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_chunked_body_cut_before_its_last_chunk_is_a_broken_transfer(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server hung up mid-body: that says nothing about the file's size (a chunked body
+    # ends only with its zero-size chunk), so it is download_failed, as for a body short of
+    # its Content-Length, and the next pull resumes.
+    error = refused(origin, store, "/chunked-cut.bin", caplog)
+    assert error.reason is Reason.DOWNLOAD_FAILED
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:50_000]
+    before = len(origin.requests)
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    (request,) = origin.requests[before:]
+    assert request.range_header == "bytes=50000-"
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.parametrize("path", ["/short.bin", "/lying.bin", "/chunked-short.bin"])
+def test_a_whole_body_shorter_than_promised_is_a_size_mismatch_and_not_kept(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    # The server said the body ended there (Content-Length reached, or the last chunk): its
+    # file is not the one the manifest means, so its bytes are no prefix to resume from.
+    assert refused(origin, store, path, caplog).reason is Reason.SIZE_MISMATCH
+    assert list(store.tmp_dir.iterdir()) == []
 
 
 @pytest.mark.integration

@@ -132,6 +132,29 @@ def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.timeout(20)
+def test_a_fifo_is_refused_without_being_opened(tmp_path: Path) -> None:
+    # A writer waits in open() for a reader. Were the FIFO opened (and closed) to be refused,
+    # the writer would go on and meet a closed pipe: a producer killed by SIGPIPE.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer_opened = threading.Event()
+
+    def writer() -> None:
+        with open(fifo, "wb"):
+            writer_opened.set()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    time.sleep(0.2)  # the writer is blocked in open()
+    verdict = verify_file(fifo, expected_digest="ab" * 32, expected_size_bytes=1)
+    assert verdict.reason is Reason.FILE_NOT_FOUND
+    assert not writer_opened.wait(0.5)
+    os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
+    thread.join(5)
+
+
+@pytest.mark.unit
 def test_a_cancel_stops_the_hash_between_buffers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,7 @@ answer, a head that never ends, a body past its length.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -264,6 +265,56 @@ def test_an_end_without_close_notify_ends_the_body_short(authority: trustme.CA) 
                 received += count
             assert received == 999
             assert response.length == len(BODY) - 999
+
+
+def close_notify(wire: _Wire) -> None:
+    """End TLS with a close_notify alert, as a server that means to end the body does."""
+    with contextlib.suppress(ssl.SSLWantReadError):
+        wire.tls.unwrap()
+    wire.sock.sendall(wire.outgoing.read())
+
+
+HEAD_LENGTH = f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\n\r\n".encode()
+HEAD_CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+HEAD_UNTIL_CLOSE = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+CHUNK = b"%x\r\n" % 1000 + BODY[:1000] + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("respond", "complete"),
+    [
+        (lambda wire: wire.send(HEAD_LENGTH + BODY), True),
+        (lambda wire: wire.send(HEAD_LENGTH + BODY[:1000]), False),
+        (lambda wire: wire.send(HEAD_CHUNKED + CHUNK + b"0\r\n\r\n"), True),
+        (lambda wire: wire.send(HEAD_CHUNKED + CHUNK), False),
+        (lambda wire: wire.send(HEAD_CHUNKED + CHUNK[:500]), False),
+        (lambda wire: (wire.send(HEAD_CHUNKED + CHUNK), close_notify(wire)), False),
+        (lambda wire: (wire.send(HEAD_UNTIL_CLOSE + BODY[:1000]), close_notify(wire)), True),
+        (lambda wire: wire.send(HEAD_UNTIL_CLOSE + BODY[:1000]), False),
+    ],
+    ids=[
+        "length-all",
+        "length-short",
+        "chunked-last-chunk",
+        "chunked-cut-between-chunks",
+        "chunked-cut-mid-chunk",
+        "chunked-close-notify-without-last-chunk",
+        "until-close-with-close-notify",
+        "until-close-without-close-notify",
+    ],
+)
+def test_a_body_is_complete_only_where_the_server_said_it_ends(
+    authority: trustme.CA, respond: Callable[[_Wire], None], complete: bool
+) -> None:
+    # RFC 9112 section 9.8: a connection that goes away before then is a broken transfer.
+    with tls_server(authority, respond) as (port, context):
+        view = memoryview(bytearray(1 << 20))
+        with get(
+            "127.0.0.1", port, "/m.bin", {}, context=context, connect_timeout_s=5, read_timeout_s=5
+        ) as response:
+            while response.read_some(view):
+                pass
+            assert response.complete is complete
 
 
 def test_a_certificate_for_another_name_is_refused(authority: trustme.CA) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -201,6 +202,61 @@ def test_bad_spec_and_unwritable_store(origin: FaultyOrigin, tmp_path: Path) -> 
         options=FAST,
     )
     assert result.ok
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Path]:
+    """A real tmpfs of its own, so that a test can remount it read-only."""
+    mount_point = tmp_path / "mount"
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.mark.integration
+def test_a_verified_blob_in_a_read_only_store_is_used(
+    origin: FaultyOrigin, mount: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A model baked into an image or a shared read-only mount: no lock file can be made
+    # there, and none is needed, since no pull can change the blob.
+    store = ModelStore(mount / "store")
+    blob = pull(origin, store).path
+    assert blob is not None
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    result = pull(origin, store)
+    assert result.ok and result.path == blob
+    assert len(body_requests(origin, "/m.bin")) == 1
+    # What would have to be written there is still refused.
+    caplog.set_level(logging.DEBUG)
+    other = pull_model(
+        manifest_from_dict(
+            {
+                "model": {
+                    "name": "other",
+                    "url": secret_url(origin, "/m.bin"),
+                    "sha256": "0" * 64,
+                    "size_bytes": SIZE,
+                },
+                "sources": {"allow": [origin.base_url]},
+                "runtime": {"command": ["/bin/true"]},
+            }
+        ),
+        store=store,
+        ca_bundle=origin.ca_pem_path,
+        options=FAST,
+    )
+    assert other.verdict.reason is Reason.STORE_ERROR
+    assert len(body_requests(origin, "/m.bin")) == 1
+    assert_no_leak([caplog.text], DIGEST)
 
 
 @pytest.mark.integration

@@ -47,11 +47,12 @@ def write_manifest(
     tmp_path: Path, origin: FaultyOrigin, path: str, digest: str, size: int, **model: object
 ) -> Path:
     url = model.get("url", secret_url(origin, path))
+    name = model.get("name", "test-model")
     manifest = tmp_path / "model.toml"
     manifest.write_text(
         f"""
 [model]
-name = "test-model"
+name = "{name}"
 url = "{url}"
 sha256 = "{digest}"
 size_bytes = {size}
@@ -196,13 +197,12 @@ def test_a_store_under_the_home_of_no_user_is_refused(origin: FaultyOrigin, tmp_
     assert origin.requests == []
 
 
-@pytest.mark.e2e
-def test_progress_bar_on_a_terminal(origin: FaultyOrigin, tmp_path: Path) -> None:
-    manifest = write_manifest(tmp_path, origin, "/large.bin", LARGE_DIGEST, len(LARGE))
+def run_on_a_terminal(args: list[str]) -> tuple[int, bytes]:
+    """Run ``args`` with stderr on a pseudo-terminal (so pull draws its progress bar)."""
     controller, terminal = pty.openpty()
     try:
         process = subprocess.Popen(
-            command(manifest, tmp_path / "store", origin),
+            args,
             stdout=subprocess.PIPE,
             stderr=terminal,
             env={**os.environ, "COLUMNS": "100", "TERM": "xterm"},
@@ -217,11 +217,50 @@ def test_progress_bar_on_a_terminal(origin: FaultyOrigin, tmp_path: Path) -> Non
             if not chunk:
                 break
             seen += chunk
-        assert process.wait(60) == 0
+        returncode = process.wait(60)
+        assert process.stdout is not None
+        process.stdout.close()
     finally:
         os.close(controller)
+    return returncode, seen
+
+
+@pytest.mark.e2e
+def test_progress_bar_on_a_terminal(origin: FaultyOrigin, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, origin, "/large.bin", LARGE_DIGEST, len(LARGE))
+    returncode, seen = run_on_a_terminal(command(manifest, tmp_path / "store", origin))
+    assert returncode == 0
     assert b"test-model" in seen
     assert LARGE_DIGEST.encode() not in seen and b"token=" not in seen
+
+
+@pytest.mark.e2e
+def test_a_model_name_that_looks_like_markup_is_shown_as_written(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # The name is the manifest author's text: on a terminal it is printed as is, not parsed
+    # as rich markup (where "[/]" is an error and "[link=...]" a terminal hyperlink).
+    name = "[/][link=https://evil.example/]m[/link]"
+    manifest = write_manifest(tmp_path, origin, "/large.bin", LARGE_DIGEST, len(LARGE), name=name)
+    returncode, seen = run_on_a_terminal(command(manifest, tmp_path / "store", origin))
+    assert returncode == 0
+    assert b"Traceback" not in seen
+    assert b"[/][link=https://evil.example/]m" in seen
+    assert b"\x1b]8;" not in seen  # no OSC 8 hyperlink
+
+
+@pytest.mark.e2e
+def test_a_size_no_file_can_have_is_refused_on_a_terminal_too(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # A manifest may promise any positive integer; one far past any file size is refused
+    # (no disk has the room) and must not make the progress bar fail first.
+    manifest = write_manifest(tmp_path, origin, "/small.bin", SMALL_DIGEST, 10**400)
+    returncode, seen = run_on_a_terminal(command(manifest, tmp_path / "store", origin))
+    assert returncode == 1
+    assert b"Traceback" not in seen
+    assert b"refused: insufficient_disk" in seen
+    assert origin.requests == []
 
 
 @pytest.mark.e2e

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +75,45 @@ def test_refusals_exit_1_with_the_reason(
     assert plain.stderr.strip() == f"refused: {reason}"
     for text in (result.stdout, result.stderr, plain.stderr):
         assert DIGEST not in text and str(model) not in text
+
+
+def run_on_a_terminal(*args: str) -> tuple[int, bytes]:
+    """Run verify with stderr on a pseudo-terminal (so it draws its progress bar)."""
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "companion_runtime.cli", "verify", *args],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            env={**os.environ, "COLUMNS": "100", "TERM": "xterm"},
+        )
+        os.close(terminal)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        returncode = process.wait(60)
+        assert process.stdout is not None
+        process.stdout.close()
+    finally:
+        os.close(controller)
+    return returncode, seen
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("size", [str(10**400), str(2**63), "-1"])
+def test_a_size_no_file_can_have_is_refused_on_a_terminal_too(model: Path, size: str) -> None:
+    # Far past any file size: the progress bar must not turn it into a float and fail; the
+    # answer is the refusal, as it is without a terminal.
+    returncode, seen = run_on_a_terminal(str(model), "--sha256", DIGEST, "--size", size)
+    assert returncode == 1
+    assert b"Traceback" not in seen
+    assert b"refused: " in seen
 
 
 @pytest.mark.e2e

@@ -118,6 +118,15 @@ CASES = [
     ("https://cdn.example.org/models/.", MALFORMED),
     ("https://cdn.example.org/models//x", MALFORMED),
     ("https://models.example.com//evil.net/x", MALFORMED),
+    # Dot and empty segments with a path parameter: Tomcat, Jetty and Spring drop ";..." from
+    # each segment before resolving dots, so these leave the allowlisted prefix there.
+    ("https://cdn.example.org/models/..;/secret/x.gguf", MALFORMED),
+    ("https://cdn.example.org/models/..;jsessionid=1/secret", MALFORMED),
+    ("https://cdn.example.org/models/.;/x", MALFORMED),
+    ("https://cdn.example.org/models/;/x", MALFORMED),
+    ("https://cdn.example.org/models/x/..;", MALFORMED),
+    ("https://cdn.example.org/models/x;v=1/y.gguf", OK),
+    ("https://cdn.example.org/models/..x;/y.gguf", OK),
     # Fragments.
     ("https://models.example.com/x#frag", MALFORMED),
     ("https://evil.net#@models.example.com/", MALFORMED),
@@ -291,6 +300,8 @@ TOKENS = [
     "..",
     "/../",
     "/./",
+    ";",
+    "..;",
     "%2e",
     "%2E",
     "%2f",
@@ -347,7 +358,7 @@ def oracle_allows(url: str, allowlist: list[str]) -> bool:
     if not url.lower().startswith("https://"):
         return False
     segments = (split.path or "/").split("/")
-    if any(segment in (".", "..") for segment in segments):
+    if any(segment.partition(";")[0] in (".", "..") for segment in segments):
         return False
     for entry in allowlist:
         try:

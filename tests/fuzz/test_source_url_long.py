@@ -98,6 +98,8 @@ def test_url_oracle_property_on_arbitrary_values(url: object) -> None:
         ("https://models.example.com./x", ALLOW_MODELS, "malformed_spec"),
         ("https://mödels.example.com/x", ALLOW_MODELS, "malformed_spec"),
         ("https://[::1]/x", ["https://[::1]/"], "malformed_spec"),
+        # "..;" is ".." to servers that drop path parameters (Tomcat, Jetty, Spring).
+        ("https://cdn.example.org/models/..;/secret/x", ALLOW_CDN, "malformed_spec"),
         ("https://models.example.com/x#frag", ALLOW_MODELS, "malformed_spec"),
         # An entry that is not a valid https prefix grants nothing, not even itself.
         (

@@ -76,6 +76,8 @@ URL_TOKENS: tuple[str, ...] = (
     "..",
     "/../",
     "/./",
+    ";",
+    "..;",
     "%2e",
     "%2E",
     "%2f",
@@ -148,8 +150,9 @@ def _https_view(url: str) -> tuple[str, int, list[str]] | None:
     raw_path = split.path or "/"
     segments = raw_path.split("/")
     # httpx normalises dot segments away; the text itself must not contain any, or the two
-    # readings would name different resources.
-    if any(segment in (".", "..") for segment in segments):
+    # readings would name different resources. Servers that drop ";" parameters before
+    # resolving dots read "..;x" as "..".
+    if any(segment.partition(";")[0] in (".", "..") for segment in segments):
         return None
     # httpx percent-encodes characters such as "}" on the wire; both readings must still
     # decode to the same path.

@@ -29,13 +29,14 @@ class Fault:
     kind: ``bitflip`` | ``truncate`` | ``oversize`` | ``lying_length`` | ``redirect`` |
     ``gzip`` | ``status`` | ``stall`` | ``ignore_range`` | ``bad_content_range`` |
     ``huge_content_range`` | ``set_cookie_redirect`` | ``drip`` | ``chunked`` |
-    ``switch_protocols`` | ``chunk_extension_drip``.
+    ``chunked_cut`` | ``switch_protocols`` | ``chunk_extension_drip``.
     """
 
     kind: str
     location: str = ""
     status: int = 0
-    #: For ``stall``: bytes sent before the server goes silent.
+    #: For ``stall`` (and ``chunked``): bytes sent before the server goes silent; for
+    #: ``chunked_cut``, before it hangs up without the last chunk.
     stall_after_bytes: int = 0
     #: For ``drip``: seconds between single body bytes (``stall_after_bytes`` of them are
     #: dripped, then the server hangs up).
@@ -108,6 +109,8 @@ class FaultHandler(OriginHandler):
             self.close_connection = True
         elif kind == "chunked":
             self._chunked(record, body, fault.stall_after_bytes)
+        elif kind == "chunked_cut":
+            self._chunked(record, body, fault.stall_after_bytes, hang_up=True)
         elif kind == "ignore_range":
             self._raw(record, 200, {"Content-Length": str(len(body))}, body)
         elif kind in ("bad_content_range", "huge_content_range"):
@@ -153,9 +156,12 @@ class FaultHandler(OriginHandler):
         except (OSError, ssl.SSLError):
             return
 
-    def _chunked(self, record: RequestRecord, body: bytes, stall_after_bytes: int) -> None:
+    def _chunked(
+        self, record: RequestRecord, body: bytes, stall_after_bytes: int, *, hang_up: bool = False
+    ) -> None:
         # ``Transfer-Encoding: chunked`` in odd-sized chunks. With ``stall_after_bytes``, only
-        # that many body bytes go out, then the server goes silent mid-body.
+        # that many body bytes go out, then the server goes silent mid-body (or, with
+        # ``hang_up``, closes the connection without the last chunk).
         self.send_response(200)
         record.status = 200
         self.send_header("Transfer-Encoding", "chunked")
@@ -172,7 +178,8 @@ class FaultHandler(OriginHandler):
         except (OSError, ssl.SSLError):
             self.close_connection = True
             return
-        self.faulty.closing.wait(30)
+        if not hang_up:
+            self.faulty.closing.wait(30)
         self.close_connection = True
 
     def _raw(

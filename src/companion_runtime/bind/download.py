@@ -5,8 +5,9 @@ whether the bytes are the promised ones; this module moves bytes and enforces th
 rules around it:
 
 * Every hop is ``https`` and inside the allowlist: redirects are followed by hand (at most
-  :attr:`DownloadOptions.max_redirects`), each ``Location`` is resolved against the current URL
-  and checked again by ``validate_source_url``; a loop is refused. No credentials, cookies,
+  :attr:`DownloadOptions.max_redirects`), each ``Location`` is resolved against the current URL,
+  its fragment (never sent) dropped, and checked again by ``validate_source_url``; a loop is
+  refused. No credentials, cookies,
   proxies or ``.netrc`` are ever used, so nothing can be forwarded to another origin.
 * ``Accept-Encoding: identity`` is asked for and anything else refused: the raw bytes on the
   wire are what is hashed, never a decoded form of them.
@@ -437,7 +438,10 @@ class _Download:
             if not location:
                 raise DownloadError(Reason.HTTP_STATUS)
             try:
-                following = urljoin(current, location)
+                # A Location may carry a fragment (RFC 9110 section 10.2.2); a fragment is
+                # never sent, so it is dropped and what is checked is exactly what is asked.
+                # "#" starts the fragment wherever it appears, for every URL parser.
+                following = urljoin(current, location).partition("#")[0]
             except ValueError:
                 raise DownloadError(Reason.REDIRECT_NOT_ALLOWED) from None
             if not validate_source_url(following, self.allow).ok:
@@ -487,9 +491,6 @@ class _Download:
         accumulator = self.accumulator
         size = self.size
         received = offset
-        # What the server announced for this response; only used to tell a broken transfer
-        # (fewer bytes than it promised) from a server that promised too little.
-        announced = response.length
         capacity = self.options.buffer_bytes
         views = [memoryview(bytearray(capacity)) for _ in range(_BUFFERS)]
         index = 0
@@ -581,11 +582,14 @@ class _Download:
                     with contextlib.suppress(Exception):
                         future.result()
         if received < size:
-            if announced is not None and received - offset < announced:
-                # The connection ended before the bytes the server announced: a broken
-                # transfer. What arrived is kept for a resume.
+            if not response.complete:
+                # The connection ended before the body did (short of its Content-Length, or
+                # of the last chunk, or without a close_notify): a broken transfer. What
+                # arrived is kept for a resume.
                 raise DownloadError(Reason.DOWNLOAD_FAILED)
-            # The server announced (or sent) fewer bytes than the manifest promises.
+            # The server's whole body is shorter than the manifest promises: not the file
+            # the manifest means, and nothing to resume from.
+            self._discard()
             raise DownloadError(Reason.SIZE_MISMATCH)
 
 

@@ -71,7 +71,8 @@ def verify_file(
 ) -> Verdict:
     """Is the file at ``path`` exactly the expected bytes? Never raises on I/O errors.
 
-    A missing or unreadable file (or a directory) is ``file_not_found``; a bad digest/size spec
+    A missing or unreadable file, or anything but a regular file (a directory, a FIFO, a
+    device: refused before it is opened), is ``file_not_found``; a bad digest/size spec
     is ``malformed_spec``; then ``size_mismatch`` (from ``stat`` first) or ``digest_mismatch``.
     ``progress(received_bytes, total_bytes)`` is called after each buffer. ``cancelled`` is
     asked before each buffer; once it answers true the verdict is ``cancelled``, which says
@@ -91,12 +92,22 @@ def verify_file(
     if "\0" in os.fspath(path):
         return _FILE_NOT_FOUND  # no such name can exist (and os.open would raise ValueError)
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
-        # (The flag changes nothing for a regular file.)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Anything but a regular file is refused before it is opened: opening is not
+        # harmless for all of them (a FIFO lets the writer waiting on it go on, into a
+        # SIGPIPE once we close it; a watchdog device starts counting; a tape rewinds).
+        named = os.stat(path)
+        if not stat.S_ISREG(named.st_mode):
+            return _FILE_NOT_FOUND
+        # O_NONBLOCK and O_NOCTTY: should the name be switched to a FIFO or a terminal since,
+        # the open neither waits for a writer nor takes a controlling terminal; the check
+        # below refuses it. (Neither flag changes anything for a regular file.)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         with open(fd, "rb", buffering=0) as handle:
             info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
+            if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != (
+                named.st_dev,
+                named.st_ino,
+            ):
                 return _FILE_NOT_FOUND
             if info.st_size != expected_size_bytes:
                 accumulator.abort()

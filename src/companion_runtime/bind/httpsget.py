@@ -13,8 +13,9 @@ the download (with its two-worker pipeline) reaches 706 MB/s against 587–607 M
 
 The response head (status line, headers, chunked framing) is parsed by llhttp
 (``httptools``); a ``Content-Length`` body is then decrypted past the parser. What the caller
-gets is deliberately small: the status, the headers, the announced length and
-:meth:`Response.read_some`, which puts what one socket read brings into a buffer. A failure
+gets is deliberately small: the status, the headers, the announced length,
+:meth:`Response.read_some`, which puts what one socket read brings into a buffer, and
+:attr:`Response.complete`, whether the body ended where the server said it would. A failure
 inside ``read_some`` can only happen before it decrypted anything, so it never loses a byte
 that was received.
 
@@ -167,6 +168,8 @@ class _Tls:
         self._outgoing = outgoing
         self._raw = memoryview(bytearray(RECEIVE_BYTES))
         self._eof = False
+        #: Whether the server ended TLS with a close_notify alert (not just a closed socket).
+        self.closed_cleanly = False
         self._cancelled = cancelled
         self._timeout_s = timeout_s
         # Every socket call waits at most one slice; _wait() adds the slices up to the timeout.
@@ -284,11 +287,17 @@ class _Tls:
                     raise TimeoutError("no complete TLS record in time") from None
                 self._receive()  # at the end, the EOF goes into the buffer: read() reports it
                 continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                # A close_notify, or an end without one: either way the body ends here, and
-                # the caller compares what arrived with what was announced and promised.
+            except ssl.SSLZeroReturnError:
+                # A close_notify: the server ended the connection on purpose.
+                self.closed_cleanly = True
+                break
+            except ssl.SSLEOFError:
+                # An end without one: the body ends here too, and Response.complete tells the
+                # caller whether it ended where the server said it would.
                 break
             if not count:
+                # What read() answers once a close_notify arrived.
+                self.closed_cleanly = True
                 break
             filled += count
         return filled
@@ -319,6 +328,21 @@ class Response:
         self._sink = sink
         self._scratch: memoryview | None = None
         self._deferred: httptools.HttpParserError | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the body, as read so far, ended where the server said it would.
+
+        RFC 9112 section 9.8: with ``Content-Length`` when that many bytes arrived; chunked
+        when the last (zero-size) chunk did; otherwise (a body delimited by the connection's
+        end) only when TLS ended with a close_notify. A connection that simply went away
+        before then is a broken transfer, not a body that is this long.
+        """
+        if self.chunked:
+            return self._sink.complete
+        if self.length is not None:
+            return self.length <= 0
+        return self._connection.closed_cleanly
 
     def getheader(self, name: str) -> str | None:
         """The header's value (the last one when repeated), or None."""

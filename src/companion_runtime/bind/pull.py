@@ -9,6 +9,11 @@ Concurrency: the whole pull of one digest runs under the store's per-digest file
 pulls in two threads or two processes download it once; the second finds the published blob
 when it gets the lock, and re-verifies it like any other stored blob.
 
+Read-only store: a store on a file system mounted read-only (a model baked into an image, a
+shared read-only mount) cannot hold a lock file, but then no pull can change its blobs either,
+so a stored blob is re-verified and used without the lock. Anything that would write there
+(a download, removing a blob that no longer verifies) is refused with ``store_error``.
+
 Cancellation: ``cancel`` (a :class:`threading.Event`) is for a caller that must stop a pull
 running in another thread, as ``serve`` and ``pull`` do on SIGINT, SIGTERM or SIGHUP. Once it is
 set, the pull stops within about a second wherever it is (waiting for the lock, re-verifying a
@@ -19,6 +24,7 @@ is, the partial download is kept for the next pull to resume, and the lock is re
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import threading
 from dataclasses import dataclass
@@ -71,8 +77,12 @@ def _refused(reason: Reason) -> PullResult:
     return PullResult(verdict=Verdict(False, reason), path=None)
 
 
-def _take(lock: filelock.BaseFileLock, cancel: threading.Event | None) -> None:
-    """Wait for ``lock`` (another pull of the same model may hold it for long), or a cancel."""
+def _take(lock: filelock.BaseFileLock, cancel: threading.Event | None) -> bool:
+    """Wait for ``lock`` (another pull of the same model may hold it for long), or a cancel.
+
+    False, without the lock, when the store is on a read-only file system (see the module
+    documentation).
+    """
     while True:
         if cancel is not None and cancel.is_set():
             raise DownloadError(Reason.CANCELLED)
@@ -80,7 +90,11 @@ def _take(lock: filelock.BaseFileLock, cancel: threading.Event | None) -> None:
             lock.acquire(timeout=POLL_S if cancel is not None else -1)
         except filelock.Timeout:
             continue
-        return
+        except OSError as error:
+            if error.errno == errno.EROFS:
+                return False
+            raise
+        return True
 
 
 def pull_model(
@@ -122,7 +136,7 @@ def pull_model(
     try:
         store.ensure_layout()
         lock = store.lock(model.sha256)
-        _take(lock, cancel)
+        locked = _take(lock, cancel)
         try:
             if store.has_blob(model.sha256):
                 blob = store.blob_path(model.sha256)
@@ -154,7 +168,8 @@ def pull_model(
                 cancel=cancel,
             )
         finally:
-            lock.release()
+            if locked:
+                lock.release()
     except (DownloadError, StoreError) as error:
         return _refused(error.reason)
     except OSError:

@@ -12,7 +12,9 @@ rather than interpreted: userinfo, backslashes, whitespace or control characters
 non-ASCII, percent-encoded dots, slashes and backslashes (``%2e``, ``%2f``, ``%5c``, any case,
 anywhere in the URL), percent-encoded ``%`` or control characters, a ``%`` not followed by two
 hex digits, characters outside RFC 3986 in the path or query (``"``, ``<``, ``{``, ``[``,
-``|``, ...), ``.``/``..`` or empty path segments, fragments, an empty host, bracketed (IPv6)
+``|``, ...), ``.``/``..`` or empty path segments (also with a ``;`` parameter: ``..;x`` is
+``..`` to servers that drop path parameters, as Tomcat, Jetty and Spring do), fragments, an
+empty host, bracketed (IPv6)
 hosts, scheme-relative URLs, and ports that are empty, non-numeric or out of range.
 The scheme is compared case-insensitively (RFC 3986), so ``HTTPS://`` is ``https``.
 Queries are allowed on a source URL (they do not change which host or path is asked for);
@@ -113,12 +115,15 @@ def _parse(url: str) -> _Parsed:
     ):
         raise _Refused(_MALFORMED)
     path = parts.path or "/"
-    segments = path.split("/")
-    # segments[0] is "" (the path is absolute); the last may be "" (a trailing slash).
-    for segment in segments[1:-1]:
-        if segment in ("", ".", ".."):
+    # A segment's name is what comes before its first ";": servers that drop path parameters
+    # before resolving dot segments read "/models/..;/secret" as "/secret", outside the prefix
+    # the string "/models/" says it is in.
+    names = [segment.partition(";")[0] for segment in path.split("/")]
+    # names[0] is "" (the path is absolute); the last may be "" (a trailing slash).
+    for name in names[1:-1]:
+        if name in ("", ".", ".."):
             raise _Refused(_MALFORMED)
-    if segments[-1] in (".", ".."):
+    if names[-1] in (".", ".."):
         raise _Refused(_MALFORMED)
     return _Parsed(host, port, path, bool(parts.query) or "?" in url)
 
