@@ -106,6 +106,7 @@ __all__ = [
     "SupervisorConfig",
     "check_fit",
     "check_model_fit",
+    "check_runtime_command",
 ]
 
 #: RAM allowed for the runtime beyond the model's bytes (code, KV cache, buffers) by default.
@@ -242,6 +243,25 @@ async def check_model_fit(
         overhead_bytes=overhead_bytes,
         gpu_offload=gpu_offload,
     )
+
+
+def check_runtime_command(manifest: Manifest) -> Verdict:
+    """Could the manifest's runtime command be run at all? From the manifest alone, so it can
+    run **before** the download: a template the supervisor would refuse (``malformed_spec``) or
+    an executable that is missing or cannot be run (``executable_not_allowed``) is known now,
+    not after a multi-GB model has been fetched for it."""
+    template = manifest.runtime.command
+    try:
+        build_launch_spec(
+            template,
+            model_path="model",
+            port=1,
+            api_key_file="api-key" if uses_api_key_file(template) else None,
+            base_env={},
+        )
+    except ProcessError as error:
+        return deny(error.reason)
+    return ALLOW
 
 
 def _config_from_manifest(
