@@ -610,6 +610,23 @@ async def test_start_twice_is_refused_and_leaving_the_context_stops_the_runtime(
         await supervisor.start()
 
 
+async def test_a_second_start_during_the_first_is_refused_and_stop_waits_for_the_runtime(
+    tmp_path: Path,
+) -> None:
+    async with standin(tmp_path) as supervisor:
+        # The second start() arrives while the first re-verifies the blob.
+        first, second = await asyncio.gather(supervisor.start(), supervisor.start())
+        assert first.ok
+        assert second.reason is Reason.INVALID_TRANSITION
+        pid = supervisor.status()["pid"]
+        assert isinstance(pid, int)
+        await supervisor.stop()
+        # stop() returned: the runtime it supervised is stopped and gone, not still draining.
+        assert _state(supervisor) is LifecycleState.STOPPED
+        assert process_gone(pid)
+        assert supervisor.status()["spawns"] == 1
+
+
 async def test_no_move_is_ever_refused_by_the_table(tmp_path: Path) -> None:
     # Every move the supervisor asks for is one the lifecycle table holds, through start,
     # a crash, a restart, a health failure and a stop.

@@ -372,6 +372,8 @@ class Supervisor:
         self._lifecycle: Lifecycle = create_lifecycle_state()
         self._task_group: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
+        # A start() between its first check and the runner it creates (the re-verify).
+        self._start_pending = False
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._process: RuntimeProcess | None = None
@@ -507,13 +509,22 @@ class Supervisor:
         ``file_not_found``...), ``model_too_large``, ``malformed_spec`` /
         ``executable_not_allowed`` (command), ``spawn_failed``, ``ready_timeout``,
         ``runtime_exited`` (died while starting), ``not_ready`` (stopped while starting),
-        ``invalid_transition`` (already running).
+        ``invalid_transition`` (already running, or another start() is still under way).
         """
         task_group = self._task_group
         if task_group is None:
             raise RuntimeError("use 'async with Supervisor(...)' before start()")
-        if self._runner is not None and not self._runner.done():
+        if self._start_pending or (self._runner is not None and not self._runner.done()):
+            # A start still in its re-verify counts as running: a second one would take over
+            # self._runner, and stop() would then wait for the wrong runner.
             return deny(Reason.INVALID_TRANSITION)
+        self._start_pending = True
+        try:
+            return await self._start(task_group)
+        finally:
+            self._start_pending = False
+
+    async def _start(self, task_group: asyncio.TaskGroup) -> Verdict:
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._restarts = 0
