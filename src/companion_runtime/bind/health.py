@@ -59,6 +59,8 @@ class HealthAnswer(enum.StrEnum):
     BAD_STATUS = "bad_status"
     #: Any other transport failure (reset, malformed response).
     ERROR = "error"
+    #: A healthy answer from a listener that is not the runtime (one that took its port).
+    FOREIGN_LISTENER = "foreign_listener"
 
 
 @final

@@ -13,8 +13,10 @@ Theory of operation
 2. **fit**: model size plus an overhead allowance against the machine's headroom and the
    resource ceilings (:func:`~companion_runtime.core._fit.evaluate_model_fit`);
 3. **spawn** (``start``: stopped → starting) through the process seam;
-4. **health-wait**: the first healthy answer, after one resource sample has been pushed to the
-   admission controller, gives ``health_ok`` (starting → ready); none before
+4. **health-wait**: the first healthy answer *from the runtime* (a process in its tree listens
+   on the port: one that took the port before the runtime bound it is not the runtime), after
+   one resource sample has been pushed to the admission controller, gives ``health_ok``
+   (starting → ready); none before
    ``ready_timeout_s`` gives ``health_fail`` (starting → stopped) and the process is stopped;
    a process that exits while starting gives ``stopped``.
 
@@ -57,6 +59,7 @@ from typing import Any, Final, Self, TypeVar, final
 from companion_runtime.bind.admission import AdmissionController
 from companion_runtime.bind.filehash import VerifyPolicy, verify_file
 from companion_runtime.bind.health import (
+    HealthAnswer,
     HealthChecker,
     HealthPolicy,
     HttpHealthChecker,
@@ -72,6 +75,7 @@ from companion_runtime.bind.probe import (
     ResourceProbe,
     ResourceSample,
     default_gpu_memory,
+    listens_below,
     measure_machine_headroom,
 )
 from companion_runtime.bind.process import (
@@ -301,6 +305,36 @@ async def _first_of(*coroutines: Coroutine[Any, Any, _T]) -> _T:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@final
+class _RuntimeHealth:
+    """The health seam, healthy only when the runtime itself answers.
+
+    The runtime's port is picked free and released before the runtime binds it; a process
+    outside the runtime's tree that takes it first (the port is in the runtime's argv, which
+    any local user can read) and answers ``200`` must not make the runtime ready, nor receive
+    the requests and the runtime key the front door would then send it.
+    """
+
+    def __init__(
+        self,
+        checker: HealthChecker,
+        *,
+        pid: int,
+        port: int,
+        listens: Callable[[int, int], Awaitable[bool]],
+    ) -> None:
+        self._checker = checker
+        self._pid = pid
+        self._port = port
+        self._listens = listens
+
+    async def check(self) -> HealthAnswer:
+        answer = await self._checker.check()
+        if answer is HealthAnswer.HEALTHY and not await self._listens(self._pid, self._port):
+            return HealthAnswer.FOREIGN_LISTENER
+        return answer
+
+
 @dataclass(frozen=True, slots=True)
 class _Ended:
     """Why one run of the runtime ended (private to the runner)."""
@@ -342,6 +376,7 @@ class Supervisor:
         headroom: Callable[[], Awaitable[MachineHeadroom]] | None = None,
         gpu: GpuMemory | None = None,
         clock: Callable[[], float] = time.monotonic,
+        listens: Callable[[int, int], Awaitable[bool]] = listens_below,
     ) -> None:
         """``Supervisor(config)``, or ``Supervisor(manifest, model_path=...)`` (same as
         :meth:`from_manifest` with default settings). Seams default to the real adapters;
@@ -362,6 +397,7 @@ class Supervisor:
             lambda url: HttpHealthChecker(url, probe_timeout_s=config.health.probe_timeout_s)
         )
         self._headroom = headroom or (lambda: measure_machine_headroom(self._gpu))
+        self._listens = listens
         self.controller: Final = AdmissionController(
             max_in_flight=config.max_in_flight,
             queue_bound=config.queue_bound,
@@ -736,8 +772,11 @@ class Supervisor:
             self._spawns += 1
             async with (
                 self._launcher.launch(spec, stop_grace_s=config.kill_grace_s) as process,
-                self._checker_factory(spec.base_url + config.health_path) as checker,
+                self._checker_factory(spec.base_url + config.health_path) as http_checker,
             ):
+                checker = _RuntimeHealth(
+                    http_checker, pid=process.pid, port=spec.port, listens=self._listens
+                )
                 self._process = process
                 self._last_pid = process.pid
                 self._runtime_url = spec.base_url
