@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,7 +24,7 @@ from companion_runtime.bind.process import (
     choose_loopback_port,
 )
 from companion_runtime.core import LifecycleEvent, SpecError
-from tests.support.supervision import standin_command
+from tests.support.supervision import async_wait_for, standin_command
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -90,6 +93,74 @@ async def test_a_listener_that_never_answers_is_a_timeout() -> None:
                 assert time.monotonic() - started < 1.0
             assert wait.event is LifecycleEvent.HEALTH_FAIL
             assert wait.last_answer is HealthAnswer.TIMEOUT
+
+
+@contextlib.contextmanager
+def _hostile_health_listener(how: str) -> Iterator[tuple[str, list[int]]]:
+    """A loopback listener that answers every connection as ``how`` says; yields its URL and
+    a list that gets the number of bytes each connection managed to send."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    sent: list[int] = []
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n"
+
+    def answer(connection: socket.socket) -> None:
+        count = 0
+        with connection, contextlib.suppress(OSError):
+            connection.recv(65536)
+            if how == "endless body":
+                connection.sendall(head)
+                while count < 8 * 1024**3:
+                    count += connection.send(b"x" * 1024 * 1024)
+            elif how == "body a byte at a time":
+                connection.sendall(head)
+                for _ in range(200):
+                    count += connection.send(b"x")
+                    time.sleep(0.05)
+            else:  # the head a byte at a time: it never ends within the probe timeout
+                for byte in head:
+                    count += connection.send(bytes([byte]))
+                    time.sleep(0.05)
+        sent.append(count)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                threading.Thread(target=answer, args=(connection,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/health", sent
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        acceptor.join(5)
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("endless body", HealthAnswer.HEALTHY),
+        ("body a byte at a time", HealthAnswer.HEALTHY),
+        ("head a byte at a time", HealthAnswer.TIMEOUT),
+    ],
+)
+async def test_a_probe_reads_no_body_and_never_outlasts_its_timeout(
+    how: str, expected: HealthAnswer
+) -> None:
+    with _hostile_health_listener(how) as (url, sent):
+        async with HttpHealthChecker(url, probe_timeout_s=0.5) as checker:
+            started = time.monotonic()
+            async with asyncio.timeout(5):
+                answer = await checker.check()
+            assert answer is expected
+            assert time.monotonic() - started < 1.5
+        # The connection was closed unread: the listener could send no more than the socket
+        # buffers hold, not the gigabytes it offered.
+        assert await async_wait_for(lambda: len(sent) == 1, 10)
+        assert sent[0] < 64 * 1024 * 1024
 
 
 async def test_another_status_is_not_healthy() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from companion_runtime.bind.probe import (
     NvmlGpuMemory,
     ProbeError,
     PsutilResourceProbe,
+    listens_below,
     measure_machine_headroom,
 )
 from companion_runtime.bind.process import SubprocessLauncher, build_launch_spec
@@ -138,6 +140,19 @@ async def test_sampling_never_walks_the_machines_process_table(
         monkeypatch.setattr(psutil.Process, "children", forbidden)
         sample = await PsutilResourceProbe(runtime.pid, gpu=NoGpu()).sample()
     assert sample.process_count == 3  # the keeper, the runtime, its child
+
+
+@pytest.mark.security
+async def test_only_a_listener_below_the_runtime_is_the_runtime_s() -> None:
+    spec = build_launch_spec(standin_command("--spawn-child"), model_path="m")
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await _healthy(spec.base_url)
+        # The stand-in listens below the keeper, whose PID the caller holds.
+        assert await listens_below(runtime.pid, spec.port)
+        with socket.create_server(("127.0.0.1", 0)) as elsewhere:
+            # A port another process (this one, above the runtime) listens on is not its.
+            assert not await listens_below(runtime.pid, elsewhere.getsockname()[1])
+    assert not await listens_below(runtime.pid, spec.port)  # gone
 
 
 async def test_without_an_nvidia_gpu_nvml_reads_as_no_gpu() -> None:

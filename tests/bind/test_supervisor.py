@@ -475,6 +475,48 @@ async def test_a_start_after_a_failed_one_is_not_reported_as_given_up(tmp_path: 
         assert supervisor.status()["last_reason"] == "ok"
 
 
+_SQUATTER = """
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        print(self.path, flush=True)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+@pytest.mark.security
+async def test_a_process_that_takes_the_runtime_port_first_never_makes_it_ready(
+    tmp_path: Path,
+) -> None:
+    # The runtime binds its port late; another process, outside the runtime's tree, takes the
+    # port in between (it is in the runtime's argv) and answers every health probe 200.
+    async with standin(tmp_path, "--listen-delay-s", "2") as supervisor:
+        start = asyncio.create_task(supervisor.start())
+        assert await async_wait_for(lambda: supervisor.runtime_url is not None, 10)
+        port = int(str(supervisor.runtime_url).rsplit(":", 1)[1])
+        squatter = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _SQUATTER, str(port), stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            assert squatter.stdout is not None
+            # It answers the supervisor's health probes...
+            assert await asyncio.wait_for(squatter.stdout.readline(), 10) == b"/health\n"
+            verdict = await asyncio.wait_for(start, 30)
+        finally:
+            squatter.kill()
+            await squatter.wait()
+        # ...but is not the runtime: no ready, and the runtime, which could not bind, exited.
+        assert verdict.reason is Reason.RUNTIME_EXITED
+        assert "ready" not in _moves(supervisor)
+        assert _state(supervisor) is LifecycleState.STOPPED
+
+
 async def test_a_slow_start_becomes_ready(tmp_path: Path) -> None:
     flags = ("--listen-delay-s", "0.4", "--loading-s", "0.4")
     async with standin(tmp_path, *flags, ready_timeout_s=10.0) as supervisor:
@@ -608,6 +650,23 @@ async def test_start_twice_is_refused_and_leaving_the_context_stops_the_runtime(
     assert _state(supervisor) is LifecycleState.STOPPED
     with pytest.raises(RuntimeError):
         await supervisor.start()
+
+
+async def test_a_second_start_during_the_first_is_refused_and_stop_waits_for_the_runtime(
+    tmp_path: Path,
+) -> None:
+    async with standin(tmp_path) as supervisor:
+        # The second start() arrives while the first re-verifies the blob.
+        first, second = await asyncio.gather(supervisor.start(), supervisor.start())
+        assert first.ok
+        assert second.reason is Reason.INVALID_TRANSITION
+        pid = supervisor.status()["pid"]
+        assert isinstance(pid, int)
+        await supervisor.stop()
+        # stop() returned: the runtime it supervised is stopped and gone, not still draining.
+        assert _state(supervisor) is LifecycleState.STOPPED
+        assert process_gone(pid)
+        assert supervisor.status()["spawns"] == 1
 
 
 async def test_no_move_is_ever_refused_by_the_table(tmp_path: Path) -> None:

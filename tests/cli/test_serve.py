@@ -557,6 +557,42 @@ def test_serve_exits_1_with_restart_limit_reached_and_leaves_nothing_running(
         socket.create_connection(("127.0.0.1", port), timeout=2)
 
 
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["/nonexistent/llama-server", "--port", "{port}"], "executable_not_allowed"),
+        (["/", "--port", "{port}"], "executable_not_allowed"),
+        (["/bin/sh", "-c", "exit 0", "sh", "{model_path}"], "malformed_spec"),  # no {port}
+        (["/bin/sh", "{port}", "{model_name}"], "malformed_spec"),
+    ],
+)
+def test_a_runtime_command_that_cannot_run_is_refused_before_the_download(
+    tmp_path: Path, command: list[str], expected: str
+) -> None:
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"a model that is never needed\n"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(
+                origin.url("/models/standin.bin"), origin.base_url, data, command=command
+            )
+        )
+        finished = subprocess.run(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            capture_output=True,
+            text=True,
+            env=serve_env(tmp_path / "state"),
+            timeout=120,
+        )
+        requests = len(origin.requests)
+    assert finished.returncode == 1, finished.stderr[-3000:]
+    assert json.loads(finished.stdout) == {"ok": False, "reason": expected}
+    assert requests == 0
+    assert not any((tmp_path / "store").rglob("sha256-*"))
+
+
 @pytest.mark.parametrize("case", ["never healthy", "exits at once", "port taken"])
 def test_a_refusal_after_the_runtime_was_spawned_is_exit_1_with_its_reason(
     tmp_path: Path, case: str

@@ -1,8 +1,12 @@
 """Health checks: is the runtime answering its health URL, and what lifecycle event follows?
 
-One probe is one ``GET`` of the health URL with short timeouts. ``200`` is healthy; ``503``
-(llama-server while it loads the model), a refused connection, a timeout or any other answer
-is "not healthy yet". Two loops turn probes into lifecycle events for the supervisor:
+One probe is one ``GET`` of the health URL, all of it (connect, head) within the probe
+timeout. ``200`` is healthy; ``503`` (llama-server while it loads the model), a refused
+connection, a timeout or any other answer is "not healthy yet". Only the status line and
+headers are read, never the body: a runtime that answers with an endless body, or sends it a
+byte at a time, can neither fill the manager's memory nor hold a probe past its timeout.
+
+Two loops turn probes into lifecycle events for the supervisor:
 
 - :func:`wait_until_healthy` while ``starting``: the first healthy answer gives ``health_ok``;
   none before ``ready_timeout_s`` gives ``health_fail``.
@@ -55,6 +59,8 @@ class HealthAnswer(enum.StrEnum):
     BAD_STATUS = "bad_status"
     #: Any other transport failure (reset, malformed response).
     ERROR = "error"
+    #: A healthy answer from a listener that is not the runtime (one that took its port).
+    FOREIGN_LISTENER = "foreign_listener"
 
 
 @final
@@ -111,6 +117,7 @@ class HttpHealthChecker:
 
     def __init__(self, url: str, *, probe_timeout_s: float = 1.0) -> None:
         self._url = url
+        self._probe_timeout_s = probe_timeout_s
         # trust_env=False: a proxy configured in the environment must never see loopback
         # traffic, and no .netrc credentials are attached.
         self._client = httpx.AsyncClient(
@@ -136,18 +143,24 @@ class HttpHealthChecker:
 
     async def check(self) -> HealthAnswer:
         """GET the health URL once and classify the outcome."""
-        # The one place httpx exceptions are translated.
+        # The one place httpx exceptions are translated. httpx's timeouts bound each read,
+        # not the whole probe: a head sent a byte at a time would never time out without the
+        # overall one. The body is left unread; closing the response closes the connection.
         try:
-            response = await self._client.get(self._url)
+            async with (
+                asyncio.timeout(self._probe_timeout_s),
+                self._client.stream("GET", self._url) as response,
+            ):
+                status = response.status_code
         except httpx.ConnectError:
             return HealthAnswer.REFUSED
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             return HealthAnswer.TIMEOUT
         except httpx.HTTPError:
             return HealthAnswer.ERROR
-        if response.status_code == 200:
+        if status == 200:
             return HealthAnswer.HEALTHY
-        if response.status_code == 503:
+        if status == 503:
             return HealthAnswer.LOADING
         return HealthAnswer.BAD_STATUS
 

@@ -19,6 +19,11 @@ processes are ever looked at; elsewhere psutil's ``children(recursive=True)`` is
   processes and keeps only the entries whose PID is ours, inside one function; nothing about
   any other process is stored, returned or logged.
 
+:func:`listens_below` answers whether the runtime (its PID or a descendant) is the process
+listening on a TCP port: the port is picked free and released before the runtime binds it, so
+another local process (of any user: the port is in the runtime's argv for all to read) could
+take it first and answer the health check. Only our processes' own sockets are looked at.
+
 All psutil and NVML calls block, so they run in a worker thread (``asyncio.to_thread``).
 Foreign exceptions are translated in one place per adapter: a runtime that vanished is
 :class:`ProbeError` with ``runtime_exited``; any NVML failure means "no GPU" (0 bytes).
@@ -52,6 +57,7 @@ __all__ = [
     "ResourceProbe",
     "ResourceSample",
     "default_gpu_memory",
+    "listens_below",
     "measure_machine_headroom",
 ]
 
@@ -313,6 +319,30 @@ class PsutilResourceProbe:
             taken_at=self._clock(),
             process_count=len(measured),
         )
+
+
+def _listens_below_blocking(pid: int, port: int) -> bool:
+    for member in (pid, *_descendants(psutil.Process(pid))):
+        try:
+            connections = psutil.Process(member).net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue  # exited between listing and reading: it listens on nothing now
+        if any(
+            connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
+            for connection in connections
+        ):
+            return True
+    return False
+
+
+async def listens_below(pid: int, port: int) -> bool:
+    """Whether the process ``pid`` or one below it listens on TCP ``port`` (in a worker
+    thread). Anything that cannot be read counts as "no": a listener we cannot show to be the
+    runtime's is not trusted."""
+    try:
+        return await asyncio.to_thread(_listens_below_blocking, pid, port)
+    except (psutil.Error, OSError):
+        return False
 
 
 def _headroom_blocking(gpu: GpuMemory) -> MachineHeadroom:

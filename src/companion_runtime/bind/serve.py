@@ -1,11 +1,12 @@
 """``serve``: manifest → fit check → verified pull → supervised runtime → front door.
 
-The order is the safety argument: the model's fit is checked before a byte is downloaded, the
-runtime starts only on a blob that verified, and the front door opens only once the runtime is
-``ready``. Any refusal before that point ends the command with a reason and nothing left
-running. The store and the state directory are checked before the download too: a state
-directory that cannot be used (a symlink, another user's, shared with others, or a default
-runtime directory the platform refuses) is ``store_error`` before a byte is fetched.
+The order is the safety argument: the model's fit, and whether the runtime command could be run
+at all, are checked before a byte is downloaded, the runtime starts only on a blob that
+verified, and the front door opens only once the runtime is ``ready``. Any refusal before that
+point ends the command with a reason and nothing left running. The store and the state
+directory are checked before the download too: a state directory that cannot be used (a
+symlink, another user's, shared with others, or a default runtime directory the platform
+refuses) is ``store_error`` before a byte is fetched.
 
 Cancelling :func:`serve_manifest` before ready (what ``serve`` does on a signal) stops the pull
 and the supervisor's re-verify of the blob as well: each runs in a worker thread, which cannot
@@ -49,7 +50,7 @@ from companion_runtime.bind.session import (
     write_token_file,
 )
 from companion_runtime.bind.store import ModelStore, StoreError
-from companion_runtime.bind.supervisor import Supervisor, check_model_fit
+from companion_runtime.bind.supervisor import Supervisor, check_model_fit, check_runtime_command
 from companion_runtime.bind.worker import run_cancellable
 from companion_runtime.core import Reason, Verdict
 
@@ -241,6 +242,9 @@ async def serve_manifest(
     fit = await check_model_fit(manifest)
     if not fit.ok:
         return fit
+    command = check_runtime_command(manifest)
+    if not command.ok:
+        return command
     say("pull")
     try:
         store = ModelStore(options.store)

@@ -13,8 +13,10 @@ Theory of operation
 2. **fit**: model size plus an overhead allowance against the machine's headroom and the
    resource ceilings (:func:`~companion_runtime.core._fit.evaluate_model_fit`);
 3. **spawn** (``start``: stopped → starting) through the process seam;
-4. **health-wait**: the first healthy answer, after one resource sample has been pushed to the
-   admission controller, gives ``health_ok`` (starting → ready); none before
+4. **health-wait**: the first healthy answer *from the runtime* (a process in its tree listens
+   on the port: one that took the port before the runtime bound it is not the runtime), after
+   one resource sample has been pushed to the admission controller, gives ``health_ok``
+   (starting → ready); none before
    ``ready_timeout_s`` gives ``health_fail`` (starting → stopped) and the process is stopped;
    a process that exits while starting gives ``stopped``.
 
@@ -57,6 +59,7 @@ from typing import Any, Final, Self, TypeVar, final
 from companion_runtime.bind.admission import AdmissionController
 from companion_runtime.bind.filehash import VerifyPolicy, verify_file
 from companion_runtime.bind.health import (
+    HealthAnswer,
     HealthChecker,
     HealthPolicy,
     HttpHealthChecker,
@@ -72,6 +75,7 @@ from companion_runtime.bind.probe import (
     ResourceProbe,
     ResourceSample,
     default_gpu_memory,
+    listens_below,
     measure_machine_headroom,
 )
 from companion_runtime.bind.process import (
@@ -106,6 +110,7 @@ __all__ = [
     "SupervisorConfig",
     "check_fit",
     "check_model_fit",
+    "check_runtime_command",
 ]
 
 #: RAM allowed for the runtime beyond the model's bytes (code, KV cache, buffers) by default.
@@ -244,6 +249,25 @@ async def check_model_fit(
     )
 
 
+def check_runtime_command(manifest: Manifest) -> Verdict:
+    """Could the manifest's runtime command be run at all? From the manifest alone, so it can
+    run **before** the download: a template the supervisor would refuse (``malformed_spec``) or
+    an executable that is missing or cannot be run (``executable_not_allowed``) is known now,
+    not after a multi-GB model has been fetched for it."""
+    template = manifest.runtime.command
+    try:
+        build_launch_spec(
+            template,
+            model_path="model",
+            port=1,
+            api_key_file="api-key" if uses_api_key_file(template) else None,
+            base_env={},
+        )
+    except ProcessError as error:
+        return deny(error.reason)
+    return ALLOW
+
+
 def _config_from_manifest(
     manifest: Manifest,
     model_path: str | os.PathLike[str],
@@ -279,6 +303,36 @@ async def _first_of(*coroutines: Coroutine[Any, Any, _T]) -> _T:
             task.cancel()
         # Only our own tasks' outcomes are collected here; our own cancellation still raises.
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@final
+class _RuntimeHealth:
+    """The health seam, healthy only when the runtime itself answers.
+
+    The runtime's port is picked free and released before the runtime binds it; a process
+    outside the runtime's tree that takes it first (the port is in the runtime's argv, which
+    any local user can read) and answers ``200`` must not make the runtime ready, nor receive
+    the requests and the runtime key the front door would then send it.
+    """
+
+    def __init__(
+        self,
+        checker: HealthChecker,
+        *,
+        pid: int,
+        port: int,
+        listens: Callable[[int, int], Awaitable[bool]],
+    ) -> None:
+        self._checker = checker
+        self._pid = pid
+        self._port = port
+        self._listens = listens
+
+    async def check(self) -> HealthAnswer:
+        answer = await self._checker.check()
+        if answer is HealthAnswer.HEALTHY and not await self._listens(self._pid, self._port):
+            return HealthAnswer.FOREIGN_LISTENER
+        return answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +376,7 @@ class Supervisor:
         headroom: Callable[[], Awaitable[MachineHeadroom]] | None = None,
         gpu: GpuMemory | None = None,
         clock: Callable[[], float] = time.monotonic,
+        listens: Callable[[int, int], Awaitable[bool]] = listens_below,
     ) -> None:
         """``Supervisor(config)``, or ``Supervisor(manifest, model_path=...)`` (same as
         :meth:`from_manifest` with default settings). Seams default to the real adapters;
@@ -342,6 +397,7 @@ class Supervisor:
             lambda url: HttpHealthChecker(url, probe_timeout_s=config.health.probe_timeout_s)
         )
         self._headroom = headroom or (lambda: measure_machine_headroom(self._gpu))
+        self._listens = listens
         self.controller: Final = AdmissionController(
             max_in_flight=config.max_in_flight,
             queue_bound=config.queue_bound,
@@ -352,6 +408,8 @@ class Supervisor:
         self._lifecycle: Lifecycle = create_lifecycle_state()
         self._task_group: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
+        # A start() between its first check and the runner it creates (the re-verify).
+        self._start_pending = False
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._process: RuntimeProcess | None = None
@@ -487,13 +545,22 @@ class Supervisor:
         ``file_not_found``...), ``model_too_large``, ``malformed_spec`` /
         ``executable_not_allowed`` (command), ``spawn_failed``, ``ready_timeout``,
         ``runtime_exited`` (died while starting), ``not_ready`` (stopped while starting),
-        ``invalid_transition`` (already running).
+        ``invalid_transition`` (already running, or another start() is still under way).
         """
         task_group = self._task_group
         if task_group is None:
             raise RuntimeError("use 'async with Supervisor(...)' before start()")
-        if self._runner is not None and not self._runner.done():
+        if self._start_pending or (self._runner is not None and not self._runner.done()):
+            # A start still in its re-verify counts as running: a second one would take over
+            # self._runner, and stop() would then wait for the wrong runner.
             return deny(Reason.INVALID_TRANSITION)
+        self._start_pending = True
+        try:
+            return await self._start(task_group)
+        finally:
+            self._start_pending = False
+
+    async def _start(self, task_group: asyncio.TaskGroup) -> Verdict:
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._restarts = 0
@@ -705,8 +772,11 @@ class Supervisor:
             self._spawns += 1
             async with (
                 self._launcher.launch(spec, stop_grace_s=config.kill_grace_s) as process,
-                self._checker_factory(spec.base_url + config.health_path) as checker,
+                self._checker_factory(spec.base_url + config.health_path) as http_checker,
             ):
+                checker = _RuntimeHealth(
+                    http_checker, pid=process.pid, port=spec.port, listens=self._listens
+                )
                 self._process = process
                 self._last_pid = process.pid
                 self._runtime_url = spec.base_url
