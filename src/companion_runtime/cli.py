@@ -401,8 +401,27 @@ def status(
     _finish(result.to_dict(), ok=result.verdict.ok, json_output=json_output)
 
 
+def _open_standard_descriptors() -> None:
+    """Point a closed standard input, output or error at the null device.
+
+    A parent may start the CLI with one of them closed (``serve <&-``, a daemon's spawner).
+    The next socket would then get that number, and libuv (uvloop, which ``serve`` and
+    ``demo`` run on) aborts the whole process when it closes a descriptor below 3. With the
+    null device there, what would have been written to the closed stream is dropped instead.
+    """
+    import os
+
+    for descriptor in (0, 1, 2):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            # A new descriptor takes the lowest free number: this one, those below being open.
+            os.open(os.devnull, os.O_RDWR)
+
+
 def main() -> None:
     """Console-script entry point."""
+    _open_standard_descriptors()
     app()
 
 
