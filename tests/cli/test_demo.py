@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from companion_runtime.bind.llama_server import llama_available
@@ -25,6 +27,46 @@ def test_demo_runs_end_to_end_and_exits_0() -> None:
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     for shown in ("digest_mismatch", "nothing stored", "queue_full", "gone"):
         assert shown in finished.stdout
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+@pytest.mark.parametrize("step", ["pull a tampered copy", "send a burst"])
+def test_a_signal_stops_the_demo_and_leaves_nothing_behind(
+    tmp_path: Path, signum: signal.Signals, step: str
+) -> None:
+    # Closing the terminal or a parent's SIGTERM mid-demo: the runtime, the temporary store,
+    # the front door's token file and the runtime's API key must all be gone afterwards.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "companion_runtime.cli", "demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if step in line:
+                break
+        started = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signum)
+        _rest, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    assert list(scratch.iterdir()) == []
+    assert process.returncode == 1, stderr[-3000:]
+    assert stderr.strip().endswith("refused: cancelled"), stderr[-3000:]
+    assert "Traceback" not in stderr
+    for child in started:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
 
 
 # --- without the llama extra --------------------------------------------------------------
