@@ -22,6 +22,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's own plain help and errors: a usage error is one "Error: ..." line on stderr
+    # (what _usage_error prints too), not a panel drawn to the terminal's width with the
+    # message wrapped inside it, which a script or a parent app cannot pick out.
+    rich_markup_mode=None,
 )
 
 # --- verify / pull ------------------------------------------------------------------------
