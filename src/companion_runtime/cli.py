@@ -12,7 +12,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 
@@ -112,20 +112,26 @@ def _say(message: str, *, err: bool = False) -> None:
     stdout or stderr: the line is lost, the stream is pointed at the null device (so no later
     write, nor the flush at exit, fails on it again) and serving goes on.
     """
-    import os
     import sys
 
     try:
         typer.echo(message, err=err)
     except (OSError, ValueError):
-        stream = sys.stderr if err else sys.stdout
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            null = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(null, stream.fileno())
-            finally:
-                os.close(null)
-            stream.flush()  # what the failed write left in the buffer goes nowhere
+        _to_null(sys.stderr if err else sys.stdout)
+
+
+def _to_null(stream: TextIO) -> None:
+    """Point ``stream`` at the null device, so that no later write, nor the flush at exit,
+    fails on it again; what a failed write left in its buffer goes nowhere."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, stream.fileno())
+        finally:
+            os.close(null)
+        stream.flush()
 
 
 def _usage_error(message: str) -> None:
@@ -365,9 +371,23 @@ def serve(
 def demo() -> None:
     """Offline end-to-end demo: tiny model, verified pull (and a tampered copy refused),
     llama.cpp behind the front door, a burst showing admission, queueing and refusals."""
+    import sys
+
     from companion_runtime.bind.demo import demo_main
 
-    raise typer.Exit(demo_main())
+    try:
+        code = demo_main()
+    except OSError as error:
+        # No room left for the demo's temporary files, or a standard output that cannot be
+        # written (a full disk behind it): what the demo started is stopped and removed by now.
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            _to_null(sys.stdout)
+        # The description only: the error's own text may carry a path.
+        _say(f"demo failed: {error.strerror or 'could not write'}", err=True)
+        code = 1
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -69,6 +69,27 @@ def test_a_signal_stops_the_demo_and_leaves_nothing_behind(
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+def test_a_standard_output_that_cannot_be_written_is_one_line_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    # stdout on a full disk: the demo stops, says why on stderr and leaves nothing behind.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with open("/dev/full", "w") as full:
+        finished = subprocess.run(
+            [sys.executable, "-m", "companion_runtime.cli", "demo"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TMPDIR": str(scratch)},
+        )
+    assert finished.returncode == 1, finished.stderr[-3000:]
+    assert finished.stderr.splitlines() == ["demo failed: No space left on device"]
+    assert list(scratch.iterdir()) == []
+
+
 # --- without the llama extra --------------------------------------------------------------
 
 INSTALL_COMMAND = "pip install 'companion-runtime[llama]'"
