@@ -90,6 +90,26 @@ def test_a_standard_output_that_cannot_be_written_is_one_line_not_a_traceback(
     assert list(scratch.iterdir()) == []
 
 
+@pytest.mark.security
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+def test_an_xllamacpp_py_in_the_working_directory_is_never_run(tmp_path: Path) -> None:
+    # A shared directory (/tmp, Downloads) where someone left an xllamacpp.py: neither the
+    # import check nor the runtime the demo starts may pick it up instead of the package.
+    planted = tmp_path / "cwd"
+    planted.mkdir()
+    marker = tmp_path / "ran"
+    (planted / "xllamacpp.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=planted,
+    )
+    assert not marker.exists()
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+
 # --- without the llama extra --------------------------------------------------------------
 
 INSTALL_COMMAND = "pip install 'companion-runtime[llama]'"

@@ -274,7 +274,8 @@ def _llama_importable() -> bool:
         return False
     try:
         finished = subprocess.run(
-            [sys.executable, "-c", "import xllamacpp"],
+            # -P: not from the working directory, where anyone may have left an xllamacpp.py.
+            [sys.executable, "-P", "-c", "import xllamacpp"],
             capture_output=True,
             timeout=_IMPORT_CHECK_TIMEOUT_S,
             check=False,
