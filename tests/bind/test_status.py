@@ -102,6 +102,35 @@ def test_a_status_document_nested_too_deep_is_refused(depth: int) -> None:
     assert result.verdict.reason is Reason.UPSTREAM_ERROR
 
 
+@pytest.mark.security
+def test_a_document_s_own_ok_and_reason_never_replace_the_verdict() -> None:
+    # Whatever answers on the port may send fields of those names; with --json the object's
+    # "ok" must agree with the exit code, which follows the verdict.
+    body = b'{"ok": false, "reason": "not_ready", "state": "ready", "in_flight": 0}'
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = fetch_status(f"http://127.0.0.1:{server.server_address[1]}", new_token())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.verdict.ok
+    assert result.to_dict() == {"ok": True, "reason": "ok", "state": "ready", "in_flight": 0}
+
+
 class _EndlessHandler(http.server.BaseHTTPRequestHandler):
     """A status answer that never ends: a byte now and then, or a megabyte after another."""
 

@@ -48,6 +48,8 @@ from companion_runtime.core import Reason, Verdict
 __all__ = ["StatusResult", "fetch_status", "read_status", "status_table"]
 
 _LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+#: The fields of a result that are the verdict's, never the document's.
+_VERDICT: Final = frozenset({"ok", "reason"})
 #: Largest status document read: the front door's own is about a kilobyte.
 _MAX_BODY_BYTES: Final = 1024 * 1024
 
@@ -61,8 +63,14 @@ class StatusResult:
     document: Mapping[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
-        """``{"ok", "reason"}`` followed by the document's fields."""
-        return {**self.verdict.to_dict(), **self.document}
+        """``{"ok", "reason"}`` followed by the document's other fields.
+
+        The verdict's own ``ok`` and ``reason`` are the ones that count: a document with
+        fields of those names (not the front door's, which has none) must not turn an answer
+        the exit code calls ok into ``"ok": false``, nor the other way round.
+        """
+        others = {name: value for name, value in self.document.items() if name not in _VERDICT}
+        return {**self.verdict.to_dict(), **others}
 
 
 def _refused(reason: Reason) -> StatusResult:
