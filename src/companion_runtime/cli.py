@@ -370,7 +370,12 @@ def serve(
 @app.command()
 def demo() -> None:
     """Offline end-to-end demo: tiny model, verified pull (and a tampered copy refused),
-    llama.cpp behind the front door, a burst showing admission, queueing and refusals."""
+    llama.cpp behind the front door, a burst showing admission, queueing and refusals.
+
+    Exit 0 when every step showed what it should, 1 otherwise (and without the llama extra).
+    SIGINT, SIGTERM or SIGHUP stop it: what it started is stopped and removed, and it exits 1
+    with cancelled.
+    """
     import sys
 
     from companion_runtime.bind.demo import demo_main
