@@ -12,7 +12,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 
@@ -22,6 +22,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's own plain help and errors: a usage error is one "Error: ..." line on stderr
+    # (what _usage_error prints too), not a panel drawn to the terminal's width with the
+    # message wrapped inside it, which a script or a parent app cannot pick out.
+    rich_markup_mode=None,
 )
 
 # --- verify / pull ------------------------------------------------------------------------
@@ -108,20 +112,26 @@ def _say(message: str, *, err: bool = False) -> None:
     stdout or stderr: the line is lost, the stream is pointed at the null device (so no later
     write, nor the flush at exit, fails on it again) and serving goes on.
     """
-    import os
     import sys
 
     try:
         typer.echo(message, err=err)
     except (OSError, ValueError):
-        stream = sys.stderr if err else sys.stdout
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            null = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(null, stream.fileno())
-            finally:
-                os.close(null)
-            stream.flush()  # what the failed write left in the buffer goes nowhere
+        _to_null(sys.stderr if err else sys.stdout)
+
+
+def _to_null(stream: TextIO) -> None:
+    """Point ``stream`` at the null device, so that no later write, nor the flush at exit,
+    fails on it again; what a failed write left in its buffer goes nowhere."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, stream.fileno())
+        finally:
+            os.close(null)
+        stream.flush()
 
 
 def _usage_error(message: str) -> None:
@@ -373,10 +383,29 @@ def serve(
 @app.command()
 def demo() -> None:
     """Offline end-to-end demo: tiny model, verified pull (and a tampered copy refused),
-    llama.cpp behind the front door, a burst showing admission, queueing and refusals."""
+    llama.cpp behind the front door, a burst showing admission, queueing and refusals.
+
+    Exit 0 when every step showed what it should, 1 otherwise (and without the llama extra).
+    SIGINT, SIGTERM or SIGHUP stop it: what it started is stopped and removed, and it exits 1
+    with cancelled.
+    """
+    import sys
+
     from companion_runtime.bind.demo import demo_main
 
-    raise typer.Exit(demo_main())
+    try:
+        code = demo_main()
+    except OSError as error:
+        # No room left for the demo's temporary files, or a standard output that cannot be
+        # written (a full disk behind it): what the demo started is stopped and removed by now.
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            _to_null(sys.stdout)
+        # The description only: the error's own text may carry a path.
+        _say(f"demo failed: {error.strerror or 'could not write'}", err=True)
+        code = 1
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -414,8 +443,27 @@ def status(
     _finish(result.to_dict(), ok=result.verdict.ok, json_output=json_output)
 
 
+def _open_standard_descriptors() -> None:
+    """Point a closed standard input, output or error at the null device.
+
+    A parent may start the CLI with one of them closed (``serve <&-``, a daemon's spawner).
+    The next socket would then get that number, and libuv (uvloop, which ``serve`` and
+    ``demo`` run on) aborts the whole process when it closes a descriptor below 3. With the
+    null device there, what would have been written to the closed stream is dropped instead.
+    """
+    import os
+
+    for descriptor in (0, 1, 2):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            # A new descriptor takes the lowest free number: this one, those below being open.
+            os.open(os.devnull, os.O_RDWR)
+
+
 def main() -> None:
     """Console-script entry point."""
+    _open_standard_descriptors()
     app()
 
 

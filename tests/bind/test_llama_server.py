@@ -329,7 +329,7 @@ def test_sigterm_right_after_ready_is_not_lost(model: Path, tmp_path: Path) -> N
 def test_embedded_command_template_runs_as_given(model: Path, tmp_path: Path) -> None:
     port = free_port()
     template = embedded_llama_command(threads=1, context_size=512, api_key_file=False)
-    assert template[:3] == [sys.executable, "-m", MODULE]
+    assert template[:4] == [sys.executable, "-P", "-m", MODULE]
     command = [
         part.format(model_path=model, host=HOST, port=port) if "{" in part else part
         for part in template

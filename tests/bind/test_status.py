@@ -21,7 +21,7 @@ from companion_runtime.bind.session import (
     write_serve_state,
     write_token_file,
 )
-from companion_runtime.bind.status import fetch_status, read_status, status_table
+from companion_runtime.bind.status import StatusResult, fetch_status, read_status, status_table
 from tests.support.frontdoor import running_front_door, tiny_upstream
 from tests.support.port_taker import ipv6_loopback, port_taker
 
@@ -100,6 +100,102 @@ def test_a_status_document_nested_too_deep_is_refused(depth: int) -> None:
         server.shutdown()
         server.server_close()
     assert result.verdict.reason is Reason.UPSTREAM_ERROR
+
+
+@pytest.mark.security
+def test_a_document_s_own_ok_and_reason_never_replace_the_verdict() -> None:
+    # Whatever answers on the port may send fields of those names; with --json the object's
+    # "ok" must agree with the exit code, which follows the verdict.
+    body = b'{"ok": false, "reason": "not_ready", "state": "ready", "in_flight": 0}'
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = fetch_status(f"http://127.0.0.1:{server.server_address[1]}", new_token())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.verdict.ok
+    assert result.to_dict() == {"ok": True, "reason": "ok", "state": "ready", "in_flight": 0}
+
+
+class _EndlessHandler(http.server.BaseHTTPRequestHandler):
+    """A status answer that never ends: a byte now and then, or a megabyte after another."""
+
+    protocol_version = "HTTP/1.1"
+    trickle = True
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        piece = b" " if self.trickle else b" " * (1 << 20)
+        chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+        try:
+            while not self.server.closing.is_set():  # type: ignore[attr-defined]
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                if self.trickle:
+                    self.server.closing.wait(0.2)  # type: ignore[attr-defined]
+        except OSError:
+            return
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    ("trickle", "reason"), [(True, Reason.TIMEOUT), (False, Reason.UPSTREAM_ERROR)]
+)
+def test_a_status_answer_that_never_ends_is_refused_in_time_and_memory(
+    trickle: bool, reason: Reason
+) -> None:
+    # Whatever listens on the port: a byte every 0.2 s never lets a per-read timeout fire,
+    # and an endless body would be read into memory until the machine ran out of it.
+    import resource
+    import time
+
+    handler = type("Handler", (_EndlessHandler,), {"trickle": trickle})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.closing = threading.Event()  # type: ignore[attr-defined]
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    results: list[StatusResult] = []
+    fetching = threading.Thread(
+        target=lambda: results.append(fetch_status(url, new_token(), timeout_s=1)), daemon=True
+    )
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    try:
+        fetching.start()
+        fetching.join(timeout=5)
+        elapsed = time.monotonic() - started
+        grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    finally:
+        # Ends the answer, and with it a fetch still reading it.
+        server.closing.set()  # type: ignore[attr-defined]
+        fetching.join(timeout=30)
+        server.shutdown()
+        server.server_close()
+    assert elapsed < 3
+    assert grown_kib < 64 * 1024
+    assert results[0].verdict.reason is reason
 
 
 # --- a state file is trusted no more than serve would trust it ------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from companion_runtime.bind.llama_server import llama_available
@@ -25,6 +27,87 @@ def test_demo_runs_end_to_end_and_exits_0() -> None:
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     for shown in ("digest_mismatch", "nothing stored", "queue_full", "gone"):
         assert shown in finished.stdout
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+@pytest.mark.parametrize("step", ["pull a tampered copy", "send a burst"])
+def test_a_signal_stops_the_demo_and_leaves_nothing_behind(
+    tmp_path: Path, signum: signal.Signals, step: str
+) -> None:
+    # Closing the terminal or a parent's SIGTERM mid-demo: the runtime, the temporary store,
+    # the front door's token file and the runtime's API key must all be gone afterwards.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "companion_runtime.cli", "demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if step in line:
+                break
+        started = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signum)
+        _rest, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    assert list(scratch.iterdir()) == []
+    assert process.returncode == 1, stderr[-3000:]
+    assert stderr.strip().endswith("refused: cancelled"), stderr[-3000:]
+    assert "Traceback" not in stderr
+    for child in started:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+def test_a_standard_output_that_cannot_be_written_is_one_line_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    # stdout on a full disk: the demo stops, says why on stderr and leaves nothing behind.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with open("/dev/full", "w") as full:
+        finished = subprocess.run(
+            [sys.executable, "-m", "companion_runtime.cli", "demo"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TMPDIR": str(scratch)},
+        )
+    assert finished.returncode == 1, finished.stderr[-3000:]
+    assert finished.stderr.splitlines() == ["demo failed: No space left on device"]
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.security
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+def test_an_xllamacpp_py_in_the_working_directory_is_never_run(tmp_path: Path) -> None:
+    # A shared directory (/tmp, Downloads) where someone left an xllamacpp.py: neither the
+    # import check nor the runtime the demo starts may pick it up instead of the package.
+    planted = tmp_path / "cwd"
+    planted.mkdir()
+    marker = tmp_path / "ran"
+    (planted / "xllamacpp.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=planted,
+    )
+    assert not marker.exists()
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
 
 
 # --- without the llama extra --------------------------------------------------------------

@@ -847,6 +847,57 @@ def test_serve_whose_output_is_closed_keeps_serving_and_drains_to_exit_0(
     assert not (state_dir / "serve.json").exists()
 
 
+@pytest.mark.parametrize("descriptor", [0, 1, 2])
+def test_serve_started_with_a_standard_descriptor_closed_serves_and_drains_to_exit_0(
+    tmp_path: Path, descriptor: int
+) -> None:
+    # A spawner that closes stdin, stdout or stderr (a daemon's, "serve <&-"): the number is
+    # then free for the next socket, which the event loop must never treat as a standard one.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = tmp_path / "state"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        command = serve_command(manifest, tmp_path / "store", origin.ca_pem_path)
+        log = tmp_path / "log"
+        with log.open("w") as output:
+            process = subprocess.Popen(
+                ["/bin/sh", "-c", f'exec "$@" {descriptor}>&-', "sh", *command],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                env=serve_env(state_dir),
+            )
+        try:
+            assert wait_for(
+                lambda: (state_dir / "serve.json").exists() or process.poll() is not None, 60
+            )
+            assert process.poll() is None, log.read_text()[-3000:]
+            state = json.loads((state_dir / "serve.json").read_text())
+            token_file = Path(state["token_file"])
+            token = token_file.read_text().strip()
+            with httpx.Client(trust_env=False, timeout=10) as client:
+                response = client.get(
+                    state["url"] + "/_status", headers={"authorization": f"Bearer {token}"}
+                )
+            assert response.status_code == 200
+            assert response.json()["state"] == "ready"
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+    assert not token_file.exists()
+    assert not (state_dir / "serve.json").exists()
+
+
 def test_serve_raises_its_open_file_limit_to_the_hard_one(tmp_path: Path) -> None:
     # Each client connection is a file; a low soft limit is all a local process would have
     # to fill with idle connections to shut out everyone else.

@@ -135,3 +135,20 @@ def test_malformed_digest_is_refused(model: Path) -> None:
 )
 def test_usage_errors_exit_2(model: Path, args: tuple[str, ...]) -> None:
     assert run(str(model), *args).returncode == 2
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", ["verify", "pull", "serve", "status", "demo"])
+def test_a_usage_error_is_one_error_line_whatever_the_terminal_width(command: str) -> None:
+    # A parent app or a script reads the reason from stderr: one "Error: ..." line, not a
+    # box drawn to the terminal's width with the message wrapped inside it.
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", command, "--no-such-option"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "30"},
+    )
+    assert finished.returncode == 2
+    errors = [line for line in finished.stderr.splitlines() if "rror" in line]
+    assert errors == ["Error: No such option: --no-such-option"], finished.stderr

@@ -274,7 +274,8 @@ def _llama_importable() -> bool:
         return False
     try:
         finished = subprocess.run(
-            [sys.executable, "-c", "import xllamacpp"],
+            # -P: not from the working directory, where anyone may have left an xllamacpp.py.
+            [sys.executable, "-P", "-c", "import xllamacpp"],
             capture_output=True,
             timeout=_IMPORT_CHECK_TIMEOUT_S,
             check=False,
@@ -284,14 +285,64 @@ def _llama_importable() -> bool:
     return finished.returncode == 0
 
 
+async def _run_demo_until_signal(say: Callable[[str], None]) -> DemoReport | None:
+    """:func:`run_demo`, cancelled by SIGINT, SIGTERM or SIGHUP (``None`` then).
+
+    A signal's default action would end the process on the spot: the runtime dies with it
+    (``PR_SET_PDEATHSIG``), but its temporary directories (the store with the model, the
+    front door's token file, the runtime's API key, the origin's CA) would stay behind.
+    Cancelled, every step unwinds and removes what it made. A second signal while that runs
+    changes nothing: it takes well under a second.
+    """
+    import signal
+    import threading
+
+    task = asyncio.ensure_future(run_demo(say=say))
+    interrupted = False
+
+    def on_signal() -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            task.cancel()
+
+    loop = asyncio.get_running_loop()
+    # Handlers can only be set from the main thread (the CLI's own); elsewhere nothing changes.
+    signals = (
+        (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        if threading.current_thread() is threading.main_thread()
+        else ()
+    )
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if interrupted:
+            return None
+        raise
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
 def demo_main(console: Console | None = None) -> int:
-    """Run the demo with console output; return the exit code."""
+    """Run the demo with console output; return the exit code.
+
+    SIGINT, SIGTERM or SIGHUP stop it: what it started is stopped and removed, ``refused:
+    cancelled`` goes to stderr, and the exit code is 1.
+    """
     console = console or Console()
     if not _llama_importable():
         # Printed verbatim: as markup, "[llama]" would be swallowed as a style tag, and a
         # wrapped line would split the command.
         console.print(INSTALL_HINT, markup=False, highlight=False, soft_wrap=True)
         return 1
-    report = run_loop(run_demo(say=lambda step: console.print(f"[bold]>[/bold] {step}")))
+    report = run_loop(
+        _run_demo_until_signal(say=lambda step: console.print(f"[bold]>[/bold] {step}"))
+    )
+    if report is None:
+        Console(stderr=True).print(f"refused: {Reason.CANCELLED.value}", highlight=False)
+        return 1
     console.print(report_table(report))
     return 0 if report.ok else 1

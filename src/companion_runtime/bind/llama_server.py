@@ -82,10 +82,13 @@ def embedded_llama_command(
     The placeholders ``{model_path}``, ``{host}``, ``{port}`` (and, with ``api_key_file``, the
     default, ``{api_key_file}``: the runtime then refuses every request but ``/health`` that
     lacks the supervisor's key) are left in place for the supervisor to fill. The first element
-    is the absolute path of the current interpreter.
+    is the absolute path of the current interpreter, run with ``-P``: ``-m`` alone would put
+    the working directory first on the module path, and an ``xllamacpp.py`` (or a
+    ``companion_runtime`` directory) that anyone placed there would run as the runtime.
     """
     command = [
         sys.executable,
+        "-P",
         "-m",
         MODULE,
         "-m",

@@ -22,7 +22,9 @@ are both the caller's choice and the state file is not read.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,10 @@ from companion_runtime.core import Reason, Verdict
 __all__ = ["StatusResult", "fetch_status", "read_status", "status_table"]
 
 _LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+#: The fields of a result that are the verdict's, never the document's.
+_VERDICT: Final = frozenset({"ok", "reason"})
+#: Largest status document read: the front door's own is about a kilobyte.
+_MAX_BODY_BYTES: Final = 1024 * 1024
 
 
 @final
@@ -57,8 +63,14 @@ class StatusResult:
     document: Mapping[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
-        """``{"ok", "reason"}`` followed by the document's fields."""
-        return {**self.verdict.to_dict(), **self.document}
+        """``{"ok", "reason"}`` followed by the document's other fields.
+
+        The verdict's own ``ok`` and ``reason`` are the ones that count: a document with
+        fields of those names (not the front door's, which has none) must not turn an answer
+        the exit code calls ok into ``"ok": false``, nor the other way round.
+        """
+        others = {name: value for name, value in self.document.items() if name not in _VERDICT}
+        return {**self.verdict.to_dict(), **others}
 
 
 def _refused(reason: Reason) -> StatusResult:
@@ -70,7 +82,8 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
 
     ``malformed_spec``: ``url`` cannot be parsed (a bad port, an unclosed ``[``);
     ``host_not_allowed``: it is not ``http`` on a loopback host; ``not_ready``: nothing
-    listens there.
+    listens there; ``timeout``: the whole answer is not there within ``timeout_s``;
+    ``upstream_error``: it is not a status document, or larger than a mebibyte.
     """
     try:
         parts = urlsplit(url)
@@ -79,11 +92,17 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
         return _refused(Reason.MALFORMED_SPEC)
     if parts.scheme != "http" or hostname not in _LOOPBACK_HOSTS:
         return _refused(Reason.HOST_NOT_ALLOWED)
+    # httpx's timeout bounds each wait, not the whole: a byte every few seconds would keep
+    # it waiting for ever. The deadline bounds the whole exchange, the cap what it keeps.
+    deadline = time.monotonic() + timeout_s
     try:
-        with httpx.Client(trust_env=False, timeout=timeout_s) as client:
-            response = client.get(
-                url.rstrip("/") + "/_status", headers={"authorization": f"Bearer {token}"}
-            )
+        with (
+            httpx.Client(trust_env=False, timeout=timeout_s) as client,
+            client.stream(
+                "GET", url.rstrip("/") + "/_status", headers={"authorization": f"Bearer {token}"}
+            ) as response,
+        ):
+            body = _read_body(response, deadline) if response.status_code in (200, 403) else b""
     except httpx.TimeoutException:
         return _refused(Reason.TIMEOUT)
     except httpx.ConnectError:
@@ -94,24 +113,42 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
         return _refused(Reason.MALFORMED_SPEC)
     except (httpx.HTTPError, ValueError):
         return _refused(Reason.UPSTREAM_ERROR)
+    if body is None:
+        return _refused(Reason.TIMEOUT)
     if response.status_code == 401:
         return _refused(Reason.UNAUTHORIZED)
     if response.status_code == 403:
         try:
-            reason = Reason(response.json()["reason"])
+            reason = Reason(json.loads(body)["reason"])
         except (ValueError, KeyError, TypeError, RecursionError):
             reason = Reason.HTTP_STATUS
         return _refused(reason)
     if response.status_code != 200:
         return _refused(Reason.HTTP_STATUS)
     try:
-        document = response.json()
+        document = json.loads(body)
     except (ValueError, RecursionError):
         # RecursionError: thousands of nested brackets from whatever answers on that port.
         return _refused(Reason.UPSTREAM_ERROR)
     if not isinstance(document, dict) or _depth(document) > _MAX_DEPTH:
         return _refused(Reason.UPSTREAM_ERROR)
     return StatusResult(verdict=Verdict(True, Reason.OK), document=document)
+
+
+def _read_body(response: httpx.Response, deadline: float) -> bytes | None:
+    """The body, ``None`` when it is not all there by ``deadline``.
+
+    Raises :class:`ValueError` for one larger than :data:`_MAX_BODY_BYTES`: whatever listens
+    on that port could otherwise stream into memory until the machine runs out of it.
+    """
+    received = bytearray()
+    for chunk in response.iter_bytes():
+        received += chunk
+        if len(received) > _MAX_BODY_BYTES:
+            raise ValueError("body too large")
+        if time.monotonic() > deadline:
+            return None
+    return bytes(received)
 
 
 def read_status(
