@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from companion_runtime.bind.llama_server import (
+    DEFAULT_CONTEXT_SIZE,
     EXIT_NOT_INSTALLED,
     EXIT_START_FAILED,
     EXIT_USAGE,
@@ -425,3 +426,35 @@ def test_a_busy_port_fails_to_start(model: Path) -> None:
         port = occupant.getsockname()[1]
         result = _launcher("-m", str(model), "--port", str(port))
     assert result.returncode == EXIT_START_FAILED
+
+
+def _declaring_context(model: Path, tokens: int, directory: Path) -> Path:
+    """A copy of ``model`` whose metadata declares a context of ``tokens``: the value of the
+    ``llama.context_length`` key (a GGUF uint32, type 4, right after the key's name)."""
+    data = bytearray(model.read_bytes())
+    key = b"llama.context_length"
+    at = data.index(key) + len(key)
+    assert int.from_bytes(data[at : at + 4], "little") == 4  # uint32
+    data[at + 4 : at + 8] = tokens.to_bytes(4, "little")
+    path = directory / "long-context.gguf"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_model_that_declares_a_huge_context_gets_the_default_one(
+    model: Path, tmp_path: Path
+) -> None:
+    # 2**21 tokens: over 2 GiB of KV cache even for this 2-layer model (measured: 2.3 GB
+    # resident with -c 0), allocated as the model loads, before any resource sample could see
+    # it. Without -c the launcher uses DEFAULT_CONTEXT_SIZE, not the length the file declares.
+    hostile = _declaring_context(model, 2**21, tmp_path)
+    command = embedded_command(hostile, free_port())
+    at = command.index("-c")
+    del command[at : at + 2]
+    with running_llama_server(command, tmp_path) as server:
+        with httpx.Client(base_url=f"http://{HOST}:{server.port}", timeout=10) as client:
+            props = client.get("/props").json()
+        resident = psutil.Process(server.process.pid).memory_info().rss
+    slots = props["total_slots"]
+    assert props["default_generation_settings"]["n_ctx"] == DEFAULT_CONTEXT_SIZE // slots
+    assert resident < 256 * 1024 * 1024, resident

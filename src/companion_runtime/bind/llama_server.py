@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Final
 
 __all__ = [
+    "DEFAULT_CONTEXT_SIZE",
     "EXIT_NOT_INSTALLED",
     "EXIT_OK",
     "EXIT_START_FAILED",
@@ -54,6 +55,12 @@ EXIT_NOT_INSTALLED: Final = 3
 INSTALL_COMMAND: Final = "pip install 'companion-runtime[llama]'"
 #: The module path to run with ``python -m``.
 MODULE: Final = "companion_runtime.bind.llama_server"
+#: Context size (tokens, all slots together) when ``-c`` is not given. Not the length the model
+#: declares: the KV cache grows with the context, and a model file that declares a long one
+#: (128k tokens is common, and nothing bounds what a file may declare) would make the runtime
+#: allocate gigabytes as it loads, before a resource sample can see it. The fit check counts
+#: the model's bytes plus an allowance; this keeps the allowance honest by default.
+DEFAULT_CONTEXT_SIZE: Final = 4096
 
 _STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
 _PROGRAM: Final = "llama_server"
@@ -85,6 +92,8 @@ def embedded_llama_command(
     is the absolute path of the current interpreter, run with ``-P``: ``-m`` alone would put
     the working directory first on the module path, and an ``xllamacpp.py`` (or a
     ``companion_runtime`` directory) that anyone placed there would run as the runtime.
+    ``context_size`` None leaves the launcher's :data:`DEFAULT_CONTEXT_SIZE`; 0 asks for the
+    length the model declares.
     """
     command = [
         sys.executable,
@@ -150,7 +159,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-np", "--parallel", default=1, type=_positive_int, help="slots")
     parser.add_argument("-t", "--threads", type=_positive_int, help="CPU threads")
     parser.add_argument(
-        "-c", "--ctx-size", type=int, default=0, help="context size (0: the model's own)"
+        "-c",
+        "--ctx-size",
+        type=int,
+        default=DEFAULT_CONTEXT_SIZE,
+        help=f"context size (default {DEFAULT_CONTEXT_SIZE}; 0: the length the model declares)",
     )
     parser.add_argument("--metrics", action="store_true", help="enable /metrics")
     parser.add_argument(
