@@ -759,6 +759,33 @@ def test_upstream_failures_are_502_with_a_reason_and_release_the_slot() -> None:
     run(scenario)
 
 
+def test_a_runtime_reset_cutting_a_body_ended_by_close_reaches_the_client_as_a_reset() -> None:
+    # A body without length or chunking ends with the runtime's orderly close; a reset cuts it
+    # short, and must not be relayed as the end of a complete response (chunked to an HTTP/1.1
+    # client, an orderly close to an HTTP/1.0 one).
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                for version in ("1.1", "1.0"):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                    writer.write(
+                        f"GET /reset-unframed HTTP/{version}\r\n"
+                        f"Host: 127.0.0.1:{door.door.port}\r\n"
+                        f"Authorization: Bearer {door.token}\r\n\r\n".encode()
+                    )
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    assert head.startswith(b"HTTP/1.1 200"), version
+                    with pytest.raises(ConnectionResetError):
+                        await asyncio.wait_for(reader.read(), 5)
+                    writer.close()
+                statistics = door.door.statistics()
+                assert statistics.upstream_aborts == 2
+                assert statistics.proxied_total == 0
+                assert door.controller.statistics().in_flight == 0
+
+    run(scenario)
+
+
 async def _open_raw(
     door: ReadyDoor, target: str
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

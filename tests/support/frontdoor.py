@@ -11,6 +11,7 @@ not the front door's own h11), speaking HTTP/1.1 keep-alive on 127.0.0.1. Its ro
   cancels a generation whose client is gone;
 * ``/die`` — sends a head promising 1000 bytes, 10 bytes, then closes the socket;
 * ``/stream-die`` — a chunked event stream that closes after its first event;
+* ``/reset-unframed`` — a head without length or chunking, a few body bytes, then a reset;
 * ``/huge-head`` — a response head of about 450 KiB;
 * ``/drop`` — closes the connection without answering;
 * ``/big?mib=N`` — N MiB of zeros with a ``content-length``, written 64 KiB at a time;
@@ -27,6 +28,7 @@ import secrets
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -205,6 +207,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(0.1)
                 self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+            elif parts.path == "/reset-unframed":
+                # A body delimited by the end of the connection, cut short by a reset: the
+                # socket is closed with a zero linger, so no orderly end (FIN) comes first.
+                self.send_response(200)
+                self.send_header("connection", "close")
+                self.end_headers()
+                self.wfile.write(b"partial")
+                self.wfile.flush()
+                time.sleep(0.1)
+                with socket.socket(fileno=self.connection.detach()) as detached:
+                    detached.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
                 self.close_connection = True
             elif parts.path == "/drop":
                 self.connection.shutdown(socket.SHUT_RDWR)

@@ -843,14 +843,16 @@ class _Upstream(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._eof()
+        self._eof(reset=exc is not None)
 
-    def _eof(self) -> None:
+    def _eof(self, *, reset: bool = False) -> None:
         self.closed = True
         if self._done is None or self._done.done():
             return
-        if self.head_sent and not self._framed:
-            # A body delimited by the end of the connection has ended.
+        if self.head_sent and not self._framed and not reset:
+            # A body delimited by the end of the connection has ended. A reset (the
+            # connection lost without an orderly end) cut it short instead, and must reach
+            # the client as a failure, never as the end of a complete response.
             self._complete()
             self._flush()
         else:
