@@ -499,6 +499,7 @@ class _Client(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.no_more = True
+            self._upgraded()
         except httptools.HttpParserError:
             self.error = 400
         if self._in_head and self._head_bytes > _MAX_HEAD_BYTES and not self.error:
@@ -514,6 +515,26 @@ class _Client(asyncio.Protocol):
             self.transport.pause_reading()
             self._reading_paused = True
         _wake(self._waiter)
+
+    def _upgraded(self) -> None:
+        """The request just parsed asks to switch protocols (CONNECT, or an Upgrade its
+        Connection header names); nothing after its head is read on this connection.
+
+        httptools then skips the request's body as well: relayed, it would reach the runtime
+        without its body, another request than the client sent. The front door switches no
+        protocol, so a bodiless request is answered as a plain one (the Upgrade header is
+        dropped); a CONNECT or one with a body is refused ``400``.
+        """
+        request = self.requests[-1] if self.requests else None
+        if request is None:
+            return
+        declares_body = any(
+            name == b"transfer-encoding" or (name == b"content-length" and int(value) > 0)
+            for name, value in request.headers
+        )
+        if declares_body or request.method == b"CONNECT":
+            self.requests.pop()
+            self.error = 400
 
     def eof_received(self) -> bool:
         self._lost()
