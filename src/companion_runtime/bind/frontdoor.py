@@ -1499,7 +1499,10 @@ class FrontDoor:
                 raise
             finally:
                 client.relaying = None
-            self._counters.proxied_total += 1
+            if not client.gone:
+                # A response read to its end for a client that left is not one relayed: that
+                # request is counted in client_disconnects.
+                self._counters.proxied_total += 1
             self._pool.release(upstream)
             return not close_after and not self._closing() and not client.gone
         return self._refuse(client, 502, Reason.RUNTIME_GONE, close=close_after)
