@@ -887,6 +887,37 @@ def test_a_client_that_stops_reading_is_not_taken_for_a_failed_runtime(
     assert "runtime failed" not in caplog.text
 
 
+def test_a_runtime_connection_paused_for_a_slow_client_reads_again_once_pooled() -> None:
+    # A client that does not read fills its buffers; the runtime connection is paused with it,
+    # also by the read that ends a response. Pooled still paused, the next request on it
+    # (another client's) would never be read: 504 after the silence limit, its slot held as long.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, upstream_read_timeout_s=5) as door:
+                port = door.door.port
+                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                request = (
+                    f"GET /sized?kib=48 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\n\r\n"
+                ).encode()
+                # Pipelined and never read, until the front door stops answering.
+                answered = -1
+                while answered != door.door.statistics().proxied_total:
+                    answered = door.door.statistics().proxied_total
+                    for _ in range(20):
+                        writer.write(request)
+                    await asyncio.sleep(0.3)
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    started = time.monotonic()
+                    response = await client.get("/echo", timeout=10)
+                    assert response.status_code == 200
+                    assert time.monotonic() - started < 2
+                writer.transport.abort()
+                assert door.door.statistics().upstream_aborts == 0
+
+    run(scenario)
+
+
 def test_bytes_past_the_runtimes_own_framing_never_reach_the_client() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:

@@ -15,6 +15,7 @@ not the front door's own h11), speaking HTTP/1.1 keep-alive on 127.0.0.1. Its ro
 * ``/huge-head`` — a response head of about 450 KiB;
 * ``/drop`` — closes the connection without answering;
 * ``/big?mib=N`` — N MiB of zeros with a ``content-length``, written 64 KiB at a time;
+* ``/sized?kib=N`` — N KiB of zeros with a ``content-length``, head and body in one write;
 * ``/overlong`` — ``content-length: 5``, then ``hello`` and more bytes in the same write (a
   runtime that sends past its own framing).
 """
@@ -183,6 +184,11 @@ class _Handler(BaseHTTPRequestHandler):
                 block = bytes(64 * 1024)
                 for _ in range(size // len(block)):
                     self.wfile.write(block)
+            elif parts.path == "/sized":
+                size = int(query.get("kib", "1")) * 1024
+                self.wfile.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + bytes(size)
+                )
             elif parts.path == "/overlong":
                 self.wfile.write(
                     b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"

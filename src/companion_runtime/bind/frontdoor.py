@@ -767,6 +767,12 @@ class _Upstream(asyncio.Protocol):
         client = self._client
         if client is not None and client.upstream is self.transport:
             client.upstream = None
+            if client.write_paused and self.transport is not None:
+                # Paused for this client (the read that ended the response filled its
+                # buffer); the client's resume no longer reaches this connection, and a
+                # pooled connection that does not read would leave the next request on it
+                # unanswered until the silence limit.
+                self.transport.resume_reading()
         self._client = None
         self._done = None
 
