@@ -546,6 +546,37 @@ def test_a_body_larger_than_the_pipelining_bound_is_read_whole() -> None:
     run(scenario)
 
 
+def test_a_large_body_pipelined_behind_another_request_is_read_whole() -> None:
+    # The head and first bytes of a second request, sent behind the first, pause reading at the
+    # pipelining bound; once the first is answered, the second's body must still be read.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(
+                upstream.url, max_body_bytes=4 * 1024 * 1024, request_timeout_s=5
+            ) as door:
+                port = door.door.port
+                auth = f"Authorization: Bearer {door.token}\r\n"
+                body = b"b" * (1024 * 1024)
+                payload = (
+                    f"GET /slow?ms=200 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n"
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode() + body
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                for start in range(0, len(payload), 64 * 1024):
+                    writer.write(payload[start : start + 64 * 1024])
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                head, _ = await _read_response(reader)
+                assert head.startswith(b"HTTP/1.1 200")
+                head, echoed = await _read_response(reader)
+                writer.close()
+                assert head.startswith(b"HTTP/1.1 200")
+                assert json.loads(echoed)["body"].encode("latin-1") == body
+
+    run(scenario)
+
+
 def test_a_chunked_body_is_relayed_with_a_length_and_without_its_trailer() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:

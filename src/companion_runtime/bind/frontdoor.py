@@ -675,6 +675,18 @@ class _Client(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
+    def reading_body(self) -> None:
+        """The request being answered waits for the rest of its body: read it.
+
+        Its head may have come behind an earlier request, and reading paused at the
+        pipelining bound with it. No request can wait behind one whose body is still
+        arriving, and that body is bounded by the body cap instead.
+        """
+        self._pipelined = 0
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
     def write(self, data: bytes) -> None:
         if self.gone:
             return  # a response the client left behind is read from the runtime and dropped
@@ -1371,6 +1383,7 @@ class FrontDoor:
         """Wait until the request's body is in (or over the cap); False on a parse error."""
         if request.complete or request.over_cap:
             return True
+        client.reading_body()
         if expect:
             client.write(_CONTINUE)
         async with asyncio.timeout(self._config.request_timeout_s):
