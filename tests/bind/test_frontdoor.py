@@ -523,6 +523,29 @@ def test_request_body_over_the_cap_is_413() -> None:
     run(scenario)
 
 
+def test_a_request_refused_before_its_large_body_is_read_still_gets_its_answer() -> None:
+    # Refused before its body is read, the connection closes; closed with the body unread it
+    # would be reset, and a reset can destroy the answer before the client has read it.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_body_bytes=1000) as door:
+                body = b"x" * (4 * 1024 * 1024)
+                async with httpx.AsyncClient(base_url=door.url) as client:
+                    for _ in range(3):
+                        response = await client.post("/echo", content=body, headers=door.auth)
+                        assert response.status_code == 413
+                        assert reason_of(response) == "request_too_large"
+                        response = await client.post(
+                            "/echo", content=body, headers={"authorization": "Bearer wrong"}
+                        )
+                        assert response.status_code == 401
+                        assert reason_of(response) == "unauthorized"
+                await wait_for(lambda: not door.door._lingering)
+            assert upstream.requests_seen == 0
+
+    run(scenario)
+
+
 def test_a_body_larger_than_the_pipelining_bound_is_read_whole() -> None:
     # Reading pauses when a client sends more than 64 KiB *behind* the request being answered;
     # the request's own body, up to the cap, must never trip that bound.

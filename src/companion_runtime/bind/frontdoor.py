@@ -19,11 +19,14 @@ fixed order, and the first guard that fails answers it:
 ``GET /_status`` is answered by the front door itself. Every other request has its body read
 (up to a cap, ``413 request_too_large`` beyond it) and then waits for an admission slot
 (``async with controller.slot(deadline=...)``); a refusal is ``503`` with ``Retry-After`` and
-``{"ok": false, "reason": "<code>"}``. An admitted request is sent to the runtime over a pooled
-keep-alive connection (a second protocol with an ``httptools`` response parser) without the
-client's credentials. The response is relayed from the parser's callbacks as the bytes arrive,
-so streamed tokens are never buffered; when the client reads slower than the runtime writes,
-reading from the runtime pauses until the client catches up.
+``{"ok": false, "reason": "<code>"}``. A refusal that ends the connection before the request's
+end was read (a 401 or 413 with the body still coming) half-closes it and reads on until the
+client goes, at most a second, so that the client gets to read its answer. An admitted request
+is sent to the runtime over a pooled keep-alive connection (a second protocol with an
+``httptools`` response parser) without the client's credentials. The response is relayed from
+the parser's callbacks as the bytes arrive, so streamed tokens are never buffered; when the
+client reads slower than the runtime writes, reading from the runtime pauses until the client
+catches up.
 
 The client connection's protocol sees the client leave (EOF or reset) at once, also while the
 request waits for a slot or is relayed. A request still waiting for a slot is then cancelled.
@@ -556,22 +559,34 @@ class _Client(asyncio.Protocol):
         self.idle_expired = True
         _wake(self._waiter)
 
-    def linger(self) -> None:
-        """Refused: the 503 is written; end the connection once the client has read it.
+    def linger(self, answer: bytes = b"") -> None:
+        """End the connection once the client has read what was written to it last.
 
-        The client may already have sent its request; closing with that unread would reset the
-        connection, and a reset can destroy the 503 before the client reads it. So the sending
-        side is shut, what comes in is read and dropped, and the connection ends when the
-        client closes its side, or after a second.
+        The client may still be sending (a request refused before its body was read, or one
+        sent to a connection refused at max_connections); closing with that unread would
+        reset the connection, and a reset can destroy the answer before the client reads it.
+        So the sending side is shut, what comes in is read and dropped, and the connection
+        ends when the client closes its side, or after a second.
         """
         transport = self.transport
         assert transport is not None
         self.no_more = True
         self.gone = True
         self.lingering = True
-        transport.write(_AT_CAPACITY_RESPONSE)
+        if answer:
+            transport.write(answer)
         transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self._idle_timer = self._loop.call_later(_LINGER_S, transport.abort)
+
+    @property
+    def mid_request(self) -> bool:
+        """A request has begun whose end has not been read (its body, say, still arriving)."""
+        return self._current is not None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -1136,6 +1151,10 @@ class FrontDoor:
                 task.cancel()
             if still:
                 await asyncio.wait(still)
+        # Connections that ended mid-request in the grace period linger too; not past here.
+        for client in list(self._lingering):
+            if client.transport is not None:
+                client.transport.abort()
         await server.wait_closed()
         self._pool.close()
 
@@ -1229,7 +1248,7 @@ class FrontDoor:
             _reset(client.transport)  # a flood of them: no more waiting for each to read
             return
         self._lingering.add(client)
-        client.linger()
+        client.linger(_AT_CAPACITY_RESPONSE)
 
     def _accept(self, client: _Client) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._on_connection(client))
@@ -1261,6 +1280,16 @@ class FrontDoor:
             if transport is not None:
                 if abort:
                     transport.abort()
+                elif (
+                    client.mid_request
+                    and not client.gone
+                    and not transport.is_closing()
+                    and len(self._lingering) < _MAX_LINGERING
+                ):
+                    # Refused before the request's end was read (413, 401, ...): the client
+                    # may still be sending, and must get to read its answer.
+                    self._lingering.add(client)
+                    client.linger()
                 else:
                     transport.close()
 
