@@ -523,6 +523,29 @@ def test_request_body_over_the_cap_is_413() -> None:
     run(scenario)
 
 
+def test_a_request_refused_before_its_large_body_is_read_still_gets_its_answer() -> None:
+    # Refused before its body is read, the connection closes; closed with the body unread it
+    # would be reset, and a reset can destroy the answer before the client has read it.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_body_bytes=1000) as door:
+                body = b"x" * (4 * 1024 * 1024)
+                async with httpx.AsyncClient(base_url=door.url) as client:
+                    for _ in range(3):
+                        response = await client.post("/echo", content=body, headers=door.auth)
+                        assert response.status_code == 413
+                        assert reason_of(response) == "request_too_large"
+                        response = await client.post(
+                            "/echo", content=body, headers={"authorization": "Bearer wrong"}
+                        )
+                        assert response.status_code == 401
+                        assert reason_of(response) == "unauthorized"
+                await wait_for(lambda: not door.door._lingering)
+            assert upstream.requests_seen == 0
+
+    run(scenario)
+
+
 def test_a_body_larger_than_the_pipelining_bound_is_read_whole() -> None:
     # Reading pauses when a client sends more than 64 KiB *behind* the request being answered;
     # the request's own body, up to the cap, must never trip that bound.
@@ -542,6 +565,37 @@ def test_a_body_larger_than_the_pipelining_bound_is_read_whole() -> None:
                         assert response.status_code == 200
                         assert response.json()["body"].encode("latin-1") == body
             assert upstream.requests_seen == 2
+
+    run(scenario)
+
+
+def test_a_large_body_pipelined_behind_another_request_is_read_whole() -> None:
+    # The head and first bytes of a second request, sent behind the first, pause reading at the
+    # pipelining bound; once the first is answered, the second's body must still be read.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(
+                upstream.url, max_body_bytes=4 * 1024 * 1024, request_timeout_s=5
+            ) as door:
+                port = door.door.port
+                auth = f"Authorization: Bearer {door.token}\r\n"
+                body = b"b" * (1024 * 1024)
+                payload = (
+                    f"GET /slow?ms=200 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n"
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode() + body
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                for start in range(0, len(payload), 64 * 1024):
+                    writer.write(payload[start : start + 64 * 1024])
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                head, _ = await _read_response(reader)
+                assert head.startswith(b"HTTP/1.1 200")
+                head, echoed = await _read_response(reader)
+                writer.close()
+                assert head.startswith(b"HTTP/1.1 200")
+                assert json.loads(echoed)["body"].encode("latin-1") == body
 
     run(scenario)
 
@@ -620,6 +674,46 @@ def test_ambiguous_framing_is_400_closed_and_never_reaches_the_runtime() -> None
                     assert answer.startswith(b"HTTP/1.1 400"), framing
                     assert b'{"ok":false,"reason":"bad_request"}' in answer, framing
             assert upstream.requests_seen == 0
+
+    run(scenario)
+
+
+def test_an_upgrade_request_is_never_relayed_without_its_body() -> None:
+    # httptools skips the body of a request that asks to switch protocols (curl --http2 sends
+    # one with every POST): relayed, the runtime would get the request without its body. The
+    # front door switches nothing: a bodiless one is relayed as a plain request, the rest 400.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+                auth = f"Authorization: Bearer {door.token}\r\n"
+                upgrade = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                for request in (
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}{upgrade}"
+                    "Content-Length: 5\r\n\r\nhello",
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}{upgrade}"
+                    "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                    f"CONNECT /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n",
+                ):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(request.encode())
+                    answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: it is closed
+                    writer.close()
+                    assert answer.startswith(b"HTTP/1.1 400"), request
+                    assert b'{"ok":false,"reason":"bad_request"}' in answer
+                assert upstream.requests_seen == 0
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(
+                    f"GET /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}"
+                    "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n".encode()
+                )
+                head, body = await _read_response(reader)
+                writer.close()
+                assert head.startswith(b"HTTP/1.1 200")
+                assert "upgrade" not in json.loads(body)["headers"]
+                statistics = door.door.statistics().to_dict()
+                assert statistics["requests_total"] == 4
+                assert statistics["refused_by_reason"] == {"bad_request": 3}
 
     run(scenario)
 
@@ -759,6 +853,33 @@ def test_upstream_failures_are_502_with_a_reason_and_release_the_slot() -> None:
     run(scenario)
 
 
+def test_a_runtime_reset_cutting_a_body_ended_by_close_reaches_the_client_as_a_reset() -> None:
+    # A body without length or chunking ends with the runtime's orderly close; a reset cuts it
+    # short, and must not be relayed as the end of a complete response (chunked to an HTTP/1.1
+    # client, an orderly close to an HTTP/1.0 one).
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                for version in ("1.1", "1.0"):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                    writer.write(
+                        f"GET /reset-unframed HTTP/{version}\r\n"
+                        f"Host: 127.0.0.1:{door.door.port}\r\n"
+                        f"Authorization: Bearer {door.token}\r\n\r\n".encode()
+                    )
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    assert head.startswith(b"HTTP/1.1 200"), version
+                    with pytest.raises(ConnectionResetError):
+                        await asyncio.wait_for(reader.read(), 5)
+                    writer.close()
+                statistics = door.door.statistics()
+                assert statistics.upstream_aborts == 2
+                assert statistics.proxied_total == 0
+                assert door.controller.statistics().in_flight == 0
+
+    run(scenario)
+
+
 async def _open_raw(
     door: ReadyDoor, target: str
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -818,6 +939,37 @@ def test_a_client_that_stops_reading_is_not_taken_for_a_failed_runtime(
 
     run(scenario)
     assert "runtime failed" not in caplog.text
+
+
+def test_a_runtime_connection_paused_for_a_slow_client_reads_again_once_pooled() -> None:
+    # A client that does not read fills its buffers; the runtime connection is paused with it,
+    # also by the read that ends a response. Pooled still paused, the next request on it
+    # (another client's) would never be read: 504 after the silence limit, its slot held as long.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, upstream_read_timeout_s=5) as door:
+                port = door.door.port
+                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                request = (
+                    f"GET /sized?kib=48 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\n\r\n"
+                ).encode()
+                # Pipelined and never read, until the front door stops answering.
+                answered = -1
+                while answered != door.door.statistics().proxied_total:
+                    answered = door.door.statistics().proxied_total
+                    for _ in range(20):
+                        writer.write(request)
+                    await asyncio.sleep(0.3)
+                async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                    started = time.monotonic()
+                    response = await client.get("/echo", timeout=10)
+                    assert response.status_code == 200
+                    assert time.monotonic() - started < 2
+                writer.transport.abort()
+                assert door.door.statistics().upstream_aborts == 0
+
+    run(scenario)
 
 
 def test_bytes_past_the_runtimes_own_framing_never_reach_the_client() -> None:
@@ -908,7 +1060,11 @@ def test_clients_leaving_mid_request_never_put_more_than_max_in_flight_on_the_ru
                 assert [answer.status_code for answer in answers] == [200] * 4
                 await wait_for(lambda: door.controller.statistics().in_flight == 0)
                 assert upstream.peak_active <= 2
-                assert door.door.statistics().client_disconnects == 6
+                # Each request counted once: a response its client left is not a relayed one.
+                statistics = door.door.statistics()
+                assert statistics.client_disconnects == 6
+                assert statistics.proxied_total == 4
+                assert statistics.requests_total == 10
 
     run(scenario)
 

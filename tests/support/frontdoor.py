@@ -11,9 +11,11 @@ not the front door's own h11), speaking HTTP/1.1 keep-alive on 127.0.0.1. Its ro
   cancels a generation whose client is gone;
 * ``/die`` — sends a head promising 1000 bytes, 10 bytes, then closes the socket;
 * ``/stream-die`` — a chunked event stream that closes after its first event;
+* ``/reset-unframed`` — a head without length or chunking, a few body bytes, then a reset;
 * ``/huge-head`` — a response head of about 450 KiB;
 * ``/drop`` — closes the connection without answering;
 * ``/big?mib=N`` — N MiB of zeros with a ``content-length``, written 64 KiB at a time;
+* ``/sized?kib=N`` — N KiB of zeros with a ``content-length``, head and body in one write;
 * ``/overlong`` — ``content-length: 5``, then ``hello`` and more bytes in the same write (a
   runtime that sends past its own framing).
 """
@@ -27,6 +29,7 @@ import secrets
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -181,6 +184,11 @@ class _Handler(BaseHTTPRequestHandler):
                 block = bytes(64 * 1024)
                 for _ in range(size // len(block)):
                     self.wfile.write(block)
+            elif parts.path == "/sized":
+                size = int(query.get("kib", "1")) * 1024
+                self.wfile.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + bytes(size)
+                )
             elif parts.path == "/overlong":
                 self.wfile.write(
                     b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
@@ -205,6 +213,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(0.1)
                 self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+            elif parts.path == "/reset-unframed":
+                # A body delimited by the end of the connection, cut short by a reset: the
+                # socket is closed with a zero linger, so no orderly end (FIN) comes first.
+                self.send_response(200)
+                self.send_header("connection", "close")
+                self.end_headers()
+                self.wfile.write(b"partial")
+                self.wfile.flush()
+                time.sleep(0.1)
+                with socket.socket(fileno=self.connection.detach()) as detached:
+                    detached.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
                 self.close_connection = True
             elif parts.path == "/drop":
                 self.connection.shutdown(socket.SHUT_RDWR)

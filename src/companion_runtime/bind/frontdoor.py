@@ -19,11 +19,14 @@ fixed order, and the first guard that fails answers it:
 ``GET /_status`` is answered by the front door itself. Every other request has its body read
 (up to a cap, ``413 request_too_large`` beyond it) and then waits for an admission slot
 (``async with controller.slot(deadline=...)``); a refusal is ``503`` with ``Retry-After`` and
-``{"ok": false, "reason": "<code>"}``. An admitted request is sent to the runtime over a pooled
-keep-alive connection (a second protocol with an ``httptools`` response parser) without the
-client's credentials. The response is relayed from the parser's callbacks as the bytes arrive,
-so streamed tokens are never buffered; when the client reads slower than the runtime writes,
-reading from the runtime pauses until the client catches up.
+``{"ok": false, "reason": "<code>"}``. A refusal that ends the connection before the request's
+end was read (a 401 or 413 with the body still coming) half-closes it and reads on until the
+client goes, at most a second, so that the client gets to read its answer. An admitted request
+is sent to the runtime over a pooled keep-alive connection (a second protocol with an
+``httptools`` response parser) without the client's credentials. The response is relayed from
+the parser's callbacks as the bytes arrive, so streamed tokens are never buffered; when the
+client reads slower than the runtime writes, reading from the runtime pauses until the client
+catches up.
 
 The client connection's protocol sees the client leave (EOF or reset) at once, also while the
 request waits for a slot or is relayed. A request still waiting for a slot is then cancelled.
@@ -499,6 +502,7 @@ class _Client(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.no_more = True
+            self._upgraded()
         except httptools.HttpParserError:
             self.error = 400
         if self._in_head and self._head_bytes > _MAX_HEAD_BYTES and not self.error:
@@ -514,6 +518,26 @@ class _Client(asyncio.Protocol):
             self.transport.pause_reading()
             self._reading_paused = True
         _wake(self._waiter)
+
+    def _upgraded(self) -> None:
+        """The request just parsed asks to switch protocols (CONNECT, or an Upgrade its
+        Connection header names); nothing after its head is read on this connection.
+
+        httptools then skips the request's body as well: relayed, it would reach the runtime
+        without its body, another request than the client sent. The front door switches no
+        protocol, so a bodiless request is answered as a plain one (the Upgrade header is
+        dropped); a CONNECT or one with a body is refused ``400``.
+        """
+        request = self.requests[-1] if self.requests else None
+        if request is None:
+            return
+        declares_body = any(
+            name == b"transfer-encoding" or (name == b"content-length" and int(value) > 0)
+            for name, value in request.headers
+        )
+        if declares_body or request.method == b"CONNECT":
+            self.requests.pop()
+            self.error = 400
 
     def eof_received(self) -> bool:
         self._lost()
@@ -535,22 +559,34 @@ class _Client(asyncio.Protocol):
         self.idle_expired = True
         _wake(self._waiter)
 
-    def linger(self) -> None:
-        """Refused: the 503 is written; end the connection once the client has read it.
+    def linger(self, answer: bytes = b"") -> None:
+        """End the connection once the client has read what was written to it last.
 
-        The client may already have sent its request; closing with that unread would reset the
-        connection, and a reset can destroy the 503 before the client reads it. So the sending
-        side is shut, what comes in is read and dropped, and the connection ends when the
-        client closes its side, or after a second.
+        The client may still be sending (a request refused before its body was read, or one
+        sent to a connection refused at max_connections); closing with that unread would
+        reset the connection, and a reset can destroy the answer before the client reads it.
+        So the sending side is shut, what comes in is read and dropped, and the connection
+        ends when the client closes its side, or after a second.
         """
         transport = self.transport
         assert transport is not None
         self.no_more = True
         self.gone = True
         self.lingering = True
-        transport.write(_AT_CAPACITY_RESPONSE)
+        if answer:
+            transport.write(answer)
         transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self._idle_timer = self._loop.call_later(_LINGER_S, transport.abort)
+
+    @property
+    def mid_request(self) -> bool:
+        """A request has begun whose end has not been read (its body, say, still arriving)."""
+        return self._current is not None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -654,6 +690,18 @@ class _Client(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
+    def reading_body(self) -> None:
+        """The request being answered waits for the rest of its body: read it.
+
+        Its head may have come behind an earlier request, and reading paused at the
+        pipelining bound with it. No request can wait behind one whose body is still
+        arriving, and that body is bounded by the body cap instead.
+        """
+        self._pipelined = 0
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
     def write(self, data: bytes) -> None:
         if self.gone:
             return  # a response the client left behind is read from the runtime and dropped
@@ -746,6 +794,12 @@ class _Upstream(asyncio.Protocol):
         client = self._client
         if client is not None and client.upstream is self.transport:
             client.upstream = None
+            if client.write_paused and self.transport is not None:
+                # Paused for this client (the read that ended the response filled its
+                # buffer); the client's resume no longer reaches this connection, and a
+                # pooled connection that does not read would leave the next request on it
+                # unanswered until the silence limit.
+                self.transport.resume_reading()
         self._client = None
         self._done = None
 
@@ -843,14 +897,16 @@ class _Upstream(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._eof()
+        self._eof(reset=exc is not None)
 
-    def _eof(self) -> None:
+    def _eof(self, *, reset: bool = False) -> None:
         self.closed = True
         if self._done is None or self._done.done():
             return
-        if self.head_sent and not self._framed:
-            # A body delimited by the end of the connection has ended.
+        if self.head_sent and not self._framed and not reset:
+            # A body delimited by the end of the connection has ended. A reset (the
+            # connection lost without an orderly end) cut it short instead, and must reach
+            # the client as a failure, never as the end of a complete response.
             self._complete()
             self._flush()
         else:
@@ -1095,6 +1151,10 @@ class FrontDoor:
                 task.cancel()
             if still:
                 await asyncio.wait(still)
+        # Connections that ended mid-request in the grace period linger too; not past here.
+        for client in list(self._lingering):
+            if client.transport is not None:
+                client.transport.abort()
         await server.wait_closed()
         self._pool.close()
 
@@ -1188,7 +1248,7 @@ class FrontDoor:
             _reset(client.transport)  # a flood of them: no more waiting for each to read
             return
         self._lingering.add(client)
-        client.linger()
+        client.linger(_AT_CAPACITY_RESPONSE)
 
     def _accept(self, client: _Client) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._on_connection(client))
@@ -1220,6 +1280,16 @@ class FrontDoor:
             if transport is not None:
                 if abort:
                     transport.abort()
+                elif (
+                    client.mid_request
+                    and not client.gone
+                    and not transport.is_closing()
+                    and len(self._lingering) < _MAX_LINGERING
+                ):
+                    # Refused before the request's end was read (413, 401, ...): the client
+                    # may still be sending, and must get to read its answer.
+                    self._lingering.add(client)
+                    client.linger()
                 else:
                     transport.close()
 
@@ -1342,6 +1412,7 @@ class FrontDoor:
         """Wait until the request's body is in (or over the cap); False on a parse error."""
         if request.complete or request.over_cap:
             return True
+        client.reading_body()
         if expect:
             client.write(_CONTINUE)
         async with asyncio.timeout(self._config.request_timeout_s):
@@ -1476,7 +1547,10 @@ class FrontDoor:
                 raise
             finally:
                 client.relaying = None
-            self._counters.proxied_total += 1
+            if not client.gone:
+                # A response read to its end for a client that left is not one relayed: that
+                # request is counted in client_disconnects.
+                self._counters.proxied_total += 1
             self._pool.release(upstream)
             return not close_after and not self._closing() and not client.gone
         return self._refuse(client, 502, Reason.RUNTIME_GONE, close=close_after)
