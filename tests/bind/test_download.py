@@ -429,14 +429,45 @@ def test_kept_partial_is_resumed_with_range(origin: FaultyOrigin, store: ModelSt
 
 @pytest.mark.integration
 @pytest.mark.data_integrity
+def test_poisoned_partial_is_dropped_and_fetched_again_from_zero(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    # The kept prefix is not the file's start: the resumed body is right, the whole is not.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(b"\x00" * 100_000)
+    before = len(origin.requests)
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    resumed, fresh = origin.requests[before:]
+    assert (resumed.range_header, resumed.status) == ("bytes=100000-", 206)
+    assert (fresh.range_header, fresh.status, fresh.bytes_sent) == (None, 200, SIZE)
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
 def test_poisoned_partial_is_refused_then_dropped(
     origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # A poisoned prefix and a poisoned mirror: the one fresh download from byte 0 fails too,
+    # and that is the refusal; nothing of either is kept.
     store.ensure_layout()
     store.partial_path(DIGEST).write_bytes(b"\x00" * 100_000)
-    assert refused(origin, store, "/m.bin", caplog).reason is Reason.DIGEST_MISMATCH
+    before = len(origin.requests)
+    assert refused(origin, store, "/bitflip.bin", caplog).reason is Reason.DIGEST_MISMATCH
+    resumed, fresh = origin.requests[before:]
+    assert resumed.range_header == "bytes=100000-"
+    assert fresh.range_header is None
     assert not store.partial_path(DIGEST).exists()
-    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_fresh_download_with_a_bad_digest_is_not_fetched_again(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = len(origin.requests)
+    assert refused(origin, store, "/bitflip.bin", caplog).reason is Reason.DIGEST_MISMATCH
+    assert len(origin.requests) == before + 1
 
 
 @pytest.mark.integration

@@ -30,7 +30,9 @@ rules around it:
 * Network errors and timeouts keep the partial file (it is re-verified on resume anyway):
   every byte received before the failure, including those of a receive buffer only partly
   filled, is hashed and written, and the file is fsynced, so the resume's ``Range`` starts at
-  the true received count. A digest or size refusal deletes the partial file, and so does
+  the true received count. A resumed download whose digest is wrong (the kept prefix was
+  stale or tampered with) is fetched once more from byte 0 within the same call. A digest or
+  size refusal deletes the partial file, and so does
   any refusal that leaves it empty (free disk space, status, redirect, encoding): nothing is
   left in ``tmp/`` unless it is a prefix to resume from.
 * Cancellation: ``cancel`` (a :class:`threading.Event`, set from another thread, say a
@@ -307,6 +309,9 @@ class _Download:
         # Raises SpecError for a URL outside the allowlist or a bad spec: nothing is fetched.
         self.accumulator = self._new_accumulator()
         self.partial = store.partial_path(expected_digest)
+        # How many kept bytes the accumulator took from the partial file rather than the
+        # network (0 once the download starts again from byte 0).
+        self.resumed_from = 0
 
     def _new_accumulator(self) -> IntegrityAccumulator:
         return IntegrityAccumulator(
@@ -318,6 +323,24 @@ class _Download:
 
     def run(self) -> Path:
         self.store.ensure_layout()
+        self._download()
+        verdict = self.accumulator.finalize()
+        if self.resumed_from and verdict.reason is Reason.DIGEST_MISMATCH:
+            # The kept prefix was hashed as it was found, so a stale or tampered one spoils a
+            # body the server sent right. Once, the whole file is fetched again from byte 0;
+            # a fresh download that fails again is refused like any other.
+            _log.warning("a resumed download failed verification; fetching it again")
+            self._discard()
+            self.resumed_from = 0
+            self.accumulator = self._new_accumulator()
+            self._download()
+            verdict = self.accumulator.finalize()
+        if not verdict.ok:
+            self._refuse(verdict)
+        return self.store.publish(self.partial, self.digest)
+
+    def _download(self) -> None:
+        """Bring the partial file to the full size, resuming from what it keeps."""
         fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             offset = self._resume_offset(fd)
@@ -331,10 +354,6 @@ class _Download:
             self._close_after_failure(fd)
             raise
         os.close(fd)
-        verdict = self.accumulator.finalize()
-        if not verdict.ok:
-            self._refuse(verdict)
-        return self.store.publish(self.partial, self.digest)
 
     def _fetch(self, fd: int, offset: int) -> None:
         context = _ssl_context(self.options.ca_bundle)
@@ -364,9 +383,11 @@ class _Download:
         if not verdict.ok or self.accumulator.received_bytes != kept:
             return self._restart(fd)
         _log.info("resuming a kept partial download")
+        self.resumed_from = kept
         return kept
 
     def _restart(self, fd: int) -> int:
+        self.resumed_from = 0
         self.accumulator.abort()
         self.accumulator = self._new_accumulator()
         os.ftruncate(fd, 0)
