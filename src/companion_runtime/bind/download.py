@@ -34,7 +34,8 @@ rules around it:
   stale or tampered with) is fetched once more from byte 0 within the same call. A digest or
   size refusal deletes the partial file, and so does
   any refusal that leaves it empty (free disk space, status, redirect, encoding): nothing is
-  left in ``tmp/`` unless it is a prefix to resume from.
+  left in ``tmp/`` unless it is a prefix to resume from. A kept file left read-only by a
+  publish that did not complete is made writable again (it is resumed like any other).
 * Cancellation: ``cancel`` (a :class:`threading.Event`, set from another thread, say a
   signal handler's) stops the download within about :data:`httpsget.POLL_S
   <companion_runtime.bind.httpsget.POLL_S>` wherever it waits (name lookup, connect,
@@ -74,6 +75,7 @@ import os
 import re
 import shutil
 import ssl
+import stat
 import threading
 import time
 from collections import deque
@@ -341,7 +343,7 @@ class _Download:
 
     def _download(self) -> None:
         """Bring the partial file to the full size, resuming from what it keeps."""
-        fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = self._open_partial()
         try:
             offset = self._resume_offset(fd)
             self._check_disk(offset)
@@ -366,6 +368,30 @@ class _Download:
         raise DownloadError(Reason.DOWNLOAD_FAILED)
 
     # --- partial file ---------------------------------------------------------------------
+
+    def _open_partial(self) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            return os.open(self.partial, flags, 0o600)
+        except PermissionError:
+            # publish() makes the verified file read-only before it renames it into place; a
+            # rename that failed, or a process that died in between, leaves it so, and its
+            # owner (unless root) could not open it again: every later pull was store_error.
+            self._make_partial_writable()
+            return os.open(self.partial, flags, 0o600)
+
+    def _make_partial_writable(self) -> None:
+        # Through a descriptor of the file itself (O_NOFOLLOW: never a symlink's target), and
+        # only a regular file of ours; anything else stays as it is, and is refused.
+        fd = os.open(
+            self.partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        )
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
 
     def _resume_offset(self, fd: int) -> int:
         kept = os.fstat(fd).st_size
