@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+import stat
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -429,14 +432,45 @@ def test_kept_partial_is_resumed_with_range(origin: FaultyOrigin, store: ModelSt
 
 @pytest.mark.integration
 @pytest.mark.data_integrity
+def test_poisoned_partial_is_dropped_and_fetched_again_from_zero(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    # The kept prefix is not the file's start: the resumed body is right, the whole is not.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(b"\x00" * 100_000)
+    before = len(origin.requests)
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    resumed, fresh = origin.requests[before:]
+    assert (resumed.range_header, resumed.status) == ("bytes=100000-", 206)
+    assert (fresh.range_header, fresh.status, fresh.bytes_sent) == (None, 200, SIZE)
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
 def test_poisoned_partial_is_refused_then_dropped(
     origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # A poisoned prefix and a poisoned mirror: the one fresh download from byte 0 fails too,
+    # and that is the refusal; nothing of either is kept.
     store.ensure_layout()
     store.partial_path(DIGEST).write_bytes(b"\x00" * 100_000)
-    assert refused(origin, store, "/m.bin", caplog).reason is Reason.DIGEST_MISMATCH
+    before = len(origin.requests)
+    assert refused(origin, store, "/bitflip.bin", caplog).reason is Reason.DIGEST_MISMATCH
+    resumed, fresh = origin.requests[before:]
+    assert resumed.range_header == "bytes=100000-"
+    assert fresh.range_header is None
     assert not store.partial_path(DIGEST).exists()
-    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_fresh_download_with_a_bad_digest_is_not_fetched_again(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = len(origin.requests)
+    assert refused(origin, store, "/bitflip.bin", caplog).reason is Reason.DIGEST_MISMATCH
+    assert len(origin.requests) == before + 1
 
 
 @pytest.mark.integration
@@ -460,6 +494,107 @@ def test_complete_partial_is_published_without_a_request(
     assert fetch(origin, store, "/m.bin").read_bytes() == DATA
     # A kept file of full length is verified and published as it is: no request at all.
     assert len(origin.requests) == before
+
+
+#: The user a root-run test drops to (nobody); a test run as another user stays that user.
+OTHER_UID = 65534
+
+
+def _as_store_owner(work: Callable[[Path], str]) -> str:
+    """``work(directory)`` in a child process of a user other than root, in a directory of its
+    own; what it returned. root opens a read-only file for writing all the same, so the
+    failures of any other user only show without root."""
+    directory = Path(tempfile.mkdtemp())
+    try:
+        if os.geteuid() != 0:
+            return work(directory)
+        os.chown(directory, OTHER_UID, OTHER_UID)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_end)
+                os.setgroups([])
+                os.setgid(OTHER_UID)
+                os.setuid(OTHER_UID)
+                try:
+                    answer = work(directory)
+                except Exception as error:  # reported to the test process
+                    answer = f"raised {error!r}"
+                os.write(write_end, answer.encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as answers:
+            answer = answers.read()
+        os.waitpid(pid, 0)
+        return answer
+    finally:
+        shutil.rmtree(directory)
+
+
+def _pull_with_a_kept_partial(
+    origin: FaultyOrigin, prepare: Callable[[ModelStore, Path], None]
+) -> Callable[[Path], str]:
+    ca_pem = origin.ca_pem_path.read_bytes()
+
+    def work(directory: Path) -> str:
+        (directory / "ca.pem").write_bytes(ca_pem)
+        store = ModelStore(directory / "store")
+        store.ensure_layout()
+        prepare(store, directory)
+        try:
+            path = download_to_store(
+                url=secret_url(origin, "/m.bin"),
+                allowed_source_urls=(origin.base_url,),
+                expected_digest=DIGEST,
+                expected_size_bytes=SIZE,
+                store=store,
+                options=dataclasses.replace(FAST, ca_bundle=directory / "ca.pem"),
+            )
+        except DownloadError as error:
+            return error.reason.value
+        mode = stat.S_IMODE(path.stat().st_mode)
+        return f"ok {path.read_bytes() == DATA} {oct(mode)} {list(store.tmp_dir.iterdir())}"
+
+    return work
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.parametrize("kept", [SIZE, 100_000], ids=["whole", "prefix"])
+def test_a_partial_left_read_only_by_an_unfinished_publish_is_resumed(
+    origin: FaultyOrigin, kept: int
+) -> None:
+    # publish() makes the verified file 0444, then renames it into place: a rename that
+    # failed, or a process that died in between, leaves a read-only partial in tmp/.
+    def prepare(store: ModelStore, _directory: Path) -> None:
+        store.partial_path(DIGEST).write_bytes(DATA[:kept])
+        store.partial_path(DIGEST).chmod(0o444)
+
+    before = len(origin.requests)
+    assert _as_store_owner(_pull_with_a_kept_partial(origin, prepare)) == "ok True 0o444 []"
+    assert len(origin.requests) == before + (kept < SIZE)
+
+
+@pytest.mark.integration
+@pytest.mark.security
+def test_a_read_only_partial_that_is_a_symlink_is_refused_and_its_target_left_alone(
+    origin: FaultyOrigin,
+) -> None:
+    def prepare(store: ModelStore, directory: Path) -> None:
+        target = directory / "elsewhere"
+        target.write_bytes(DATA)
+        target.chmod(0o444)
+        store.partial_path(DIGEST).symlink_to(target)
+
+    pull = _pull_with_a_kept_partial(origin, prepare)
+
+    def work(directory: Path) -> str:
+        answer = pull(directory)
+        return f"{answer} {oct(stat.S_IMODE((directory / 'elsewhere').stat().st_mode))}"
+
+    assert _as_store_owner(work) == "store_error 0o444"
 
 
 @pytest.mark.integration

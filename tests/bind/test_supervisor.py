@@ -517,6 +517,33 @@ async def test_a_process_that_takes_the_runtime_port_first_never_makes_it_ready(
         assert _state(supervisor) is LifecycleState.STOPPED
 
 
+@pytest.mark.security
+async def test_a_runtime_listening_on_another_address_of_its_port_is_not_what_answered(
+    tmp_path: Path,
+) -> None:
+    # A command that puts the runtime on [::1] rather than {host}: the probe (and the front
+    # door) go to 127.0.0.1, a different socket that another process can hold at the same
+    # time. The runtime listening on the port number is no proof that it answered there.
+    async with standin(
+        tmp_path, "--host", "::1", "--listen-delay-s", "1", ready_timeout_s=4.0, max_restarts=0
+    ) as supervisor:
+        start = asyncio.create_task(supervisor.start())
+        assert await async_wait_for(lambda: supervisor.runtime_url is not None, 10)
+        port = int(str(supervisor.runtime_url).rsplit(":", 1)[1])
+        squatter = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _SQUATTER, str(port), stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            assert squatter.stdout is not None
+            assert await asyncio.wait_for(squatter.stdout.readline(), 10) == b"/health\n"
+            verdict = await asyncio.wait_for(start, 30)
+        finally:
+            squatter.kill()
+            await squatter.wait()
+        assert verdict.reason is Reason.READY_TIMEOUT
+        assert "ready" not in _moves(supervisor)
+
+
 async def test_a_slow_start_becomes_ready(tmp_path: Path) -> None:
     flags = ("--listen-delay-s", "0.4", "--loading-s", "0.4")
     async with standin(tmp_path, *flags, ready_timeout_s=10.0) as supervisor:

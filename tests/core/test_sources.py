@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 from urllib.parse import urlsplit
 
@@ -127,6 +128,13 @@ CASES = [
     ("https://cdn.example.org/models/x/..;", MALFORMED),
     ("https://cdn.example.org/models/x;v=1/y.gguf", OK),
     ("https://cdn.example.org/models/..x;/y.gguf", OK),
+    # The same with the ";" percent-encoded: a front server that decodes the path (nginx) and
+    # forwards it to one that drops path parameters reads "..%3b" as "..;", hence "..".
+    ("https://cdn.example.org/models/..%3b/secret/x.gguf", MALFORMED),
+    ("https://cdn.example.org/models/..%3B/secret/x.gguf", MALFORMED),
+    ("https://cdn.example.org/models/.%3bx/y.gguf", MALFORMED),
+    ("https://cdn.example.org/models/x/..%3B", MALFORMED),
+    ("https://cdn.example.org/models/x%3Bv=1/y.gguf", OK),
     # Fragments.
     ("https://models.example.com/x#frag", MALFORMED),
     ("https://evil.net#@models.example.com/", MALFORMED),
@@ -302,6 +310,8 @@ TOKENS = [
     "/./",
     ";",
     "..;",
+    "..%3b",
+    "%3B",
     "%2e",
     "%2E",
     "%2f",
@@ -358,7 +368,7 @@ def oracle_allows(url: str, allowlist: list[str]) -> bool:
     if not url.lower().startswith("https://"):
         return False
     segments = (split.path or "/").split("/")
-    if any(segment.partition(";")[0] in (".", "..") for segment in segments):
+    if any(re.split(r";|%3[bB]", segment, maxsplit=1)[0] in (".", "..") for segment in segments):
         return False
     for entry in allowlist:
         try:

@@ -78,6 +78,8 @@ URL_TOKENS: tuple[str, ...] = (
     "/./",
     ";",
     "..;",
+    "..%3b",
+    "%3B",
     "%2e",
     "%2E",
     "%2f",
@@ -151,8 +153,8 @@ def _https_view(url: str) -> tuple[str, int, list[str]] | None:
     segments = raw_path.split("/")
     # httpx normalises dot segments away; the text itself must not contain any, or the two
     # readings would name different resources. Servers that drop ";" parameters before
-    # resolving dots read "..;x" as "..".
-    if any(segment.partition(";")[0] in (".", "..") for segment in segments):
+    # resolving dots read "..;x" as "..", and so "..%3bx" once a front server has decoded it.
+    if any(re.split(r";|%3[bB]", segment, maxsplit=1)[0] in (".", "..") for segment in segments):
         return None
     # httpx percent-encodes characters such as "}" on the wire; both readings must still
     # decode to the same path.

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +37,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 _held: list[bytearray] = []
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 _ready_at = 0.0
 _never_healthy = False
 
@@ -170,7 +177,8 @@ def main() -> None:
     _never_healthy = args.never_healthy
     time.sleep(args.listen_delay_s)
     _ready_at = time.monotonic() + args.loading_s
-    server = ThreadingHTTPServer((args.host, args.port), _Handler)
+    server_class = _Server6 if ":" in args.host else ThreadingHTTPServer
+    server = server_class((args.host, args.port), _Handler)
     server.daemon_threads = True
     print(f"LISTENING {args.port}", flush=True)
     if args.exit_after_s:

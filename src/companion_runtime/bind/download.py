@@ -30,9 +30,12 @@ rules around it:
 * Network errors and timeouts keep the partial file (it is re-verified on resume anyway):
   every byte received before the failure, including those of a receive buffer only partly
   filled, is hashed and written, and the file is fsynced, so the resume's ``Range`` starts at
-  the true received count. A digest or size refusal deletes the partial file, and so does
+  the true received count. A resumed download whose digest is wrong (the kept prefix was
+  stale or tampered with) is fetched once more from byte 0 within the same call. A digest or
+  size refusal deletes the partial file, and so does
   any refusal that leaves it empty (free disk space, status, redirect, encoding): nothing is
-  left in ``tmp/`` unless it is a prefix to resume from.
+  left in ``tmp/`` unless it is a prefix to resume from. A kept file left read-only by a
+  publish that did not complete is made writable again (it is resumed like any other).
 * Cancellation: ``cancel`` (a :class:`threading.Event`, set from another thread, say a
   signal handler's) stops the download within about :data:`httpsget.POLL_S
   <companion_runtime.bind.httpsget.POLL_S>` wherever it waits (name lookup, connect,
@@ -72,6 +75,7 @@ import os
 import re
 import shutil
 import ssl
+import stat
 import threading
 import time
 from collections import deque
@@ -307,6 +311,9 @@ class _Download:
         # Raises SpecError for a URL outside the allowlist or a bad spec: nothing is fetched.
         self.accumulator = self._new_accumulator()
         self.partial = store.partial_path(expected_digest)
+        # How many kept bytes the accumulator took from the partial file rather than the
+        # network (0 once the download starts again from byte 0).
+        self.resumed_from = 0
 
     def _new_accumulator(self) -> IntegrityAccumulator:
         return IntegrityAccumulator(
@@ -318,7 +325,25 @@ class _Download:
 
     def run(self) -> Path:
         self.store.ensure_layout()
-        fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        self._download()
+        verdict = self.accumulator.finalize()
+        if self.resumed_from and verdict.reason is Reason.DIGEST_MISMATCH:
+            # The kept prefix was hashed as it was found, so a stale or tampered one spoils a
+            # body the server sent right. Once, the whole file is fetched again from byte 0;
+            # a fresh download that fails again is refused like any other.
+            _log.warning("a resumed download failed verification; fetching it again")
+            self._discard()
+            self.resumed_from = 0
+            self.accumulator = self._new_accumulator()
+            self._download()
+            verdict = self.accumulator.finalize()
+        if not verdict.ok:
+            self._refuse(verdict)
+        return self.store.publish(self.partial, self.digest)
+
+    def _download(self) -> None:
+        """Bring the partial file to the full size, resuming from what it keeps."""
+        fd = self._open_partial()
         try:
             offset = self._resume_offset(fd)
             self._check_disk(offset)
@@ -331,10 +356,6 @@ class _Download:
             self._close_after_failure(fd)
             raise
         os.close(fd)
-        verdict = self.accumulator.finalize()
-        if not verdict.ok:
-            self._refuse(verdict)
-        return self.store.publish(self.partial, self.digest)
 
     def _fetch(self, fd: int, offset: int) -> None:
         context = _ssl_context(self.options.ca_bundle)
@@ -347,6 +368,30 @@ class _Download:
         raise DownloadError(Reason.DOWNLOAD_FAILED)
 
     # --- partial file ---------------------------------------------------------------------
+
+    def _open_partial(self) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            return os.open(self.partial, flags, 0o600)
+        except PermissionError:
+            # publish() makes the verified file read-only before it renames it into place; a
+            # rename that failed, or a process that died in between, leaves it so, and its
+            # owner (unless root) could not open it again: every later pull was store_error.
+            self._make_partial_writable()
+            return os.open(self.partial, flags, 0o600)
+
+    def _make_partial_writable(self) -> None:
+        # Through a descriptor of the file itself (O_NOFOLLOW: never a symlink's target), and
+        # only a regular file of ours; anything else stays as it is, and is refused.
+        fd = os.open(
+            self.partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        )
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
 
     def _resume_offset(self, fd: int) -> int:
         kept = os.fstat(fd).st_size
@@ -364,9 +409,11 @@ class _Download:
         if not verdict.ok or self.accumulator.received_bytes != kept:
             return self._restart(fd)
         _log.info("resuming a kept partial download")
+        self.resumed_from = kept
         return kept
 
     def _restart(self, fd: int) -> int:
+        self.resumed_from = 0
         self.accumulator.abort()
         self.accumulator = self._new_accumulator()
         os.ftruncate(fd, 0)

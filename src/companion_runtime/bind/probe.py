@@ -20,9 +20,10 @@ processes are ever looked at; elsewhere psutil's ``children(recursive=True)`` is
   any other process is stored, returned or logged.
 
 :func:`listens_below` answers whether the runtime (its PID or a descendant) is the process
-listening on a TCP port: the port is picked free and released before the runtime binds it, so
-another local process (of any user: the port is in the runtime's argv for all to read) could
-take it first and answer the health check. Only our processes' own sockets are looked at.
+listening on ``127.0.0.1`` at a TCP port: the port is picked free and released before the
+runtime binds it, so another local process (of any user: the port is in the runtime's argv for
+all to read) could take it first and answer the health check.
+Only our processes' own sockets are looked at.
 
 All psutil and NVML calls block, so they run in a worker thread (``asyncio.to_thread``).
 Foreign exceptions are translated in one place per adapter: a runtime that vanished is
@@ -321,6 +322,13 @@ class PsutilResourceProbe:
         )
 
 
+#: The local addresses whose listener is what a connection to ``127.0.0.1`` (the health probe's,
+#: the front door's) reaches. The port number alone is not enough: a runtime on ``[::1]:P`` (or
+#: another loopback address) leaves ``127.0.0.1:P`` free for any process to answer from. ``::``
+#: is left out: with ``IPV6_V6ONLY``, which ``/proc`` does not show, it does not hold 127.0.0.1.
+_RECEIVES_LOOPBACK: Final = frozenset({"127.0.0.1", "0.0.0.0", "::ffff:127.0.0.1"})  # noqa: S104
+
+
 def _listens_below_blocking(pid: int, port: int) -> bool:
     for member in (pid, *_descendants(psutil.Process(pid))):
         try:
@@ -328,7 +336,9 @@ def _listens_below_blocking(pid: int, port: int) -> bool:
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue  # exited between listing and reading: it listens on nothing now
         if any(
-            connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
+            connection.status == psutil.CONN_LISTEN
+            and connection.laddr.port == port
+            and connection.laddr.ip in _RECEIVES_LOOPBACK
             for connection in connections
         ):
             return True
@@ -336,9 +346,10 @@ def _listens_below_blocking(pid: int, port: int) -> bool:
 
 
 async def listens_below(pid: int, port: int) -> bool:
-    """Whether the process ``pid`` or one below it listens on TCP ``port`` (in a worker
-    thread). Anything that cannot be read counts as "no": a listener we cannot show to be the
-    runtime's is not trusted."""
+    """Whether the process ``pid`` or one below it listens on TCP ``127.0.0.1:port`` (bound to
+    that address, the IPv4 wildcard or its IPv4-mapped form; in a worker thread). Anything that
+    cannot be read counts as "no": a listener we cannot show to be the runtime's is not
+    trusted."""
     try:
         return await asyncio.to_thread(_listens_below_blocking, pid, port)
     except (psutil.Error, OSError):

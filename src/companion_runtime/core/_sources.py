@@ -13,7 +13,8 @@ non-ASCII, percent-encoded dots, slashes and backslashes (``%2e``, ``%2f``, ``%5
 anywhere in the URL), percent-encoded ``%`` or control characters, a ``%`` not followed by two
 hex digits, characters outside RFC 3986 in the path or query (``"``, ``<``, ``{``, ``[``,
 ``|``, ...), ``.``/``..`` or empty path segments (also with a ``;`` parameter: ``..;x`` is
-``..`` to servers that drop path parameters, as Tomcat, Jetty and Spring do), fragments, an
+``..`` to servers that drop path parameters, as Tomcat, Jetty and Spring do, and so is
+``..%3b`` once a front server has decoded it), fragments, an
 empty host, bracketed (IPv6)
 hosts, scheme-relative URLs, and ports that are empty, non-numeric or out of range.
 The scheme is compared case-insensitively (RFC 3986), so ``HTTPS://`` is ``https``.
@@ -54,6 +55,8 @@ _PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 _PATH_OR_QUERY = re.compile(
     r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%(?![01][0-9A-Fa-f]|7[fF]|25)[0-9A-Fa-f]{2})*"
 )
+# What starts a path segment's parameters, as it is sent or once a server has decoded it.
+_PARAMETER = re.compile(r";|%3[bB]")
 _DEFAULT_PORT = 443
 _ALLOWLIST_TYPES = (list, tuple, set, frozenset)
 
@@ -117,8 +120,9 @@ def _parse(url: str) -> _Parsed:
     path = parts.path or "/"
     # A segment's name is what comes before its first ";": servers that drop path parameters
     # before resolving dot segments read "/models/..;/secret" as "/secret", outside the prefix
-    # the string "/models/" says it is in.
-    names = [segment.partition(";")[0] for segment in path.split("/")]
+    # the string "/models/" says it is in. An encoded ";" counts too: a front server that
+    # decodes the path before passing it on turns "..%3b" into "..;".
+    names = [_PARAMETER.split(segment, maxsplit=1)[0] for segment in path.split("/")]
     # names[0] is "" (the path is absolute); the last may be "" (a trailing slash).
     for name in names[1:-1]:
         if name in ("", ".", ".."):
