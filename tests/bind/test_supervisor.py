@@ -28,7 +28,7 @@ from companion_runtime.bind.manifest import (
     RuntimeSpec,
     SourcesSpec,
 )
-from companion_runtime.bind.probe import MachineHeadroom
+from companion_runtime.bind.probe import MachineHeadroom, listens_below
 from companion_runtime.bind.process import ProcessError, SubprocessLauncher, build_launch_spec
 from companion_runtime.bind.supervisor import (
     Supervisor,
@@ -515,6 +515,29 @@ async def test_a_process_that_takes_the_runtime_port_first_never_makes_it_ready(
         assert verdict.reason is Reason.RUNTIME_EXITED
         assert "ready" not in _moves(supervisor)
         assert _state(supervisor) is LifecycleState.STOPPED
+
+
+async def test_the_runtime_s_listener_is_looked_for_until_found_not_on_every_probe(
+    tmp_path: Path,
+) -> None:
+    # The ownership check reads the tree's sockets; once the runtime holds the port no one else
+    # can bind it, so probes while ready do not repeat the check.
+    calls: list[tuple[int, int]] = []
+
+    async def listens(pid: int, port: int) -> bool:
+        calls.append((pid, port))
+        return await listens_below(pid, port)
+
+    model, digest, size = _blob(tmp_path)
+    # HEALTH probes every 0.05 s while ready too.
+    config = _config(standin_command(), model, digest, size)
+    async with Supervisor(config, listens=listens) as supervisor:
+        verdict = await supervisor.start()
+        assert verdict.ok, verdict
+        await asyncio.sleep(0.6)  # about a dozen probes while ready
+        assert _state(supervisor) is LifecycleState.READY
+        assert len(calls) == 1
+        await supervisor.stop()
 
 
 @pytest.mark.security

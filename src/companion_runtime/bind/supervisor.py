@@ -313,6 +313,12 @@ class _RuntimeHealth:
     outside the runtime's tree that takes it first (the port is in the runtime's argv, which
     any local user can read) and answers ``200`` must not make the runtime ready, nor receive
     the requests and the runtime key the front door would then send it.
+
+    Once the runtime's own listener has been seen on the port, the question is settled for
+    the rest of this run: no other socket can bind a port a listener holds (``SO_REUSEPORT``
+    needs the same user on both sides), and the runtime's exit ends the run. So the check,
+    which reads the tree's sockets from ``/proc`` (about 11 ms, more with many sockets on the
+    machine), runs until it passes, not on every probe while ready.
     """
 
     def __init__(
@@ -327,11 +333,14 @@ class _RuntimeHealth:
         self._pid = pid
         self._port = port
         self._listens = listens
+        self._owned = False
 
     async def check(self) -> HealthAnswer:
         answer = await self._checker.check()
-        if answer is HealthAnswer.HEALTHY and not await self._listens(self._pid, self._port):
-            return HealthAnswer.FOREIGN_LISTENER
+        if answer is HealthAnswer.HEALTHY and not self._owned:
+            if not await self._listens(self._pid, self._port):
+                return HealthAnswer.FOREIGN_LISTENER
+            self._owned = True
         return answer
 
 
