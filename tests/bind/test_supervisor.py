@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import signal
 import stat
@@ -35,6 +36,7 @@ from companion_runtime.bind.supervisor import (
     SupervisorConfig,
     check_fit,
     check_model_fit,
+    describe_exit,
 )
 from companion_runtime.core import (
     ALLOW,
@@ -456,6 +458,37 @@ async def test_a_start_past_the_ready_timeout_ends_stopped_with_the_process_gone
         assert supervisor.status()["pid"] is None
         assert _moves(supervisor) == ["starting", "stopped"]
         assert supervisor.status()["spawns"] == 1  # a failed first start is not retried
+
+
+@pytest.mark.parametrize(
+    ("script", "status", "said"),
+    [
+        ("exit 3", 3, "exit status 3"),
+        ("kill -KILL $$", -9, "signal 9 (SIGKILL)"),
+    ],
+    ids=["exit 3", "SIGKILL"],
+)
+async def test_how_the_runtime_ended_by_itself_is_told(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, script: str, status: int, said: str
+) -> None:
+    # runtime_exited alone leaves a user guessing why their command never came up.
+    model, digest, size = _blob(tmp_path)
+    template = ["/bin/sh", "-c", script, "sh", "{port}"]
+    with caplog.at_level(logging.WARNING, logger="companion_runtime.bind.supervisor"):
+        async with Supervisor(_config(template, model, digest, size, max_restarts=0)) as supervisor:
+            assert (await supervisor.start()).reason is Reason.RUNTIME_EXITED
+            assert supervisor.status()["last_exit_status"] == status
+    assert [record.getMessage() for record in caplog.records] == [
+        f"the runtime exited by itself: {said}"
+    ]
+
+
+def test_an_exit_is_described_by_its_number_or_its_signal() -> None:
+    assert describe_exit(0) == "exit status 0"
+    assert describe_exit(127) == "exit status 127"
+    assert describe_exit(-15) == "signal 15 (SIGTERM)"
+    assert describe_exit(-200) == "signal 200"
+    assert describe_exit(None) == "exit status unknown"
 
 
 async def test_a_start_after_a_failed_one_is_not_reported_as_given_up(tmp_path: Path) -> None:

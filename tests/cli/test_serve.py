@@ -632,6 +632,9 @@ def test_a_refusal_after_the_runtime_was_spawned_is_exit_1_with_its_reason(
     assert "Traceback" not in finished.stderr
     assert json.loads(finished.stdout) == {"ok": False, "reason": expected}
     assert not state_dir.exists() or not any(state_dir.iterdir())
+    if case == "exits at once":
+        # How it ended, on stderr, so that the one JSON object on stdout stays one.
+        assert "the runtime exited by itself: exit status 3" in finished.stderr
 
 
 def test_sighup_drains_and_cleans_up_like_sigterm(tmp_path: Path) -> None:

@@ -45,9 +45,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import math
 import os
 import secrets
+import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -111,6 +113,7 @@ __all__ = [
     "check_fit",
     "check_model_fit",
     "check_runtime_command",
+    "describe_exit",
 ]
 
 #: RAM allowed for the runtime beyond the model's bytes (code, KV cache, buffers) by default.
@@ -119,6 +122,7 @@ _DRAIN_POLL_S: Final = 0.01
 _RECENT_MOVES: Final = 64
 
 _T = TypeVar("_T")
+_logger = logging.getLogger(__name__)
 
 
 def _positive(value: object) -> bool:
@@ -266,6 +270,19 @@ def check_runtime_command(manifest: Manifest) -> Verdict:
     except ProcessError as error:
         return deny(error.reason)
     return ALLOW
+
+
+def describe_exit(status: int | None) -> str:
+    """``exit status 3`` or ``signal 9 (SIGKILL)`` for a ``returncode`` as Popen gives it."""
+    if status is None:
+        return "exit status unknown"
+    if status >= 0:
+        return f"exit status {status}"
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        return f"signal {-status}"
+    return f"signal {-status} ({name})"
 
 
 def _config_from_manifest(
@@ -424,6 +441,8 @@ class Supervisor:
         self._process: RuntimeProcess | None = None
         self._runtime_url: str | None = None
         self._last_pid: int | None = None
+        # How the last run that ended by itself ended: an exit status, or -N for signal N.
+        self._last_exit_status: int | None = None
         self._last_sample: ResourceSample | None = None
         self._last_reason: Reason = Reason.OK
         self._given_up = asyncio.Event()
@@ -628,6 +647,7 @@ class Supervisor:
             "refused_by_reason": dict(statistics.refused_by_reason),
             "pid": process.pid if process is not None else None,
             "last_pid": self._last_pid,
+            "last_exit_status": self._last_exit_status,
             "runtime_url": self._runtime_url,
             "spawns": self._spawns,
             "restarts": self._restarts_total,
@@ -869,6 +889,12 @@ class Supervisor:
         await process.wait()
         # Out of ready (or starting) at once, before the process context is even left.
         self._move(LifecycleEvent.STOPPED)
+        status = process.returncode
+        self._last_exit_status = status
+        # Without this, a runtime command that cannot work (a missing library, a bad flag,
+        # the kernel's OOM killer) would say only runtime_exited. A number or a signal's
+        # name, never the runtime's own output, which may carry paths.
+        _logger.warning("the runtime exited by itself: %s", describe_exit(status))
         return Reason.RUNTIME_EXITED
 
     async def _stopped_reason(self, reason: Reason) -> Reason:
