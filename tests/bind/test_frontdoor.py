@@ -718,6 +718,32 @@ def test_an_upgrade_request_is_never_relayed_without_its_body() -> None:
     run(scenario)
 
 
+def test_a_bodiless_upgrade_request_is_answered_with_connection_close() -> None:
+    # Nothing after a head that asks to switch protocols is read on its connection (curl
+    # --http2 asks on every plain-http request): the answer must say the connection ends, or
+    # a client keeping it sends its next request into a connection that never answers it.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+                auth = f"Authorization: Bearer {door.token}\r\n"
+                for version in ("1.1", "1.0"):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(
+                        f"GET /echo HTTP/{version}\r\nHost: 127.0.0.1:{port}\r\n{auth}"
+                        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                        "HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n".encode()
+                    )
+                    answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: it is closed
+                    writer.close()
+                    head, _, body = answer.partition(b"\r\n\r\n")
+                    assert head.startswith(b"HTTP/1.1 200"), version
+                    assert b"\r\nconnection: close" in head.lower(), version
+                    assert "upgrade" not in json.loads(body)["headers"]
+
+    run(scenario)
+
+
 def test_expect_100_continue_is_answered() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:

@@ -526,7 +526,9 @@ class _Client(asyncio.Protocol):
         httptools then skips the request's body as well: relayed, it would reach the runtime
         without its body, another request than the client sent. The front door switches no
         protocol, so a bodiless request is answered as a plain one (the Upgrade header is
-        dropped); a CONNECT or one with a body is refused ``400``.
+        dropped) that ends the connection, and says so: a client told it stays open would send
+        its next request into a connection that reads no more. A CONNECT or one with a body
+        is refused ``400``.
         """
         request = self.requests[-1] if self.requests else None
         if request is None:
@@ -538,6 +540,8 @@ class _Client(asyncio.Protocol):
         if declares_body or request.method == b"CONNECT":
             self.requests.pop()
             self.error = 400
+        else:
+            request.keep_alive = False
 
     def eof_received(self) -> bool:
         self._lost()
