@@ -600,6 +600,40 @@ def test_a_large_body_pipelined_behind_another_request_is_read_whole() -> None:
     run(scenario)
 
 
+def test_a_request_whose_body_never_comes_whole_is_answered_and_counted() -> None:
+    # Every request ends in exactly one outcome: a body cut off by the client leaving is a
+    # client disconnect, and one that does not come whole in request_timeout_s is refused
+    # 408 timeout (with the answer readable), never a silent close counted nowhere.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, request_timeout_s=0.5) as door:
+                port = door.door.port
+                head = (
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\nContent-Length: 100\r\n\r\n{{"
+                ).encode()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head)
+                await writer.drain()
+                await wait_for(lambda: door.door.statistics().requests_total == 1)
+                writer.close()
+                await wait_for(lambda: door.door.statistics().client_disconnects == 1)
+
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head)
+                answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: it is closed
+                writer.close()
+                assert answer.startswith(b"HTTP/1.1 408")
+                assert answer.endswith(b'{"ok":false,"reason":"timeout"}')
+                statistics = door.door.statistics().to_dict()
+                assert statistics["requests_total"] == 2
+                assert statistics["client_disconnects"] == 1
+                assert statistics["refused_by_reason"] == {"timeout": 1}
+            assert upstream.requests_seen == 0
+
+    run(scenario)
+
+
 def test_a_chunked_body_is_relayed_with_a_length_and_without_its_trailer() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:

@@ -17,7 +17,8 @@ fixed order, and the first guard that fails answers it:
    else ``401 unauthorized``.
 
 ``GET /_status`` is answered by the front door itself. Every other request has its body read
-(up to a cap, ``413 request_too_large`` beyond it) and then waits for an admission slot
+(up to a cap, ``413 request_too_large`` beyond it; ``408 timeout`` when it is not whole within
+``request_timeout_s``) and then waits for an admission slot
 (``async with controller.slot(deadline=...)``); a refusal is ``503`` with ``Retry-After`` and
 ``{"ok": false, "reason": "<code>"}``. A refusal that ends the connection before the request's
 end was read (a 401 or 413 with the body still coming) half-closes it and reads on until the
@@ -1403,8 +1404,19 @@ class FrontDoor:
         if content_length > self._config.max_body_bytes:
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
         # A body that arrived with its head (the usual case) needs no wait.
-        if not request.complete and not await self._body(client, request, expect=expect):
-            return self._refuse(client, client.error or 400, Reason.BAD_REQUEST, close=True)
+        if not request.complete:
+            try:
+                read = await self._body(client, request, expect=expect)
+            except _ClientGone:
+                # Gone before its body was in: a request like any other, ended by the client.
+                self._counters.client_disconnects += 1
+                raise
+            except TimeoutError:
+                # Not whole within request_timeout_s: answered (and counted) like any refusal,
+                # not a connection closed without a word.
+                return self._refuse(client, 408, Reason.TIMEOUT, close=True)
+            if not read:
+                return self._refuse(client, client.error or 400, Reason.BAD_REQUEST, close=True)
         if request.over_cap:
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
         keep = await self._admit_and_relay(client, request)
