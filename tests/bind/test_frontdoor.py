@@ -546,6 +546,39 @@ def test_a_request_refused_before_its_large_body_is_read_still_gets_its_answer()
     run(scenario)
 
 
+def test_refused_connections_kept_open_by_one_client_cost_no_other_client_its_answer() -> None:
+    # Lingering connections are bounded (64); anyone can refuse to close theirs, a header
+    # each, a second at a time. The bound must not then turn other clients' refusals back
+    # into resets that destroy the answer before it is read.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_body_bytes=1000) as door:
+                port = door.door.port
+                held = []
+                for _ in range(80):
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(
+                        f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                        "Content-Length: 100000000\r\n\r\n".encode()
+                    )
+                    held.append(writer)
+                await wait_for(lambda: door.door.statistics().requests_total == 80)
+                assert len(door.door._lingering) <= 64
+                body = b"x" * (4 * 1024 * 1024)
+                async with httpx.AsyncClient(base_url=door.url) as client:
+                    for _ in range(3):
+                        response = await client.post("/echo", content=body, headers=door.auth)
+                        assert response.status_code == 413
+                        assert reason_of(response) == "request_too_large"
+                assert len(door.door._lingering) <= 64
+                for writer in held:
+                    writer.close()
+                await wait_for(lambda: not door.door._lingering)
+            assert upstream.requests_seen == 0
+
+    run(scenario)
+
+
 def test_a_body_larger_than_the_pipelining_bound_is_read_whole() -> None:
     # Reading pauses when a client sends more than 64 KiB *behind* the request being answered;
     # the request's own body, up to the cap, must never trip that bound.
@@ -1368,7 +1401,7 @@ def test_a_flood_of_refused_connections_holds_no_more_than_the_limit_open() -> N
                     except ConnectionResetError:
                         answers.append(b"reset")
                     writer.close()
-                # The first 64 wait to be read; beyond that each is reset at once.
+                # At most 64 linger at once; the longest-lingering goes to make room.
                 assert sum(answer.endswith(b'"reason":"at_capacity"}') for answer in answers) >= 64
                 assert all(
                     answer in (b"", b"reset") or answer.startswith(b"HTTP/1.1 503 ")

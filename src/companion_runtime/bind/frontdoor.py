@@ -22,7 +22,9 @@ fixed order, and the first guard that fails answers it:
 (``async with controller.slot(deadline=...)``); a refusal is ``503`` with ``Retry-After`` and
 ``{"ok": false, "reason": "<code>"}``. A refusal that ends the connection before the request's
 end was read (a 401 or 413 with the body still coming) half-closes it and reads on until the
-client goes, at most a second, so that the client gets to read its answer. An admitted request
+client goes, at most a second, so that the client gets to read its answer (at most 64 such
+connections linger at once, the refused-at-capacity ones below included; past that the one
+that has lingered longest is closed to make room). An admitted request
 is sent to the runtime over a pooled keep-alive connection (a second protocol with an
 ``httptools`` response parser) without the client's credentials. The response is relayed from
 the parser's callbacks as the bytes arrive, so streamed tokens are never buffered; when the
@@ -121,8 +123,9 @@ _EVICTABLE_AUTHORIZED_AFTER_S: Final = 1.0
 # File descriptors kept out of max_connections: the listener, the runtime connections beyond
 # the idle pool, the supervisor's pipes and files, the interpreter's own.
 _RESERVED_FDS: Final = 128
-# Refused connections kept half-open until the client has read the 503 (at most this many at
-# once, for at most a second each; beyond that a refused connection is reset at once).
+# Refused connections kept half-open until the client has read its answer (at most this many
+# at once, for at most a second each; beyond that the one that has lingered longest is closed
+# to make room).
 _MAX_LINGERING: Final = 64
 _LINGER_S: Final = 1.0
 
@@ -556,7 +559,7 @@ class _Client(asyncio.Protocol):
             self._idle_timer = None
         if self.lingering:
             self.lingering = False
-            self._door._lingering.discard(self)
+            self._door._lingering.pop(self, None)
 
     def evict(self) -> None:
         """Close this idle connection (its serving task does) to make room for a new one."""
@@ -1106,7 +1109,8 @@ class FrontDoor:
         self._evicting = 0
         self._max_connections = 0
         # Refused connections that wait for the client to read its 503.
-        self._lingering: set[_Client] = set()
+        # Oldest first: at the limit, the one that has had longest to read its answer goes.
+        self._lingering: dict[_Client, None] = {}
         self._runtime_key_cache: tuple[str, tuple[str, int], bytes] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -1246,14 +1250,25 @@ class FrontDoor:
         """Answer a connection over max_connections with ``503 at_capacity``."""
         self._counters.connections_refused += 1
         _logger.debug("refused a connection at max_connections")
-        if len(self._lingering) >= _MAX_LINGERING:
-            assert client.transport is not None
-            client.gone = True
-            client.no_more = True
-            _reset(client.transport)  # a flood of them: no more waiting for each to read
-            return
-        self._lingering.add(client)
-        client.linger(_AT_CAPACITY_RESPONSE)
+        self._linger(client, _AT_CAPACITY_RESPONSE)
+
+    def _linger(self, client: _Client, answer: bytes = b"") -> None:
+        """End ``client``'s connection once it has read ``answer`` (see ``_Client.linger``).
+
+        At the limit the connection that has lingered longest is closed to make room: it has
+        had the most time to read its answer (a client reads it within milliseconds). Turning
+        the newcomer away instead would let anyone who keeps 64 refused connections open, one
+        header each, a second at a time, have every other refusal reset, its answer unread.
+        """
+        lingering = self._lingering
+        if len(lingering) >= _MAX_LINGERING:
+            oldest = next(iter(lingering))
+            del lingering[oldest]
+            oldest.lingering = False
+            if oldest.transport is not None:
+                oldest.transport.abort()
+        lingering[client] = None
+        client.linger(answer)
 
     def _accept(self, client: _Client) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._on_connection(client))
@@ -1285,16 +1300,10 @@ class FrontDoor:
             if transport is not None:
                 if abort:
                     transport.abort()
-                elif (
-                    client.mid_request
-                    and not client.gone
-                    and not transport.is_closing()
-                    and len(self._lingering) < _MAX_LINGERING
-                ):
+                elif client.mid_request and not client.gone and not transport.is_closing():
                     # Refused before the request's end was read (413, 401, ...): the client
                     # may still be sending, and must get to read its answer.
-                    self._lingering.add(client)
-                    client.linger()
+                    self._linger(client)
                 else:
                     transport.close()
 
