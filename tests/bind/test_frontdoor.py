@@ -1517,3 +1517,35 @@ def test_aclose_lets_a_busy_request_finish_and_closes_idle_connections() -> None
                         await client.get("/echo")
 
     run(scenario)
+
+
+def test_aclose_refuses_a_request_still_sending_its_body_at_once() -> None:
+    # A client stalled halfway through its body (a paused or hung process) has nothing the
+    # runtime works on: shutdown must not wait the whole grace period for it.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            controller = ready_controller(max_in_flight=2, queue_bound=2)
+            door = FrontDoor(
+                config=FrontDoorConfig(token="t" * 32),
+                controller=controller,
+                runtime_url=lambda: upstream.url,
+            )
+            await door.start()
+            reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+            writer.write(
+                f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{door.port}\r\n"
+                f"Authorization: Bearer {'t' * 32}\r\nContent-Length: 100\r\n\r\n{{".encode()
+            )
+            await writer.drain()
+            await wait_for(lambda: door.statistics().requests_total == 1)
+            started = time.monotonic()
+            await door.aclose(grace_s=10)
+            assert time.monotonic() - started < 2
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 503")
+            assert answer.endswith(b'{"ok":false,"reason":"not_ready"}')
+            assert door.statistics().refused_by_reason == {"not_ready": 1}
+            assert upstream.requests_seen == 0
+
+    run(scenario)

@@ -291,6 +291,10 @@ class _ClientGone(Exception):
     """The client closed its connection or reset it."""
 
 
+class _Closing(Exception):
+    """Shutdown began while a request's body was still arriving."""
+
+
 @dataclass(slots=True, kw_only=True)
 class _Counters:
     requests_total: int = 0
@@ -560,6 +564,10 @@ class _Client(asyncio.Protocol):
         if self.lingering:
             self.lingering = False
             self._door._lingering.pop(self, None)
+
+    def nudge(self) -> None:
+        """Wake the serving task to look again (shutdown has begun)."""
+        _wake(self._waiter)
 
     def evict(self) -> None:
         """Close this idle connection (its serving task does) to make room for a new one."""
@@ -1108,6 +1116,8 @@ class FrontDoor:
         self._idle_authorized: dict[_Client, None] = {}
         self._evicting = 0
         self._max_connections = 0
+        # Clients whose request waits for the rest of its body (woken when shutdown begins).
+        self._reading_bodies: set[_Client] = set()
         # Refused connections that wait for the client to read its 503.
         # Oldest first: at the limit, the one that has had longest to read its answer goes.
         self._lingering: dict[_Client, None] = {}
@@ -1142,7 +1152,10 @@ class FrontDoor:
         self._allowed_origins = frozenset(b"http://" + host for host in self._allowed_hosts)
 
     async def aclose(self, *, grace_s: float = 5.0) -> None:
-        """Stop listening, let busy connections finish for up to ``grace_s``, close the rest."""
+        """Stop listening, let busy connections finish for up to ``grace_s``, close the rest.
+
+        A request whose body is still arriving is refused ``503 not_ready`` at once.
+        """
         server = self._server
         if server is None:
             return
@@ -1150,6 +1163,10 @@ class FrontDoor:
         for client in list(self._lingering):
             if client.transport is not None:
                 client.transport.abort()
+        # A request whose body is still arriving was never admitted: it is refused now, not
+        # waited for (a client stalled mid-body would hold the whole grace period).
+        for client in list(self._reading_bodies):
+            client.nudge()
         for task, busy in list(self._connections.items()):
             if not busy:
                 task.cancel()
@@ -1281,7 +1298,7 @@ class FrontDoor:
         abort = False
         try:
             abort = not await self._serve_connection(client, task)
-        except (_ClientGone, ConnectionError, TimeoutError):
+        except (_ClientGone, _Closing, ConnectionError, TimeoutError):
             pass
         except asyncio.CancelledError:
             if not client.gone:
@@ -1424,6 +1441,10 @@ class FrontDoor:
                 # Not whole within request_timeout_s: answered (and counted) like any refusal,
                 # not a connection closed without a word.
                 return self._refuse(client, 408, Reason.TIMEOUT, close=True)
+            except _Closing:
+                return self._refuse(
+                    client, 503, Reason.NOT_READY, close=True, extra=((b"retry-after", b"1"),)
+                )
             if not read:
                 return self._refuse(client, client.error or 400, Reason.BAD_REQUEST, close=True)
         if request.over_cap:
@@ -1440,13 +1461,20 @@ class FrontDoor:
         client.reading_body()
         if expect:
             client.write(_CONTINUE)
-        async with asyncio.timeout(self._config.request_timeout_s):
-            while not request.complete and not request.over_cap:
-                if client.error:
-                    return False
-                if client.gone:
-                    raise _ClientGone
-                await client.wait()
+        reading = self._reading_bodies
+        reading.add(client)
+        try:
+            async with asyncio.timeout(self._config.request_timeout_s):
+                while not request.complete and not request.over_cap:
+                    if client.error:
+                        return False
+                    if client.gone:
+                        raise _ClientGone
+                    if self._closing():
+                        raise _Closing
+                    await client.wait()
+        finally:
+            reading.discard(client)
         return True
 
     def _authorized(self, values: list[bytes]) -> bool:
