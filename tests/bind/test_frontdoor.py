@@ -1034,6 +1034,53 @@ def test_a_client_that_stops_reading_is_not_taken_for_a_failed_runtime(
     assert "runtime failed" not in caplog.text
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_a_client_that_stops_reading_its_answers_keeps_its_connection_no_longer_than_a_stall(
+    loop: str,
+) -> None:
+    # Answers a client does not read wait in the front door's buffer. Waiting for them to go
+    # out without a bound held the connection for ever, never idle, so never closed nor
+    # evicted: at max_connections, a hung client locked every other one out.
+    async def scenario() -> None:
+        async with running_front_door(None, upstream_read_timeout_s=0.5) as door:
+            port = door.door.port
+            request = (
+                f"GET /_status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                f"Authorization: Bearer {door.token}\r\n\r\n"
+            ).encode() * 32
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.connect(("127.0.0.1", port))
+            sock.setblocking(False)
+            with sock:
+                # Pipelined until the front door reads no more: megabytes of answers, more
+                # than the kernel's buffers take, wait for the client to read them.
+                blocked_since = time.monotonic()
+                reset = False
+                while time.monotonic() - blocked_since < 0.3 and not reset:
+                    try:
+                        sock.send(request)
+                        blocked_since = time.monotonic()
+                    except BlockingIOError:
+                        pass
+                    except ConnectionResetError:
+                        reset = True
+                    await asyncio.sleep(0.001)
+                await wait_for(lambda: door.door.statistics().open_connections == 0)
+                sock.settimeout(5)
+                try:
+                    while sock.recv(1 << 20):
+                        pass
+                except ConnectionResetError:
+                    reset = True
+                assert reset  # never an orderly end: the answers were not all read
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+
+
 def test_a_runtime_connection_paused_for_a_slow_client_reads_again_once_pooled() -> None:
     # A client that does not read fills its buffers; the runtime connection is paused with it,
     # also by the read that ends a response. Pooled still paused, the next request on it

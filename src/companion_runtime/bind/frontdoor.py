@@ -199,7 +199,8 @@ class FrontDoorConfig:
     #: Time an idle keep-alive client connection is kept open.
     keep_alive_s: float = 30.0
     upstream_connect_timeout_s: float = 5.0
-    #: Longest silence allowed from the runtime (before its head, or between body chunks).
+    #: Longest silence allowed from the runtime (before its head, or between body chunks),
+    #: and longest a client may leave what was written to it unread.
     upstream_read_timeout_s: float = 600.0
     #: Idle runtime connections kept for reuse.
     upstream_pool_size: int = 32
@@ -1298,6 +1299,8 @@ class FrontDoor:
         abort = False
         try:
             abort = not await self._serve_connection(client, task)
+            if not abort:
+                await self._flushed(client)
         except (_ClientGone, _Closing, ConnectionError, TimeoutError):
             pass
         except asyncio.CancelledError:
@@ -1324,6 +1327,32 @@ class FrontDoor:
                 else:
                     transport.close()
 
+    async def _drain(self, client: _Client) -> None:
+        """Until the client has read enough to take more, for at most
+        ``upstream_read_timeout_s`` (a client that stopped reading for that long is stalled,
+        as during a relay); then its connection is reset. Waiting without that bound, a client
+        that never reads would keep its connection, never idle, for ever."""
+        if not client.write_paused:
+            return
+        try:
+            async with asyncio.timeout(self._config.upstream_read_timeout_s):
+                await client.drain()
+        except TimeoutError:
+            assert client.transport is not None
+            _reset(client.transport)
+            raise _ClientGone from None
+
+    async def _flushed(self, client: _Client) -> None:
+        """Before the connection closes: until what was written to it has gone out (bounded
+        as :meth:`_drain`). A close with answers still buffered waits for the client to read
+        them, however long, and that connection is no longer counted anywhere."""
+        transport = client.transport
+        if client.gone or transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            transport.set_write_buffer_limits(high=0)  # paused until all of it is out
+            await self._drain(client)
+
     async def _serve_connection(self, client: _Client, task: asyncio.Task[None]) -> bool:
         """Serve requests until the connection ends; False when it must be aborted."""
         connections = self._connections
@@ -1347,7 +1376,7 @@ class FrontDoor:
                     # A head that did not parse is a request too, refused like any other.
                     self._counters.requests_total += 1
                     self._refuse(client, client.error, Reason.BAD_REQUEST, close=True)
-                    await client.drain()
+                    await self._drain(client)
                 return True
             request = client.requests.popleft()
             connections[task] = True
@@ -1424,7 +1453,7 @@ class FrontDoor:
             # under a client that was told it stays open.
             if keep and not await self._body(client, request, expect=False):
                 return False
-            await client.drain()
+            await self._drain(client)
             return keep and not request.over_cap
 
         if content_length > self._config.max_body_bytes:
@@ -1451,7 +1480,7 @@ class FrontDoor:
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
         keep = await self._admit_and_relay(client, request)
         if client.write_paused:
-            await client.drain()
+            await self._drain(client)
         return keep
 
     async def _body(self, client: _Client, request: _Request, *, expect: bool) -> bool:
