@@ -546,6 +546,39 @@ def test_a_request_refused_before_its_large_body_is_read_still_gets_its_answer()
     run(scenario)
 
 
+def test_refused_connections_kept_open_by_one_client_cost_no_other_client_its_answer() -> None:
+    # Lingering connections are bounded (64); anyone can refuse to close theirs, a header
+    # each, a second at a time. The bound must not then turn other clients' refusals back
+    # into resets that destroy the answer before it is read.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_body_bytes=1000) as door:
+                port = door.door.port
+                held = []
+                for _ in range(80):
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(
+                        f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                        "Content-Length: 100000000\r\n\r\n".encode()
+                    )
+                    held.append(writer)
+                await wait_for(lambda: door.door.statistics().requests_total == 80)
+                assert len(door.door._lingering) <= 64
+                body = b"x" * (4 * 1024 * 1024)
+                async with httpx.AsyncClient(base_url=door.url) as client:
+                    for _ in range(3):
+                        response = await client.post("/echo", content=body, headers=door.auth)
+                        assert response.status_code == 413
+                        assert reason_of(response) == "request_too_large"
+                assert len(door.door._lingering) <= 64
+                for writer in held:
+                    writer.close()
+                await wait_for(lambda: not door.door._lingering)
+            assert upstream.requests_seen == 0
+
+    run(scenario)
+
+
 def test_a_body_larger_than_the_pipelining_bound_is_read_whole() -> None:
     # Reading pauses when a client sends more than 64 KiB *behind* the request being answered;
     # the request's own body, up to the cap, must never trip that bound.
@@ -596,6 +629,40 @@ def test_a_large_body_pipelined_behind_another_request_is_read_whole() -> None:
                 writer.close()
                 assert head.startswith(b"HTTP/1.1 200")
                 assert json.loads(echoed)["body"].encode("latin-1") == body
+
+    run(scenario)
+
+
+def test_a_request_whose_body_never_comes_whole_is_answered_and_counted() -> None:
+    # Every request ends in exactly one outcome: a body cut off by the client leaving is a
+    # client disconnect, and one that does not come whole in request_timeout_s is refused
+    # 408 timeout (with the answer readable), never a silent close counted nowhere.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, request_timeout_s=0.5) as door:
+                port = door.door.port
+                head = (
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\nContent-Length: 100\r\n\r\n{{"
+                ).encode()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head)
+                await writer.drain()
+                await wait_for(lambda: door.door.statistics().requests_total == 1)
+                writer.close()
+                await wait_for(lambda: door.door.statistics().client_disconnects == 1)
+
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head)
+                answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: it is closed
+                writer.close()
+                assert answer.startswith(b"HTTP/1.1 408")
+                assert answer.endswith(b'{"ok":false,"reason":"timeout"}')
+                statistics = door.door.statistics().to_dict()
+                assert statistics["requests_total"] == 2
+                assert statistics["client_disconnects"] == 1
+                assert statistics["refused_by_reason"] == {"timeout": 1}
+            assert upstream.requests_seen == 0
 
     run(scenario)
 
@@ -714,6 +781,32 @@ def test_an_upgrade_request_is_never_relayed_without_its_body() -> None:
                 statistics = door.door.statistics().to_dict()
                 assert statistics["requests_total"] == 4
                 assert statistics["refused_by_reason"] == {"bad_request": 3}
+
+    run(scenario)
+
+
+def test_a_bodiless_upgrade_request_is_answered_with_connection_close() -> None:
+    # Nothing after a head that asks to switch protocols is read on its connection (curl
+    # --http2 asks on every plain-http request): the answer must say the connection ends, or
+    # a client keeping it sends its next request into a connection that never answers it.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+                auth = f"Authorization: Bearer {door.token}\r\n"
+                for version in ("1.1", "1.0"):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(
+                        f"GET /echo HTTP/{version}\r\nHost: 127.0.0.1:{port}\r\n{auth}"
+                        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                        "HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n".encode()
+                    )
+                    answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: it is closed
+                    writer.close()
+                    head, _, body = answer.partition(b"\r\n\r\n")
+                    assert head.startswith(b"HTTP/1.1 200"), version
+                    assert b"\r\nconnection: close" in head.lower(), version
+                    assert "upgrade" not in json.loads(body)["headers"]
 
     run(scenario)
 
@@ -939,6 +1032,53 @@ def test_a_client_that_stops_reading_is_not_taken_for_a_failed_runtime(
 
     run(scenario)
     assert "runtime failed" not in caplog.text
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_a_client_that_stops_reading_its_answers_keeps_its_connection_no_longer_than_a_stall(
+    loop: str,
+) -> None:
+    # Answers a client does not read wait in the front door's buffer. Waiting for them to go
+    # out without a bound held the connection for ever, never idle, so never closed nor
+    # evicted: at max_connections, a hung client locked every other one out.
+    async def scenario() -> None:
+        async with running_front_door(None, upstream_read_timeout_s=0.5) as door:
+            port = door.door.port
+            request = (
+                f"GET /_status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                f"Authorization: Bearer {door.token}\r\n\r\n"
+            ).encode() * 32
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.connect(("127.0.0.1", port))
+            sock.setblocking(False)
+            with sock:
+                # Pipelined until the front door reads no more: megabytes of answers, more
+                # than the kernel's buffers take, wait for the client to read them.
+                blocked_since = time.monotonic()
+                reset = False
+                while time.monotonic() - blocked_since < 0.3 and not reset:
+                    try:
+                        sock.send(request)
+                        blocked_since = time.monotonic()
+                    except BlockingIOError:
+                        pass
+                    except ConnectionResetError:
+                        reset = True
+                    await asyncio.sleep(0.001)
+                await wait_for(lambda: door.door.statistics().open_connections == 0)
+                sock.settimeout(5)
+                try:
+                    while sock.recv(1 << 20):
+                        pass
+                except ConnectionResetError:
+                    reset = True
+                assert reset  # never an orderly end: the answers were not all read
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
 
 
 def test_a_runtime_connection_paused_for_a_slow_client_reads_again_once_pooled() -> None:
@@ -1308,7 +1448,7 @@ def test_a_flood_of_refused_connections_holds_no_more_than_the_limit_open() -> N
                     except ConnectionResetError:
                         answers.append(b"reset")
                     writer.close()
-                # The first 64 wait to be read; beyond that each is reset at once.
+                # At most 64 linger at once; the longest-lingering goes to make room.
                 assert sum(answer.endswith(b'"reason":"at_capacity"}') for answer in answers) >= 64
                 assert all(
                     answer in (b"", b"reset") or answer.startswith(b"HTTP/1.1 503 ")
@@ -1422,5 +1562,37 @@ def test_aclose_lets_a_busy_request_finish_and_closes_idle_connections() -> None
                     assert door.statistics().open_connections == 0
                     with pytest.raises(httpx.TransportError):
                         await client.get("/echo")
+
+    run(scenario)
+
+
+def test_aclose_refuses_a_request_still_sending_its_body_at_once() -> None:
+    # A client stalled halfway through its body (a paused or hung process) has nothing the
+    # runtime works on: shutdown must not wait the whole grace period for it.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            controller = ready_controller(max_in_flight=2, queue_bound=2)
+            door = FrontDoor(
+                config=FrontDoorConfig(token="t" * 32),
+                controller=controller,
+                runtime_url=lambda: upstream.url,
+            )
+            await door.start()
+            reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+            writer.write(
+                f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{door.port}\r\n"
+                f"Authorization: Bearer {'t' * 32}\r\nContent-Length: 100\r\n\r\n{{".encode()
+            )
+            await writer.drain()
+            await wait_for(lambda: door.statistics().requests_total == 1)
+            started = time.monotonic()
+            await door.aclose(grace_s=10)
+            assert time.monotonic() - started < 2
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 503")
+            assert answer.endswith(b'{"ok":false,"reason":"not_ready"}')
+            assert door.statistics().refused_by_reason == {"not_ready": 1}
+            assert upstream.requests_seen == 0
 
     run(scenario)

@@ -198,6 +198,48 @@ def test_a_status_answer_that_never_ends_is_refused_in_time_and_memory(
     assert results[0].verdict.reason is reason
 
 
+@pytest.mark.security
+def test_a_status_answer_whose_head_never_ends_is_refused_in_time() -> None:
+    # A byte of the head every 0.2 s: httpx's timeout bounds each read, and its head limit
+    # (16 KiB) would take most of a day at that pace.
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    closing = threading.Event()
+
+    def answer() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-pad: " + b"a" * 4096:
+                if closing.wait(0.2):
+                    return
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    results: list[StatusResult] = []
+    fetching = threading.Thread(
+        target=lambda: results.append(fetch_status(url, new_token(), timeout_s=1)), daemon=True
+    )
+    started = time.monotonic()
+    try:
+        fetching.start()
+        fetching.join(timeout=5)
+        elapsed = time.monotonic() - started
+    finally:
+        closing.set()
+        fetching.join(timeout=30)
+        thread.join(timeout=5)
+        listener.close()
+    assert elapsed < 3
+    assert results[0].verdict.reason is Reason.TIMEOUT
+
+
 # --- a state file is trusted no more than serve would trust it ------------------------------
 
 #: A user other than the one running the tests (``nobody``); acting as it needs root.

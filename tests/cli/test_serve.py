@@ -789,6 +789,59 @@ def test_a_signal_during_the_re_verify_before_the_runtime_starts_ends_serve_with
             assert not (state_dir / "serve.json").exists()
 
 
+def test_sigterm_with_a_client_stalled_mid_body_still_ends_at_once_with_exit_0(
+    tmp_path: Path,
+) -> None:
+    # A client that stopped halfway through its request's body (a hung app) holds no slot
+    # and nothing the runtime works on: it gets 503 not_ready, not the whole grace period.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = tmp_path / "state"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        process = subprocess.Popen(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(state_dir),
+        )
+        try:
+            assert process.stdout is not None
+            ready = json.loads(process.stdout.readline())
+            assert ready["ok"] is True, ready
+            port = int(str(ready["url"]).rsplit(":", 1)[1])
+            token = Path(str(ready["token_file"])).read_text().strip()
+            stalled = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+            for connection in stalled:
+                connection.sendall(
+                    f"POST /completion HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Authorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{".encode()
+                )
+            time.sleep(0.5)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+            elapsed = time.monotonic() - started
+            answers = []
+            for connection in stalled:
+                with connection:
+                    answers.append(connection.recv(65536))
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    assert process.returncode == 0
+    assert elapsed < 10  # the grace period is 30 s
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 503")
+        assert answer.endswith(b'{"ok":false,"reason":"not_ready"}')
+
+
 @pytest.mark.parametrize("closed", ["stdout", "stderr"])
 def test_serve_whose_output_is_closed_keeps_serving_and_drains_to_exit_0(
     tmp_path: Path, closed: str

@@ -30,7 +30,7 @@ from tests.support.frontdoor import ReadyDoor, running_front_door, tiny_upstream
 
 pytestmark = [pytest.mark.security, pytest.mark.integration]
 
-_STATUSES = {200, 400, 401, 403, 404, 405, 413, 431, 502, 503, 504}
+_STATUSES = {200, 400, 401, 403, 404, 405, 408, 413, 431, 502, 503, 504}
 _REFUSALS = {
     json.dumps({"ok": False, "reason": reason.value}).replace(" ", "") for reason in Reason
 }

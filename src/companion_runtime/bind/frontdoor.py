@@ -17,11 +17,14 @@ fixed order, and the first guard that fails answers it:
    else ``401 unauthorized``.
 
 ``GET /_status`` is answered by the front door itself. Every other request has its body read
-(up to a cap, ``413 request_too_large`` beyond it) and then waits for an admission slot
+(up to a cap, ``413 request_too_large`` beyond it; ``408 timeout`` when it is not whole within
+``request_timeout_s``) and then waits for an admission slot
 (``async with controller.slot(deadline=...)``); a refusal is ``503`` with ``Retry-After`` and
 ``{"ok": false, "reason": "<code>"}``. A refusal that ends the connection before the request's
 end was read (a 401 or 413 with the body still coming) half-closes it and reads on until the
-client goes, at most a second, so that the client gets to read its answer. An admitted request
+client goes, at most a second, so that the client gets to read its answer (at most 64 such
+connections linger at once, the refused-at-capacity ones below included; past that the one
+that has lingered longest is closed to make room). An admitted request
 is sent to the runtime over a pooled keep-alive connection (a second protocol with an
 ``httptools`` response parser) without the client's credentials. The response is relayed from
 the parser's callbacks as the bytes arrive, so streamed tokens are never buffered; when the
@@ -120,8 +123,9 @@ _EVICTABLE_AUTHORIZED_AFTER_S: Final = 1.0
 # File descriptors kept out of max_connections: the listener, the runtime connections beyond
 # the idle pool, the supervisor's pipes and files, the interpreter's own.
 _RESERVED_FDS: Final = 128
-# Refused connections kept half-open until the client has read the 503 (at most this many at
-# once, for at most a second each; beyond that a refused connection is reset at once).
+# Refused connections kept half-open until the client has read its answer (at most this many
+# at once, for at most a second each; beyond that the one that has lingered longest is closed
+# to make room).
 _MAX_LINGERING: Final = 64
 _LINGER_S: Final = 1.0
 
@@ -195,7 +199,8 @@ class FrontDoorConfig:
     #: Time an idle keep-alive client connection is kept open.
     keep_alive_s: float = 30.0
     upstream_connect_timeout_s: float = 5.0
-    #: Longest silence allowed from the runtime (before its head, or between body chunks).
+    #: Longest silence allowed from the runtime (before its head, or between body chunks),
+    #: and longest a client may leave what was written to it unread.
     upstream_read_timeout_s: float = 600.0
     #: Idle runtime connections kept for reuse.
     upstream_pool_size: int = 32
@@ -285,6 +290,10 @@ class FrontDoorStatistics:
 
 class _ClientGone(Exception):
     """The client closed its connection or reset it."""
+
+
+class _Closing(Exception):
+    """Shutdown began while a request's body was still arriving."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -526,7 +535,9 @@ class _Client(asyncio.Protocol):
         httptools then skips the request's body as well: relayed, it would reach the runtime
         without its body, another request than the client sent. The front door switches no
         protocol, so a bodiless request is answered as a plain one (the Upgrade header is
-        dropped); a CONNECT or one with a body is refused ``400``.
+        dropped) that ends the connection, and says so: a client told it stays open would send
+        its next request into a connection that reads no more. A CONNECT or one with a body
+        is refused ``400``.
         """
         request = self.requests[-1] if self.requests else None
         if request is None:
@@ -538,6 +549,8 @@ class _Client(asyncio.Protocol):
         if declares_body or request.method == b"CONNECT":
             self.requests.pop()
             self.error = 400
+        else:
+            request.keep_alive = False
 
     def eof_received(self) -> bool:
         self._lost()
@@ -551,7 +564,11 @@ class _Client(asyncio.Protocol):
             self._idle_timer = None
         if self.lingering:
             self.lingering = False
-            self._door._lingering.discard(self)
+            self._door._lingering.pop(self, None)
+
+    def nudge(self) -> None:
+        """Wake the serving task to look again (shutdown has begun)."""
+        _wake(self._waiter)
 
     def evict(self) -> None:
         """Close this idle connection (its serving task does) to make room for a new one."""
@@ -1100,8 +1117,11 @@ class FrontDoor:
         self._idle_authorized: dict[_Client, None] = {}
         self._evicting = 0
         self._max_connections = 0
+        # Clients whose request waits for the rest of its body (woken when shutdown begins).
+        self._reading_bodies: set[_Client] = set()
         # Refused connections that wait for the client to read its 503.
-        self._lingering: set[_Client] = set()
+        # Oldest first: at the limit, the one that has had longest to read its answer goes.
+        self._lingering: dict[_Client, None] = {}
         self._runtime_key_cache: tuple[str, tuple[str, int], bytes] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -1133,7 +1153,10 @@ class FrontDoor:
         self._allowed_origins = frozenset(b"http://" + host for host in self._allowed_hosts)
 
     async def aclose(self, *, grace_s: float = 5.0) -> None:
-        """Stop listening, let busy connections finish for up to ``grace_s``, close the rest."""
+        """Stop listening, let busy connections finish for up to ``grace_s``, close the rest.
+
+        A request whose body is still arriving is refused ``503 not_ready`` at once.
+        """
         server = self._server
         if server is None:
             return
@@ -1141,6 +1164,10 @@ class FrontDoor:
         for client in list(self._lingering):
             if client.transport is not None:
                 client.transport.abort()
+        # A request whose body is still arriving was never admitted: it is refused now, not
+        # waited for (a client stalled mid-body would hold the whole grace period).
+        for client in list(self._reading_bodies):
+            client.nudge()
         for task, busy in list(self._connections.items()):
             if not busy:
                 task.cancel()
@@ -1241,14 +1268,25 @@ class FrontDoor:
         """Answer a connection over max_connections with ``503 at_capacity``."""
         self._counters.connections_refused += 1
         _logger.debug("refused a connection at max_connections")
-        if len(self._lingering) >= _MAX_LINGERING:
-            assert client.transport is not None
-            client.gone = True
-            client.no_more = True
-            _reset(client.transport)  # a flood of them: no more waiting for each to read
-            return
-        self._lingering.add(client)
-        client.linger(_AT_CAPACITY_RESPONSE)
+        self._linger(client, _AT_CAPACITY_RESPONSE)
+
+    def _linger(self, client: _Client, answer: bytes = b"") -> None:
+        """End ``client``'s connection once it has read ``answer`` (see ``_Client.linger``).
+
+        At the limit the connection that has lingered longest is closed to make room: it has
+        had the most time to read its answer (a client reads it within milliseconds). Turning
+        the newcomer away instead would let anyone who keeps 64 refused connections open, one
+        header each, a second at a time, have every other refusal reset, its answer unread.
+        """
+        lingering = self._lingering
+        if len(lingering) >= _MAX_LINGERING:
+            oldest = next(iter(lingering))
+            del lingering[oldest]
+            oldest.lingering = False
+            if oldest.transport is not None:
+                oldest.transport.abort()
+        lingering[client] = None
+        client.linger(answer)
 
     def _accept(self, client: _Client) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._on_connection(client))
@@ -1261,7 +1299,9 @@ class FrontDoor:
         abort = False
         try:
             abort = not await self._serve_connection(client, task)
-        except (_ClientGone, ConnectionError, TimeoutError):
+            if not abort:
+                await self._flushed(client)
+        except (_ClientGone, _Closing, ConnectionError, TimeoutError):
             pass
         except asyncio.CancelledError:
             if not client.gone:
@@ -1280,18 +1320,38 @@ class FrontDoor:
             if transport is not None:
                 if abort:
                     transport.abort()
-                elif (
-                    client.mid_request
-                    and not client.gone
-                    and not transport.is_closing()
-                    and len(self._lingering) < _MAX_LINGERING
-                ):
+                elif client.mid_request and not client.gone and not transport.is_closing():
                     # Refused before the request's end was read (413, 401, ...): the client
                     # may still be sending, and must get to read its answer.
-                    self._lingering.add(client)
-                    client.linger()
+                    self._linger(client)
                 else:
                     transport.close()
+
+    async def _drain(self, client: _Client) -> None:
+        """Until the client has read enough to take more, for at most
+        ``upstream_read_timeout_s`` (a client that stopped reading for that long is stalled,
+        as during a relay); then its connection is reset. Waiting without that bound, a client
+        that never reads would keep its connection, never idle, for ever."""
+        if not client.write_paused:
+            return
+        try:
+            async with asyncio.timeout(self._config.upstream_read_timeout_s):
+                await client.drain()
+        except TimeoutError:
+            assert client.transport is not None
+            _reset(client.transport)
+            raise _ClientGone from None
+
+    async def _flushed(self, client: _Client) -> None:
+        """Before the connection closes: until what was written to it has gone out (bounded
+        as :meth:`_drain`). A close with answers still buffered waits for the client to read
+        them, however long, and that connection is no longer counted anywhere."""
+        transport = client.transport
+        if client.gone or transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            transport.set_write_buffer_limits(high=0)  # paused until all of it is out
+            await self._drain(client)
 
     async def _serve_connection(self, client: _Client, task: asyncio.Task[None]) -> bool:
         """Serve requests until the connection ends; False when it must be aborted."""
@@ -1316,7 +1376,7 @@ class FrontDoor:
                     # A head that did not parse is a request too, refused like any other.
                     self._counters.requests_total += 1
                     self._refuse(client, client.error, Reason.BAD_REQUEST, close=True)
-                    await client.drain()
+                    await self._drain(client)
                 return True
             request = client.requests.popleft()
             connections[task] = True
@@ -1393,19 +1453,34 @@ class FrontDoor:
             # under a client that was told it stays open.
             if keep and not await self._body(client, request, expect=False):
                 return False
-            await client.drain()
+            await self._drain(client)
             return keep and not request.over_cap
 
         if content_length > self._config.max_body_bytes:
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
         # A body that arrived with its head (the usual case) needs no wait.
-        if not request.complete and not await self._body(client, request, expect=expect):
-            return self._refuse(client, client.error or 400, Reason.BAD_REQUEST, close=True)
+        if not request.complete:
+            try:
+                read = await self._body(client, request, expect=expect)
+            except _ClientGone:
+                # Gone before its body was in: a request like any other, ended by the client.
+                self._counters.client_disconnects += 1
+                raise
+            except TimeoutError:
+                # Not whole within request_timeout_s: answered (and counted) like any refusal,
+                # not a connection closed without a word.
+                return self._refuse(client, 408, Reason.TIMEOUT, close=True)
+            except _Closing:
+                return self._refuse(
+                    client, 503, Reason.NOT_READY, close=True, extra=((b"retry-after", b"1"),)
+                )
+            if not read:
+                return self._refuse(client, client.error or 400, Reason.BAD_REQUEST, close=True)
         if request.over_cap:
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
         keep = await self._admit_and_relay(client, request)
         if client.write_paused:
-            await client.drain()
+            await self._drain(client)
         return keep
 
     async def _body(self, client: _Client, request: _Request, *, expect: bool) -> bool:
@@ -1415,13 +1490,20 @@ class FrontDoor:
         client.reading_body()
         if expect:
             client.write(_CONTINUE)
-        async with asyncio.timeout(self._config.request_timeout_s):
-            while not request.complete and not request.over_cap:
-                if client.error:
-                    return False
-                if client.gone:
-                    raise _ClientGone
-                await client.wait()
+        reading = self._reading_bodies
+        reading.add(client)
+        try:
+            async with asyncio.timeout(self._config.request_timeout_s):
+                while not request.complete and not request.over_cap:
+                    if client.error:
+                        return False
+                    if client.gone:
+                        raise _ClientGone
+                    if self._closing():
+                        raise _Closing
+                    await client.wait()
+        finally:
+            reading.discard(client)
         return True
 
     def _authorized(self, values: list[bytes]) -> bool:

@@ -22,9 +22,11 @@ are both the caller's choice and the state file is not read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import time
+import socket
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,17 +94,21 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
         return _refused(Reason.MALFORMED_SPEC)
     if parts.scheme != "http" or hostname not in _LOOPBACK_HOSTS:
         return _refused(Reason.HOST_NOT_ALLOWED)
-    # httpx's timeout bounds each wait, not the whole: a byte every few seconds would keep
-    # it waiting for ever. The deadline bounds the whole exchange, the cap what it keeps.
-    deadline = time.monotonic() + timeout_s
+    # httpx's timeout bounds each wait, not the whole: a byte every few seconds, in the head
+    # as in the body, would keep it waiting for ever. The deadline bounds the whole exchange,
+    # the cap what it keeps.
+    deadline = _Deadline(timeout_s)
     try:
         with (
             httpx.Client(trust_env=False, timeout=timeout_s) as client,
             client.stream(
-                "GET", url.rstrip("/") + "/_status", headers={"authorization": f"Bearer {token}"}
+                "GET",
+                url.rstrip("/") + "/_status",
+                headers={"authorization": f"Bearer {token}"},
+                extensions={"trace": deadline.trace},
             ) as response,
         ):
-            body = _read_body(response, deadline) if response.status_code in (200, 403) else b""
+            body = _read_body(response) if response.status_code in (200, 403) else b""
     except httpx.TimeoutException:
         return _refused(Reason.TIMEOUT)
     except httpx.ConnectError:
@@ -112,8 +118,11 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
         # Not an httpx.HTTPError: a URL httpx refuses to build a request for.
         return _refused(Reason.MALFORMED_SPEC)
     except (httpx.HTTPError, ValueError):
-        return _refused(Reason.UPSTREAM_ERROR)
-    if body is None:
+        # Cut off at the deadline, the answer ends early: that is the deadline's doing.
+        return _refused(Reason.TIMEOUT if deadline.expired else Reason.UPSTREAM_ERROR)
+    finally:
+        deadline.cancel()
+    if deadline.expired:
         return _refused(Reason.TIMEOUT)
     if response.status_code == 401:
         return _refused(Reason.UNAUTHORIZED)
@@ -135,20 +144,57 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
     return StatusResult(verdict=Verdict(True, Reason.OK), document=document)
 
 
-def _read_body(response: httpx.Response, deadline: float) -> bytes | None:
-    """The body, ``None`` when it is not all there by ``deadline``.
-
-    Raises :class:`ValueError` for one larger than :data:`_MAX_BODY_BYTES`: whatever listens
-    on that port could otherwise stream into memory until the machine runs out of it.
+def _read_body(response: httpx.Response) -> bytes:
+    """The body; :class:`ValueError` for one larger than :data:`_MAX_BODY_BYTES`: whatever
+    listens on that port could otherwise stream into memory until the machine runs out of it.
     """
     received = bytearray()
     for chunk in response.iter_bytes():
         received += chunk
         if len(received) > _MAX_BODY_BYTES:
             raise ValueError("body too large")
-        if time.monotonic() > deadline:
-            return None
     return bytes(received)
+
+
+@final
+class _Deadline:
+    """Ends an exchange at a deadline, wherever it waits: a timer thread shuts its socket
+    down, which wakes a read or write blocked on it (it then ends as if the peer had gone).
+
+    The socket is learnt from httpcore's ``trace`` extension as the connection is made; one
+    made after the deadline is shut down at once.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.expired = False
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(timeout_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def trace(self, event: str, info: Mapping[str, object]) -> None:
+        if event == "connection.connect_tcp.complete":
+            stream = info.get("return_value")
+            get_extra_info = getattr(stream, "get_extra_info", None)
+            with self._lock:
+                self._socket = get_extra_info("socket") if get_extra_info is not None else None
+            self._shut()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+        self._shut()
+
+    def _shut(self) -> None:
+        with self._lock:
+            sock = self._socket if self.expired else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 def read_status(
