@@ -192,6 +192,11 @@ def main() -> int:
     args = parser.parse_args()
     import trustme
 
+    # The server every figure is measured against (and curl, its reference client).
+    for tool, package in (("nginx", "nginx-light"), ("curl", "curl"), ("openssl", "openssl")):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed: apt-get install {package}", file=sys.stderr)
+            return 1
     small_size = 256 * MIB if args.quick else GIB
     big_size = GIB if args.quick else 4 * GIB
     runs = max(3, args.runs)
