@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, TextIO
 
@@ -44,8 +44,15 @@ def _verified_exit(payload: dict[str, object], *, ok: bool, json_output: bool) -
         path = payload.get("path")
         typer.echo(path if path is not None else "ok")
     else:
-        typer.echo(f"refused: {payload['reason']}", err=True)
+        typer.echo(_refusal_line(payload), err=True)
     raise typer.Exit(0 if ok else 1)
+
+
+def _refusal_line(payload: Mapping[str, object]) -> str:
+    """``refused: <reason>``, and the manifest field it is about when there is one (a field's
+    dotted name from the manifest's schema, never its value)."""
+    field = payload.get("field")
+    return f"refused: {payload['reason']}" + (f" ({field})" if field else "")
 
 
 def _is_file(path: Path) -> bool:
@@ -319,6 +326,7 @@ def serve(
     import asyncio
     import signal
 
+    from companion_runtime.bind.manifest import ManifestError, load_manifest
     from companion_runtime.bind.serve import ServeOptions, Serving, serve_manifest
     from companion_runtime.core import Reason, Verdict
 
@@ -328,6 +336,13 @@ def serve(
     if ca_bundle is not None and not _is_file(ca_bundle):
         typer.echo("Error: --ca-bundle does not exist or is not a file", err=True)
         raise typer.Exit(2)
+    try:
+        # Loaded here too (serve loads it again) so that a refusal names the field, as pull's.
+        load_manifest(manifest)
+    except ManifestError as error:
+        refused = {"ok": False, "reason": error.reason.value, "field": error.field}
+        _say(json.dumps(refused) if json_output else _refusal_line(refused), err=not json_output)
+        raise typer.Exit(1) from None
     options = ServeOptions(manifest_path=manifest, store=store, ca_bundle=ca_bundle, port=port)
     ready_seen = False
 

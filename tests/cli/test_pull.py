@@ -169,6 +169,10 @@ def test_manifest_problems(origin: FaultyOrigin, tmp_path: Path) -> None:
         "field": "model.url",
     }
     assert_no_leak([result.stdout, result.stderr], SMALL_DIGEST)
+    # Without --json the one line names the field too, never its value.
+    result = run(command(outside, store, origin))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "refused: source_not_allowed (model.url)\n"
     assert origin.requests == []
 
     outside.write_text("[model\nname=")

@@ -374,6 +374,27 @@ def test_a_model_too_large_is_refused_before_the_download(tmp_path: Path) -> Non
     assert requests == 0
 
 
+@pytest.mark.security
+def test_a_manifest_refusal_names_the_field_and_nothing_of_its_value(tmp_path: Path) -> None:
+    # As pull does: which field, from the manifest's schema; never the value (a digest here).
+    secret = "f" * 63 + "Z"
+    returncode, stdout, requests = _serve_once(tmp_path, sha256=secret)
+    assert (returncode, requests) == (1, 0)
+    assert json.loads(stdout) == {"ok": False, "reason": "malformed_spec", "field": "model.sha256"}
+    plain = subprocess.run(
+        serve_command(tmp_path / "manifest.toml", tmp_path / "store", tmp_path / "manifest.toml")[
+            :-1
+        ],
+        capture_output=True,
+        text=True,
+        env=serve_env(tmp_path / "state"),
+        timeout=60,
+    )
+    assert (plain.returncode, plain.stdout) == (1, "")
+    assert plain.stderr == "refused: malformed_spec (model.sha256)\n"
+    assert secret not in stdout + plain.stderr
+
+
 @needs_llama
 def test_a_store_under_the_home_of_no_user_is_refused_before_the_download(
     tmp_path: Path,
