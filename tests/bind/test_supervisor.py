@@ -371,7 +371,7 @@ async def test_a_stop_during_the_re_verify_ends_it_at_once(tmp_path: Path, durin
 
     model, digest, size = _blob(tmp_path)
     config = _config(
-        standin_command("--exit-after-s", "0.2"),
+        standin_command("--exit-after-s", "1.0"),
         model,
         digest,
         size,
@@ -687,7 +687,7 @@ async def test_a_crashed_runtime_is_restarted_and_serves_again(tmp_path: Path) -
 async def test_restarts_back_off_exponentially_up_to_the_limit(tmp_path: Path) -> None:
     backoff = 0.2
     async with standin(
-        tmp_path, "--exit-after-s", "0.2", max_restarts=3, restart_backoff_s=backoff
+        tmp_path, "--exit-after-s", "1.0", max_restarts=3, restart_backoff_s=backoff
     ) as supervisor:
         assert (await supervisor.start()).ok
         given_up = await asyncio.wait_for(supervisor.wait_given_up(), 20)
@@ -779,7 +779,7 @@ async def test_no_move_is_ever_refused_by_the_table(tmp_path: Path) -> None:
 
 async def test_a_stop_during_the_restart_backoff_ends_it_at_once(tmp_path: Path) -> None:
     async with standin(
-        tmp_path, "--exit-after-s", "0.2", max_restarts=3, restart_backoff_s=30
+        tmp_path, "--exit-after-s", "1.0", max_restarts=3, restart_backoff_s=30
     ) as supervisor:
         assert (await supervisor.start()).ok
         assert await async_wait_for(lambda: _state(supervisor) is LifecycleState.STOPPED, 5)
@@ -796,7 +796,7 @@ async def test_a_runtime_that_stayed_up_earns_its_restart_budget_back(tmp_path: 
     async with standin(
         tmp_path,
         "--exit-after-s",
-        "0.3",
+        "1.0",
         max_restarts=1,
         restart_backoff_s=0.05,
         stable_after_s=0.1,
