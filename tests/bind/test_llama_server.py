@@ -38,6 +38,7 @@ from tests.support.llama import (
     HOST,
     LLAMA_SERVER_ENV,
     LlamaServer,
+    declaring_context,
     embedded_command,
     free_port,
     health_answer,
@@ -428,26 +429,13 @@ def test_a_busy_port_fails_to_start(model: Path) -> None:
     assert result.returncode == EXIT_START_FAILED
 
 
-def _declaring_context(model: Path, tokens: int, directory: Path) -> Path:
-    """A copy of ``model`` whose metadata declares a context of ``tokens``: the value of the
-    ``llama.context_length`` key (a GGUF uint32, type 4, right after the key's name)."""
-    data = bytearray(model.read_bytes())
-    key = b"llama.context_length"
-    at = data.index(key) + len(key)
-    assert int.from_bytes(data[at : at + 4], "little") == 4  # uint32
-    data[at + 4 : at + 8] = tokens.to_bytes(4, "little")
-    path = directory / "long-context.gguf"
-    path.write_bytes(bytes(data))
-    return path
-
-
 def test_a_model_that_declares_a_huge_context_gets_the_default_one(
     model: Path, tmp_path: Path
 ) -> None:
     # 2**21 tokens: over 2 GiB of KV cache even for this 2-layer model (measured: 2.3 GB
     # resident with -c 0), allocated as the model loads, before any resource sample could see
     # it. Without -c the launcher uses DEFAULT_CONTEXT_SIZE, not the length the file declares.
-    hostile = _declaring_context(model, 2**21, tmp_path)
+    hostile = declaring_context(model, 2**21, tmp_path)
     command = embedded_command(hostile, free_port())
     at = command.index("-c")
     del command[at : at + 2]

@@ -46,6 +46,7 @@ from companion_runtime.core import (
     Verdict,
     create_resource_limits,
 )
+from tests.support.llama import declaring_context
 from tests.support.supervision import (
     async_wait_for,
     big_zero_blob,
@@ -418,6 +419,40 @@ async def test_a_model_that_cannot_fit_is_refused_before_spawning(tmp_path: Path
         available_ram_bytes=4 * GIB, available_vram_bytes=0, gpu_present=False
     )
     assert check_fit(model_size_bytes=3 * GIB, headroom=headroom, resource_limits=LIMITS).ok
+
+
+@needs_llama
+async def test_a_context_whose_kv_cache_cannot_fit_is_refused_before_spawning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The tiny model declaring 2^21 tokens: with -c 0 the runtime would allocate 1 GiB of KV
+    # cache (2 layers x 4 KV heads x 16 x 2 (K, V) x 2 bytes per token) as it loads, under a
+    # 512 MiB ceiling that the model's 429 KB alone fits with room to spare.
+    template, tiny = real_runtime(tmp_path)
+    model = declaring_context(tiny, 2**21, tmp_path)
+    data = model.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    limits = create_resource_limits(max_ram_bytes=512 * MIB, max_vram_bytes=1, max_cpu_percent=100)
+    at = template.index("-c")
+    template[at + 1] = "0"
+    whole = Supervisor(_config(template, model, digest, len(data), resource_limits=limits))
+    async with whole:
+        assert (await whole.check_fit()).ok  # the size alone fits
+        with caplog.at_level(logging.WARNING, logger="companion_runtime.bind.supervisor"):
+            assert (await whole.start()).reason is Reason.MODEL_TOO_LARGE
+        status = whole.status()
+        assert status["spawns"] == 0
+        assert status["context"] == {"tokens": 2**21, "kv_cache_bytes": 1 << 30}
+    [said] = [record.getMessage() for record in caplog.records]
+    assert "1,024 MiB of KV cache for a 2097152-token context" in said
+    assert str(tmp_path) not in said and digest not in said
+    # The same model with the template's own small context starts, and says what it counted.
+    template[at + 1] = "256"
+    small = Supervisor(_config(template, model, digest, len(data), resource_limits=limits))
+    async with small:
+        assert (await small.start()).ok
+        assert small.status()["context"] == {"tokens": 256, "kv_cache_bytes": 256 * 512}
+        await small.stop()
 
 
 @pytest.mark.security

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ import pytest
 
 from companion_runtime.bind.llama_server import llama_available
 from companion_runtime.bind.supervisor import SupervisorConfig
-from companion_runtime.bind.tiny_model import tiny_model_bytes
+from companion_runtime.bind.tiny_model import tiny_model_bytes, write_tiny_model
 from tests.support.frontdoor import (
     RUNTIME_PARALLEL,
     ServeProcess,
@@ -34,6 +35,7 @@ from tests.support.frontdoor import (
     serve_env,
     serve_manifest_text,
 )
+from tests.support.llama import declaring_context
 from tests.support.supervision import (
     BIG_BLOB_BYTES,
     BIG_BLOB_SHA256,
@@ -329,11 +331,18 @@ def test_sigterm_drains_in_flight_refuses_new_and_leaves_nothing_running(
 
 
 def _serve_once(
-    tmp_path: Path, *, store: Path | None = None, **manifest_options: object
+    tmp_path: Path,
+    *,
+    store: Path | None = None,
+    model: bytes | None = None,
+    stderr: list[str] | None = None,
+    **manifest_options: object,
 ) -> tuple[int, str, int]:
+    """Run ``serve`` on the tiny model (or ``model``) until it exits; (status, stdout, requests
+    the origin saw). ``stderr``, when given, receives what it printed there."""
     from companion_runtime.bind.https_origin import ModelOrigin
 
-    data = tiny_model_bytes()
+    data = tiny_model_bytes() if model is None else model
     with ModelOrigin({"/models/tiny.gguf": data}) as origin:
         manifest = tmp_path / "manifest.toml"
         manifest.write_text(
@@ -351,6 +360,8 @@ def _serve_once(
             env=serve_env(tmp_path / "state"),
             timeout=120,
         )
+        if stderr is not None:
+            stderr.append(finished.stderr)
         return finished.returncode, finished.stdout, len(origin.requests)
 
 
@@ -372,6 +383,27 @@ def test_a_model_too_large_is_refused_before_the_download(tmp_path: Path) -> Non
     assert returncode == 1
     assert json.loads(stdout) == {"ok": False, "reason": "model_too_large"}
     assert requests == 0
+
+
+@needs_llama
+def test_a_context_too_large_for_the_ceiling_is_refused_before_the_runtime_starts(
+    tmp_path: Path,
+) -> None:
+    # The tiny model declaring 2^21 tokens, run with -c 0: 1 GiB of KV cache, which only the
+    # model file says and only once it is downloaded and verified. The 429 KB model alone fits.
+    model = declaring_context(write_tiny_model(tmp_path / "tiny.gguf"), 2**21, tmp_path)
+    data = model.read_bytes()
+    stderr: list[str] = []
+    returncode, stdout, requests = _serve_once(
+        tmp_path, model=data, stderr=stderr, context_size=0, max_ram_bytes=512 * 1024**2
+    )
+    assert returncode == 1
+    assert json.loads(stdout) == {"ok": False, "reason": "model_too_large"}
+    assert requests == 1  # fetched and verified; the fit before the download could not know
+    assert "1,024 MiB of KV cache for a 2097152-token context" in stderr[0]
+    assert "(-c)" in stderr[0]
+    assert str(tmp_path) not in stderr[0] and hashlib.sha256(data).hexdigest() not in stderr[0]
+    assert not (tmp_path / "state" / "serve.json").exists()
 
 
 @pytest.mark.security

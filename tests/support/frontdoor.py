@@ -367,8 +367,10 @@ def serve_manifest_text(
     size_bytes: int | None = None,
     sha256: str | None = None,
     max_ram_bytes: int = 4 * 1024**3,
+    context_size: int | None = None,
 ) -> str:
-    """A manifest for the tiny model at ``origin_url`` run by the embedded llama.cpp server."""
+    """A manifest for the tiny model at ``origin_url`` run by the embedded llama.cpp server
+    (``context_size``: the runtime's ``-c``, by default the tiny model's length per slot)."""
     import hashlib
 
     from companion_runtime.bind.llama_server import embedded_llama_command
@@ -377,8 +379,10 @@ def serve_manifest_text(
     # Each slot gets the model's whole trained context (2,048): a long completion then runs
     # for most of a second instead of stopping at a slot's share (256 tokens, ~80 ms), so a
     # test can look at the runtime while a stream is still being generated.
+    if context_size is None:
+        context_size = RUNTIME_PARALLEL * CONTEXT_LENGTH
     command = embedded_llama_command(
-        parallel=RUNTIME_PARALLEL, threads=1, context_size=RUNTIME_PARALLEL * CONTEXT_LENGTH
+        parallel=RUNTIME_PARALLEL, threads=1, context_size=context_size
     )
     return "\n".join(
         [

@@ -59,6 +59,19 @@ def write_model(directory: Path) -> Path:
     return write_tiny_model(directory / "tiny.gguf")
 
 
+def declaring_context(model: Path, tokens: int, directory: Path) -> Path:
+    """A copy of ``model`` whose metadata declares a context of ``tokens``: the value of the
+    ``llama.context_length`` key (a GGUF uint32, type 4, right after the key's name)."""
+    data = bytearray(model.read_bytes())
+    key = b"llama.context_length"
+    at = data.index(key) + len(key)
+    assert int.from_bytes(data[at : at + 4], "little") == 4  # uint32
+    data[at + 4 : at + 8] = tokens.to_bytes(4, "little")
+    path = directory / f"context-{tokens}.gguf"
+    path.write_bytes(bytes(data))
+    return path
+
+
 def embedded_command(model: Path, port: int, *, metrics: bool = True) -> list[str]:
     """Argv for the embedded launcher on ``model`` at ``HOST:port``."""
     command = [

@@ -10,8 +10,9 @@ Theory of operation
    a ``stop()`` stops between two buffers (milliseconds, not the seconds a multi-GB blob
    takes), and that is then waited for; a re-verify cut short is no refusal and leaves the
    blob as it is;
-2. **fit**: model size plus an overhead allowance against the machine's headroom and the
-   resource ceilings (:func:`~companion_runtime.core._fit.evaluate_model_fit`);
+2. **fit**: model size plus an overhead allowance, plus the KV cache a llama.cpp runtime will
+   allocate for its context (read from the verified blob's GGUF header), against the machine's
+   headroom and the resource ceilings (:func:`~companion_runtime.core._fit.evaluate_model_fit`);
 3. **spawn** (``start``: stopped → starting) through the process seam;
 4. **health-wait**: the first healthy answer *from the runtime* (a process in its tree listens
    on the port: one that took the port before the runtime bound it is not the runtime), after
@@ -59,6 +60,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Final, Self, TypeVar, final
 
 from companion_runtime.bind.admission import AdmissionController
+from companion_runtime.bind.context_memory import ContextMemory, estimate_context_memory
 from companion_runtime.bind.filehash import VerifyPolicy, verify_file
 from companion_runtime.bind.health import (
     HealthAnswer,
@@ -123,6 +125,10 @@ _RECENT_MOVES: Final = 64
 
 _T = TypeVar("_T")
 _logger = logging.getLogger(__name__)
+
+
+def _mib(count: int) -> str:
+    return f"{count / (1 << 20):,.0f} MiB"
 
 
 def _positive(value: object) -> bool:
@@ -443,6 +449,8 @@ class Supervisor:
         self._last_pid: int | None = None
         # How the last run that ended by itself ended: an exit status, or -N for signal N.
         self._last_exit_status: int | None = None
+        # The last fit check's estimate of the runtime's KV cache (None: not a llama.cpp one).
+        self._context_memory: ContextMemory | None = None
         self._last_sample: ResourceSample | None = None
         self._last_reason: Reason = Reason.OK
         self._given_up = asyncio.Event()
@@ -648,6 +656,12 @@ class Supervisor:
             "pid": process.pid if process is not None else None,
             "last_pid": self._last_pid,
             "last_exit_status": self._last_exit_status,
+            "context": None
+            if self._context_memory is None
+            else {
+                "tokens": self._context_memory.context_tokens,
+                "kv_cache_bytes": self._context_memory.bytes,
+            },
             "runtime_url": self._runtime_url,
             "spawns": self._spawns,
             "restarts": self._restarts_total,
@@ -697,11 +711,39 @@ class Supervisor:
         )
 
     async def _prepare(self) -> Verdict:
-        """Re-verify the blob, then the fit check. Runs before every spawn."""
-        verified = await self._verifier(self._config.model_path)
+        """Re-verify the blob, then the fit check. Runs before every spawn.
+
+        The fit check here counts, on top of the configured allowance, the KV cache a llama.cpp
+        runtime will allocate for its context (:func:`estimate_context_memory`, read from the
+        verified blob's header): it is allocated as the model loads, before any sample."""
+        config = self._config
+        verified = await self._verifier(config.model_path)
         if not verified.ok:
             return verified
-        return await self.check_fit()
+        context = await asyncio.to_thread(
+            estimate_context_memory, config.model_path, config.command_template, config.extra_env
+        )
+        self._context_memory = context
+        headroom = await self._headroom()
+        context_bytes = 0 if context is None else context.bytes
+        verdict = check_fit(
+            model_size_bytes=config.expected_size_bytes,
+            headroom=headroom,
+            resource_limits=config.resource_limits,
+            overhead_bytes=config.overhead_bytes + context_bytes,
+            gpu_offload=config.gpu_offload,
+        )
+        if not verdict.ok and context is not None and context_bytes > 0:
+            # Sizes only: no path, no digest. The context is what the user can change.
+            _logger.warning(
+                "the model does not fit: %s of weights, %s of KV cache for a %d-token context "
+                "and %s for the runtime; a smaller context (-c) needs less",
+                _mib(config.expected_size_bytes),
+                _mib(context_bytes),
+                context.context_tokens,
+                _mib(config.overhead_bytes),
+            )
+        return verdict
 
     async def _prepare_unless_stopped(self) -> Verdict | None:
         """:meth:`_prepare`, cut short (None) by a stop: a re-verify takes seconds on a big blob."""

@@ -1,0 +1,265 @@
+"""The KV-cache estimate the fit check counts: model files written with the ``gguf`` package,
+runtime commands as manifests give them, and the figure the real llama.cpp server logs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from companion_runtime.bind.context_memory import (
+    AttentionShape,
+    ContextMemory,
+    estimate_context_memory,
+    read_attention_shape,
+)
+from companion_runtime.bind.llama_server import DEFAULT_CONTEXT_SIZE, embedded_llama_command
+from companion_runtime.bind.tiny_model import write_tiny_model
+from tests.support.llama import declaring_context, free_port, upstream_binary
+
+pytestmark = pytest.mark.unit
+
+MIB = 1 << 20
+UPSTREAM = "/opt/llama.cpp/bin/llama-server"
+EMBEDDED = embedded_llama_command()
+
+
+def _model(
+    path: Path,
+    *,
+    layers: int = 32,
+    context: int = 131072,
+    embedding: int = 4096,
+    heads: int | list[int] = 32,
+    kv_heads: int | list[int] | None = 8,
+    key_length: int | None = None,
+    value_length: int | None = None,
+    vocabulary: int = 1000,
+    endianess: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE,
+    architecture: str | None = "llama",
+) -> Path:
+    """A GGUF file with a model's metadata (and a vocabulary before it ends, as real ones do)."""
+    writer = gguf.GGUFWriter(path, architecture or "llama", endianess=endianess)
+    if architecture is None:
+        writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE)
+    writer.add_block_count(layers)
+    writer.add_context_length(context)
+    writer.add_embedding_length(embedding)
+    writer.add_head_count(heads)
+    if kv_heads is not None:
+        writer.add_head_count_kv(kv_heads)
+    if key_length is not None:
+        writer.add_key_length(key_length)
+    if value_length is not None:
+        writer.add_value_length(value_length)
+    writer.add_token_list([f"token{i}".encode() for i in range(vocabulary)])
+    writer.add_token_scores([0.0] * vocabulary)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _llama3_kv_bytes(tokens: int) -> int:
+    # 32 layers × 8 KV heads × 128 (4096 / 32) for K and for V, 2 bytes (f16) each.
+    return tokens * 32 * 8 * 128 * 2 * 2
+
+
+def test_the_shape_is_read_as_written(tmp_path: Path) -> None:
+    model = _model(tmp_path / "m.gguf", vocabulary=50_000)
+    assert read_attention_shape(model) == AttentionShape(
+        context_length=131072, kv_heads=(8,) * 32, key_length=128, value_length=128
+    )
+    big_endian = _model(tmp_path / "be.gguf", endianess=gguf.GGUFEndian.BIG)
+    assert read_attention_shape(big_endian) == read_attention_shape(model)
+    # Per-layer head counts (a hybrid model: layers 1 and 3 have no attention), explicit
+    # key and value lengths, and no head_count_kv at all (it is then head_count).
+    hybrid = _model(
+        tmp_path / "h.gguf",
+        layers=4,
+        heads=[16, 0, 16, 0],
+        kv_heads=[4, 0, 2, 0],
+        key_length=192,
+        value_length=128,
+    )
+    assert read_attention_shape(hybrid) == AttentionShape(
+        context_length=131072, kv_heads=(4, 0, 2, 0), key_length=192, value_length=128
+    )
+    plain = _model(tmp_path / "p.gguf", layers=2, heads=8, kv_heads=None, embedding=512)
+    assert read_attention_shape(plain) == AttentionShape(
+        context_length=131072, kv_heads=(8, 8), key_length=64, value_length=64
+    )
+
+
+def test_the_context_comes_from_the_command(tmp_path: Path) -> None:
+    model = _model(tmp_path / "m.gguf")
+
+    def estimate(*arguments: str, command: list[str] | None = None, **env: str) -> object:
+        return estimate_context_memory(model, [*(command or [UPSTREAM]), *arguments], env)
+
+    declared = ContextMemory(context_tokens=131072, bytes=_llama3_kv_bytes(131072))
+    # Upstream llama-server's own default (-c 0) is the length the model declares: 16 GiB.
+    assert estimate("-m", "{model_path}", "--port", "{port}") == declared
+    assert declared.bytes == 16 << 30
+    assert estimate("-c", "0") == declared
+    assert estimate("-c", "8192") == ContextMemory(8192, _llama3_kv_bytes(8192))
+    assert estimate("--ctx-size=8192") == ContextMemory(8192, _llama3_kv_bytes(8192))
+    assert estimate("-c", "100", "--ctx-size", "4000") == ContextMemory(
+        4096, _llama3_kv_bytes(4096)
+    )
+    # llama.cpp rounds the context up to a multiple of 256 tokens.
+    assert estimate("-c", "1") == ContextMemory(256, _llama3_kv_bytes(256))
+    # The embedded launcher's default is DEFAULT_CONTEXT_SIZE, not the declared length.
+    assert estimate(command=EMBEDDED) == ContextMemory(
+        DEFAULT_CONTEXT_SIZE, _llama3_kv_bytes(DEFAULT_CONTEXT_SIZE)
+    )
+    assert estimate("-c", "0", command=EMBEDDED) == declared
+    # The environment counts for upstream llama-server, below its flags; not for the launcher.
+    assert estimate(LLAMA_ARG_CTX_SIZE="2048") == ContextMemory(2048, _llama3_kv_bytes(2048))
+    assert estimate("-c", "512", LLAMA_ARG_CTX_SIZE="2048") == ContextMemory(
+        512, _llama3_kv_bytes(512)
+    )
+    launcher = estimate(command=EMBEDDED, LLAMA_ARG_CTX_SIZE="0")
+    assert isinstance(launcher, ContextMemory) and launcher.context_tokens == 4096
+
+
+def test_cache_types_change_the_element_size(tmp_path: Path) -> None:
+    model = _model(tmp_path / "m.gguf")
+    row = 8 * 128  # one layer's K (or V) for one token, in elements
+    for flags, k_bytes, v_bytes in (
+        (["-ctk", "q8_0", "-ctv", "q8_0"], row // 32 * 34, row // 32 * 34),
+        (["--cache-type-k=q4_0"], row // 32 * 18, row * 2),
+        (["-ctv", "f32"], row * 2, row * 4),
+        (["-ctk", "bf16", "--cache-type-v", "q5_1"], row * 2, row // 32 * 24),
+    ):
+        memory = estimate_context_memory(model, [UPSTREAM, "-c", "1024", *flags])
+        assert memory == ContextMemory(1024, 1024 * 32 * (k_bytes + v_bytes)), flags
+    env = {"LLAMA_ARG_CACHE_TYPE_K": "q8_0"}
+    memory = estimate_context_memory(model, [UPSTREAM, "-c", "1024"], env)
+    assert memory == ContextMemory(1024, 1024 * 32 * (row // 32 * 34 + row * 2))
+
+
+def test_what_cannot_be_counted_gives_no_estimate(tmp_path: Path) -> None:
+    model = _model(tmp_path / "m.gguf")
+    for command in (
+        ["/usr/bin/ollama", "serve"],  # not llama.cpp's server: its memory is its own business
+        ["/usr/bin/vllm", "-c", "4096"],
+        [],
+        [UPSTREAM, "-c", "{context}"],
+        [UPSTREAM, "-c", "-5"],
+        [UPSTREAM, "-c"],
+        [UPSTREAM, "--ctx-size=lots"],
+        [UPSTREAM, "-ctk", "q3_k"],
+    ):
+        assert estimate_context_memory(model, command) is None, command
+    assert estimate_context_memory(model, [UPSTREAM], {"LLAMA_ARG_CTX_SIZE": "x"}) is None
+
+
+def test_a_file_that_is_not_a_readable_gguf_model_gives_none(tmp_path: Path) -> None:
+    model = _model(tmp_path / "m.gguf", vocabulary=300)
+    data = model.read_bytes()
+    for name, content in (
+        ("empty", b""),
+        ("text", b"not a model at all, just some text" * 10),
+        ("zeros", bytes(4096)),
+        ("version 1", data[:4] + (1).to_bytes(4, "little") + data[8:]),
+    ):
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert read_attention_shape(path) is None, name
+    assert read_attention_shape(tmp_path / "missing.gguf") is None
+    link = tmp_path / "link.gguf"
+    link.symlink_to(model)
+    assert read_attention_shape(link) is None
+    no_architecture = _model(tmp_path / "na.gguf", architecture=None)
+    assert read_attention_shape(no_architecture) is None
+    no_attention = _model(tmp_path / "ssm.gguf", heads=0, kv_heads=0)
+    assert read_attention_shape(no_attention) is None
+    wrong_layers = _model(tmp_path / "wl.gguf", layers=3, heads=[8, 8])
+    assert read_attention_shape(wrong_layers) is None
+
+
+def test_a_cut_or_corrupted_header_gives_none_and_never_raises(tmp_path: Path) -> None:
+    model = _model(tmp_path / "m.gguf", vocabulary=200)
+    data = model.read_bytes()
+    # The key-value section ends where the first tensor's name (its 8-byte length first) starts.
+    header_end = data.index(b"token_embd.weight") - 8
+    cut = tmp_path / "cut.gguf"
+    for end in [*range(0, header_end, 7), header_end - 1]:
+        cut.write_bytes(data[:end])
+        assert read_attention_shape(cut) is None, end
+    cut.write_bytes(data[:header_end])
+    assert read_attention_shape(cut) is not None
+    # A string length far past the end of the file, and an array count of 2^63.
+    key = b"tokenizer.ggml.tokens"
+    at = data.index(key) + len(key)  # value type (u32), item type (u32), count (u64)
+    for offset, value in ((8, 1 << 63), (16, 1 << 62)):
+        bad = bytearray(data)
+        bad[at + offset : at + offset + 8] = value.to_bytes(8, "little")
+        path = tmp_path / f"bad-{offset}.gguf"
+        path.write_bytes(bytes(bad))
+        started = time.monotonic()
+        assert read_attention_shape(path) is None
+        assert time.monotonic() - started < 1.0
+    # Every single byte of the header flipped in turn: an answer or None, never an exception.
+    flipped = tmp_path / "flipped.gguf"
+    for index in range(0, header_end, 3):
+        bad = bytearray(data)
+        bad[index] ^= 0xFF
+        flipped.write_bytes(bytes(bad))
+        shape = read_attention_shape(flipped)
+        assert shape is None or isinstance(shape, AttentionShape)
+
+
+def test_a_large_vocabulary_is_read_quickly(tmp_path: Path) -> None:
+    # A real vocabulary (152,000 tokens here) comes before nothing the estimate needs, but the
+    # reader must walk past it: it must not cost what gguf.GGUFReader does (seconds).
+    model = _model(tmp_path / "m.gguf", vocabulary=152_000)
+    started = time.monotonic()
+    assert read_attention_shape(model) is not None
+    assert time.monotonic() - started < 2.0
+
+
+def _logged_kv_cache(command: list[str], log: Path) -> tuple[int, float]:
+    """Run llama.cpp's server until it logs its KV cache; return (cells, MiB) from the log."""
+    pattern = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells")
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = pattern.search(log.read_text(errors="replace"))
+            if found:
+                return int(found.group(2)), float(found.group(1))
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(log.read_text(errors="replace")[-2000:])
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize("context", ["100", "4096", "0", None])
+def test_the_estimate_is_what_llama_cpp_allocates(tmp_path: Path, context: str | None) -> None:
+    binary = upstream_binary()
+    assert binary is not None
+    # The tiny model, declaring 20,000 tokens: -c 0 (and no -c) is then not 2,048.
+    model = declaring_context(write_tiny_model(tmp_path / "tiny.gguf"), 20_000, tmp_path)
+    flags = [] if context is None else ["-c", context]
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert estimate is not None
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    cells, mib = _logged_kv_cache(command, tmp_path / "server.log")
+    assert estimate.context_tokens == cells
+    assert abs(estimate.bytes / MIB - mib) < 0.006, (estimate, mib)
