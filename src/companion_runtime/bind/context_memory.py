@@ -219,8 +219,12 @@ def _read_metadata(data: mmap.mmap | bytes) -> dict[str, int | tuple[int, ...] |
     header.integer("Q")  # tensor count
     pairs = header.integer("Q")
     found: dict[str, int | tuple[int, ...] | bytes] = {}
+    keys: set[bytes] = set()
     for _ in range(pairs):
         key = header.string()
+        if key in keys:  # llama.cpp refuses such a file; which value counts is anyone's guess
+            raise _Malformed
+        keys.add(key)
         value = header.value(header.integer("I"))
         if value is not None:
             found[key.decode("utf-8", "replace")] = value
