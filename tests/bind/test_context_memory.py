@@ -184,6 +184,12 @@ def test_a_file_that_is_not_a_readable_gguf_model_gives_none(tmp_path: Path) -> 
     assert read_attention_shape(no_attention) is None
     wrong_layers = _model(tmp_path / "wl.gguf", layers=3, heads=[8, 8])
     assert read_attention_shape(wrong_layers) is None
+    # A key twice (llama.cpp refuses the file): key_length renamed to head_count, same length.
+    twice = _model(tmp_path / "twice.gguf", key_length=64)
+    assert read_attention_shape(twice) is not None
+    renamed = twice.read_bytes().replace(b"attention.key_length", b"attention.head_count")
+    twice.write_bytes(renamed)
+    assert read_attention_shape(twice) is None
 
 
 def test_a_cut_or_corrupted_header_gives_none_and_never_raises(tmp_path: Path) -> None:
