@@ -344,6 +344,35 @@ def test_records_of_serves_that_died_are_removed_with_their_token_files(tmp_path
     assert alive.token_file.exists()
 
 
+def test_recording_waits_while_another_serve_updates_the_state_files(tmp_path: Path) -> None:
+    # Another serve starting or exiting holds the directory's lock: this one must not replace
+    # serve.json under it (it would undo the other's update), but wait and then record itself.
+    import fcntl
+    import threading
+
+    directory = prepare_state_dir(tmp_path / "state")
+    other = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with port_taker() as taker:
+            recorded: list[ServeState] = []
+            recording = threading.Thread(
+                target=lambda: recorded.append(_record_live_serve(directory, taker))
+            )
+            recording.start()
+            recording.join(timeout=1)
+            assert recording.is_alive()
+            assert not (directory / "serve.json").exists()
+            assert not (directory / f"serve-{taker.pid}.json").exists()
+            fcntl.flock(other, fcntl.LOCK_UN)
+            recording.join(timeout=10)
+            assert not recording.is_alive()
+            assert read_serve_state(directory) == recorded[0]
+            taker.stop()
+    finally:
+        os.close(other)
+
+
 def test_a_record_whose_pid_still_runs_is_kept_but_not_followed(tmp_path: Path) -> None:
     # Its pid runs but does not listen where it recorded: a serve that cannot be inspected just
     # now, or a pid reused after a SIGKILL. Its files stay (removing a live serve's token file
