@@ -316,7 +316,7 @@ def serve(
     a partial download is kept for the next pull or serve to resume.
 
     Output is best effort: if its stdout or stderr is closed, serve goes on serving (status
-    finds it through the state file) and exits as it would have otherwise.
+    finds it through its state files) and exits as it would have otherwise.
 
     Exits 1 with a reason code when it is refused before ready, or when the supervisor gives
     up on the runtime once serving (restart_limit_reached after repeated crashes, or a blob

@@ -276,11 +276,6 @@ def read_serve_records(directory: Path) -> list[ServeState]:
     pid its name says, naming a token file directly in ``directory``). Nothing here says that
     the ``serve`` processes they name still run.
     """
-    return [state for state, _written in _read_records(directory)]
-
-
-def _read_records(directory: Path) -> list[tuple[ServeState, int]]:
-    """The records with the time each was written (ns), the most recent first."""
     check_state_dir(directory)
     try:
         names = os.listdir(directory)
@@ -302,7 +297,7 @@ def _read_records(directory: Path) -> list[tuple[ServeState, int]]:
             raise SessionFileError(Reason.STORE_ERROR)
         found.append((state, info.st_mtime_ns))
     found.sort(key=lambda pair: (pair[1], pair[0].pid), reverse=True)
-    return found
+    return [state for state, _written in found]
 
 
 def read_recorded_serves(directory: Path) -> list[ServeState]:
