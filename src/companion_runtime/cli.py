@@ -316,7 +316,7 @@ def serve(
     a partial download is kept for the next pull or serve to resume.
 
     Output is best effort: if its stdout or stderr is closed, serve goes on serving (status
-    finds it through the state file) and exits as it would have otherwise.
+    finds it through its state files) and exits as it would have otherwise.
 
     Exits 1 with a reason code when it is refused before ready, or when the supervisor gives
     up on the runtime once serving (restart_limit_reached after repeated crashes, or a blob
@@ -428,8 +428,9 @@ def status(
     url: Annotated[
         str | None,
         typer.Option(
-            help="Front door URL. Default: the one the last `serve` recorded. Without "
-            "--token-file it must be that URL (the recorded token goes nowhere else)."
+            help="Front door URL. Default: the most recently started `serve` that is still "
+            "running. Without --token-file it must be the URL a `serve` recorded (a recorded "
+            "token goes nowhere else)."
         ),
     ] = None,
     token_file: Annotated[
@@ -440,17 +441,29 @@ def status(
 ) -> None:
     """Print a running front door's /_status (state, in flight, queued, counters).
 
-    Without --url/--token-file it reads serve.json in the state directory
-    ($COMPANION_RUNTIME_STATE_DIR, else the user runtime directory).
+    Without --url/--token-file it reads the state directory ($COMPANION_RUNTIME_STATE_DIR,
+    else the user runtime directory): serve.json names the most recently started serve, and
+    each serve records itself in serve-<pid>.json. It asks the one serve.json names if it
+    still runs, else the most recently started recorded serve that does. When more than one
+    runs, it asks the most recent and names the others on stderr; pick one with --url.
 
-    The token serve recorded goes only to the URL serve recorded: --url without
-    --token-file is refused with host_not_allowed unless it is that URL
+    A token serve recorded goes only to the URL serve recorded with it: --url without
+    --token-file is refused with host_not_allowed unless it is such a URL
     (http://127.0.0.1:PORT; [::1], where localhost may lead, is another socket,
     which anyone may listen on). With both flags, both are your choice.
     """
     from companion_runtime.bind.status import read_status, status_table
 
     result = read_status(url=url, token_file=token_file)
+    if result.others:
+        # URLs of front doors checked to be live serves of this user: never a token or a path.
+        count = len(result.others) + 1
+        _say(
+            f"note: {count} serves are running with this state directory; this is "
+            f"{result.url}, the most recently started. Ask another with --url: "
+            + ", ".join(result.others),
+            err=True,
+        )
     if result.verdict.ok and not json_output:
         from rich.console import Console
 

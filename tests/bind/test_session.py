@@ -1,9 +1,12 @@
-"""Session files: the token file and the state file, on a real file system."""
+"""Session files: the token file and the state files, on a real file system."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,14 +17,20 @@ from companion_runtime.bind.session import (
     ServeState,
     SessionFileError,
     default_state_dir,
+    forget_serve,
+    is_serving,
     new_token,
     prepare_state_dir,
+    read_recorded_serves,
+    read_serve_records,
     read_serve_state,
     read_token_file,
-    remove_serve_state,
+    record_serve,
     write_serve_state,
     write_token_file,
 )
+from tests.support.port_taker import PortTaker, port_taker
+from tests.support.supervision import wait_for
 
 pytestmark = [pytest.mark.unit, pytest.mark.security]
 
@@ -84,9 +93,9 @@ def test_state_file_round_trip_and_removal_only_by_its_owner(tmp_path: Path) -> 
     path = write_serve_state(directory, state)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert read_serve_state(directory) == state
-    remove_serve_state(directory, pid=999)
+    forget_serve(directory, pid=999)
     assert read_serve_state(directory) == state
-    remove_serve_state(directory, pid=12345)
+    forget_serve(directory, pid=12345)
     assert not path.exists()
     assert list(directory.iterdir()) == []
 
@@ -257,3 +266,178 @@ def test_a_missing_state_dir_is_file_not_found_and_stays_missing(tmp_path: Path)
         read_serve_state(tmp_path / "state")
     assert caught.value.reason is Reason.FILE_NOT_FOUND
     assert not (tmp_path / "state").exists()
+
+
+# --- several serves sharing one state directory ---------------------------------------------
+
+
+def _record_live_serve(directory: Path, taker: PortTaker) -> ServeState:
+    """What a ``serve`` listening where ``taker`` listens records once ready."""
+    token_file = write_token_file(directory, new_token(), port=taker.port)
+    state = ServeState(url=taker.url, token_file=token_file, pid=taker.pid)
+    record_serve(directory, state)
+    return state
+
+
+def test_each_serve_keeps_its_own_record_and_serve_json_follows_the_live_ones(
+    tmp_path: Path,
+) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as first_taker, port_taker() as second_taker:
+        first = _record_live_serve(directory, first_taker)
+        second = _record_live_serve(directory, second_taker)
+        # The second did not overwrite the first: both are recorded, the latest in serve.json.
+        assert read_serve_state(directory) == second
+        assert read_serve_records(directory) == [second, first]
+        assert read_recorded_serves(directory) == [second, first]
+        for state in (first, second):
+            record = directory / f"serve-{state.pid}.json"
+            assert stat.S_IMODE(record.stat().st_mode) == 0o600
+        # The latest exits: serve.json names the one still alive instead of disappearing.
+        second.token_file.unlink()
+        forget_serve(directory, pid=second.pid)
+        assert read_serve_state(directory) == first
+        assert read_serve_records(directory) == [first]
+        # One that serve.json does not name exits: serve.json stays as it is.
+        third = _record_live_serve(directory, second_taker)
+        first.token_file.unlink()
+        forget_serve(directory, pid=first.pid)
+        assert read_serve_state(directory) == third
+        # The last one exits: nothing is left.
+        third.token_file.unlink()
+        forget_serve(directory, pid=third.pid)
+        first_taker.stop()
+        second_taker.stop()
+    assert list(directory.iterdir()) == []
+
+
+def test_serve_json_is_removed_when_no_other_serve_is_alive(tmp_path: Path) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as gone_taker, port_taker() as taker:
+        gone = _record_live_serve(directory, gone_taker)
+        latest = _record_live_serve(directory, taker)
+        gone_taker.stop()
+        assert wait_for(lambda: not is_serving(gone), 10)
+        latest.token_file.unlink()
+        forget_serve(directory, pid=latest.pid)
+        taker.stop()
+    # The record of a serve that is no longer alive is no reason to keep serve.json.
+    assert not (directory / "serve.json").exists()
+    assert list(directory.iterdir()) == []
+
+
+def test_records_of_serves_that_died_are_removed_with_their_token_files(tmp_path: Path) -> None:
+    # What a serve killed with SIGKILL leaves: its record and token file, its pid gone.
+    directory = prepare_state_dir(tmp_path / "state")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead_token = write_token_file(directory, new_token(), port=4400)
+    dead = ServeState(url="http://127.0.0.1:4400", token_file=dead_token, pid=gone.pid)
+    (directory / f"serve-{gone.pid}.json").write_text(json.dumps(dead.to_dict()))
+    (directory / f"serve-{gone.pid}.json").chmod(0o600)
+    with port_taker() as taker:
+        alive = _record_live_serve(directory, taker)
+        taker.stop()
+    assert not (directory / f"serve-{gone.pid}.json").exists()
+    assert not dead_token.exists()
+    assert read_serve_records(directory) == [alive]
+    assert alive.token_file.exists()
+
+
+def test_recording_waits_while_another_serve_updates_the_state_files(tmp_path: Path) -> None:
+    # Another serve starting or exiting holds the directory's lock: this one must not replace
+    # serve.json under it (it would undo the other's update), but wait and then record itself.
+    import fcntl
+    import threading
+
+    directory = prepare_state_dir(tmp_path / "state")
+    other = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with port_taker() as taker:
+            recorded: list[ServeState] = []
+            recording = threading.Thread(
+                target=lambda: recorded.append(_record_live_serve(directory, taker))
+            )
+            recording.start()
+            recording.join(timeout=1)
+            assert recording.is_alive()
+            assert not (directory / "serve.json").exists()
+            assert not (directory / f"serve-{taker.pid}.json").exists()
+            fcntl.flock(other, fcntl.LOCK_UN)
+            recording.join(timeout=10)
+            assert not recording.is_alive()
+            assert read_serve_state(directory) == recorded[0]
+            taker.stop()
+    finally:
+        os.close(other)
+
+
+def test_a_record_whose_pid_still_runs_is_kept_but_not_followed(tmp_path: Path) -> None:
+    # Its pid runs but does not listen where it recorded: a serve that cannot be inspected just
+    # now, or a pid reused after a SIGKILL. Its files stay (removing a live serve's token file
+    # would lock its clients out), and serve.json never names it in place of a live serve.
+    directory = prepare_state_dir(tmp_path / "state")
+    with subprocess.Popen(["sleep", "60"]) as sleeper:
+        try:
+            token_file = write_token_file(directory, new_token(), port=4401)
+            quiet = ServeState(url="http://127.0.0.1:4401", token_file=token_file, pid=sleeper.pid)
+            record_serve(directory, quiet)
+            with port_taker() as taker:
+                latest = _record_live_serve(directory, taker)
+                assert (directory / f"serve-{sleeper.pid}.json").exists()
+                latest.token_file.unlink()
+                forget_serve(directory, pid=latest.pid)
+                taker.stop()
+            assert not (directory / "serve.json").exists()
+            assert read_serve_records(directory) == [quiet]
+            assert token_file.exists()
+        finally:
+            sleeper.kill()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "readable by others",
+        "readable by the group",
+        "a pid other than its name's",
+        "a token file outside the state dir",
+        pytest.param("another user's", marks=needs_root),
+    ],
+)
+def test_a_record_not_as_serve_writes_it_is_refused(tmp_path: Path, case: str) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    state = _write_session(directory)
+    record = directory / f"serve-{state.pid}.json"
+    write_serve_state(directory, state)
+    (directory / "serve.json").rename(record)
+    assert read_serve_records(directory) == [state]
+    if case == "readable by others":
+        record.chmod(0o604)
+    elif case == "readable by the group":
+        record.chmod(0o640)
+    elif case == "a pid other than its name's":
+        record.rename(directory / f"serve-{state.pid + 1}.json")
+    elif case == "a token file outside the state dir":
+        elsewhere = write_token_file(prepare_state_dir(tmp_path / "elsewhere"), new_token(), port=1)
+        record.unlink()
+        write_serve_state(directory, ServeState(url=state.url, token_file=elsewhere, pid=state.pid))
+        (directory / "serve.json").rename(record)
+    else:
+        os.chown(record, OTHER_UID, OTHER_UID)
+    for read in (read_serve_records, read_recorded_serves):
+        with pytest.raises(SessionFileError) as caught:
+            read(directory)
+        assert caught.value.reason is Reason.STORE_ERROR
+
+
+def test_nothing_recorded_is_file_not_found(tmp_path: Path) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    (directory / "serve-x.json").write_text("not a record's name")
+    with pytest.raises(SessionFileError) as caught:
+        read_recorded_serves(directory)
+    assert caught.value.reason is Reason.FILE_NOT_FOUND
+    with pytest.raises(SessionFileError) as caught:
+        read_recorded_serves(tmp_path / "missing")
+    assert caught.value.reason is Reason.FILE_NOT_FOUND

@@ -18,6 +18,8 @@ from companion_runtime.bind.session import (
     ServeState,
     new_token,
     prepare_state_dir,
+    read_serve_state,
+    record_serve,
     write_serve_state,
     write_token_file,
 )
@@ -456,3 +458,72 @@ def test_a_url_with_a_token_file_goes_where_the_caller_says(tmp_path: Path) -> N
     assert to_elsewhere == [f"Bearer {token}"]
     assert to_serve == []
     assert recorded_token != token
+
+
+# --- several serves with one state directory -----------------------------------------------
+
+
+def record_serve_at(directory: Path, *, url: str, pid: int) -> tuple[Path, str]:
+    """What ``serve`` records once ready (its own record and ``serve.json``)."""
+    token = new_token()
+    token_file = write_token_file(directory, token, port=int(url.rsplit(":", 1)[1]))
+    record_serve(directory, ServeState(url=url, token_file=token_file, pid=pid))
+    return token_file, token
+
+
+def test_of_several_live_serves_the_latest_is_asked_and_the_others_named(tmp_path: Path) -> None:
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as first, port_taker() as second:
+        _file, first_token = record_serve_at(directory, url=first.url, pid=first.pid)
+        _file, second_token = record_serve_at(directory, url=second.url, pid=second.pid)
+        latest = read_status(state_dir=directory)
+        chosen = read_status(url=first.url, state_dir=directory)
+        to_first, to_second = first.stop(), second.stop()
+    assert latest.verdict.ok, latest.to_dict()
+    assert latest.url == second.url
+    assert latest.others == (first.url,)
+    # --url picks another recorded serve; its own token goes to it, and no note then.
+    assert chosen.verdict.ok, chosen.to_dict()
+    assert (chosen.url, chosen.others) == (first.url, ())
+    assert to_first == [f"Bearer {first_token}"]
+    assert to_second == [f"Bearer {second_token}"]
+
+
+@pytest.mark.security
+def test_when_serve_json_names_a_serve_that_died_a_live_recorded_one_is_asked(
+    tmp_path: Path,
+) -> None:
+    # The latest serve was killed with SIGKILL: serve.json and its record name it still, and
+    # another process took its port; the earlier serve is alive and must be found, and the
+    # dead one's token must go nowhere.
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as alive, port_taker() as killed:
+        _file, alive_token = record_serve_at(directory, url=alive.url, pid=alive.pid)
+        with subprocess.Popen(["sleep", "60"]) as sleeper:
+            _file, killed_token = record_serve_at(directory, url=killed.url, pid=sleeper.pid)
+            sleeper.kill()
+        assert read_serve_state(directory).url == killed.url
+        result = read_status(state_dir=directory)
+        to_killed_port = read_status(url=killed.url, state_dir=directory)
+        to_alive, to_killed = alive.stop(), killed.stop()
+    assert result.verdict.ok, result.to_dict()
+    assert (result.url, result.others) == (alive.url, ())
+    assert to_killed_port.to_dict() == {"ok": False, "reason": "not_ready"}
+    assert to_alive == [f"Bearer {alive_token}"]
+    assert to_killed == []
+    assert killed_token != alive_token
+
+
+@pytest.mark.security
+def test_a_record_serve_would_refuse_is_refused_before_any_token_is_sent(tmp_path: Path) -> None:
+    # serve.json names a live serve, but a record next to it is readable by others: the
+    # directory is not as serve leaves it, so nothing recorded there is trusted.
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as first, port_taker() as second:
+        record_serve_at(directory, url=first.url, pid=first.pid)
+        record_serve_at(directory, url=second.url, pid=second.pid)
+        (directory / f"serve-{first.pid}.json").chmod(0o644)
+        result = read_status(state_dir=directory)
+        received = first.stop() + second.stop()
+    assert result.to_dict() == {"ok": False, "reason": "store_error"}
+    assert received == []

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Final
@@ -16,7 +17,13 @@ from typing import Final
 import pytest
 
 from companion_runtime.bind.llama_server import llama_available
-from tests.support.frontdoor import ServeProcess, running_serve, serve_command, serve_env
+from tests.support.frontdoor import (
+    ServeProcess,
+    _readline_with_timeout,
+    running_serve,
+    serve_command,
+    serve_env,
+)
 from tests.support.port_taker import ipv6_loopback, port_taker
 from tests.support.supervision import standin_command
 
@@ -459,3 +466,142 @@ def test_the_table_prints_values_verbatim_not_as_markup(tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stderr
     assert "[/bold] [red]x" in finished.stdout
     assert "Traceback" not in finished.stderr
+
+
+# --- several serves with one state directory -----------------------------------------------
+
+
+class _StandinServes:
+    """Real ``serve --json`` processes over the stand-in runtime, sharing one state directory."""
+
+    def __init__(self, tmp_path: Path, origin_url: str, allow: str, ca: Path, data: bytes):
+        self.state_dir = tmp_path / "state"
+        self._store = tmp_path / "store"
+        self._ca = ca
+        self._manifest = tmp_path / "manifest.toml"
+        self._manifest.write_text(standin_manifest_text(origin_url, allow, data))
+        self.running: list[ServeProcess] = []
+
+    def start(self) -> ServeProcess:
+        process = subprocess.Popen(
+            serve_command(self._manifest, self._store, self._ca),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=serve_env(self.state_dir),
+        )
+        try:
+            ready = json.loads(_readline_with_timeout(process, 90))
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        serve = ServeProcess(process, ready, self.state_dir)
+        self.running.append(serve)
+        return serve
+
+    def stop_all(self) -> None:
+        for serve in self.running:
+            if serve.process.poll() is None:
+                serve.process.kill()
+            serve.process.communicate(timeout=60)
+
+
+@contextmanager
+def standin_serves(tmp_path: Path) -> Iterator[_StandinServes]:
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        serves = _StandinServes(
+            tmp_path,
+            origin.url("/models/standin.bin"),
+            origin.base_url,
+            origin.ca_pem_path,
+            data,
+        )
+        try:
+            yield serves
+        finally:
+            serves.stop_all()
+
+
+def runtime_pid_of(serve: ServeProcess) -> object:
+    """The pid of the runtime ``serve`` supervises, from its own front door."""
+    return serve.status()["pid"]
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_two_serves_with_one_state_dir_are_both_found_and_neither_is_lost(
+    tmp_path: Path, json_output: bool
+) -> None:
+    flags = ["--json"] if json_output else []
+    with standin_serves(tmp_path) as serves:
+        first = serves.start()
+        second = serves.start()
+        # Both are recorded; without --url the latest is asked, and the other is named.
+        latest = run_status(*flags, state_dir=serves.state_dir)
+        assert latest.returncode == 0, latest.stdout + latest.stderr
+        assert first.url in latest.stderr and "--url" in latest.stderr
+        assert second.url in latest.stderr
+        if json_output:
+            assert json.loads(latest.stdout)["pid"] == runtime_pid_of(second)
+        else:
+            assert "ready" in latest.stdout
+        # The earlier one is still reachable with its recorded token, by its URL.
+        earlier = run_status("--url", first.url, "--json", state_dir=serves.state_dir)
+        assert earlier.returncode == 0, earlier.stdout + earlier.stderr
+        assert json.loads(earlier.stdout)["pid"] == runtime_pid_of(first)
+        assert earlier.stderr == ""
+        # The latest exits cleanly: the earlier one is found, alone, without --url.
+        assert second.terminate() == 0
+        left = run_status("--json", state_dir=serves.state_dir)
+        assert left.returncode == 0, left.stdout + left.stderr
+        assert json.loads(left.stdout)["pid"] == runtime_pid_of(first)
+        assert left.stderr == ""
+        assert json.loads((serves.state_dir / "serve.json").read_text())["url"] == first.url
+        assert first.terminate() == 0
+        for output in (latest, earlier, left):
+            for secret in (first.token, second.token, str(first.token_file)):
+                assert secret not in output.stdout + output.stderr
+    # Nothing is left once both have exited.
+    assert list(serves.state_dir.iterdir()) == []
+    assert_refused(
+        run_status("--json", state_dir=serves.state_dir), "file_not_found", json_output=True
+    )
+
+
+@pytest.mark.security
+def test_a_serve_killed_with_sigkill_hides_no_other_serve_and_gets_no_token(
+    tmp_path: Path,
+) -> None:
+    with standin_serves(tmp_path) as serves:
+        first = serves.start()
+        killed = serves.start()
+        killed.process.kill()
+        killed.process.communicate(timeout=30)
+        # serve.json still names the killed serve, and another process takes its port.
+        assert json.loads((serves.state_dir / "serve.json").read_text())["url"] == killed.url
+        with port_taker(port=killed.port) as taker:
+            found = run_status("--json", state_dir=serves.state_dir)
+            asked_killed = run_status("--url", killed.url, "--json", state_dir=serves.state_dir)
+            received = taker.stop()
+        assert found.returncode == 0, found.stdout + found.stderr
+        assert json.loads(found.stdout)["pid"] == runtime_pid_of(first)
+        assert found.stderr == ""
+        assert_refused(asked_killed, "not_ready", json_output=True)
+        assert received == []
+        # The next serve removes what the killed one left behind.
+        killed_record = serves.state_dir / f"serve-{killed.process.pid}.json"
+        assert killed_record.exists() and killed.token_file.exists()
+        third = serves.start()
+        assert not killed_record.exists()
+        assert not killed.token_file.exists()
+        latest = run_status("--json", state_dir=serves.state_dir)
+        assert latest.returncode == 0, latest.stdout + latest.stderr
+        assert json.loads(latest.stdout)["pid"] == runtime_pid_of(third)
+        assert first.url in latest.stderr
+        assert killed.url not in latest.stderr
+        assert third.terminate() == 0
+        assert first.terminate() == 0
+    assert list(serves.state_dir.iterdir()) == []

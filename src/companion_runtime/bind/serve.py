@@ -18,7 +18,10 @@ as it is, and no thread is left for the event loop to wait on at exit.
 Shutdown (SIGINT/SIGTERM, or the ``stop`` event): the supervisor drains — the runtime leaves
 ``ready``, so the admission controller refuses new requests ``not_ready`` (the front door keeps
 answering them with 503) while requests in flight finish, up to the grace period — then stops
-the runtime process; then the front door closes and the token and state files are removed.
+the runtime process; then the front door closes and the token file and this ``serve``'s record
+are removed, and ``serve.json``, if it names this ``serve``, is pointed at another ``serve`` of
+the same state directory that is still alive (or removed when none is; see
+:mod:`~companion_runtime.bind.session`).
 
 Giving up: when the supervisor stops restarting the runtime (``restart_limit_reached``, or a
 blob that no longer verifies or fits before a restart), nothing will ever be ready again, so
@@ -43,10 +46,10 @@ from companion_runtime.bind.session import (
     ServeState,
     SessionFileError,
     default_state_dir,
+    forget_serve,
     new_token,
     prepare_state_dir,
-    remove_serve_state,
-    write_serve_state,
+    record_serve,
     write_token_file,
 )
 from companion_runtime.bind.store import ModelStore, StoreError
@@ -150,7 +153,7 @@ async def serving(
             token_dir = directory if directory is not None else _state_dir(None)
             token_file = write_token_file(token_dir, token, port=door.port)
             if directory is not None:
-                write_serve_state(
+                record_serve(
                     directory, ServeState(url=door.url, token_file=token_file, pid=os.getpid())
                 )
             yield Serving(
@@ -171,7 +174,7 @@ async def serving(
                     with contextlib.suppress(OSError):
                         token_file.unlink()
                 if directory is not None:
-                    remove_serve_state(directory, pid=os.getpid())
+                    forget_serve(directory, pid=os.getpid())
 
 
 def _state_dir(chosen: Path | None) -> Path:

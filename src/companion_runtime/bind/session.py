@@ -1,4 +1,4 @@
-"""Session files of a running ``serve``: the bearer token file and the state file ``status`` reads.
+"""Session files of a running ``serve``: the bearer token file and the state files ``status`` reads.
 
 Both live in one private directory, the *state directory*: ``$COMPANION_RUNTIME_STATE_DIR``
 when set, else the user runtime directory (``$XDG_RUNTIME_DIR/companion-runtime`` on Linux,
@@ -9,15 +9,27 @@ there could swap the files ``status`` trusts).
 * The token file ``frontdoor-<port>-<pid>.token`` holds the session token and nothing else. It
   is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode ``0600``, so it can never be a
   pre-planted file or symlink, and is removed when ``serve`` exits.
-* The state file ``serve.json`` holds ``{"url", "token_file", "pid"}`` of the most recently
-  started ``serve``; it is replaced atomically and removed on exit by the ``serve`` it names.
+* Each ``serve`` records itself in a file of its own, ``serve-<pid>.json``
+  (``{"url", "token_file", "pid"}``), written atomically with mode ``0600`` once its front
+  door listens and removed when it exits. Several ``serve`` processes may share one state
+  directory; none of them overwrites another's record.
+* The state file ``serve.json`` holds the same fields for the most recently started ``serve``
+  (older tools read it). A ``serve`` that exits while ``serve.json`` names it points it at the
+  most recently started ``serve`` that is still alive, or removes it when there is none.
 
-A ``serve`` killed with ``SIGKILL`` leaves both files behind, and anyone who could write the
+Starting and exiting hold an exclusive lock on the state directory itself (``flock``), so two
+``serve`` processes that start or exit at the same moment do not undo each other's update of
+``serve.json``; they also remove the records of ``serve`` processes that are gone (their pid
+names no process of the user any more) and the token files those records name.
+
+A ``serve`` killed with ``SIGKILL`` leaves its files behind, and anyone who could write the
 directory could have put them there, so reading them back applies the rules writing them
-follows: the directory passes the same check, both files are regular files of the current user
-that no one else may read or write (``serve`` creates them ``0600``), and the token file lies in
-the directory itself. Whether the ``serve`` they name still runs is for the reader to check
-(``status`` does, before it sends the token anywhere).
+follows: the directory passes the same check, every state file read (``serve.json`` and each
+record) is a regular file of the current user that no one else may read or write (``serve``
+creates them ``0600``), a record holds the pid its name says, and the token file lies in the
+directory itself. Whether the ``serve`` a file names still runs is :func:`is_serving`'s
+question: the pid must be a live process of the current user that itself listens on the
+recorded URL's port. ``status`` asks it before it sends a token anywhere.
 
 Errors are :class:`SessionFileError` carrying ``Reason.STORE_ERROR`` (the files are local
 storage the command could not use) or ``Reason.FILE_NOT_FOUND``; messages never carry a path.
@@ -26,17 +38,22 @@ storage the command could not use) or ``Reason.FILE_NOT_FOUND``; messages never 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import secrets
 import stat
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, final
+from urllib.parse import urlsplit
 
 import platformdirs
+import psutil
 
 from companion_runtime.core import Reason
 
@@ -47,11 +64,15 @@ __all__ = [
     "SessionFileError",
     "check_state_dir",
     "default_state_dir",
+    "forget_serve",
+    "is_serving",
     "new_token",
     "prepare_state_dir",
+    "read_recorded_serves",
+    "read_serve_records",
     "read_serve_state",
     "read_token_file",
-    "remove_serve_state",
+    "record_serve",
     "write_serve_state",
     "write_token_file",
 ]
@@ -61,6 +82,10 @@ STATE_DIR_ENV: Final = "COMPANION_RUNTIME_STATE_DIR"
 #: Name of the state file inside the state directory.
 STATE_FILE_NAME: Final = "serve.json"
 _MAX_SMALL_FILE_BYTES: Final = 4096
+#: The name of one ``serve``'s own record: ``serve-<pid>.json``.
+_RECORD_NAME: Final = re.compile(r"serve-([1-9][0-9]{0,9})\.json")
+#: How long starting or exiting waits for another ``serve`` to finish updating the files.
+_LOCK_WAIT_S: Final = 5.0
 
 
 @final
@@ -163,6 +188,11 @@ def write_token_file(directory: Path, token: str, *, port: int) -> Path:
 def _read_small(path: Path, *, private: bool = False) -> str:
     """The text of a small regular file; with ``private``, only if it is as ``serve`` writes it:
     the current user's, and neither readable nor writable by group or others."""
+    return _read_small_with_info(path, private=private)[0]
+
+
+def _read_small_with_info(path: Path, *, private: bool = False) -> tuple[str, os.stat_result]:
+    """:func:`_read_small`, and the status of the file that was read."""
     # O_NONBLOCK: a FIFO planted where the file should be would block the open until a writer
     # came; it opens at once instead, and is then refused for not being a regular file.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -186,7 +216,7 @@ def _read_small(path: Path, *, private: bool = False) -> str:
     if len(data) > _MAX_SMALL_FILE_BYTES:
         raise SessionFileError(Reason.STORE_ERROR)
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8"), info
     except UnicodeDecodeError as error:
         raise SessionFileError(Reason.STORE_ERROR) from error
 
@@ -205,8 +235,13 @@ def read_token_file(path: Path, *, private: bool = False) -> str:
 
 def write_serve_state(directory: Path, state: ServeState) -> Path:
     """Atomically replace the state file in ``directory`` with ``state``; return its path."""
-    final_path = directory / STATE_FILE_NAME
-    temp_path = directory / f".{STATE_FILE_NAME}.{os.getpid()}.{secrets.token_hex(4)}"
+    return _write_state_file(directory, STATE_FILE_NAME, state)
+
+
+def _write_state_file(directory: Path, name: str, state: ServeState) -> Path:
+    """Atomically replace ``directory / name`` with ``state`` (a new ``0600`` file renamed)."""
+    final_path = directory / name
+    temp_path = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         descriptor = os.open(temp_path, flags, 0o600)
@@ -230,7 +265,64 @@ def read_serve_state(directory: Path) -> ServeState:
     Nothing here says that the ``serve`` it names still runs.
     """
     check_state_dir(directory)
-    text = _read_small(directory / STATE_FILE_NAME, private=True)
+    return _parse_state(directory, _read_small(directory / STATE_FILE_NAME, private=True))
+
+
+def read_serve_records(directory: Path) -> list[ServeState]:
+    """Every ``serve-<pid>.json`` record in ``directory``, the most recently written first.
+
+    ``FILE_NOT_FOUND`` when ``directory`` does not exist; ``STORE_ERROR`` unless it passes
+    :func:`check_state_dir` and every record is as ``serve`` writes it (private, holding the
+    pid its name says, naming a token file directly in ``directory``). Nothing here says that
+    the ``serve`` processes they name still run.
+    """
+    check_state_dir(directory)
+    try:
+        names = os.listdir(directory)
+    except OSError as error:
+        raise SessionFileError(Reason.STORE_ERROR) from error
+    found: list[tuple[ServeState, int]] = []
+    for name in names:
+        match = _RECORD_NAME.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            text, info = _read_small_with_info(directory / name, private=True)
+        except SessionFileError as error:
+            if error.reason is Reason.FILE_NOT_FOUND:
+                continue  # that serve removed it since the listing
+            raise
+        state = _parse_state(directory, text)
+        if state.pid != int(match.group(1)):
+            raise SessionFileError(Reason.STORE_ERROR)
+        found.append((state, info.st_mtime_ns))
+    found.sort(key=lambda pair: (pair[1], pair[0].pid), reverse=True)
+    return [state for state, _written in found]
+
+
+def read_recorded_serves(directory: Path) -> list[ServeState]:
+    """What ``status`` chooses from: the state file's ``serve`` first, then the records.
+
+    Each ``serve`` once, the most recently started first. ``FILE_NOT_FOUND`` when no ``serve``
+    recorded anything there; ``STORE_ERROR`` as :func:`read_serve_state` and
+    :func:`read_serve_records` refuse. Nothing here says that any of them still runs.
+    """
+    try:
+        named = [read_serve_state(directory)]
+    except SessionFileError as error:
+        if error.reason is not Reason.FILE_NOT_FOUND:
+            raise
+        named = []
+    recorded: list[ServeState] = []
+    for state in named + read_serve_records(directory):
+        if all((state.pid, state.url) != (seen.pid, seen.url) for seen in recorded):
+            recorded.append(state)
+    if not recorded:
+        raise SessionFileError(Reason.FILE_NOT_FOUND)
+    return recorded
+
+
+def _parse_state(directory: Path, text: str) -> ServeState:
     try:
         raw = json.loads(text)
         url, token_file, pid = raw["url"], raw["token_file"], raw["pid"]
@@ -260,8 +352,166 @@ def _token_file_in(directory: Path, recorded: str) -> Path:
     return directory / path.name
 
 
-def remove_serve_state(directory: Path, *, pid: int) -> None:
-    """Remove the state file if it still names ``pid`` (a later ``serve`` may own it now)."""
-    with contextlib.suppress(SessionFileError, OSError):
-        if read_serve_state(directory).pid == pid:
+def is_serving(state: ServeState) -> bool:
+    """Whether ``state.pid`` is a live process of this user listening on its URL's port.
+
+    A pid alone is not enough: after a ``SIGKILL`` the number can be reused by any process,
+    and the port taken by another. Only the process that listens on the port is the front
+    door the token belongs to.
+    """
+    try:
+        port = urlsplit(state.url).port
+    except ValueError:
+        return False
+    if port is None or state.pid <= 0:
+        return False
+    try:
+        process = psutil.Process(state.pid)
+        if process.status() == psutil.STATUS_ZOMBIE or process.uids().real != os.getuid():
+            return False
+        connections = process.net_connections(kind="inet")
+    except (psutil.Error, OverflowError, ValueError):
+        # Gone, not ours to inspect, or a pid no process could have.
+        return False
+    return any(
+        connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
+        for connection in connections
+    )
+
+
+def record_serve(directory: Path, state: ServeState) -> None:
+    """Record a ``serve`` whose front door listens: its own record, then ``serve.json``.
+
+    Records of ``serve`` processes that are gone are removed on the way, with their token
+    files. Raises :class:`SessionFileError` (``STORE_ERROR``) when a file cannot be written;
+    the record is not left behind then.
+    """
+    with _locked(directory):
+        record = _write_state_file(directory, _record_name(state.pid), state)
+        try:
+            write_serve_state(directory, state)
+        except SessionFileError:
+            with contextlib.suppress(OSError):
+                record.unlink()
+            raise
+        _sweep(directory, keep=state.pid)
+
+
+def forget_serve(directory: Path, *, pid: int) -> None:
+    """Remove what :func:`record_serve` wrote for ``pid``; never raises.
+
+    Its record goes; ``serve.json``, if it still names ``pid``, then names the most recently
+    started ``serve`` that is still alive, or is removed when none is. A ``serve.json`` naming
+    another ``serve`` is left as it is. Records of ``serve`` processes that are gone are
+    removed too.
+    """
+    with contextlib.suppress(SessionFileError, OSError), _locked(directory):
+        with contextlib.suppress(OSError):
+            (directory / _record_name(pid)).unlink()
+        alive = _sweep(directory, keep=None)
+        if read_serve_state(directory).pid != pid:
+            return
+        if alive:
+            write_serve_state(directory, alive[0])
+        else:
             (directory / STATE_FILE_NAME).unlink()
+
+
+def _record_name(pid: int) -> str:
+    return f"serve-{pid}.json"
+
+
+def _sweep(directory: Path, *, keep: int | None) -> list[ServeState]:
+    """Remove the records (and token files) of ``serve`` processes that are gone; return those
+    that are serving (:func:`is_serving`), the most recently started first. ``keep``'s record
+    stays as it is.
+
+    Only a record whose pid names no process of this user any more is removed: one whose check
+    failed for another reason (a process that cannot be inspected just now) may be a live
+    ``serve``'s, and removing its token file would lock out the clients that still have to read
+    it. Records that are not as ``serve`` writes them are left alone: not this code's to judge.
+    """
+    alive: list[ServeState] = []
+    gone: list[ServeState] = []
+    for name in _listed(directory):
+        match = _RECORD_NAME.fullmatch(name)
+        if match is None or int(match.group(1)) == keep:
+            continue
+        try:
+            state = _parse_state(directory, _read_small(directory / name, private=True))
+        except SessionFileError:
+            continue
+        if state.pid != int(match.group(1)):
+            continue
+        if is_serving(state):
+            alive.append(state)
+        elif _is_gone(state.pid):
+            gone.append(state)
+    kept_tokens = {state.token_file.name for state in alive}
+    for state in gone:
+        with contextlib.suppress(OSError):
+            (directory / _record_name(state.pid)).unlink()
+        if state.token_file.name not in kept_tokens:
+            with contextlib.suppress(OSError):
+                state.token_file.unlink()
+    return _by_recency(directory, alive)
+
+
+def _is_gone(pid: int) -> bool:
+    """Whether ``pid`` names no live process of this user (a zombie has ended)."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() == psutil.STATUS_ZOMBIE or process.uids().real != os.getuid()
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.Error, OverflowError, ValueError):
+        return False
+
+
+def _listed(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def _by_recency(directory: Path, states: list[ServeState]) -> list[ServeState]:
+    """``states`` ordered by when each record was written, the most recent first."""
+
+    def written(state: ServeState) -> tuple[int, int]:
+        try:
+            return (os.lstat(directory / _record_name(state.pid)).st_mtime_ns, state.pid)
+        except OSError:
+            return (0, state.pid)
+
+    return sorted(states, key=written, reverse=True)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` itself while the state files change.
+
+    Locking the directory leaves no lock file behind. Best effort: a lock not had within
+    :data:`_LOCK_WAIT_S` (a ``serve`` stopped while holding it), or a file system without
+    locks, does not keep a ``serve`` from starting or exiting.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        descriptor = os.open(directory, flags)
+    except OSError as error:
+        raise SessionFileError(Reason.STORE_ERROR) from error
+    try:
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+            except OSError:
+                pass
+            break
+        yield
+    finally:
+        os.close(descriptor)

@@ -1,30 +1,39 @@
 """Read a running front door's ``GET /_status`` (the ``status`` command).
 
-Where to look: ``--url`` and ``--token-file`` when given; otherwise the state file that
-``serve`` writes in the state directory (see :mod:`companion_runtime.bind.session`). The token
-is sent only to a loopback ``http`` URL, never through a proxy from the environment.
+Where to look: ``--url`` and ``--token-file`` when given; otherwise the state files that
+``serve`` writes in the state directory (see :mod:`companion_runtime.bind.session`):
+``serve.json``, naming the most recently started ``serve``, and each ``serve``'s own record
+``serve-<pid>.json``. The token is sent only to a loopback ``http`` URL, never through a proxy
+from the environment.
 
-A state file is trusted no more than ``serve`` would trust it, and it is checked before any
-token is read or sent: the state directory, the state file and the token file must pass the
-checks :func:`~companion_runtime.bind.session.read_serve_state` applies (``store_error``
-otherwise, as ``serve`` refuses such a directory), and the process the state file names must be
-alive, run as the current user and itself listen on the port of the URL it recorded
-(``not_ready`` otherwise). A ``serve`` killed with ``SIGKILL`` leaves its files behind; without
-the last check, whatever later took its port would be handed the token.
+State files are trusted no more than ``serve`` would trust them, and they are checked before
+any token is read or sent: the state directory, every state file and the token file must pass
+the checks :func:`~companion_runtime.bind.session.read_recorded_serves` applies
+(``store_error`` otherwise, as ``serve`` refuses such a directory), and the process a state
+file names must be alive, run as the current user and itself listen on the port of the URL it
+recorded (:func:`~companion_runtime.bind.session.is_serving`; a ``serve`` that fails this is
+passed over, and ``not_ready`` when none passes). A ``serve`` killed with ``SIGKILL`` leaves its
+files behind; without the last check, whatever later took its port would be handed the token.
 
-The recorded token goes only to the recorded URL. Those checks are about that URL, so a
-``--url`` without ``--token-file`` must name the same front door (``host_not_allowed``
-otherwise): the same scheme, host and port, with no path beyond ``/``, no query, fragment or
-user. ``localhost`` is not ``127.0.0.1``: it may resolve to ``::1``, where any local user can
-listen on the front door's port number. With ``--token-file`` as well, the URL and the token
-are both the caller's choice and the state file is not read.
+Which ``serve``: the one ``serve.json`` names when it is alive, else the most recently started
+recorded one that is. When more than one is alive and no ``--url`` chose, the most recent is
+asked and :attr:`StatusResult.others` lists the URLs of the rest, for the caller to say that
+they exist (``status`` does, on stderr) and how to ask one (``--url``).
+
+A recorded token goes only to the URL recorded with it. Those checks are about that URL, so
+a ``--url`` without ``--token-file`` must name the front door of a recorded ``serve``
+(``host_not_allowed`` otherwise), whose token is then sent: the same scheme, host and port,
+with no path beyond ``/``, no query, fragment or user. ``localhost`` is not ``127.0.0.1``: it
+may resolve to ``::1``, where any local user can listen on the front door's port number. With
+``--token-file`` as well, the URL and the token are both the caller's choice and the state
+files are not read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import os
 import socket
 import threading
 from collections.abc import Mapping
@@ -34,7 +43,6 @@ from typing import Final, final
 from urllib.parse import urlsplit
 
 import httpx
-import psutil
 from rich.table import Table
 from rich.text import Text
 
@@ -42,7 +50,8 @@ from companion_runtime.bind.session import (
     ServeState,
     SessionFileError,
     default_state_dir,
-    read_serve_state,
+    is_serving,
+    read_recorded_serves,
     read_token_file,
 )
 from companion_runtime.core import Reason, Verdict
@@ -59,10 +68,17 @@ _MAX_BODY_BYTES: Final = 1024 * 1024
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StatusResult:
-    """The verdict and, when it is ok, the status document."""
+    """The verdict and, when it is ok, the status document.
+
+    ``url`` is the front door that was asked (``None`` when none was); ``others`` the URLs of
+    the other live ``serve`` processes recorded in the state directory, when the one asked was
+    chosen among several without ``--url``. Neither is part of :meth:`to_dict`.
+    """
 
     verdict: Verdict
     document: Mapping[str, object] = field(default_factory=dict)
+    url: str | None = None
+    others: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         """``{"ok", "reason"}`` followed by the document's other fields.
@@ -200,29 +216,39 @@ class _Deadline:
 def read_status(
     *, url: str | None = None, token_file: Path | None = None, state_dir: Path | None = None
 ) -> StatusResult:
-    """Find the front door (flags first, then the state file) and fetch its status.
+    """Find the front door (flags first, then the state files) and fetch its status.
 
     Refused ``store_error`` when the state directory or a file in it is not as ``serve``
-    leaves it, ``not_ready`` when the ``serve`` the state file names no longer listens there,
-    ``host_not_allowed`` when ``url`` without ``token_file`` is not the recorded front door
-    (``malformed_spec`` when it cannot be parsed); see the module docstring. No token is read
-    or sent then.
+    leaves it, ``not_ready`` when no recorded ``serve`` (of those ``url`` names, when given)
+    still listens where it recorded, ``host_not_allowed`` when ``url`` without ``token_file``
+    is not the front door of a recorded ``serve`` (``malformed_spec`` when it cannot be
+    parsed); see the module docstring. No token is read or sent then.
     """
+    others: tuple[str, ...] = ()
     try:
         if url is not None and token_file is not None:
             token = read_token_file(token_file)
         else:
-            state = read_serve_state(_state_dir(state_dir))
+            recorded = read_recorded_serves(_state_dir(state_dir))
             if url is not None:
-                # The recorded token, for a URL of the caller's: only if it is the recorded one.
+                # A recorded token, for a URL of the caller's: only if it is the recorded one.
                 try:
                     given = _root_of(url)
                 except ValueError:
                     return _refused(Reason.MALFORMED_SPEC)
-                if given is None or given != _recorded_root(state):
+                recorded = [
+                    state
+                    for state in recorded
+                    if given is not None and given == _recorded_root(state)
+                ]
+                if not recorded:
                     return _refused(Reason.HOST_NOT_ALLOWED)
-            if not _is_serving(state):
+            alive = [state for state in recorded if is_serving(state)]
+            if not alive:
                 return _refused(Reason.NOT_READY)
+            state = alive[0]
+            if url is None:
+                others = tuple(other.url for other in alive[1:])
             # The URL checked, never the caller's spelling of it: no two parsers to disagree.
             url = state.url
             if token_file is not None:
@@ -231,7 +257,7 @@ def read_status(
                 token = read_token_file(state.token_file, private=True)
     except SessionFileError as error:
         return _refused(error.reason)
-    return fetch_status(url, token)
+    return dataclasses.replace(fetch_status(url, token), url=url, others=others)
 
 
 def _root_of(url: str) -> tuple[str, str, int] | None:
@@ -268,33 +294,6 @@ def _state_dir(state_dir: Path | None) -> Path:
     except OSError as error:
         # platformdirs refuses a fallback runtime directory another user owns (PermissionError).
         raise SessionFileError(Reason.STORE_ERROR) from error
-
-
-def _is_serving(state: ServeState) -> bool:
-    """Whether ``state.pid`` is a live process of this user listening on its URL's port.
-
-    A pid alone is not enough: after a ``SIGKILL`` the number can be reused by any process,
-    and the port taken by another. Only the process that listens on the port is the front
-    door the token belongs to.
-    """
-    try:
-        port = urlsplit(state.url).port
-    except ValueError:
-        return False
-    if port is None or state.pid <= 0:
-        return False
-    try:
-        process = psutil.Process(state.pid)
-        if process.status() == psutil.STATUS_ZOMBIE or process.uids().real != os.getuid():
-            return False
-        connections = process.net_connections(kind="inet")
-    except (psutil.Error, OverflowError, ValueError):
-        # Gone, not ours to inspect, or a pid no process could have.
-        return False
-    return any(
-        connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
-        for connection in connections
-    )
 
 
 def status_table(document: Mapping[str, object]) -> Table:
