@@ -432,20 +432,27 @@ def demo() -> None:
     """
     import sys
 
-    from companion_runtime.bind.demo import demo_main
-
-    try:
-        code = demo_main()
-    except OSError as error:
-        # No room left for the demo's temporary files, or a standard output that cannot be
-        # written (a full disk behind it): what the demo started is stopped and removed by now.
+    # First of all, before the demo's imports: a signal from here on is recorded instead of
+    # taking its default action (death, or a KeyboardInterrupt) in the middle of a step. Until
+    # the demo's event loop handles signals itself, the demo asks this flag between steps; it
+    # then starts nothing more and exits 1 with cancelled.
+    cancel = threading.Event()
+    with _cancel_on_signals(cancel):
         try:
-            sys.stdout.flush()
-        except (OSError, ValueError):
-            _to_null(sys.stdout)
-        # The description only: the error's own text may carry a path.
-        _say(f"demo failed: {error.strerror or 'could not write'}", err=True)
-        code = 1
+            from companion_runtime.bind.demo import demo_main
+
+            code = demo_main(cancel=cancel)
+        except OSError as error:
+            # No room left for the demo's temporary files, or a standard output that cannot be
+            # written (a full disk behind it): what the demo started is stopped and removed by
+            # now.
+            try:
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                _to_null(sys.stdout)
+            # The description only: the error's own text may carry a path.
+            _say(f"demo failed: {error.strerror or 'could not write'}", err=True)
+            code = 1
     raise typer.Exit(code)
 
 
