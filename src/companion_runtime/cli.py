@@ -37,15 +37,50 @@ app = typer.Typer(
 # partial download kept for the next pull to resume.
 
 
-def _verified_exit(payload: dict[str, object], *, ok: bool, json_output: bool) -> None:
-    if json_output:
-        typer.echo(json.dumps(payload))
-    elif ok:
-        path = payload.get("path")
-        typer.echo(path if path is not None else "ok")
-    else:
-        typer.echo(_refusal_line(payload), err=True)
+def _finish(
+    payload: Mapping[str, object],
+    *,
+    ok: bool,
+    json_output: bool,
+    plain: Callable[[], None] | None = None,
+) -> None:
+    """Write a command's result and exit 0 (ok) or 1 (refused): the one place ``verify``,
+    ``pull`` and ``status`` write theirs.
+
+    With ``--json`` the JSON object goes to stdout; without, a refusal's line to stderr, or a
+    success whatever ``plain`` prints (nothing without it). A result that cannot be written
+    (stdout on a full disk, a pipe whose reader is gone) is one line on stderr and exit 1, not
+    a traceback: whoever asked never got the answer. The stream that failed is pointed at the
+    null device, so the flush at exit does not fail on it again.
+    """
+    import sys
+
+    stream = sys.stdout if json_output or ok else sys.stderr
+    try:
+        if json_output:
+            typer.echo(json.dumps(payload))
+        elif not ok:
+            typer.echo(_refusal_line(payload), err=True)
+        elif plain is not None:
+            plain()
+        stream.flush()
+    except OSError as error:
+        _to_null(stream)
+        # The description only: the error's own text may carry a path.
+        _say(f"could not write the result: {error.strerror or 'output error'}", err=True)
+        raise typer.Exit(1) from None
     raise typer.Exit(0 if ok else 1)
+
+
+def _verified_exit(payload: Mapping[str, object], *, ok: bool, json_output: bool) -> None:
+    """:func:`_finish` for ``verify`` and ``pull``: a success prints the blob's path (or ok)."""
+    path = payload.get("path")
+    _finish(
+        payload,
+        ok=ok,
+        json_output=json_output,
+        plain=lambda: typer.echo(path if path is not None else "ok"),
+    )
 
 
 def _refusal_line(payload: Mapping[str, object]) -> str:
@@ -277,15 +312,6 @@ def pull(
 # (llama.cpp, rich tables) are never loaded for another.
 
 
-def _finish(payload: dict[str, object], *, ok: bool, json_output: bool) -> None:
-    """Print a refusal (or a JSON result) and exit 0/1."""
-    if json_output:
-        typer.echo(json.dumps(payload))
-    elif not ok:
-        typer.echo(f"refused: {payload.get('reason')}", err=True)
-    raise typer.Exit(0 if ok else 1)
-
-
 @app.command()
 def serve(
     manifest: Annotated[Path, typer.Argument(help="The model manifest (TOML).")],
@@ -406,20 +432,27 @@ def demo() -> None:
     """
     import sys
 
-    from companion_runtime.bind.demo import demo_main
-
-    try:
-        code = demo_main()
-    except OSError as error:
-        # No room left for the demo's temporary files, or a standard output that cannot be
-        # written (a full disk behind it): what the demo started is stopped and removed by now.
+    # First of all, before the demo's imports: a signal from here on is recorded instead of
+    # taking its default action (death, or a KeyboardInterrupt) in the middle of a step. Until
+    # the demo's event loop handles signals itself, the demo asks this flag between steps; it
+    # then starts nothing more and exits 1 with cancelled.
+    cancel = threading.Event()
+    with _cancel_on_signals(cancel):
         try:
-            sys.stdout.flush()
-        except (OSError, ValueError):
-            _to_null(sys.stdout)
-        # The description only: the error's own text may carry a path.
-        _say(f"demo failed: {error.strerror or 'could not write'}", err=True)
-        code = 1
+            from companion_runtime.bind.demo import demo_main
+
+            code = demo_main(cancel=cancel)
+        except OSError as error:
+            # No room left for the demo's temporary files, or a standard output that cannot be
+            # written (a full disk behind it): what the demo started is stopped and removed by
+            # now.
+            try:
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                _to_null(sys.stdout)
+            # The description only: the error's own text may carry a path.
+            _say(f"demo failed: {error.strerror or 'could not write'}", err=True)
+            code = 1
     raise typer.Exit(code)
 
 
@@ -464,11 +497,13 @@ def status(
             + ", ".join(result.others),
             err=True,
         )
-    if result.verdict.ok and not json_output:
+
+    def table() -> None:
         from rich.console import Console
 
         Console().print(status_table(result.document))
-    _finish(result.to_dict(), ok=result.verdict.ok, json_output=json_output)
+
+    _finish(result.to_dict(), ok=result.verdict.ok, json_output=json_output, plain=table)
 
 
 def _open_standard_descriptors() -> None:

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,6 +153,103 @@ def test_the_executable_must_be_an_absolute_path_to_an_executable_file(tmp_path:
         with pytest.raises(ProcessError) as caught:
             build_launch_spec([executable, "{port}"], model_path="m")
         assert caught.value.reason is Reason.EXECUTABLE_NOT_ALLOWED, executable
+
+
+def _executable(path: Path, content: bytes) -> str:
+    path.write_bytes(content)
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.security
+def test_an_executable_exec_could_never_run_is_refused_from_its_first_bytes(
+    tmp_path: Path,
+) -> None:
+    # Each passed the old check (an executable regular file) and failed only at spawn, after
+    # serve had downloaded the model for it.
+    not_executable = tmp_path / "not-executable-interpreter"
+    not_executable.write_text("#!/bin/sh\n")
+    not_executable.chmod(0o644)
+    cases = {
+        "missing interpreter": b"#!/nonexistent/interpreter\necho\n",
+        "missing interpreter, blanks and an argument": b"#! \t/nonexistent/sh -e\n",
+        "interpreter not executable": f"#!{not_executable}\n".encode(),
+        "interpreter a directory": f"#!{tmp_path}\n".encode(),
+        "relative interpreter": b"#!python3\nprint()\n",
+        "no interpreter": b"#!\n",
+        "CRLF line (the interpreter is '/bin/sh\\r')": b"#!/bin/sh\r\necho\r\n",
+    }
+    if sys.platform.startswith("linux"):
+        cases |= {
+            "no #! and not ELF": b"echo hello\n",
+            "garbage": b"\x00\x01\x02 not a program",
+            "empty": b"",
+        }
+    for name, content in cases.items():
+        executable = _executable(tmp_path / "runtime", content)
+        with pytest.raises(ProcessError) as caught:
+            build_launch_spec([executable, "{port}"], model_path="m")
+        assert caught.value.reason is Reason.EXECUTABLE_NOT_ALLOWED, name
+        assert str(caught.value) == "executable_not_allowed"
+
+
+@pytest.mark.unit
+def test_executables_exec_can_run_pass_the_check(tmp_path: Path) -> None:
+    # env's own argument is not looked up: exec runs env, and env finds python3 on PATH.
+    for content in (
+        b"#!/bin/sh\nexit 0\n",
+        b"#! /bin/sh -e\nexit 0\n",
+        b"#!/usr/bin/env python3\n",
+        f"#!{sys.executable}\n".encode(),
+        Path("/bin/true").read_bytes()[:4096],  # ELF on Linux
+    ):
+        executable = _executable(tmp_path / "runtime", content)
+        assert build_launch_spec([executable, "{port}"], model_path="m").argv[0] == executable
+    # Through a symlink, as exec follows it (a virtualenv's python is one).
+    link = tmp_path / "python"
+    link.symlink_to(sys.executable)
+    assert build_launch_spec([str(link), "{port}"], model_path="m").argv[0] == str(link)
+
+
+#: The user a root-run test drops to (nobody), as root reads any file.
+_OTHER_UID = 65534
+
+
+@pytest.mark.unit
+def test_an_execute_only_executable_is_left_to_the_kernel() -> None:
+    # Its bytes cannot be read by this user, so nothing can be said of them before the spawn.
+    directory = Path(tempfile.mkdtemp())
+    try:
+        directory.chmod(0o755)
+        executable = _executable(directory / "runtime", b"\x00 unreadable")
+        Path(executable).chmod(0o111)
+
+        def check() -> str:
+            try:
+                return build_launch_spec([executable, "{port}"], model_path="m").argv[0]
+            except ProcessError as error:
+                return str(error)
+
+        if os.geteuid() != 0:
+            assert check() == executable
+            return
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_end)
+                os.setgroups([])
+                os.setgid(_OTHER_UID)
+                os.setuid(_OTHER_UID)
+                os.write(write_end, check().encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as answer:
+            assert answer.read() == executable
+        os.waitpid(pid, 0)
+    finally:
+        shutil.rmtree(directory)
 
 
 # --- the environment -----------------------------------------------------------------------
@@ -470,8 +569,10 @@ async def test_leaving_the_context_on_an_error_or_a_cancellation_leaves_no_proce
 
 @pytest.mark.integration
 async def test_an_executable_the_kernel_cannot_run_is_spawn_failed(tmp_path: Path) -> None:
+    # ELF magic passes the check before the spawn; the kernel then refuses the rest (as it
+    # would a binary for another machine).
     garbage = tmp_path / "garbage"
-    garbage.write_bytes(b"\x00\x01\x02 not a program")
+    garbage.write_bytes(b"\x7fELF\x00\x01\x02 not a program")
     garbage.chmod(0o755)
     spec = build_launch_spec([str(garbage), "{port}"], model_path="m")
     with pytest.raises(ProcessError) as caught:

@@ -36,6 +36,7 @@ from companion_runtime.bind.supervisor import (
     SupervisorConfig,
     check_fit,
     check_model_fit,
+    check_runtime_command,
     describe_exit,
 )
 from companion_runtime.core import (
@@ -466,6 +467,35 @@ async def test_a_command_that_is_not_allowed_never_runs(tmp_path: Path) -> None:
     assert relative.status()["spawns"] == unknown.status()["spawns"] == 0
 
 
+@pytest.mark.security
+async def test_a_runtime_command_exec_could_never_run_is_refused_from_the_manifest_alone(
+    tmp_path: Path,
+) -> None:
+    # What serve asks before the download: a script whose interpreter is missing, or a file
+    # the kernel has no format for, would otherwise be found only at the spawn, after it.
+    def manifest(content: bytes) -> Manifest:
+        executable = tmp_path / "runtime"
+        executable.write_bytes(content)
+        executable.chmod(0o755)
+        return Manifest(
+            model=ModelSpec(
+                name="m", url="https://models.example.com/m.gguf", sha256="0" * 64, size_bytes=1
+            ),
+            sources=SourcesSpec(allow=("https://models.example.com/",)),
+            runtime=RuntimeSpec(command=(str(executable), "--port", "{port}")),
+        )
+
+    refused = [b"#!/nonexistent/python3\n", b"#!python3\n"]
+    if sys.platform.startswith("linux"):
+        refused.append(b"print('no #! line')\n")
+    for content in refused:
+        verdict = check_runtime_command(manifest(content))
+        assert verdict.reason is Reason.EXECUTABLE_NOT_ALLOWED, content
+        assert str(tmp_path) not in str(verdict.to_dict())
+    assert check_runtime_command(manifest(b"#!/usr/bin/env python3\n")).ok
+    assert check_runtime_command(manifest(f"#!{sys.executable}\n".encode())).ok
+
+
 def test_a_bad_configuration_is_refused(tmp_path: Path) -> None:
     model, digest, size = _blob(tmp_path)
     for fields in ({"max_restarts": -1}, {"sample_interval_s": 0}, {"health_path": "health"}):
@@ -844,7 +874,8 @@ async def test_a_runtime_that_stayed_up_earns_its_restart_budget_back(tmp_path: 
 async def test_a_spawn_the_kernel_refuses_is_spawn_failed(tmp_path: Path) -> None:
     model, digest, size = _blob(tmp_path)
     garbage = tmp_path / "garbage"
-    garbage.write_bytes(b"\x00\x01 not a program")
+    # ELF magic passes the check before the spawn; the kernel refuses the rest.
+    garbage.write_bytes(b"\x7fELF\x00\x01 not a program")
     garbage.chmod(0o755)
     supervisor = Supervisor(
         _config([str(garbage), "{port}"], model, digest, size),

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -67,6 +68,116 @@ def test_a_signal_stops_the_demo_and_leaves_nothing_behind(
     assert "Traceback" not in stderr
     for child in started:
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def _import_check_of(demo: psutil.Process) -> psutil.Process | None:
+    """The demo's child that tries ``import xllamacpp``, before its event loop runs."""
+    try:
+        for child in demo.children():
+            if "import xllamacpp" in child.cmdline():
+                return child
+    except psutil.Error:
+        pass
+    return None
+
+
+def _signal_bits(pid: int) -> int:
+    """The signals ``pid`` catches (SigCgt in /proc), as a bit mask; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def _assert_cancelled(process: subprocess.Popen[str], scratch: Path) -> str:
+    """Exit 1 cancelled, nothing left in ``scratch``; what the demo printed on stdout."""
+    stdout, stderr = process.communicate(timeout=30)
+    # Never the signal's default action (death by it, or a KeyboardInterrupt's "Aborted!").
+    assert process.returncode == 1, stderr[-3000:]
+    assert stderr.strip().endswith("refused: cancelled"), stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert list(scratch.iterdir()) == []
+    return stdout
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+def test_a_signal_before_the_demo_s_event_loop_runs_cancels_it(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    # The signal lands while the demo checks, in a child interpreter, that xllamacpp imports:
+    # before its event loop and its handlers exist (the signal's default action ended the demo
+    # there). The demo's own handlers from its very start record it; the check's child is
+    # stopped and the demo exits 1 cancelled. The check lives about 0.15 s: should this test
+    # not see it before the demo's first temporary directory appears, it tries again.
+    for attempt in range(3):
+        scratch = tmp_path / f"tmp-{attempt}"
+        scratch.mkdir()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "companion_runtime.cli", "demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": str(scratch)},
+        )
+        try:
+            demo = psutil.Process(process.pid)
+            deadline = time.monotonic() + 60
+            while (check := _import_check_of(demo)) is None and not any(scratch.iterdir()):
+                assert process.poll() is None and time.monotonic() < deadline, "no import check"
+                time.sleep(0.002)
+            if check is None:
+                continue  # missed: the demo's event loop runs already
+            process.send_signal(signum)
+            stdout = _assert_cancelled(process, scratch)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+        assert not check.is_running() or check.status() == psutil.STATUS_ZOMBIE
+        assert "pull a tampered copy" not in stdout  # nothing started after the signal
+        return
+    pytest.fail("the import check was never seen running")
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+def test_a_signal_as_soon_as_the_demo_handles_one_cancels_it(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    # The earliest moment the process catches SIGTERM and SIGHUP (/proc shows it): the first
+    # thing the demo command does, before it imports the demo. Sent then, in five trials,
+    # every signal ends in exit 1 cancelled, never in its default action.
+    wanted = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGHUP - 1))
+    for trial in range(5):
+        scratch = tmp_path / f"tmp-{trial}"
+        scratch.mkdir()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "companion_runtime.cli", "demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": str(scratch)},
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while _signal_bits(process.pid) & wanted != wanted:
+                assert process.poll() is None and time.monotonic() < deadline, "never caught"
+                time.sleep(0.001)
+            process.send_signal(signum)
+            _assert_cancelled(process, scratch)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
 
 
 @pytest.mark.skipif(not llama_available(), reason="needs the llama extra")

@@ -610,20 +610,47 @@ def test_serve_exits_1_with_restart_limit_reached_and_leaves_nothing_running(
         socket.create_connection(("127.0.0.1", port), timeout=2)
 
 
+_RUNTIME = ["RUNTIME", "--port", "{port}"]  # RUNTIME: a file the test writes with `content`
+
+
 @pytest.mark.parametrize(
-    ("command", "expected"),
+    ("command", "content", "expected"),
     [
-        (["/nonexistent/llama-server", "--port", "{port}"], "executable_not_allowed"),
-        (["/", "--port", "{port}"], "executable_not_allowed"),
-        (["/bin/sh", "-c", "exit 0", "sh", "{model_path}"], "malformed_spec"),  # no {port}
-        (["/bin/sh", "{port}", "{model_name}"], "malformed_spec"),
+        (["/nonexistent/llama-server", "--port", "{port}"], None, "executable_not_allowed"),
+        (["/", "--port", "{port}"], None, "executable_not_allowed"),
+        (["/bin/sh", "-c", "exit 0", "sh", "{model_path}"], None, "malformed_spec"),  # no {port}
+        (["/bin/sh", "{port}", "{model_name}"], None, "malformed_spec"),
+        # Executable files that exec could never run.
+        pytest.param(
+            _RUNTIME, b"#!/nonexistent/python3\n", "executable_not_allowed", id="no-interpreter"
+        ),
+        pytest.param(
+            _RUNTIME, b"#!INTERPRETER\n", "executable_not_allowed", id="interpreter-not-executable"
+        ),
+        pytest.param(
+            _RUNTIME,
+            b"print('no #! line')\n",
+            "executable_not_allowed",
+            id="neither-script-nor-elf",
+            marks=pytest.mark.skipif(
+                not sys.platform.startswith("linux"), reason="the ELF check is Linux's"
+            ),
+        ),
     ],
 )
 def test_a_runtime_command_that_cannot_run_is_refused_before_the_download(
-    tmp_path: Path, command: list[str], expected: str
+    tmp_path: Path, command: list[str], content: bytes | None, expected: str
 ) -> None:
     from companion_runtime.bind.https_origin import ModelOrigin
 
+    if content is not None:
+        interpreter = tmp_path / "not-executable"
+        interpreter.write_text("#!/bin/sh\n")
+        interpreter.chmod(0o644)
+        runtime = tmp_path / "runtime"
+        runtime.write_bytes(content.replace(b"INTERPRETER", bytes(interpreter)))
+        runtime.chmod(0o755)
+        command = [str(runtime), *command[1:]]
     data = b"a model that is never needed\n"
     with ModelOrigin({"/models/standin.bin": data}) as origin:
         manifest = tmp_path / "manifest.toml"

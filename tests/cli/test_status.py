@@ -128,6 +128,26 @@ def test_table_shows_the_state(served: ServeProcess) -> None:
 
 
 @needs_llama
+@pytest.mark.parametrize("json_output", [True, False], ids=["json", "table"])
+def test_a_status_that_cannot_be_written_is_one_line_on_stderr_and_exit_1(
+    served: ServeProcess, json_output: bool
+) -> None:
+    # stdout on a full disk: the answer is lost, so exit 1 with why, and no traceback.
+    with open("/dev/full", "wb") as full:
+        finished = subprocess.run(
+            [sys.executable, "-m", "companion_runtime.cli", "status"]
+            + (["--json"] if json_output else []),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "COMPANION_RUNTIME_STATE_DIR": str(served.state_dir)},
+            timeout=60,
+        )
+    assert finished.returncode == 1, finished.stderr
+    assert finished.stderr.splitlines() == ["could not write the result: No space left on device"]
+
+
+@needs_llama
 @pytest.mark.security
 @pytest.mark.parametrize("json_output", [False, True])
 def test_a_wrong_token_is_refused_without_echoing_token_or_path(

@@ -15,13 +15,16 @@ Everything lives in a temporary directory (store, session files, CA) that is rem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, final
@@ -53,6 +56,8 @@ INSTALL_HINT: Final = (
 )
 #: How long the child interpreter may take to import xllamacpp.
 _IMPORT_CHECK_TIMEOUT_S: Final = 60.0
+#: How often the wait for that child looks at the cancel flag a signal sets.
+_CANCEL_POLL_S: Final = 0.05
 #: Demo limits: small enough that a burst shows every admission outcome.
 MAX_IN_FLIGHT: Final = 2
 QUEUE_BOUND: Final = 4
@@ -263,30 +268,45 @@ def report_table(report: DemoReport) -> Table:
     return table
 
 
-def _llama_importable() -> bool:
+def _llama_importable(cancel: threading.Event) -> bool:
     """Whether ``import xllamacpp`` works, tried in a child interpreter.
 
     A package that is present but cannot be imported (a broken or partial install) is found
     here rather than as a runtime that dies while starting; the child keeps llama.cpp's native
-    libraries out of this process.
+    libraries out of this process. Once ``cancel`` is set the child is killed and reaped at
+    once (the answer is then ``False``; the caller asks ``cancel`` first).
     """
     if not llama_available():
         return False
     try:
-        finished = subprocess.run(
+        child = subprocess.Popen(
             # -P: not from the working directory, where anyone may have left an xllamacpp.py.
             [sys.executable, "-P", "-c", "import xllamacpp"],
-            capture_output=True,
-            timeout=_IMPORT_CHECK_TIMEOUT_S,
-            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-    except (OSError, subprocess.TimeoutExpired):
+    except OSError:
         return False
-    return finished.returncode == 0
+    deadline = time.monotonic() + _IMPORT_CHECK_TIMEOUT_S
+    try:
+        while True:
+            try:
+                return child.wait(timeout=_CANCEL_POLL_S) == 0
+            except subprocess.TimeoutExpired:
+                if cancel.is_set() or time.monotonic() > deadline:
+                    return False
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
-async def _run_demo_until_signal(say: Callable[[str], None]) -> DemoReport | None:
-    """:func:`run_demo`, cancelled by SIGINT, SIGTERM or SIGHUP (``None`` then).
+async def _run_demo_until_signal(
+    say: Callable[[str], None], cancel: threading.Event
+) -> DemoReport | None:
+    """:func:`run_demo`, cancelled by SIGINT, SIGTERM or SIGHUP (``None`` then), or at once
+    when ``cancel`` was set before (by the caller's own handlers, for a signal that came before
+    this loop's).
 
     A signal's default action would end the process on the spot: the runtime dies with it
     (``PR_SET_PDEATHSIG``), but its temporary directories (the store with the model, the
@@ -294,9 +314,6 @@ async def _run_demo_until_signal(say: Callable[[str], None]) -> DemoReport | Non
     Cancelled, every step unwinds and removes what it made. A second signal while that runs
     changes nothing: it takes well under a second.
     """
-    import signal
-    import threading
-
     task = asyncio.ensure_future(run_demo(say=say))
     interrupted = False
 
@@ -313,8 +330,15 @@ async def _run_demo_until_signal(say: Callable[[str], None]) -> DemoReport | Non
         if threading.current_thread() is threading.main_thread()
         else ()
     )
-    for signum in signals:
-        loop.add_signal_handler(signum, on_signal)
+    previous = {signum: signal.getsignal(signum) for signum in signals}
+    # Blocked while the loop's handlers replace the caller's: a signal that comes in between
+    # is held by the kernel and delivered to the loop's once they are in, and one that came
+    # just before is handed to the caller's (the unblock runs pending Python handlers).
+    with _blocked(signals):
+        for signum in signals:
+            loop.add_signal_handler(signum, on_signal)
+    if cancel.is_set():
+        on_signal()
     try:
         return await task
     except asyncio.CancelledError:
@@ -322,27 +346,59 @@ async def _run_demo_until_signal(say: Callable[[str], None]) -> DemoReport | Non
             return None
         raise
     finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+        # The caller's handlers back in place (the loop's removal leaves the default action),
+        # blocked again so that no signal finds the default in between.
+        with _blocked(signals):
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+                handler = previous[signum]
+                if handler is not None:  # None: set outside Python, left as the loop leaves it
+                    signal.signal(signum, handler)
 
 
-def demo_main(console: Console | None = None) -> int:
+@contextlib.contextmanager
+def _blocked(signals: Sequence[signal.Signals]) -> Iterator[None]:
+    """Hold ``signals`` back while inside (where the platform can); on leaving, those that
+    came in are delivered."""
+    if not signals or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def demo_main(console: Console | None = None, *, cancel: threading.Event | None = None) -> int:
     """Run the demo with console output; return the exit code.
 
     SIGINT, SIGTERM or SIGHUP stop it: what it started is stopped and removed, ``refused:
-    cancelled`` goes to stderr, and the exit code is 1.
+    cancelled`` goes to stderr, and the exit code is 1. ``cancel``, set by the caller's own
+    signal handlers (the CLI installs them before anything else), does the same for a signal
+    that came before the demo's event loop handles them: the demo then starts nothing more.
     """
+    cancel = cancel if cancel is not None else threading.Event()
     console = console or Console()
-    if not _llama_importable():
+    importable = not cancel.is_set() and _llama_importable(cancel)
+    if cancel.is_set():
+        return _cancelled()
+    if not importable:
         # Printed verbatim: as markup, "[llama]" would be swallowed as a style tag, and a
         # wrapped line would split the command.
         console.print(INSTALL_HINT, markup=False, highlight=False, soft_wrap=True)
         return 1
     report = run_loop(
-        _run_demo_until_signal(say=lambda step: console.print(f"[bold]>[/bold] {step}"))
+        _run_demo_until_signal(
+            say=lambda step: console.print(f"[bold]>[/bold] {step}"), cancel=cancel
+        )
     )
     if report is None:
-        Console(stderr=True).print(f"refused: {Reason.CANCELLED.value}", highlight=False)
-        return 1
+        return _cancelled()
     console.print(report_table(report))
     return 0 if report.ok else 1
+
+
+def _cancelled() -> int:
+    Console(stderr=True).print(f"refused: {Reason.CANCELLED.value}", highlight=False)
+    return 1

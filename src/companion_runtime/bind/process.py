@@ -9,10 +9,12 @@ field, a format spec or a conversion is refused. ``{api_key_file}`` is the path 
 file holding a key the runtime must demand of every client (``--api-key-file`` in llama.cpp's
 server); the supervisor writes it and the front door sends the key, so a local process that
 finds the runtime's port cannot skip the front door. The executable must be an absolute path
-to an existing executable file. There is no shell anywhere. The host is always ``127.0.0.1``
-and the port a free loopback port picked here. The environment is scrubbed to an allowlist
-(``PATH``, ``LANG``, ``LC_*``, ``HOME``, ``TMPDIR``) plus the caller's explicit extras, so a
-secret in the manager's environment never reaches the runtime.
+to an existing executable file that exec could run: a ``#!`` script whose interpreter is an
+absolute path to an executable file, or (on Linux) an ELF image. There is no shell anywhere.
+The host is always ``127.0.0.1`` and the port a free loopback port picked here. The
+environment is scrubbed to an allowlist (``PATH``, ``LANG``, ``LC_*``, ``HOME``, ``TMPDIR``)
+plus the caller's explicit extras, so a secret in the manager's environment never reaches the
+runtime.
 
 :class:`SubprocessLauncher` runs a spec as an async context manager::
 
@@ -64,6 +66,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import string
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -103,6 +106,10 @@ _READ_CHUNK_BYTES: Final = 64 * 1024
 # How long stop() waits for the output pipes to close after the group is dead; a process that
 # left the group (its own setsid) could hold them open forever.
 _PIPE_CLOSE_TIMEOUT_S: Final = 2.0
+# How much of an executable is read to see whether exec could run it: Linux reads a ``#!``
+# line within its first 256 bytes (BINPRM_BUF_SIZE); an ELF image starts with _ELF_MAGIC.
+_HEAD_BYTES: Final = 256
+_ELF_MAGIC: Final = b"\x7fELF"
 
 # The keeper: the runtime's parent for its whole life, stdlib only and isolated (-I -S) so it
 # starts fast and reads nothing from the environment. argv: [manager pid, executable, *args].
@@ -381,7 +388,9 @@ def build_launch_spec(
     must be told where to listen), uses ``{api_key_file}`` without an ``api_key_file``, or
     has a NUL in an argument once filled (or in an ``extra_env`` name or value).
     ``EXECUTABLE_NOT_ALLOWED``: ``argv[0]`` is not an absolute path to an existing executable
-    regular file. ``base_env`` defaults to the manager's environment.
+    regular file, or its first bytes show that exec could not run it (a ``#!`` interpreter that
+    is not an absolute path to an executable file; on Linux, neither ``#!`` nor ELF).
+    ``base_env`` defaults to the manager's environment.
     """
     if isinstance(command_template, str | bytes) or not isinstance(command_template, Sequence):
         raise ProcessError(Reason.MALFORMED_SPEC)
@@ -449,9 +458,72 @@ def _unescape(template: str) -> str:
 
 
 def _check_executable(executable: str) -> None:
-    path = Path(executable)
-    if not path.is_absolute() or not path.is_file() or not os.access(path, os.X_OK):
+    """Refuse (``EXECUTABLE_NOT_ALLOWED``) an executable that exec could never run.
+
+    Not an absolute path to an executable regular file; or, from its first bytes: a ``#!``
+    line whose interpreter is not an absolute path to an executable regular file (not
+    followed further: ``#!/usr/bin/env python3`` passes when ``/usr/bin/env`` does), or, on
+    Linux, neither a ``#!`` line nor an ELF image, the only formats the kernel runs without
+    ``binfmt_misc``. An executable this process may not read (execute-only) is left to the
+    kernel at spawn.
+    """
+    if not _is_executable_file(executable):
         raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED)
+    head = _read_head(executable)
+    if head is None:
+        return
+    if head.startswith(b"#!"):
+        interpreter = _interpreter(head)
+        if interpreter is None or not _is_executable_file(interpreter):
+            raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED)
+    elif sys.platform.startswith("linux") and not head.startswith(_ELF_MAGIC):
+        raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED)
+
+
+def _is_executable_file(executable: str) -> bool:
+    path = Path(executable)
+    try:
+        return path.is_absolute() and path.is_file() and os.access(path, os.X_OK)
+    except (OSError, ValueError):  # a name too long; a NUL
+        return False
+
+
+def _read_head(executable: str) -> bytes | None:
+    """The executable's first :data:`_HEAD_BYTES` bytes, ``None`` when this process may not
+    read it; raise ``EXECUTABLE_NOT_ALLOWED`` when it is no longer a regular file.
+
+    Symlinks are followed, as exec follows them (``/bin/sh`` and a virtualenv's ``python`` are
+    symlinks). ``O_NONBLOCK`` and ``O_NOCTTY``: should the name be switched to a FIFO or a
+    terminal since it was checked, the open neither waits for a writer nor takes a terminal,
+    and ``fstat`` on the descriptor refuses it.
+    """
+    try:
+        fd = os.open(executable, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except PermissionError:
+        return None
+    except OSError:
+        raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED)
+        return os.read(fd, _HEAD_BYTES)
+    except OSError:
+        raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED) from None
+    finally:
+        os.close(fd)
+
+
+def _interpreter(head: bytes) -> str | None:
+    """The interpreter a ``#!`` line names, as the kernel reads it: the line within the first
+    bytes, blanks (space, tab) after ``#!`` skipped, up to the next blank; ``None`` when there
+    is none or it is not absolute (exec would look a relative one up from the working
+    directory of the moment)."""
+    line = head[2:].split(b"\n", 1)[0]
+    words = line.replace(b"\t", b" ").split(b" ")
+    name = next((word for word in words if word), b"")
+    if not name.startswith(b"/") or b"\0" in name:
+        return None
+    return os.fsdecode(name)
 
 
 @contextlib.contextmanager

@@ -262,8 +262,10 @@ async def check_model_fit(
 def check_runtime_command(manifest: Manifest) -> Verdict:
     """Could the manifest's runtime command be run at all? From the manifest alone, so it can
     run **before** the download: a template the supervisor would refuse (``malformed_spec``) or
-    an executable that is missing or cannot be run (``executable_not_allowed``) is known now,
-    not after a multi-GB model has been fetched for it."""
+    an executable that is missing or cannot be run (``executable_not_allowed``: a directory,
+    no execute permission, a ``#!`` interpreter that is missing or not executable, on Linux a
+    file that is neither a ``#!`` script nor ELF) is known now, not after a multi-GB model has
+    been fetched for it."""
     template = manifest.runtime.command
     try:
         build_launch_spec(

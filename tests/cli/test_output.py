@@ -1,0 +1,123 @@
+"""A result that cannot be written: `verify`, `pull` and `status` with stdout on a full disk or
+a pipe whose reader is gone, as real child processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+DATA = b"a file to verify\n"
+DIGEST = hashlib.sha256(DATA).hexdigest()
+
+#: What each failed write says on stderr, and nothing else.
+NO_SPACE = "could not write the result: No space left on device"
+BROKEN_PIPE = "could not write the result: Broken pipe"
+
+
+def _verify(tmp_path: Path) -> list[str]:
+    model = tmp_path / "model.bin"
+    model.write_bytes(DATA)
+    return ["verify", str(model), "--sha256", DIGEST, "--size", str(len(DATA))]
+
+
+def _pull(tmp_path: Path) -> list[str]:
+    # Refused from the manifest alone (its source is not allowed): nothing is contacted.
+    manifest = tmp_path / "model.toml"
+    manifest.write_text(
+        f"""
+[model]
+name = "m"
+url = "https://models.example.net/m.bin"
+sha256 = "{DIGEST}"
+size_bytes = {len(DATA)}
+
+[sources]
+allow = ["https://models.example.com/"]
+
+[runtime]
+command = ["/bin/true", "{{port}}"]
+"""
+    )
+    return ["pull", str(manifest), "--store", str(tmp_path / "store")]
+
+
+def _status(tmp_path: Path) -> list[str]:
+    # No serve recorded its state there: refused file_not_found.
+    return ["status"]
+
+
+COMMANDS: dict[str, Callable[[Path], list[str]]] = {
+    "verify": _verify,
+    "pull": _pull,
+    "status": _status,
+}
+
+
+def _run(tmp_path: Path, arguments: list[str], stdout: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", *arguments],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COMPANION_RUNTIME_STATE_DIR": str(tmp_path / "state")},
+    )
+
+
+def _assert_one_line(finished: subprocess.CompletedProcess[str], line: str) -> None:
+    assert finished.returncode == 1, finished.stderr
+    # One line, no traceback, no "Exception ignored" from the flush at exit.
+    assert finished.stderr.splitlines() == [line], finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [
+        ("verify", ["--json"]),
+        ("verify", []),  # the plain "ok" line on stdout
+        ("pull", ["--json"]),
+        ("status", ["--json"]),
+    ],
+    ids=["verify-json", "verify-plain", "pull-json", "status-json"],
+)
+def test_a_result_written_to_a_full_disk_is_one_line_on_stderr_and_exit_1(
+    tmp_path: Path, command: str, flags: list[str]
+) -> None:
+    arguments = [*COMMANDS[command](tmp_path), *flags]
+    with open("/dev/full", "wb") as full:
+        finished = _run(tmp_path, arguments, full.fileno())
+    _assert_one_line(finished, NO_SPACE)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_result_written_to_a_pipe_nobody_reads_is_one_line_on_stderr_and_exit_1(
+    tmp_path: Path, command: str
+) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        finished = _run(tmp_path, [*COMMANDS[command](tmp_path), "--json"], write_end)
+    finally:
+        os.close(write_end)
+    _assert_one_line(finished, BROKEN_PIPE)
+
+
+def test_a_refusal_that_cannot_be_written_to_stderr_still_exits_1(tmp_path: Path) -> None:
+    # Nowhere left to say it: exit 1, and nothing written to stdout either.
+    with open("/dev/full", "wb") as full:
+        finished = subprocess.run(
+            [sys.executable, "-m", "companion_runtime.cli", *_pull(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=full,
+            timeout=60,
+        )
+    assert (finished.returncode, finished.stdout) == (1, b"")
