@@ -24,7 +24,10 @@ What it reads:
   ``attention.value_length``. Only the key-value section is read, with every length checked
   against the file's size; anything malformed, or a file that is not GGUF, gives None.
 
-The estimate is an upper bound for common models: it counts every layer at the full context,
+The fit check counts the estimate in RAM, with the allowance, also when the weights go to a
+GPU, where llama.cpp puts the cache of offloaded layers too: it may then refuse a context that
+would have fitted in VRAM, and its VRAM check does not count the cache. The estimate is an
+upper bound for common models: it counts every layer at the full context,
 so models with sliding-window layers (whose cache llama.cpp keeps at the window's size) or with
 compressed attention (MLA) need less than it says. A value the command leaves to a placeholder
 or an option this module does not know (``--kv-unified-per-slot``, a draft model's cache) is
@@ -40,8 +43,8 @@ Call it on a **verified** blob only: the header is then the bytes the manifest v
 
 from __future__ import annotations
 
-import mmap
 import os
+import stat
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +63,10 @@ _CONTEXT_PADDING: Final = 256
 _MAX_ARRAY_DEPTH: Final = 4
 #: Elements walked over in the whole header before giving up (a real vocabulary is < 10^6).
 _MAX_ELEMENTS: Final = 1 << 24
+#: Bytes read first, and at most, for the key-value section (a 262,144-token vocabulary with
+#: its merges takes about 10 MB; the read grows four times at a step while more is needed).
+_FIRST_READ: Final = 1 << 20
+_MAX_HEADER_BYTES: Final = 64 << 20
 _UPSTREAM_NAME: Final = "llama-server"
 _CACHE_TYPES: Final = frozenset(
     {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"}
@@ -100,6 +107,10 @@ class _Malformed(Exception):
     """The header is not what the format says; no estimate."""
 
 
+class _NeedMore(Exception):
+    """The header goes on past the bytes read so far (but not past the file)."""
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class AttentionShape:
@@ -124,19 +135,27 @@ class ContextMemory:
 class _Header:
     """Sequential reads from a GGUF header held in memory, every length checked."""
 
-    __slots__ = ("_data", "_end", "_order", "elements", "position")
+    __slots__ = ("_data", "_end", "_file_size", "_order", "elements", "position")
 
-    def __init__(self, data: mmap.mmap | bytes, order: str) -> None:
+    def __init__(self, data: bytes, order: str, file_size: int) -> None:
         self._data = data
         self._end = len(data)
+        self._file_size = file_size
         self._order = order
         self.position = 0
         self.elements = 0
 
+    def _past_end(self, position: int) -> None:
+        if position > self._file_size:
+            raise _Malformed
+        raise _NeedMore
+
     def take(self, size: int) -> int:
         start = self.position
-        if size < 0 or start + size > self._end:
+        if size < 0:
             raise _Malformed
+        if start + size > self._end:
+            self._past_end(start + size)
         self.position = start + size
         return start
 
@@ -156,10 +175,10 @@ class _Header:
         unpack = struct.Struct(self._order + "Q").unpack_from
         for _ in range(count):
             if position + 8 > end:
-                raise _Malformed
+                self._past_end(position + 8)
             position += 8 + unpack(data, position)[0]
         if position > end:
-            raise _Malformed
+            self._past_end(position)
         self.position = position
 
     def count(self, amount: int) -> None:
@@ -202,8 +221,11 @@ class _Header:
         return None
 
 
-def _read_metadata(data: mmap.mmap | bytes) -> dict[str, int | tuple[int, ...] | bytes]:
-    """The header's integer, integer-array and string values by key (others are skipped)."""
+def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ...] | bytes]:
+    """The header's integer, integer-array and string values by key (others are skipped).
+
+    ``data`` is the start of a file of ``file_size`` bytes: :class:`_NeedMore` when the
+    key-value section goes on past it."""
     if len(data) < 24:
         raise _Malformed
     magic = struct.unpack_from("<I", data, 0)[0]
@@ -212,7 +234,7 @@ def _read_metadata(data: mmap.mmap | bytes) -> dict[str, int | tuple[int, ...] |
     (version,) = struct.unpack_from("<I", data, 4)
     # A big-endian file has the same magic bytes and its version byte-swapped.
     order = "<" if version < 1 << 16 else ">"
-    header = _Header(data, order)
+    header = _Header(data, order, file_size)
     header.take(4)
     if header.integer("I") not in (2, 3):  # version 1 used 32-bit counts and is long gone
         raise _Malformed
@@ -275,19 +297,49 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
     )
 
 
+def _read_start(descriptor: int, count: int) -> bytes:
+    """The first ``count`` bytes of the file (fewer only if it ends sooner)."""
+    parts: list[bytes] = []
+    have = 0
+    while have < count:
+        part = os.pread(descriptor, count - have, have)
+        if not part:
+            break
+        parts.append(part)
+        have += len(part)
+    return b"".join(parts)
+
+
 def read_attention_shape(path: Path) -> AttentionShape | None:
-    """The model file's attention shape, or None if it is not a GGUF file this can read."""
+    """The model file's attention shape, or None if it is not a GGUF file this can read.
+
+    The header is read with ``pread`` into memory, :data:`_FIRST_READ` bytes first and four
+    times as many while the key-value section goes on, up to :data:`_MAX_HEADER_BYTES`. Not a
+    memory map: a file truncated under a map turns the next read into ``SIGBUS``, which would
+    end the whole manager.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
+        descriptor = os.open(path, flags)
+    except (OSError, ValueError):
         return None
     try:
-        size = os.fstat(descriptor).st_size
-        if size < 24:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode) or info.st_size < 24:
             return None
-        with mmap.mmap(descriptor, size, access=mmap.ACCESS_READ) as data:
-            return _attention_shape(_read_metadata(data))
-    except (OSError, ValueError, _Malformed, struct.error):
+        size = info.st_size
+        want = min(size, _FIRST_READ)
+        while True:
+            data = _read_start(descriptor, want)
+            if len(data) < want:
+                return None  # the file shrank under the read
+            try:
+                return _attention_shape(_read_metadata(data, size))
+            except _NeedMore:
+                if want >= min(size, _MAX_HEADER_BYTES):
+                    return None
+                want = min(size, want * 4, _MAX_HEADER_BYTES)
+    except (OSError, _Malformed, struct.error):
         return None
     finally:
         os.close(descriptor)
