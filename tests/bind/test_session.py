@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from companion_runtime import Reason
@@ -441,3 +444,74 @@ def test_nothing_recorded_is_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(SessionFileError) as caught:
         read_recorded_serves(tmp_path / "missing")
     assert caught.value.reason is Reason.FILE_NOT_FOUND
+
+
+#: A serve in a pid namespace of its own: it records itself from there, then waits for its
+#: stdin to close. Its pid is a number in that namespace only.
+_SANDBOXED_SERVE = """
+import os, socket, sys
+from pathlib import Path
+from companion_runtime.bind.session import ServeState, new_token, record_serve, write_token_file
+directory = Path(sys.argv[1])
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+port = listener.getsockname()[1]
+token_file = write_token_file(directory, new_token(), port=port)
+state = ServeState(url=f"http://127.0.0.1:{port}", token_file=token_file, pid=os.getpid())
+record_serve(directory, state)
+print(os.getpid(), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="a pid namespace of its own needs Linux, root and unshare",
+)
+def test_a_serve_in_another_pid_namespace_keeps_its_record_and_token_file(
+    tmp_path: Path,
+) -> None:
+    # A sandbox (bwrap --unshare-pid, a container) sharing the state directory: its serve's pid
+    # names no process out here. Taken for gone, its record and token file were removed by the
+    # next serve to start or exit here, and its clients could no longer read the token.
+    directory = prepare_state_dir(tmp_path / "state")
+    # The next pid in the new namespace is set high, so that it names no process out here.
+    script = 'echo 3999990 > /proc/sys/kernel/ns_last_pid && "$@"'
+    command = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script, "sh"]
+    sandbox = subprocess.Popen(
+        [*command, sys.executable, "-c", _SANDBOXED_SERVE, str(directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert sandbox.stdout is not None and sandbox.stdin is not None
+        line = sandbox.stdout.readline()
+        if not line:
+            pytest.skip("unshare could not make a pid namespace here")
+        inner_pid = int(line)
+        if psutil.pid_exists(inner_pid):
+            pytest.skip("the sandbox's pid names a process out here too")
+        record = directory / f"serve-{inner_pid}.json"
+        sandboxed = read_serve_state(directory)
+        assert sandboxed.pid == inner_pid and record.exists()
+        with port_taker() as taker:
+            latest = _record_live_serve(directory, taker)
+            # Never asked from here: its pid means nothing here.
+            assert not is_serving(sandboxed)
+            assert record.exists() and sandboxed.token_file.exists()
+            latest.token_file.unlink()
+            forget_serve(directory, pid=latest.pid)
+            taker.stop()
+        assert record.exists() and sandboxed.token_file.exists()
+        assert read_serve_records(directory) == [sandboxed]
+    finally:
+        if sandbox.stdin is not None:
+            sandbox.stdin.close()
+        try:
+            sandbox.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(sandbox.pid, signal.SIGKILL)
+            sandbox.wait()

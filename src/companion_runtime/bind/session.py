@@ -10,9 +10,9 @@ there could swap the files ``status`` trusts).
   is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode ``0600``, so it can never be a
   pre-planted file or symlink, and is removed when ``serve`` exits.
 * Each ``serve`` records itself in a file of its own, ``serve-<pid>.json``
-  (``{"url", "token_file", "pid"}``), written atomically with mode ``0600`` once its front
-  door listens and removed when it exits. Several ``serve`` processes may share one state
-  directory; none of them overwrites another's record.
+  (``{"url", "token_file", "pid", "pid_ns"}``), written atomically with mode ``0600`` once its
+  front door listens and removed when it exits. Several ``serve`` processes may share one
+  state directory; none of them overwrites another's record.
 * The state file ``serve.json`` holds the same fields for the most recently started ``serve``
   (older tools read it). A ``serve`` that exits while ``serve.json`` names it points it at the
   most recently started ``serve`` that is still alive, or removes it when there is none.
@@ -20,7 +20,9 @@ there could swap the files ``status`` trusts).
 Starting and exiting hold an exclusive lock on the state directory itself (``flock``), so two
 ``serve`` processes that start or exit at the same moment do not undo each other's update of
 ``serve.json``; they also remove the records of ``serve`` processes that are gone (their pid
-names no process of the user any more) and the token files those records name.
+names no process of the user any more) and the token files those records name. Each record
+says which pid namespace its pid is a number in (``pid_ns``): one written in another (a
+sandbox or container sharing the directory) is never taken for gone, nor asked by ``status``.
 
 A ``serve`` killed with ``SIGKILL`` leaves its files behind, and anyone who could write the
 directory could have put them there, so reading them back applies the rules writing them
@@ -47,7 +49,7 @@ import stat
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, final
 from urllib.parse import urlsplit
@@ -105,10 +107,21 @@ class ServeState:
     url: str
     token_file: Path
     pid: int
+    #: The pid namespace ``pid`` is a number in (``pid:[inode]``, as ``/proc/self/ns/pid``
+    #: names it), stamped by :func:`record_serve`; ``None`` when unknown. Not part of equality:
+    #: it says how to read ``pid``, not which ``serve`` this is.
+    pid_ns: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
-        return {"url": self.url, "token_file": str(self.token_file), "pid": self.pid}
+        fields: dict[str, object] = {
+            "url": self.url,
+            "token_file": str(self.token_file),
+            "pid": self.pid,
+        }
+        if self.pid_ns is not None:
+            fields["pid_ns"] = self.pid_ns
+        return fields
 
 
 def new_token() -> str:
@@ -329,9 +342,14 @@ def _parse_state(directory: Path, text: str) -> ServeState:
     except (ValueError, KeyError, TypeError, RecursionError) as error:
         # RecursionError: a few thousand nested brackets, well within the size cap.
         raise SessionFileError(Reason.STORE_ERROR) from error
+    pid_ns = raw.get("pid_ns")
     if type(url) is not str or type(token_file) is not str or type(pid) is not int:
         raise SessionFileError(Reason.STORE_ERROR)
-    return ServeState(url=url, token_file=_token_file_in(directory, token_file), pid=pid)
+    if pid_ns is not None and type(pid_ns) is not str:
+        raise SessionFileError(Reason.STORE_ERROR)
+    return ServeState(
+        url=url, token_file=_token_file_in(directory, token_file), pid=pid, pid_ns=pid_ns
+    )
 
 
 def _token_file_in(directory: Path, recorded: str) -> Path:
@@ -363,7 +381,7 @@ def is_serving(state: ServeState) -> bool:
         port = urlsplit(state.url).port
     except ValueError:
         return False
-    if port is None or state.pid <= 0:
+    if port is None or state.pid <= 0 or _elsewhere(state):
         return False
     try:
         process = psutil.Process(state.pid)
@@ -386,6 +404,7 @@ def record_serve(directory: Path, state: ServeState) -> None:
     files. Raises :class:`SessionFileError` (``STORE_ERROR``) when a file cannot be written;
     the record is not left behind then.
     """
+    state = replace(state, pid_ns=_own_pid_ns())
     with _locked(directory):
         record = _write_state_file(directory, _record_name(state.pid), state)
         try:
@@ -409,7 +428,8 @@ def forget_serve(directory: Path, *, pid: int) -> None:
         with contextlib.suppress(OSError):
             (directory / _record_name(pid)).unlink()
         alive = _sweep(directory, keep=None)
-        if read_serve_state(directory).pid != pid:
+        named = read_serve_state(directory)
+        if named.pid != pid or _elsewhere(named):
             return
         if alive:
             write_serve_state(directory, alive[0])
@@ -441,8 +461,8 @@ def _sweep(directory: Path, *, keep: int | None) -> list[ServeState]:
             state = _parse_state(directory, _read_small(directory / name, private=True))
         except SessionFileError:
             continue
-        if state.pid != int(match.group(1)):
-            continue
+        if state.pid != int(match.group(1)) or _elsewhere(state):
+            continue  # not as serve writes it; or a pid that names another process here
         if is_serving(state):
             alive.append(state)
         elif _is_gone(state.pid):
@@ -455,6 +475,25 @@ def _sweep(directory: Path, *, keep: int | None) -> list[ServeState]:
             with contextlib.suppress(OSError):
                 state.token_file.unlink()
     return _by_recency(directory, alive)
+
+
+def _own_pid_ns() -> str | None:
+    """This process's pid namespace, ``pid:[inode]``; ``None`` where there is no ``/proc``."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _elsewhere(state: ServeState) -> bool:
+    """Whether ``state`` was recorded in another pid namespace than this process's.
+
+    A sandbox (``bwrap --unshare-pid``, a container) that shares the state directory numbers
+    its processes apart: its ``serve``'s pid names no process here, or another one. Nothing
+    can be said of it from here, so it is neither removed nor asked.
+    """
+    own = _own_pid_ns()
+    return state.pid_ns is not None and own is not None and state.pid_ns != own
 
 
 def _is_gone(pid: int) -> bool:
