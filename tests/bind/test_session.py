@@ -53,10 +53,10 @@ def test_token_file_is_private_exclusive_and_round_trips(tmp_path: Path) -> None
     path = write_token_file(directory, token, port=4242)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert read_token_file(path) == token
-    # A second serve in the same process on the same port cannot overwrite it.
-    with pytest.raises(SessionFileError) as caught:
-        write_token_file(directory, new_token(), port=4242)
-    assert caught.value.reason is Reason.STORE_ERROR
+    # A second serve with the same pid on the same port cannot overwrite it: it gets a file of
+    # its own.
+    other = write_token_file(directory, new_token(), port=4242)
+    assert other != path and other.parent == directory
     assert read_token_file(path) == token
 
 
@@ -64,9 +64,10 @@ def test_a_planted_symlink_is_never_followed(tmp_path: Path) -> None:
     directory = prepare_state_dir(tmp_path / "state")
     target = tmp_path / "elsewhere"
     target.write_text("original")
-    (directory / f"frontdoor-4243-{os.getpid()}.token").symlink_to(target)
-    with pytest.raises(SessionFileError):
-        write_token_file(directory, new_token(), port=4243)
+    planted = directory / f"frontdoor-4243-{os.getpid()}.token"
+    planted.symlink_to(target)
+    written = write_token_file(directory, new_token(), port=4243)
+    assert written != planted and not written.is_symlink()
     assert target.read_text() == "original"
     link = tmp_path / "link.token"
     link.symlink_to(target)
@@ -515,3 +516,28 @@ def test_a_serve_in_another_pid_namespace_keeps_its_record_and_token_file(
         except subprocess.TimeoutExpired:
             os.killpg(sandbox.pid, signal.SIGKILL)
             sandbox.wait()
+
+
+def test_a_serve_with_the_pid_of_one_killed_before_gets_its_own_token_file(
+    tmp_path: Path,
+) -> None:
+    # The pid of a serve killed with SIGKILL, reused by the next serve (a container run again
+    # gets the same pids), on the same port: the dead one's token file had the very name the
+    # new one wanted, and the new serve was refused. It now writes its own and, replacing the
+    # dead one's record, removes the token file that record named.
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as taker:
+        url = f"http://127.0.0.1:{taker.port}"
+        killed_token = write_token_file(directory, new_token(), port=taker.port)
+        record_serve(directory, ServeState(url=url, token_file=killed_token, pid=os.getpid()))
+        token_file = write_token_file(directory, new_token(), port=taker.port)
+        assert token_file != killed_token and killed_token.exists()
+        assert stat.S_IMODE(token_file.lstat().st_mode) == 0o600
+        latest = ServeState(url=url, token_file=token_file, pid=os.getpid())
+        record_serve(directory, latest)
+        taker.stop()
+    assert not killed_token.exists()
+    assert read_serve_records(directory) == [latest]
+    assert sorted(path.name for path in directory.iterdir()) == sorted(
+        ["serve.json", f"serve-{os.getpid()}.json", token_file.name]
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -331,6 +333,68 @@ def test_after_serve_is_sigkilled_whoever_takes_its_port_gets_no_token(tmp_path:
     assert_refused(finished, "not_ready", json_output=True)
     assert received == []
     assert token not in finished.stdout + finished.stderr
+
+
+def _in_a_pid_namespace(command: list[str]) -> list[str]:
+    """``command`` as the second process of a new pid namespace, always with the same pid (the
+    namespace's next pid is set first), as the same program gets it in each run of a
+    container."""
+    script = 'echo 299 > /proc/sys/kernel/ns_last_pid && "$@"; exit $?'
+    return ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script, "sh", *command]
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="a pid namespace of its own needs Linux, root and unshare",
+)
+def test_a_serve_killed_with_sigkill_does_not_keep_the_next_one_with_its_pid_from_starting(
+    tmp_path: Path,
+) -> None:
+    # A container restarted after an OOM kill or `docker kill`: serve gets the same pid as
+    # the last time, the same --port, and the state directory (under /tmp) kept what the
+    # killed serve left. Its token file had the very name the new serve wanted, so each new
+    # serve was refused store_error, for ever.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = tmp_path / "state"
+    port = free_port()
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        command = [
+            *serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            "--port",
+            str(port),
+        ]
+        readies = []
+        for _run in range(2):
+            process = subprocess.Popen(
+                _in_a_pid_namespace(command),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=serve_env(state_dir),
+                start_new_session=True,
+            )
+            try:
+                line = _readline_with_timeout(process, 90)
+                if not line and not readies:
+                    pytest.skip("unshare could not make a pid namespace here")
+                readies.append(json.loads(line))
+                assert readies[-1]["ok"] is True, readies[-1]
+            finally:
+                # SIGKILL to the namespace's first process: the kernel kills every process
+                # in it, serve included, with no chance to clean up.
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate(timeout=60)
+    # Both runs had the same pid: the second replaced the first's record, under a token file
+    # of its own. (The first's stays: it was written in another pid namespace, where nothing
+    # out here can tell whether its serve is gone.)
+    assert len({ready["token_file"] for ready in readies}) == 2
+    assert len(list(state_dir.glob("serve-*.json"))) == 1
 
 
 @pytest.mark.security

@@ -6,9 +6,10 @@ when set, else the user runtime directory (``$XDG_RUNTIME_DIR/companion-runtime`
 symlink, is owned by someone else, or is writable by group or others (anyone who can write
 there could swap the files ``status`` trusts).
 
-* The token file ``frontdoor-<port>-<pid>.token`` holds the session token and nothing else. It
-  is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode ``0600``, so it can never be a
-  pre-planted file or symlink, and is removed when ``serve`` exits.
+* The token file ``frontdoor-<port>-<pid>.token`` holds the session token and nothing else
+  (``frontdoor-<port>-<pid>-<random>.token`` when that name is taken). It is created with
+  ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode ``0600``, so it can never be a pre-planted file
+  or symlink, and is removed when ``serve`` exits.
 * Each ``serve`` records itself in a file of its own, ``serve-<pid>.json``
   (``{"url", "token_file", "pid", "pid_ns"}``), written atomically with mode ``0600`` once its
   front door listens and removed when it exits. Several ``serve`` processes may share one
@@ -179,13 +180,27 @@ def _require_private_dir(info: os.stat_result) -> None:
 
 
 def write_token_file(directory: Path, token: str, *, port: int) -> Path:
-    """Write ``token`` to a new ``0600`` file in ``directory``; return its path."""
-    path = directory / f"frontdoor-{port}-{os.getpid()}.token"
+    """Write ``token`` to a new ``0600`` file in ``directory``; return its path.
+
+    The file is ``frontdoor-<port>-<pid>.token``, or, when something is already there (what a
+    ``serve`` killed with ``SIGKILL`` left: in a container run again, the next one has the
+    same pid and the same ``--port``), ``frontdoor-<port>-<pid>-<random>.token``. Whatever is
+    there is never opened, followed or replaced.
+    """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        descriptor = os.open(path, flags, 0o600)
-    except OSError as error:
-        raise SessionFileError(Reason.STORE_ERROR) from error
+    names = [f"frontdoor-{port}-{os.getpid()}.token"]
+    names += [f"frontdoor-{port}-{os.getpid()}-{secrets.token_hex(4)}.token" for _ in range(3)]
+    for name in names:
+        path = directory / name
+        try:
+            descriptor = os.open(path, flags, 0o600)
+            break
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise SessionFileError(Reason.STORE_ERROR) from error
+    else:
+        raise SessionFileError(Reason.STORE_ERROR)
     try:
         with os.fdopen(descriptor, "w", encoding="ascii") as handle:
             handle.write(token + "\n")
@@ -406,6 +421,7 @@ def record_serve(directory: Path, state: ServeState) -> None:
     """
     state = replace(state, pid_ns=_own_pid_ns())
     with _locked(directory):
+        replaced = _previous_record(directory, state)
         record = _write_state_file(directory, _record_name(state.pid), state)
         try:
             write_serve_state(directory, state)
@@ -413,7 +429,26 @@ def record_serve(directory: Path, state: ServeState) -> None:
             with contextlib.suppress(OSError):
                 record.unlink()
             raise
+        if replaced is not None and replaced.token_file.name != state.token_file.name:
+            # The record of a serve that had this pid before this one (it was killed with
+            # SIGKILL): its own pid names this process now, so it is gone.
+            with contextlib.suppress(OSError):
+                replaced.token_file.unlink()
         _sweep(directory, keep=state.pid)
+
+
+def _previous_record(directory: Path, state: ServeState) -> ServeState | None:
+    """The record ``state``'s is about to replace, when it is as ``serve`` writes it and was
+    written in this pid namespace (one from another may be a live ``serve`` of that pid)."""
+    try:
+        previous = _parse_state(
+            directory, _read_small(directory / _record_name(state.pid), private=True)
+        )
+    except SessionFileError:
+        return None
+    if previous.pid != state.pid or _elsewhere(previous):
+        return None
+    return previous
 
 
 def forget_serve(directory: Path, *, pid: int) -> None:
