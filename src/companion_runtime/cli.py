@@ -499,8 +499,14 @@ def status(
         )
 
     def table() -> None:
+        import sys
+
         from rich.console import Console
 
+        # Whatever answers at a --url chooses the values: one the output's encoding cannot
+        # show (an ASCII or Latin-1 locale) is printed escaped, not a UnicodeEncodeError.
+        with contextlib.suppress(AttributeError, ValueError):
+            sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
         Console().print(status_table(result.document))
 
     _finish(result.to_dict(), ok=result.verdict.ok, json_output=json_output, plain=table)

@@ -689,3 +689,48 @@ def test_a_serve_killed_with_sigkill_hides_no_other_serve_and_gets_no_token(
         assert third.terminate() == 0
         assert first.terminate() == 0
     assert list(serves.state_dir.iterdir()) == []
+
+
+class _NonAsciiStatusDocument(_StatusDocument):
+    def do_GET(self) -> None:
+        data = json.dumps({"state": "ready", "model": "modèle ✓"}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_a_value_the_output_s_encoding_cannot_show_is_escaped_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    # Whatever answers at a --url chooses the values; a terminal that is not UTF-8 (an ASCII or
+    # Latin-1 locale) cannot show every one of them. The table is still printed, exit 0.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NonAsciiStatusDocument)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        token_file = tmp_path / "frontdoor.token"
+        token_file.write_text("T" * 43 + "\n")
+        finished = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "companion_runtime.cli",
+                "status",
+                "--url",
+                f"http://127.0.0.1:{server.server_address[1]}",
+                "--token-file",
+                str(token_file),
+            ],
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "PYTHONIOENCODING": "ascii"},
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert finished.returncode == 0, finished.stderr
+    assert b"Traceback" not in finished.stderr
+    assert b"mod\\xe8le \\u2713" in finished.stdout
