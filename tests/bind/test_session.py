@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -526,18 +527,42 @@ def test_a_serve_with_the_pid_of_one_killed_before_gets_its_own_token_file(
     # new one wanted, and the new serve was refused. It now writes its own and, replacing the
     # dead one's record, removes the token file that record named.
     directory = prepare_state_dir(tmp_path / "state")
-    with port_taker() as taker:
-        url = f"http://127.0.0.1:{taker.port}"
-        killed_token = write_token_file(directory, new_token(), port=taker.port)
-        record_serve(directory, ServeState(url=url, token_file=killed_token, pid=os.getpid()))
-        token_file = write_token_file(directory, new_token(), port=taker.port)
+    port = free_port()
+    killed_token = write_token_file(directory, new_token(), port=port)
+    killed = ServeState(url=f"http://127.0.0.1:{port}", token_file=killed_token, pid=os.getpid())
+    record_serve(directory, killed)
+    with socket.socket() as listener:
+        # This process, as the next serve, listens where the killed one did.
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        token_file = write_token_file(directory, new_token(), port=port)
         assert token_file != killed_token and killed_token.exists()
         assert stat.S_IMODE(token_file.lstat().st_mode) == 0o600
-        latest = ServeState(url=url, token_file=token_file, pid=os.getpid())
+        latest = ServeState(url=killed.url, token_file=token_file, pid=os.getpid())
         record_serve(directory, latest)
-        taker.stop()
-    assert not killed_token.exists()
+    # It listens where the killed one did: nothing tells the killed one's token file from that
+    # of another serve in this same process, so it stays (only a left-over file).
+    assert killed_token.exists()
+    killed_token.unlink()
+    assert read_serve_records(directory) == [latest]
+    # On another port, the record it replaces is of a serve that is gone: its token file goes.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        token_file = write_token_file(directory, new_token(), port=port)
+        assert token_file != latest.token_file
+        latest, replaced = ServeState(url=url, token_file=token_file, pid=os.getpid()), latest
+        record_serve(directory, latest)
+    assert not replaced.token_file.exists()
     assert read_serve_records(directory) == [latest]
     assert sorted(path.name for path in directory.iterdir()) == sorted(
         ["serve.json", f"serve-{os.getpid()}.json", token_file.name]
     )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port

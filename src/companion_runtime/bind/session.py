@@ -429,9 +429,14 @@ def record_serve(directory: Path, state: ServeState) -> None:
             with contextlib.suppress(OSError):
                 record.unlink()
             raise
-        if replaced is not None and replaced.token_file.name != state.token_file.name:
+        if (
+            replaced is not None
+            and replaced.token_file.name != state.token_file.name
+            and not is_serving(replaced)
+        ):
             # The record of a serve that had this pid before this one (it was killed with
-            # SIGKILL): its own pid names this process now, so it is gone.
+            # SIGKILL): its pid names this process now, which does not listen where it did.
+            # (Another serve in this same process would still listen there: its token stays.)
             with contextlib.suppress(OSError):
                 replaced.token_file.unlink()
         _sweep(directory, keep=state.pid)
