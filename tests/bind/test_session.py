@@ -467,10 +467,13 @@ sys.stdin.read()
 """
 
 
-@pytest.mark.skipif(
+needs_namespaces = pytest.mark.skipif(
     sys.platform != "linux" or os.geteuid() != 0 or shutil.which("unshare") is None,
     reason="a pid namespace of its own needs Linux, root and unshare",
 )
+
+
+@needs_namespaces
 def test_a_serve_in_another_pid_namespace_keeps_its_record_and_token_file(
     tmp_path: Path,
 ) -> None:
@@ -566,3 +569,50 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+@needs_namespaces
+def test_a_record_from_a_container_s_own_path_for_the_directory_hides_no_serve(
+    tmp_path: Path,
+) -> None:
+    # A container that mounts the state directory at a path of its own: its serve records a
+    # token file under that path, which out here is another directory. That record made every
+    # record unreadable out here (store_error), so status could ask no serve at all.
+    directory = prepare_state_dir(tmp_path / "state")
+    inside = tmp_path / "inside"
+    inside.mkdir(mode=0o700)
+    script = (
+        'mount --bind "$0" "$1" && echo 3999990 > /proc/sys/kernel/ns_last_pid && "$2" -c "$3" "$1"'
+    )
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script]
+    sandbox = subprocess.Popen(
+        [*unshare, str(directory), str(inside), sys.executable, _SANDBOXED_SERVE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert sandbox.stdout is not None and sandbox.stdin is not None
+        line = sandbox.stdout.readline()
+        if not line:
+            pytest.skip("unshare could not make the namespaces here")
+        inner_pid = int(line)
+        assert (directory / f"serve-{inner_pid}.json").exists()
+        with port_taker() as taker:
+            latest = _record_live_serve(directory, taker)
+            recorded = read_recorded_serves(directory)
+            assert [state.pid for state in recorded] == [latest.pid, inner_pid]
+            assert [state for state in recorded if is_serving(state)] == [latest]
+            latest.token_file.unlink()
+            forget_serve(directory, pid=latest.pid)
+            taker.stop()
+        assert (directory / f"serve-{inner_pid}.json").exists()
+    finally:
+        if sandbox.stdin is not None:
+            sandbox.stdin.close()
+        try:
+            sandbox.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(sandbox.pid, signal.SIGKILL)
+            sandbox.wait()

@@ -362,6 +362,15 @@ def _parse_state(directory: Path, text: str) -> ServeState:
         raise SessionFileError(Reason.STORE_ERROR)
     if pid_ns is not None and type(pid_ns) is not str:
         raise SessionFileError(Reason.STORE_ERROR)
+    if _foreign(pid_ns):
+        # Written in another pid namespace, maybe through another mount of this directory (a
+        # container's own path for it), where the token file's path may mean nothing here.
+        # Such a record is never asked, swept nor read from here: it is kept by name alone,
+        # and does not make every other record unreadable.
+        name = Path(token_file).name
+        if name in ("", ".", ".."):
+            raise SessionFileError(Reason.STORE_ERROR)
+        return ServeState(url=url, token_file=directory / name, pid=pid, pid_ns=pid_ns)
     return ServeState(
         url=url, token_file=_token_file_in(directory, token_file), pid=pid, pid_ns=pid_ns
     )
@@ -532,8 +541,12 @@ def _elsewhere(state: ServeState) -> bool:
     its processes apart: its ``serve``'s pid names no process here, or another one. Nothing
     can be said of it from here, so it is neither removed nor asked.
     """
+    return _foreign(state.pid_ns)
+
+
+def _foreign(pid_ns: str | None) -> bool:
     own = _own_pid_ns()
-    return state.pid_ns is not None and own is not None and state.pid_ns != own
+    return pid_ns is not None and own is not None and pid_ns != own
 
 
 def _is_gone(pid: int) -> bool:
