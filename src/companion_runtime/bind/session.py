@@ -30,9 +30,11 @@ directory could have put them there, so reading them back applies the rules writ
 follows: the directory passes the same check, every state file read (``serve.json`` and each
 record) is a regular file of the current user that no one else may read or write (``serve``
 creates them ``0600``), a record holds the pid its name says, and the token file lies in the
-directory itself. Whether the ``serve`` a file names still runs is :func:`is_serving`'s
-question: the pid must be a live process of the current user that itself listens on the
-recorded URL's port. ``status`` asks it before it sends a token anywhere.
+directory itself (a record from another pid namespace, never asked from here, is kept by the
+token file's name alone: that side may mount the directory at another path). Whether the
+``serve`` a file names still runs is :func:`is_serving`'s question: the pid must be a live
+process of the current user that itself listens on the recorded URL's port. ``status`` asks
+it before it sends a token anywhere.
 
 Errors are :class:`SessionFileError` carrying ``Reason.STORE_ERROR`` (the files are local
 storage the command could not use) or ``Reason.FILE_NOT_FOUND``; messages never carry a path.
@@ -301,8 +303,8 @@ def read_serve_records(directory: Path) -> list[ServeState]:
 
     ``FILE_NOT_FOUND`` when ``directory`` does not exist; ``STORE_ERROR`` unless it passes
     :func:`check_state_dir` and every record is as ``serve`` writes it (private, holding the
-    pid its name says, naming a token file directly in ``directory``). Nothing here says that
-    the ``serve`` processes they name still run.
+    pid its name says, naming a token file directly in ``directory``, unless written in another
+    pid namespace). Nothing here says that the ``serve`` processes they name still run.
     """
     check_state_dir(directory)
     try:
