@@ -499,15 +499,21 @@ def status(
         )
 
     def table() -> None:
+        import sys
+
         from rich.console import Console
 
+        # Whatever answers at a --url chooses the values: one the output's encoding cannot
+        # show (an ASCII or Latin-1 locale) is printed escaped, not a UnicodeEncodeError.
+        with contextlib.suppress(AttributeError, ValueError):
+            sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
         Console().print(status_table(result.document))
 
     _finish(result.to_dict(), ok=result.verdict.ok, json_output=json_output, plain=table)
 
 
 def _open_standard_descriptors() -> None:
-    """Point a closed standard input, output or error at the null device.
+    """Point a closed standard input, output or error at the null device, stream and all.
 
     A parent may start the CLI with one of them closed (``serve <&-``, a daemon's spawner).
     The next socket would then get that number, and libuv (uvloop, which ``serve`` and
@@ -515,6 +521,7 @@ def _open_standard_descriptors() -> None:
     null device there, what would have been written to the closed stream is dropped instead.
     """
     import os
+    import sys
 
     for descriptor in (0, 1, 2):
         try:
@@ -522,6 +529,19 @@ def _open_standard_descriptors() -> None:
         except OSError:
             # A new descriptor takes the lowest free number: this one, those below being open.
             os.open(os.devnull, os.O_RDWR)
+    # A descriptor closed as the interpreter started left its stream None in sys, and every
+    # write, flush or isatty() on it would end the command with an AttributeError: a stream on
+    # what is there now (the null device) takes its place.
+    for name, descriptor in (("stdin", 0), ("stdout", 1), ("stderr", 2)):
+        if getattr(sys, name) is None:
+            stream = open(
+                descriptor,
+                "r" if descriptor == 0 else "w",
+                encoding="utf-8",
+                errors="backslashreplace",
+                closefd=False,
+            )
+            setattr(sys, name, stream)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -209,6 +210,115 @@ def test_executables_exec_can_run_pass_the_check(tmp_path: Path) -> None:
     link = tmp_path / "python"
     link.symlink_to(sys.executable)
     assert build_launch_spec([str(link), "{port}"], model_path="m").argv[0] == str(link)
+
+
+def _runs(executable: str) -> bool:
+    """Whether exec runs ``executable`` (and it exits 0), asked of the kernel itself, from a
+    working directory of its own (where no relative name resolves)."""
+    try:
+        finished = subprocess.run(
+            [executable], capture_output=True, timeout=30, cwd=Path(executable).parent
+        )
+        return finished.returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.security
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's reading of #!")
+def test_a_hash_bang_line_is_read_as_the_kernel_reads_it(tmp_path: Path) -> None:
+    # The kernel reads the first 256 bytes: the line ends at a newline before any NUL, the
+    # interpreter's name at a blank or a NUL, and a name not ended within the buffer may have
+    # been cut short, so it is refused even when the part that fits names a real file.
+    padding = b"/" * 248  # "#!" and this and "bin/sh" fill the 256 bytes
+    cases = {
+        "a NUL ends the interpreter's name": (b"#!/bin/sh\0ignored\nexit 0\n", True),
+        "a NUL before the newline, then a blank": (b"#!/bin/sh\0 x\nexit 0\n", True),
+        "a name ended by a blank on the buffer's last byte": (
+            b"#!" + padding[1:] + b"bin/sh \nexit 0\n",
+            True,
+        ),
+        "a name cut short by the buffer": (b"#!" + padding + b"bin/shell\nexit 0\n", False),
+        "a newline just past the buffer": (b"#!" + padding + b"bin/sh\nexit 0\n", False),
+        "an interpreter with a trailing slash": (b"#!/bin/sh/\nexit 0\n", False),
+    }
+    for name, (content, runs) in cases.items():
+        executable = _executable(tmp_path / "runtime", content)
+        assert _runs(executable) is runs, name  # what the kernel says
+        try:
+            build_launch_spec([executable, "{port}"], model_path="m")
+            accepted = True
+        except ProcessError as error:
+            assert error.reason is Reason.EXECUTABLE_NOT_ALLOWED
+            accepted = False
+        assert accepted is runs, name
+
+
+def _program_interpreter(image: bytes) -> tuple[int, int]:
+    """Where a 64-bit little-endian ELF image's ``PT_INTERP`` name lies: (offset, length)."""
+    phoff = int.from_bytes(image[32:40], "little")
+    phentsize = int.from_bytes(image[54:56], "little")
+    phnum = int.from_bytes(image[56:58], "little")
+    for index in range(phnum):
+        header = image[phoff + index * phentsize : phoff + (index + 1) * phentsize]
+        if int.from_bytes(header[0:4], "little") == 3:
+            return int.from_bytes(header[8:16], "little"), int.from_bytes(header[32:40], "little")
+    raise AssertionError("no PT_INTERP")
+
+
+def _with_loader(image: bytes, loader: bytes) -> bytes:
+    offset, length = _program_interpreter(image)
+    assert len(loader) < length
+    named = loader + b"\0" * (length - len(loader))
+    return image[:offset] + named + image[offset + length :]
+
+
+def _is_dynamic_elf64_le(path: Path) -> bool:
+    try:
+        image = path.read_bytes()
+        _program_interpreter(image)
+    except (OSError, AssertionError):
+        return False
+    return image[:6] == b"\x7fELF\x02\x01"
+
+
+@pytest.mark.security
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and _is_dynamic_elf64_le(Path("/bin/true"))),
+    reason="a dynamically linked 64-bit little-endian /bin/true",
+)
+def test_an_elf_image_whose_loader_is_missing_is_refused(tmp_path: Path) -> None:
+    # A binary built for another C library (a glibc build on Alpine, a musl one elsewhere)
+    # names a dynamic loader that is not there: exec fails with ENOENT, after the download.
+    image = Path("/bin/true").read_bytes()
+    offset, length = _program_interpreter(image)
+    loader = image[offset : offset + length].rstrip(b"\0")
+    missing = _executable(tmp_path / "missing-loader", _with_loader(image, b"/lib/ld-gone.so.1"))
+    relative = _executable(tmp_path / "relative-loader", _with_loader(image, loader[1:]))
+    for executable in (missing, relative):
+        assert not _runs(executable)
+        with pytest.raises(ProcessError) as caught:
+            build_launch_spec([executable, "{port}"], model_path="m")
+        assert caught.value.reason is Reason.EXECUTABLE_NOT_ALLOWED, executable
+    # The loader it names, through a symlink of another name: runs, and passes. (A short
+    # name, to fit where the loader's own was.)
+    short = Path(tempfile.mkdtemp(prefix="ld", dir="/tmp"))
+    try:
+        link = short / "l"
+        link.symlink_to(os.fsdecode(loader))
+        linked = _executable(tmp_path / "linked-loader", _with_loader(image, os.fsencode(link)))
+        assert _runs(linked)
+        assert build_launch_spec([linked, "{port}"], model_path="m").argv[0] == linked
+    finally:
+        shutil.rmtree(short)
+    # Another machine's image is left to the kernel (binfmt_misc may run it, its loader
+    # looked up under another root).
+    foreign = bytearray(_with_loader(image, b"/lib/ld-gone.so.1"))
+    aarch64, x86_64 = 183, 62
+    machine = aarch64 if int.from_bytes(foreign[18:20], "little") != aarch64 else x86_64
+    foreign[18:20] = machine.to_bytes(2, "little")
+    other = _executable(tmp_path / "other-machine", bytes(foreign))
+    assert build_launch_spec([other, "{port}"], model_path="m").argv[0] == other
 
 
 #: The user a root-run test drops to (nobody), as root reads any file.

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from companion_runtime import Reason
@@ -50,10 +54,10 @@ def test_token_file_is_private_exclusive_and_round_trips(tmp_path: Path) -> None
     path = write_token_file(directory, token, port=4242)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert read_token_file(path) == token
-    # A second serve in the same process on the same port cannot overwrite it.
-    with pytest.raises(SessionFileError) as caught:
-        write_token_file(directory, new_token(), port=4242)
-    assert caught.value.reason is Reason.STORE_ERROR
+    # A second serve with the same pid on the same port cannot overwrite it: it gets a file of
+    # its own.
+    other = write_token_file(directory, new_token(), port=4242)
+    assert other != path and other.parent == directory
     assert read_token_file(path) == token
 
 
@@ -61,9 +65,10 @@ def test_a_planted_symlink_is_never_followed(tmp_path: Path) -> None:
     directory = prepare_state_dir(tmp_path / "state")
     target = tmp_path / "elsewhere"
     target.write_text("original")
-    (directory / f"frontdoor-4243-{os.getpid()}.token").symlink_to(target)
-    with pytest.raises(SessionFileError):
-        write_token_file(directory, new_token(), port=4243)
+    planted = directory / f"frontdoor-4243-{os.getpid()}.token"
+    planted.symlink_to(target)
+    written = write_token_file(directory, new_token(), port=4243)
+    assert written != planted and not written.is_symlink()
     assert target.read_text() == "original"
     link = tmp_path / "link.token"
     link.symlink_to(target)
@@ -441,3 +446,173 @@ def test_nothing_recorded_is_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(SessionFileError) as caught:
         read_recorded_serves(tmp_path / "missing")
     assert caught.value.reason is Reason.FILE_NOT_FOUND
+
+
+#: A serve in a pid namespace of its own: it records itself from there, then waits for its
+#: stdin to close. Its pid is a number in that namespace only.
+_SANDBOXED_SERVE = """
+import os, socket, sys
+from pathlib import Path
+from companion_runtime.bind.session import ServeState, new_token, record_serve, write_token_file
+directory = Path(sys.argv[1])
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+port = listener.getsockname()[1]
+token_file = write_token_file(directory, new_token(), port=port)
+state = ServeState(url=f"http://127.0.0.1:{port}", token_file=token_file, pid=os.getpid())
+record_serve(directory, state)
+print(os.getpid(), flush=True)
+sys.stdin.read()
+"""
+
+
+needs_namespaces = pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="a pid namespace of its own needs Linux, root and unshare",
+)
+
+
+@needs_namespaces
+def test_a_serve_in_another_pid_namespace_keeps_its_record_and_token_file(
+    tmp_path: Path,
+) -> None:
+    # A sandbox (bwrap --unshare-pid, a container) sharing the state directory: its serve's pid
+    # names no process out here. Taken for gone, its record and token file were removed by the
+    # next serve to start or exit here, and its clients could no longer read the token.
+    directory = prepare_state_dir(tmp_path / "state")
+    # The next pid in the new namespace is set high, so that it names no process out here.
+    script = 'echo 3999990 > /proc/sys/kernel/ns_last_pid && "$@"'
+    command = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script, "sh"]
+    sandbox = subprocess.Popen(
+        [*command, sys.executable, "-c", _SANDBOXED_SERVE, str(directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert sandbox.stdout is not None and sandbox.stdin is not None
+        line = sandbox.stdout.readline()
+        if not line:
+            pytest.skip("unshare could not make a pid namespace here")
+        inner_pid = int(line)
+        if psutil.pid_exists(inner_pid):
+            pytest.skip("the sandbox's pid names a process out here too")
+        record = directory / f"serve-{inner_pid}.json"
+        sandboxed = read_serve_state(directory)
+        assert sandboxed.pid == inner_pid and record.exists()
+        with port_taker() as taker:
+            latest = _record_live_serve(directory, taker)
+            # Never asked from here: its pid means nothing here.
+            assert not is_serving(sandboxed)
+            assert record.exists() and sandboxed.token_file.exists()
+            latest.token_file.unlink()
+            forget_serve(directory, pid=latest.pid)
+            taker.stop()
+        assert record.exists() and sandboxed.token_file.exists()
+        assert read_serve_records(directory) == [sandboxed]
+    finally:
+        if sandbox.stdin is not None:
+            sandbox.stdin.close()
+        try:
+            sandbox.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(sandbox.pid, signal.SIGKILL)
+            sandbox.wait()
+
+
+def test_a_serve_with_the_pid_of_one_killed_before_gets_its_own_token_file(
+    tmp_path: Path,
+) -> None:
+    # The pid of a serve killed with SIGKILL, reused by the next serve (a container run again
+    # gets the same pids), on the same port: the dead one's token file had the very name the
+    # new one wanted, and the new serve was refused. It now writes its own and, replacing the
+    # dead one's record, removes the token file that record named.
+    directory = prepare_state_dir(tmp_path / "state")
+    port = free_port()
+    killed_token = write_token_file(directory, new_token(), port=port)
+    killed = ServeState(url=f"http://127.0.0.1:{port}", token_file=killed_token, pid=os.getpid())
+    record_serve(directory, killed)
+    with socket.socket() as listener:
+        # This process, as the next serve, listens where the killed one did.
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        token_file = write_token_file(directory, new_token(), port=port)
+        assert token_file != killed_token and killed_token.exists()
+        assert stat.S_IMODE(token_file.lstat().st_mode) == 0o600
+        latest = ServeState(url=killed.url, token_file=token_file, pid=os.getpid())
+        record_serve(directory, latest)
+    # It listens where the killed one did: nothing tells the killed one's token file from that
+    # of another serve in this same process, so it stays (only a left-over file).
+    assert killed_token.exists()
+    killed_token.unlink()
+    assert read_serve_records(directory) == [latest]
+    # On another port, the record it replaces is of a serve that is gone: its token file goes.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        token_file = write_token_file(directory, new_token(), port=port)
+        assert token_file != latest.token_file
+        latest, replaced = ServeState(url=url, token_file=token_file, pid=os.getpid()), latest
+        record_serve(directory, latest)
+    assert not replaced.token_file.exists()
+    assert read_serve_records(directory) == [latest]
+    assert sorted(path.name for path in directory.iterdir()) == sorted(
+        ["serve.json", f"serve-{os.getpid()}.json", token_file.name]
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@needs_namespaces
+def test_a_record_from_a_container_s_own_path_for_the_directory_hides_no_serve(
+    tmp_path: Path,
+) -> None:
+    # A container that mounts the state directory at a path of its own: its serve records a
+    # token file under that path, which out here is another directory. That record made every
+    # record unreadable out here (store_error), so status could ask no serve at all.
+    directory = prepare_state_dir(tmp_path / "state")
+    inside = tmp_path / "inside"
+    inside.mkdir(mode=0o700)
+    script = (
+        'mount --bind "$0" "$1" && echo 3999990 > /proc/sys/kernel/ns_last_pid && "$2" -c "$3" "$1"'
+    )
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script]
+    sandbox = subprocess.Popen(
+        [*unshare, str(directory), str(inside), sys.executable, _SANDBOXED_SERVE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert sandbox.stdout is not None and sandbox.stdin is not None
+        line = sandbox.stdout.readline()
+        if not line:
+            pytest.skip("unshare could not make the namespaces here")
+        inner_pid = int(line)
+        assert (directory / f"serve-{inner_pid}.json").exists()
+        with port_taker() as taker:
+            latest = _record_live_serve(directory, taker)
+            recorded = read_recorded_serves(directory)
+            assert [state.pid for state in recorded] == [latest.pid, inner_pid]
+            assert [state for state in recorded if is_serving(state)] == [latest]
+            latest.token_file.unlink()
+            forget_serve(directory, pid=latest.pid)
+            taker.stop()
+        assert (directory / f"serve-{inner_pid}.json").exists()
+    finally:
+        if sandbox.stdin is not None:
+            sandbox.stdin.close()
+        try:
+            sandbox.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(sandbox.pid, signal.SIGKILL)
+            sandbox.wait()

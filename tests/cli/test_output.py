@@ -121,3 +121,38 @@ def test_a_refusal_that_cannot_be_written_to_stderr_still_exits_1(tmp_path: Path
             timeout=60,
         )
     assert (finished.returncode, finished.stdout) == (1, b"")
+
+
+@pytest.mark.parametrize("descriptor", [1, 2], ids=["stdout-closed", "stderr-closed"])
+@pytest.mark.parametrize(
+    ("command", "flags", "code"),
+    [
+        ("verify", [], 0),
+        ("verify", ["--json"], 0),
+        ("pull", [], 1),
+        ("pull", ["--json"], 1),
+        ("status", [], 1),
+    ],
+    ids=["verify-plain", "verify-json", "pull-plain", "pull-json", "status-plain"],
+)
+def test_a_command_started_with_its_output_closed_exits_with_its_verdict(
+    tmp_path: Path, descriptor: int, command: str, flags: list[str], code: int
+) -> None:
+    # Closed as the interpreter starts, a stream is None in sys; the null device the CLI puts
+    # in its place must stand behind the stream too, as it does for serve: the verdict is the
+    # exit code, and no traceback (an AttributeError on None) takes its place.
+    arguments = [sys.executable, "-m", "companion_runtime.cli", *COMMANDS[command](tmp_path)]
+    finished = subprocess.run(
+        ["/bin/sh", "-c", f'exec "$@" {descriptor}>&-', "sh", *arguments, *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COMPANION_RUNTIME_STATE_DIR": str(tmp_path / "state")},
+    )
+    assert finished.returncode == code, finished.stderr
+    assert "Traceback" not in finished.stdout + finished.stderr
+    open_stream = finished.stderr if descriptor == 1 else finished.stdout
+    if descriptor == 1 and code == 1 and not flags:
+        assert open_stream.startswith("refused: "), open_stream
+    elif descriptor == 1:
+        assert open_stream == ""

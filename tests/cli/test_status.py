@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -333,6 +335,68 @@ def test_after_serve_is_sigkilled_whoever_takes_its_port_gets_no_token(tmp_path:
     assert token not in finished.stdout + finished.stderr
 
 
+def _in_a_pid_namespace(command: list[str]) -> list[str]:
+    """``command`` as the second process of a new pid namespace, always with the same pid (the
+    namespace's next pid is set first), as the same program gets it in each run of a
+    container."""
+    script = 'echo 299 > /proc/sys/kernel/ns_last_pid && "$@"; exit $?'
+    return ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script, "sh", *command]
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="a pid namespace of its own needs Linux, root and unshare",
+)
+def test_a_serve_killed_with_sigkill_does_not_keep_the_next_one_with_its_pid_from_starting(
+    tmp_path: Path,
+) -> None:
+    # A container restarted after an OOM kill or `docker kill`: serve gets the same pid as
+    # the last time, the same --port, and the state directory (under /tmp) kept what the
+    # killed serve left. Its token file had the very name the new serve wanted, so each new
+    # serve was refused store_error, for ever.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = tmp_path / "state"
+    port = free_port()
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        command = [
+            *serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            "--port",
+            str(port),
+        ]
+        readies = []
+        for _run in range(2):
+            process = subprocess.Popen(
+                _in_a_pid_namespace(command),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=serve_env(state_dir),
+                start_new_session=True,
+            )
+            try:
+                line = _readline_with_timeout(process, 90)
+                if not line and not readies:
+                    pytest.skip("unshare could not make a pid namespace here")
+                readies.append(json.loads(line))
+                assert readies[-1]["ok"] is True, readies[-1]
+            finally:
+                # SIGKILL to the namespace's first process: the kernel kills every process
+                # in it, serve included, with no chance to clean up.
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate(timeout=60)
+    # Both runs had the same pid: the second replaced the first's record, under a token file
+    # of its own. (The first's stays: it was written in another pid namespace, where nothing
+    # out here can tell whether its serve is gone.)
+    assert len({ready["token_file"] for ready in readies}) == 2
+    assert len(list(state_dir.glob("serve-*.json"))) == 1
+
+
 @pytest.mark.security
 @pytest.mark.parametrize("json_output", [False, True])
 @pytest.mark.parametrize(
@@ -625,3 +689,48 @@ def test_a_serve_killed_with_sigkill_hides_no_other_serve_and_gets_no_token(
         assert third.terminate() == 0
         assert first.terminate() == 0
     assert list(serves.state_dir.iterdir()) == []
+
+
+class _NonAsciiStatusDocument(_StatusDocument):
+    def do_GET(self) -> None:
+        data = json.dumps({"state": "ready", "model": "modèle ✓"}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_a_value_the_output_s_encoding_cannot_show_is_escaped_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    # Whatever answers at a --url chooses the values; a terminal that is not UTF-8 (an ASCII or
+    # Latin-1 locale) cannot show every one of them. The table is still printed, exit 0.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NonAsciiStatusDocument)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        token_file = tmp_path / "frontdoor.token"
+        token_file.write_text("T" * 43 + "\n")
+        finished = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "companion_runtime.cli",
+                "status",
+                "--url",
+                f"http://127.0.0.1:{server.server_address[1]}",
+                "--token-file",
+                str(token_file),
+            ],
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "PYTHONIOENCODING": "ascii"},
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert finished.returncode == 0, finished.stderr
+    assert b"Traceback" not in finished.stderr
+    assert b"mod\\xe8le \\u2713" in finished.stdout

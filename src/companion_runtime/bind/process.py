@@ -63,15 +63,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
 import stat
 import string
+import struct
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final, Protocol, final
 
 from companion_runtime.core._reasons import Reason
@@ -389,7 +390,8 @@ def build_launch_spec(
     has a NUL in an argument once filled (or in an ``extra_env`` name or value).
     ``EXECUTABLE_NOT_ALLOWED``: ``argv[0]`` is not an absolute path to an existing executable
     regular file, or its first bytes show that exec could not run it (a ``#!`` interpreter that
-    is not an absolute path to an executable file; on Linux, neither ``#!`` nor ELF).
+    is not an absolute path to an executable file; on Linux, neither ``#!`` nor ELF, or an ELF
+    image for this machine whose dynamic loader is not there).
     ``base_env`` defaults to the manager's environment.
     """
     if isinstance(command_template, str | bytes) or not isinstance(command_template, Sequence):
@@ -462,35 +464,35 @@ def _check_executable(executable: str) -> None:
 
     Not an absolute path to an executable regular file; or, from its first bytes: a ``#!``
     line whose interpreter is not an absolute path to an executable regular file (not
-    followed further: ``#!/usr/bin/env python3`` passes when ``/usr/bin/env`` does), or, on
-    Linux, neither a ``#!`` line nor an ELF image, the only formats the kernel runs without
-    ``binfmt_misc``. An executable this process may not read (execute-only) is left to the
-    kernel at spawn.
+    followed further: ``#!/usr/bin/env python3`` passes when ``/usr/bin/env`` does), or that
+    the kernel would not read (the interpreter's name not ended within the first
+    :data:`_HEAD_BYTES` bytes); on Linux, neither a ``#!`` line nor an ELF image, the only
+    formats the kernel runs without ``binfmt_misc``, or an ELF image for this machine whose
+    program interpreter (the dynamic loader it names, ``/lib/ld-musl-x86_64.so.1`` for a
+    binary built on Alpine) is not an executable regular file. An executable this process may
+    not read (execute-only) is left to the kernel at spawn.
     """
     if not _is_executable_file(executable):
         raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED)
-    head = _read_head(executable)
-    if head is None:
-        return
-    if head.startswith(b"#!"):
-        interpreter = _interpreter(head)
-        if interpreter is None or not _is_executable_file(interpreter):
-            raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED)
-    elif sys.platform.startswith("linux") and not head.startswith(_ELF_MAGIC):
-        raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED)
+    _check_contents(executable)
 
 
 def _is_executable_file(executable: str) -> bool:
-    path = Path(executable)
+    # The name exactly as exec gets it: pathlib would drop a trailing "/" ("/bin/sh/"), which
+    # exec refuses (ENOTDIR).
     try:
-        return path.is_absolute() and path.is_file() and os.access(path, os.X_OK)
+        return (
+            os.path.isabs(executable)
+            and stat.S_ISREG(os.stat(executable).st_mode)
+            and os.access(executable, os.X_OK)
+        )
     except (OSError, ValueError):  # a name too long; a NUL
         return False
 
 
-def _read_head(executable: str) -> bytes | None:
-    """The executable's first :data:`_HEAD_BYTES` bytes, ``None`` when this process may not
-    read it; raise ``EXECUTABLE_NOT_ALLOWED`` when it is no longer a regular file.
+def _check_contents(executable: str) -> None:
+    """The checks of :func:`_check_executable` that read the executable's bytes; nothing when
+    this process may not read it.
 
     Symlinks are followed, as exec follows them (``/bin/sh`` and a virtualenv's ``python`` are
     symlinks). ``O_NONBLOCK`` and ``O_NOCTTY``: should the name be switched to a FIFO or a
@@ -500,30 +502,133 @@ def _read_head(executable: str) -> bytes | None:
     try:
         fd = os.open(executable, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except PermissionError:
-        return None
+        return
     except OSError:
         raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED) from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED)
-        return os.read(fd, _HEAD_BYTES)
+        head = os.pread(fd, _HEAD_BYTES, 0)
+        if head.startswith(b"#!"):
+            interpreter = _interpreter(head)
+        elif not sys.platform.startswith("linux"):
+            return
+        elif head.startswith(_ELF_MAGIC):
+            interpreter = _elf_interpreter(fd, head)
+            if interpreter is None:
+                return  # none needed, or not for the kernel to find (another machine's)
+        else:
+            raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED)
     except OSError:
         raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED) from None
     finally:
         os.close(fd)
+    if interpreter is None or not _is_executable_file(interpreter):
+        raise ProcessError(Reason.EXECUTABLE_NOT_ALLOWED)
 
 
 def _interpreter(head: bytes) -> str | None:
-    """The interpreter a ``#!`` line names, as the kernel reads it: the line within the first
-    bytes, blanks (space, tab) after ``#!`` skipped, up to the next blank; ``None`` when there
-    is none or it is not absolute (exec would look a relative one up from the working
-    directory of the moment)."""
-    line = head[2:].split(b"\n", 1)[0]
-    words = line.replace(b"\t", b" ").split(b" ")
-    name = next((word for word in words if word), b"")
-    if not name.startswith(b"/") or b"\0" in name:
+    """The interpreter a ``#!`` line names, read as Linux's ``binfmt_script`` reads it;
+    ``None`` when the kernel would find none, or it is not absolute (exec would look a
+    relative one up from the working directory of the moment).
+
+    The kernel sees the first :data:`_HEAD_BYTES` bytes (NUL-padded for a shorter file). The
+    line ends at the first newline before any NUL; without one there, the interpreter's name
+    must still end (a blank or a NUL) within the buffer, or the kernel refuses a name it may
+    have cut short. Blanks (space, tab) after ``#!`` are skipped, and the name ends at the next
+    blank or NUL.
+    """
+    buffer = head[:_HEAD_BYTES].ljust(_HEAD_BYTES, b"\0")
+    last = _HEAD_BYTES - 1
+    nul = buffer.find(b"\0")
+    end = buffer.find(b"\n", 0, nul if nul >= 0 else _HEAD_BYTES)
+    if end < 0:
+        start = _next_non_blank(buffer, 2, last)
+        if start is None or _next_terminator(buffer, start, last) is None:
+            return None
+        end = last
+    while buffer[end - 1 : end] in (b" ", b"\t"):
+        end -= 1
+    start = _next_non_blank(buffer, 2, end)
+    if start is None or start == end:
+        return None
+    stop = _next_terminator(buffer, start, end)
+    name = buffer[start : end if stop is None else stop]
+    if not name.startswith(b"/"):
         return None
     return os.fsdecode(name)
+
+
+def _next_non_blank(buffer: bytes, first: int, last: int) -> int | None:
+    """The first index in ``first..last`` (both included) not holding a space or tab."""
+    return next((i for i in range(first, last + 1) if buffer[i] not in _BLANKS), None)
+
+
+def _next_terminator(buffer: bytes, first: int, last: int) -> int | None:
+    """The first index in ``first..last`` (both included) holding a space, tab or NUL."""
+    return next((i for i in range(first, last + 1) if buffer[i] in _TERMINATORS), None)
+
+
+_BLANKS: Final = frozenset(b" \t")
+_TERMINATORS: Final = frozenset(b" \t\0")
+#: A program header's type for the program interpreter (the dynamic loader).
+_PT_INTERP: Final = 3
+#: The longest program interpreter name the kernel reads.
+_PATH_MAX: Final = 4096
+
+
+def _elf_interpreter(fd: int, head: bytes) -> str | None:
+    """The program interpreter an ELF image names (its ``PT_INTERP``), when the image is for
+    the machine this process runs on (the same class, byte order and ``e_machine`` as
+    ``/proc/self/exe``); ``None`` when it names none, is for another machine (``binfmt_misc``
+    may run it, looking its loader up elsewhere), or cannot be read as the kernel would.
+
+    A relative name comes back as it is, and is then refused: the kernel would look it up from
+    the working directory of the moment.
+    """
+    machine = _elf_machine(head)
+    if machine is None or machine != _own_elf_machine():
+        return None
+    wide, order = machine[0] == 2, "<" if machine[1] == 1 else ">"
+    # e_phoff, then e_phentsize and e_phnum; a program header's p_type to p_filesz.
+    (phoff,) = struct.unpack_from(order + ("Q" if wide else "I"), head, 32 if wide else 28)
+    phentsize, phnum = struct.unpack_from(order + "HH", head, 54 if wide else 42)
+    layout = order + ("IIQQQQ" if wide else "IIIIII")
+    size = struct.calcsize(layout)
+    if phentsize < size or not 0 < phnum <= 65536 // phentsize:
+        return None
+    table = os.pread(fd, phentsize * phnum, phoff)
+    for index in range(len(table) // phentsize):
+        fields = struct.unpack_from(layout, table, index * phentsize)
+        if fields[0] != _PT_INTERP:
+            continue
+        offset, filesz = (fields[2], fields[5]) if wide else (fields[1], fields[4])
+        if not 2 <= filesz <= _PATH_MAX:
+            return None
+        name = os.pread(fd, filesz, offset)
+        if len(name) != filesz or not name.endswith(b"\0"):
+            return None
+        return os.fsdecode(name.split(b"\0", 1)[0])
+    return None
+
+
+def _elf_machine(head: bytes) -> tuple[int, int, int] | None:
+    """``(class, byte order, e_machine)`` of an ELF header, ``None`` when it is not one."""
+    if len(head) < 64 or not head.startswith(_ELF_MAGIC) or head[4] not in (1, 2):
+        return None
+    if head[5] not in (1, 2):
+        return None
+    (machine,) = struct.unpack_from("<H" if head[5] == 1 else ">H", head, 18)
+    return head[4], head[5], machine
+
+
+@functools.cache
+def _own_elf_machine() -> tuple[int, int, int] | None:
+    try:
+        with open("/proc/self/exe", "rb") as own:
+            return _elf_machine(own.read(64))
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

@@ -6,13 +6,14 @@ when set, else the user runtime directory (``$XDG_RUNTIME_DIR/companion-runtime`
 symlink, is owned by someone else, or is writable by group or others (anyone who can write
 there could swap the files ``status`` trusts).
 
-* The token file ``frontdoor-<port>-<pid>.token`` holds the session token and nothing else. It
-  is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode ``0600``, so it can never be a
-  pre-planted file or symlink, and is removed when ``serve`` exits.
+* The token file ``frontdoor-<port>-<pid>.token`` holds the session token and nothing else
+  (``frontdoor-<port>-<pid>-<random>.token`` when that name is taken). It is created with
+  ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode ``0600``, so it can never be a pre-planted file
+  or symlink, and is removed when ``serve`` exits.
 * Each ``serve`` records itself in a file of its own, ``serve-<pid>.json``
-  (``{"url", "token_file", "pid"}``), written atomically with mode ``0600`` once its front
-  door listens and removed when it exits. Several ``serve`` processes may share one state
-  directory; none of them overwrites another's record.
+  (``{"url", "token_file", "pid", "pid_ns"}``), written atomically with mode ``0600`` once its
+  front door listens and removed when it exits. Several ``serve`` processes may share one
+  state directory; none of them overwrites another's record.
 * The state file ``serve.json`` holds the same fields for the most recently started ``serve``
   (older tools read it). A ``serve`` that exits while ``serve.json`` names it points it at the
   most recently started ``serve`` that is still alive, or removes it when there is none.
@@ -20,16 +21,20 @@ there could swap the files ``status`` trusts).
 Starting and exiting hold an exclusive lock on the state directory itself (``flock``), so two
 ``serve`` processes that start or exit at the same moment do not undo each other's update of
 ``serve.json``; they also remove the records of ``serve`` processes that are gone (their pid
-names no process of the user any more) and the token files those records name.
+names no process of the user any more) and the token files those records name. Each record
+says which pid namespace its pid is a number in (``pid_ns``): one written in another (a
+sandbox or container sharing the directory) is never taken for gone, nor asked by ``status``.
 
 A ``serve`` killed with ``SIGKILL`` leaves its files behind, and anyone who could write the
 directory could have put them there, so reading them back applies the rules writing them
 follows: the directory passes the same check, every state file read (``serve.json`` and each
 record) is a regular file of the current user that no one else may read or write (``serve``
 creates them ``0600``), a record holds the pid its name says, and the token file lies in the
-directory itself. Whether the ``serve`` a file names still runs is :func:`is_serving`'s
-question: the pid must be a live process of the current user that itself listens on the
-recorded URL's port. ``status`` asks it before it sends a token anywhere.
+directory itself (a record from another pid namespace, never asked from here, is kept by the
+token file's name alone: that side may mount the directory at another path). Whether the
+``serve`` a file names still runs is :func:`is_serving`'s question: the pid must be a live
+process of the current user that itself listens on the recorded URL's port. ``status`` asks
+it before it sends a token anywhere.
 
 Errors are :class:`SessionFileError` carrying ``Reason.STORE_ERROR`` (the files are local
 storage the command could not use) or ``Reason.FILE_NOT_FOUND``; messages never carry a path.
@@ -47,7 +52,7 @@ import stat
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, final
 from urllib.parse import urlsplit
@@ -105,10 +110,21 @@ class ServeState:
     url: str
     token_file: Path
     pid: int
+    #: The pid namespace ``pid`` is a number in (``pid:[inode]``, as ``/proc/self/ns/pid``
+    #: names it), stamped by :func:`record_serve`; ``None`` when unknown. Not part of equality:
+    #: it says how to read ``pid``, not which ``serve`` this is.
+    pid_ns: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
-        return {"url": self.url, "token_file": str(self.token_file), "pid": self.pid}
+        fields: dict[str, object] = {
+            "url": self.url,
+            "token_file": str(self.token_file),
+            "pid": self.pid,
+        }
+        if self.pid_ns is not None:
+            fields["pid_ns"] = self.pid_ns
+        return fields
 
 
 def new_token() -> str:
@@ -166,13 +182,27 @@ def _require_private_dir(info: os.stat_result) -> None:
 
 
 def write_token_file(directory: Path, token: str, *, port: int) -> Path:
-    """Write ``token`` to a new ``0600`` file in ``directory``; return its path."""
-    path = directory / f"frontdoor-{port}-{os.getpid()}.token"
+    """Write ``token`` to a new ``0600`` file in ``directory``; return its path.
+
+    The file is ``frontdoor-<port>-<pid>.token``, or, when something is already there (what a
+    ``serve`` killed with ``SIGKILL`` left: in a container run again, the next one has the
+    same pid and the same ``--port``), ``frontdoor-<port>-<pid>-<random>.token``. Whatever is
+    there is never opened, followed or replaced.
+    """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        descriptor = os.open(path, flags, 0o600)
-    except OSError as error:
-        raise SessionFileError(Reason.STORE_ERROR) from error
+    names = [f"frontdoor-{port}-{os.getpid()}.token"]
+    names += [f"frontdoor-{port}-{os.getpid()}-{secrets.token_hex(4)}.token" for _ in range(3)]
+    for name in names:
+        path = directory / name
+        try:
+            descriptor = os.open(path, flags, 0o600)
+            break
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise SessionFileError(Reason.STORE_ERROR) from error
+    else:
+        raise SessionFileError(Reason.STORE_ERROR)
     try:
         with os.fdopen(descriptor, "w", encoding="ascii") as handle:
             handle.write(token + "\n")
@@ -273,8 +303,8 @@ def read_serve_records(directory: Path) -> list[ServeState]:
 
     ``FILE_NOT_FOUND`` when ``directory`` does not exist; ``STORE_ERROR`` unless it passes
     :func:`check_state_dir` and every record is as ``serve`` writes it (private, holding the
-    pid its name says, naming a token file directly in ``directory``). Nothing here says that
-    the ``serve`` processes they name still run.
+    pid its name says, naming a token file directly in ``directory``, unless written in another
+    pid namespace). Nothing here says that the ``serve`` processes they name still run.
     """
     check_state_dir(directory)
     try:
@@ -329,9 +359,23 @@ def _parse_state(directory: Path, text: str) -> ServeState:
     except (ValueError, KeyError, TypeError, RecursionError) as error:
         # RecursionError: a few thousand nested brackets, well within the size cap.
         raise SessionFileError(Reason.STORE_ERROR) from error
+    pid_ns = raw.get("pid_ns")
     if type(url) is not str or type(token_file) is not str or type(pid) is not int:
         raise SessionFileError(Reason.STORE_ERROR)
-    return ServeState(url=url, token_file=_token_file_in(directory, token_file), pid=pid)
+    if pid_ns is not None and type(pid_ns) is not str:
+        raise SessionFileError(Reason.STORE_ERROR)
+    if _foreign(pid_ns):
+        # Written in another pid namespace, maybe through another mount of this directory (a
+        # container's own path for it), where the token file's path may mean nothing here.
+        # Such a record is never asked, swept nor read from here: it is kept by name alone,
+        # and does not make every other record unreadable.
+        name = Path(token_file).name
+        if name in ("", ".", ".."):
+            raise SessionFileError(Reason.STORE_ERROR)
+        return ServeState(url=url, token_file=directory / name, pid=pid, pid_ns=pid_ns)
+    return ServeState(
+        url=url, token_file=_token_file_in(directory, token_file), pid=pid, pid_ns=pid_ns
+    )
 
 
 def _token_file_in(directory: Path, recorded: str) -> Path:
@@ -363,7 +407,7 @@ def is_serving(state: ServeState) -> bool:
         port = urlsplit(state.url).port
     except ValueError:
         return False
-    if port is None or state.pid <= 0:
+    if port is None or state.pid <= 0 or _elsewhere(state):
         return False
     try:
         process = psutil.Process(state.pid)
@@ -386,7 +430,9 @@ def record_serve(directory: Path, state: ServeState) -> None:
     files. Raises :class:`SessionFileError` (``STORE_ERROR``) when a file cannot be written;
     the record is not left behind then.
     """
+    state = replace(state, pid_ns=_own_pid_ns())
     with _locked(directory):
+        replaced = _previous_record(directory, state)
         record = _write_state_file(directory, _record_name(state.pid), state)
         try:
             write_serve_state(directory, state)
@@ -394,7 +440,31 @@ def record_serve(directory: Path, state: ServeState) -> None:
             with contextlib.suppress(OSError):
                 record.unlink()
             raise
+        if (
+            replaced is not None
+            and replaced.token_file.name != state.token_file.name
+            and not is_serving(replaced)
+        ):
+            # The record of a serve that had this pid before this one (it was killed with
+            # SIGKILL): its pid names this process now, which does not listen where it did.
+            # (Another serve in this same process would still listen there: its token stays.)
+            with contextlib.suppress(OSError):
+                replaced.token_file.unlink()
         _sweep(directory, keep=state.pid)
+
+
+def _previous_record(directory: Path, state: ServeState) -> ServeState | None:
+    """The record ``state``'s is about to replace, when it is as ``serve`` writes it and was
+    written in this pid namespace (one from another may be a live ``serve`` of that pid)."""
+    try:
+        previous = _parse_state(
+            directory, _read_small(directory / _record_name(state.pid), private=True)
+        )
+    except SessionFileError:
+        return None
+    if previous.pid != state.pid or _elsewhere(previous):
+        return None
+    return previous
 
 
 def forget_serve(directory: Path, *, pid: int) -> None:
@@ -409,7 +479,8 @@ def forget_serve(directory: Path, *, pid: int) -> None:
         with contextlib.suppress(OSError):
             (directory / _record_name(pid)).unlink()
         alive = _sweep(directory, keep=None)
-        if read_serve_state(directory).pid != pid:
+        named = read_serve_state(directory)
+        if named.pid != pid or _elsewhere(named):
             return
         if alive:
             write_serve_state(directory, alive[0])
@@ -441,8 +512,8 @@ def _sweep(directory: Path, *, keep: int | None) -> list[ServeState]:
             state = _parse_state(directory, _read_small(directory / name, private=True))
         except SessionFileError:
             continue
-        if state.pid != int(match.group(1)):
-            continue
+        if state.pid != int(match.group(1)) or _elsewhere(state):
+            continue  # not as serve writes it; or a pid that names another process here
         if is_serving(state):
             alive.append(state)
         elif _is_gone(state.pid):
@@ -455,6 +526,29 @@ def _sweep(directory: Path, *, keep: int | None) -> list[ServeState]:
             with contextlib.suppress(OSError):
                 state.token_file.unlink()
     return _by_recency(directory, alive)
+
+
+def _own_pid_ns() -> str | None:
+    """This process's pid namespace, ``pid:[inode]``; ``None`` where there is no ``/proc``."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _elsewhere(state: ServeState) -> bool:
+    """Whether ``state`` was recorded in another pid namespace than this process's.
+
+    A sandbox (``bwrap --unshare-pid``, a container) that shares the state directory numbers
+    its processes apart: its ``serve``'s pid names no process here, or another one. Nothing
+    can be said of it from here, so it is neither removed nor asked.
+    """
+    return _foreign(state.pid_ns)
+
+
+def _foreign(pid_ns: str | None) -> bool:
+    own = _own_pid_ns()
+    return pid_ns is not None and own is not None and pid_ns != own
 
 
 def _is_gone(pid: int) -> bool:
