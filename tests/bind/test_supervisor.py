@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gguf
 import httpx
 import psutil
 import pytest
@@ -452,8 +453,54 @@ async def test_a_context_whose_kv_cache_cannot_fit_is_refused_before_spawning(
     small = Supervisor(_config(template, model, digest, len(data), resource_limits=limits))
     async with small:
         assert (await small.start()).ok
-        assert small.status()["context"] == {"tokens": 256, "kv_cache_bytes": 256 * 512}
+        # Two slots, a cache each, each its 128 tokens padded to 256: 512 cells in all.
+        assert small.status()["context"] == {"tokens": 512, "kv_cache_bytes": 512 * 512}
         await small.stop()
+
+
+async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The verifier follows a symbolic link to the blob, and so does the runtime: the fit check
+    # reads the header through it too, rather than count no KV cache at all (1 GiB here).
+    template, tiny = real_runtime(tmp_path)
+    template[template.index("-c") + 1] = "0"
+    model = declaring_context(tiny, 2**21, tmp_path)
+    data = model.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    link = tmp_path / "link.gguf"
+    link.symlink_to(model)
+    limits = create_resource_limits(max_ram_bytes=512 * MIB, max_vram_bytes=1, max_cpu_percent=100)
+    linked = Supervisor(_config(template, link, digest, len(data), resource_limits=limits))
+    async with linked:
+        assert (await linked.start()).reason is Reason.MODEL_TOO_LARGE
+        assert linked.status()["spawns"] == 0
+        assert linked.status()["context"] == {"tokens": 2**21, "kv_cache_bytes": 1 << 30}
+    # A GGUF header with 70,000 keys before the model's own: llama.cpp reads it, the walk
+    # stops at 65,536. Refused, not counted as no KV cache (it would be 1 GiB again).
+    crowded = tmp_path / "crowded.gguf"
+    writer = gguf.GGUFWriter(crowded, "llama")
+    for index in range(70_000):
+        writer.add_uint8(f"x.{index}", 0)
+    writer.add_block_count(2)
+    writer.add_context_length(2**21)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    data = crowded.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    roomy = create_resource_limits(max_ram_bytes=4 * GIB, max_vram_bytes=1, max_cpu_percent=100)
+    refused = Supervisor(_config(template, crowded, digest, len(data), resource_limits=roomy))
+    async with refused:
+        with caplog.at_level(logging.WARNING, logger="companion_runtime.bind.supervisor"):
+            assert (await refused.start()).reason is Reason.MODEL_TOO_LARGE
+        assert refused.status()["spawns"] == 0
+        assert refused.status()["context"] is None
+    [said] = [m for m in (r.getMessage() for r in caplog.records) if "header" in m]
+    assert "too large for the fit check" in said
+    assert str(tmp_path) not in said and digest not in said
 
 
 @pytest.mark.security
