@@ -133,7 +133,10 @@ def test_the_context_comes_from_the_command(tmp_path: Path) -> None:
     assert estimate(command=EMBEDDED) == ContextMemory(
         DEFAULT_CONTEXT_SIZE, _llama3_kv_bytes(DEFAULT_CONTEXT_SIZE)
     )
-    assert estimate("-c", "0", command=EMBEDDED) == declared
+    # -c 0 with a cache per slot (the template's two): the declared length for each slot.
+    assert estimate("-c", "0", command=EMBEDDED) == ContextMemory(
+        2 * 131072, _llama3_kv_bytes(2 * 131072)
+    )
     # The environment counts for upstream llama-server, below its flags; not for the launcher.
     assert estimate(LLAMA_ARG_CTX_SIZE="2048") == ContextMemory(2048, _llama3_kv_bytes(2048))
     assert estimate("-c", "512", LLAMA_ARG_CTX_SIZE="2048") == ContextMemory(
@@ -207,7 +210,13 @@ def test_slots_with_a_cache_each_pad_their_share(tmp_path: Path) -> None:
     assert tokens("-np", "3", "-c", "4096", LLAMA_ARG_KV_UNIFIED="on") == 4096
     assert tokens("-c", "4096", LLAMA_ARG_N_PARALLEL="3") == 4608
     assert tokens("-np", "-1", "-c", "1000") == 1024  # negative: the automatic choice
-    # --kv-unified-per-slot N without -c: slots x N.
+    # Without -c (or with -c 0), each slot's cache is the declared length: -np 4 is four
+    # times what one shared cache would take (64 GiB here, where the old estimate said 16).
+    assert tokens("-np", "4") == 4 * 131072
+    assert tokens("-np", "2", "-c", "0") == 2 * 131072
+    assert tokens("-np", "4", "--kv-unified") == 131072
+    # --kv-unified-per-slot N without -c: slots x N (with -c 0 given, it counts for nothing).
+    assert tokens("--kv-unified-per-slot", "5000", "-np", "2", "-c", "0") == 2 * 131072
     assert tokens("--kv-unified-per-slot", "50000") == 200192
     assert tokens("--kv-unified-per-slot", "5000", "-np", "2") == 10240
     assert tokens("--kv-unified-per-slot", "5000", "-c", "1024") == 1024
@@ -216,6 +225,7 @@ def test_slots_with_a_cache_each_pad_their_share(tmp_path: Path) -> None:
     assert tokens(command=launcher) == 4096
     assert tokens("--parallel", "3", command=launcher) == 4608
     assert tokens("-np", "200", "-c", "1000", command=launcher) == 51200
+    assert tokens("--parallel", "3", "-c", "0", command=launcher) == 3 * 131072
 
 
 def test_the_launcher_reads_its_arguments_with_its_own_parser(tmp_path: Path) -> None:
@@ -433,6 +443,8 @@ _UPSTREAM_FLAGS = [
     ["-c", "8192abc"],
     ["--override-kv", "llama.context_length=int:30000"],
     ["--kv-unified-per-slot", "3000", "-np", "2"],
+    ["-np", "3"],
+    ["-np", "2", "-c", "0", "--kv-unified-per-slot", "3000"],
     ["-c", "1000", "-ctk", "bf16", "--cache_type_v", "f32"],
 ]
 _LAUNCHER_FLAGS = [
@@ -441,6 +453,7 @@ _LAUNCHER_FLAGS = [
     ["-c30000"],
     ["--ctx", "30000", "--parallel", "2"],
     ["-np", "100", "-c", "1000"],
+    ["--parallel", "3", "-c", "0"],
 ]
 
 

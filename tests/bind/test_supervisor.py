@@ -427,9 +427,10 @@ async def test_a_model_that_cannot_fit_is_refused_before_spawning(tmp_path: Path
 async def test_a_context_whose_kv_cache_cannot_fit_is_refused_before_spawning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The tiny model declaring 2^21 tokens: with -c 0 the runtime would allocate 1 GiB of KV
-    # cache (2 layers x 4 KV heads x 16 x 2 (K, V) x 2 bytes per token) as it loads, under a
-    # 512 MiB ceiling that the model's 429 KB alone fits with room to spare.
+    # The tiny model declaring 2^21 tokens: with -c 0 the runtime would allocate 2 GiB of KV
+    # cache (2 slots with a cache each, of the declared length; 2 layers x 4 KV heads x 16 x
+    # 2 (K, V) x 2 bytes per token) as it loads, under a 512 MiB ceiling that the model's
+    # 429 KB alone fits with room to spare.
     template, tiny = real_runtime(tmp_path)
     model = declaring_context(tiny, 2**21, tmp_path)
     data = model.read_bytes()
@@ -444,9 +445,9 @@ async def test_a_context_whose_kv_cache_cannot_fit_is_refused_before_spawning(
             assert (await whole.start()).reason is Reason.MODEL_TOO_LARGE
         status = whole.status()
         assert status["spawns"] == 0
-        assert status["context"] == {"tokens": 2**21, "kv_cache_bytes": 1 << 30}
+        assert status["context"] == {"tokens": 2**22, "kv_cache_bytes": 2 << 30}
     [said] = [record.getMessage() for record in caplog.records]
-    assert "1,024 MiB of KV cache for a 2097152-token context" in said
+    assert "2,048 MiB of KV cache for a 4194304-token context" in said
     assert str(tmp_path) not in said and digest not in said
     # The same model with the template's own small context starts, and says what it counted.
     template[at + 1] = "256"
@@ -462,7 +463,7 @@ async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_re
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The verifier follows a symbolic link to the blob, and so does the runtime: the fit check
-    # reads the header through it too, rather than count no KV cache at all (1 GiB here).
+    # reads the header through it too, rather than count no KV cache at all (2 GiB here).
     template, tiny = real_runtime(tmp_path)
     template[template.index("-c") + 1] = "0"
     model = declaring_context(tiny, 2**21, tmp_path)
@@ -475,9 +476,9 @@ async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_re
     async with linked:
         assert (await linked.start()).reason is Reason.MODEL_TOO_LARGE
         assert linked.status()["spawns"] == 0
-        assert linked.status()["context"] == {"tokens": 2**21, "kv_cache_bytes": 1 << 30}
+        assert linked.status()["context"] == {"tokens": 2**22, "kv_cache_bytes": 2 << 30}
     # A GGUF header with 70,000 keys before the model's own: llama.cpp reads it, the walk
-    # stops at 65,536. Refused, not counted as no KV cache (it would be 1 GiB again).
+    # stops at 65,536. Refused, not counted as no KV cache (it would be 2 GiB again).
     crowded = tmp_path / "crowded.gguf"
     writer = gguf.GGUFWriter(crowded, "llama")
     for index in range(70_000):

@@ -36,7 +36,9 @@ What it reads:
   nothing.
 
 llama.cpp rounds the context up to a multiple of 256 tokens, and with per-slot caches each
-slot's share too: ``-np 100 -c 1000`` allocates 100 × 256 cells, not 1,024.
+slot's share too: ``-np 100 -c 1000`` allocates 100 × 256 cells, not 1,024. Without a context
+(or with ``-c 0``), per-slot caches are each the declared length: ``-np 4`` alone is four
+times the declared length.
 
 The fit check counts the estimate in RAM, with the allowance, also when the weights go to a
 GPU, where llama.cpp puts the cache of offloaded layers too: it may then refuse a context that
@@ -519,6 +521,9 @@ class _Settings:
     unified: bool = False
     #: Upstream's ``--kv-unified-per-slot``: the context is slots × this, without ``-c``.
     per_slot: int = 0
+    #: ``-c 0`` was given (not merely left out): ``--kv-unified-per-slot`` then counts for
+    #: nothing (upstream: "unless the user pinned it with -c or with -c 0").
+    zero_given: bool = False
     #: ``--override-kv`` values, in order.
     overrides: tuple[str, ...] = ()
 
@@ -546,6 +551,8 @@ def _apply_upstream(settings: _Settings, setting: str, value: str) -> bool:
     if number is None:
         return False
     setattr(settings, setting, number)
+    if setting == "context" and number == 0:
+        settings.zero_given = True
     return True
 
 
@@ -579,7 +586,7 @@ def _upstream_settings(arguments: Sequence[str], environ: Mapping[str, str]) -> 
     if settings.slots < 0:  # upstream's automatic choice: 4 slots, one cache
         settings.slots = _UPSTREAM_AUTO_SLOTS
         settings.unified = True
-    if settings.per_slot > 0 and settings.context == 0:
+    if settings.per_slot > 0 and settings.context == 0 and not settings.zero_given:
         settings.context = settings.slots * settings.per_slot
     return settings
 
@@ -639,7 +646,14 @@ def estimate_context_memory(
     if not isinstance(shape, AttentionShape):
         return shape
     declared = _override_context(settings.overrides, shape.architecture)
-    context = _pad(settings.context or (shape.context_length if declared is None else declared))
+    context = settings.context
+    if context == 0:
+        # The declared length, for every slot when each has a cache of its own: -np 4 without
+        # -c is four times the declared length.
+        context = shape.context_length if declared is None else declared
+        if not settings.unified:
+            context *= settings.slots
+    context = _pad(context)
     if not settings.unified:
         # One cache per slot, each its share of the context padded up on its own.
         context = _pad(context // settings.slots) * settings.slots

@@ -94,7 +94,7 @@ def embedded_llama_command(
     the working directory first on the module path, and an ``xllamacpp.py`` (or a
     ``companion_runtime`` directory) that anyone placed there would run as the runtime.
     ``context_size`` None leaves the launcher's :data:`DEFAULT_CONTEXT_SIZE`; 0 asks for the
-    length the model declares.
+    length the model declares, for each of the ``parallel`` slots (each has a cache of its own).
     """
     command = [
         sys.executable,
