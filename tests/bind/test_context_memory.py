@@ -3,6 +3,7 @@ runtime commands as manifests give them, and the figure the real llama.cpp serve
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import subprocess
@@ -14,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 
+from companion_runtime.bind import context_memory
 from companion_runtime.bind.context_memory import (
     UNCOUNTABLE,
     AttentionShape,
@@ -188,6 +190,58 @@ def test_upstream_options_are_read_as_llama_server_reads_them(tmp_path: Path) ->
     assert tokens("--override-kv", "a.b=bool:true,llama.context_length=int:9000") == 9216
     assert tokens("--override-kv", "qwen2.context_length=int:9000") == 131072
     assert tokens("-c", "1024", "--override-kv", "llama.context_length=int:50000") == 1024
+
+
+def test_upstream_reads_its_configuration_files_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama-server applies /etc/llama.cpp/config.ini, then the user's (under the runtime's
+    # HOME, or XDG_CONFIG_HOME), before its environment and its flags: a context set there is
+    # the one it allocates (50,000 tokens here, where the old estimate counted the declared).
+    model = _model(tmp_path / "m.gguf")
+    system = tmp_path / "etc.ini"
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", system)
+    home = tmp_path / "home"
+    user = home / ".config" / "llama.cpp" / "config.ini"
+    user.parent.mkdir(parents=True)
+
+    def tokens(*arguments: str, **env: str) -> int | None:
+        memory = estimate_context_memory(model, [UPSTREAM, *arguments], {"HOME": str(home), **env})
+        assert memory is None or isinstance(memory, ContextMemory)
+        return None if memory is None else memory.context_tokens
+
+    user.write_text("c = 50000\n")
+    assert tokens() == 50176
+    assert tokens(LLAMA_ARG_CTX_SIZE="1000") == 1024  # the environment comes after
+    assert tokens("-c", "2000") == 2048  # and the flags last
+    # Global keys and the [*] section count, by any of an option's names or its variable;
+    # other sections are a router's presets. A later file wins over an earlier one.
+    system.write_text("np = 3\nctx-size = 9000\n")
+    user.write_text("; a comment\n[*]\nLLAMA_ARG_CTX_SIZE = 4096\n[other]\nc = 99999\n")
+    assert tokens() == 4608  # 3 slots, a cache each
+    user.write_text("kv-unified = true\n")
+    assert tokens() == 9216  # the system file's context, one cache
+    user.write_text("no-kvu = false\nc=4096\n")
+    assert tokens() == 4096
+    # What upstream refuses (and exits on) is no estimate; what it ignores, ignored.
+    user.write_text('c = "4096"\n')
+    assert tokens() is None
+    user.write_text("ctx_size = 4096\nunknown = 1\n")
+    assert tokens() == 9216  # no "_" for "-" in a file: the system file's context
+    # XDG_CONFIG_HOME, where the runtime has one, instead of HOME's .config.
+    other = tmp_path / "xdg" / "llama.cpp" / "config.ini"
+    other.parent.mkdir(parents=True)
+    other.write_text("c = 1000\n")
+    assert tokens(XDG_CONFIG_HOME=str(tmp_path / "xdg")) == 3 * 512
+    # A file too large to read is not counted as nothing.
+    user.write_bytes(b"# " + bytes(2 << 20))
+    memory = estimate_context_memory(model, [UPSTREAM], {"HOME": str(home)})
+    assert memory is UNCOUNTABLE
+    # The launcher (xllamacpp) reads no configuration file.
+    user.write_text("c = 50000\n")
+    launcher = [*EMBEDDED[:4], "-m", "{model_path}", "--port", "{port}"]
+    embedded = estimate_context_memory(model, launcher, {"HOME": str(home)})
+    assert isinstance(embedded, ContextMemory) and embedded.context_tokens == 4096
 
 
 def test_slots_with_a_cache_each_pad_their_share(tmp_path: Path) -> None:
@@ -406,13 +460,15 @@ def test_a_large_vocabulary_is_read_quickly(tmp_path: Path) -> None:
     assert read_attention_shape(model) is None
 
 
-def _logged_kv_cache(command: list[str], log: Path) -> tuple[int, float]:
+def _logged_kv_cache(
+    command: list[str], log: Path, env: dict[str, str] | None = None
+) -> tuple[int, float]:
     """Run llama.cpp's server until it logs its KV cache; return (context, MiB) from the log:
     the context in all (``n_ctx``, every slot's cache together), and the cache's size."""
     size = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB")
     context = re.compile(r"llama_context: n_ctx += (\d+)")
     with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -470,6 +526,28 @@ def test_the_estimate_is_what_llama_cpp_allocates(tmp_path: Path, flags: list[st
     assert isinstance(estimate, ContextMemory)
     command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
     tokens, mib = _logged_kv_cache(command, tmp_path / "server.log")
+    assert estimate.context_tokens == tokens
+    assert abs(estimate.bytes / MIB - mib) < 0.006, (estimate, mib)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize(
+    "config", ["c = 50000\n", "np = 3\n[*]\nctx-size = 4096\n[other]\nc = 99999\n"]
+)
+def test_the_estimate_counts_upstreams_configuration_file(tmp_path: Path, config: str) -> None:
+    binary = upstream_binary()
+    assert binary is not None
+    model = declaring_context(write_tiny_model(tmp_path / "tiny.gguf"), 20_000, tmp_path)
+    home = tmp_path / "home"
+    (home / ".config" / "llama.cpp").mkdir(parents=True)
+    (home / ".config" / "llama.cpp" / "config.ini").write_text(config)
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}"]
+    estimate = estimate_context_memory(model, template, {"HOME": str(home)})
+    assert isinstance(estimate, ContextMemory)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4"]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
+    tokens, mib = _logged_kv_cache(command, tmp_path / "server.log", env)
     assert estimate.context_tokens == tokens
     assert abs(estimate.bytes / MIB - mib) < 0.006, (estimate, mib)
 

@@ -500,7 +500,7 @@ async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_re
         assert refused.status()["spawns"] == 0
         assert refused.status()["context"] is None
     [said] = [m for m in (r.getMessage() for r in caplog.records) if "header" in m]
-    assert "too large for the fit check" in said
+    assert "cannot be counted" in said and "too large for the fit check" in said
     assert str(tmp_path) not in said and digest not in said
 
 

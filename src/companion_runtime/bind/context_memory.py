@@ -18,8 +18,12 @@ What it reads:
   otherwise, and ``--parallel`` slots (1 by default). Upstream ``llama-server`` is read as its
   parser reads it: an option's value is never taken for an option (``--alias -c``), ``_`` in a
   long option is ``-`` (``--ctx_size``), ``--ctx-size=N`` is no option at all, numbers are read
-  as ``std::stoi`` reads them (``8192abc`` is 8192, ``0x10`` is 0), the last one counts, and the
-  ``LLAMA_ARG_*`` variables of the runtime's extra environment count below the flags. Its
+  as ``std::stoi`` reads them (``8192abc`` is 8192, ``0x10`` is 0), the last one counts, the
+  ``LLAMA_ARG_*`` variables of the runtime's extra environment count below the flags, and its
+  configuration files below those (``/etc/llama.cpp/config.ini``, then
+  ``config.ini`` in ``llama.cpp`` under the runtime's ``XDG_CONFIG_HOME``, else
+  ``$HOME/.config``: their global keys and ``[*]`` section; one over 1 MiB gives
+  :class:`Uncountable`). Its
   context (``-c``; 0, the default, is the length the model declares, or the one
   ``--override-kv ARCH.context_length=int:N`` gives it), its slots (``-np``: 4 by default,
   sharing one cache; a number given splits the context into per-slot caches unless
@@ -45,9 +49,7 @@ GPU, where llama.cpp puts the cache of offloaded layers too: it may then refuse 
 would have fitted in VRAM, and its VRAM check does not count the cache. The estimate is an
 upper bound for common models: it counts every layer at the full context,
 so models with sliding-window layers (whose cache llama.cpp keeps at the window's size) or with
-compressed attention (MLA) need less than it says. Not counted: what a llama.cpp configuration
-file sets (upstream reads ``/etc/llama.cpp/config.ini`` and ``~/.config/llama.cpp/config.ini``
-of the runtime's ``HOME`` before its environment and flags), a draft model's cache, a
+compressed attention (MLA) need less than it says. Not counted: a draft model's cache, a
 recurrent model's state, and the compute buffers (reserved, but touched only as the context
 fills, where the resource samples see them).
 
@@ -63,6 +65,7 @@ name is followed as the verifier and the runtime follow it (a symbolic link is r
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import stat
 import struct
@@ -197,6 +200,22 @@ _UPSTREAM_VARIABLES: Final[Mapping[str, str]] = {
     "LLAMA_ARG_N_PARALLEL": "slots",
     "LLAMA_ARG_KV_UNIFIED_PER_SLOT": "per_slot",
 }
+#: The keys of a llama.cpp configuration file that the estimate reads: an option's names
+#: without their dashes, and its variable. ``no-`` names set the opposite.
+_CONFIG_KEYS: Final[Mapping[str, str]] = {
+    **{option.lstrip("-"): setting for option, setting in _UPSTREAM_SETTINGS.items()},
+    **_UPSTREAM_VARIABLES,
+}
+_CONFIG_UNIFIED: Final[Mapping[str, bool]] = {
+    **{option.lstrip("-"): value for option, value in _UPSTREAM_UNIFIED.items()},
+    "LLAMA_ARG_KV_UNIFIED": True,
+}
+#: Upstream reads this file first, then the user's (``$XDG_CONFIG_HOME/llama.cpp/config.ini``,
+#: else ``$HOME/.config/llama.cpp/config.ini``), then its environment, then its flags.
+_SYSTEM_CONFIG: Final = Path("/etc/llama.cpp/config.ini")
+_USER_CONFIG: Final = Path("llama.cpp", "config.ini")
+#: A configuration file larger than this is not read: the fit check refuses.
+_MAX_CONFIG_BYTES: Final = 1 << 20
 #: Values for the launcher's placeholders while its arguments are parsed (the supervisor's
 #: own, but for the port and the paths, which the parse does not look into).
 _PLACEHOLDER_VALUES: Final[Mapping[str, str]] = {
@@ -556,8 +575,68 @@ def _apply_upstream(settings: _Settings, setting: str, value: str) -> bool:
     return True
 
 
-def _upstream_settings(arguments: Sequence[str], environ: Mapping[str, str]) -> _Settings | None:
+def _config_files(environ: Mapping[str, str]) -> list[Path]:
+    """Where upstream looks for its configuration, for a runtime with ``environ`` on top of
+    the manager's ``HOME`` (the one variable of both that the runtime's scrub keeps)."""
+    configured = environ.get("XDG_CONFIG_HOME")
+    if configured:
+        user = Path(configured)
+    else:
+        home = environ.get("HOME") or os.environ.get("HOME")
+        try:
+            user = Path(home or pwd.getpwuid(os.getuid()).pw_dir, ".config")
+        except KeyError:
+            return [_SYSTEM_CONFIG]
+    return [_SYSTEM_CONFIG, user / _USER_CONFIG]
+
+
+def _config_lines(path: Path) -> list[str] | None:
+    """The lines of a configuration file ([] when there is none to read, as upstream skips
+    it); None for one too large to read."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_CONFIG_BYTES + 1)
+    except (OSError, ValueError):
+        return []
+    if len(data) > _MAX_CONFIG_BYTES:
+        return None
+    return data.decode("utf-8", "replace").splitlines()
+
+
+def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
+    """Apply a configuration file's global keys and its ``[*]`` section, as upstream does
+    (every other section is a preset for its router); False where upstream would exit."""
+    applies = True
+    for raw in lines:
+        line = raw.strip()
+        if not line or line[0] in ";#":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            applies = line[1:-1].strip() == "*"
+            continue
+        key, equals, value = line.partition("=")
+        if not applies or not equals:
+            continue
+        key, value = key.strip(), value.strip()
+        if key in _CONFIG_UNIFIED:
+            if value not in _TRUTHY | _FALSEY:
+                return False
+            settings.unified = (value in _TRUTHY) == _CONFIG_UNIFIED[key]
+        elif key in _CONFIG_KEYS and not _apply_upstream(settings, _CONFIG_KEYS[key], value):
+            return False
+    return True
+
+
+def _upstream_settings(
+    arguments: Sequence[str], environ: Mapping[str, str]
+) -> _Settings | Uncountable | None:
     settings = _Settings()
+    for path in _config_files(environ):
+        lines = _config_lines(path)
+        if lines is None:
+            return UNCOUNTABLE
+        if not _apply_config(settings, lines):
+            return None
     for variable, name in _UPSTREAM_VARIABLES.items():
         if variable in environ and not _apply_upstream(settings, name, environ[variable]):
             return None
@@ -598,7 +677,7 @@ def _embedded_settings(arguments: Sequence[str]) -> _Settings | None:
     return _Settings(context=parsed.ctx_size, slots=parsed.parallel)
 
 
-def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings | None:
+def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings | Uncountable | None:
     """What the command asks of llama.cpp, or None: not its server, or it would not start."""
     if not command:
         return None
@@ -640,6 +719,8 @@ def estimate_context_memory(
     on a GGUF header too large to walk. Never raises.
     """
     settings = _settings(command_template, environ or {})
+    if isinstance(settings, Uncountable):
+        return settings
     if settings is None or settings.slots <= 0 or settings.context < 0:
         return None  # not llama.cpp's server, or one that exits (or aborts) at once
     shape = read_attention_shape(model_path)

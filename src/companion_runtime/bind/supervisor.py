@@ -730,12 +730,12 @@ class Supervisor:
             estimate_context_memory, config.model_path, config.command_template, config.extra_env
         )
         if isinstance(context, Uncountable):
-            # llama.cpp would load a header this large; what its cache would take, nobody
-            # has counted. Refused rather than counted as nothing.
+            # llama.cpp would load a header (or read a configuration file) this large; what
+            # its cache would take, nobody has counted. Refused rather than counted as nothing.
             self._context_memory = None
             _logger.warning(
-                "the model does not fit: its GGUF header is too large for the fit check to "
-                "read the KV cache it needs"
+                "the model does not fit: the KV cache it needs cannot be counted (its GGUF "
+                "header, or llama.cpp's configuration file, is too large for the fit check)"
             )
             return deny(Reason.MODEL_TOO_LARGE)
         self._context_memory = context
