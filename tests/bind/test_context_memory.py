@@ -189,6 +189,9 @@ def test_upstream_options_are_read_as_llama_server_reads_them(tmp_path: Path) ->
     assert tokens("--override-kv", "llama.context_length=int:50000") == 50176
     assert tokens("--override-kv", "a.b=bool:true,llama.context_length=int:9000") == 9216
     assert tokens("--override-kv", "qwen2.context_length=int:9000") == 131072
+    # std::atol, then the uint32 the loader keeps: past a long it saturates, 2^32 - 1.
+    huge = "llama.context_length=int:" + "9" * 5000
+    assert tokens("-np", "1", "--override-kv", huge) == 1 << 32
     assert tokens("-c", "1024", "--override-kv", "llama.context_length=int:50000") == 1024
 
 
@@ -316,6 +319,8 @@ def test_what_cannot_be_counted_gives_no_estimate(tmp_path: Path) -> None:
         [UPSTREAM, "-c"],
         [UPSTREAM, "-c", "lots"],  # std::stoi throws: upstream exits
         [UPSTREAM, "-c", "99999999999"],  # past an int: the same
+        [UPSTREAM, "-c", "9" * 5000],  # (and no ValueError from int() on the way)
+        [UPSTREAM, "-np", "-" + "9" * 5000],
         [UPSTREAM, "-ctk", "q3_k"],
         [UPSTREAM, "-ctk", "Q8_0"],  # the names are matched as they are
         [UPSTREAM, "-np", "0"],

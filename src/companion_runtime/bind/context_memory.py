@@ -112,7 +112,7 @@ _DEFAULT_CACHE_TYPE: Final = "f16"
 #: Upstream's slots when ``-np`` is not given (or is negative): 4, sharing one cache.
 _UPSTREAM_AUTO_SLOTS: Final = 4
 #: ``std::stoi``: leading white space, a sign, decimal digits; the rest is ignored.
-_STOI: Final = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
+_STOI: Final = re.compile(r"[ \t\n\v\f\r]*([+-]?)0*([0-9]{1,20})")
 _INT32: Final = range(-(1 << 31), 1 << 31)
 _TRUTHY: Final = frozenset({"on", "enabled", "true", "1"})
 _FALSEY: Final = frozenset({"off", "disabled", "false", "0"})
@@ -547,13 +547,23 @@ class _Settings:
     overrides: tuple[str, ...] = ()
 
 
-def _stoi(text: str) -> int | None:
-    """What ``std::stoi`` makes of ``text``; None where it throws."""
+def _number(text: str) -> int | None:
+    """The leading integer of ``text`` as the C library reads it (blanks, a sign, decimal
+    digits; what follows is ignored), or None without one. Past 20 digits it is past any
+    ``long`` too: 10^20 stands for them all (and Python's int() of a long string raises)."""
     found = _STOI.match(text)
     if found is None:
         return None
-    value = int(found.group(1), 10)
-    return value if value in _INT32 else None
+    sign, digits = found.groups()
+    rest = text[found.end() :]
+    value = 10**20 if rest[:1].isdigit() and rest[:1].isascii() else int(digits, 10)
+    return -value if sign == "-" else value
+
+
+def _stoi(text: str) -> int | None:
+    """What ``std::stoi`` makes of ``text``; None where it throws."""
+    value = _number(text)
+    return value if value is not None and value in _INT32 else None
 
 
 def _apply_upstream(settings: _Settings, setting: str, value: str) -> bool:
@@ -702,8 +712,10 @@ def _override_context(overrides: Sequence[str], architecture: str) -> int | None
         for item in value.split(","):
             if item.startswith(key) and item[len(key) :].startswith("int:"):
                 # std::atol, then the uint32 the model loader keeps.
-                number = _STOI.match(item[len(key) + 4 :])
-                lengths.append(0 if number is None else int(number.group(1)) % (1 << 32))
+                number = _number(item[len(key) + 4 :])
+                if number is not None and not -(1 << 63) <= number < 1 << 63:
+                    number = (1 << 63) - 1 if number > 0 else -(1 << 63)  # strtol saturates
+                lengths.append(0 if number is None else number % (1 << 32))
     return max(lengths) if lengths else None
 
 
