@@ -102,6 +102,17 @@ _MAX_PAIRS: Final = 1 << 16
 #: its merges takes about 10 MB; the read grows four times at a step while more is needed).
 _FIRST_READ: Final = 1 << 20
 _MAX_HEADER_BYTES: Final = 64 << 20
+#: The keys whose values the walk keeps (the architecture's own end so); the rest it skips.
+_WANTED: Final = (
+    b"general.architecture",
+    b".block_count",
+    b".context_length",
+    b".embedding_length",
+    b".attention.head_count",
+    b".attention.head_count_kv",
+    b".attention.key_length",
+    b".attention.value_length",
+)
 #: Integer arrays longer than this are skipped, not decoded (no per-layer list is this long).
 _MAX_DECODED_ARRAY: Final = 4096
 _UPSTREAM_NAME: Final = "llama-server"
@@ -357,34 +368,37 @@ class _Header:
         if self.elements > _MAX_ELEMENTS:
             raise _TooLarge
 
-    def value(
-        self, value_type: int, *, in_array: bool = False
-    ) -> int | tuple[int, ...] | bytes | None:
-        """Read one value: an int, a tuple of ints, a string; None for anything else (skipped)."""
+    def value(self, value_type: int, *, keep: bool) -> int | tuple[int, ...] | bytes | None:
+        """Read one value: an int, a tuple of ints, a string; None for anything else, and for
+        everything when not ``keep`` (skipped, lengths checked, nothing copied)."""
         self.count(1)
-        if value_type in _INTEGER_FORMATS:
-            return self.integer(_INTEGER_FORMATS[value_type])
         if value_type in _SCALAR_SIZES:
-            self.take(_SCALAR_SIZES[value_type])
-            return None
+            start = self.take(_SCALAR_SIZES[value_type])
+            if not keep or value_type not in _INTEGER_FORMATS:
+                return None
+            code = self._order + _INTEGER_FORMATS[value_type]
+            number: int = struct.unpack_from(code, self._data, start)[0]
+            return number
         if value_type == _V.STRING:
-            return self.string()
-        if value_type != _V.ARRAY or in_array:
-            raise _Malformed  # an unknown type, or an array of arrays: ggml refuses both
+            length = self.integer("Q")
+            start = self.take(length)
+            return bytes(self._data[start : start + length]) if keep else None
+        if value_type != _V.ARRAY:
+            raise _Malformed  # an unknown type
         item_type = self.integer("I")
         length = self.integer("Q")
         if item_type in _SCALAR_SIZES:
             size = _SCALAR_SIZES[item_type]
             start = self.take(size * length)
             self.count(length)
-            if item_type not in _INTEGER_FORMATS or length > _MAX_DECODED_ARRAY:
+            if not keep or item_type not in _INTEGER_FORMATS or length > _MAX_DECODED_ARRAY:
                 return None  # a vocabulary's scores, its token types
             code = f"{self._order}{length}{_INTEGER_FORMATS[item_type]}"
             return tuple(struct.unpack_from(code, self._data, start))
         if item_type == _V.STRING:
             self._skip_strings(length)
             return None
-        raise _Malformed
+        raise _Malformed  # an array of arrays (or of an unknown type): ggml refuses both
 
 
 def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ...] | bytes]:
@@ -417,7 +431,7 @@ def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ..
         if key in keys:  # llama.cpp refuses such a file; which value counts is anyone's guess
             raise _Malformed
         keys.add(key)
-        value = header.value(header.integer("I"))
+        value = header.value(header.integer("I"), keep=key.endswith(_WANTED))
         if value is not None:
             found[key.decode("utf-8", "replace")] = value
     return found
