@@ -20,11 +20,10 @@ What it reads:
   long option is ``-`` (``--ctx_size``), ``--ctx-size=N`` is no option at all, numbers are read
   as ``std::stoi`` reads them (``8192abc`` is 8192, ``0x10`` is 0), the last one counts, the
   ``LLAMA_ARG_*`` variables of the runtime's extra environment count below the flags, and its
-  configuration files below those (``/etc/llama.cpp/config.ini``, then
-  ``config.ini`` in ``llama.cpp`` under the runtime's ``XDG_CONFIG_HOME``, else
-  ``$HOME/.config``: their global keys and ``[*]`` section; one over 1 MiB gives
-  :class:`Uncountable`). Its
-  context (``-c``; 0, the default, is the length the model declares, or the one
+  configuration files below those (``/etc/llama.cpp/config.ini``, then ``llama.cpp/config.ini``
+  under the runtime's ``XDG_CONFIG_HOME``, else ``$HOME/.config``: their global keys and
+  ``[*]`` section; one over 1 MiB gives :class:`Uncountable`). Its context (``-c``; 0, the
+  default, is the length the model declares, or the one
   ``--override-kv ARCH.context_length=int:N`` gives it), its slots (``-np``: 4 by default,
   sharing one cache; a number given splits the context into per-slot caches unless
   ``--kv-unified``) and ``--kv-unified-per-slot`` (slots × N, without ``-c``) count;
