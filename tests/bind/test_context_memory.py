@@ -21,6 +21,7 @@ from companion_runtime.bind.context_memory import (
     UNCOUNTABLE,
     AttentionShape,
     ContextMemory,
+    Uncountable,
     estimate_context_memory,
     read_attention_shape,
 )
@@ -37,6 +38,8 @@ pytestmark = pytest.mark.unit
 
 MIB = 1 << 20
 UPSTREAM = "/opt/llama.cpp/bin/llama-server"
+#: Upstream on the verified blob, as a manifest runs it.
+UPSTREAM_CMD = [UPSTREAM, "-m", "{model_path}"]
 EMBEDDED = embedded_llama_command()
 
 
@@ -114,7 +117,7 @@ def test_the_context_comes_from_the_command(tmp_path: Path) -> None:
     model = _model(tmp_path / "m.gguf")
 
     def estimate(*arguments: str, command: list[str] | None = None, **env: str) -> object:
-        return estimate_context_memory(model, [*(command or [UPSTREAM]), *arguments], env)
+        return estimate_context_memory(model, [*(command or UPSTREAM_CMD), *arguments], env)
 
     declared = ContextMemory(context_tokens=131072, bytes=_llama3_kv_bytes(131072))
     # Upstream llama-server's own default (-c 0) is the length the model declares: 16 GiB.
@@ -158,10 +161,10 @@ def test_cache_types_change_the_element_size(tmp_path: Path) -> None:
         (["-ctv", "f32"], row * 2, row * 4),
         (["-ctk", "bf16", "--cache-type-v", "q5_1"], row * 2, row // 32 * 24),
     ):
-        memory = estimate_context_memory(model, [UPSTREAM, "-c", "1024", *flags])
+        memory = estimate_context_memory(model, [*UPSTREAM_CMD, "-c", "1024", *flags])
         assert memory == ContextMemory(1024, 1024 * 32 * (k_bytes + v_bytes)), flags
     env = {"LLAMA_ARG_CACHE_TYPE_K": "q8_0"}
-    memory = estimate_context_memory(model, [UPSTREAM, "-c", "1024"], env)
+    memory = estimate_context_memory(model, [*UPSTREAM_CMD, "-c", "1024"], env)
     assert memory == ContextMemory(1024, 1024 * 32 * (row // 32 * 34 + row * 2))
 
 
@@ -170,7 +173,7 @@ def test_upstream_options_are_read_as_llama_server_reads_them(tmp_path: Path) ->
     model = _model(tmp_path / "m.gguf")
 
     def tokens(*arguments: str, **env: str) -> int | None:
-        memory = estimate_context_memory(model, [UPSTREAM, *arguments], env)
+        memory = estimate_context_memory(model, [*UPSTREAM_CMD, *arguments], env)
         assert memory is None or isinstance(memory, ContextMemory)
         return None if memory is None else memory.context_tokens
 
@@ -210,7 +213,9 @@ def test_upstream_reads_its_configuration_files_first(
     user.parent.mkdir(parents=True)
 
     def tokens(*arguments: str, **env: str) -> int | None:
-        memory = estimate_context_memory(model, [UPSTREAM, *arguments], {"HOME": str(home), **env})
+        memory = estimate_context_memory(
+            model, [*UPSTREAM_CMD, *arguments], {"HOME": str(home), **env}
+        )
         assert memory is None or isinstance(memory, ContextMemory)
         return None if memory is None else memory.context_tokens
 
@@ -239,13 +244,49 @@ def test_upstream_reads_its_configuration_files_first(
     assert tokens(XDG_CONFIG_HOME=str(tmp_path / "xdg")) == 3 * 512
     # A file too large to read is not counted as nothing.
     user.write_bytes(b"# " + bytes(2 << 20))
-    memory = estimate_context_memory(model, [UPSTREAM], {"HOME": str(home)})
-    assert memory is UNCOUNTABLE
+    memory = estimate_context_memory(model, UPSTREAM_CMD, {"HOME": str(home)})
+    assert isinstance(memory, Uncountable) and "configuration file" in memory.what
     # The launcher (xllamacpp) reads no configuration file.
     user.write_text("c = 50000\n")
     launcher = [*EMBEDDED[:4], "-m", "{model_path}", "--port", "{port}"]
     embedded = estimate_context_memory(model, launcher, {"HOME": str(home)})
     assert isinstance(embedded, ContextMemory) and embedded.context_tokens == 4096
+
+
+def test_a_command_that_loads_another_model_is_not_counted_as_the_verified_one(
+    tmp_path: Path,
+) -> None:
+    # The estimate reads the verified blob's header; a command that has llama.cpp load some
+    # other file (the last -m wins), none, or one it downloads, is refused, not counted as it.
+    model = _model(tmp_path / "m.gguf", context=2048)
+    launcher = [*EMBEDDED[:4], "--port", "{port}"]
+
+    def result(command: list[str], **env: str) -> object:
+        return estimate_context_memory(model, command, env)
+
+    for command, env in (
+        ([*UPSTREAM_CMD, "-m", "/models/big.gguf"], {}),
+        ([UPSTREAM, "--model", "/models/big.gguf"], {}),
+        ([UPSTREAM, "--port", "{port}"], {}),  # no model: router mode, anything
+        ([UPSTREAM], {"LLAMA_ARG_MODEL": "/models/big.gguf"}),
+        ([*UPSTREAM_CMD, "-hf", "someone/model"], {}),
+        ([*UPSTREAM_CMD, "--gpt-oss-20b-default"], {}),
+        (UPSTREAM_CMD, {"LLAMA_ARG_HF_REPO": "someone/model"}),
+        ([*launcher, "-m", "{model_path}", "-m", "/models/big.gguf"], {}),
+        ([*launcher, "--model=/models/big.gguf"], {}),
+        ([*launcher, "-m", "{model_path}.other"], {}),
+    ):
+        memory = result(command, **env)
+        assert isinstance(memory, Uncountable), (command, env)
+        assert "another model" in memory.what and "big" not in memory.what
+    # The verified one, however it is named: the last -m, the flags over the environment.
+    for command, env in (
+        ([UPSTREAM, "-m", "/models/big.gguf", "-m", "{model_path}"], {}),
+        (UPSTREAM_CMD, {"LLAMA_ARG_MODEL": "/models/big.gguf"}),
+        ([UPSTREAM, "--alias", "-m", "--model", "{model_path}"], {}),
+        ([*launcher, "--model={model_path}"], {}),
+    ):
+        assert isinstance(result(command, **env), ContextMemory), (command, env)
 
 
 def test_slots_with_a_cache_each_pad_their_share(tmp_path: Path) -> None:
@@ -255,7 +296,7 @@ def test_slots_with_a_cache_each_pad_their_share(tmp_path: Path) -> None:
     model = _model(tmp_path / "m.gguf")
 
     def tokens(*arguments: str, command: list[str] | None = None, **env: str) -> int:
-        memory = estimate_context_memory(model, [*(command or [UPSTREAM]), *arguments], env)
+        memory = estimate_context_memory(model, [*(command or UPSTREAM_CMD), *arguments], env)
         assert isinstance(memory, ContextMemory)
         assert memory.bytes == _llama3_kv_bytes(memory.context_tokens)
         return memory.context_tokens
@@ -315,22 +356,22 @@ def test_what_cannot_be_counted_gives_no_estimate(tmp_path: Path) -> None:
         ["/usr/bin/ollama", "serve"],  # not llama.cpp's server: its memory is its own business
         ["/usr/bin/vllm", "-c", "4096"],
         [],
-        [UPSTREAM, "-c", "{context}"],
-        [UPSTREAM, "-c", "-5"],  # upstream aborts
-        [UPSTREAM, "-c"],
-        [UPSTREAM, "-c", "lots"],  # std::stoi throws: upstream exits
-        [UPSTREAM, "-c", "99999999999"],  # past an int: the same
-        [UPSTREAM, "-c", "9" * 5000],  # (and no ValueError from int() on the way)
-        [UPSTREAM, "-np", "-" + "9" * 5000],
-        [UPSTREAM, "-ctk", "q3_k"],
-        [UPSTREAM, "-ctk", "Q8_0"],  # the names are matched as they are
-        [UPSTREAM, "-np", "0"],
+        [*UPSTREAM_CMD, "-c", "{context}"],
+        [*UPSTREAM_CMD, "-c", "-5"],  # upstream aborts
+        [*UPSTREAM_CMD, "-c"],
+        [*UPSTREAM_CMD, "-c", "lots"],  # std::stoi throws: upstream exits
+        [*UPSTREAM_CMD, "-c", "99999999999"],  # past an int: the same
+        [*UPSTREAM_CMD, "-c", "9" * 5000],  # (and no ValueError from int() on the way)
+        [*UPSTREAM_CMD, "-np", "-" + "9" * 5000],
+        [*UPSTREAM_CMD, "-ctk", "q3_k"],
+        [*UPSTREAM_CMD, "-ctk", "Q8_0"],  # the names are matched as they are
+        [*UPSTREAM_CMD, "-np", "0"],
         [*EMBEDDED, "-c", "-5"],  # the launcher refuses both
         [*EMBEDDED, "--parallel", "0"],
     ):
         assert estimate_context_memory(model, command) is None, command
-    assert estimate_context_memory(model, [UPSTREAM], {"LLAMA_ARG_CTX_SIZE": "x"}) is None
-    assert estimate_context_memory(model, [UPSTREAM], {"LLAMA_ARG_KV_UNIFIED": "yes"}) is None
+    assert estimate_context_memory(model, UPSTREAM_CMD, {"LLAMA_ARG_CTX_SIZE": "x"}) is None
+    assert estimate_context_memory(model, UPSTREAM_CMD, {"LLAMA_ARG_KV_UNIFIED": "yes"}) is None
 
 
 def test_a_file_that_is_not_a_readable_gguf_model_gives_none(tmp_path: Path) -> None:
@@ -425,7 +466,7 @@ def test_a_header_past_the_bounds_is_refused_not_counted_as_nothing(tmp_path: Pa
     # llama.cpp reads a header of any size, so a file whose header the walk gives up on must
     # not pass the fit check with no KV cache counted (it would allocate what it declares).
     path = tmp_path / "m.gguf"
-    command = [UPSTREAM, "-m", "{model_path}", "--port", "{port}"]
+    command = [*UPSTREAM_CMD, "--port", "{port}"]
     model = _llama_pairs()
     path.write_bytes(_raw_header(model))
     assert estimate_context_memory(path, command) == ContextMemory(1 << 20, (1 << 20) * 512)

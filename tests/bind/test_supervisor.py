@@ -504,6 +504,32 @@ async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_re
     assert str(tmp_path) not in said and digest not in said
 
 
+async def test_a_command_that_loads_another_model_than_the_verified_one_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The verified tiny model declares 2,048 tokens; the command's last -m is another file,
+    # declaring 2^21, which the runtime would load with 2 GiB of KV cache under a 512 MiB
+    # ceiling. The fit check read the verified header: it refuses rather than count that one.
+    template, tiny = real_runtime(tmp_path)
+    template[template.index("-c") + 1] = "0"
+    other = declaring_context(tiny, 2**21, tmp_path)
+    template[template.index("{model_path}") + 1 : template.index("{model_path}") + 1] = [
+        "-m",
+        str(other),
+    ]
+    data = tiny.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    limits = create_resource_limits(max_ram_bytes=512 * MIB, max_vram_bytes=1, max_cpu_percent=100)
+    supervisor = Supervisor(_config(template, tiny, digest, len(data), resource_limits=limits))
+    async with supervisor:
+        with caplog.at_level(logging.WARNING, logger="companion_runtime.bind.supervisor"):
+            assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
+        assert supervisor.status()["spawns"] == 0
+    [said] = [record.getMessage() for record in caplog.records]
+    assert "loads another model than the verified one" in said
+    assert str(tmp_path) not in said and digest not in said
+
+
 @pytest.mark.security
 async def test_a_command_that_is_not_allowed_never_runs(tmp_path: Path) -> None:
     model, digest, size = _blob(tmp_path)

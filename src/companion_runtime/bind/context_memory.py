@@ -27,7 +27,10 @@ What it reads:
   ``--override-kv ARCH.context_length=int:N`` gives it), its slots (``-np``: 4 by default,
   sharing one cache; a number given splits the context into per-slot caches unless
   ``--kv-unified``) and ``--kv-unified-per-slot`` (slots × N, without ``-c``) count;
-  ``-ctk`` / ``-ctv`` set the element types (``f16`` by default).
+  ``-ctk`` / ``-ctv`` set the element types (``f16`` by default). The model it loads must be
+  ``{model_path}`` (the last ``-m``, or ``LLAMA_ARG_MODEL``, or a configuration file's):
+  another file, none, or one it downloads (``-hf``, ``-mu``, ``-dr``, a ``--*-default``
+  preset) gives :class:`Uncountable`, since the header read is not the one it loads.
 - the **model file's GGUF header**: ``general.architecture`` and that architecture's
   ``block_count``, ``context_length``, ``embedding_length``, ``attention.head_count``,
   ``attention.head_count_kv`` (a number, or one per layer), ``attention.key_length`` and
@@ -196,6 +199,8 @@ _UPSTREAM_SETTINGS: Final[Mapping[str, str]] = {
     "--parallel": "slots",
     "--kv-unified-per-slot": "per_slot",
     "--override-kv": "override",
+    "-m": "model",
+    "--model": "model",
 }
 _UPSTREAM_UNIFIED: Final[Mapping[str, bool]] = {
     "-kvu": True,
@@ -209,6 +214,7 @@ _UPSTREAM_VARIABLES: Final[Mapping[str, str]] = {
     "LLAMA_ARG_CACHE_TYPE_V": "cache_v",
     "LLAMA_ARG_N_PARALLEL": "slots",
     "LLAMA_ARG_KV_UNIFIED_PER_SLOT": "per_slot",
+    "LLAMA_ARG_MODEL": "model",
 }
 #: The keys of a llama.cpp configuration file that the estimate reads: an option's names
 #: without their dashes, and its variable. ``no-`` names set the opposite.
@@ -226,12 +232,24 @@ _SYSTEM_CONFIG: Final = Path("/etc/llama.cpp/config.ini")
 _USER_CONFIG: Final = Path("llama.cpp", "config.ini")
 #: A configuration file larger than this is not read: the fit check refuses.
 _MAX_CONFIG_BYTES: Final = 1 << 20
+#: What ``{model_path}`` stands for while a command is read: the model it loads must be it.
+_MODEL_SENTINEL: Final = "\x01model_path\x01"
+#: Upstream options (and variables) that have it load a model from elsewhere, whatever -m says.
+_UPSTREAM_REMOTE: Final = frozenset(
+    """
+    -hf -hfr --hf-repo -mu --model-url -dr --docker-repo --embd-gemma-default
+    --fim-qwen-1.5b-default --fim-qwen-3b-default --fim-qwen-7b-default --fim-qwen-7b-spec
+    --fim-qwen-14b-spec --fim-qwen-30b-default --gpt-oss-20b-default --gpt-oss-120b-default
+    --vision-gemma-4b-default --vision-gemma-12b-default
+    LLAMA_ARG_HF_REPO LLAMA_ARG_MODEL_URL LLAMA_ARG_DOCKER_REPO
+    """.split()
+)
 #: Values for the launcher's placeholders while its arguments are parsed (the supervisor's
 #: own, but for the port and the paths, which the parse does not look into).
 _PLACEHOLDER_VALUES: Final[Mapping[str, str]] = {
     "host": LOOPBACK_HOST,
     "port": "1",
-    "model_path": "model",
+    "model_path": _MODEL_SENTINEL,
     "api_key_file": "key",
 }
 
@@ -300,12 +318,20 @@ class ContextMemory:
 @final
 @dataclass(frozen=True, slots=True)
 class Uncountable:
-    """A llama.cpp runtime on a GGUF file whose header is past the walk's bounds: llama.cpp
-    would load it, and nothing says how large its cache would be. The fit check refuses."""
+    """A llama.cpp runtime whose KV cache cannot be counted, where llama.cpp would still run:
+    the fit check refuses rather than count nothing. ``what`` says why, without a path."""
+
+    what: str
 
 
-#: The one :class:`Uncountable` there is.
-UNCOUNTABLE: Final = Uncountable()
+#: The model file's GGUF header is past the walk's bounds.
+UNCOUNTABLE: Final = Uncountable("its GGUF header is too large for the fit check to read")
+_CONFIG_TOO_LARGE: Final = Uncountable(
+    "llama.cpp's configuration file is too large for the fit check to read"
+)
+#: The command has llama.cpp load a model other than the verified blob (or none, or one it
+#: downloads): what the fit check read is not what the runtime allocates for.
+_ANOTHER_MODEL: Final = Uncountable("the runtime command loads another model than the verified one")
 
 
 class _Header:
@@ -558,6 +584,9 @@ class _Settings:
     zero_given: bool = False
     #: ``--override-kv`` values, in order.
     overrides: tuple[str, ...] = ()
+    #: The model file it loads (None: none given); loaded from elsewhere (``-hf``...).
+    model: str | None = None
+    remote: bool = False
 
 
 def _number(text: str) -> int | None:
@@ -588,6 +617,9 @@ def _apply_upstream(settings: _Settings, setting: str, value: str) -> bool:
         return True
     if setting == "override":
         settings.overrides = (*settings.overrides, value)
+        return True
+    if setting == "model":
+        settings.model = value
         return True
     number = _stoi(value)
     if number is None:
@@ -641,7 +673,13 @@ def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
         if not applies or not equals:
             continue
         key, value = key.strip(), value.strip()
-        if key in _CONFIG_UNIFIED:
+        if (
+            key in _UPSTREAM_REMOTE
+            or "-" + key in _UPSTREAM_REMOTE
+            or "--" + key in _UPSTREAM_REMOTE
+        ):
+            settings.remote = True
+        elif key in _CONFIG_UNIFIED:
             if value not in _TRUTHY | _FALSEY:
                 return False
             settings.unified = (value in _TRUTHY) == _CONFIG_UNIFIED[key]
@@ -657,12 +695,14 @@ def _upstream_settings(
     for path in _config_files(environ):
         lines = _config_lines(path)
         if lines is None:
-            return UNCOUNTABLE
+            return _CONFIG_TOO_LARGE
         if not _apply_config(settings, lines):
             return None
     for variable, name in _UPSTREAM_VARIABLES.items():
         if variable in environ and not _apply_upstream(settings, name, environ[variable]):
             return None
+    if any(name in environ for name in _UPSTREAM_REMOTE):
+        settings.remote = True
     if "LLAMA_ARG_KV_UNIFIED" in environ:
         unified = environ["LLAMA_ARG_KV_UNIFIED"]
         if unified not in _TRUTHY | _FALSEY:
@@ -674,6 +714,8 @@ def _upstream_settings(
         if option.startswith("--"):
             option = option.replace("_", "-")
         index += 1
+        if option in _UPSTREAM_REMOTE:
+            settings.remote = True
         if option in _UPSTREAM_UNIFIED:
             settings.unified = _UPSTREAM_UNIFIED[option]
         elif option in _UPSTREAM_TWO_VALUE_OPTIONS:
@@ -697,7 +739,7 @@ def _embedded_settings(arguments: Sequence[str]) -> _Settings | None:
     parsed = parse_launcher_arguments(arguments)
     if parsed is None or type(parsed.ctx_size) is not int or parsed.ctx_size < 0:
         return None  # the launcher refuses its command line
-    return _Settings(context=parsed.ctx_size, slots=parsed.parallel)
+    return _Settings(context=parsed.ctx_size, slots=parsed.parallel, model=str(parsed.model))
 
 
 def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings | Uncountable | None:
@@ -748,6 +790,8 @@ def estimate_context_memory(
         return settings
     if settings is None or settings.slots <= 0 or settings.context < 0:
         return None  # not llama.cpp's server, or one that exits (or aborts) at once
+    if settings.remote or settings.model != _MODEL_SENTINEL:
+        return _ANOTHER_MODEL
     shape = read_attention_shape(model_path)
     if not isinstance(shape, AttentionShape):
         return shape

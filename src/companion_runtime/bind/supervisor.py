@@ -730,12 +730,13 @@ class Supervisor:
             estimate_context_memory, config.model_path, config.command_template, config.extra_env
         )
         if isinstance(context, Uncountable):
-            # llama.cpp would load a header (or read a configuration file) this large; what
-            # its cache would take, nobody has counted. Refused rather than counted as nothing.
+            # llama.cpp would run it (a header or a configuration file this large, a model
+            # other than the verified one); what its cache would take, nobody has counted.
+            # Refused rather than counted as nothing.
             self._context_memory = None
             _logger.warning(
-                "the model does not fit: the KV cache it needs cannot be counted (its GGUF "
-                "header, or llama.cpp's configuration file, is too large for the fit check)"
+                "the model does not fit: the KV cache it needs cannot be counted (%s)",
+                context.what,
             )
             return deny(Reason.MODEL_TOO_LARGE)
         self._context_memory = context
