@@ -316,6 +316,11 @@ def test_slots_with_a_cache_each_pad_their_share(tmp_path: Path) -> None:
     assert tokens("-np", "4", "--kv-unified") == 131072
     # --kv-unified-per-slot N without -c: slots x N (with -c 0 given, it counts for nothing).
     assert tokens("--kv-unified-per-slot", "5000", "-np", "2", "-c", "0") == 2 * 131072
+    # -c 0 pins the context by setting --fit-ctx to UINT32_MAX, as -fitc -1 does; a later
+    # -fitc undoes it (each as llama-server, build 11434, allocated it).
+    assert tokens("--kv-unified-per-slot", "1000", "-fitc", "-1") == 131072
+    assert tokens("-c", "0", "-fitc", "4096", "--kv-unified-per-slot", "1000") == 4096
+    assert tokens("-fitc", "4096", "-c", "0", "--kv-unified-per-slot", "1000") == 131072
     assert tokens("--kv-unified-per-slot", "50000") == 200192
     assert tokens("--kv-unified-per-slot", "5000", "-np", "2") == 10240
     assert tokens("--kv-unified-per-slot", "5000", "-c", "1024") == 1024

@@ -201,6 +201,8 @@ _UPSTREAM_SETTINGS: Final[Mapping[str, str]] = {
     "--override-kv": "override",
     "-m": "model",
     "--model": "model",
+    "-fitc": "fit_ctx",
+    "--fit-ctx": "fit_ctx",
 }
 _UPSTREAM_UNIFIED: Final[Mapping[str, bool]] = {
     "-kvu": True,
@@ -215,6 +217,7 @@ _UPSTREAM_VARIABLES: Final[Mapping[str, str]] = {
     "LLAMA_ARG_N_PARALLEL": "slots",
     "LLAMA_ARG_KV_UNIFIED_PER_SLOT": "per_slot",
     "LLAMA_ARG_MODEL": "model",
+    "LLAMA_ARG_FIT_CTX": "fit_ctx",
 }
 #: The keys of a llama.cpp configuration file that the estimate reads: an option's names
 #: without their dashes, and its variable. ``no-`` names set the opposite.
@@ -579,9 +582,10 @@ class _Settings:
     unified: bool = False
     #: Upstream's ``--kv-unified-per-slot``: the context is slots × this, without ``-c``.
     per_slot: int = 0
-    #: ``-c 0`` was given (not merely left out): ``--kv-unified-per-slot`` then counts for
-    #: nothing (upstream: "unless the user pinned it with -c or with -c 0").
-    zero_given: bool = False
+    #: The context is pinned: ``-c 0`` given (not merely left out) sets upstream's minimum
+    #: context for ``--fit`` to UINT32_MAX, as ``-fitc -1`` does, and a later ``-fitc N``
+    #: undoes it; pinned, ``--kv-unified-per-slot`` counts for nothing.
+    pinned: bool = False
     #: ``--override-kv`` values, in order.
     overrides: tuple[str, ...] = ()
     #: The model file it loads (None: none given); loaded from elsewhere (``-hf``...).
@@ -624,9 +628,12 @@ def _apply_upstream(settings: _Settings, setting: str, value: str) -> bool:
     number = _stoi(value)
     if number is None:
         return False
+    if setting == "fit_ctx":
+        settings.pinned = number == -1
+        return True
     setattr(settings, setting, number)
     if setting == "context" and number == 0:
-        settings.zero_given = True
+        settings.pinned = True
     return True
 
 
@@ -730,7 +737,7 @@ def _upstream_settings(
     if settings.slots < 0:  # upstream's automatic choice: 4 slots, one cache
         settings.slots = _UPSTREAM_AUTO_SLOTS
         settings.unified = True
-    if settings.per_slot > 0 and settings.context == 0 and not settings.zero_given:
+    if settings.per_slot > 0 and settings.context == 0 and not settings.pinned:
         settings.context = settings.slots * settings.per_slot
     return settings
 
