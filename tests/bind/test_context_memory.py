@@ -348,6 +348,12 @@ def test_the_launcher_reads_its_arguments_with_its_own_parser(tmp_path: Path) ->
     ):
         memory = estimate_context_memory(model, [*launcher, *arguments])
         assert memory == ContextMemory(100096, _llama3_kv_bytes(100096)), arguments
+    # Python takes the module attached to -m too: it is the launcher all the same.
+    for attached in ("-m" + MODULE, "-Pm" + MODULE):
+        memory = estimate_context_memory(
+            model, [EMBEDDED[0], attached, "-m", "{model_path}", "--port", "{port}", "-c", "0"]
+        )
+        assert memory == ContextMemory(131072, _llama3_kv_bytes(131072)), attached
     # Its arguments only: -c before the module is the interpreter's own business.
     assert estimate_context_memory(model, [EMBEDDED[0], "-c", "100", *EMBEDDED[1:4]]) is None
     # A command line the launcher refuses (no -m; an unknown option) starts nothing.

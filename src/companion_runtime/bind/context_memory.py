@@ -235,6 +235,8 @@ _SYSTEM_CONFIG: Final = Path("/etc/llama.cpp/config.ini")
 _USER_CONFIG: Final = Path("llama.cpp", "config.ini")
 #: A configuration file larger than this is not read: the fit check refuses.
 _MAX_CONFIG_BYTES: Final = 1 << 20
+#: The launcher's module attached to Python's ``-m`` (and the flags before it).
+_ATTACHED_MODULE: Final = re.compile("-[A-Za-z]*m" + re.escape(MODULE))
 #: What ``{model_path}`` stands for while a command is read: the model it loads must be it.
 _MODEL_SENTINEL: Final = "\x01model_path\x01"
 #: Upstream options (and variables) that have it load a model from elsewhere, whatever -m says.
@@ -757,10 +759,11 @@ def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings |
         argv = filled_argv(command, _PLACEHOLDER_VALUES)
     except (ProcessError, KeyError, ValueError, TypeError):
         return None
-    if MODULE in argv[1:]:
-        # python [its options] -m MODULE [the launcher's arguments]; xllamacpp reads no
-        # LLAMA_ARG_* variable.
-        return _embedded_settings(argv[argv.index(MODULE, 1) + 1 :])
+    for index, argument in enumerate(argv[1:], 1):
+        # python [its options] -m MODULE [the launcher's arguments], or -mMODULE, -PmMODULE
+        # as Python takes them too; xllamacpp reads no LLAMA_ARG_* variable.
+        if argument == MODULE or _ATTACHED_MODULE.fullmatch(argument):
+            return _embedded_settings(argv[index + 1 :])
     if Path(argv[0]).name == _UPSTREAM_NAME:
         return _upstream_settings(argv[1:], environ)
     return None
