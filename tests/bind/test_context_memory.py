@@ -289,6 +289,23 @@ def test_a_command_that_loads_another_model_is_not_counted_as_the_verified_one(
         assert isinstance(result(command, **env), ContextMemory), (command, env)
 
 
+def test_upstream_behind_a_wrapper_is_still_upstream(tmp_path: Path) -> None:
+    # env, nice, taskset run llama-server as it is: its cache is the same, and an env
+    # assignment is a variable of its environment.
+    model = _model(tmp_path / "m.gguf")
+    rest = ["-m", "{model_path}", "--port", "{port}"]
+    declared = ContextMemory(131072, _llama3_kv_bytes(131072))
+    for wrapper in (
+        ["/usr/bin/env"],
+        ["/usr/bin/nice", "-n", "5"],
+        ["/usr/bin/taskset", "-c", "0"],
+    ):
+        assert estimate_context_memory(model, [*wrapper, "llama-server", *rest]) == declared
+        assert estimate_context_memory(model, [*wrapper, UPSTREAM, *rest]) == declared
+    with_env = ["/usr/bin/env", "LLAMA_ARG_CTX_SIZE=2048", UPSTREAM, *rest]
+    assert estimate_context_memory(model, with_env) == ContextMemory(2048, _llama3_kv_bytes(2048))
+
+
 def test_slots_with_a_cache_each_pad_their_share(tmp_path: Path) -> None:
     # Upstream without -np: 4 slots sharing one cache. With -np N each slot has a cache of its
     # own, its share of the context padded up to 256 tokens: -np 100 -c 1000 allocates 25,600

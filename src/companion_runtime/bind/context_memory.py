@@ -11,7 +11,8 @@ What it reads:
 
 - the **runtime command**: the estimate is made only for a command that runs llama.cpp's server
   (the embedded launcher, ``python -m companion_runtime.bind.llama_server``, or an executable
-  named ``llama-server``); for any other runtime it returns None and the allowance stands alone.
+  named ``llama-server``, also behind a wrapper such as ``env NAME=VALUE`` or ``nice``); for any
+  other runtime it returns None and the allowance stands alone.
   Each is read the way it reads its own command line. The launcher's arguments go through its
   own parser (so ``--ctx 8192``, ``-c8192`` and ``--ctx-size=8192`` all count); its context is
   :data:`~companion_runtime.bind.llama_server.DEFAULT_CONTEXT_SIZE` unless ``-c`` says
@@ -764,8 +765,17 @@ def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings |
         # as Python takes them too; xllamacpp reads no LLAMA_ARG_* variable.
         if argument == MODULE or _ATTACHED_MODULE.fullmatch(argument):
             return _embedded_settings(argv[index + 1 :])
-    if Path(argv[0]).name == _UPSTREAM_NAME:
-        return _upstream_settings(argv[1:], environ)
+    for index, argument in enumerate(argv):
+        # llama-server itself, or behind a wrapper that runs it (env, nice, taskset...); an
+        # "env NAME=VALUE" before it sets a variable of its environment.
+        if Path(argument).name == _UPSTREAM_NAME:
+            if index and Path(argv[0]).name == "env":
+                assignments = (part.partition("=") for part in argv[1:index])
+                environ = {
+                    **environ,
+                    **{name: value for name, equals, value in assignments if equals},
+                }
+            return _upstream_settings(argv[index + 1 :], environ)
     return None
 
 
