@@ -3,22 +3,34 @@ runtime commands as manifests give them, and the figure the real llama.cpp serve
 
 from __future__ import annotations
 
+import os
 import re
+import struct
 import subprocess
+import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
+from companion_runtime.bind import context_memory
 from companion_runtime.bind.context_memory import (
+    UNCOUNTABLE,
     AttentionShape,
     ContextMemory,
+    Uncountable,
     estimate_context_memory,
     read_attention_shape,
 )
-from companion_runtime.bind.llama_server import DEFAULT_CONTEXT_SIZE, embedded_llama_command
+from companion_runtime.bind.llama_server import (
+    DEFAULT_CONTEXT_SIZE,
+    MODULE,
+    embedded_llama_command,
+    llama_available,
+)
 from companion_runtime.bind.tiny_model import write_tiny_model
 from tests.support.llama import declaring_context, free_port, upstream_binary
 
@@ -26,6 +38,8 @@ pytestmark = pytest.mark.unit
 
 MIB = 1 << 20
 UPSTREAM = "/opt/llama.cpp/bin/llama-server"
+#: Upstream on the verified blob, as a manifest runs it.
+UPSTREAM_CMD = [UPSTREAM, "-m", "{model_path}"]
 EMBEDDED = embedded_llama_command()
 
 
@@ -77,6 +91,7 @@ def test_the_shape_is_read_as_written(tmp_path: Path) -> None:
     assert read_attention_shape(model) == AttentionShape(
         context_length=131072, kv_heads=(8,) * 32, key_length=128, value_length=128
     )
+    assert read_attention_shape(model).architecture == "llama"  # type: ignore[union-attr]
     big_endian = _model(tmp_path / "be.gguf", endianess=gguf.GGUFEndian.BIG)
     assert read_attention_shape(big_endian) == read_attention_shape(model)
     # Per-layer head counts (a hybrid model: layers 1 and 3 have no attention), explicit
@@ -102,7 +117,7 @@ def test_the_context_comes_from_the_command(tmp_path: Path) -> None:
     model = _model(tmp_path / "m.gguf")
 
     def estimate(*arguments: str, command: list[str] | None = None, **env: str) -> object:
-        return estimate_context_memory(model, [*(command or [UPSTREAM]), *arguments], env)
+        return estimate_context_memory(model, [*(command or UPSTREAM_CMD), *arguments], env)
 
     declared = ContextMemory(context_tokens=131072, bytes=_llama3_kv_bytes(131072))
     # Upstream llama-server's own default (-c 0) is the length the model declares: 16 GiB.
@@ -110,7 +125,11 @@ def test_the_context_comes_from_the_command(tmp_path: Path) -> None:
     assert declared.bytes == 16 << 30
     assert estimate("-c", "0") == declared
     assert estimate("-c", "8192") == ContextMemory(8192, _llama3_kv_bytes(8192))
-    assert estimate("--ctx-size=8192") == ContextMemory(8192, _llama3_kv_bytes(8192))
+    # Upstream has no --opt=value form (it refuses the argument); the launcher's argparse has.
+    assert estimate("--ctx-size=8192") == declared
+    assert estimate("--ctx-size=8192", command=EMBEDDED) == ContextMemory(
+        8192, _llama3_kv_bytes(8192)
+    )
     assert estimate("-c", "100", "--ctx-size", "4000") == ContextMemory(
         4096, _llama3_kv_bytes(4096)
     )
@@ -120,7 +139,10 @@ def test_the_context_comes_from_the_command(tmp_path: Path) -> None:
     assert estimate(command=EMBEDDED) == ContextMemory(
         DEFAULT_CONTEXT_SIZE, _llama3_kv_bytes(DEFAULT_CONTEXT_SIZE)
     )
-    assert estimate("-c", "0", command=EMBEDDED) == declared
+    # -c 0 with a cache per slot (the template's two): the declared length for each slot.
+    assert estimate("-c", "0", command=EMBEDDED) == ContextMemory(
+        2 * 131072, _llama3_kv_bytes(2 * 131072)
+    )
     # The environment counts for upstream llama-server, below its flags; not for the launcher.
     assert estimate(LLAMA_ARG_CTX_SIZE="2048") == ContextMemory(2048, _llama3_kv_bytes(2048))
     assert estimate("-c", "512", LLAMA_ARG_CTX_SIZE="2048") == ContextMemory(
@@ -135,15 +157,225 @@ def test_cache_types_change_the_element_size(tmp_path: Path) -> None:
     row = 8 * 128  # one layer's K (or V) for one token, in elements
     for flags, k_bytes, v_bytes in (
         (["-ctk", "q8_0", "-ctv", "q8_0"], row // 32 * 34, row // 32 * 34),
-        (["--cache-type-k=q4_0"], row // 32 * 18, row * 2),
+        (["--cache_type_k", "q4_0"], row // 32 * 18, row * 2),
         (["-ctv", "f32"], row * 2, row * 4),
         (["-ctk", "bf16", "--cache-type-v", "q5_1"], row * 2, row // 32 * 24),
     ):
-        memory = estimate_context_memory(model, [UPSTREAM, "-c", "1024", *flags])
+        memory = estimate_context_memory(model, [*UPSTREAM_CMD, "-c", "1024", *flags])
         assert memory == ContextMemory(1024, 1024 * 32 * (k_bytes + v_bytes)), flags
     env = {"LLAMA_ARG_CACHE_TYPE_K": "q8_0"}
-    memory = estimate_context_memory(model, [UPSTREAM, "-c", "1024"], env)
+    memory = estimate_context_memory(model, [*UPSTREAM_CMD, "-c", "1024"], env)
     assert memory == ContextMemory(1024, 1024 * 32 * (row // 32 * 34 + row * 2))
+
+
+def test_upstream_options_are_read_as_llama_server_reads_them(tmp_path: Path) -> None:
+    # Each figure is what llama-server (build 11434) allocated for the same command line.
+    model = _model(tmp_path / "m.gguf")
+
+    def tokens(*arguments: str, **env: str) -> int | None:
+        memory = estimate_context_memory(model, [*UPSTREAM_CMD, *arguments], env)
+        assert memory is None or isinstance(memory, ContextMemory)
+        return None if memory is None else memory.context_tokens
+
+    # "_" in a long option is "-": the last -c is this one.
+    assert tokens("-c", "100", "--ctx_size", "8192") == 8192
+    # An option's value is never an option: this alias is "--ctx-size=512", -c is unset.
+    assert tokens("--alias", "--ctx-size=512") == 131072
+    assert tokens("--alias", "-c", "-c", "512") == 512
+    assert tokens("--control-vector-layer-range", "-c", "9", "-c", "1024") == 1024
+    # std::stoi: leading blanks and a sign, then digits; whatever follows is ignored.
+    assert tokens("-c", "0x10") == 131072  # 0, the declared length
+    assert tokens("-c", "8192abc") == 8192
+    assert tokens("-c", " +8192") == 8192
+    assert tokens("-c", "1e4") == 256
+    assert tokens(LLAMA_ARG_CTX_SIZE="4096tokens") == 4096
+    # The declared length as --override-kv gives it.
+    assert tokens("--override-kv", "llama.context_length=int:50000") == 50176
+    assert tokens("--override-kv", "a.b=bool:true,llama.context_length=int:9000") == 9216
+    assert tokens("--override-kv", "qwen2.context_length=int:9000") == 131072
+    # std::atol, then the uint32 the loader keeps: past a long it saturates, 2^32 - 1.
+    huge = "llama.context_length=int:" + "9" * 5000
+    assert tokens("-np", "1", "--override-kv", huge) == 1 << 32
+    assert tokens("-c", "1024", "--override-kv", "llama.context_length=int:50000") == 1024
+
+
+def test_upstream_reads_its_configuration_files_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama-server applies /etc/llama.cpp/config.ini, then the user's (under the runtime's
+    # HOME, or XDG_CONFIG_HOME), before its environment and its flags: a context set there is
+    # the one it allocates (50,000 tokens here, where the old estimate counted the declared).
+    model = _model(tmp_path / "m.gguf")
+    system = tmp_path / "etc.ini"
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", system)
+    home = tmp_path / "home"
+    user = home / ".config" / "llama.cpp" / "config.ini"
+    user.parent.mkdir(parents=True)
+
+    def tokens(*arguments: str, **env: str) -> int | None:
+        memory = estimate_context_memory(
+            model, [*UPSTREAM_CMD, *arguments], {"HOME": str(home), **env}
+        )
+        assert memory is None or isinstance(memory, ContextMemory)
+        return None if memory is None else memory.context_tokens
+
+    user.write_text("c = 50000\n")
+    assert tokens() == 50176
+    assert tokens(LLAMA_ARG_CTX_SIZE="1000") == 1024  # the environment comes after
+    assert tokens("-c", "2000") == 2048  # and the flags last
+    # Global keys and the [*] section count, by any of an option's names or its variable;
+    # other sections are a router's presets. A later file wins over an earlier one.
+    system.write_text("np = 3\nctx-size = 9000\n")
+    user.write_text("; a comment\n[*]\nLLAMA_ARG_CTX_SIZE = 4096\n[other]\nc = 99999\n")
+    assert tokens() == 4608  # 3 slots, a cache each
+    user.write_text("kv-unified = true\n")
+    assert tokens() == 9216  # the system file's context, one cache
+    user.write_text("no-kvu = false\nc=4096\n")
+    assert tokens() == 4096
+    # What upstream refuses (and exits on) is no estimate; what it ignores, ignored.
+    user.write_text('c = "4096"\n')
+    assert tokens() is None
+    user.write_text("ctx_size = 4096\nunknown = 1\n")
+    assert tokens() == 9216  # no "_" for "-" in a file: the system file's context
+    # XDG_CONFIG_HOME, where the runtime has one, instead of HOME's .config.
+    other = tmp_path / "xdg" / "llama.cpp" / "config.ini"
+    other.parent.mkdir(parents=True)
+    other.write_text("c = 1000\n")
+    assert tokens(XDG_CONFIG_HOME=str(tmp_path / "xdg")) == 3 * 512
+    # A file too large to read is not counted as nothing.
+    user.write_bytes(b"# " + bytes(2 << 20))
+    memory = estimate_context_memory(model, UPSTREAM_CMD, {"HOME": str(home)})
+    assert isinstance(memory, Uncountable) and "configuration file" in memory.what
+    # The launcher (xllamacpp) reads no configuration file.
+    user.write_text("c = 50000\n")
+    launcher = [*EMBEDDED[:4], "-m", "{model_path}", "--port", "{port}"]
+    embedded = estimate_context_memory(model, launcher, {"HOME": str(home)})
+    assert isinstance(embedded, ContextMemory) and embedded.context_tokens == 4096
+
+
+def test_a_command_that_loads_another_model_is_not_counted_as_the_verified_one(
+    tmp_path: Path,
+) -> None:
+    # The estimate reads the verified blob's header; a command that has llama.cpp load some
+    # other file (the last -m wins), none, or one it downloads, is refused, not counted as it.
+    model = _model(tmp_path / "m.gguf", context=2048)
+    launcher = [*EMBEDDED[:4], "--port", "{port}"]
+
+    def result(command: list[str], **env: str) -> object:
+        return estimate_context_memory(model, command, env)
+
+    for command, env in (
+        ([*UPSTREAM_CMD, "-m", "/models/big.gguf"], {}),
+        ([UPSTREAM, "--model", "/models/big.gguf"], {}),
+        ([UPSTREAM, "--port", "{port}"], {}),  # no model: router mode, anything
+        ([UPSTREAM], {"LLAMA_ARG_MODEL": "/models/big.gguf"}),
+        ([*UPSTREAM_CMD, "-hf", "someone/model"], {}),
+        ([*UPSTREAM_CMD, "--gpt-oss-20b-default"], {}),
+        (UPSTREAM_CMD, {"LLAMA_ARG_HF_REPO": "someone/model"}),
+        ([*launcher, "-m", "{model_path}", "-m", "/models/big.gguf"], {}),
+        ([*launcher, "--model=/models/big.gguf"], {}),
+        ([*launcher, "-m", "{model_path}.other"], {}),
+    ):
+        memory = result(command, **env)
+        assert isinstance(memory, Uncountable), (command, env)
+        assert "another model" in memory.what and "big" not in memory.what
+    # The verified one, however it is named: the last -m, the flags over the environment.
+    for command, env in (
+        ([UPSTREAM, "-m", "/models/big.gguf", "-m", "{model_path}"], {}),
+        (UPSTREAM_CMD, {"LLAMA_ARG_MODEL": "/models/big.gguf"}),
+        ([UPSTREAM, "--alias", "-m", "--model", "{model_path}"], {}),
+        ([*launcher, "--model={model_path}"], {}),
+    ):
+        assert isinstance(result(command, **env), ContextMemory), (command, env)
+
+
+def test_upstream_behind_a_wrapper_is_still_upstream(tmp_path: Path) -> None:
+    # env, nice, taskset run llama-server as it is: its cache is the same, and an env
+    # assignment is a variable of its environment.
+    model = _model(tmp_path / "m.gguf")
+    rest = ["-m", "{model_path}", "--port", "{port}"]
+    declared = ContextMemory(131072, _llama3_kv_bytes(131072))
+    for wrapper in (
+        ["/usr/bin/env"],
+        ["/usr/bin/nice", "-n", "5"],
+        ["/usr/bin/taskset", "-c", "0"],
+    ):
+        assert estimate_context_memory(model, [*wrapper, "llama-server", *rest]) == declared
+        assert estimate_context_memory(model, [*wrapper, UPSTREAM, *rest]) == declared
+    with_env = ["/usr/bin/env", "LLAMA_ARG_CTX_SIZE=2048", UPSTREAM, *rest]
+    assert estimate_context_memory(model, with_env) == ContextMemory(2048, _llama3_kv_bytes(2048))
+
+
+def test_slots_with_a_cache_each_pad_their_share(tmp_path: Path) -> None:
+    # Upstream without -np: 4 slots sharing one cache. With -np N each slot has a cache of its
+    # own, its share of the context padded up to 256 tokens: -np 100 -c 1000 allocates 25,600
+    # cells, not 1,024 (as llama-server logged it; 25 times the old estimate).
+    model = _model(tmp_path / "m.gguf")
+
+    def tokens(*arguments: str, command: list[str] | None = None, **env: str) -> int:
+        memory = estimate_context_memory(model, [*(command or UPSTREAM_CMD), *arguments], env)
+        assert isinstance(memory, ContextMemory)
+        assert memory.bytes == _llama3_kv_bytes(memory.context_tokens)
+        return memory.context_tokens
+
+    assert tokens("-c", "1000") == 1024
+    assert tokens("-np", "100", "-c", "1000") == 25600
+    assert tokens("-np", "8", "-c", "100") == 2048
+    assert tokens("--parallel", "3", "-c", "4096") == 4608
+    assert tokens("-np", "3", "-c", "4096", "-kvu") == 4096  # one cache again
+    assert tokens("-np", "3", "-c", "4096", LLAMA_ARG_KV_UNIFIED="on") == 4096
+    assert tokens("-c", "4096", LLAMA_ARG_N_PARALLEL="3") == 4608
+    assert tokens("-np", "-1", "-c", "1000") == 1024  # negative: the automatic choice
+    # Without -c (or with -c 0), each slot's cache is the declared length: -np 4 is four
+    # times what one shared cache would take (64 GiB here, where the old estimate said 16).
+    assert tokens("-np", "4") == 4 * 131072
+    assert tokens("-np", "2", "-c", "0") == 2 * 131072
+    assert tokens("-np", "4", "--kv-unified") == 131072
+    # --kv-unified-per-slot N without -c: slots x N (with -c 0 given, it counts for nothing).
+    assert tokens("--kv-unified-per-slot", "5000", "-np", "2", "-c", "0") == 2 * 131072
+    # -c 0 pins the context by setting --fit-ctx to UINT32_MAX, as -fitc -1 does; a later
+    # -fitc undoes it (each as llama-server, build 11434, allocated it).
+    assert tokens("--kv-unified-per-slot", "1000", "-fitc", "-1") == 131072
+    assert tokens("-c", "0", "-fitc", "4096", "--kv-unified-per-slot", "1000") == 4096
+    assert tokens("-fitc", "4096", "-c", "0", "--kv-unified-per-slot", "1000") == 131072
+    assert tokens("--kv-unified-per-slot", "50000") == 200192
+    assert tokens("--kv-unified-per-slot", "5000", "-np", "2") == 10240
+    assert tokens("--kv-unified-per-slot", "5000", "-c", "1024") == 1024
+    # The embedded launcher: --parallel slots (1 by default), a cache each.
+    launcher = [*EMBEDDED[:4], "-m", "{model_path}", "--port", "{port}"]
+    assert tokens(command=launcher) == 4096
+    assert tokens("--parallel", "3", command=launcher) == 4608
+    assert tokens("-np", "200", "-c", "1000", command=launcher) == 51200
+    assert tokens("--parallel", "3", "-c", "0", command=launcher) == 3 * 131072
+
+
+def test_the_launcher_reads_its_arguments_with_its_own_parser(tmp_path: Path) -> None:
+    # argparse takes abbreviations and attached values: each of these is a 100,000-token
+    # context for the launcher, which the old reading took for its 4,096-token default.
+    model = _model(tmp_path / "m.gguf")
+    launcher = [*EMBEDDED[:4], "-m", "{model_path}", "--port", "{port}"]
+    for arguments in (
+        ["-c100000"],
+        ["--ctx", "100000"],
+        ["--c", "100000"],
+        ["--ctx-s=100000"],
+        ["-c=100000"],
+        ["-c", "4096", "--ctx", "100000"],
+        ["-c", "1_00_000"],
+    ):
+        memory = estimate_context_memory(model, [*launcher, *arguments])
+        assert memory == ContextMemory(100096, _llama3_kv_bytes(100096)), arguments
+    # Python takes the module attached to -m too: it is the launcher all the same.
+    for attached in ("-m" + MODULE, "-Pm" + MODULE):
+        memory = estimate_context_memory(
+            model, [EMBEDDED[0], attached, "-m", "{model_path}", "--port", "{port}", "-c", "0"]
+        )
+        assert memory == ContextMemory(131072, _llama3_kv_bytes(131072)), attached
+    # Its arguments only: -c before the module is the interpreter's own business.
+    assert estimate_context_memory(model, [EMBEDDED[0], "-c", "100", *EMBEDDED[1:4]]) is None
+    # A command line the launcher refuses (no -m; an unknown option) starts nothing.
+    assert estimate_context_memory(model, [*EMBEDDED[:4], "--port", "{port}"]) is None
+    assert estimate_context_memory(model, [*launcher, "--ctx-size", "9", "--nope"]) is None
 
 
 def test_what_cannot_be_counted_gives_no_estimate(tmp_path: Path) -> None:
@@ -152,14 +384,22 @@ def test_what_cannot_be_counted_gives_no_estimate(tmp_path: Path) -> None:
         ["/usr/bin/ollama", "serve"],  # not llama.cpp's server: its memory is its own business
         ["/usr/bin/vllm", "-c", "4096"],
         [],
-        [UPSTREAM, "-c", "{context}"],
-        [UPSTREAM, "-c", "-5"],
-        [UPSTREAM, "-c"],
-        [UPSTREAM, "--ctx-size=lots"],
-        [UPSTREAM, "-ctk", "q3_k"],
+        [*UPSTREAM_CMD, "-c", "{context}"],
+        [*UPSTREAM_CMD, "-c", "-5"],  # upstream aborts
+        [*UPSTREAM_CMD, "-c"],
+        [*UPSTREAM_CMD, "-c", "lots"],  # std::stoi throws: upstream exits
+        [*UPSTREAM_CMD, "-c", "99999999999"],  # past an int: the same
+        [*UPSTREAM_CMD, "-c", "9" * 5000],  # (and no ValueError from int() on the way)
+        [*UPSTREAM_CMD, "-np", "-" + "9" * 5000],
+        [*UPSTREAM_CMD, "-ctk", "q3_k"],
+        [*UPSTREAM_CMD, "-ctk", "Q8_0"],  # the names are matched as they are
+        [*UPSTREAM_CMD, "-np", "0"],
+        [*EMBEDDED, "-c", "-5"],  # the launcher refuses both
+        [*EMBEDDED, "--parallel", "0"],
     ):
         assert estimate_context_memory(model, command) is None, command
-    assert estimate_context_memory(model, [UPSTREAM], {"LLAMA_ARG_CTX_SIZE": "x"}) is None
+    assert estimate_context_memory(model, UPSTREAM_CMD, {"LLAMA_ARG_CTX_SIZE": "x"}) is None
+    assert estimate_context_memory(model, UPSTREAM_CMD, {"LLAMA_ARG_KV_UNIFIED": "yes"}) is None
 
 
 def test_a_file_that_is_not_a_readable_gguf_model_gives_none(tmp_path: Path) -> None:
@@ -175,9 +415,10 @@ def test_a_file_that_is_not_a_readable_gguf_model_gives_none(tmp_path: Path) -> 
         path.write_bytes(content)
         assert read_attention_shape(path) is None, name
     assert read_attention_shape(tmp_path / "missing.gguf") is None
+    # A symbolic link is read through: the verifier and the runtime follow it too.
     link = tmp_path / "link.gguf"
     link.symlink_to(model)
-    assert read_attention_shape(link) is None
+    assert read_attention_shape(link) == read_attention_shape(model) is not None
     no_architecture = _model(tmp_path / "na.gguf", architecture=None)
     assert read_attention_shape(no_architecture) is None
     no_attention = _model(tmp_path / "ssm.gguf", heads=0, kv_heads=0)
@@ -224,6 +465,83 @@ def test_a_cut_or_corrupted_header_gives_none_and_never_raises(tmp_path: Path) -
         assert shape is None or isinstance(shape, AttentionShape)
 
 
+def _raw_header(pairs: list[bytes], count: int | None = None) -> bytes:
+    return (
+        b"GGUF"
+        + struct.pack("<IQQ", 3, 0, len(pairs) if count is None else count)
+        + b"".join(pairs)
+    )
+
+
+def _pair(key: bytes, value_type: int, payload: bytes) -> bytes:
+    return struct.pack("<Q", len(key)) + key + struct.pack("<I", value_type) + payload
+
+
+def _llama_pairs() -> list[bytes]:
+    def u32(key: str, value: int) -> bytes:
+        return _pair(key.encode(), 4, struct.pack("<I", value))
+
+    return [
+        _pair(b"general.architecture", 8, struct.pack("<Q", 5) + b"llama"),
+        u32("llama.block_count", 2),
+        u32("llama.context_length", 1 << 20),
+        u32("llama.embedding_length", 64),
+        u32("llama.attention.head_count", 4),
+    ]
+
+
+def test_a_header_past_the_bounds_is_refused_not_counted_as_nothing(tmp_path: Path) -> None:
+    # llama.cpp reads a header of any size, so a file whose header the walk gives up on must
+    # not pass the fit check with no KV cache counted (it would allocate what it declares).
+    path = tmp_path / "m.gguf"
+    command = [*UPSTREAM_CMD, "--port", "{port}"]
+    model = _llama_pairs()
+    path.write_bytes(_raw_header(model))
+    assert estimate_context_memory(path, command) == ContextMemory(1 << 20, (1 << 20) * 512)
+    cases = {
+        # 70,000 key-value pairs before the model's own (the walk takes 65,536).
+        "pairs": [_pair(b"x.%d" % i, 0, b"\0") for i in range(70_000)],
+        # A string array of 5 million empty strings (the walk takes 4 million elements).
+        "elements": [_pair(b"x.s", 9, struct.pack("<IQ", 8, 5_000_000) + bytes(40_000_000))],
+        # One 65 MiB string: the key-value section goes on past the 64 MiB read.
+        "bytes": [_pair(b"x.big", 8, struct.pack("<Q", 65 << 20) + bytes(65 << 20))],
+    }
+    for name, padding in cases.items():
+        path.write_bytes(_raw_header([*padding, *model]))
+        started = time.monotonic()
+        assert read_attention_shape(path) is UNCOUNTABLE, name
+        assert estimate_context_memory(path, command) is UNCOUNTABLE, name
+        assert time.monotonic() - started < 10, name
+    # What llama.cpp refuses stays no estimate: an array of arrays (ggml has no such type),
+    # a pair count the file cannot hold.
+    nested = _pair(b"x.n", 9, struct.pack("<IQ", 9, 1) + struct.pack("<IQ", 4, 0))
+    path.write_bytes(_raw_header([nested, *model]))
+    assert read_attention_shape(path) is None
+    path.write_bytes(_raw_header(model, count=1 << 40))
+    assert read_attention_shape(path) is None
+
+
+def test_the_walk_keeps_only_what_it_needs(tmp_path: Path) -> None:
+    # 1,000 arrays of 4,096 distinct uint32 each (16 MiB of header): decoding them all, as
+    # the walk once did, held about 140 MiB of Python ints in the manager for nothing.
+    path = tmp_path / "m.gguf"
+    rng = np.random.default_rng(0)
+    crowd = [
+        _pair(b"x.%d" % i, 9, struct.pack("<IQ", 4, 4096) + rng.bytes(4 * 4096))
+        for i in range(1000)
+    ]
+    path.write_bytes(_raw_header([*crowd, *_llama_pairs()]))
+    tracemalloc.start()
+    try:
+        shape = read_attention_shape(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(shape, AttentionShape) and shape.context_length == 1 << 20
+    # The header read into memory (and joined once) is the walk's whole cost.
+    assert peak < 3 * path.stat().st_size, peak
+
+
 def test_a_large_vocabulary_is_read_quickly(tmp_path: Path) -> None:
     # A real vocabulary (152,000 tokens here) comes before nothing the estimate needs, but the
     # reader must walk past it: it must not cost what gguf.GGUFReader does (seconds).
@@ -238,17 +556,22 @@ def test_a_large_vocabulary_is_read_quickly(tmp_path: Path) -> None:
     assert read_attention_shape(model) is None
 
 
-def _logged_kv_cache(command: list[str], log: Path) -> tuple[int, float]:
-    """Run llama.cpp's server until it logs its KV cache; return (cells, MiB) from the log."""
-    pattern = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells")
+def _logged_kv_cache(
+    command: list[str], log: Path, env: dict[str, str] | None = None
+) -> tuple[int, float]:
+    """Run llama.cpp's server until it logs its KV cache; return (context, MiB) from the log:
+    the context in all (``n_ctx``, every slot's cache together), and the cache's size."""
+    size = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB")
+    context = re.compile(r"llama_context: n_ctx += (\d+)")
     with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            found = pattern.search(log.read_text(errors="replace"))
-            if found:
-                return int(found.group(2)), float(found.group(1))
+            text = log.read_text(errors="replace")
+            found, tokens = size.search(text), context.search(text)
+            if found and tokens:
+                return int(tokens.group(1)), float(found.group(1))
             if process.poll() is not None:
                 break
             time.sleep(0.05)
@@ -258,19 +581,83 @@ def _logged_kv_cache(command: list[str], log: Path) -> tuple[int, float]:
         process.wait()
 
 
+#: Command lines whose KV cache the estimate must match, each read as the runtime reads it.
+_UPSTREAM_FLAGS = [
+    ["-c", "100"],
+    ["-c", "4096"],
+    ["-c", "0"],
+    [],
+    ["-np", "3", "-c", "4096"],
+    ["-np", "100", "-c", "1000"],
+    ["-c", "100", "--ctx_size", "8192"],
+    ["--alias", "--ctx-size=512"],
+    ["-c", "0x10"],
+    ["-c", "8192abc"],
+    ["--override-kv", "llama.context_length=int:30000"],
+    ["--kv-unified-per-slot", "3000", "-np", "2"],
+    ["-np", "3"],
+    ["-np", "2", "-c", "0", "--kv-unified-per-slot", "3000"],
+    ["-c", "1000", "-ctk", "bf16", "--cache_type_v", "f32"],
+]
+_LAUNCHER_FLAGS = [
+    [],
+    ["--parallel", "3"],
+    ["-c30000"],
+    ["--ctx", "30000", "--parallel", "2"],
+    ["-np", "100", "-c", "1000"],
+    ["--parallel", "3", "-c", "0"],
+]
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
-@pytest.mark.parametrize("context", ["100", "4096", "0", None])
-def test_the_estimate_is_what_llama_cpp_allocates(tmp_path: Path, context: str | None) -> None:
+@pytest.mark.parametrize("flags", _UPSTREAM_FLAGS, ids=" ".join)
+def test_the_estimate_is_what_llama_cpp_allocates(tmp_path: Path, flags: list[str]) -> None:
     binary = upstream_binary()
     assert binary is not None
     # The tiny model, declaring 20,000 tokens: -c 0 (and no -c) is then not 2,048.
     model = declaring_context(write_tiny_model(tmp_path / "tiny.gguf"), 20_000, tmp_path)
-    flags = [] if context is None else ["-c", context]
     template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
     estimate = estimate_context_memory(model, template)
-    assert estimate is not None
+    assert isinstance(estimate, ContextMemory)
     command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
-    cells, mib = _logged_kv_cache(command, tmp_path / "server.log")
-    assert estimate.context_tokens == cells
+    tokens, mib = _logged_kv_cache(command, tmp_path / "server.log")
+    assert estimate.context_tokens == tokens
+    assert abs(estimate.bytes / MIB - mib) < 0.006, (estimate, mib)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize(
+    "config", ["c = 50000\n", "np = 3\n[*]\nctx-size = 4096\n[other]\nc = 99999\n"]
+)
+def test_the_estimate_counts_upstreams_configuration_file(tmp_path: Path, config: str) -> None:
+    binary = upstream_binary()
+    assert binary is not None
+    model = declaring_context(write_tiny_model(tmp_path / "tiny.gguf"), 20_000, tmp_path)
+    home = tmp_path / "home"
+    (home / ".config" / "llama.cpp").mkdir(parents=True)
+    (home / ".config" / "llama.cpp" / "config.ini").write_text(config)
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}"]
+    estimate = estimate_context_memory(model, template, {"HOME": str(home)})
+    assert isinstance(estimate, ContextMemory)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4"]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
+    tokens, mib = _logged_kv_cache(command, tmp_path / "server.log", env)
+    assert estimate.context_tokens == tokens
+    assert abs(estimate.bytes / MIB - mib) < 0.006, (estimate, mib)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not llama_available(), reason="xllamacpp is not installed")
+@pytest.mark.parametrize("flags", _LAUNCHER_FLAGS, ids=" ".join)
+def test_the_estimate_is_what_the_launcher_allocates(tmp_path: Path, flags: list[str]) -> None:
+    model = declaring_context(write_tiny_model(tmp_path / "tiny.gguf"), 20_000, tmp_path)
+    launcher = [sys.executable, "-P", "-m", MODULE]
+    template = [*launcher, "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    command = [*launcher, "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    tokens, mib = _logged_kv_cache(command, tmp_path / "server.log")
+    assert estimate.context_tokens == tokens
     assert abs(estimate.bytes / MIB - mib) < 0.006, (estimate, mib)

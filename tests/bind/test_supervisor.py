@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gguf
 import httpx
 import psutil
 import pytest
@@ -426,9 +427,10 @@ async def test_a_model_that_cannot_fit_is_refused_before_spawning(tmp_path: Path
 async def test_a_context_whose_kv_cache_cannot_fit_is_refused_before_spawning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The tiny model declaring 2^21 tokens: with -c 0 the runtime would allocate 1 GiB of KV
-    # cache (2 layers x 4 KV heads x 16 x 2 (K, V) x 2 bytes per token) as it loads, under a
-    # 512 MiB ceiling that the model's 429 KB alone fits with room to spare.
+    # The tiny model declaring 2^21 tokens: with -c 0 the runtime would allocate 2 GiB of KV
+    # cache (2 slots with a cache each, of the declared length; 2 layers x 4 KV heads x 16 x
+    # 2 (K, V) x 2 bytes per token) as it loads, under a 512 MiB ceiling that the model's
+    # 429 KB alone fits with room to spare.
     template, tiny = real_runtime(tmp_path)
     model = declaring_context(tiny, 2**21, tmp_path)
     data = model.read_bytes()
@@ -443,17 +445,89 @@ async def test_a_context_whose_kv_cache_cannot_fit_is_refused_before_spawning(
             assert (await whole.start()).reason is Reason.MODEL_TOO_LARGE
         status = whole.status()
         assert status["spawns"] == 0
-        assert status["context"] == {"tokens": 2**21, "kv_cache_bytes": 1 << 30}
+        assert status["context"] == {"tokens": 2**22, "kv_cache_bytes": 2 << 30}
     [said] = [record.getMessage() for record in caplog.records]
-    assert "1,024 MiB of KV cache for a 2097152-token context" in said
+    assert "2,048 MiB of KV cache for a 4194304-token context" in said
     assert str(tmp_path) not in said and digest not in said
     # The same model with the template's own small context starts, and says what it counted.
     template[at + 1] = "256"
     small = Supervisor(_config(template, model, digest, len(data), resource_limits=limits))
     async with small:
         assert (await small.start()).ok
-        assert small.status()["context"] == {"tokens": 256, "kv_cache_bytes": 256 * 512}
+        # Two slots, a cache each, each its 128 tokens padded to 256: 512 cells in all.
+        assert small.status()["context"] == {"tokens": 512, "kv_cache_bytes": 512 * 512}
         await small.stop()
+
+
+async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The verifier follows a symbolic link to the blob, and so does the runtime: the fit check
+    # reads the header through it too, rather than count no KV cache at all (2 GiB here).
+    template, tiny = real_runtime(tmp_path)
+    template[template.index("-c") + 1] = "0"
+    model = declaring_context(tiny, 2**21, tmp_path)
+    data = model.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    link = tmp_path / "link.gguf"
+    link.symlink_to(model)
+    limits = create_resource_limits(max_ram_bytes=512 * MIB, max_vram_bytes=1, max_cpu_percent=100)
+    linked = Supervisor(_config(template, link, digest, len(data), resource_limits=limits))
+    async with linked:
+        assert (await linked.start()).reason is Reason.MODEL_TOO_LARGE
+        assert linked.status()["spawns"] == 0
+        assert linked.status()["context"] == {"tokens": 2**22, "kv_cache_bytes": 2 << 30}
+    # A GGUF header with 70,000 keys before the model's own: llama.cpp reads it, the walk
+    # stops at 65,536. Refused, not counted as no KV cache (it would be 2 GiB again).
+    crowded = tmp_path / "crowded.gguf"
+    writer = gguf.GGUFWriter(crowded, "llama")
+    for index in range(70_000):
+        writer.add_uint8(f"x.{index}", 0)
+    writer.add_block_count(2)
+    writer.add_context_length(2**21)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    data = crowded.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    roomy = create_resource_limits(max_ram_bytes=4 * GIB, max_vram_bytes=1, max_cpu_percent=100)
+    refused = Supervisor(_config(template, crowded, digest, len(data), resource_limits=roomy))
+    async with refused:
+        with caplog.at_level(logging.WARNING, logger="companion_runtime.bind.supervisor"):
+            assert (await refused.start()).reason is Reason.MODEL_TOO_LARGE
+        assert refused.status()["spawns"] == 0
+        assert refused.status()["context"] is None
+    [said] = [m for m in (r.getMessage() for r in caplog.records) if "header" in m]
+    assert "cannot be counted" in said and "too large for the fit check" in said
+    assert str(tmp_path) not in said and digest not in said
+
+
+async def test_a_command_that_loads_another_model_than_the_verified_one_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The verified tiny model declares 2,048 tokens; the command's last -m is another file,
+    # declaring 2^21, which the runtime would load with 2 GiB of KV cache under a 512 MiB
+    # ceiling. The fit check read the verified header: it refuses rather than count that one.
+    template, tiny = real_runtime(tmp_path)
+    template[template.index("-c") + 1] = "0"
+    other = declaring_context(tiny, 2**21, tmp_path)
+    template[template.index("{model_path}") + 1 : template.index("{model_path}") + 1] = [
+        "-m",
+        str(other),
+    ]
+    data = tiny.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    limits = create_resource_limits(max_ram_bytes=512 * MIB, max_vram_bytes=1, max_cpu_percent=100)
+    supervisor = Supervisor(_config(template, tiny, digest, len(data), resource_limits=limits))
+    async with supervisor:
+        with caplog.at_level(logging.WARNING, logger="companion_runtime.bind.supervisor"):
+            assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
+        assert supervisor.status()["spawns"] == 0
+    [said] = [record.getMessage() for record in caplog.records]
+    assert "loads another model than the verified one" in said
+    assert str(tmp_path) not in said and digest not in said
 
 
 @pytest.mark.security

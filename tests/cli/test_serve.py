@@ -389,8 +389,9 @@ def test_a_model_too_large_is_refused_before_the_download(tmp_path: Path) -> Non
 def test_a_context_too_large_for_the_ceiling_is_refused_before_the_runtime_starts(
     tmp_path: Path,
 ) -> None:
-    # The tiny model declaring 2^21 tokens, run with -c 0: 1 GiB of KV cache, which only the
-    # model file says and only once it is downloaded and verified. The 429 KB model alone fits.
+    # The tiny model declaring 2^21 tokens, run with -c 0 and 8 slots, a cache each of the
+    # declared length: 8 GiB of KV cache, which only the model file says and only once it is
+    # downloaded and verified. The 429 KB model alone fits.
     model = declaring_context(write_tiny_model(tmp_path / "tiny.gguf"), 2**21, tmp_path)
     data = model.read_bytes()
     stderr: list[str] = []
@@ -400,7 +401,7 @@ def test_a_context_too_large_for_the_ceiling_is_refused_before_the_runtime_start
     assert returncode == 1
     assert json.loads(stdout) == {"ok": False, "reason": "model_too_large"}
     assert requests == 1  # fetched and verified; the fit before the download could not know
-    assert "1,024 MiB of KV cache for a 2097152-token context" in stderr[0]
+    assert "8,192 MiB of KV cache for a 16777216-token context" in stderr[0]
     assert "(-c)" in stderr[0]
     assert str(tmp_path) not in stderr[0] and hashlib.sha256(data).hexdigest() not in stderr[0]
     assert not (tmp_path / "state" / "serve.json").exists()

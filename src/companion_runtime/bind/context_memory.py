@@ -11,39 +11,65 @@ What it reads:
 
 - the **runtime command**: the estimate is made only for a command that runs llama.cpp's server
   (the embedded launcher, ``python -m companion_runtime.bind.llama_server``, or an executable
-  named ``llama-server``); for any other runtime it returns None and the allowance stands alone.
-  The context is the last ``-c N`` / ``--ctx-size N`` (or ``=N``); without one, the embedded
-  launcher's :data:`~companion_runtime.bind.llama_server.DEFAULT_CONTEXT_SIZE`, and for upstream
-  ``llama-server`` its own default, 0, which is the length the model declares. ``-ctk`` /
-  ``-ctv`` (``--cache-type-k`` / ``--cache-type-v``) set the element types (``f16`` by default).
-  For upstream ``llama-server`` the ``LLAMA_ARG_*`` variables of the runtime's extra environment
-  count too, below the flags.
+  named ``llama-server``, also behind a wrapper such as ``env NAME=VALUE`` or ``nice``); for any
+  other runtime it returns None and the allowance stands alone.
+  Each is read the way it reads its own command line. The launcher's arguments go through its
+  own parser (so ``--ctx 8192``, ``-c8192`` and ``--ctx-size=8192`` all count); its context is
+  :data:`~companion_runtime.bind.llama_server.DEFAULT_CONTEXT_SIZE` unless ``-c`` says
+  otherwise, and ``--parallel`` slots (1 by default). Upstream ``llama-server`` is read as its
+  parser reads it: an option's value is never taken for an option (``--alias -c``), ``_`` in a
+  long option is ``-`` (``--ctx_size``), ``--ctx-size=N`` is no option at all, numbers are read
+  as ``std::stoi`` reads them (``8192abc`` is 8192, ``0x10`` is 0), the last one counts, the
+  ``LLAMA_ARG_*`` variables of the runtime's extra environment count below the flags, and its
+  configuration files below those (``/etc/llama.cpp/config.ini``, then ``llama.cpp/config.ini``
+  under the runtime's ``XDG_CONFIG_HOME``, else ``$HOME/.config``: their global keys and
+  ``[*]`` section; one over 1 MiB gives :class:`Uncountable`). Its context (``-c``; 0, the
+  default, is the length the model declares, or the one
+  ``--override-kv ARCH.context_length=int:N`` gives it), its slots (``-np``: 4 by default,
+  sharing one cache; a number given splits the context into per-slot caches unless
+  ``--kv-unified``) and ``--kv-unified-per-slot`` (slots × N, without ``-c``) count;
+  ``-ctk`` / ``-ctv`` set the element types (``f16`` by default). The model it loads must be
+  ``{model_path}`` (the last ``-m``, or ``LLAMA_ARG_MODEL``, or a configuration file's):
+  another file, none, or one it downloads (``-hf``, ``-mu``, ``-dr``, a ``--*-default``
+  preset) gives :class:`Uncountable`, since the header read is not the one it loads.
 - the **model file's GGUF header**: ``general.architecture`` and that architecture's
   ``block_count``, ``context_length``, ``embedding_length``, ``attention.head_count``,
   ``attention.head_count_kv`` (a number, or one per layer), ``attention.key_length`` and
   ``attention.value_length``. Only the key-value section is read, with every length checked
-  against the file's size; anything malformed, or a file that is not GGUF, gives None.
+  against the file's size; anything malformed, or a file that is not GGUF, gives None (llama.cpp
+  will not load it either). A GGUF header too large to walk within this module's bounds
+  (:data:`_MAX_HEADER_BYTES`, :data:`_MAX_ELEMENTS`, :data:`_MAX_PAIRS`) gives
+  :class:`Uncountable`: llama.cpp would load it, so the fit check refuses it rather than count
+  nothing.
+
+llama.cpp rounds the context up to a multiple of 256 tokens, and with per-slot caches each
+slot's share too: ``-np 100 -c 1000`` allocates 100 × 256 cells, not 1,024. Without a context
+(or with ``-c 0``), per-slot caches are each the declared length: ``-np 4`` alone is four
+times the declared length.
 
 The fit check counts the estimate in RAM, with the allowance, also when the weights go to a
 GPU, where llama.cpp puts the cache of offloaded layers too: it may then refuse a context that
 would have fitted in VRAM, and its VRAM check does not count the cache. The estimate is an
 upper bound for common models: it counts every layer at the full context,
 so models with sliding-window layers (whose cache llama.cpp keeps at the window's size) or with
-compressed attention (MLA) need less than it says. A value the command leaves to a placeholder
-or an option this module does not know (``--kv-unified-per-slot``, a draft model's cache) is
-not counted.
+compressed attention (MLA) need less than it says. Not counted: a draft model's cache, a
+recurrent model's state, and the compute buffers (reserved, but touched only as the context
+fills, where the resource samples see them).
 
 The header is parsed here rather than with ``gguf.GGUFReader``: the reader builds a view for
 every element of every array, which took 15.6 s for a 152,000-token vocabulary on the test
 machine; the fit check runs before every start. The ``gguf`` package still names the keys, the
 value types and the element sizes.
 
-Call it on a **verified** blob only: the header is then the bytes the manifest vouched for.
+Call it on a **verified** blob only: the header is then the bytes the manifest vouched for. The
+name is followed as the verifier and the runtime follow it (a symbolic link is read through).
 """
 
 from __future__ import annotations
 
 import os
+import pwd
+import re
 import stat
 import struct
 from collections.abc import Mapping, Sequence
@@ -53,28 +79,185 @@ from typing import Final, final
 
 import gguf
 
-from companion_runtime.bind.llama_server import DEFAULT_CONTEXT_SIZE, MODULE
+from companion_runtime.bind.llama_server import (
+    MODULE,
+    parse_launcher_arguments,
+)
+from companion_runtime.bind.process import LOOPBACK_HOST, ProcessError, filled_argv
 
-__all__ = ["AttentionShape", "ContextMemory", "estimate_context_memory", "read_attention_shape"]
+__all__ = [
+    "UNCOUNTABLE",
+    "AttentionShape",
+    "ContextMemory",
+    "Uncountable",
+    "estimate_context_memory",
+    "read_attention_shape",
+]
 
-#: llama.cpp rounds the context up to a multiple of this many tokens.
+#: llama.cpp rounds the context (and, with a cache per slot, each slot's share) up to this.
 _CONTEXT_PADDING: Final = 256
-#: Arrays inside arrays, at most this deep (the format allows it; no model uses more than 1).
-_MAX_ARRAY_DEPTH: Final = 4
-#: Elements walked over in the whole header before giving up (a real vocabulary is < 10^6).
-_MAX_ELEMENTS: Final = 1 << 24
+#: Elements (values, array items) walked over in the whole header before giving up. A real
+#: header has < 10^6: a 262,144-token vocabulary is 786,432 with its scores and types.
+_MAX_ELEMENTS: Final = 1 << 22
+#: Key-value pairs in the header before giving up (a real one has a few dozen).
+_MAX_PAIRS: Final = 1 << 16
 #: Bytes read first, and at most, for the key-value section (a 262,144-token vocabulary with
 #: its merges takes about 10 MB; the read grows four times at a step while more is needed).
 _FIRST_READ: Final = 1 << 20
 _MAX_HEADER_BYTES: Final = 64 << 20
+#: The keys whose values the walk keeps (the architecture's own end so); the rest it skips.
+_WANTED: Final = (
+    b"general.architecture",
+    b".block_count",
+    b".context_length",
+    b".embedding_length",
+    b".attention.head_count",
+    b".attention.head_count_kv",
+    b".attention.key_length",
+    b".attention.value_length",
+)
+#: Integer arrays longer than this are skipped, not decoded (no per-layer list is this long).
+_MAX_DECODED_ARRAY: Final = 4096
 _UPSTREAM_NAME: Final = "llama-server"
 _CACHE_TYPES: Final = frozenset(
     {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"}
 )
 _DEFAULT_CACHE_TYPE: Final = "f16"
-_CONTEXT_FLAGS: Final = ("-c", "--ctx-size")
-_CACHE_K_FLAGS: Final = ("-ctk", "--cache-type-k")
-_CACHE_V_FLAGS: Final = ("-ctv", "--cache-type-v")
+#: Upstream's slots when ``-np`` is not given (or is negative): 4, sharing one cache.
+_UPSTREAM_AUTO_SLOTS: Final = 4
+#: ``std::stoi``: leading white space, a sign, decimal digits; the rest is ignored.
+_STOI: Final = re.compile(r"[ \t\n\v\f\r]*([+-]?)0*([0-9]{1,20})")
+_INT32: Final = range(-(1 << 31), 1 << 31)
+_TRUTHY: Final = frozenset({"on", "enabled", "true", "1"})
+_FALSEY: Final = frozenset({"off", "disabled", "false", "0"})
+
+#: Upstream ``llama-server``'s options that take a value (``--help`` of the pinned build,
+#: 11434); ``--control-vector-layer-range`` takes two. Any other option takes none.
+_UPSTREAM_VALUE_OPTIONS: Final = frozenset(
+    """
+    --adaptive-decay --adaptive-target --alias --api-key --api-key-file --api-prefix
+    --batch-size --cache-ram --cache-reuse --cache-type-k --cache-type-k-draft --cache-type-v
+    --cache-type-v-draft --chat-template --chat-template-file --chat-template-kwargs
+    --checkpoint-min-step --control-vector --control-vector-scaled --cors-headers
+    --cors-methods --cors-origins --cpu-mask --cpu-mask-batch --cpu-mask-batch-draft
+    --cpu-mask-draft --cpu-range --cpu-range-batch --cpu-range-draft --cpu-strict
+    --cpu-strict-batch --cpu-strict-batch-draft --cpu-strict-draft --ctx-checkpoints
+    --ctx-size --defrag-thold --device --device-draft --docker-repo --draft --draft-max
+    --draft-min --draft-n --draft-n-min --draft-p-min --draft-p-split --dry-allowed-length
+    --dry-base --dry-multiplier --dry-penalty-last-n --dry-sequence-breaker --dynatemp-exp
+    --dynatemp-range --embd-normalize --fit --fit-ctx --fit-target --flash-attn
+    --frequency-penalty --gpu-layers --gpu-layers-draft --grammar --grammar-file --hf-file
+    --hf-repo --hf-repo-draft --hf-token --host --image-max-tokens --image-min-tokens
+    --json-schema --json-schema-file --keep --kv-unified-per-slot --lazy-mode --load-mode
+    --log-colors --log-file --log-prompts-dir --log-verbosity --logit-bias
+    --lookup-cache-dynamic --lookup-cache-static --lora --lora-scaled --main-gpu
+    --mcp-servers-config --mcp-servers-json --media-path --min-p --mirostat --mirostat-ent
+    --mirostat-lr --mmproj --mmproj-device --mmproj-url --model --model-draft --model-url
+    --models-dir --models-max --models-preset --mtmd-batch-max-tokens --n-cpu-ffn
+    --n-cpu-moe --n-cpu-moe-draft --n-gpu-layers --n-gpu-layers-draft --n-predict --numa
+    --override-kv --override-tensor --override-tensor-draft --parallel --path --poll
+    --poll-batch --poll-batch-draft --poll-draft --pooling --port --predict
+    --presence-penalty --prio --prio-batch --prio-batch-draft --prio-draft --reasoning
+    --reasoning-budget --reasoning-budget-message --reasoning-effort --reasoning-format
+    --repeat-last-n --repeat-penalty --reverse-prompt --rope-freq-base --rope-freq-scale
+    --rope-scale --rope-scaling --rpc --sampler-seq --samplers --sampling-seq --seed
+    --sleep-idle-seconds --slot-prompt-similarity --slot-save-path --spec-draft-cpu-mask
+    --spec-draft-cpu-mask-batch --spec-draft-cpu-range --spec-draft-cpu-strict
+    --spec-draft-cpu-strict-batch --spec-draft-device --spec-draft-hf --spec-draft-model
+    --spec-draft-n-cpu-moe --spec-draft-n-max --spec-draft-n-min --spec-draft-ncmoe
+    --spec-draft-ngl --spec-draft-override-tensor --spec-draft-p-min --spec-draft-p-split
+    --spec-draft-poll --spec-draft-poll-batch --spec-draft-prio --spec-draft-prio-batch
+    --spec-draft-sampling --spec-draft-threads --spec-draft-threads-batch
+    --spec-draft-type-k --spec-draft-type-v --spec-ngram-map-k-min-hits
+    --spec-ngram-map-k-size-m --spec-ngram-map-k-size-n --spec-ngram-map-k4v-min-hits
+    --spec-ngram-map-k4v-size-m --spec-ngram-map-k4v-size-n --spec-ngram-min-hits
+    --spec-ngram-mod-n-match --spec-ngram-mod-n-max --spec-ngram-mod-n-min
+    --spec-ngram-simple-min-hits --spec-ngram-simple-size-m --spec-ngram-simple-size-n
+    --spec-ngram-size-m --spec-ngram-size-n --spec-synth-len --spec-synth-rates --spec-type
+    --split-mode --sse-ping-interval --ssl-cert-file --ssl-key-file --swa-checkpoints --tags
+    --temp --temperature --tensor-split --threads --threads-batch --threads-batch-draft
+    --threads-draft --threads-http --timeout --tools --tools-runtime --top-k --top-n-sigma
+    --top-nsigma --top-p --typical --typical-p --ubatch-size --ui-config --ui-config-file
+    --verbosity --video-ffmpeg-dir --video-fps --video-timestamp-interval --webui-config
+    --webui-config-file --xtc-probability --xtc-threshold --yarn-attn-factor
+    --yarn-beta-fast --yarn-beta-slow --yarn-ext-factor --yarn-orig-ctx
+    -C -Cb -Cbd -Cd -Cr -Crb -Crd -a -b -c -cms -cram -ctk -ctkd -ctv -ctvd -ctxcp -dev -devd
+    -dr -dt -fa -fit -fitc -fitt -hf -hfd -hff -hfr -hfrd -hft -j -jf -l -lcd -lcs -lm -lv
+    -lzm -m -md -mg -mm -mmdev -mmu -mu -n -ncffn -ncmoe -ncmoed -ngl -ngld -np -ot -otd -r
+    -rea -s -sm -sps -t -tb -tbd -td -to -ts -ub
+    """.split()
+)
+_UPSTREAM_TWO_VALUE_OPTIONS: Final = frozenset({"--control-vector-layer-range"})
+#: What upstream reads that the estimate needs: option → setting, and its variable.
+_UPSTREAM_SETTINGS: Final[Mapping[str, str]] = {
+    "-c": "context",
+    "--ctx-size": "context",
+    "-ctk": "cache_k",
+    "--cache-type-k": "cache_k",
+    "-ctv": "cache_v",
+    "--cache-type-v": "cache_v",
+    "-np": "slots",
+    "--parallel": "slots",
+    "--kv-unified-per-slot": "per_slot",
+    "--override-kv": "override",
+    "-m": "model",
+    "--model": "model",
+    "-fitc": "fit_ctx",
+    "--fit-ctx": "fit_ctx",
+}
+_UPSTREAM_UNIFIED: Final[Mapping[str, bool]] = {
+    "-kvu": True,
+    "--kv-unified": True,
+    "-no-kvu": False,
+    "--no-kv-unified": False,
+}
+_UPSTREAM_VARIABLES: Final[Mapping[str, str]] = {
+    "LLAMA_ARG_CTX_SIZE": "context",
+    "LLAMA_ARG_CACHE_TYPE_K": "cache_k",
+    "LLAMA_ARG_CACHE_TYPE_V": "cache_v",
+    "LLAMA_ARG_N_PARALLEL": "slots",
+    "LLAMA_ARG_KV_UNIFIED_PER_SLOT": "per_slot",
+    "LLAMA_ARG_MODEL": "model",
+    "LLAMA_ARG_FIT_CTX": "fit_ctx",
+}
+#: The keys of a llama.cpp configuration file that the estimate reads: an option's names
+#: without their dashes, and its variable. ``no-`` names set the opposite.
+_CONFIG_KEYS: Final[Mapping[str, str]] = {
+    **{option.lstrip("-"): setting for option, setting in _UPSTREAM_SETTINGS.items()},
+    **_UPSTREAM_VARIABLES,
+}
+_CONFIG_UNIFIED: Final[Mapping[str, bool]] = {
+    **{option.lstrip("-"): value for option, value in _UPSTREAM_UNIFIED.items()},
+    "LLAMA_ARG_KV_UNIFIED": True,
+}
+#: Upstream reads this file first, then the user's (``$XDG_CONFIG_HOME/llama.cpp/config.ini``,
+#: else ``$HOME/.config/llama.cpp/config.ini``), then its environment, then its flags.
+_SYSTEM_CONFIG: Final = Path("/etc/llama.cpp/config.ini")
+_USER_CONFIG: Final = Path("llama.cpp", "config.ini")
+#: A configuration file larger than this is not read: the fit check refuses.
+_MAX_CONFIG_BYTES: Final = 1 << 20
+#: The launcher's module attached to Python's ``-m`` (and the flags before it).
+_ATTACHED_MODULE: Final = re.compile("-[A-Za-z]*m" + re.escape(MODULE))
+#: What ``{model_path}`` stands for while a command is read: the model it loads must be it.
+_MODEL_SENTINEL: Final = "\x01model_path\x01"
+#: Upstream options (and variables) that have it load a model from elsewhere, whatever -m says.
+_UPSTREAM_REMOTE: Final = frozenset(
+    """
+    -hf -hfr --hf-repo -mu --model-url -dr --docker-repo --embd-gemma-default
+    --fim-qwen-1.5b-default --fim-qwen-3b-default --fim-qwen-7b-default --fim-qwen-7b-spec
+    --fim-qwen-14b-spec --fim-qwen-30b-default --gpt-oss-20b-default --gpt-oss-120b-default
+    --vision-gemma-4b-default --vision-gemma-12b-default
+    LLAMA_ARG_HF_REPO LLAMA_ARG_MODEL_URL LLAMA_ARG_DOCKER_REPO
+    """.split()
+)
+#: Values for the launcher's placeholders while its arguments are parsed (the supervisor's
+#: own, but for the port and the paths, which the parse does not look into).
+_PLACEHOLDER_VALUES: Final[Mapping[str, str]] = {
+    "host": LOOPBACK_HOST,
+    "port": "1",
+    "model_path": _MODEL_SENTINEL,
+    "api_key_file": "key",
+}
 
 _V = gguf.GGUFValueType
 #: Byte sizes of the fixed-size value types.
@@ -104,7 +287,11 @@ _INTEGER_FORMATS: Final[Mapping[int, str]] = {
 
 
 class _Malformed(Exception):
-    """The header is not what the format says; no estimate."""
+    """The header is not what the format says (llama.cpp refuses it too); no estimate."""
+
+
+class _TooLarge(Exception):
+    """A well-formed header past this module's bounds: llama.cpp would load it."""
 
 
 class _NeedMore(Exception):
@@ -121,6 +308,8 @@ class AttentionShape:
     kv_heads: tuple[int, ...]
     key_length: int
     value_length: int
+    #: ``general.architecture``: the prefix of the keys above (for ``--override-kv``).
+    architecture: str = "llama"
 
 
 @final
@@ -130,6 +319,25 @@ class ContextMemory:
 
     context_tokens: int
     bytes: int
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Uncountable:
+    """A llama.cpp runtime whose KV cache cannot be counted, where llama.cpp would still run:
+    the fit check refuses rather than count nothing. ``what`` says why, without a path."""
+
+    what: str
+
+
+#: The model file's GGUF header is past the walk's bounds.
+UNCOUNTABLE: Final = Uncountable("its GGUF header is too large for the fit check to read")
+_CONFIG_TOO_LARGE: Final = Uncountable(
+    "llama.cpp's configuration file is too large for the fit check to read"
+)
+#: The command has llama.cpp load a model other than the verified blob (or none, or one it
+#: downloads): what the fit check read is not what the runtime allocates for.
+_ANOTHER_MODEL: Final = Uncountable("the runtime command loads another model than the verified one")
 
 
 class _Header:
@@ -170,6 +378,11 @@ class _Header:
         return bytes(self._data[start : start + length])
 
     def _skip_strings(self, count: int) -> None:
+        # Each string takes 8 bytes at least: more than the file holds is malformed, checked
+        # before the count is (so a corrupted count is no estimate, not a refusal).
+        if self.position + 8 * count > self._file_size:
+            raise _Malformed
+        self.count(count)
         # A vocabulary is 10^5 strings: one tight loop, not a method call per string.
         data, end, position = self._data, self._end, self.position
         unpack = struct.Struct(self._order + "Q").unpack_from
@@ -184,41 +397,39 @@ class _Header:
     def count(self, amount: int) -> None:
         self.elements += amount
         if self.elements > _MAX_ELEMENTS:
-            raise _Malformed
+            raise _TooLarge
 
-    def value(self, value_type: int, *, depth: int = 0) -> int | tuple[int, ...] | bytes | None:
-        """Read one value: an int, a tuple of ints, a string; None for anything else (skipped)."""
+    def value(self, value_type: int, *, keep: bool) -> int | tuple[int, ...] | bytes | None:
+        """Read one value: an int, a tuple of ints, a string; None for anything else, and for
+        everything when not ``keep`` (skipped, lengths checked, nothing copied)."""
         self.count(1)
-        if value_type in _INTEGER_FORMATS:
-            return self.integer(_INTEGER_FORMATS[value_type])
         if value_type in _SCALAR_SIZES:
-            self.take(_SCALAR_SIZES[value_type])
-            return None
+            start = self.take(_SCALAR_SIZES[value_type])
+            if not keep or value_type not in _INTEGER_FORMATS:
+                return None
+            code = self._order + _INTEGER_FORMATS[value_type]
+            number: int = struct.unpack_from(code, self._data, start)[0]
+            return number
         if value_type == _V.STRING:
-            return self.string()
-        if value_type != _V.ARRAY or depth >= _MAX_ARRAY_DEPTH:
-            raise _Malformed
+            length = self.integer("Q")
+            start = self.take(length)
+            return bytes(self._data[start : start + length]) if keep else None
+        if value_type != _V.ARRAY:
+            raise _Malformed  # an unknown type
         item_type = self.integer("I")
         length = self.integer("Q")
-        if item_type in _INTEGER_FORMATS:
+        if item_type in _SCALAR_SIZES:
             size = _SCALAR_SIZES[item_type]
-            self.count(length)
             start = self.take(size * length)
-            if length > 4096:  # no per-layer list is this long; a vocabulary's scores are
-                return None
+            self.count(length)
+            if not keep or item_type not in _INTEGER_FORMATS or length > _MAX_DECODED_ARRAY:
+                return None  # a vocabulary's scores, its token types
             code = f"{self._order}{length}{_INTEGER_FORMATS[item_type]}"
             return tuple(struct.unpack_from(code, self._data, start))
-        if item_type in _SCALAR_SIZES:
-            self.count(length)
-            self.take(_SCALAR_SIZES[item_type] * length)
-            return None
         if item_type == _V.STRING:
-            self.count(length)
             self._skip_strings(length)
             return None
-        for _ in range(length):
-            self.value(item_type, depth=depth + 1)
-        return None
+        raise _Malformed  # an array of arrays (or of an unknown type): ggml refuses both
 
 
 def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ...] | bytes]:
@@ -240,6 +451,10 @@ def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ..
         raise _Malformed
     header.integer("Q")  # tensor count
     pairs = header.integer("Q")
+    if pairs > file_size // 13:  # a pair takes 13 bytes at least: an 8-byte length, 1, type
+        raise _Malformed
+    if pairs > _MAX_PAIRS:
+        raise _TooLarge
     found: dict[str, int | tuple[int, ...] | bytes] = {}
     keys: set[bytes] = set()
     for _ in range(pairs):
@@ -247,7 +462,7 @@ def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ..
         if key in keys:  # llama.cpp refuses such a file; which value counts is anyone's guess
             raise _Malformed
         keys.add(key)
-        value = header.value(header.integer("I"))
+        value = header.value(header.integer("I"), keep=key.endswith(_WANTED))
         if value is not None:
             found[key.decode("utf-8", "replace")] = value
     return found
@@ -294,6 +509,7 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
         kv_heads=per_layer(kv_heads),
         key_length=embedding // first_heads if key_length is None else _positive(key_length),
         value_length=embedding // first_heads if value_length is None else _positive(value_length),
+        architecture=arch,
     )
 
 
@@ -310,15 +526,16 @@ def _read_start(descriptor: int, count: int) -> bytes:
     return b"".join(parts)
 
 
-def read_attention_shape(path: Path) -> AttentionShape | None:
-    """The model file's attention shape, or None if it is not a GGUF file this can read.
+def read_attention_shape(path: Path) -> AttentionShape | Uncountable | None:
+    """The model file's attention shape; None if it is not a GGUF model this can read (nor
+    llama.cpp load); :data:`UNCOUNTABLE` for a GGUF header past this module's bounds.
 
     The header is read with ``pread`` into memory, :data:`_FIRST_READ` bytes first and four
     times as many while the key-value section goes on, up to :data:`_MAX_HEADER_BYTES`. Not a
     memory map: a file truncated under a map turns the next read into ``SIGBUS``, which would
-    end the whole manager.
+    end the whole manager. A symbolic link is followed, as the verifier and the runtime do.
     """
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
     try:
         descriptor = os.open(path, flags)
     except (OSError, ValueError):
@@ -337,8 +554,10 @@ def read_attention_shape(path: Path) -> AttentionShape | None:
                 return _attention_shape(_read_metadata(data, size))
             except _NeedMore:
                 if want >= min(size, _MAX_HEADER_BYTES):
-                    return None
+                    return UNCOUNTABLE  # the key-value section goes on past the bound
                 want = min(size, want * 4, _MAX_HEADER_BYTES)
+    except _TooLarge:
+        return UNCOUNTABLE
     except (OSError, _Malformed, struct.error):
         return None
     finally:
@@ -350,93 +569,264 @@ def _cache_bytes(elements: int, cache_type: str) -> int:
     return -(-elements // block) * type_size
 
 
+def _pad(tokens: int) -> int:
+    return -(-tokens // _CONTEXT_PADDING) * _CONTEXT_PADDING
+
+
 @dataclass(slots=True)
 class _Settings:
-    context: int | None = None
+    #: Tokens; 0: the length the model declares.
+    context: int = 0
     cache_k: str = _DEFAULT_CACHE_TYPE
     cache_v: str = _DEFAULT_CACHE_TYPE
+    #: Slots; negative: upstream's automatic choice.
+    slots: int = -1
+    #: One cache for all slots (else one per slot, each a share of the context).
+    unified: bool = False
+    #: Upstream's ``--kv-unified-per-slot``: the context is slots × this, without ``-c``.
+    per_slot: int = 0
+    #: The context is pinned: ``-c 0`` given (not merely left out) sets upstream's minimum
+    #: context for ``--fit`` to UINT32_MAX, as ``-fitc -1`` does, and a later ``-fitc N``
+    #: undoes it; pinned, ``--kv-unified-per-slot`` counts for nothing.
+    pinned: bool = False
+    #: ``--override-kv`` values, in order.
+    overrides: tuple[str, ...] = ()
+    #: The model file it loads (None: none given); loaded from elsewhere (``-hf``...).
+    model: str | None = None
+    remote: bool = False
 
 
-def _runtime_kind(command: Sequence[str]) -> str | None:
-    if not command:
+def _number(text: str) -> int | None:
+    """The leading integer of ``text`` as the C library reads it (blanks, a sign, decimal
+    digits; what follows is ignored), or None without one. Past 20 digits it is past any
+    ``long`` too: 10^20 stands for them all (and Python's int() of a long string raises)."""
+    found = _STOI.match(text)
+    if found is None:
         return None
-    if MODULE in command[1:]:
-        return "embedded"
-    if Path(command[0]).name == _UPSTREAM_NAME:
-        return "upstream"
-    return None
+    sign, digits = found.groups()
+    rest = text[found.end() :]
+    value = 10**20 if rest[:1].isdigit() and rest[:1].isascii() else int(digits, 10)
+    return -value if sign == "-" else value
 
 
-def _apply(settings: _Settings, flag: str, value: str) -> bool:
-    """Set what ``flag value`` says; False when the value is not one this can count."""
-    if flag in _CONTEXT_FLAGS:
-        try:
-            context = int(value, 10)
-        except ValueError:
-            return False
-        if context < 0:
-            return False
-        settings.context = context
-    elif flag in _CACHE_K_FLAGS or flag in _CACHE_V_FLAGS:
+def _stoi(text: str) -> int | None:
+    """What ``std::stoi`` makes of ``text``; None where it throws."""
+    value = _number(text)
+    return value if value is not None and value in _INT32 else None
+
+
+def _apply_upstream(settings: _Settings, setting: str, value: str) -> bool:
+    """Set what upstream makes of ``value``; False where it refuses it (and exits)."""
+    if setting in ("cache_k", "cache_v"):
         if value not in _CACHE_TYPES:
             return False
-        if flag in _CACHE_K_FLAGS:
-            settings.cache_k = value
-        else:
-            settings.cache_v = value
+        setattr(settings, setting, value)
+        return True
+    if setting == "override":
+        settings.overrides = (*settings.overrides, value)
+        return True
+    if setting == "model":
+        settings.model = value
+        return True
+    number = _stoi(value)
+    if number is None:
+        return False
+    if setting == "fit_ctx":
+        settings.pinned = number == -1
+        return True
+    setattr(settings, setting, number)
+    if setting == "context" and number == 0:
+        settings.pinned = True
     return True
 
 
-def _settings(command: Sequence[str], kind: str, environ: Mapping[str, str]) -> _Settings | None:
-    settings = _Settings()
-    if kind == "upstream":
-        for variable, flag in (
-            ("LLAMA_ARG_CTX_SIZE", "-c"),
-            ("LLAMA_ARG_CACHE_TYPE_K", "-ctk"),
-            ("LLAMA_ARG_CACHE_TYPE_V", "-ctv"),
+def _config_files(environ: Mapping[str, str]) -> list[Path]:
+    """Where upstream looks for its configuration, for a runtime with ``environ`` on top of
+    the manager's ``HOME`` (the one variable of both that the runtime's scrub keeps)."""
+    configured = environ.get("XDG_CONFIG_HOME")
+    if configured:
+        user = Path(configured)
+    else:
+        home = environ.get("HOME") or os.environ.get("HOME")
+        try:
+            user = Path(home or pwd.getpwuid(os.getuid()).pw_dir, ".config")
+        except KeyError:
+            return [_SYSTEM_CONFIG]
+    return [_SYSTEM_CONFIG, user / _USER_CONFIG]
+
+
+def _config_lines(path: Path) -> list[str] | None:
+    """The lines of a configuration file ([] when there is none to read, as upstream skips
+    it); None for one too large to read."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_CONFIG_BYTES + 1)
+    except (OSError, ValueError):
+        return []
+    if len(data) > _MAX_CONFIG_BYTES:
+        return None
+    return data.decode("utf-8", "replace").splitlines()
+
+
+def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
+    """Apply a configuration file's global keys and its ``[*]`` section, as upstream does
+    (every other section is a preset for its router); False where upstream would exit."""
+    applies = True
+    for raw in lines:
+        line = raw.strip()
+        if not line or line[0] in ";#":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            applies = line[1:-1].strip() == "*"
+            continue
+        key, equals, value = line.partition("=")
+        if not applies or not equals:
+            continue
+        key, value = key.strip(), value.strip()
+        if (
+            key in _UPSTREAM_REMOTE
+            or "-" + key in _UPSTREAM_REMOTE
+            or "--" + key in _UPSTREAM_REMOTE
         ):
-            if variable in environ and not _apply(settings, flag, environ[variable]):
-                return None
-    known = (*_CONTEXT_FLAGS, *_CACHE_K_FLAGS, *_CACHE_V_FLAGS)
-    arguments = list(command[1:])
+            settings.remote = True
+        elif key in _CONFIG_UNIFIED:
+            if value not in _TRUTHY | _FALSEY:
+                return False
+            settings.unified = (value in _TRUTHY) == _CONFIG_UNIFIED[key]
+        elif key in _CONFIG_KEYS and not _apply_upstream(settings, _CONFIG_KEYS[key], value):
+            return False
+    return True
+
+
+def _upstream_settings(
+    arguments: Sequence[str], environ: Mapping[str, str]
+) -> _Settings | Uncountable | None:
+    settings = _Settings()
+    for path in _config_files(environ):
+        lines = _config_lines(path)
+        if lines is None:
+            return _CONFIG_TOO_LARGE
+        if not _apply_config(settings, lines):
+            return None
+    for variable, name in _UPSTREAM_VARIABLES.items():
+        if variable in environ and not _apply_upstream(settings, name, environ[variable]):
+            return None
+    if any(name in environ for name in _UPSTREAM_REMOTE):
+        settings.remote = True
+    if "LLAMA_ARG_KV_UNIFIED" in environ:
+        unified = environ["LLAMA_ARG_KV_UNIFIED"]
+        if unified not in _TRUTHY | _FALSEY:
+            return None
+        settings.unified = unified in _TRUTHY
     index = 0
     while index < len(arguments):
-        argument = arguments[index]
-        flag, equals, inline = argument.partition("=")
-        if equals and flag in known:
-            if not _apply(settings, flag, inline):
-                return None
-        elif argument in known:
-            if index + 1 >= len(arguments) or not _apply(settings, argument, arguments[index + 1]):
+        option = arguments[index]
+        if option.startswith("--"):
+            option = option.replace("_", "-")
+        index += 1
+        if option in _UPSTREAM_REMOTE:
+            settings.remote = True
+        if option in _UPSTREAM_UNIFIED:
+            settings.unified = _UPSTREAM_UNIFIED[option]
+        elif option in _UPSTREAM_TWO_VALUE_OPTIONS:
+            index += 2
+        elif option in _UPSTREAM_VALUE_OPTIONS:
+            if index >= len(arguments):
+                return None  # upstream: "expected value for argument"
+            wanted = _UPSTREAM_SETTINGS.get(option)
+            if wanted is not None and not _apply_upstream(settings, wanted, arguments[index]):
                 return None
             index += 1
-        index += 1
-    if settings.context is None:
-        settings.context = DEFAULT_CONTEXT_SIZE if kind == "embedded" else 0
+    if settings.slots < 0:  # upstream's automatic choice: 4 slots, one cache
+        settings.slots = _UPSTREAM_AUTO_SLOTS
+        settings.unified = True
+    if settings.per_slot > 0 and settings.context == 0 and not settings.pinned:
+        settings.context = settings.slots * settings.per_slot
     return settings
+
+
+def _embedded_settings(arguments: Sequence[str]) -> _Settings | None:
+    parsed = parse_launcher_arguments(arguments)
+    if parsed is None or type(parsed.ctx_size) is not int or parsed.ctx_size < 0:
+        return None  # the launcher refuses its command line
+    return _Settings(context=parsed.ctx_size, slots=parsed.parallel, model=str(parsed.model))
+
+
+def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings | Uncountable | None:
+    """What the command asks of llama.cpp, or None: not its server, or it would not start."""
+    if not command:
+        return None
+    try:
+        argv = filled_argv(command, _PLACEHOLDER_VALUES)
+    except (ProcessError, KeyError, ValueError, TypeError):
+        return None
+    for index, argument in enumerate(argv[1:], 1):
+        # python [its options] -m MODULE [the launcher's arguments], or -mMODULE, -PmMODULE
+        # as Python takes them too; xllamacpp reads no LLAMA_ARG_* variable.
+        if argument == MODULE or _ATTACHED_MODULE.fullmatch(argument):
+            return _embedded_settings(argv[index + 1 :])
+    for index, argument in enumerate(argv):
+        # llama-server itself, or behind a wrapper that runs it (env, nice, taskset...); an
+        # "env NAME=VALUE" before it sets a variable of its environment.
+        if Path(argument).name == _UPSTREAM_NAME:
+            if index and Path(argv[0]).name == "env":
+                assignments = (part.partition("=") for part in argv[1:index])
+                environ = {
+                    **environ,
+                    **{name: value for name, equals, value in assignments if equals},
+                }
+            return _upstream_settings(argv[index + 1 :], environ)
+    return None
+
+
+def _override_context(overrides: Sequence[str], architecture: str) -> int | None:
+    """The context length ``--override-kv`` gives the model (the largest, if several do)."""
+    key = f"{architecture}.context_length="
+    lengths = []
+    for value in overrides:
+        for item in value.split(","):
+            if item.startswith(key) and item[len(key) :].startswith("int:"):
+                # std::atol, then the uint32 the model loader keeps.
+                number = _number(item[len(key) + 4 :])
+                if number is not None and not -(1 << 63) <= number < 1 << 63:
+                    number = (1 << 63) - 1 if number > 0 else -(1 << 63)  # strtol saturates
+                lengths.append(0 if number is None else number % (1 << 32))
+    return max(lengths) if lengths else None
 
 
 def estimate_context_memory(
     model_path: Path,
     command_template: Sequence[str],
     environ: Mapping[str, str] | None = None,
-) -> ContextMemory | None:
-    """The KV cache the runtime ``command_template`` will allocate for ``model_path``, or None.
+) -> ContextMemory | Uncountable | None:
+    """The KV cache the runtime ``command_template`` will allocate for ``model_path``.
 
-    None: the command is not llama.cpp's server, sets the context or a cache type to something
-    this cannot count, or the file is not a GGUF model with an attention shape. Never raises.
+    None: the command is not llama.cpp's server, or one it would refuse to start with, or the
+    file is not a GGUF model with an attention shape. :data:`UNCOUNTABLE`: llama.cpp's server
+    on a GGUF header too large to walk. Never raises.
     """
-    kind = _runtime_kind(command_template)
-    if kind is None:
-        return None
-    settings = _settings(command_template, kind, environ or {})
-    if settings is None:
-        return None
+    settings = _settings(command_template, environ or {})
+    if isinstance(settings, Uncountable):
+        return settings
+    if settings is None or settings.slots <= 0 or settings.context < 0:
+        return None  # not llama.cpp's server, or one that exits (or aborts) at once
+    if settings.remote or settings.model != _MODEL_SENTINEL:
+        return _ANOTHER_MODEL
     shape = read_attention_shape(model_path)
-    if shape is None:
-        return None
-    context = settings.context or shape.context_length
-    context = -(-context // _CONTEXT_PADDING) * _CONTEXT_PADDING
+    if not isinstance(shape, AttentionShape):
+        return shape
+    declared = _override_context(settings.overrides, shape.architecture)
+    context = settings.context
+    if context == 0:
+        # The declared length, for every slot when each has a cache of its own: -np 4 without
+        # -c is four times the declared length.
+        context = shape.context_length if declared is None else declared
+        if not settings.unified:
+            context *= settings.slots
+    context = _pad(context)
+    if not settings.unified:
+        # One cache per slot, each its share of the context padded up on its own.
+        context = _pad(context // settings.slots) * settings.slots
     per_token = sum(
         _cache_bytes(heads * shape.key_length, settings.cache_k)
         + _cache_bytes(heads * shape.value_length, settings.cache_v)

@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn
 
 __all__ = [
     "DEFAULT_CONTEXT_SIZE",
@@ -40,6 +40,7 @@ __all__ = [
     "embedded_llama_command",
     "llama_available",
     "main",
+    "parse_launcher_arguments",
 ]
 
 #: The server ran and was stopped by a signal.
@@ -93,7 +94,7 @@ def embedded_llama_command(
     the working directory first on the module path, and an ``xllamacpp.py`` (or a
     ``companion_runtime`` directory) that anyone placed there would run as the runtime.
     ``context_size`` None leaves the launcher's :data:`DEFAULT_CONTEXT_SIZE`; 0 asks for the
-    length the model declares.
+    length the model declares, for each of the ``parallel`` slots (each has a cache of its own).
     """
     command = [
         sys.executable,
@@ -148,8 +149,37 @@ def _loopback_host(text: str) -> str:
     return str(address)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Refused(Exception):
+    """The launcher's command line would be refused (or only print its help)."""
+
+
+class _QuietParser(argparse.ArgumentParser):
+    """The launcher's parser, raising where the real one prints and exits."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _Refused(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise _Refused(message)
+
+    def print_help(self, file: object = None) -> None:
+        pass
+
+
+def parse_launcher_arguments(argv: Sequence[str]) -> argparse.Namespace | None:
+    """What this launcher makes of ``argv`` (its arguments, without the interpreter's), or
+    None where it would refuse them: the same parser, so the same abbreviations (``--ctx``),
+    attached values (``-c8192``) and last-one-wins. Prints nothing."""
+    try:
+        return _parser(_QuietParser).parse_args(list(argv))
+    except (_Refused, ValueError, TypeError):
+        return None
+
+
+def _parser(
+    parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
+    parser = parser_class(
         prog=f"python -m {MODULE}",
         description="Serve a GGUF model with llama.cpp's HTTP server, embedded via xllamacpp.",
     )

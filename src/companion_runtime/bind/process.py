@@ -91,6 +91,7 @@ __all__ = [
     "SubprocessLauncher",
     "build_launch_spec",
     "choose_loopback_port",
+    "filled_argv",
     "scrub_environment",
     "uses_api_key_file",
 ]
@@ -432,6 +433,14 @@ def uses_api_key_file(command_template: Sequence[str]) -> bool:
         return any("api_key_file" in _fields(argument) for argument in command_template)
     except (ProcessError, TypeError):
         return False
+
+
+def filled_argv(command_template: Sequence[str], values: Mapping[str, str]) -> tuple[str, ...]:
+    """The argv ``command_template`` gives with ``values`` for its placeholders, unescaped as
+    :func:`build_launch_spec` does it (without its checks); :class:`ProcessError` or
+    ``KeyError`` when a placeholder is unknown or has no value."""
+    executable, *arguments = command_template
+    return (_unescape(executable), *(_fill(argument, values) for argument in arguments))
 
 
 def _parse(template: str) -> list[tuple[str, str | None]]:

@@ -60,7 +60,11 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Final, Self, TypeVar, final
 
 from companion_runtime.bind.admission import AdmissionController
-from companion_runtime.bind.context_memory import ContextMemory, estimate_context_memory
+from companion_runtime.bind.context_memory import (
+    ContextMemory,
+    Uncountable,
+    estimate_context_memory,
+)
 from companion_runtime.bind.filehash import VerifyPolicy, verify_file
 from companion_runtime.bind.health import (
     HealthAnswer,
@@ -725,6 +729,16 @@ class Supervisor:
         context = await asyncio.to_thread(
             estimate_context_memory, config.model_path, config.command_template, config.extra_env
         )
+        if isinstance(context, Uncountable):
+            # llama.cpp would run it (a header or a configuration file this large, a model
+            # other than the verified one); what its cache would take, nobody has counted.
+            # Refused rather than counted as nothing.
+            self._context_memory = None
+            _logger.warning(
+                "the model does not fit: the KV cache it needs cannot be counted (%s)",
+                context.what,
+            )
+            return deny(Reason.MODEL_TOO_LARGE)
         self._context_memory = context
         headroom = await self._headroom()
         context_bytes = 0 if context is None else context.bytes
