@@ -30,7 +30,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from companion_runtime.bind.context_memory import read_attention_shape
+from companion_runtime.bind.context_memory import AttentionShape, read_attention_shape
 
 
 def _write(path: Path, vocabulary: int) -> int:
@@ -83,7 +83,7 @@ def main() -> int:
         path = Path(directory) / "header.gguf"
         size = _write(path, vocabulary)
         shape = read_attention_shape(path)
-        assert shape is not None and shape.context_length == 131072
+        assert isinstance(shape, AttentionShape) and shape.context_length == 131072
         assert _reader_shape(path) == (shape.context_length, shape.kv_heads[0])
         walk_s = _median_s(lambda: read_attention_shape(path), options.repeats)
         reader_s = _median_s(lambda: _reader_shape(path), 3)
