@@ -4,6 +4,7 @@ show on demand, the stand-in runtime. Every runtime here is a real child process
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -523,11 +524,24 @@ async def test_a_command_that_loads_another_model_than_the_verified_one_is_refus
     supervisor = Supervisor(_config(template, tiny, digest, len(data), resource_limits=limits))
     async with supervisor:
         with caplog.at_level(logging.WARNING, logger="companion_runtime.bind.supervisor"):
-            assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
+            assert (await supervisor.start()).reason is Reason.MALFORMED_SPEC
         assert supervisor.status()["spawns"] == 0
     [said] = [record.getMessage() for record in caplog.records]
     assert "loads another model than the verified one" in said
     assert str(tmp_path) not in said and digest not in said
+    # Known from the manifest alone, before anything is downloaded.
+    manifest = Manifest(
+        model=ModelSpec(
+            name="m", url="https://models.example.com/m.gguf", sha256=digest, size_bytes=len(data)
+        ),
+        sources=SourcesSpec(allow=("https://models.example.com/",)),
+        runtime=RuntimeSpec(command=tuple(template)),
+    )
+    assert check_runtime_command(manifest).reason is Reason.MALFORMED_SPEC
+    del template[template.index(str(other)) - 1 : template.index(str(other)) + 1]
+    assert check_runtime_command(
+        dataclasses.replace(manifest, runtime=RuntimeSpec(command=tuple(template)))
+    ).ok
 
 
 @pytest.mark.security

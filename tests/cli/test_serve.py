@@ -625,6 +625,24 @@ _RUNTIME = ["RUNTIME", "--port", "{port}"]  # RUNTIME: a file the test writes wi
         pytest.param(
             _RUNTIME, b"#!/nonexistent/python3\n", "executable_not_allowed", id="no-interpreter"
         ),
+        # llama.cpp's server told to load a file nobody verified (the last -m wins).
+        pytest.param(
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "companion_runtime.bind.llama_server",
+                "-m",
+                "{model_path}",
+                "-m",
+                "/models/other.gguf",
+                "--port",
+                "{port}",
+            ],
+            None,
+            "malformed_spec",
+            id="another-model",
+        ),
         pytest.param(
             _RUNTIME, b"#!INTERPRETER\n", "executable_not_allowed", id="interpreter-not-executable"
         ),

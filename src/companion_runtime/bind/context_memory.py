@@ -91,6 +91,7 @@ __all__ = [
     "ContextMemory",
     "Uncountable",
     "estimate_context_memory",
+    "loads_another_model",
     "read_attention_shape",
 ]
 
@@ -792,6 +793,19 @@ def _override_context(overrides: Sequence[str], architecture: str) -> int | None
                     number = (1 << 63) - 1 if number > 0 else -(1 << 63)  # strtol saturates
                 lengths.append(0 if number is None else number % (1 << 32))
     return max(lengths) if lengths else None
+
+
+def loads_another_model(
+    command_template: Sequence[str], environ: Mapping[str, str] | None = None
+) -> bool:
+    """Whether ``command_template`` runs llama.cpp's server on a model other than
+    ``{model_path}``: a later ``-m``, none at all, one it downloads (``-hf``, ``-mu``, a
+    ``--*-default`` preset), or ``LLAMA_ARG_MODEL`` / a configuration file naming another.
+    From the command alone, so it can be asked before the download. Never raises."""
+    settings = _settings(command_template, environ or {})
+    return isinstance(settings, _Settings) and (
+        settings.remote or settings.model != _MODEL_SENTINEL
+    )
 
 
 def estimate_context_memory(

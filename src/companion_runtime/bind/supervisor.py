@@ -53,7 +53,7 @@ import secrets
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -64,6 +64,7 @@ from companion_runtime.bind.context_memory import (
     ContextMemory,
     Uncountable,
     estimate_context_memory,
+    loads_another_model,
 )
 from companion_runtime.bind.filehash import VerifyPolicy, verify_file
 from companion_runtime.bind.health import (
@@ -269,7 +270,8 @@ def check_runtime_command(manifest: Manifest) -> Verdict:
     an executable that is missing or cannot be run (``executable_not_allowed``: a directory,
     no execute permission, a ``#!`` interpreter that is missing or not executable, on Linux a
     file that is neither a ``#!`` script nor ELF) is known now, not after a multi-GB model has
-    been fetched for it."""
+    been fetched for it; so is a llama.cpp server told to load another model than the verified
+    one (``malformed_spec``: a later ``-m``, none, ``-hf``; see :func:`loads_another_model`)."""
     template = manifest.runtime.command
     try:
         build_launch_spec(
@@ -281,6 +283,15 @@ def check_runtime_command(manifest: Manifest) -> Verdict:
         )
     except ProcessError as error:
         return deny(error.reason)
+    return _verified_model_only(template, {})
+
+
+def _verified_model_only(template: Sequence[str], environ: Mapping[str, str]) -> Verdict:
+    """``malformed_spec`` for a command whose llama.cpp server would load a model other than
+    the verified blob (:func:`loads_another_model`): bytes nobody verified would run."""
+    if loads_another_model(template, environ):
+        _logger.warning("the runtime command loads another model than the verified one")
+        return deny(Reason.MALFORMED_SPEC)
     return ALLOW
 
 
@@ -726,6 +737,9 @@ class Supervisor:
         verified = await self._verifier(config.model_path)
         if not verified.ok:
             return verified
+        only_verified = _verified_model_only(config.command_template, config.extra_env)
+        if not only_verified.ok:
+            return only_verified
         context = await asyncio.to_thread(
             estimate_context_memory, config.model_path, config.command_template, config.extra_env
         )
