@@ -401,7 +401,10 @@ def test_a_context_too_large_for_the_ceiling_is_refused_before_the_runtime_start
     assert returncode == 1
     assert json.loads(stdout) == {"ok": False, "reason": "model_too_large"}
     assert requests == 1  # fetched and verified; the fit before the download could not know
-    assert "8,192 MiB of KV cache for a 16777216-token context" in stderr[0]
+    assert (
+        "the model does not fit: 419 KiB of weights, 8,192 MiB of KV cache for a "
+        "16777216-token context and 256 MiB for the runtime" in stderr[0]
+    )
     assert "(-c)" in stderr[0]
     assert str(tmp_path) not in stderr[0] and hashlib.sha256(data).hexdigest() not in stderr[0]
     assert not (tmp_path / "state" / "serve.json").exists()

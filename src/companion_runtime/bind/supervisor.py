@@ -132,8 +132,12 @@ _T = TypeVar("_T")
 _logger = logging.getLogger(__name__)
 
 
-def _mib(count: int) -> str:
-    return f"{count / (1 << 20):,.0f} MiB"
+def _size(count: int) -> str:
+    """``8,192 MiB``, ``419 KiB``, ``12 B``: a byte count as a person reads it."""
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return f"{count / (1 << shift):,.0f} {unit}"
+    return f"{count} B"
 
 
 def _positive(value: object) -> bool:
@@ -768,10 +772,10 @@ class Supervisor:
             _logger.warning(
                 "the model does not fit: %s of weights, %s of KV cache for a %d-token context "
                 "and %s for the runtime; a smaller context (-c) needs less",
-                _mib(config.expected_size_bytes),
-                _mib(context_bytes),
+                _size(config.expected_size_bytes),
+                _size(context_bytes),
                 context.context_tokens,
-                _mib(config.overhead_bytes),
+                _size(config.overhead_bytes),
             )
         return verdict
 
