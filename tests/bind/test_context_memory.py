@@ -3,6 +3,7 @@ runtime commands as manifests give them, and the figure the real llama.cpp serve
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
@@ -264,21 +265,40 @@ def test_a_command_that_loads_another_model_is_not_counted_as_the_verified_one(
     def result(command: list[str], **env: str) -> object:
         return estimate_context_memory(model, command, env)
 
-    for command, env in (
-        ([*UPSTREAM_CMD, "-m", "/models/big.gguf"], {}),
-        ([UPSTREAM, "--model", "/models/big.gguf"], {}),
-        ([UPSTREAM, "--port", "{port}"], {}),  # no model: router mode, anything
-        ([UPSTREAM], {"LLAMA_ARG_MODEL": "/models/big.gguf"}),
-        ([*UPSTREAM_CMD, "-hf", "someone/model"], {}),
-        ([*UPSTREAM_CMD, "--gpt-oss-20b-default"], {}),
-        (UPSTREAM_CMD, {"LLAMA_ARG_HF_REPO": "someone/model"}),
-        ([*launcher, "-m", "{model_path}", "-m", "/models/big.gguf"], {}),
-        ([*launcher, "--model=/models/big.gguf"], {}),
-        ([*launcher, "-m", "{model_path}.other"], {}),
+    for command, env, named in (
+        ([*UPSTREAM_CMD, "-m", "/models/big.gguf"], {}, "another -m"),
+        ([UPSTREAM, "--model", "/models/big.gguf"], {}, "another -m"),
+        ([UPSTREAM, "--port", "{port}"], {}, "no -m"),  # no model: router mode, anything
+        ([UPSTREAM], {"LLAMA_ARG_MODEL": "/models/big.gguf"}, "another -m"),
+        ([*UPSTREAM_CMD, "-hf", "someone/big"], {}, "-hf"),
+        ([*UPSTREAM_CMD, "--gpt-oss-20b-default"], {}, "--gpt-oss-20b-default"),
+        (UPSTREAM_CMD, {"LLAMA_ARG_HF_REPO": "someone/big"}, "LLAMA_ARG_HF_REPO"),
+        ([*launcher, "-m", "{model_path}", "-m", "/models/big.gguf"], {}, "another -m"),
+        ([*launcher, "--model=/models/big.gguf"], {}, "another -m"),
+        ([*launcher, "-m", "{model_path}.other"], {}, "another -m"),
+        # Weights beside the model: a draft model, a projector, adapters, control vectors, a
+        # router's models; each runs bytes the manifest never vouched for.
+        ([*UPSTREAM_CMD, "-md", "/models/big.gguf"], {}, "-md"),
+        ([*UPSTREAM_CMD, "--spec_draft_model", "/models/big.gguf"], {}, "--spec-draft-model"),
+        ([*UPSTREAM_CMD, "-hfd", "someone/big"], {}, "-hfd"),
+        ([*UPSTREAM_CMD, "--mmproj", "/models/big.gguf"], {}, "--mmproj"),
+        ([*UPSTREAM_CMD, "-mmu", "https://elsewhere.example/big.gguf"], {}, "-mmu"),
+        ([*UPSTREAM_CMD, "--lora", "/models/big.gguf"], {}, "--lora"),
+        ([*UPSTREAM_CMD, "--lora-scaled", "/models/big.gguf:0.5"], {}, "--lora-scaled"),
+        ([*UPSTREAM_CMD, "--control-vector", "/models/big.gguf"], {}, "--control-vector"),
+        ([*UPSTREAM_CMD, "--models-dir", "/models/big"], {}, "--models-dir"),
+        (UPSTREAM_CMD, {"LLAMA_ARG_MMPROJ_URL": "https://e.example/big"}, "LLAMA_ARG_MMPROJ_URL"),
+        (UPSTREAM_CMD, {"LLAMA_ARG_SPEC_DRAFT_MODEL": "/big"}, "LLAMA_ARG_SPEC_DRAFT_MODEL"),
     ):
         memory = result(command, **env)
         assert isinstance(memory, Uncountable), (command, env)
-        assert "another model" in memory.what and "big" not in memory.what
+        assert memory.what == (
+            f"the runtime command loads weights the manifest does not verify ({named})"
+        )
+        assert context_memory.unverified_weights(command, env) == named
+        assert context_memory.loads_another_model(command, env)
+    # A value is never taken for an option: an alias that reads "--mmproj" loads nothing.
+    assert context_memory.unverified_weights([*UPSTREAM_CMD, "--alias", "--mmproj"]) is None
     # The verified one, however it is named: the last -m, the flags over the environment.
     for command, env in (
         ([UPSTREAM, "-m", "/models/big.gguf", "-m", "{model_path}"], {}),
@@ -287,6 +307,26 @@ def test_a_command_that_loads_another_model_is_not_counted_as_the_verified_one(
         ([*launcher, "--model={model_path}"], {}),
     ):
         assert isinstance(result(command, **env), ContextMemory), (command, env)
+        assert context_memory.unverified_weights(command, env) is None
+
+
+def test_weights_named_in_a_configuration_file_are_refused_too(tmp_path: Path) -> None:
+    # upstream's config.ini takes an option by any of its names, with or without dashes.
+    model = _model(tmp_path / "m.gguf", context=2048)
+    home = tmp_path / "home"
+    config = home / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    for text, named in (
+        ("mmproj = /models/big.gguf\n", "mmproj in a configuration file"),
+        ("[*]\nmd = /models/big.gguf\n", "md in a configuration file"),
+        ("LLAMA_ARG_LORA = /models/big.gguf\n", None),  # not a variable upstream reads
+        ("[a-preset]\nlora = /models/big.gguf\n", None),  # a router's preset, not this server
+    ):
+        config.write_text(text)
+        env = {"HOME": str(home)}
+        assert context_memory.unverified_weights(UPSTREAM_CMD, env) == named, text
+        memory = estimate_context_memory(model, UPSTREAM_CMD, env)
+        assert isinstance(memory, Uncountable if named else ContextMemory), text
 
 
 def test_upstream_behind_a_wrapper_is_still_upstream(tmp_path: Path) -> None:
@@ -661,3 +701,57 @@ def test_the_estimate_is_what_the_launcher_allocates(tmp_path: Path, flags: list
     tokens, mib = _logged_kv_cache(command, tmp_path / "server.log")
     assert estimate.context_tokens == tokens
     assert abs(estimate.bytes / MIB - mib) < 0.006, (estimate, mib)
+
+
+#: Upstream options whose value names a file, directory or URL that holds no weights.
+_NOT_WEIGHTS = frozenset(
+    """
+    --log-file --grammar-file -jf --json-schema-file -lcs --lookup-cache-static -lcd
+    --lookup-cache-dynamic --video-ffmpeg-dir --path --ui-config-file --webui-config-file
+    --mcp-servers-config --api-key-file --ssl-key-file --ssl-cert-file --slot-save-path
+    --media-path --chat-template-file --log-prompts-dir -hff --hf-file
+    """.split()
+)
+_HELP_OPTION = re.compile(r"((?:-[\w.-]+,\s*)*-[\w.-]+)(?: (\S+(?: \S+)*?))?(?:\s{2,}|$)")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+def test_every_upstream_option_that_loads_weights_is_known() -> None:
+    # Read the real binary's --help: every option whose value is a file, a URL or a model
+    # repository either loads weights (refused) or is known to hold none; every option whose
+    # description says it can download weights is refused; every name the refusal lists is
+    # one the binary has, with the variable it reads. A newer build's new option fails here
+    # until it is placed.
+    binary = upstream_binary()
+    assert binary is not None
+    shown = subprocess.run(
+        [str(binary), "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    # name: (names, metavar, variable, whether its description says it downloads weights)
+    options: dict[str, tuple[list[str], str, str, bool]] = {}
+    lines = shown.splitlines()
+    for index, line in enumerate(lines):
+        found = _HELP_OPTION.match(line)
+        if not line.startswith("-") or found is None:
+            continue
+        names = [name.strip() for name in found.group(1).split(",")]
+        described = itertools.takewhile(lambda more: not more.startswith("-"), lines[index + 1 :])
+        following = "\n".join([line, *described])
+        variable = re.search(r"\(env: (LLAMA_ARG_\w+)\)", following)
+        downloads = "download weights" in " ".join(following.split())
+        entry = (names, found.group(2) or "", variable.group(1) if variable else "", downloads)
+        options.update(dict.fromkeys(names, entry))
+    # The parse found the options (the build has over 400 names, 11 presets that download).
+    assert len(options) > 400 and sum(entry[3] for entry in options.values()) >= 11
+    weights = context_memory._UPSTREAM_OTHER_WEIGHTS
+    file_like = re.compile(r"FNAME|FILE|PATH|URL|<model>|DIR")
+    for name, (names, metavar, variable, downloads) in options.items():
+        if file_like.search(metavar) and name not in ("-m", "--model"):
+            assert (name in weights) != (name in _NOT_WEIGHTS), (names, metavar)
+        if downloads:
+            assert name in weights, names
+        if name in weights and variable:
+            assert variable in weights, (names, variable)
+    for name in weights:
+        assert name in options or name in {entry[2] for entry in options.values()}, name

@@ -527,7 +527,10 @@ async def test_a_command_that_loads_another_model_than_the_verified_one_is_refus
             assert (await supervisor.start()).reason is Reason.MALFORMED_SPEC
         assert supervisor.status()["spawns"] == 0
     [said] = [record.getMessage() for record in caplog.records]
-    assert "loads another model than the verified one" in said
+    assert said == (
+        "the runtime command loads weights the manifest does not verify (another -m); "
+        "only {model_path} is verified"
+    )
     assert str(tmp_path) not in said and digest not in said
     # Known from the manifest alone, before anything is downloaded.
     manifest = Manifest(

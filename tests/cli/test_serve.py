@@ -646,6 +646,22 @@ _RUNTIME = ["RUNTIME", "--port", "{port}"]  # RUNTIME: a file the test writes wi
             "malformed_spec",
             id="another-model",
         ),
+        # ... or weights beside it: a projector fetched from a host nobody allowlisted.
+        pytest.param(
+            [
+                "/usr/bin/env",
+                "llama-server",
+                "-m",
+                "{model_path}",
+                "--port",
+                "{port}",
+                "--mmproj-url",
+                "https://elsewhere.example/models/projector.gguf?token=secret",
+            ],
+            None,
+            "malformed_spec",
+            id="unverified-projector",
+        ),
         pytest.param(
             _RUNTIME, b"#!INTERPRETER\n", "executable_not_allowed", id="interpreter-not-executable"
         ),
@@ -691,6 +707,9 @@ def test_a_runtime_command_that_cannot_run_is_refused_before_the_download(
         requests = len(origin.requests)
     assert finished.returncode == 1, finished.stderr[-3000:]
     assert json.loads(finished.stdout) == {"ok": False, "reason": expected}
+    assert "elsewhere" not in finished.stderr and "/models/" not in finished.stderr
+    if "--mmproj-url" in command:
+        assert "loads weights the manifest does not verify (--mmproj-url)" in finished.stderr
     assert requests == 0
     assert not any((tmp_path / "store").rglob("sha256-*"))
 

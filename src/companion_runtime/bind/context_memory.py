@@ -52,7 +52,7 @@ GPU, where llama.cpp puts the cache of offloaded layers too: it may then refuse 
 would have fitted in VRAM, and its VRAM check does not count the cache. The estimate is an
 upper bound for common models: it counts every layer at the full context,
 so models with sliding-window layers (whose cache llama.cpp keeps at the window's size) or with
-compressed attention (MLA) need less than it says. Not counted: a draft model's cache, a
+compressed attention (MLA) need less than it says. Not counted: a
 recurrent model's state, and the compute buffers (reserved, but touched only as the context
 fills, where the resource samples see them).
 
@@ -93,6 +93,7 @@ __all__ = [
     "estimate_context_memory",
     "loads_another_model",
     "read_attention_shape",
+    "unverified_weights",
 ]
 
 #: llama.cpp rounds the context (and, with a cache per slot, each slot's share) up to this.
@@ -241,14 +242,21 @@ _MAX_CONFIG_BYTES: Final = 1 << 20
 _ATTACHED_MODULE: Final = re.compile("-[A-Za-z]*m" + re.escape(MODULE))
 #: What ``{model_path}`` stands for while a command is read: the model it loads must be it.
 _MODEL_SENTINEL: Final = "\x01model_path\x01"
-#: Upstream options (and variables) that have it load a model from elsewhere, whatever -m says.
-_UPSTREAM_REMOTE: Final = frozenset(
+#: Upstream options (and variables) that have it load weights other than ``-m``'s file,
+#: whatever ``-m`` says: a model it downloads (``-hf``, ``-mu``, a ``--*-default`` preset), a
+#: draft model, a multimodal projector, LoRA adapters, control vectors, a router's models.
+_UPSTREAM_OTHER_WEIGHTS: Final = frozenset(
     """
     -hf -hfr --hf-repo -mu --model-url -dr --docker-repo --embd-gemma-default
     --fim-qwen-1.5b-default --fim-qwen-3b-default --fim-qwen-7b-default --fim-qwen-7b-spec
     --fim-qwen-14b-spec --fim-qwen-30b-default --gpt-oss-20b-default --gpt-oss-120b-default
     --vision-gemma-4b-default --vision-gemma-12b-default
-    LLAMA_ARG_HF_REPO LLAMA_ARG_MODEL_URL LLAMA_ARG_DOCKER_REPO
+    -md --model-draft --spec-draft-model -hfd -hfrd --hf-repo-draft --spec-draft-hf
+    -mm --mmproj -mmu --mmproj-url --lora --lora-scaled --control-vector
+    --control-vector-scaled --models-dir --models-preset
+    LLAMA_ARG_HF_REPO LLAMA_ARG_MODEL_URL LLAMA_ARG_DOCKER_REPO LLAMA_ARG_SPEC_DRAFT_MODEL
+    LLAMA_ARG_SPEC_DRAFT_HF_REPO LLAMA_ARG_MMPROJ LLAMA_ARG_MMPROJ_URL LLAMA_ARG_MODELS_DIR
+    LLAMA_ARG_MODELS_PRESET
     """.split()
 )
 #: Values for the launcher's placeholders while its arguments are parsed (the supervisor's
@@ -336,9 +344,13 @@ UNCOUNTABLE: Final = Uncountable("its GGUF header is too large for the fit check
 _CONFIG_TOO_LARGE: Final = Uncountable(
     "llama.cpp's configuration file is too large for the fit check to read"
 )
-#: The command has llama.cpp load a model other than the verified blob (or none, or one it
-#: downloads): what the fit check read is not what the runtime allocates for.
-_ANOTHER_MODEL: Final = Uncountable("the runtime command loads another model than the verified one")
+
+
+def _unverified(what: str) -> Uncountable:
+    """The command has llama.cpp load weights other than the verified blob (``what`` names
+    the option, variable or key, never its value): what the fit check read is not all the
+    runtime loads, and bytes nobody verified would run."""
+    return Uncountable(f"the runtime command loads weights the manifest does not verify ({what})")
 
 
 class _Header:
@@ -592,9 +604,21 @@ class _Settings:
     pinned: bool = False
     #: ``--override-kv`` values, in order.
     overrides: tuple[str, ...] = ()
-    #: The model file it loads (None: none given); loaded from elsewhere (``-hf``...).
+    #: The model file it loads (None: none given).
     model: str | None = None
-    remote: bool = False
+    #: The first option, variable or configuration key that loads other weights (``-hf``,
+    #: ``--mmproj``...; :data:`_UPSTREAM_OTHER_WEIGHTS`), by its name.
+    other_weights: str | None = None
+
+    def unverified(self) -> str | None:
+        """What has the runtime load weights other than the verified blob, by name."""
+        if self.other_weights is not None:
+            return self.other_weights
+        if self.model is None:
+            return "no -m"
+        if self.model != _MODEL_SENTINEL:
+            return "another -m"
+        return None
 
 
 def _number(text: str) -> int | None:
@@ -685,11 +709,11 @@ def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
             continue
         key, value = key.strip(), value.strip()
         if (
-            key in _UPSTREAM_REMOTE
-            or "-" + key in _UPSTREAM_REMOTE
-            or "--" + key in _UPSTREAM_REMOTE
+            key in _UPSTREAM_OTHER_WEIGHTS
+            or "-" + key in _UPSTREAM_OTHER_WEIGHTS
+            or "--" + key in _UPSTREAM_OTHER_WEIGHTS
         ):
-            settings.remote = True
+            settings.other_weights = settings.other_weights or f"{key} in a configuration file"
         elif key in _CONFIG_UNIFIED:
             if value not in _TRUTHY | _FALSEY:
                 return False
@@ -712,8 +736,9 @@ def _upstream_settings(
     for variable, name in _UPSTREAM_VARIABLES.items():
         if variable in environ and not _apply_upstream(settings, name, environ[variable]):
             return None
-    if any(name in environ for name in _UPSTREAM_REMOTE):
-        settings.remote = True
+    named = sorted(name for name in _UPSTREAM_OTHER_WEIGHTS if name in environ)
+    if named:
+        settings.other_weights = settings.other_weights or named[0]
     if "LLAMA_ARG_KV_UNIFIED" in environ:
         unified = environ["LLAMA_ARG_KV_UNIFIED"]
         if unified not in _TRUTHY | _FALSEY:
@@ -725,8 +750,8 @@ def _upstream_settings(
         if option.startswith("--"):
             option = option.replace("_", "-")
         index += 1
-        if option in _UPSTREAM_REMOTE:
-            settings.remote = True
+        if option in _UPSTREAM_OTHER_WEIGHTS:
+            settings.other_weights = settings.other_weights or option
         if option in _UPSTREAM_UNIFIED:
             settings.unified = _UPSTREAM_UNIFIED[option]
         elif option in _UPSTREAM_TWO_VALUE_OPTIONS:
@@ -795,17 +820,25 @@ def _override_context(overrides: Sequence[str], architecture: str) -> int | None
     return max(lengths) if lengths else None
 
 
+def unverified_weights(
+    command_template: Sequence[str], environ: Mapping[str, str] | None = None
+) -> str | None:
+    """What in ``command_template`` has llama.cpp's server load weights other than
+    ``{model_path}``, by name (never its value), or None: a later ``-m`` or none at all, one
+    it downloads (``-hf``, ``-mu``, a ``--*-default`` preset), a draft model, a multimodal
+    projector (``--mmproj``, ``--mmproj-url``), LoRA adapters, control vectors, a router's
+    models (``--models-dir``), or the variable or configuration key for any of them. From the
+    command alone, so it can be asked before the download. Never raises."""
+    settings = _settings(command_template, environ or {})
+    return settings.unverified() if isinstance(settings, _Settings) else None
+
+
 def loads_another_model(
     command_template: Sequence[str], environ: Mapping[str, str] | None = None
 ) -> bool:
-    """Whether ``command_template`` runs llama.cpp's server on a model other than
-    ``{model_path}``: a later ``-m``, none at all, one it downloads (``-hf``, ``-mu``, a
-    ``--*-default`` preset), or ``LLAMA_ARG_MODEL`` / a configuration file naming another.
-    From the command alone, so it can be asked before the download. Never raises."""
-    settings = _settings(command_template, environ or {})
-    return isinstance(settings, _Settings) and (
-        settings.remote or settings.model != _MODEL_SENTINEL
-    )
+    """Whether ``command_template`` has llama.cpp's server load weights other than
+    ``{model_path}`` (:func:`unverified_weights`). Never raises."""
+    return unverified_weights(command_template, environ) is not None
 
 
 def estimate_context_memory(
@@ -824,8 +857,9 @@ def estimate_context_memory(
         return settings
     if settings is None or settings.slots <= 0 or settings.context < 0:
         return None  # not llama.cpp's server, or one that exits (or aborts) at once
-    if settings.remote or settings.model != _MODEL_SENTINEL:
-        return _ANOTHER_MODEL
+    unverified = settings.unverified()
+    if unverified is not None:
+        return _unverified(unverified)
     shape = read_attention_shape(model_path)
     if not isinstance(shape, AttentionShape):
         return shape

@@ -64,7 +64,7 @@ from companion_runtime.bind.context_memory import (
     ContextMemory,
     Uncountable,
     estimate_context_memory,
-    loads_another_model,
+    unverified_weights,
 )
 from companion_runtime.bind.filehash import VerifyPolicy, verify_file
 from companion_runtime.bind.health import (
@@ -275,7 +275,8 @@ def check_runtime_command(manifest: Manifest) -> Verdict:
     no execute permission, a ``#!`` interpreter that is missing or not executable, on Linux a
     file that is neither a ``#!`` script nor ELF) is known now, not after a multi-GB model has
     been fetched for it; so is a llama.cpp server told to load another model than the verified
-    one (``malformed_spec``: a later ``-m``, none, ``-hf``; see :func:`loads_another_model`)."""
+    one or any other weights (``malformed_spec``: a later ``-m``, none, ``-hf``, a draft model,
+    ``--mmproj``, ``--lora``; see :func:`unverified_weights`)."""
     template = manifest.runtime.command
     try:
         build_launch_spec(
@@ -291,10 +292,16 @@ def check_runtime_command(manifest: Manifest) -> Verdict:
 
 
 def _verified_model_only(template: Sequence[str], environ: Mapping[str, str]) -> Verdict:
-    """``malformed_spec`` for a command whose llama.cpp server would load a model other than
-    the verified blob (:func:`loads_another_model`): bytes nobody verified would run."""
-    if loads_another_model(template, environ):
-        _logger.warning("the runtime command loads another model than the verified one")
+    """``malformed_spec`` for a command whose llama.cpp server would load weights other than
+    the verified blob (:func:`unverified_weights`): bytes nobody verified would run. The
+    warning names the option, never its value."""
+    unverified = unverified_weights(template, environ)
+    if unverified is not None:
+        _logger.warning(
+            "the runtime command loads weights the manifest does not verify (%s); "
+            "only {model_path} is verified",
+            unverified,
+        )
         return deny(Reason.MALFORMED_SPEC)
     return ALLOW
 
