@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -616,3 +617,47 @@ def test_a_record_from_a_container_s_own_path_for_the_directory_hides_no_serve(
         except subprocess.TimeoutExpired:
             os.killpg(sandbox.pid, signal.SIGKILL)
             sandbox.wait()
+
+
+def test_a_relative_state_dir_is_recorded_as_an_absolute_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The token file's path goes into the records; a client in another directory must find it.
+    monkeypatch.chdir(tmp_path)
+    directory = default_state_dir({STATE_DIR_ENV: "state"})
+    assert directory == tmp_path / "state"
+    prepare_state_dir(directory)
+    state = _write_session(directory)
+    assert state.token_file.is_absolute()
+    monkeypatch.chdir("/")
+    assert read_serve_state(directory).token_file == state.token_file
+    assert read_token_file(read_serve_state(directory).token_file) == read_token_file(
+        state.token_file
+    )
+
+
+def test_temp_files_a_killed_writer_left_are_swept_and_no_others(tmp_path: Path) -> None:
+    # A serve killed between creating a state file's temp copy and renaming it leaves the
+    # copy; the next serve to record itself removes it once it is stale and its writer gone.
+    directory = prepare_state_dir(tmp_path / "state")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    hour_ago = time.time() - 2 * 3600
+    minute_ago = time.time() - 120
+    files = {
+        f".serve-{gone.pid}.json.{gone.pid}.0123abcd": (minute_ago, False),  # writer gone
+        f".serve.json.{gone.pid}.89abcdef": (minute_ago, False),
+        f".serve.json.{os.getpid()}.00000000": (minute_ago, True),  # writer alive
+        f".serve.json.{os.getpid()}.11111111": (hour_ago, False),  # abandoned whatever pid
+        f".serve.json.{gone.pid}.22222222": (time.time(), True),  # may still be renamed
+        f".serve.json.{gone.pid}.notmine": (hour_ago, True),  # not a name serve writes
+        f"other.{gone.pid}.33333333": (hour_ago, True),
+    }
+    for name, (written, _kept) in files.items():
+        (directory / name).write_text("{}")
+        os.utime(directory / name, (written, written))
+    with port_taker() as taker:
+        _record_live_serve(directory, taker)
+        taker.stop()
+    left = {name for name in os.listdir(directory) if name in files}
+    assert left == {name for name, (_written, kept) in files.items() if kept}

@@ -1,7 +1,8 @@
 """Session files of a running ``serve``: the bearer token file and the state files ``status`` reads.
 
 Both live in one private directory, the *state directory*: ``$COMPANION_RUNTIME_STATE_DIR``
-when set, else the user runtime directory (``$XDG_RUNTIME_DIR/companion-runtime`` on Linux,
+when set (a relative one taken from the current directory, and recorded absolute), else the
+user runtime directory (``$XDG_RUNTIME_DIR/companion-runtime`` on Linux,
 ``platformdirs.user_runtime_dir``). It is created with mode ``0700`` and refused when it is a
 symlink, is owned by someone else, or is writable by group or others (anyone who can write
 there could swap the files ``status`` trusts).
@@ -21,7 +22,9 @@ there could swap the files ``status`` trusts).
 Starting and exiting hold an exclusive lock on the state directory itself (``flock``), so two
 ``serve`` processes that start or exit at the same moment do not undo each other's update of
 ``serve.json``; they also remove the records of ``serve`` processes that are gone (their pid
-names no process of the user any more) and the token files those records name. Each record
+names no process of the user any more) and the token files those records name, and the temp
+files of writes that a killed ``serve`` never finished (older than a minute, their writer
+gone, or older than an hour). Each record
 says which pid namespace its pid is a number in (``pid_ns``): one written in another (a
 sandbox or container sharing the directory) is never taken for gone, nor asked by ``status``.
 
@@ -89,6 +92,16 @@ STATE_FILE_NAME: Final = "serve.json"
 _MAX_SMALL_FILE_BYTES: Final = 4096
 #: The name of one ``serve``'s own record: ``serve-<pid>.json``.
 _RECORD_NAME: Final = re.compile(r"serve-([1-9][0-9]{0,9})\.json")
+#: A state file being written: ``.<name>.<writer's pid>.<8 hex digits>``, renamed into place
+#: at once; one a ``serve`` killed while writing left behind stays unless swept.
+_TEMP_NAME: Final = re.compile(
+    r"\.serve(?:-[1-9][0-9]{0,9})?\.json\.([1-9][0-9]{0,9})\.[0-9a-f]{8}"
+)
+#: A temp file older than this whose writer is gone is swept; one older than
+#: :data:`_TEMP_ABANDONED_S` is swept whatever its pid (it may be a number in another pid
+#: namespace). Writing one takes milliseconds.
+_TEMP_STALE_S: Final = 60.0
+_TEMP_ABANDONED_S: Final = 3600.0
 #: How long starting or exiting waits for another ``serve`` to finish updating the files.
 _LOCK_WAIT_S: Final = 5.0
 
@@ -137,7 +150,9 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     override = env.get(STATE_DIR_ENV)
     if override:
-        return Path(override)
+        # Absolute from here on: the token file's path goes into the records, and a client
+        # started in another directory must still find it.
+        return Path(os.path.abspath(override))
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset and falls back to a per-user
         # directory under /tmp; prepare_state_dir checks whatever directory that is.
@@ -525,7 +540,29 @@ def _sweep(directory: Path, *, keep: int | None) -> list[ServeState]:
         if state.token_file.name not in kept_tokens:
             with contextlib.suppress(OSError):
                 state.token_file.unlink()
+    _sweep_temp_files(directory)
     return _by_recency(directory, alive)
+
+
+def _sweep_temp_files(directory: Path) -> None:
+    """Remove the temp files of state-file writes that never finished (the writer was killed
+    between creating and renaming one): older than :data:`_TEMP_STALE_S` with a writer that is
+    gone, or older than :data:`_TEMP_ABANDONED_S`. Only this user's regular files."""
+    now = time.time()
+    for name in _listed(directory):
+        match = _TEMP_NAME.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            info = os.lstat(directory / name)
+        except OSError:
+            continue
+        age = now - info.st_mtime
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or age < _TEMP_STALE_S:
+            continue
+        if age >= _TEMP_ABANDONED_S or _is_gone(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                (directory / name).unlink()
 
 
 def _own_pid_ns() -> str | None:
