@@ -19,7 +19,10 @@ rules around it:
 * Resume: a kept partial file is re-hashed into a fresh accumulator and continued with
   ``Range: bytes=N-``. A ``206`` whose ``Content-Range`` does not start at N is dropped and the
   download restarted from 0; a ``200`` answer to a Range request restarts cleanly from 0 on the
-  same response (truncate, new accumulator).
+  same response (truncate, new accumulator). A ``206`` whose body ends whole before the file
+  does (a server may cover less than was asked for) is continued with another ``Range``
+  request from where it ended, as long as each such answer brings at least
+  :attr:`DownloadOptions.min_progress_bytes` (else ``download_failed``, its bytes kept).
 * Timeouts: :attr:`DownloadOptions.connect_timeout_s` for the TCP connect and TLS handshake,
   :attr:`DownloadOptions.stall_timeout_s` (default 30 s) for any single read, and a
   minimum-progress rule for a server that drips bytes just fast enough to keep every read
@@ -283,6 +286,14 @@ class _Restart(Exception):
     """Internal: the server's answer to a Range request cannot be trusted; start again at 0."""
 
 
+class _RangeEnded(Exception):
+    """Internal: a ``206`` answer ended whole before the file's end; ask for the rest."""
+
+    def __init__(self, brought: int) -> None:
+        super().__init__()
+        self.brought = brought
+
+
 class _Download:
     """One download of one digest; all state of the transfer lives here."""
 
@@ -359,13 +370,23 @@ class _Download:
 
     def _fetch(self, fd: int, offset: int) -> None:
         context = _ssl_context(self.options.ca_bundle)
-        for _attempt in range(2):
+        restarted = False
+        while True:
             try:
                 self._transfer(context, fd, offset)
                 return
             except _Restart:
+                if restarted:
+                    raise DownloadError(Reason.DOWNLOAD_FAILED) from None
+                restarted = True
                 offset = self._restart(fd)
-        raise DownloadError(Reason.DOWNLOAD_FAILED)
+            except _RangeEnded as ended:
+                # Each answer must bring the minimum progress (at least a byte), so a server
+                # cutting every range short cannot keep the pull asking forever; what it sent
+                # is kept for the next pull either way.
+                if ended.brought < max(1, self.options.min_progress_bytes):
+                    raise DownloadError(Reason.DOWNLOAD_FAILED) from None
+                offset += ended.brought
 
     # --- partial file ---------------------------------------------------------------------
 
@@ -516,7 +537,7 @@ class _Download:
             elif status != 200:
                 raise DownloadError(Reason.HTTP_STATUS)
             os.lseek(fd, offset, os.SEEK_SET)
-            self._stream(response, fd, offset)
+            self._stream(response, fd, offset, ranged=status == 206)
 
     def _content_range_ok(self, header: str | None, offset: int) -> bool:
         match = _CONTENT_RANGE.fullmatch((header or "").strip())
@@ -527,7 +548,9 @@ class _Download:
             return False
         return total == "*" or int(total) == self.size
 
-    def _stream(self, response: httpsget.Response, fd: int, offset: int) -> None:
+    def _stream(
+        self, response: httpsget.Response, fd: int, offset: int, *, ranged: bool = False
+    ) -> None:
         """Receive into one buffer while two workers hash and write the ones before it.
 
         The hashing thread and the writing thread each take the buffers in order; a buffer is
@@ -634,6 +657,11 @@ class _Download:
                 # of the last chunk, or without a close_notify): a broken transfer. What
                 # arrived is kept for a resume.
                 raise DownloadError(Reason.DOWNLOAD_FAILED)
+            if ranged:
+                # A 206 covers the range its Content-Range names, which may end before the
+                # file does (RFC 9110 section 14.1.2: a server may send less than was asked
+                # for). Its bytes are a prefix to go on from, not a sign of a shorter file.
+                raise _RangeEnded(received - offset)
             # The server's whole body is shorter than the manifest promises: not the file
             # the manifest means, and nothing to resume from.
             self._discard()
