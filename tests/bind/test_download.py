@@ -80,6 +80,8 @@ def fault_paths(base: str) -> dict[str, Fault]:
             kind="redirect", location=f"{other_host}m.bin#@{base.removeprefix('https://')}"
         ),
         "/nowhere.bin": Fault(kind="redirect", location="", status=302),
+        "/to-tab.bin": Fault(kind="redirect", location="/m\t.bin"),
+        "/to-space.bin": Fault(kind="redirect", location="/m.bin /x"),
         **{
             f"/chain-{i}.bin": Fault(kind="redirect", location=f"/chain-{i + 1}.bin")
             for i in range(6)
@@ -195,6 +197,10 @@ def test_bad_bodies_are_refused(
         ("/chain-0.bin", Reason.TOO_MANY_REDIRECTS),
         ("/gzip.bin", Reason.CONTENT_ENCODING_NOT_ALLOWED),
         ("/nowhere.bin", Reason.HTTP_STATUS),
+        # URL parsers drop a tab (WHATWG), so "/m\t.bin" would have been asked as "/m.bin":
+        # whitespace in a Location is as ambiguous as in a source URL, and refused alike.
+        ("/to-tab.bin", Reason.REDIRECT_NOT_ALLOWED),
+        ("/to-space.bin", Reason.REDIRECT_NOT_ALLOWED),
     ],
 )
 def test_transport_rules(

@@ -7,7 +7,8 @@ rules around it:
 * Every hop is ``https`` and inside the allowlist: redirects are followed by hand (at most
   :attr:`DownloadOptions.max_redirects`), each ``Location`` is resolved against the current URL,
   its fragment (never sent) dropped, and checked again by ``validate_source_url``; a loop is
-  refused. No credentials, cookies,
+  refused, and so is a ``Location`` with whitespace or a control character in it (which URL
+  parsers drop, so the target asked for would not be the one written). No credentials, cookies,
   proxies or ``.netrc`` are ever used, so nothing can be forwarded to another origin.
 * ``Accept-Encoding: identity`` is asked for and anything else refused: the raw bytes on the
   wire are what is hashed, never a decoded form of them.
@@ -125,6 +126,9 @@ _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 # must be a refused answer, not an int() past the interpreter's conversion limit.
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
 _USER_AGENT: Final = "companion-runtime"
+# Whitespace and control characters: URL parsers drop some of them (urljoin, like WHATWG,
+# removes a tab or a line break anywhere), so a Location holding one names no single target.
+_LOCATION_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 #: Receive buffers: one being filled while the worker catches up with up to three.
 _BUFFERS: Final = 4
 
@@ -505,6 +509,8 @@ class _Download:
                 location = response.getheader("Location")
             if not location:
                 raise DownloadError(Reason.HTTP_STATUS)
+            if _LOCATION_UNSAFE.search(location) is not None:
+                raise DownloadError(Reason.REDIRECT_NOT_ALLOWED)
             try:
                 # A Location may carry a fragment (RFC 9110 section 10.2.2); a fragment is
                 # never sent, so it is dropped and what is checked is exactly what is asked.
