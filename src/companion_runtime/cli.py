@@ -271,7 +271,8 @@ def pull(
     """Download the manifest's model into the store and verify it (exit 0 ok, 1 refused).
 
     An already stored blob is re-verified and reused; one that no longer verifies is removed
-    and fetched again. Prints the verified blob's path. SIGINT, SIGTERM or SIGHUP stop the
+    and fetched again (an intact one whose size the manifest gets wrong is kept: the pull is
+    refused as size_mismatch). Prints the verified blob's path. SIGINT, SIGTERM or SIGHUP stop the
     pull within about a second (exit 1, cancelled); the partial download is kept and the next
     pull resumes it.
     """

@@ -68,6 +68,8 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/ignore-range.bin": Fault(kind="ignore_range"),
         "/bad-range.bin": Fault(kind="bad_content_range"),
         "/huge-range.bin": Fault(kind="huge_content_range"),
+        "/short-range.bin": Fault(kind="short_range", stall_after_bytes=70_000),
+        "/tiny-range.bin": Fault(kind="short_range", stall_after_bytes=1_000),
         "/switch.bin": Fault(kind="switch_protocols"),
         "/extension-drip.bin": Fault(
             kind="chunk_extension_drip", stall_after_bytes=300, drip_interval_s=0.02
@@ -78,6 +80,8 @@ def fault_paths(base: str) -> dict[str, Fault]:
             kind="redirect", location=f"{other_host}m.bin#@{base.removeprefix('https://')}"
         ),
         "/nowhere.bin": Fault(kind="redirect", location="", status=302),
+        "/to-tab.bin": Fault(kind="redirect", location="/m\t.bin"),
+        "/to-space.bin": Fault(kind="redirect", location="/m.bin /x"),
         **{
             f"/chain-{i}.bin": Fault(kind="redirect", location=f"/chain-{i + 1}.bin")
             for i in range(6)
@@ -193,6 +197,10 @@ def test_bad_bodies_are_refused(
         ("/chain-0.bin", Reason.TOO_MANY_REDIRECTS),
         ("/gzip.bin", Reason.CONTENT_ENCODING_NOT_ALLOWED),
         ("/nowhere.bin", Reason.HTTP_STATUS),
+        # URL parsers drop a tab (WHATWG), so "/m\t.bin" would have been asked as "/m.bin":
+        # whitespace in a Location is as ambiguous as in a source URL, and refused alike.
+        ("/to-tab.bin", Reason.REDIRECT_NOT_ALLOWED),
+        ("/to-space.bin", Reason.REDIRECT_NOT_ALLOWED),
     ],
 )
 def test_transport_rules(
@@ -622,6 +630,40 @@ def test_wrong_content_range_restarts_without_range(
     first, second = origin.requests[before:]
     assert (first.range_header, first.status) == ("bytes=100000-", 206)
     assert (second.range_header, second.status) == (None, 200)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_206_covering_less_than_the_rest_is_continued_and_its_bytes_kept(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    # A server may answer "bytes=N-" with a shorter range and say so in its Content-Range: what
+    # it sent is a prefix to go on from, not a file shorter than the manifest's. It had been
+    # refused as size_mismatch and the kept partial download deleted.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert fetch(origin, store, "/short-range.bin").read_bytes() == DATA
+    assert [(r.range_header, r.status) for r in origin.requests[before:]] == [
+        ("bytes=100000-", 206),
+        ("bytes=170000-", 206),
+        ("bytes=240000-", 206),
+    ]
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_206_too_short_to_count_as_progress_is_a_broken_transfer_kept_for_a_resume(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Less than the minimum progress per answer: no endless series of tiny requests, but the
+    # bytes it brought are kept for the next pull.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert refused(origin, store, "/tiny-range.bin", caplog).reason is Reason.DOWNLOAD_FAILED
+    assert [r.range_header for r in origin.requests[before:]] == ["bytes=100000-"]
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:101_000]
 
 
 @pytest.mark.integration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -111,6 +112,49 @@ def test_tampered_blob_with_a_bad_source_leaves_nothing(
     assert result.to_dict() == {"ok": False, "reason": "digest_mismatch"}
     assert_nothing_published(store)
     assert_no_leak([caplog.text, repr(result)], DIGEST)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.parametrize("policy", ["full", "size_only"])
+def test_a_manifest_with_a_wrong_size_leaves_the_verified_blob_alone(
+    origin: FaultyOrigin, tmp_path: Path, policy: str
+) -> None:
+    # The blob is named by its digest, so a size that does not match it may be the manifest's
+    # mistake. The blob had been deleted as if it were corrupt, and the whole model fetched
+    # again only to be refused: one wrong manifest cost every other user of the model its file.
+    store = ModelStore(tmp_path)
+    blob = pull(origin, store).path
+    assert blob is not None
+    for wrong in (SIZE - 1, SIZE + 1):
+        manifest = manifest_for(origin)
+        model = dataclasses.replace(manifest.model, size_bytes=wrong)
+        result = pull_model(
+            dataclasses.replace(manifest, model=model),
+            store=store,
+            ca_bundle=origin.ca_pem_path,
+            options=FAST,
+            verify_policy=policy,  # type: ignore[arg-type]
+        )
+        assert result.verdict.reason is Reason.SIZE_MISMATCH
+        assert blob.read_bytes() == DATA
+    assert len(body_requests(origin, "/m.bin")) == 1
+    assert pull(origin, store).path == blob
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_blob_cut_short_on_disk_is_still_fetched_again(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    store = ModelStore(tmp_path)
+    blob = pull(origin, store).path
+    assert blob is not None
+    os.chmod(blob, 0o644)
+    blob.write_bytes(DATA[:-1000])
+    result = pull(origin, store)
+    assert result.ok and result.path == blob and blob.read_bytes() == DATA
+    assert len(body_requests(origin, "/m.bin")) == 2
 
 
 @pytest.mark.integration

@@ -104,6 +104,18 @@ CASES = [
     ("https://models.example.com/x%", MALFORMED),
     ("https://models.example.com/x%4", MALFORMED),
     ("https://models.example.com/x%zz", MALFORMED),
+    # Percent-encoded bytes of the path that are no UTF-8: an overlong "." or "/" (%c0%ae,
+    # %c0%af, %e0%80%ae), which servers that decode UTF-8 loosely (Tomcat's CVE-2008-2938, IIS)
+    # read as "..", or a lone byte. UTF-8 is fine, and a query may carry any byte.
+    ("https://cdn.example.org/models/%c0%ae%c0%ae/secret", MALFORMED),
+    ("https://cdn.example.org/models/%C0%AE%C0%AE/secret", MALFORMED),
+    ("https://cdn.example.org/models/%c0%af..%c0%afsecret", MALFORMED),
+    ("https://cdn.example.org/models/%e0%80%ae%e0%80%ae/secret", MALFORMED),
+    ("https://cdn.example.org/models/%c1%9c..%c1%9csecret", MALFORMED),
+    ("https://cdn.example.org/models/%ff.gguf", MALFORMED),
+    ("https://cdn.example.org/models/%ed%a0%80.gguf", MALFORMED),
+    ("https://cdn.example.org/models/caf%c3%a9.gguf", OK),
+    ("https://cdn.example.org/models/x.gguf?sig=%ff%c0%ae", OK),
     # Characters some clients re-encode and others send as they are.
     ('https://models.example.com/a"b', MALFORMED),
     ("https://models.example.com/a<b>", MALFORMED),

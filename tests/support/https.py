@@ -29,14 +29,15 @@ class Fault:
     kind: ``bitflip`` | ``truncate`` | ``oversize`` | ``lying_length`` | ``redirect`` |
     ``gzip`` | ``status`` | ``stall`` | ``ignore_range`` | ``bad_content_range`` |
     ``huge_content_range`` | ``set_cookie_redirect`` | ``drip`` | ``chunked`` |
-    ``chunked_cut`` | ``switch_protocols`` | ``chunk_extension_drip``.
+    ``chunked_cut`` | ``switch_protocols`` | ``chunk_extension_drip`` | ``short_range``.
     """
 
     kind: str
     location: str = ""
     status: int = 0
     #: For ``stall`` (and ``chunked``): bytes sent before the server goes silent; for
-    #: ``chunked_cut``, before it hangs up without the last chunk.
+    #: ``chunked_cut``, before it hangs up without the last chunk; for ``short_range``, the
+    #: most bytes one ``206`` answer covers.
     stall_after_bytes: int = 0
     #: For ``drip``: seconds between single body bytes (``stall_after_bytes`` of them are
     #: dripped, then the server hangs up).
@@ -130,6 +131,24 @@ class FaultHandler(OriginHandler):
                     206,
                     {"Content-Length": str(len(body)), "Content-Range": content_range},
                     body,
+                )
+        elif kind == "short_range":
+            if record.range_header is None:
+                super().respond(record, body, send_body)
+            else:
+                # A 206 that covers less than was asked for and says so in its Content-Range,
+                # as a server that caps the size of one answer does (RFC 9110 section 14.1.2).
+                start = int(record.range_header.removeprefix("bytes=").removesuffix("-"))
+                piece = body[start : start + fault.stall_after_bytes]
+                end = start + len(piece) - 1
+                self._raw(
+                    record,
+                    206,
+                    {
+                        "Content-Length": str(len(piece)),
+                        "Content-Range": f"bytes {start}-{end}/{len(body)}",
+                    },
+                    piece,
                 )
         elif kind == "chunk_extension_drip":
             # Chunked, then one chunk extension dripped in, never a body byte: every read

@@ -7,7 +7,8 @@ rules around it:
 * Every hop is ``https`` and inside the allowlist: redirects are followed by hand (at most
   :attr:`DownloadOptions.max_redirects`), each ``Location`` is resolved against the current URL,
   its fragment (never sent) dropped, and checked again by ``validate_source_url``; a loop is
-  refused. No credentials, cookies,
+  refused, and so is a ``Location`` with whitespace or a control character in it (which URL
+  parsers drop, so the target asked for would not be the one written). No credentials, cookies,
   proxies or ``.netrc`` are ever used, so nothing can be forwarded to another origin.
 * ``Accept-Encoding: identity`` is asked for and anything else refused: the raw bytes on the
   wire are what is hashed, never a decoded form of them.
@@ -19,7 +20,10 @@ rules around it:
 * Resume: a kept partial file is re-hashed into a fresh accumulator and continued with
   ``Range: bytes=N-``. A ``206`` whose ``Content-Range`` does not start at N is dropped and the
   download restarted from 0; a ``200`` answer to a Range request restarts cleanly from 0 on the
-  same response (truncate, new accumulator).
+  same response (truncate, new accumulator). A ``206`` whose body ends whole before the file
+  does (a server may cover less than was asked for) is continued with another ``Range``
+  request from where it ended, as long as each such answer brings at least
+  :attr:`DownloadOptions.min_progress_bytes` (else ``download_failed``, its bytes kept).
 * Timeouts: :attr:`DownloadOptions.connect_timeout_s` for the TCP connect and TLS handshake,
   :attr:`DownloadOptions.stall_timeout_s` (default 30 s) for any single read, and a
   minimum-progress rule for a server that drips bytes just fast enough to keep every read
@@ -122,6 +126,9 @@ _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 # must be a refused answer, not an int() past the interpreter's conversion limit.
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
 _USER_AGENT: Final = "companion-runtime"
+# Whitespace and control characters: URL parsers drop some of them (urljoin, like WHATWG,
+# removes a tab or a line break anywhere), so a Location holding one names no single target.
+_LOCATION_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 #: Receive buffers: one being filled while the worker catches up with up to three.
 _BUFFERS: Final = 4
 
@@ -283,6 +290,14 @@ class _Restart(Exception):
     """Internal: the server's answer to a Range request cannot be trusted; start again at 0."""
 
 
+class _RangeEnded(Exception):
+    """Internal: a ``206`` answer ended whole before the file's end; ask for the rest."""
+
+    def __init__(self, brought: int) -> None:
+        super().__init__()
+        self.brought = brought
+
+
 class _Download:
     """One download of one digest; all state of the transfer lives here."""
 
@@ -359,13 +374,23 @@ class _Download:
 
     def _fetch(self, fd: int, offset: int) -> None:
         context = _ssl_context(self.options.ca_bundle)
-        for _attempt in range(2):
+        restarted = False
+        while True:
             try:
                 self._transfer(context, fd, offset)
                 return
             except _Restart:
+                if restarted:
+                    raise DownloadError(Reason.DOWNLOAD_FAILED) from None
+                restarted = True
                 offset = self._restart(fd)
-        raise DownloadError(Reason.DOWNLOAD_FAILED)
+            except _RangeEnded as ended:
+                # Each answer must bring the minimum progress (at least a byte), so a server
+                # cutting every range short cannot keep the pull asking forever; what it sent
+                # is kept for the next pull either way.
+                if ended.brought < max(1, self.options.min_progress_bytes):
+                    raise DownloadError(Reason.DOWNLOAD_FAILED) from None
+                offset += ended.brought
 
     # --- partial file ---------------------------------------------------------------------
 
@@ -484,6 +509,8 @@ class _Download:
                 location = response.getheader("Location")
             if not location:
                 raise DownloadError(Reason.HTTP_STATUS)
+            if _LOCATION_UNSAFE.search(location) is not None:
+                raise DownloadError(Reason.REDIRECT_NOT_ALLOWED)
             try:
                 # A Location may carry a fragment (RFC 9110 section 10.2.2); a fragment is
                 # never sent, so it is dropped and what is checked is exactly what is asked.
@@ -516,7 +543,7 @@ class _Download:
             elif status != 200:
                 raise DownloadError(Reason.HTTP_STATUS)
             os.lseek(fd, offset, os.SEEK_SET)
-            self._stream(response, fd, offset)
+            self._stream(response, fd, offset, ranged=status == 206)
 
     def _content_range_ok(self, header: str | None, offset: int) -> bool:
         match = _CONTENT_RANGE.fullmatch((header or "").strip())
@@ -527,7 +554,9 @@ class _Download:
             return False
         return total == "*" or int(total) == self.size
 
-    def _stream(self, response: httpsget.Response, fd: int, offset: int) -> None:
+    def _stream(
+        self, response: httpsget.Response, fd: int, offset: int, *, ranged: bool = False
+    ) -> None:
         """Receive into one buffer while two workers hash and write the ones before it.
 
         The hashing thread and the writing thread each take the buffers in order; a buffer is
@@ -634,6 +663,11 @@ class _Download:
                 # of the last chunk, or without a close_notify): a broken transfer. What
                 # arrived is kept for a resume.
                 raise DownloadError(Reason.DOWNLOAD_FAILED)
+            if ranged:
+                # A 206 covers the range its Content-Range names, which may end before the
+                # file does (RFC 9110 section 14.1.2: a server may send less than was asked
+                # for). Its bytes are a prefix to go on from, not a sign of a shorter file.
+                raise _RangeEnded(received - offset)
             # The server's whole body is shorter than the manifest promises: not the file
             # the manifest means, and nothing to resume from.
             self._discard()

@@ -3,7 +3,9 @@
 Policy for a stored blob that no longer verifies (tampered with or corrupted on disk): it is
 never used. It is removed from the store and the model is downloaded again from its allowlisted
 source; the new bytes go through the same verification as any download. A warning is logged
-(reason code only).
+(reason code only). A blob of another size than the manifest's that still hashes to its digest
+(its name) is intact, and the manifest's size is wrong: the pull is refused ``size_mismatch``
+and the blob stays, for the manifests that name it right.
 
 Concurrency: the whole pull of one digest runs under the store's per-digest file lock, so two
 pulls in two threads or two processes download it once; the second finds the published blob
@@ -27,6 +29,7 @@ import dataclasses
 import errno
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import final
@@ -73,6 +76,9 @@ class PullResult:
         return result
 
 
+_NOT_FOUND = Verdict(False, Reason.FILE_NOT_FOUND)
+
+
 def _refused(reason: Reason) -> PullResult:
     return PullResult(verdict=Verdict(False, reason), path=None)
 
@@ -95,6 +101,17 @@ def _take(lock: filelock.BaseFileLock, cancel: threading.Event | None) -> bool:
                 return False
             raise
         return True
+
+
+def _intact_at_its_own_size(
+    blob: Path, digest: str, cancelled: Callable[[], bool] | None
+) -> Verdict:
+    """Whether the blob, whatever its size, still hashes to ``digest`` (its name)."""
+    try:
+        size = blob.stat().st_size
+    except OSError:
+        return _NOT_FOUND
+    return verify_file(blob, expected_digest=digest, expected_size_bytes=size, cancelled=cancelled)
 
 
 def pull_model(
@@ -151,6 +168,15 @@ def pull_model(
                     return PullResult(verdict=verdict, path=blob)
                 if verdict.reason is Reason.CANCELLED:
                     return _refused(Reason.CANCELLED)  # says nothing about the blob: keep it
+                if verdict.reason is Reason.SIZE_MISMATCH:
+                    # The blob is named by its digest: when its bytes still hash to it, the
+                    # size that is wrong is the manifest's, and the blob stays for the
+                    # manifests that name it right.
+                    intact = _intact_at_its_own_size(blob, model.sha256, cancelled)
+                    if intact.reason is Reason.CANCELLED:
+                        return _refused(Reason.CANCELLED)
+                    if intact.ok:
+                        return _refused(Reason.SIZE_MISMATCH)
                 _log.warning(
                     "stored blob failed re-verification (%s); fetching it again",
                     verdict.reason.value,

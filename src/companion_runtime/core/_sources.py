@@ -11,12 +11,13 @@ Shapes that different URL parsers disagree about are refused outright as ``malfo
 rather than interpreted: userinfo, backslashes, whitespace or control characters anywhere,
 non-ASCII, percent-encoded dots, slashes and backslashes (``%2e``, ``%2f``, ``%5c``, any case,
 anywhere in the URL), percent-encoded ``%`` or control characters, a ``%`` not followed by two
-hex digits, characters outside RFC 3986 in the path or query (``"``, ``<``, ``{``, ``[``,
-``|``, ...), ``.``/``..`` or empty path segments (also with a ``;`` parameter: ``..;x`` is
-``..`` to servers that drop path parameters, as Tomcat, Jetty and Spring do, and so is
-``..%3b`` once a front server has decoded it), fragments, an
-empty host, bracketed (IPv6)
-hosts, scheme-relative URLs, and ports that are empty, non-numeric or out of range.
+hex digits, percent-encoded bytes of the path that are not UTF-8 (an overlong ``.`` such as
+``%c0%ae``, which some servers decode to ``.``), characters outside RFC 3986 in the path or
+query (``"``, ``<``, ``{``, ``[``, ``|``, ...), ``.``/``..`` or empty path segments (also
+with a ``;`` parameter: ``..;x`` is ``..`` to servers that drop path parameters, as Tomcat,
+Jetty and Spring do, and so is ``..%3b`` once a front server has decoded it), fragments, an
+empty host, bracketed (IPv6) hosts, scheme-relative URLs, and ports that are empty,
+non-numeric or out of range.
 The scheme is compared case-insensitively (RFC 3986), so ``HTTPS://`` is ``https``.
 Queries are allowed on a source URL (they do not change which host or path is asked for);
 an allowlist entry with a query, a fragment or a non-``https`` scheme is invalid and grants
@@ -29,7 +30,7 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import NamedTuple, cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from companion_runtime.core._reasons import Reason
 from companion_runtime.core._verdict import ALLOW, Verdict, deny
@@ -118,6 +119,14 @@ def _parse(url: str) -> _Parsed:
     ):
         raise _Refused(_MALFORMED)
     path = parts.path or "/"
+    if "%" in path:
+        # Encoded bytes of the path must be UTF-8: an overlong form of "." or "/" ("%c0%ae",
+        # "%e0%80%ae", "%c0%af") is no UTF-8, and servers that decode it loosely (Tomcat's
+        # CVE-2008-2938, IIS) read "%c0%ae%c0%ae" as "..", outside the prefix it seems in.
+        try:
+            unquote_to_bytes(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Refused(_MALFORMED) from None
     # A segment's name is what comes before its first ";": servers that drop path parameters
     # before resolving dot segments read "/models/..;/secret" as "/secret", outside the prefix
     # the string "/models/" says it is in. An encoded ";" counts too: a front server that
