@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import socket
@@ -544,6 +545,41 @@ def test_a_request_refused_before_its_large_body_is_read_still_gets_its_answer()
             assert upstream.requests_seen == 0
 
     run(scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_a_client_gone_right_after_a_refused_request_leaves_no_error(loop: str) -> None:
+    # A request refused before its body was read lingers: its sending side is shut. A client
+    # that closed right after sending has reset the connection by then (the refusal reached
+    # a closed socket), and shutting it failed with ENOTCONN: a traceback for every such
+    # client, and a connection closed by nobody.
+    errors: list[object] = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: errors.append(context.get("exception"))
+        )
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+                for _ in range(20):
+                    with socket.create_connection(("127.0.0.1", port)) as sock:
+                        sock.sendall(
+                            f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                            "Content-Length: 100\r\n\r\nabc".encode()
+                        )
+                    await asyncio.sleep(0.01)
+                await wait_for(lambda: door.door.statistics().open_connections == 0)
+                await wait_for(lambda: not door.door._lingering)
+                assert door.door.statistics().refused_by_reason == {"unauthorized": 20}
+            assert upstream.requests_seen == 0
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+    gc.collect()  # a task's unretrieved exception is reported when the task is collected
+    assert errors == []
 
 
 def test_refused_connections_kept_open_by_one_client_cost_no_other_client_its_answer() -> None:

@@ -592,7 +592,13 @@ class _Client(asyncio.Protocol):
         self.lingering = True
         if answer:
             transport.write(answer)
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:
+            # Already reset (a client that closed at once answers the refusal with a reset):
+            # nobody is left to read it.
+            transport.abort()
+            return
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
