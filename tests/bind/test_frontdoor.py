@@ -1166,6 +1166,42 @@ def test_bytes_past_the_runtimes_own_framing_never_reach_the_client() -> None:
     run(scenario)
 
 
+def test_a_runtime_transfer_coding_other_than_chunked_is_502_not_a_relayed_body() -> None:
+    # "gzip, chunked" reached the client as the gzip bytes, unchunked and unmarked; a coding
+    # without chunked last (a body ended by the close) was relayed, then reset and logged as
+    # a failed runtime. The front door frames bodies itself and decodes no other coding.
+    answers = {
+        b"/gzip": b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+        b"/identity": b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\nhello",
+        b"/chunked": b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+    }
+
+    async def runtime(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers[head.split(b" ", 2)[1]])
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(runtime, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server, running_front_door(url) as door:
+            async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                for path in ("/gzip", "/identity"):
+                    response = await client.get(path)
+                    assert response.status_code == 502, path
+                    assert reason_of(response) == "upstream_error"
+                response = await client.get("/chunked")
+                assert (response.status_code, response.content) == (200, b"hello")
+            statistics = door.door.statistics()
+            assert statistics.upstream_aborts == 0
+            assert statistics.refused_by_reason == {"upstream_error": 2}
+
+    run(scenario)
+
+
 def test_a_client_leaving_the_queue_gives_up_its_place() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:

@@ -987,6 +987,13 @@ class _Upstream(asyncio.Protocol):
             if name == b"content-length":
                 length = value
             elif name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # Another coding (gzip, chunked) would reach the client decoded of its
+                    # chunks but not of the rest, and unmarked; without chunked last the body
+                    # ends with the connection. The front door re-frames, never re-encodes.
+                    self.closed = True
+                    self._fail(Reason.UPSTREAM_ERROR, 502)
+                    return
                 self._framed = True
             elif name == b"connection":
                 connection_tokens.update(token.strip().lower() for token in value.split(b","))
