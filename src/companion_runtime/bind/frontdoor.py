@@ -40,7 +40,9 @@ dropped. Releasing the slot at the disconnect instead would let the runtime run 
 ``max_in_flight`` requests, because llama.cpp does not reliably stop a generation whose client
 went away, least of all a non-streamed one while other requests keep it busy.
 Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB or 32 requests,
-after which reading pauses until every queued request is answered; the serving task yields to
+after which reading pauses until every queued request is answered (a 33rd request in the same
+read stops the parser: the rest of the connection is dropped, and the last one waiting is
+answered with ``connection: close``); the serving task yields to
 the loop between pipelined requests, so one connection cannot hold it. If the runtime fails
 before the response head is relayed the client gets ``502`` (``upstream_error``, or
 ``runtime_gone`` when the connection to it broke; ``504 timeout`` after
@@ -296,6 +298,10 @@ class _Closing(Exception):
     """Shutdown began while a request's body was still arriving."""
 
 
+class _PipelineFull(Exception):
+    """A request began while the pipelining bound's worth of requests were already waiting."""
+
+
 @dataclass(slots=True, kw_only=True)
 class _Counters:
     requests_total: int = 0
@@ -439,6 +445,8 @@ class _Client(asyncio.Protocol):
         self.error = 0
         #: After an upgrade request nothing more on the connection is HTTP.
         self.no_more = False
+        #: Requests were pipelined past the bound: the rest of the byte stream is dropped.
+        self.overflowed = False
         self.gone = False
         #: True while a request is read, waits for a slot or is relayed.
         self.busy = False
@@ -513,7 +521,10 @@ class _Client(asyncio.Protocol):
             self.no_more = True
             self._upgraded()
         except httptools.HttpParserError:
-            self.error = 400
+            if self.overflowed:
+                self._overflow()
+            else:
+                self.error = 400
         if self._in_head and self._head_bytes > _MAX_HEAD_BYTES and not self.error:
             self.error = 431
         waiting = len(self.requests)
@@ -551,6 +562,17 @@ class _Client(asyncio.Protocol):
             self.error = 400
         else:
             request.keep_alive = False
+
+    def _overflow(self) -> None:
+        """More requests came in one read than may wait: the parser stopped at the first
+        one past the bound. Those waiting are answered, the last with ``connection: close``;
+        the rest is read and dropped, as a server may close a connection with requests
+        pipelined on it unanswered (the client sends them again on a new one).
+
+        Pausing is not enough here: one read can hold thousands of small requests.
+        """
+        self.no_more = True
+        self.requests[-1].keep_alive = False
 
     def eof_received(self) -> bool:
         self._lost()
@@ -592,7 +614,13 @@ class _Client(asyncio.Protocol):
         self.lingering = True
         if answer:
             transport.write(answer)
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:
+            # Already reset (a client that closed at once answers the refusal with a reset):
+            # nobody is left to read it.
+            transport.abort()
+            return
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
@@ -602,8 +630,9 @@ class _Client(asyncio.Protocol):
 
     @property
     def mid_request(self) -> bool:
-        """A request has begun whose end has not been read (its body, say, still arriving)."""
-        return self._current is not None
+        """A request has begun whose end has not been read (its body, say, still arriving),
+        or requests pipelined past the bound were left unread."""
+        return self._current is not None or self.overflowed
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -637,6 +666,10 @@ class _Client(asyncio.Protocol):
     # parser callbacks
 
     def on_message_begin(self) -> None:
+        if len(self.requests) >= _MAX_PIPELINED_REQUESTS:
+            # Stops the parser (see _overflow); pausing the transport comes a read too late.
+            self.overflowed = True
+            raise _PipelineFull
         self._current = _Request()
         self._in_head = True
 
@@ -954,6 +987,13 @@ class _Upstream(asyncio.Protocol):
             if name == b"content-length":
                 length = value
             elif name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # Another coding (gzip, chunked) would reach the client decoded of its
+                    # chunks but not of the rest, and unmarked; without chunked last the body
+                    # ends with the connection. The front door re-frames, never re-encodes.
+                    self.closed = True
+                    self._fail(Reason.UPSTREAM_ERROR, 502)
+                    return
                 self._framed = True
             elif name == b"connection":
                 connection_tokens.update(token.strip().lower() for token in value.split(b","))
