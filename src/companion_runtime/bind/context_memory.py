@@ -793,16 +793,26 @@ def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings |
             return _embedded_settings(argv[index + 1 :])
     for index, argument in enumerate(argv):
         # llama-server itself, or behind a wrapper that runs it (env, nice, taskset...); an
-        # "env NAME=VALUE" before it sets a variable of its environment.
+        # "env NAME=VALUE" before it sets a variable of its environment, also when env is
+        # itself behind another wrapper ("nice env NAME=VALUE llama-server").
         if Path(argument).name == _UPSTREAM_NAME:
-            if index and Path(argv[0]).name == "env":
-                assignments = (part.partition("=") for part in argv[1:index])
-                environ = {
-                    **environ,
-                    **{name: value for name, equals, value in assignments if equals},
-                }
-            return _upstream_settings(argv[index + 1 :], environ)
+            return _upstream_settings(argv[index + 1 :], {**environ, **_assigned(argv[:index])})
     return None
+
+
+def _assigned(wrappers: Sequence[str]) -> dict[str, str]:
+    """The variables the wrappers before llama-server set: every ``NAME=VALUE`` word after the
+    first ``env`` among them (env takes them up to the command it runs, and a later env
+    adds its own)."""
+    for index, word in enumerate(wrappers):
+        if Path(word).name == "env":
+            assignments = (part.partition("=") for part in wrappers[index + 1 :])
+            return {
+                name: value
+                for name, equals, value in assignments
+                if equals and name and not name.startswith("-")
+            }
+    return {}
 
 
 def _override_context(overrides: Sequence[str], architecture: str) -> int | None:
