@@ -346,6 +346,51 @@ def test_upstream_behind_a_wrapper_is_still_upstream(tmp_path: Path) -> None:
     assert estimate_context_memory(model, with_env) == ContextMemory(2048, _llama3_kv_bytes(2048))
 
 
+def test_a_variable_set_by_env_behind_another_wrapper_counts(tmp_path: Path) -> None:
+    # "nice env LLAMA_ARG_MMPROJ=... llama-server" has llama-server load the projector as
+    # surely as "env LLAMA_ARG_MMPROJ=... llama-server" does (checked against the binary: it
+    # tries to open the file), and an env's context counts there too.
+    model = _model(tmp_path / "m.gguf")
+    rest = ["-m", "{model_path}", "--port", "{port}"]
+    for wrappers in (
+        ["/usr/bin/nice", "env"],
+        ["/usr/bin/taskset", "-c", "0", "/usr/bin/env", "-u", "TZ"],
+        ["/usr/bin/env", "A=1", "/usr/bin/nice", "-n", "5", "env"],
+    ):
+        loads = [*wrappers, "LLAMA_ARG_MMPROJ=/models/projector.gguf", UPSTREAM, *rest]
+        assert context_memory.unverified_weights(loads) == "LLAMA_ARG_MMPROJ", wrappers
+        assert isinstance(estimate_context_memory(model, loads), Uncountable)
+        sized = [*wrappers, "LLAMA_ARG_CTX_SIZE=2048", UPSTREAM, *rest]
+        assert estimate_context_memory(model, sized) == ContextMemory(
+            2048, _llama3_kv_bytes(2048)
+        ), wrappers
+
+
+def test_the_launcher_s_name_as_a_value_of_llama_server_is_still_llama_server(
+    tmp_path: Path,
+) -> None:
+    # The launcher's module name anywhere in the command made the words after it read as the
+    # launcher's arguments: "llama-server --mmproj X --alias companion_runtime.bind.llama_server
+    # -m {model_path}" passed, and llama-server loaded the unverified projector.
+    model = _model(tmp_path / "m.gguf")
+    alias = ["--alias", MODULE]
+    rest = ["-m", "{model_path}", "--port", "{port}"]
+    for command in (
+        [UPSTREAM, "--mmproj", "/models/projector.gguf", *alias, *rest],
+        [UPSTREAM, "-md", "/models/draft.gguf", "--alias", "-m" + MODULE, *rest],
+        ["/usr/bin/nice", UPSTREAM, "--lora", "/models/adapter.gguf", *alias, *rest],
+    ):
+        assert context_memory.unverified_weights(command) is not None, command
+        assert isinstance(estimate_context_memory(model, command), Uncountable), command
+    declared = ContextMemory(131072, _llama3_kv_bytes(131072))
+    assert estimate_context_memory(model, [UPSTREAM, *alias, *rest]) == declared
+    # The launcher itself, however Python is told to run it, is still the launcher.
+    for python in (["-P", "-m", MODULE], ["-Pm", MODULE], ["-Pm" + MODULE]):
+        command = [sys.executable, *python, *rest]
+        memory = estimate_context_memory(model, command)
+        assert isinstance(memory, ContextMemory) and memory.context_tokens == 4096, python
+
+
 def test_slots_with_a_cache_each_pad_their_share(tmp_path: Path) -> None:
     # Upstream without -np: 4 slots sharing one cache. With -np N each slot has a cache of its
     # own, its share of the context padded up to 256 tokens: -np 100 -c 1000 allocates 25,600

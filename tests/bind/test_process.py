@@ -23,6 +23,7 @@ from companion_runtime.bind.process import (
     LOOPBACK_HOST,
     OutputTail,
     ProcessError,
+    StopOutcome,
     SubprocessLauncher,
     build_launch_spec,
     choose_loopback_port,
@@ -492,6 +493,23 @@ async def test_a_runtime_that_ignores_sigterm_is_sigkilled_after_the_grace() -> 
     assert outcome.killed is True
     assert outcome.returncode == -signal.SIGKILL
     assert 0.5 <= elapsed < 3.0
+    assert process_gone(runtime.pid)
+
+
+@pytest.mark.integration
+async def test_a_runtime_that_made_a_session_of_its_own_is_still_stopped_gracefully() -> None:
+    # A runtime started through setsid (or calling it itself) leaves the keeper's group, and
+    # the group's SIGTERM never reached it: every stop ran out the grace and ended in SIGKILL.
+    setsid = (
+        "import os, sys; os.setsid(); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    spec = build_launch_spec([sys.executable, "-c", setsid, *standin_command()[1:]], model_path="m")
+    async with SubprocessLauncher().launch(spec) as runtime:
+        await _wait_healthy(spec.base_url)
+        started = time.monotonic()
+        outcome = await runtime.stop(grace_s=5.0)
+        assert time.monotonic() - started < 2.0
+    assert outcome == StopOutcome(returncode=0, killed=False)
     assert process_gone(runtime.pid)
 
 

@@ -500,7 +500,8 @@ def test_a_serve_in_another_pid_namespace_keeps_its_record_and_token_file(
         inner_pid = int(line)
         if psutil.pid_exists(inner_pid):
             pytest.skip("the sandbox's pid names a process out here too")
-        record = directory / f"serve-{inner_pid}.json"
+        # Named for its pid namespace too: another sandbox's serve may have the same pid.
+        (record,) = directory.glob(f"serve-{inner_pid}-*.json")
         sandboxed = read_serve_state(directory)
         assert sandboxed.pid == inner_pid and record.exists()
         with port_taker() as taker:
@@ -521,6 +522,67 @@ def test_a_serve_in_another_pid_namespace_keeps_its_record_and_token_file(
         except subprocess.TimeoutExpired:
             os.killpg(sandbox.pid, signal.SIGKILL)
             sandbox.wait()
+
+
+#: A serve in a pid namespace of its own that cleans up when its stdin closes, as serve does.
+_SANDBOXED_SERVE_THAT_EXITS = (
+    _SANDBOXED_SERVE
+    + """
+from companion_runtime.bind.session import forget_serve
+token_file.unlink()
+forget_serve(directory, pid=os.getpid())
+"""
+)
+
+
+@needs_namespaces
+def test_serves_with_one_pid_in_two_pid_namespaces_keep_a_record_each(tmp_path: Path) -> None:
+    # Two sandboxes sharing the state directory, whose serves have the same pid number (each
+    # the first process its sandbox started): both wrote serve-<pid>.json, the later replaced
+    # the earlier's record, and the earlier, exiting, removed the later's, which status could
+    # then no longer find.
+    directory = prepare_state_dir(tmp_path / "state")
+    script = 'echo 3999990 > /proc/sys/kernel/ns_last_pid && "$@"'
+    command = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script, "sh"]
+    sandboxes = []
+    try:
+        pids = []
+        for _sandbox in range(2):
+            sandbox = subprocess.Popen(
+                [*command, sys.executable, "-c", _SANDBOXED_SERVE_THAT_EXITS, str(directory)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            sandboxes.append(sandbox)
+            assert sandbox.stdout is not None
+            line = sandbox.stdout.readline()
+            if not line:
+                pytest.skip("unshare could not make a pid namespace here")
+            pids.append(int(line))
+        if pids[0] != pids[1]:
+            pytest.skip("the two sandboxes' serves did not get the same pid")
+        first, second = read_serve_records(directory)[::-1]
+        assert (first.pid, second.pid) == (pids[0], pids[0])
+        assert first.pid_ns != second.pid_ns and first.url != second.url
+        assert [state.url for state in read_recorded_serves(directory)] == [second.url, first.url]
+        # The first exits: its record and token file go, the second's stay.
+        first_sandbox = sandboxes[0]
+        assert first_sandbox.stdin is not None
+        first_sandbox.stdin.close()
+        first_sandbox.wait(timeout=30)
+        assert [state.url for state in read_serve_records(directory)] == [second.url]
+        assert second.token_file.exists() and not first.token_file.exists()
+    finally:
+        for sandbox in sandboxes:
+            if sandbox.stdin is not None and not sandbox.stdin.closed:
+                sandbox.stdin.close()
+            try:
+                sandbox.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(sandbox.pid, signal.SIGKILL)
+                sandbox.wait()
 
 
 def test_a_serve_with_the_pid_of_one_killed_before_gets_its_own_token_file(
@@ -599,7 +661,7 @@ def test_a_record_from_a_container_s_own_path_for_the_directory_hides_no_serve(
         if not line:
             pytest.skip("unshare could not make the namespaces here")
         inner_pid = int(line)
-        assert (directory / f"serve-{inner_pid}.json").exists()
+        (record,) = directory.glob(f"serve-{inner_pid}-*.json")
         with port_taker() as taker:
             latest = _record_live_serve(directory, taker)
             recorded = read_recorded_serves(directory)
@@ -608,7 +670,7 @@ def test_a_record_from_a_container_s_own_path_for_the_directory_hides_no_serve(
             latest.token_file.unlink()
             forget_serve(directory, pid=latest.pid)
             taker.stop()
-        assert (directory / f"serve-{inner_pid}.json").exists()
+        assert record.exists()
     finally:
         if sandbox.stdin is not None:
             sandbox.stdin.close()

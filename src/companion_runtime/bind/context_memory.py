@@ -240,6 +240,8 @@ _USER_CONFIG: Final = Path("llama.cpp", "config.ini")
 _MAX_CONFIG_BYTES: Final = 1 << 20
 #: The launcher's module attached to Python's ``-m`` (and the flags before it).
 _ATTACHED_MODULE: Final = re.compile("-[A-Za-z]*m" + re.escape(MODULE))
+#: Python's ``-m`` (and the flags before it) when the module is the next word.
+_MODULE_OPTION: Final = re.compile("-[A-Za-z]*m")
 #: What ``{model_path}`` stands for while a command is read: the model it loads must be it.
 _MODEL_SENTINEL: Final = "\x01model_path\x01"
 #: Upstream options (and variables) that have it load weights other than ``-m``'s file,
@@ -786,23 +788,37 @@ def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings |
         argv = filled_argv(command, _PLACEHOLDER_VALUES)
     except (ProcessError, KeyError, ValueError, TypeError):
         return None
-    for index, argument in enumerate(argv[1:], 1):
-        # python [its options] -m MODULE [the launcher's arguments], or -mMODULE, -PmMODULE
-        # as Python takes them too; xllamacpp reads no LLAMA_ARG_* variable.
-        if argument == MODULE or _ATTACHED_MODULE.fullmatch(argument):
-            return _embedded_settings(argv[index + 1 :])
+    # Whichever comes first is what runs: the words after it are its own arguments, where the
+    # other's name may well be a value ("llama-server --alias companion_runtime.bind...").
     for index, argument in enumerate(argv):
+        # python [its options] -m MODULE [the launcher's arguments], or -mMODULE, -PmMODULE
+        # as Python takes them too (and -Pm MODULE); xllamacpp reads no LLAMA_ARG_* variable.
+        if index and (
+            (argument == MODULE and _MODULE_OPTION.fullmatch(argv[index - 1]))
+            or _ATTACHED_MODULE.fullmatch(argument)
+        ):
+            return _embedded_settings(argv[index + 1 :])
         # llama-server itself, or behind a wrapper that runs it (env, nice, taskset...); an
-        # "env NAME=VALUE" before it sets a variable of its environment.
+        # "env NAME=VALUE" before it sets a variable of its environment, also when env is
+        # itself behind another wrapper ("nice env NAME=VALUE llama-server").
         if Path(argument).name == _UPSTREAM_NAME:
-            if index and Path(argv[0]).name == "env":
-                assignments = (part.partition("=") for part in argv[1:index])
-                environ = {
-                    **environ,
-                    **{name: value for name, equals, value in assignments if equals},
-                }
-            return _upstream_settings(argv[index + 1 :], environ)
+            return _upstream_settings(argv[index + 1 :], {**environ, **_assigned(argv[:index])})
     return None
+
+
+def _assigned(wrappers: Sequence[str]) -> dict[str, str]:
+    """The variables the wrappers before llama-server set: every ``NAME=VALUE`` word after the
+    first ``env`` among them (env takes them up to the command it runs, and a later env
+    adds its own)."""
+    for index, word in enumerate(wrappers):
+        if Path(word).name == "env":
+            assignments = (part.partition("=") for part in wrappers[index + 1 :])
+            return {
+                name: value
+                for name, equals, value in assignments
+                if equals and name and not name.startswith("-")
+            }
+    return {}
 
 
 def _override_context(overrides: Sequence[str], architecture: str) -> int | None:

@@ -37,7 +37,9 @@ keeper's, which leads the process group. The keeper:
   where the manager died before ``prctl``); when the manager dies, it kills every process below
   it, then itself;
 - forks and execs the runtime (which gets a death signal of its own for the keeper), passes
-  the group's SIGTERM/SIGINT/SIGHUP by letting them reach the runtime, and when the runtime
+  the group's SIGTERM/SIGINT/SIGHUP by letting them reach the runtime (and sends them on to a
+  runtime that made a session of its own, as ``setsid llama-server`` does, so that a stop is
+  still graceful there), and when the runtime
   exits, kills whatever the runtime left below it and exits with the runtime's status (or its
   signal), so the caller sees the runtime's own exit;
 - on SIGUSR2, the stop's escalation after the grace period, kills everything below it and then
@@ -121,10 +123,11 @@ _ELF_MAGIC: Final = b"\x7fELF"
 # left below it and exits the same way; when the manager dies (the death signal) or asks for it
 # (SIGUSR2, the stop's escalation) it kills everything below it and then itself with SIGKILL.
 # SIGTERM, SIGINT and SIGHUP to the group reach the runtime directly; the keeper waits them
-# out. They are blocked from the start until the fork, and any that came in before it is sent
-# on to the runtime, so a stop that lands in that window is not lost. The runtime starts with
-# every signal at its default (Python ignores SIGPIPE and SIGXFSZ, and the fork would pass
-# that on). Exit codes follow the shell's convention (126: cannot arm, 127: cannot exec).
+# out, and sends them on to a runtime that left the group (a setsid of its own). They are
+# blocked from the start until the fork, and any that came in before it is sent on to the
+# runtime, so a stop that lands in that window is not lost. The runtime starts with every
+# signal at its default (Python ignores SIGPIPE and SIGXFSZ, and the fork would pass that
+# on). Exit codes follow the shell's convention (126: cannot arm, 127: cannot exec).
 _KEEPER: Final = """\
 import ctypes, os, signal, sys
 PASSED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -176,8 +179,18 @@ if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR2), 0, 0, 0) != 0:
     os._exit(126)
 if os.getppid() != int(sys.argv[1]):
     os._exit(0)
+target = None
+def pass_on(signum, frame):
+    # The group's signal reached the runtime too, unless the runtime left the group (a setsid
+    # of its own): then it is sent on, through a pidfd, which names no other process once the
+    # runtime has been reaped.
+    try:
+        if target is not None and os.getpgid(runtime) != os.getpgrp():
+            signal.pidfd_send_signal(target, signum)
+    except (OSError, AttributeError):
+        pass
 for passed in PASSED:
-    signal.signal(passed, lambda signum, frame: None)
+    signal.signal(passed, pass_on)
 keeper = os.getpid()
 runtime = os.fork()
 if runtime == 0:
@@ -191,7 +204,12 @@ if runtime == 0:
     except BaseException:
         pass
     os._exit(127)
+try:
+    target = os.pidfd_open(runtime)
+except (OSError, AttributeError):
+    pass  # no pidfd (Linux before 5.3): a runtime that left the group gets no signal passed on
 for early in signal.sigpending() & PASSED:
+    signal.sigtimedwait([early], 0)  # taken here, so the handler does not pass it on again
     os.kill(runtime, early)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED)
 while True:

@@ -12,9 +12,11 @@ there could swap the files ``status`` trusts).
   ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode ``0600``, so it can never be a pre-planted file
   or symlink, and is removed when ``serve`` exits.
 * Each ``serve`` records itself in a file of its own, ``serve-<pid>.json``
-  (``{"url", "token_file", "pid", "pid_ns"}``), written atomically with mode ``0600`` once its
+  (``{"url", "token_file", "pid", "pid_ns"}``; ``serve-<pid>-<namespace inode>.json`` in a pid
+  namespace other than the machine's own), written atomically with mode ``0600`` once its
   front door listens and removed when it exits. Several ``serve`` processes may share one
-  state directory; none of them overwrites another's record.
+  state directory, sandboxes with pids of their own included; none of them overwrites
+  another's record.
 * The state file ``serve.json`` holds the same fields for the most recently started ``serve``
   (older tools read it). A ``serve`` that exits while ``serve.json`` names it points it at the
   most recently started ``serve`` that is still alive, or removes it when there is none.
@@ -90,13 +92,20 @@ STATE_DIR_ENV: Final = "COMPANION_RUNTIME_STATE_DIR"
 #: Name of the state file inside the state directory.
 STATE_FILE_NAME: Final = "serve.json"
 _MAX_SMALL_FILE_BYTES: Final = 4096
-#: The name of one ``serve``'s own record: ``serve-<pid>.json``.
-_RECORD_NAME: Final = re.compile(r"serve-([1-9][0-9]{0,9})\.json")
+#: The name of one ``serve``'s own record: ``serve-<pid>.json``, or
+#: ``serve-<pid>-<namespace>.json`` for a pid in a pid namespace other than the machine's own
+#: (see :func:`_record_name`).
+_RECORD_NAME: Final = re.compile(r"serve-([1-9][0-9]{0,9})(?:-([1-9][0-9]{0,19}))?\.json")
 #: A state file being written: ``.<name>.<writer's pid>.<8 hex digits>``, renamed into place
 #: at once; one a ``serve`` killed while writing left behind stays unless swept.
 _TEMP_NAME: Final = re.compile(
-    r"\.serve(?:-[1-9][0-9]{0,9})?\.json\.([1-9][0-9]{0,9})\.[0-9a-f]{8}"
+    r"\.serve(?:-[1-9][0-9]{0,9}(?:-[1-9][0-9]{0,19})?)?\.json\.([1-9][0-9]{0,9})\.[0-9a-f]{8}"
 )
+#: How ``/proc/self/ns/pid`` names a pid namespace: ``pid:[<inode>]``.
+_PID_NS: Final = re.compile(r"pid:\[([1-9][0-9]{0,19})\]")
+#: The inode of the machine's own (initial) pid namespace, the same on every Linux since 3.8
+#: (``PROC_PID_INIT_INO``): records of ``serve`` processes there keep the plain name.
+_INITIAL_PID_NS: Final = 0xEFFFFFFC
 #: A temp file older than this whose writer is gone is swept; one older than
 #: :data:`_TEMP_ABANDONED_S` is swept whatever its pid (it may be a number in another pid
 #: namespace). Writing one takes milliseconds.
@@ -338,7 +347,7 @@ def read_serve_records(directory: Path) -> list[ServeState]:
                 continue  # that serve removed it since the listing
             raise
         state = _parse_state(directory, text)
-        if state.pid != int(match.group(1)):
+        if not _named_for(match, state):
             raise SessionFileError(Reason.STORE_ERROR)
         found.append((state, info.st_mtime_ns))
     found.sort(key=lambda pair: (pair[1], pair[0].pid), reverse=True)
@@ -360,11 +369,19 @@ def read_recorded_serves(directory: Path) -> list[ServeState]:
         named = []
     recorded: list[ServeState] = []
     for state in named + read_serve_records(directory):
-        if all((state.pid, state.url) != (seen.pid, seen.url) for seen in recorded):
+        if not any(_same_serve(state, seen) for seen in recorded):
             recorded.append(state)
     if not recorded:
         raise SessionFileError(Reason.FILE_NOT_FOUND)
     return recorded
+
+
+def _same_serve(one: ServeState, other: ServeState) -> bool:
+    """Whether two states name one ``serve``: the same pid and URL, in the same pid namespace
+    (two sandboxes may each have a ``serve`` of that pid listening on that port)."""
+    return (one.pid, one.url) == (other.pid, other.url) and (
+        one.pid_ns == other.pid_ns or one.pid_ns is None or other.pid_ns is None
+    )
 
 
 def _parse_state(directory: Path, text: str) -> ServeState:
@@ -448,7 +465,7 @@ def record_serve(directory: Path, state: ServeState) -> None:
     state = replace(state, pid_ns=_own_pid_ns())
     with _locked(directory):
         replaced = _previous_record(directory, state)
-        record = _write_state_file(directory, _record_name(state.pid), state)
+        record = _write_state_file(directory, _record_name(state.pid, state.pid_ns), state)
         try:
             write_serve_state(directory, state)
         except SessionFileError:
@@ -465,7 +482,7 @@ def record_serve(directory: Path, state: ServeState) -> None:
             # (Another serve in this same process would still listen there: its token stays.)
             with contextlib.suppress(OSError):
                 replaced.token_file.unlink()
-        _sweep(directory, keep=state.pid)
+        _sweep(directory, keep=record.name)
 
 
 def _previous_record(directory: Path, state: ServeState) -> ServeState | None:
@@ -473,7 +490,8 @@ def _previous_record(directory: Path, state: ServeState) -> ServeState | None:
     written in this pid namespace (one from another may be a live ``serve`` of that pid)."""
     try:
         previous = _parse_state(
-            directory, _read_small(directory / _record_name(state.pid), private=True)
+            directory,
+            _read_small(directory / _record_name(state.pid, state.pid_ns), private=True),
         )
     except SessionFileError:
         return None
@@ -492,7 +510,7 @@ def forget_serve(directory: Path, *, pid: int) -> None:
     """
     with contextlib.suppress(SessionFileError, OSError), _locked(directory):
         with contextlib.suppress(OSError):
-            (directory / _record_name(pid)).unlink()
+            (directory / _record_name(pid, _own_pid_ns())).unlink()
         alive = _sweep(directory, keep=None)
         named = read_serve_state(directory)
         if named.pid != pid or _elsewhere(named):
@@ -503,40 +521,64 @@ def forget_serve(directory: Path, *, pid: int) -> None:
             (directory / STATE_FILE_NAME).unlink()
 
 
-def _record_name(pid: int) -> str:
-    return f"serve-{pid}.json"
+def _record_name(pid: int, pid_ns: str | None) -> str:
+    """The record of the ``serve`` with ``pid`` in the pid namespace ``pid_ns``.
+
+    ``serve-<pid>.json`` in the machine's own namespace (or where it is unknown), else
+    ``serve-<pid>-<namespace inode>.json``: a sandbox or container sharing the directory
+    numbers its processes apart, and its ``serve`` may well have the pid of another one,
+    outside or in another sandbox. With one name for both, the later replaced the earlier's
+    record, and the earlier, exiting, removed the later's.
+    """
+    inode = _ns_inode(pid_ns)
+    if inode is None or inode == _INITIAL_PID_NS:
+        return f"serve-{pid}.json"
+    return f"serve-{pid}-{inode}.json"
 
 
-def _sweep(directory: Path, *, keep: int | None) -> list[ServeState]:
+def _ns_inode(pid_ns: str | None) -> int | None:
+    found = None if pid_ns is None else _PID_NS.fullmatch(pid_ns)
+    return None if found is None else int(found.group(1))
+
+
+def _named_for(match: re.Match[str], state: ServeState) -> bool:
+    """Whether a record's name (``match``) is the one its ``state`` is written under: the same
+    pid and, when the name has one, the same pid namespace. (A plain name with another
+    namespace inside is an earlier version's record, written before names carried one.)"""
+    pid, inode = match.groups()
+    return state.pid == int(pid) and (inode is None or _ns_inode(state.pid_ns) == int(inode))
+
+
+def _sweep(directory: Path, *, keep: str | None) -> list[ServeState]:
     """Remove the records (and token files) of ``serve`` processes that are gone; return those
-    that are serving (:func:`is_serving`), the most recently started first. ``keep``'s record
-    stays as it is.
+    that are serving (:func:`is_serving`), the most recently started first. The record named
+    ``keep`` stays as it is.
 
     Only a record whose pid names no process of this user any more is removed: one whose check
     failed for another reason (a process that cannot be inspected just now) may be a live
     ``serve``'s, and removing its token file would lock out the clients that still have to read
     it. Records that are not as ``serve`` writes them are left alone: not this code's to judge.
     """
-    alive: list[ServeState] = []
-    gone: list[ServeState] = []
+    alive: list[tuple[ServeState, str]] = []
+    gone: list[tuple[ServeState, str]] = []
     for name in _listed(directory):
         match = _RECORD_NAME.fullmatch(name)
-        if match is None or int(match.group(1)) == keep:
+        if match is None or name == keep:
             continue
         try:
             state = _parse_state(directory, _read_small(directory / name, private=True))
         except SessionFileError:
             continue
-        if state.pid != int(match.group(1)) or _elsewhere(state):
+        if not _named_for(match, state) or _elsewhere(state):
             continue  # not as serve writes it; or a pid that names another process here
         if is_serving(state):
-            alive.append(state)
+            alive.append((state, name))
         elif _is_gone(state.pid):
-            gone.append(state)
-    kept_tokens = {state.token_file.name for state in alive}
-    for state in gone:
+            gone.append((state, name))
+    kept_tokens = {state.token_file.name for state, _name in alive}
+    for state, name in gone:
         with contextlib.suppress(OSError):
-            (directory / _record_name(state.pid)).unlink()
+            (directory / name).unlink()
         if state.token_file.name not in kept_tokens:
             with contextlib.suppress(OSError):
                 state.token_file.unlink()
@@ -606,16 +648,18 @@ def _listed(directory: Path) -> list[str]:
         return []
 
 
-def _by_recency(directory: Path, states: list[ServeState]) -> list[ServeState]:
-    """``states`` ordered by when each record was written, the most recent first."""
+def _by_recency(directory: Path, records: list[tuple[ServeState, str]]) -> list[ServeState]:
+    """The states of ``records`` (each with its record's name) ordered by when each record was
+    written, the most recent first."""
 
-    def written(state: ServeState) -> tuple[int, int]:
+    def written(record: tuple[ServeState, str]) -> tuple[int, int]:
+        state, name = record
         try:
-            return (os.lstat(directory / _record_name(state.pid)).st_mtime_ns, state.pid)
+            return (os.lstat(directory / name).st_mtime_ns, state.pid)
         except OSError:
             return (0, state.pid)
 
-    return sorted(states, key=written, reverse=True)
+    return [state for state, _name in sorted(records, key=written, reverse=True)]
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 Where to look: ``--url`` and ``--token-file`` when given; otherwise the state files that
 ``serve`` writes in the state directory (see :mod:`companion_runtime.bind.session`):
 ``serve.json``, naming the most recently started ``serve``, and each ``serve``'s own record
-``serve-<pid>.json``. The token is sent only to a loopback ``http`` URL, never through a proxy
+``serve-<pid>.json`` (``serve-<pid>-<namespace>.json`` in a pid namespace other than the
+machine's own). The token is sent only to a loopback ``http`` URL, never through a proxy
 from the environment.
 
 State files are trusted no more than ``serve`` would trust them, and they are checked before
