@@ -82,6 +82,12 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/nowhere.bin": Fault(kind="redirect", location="", status=302),
         "/to-tab.bin": Fault(kind="redirect", location="/m\t.bin"),
         "/to-space.bin": Fault(kind="redirect", location="/m.bin /x"),
+        # Sent as the Latin-1 bytes 0x85 and 0xA0, and as U+2028's UTF-8 bytes.
+        "/to-nel.bin": Fault(kind="redirect", location="\x85/m.bin"),
+        "/to-nbsp.bin": Fault(kind="redirect", location="/m.bin\xa0"),
+        "/to-line-separator.bin": Fault(
+            kind="redirect", location="\u2028/m.bin".encode().decode("latin-1")
+        ),
         **{
             f"/chain-{i}.bin": Fault(kind="redirect", location=f"/chain-{i + 1}.bin")
             for i in range(6)
@@ -201,6 +207,11 @@ def test_bad_bodies_are_refused(
         # whitespace in a Location is as ambiguous as in a source URL, and refused alike.
         ("/to-tab.bin", Reason.REDIRECT_NOT_ALLOWED),
         ("/to-space.bin", Reason.REDIRECT_NOT_ALLOWED),
+        # Bytes 0x85 (NEL) and 0xA0 (NBSP) are whitespace to Python's str.strip(): around a
+        # Location they had been stripped, and "\x85/m.bin" followed to "/m.bin".
+        ("/to-nel.bin", Reason.REDIRECT_NOT_ALLOWED),
+        ("/to-nbsp.bin", Reason.REDIRECT_NOT_ALLOWED),
+        ("/to-line-separator.bin", Reason.REDIRECT_NOT_ALLOWED),
     ],
 )
 def test_transport_rules(

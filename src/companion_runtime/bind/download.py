@@ -128,7 +128,9 @@ _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)
 _USER_AGENT: Final = "companion-runtime"
 # Whitespace and control characters: URL parsers drop some of them (urljoin, like WHATWG,
 # removes a tab or a line break anywhere), so a Location holding one names no single target.
-_LOCATION_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
+# Anything but printable ASCII is refused, so bytes 0x80-0xFF (NEL 0x85, NBSP 0xA0, or a
+# UTF-8 U+2028) are too, whatever a parser takes them for.
+_LOCATION_UNSAFE = re.compile(r"[^\x21-\x7e]")
 #: Receive buffers: one being filled while the worker catches up with up to three.
 _BUFFERS: Final = 4
 
