@@ -70,6 +70,8 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/huge-range.bin": Fault(kind="huge_content_range"),
         "/short-range.bin": Fault(kind="short_range", stall_after_bytes=70_000),
         "/tiny-range.bin": Fault(kind="short_range", stall_after_bytes=1_000),
+        "/byte-range.bin": Fault(kind="short_range", stall_after_bytes=1),
+        "/slow-range.bin": Fault(kind="short_range", stall_after_bytes=70_000, drip_interval_s=1),
         "/switch.bin": Fault(kind="switch_protocols"),
         "/extension-drip.bin": Fault(
             kind="chunk_extension_drip", stall_after_bytes=300, drip_interval_s=0.02
@@ -82,6 +84,12 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/nowhere.bin": Fault(kind="redirect", location="", status=302),
         "/to-tab.bin": Fault(kind="redirect", location="/m\t.bin"),
         "/to-space.bin": Fault(kind="redirect", location="/m.bin /x"),
+        # Sent as the Latin-1 bytes 0x85 and 0xA0, and as U+2028's UTF-8 bytes.
+        "/to-nel.bin": Fault(kind="redirect", location="\x85/m.bin"),
+        "/to-nbsp.bin": Fault(kind="redirect", location="/m.bin\xa0"),
+        "/to-line-separator.bin": Fault(
+            kind="redirect", location="\u2028/m.bin".encode().decode("latin-1")
+        ),
         **{
             f"/chain-{i}.bin": Fault(kind="redirect", location=f"/chain-{i + 1}.bin")
             for i in range(6)
@@ -201,6 +209,11 @@ def test_bad_bodies_are_refused(
         # whitespace in a Location is as ambiguous as in a source URL, and refused alike.
         ("/to-tab.bin", Reason.REDIRECT_NOT_ALLOWED),
         ("/to-space.bin", Reason.REDIRECT_NOT_ALLOWED),
+        # Bytes 0x85 (NEL) and 0xA0 (NBSP) are whitespace to Python's str.strip(): around a
+        # Location they had been stripped, and "\x85/m.bin" followed to "/m.bin".
+        ("/to-nel.bin", Reason.REDIRECT_NOT_ALLOWED),
+        ("/to-nbsp.bin", Reason.REDIRECT_NOT_ALLOWED),
+        ("/to-line-separator.bin", Reason.REDIRECT_NOT_ALLOWED),
     ],
 )
 def test_transport_rules(
@@ -664,6 +677,41 @@ def test_a_206_too_short_to_count_as_progress_is_a_broken_transfer_kept_for_a_re
     assert refused(origin, store, "/tiny-range.bin", caplog).reason is Reason.DOWNLOAD_FAILED
     assert [r.range_header for r in origin.requests[before:]] == ["bytes=100000-"]
     assert store.partial_path(DIGEST).read_bytes() == DATA[:101_000]
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_short_206s_are_bounded_also_with_the_minimum_progress_rule_turned_off(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With min_progress_bytes=0 a short answer had to bring one byte: a server answering
+    # every range with a single byte kept the pull asking, one TLS connection per byte.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[: SIZE - 300])
+    before = len(origin.requests)
+    off = dataclasses.replace(FAST, min_progress_bytes=0)
+    error = refused(origin, store, "/byte-range.bin", caplog, options=off)
+    assert error.reason is Reason.DOWNLOAD_FAILED
+    assert [r.range_header for r in origin.requests[before:]] == [f"bytes={SIZE - 300}-"]
+    assert store.partial_path(DIGEST).read_bytes() == DATA[: SIZE - 299]
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_short_206s_are_held_to_the_minimum_progress_from_their_request_on(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The minimum-progress window started with each body, so a server that waited before
+    # every short answer (or sent it through redirects) was never too slow however long the
+    # pull took: each answer is now held to the rule over the whole time it took.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    slow = dataclasses.replace(FAST, min_progress_bytes=64 * 1024, min_progress_window_s=0.5)
+    error = refused(origin, store, "/slow-range.bin", caplog, options=slow)
+    assert error.reason is Reason.TIMEOUT
+    assert [r.range_header for r in origin.requests[before:]] == ["bytes=100000-"]
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:170_000]
 
 
 @pytest.mark.integration

@@ -40,7 +40,7 @@ class Fault:
     #: most bytes one ``206`` answer covers.
     stall_after_bytes: int = 0
     #: For ``drip``: seconds between single body bytes (``stall_after_bytes`` of them are
-    #: dripped, then the server hangs up).
+    #: dripped, then the server hangs up); for ``short_range``, seconds before each ``206``.
     drip_interval_s: float = 0.0
 
 
@@ -140,6 +140,8 @@ class FaultHandler(OriginHandler):
                 # as a server that caps the size of one answer does (RFC 9110 section 14.1.2).
                 start = int(record.range_header.removeprefix("bytes=").removesuffix("-"))
                 piece = body[start : start + fault.stall_after_bytes]
+                if fault.drip_interval_s:
+                    self.faulty.closing.wait(fault.drip_interval_s)
                 end = start + len(piece) - 1
                 self._raw(
                     record,

@@ -22,8 +22,10 @@ rules around it:
   download restarted from 0; a ``200`` answer to a Range request restarts cleanly from 0 on the
   same response (truncate, new accumulator). A ``206`` whose body ends whole before the file
   does (a server may cover less than was asked for) is continued with another ``Range``
-  request from where it ended, as long as each such answer brings at least
-  :attr:`DownloadOptions.min_progress_bytes` (else ``download_failed``, its bytes kept).
+  request from where it ended, as long as each such answer brings at least 64 KiB (or
+  :attr:`DownloadOptions.min_progress_bytes` when larger; else ``download_failed``), and the
+  minimum progress for each window of the whole time it took, its connect, redirects and head
+  included (else ``timeout``); the bytes of a refused one are kept.
 * Timeouts: :attr:`DownloadOptions.connect_timeout_s` for the TCP connect and TLS handshake,
   :attr:`DownloadOptions.stall_timeout_s` (default 30 s) for any single read, and a
   minimum-progress rule for a server that drips bytes just fast enough to keep every read
@@ -128,9 +130,13 @@ _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)
 _USER_AGENT: Final = "companion-runtime"
 # Whitespace and control characters: URL parsers drop some of them (urljoin, like WHATWG,
 # removes a tab or a line break anywhere), so a Location holding one names no single target.
-_LOCATION_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
+# Anything but printable ASCII is refused, so bytes 0x80-0xFF (NEL 0x85, NBSP 0xA0, or a
+# UTF-8 U+2028) are too, whatever a parser takes them for.
+_LOCATION_UNSAFE = re.compile(r"[^\x21-\x7e]")
 #: Receive buffers: one being filled while the worker catches up with up to three.
 _BUFFERS: Final = 4
+#: Fewest bytes a ``206`` that ends before the file does must bring for another request.
+_MIN_SHORT_RANGE_BYTES: Final = 64 * 1024
 
 
 @final
@@ -170,7 +176,8 @@ class DownloadOptions:
     disk_margin_bytes: int = 0
     #: Minimum progress: a body that brings fewer than this many bytes in any
     #: :attr:`min_progress_window_s` is refused with ``timeout`` (a drip that keeps every
-    #: single read under :attr:`stall_timeout_s`). Zero (or a window of zero) turns it off.
+    #: single read under :attr:`stall_timeout_s`). Zero (or a window of zero) turns it off;
+    #: a ``206`` that ends before the file must still bring 64 KiB for another request.
     min_progress_bytes: int = 64 * 1024
     #: Length in seconds of the minimum-progress window.
     min_progress_window_s: float = 30.0
@@ -376,6 +383,7 @@ class _Download:
         context = _ssl_context(self.options.ca_bundle)
         restarted = False
         while True:
+            started = time.monotonic()
             try:
                 self._transfer(context, fd, offset)
                 return
@@ -385,12 +393,25 @@ class _Download:
                 restarted = True
                 offset = self._restart(fd)
             except _RangeEnded as ended:
-                # Each answer must bring the minimum progress (at least a byte), so a server
-                # cutting every range short cannot keep the pull asking forever; what it sent
-                # is kept for the next pull either way.
-                if ended.brought < max(1, self.options.min_progress_bytes):
-                    raise DownloadError(Reason.DOWNLOAD_FAILED) from None
+                self._check_short_answer(ended.brought, time.monotonic() - started)
                 offset += ended.brought
+
+    def _check_short_answer(self, brought: int, took_s: float) -> None:
+        """Refuse a short ``206`` that does not earn another request; its bytes are kept.
+
+        Each answer must bring :data:`_MIN_SHORT_RANGE_BYTES` (or the minimum progress, when
+        larger), also with the minimum-progress rule turned off, so a server cutting every
+        range short cannot keep the pull asking, one connection per few bytes. And it must
+        bring the minimum progress for each window of the whole time it took, from its
+        request on: the body's own windows leave out the connect, the redirects and the
+        head, which a server could otherwise stretch before every short answer.
+        """
+        min_bytes = self.options.min_progress_bytes
+        if brought < max(_MIN_SHORT_RANGE_BYTES, min_bytes):
+            raise DownloadError(Reason.DOWNLOAD_FAILED)
+        window_s = self.options.min_progress_window_s
+        if min_bytes > 0 and window_s > 0 and brought < min_bytes * (took_s / window_s):
+            raise DownloadError(Reason.TIMEOUT)
 
     # --- partial file ---------------------------------------------------------------------
 

@@ -426,7 +426,10 @@ class _HeadSink:
         if self.head_bytes > MAX_HEAD_BYTES:
             raise ProtocolError("head too large")
         key = name.decode("latin-1").lower()
-        text = value.decode("latin-1").strip()
+        # Only the optional whitespace of RFC 9110 section 5.6.3 (space, tab) is trimmed:
+        # str.strip() would also take bytes 0x85 and 0xA0 (whitespace to Python), and the
+        # caller would see another value than the server sent.
+        text = value.decode("latin-1").strip(" \t")
         # A repeated field is one list (RFC 9110 section 5.3), so two Content-Encoding lines
         # read as "identity, gzip", never as whichever came last.
         previous = self.headers.get(key)
