@@ -1313,6 +1313,60 @@ def test_clients_leaving_mid_stream_log_no_error(
     assert [record.getMessage() for record in caplog.records] == []
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_a_client_leaving_after_the_runtime_reset_its_paused_connection_leaves_no_error(
+    loop: str,
+) -> None:
+    # The client stopped reading, so reading from the runtime paused, and the runtime reset
+    # that connection meanwhile (unseen: nothing reads it). When the client then left, the
+    # runtime connection was half-closed to stop the generation, and on asyncio's own loop
+    # the shutdown raised ENOTCONN out of the client's connection_lost: a traceback.
+    errors: list[object] = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: errors.append(context.get("exception"))
+        )
+        reset = asyncio.Event()
+
+        async def runtime(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            body = bytes(8 << 20)  # far more than the client's connection holds unread
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(body), body)
+            )
+            await asyncio.sleep(0.5)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            reset.set()
+
+        server = await asyncio.start_server(runtime, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server, running_front_door(url) as door:
+            port = door.door.port
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(
+                    f"GET /stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\n\r\n".encode()
+                )
+                await asyncio.wait_for(reset.wait(), 10)
+                await asyncio.sleep(0.2)
+            await wait_for(lambda: door.door.statistics().open_connections == 0)
+            await wait_for(lambda: door.controller.statistics().in_flight == 0)
+            assert door.door.statistics().client_disconnects == 1
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+    gc.collect()
+    assert errors == []
+
+
 def _pipelined_status(door: ReadyDoor, count: int) -> bytes:
     one = (
         f"GET /_status HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"

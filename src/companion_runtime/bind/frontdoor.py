@@ -873,7 +873,13 @@ class _Upstream(asyncio.Protocol):
         # A client that stopped reading had paused this connection; nobody is behind it now.
         transport.resume_reading()
         if transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:
+                # The runtime reset it while it was paused (unseen, nothing read it); asyncio's
+                # own loop raises ENOTCONN here. Reading, resumed above, sees the reset and
+                # ends the exchange.
+                pass
 
     def abort(self) -> None:
         self.end()
