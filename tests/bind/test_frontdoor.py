@@ -13,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -1312,6 +1313,60 @@ def test_clients_leaving_mid_stream_log_no_error(
     assert [record.getMessage() for record in caplog.records] == []
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_a_client_leaving_after_the_runtime_reset_its_paused_connection_leaves_no_error(
+    loop: str,
+) -> None:
+    # The client stopped reading, so reading from the runtime paused, and the runtime reset
+    # that connection meanwhile (unseen: nothing reads it). When the client then left, the
+    # runtime connection was half-closed to stop the generation, and on asyncio's own loop
+    # the shutdown raised ENOTCONN out of the client's connection_lost: a traceback.
+    errors: list[object] = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: errors.append(context.get("exception"))
+        )
+        reset = asyncio.Event()
+
+        async def runtime(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            body = bytes(8 << 20)  # far more than the client's connection holds unread
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(body), body)
+            )
+            await asyncio.sleep(0.5)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            reset.set()
+
+        server = await asyncio.start_server(runtime, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server, running_front_door(url) as door:
+            port = door.door.port
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(
+                    f"GET /stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\n\r\n".encode()
+                )
+                await asyncio.wait_for(reset.wait(), 10)
+                await asyncio.sleep(0.2)
+            await wait_for(lambda: door.door.statistics().open_connections == 0)
+            await wait_for(lambda: door.controller.statistics().in_flight == 0)
+            assert door.door.statistics().client_disconnects == 1
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+    gc.collect()
+    assert errors == []
+
+
 def _pipelined_status(door: ReadyDoor, count: int) -> bytes:
     one = (
         f"GET /_status HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
@@ -1367,6 +1422,59 @@ def test_requests_pipelined_past_the_bound_in_one_write_are_not_queued() -> None
                 await wait_for(lambda: door.door.statistics().open_connections == 0)
 
     run(scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_bytes_sent_past_the_bound_are_not_read_while_the_answers_wait_to_be_read(
+    loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past the bound the rest of the connection is dropped. Reading resumed once the last
+    # answer was written, and while the answers waited for the client to read them (up to
+    # upstream_read_timeout_s for one that reads slowly) the front door read whatever else
+    # it sent and dropped it, at full speed and without end: hundreds of megabytes a second
+    # through one connection. Reading stays paused now until the connection lingers (a
+    # second at most), which is when what is left is read and dropped.
+    reading_when_flushed: list[bool] = []
+    flushed = FrontDoor._flushed
+
+    async def spy(self: FrontDoor, client: Any) -> None:
+        reading_when_flushed.append(client.transport.is_reading())
+        await flushed(self, client)
+
+    monkeypatch.setattr(FrontDoor, "_flushed", spy)
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+                one = (
+                    f"GET /_status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\n\r\n"
+                ).encode()
+                burst = one * 31 + one.replace(b"/_status", b"/echo") + one * 8
+
+                def client() -> bytes:
+                    with socket.create_connection(("127.0.0.1", port)) as sock:
+                        sock.settimeout(5)
+                        sock.sendall(burst)
+                        answers = b""
+                        with contextlib.suppress(OSError):
+                            while data := sock.recv(1 << 20):
+                                answers += data
+                        return answers
+
+                answers = await asyncio.to_thread(client)
+                assert answers.count(b"HTTP/1.1 200") == 32
+                assert answers.count(b"connection: close") == 1
+                assert upstream.requests_seen == 1
+                await wait_for(lambda: door.door.statistics().open_connections == 0)
+                await wait_for(lambda: not door.door._lingering)
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+    assert reading_when_flushed == [False]
 
 
 # --- the connection limit ------------------------------------------------------------------

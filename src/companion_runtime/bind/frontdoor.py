@@ -42,7 +42,8 @@ went away, least of all a non-streamed one while other requests keep it busy.
 Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB or 32 requests,
 after which reading pauses until every queued request is answered (a 33rd request in the same
 read stops the parser: the rest of the connection is dropped, and the last one waiting is
-answered with ``connection: close``); the serving task yields to
+answered with ``connection: close``; reading stays paused until the connection lingers, so
+what comes meanwhile is not read at all); the serving task yields to
 the loop between pipelined requests, so one connection cannot hold it. If the runtime fails
 before the response head is relayed the client gets ``502`` (``upstream_error``, or
 ``runtime_gone`` when the connection to it broke; ``504 timeout`` after
@@ -729,14 +730,17 @@ class _Client(asyncio.Protocol):
         """The current request is answered; once none waits, read what the client sends next.
 
         Resuming after every answer instead would let a client that keeps pipelining add the
-        bound's worth of requests per answer, without end.
+        bound's worth of requests per answer, without end. Past the bound (``overflowed``)
+        nothing more is parsed: reading stays paused until the connection lingers, or what the
+        client sends while its answers wait to be read would be read and dropped at full speed
+        for as long as it takes to read them.
         """
         self.busy = False
         self.serving = None
         if self.requests:
             return
         self._pipelined = 0
-        if self._reading_paused and self.transport is not None:
+        if self._reading_paused and self.transport is not None and not self.overflowed:
             self._reading_paused = False
             self.transport.resume_reading()
 
@@ -869,7 +873,13 @@ class _Upstream(asyncio.Protocol):
         # A client that stopped reading had paused this connection; nobody is behind it now.
         transport.resume_reading()
         if transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:
+                # The runtime reset it while it was paused (unseen, nothing read it); asyncio's
+                # own loop raises ENOTCONN here. Reading, resumed above, sees the reset and
+                # ends the exchange.
+                pass
 
     def abort(self) -> None:
         self.end()
