@@ -366,6 +366,75 @@ def test_a_variable_set_by_env_behind_another_wrapper_counts(tmp_path: Path) -> 
         ), wrappers
 
 
+def test_env_is_read_as_env_reads_its_words(tmp_path: Path) -> None:
+    # env -S splits a string into assignments and even the command itself; -i and -u take
+    # variables away; an assignment whose value ends in "llama-server" runs none. Each of
+    # these once let a projector through, or counted a variable the runtime never got.
+    model = _model(tmp_path / "m.gguf")
+    rest = ["-m", "{model_path}", "--port", "{port}"]
+    projector = "LLAMA_ARG_MMPROJ=/models/projector.gguf"
+    env = "/usr/bin/env"
+    for command, named in (
+        ([env, "-S", f"A=1 {projector}", UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, f"-S{projector}", UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, "-iS", projector, UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, f"--split-string={projector}", UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, f"--split={projector}", UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, "-uTZ", "-S", projector, UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, "-S", f"{UPSTREAM} --mmproj /models/p.gguf", *rest], "--mmproj"),
+        ([env, "-S", f"A=1 #{projector}", UPSTREAM, *rest], None),  # a comment
+        ([env, "LLAMA_ARG_MMPROJ=/models/llama-server", UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        # Other wrappers that set variables: sudo, systemd-run -E, bwrap --setenv.
+        (["/usr/bin/sudo", projector, UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        (["/usr/bin/systemd-run", "-E", projector, UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        (
+            ["/usr/bin/bwrap", "--setenv", "LLAMA_ARG_MMPROJ", "/p", UPSTREAM, *rest],
+            "LLAMA_ARG_MMPROJ",
+        ),
+    ):
+        assert context_memory.unverified_weights(command) == named, command
+        memory = estimate_context_memory(model, command)
+        assert isinstance(memory, Uncountable if named else ContextMemory), command
+    sized = [env, "-S", "LLAMA_ARG_CTX_SIZE=2048", UPSTREAM, *rest]
+    assert estimate_context_memory(model, sized) == ContextMemory(2048, _llama3_kv_bytes(2048))
+    # What env takes away, the runtime never gets.
+    extra = {"LLAMA_ARG_MMPROJ": "/models/projector.gguf"}
+    for wrappers in ([env, "-i"], [env, "-"], [env, "-u", "LLAMA_ARG_MMPROJ"]):
+        command = [*wrappers, UPSTREAM, *rest]
+        assert context_memory.unverified_weights(command, extra) is None, wrappers
+    assert context_memory.unverified_weights([env, UPSTREAM, *rest], extra) == "LLAMA_ARG_MMPROJ"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize(
+    "wrappers",
+    [
+        ["/usr/bin/env", "-S", "A=1 LLAMA_ARG_MMPROJ={projector}"],
+        ["/usr/bin/env", "--split-string=LLAMA_ARG_MMPROJ={projector}"],
+        ["/usr/bin/env", "LLAMA_ARG_MMPROJ={projector}"],
+    ],
+    ids=["-S", "--split-string", "value-named-llama-server"],
+)
+def test_what_env_sets_is_what_llama_server_loads(tmp_path: Path, wrappers: list[str]) -> None:
+    # The real env and the pinned build: llama-server tries to open the projector, and the
+    # command is refused for it.
+    binary = upstream_binary()
+    assert binary is not None
+    if not Path(wrappers[0]).is_file():
+        pytest.skip("no /usr/bin/env")
+    model = write_tiny_model(tmp_path / "tiny.gguf")
+    projector = tmp_path / "missing" / "llama-server"
+    filled = [word.format(projector=projector) for word in wrappers]
+    template = [*filled, str(binary), "-m", "{model_path}", "--port", "{port}"]
+    assert context_memory.unverified_weights(template) == "LLAMA_ARG_MMPROJ"
+    command = [*filled, str(binary), "-m", str(model), "--port", str(free_port())]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert ran.returncode != 0
+    assert str(projector) in ran.stdout + ran.stderr
+
+
 def test_the_launcher_s_name_as_a_value_of_llama_server_is_still_llama_server(
     tmp_path: Path,
 ) -> None:
