@@ -329,6 +329,31 @@ def test_weights_named_in_a_configuration_file_are_refused_too(tmp_path: Path) -
         assert isinstance(memory, Uncountable if named else ContextMemory), text
 
 
+def test_a_switch_in_a_configuration_file_is_off_unless_truthy(tmp_path: Path) -> None:
+    # upstream reads a switch's value in config.ini as on (on, 1, enabled, true) or else off,
+    # and never stops for one: "kv-unified = maybe" was taken for a command llama-server
+    # refuses, so neither its --mmproj was refused nor its cache counted.
+    model = _model(tmp_path / "m.gguf")
+    home = tmp_path / "home"
+    config = home / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    env = {"HOME": str(home)}
+    sized = [*UPSTREAM_CMD, "-np", "3", "-c", "1000"]
+    per_slot = ContextMemory(1536, _llama3_kv_bytes(1536))
+    unified = ContextMemory(1024, _llama3_kv_bytes(1024))
+    for text, expected in (
+        ("kv-unified = maybe\n", per_slot),
+        ("kv-unified = YES\n", per_slot),
+        ("kv-unified = enabled\n", unified),
+        ("no-kv-unified = maybe\n", unified),
+        ("LLAMA_ARG_KV_UNIFIED = TRUE\n", per_slot),
+    ):
+        config.write_text(text)
+        assert estimate_context_memory(model, sized, env) == expected, text
+        command = [*UPSTREAM_CMD, "--mmproj", "/models/projector.gguf"]
+        assert context_memory.unverified_weights(command, env) == "--mmproj", text
+
+
 def test_upstream_behind_a_wrapper_is_still_upstream(tmp_path: Path) -> None:
     # env, nice, taskset run llama-server as it is: its cache is the same, and an env
     # assignment is a variable of its environment.
@@ -783,7 +808,14 @@ def test_the_estimate_is_what_llama_cpp_allocates(tmp_path: Path, flags: list[st
 @pytest.mark.integration
 @pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
 @pytest.mark.parametrize(
-    "config", ["c = 50000\n", "np = 3\n[*]\nctx-size = 4096\n[other]\nc = 99999\n"]
+    "config",
+    [
+        "c = 50000\n",
+        "np = 3\n[*]\nctx-size = 4096\n[other]\nc = 99999\n",
+        # A switch's value other than on/1/enabled/true is off, never an error.
+        "np = 3\nc = 1000\nkv-unified = YES\n",
+        "np = 3\nc = 1000\nno-kv-unified = maybe\n",
+    ],
 )
 def test_the_estimate_counts_upstreams_configuration_file(tmp_path: Path, config: str) -> None:
     binary = upstream_binary()

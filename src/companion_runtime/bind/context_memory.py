@@ -24,7 +24,8 @@ What it reads:
   ``LLAMA_ARG_*`` variables of the runtime's extra environment count below the flags, and its
   configuration files below those (``/etc/llama.cpp/config.ini``, then ``llama.cpp/config.ini``
   under the runtime's ``XDG_CONFIG_HOME``, else ``$HOME/.config``: their global keys and
-  ``[*]`` section; one over 1 MiB gives :class:`Uncountable`). Its context (``-c``; 0, the
+  ``[*]`` section, a switch there off unless ``on``, ``1``, ``enabled`` or ``true``; one over
+  1 MiB gives :class:`Uncountable`). Its context (``-c``; 0, the
   default, is the length the model declares, or the one
   ``--override-kv ARCH.context_length=int:N`` gives it), its slots (``-np``: 4 by default,
   sharing one cache; a number given splits the context into per-slot caches unless
@@ -736,8 +737,8 @@ def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
         ):
             settings.other_weights = settings.other_weights or f"{key} in a configuration file"
         elif key in _CONFIG_UNIFIED:
-            if value not in _TRUTHY | _FALSEY:
-                return False
+            # A switch there is on for on, 1, enabled or true and off for anything else: the
+            # pinned build never stops for one (its variable, though, must be one or the other).
             settings.unified = (value in _TRUTHY) == _CONFIG_UNIFIED[key]
         elif key in _CONFIG_KEYS and not _apply_upstream(settings, _CONFIG_KEYS[key], value):
             return False
