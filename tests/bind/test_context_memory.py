@@ -329,6 +329,31 @@ def test_weights_named_in_a_configuration_file_are_refused_too(tmp_path: Path) -
         assert isinstance(memory, Uncountable if named else ContextMemory), text
 
 
+def test_a_switch_in_a_configuration_file_is_off_unless_truthy(tmp_path: Path) -> None:
+    # upstream reads a switch's value in config.ini as on (on, 1, enabled, true) or else off,
+    # and never stops for one: "kv-unified = maybe" was taken for a command llama-server
+    # refuses, so neither its --mmproj was refused nor its cache counted.
+    model = _model(tmp_path / "m.gguf")
+    home = tmp_path / "home"
+    config = home / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    env = {"HOME": str(home)}
+    sized = [*UPSTREAM_CMD, "-np", "3", "-c", "1000"]
+    per_slot = ContextMemory(1536, _llama3_kv_bytes(1536))
+    unified = ContextMemory(1024, _llama3_kv_bytes(1024))
+    for text, expected in (
+        ("kv-unified = maybe\n", per_slot),
+        ("kv-unified = YES\n", per_slot),
+        ("kv-unified = enabled\n", unified),
+        ("no-kv-unified = maybe\n", unified),
+        ("LLAMA_ARG_KV_UNIFIED = TRUE\n", per_slot),
+    ):
+        config.write_text(text)
+        assert estimate_context_memory(model, sized, env) == expected, text
+        command = [*UPSTREAM_CMD, "--mmproj", "/models/projector.gguf"]
+        assert context_memory.unverified_weights(command, env) == "--mmproj", text
+
+
 def test_upstream_behind_a_wrapper_is_still_upstream(tmp_path: Path) -> None:
     # env, nice, taskset run llama-server as it is: its cache is the same, and an env
     # assignment is a variable of its environment.
@@ -364,6 +389,75 @@ def test_a_variable_set_by_env_behind_another_wrapper_counts(tmp_path: Path) -> 
         assert estimate_context_memory(model, sized) == ContextMemory(
             2048, _llama3_kv_bytes(2048)
         ), wrappers
+
+
+def test_env_is_read_as_env_reads_its_words(tmp_path: Path) -> None:
+    # env -S splits a string into assignments and even the command itself; -i and -u take
+    # variables away; an assignment whose value ends in "llama-server" runs none. Each of
+    # these once let a projector through, or counted a variable the runtime never got.
+    model = _model(tmp_path / "m.gguf")
+    rest = ["-m", "{model_path}", "--port", "{port}"]
+    projector = "LLAMA_ARG_MMPROJ=/models/projector.gguf"
+    env = "/usr/bin/env"
+    for command, named in (
+        ([env, "-S", f"A=1 {projector}", UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, f"-S{projector}", UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, "-iS", projector, UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, f"--split-string={projector}", UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, f"--split={projector}", UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, "-uTZ", "-S", projector, UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        ([env, "-S", f"{UPSTREAM} --mmproj /models/p.gguf", *rest], "--mmproj"),
+        ([env, "-S", f"A=1 #{projector}", UPSTREAM, *rest], None),  # a comment
+        ([env, "LLAMA_ARG_MMPROJ=/models/llama-server", UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        # Other wrappers that set variables: sudo, systemd-run -E, bwrap --setenv.
+        (["/usr/bin/sudo", projector, UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        (["/usr/bin/systemd-run", "-E", projector, UPSTREAM, *rest], "LLAMA_ARG_MMPROJ"),
+        (
+            ["/usr/bin/bwrap", "--setenv", "LLAMA_ARG_MMPROJ", "/p", UPSTREAM, *rest],
+            "LLAMA_ARG_MMPROJ",
+        ),
+    ):
+        assert context_memory.unverified_weights(command) == named, command
+        memory = estimate_context_memory(model, command)
+        assert isinstance(memory, Uncountable if named else ContextMemory), command
+    sized = [env, "-S", "LLAMA_ARG_CTX_SIZE=2048", UPSTREAM, *rest]
+    assert estimate_context_memory(model, sized) == ContextMemory(2048, _llama3_kv_bytes(2048))
+    # What env takes away, the runtime never gets.
+    extra = {"LLAMA_ARG_MMPROJ": "/models/projector.gguf"}
+    for wrappers in ([env, "-i"], [env, "-"], [env, "-u", "LLAMA_ARG_MMPROJ"]):
+        command = [*wrappers, UPSTREAM, *rest]
+        assert context_memory.unverified_weights(command, extra) is None, wrappers
+    assert context_memory.unverified_weights([env, UPSTREAM, *rest], extra) == "LLAMA_ARG_MMPROJ"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize(
+    "wrappers",
+    [
+        ["/usr/bin/env", "-S", "A=1 LLAMA_ARG_MMPROJ={projector}"],
+        ["/usr/bin/env", "--split-string=LLAMA_ARG_MMPROJ={projector}"],
+        ["/usr/bin/env", "LLAMA_ARG_MMPROJ={projector}"],
+    ],
+    ids=["-S", "--split-string", "value-named-llama-server"],
+)
+def test_what_env_sets_is_what_llama_server_loads(tmp_path: Path, wrappers: list[str]) -> None:
+    # The real env and the pinned build: llama-server tries to open the projector, and the
+    # command is refused for it.
+    binary = upstream_binary()
+    assert binary is not None
+    if not Path(wrappers[0]).is_file():
+        pytest.skip("no /usr/bin/env")
+    model = write_tiny_model(tmp_path / "tiny.gguf")
+    projector = tmp_path / "missing" / "llama-server"
+    filled = [word.format(projector=projector) for word in wrappers]
+    template = [*filled, str(binary), "-m", "{model_path}", "--port", "{port}"]
+    assert context_memory.unverified_weights(template) == "LLAMA_ARG_MMPROJ"
+    command = [*filled, str(binary), "-m", str(model), "--port", str(free_port())]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert ran.returncode != 0
+    assert str(projector) in ran.stdout + ran.stderr
 
 
 def test_the_launcher_s_name_as_a_value_of_llama_server_is_still_llama_server(
@@ -714,7 +808,14 @@ def test_the_estimate_is_what_llama_cpp_allocates(tmp_path: Path, flags: list[st
 @pytest.mark.integration
 @pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
 @pytest.mark.parametrize(
-    "config", ["c = 50000\n", "np = 3\n[*]\nctx-size = 4096\n[other]\nc = 99999\n"]
+    "config",
+    [
+        "c = 50000\n",
+        "np = 3\n[*]\nctx-size = 4096\n[other]\nc = 99999\n",
+        # A switch's value other than on/1/enabled/true is off, never an error.
+        "np = 3\nc = 1000\nkv-unified = YES\n",
+        "np = 3\nc = 1000\nno-kv-unified = maybe\n",
+    ],
 )
 def test_the_estimate_counts_upstreams_configuration_file(tmp_path: Path, config: str) -> None:
     binary = upstream_binary()

@@ -524,6 +524,67 @@ def test_a_serve_in_another_pid_namespace_keeps_its_record_and_token_file(
             sandbox.wait()
 
 
+#: Two serves in one sandbox: prints their pids, then waits for its stdin to close.
+_SANDBOX_OF_TWO = """
+import subprocess, sys
+serves = [
+    subprocess.Popen(
+        [sys.executable, "-c", sys.argv[2], sys.argv[1]],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    for _serve in range(2)
+]
+pids = []
+for serve in serves:
+    pids.append(serve.stdout.readline().strip())
+print(*pids, flush=True)
+sys.stdin.read()
+for serve in serves:
+    serve.stdin.close()
+    serve.wait()
+"""
+
+
+@needs_namespaces
+def test_a_sandbox_without_a_proc_of_its_own_removes_no_live_serve_s_files(
+    tmp_path: Path,
+) -> None:
+    # A pid namespace whose /proc is still the machine's (bwrap --unshare-pid --dev-bind / /,
+    # unshare --pid --fork without --mount-proc): its pids are looked up there, where they name
+    # other processes or none. The second serve to start in it took the first, alive, for
+    # gone, and removed its record and token file.
+    directory = prepare_state_dir(tmp_path / "state")
+    script = 'echo 3999990 > /proc/sys/kernel/ns_last_pid && "$@"'
+    command = ["unshare", "--pid", "--fork", "sh", "-c", script, "sh"]
+    sandbox = subprocess.Popen(
+        [*command, sys.executable, "-c", _SANDBOX_OF_TWO, str(directory), _SANDBOXED_SERVE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert sandbox.stdout is not None and sandbox.stdin is not None
+        line = sandbox.stdout.readline().split()
+        if len(line) != 2:
+            pytest.skip("unshare could not make a pid namespace here")
+        first, second = (int(pid) for pid in line)
+        if psutil.pid_exists(first) or first == second:
+            pytest.skip("the sandbox's pid names a process out here too")
+        # Both records stay, each with its token file.
+        assert len(list(directory.glob(f"serve-{first}-*.json"))) == 1
+        assert len(list(directory.glob(f"serve-{second}-*.json"))) == 1
+        assert len(list(directory.glob("frontdoor-*.token"))) == 2
+    finally:
+        if sandbox.stdin is not None:
+            sandbox.stdin.close()
+        try:
+            sandbox.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(sandbox.pid, signal.SIGKILL)
+            sandbox.wait()
+
+
 #: A serve in a pid namespace of its own that cleans up when its stdin closes, as serve does.
 _SANDBOXED_SERVE_THAT_EXITS = (
     _SANDBOXED_SERVE

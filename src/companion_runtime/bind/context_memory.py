@@ -11,7 +11,8 @@ What it reads:
 
 - the **runtime command**: the estimate is made only for a command that runs llama.cpp's server
   (the embedded launcher, ``python -m companion_runtime.bind.llama_server``, or an executable
-  named ``llama-server``, also behind a wrapper such as ``env NAME=VALUE`` or ``nice``); for any
+  named ``llama-server``, also behind a wrapper such as ``env NAME=VALUE`` or ``nice``; env's
+  ``-S`` strings are split as env splits them, its ``-i`` and ``-u`` take variables away); for any
   other runtime it returns None and the allowance stands alone.
   Each is read the way it reads its own command line. The launcher's arguments go through its
   own parser (so ``--ctx 8192``, ``-c8192`` and ``--ctx-size=8192`` all count); its context is
@@ -23,7 +24,8 @@ What it reads:
   ``LLAMA_ARG_*`` variables of the runtime's extra environment count below the flags, and its
   configuration files below those (``/etc/llama.cpp/config.ini``, then ``llama.cpp/config.ini``
   under the runtime's ``XDG_CONFIG_HOME``, else ``$HOME/.config``: their global keys and
-  ``[*]`` section; one over 1 MiB gives :class:`Uncountable`). Its context (``-c``; 0, the
+  ``[*]`` section, a switch there off unless ``on``, ``1``, ``enabled`` or ``true``; one over
+  1 MiB gives :class:`Uncountable`). Its context (``-c``; 0, the
   default, is the length the model declares, or the one
   ``--override-kv ARCH.context_length=int:N`` gives it), its slots (``-np``: 4 by default,
   sharing one cache; a number given splits the context into per-slot caches unless
@@ -70,6 +72,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shlex
 import stat
 import struct
 from collections.abc import Mapping, Sequence
@@ -261,6 +264,23 @@ _UPSTREAM_OTHER_WEIGHTS: Final = frozenset(
     LLAMA_ARG_MODELS_PRESET
     """.split()
 )
+#: GNU env's long options, and those of them that take a value.
+_ENV_LONG_OPTIONS: Final = (
+    "--argv0",
+    "--ignore-environment",
+    "--null",
+    "--unset",
+    "--chdir",
+    "--split-string",
+    "--block-signal",
+    "--default-signal",
+    "--ignore-signal",
+    "--list-signal-handling",
+    "--debug",
+    "--help",
+    "--version",
+)
+_ENV_VALUE_OPTIONS: Final = frozenset({"--argv0", "--unset", "--chdir", "--split-string"})
 #: Values for the launcher's placeholders while its arguments are parsed (the supervisor's
 #: own, but for the port and the paths, which the parse does not look into).
 _PLACEHOLDER_VALUES: Final[Mapping[str, str]] = {
@@ -668,13 +688,13 @@ def _apply_upstream(settings: _Settings, setting: str, value: str) -> bool:
 
 
 def _config_files(environ: Mapping[str, str]) -> list[Path]:
-    """Where upstream looks for its configuration, for a runtime with ``environ`` on top of
-    the manager's ``HOME`` (the one variable of both that the runtime's scrub keeps)."""
+    """Where upstream looks for its configuration, for a runtime with the environment
+    ``environ`` (without ``HOME``, the user's home directory, as upstream finds it then)."""
     configured = environ.get("XDG_CONFIG_HOME")
     if configured:
         user = Path(configured)
     else:
-        home = environ.get("HOME") or os.environ.get("HOME")
+        home = environ.get("HOME")
         try:
             user = Path(home or pwd.getpwuid(os.getuid()).pw_dir, ".config")
         except KeyError:
@@ -717,8 +737,8 @@ def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
         ):
             settings.other_weights = settings.other_weights or f"{key} in a configuration file"
         elif key in _CONFIG_UNIFIED:
-            if value not in _TRUTHY | _FALSEY:
-                return False
+            # A switch there is on for on, 1, enabled or true and off for anything else: the
+            # pinned build never stops for one (its variable, though, must be one or the other).
             settings.unified = (value in _TRUTHY) == _CONFIG_UNIFIED[key]
         elif key in _CONFIG_KEYS and not _apply_upstream(settings, _CONFIG_KEYS[key], value):
             return False
@@ -785,9 +805,10 @@ def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings |
     if not command:
         return None
     try:
-        argv = filled_argv(command, _PLACEHOLDER_VALUES)
+        filled = filled_argv(command, _PLACEHOLDER_VALUES)
     except (ProcessError, KeyError, ValueError, TypeError):
         return None
+    argv = _expand_split_strings(filled)
     # Whichever comes first is what runs: the words after it are its own arguments, where the
     # other's name may well be a value ("llama-server --alias companion_runtime.bind...").
     for index, argument in enumerate(argv):
@@ -801,24 +822,155 @@ def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings |
         # llama-server itself, or behind a wrapper that runs it (env, nice, taskset...); an
         # "env NAME=VALUE" before it sets a variable of its environment, also when env is
         # itself behind another wrapper ("nice env NAME=VALUE llama-server").
-        if Path(argument).name == _UPSTREAM_NAME:
-            return _upstream_settings(argv[index + 1 :], {**environ, **_assigned(argv[:index])})
+        if Path(argument).name == _UPSTREAM_NAME and not (index and _assignment(argument)):
+            wrapped = _wrapped_environment(argv[:index], _runtime_environment(environ))
+            return _upstream_settings(argv[index + 1 :], wrapped)
     return None
 
 
-def _assigned(wrappers: Sequence[str]) -> dict[str, str]:
-    """The variables the wrappers before llama-server set: every ``NAME=VALUE`` word after the
-    first ``env`` among them (env takes them up to the command it runs, and a later env
-    adds its own)."""
-    for index, word in enumerate(wrappers):
+def _assignment(word: str) -> bool:
+    """Whether a wrapper's word reads as ``NAME=VALUE`` (``LLAMA_ARG_MMPROJ=/m/llama-server``
+    sets a variable; it runs no llama-server), not as a path with a ``=`` in it."""
+    name, equals, _value = word.partition("=")
+    return bool(equals and name) and "/" not in name
+
+
+def _runtime_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """What the runtime's environment holds of what upstream reads: ``environ`` (the extras)
+    over the manager's ``HOME``, the one such variable of the manager's that the scrub keeps."""
+    home = os.environ.get("HOME")
+    return {**({"HOME": home} if home is not None else {}), **environ}
+
+
+def _env_option(word: str) -> tuple[str, str | None]:
+    """An env long option (``--split-string``, ``--unset=NAME``...) by its full name, as
+    getopt takes any unambiguous abbreviation (``--split=...``), and its attached value."""
+    given, equals, value = word.partition("=")
+    named = [option for option in _ENV_LONG_OPTIONS if option.startswith(given)]
+    exact = given if given in _ENV_LONG_OPTIONS else None
+    name = exact or (named[0] if len(named) == 1 else given)
+    return name, (value if equals else None)
+
+
+def _split_string(text: str) -> list[str]:
+    """``env -S``'s words (quotes, backslashes and a ``#`` comment as it reads them)."""
+    try:
+        return shlex.split(text, comments=True)
+    except ValueError:
+        return text.split()  # env refuses it (an unclosed quote): nothing it runs to read
+
+
+def _expand_split_strings(argv: Sequence[str]) -> list[str]:
+    """``argv`` with every ``env -S STRING`` (``-SSTRING``, ``--split-string=STRING``,
+    ``-iS STRING``...) before llama-server replaced by the words env splits it into: they may
+    hold ``NAME=VALUE`` assignments, and llama-server itself with its options."""
+    words = list(argv)
+    index = 0
+    while index < len(words):
+        name = Path(words[index]).name
+        index += 1
+        if name == _UPSTREAM_NAME and not (index > 1 and _assignment(words[index - 1])):
+            break
+        if name != "env":
+            continue
+        while index < len(words) and words[index].startswith("-") and words[index] != "-":
+            word = words[index]
+            if word == "--":
+                index += 1
+                break
+            if word.startswith("--"):
+                option, value = _env_option(word)
+                if option == "--split-string":
+                    if value is None:
+                        words[index : index + 2] = _split_string(" ".join(words[index + 1 :][:1]))
+                    else:
+                        words[index : index + 1] = _split_string(value)
+                    continue
+                index += 2 if option in _ENV_VALUE_OPTIONS and value is None else 1
+                continue
+            for position in range(1, len(word)):
+                letter = word[position]
+                if letter not in "uCaS":
+                    continue
+                rest = word[position + 1 :]
+                if letter == "S":
+                    flags = [word[:position]] if position > 1 else []
+                    span = 1 if rest else 2
+                    text = rest if rest else " ".join(words[index + 1 :][:1])
+                    words[index : index + span] = [*flags, *_split_string(text)]
+                    index -= 1  # read again from the flags before -S, or its first word
+                elif not rest:
+                    index += 1  # the value is the next word
+                break
+            index += 1
+    return words
+
+
+def _wrapped_environment(wrappers: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment llama-server gets from ``environ`` through the wrappers before it.
+
+    ``env`` as it reads its words: ``-i`` (or a lone ``-``) empties it, ``-u NAME`` removes a
+    variable, ``NAME=VALUE`` sets one, also behind another wrapper ("nice env NAME=VALUE
+    llama-server"). A ``NAME=VALUE`` word of another wrapper counts as set too (``sudo``,
+    ``systemd-run -E``, ``start-stop-daemon -e`` take them so), as does bwrap's ``--setenv
+    NAME VALUE``: a variable that may be set is read as set."""
+    result = dict(environ)
+    index = 0
+    while index < len(wrappers):
+        word = wrappers[index]
+        index += 1
         if Path(word).name == "env":
-            assignments = (part.partition("=") for part in wrappers[index + 1 :])
-            return {
-                name: value
-                for name, equals, value in assignments
-                if equals and name and not name.startswith("-")
-            }
-    return {}
+            index = _apply_env(wrappers, index, result)
+        elif word == "--setenv" and index + 1 < len(wrappers):
+            result[wrappers[index]] = wrappers[index + 1]
+            index += 2
+        else:
+            name, _equals, value = word.partition("=")
+            if _assignment(word) and not name.startswith("-"):
+                result[name] = value
+    return result
+
+
+def _apply_env(words: Sequence[str], index: int, environ: dict[str, str]) -> int:
+    """Apply to ``environ`` what env's options and assignments from ``words[index]`` on do
+    (its ``-S`` strings already split); the index of the command it runs."""
+    while index < len(words) and words[index].startswith("-"):
+        word = words[index]
+        index += 1
+        if word == "--":
+            break
+        if word == "-":
+            environ.clear()
+            break
+        if word.startswith("--"):
+            option, value = _env_option(word)
+            if option in _ENV_VALUE_OPTIONS and value is None and index < len(words):
+                value = words[index]
+                index += 1
+            if option == "--ignore-environment":
+                environ.clear()
+            elif option == "--unset" and value is not None:
+                environ.pop(value, None)
+            continue
+        for position in range(1, len(word)):
+            letter = word[position]
+            if letter == "i":
+                environ.clear()
+            if letter in "uCa":
+                value = word[position + 1 :]
+                if not value and index < len(words):
+                    value = words[index]
+                    index += 1
+                if letter == "u":
+                    environ.pop(value, None)
+                break
+    while index < len(words):
+        name, equals, value = words[index].partition("=")
+        if not equals or not name:
+            break
+        environ[name] = value
+        index += 1
+    return index
 
 
 def _override_context(overrides: Sequence[str], architecture: str) -> int | None:

@@ -28,7 +28,9 @@ names no process of the user any more) and the token files those records name, a
 files of writes that a killed ``serve`` never finished (older than a minute, their writer
 gone, or older than an hour). Each record
 says which pid namespace its pid is a number in (``pid_ns``): one written in another (a
-sandbox or container sharing the directory) is never taken for gone, nor asked by ``status``.
+sandbox or container sharing the directory) is never taken for gone, nor asked by ``status``;
+nor is any record where ``/proc`` numbers processes as another pid namespace does (a sandbox
+that kept the machine's ``/proc``), since a pid cannot be looked up there.
 
 A ``serve`` killed with ``SIGKILL`` leaves its files behind, and anyone who could write the
 directory could have put them there, so reading them back applies the rules writing them
@@ -439,7 +441,7 @@ def is_serving(state: ServeState) -> bool:
         port = urlsplit(state.url).port
     except ValueError:
         return False
-    if port is None or state.pid <= 0 or _elsewhere(state):
+    if port is None or state.pid <= 0 or _elsewhere(state) or not _pids_are_looked_up_here():
         return False
     try:
         process = psutil.Process(state.pid)
@@ -495,7 +497,7 @@ def _previous_record(directory: Path, state: ServeState) -> ServeState | None:
         )
     except SessionFileError:
         return None
-    if previous.pid != state.pid or _elsewhere(previous):
+    if previous.pid != state.pid or _elsewhere(previous) or not _pids_are_looked_up_here():
         return None
     return previous
 
@@ -625,13 +627,28 @@ def _elsewhere(state: ServeState) -> bool:
     return _foreign(state.pid_ns)
 
 
+def _pids_are_looked_up_here() -> bool:
+    """Whether ``/proc`` (where psutil looks a pid up) numbers processes as this process's pid
+    namespace does. In a sandbox that has a pid namespace of its own but the machine's
+    ``/proc`` (``bwrap --unshare-pid --dev-bind / /``, ``unshare --pid --fork`` without
+    ``--mount-proc``), a pid of the sandbox names another process there, or none: whether a
+    ``serve`` recorded there still runs cannot be told, so none is asked or taken for gone."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return True  # no /proc (not Linux): psutil asks the kernel itself
+
+
 def _foreign(pid_ns: str | None) -> bool:
     own = _own_pid_ns()
     return pid_ns is not None and own is not None and pid_ns != own
 
 
 def _is_gone(pid: int) -> bool:
-    """Whether ``pid`` names no live process of this user (a zombie has ended)."""
+    """Whether ``pid`` names no live process of this user (a zombie has ended); never where
+    ``/proc`` is another pid namespace's (:func:`_pids_are_looked_up_here`)."""
+    if not _pids_are_looked_up_here():
+        return False
     try:
         process = psutil.Process(pid)
         return process.status() == psutil.STATUS_ZOMBIE or process.uids().real != os.getuid()
