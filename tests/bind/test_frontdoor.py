@@ -20,7 +20,7 @@ import pytest
 
 from companion_runtime import Lifecycle, LifecycleState
 from companion_runtime.bind.eventloop import run as run_on_serves_loop
-from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig
+from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig, _Client
 from tests.support.frontdoor import (
     ReadyDoor,
     ready_controller,
@@ -1475,6 +1475,94 @@ def test_bytes_sent_past_the_bound_are_not_read_while_the_answers_wait_to_be_rea
     else:
         run_on_serves_loop(scenario())
     assert reading_when_flushed == [False]
+
+
+# A request that ends its connection, and what the client sends behind it.
+_CLOSING = {
+    "connection-close": "GET /slow?ms=1000 HTTP/1.1\r\nHost: {host}\r\n{auth}"
+    "Connection: close\r\n\r\n",
+    "upgrade": "GET /slow?ms=1000 HTTP/1.1\r\nHost: {host}\r\n{auth}"
+    "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    "http-1.0": "GET /slow?ms=1000 HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n",
+    "parse-error": "GET /slow?ms=1000 HTTP/1.1\r\nHost: {host}\r\n{auth}\r\n\x00 not http\r\n\r\n",
+    "refusal": "GET /echo HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer wrong\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(_CLOSING))
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_bytes_sent_behind_a_request_that_ends_the_connection_are_not_read_while_it_is_answered(
+    loop: str, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Behind a request that ends the connection (connection: close, an upgrade, HTTP/1.0, a
+    # head that does not parse, a refusal) nothing more is parsed. Whatever else the client
+    # sent was read and dropped at full speed, for as long as the answers owed took to go out
+    # (a slow runtime here; up to upstream_read_timeout_s for a client that reads slowly): a
+    # hundred megabytes and more a second through one connection, on the loop every request
+    # shares. Reading stops once the connection is known to end (at most one more read), and
+    # resumes only when it lingers; the client still gets every answer, and an orderly end.
+    read: list[int] = [0]
+    data_received = _Client.data_received
+
+    def counting(self: _Client, data: bytes) -> None:
+        read[0] += len(data)
+        data_received(self, data)
+
+    monkeypatch.setattr(_Client, "data_received", counting)
+    if case == "refusal":
+        # The refusal goes out at once: its answer waits as one would for a slow reader.
+        flushed = FrontDoor._flushed
+
+        async def slow_reader(self: FrontDoor, client: Any) -> None:
+            await asyncio.sleep(1.0)
+            await flushed(self, client)
+
+        monkeypatch.setattr(FrontDoor, "_flushed", slow_reader)
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+                request = _CLOSING[case].format(
+                    host=f"127.0.0.1:{port}", auth=f"Authorization: Bearer {door.token}\r\n"
+                )
+
+                def client() -> tuple[int, bytes]:
+                    with socket.create_connection(("127.0.0.1", port)) as sock:
+                        sock.sendall(request.encode())
+                        time.sleep(0.1)
+                        sock.settimeout(0.1)
+                        block = bytes(64 * 1024)
+                        end = time.monotonic() + 0.6
+                        with contextlib.suppress(TimeoutError):
+                            while time.monotonic() < end:
+                                sock.send(block)  # blocks once the front door stops reading
+                        read_meanwhile = read[0]
+                        sock.settimeout(5)
+                        answers = b""
+                        while data := sock.recv(1 << 20):  # a reset raises
+                            answers += data
+                        return read_meanwhile, answers
+
+                read_meanwhile, answers = await asyncio.to_thread(client)
+                assert read_meanwhile < 1024 * 1024
+                if case == "parse-error":
+                    assert answers.startswith(b"HTTP/1.1 200")
+                    assert answers.count(b"HTTP/1.1 400") == 1
+                elif case == "refusal":
+                    assert answers.startswith(b"HTTP/1.1 401")
+                else:
+                    assert answers.startswith(b"HTTP/1.1 200")
+                    assert answers.count(b"HTTP/1.1 ") == 1
+                assert b"connection: close" in answers
+                assert answers.endswith(b"}")
+                await wait_for(lambda: door.door.statistics().open_connections == 0)
+                await wait_for(lambda: not door.door._lingering)
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
 
 
 # --- the connection limit ------------------------------------------------------------------

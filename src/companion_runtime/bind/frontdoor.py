@@ -43,7 +43,10 @@ Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB or
 after which reading pauses until every queued request is answered (a 33rd request in the same
 read stops the parser: the rest of the connection is dropped, and the last one waiting is
 answered with ``connection: close``; reading stays paused until the connection lingers, so
-what comes meanwhile is not read at all); the serving task yields to
+what comes meanwhile is not read at all). Behind any request that ends the connection
+(``connection: close``, HTTP/1.0, an upgrade, bytes that do not parse, a refusal that closes)
+nothing more is parsed either, and reading stops at the next read until the connection
+lingers; the serving task yields to
 the loop between pipelined requests, so one connection cannot hold it. If the runtime fails
 before the response head is relayed the client gets ``502`` (``upstream_error``, or
 ``runtime_gone`` when the connection to it broke; ``504 timeout`` after
@@ -507,6 +510,14 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.error or self.no_more:
+            # Nothing more is parsed: the connection ends once the answers owed are out, and
+            # that can take up to upstream_read_timeout_s. Reading stops until it lingers
+            # (bounded), or what the client sends meanwhile would be read and dropped at full
+            # speed for all that time. Stopped here, one read after the end became known, a
+            # client that sends nothing more is still seen leaving while it is answered.
+            if not self._reading_paused and not self.lingering and self.transport is not None:
+                self._reading_paused = True
+                self.transport.pause_reading()
             return
         if self._current is None or self._in_head:
             # A head that never ends is bounded here: llhttp itself accepts any length.
@@ -632,8 +643,9 @@ class _Client(asyncio.Protocol):
     @property
     def mid_request(self) -> bool:
         """A request has begun whose end has not been read (its body, say, still arriving),
-        or requests pipelined past the bound were left unread."""
-        return self._current is not None or self.overflowed
+        or reading stopped with what the client sent since perhaps unread (requests
+        pipelined past the bound, bytes behind a request that ended the connection)."""
+        return self._current is not None or self.overflowed or self._reading_paused
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -730,17 +742,18 @@ class _Client(asyncio.Protocol):
         """The current request is answered; once none waits, read what the client sends next.
 
         Resuming after every answer instead would let a client that keeps pipelining add the
-        bound's worth of requests per answer, without end. Past the bound (``overflowed``)
-        nothing more is parsed: reading stays paused until the connection lingers, or what the
-        client sends while its answers wait to be read would be read and dropped at full speed
-        for as long as it takes to read them.
+        bound's worth of requests per answer, without end. Once nothing more is parsed (past
+        the bound, behind a request that ends the connection, after bytes that do not parse)
+        reading stays paused until the connection lingers, or what the client sends while its
+        answers wait to be read would be read and dropped at full speed for as long as it
+        takes to read them.
         """
         self.busy = False
         self.serving = None
         if self.requests:
             return
         self._pipelined = 0
-        if self._reading_paused and self.transport is not None and not self.overflowed:
+        if self._reading_paused and self.transport is not None and not (self.no_more or self.error):
             self._reading_paused = False
             self.transport.resume_reading()
 
@@ -1434,9 +1447,13 @@ class FrontDoor:
             client.serving = request
             self._counters.requests_total += 1
             keep = await self._serve_request(client, request)
-            client.finished_one()
             if not keep:
+                # The connection ends once this answer is out: nothing more is read (from the
+                # next read on) until it lingers.
+                client.no_more = True
+                client.finished_one()
                 return True
+            client.finished_one()
             if client.gone or self._closing():
                 return True  # shutting down: do not wait for another request on this one
             if client.requests:
