@@ -245,7 +245,7 @@ class FrontDoorConfig:
 class FrontDoorStatistics:
     """A frozen snapshot of the front door's own counters."""
 
-    #: Requests whose head was parsed (any outcome).
+    #: Requests whose head was parsed (any outcome, ``pipelined_unanswered`` included).
     requests_total: int
     #: Requests relayed to the runtime with a complete response.
     proxied_total: int
@@ -273,6 +273,9 @@ class FrontDoorStatistics:
     #: New connections answered ``503 at_capacity`` at ``max_connections`` (none was idle long
     #: enough to make room).
     connections_refused: int = 0
+    #: Requests parsed behind one that ended their connection (a refusal that closes it, the
+    #: client leaving, shutdown), never answered: a client sends them again on a new one.
+    pipelined_unanswered: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
@@ -291,6 +294,7 @@ class FrontDoorStatistics:
             "max_connections": self.max_connections,
             "connections_evicted": self.connections_evicted,
             "connections_refused": self.connections_refused,
+            "pipelined_unanswered": self.pipelined_unanswered,
         }
 
 
@@ -319,6 +323,7 @@ class _Counters:
     client_stalls: int = 0
     connections_evicted: int = 0
     connections_refused: int = 0
+    pipelined_unanswered: int = 0
 
 
 def _json_body(payload: Mapping[str, object]) -> bytes:
@@ -1275,6 +1280,7 @@ class FrontDoor:
             max_connections=self._max_connections,
             connections_evicted=counters.connections_evicted,
             connections_refused=counters.connections_refused,
+            pipelined_unanswered=counters.pipelined_unanswered,
         )
 
     def status_document(self) -> dict[str, object]:
@@ -1379,6 +1385,12 @@ class FrontDoor:
             self._idle_authorized.pop(client, None)
             if client.evicted:
                 self._evicting -= 1
+            if client.requests:
+                # Parsed behind the request that ended the connection, and never answered.
+                unanswered = len(client.requests)
+                client.requests.clear()
+                self._counters.requests_total += unanswered
+                self._counters.pipelined_unanswered += unanswered
             transport = client.transport
             if transport is not None:
                 if abort:
