@@ -1924,6 +1924,55 @@ def test_aclose_lets_a_busy_request_finish_and_closes_idle_connections() -> None
     run(scenario)
 
 
+def test_status_counts_itself_shutdown_cancels_and_lingering_connections() -> None:
+    # Every parsed request has one outcome in /_status, GET /_status and requests the
+    # shutdown's grace period cut off included (neither was counted anywhere but
+    # requests_total), and connections that linger after a refusal are shown: they no longer
+    # count as open, yet hold a file descriptor for up to a second.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            controller = ready_controller(max_in_flight=2, queue_bound=2)
+            door = FrontDoor(
+                config=FrontDoorConfig(token="t" * 32),
+                controller=controller,
+                runtime_url=lambda: upstream.url,
+            )
+            await door.start()
+            headers = {"authorization": "Bearer " + "t" * 32}
+
+            def outcomes() -> int:
+                statistics = door.statistics().to_dict()
+                names = (*_OUTCOMES, "status_answered", "shutdown_cancels")
+                return sum(int(statistics[name]) for name in names)  # type: ignore[call-overload]
+
+            async with httpx.AsyncClient(base_url=door.url, headers=headers) as client:
+                assert (await client.get("/_status")).status_code == 200
+                document = (await client.get("/_status")).json()["front_door"]
+                assert document["status_answered"] == document["requests_total"] == 2
+                # Refused before its body came: the connection lingers, no longer open.
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+                writer.write(
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{door.port}\r\n"
+                    "Content-Length: 100000\r\n\r\n".encode()
+                )
+                assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 401")
+                await wait_for(lambda: door.statistics().lingering_connections == 1)
+                writer.close()
+                await wait_for(lambda: door.statistics().lingering_connections == 0)
+                busy = asyncio.create_task(client.get("/slow?ms=2000"))
+                await wait_for(lambda: controller.statistics().in_flight == 1)
+                await door.aclose(grace_s=0.2)
+                with pytest.raises(httpx.TransportError):
+                    await busy
+            statistics = door.statistics()
+            assert statistics.shutdown_cancels == 1
+            assert statistics.requests_total == 4
+            assert outcomes() == 4
+            assert controller.statistics().in_flight == 0
+
+    run(scenario)
+
+
 def test_aclose_refuses_a_request_still_sending_its_body_at_once() -> None:
     # A client stalled halfway through its body (a paused or hung process) has nothing the
     # runtime works on: shutdown must not wait the whole grace period for it.

@@ -245,7 +245,9 @@ class FrontDoorConfig:
 class FrontDoorStatistics:
     """A frozen snapshot of the front door's own counters."""
 
-    #: Requests whose head was parsed (any outcome, ``pipelined_unanswered`` included).
+    #: Requests whose head was parsed; each has one outcome, counted in ``proxied_total``,
+    #: ``refused_by_reason``, ``client_disconnects``, ``upstream_aborts``, ``client_stalls``,
+    #: ``pipelined_unanswered``, ``status_answered`` or ``shutdown_cancels``.
     requests_total: int
     #: Requests relayed to the runtime with a complete response.
     proxied_total: int
@@ -276,6 +278,14 @@ class FrontDoorStatistics:
     #: Requests parsed behind one that ended their connection (a refusal that closes it, the
     #: client leaving, shutdown), never answered: a client sends them again on a new one.
     pipelined_unanswered: int = 0
+    #: ``GET /_status`` requests answered (the one reading this included).
+    status_answered: int = 0
+    #: Requests waiting for a slot or relayed when shutdown's grace period ran out.
+    shutdown_cancels: int = 0
+    #: Connections that ended mid-request or were refused at ``max_connections``, still
+    #: half-open until the client has read its answer (at most 64, for at most a second each;
+    #: not in ``open_connections``).
+    lingering_connections: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
@@ -295,6 +305,9 @@ class FrontDoorStatistics:
             "connections_evicted": self.connections_evicted,
             "connections_refused": self.connections_refused,
             "pipelined_unanswered": self.pipelined_unanswered,
+            "status_answered": self.status_answered,
+            "shutdown_cancels": self.shutdown_cancels,
+            "lingering_connections": self.lingering_connections,
         }
 
 
@@ -324,6 +337,8 @@ class _Counters:
     connections_evicted: int = 0
     connections_refused: int = 0
     pipelined_unanswered: int = 0
+    status_answered: int = 0
+    shutdown_cancels: int = 0
 
 
 def _json_body(payload: Mapping[str, object]) -> bytes:
@@ -1281,6 +1296,9 @@ class FrontDoor:
             connections_evicted=counters.connections_evicted,
             connections_refused=counters.connections_refused,
             pipelined_unanswered=counters.pipelined_unanswered,
+            status_answered=counters.status_answered,
+            shutdown_cancels=counters.shutdown_cancels,
+            lingering_connections=len(self._lingering),
         )
 
     def status_document(self) -> dict[str, object]:
@@ -1525,6 +1543,7 @@ class FrontDoor:
                 return self._refuse(
                     client, 405, Reason.BAD_REQUEST, close=True, extra=((b"allow", b"GET"),)
                 )
+            self._counters.status_answered += 1  # before the document, which counts itself
             keep = self._respond_json(
                 client, 200, _json_body(self.status_document()), close=not request.keep_alive
             )
@@ -1617,6 +1636,11 @@ class FrontDoor:
                 close=not request.keep_alive,
                 extra=((b"retry-after", str(retry_after).encode()),),
             )
+        except asyncio.CancelledError:
+            if not client.gone:
+                # Shutdown's grace period ran out (a client that left is counted as it left).
+                counters.shutdown_cancels += 1
+            raise
         finally:
             client.cancellable = False
 
