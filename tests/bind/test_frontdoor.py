@@ -20,7 +20,7 @@ import pytest
 
 from companion_runtime import Lifecycle, LifecycleState
 from companion_runtime.bind.eventloop import run as run_on_serves_loop
-from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig
+from companion_runtime.bind.frontdoor import FrontDoor, FrontDoorConfig, _Client
 from tests.support.frontdoor import (
     ReadyDoor,
     ready_controller,
@@ -906,6 +906,68 @@ def test_burst_is_bounded_and_every_request_is_answered_or_refused_with_a_reason
     run(scenario)
 
 
+_OUTCOMES = (
+    "proxied_total",
+    "refused_total",
+    "client_disconnects",
+    "upstream_aborts",
+    "client_stalls",
+    "pipelined_unanswered",
+)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_requests_pipelined_behind_one_that_ends_the_connection_are_counted(loop: str) -> None:
+    # requests_total counts requests whose head was parsed; those parsed behind one refused
+    # with a close (a 401 in a pipelined burst) were never answered and counted nowhere, so
+    # the counters did not add up. They count now, as unanswered, and every parsed request
+    # has exactly one outcome; once the burst is over nothing is left in flight or queued.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_in_flight=2, queue_bound=2) as door:
+                port = door.door.port
+                host = f"Host: 127.0.0.1:{port}\r\n"
+                auth = f"Authorization: Bearer {door.token}\r\n"
+                slow = f"GET /slow?ms=200 HTTP/1.1\r\n{host}{auth}\r\n"
+                burst = (
+                    slow
+                    + f"GET /echo HTTP/1.1\r\n{host}Authorization: Bearer no\r\n\r\n"
+                    + slow * 2
+                ).encode()
+
+                async def client() -> bytes:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    try:
+                        writer.write(burst)  # one write
+                        return await asyncio.wait_for(reader.read(), 10)  # to EOF
+                    finally:
+                        writer.close()
+
+                answers = await asyncio.gather(*(client() for _ in range(20)))
+                for answer in answers:
+                    assert answer.count(b"HTTP/1.1 ") == 2
+                    assert answer.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503"))
+                    assert b"HTTP/1.1 401" in answer
+                await wait_for(lambda: door.door.statistics().open_connections == 0)
+                document = door.door.status_document()
+                assert document["in_flight"] == document["queued"] == 0
+                statistics = document["front_door"]
+                assert isinstance(statistics, dict)
+                assert statistics["proxied_in_flight"] == 0
+                assert statistics["requests_total"] == 80
+                assert statistics["pipelined_unanswered"] == 40
+                refused = statistics["refused_by_reason"]
+                assert refused["unauthorized"] == 20
+                assert statistics["proxied_total"] + refused.get("queue_full", 0) == 20
+                assert sum(statistics[name] for name in _OUTCOMES) == 80
+            assert upstream.requests_seen == statistics["proxied_total"]
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+
+
 def test_queue_deadline_and_not_ready_are_503_with_retry_after() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:
@@ -1477,6 +1539,94 @@ def test_bytes_sent_past_the_bound_are_not_read_while_the_answers_wait_to_be_rea
     assert reading_when_flushed == [False]
 
 
+# A request that ends its connection, and what the client sends behind it.
+_CLOSING = {
+    "connection-close": "GET /slow?ms=1000 HTTP/1.1\r\nHost: {host}\r\n{auth}"
+    "Connection: close\r\n\r\n",
+    "upgrade": "GET /slow?ms=1000 HTTP/1.1\r\nHost: {host}\r\n{auth}"
+    "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    "http-1.0": "GET /slow?ms=1000 HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n",
+    "parse-error": "GET /slow?ms=1000 HTTP/1.1\r\nHost: {host}\r\n{auth}\r\n\x00 not http\r\n\r\n",
+    "refusal": "GET /echo HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer wrong\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(_CLOSING))
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_bytes_sent_behind_a_request_that_ends_the_connection_are_not_read_while_it_is_answered(
+    loop: str, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Behind a request that ends the connection (connection: close, an upgrade, HTTP/1.0, a
+    # head that does not parse, a refusal) nothing more is parsed. Whatever else the client
+    # sent was read and dropped at full speed, for as long as the answers owed took to go out
+    # (a slow runtime here; up to upstream_read_timeout_s for a client that reads slowly): a
+    # hundred megabytes and more a second through one connection, on the loop every request
+    # shares. Reading stops once the connection is known to end (at most one more read), and
+    # resumes only when it lingers; the client still gets every answer, and an orderly end.
+    read: list[int] = [0]
+    data_received = _Client.data_received
+
+    def counting(self: _Client, data: bytes) -> None:
+        read[0] += len(data)
+        data_received(self, data)
+
+    monkeypatch.setattr(_Client, "data_received", counting)
+    if case == "refusal":
+        # The refusal goes out at once: its answer waits as one would for a slow reader.
+        flushed = FrontDoor._flushed
+
+        async def slow_reader(self: FrontDoor, client: Any) -> None:
+            await asyncio.sleep(1.0)
+            await flushed(self, client)
+
+        monkeypatch.setattr(FrontDoor, "_flushed", slow_reader)
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+                request = _CLOSING[case].format(
+                    host=f"127.0.0.1:{port}", auth=f"Authorization: Bearer {door.token}\r\n"
+                )
+
+                def client() -> tuple[int, bytes]:
+                    with socket.create_connection(("127.0.0.1", port)) as sock:
+                        sock.sendall(request.encode())
+                        time.sleep(0.1)
+                        sock.settimeout(0.1)
+                        block = bytes(64 * 1024)
+                        end = time.monotonic() + 0.6
+                        with contextlib.suppress(TimeoutError):
+                            while time.monotonic() < end:
+                                sock.send(block)  # blocks once the front door stops reading
+                        read_meanwhile = read[0]
+                        sock.settimeout(5)
+                        answers = b""
+                        while data := sock.recv(1 << 20):  # a reset raises
+                            answers += data
+                        return read_meanwhile, answers
+
+                read_meanwhile, answers = await asyncio.to_thread(client)
+                assert read_meanwhile < 1024 * 1024
+                if case == "parse-error":
+                    assert answers.startswith(b"HTTP/1.1 200")
+                    assert answers.count(b"HTTP/1.1 400") == 1
+                elif case == "refusal":
+                    assert answers.startswith(b"HTTP/1.1 401")
+                else:
+                    assert answers.startswith(b"HTTP/1.1 200")
+                    assert answers.count(b"HTTP/1.1 ") == 1
+                assert b"connection: close" in answers
+                assert answers.endswith(b"}")
+                await wait_for(lambda: door.door.statistics().open_connections == 0)
+                await wait_for(lambda: not door.door._lingering)
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+
+
 # --- the connection limit ------------------------------------------------------------------
 
 
@@ -1770,6 +1920,55 @@ def test_aclose_lets_a_busy_request_finish_and_closes_idle_connections() -> None
                     assert door.statistics().open_connections == 0
                     with pytest.raises(httpx.TransportError):
                         await client.get("/echo")
+
+    run(scenario)
+
+
+def test_status_counts_itself_shutdown_cancels_and_lingering_connections() -> None:
+    # Every parsed request has one outcome in /_status, GET /_status and requests the
+    # shutdown's grace period cut off included (neither was counted anywhere but
+    # requests_total), and connections that linger after a refusal are shown: they no longer
+    # count as open, yet hold a file descriptor for up to a second.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            controller = ready_controller(max_in_flight=2, queue_bound=2)
+            door = FrontDoor(
+                config=FrontDoorConfig(token="t" * 32),
+                controller=controller,
+                runtime_url=lambda: upstream.url,
+            )
+            await door.start()
+            headers = {"authorization": "Bearer " + "t" * 32}
+
+            def outcomes() -> int:
+                statistics = door.statistics().to_dict()
+                names = (*_OUTCOMES, "status_answered", "shutdown_cancels")
+                return sum(int(statistics[name]) for name in names)  # type: ignore[call-overload]
+
+            async with httpx.AsyncClient(base_url=door.url, headers=headers) as client:
+                assert (await client.get("/_status")).status_code == 200
+                document = (await client.get("/_status")).json()["front_door"]
+                assert document["status_answered"] == document["requests_total"] == 2
+                # Refused before its body came: the connection lingers, no longer open.
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+                writer.write(
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{door.port}\r\n"
+                    "Content-Length: 100000\r\n\r\n".encode()
+                )
+                assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 401")
+                await wait_for(lambda: door.statistics().lingering_connections == 1)
+                writer.close()
+                await wait_for(lambda: door.statistics().lingering_connections == 0)
+                busy = asyncio.create_task(client.get("/slow?ms=2000"))
+                await wait_for(lambda: controller.statistics().in_flight == 1)
+                await door.aclose(grace_s=0.2)
+                with pytest.raises(httpx.TransportError):
+                    await busy
+            statistics = door.statistics()
+            assert statistics.shutdown_cancels == 1
+            assert statistics.requests_total == 4
+            assert outcomes() == 4
+            assert controller.statistics().in_flight == 0
 
     run(scenario)
 

@@ -43,7 +43,10 @@ Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB or
 after which reading pauses until every queued request is answered (a 33rd request in the same
 read stops the parser: the rest of the connection is dropped, and the last one waiting is
 answered with ``connection: close``; reading stays paused until the connection lingers, so
-what comes meanwhile is not read at all); the serving task yields to
+what comes meanwhile is not read at all). Behind any request that ends the connection
+(``connection: close``, HTTP/1.0, an upgrade, bytes that do not parse, a refusal that closes)
+nothing more is parsed either, and reading stops at the next read until the connection
+lingers; the serving task yields to
 the loop between pipelined requests, so one connection cannot hold it. If the runtime fails
 before the response head is relayed the client gets ``502`` (``upstream_error``, or
 ``runtime_gone`` when the connection to it broke; ``504 timeout`` after
@@ -242,7 +245,9 @@ class FrontDoorConfig:
 class FrontDoorStatistics:
     """A frozen snapshot of the front door's own counters."""
 
-    #: Requests whose head was parsed (any outcome).
+    #: Requests whose head was parsed; each has one outcome, counted in ``proxied_total``,
+    #: ``refused_by_reason``, ``client_disconnects``, ``upstream_aborts``, ``client_stalls``,
+    #: ``pipelined_unanswered``, ``status_answered`` or ``shutdown_cancels``.
     requests_total: int
     #: Requests relayed to the runtime with a complete response.
     proxied_total: int
@@ -270,6 +275,17 @@ class FrontDoorStatistics:
     #: New connections answered ``503 at_capacity`` at ``max_connections`` (none was idle long
     #: enough to make room).
     connections_refused: int = 0
+    #: Requests parsed behind one that ended their connection (a refusal that closes it, the
+    #: client leaving, shutdown), never answered: a client sends them again on a new one.
+    pipelined_unanswered: int = 0
+    #: ``GET /_status`` requests answered (the one reading this included).
+    status_answered: int = 0
+    #: Requests waiting for a slot or relayed when shutdown's grace period ran out.
+    shutdown_cancels: int = 0
+    #: Connections that ended mid-request or were refused at ``max_connections``, still
+    #: half-open until the client has read its answer (at most 64, for at most a second each;
+    #: not in ``open_connections``).
+    lingering_connections: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
@@ -288,6 +304,10 @@ class FrontDoorStatistics:
             "max_connections": self.max_connections,
             "connections_evicted": self.connections_evicted,
             "connections_refused": self.connections_refused,
+            "pipelined_unanswered": self.pipelined_unanswered,
+            "status_answered": self.status_answered,
+            "shutdown_cancels": self.shutdown_cancels,
+            "lingering_connections": self.lingering_connections,
         }
 
 
@@ -316,6 +336,9 @@ class _Counters:
     client_stalls: int = 0
     connections_evicted: int = 0
     connections_refused: int = 0
+    pipelined_unanswered: int = 0
+    status_answered: int = 0
+    shutdown_cancels: int = 0
 
 
 def _json_body(payload: Mapping[str, object]) -> bytes:
@@ -507,6 +530,14 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.error or self.no_more:
+            # Nothing more is parsed: the connection ends once the answers owed are out, and
+            # that can take up to upstream_read_timeout_s. Reading stops until it lingers
+            # (bounded), or what the client sends meanwhile would be read and dropped at full
+            # speed for all that time. Stopped here, one read after the end became known, a
+            # client that sends nothing more is still seen leaving while it is answered.
+            if not self._reading_paused and not self.lingering and self.transport is not None:
+                self._reading_paused = True
+                self.transport.pause_reading()
             return
         if self._current is None or self._in_head:
             # A head that never ends is bounded here: llhttp itself accepts any length.
@@ -632,8 +663,9 @@ class _Client(asyncio.Protocol):
     @property
     def mid_request(self) -> bool:
         """A request has begun whose end has not been read (its body, say, still arriving),
-        or requests pipelined past the bound were left unread."""
-        return self._current is not None or self.overflowed
+        or reading stopped with what the client sent since perhaps unread (requests
+        pipelined past the bound, bytes behind a request that ended the connection)."""
+        return self._current is not None or self.overflowed or self._reading_paused
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -730,17 +762,18 @@ class _Client(asyncio.Protocol):
         """The current request is answered; once none waits, read what the client sends next.
 
         Resuming after every answer instead would let a client that keeps pipelining add the
-        bound's worth of requests per answer, without end. Past the bound (``overflowed``)
-        nothing more is parsed: reading stays paused until the connection lingers, or what the
-        client sends while its answers wait to be read would be read and dropped at full speed
-        for as long as it takes to read them.
+        bound's worth of requests per answer, without end. Once nothing more is parsed (past
+        the bound, behind a request that ends the connection, after bytes that do not parse)
+        reading stays paused until the connection lingers, or what the client sends while its
+        answers wait to be read would be read and dropped at full speed for as long as it
+        takes to read them.
         """
         self.busy = False
         self.serving = None
         if self.requests:
             return
         self._pipelined = 0
-        if self._reading_paused and self.transport is not None and not self.overflowed:
+        if self._reading_paused and self.transport is not None and not (self.no_more or self.error):
             self._reading_paused = False
             self.transport.resume_reading()
 
@@ -1262,6 +1295,10 @@ class FrontDoor:
             max_connections=self._max_connections,
             connections_evicted=counters.connections_evicted,
             connections_refused=counters.connections_refused,
+            pipelined_unanswered=counters.pipelined_unanswered,
+            status_answered=counters.status_answered,
+            shutdown_cancels=counters.shutdown_cancels,
+            lingering_connections=len(self._lingering),
         )
 
     def status_document(self) -> dict[str, object]:
@@ -1366,6 +1403,12 @@ class FrontDoor:
             self._idle_authorized.pop(client, None)
             if client.evicted:
                 self._evicting -= 1
+            if client.requests:
+                # Parsed behind the request that ended the connection, and never answered.
+                unanswered = len(client.requests)
+                client.requests.clear()
+                self._counters.requests_total += unanswered
+                self._counters.pipelined_unanswered += unanswered
             transport = client.transport
             if transport is not None:
                 if abort:
@@ -1434,9 +1477,13 @@ class FrontDoor:
             client.serving = request
             self._counters.requests_total += 1
             keep = await self._serve_request(client, request)
-            client.finished_one()
             if not keep:
+                # The connection ends once this answer is out: nothing more is read (from the
+                # next read on) until it lingers.
+                client.no_more = True
+                client.finished_one()
                 return True
+            client.finished_one()
             if client.gone or self._closing():
                 return True  # shutting down: do not wait for another request on this one
             if client.requests:
@@ -1496,6 +1543,7 @@ class FrontDoor:
                 return self._refuse(
                     client, 405, Reason.BAD_REQUEST, close=True, extra=((b"allow", b"GET"),)
                 )
+            self._counters.status_answered += 1  # before the document, which counts itself
             keep = self._respond_json(
                 client, 200, _json_body(self.status_document()), close=not request.keep_alive
             )
@@ -1588,6 +1636,11 @@ class FrontDoor:
                 close=not request.keep_alive,
                 extra=((b"retry-after", str(retry_after).encode()),),
             )
+        except asyncio.CancelledError:
+            if not client.gone:
+                # Shutdown's grace period ran out (a client that left is counted as it left).
+                counters.shutdown_cancels += 1
+            raise
         finally:
             client.cancellable = False
 
