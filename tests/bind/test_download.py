@@ -13,12 +13,14 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from companion_runtime.bind import download
 from companion_runtime.bind.download import (
     DEFAULT_DOWNLOAD_OPTIONS,
     DownloadError,
@@ -837,3 +839,45 @@ def test_connection_refused_is_download_failed(
     assert caught.value.reason is Reason.DOWNLOAD_FAILED
     assert_nothing_published(store)
     assert_no_leak([str(caught.value), caplog.text], DIGEST)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_failed_write_keeps_a_clean_prefix_even_when_space_comes_back_at_once(
+    origin: FaultyOrigin,
+    tiny_mount: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The disk fills up for real (a 256 KiB tmpfs, the 300 KB model). Only the moment the
+    # space comes back is staged: the tmpfs is grown as soon as the first write fails, while
+    # up to three later buffers, already hashed, wait for the writer. Those were written after
+    # the failed one, so the kept file was no prefix of the model and the next pull's resume
+    # failed its digest and fetched everything again from byte 0.
+    real_write_all = download._write_all
+    grown = threading.Event()
+
+    def write_all(fd: int, data: memoryview) -> None:
+        try:
+            real_write_all(fd, data)
+        except OSError:
+            if not grown.is_set():
+                grown.set()
+                subprocess.run(["mount", "-o", "remount,size=2m", str(tiny_mount)], check=True)
+                time.sleep(0.2)  # the receiving thread queues every buffer it can meanwhile
+            raise
+
+    monkeypatch.setattr(download, "_write_all", write_all)
+    store = ModelStore(tiny_mount / "store")
+    error = refused(origin, store, "/m.bin", caplog, free_space=lambda _path: 1 << 40)
+    assert error.reason is Reason.INSUFFICIENT_DISK
+    assert grown.is_set()
+    kept = store.partial_path(DIGEST).read_bytes()
+    assert 0 < len(kept) < SIZE
+    assert kept == DATA[: len(kept)]
+    # With the space back, the next pull goes on from exactly there, in one request.
+    monkeypatch.setattr(download, "_write_all", real_write_all)
+    before = len(origin.requests)
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == (f"bytes={len(kept)}-", 206)

@@ -51,7 +51,12 @@ rules around it:
 
 Receiving, hashing and writing overlap: the main thread receives into one of four buffers
 while one worker thread hashes the buffers before it, in order, and a second one writes each
-buffer once it hashed without a refusal.
+buffer once it hashed without a refusal. A write that fails (``ENOSPC``, ``EIO``) stops the
+writer: the buffers queued behind it, already hashed, are cancelled rather than written after
+the gap (the space may be back by then), and the file is cut to its position, the bytes the
+writes before the failure wrote in order; so the kept file is a prefix of the model for the
+next pull to resume from. All of this is on the failure path: a write that succeeds costs
+nothing more.
 
 The transport is :mod:`companion_runtime.bind.httpsget`: one GET per connection (one
 connection per hop), TLS on memory buffers, the head parsed by llhttp, the body decrypted
@@ -609,8 +614,23 @@ class _Download:
         def write_hashed(hashed: Future[Verdict], view: memoryview) -> Verdict:
             verdict = hashed.result()
             if verdict.ok:
-                _write_all(fd, view)
+                try:
+                    _write_all(fd, view)
+                except OSError:
+                    stop_writing()
+                    raise
             return verdict
+
+        def stop_writing() -> None:
+            # A write failed (ENOSPC, EIO): no later buffer may be written, even if the space
+            # is back by then, or the kept file would not be a prefix of the model and the
+            # next pull's resume would fail its digest and start again from byte 0. The
+            # buffers queued behind this one are cancelled (the writer takes them in order,
+            # so none has started), and the file is cut to what the writes before the failure
+            # wrote in order, its position.
+            writer.shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
 
         def settle_oldest() -> None:
             verdict = pending.popleft().result()
@@ -668,7 +688,12 @@ class _Download:
                     received += filled
                     view = buffer[:filled]
                     hashed = hasher.submit(accumulator.update, view)
-                    pending.append(writer.submit(write_hashed, hashed, view))
+                    try:
+                        pending.append(writer.submit(write_hashed, hashed, view))
+                    except RuntimeError:
+                        # The writer stopped at a failed write: that failure goes up.
+                        wait()
+                        raise
                     index = (index + 1) % _BUFFERS
                     if self.progress is not None:
                         self.progress(received, size)
