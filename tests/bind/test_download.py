@@ -74,6 +74,7 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/tiny-range.bin": Fault(kind="short_range", stall_after_bytes=1_000),
         "/byte-range.bin": Fault(kind="short_range", stall_after_bytes=1),
         "/slow-range.bin": Fault(kind="short_range", stall_after_bytes=70_000, drip_interval_s=1),
+        "/unsatisfiable-range.bin": Fault(kind="unsatisfiable_range"),
         "/switch.bin": Fault(kind="switch_protocols"),
         "/extension-drip.bin": Fault(
             kind="chunk_extension_drip", stall_after_bytes=300, drip_interval_s=0.02
@@ -106,6 +107,9 @@ def origin() -> Iterator[FaultyOrigin]:
         "/chain-6.bin": DATA,
         "/short.bin": DATA[:1000],
         "/chunked-short.bin": DATA[:1000],
+        # The model with more after it, and a shorter file: another size than the manifest's.
+        "/longer.bin": DATA + bytes(5000),
+        "/shorter.bin": DATA[:240_000],
     }
     with FaultyOrigin(files) as server:
         server.faults.update(fault_paths(server.base_url))
@@ -803,15 +807,52 @@ def test_disk_filling_up_mid_download_is_insufficient_disk(
 
 @pytest.mark.integration
 @pytest.mark.data_integrity
-def test_416_to_a_range_restarts_from_zero(
+def test_416_to_a_range_is_a_size_mismatch_and_the_partial_stays(
     origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The server's file is shorter than the kept prefix: it answers 416; the download starts
-    # over without Range and then refuses the short body.
+    # The server's file is shorter than the kept prefix: it answers 416. The download had
+    # started over without Range, truncating the kept prefix, only to refuse the short body.
+    # The manifest's size is the contract: the server's file is another one, refused at once.
     store.ensure_layout()
     store.partial_path(DIGEST).write_bytes(DATA[:100_000])
     before = len(origin.requests)
     assert refused(origin, store, "/short.bin", caplog).reason is Reason.SIZE_MISMATCH
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == ("bytes=100000-", 416)
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:100_000]
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.parametrize("path", ["/longer.bin", "/shorter.bin"])
+def test_a_206_for_a_file_of_another_size_is_a_size_mismatch_and_the_partial_stays(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    # Its Content-Range's total is not the manifest's size. The download had started over from
+    # byte 0, truncating the kept prefix, and fetched the whole file only to refuse its size.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert refused(origin, store, path, caplog).reason is Reason.SIZE_MISMATCH
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == ("bytes=100000-", 206)
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:100_000]
+    # Served right again, the same kept prefix is resumed.
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    assert origin.requests[-1].range_header == "bytes=100000-"
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_416_that_names_the_manifest_s_size_restarts_once_from_zero(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    # No disagreement about the size, only a server that will not serve the range: the file
+    # is fetched once more from byte 0, as a Range answer that cannot be used always was.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert fetch(origin, store, "/unsatisfiable-range.bin").read_bytes() == DATA
     first, second = origin.requests[before:]
     assert (first.range_header, first.status) == ("bytes=100000-", 416)
     assert (second.range_header, second.status) == (None, 200)

@@ -18,14 +18,18 @@ rules around it:
 * Bytes go to ``tmp/sha256-<hex>.partial`` in the store. At the end the file is fsynced, the
   accumulator finalized, and only then is the file published (fsync, 0444, rename, fsync dir).
 * Resume: a kept partial file is re-hashed into a fresh accumulator and continued with
-  ``Range: bytes=N-``. A ``206`` whose ``Content-Range`` does not start at N is dropped and the
-  download restarted from 0; a ``200`` answer to a Range request restarts cleanly from 0 on the
-  same response (truncate, new accumulator). A ``206`` whose body ends whole before the file
-  does (a server may cover less than was asked for) is continued with another ``Range``
-  request from where it ended, as long as each such answer brings at least 64 KiB (or
-  :attr:`DownloadOptions.min_progress_bytes` when larger; else ``download_failed``), and the
-  minimum progress for each window of the whole time it took, its connect, redirects and head
-  included (else ``timeout``); the bytes of a refused one are kept.
+  ``Range: bytes=N-``. The manifest's size is the contract: a ``206`` whose ``Content-Range``
+  names another total, or a ``416`` (the server's file ends before N) unless its
+  ``Content-Range`` names the manifest's size, is refused ``size_mismatch`` at once, and the
+  kept file stays as it was (a later pull from a server with the right file resumes it). A
+  ``206`` whose ``Content-Range`` does not start at N, or a ``416`` that names the manifest's
+  size, is dropped and the download restarted from 0 (once); a ``200`` answer to a Range request
+  restarts cleanly from 0 on the same response (truncate, new accumulator). A ``206`` whose body
+  ends whole before the file does (a server may cover less than was asked for) is continued with
+  another ``Range`` request from where it ended, as long as each such answer brings at least
+  64 KiB (or :attr:`DownloadOptions.min_progress_bytes` when larger; else ``download_failed``), and
+  the minimum progress for each window of the whole time it took, its connect, redirects and
+  head included (else ``timeout``); the bytes of a refused one are kept.
 * Timeouts: :attr:`DownloadOptions.connect_timeout_s` for the TCP connect and TLS handshake,
   :attr:`DownloadOptions.stall_timeout_s` (default 30 s) for any single read, and a
   minimum-progress rule for a server that drips bytes just fast enough to keep every read
@@ -132,6 +136,8 @@ _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 # ASCII digits only, at most 19 of them (any file size fits): a server's 5,000-digit number
 # must be a refused answer, not an int() past the interpreter's conversion limit.
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
+#: A ``416``'s Content-Range: the length of the server's file.
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]{1,19})")
 _USER_AGENT: Final = "companion-runtime"
 # Whitespace and control characters: URL parsers drop some of them (urljoin, like WHATWG,
 # removes a tab or a line break anywhere), so a Location holding one names no single target.
@@ -565,6 +571,7 @@ class _Download:
                 # The server ignored the Range: this body starts at byte 0.
                 offset = self._restart(fd)
             elif offset and status == 416:
+                self._check_unsatisfied_range(response.getheader("Content-Range"))
                 raise _Restart
             elif status != 200:
                 raise DownloadError(Reason.HTTP_STATUS)
@@ -572,13 +579,29 @@ class _Download:
             self._stream(response, fd, offset, ranged=status == 206)
 
     def _content_range_ok(self, header: str | None, offset: int) -> bool:
+        """Whether a ``206`` starts where it was asked to; another file size is refused."""
         match = _CONTENT_RANGE.fullmatch((header or "").strip())
         if match is None:
             return False
         start, end, total = match.groups()
-        if int(start) != offset or int(end) < offset:
-            return False
-        return total == "*" or int(total) == self.size
+        if total != "*" and int(total) != self.size:
+            # The manifest's size is the contract, and the server says its file has another:
+            # it serves another file (or lies). Fetching it all from byte 0 would only end in
+            # the same refusal, after throwing the kept prefix away and the whole transfer.
+            raise DownloadError(Reason.SIZE_MISMATCH)
+        return int(start) == offset and int(end) >= offset
+
+    def _check_unsatisfied_range(self, header: str | None) -> None:
+        """Refuse a ``416`` unless its Content-Range names the manifest's size.
+
+        The range asked for starts inside the manifest's size, so a ``416`` says the server's
+        file ends before it: another size, refused at once and the kept prefix left alone. Only
+        a server that names the manifest's size all the same (it contradicts itself) is asked
+        once more from byte 0.
+        """
+        match = _UNSATISFIED_RANGE.fullmatch((header or "").strip())
+        if match is None or int(match.group(1)) != self.size:
+            raise DownloadError(Reason.SIZE_MISMATCH)
 
     def _stream(
         self, response: httpsget.Response, fd: int, offset: int, *, ranged: bool = False
