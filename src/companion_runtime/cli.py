@@ -30,7 +30,9 @@ app = typer.Typer(
 
 # --- verify / pull ------------------------------------------------------------------------
 # Exit 0 verified, 1 refused (the reason code on stderr, or in the JSON object), 2 usage error:
-# bad or missing options (click's own), and a MANIFEST or --ca-bundle path that does not exist.
+# bad or missing options (click's own; an empty --store too), a MANIFEST or --ca-bundle path
+# that does not exist, and pull --json with a store path that is not valid UTF-8 (JSON text
+# could only carry it as lone-surrogate escapes).
 # Refusal output never carries the digest, the URL or its query. On success the blob's path is
 # printed (it is content-addressed, so it contains the digest by design). SIGINT, SIGTERM or
 # SIGHUP stop a pull within about a second: refused with cancelled, nothing published, the
@@ -176,6 +178,26 @@ def _to_null(stream: TextIO) -> None:
         stream.flush()
 
 
+def _store_option(value: str) -> Path:
+    """``--store``'s value as a path; an empty one is a usage error, not the current directory.
+
+    ``Path("")`` is ``.``: an unset shell variable (``--store "$STORE"``) made the current
+    directory the store, with ``blobs/``, ``tmp/`` and ``locks/`` created in it. ``.`` itself
+    stays allowed.
+    """
+    if not value:
+        raise typer.BadParameter("it is empty (name the store directory, or leave --store out)")
+    return Path(value)
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _usage_error(message: str) -> None:
     # click's own usage errors echo the offending value; this one deliberately does not.
     typer.echo(f"Error: {message}", err=True)
@@ -259,7 +281,9 @@ def pull(
         Path | None,
         typer.Option(
             help="Model store directory. Default: $COMPANION_RUNTIME_STORE, else the "
-            "user cache directory."
+            "user cache directory.",
+            parser=_store_option,
+            metavar="<path>",
         ),
     ] = None,
     ca_bundle: Annotated[
@@ -298,6 +322,14 @@ def pull(
             {"ok": False, "reason": error.reason.value}, ok=False, json_output=json_output
         )
         return
+    if json_output and not _is_utf8(model_store.root):
+        # JSON text is Unicode, and such a path could only be written as lone-surrogate escapes
+        # ("\udcff") that most readers turn into another path or refuse. Refused before the
+        # download; the plain output prints the path's bytes as they are.
+        _usage_error(
+            "--json cannot print a store path that is not valid UTF-8; "
+            "use another --store, or leave --json out to have the path printed as it is"
+        )
     bar, progress = _progress_bar(not json_output, loaded.model.name, loaded.model.size_bytes)
     cancel = threading.Event()
     with _cancel_on_signals(cancel), bar:
@@ -320,7 +352,9 @@ def serve(
         Path | None,
         typer.Option(
             help="Model store directory. Default: $COMPANION_RUNTIME_STORE, else the "
-            "user cache directory."
+            "user cache directory.",
+            parser=_store_option,
+            metavar="<path>",
         ),
     ] = None,
     ca_bundle: Annotated[

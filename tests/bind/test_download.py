@@ -13,12 +13,14 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from companion_runtime.bind import download
 from companion_runtime.bind.download import (
     DEFAULT_DOWNLOAD_OPTIONS,
     DownloadError,
@@ -72,6 +74,7 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/tiny-range.bin": Fault(kind="short_range", stall_after_bytes=1_000),
         "/byte-range.bin": Fault(kind="short_range", stall_after_bytes=1),
         "/slow-range.bin": Fault(kind="short_range", stall_after_bytes=70_000, drip_interval_s=1),
+        "/unsatisfiable-range.bin": Fault(kind="unsatisfiable_range"),
         "/switch.bin": Fault(kind="switch_protocols"),
         "/extension-drip.bin": Fault(
             kind="chunk_extension_drip", stall_after_bytes=300, drip_interval_s=0.02
@@ -104,6 +107,9 @@ def origin() -> Iterator[FaultyOrigin]:
         "/chain-6.bin": DATA,
         "/short.bin": DATA[:1000],
         "/chunked-short.bin": DATA[:1000],
+        # The model with more after it, and a shorter file: another size than the manifest's.
+        "/longer.bin": DATA + bytes(5000),
+        "/shorter.bin": DATA[:240_000],
     }
     with FaultyOrigin(files) as server:
         server.faults.update(fault_paths(server.base_url))
@@ -801,15 +807,52 @@ def test_disk_filling_up_mid_download_is_insufficient_disk(
 
 @pytest.mark.integration
 @pytest.mark.data_integrity
-def test_416_to_a_range_restarts_from_zero(
+def test_416_to_a_range_is_a_size_mismatch_and_the_partial_stays(
     origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The server's file is shorter than the kept prefix: it answers 416; the download starts
-    # over without Range and then refuses the short body.
+    # The server's file is shorter than the kept prefix: it answers 416. The download had
+    # started over without Range, truncating the kept prefix, only to refuse the short body.
+    # The manifest's size is the contract: the server's file is another one, refused at once.
     store.ensure_layout()
     store.partial_path(DIGEST).write_bytes(DATA[:100_000])
     before = len(origin.requests)
     assert refused(origin, store, "/short.bin", caplog).reason is Reason.SIZE_MISMATCH
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == ("bytes=100000-", 416)
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:100_000]
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.parametrize("path", ["/longer.bin", "/shorter.bin"])
+def test_a_206_for_a_file_of_another_size_is_a_size_mismatch_and_the_partial_stays(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    # Its Content-Range's total is not the manifest's size. The download had started over from
+    # byte 0, truncating the kept prefix, and fetched the whole file only to refuse its size.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert refused(origin, store, path, caplog).reason is Reason.SIZE_MISMATCH
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == ("bytes=100000-", 206)
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:100_000]
+    # Served right again, the same kept prefix is resumed.
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    assert origin.requests[-1].range_header == "bytes=100000-"
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_416_that_names_the_manifest_s_size_restarts_once_from_zero(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    # No disagreement about the size, only a server that will not serve the range: the file
+    # is fetched once more from byte 0, as a Range answer that cannot be used always was.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert fetch(origin, store, "/unsatisfiable-range.bin").read_bytes() == DATA
     first, second = origin.requests[before:]
     assert (first.range_header, first.status) == ("bytes=100000-", 416)
     assert (second.range_header, second.status) == (None, 200)
@@ -837,3 +880,45 @@ def test_connection_refused_is_download_failed(
     assert caught.value.reason is Reason.DOWNLOAD_FAILED
     assert_nothing_published(store)
     assert_no_leak([str(caught.value), caplog.text], DIGEST)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_failed_write_keeps_a_clean_prefix_even_when_space_comes_back_at_once(
+    origin: FaultyOrigin,
+    tiny_mount: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The disk fills up for real (a 256 KiB tmpfs, the 300 KB model). Only the moment the
+    # space comes back is staged: the tmpfs is grown as soon as the first write fails, while
+    # up to three later buffers, already hashed, wait for the writer. Those were written after
+    # the failed one, so the kept file was no prefix of the model and the next pull's resume
+    # failed its digest and fetched everything again from byte 0.
+    real_write_all = download._write_all
+    grown = threading.Event()
+
+    def write_all(fd: int, data: memoryview) -> None:
+        try:
+            real_write_all(fd, data)
+        except OSError:
+            if not grown.is_set():
+                grown.set()
+                subprocess.run(["mount", "-o", "remount,size=2m", str(tiny_mount)], check=True)
+                time.sleep(0.2)  # the receiving thread queues every buffer it can meanwhile
+            raise
+
+    monkeypatch.setattr(download, "_write_all", write_all)
+    store = ModelStore(tiny_mount / "store")
+    error = refused(origin, store, "/m.bin", caplog, free_space=lambda _path: 1 << 40)
+    assert error.reason is Reason.INSUFFICIENT_DISK
+    assert grown.is_set()
+    kept = store.partial_path(DIGEST).read_bytes()
+    assert 0 < len(kept) < SIZE
+    assert kept == DATA[: len(kept)]
+    # With the space back, the next pull goes on from exactly there, in one request.
+    monkeypatch.setattr(download, "_write_all", real_write_all)
+    before = len(origin.requests)
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == (f"bytes={len(kept)}-", 206)

@@ -373,3 +373,39 @@ def test_two_processes_download_once(origin: FaultyOrigin, tmp_path: Path) -> No
     paths = {json.loads(stdout)["path"] for stdout, _ in outputs}
     assert paths == {str(ModelStore(store).blob_path(LARGE_DIGEST))}
     assert len(body_requests(origin, "/large.bin")) == 1
+
+
+@pytest.mark.e2e
+def test_an_empty_store_is_a_usage_error(origin: FaultyOrigin, tmp_path: Path) -> None:
+    # An empty --store was taken as the current directory, where blobs/, tmp/ and locks/ were
+    # made. A store named by mistake (an unset shell variable, "--store $STORE") is refused.
+    manifest = write_manifest(tmp_path, origin, "/small.bin", SMALL_DIGEST, len(SMALL))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    for extra in ((), ("--json",)):
+        result = run(command(manifest, None, origin, "--store", "", *extra), cwd=elsewhere)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert "Invalid value for '--store': it is empty" in result.stderr
+    assert list(elsewhere.iterdir()) == []
+    assert origin.requests == []
+
+
+@pytest.mark.e2e
+def test_json_with_a_store_path_that_is_not_utf8_is_a_usage_error(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # JSON text is Unicode: such a path came out as a lone-surrogate escape ("\udcff"), which
+    # most readers turn into another path or refuse. Refused before anything is fetched; the
+    # plain output prints the path's bytes as they are.
+    manifest = write_manifest(tmp_path, origin, "/small.bin", SMALL_DIGEST, len(SMALL))
+    store = Path(os.fsdecode(os.fsencode(tmp_path) + b"/store-\xff"))
+    result = subprocess.run(command(manifest, store, origin, "--json"), capture_output=True)
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert b"Error: --json cannot print a store path that is not valid UTF-8" in result.stderr
+    assert b"\xff" not in result.stderr
+    assert origin.requests == []
+    result = subprocess.run(command(manifest, store, origin), capture_output=True)
+    assert result.returncode == 0, result.stderr
+    blob = ModelStore(store).blob_path(SMALL_DIGEST)
+    assert result.stdout == os.fsencode(blob) + b"\n"
+    assert blob.read_bytes() == SMALL

@@ -29,7 +29,8 @@ class Fault:
     kind: ``bitflip`` | ``truncate`` | ``oversize`` | ``lying_length`` | ``redirect`` |
     ``gzip`` | ``status`` | ``stall`` | ``ignore_range`` | ``bad_content_range`` |
     ``huge_content_range`` | ``set_cookie_redirect`` | ``drip`` | ``chunked`` |
-    ``chunked_cut`` | ``switch_protocols`` | ``chunk_extension_drip`` | ``short_range``.
+    ``chunked_cut`` | ``switch_protocols`` | ``chunk_extension_drip`` | ``short_range`` |
+    ``unsatisfiable_range``.
     """
 
     kind: str
@@ -151,6 +152,18 @@ class FaultHandler(OriginHandler):
                         "Content-Range": f"bytes {start}-{end}/{len(body)}",
                     },
                     piece,
+                )
+        elif kind == "unsatisfiable_range":
+            if record.range_header is None:
+                super().respond(record, body, send_body)
+            else:
+                # Refuses every range with 416, although its Content-Range names a length the
+                # range lies within: a server that contradicts itself.
+                self._raw(
+                    record,
+                    416,
+                    {"Content-Range": f"bytes */{len(body)}", "Content-Length": "0"},
+                    b"",
                 )
         elif kind == "chunk_extension_drip":
             # Chunked, then one chunk extension dripped in, never a body byte: every read

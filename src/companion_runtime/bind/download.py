@@ -18,14 +18,18 @@ rules around it:
 * Bytes go to ``tmp/sha256-<hex>.partial`` in the store. At the end the file is fsynced, the
   accumulator finalized, and only then is the file published (fsync, 0444, rename, fsync dir).
 * Resume: a kept partial file is re-hashed into a fresh accumulator and continued with
-  ``Range: bytes=N-``. A ``206`` whose ``Content-Range`` does not start at N is dropped and the
-  download restarted from 0; a ``200`` answer to a Range request restarts cleanly from 0 on the
-  same response (truncate, new accumulator). A ``206`` whose body ends whole before the file
-  does (a server may cover less than was asked for) is continued with another ``Range``
-  request from where it ended, as long as each such answer brings at least 64 KiB (or
-  :attr:`DownloadOptions.min_progress_bytes` when larger; else ``download_failed``), and the
-  minimum progress for each window of the whole time it took, its connect, redirects and head
-  included (else ``timeout``); the bytes of a refused one are kept.
+  ``Range: bytes=N-``. The manifest's size is the contract: a ``206`` whose ``Content-Range``
+  names another total, or a ``416`` (the server's file ends before N) unless its
+  ``Content-Range`` names the manifest's size, is refused ``size_mismatch`` at once, and the
+  kept file stays as it was (a later pull from a server with the right file resumes it). A
+  ``206`` whose ``Content-Range`` does not start at N, or a ``416`` that names the manifest's
+  size, is dropped and the download restarted from 0 (once); a ``200`` answer to a Range request
+  restarts cleanly from 0 on the same response (truncate, new accumulator). A ``206`` whose body
+  ends whole before the file does (a server may cover less than was asked for) is continued with
+  another ``Range`` request from where it ended, as long as each such answer brings at least
+  64 KiB (or :attr:`DownloadOptions.min_progress_bytes` when larger; else ``download_failed``), and
+  the minimum progress for each window of the whole time it took, its connect, redirects and
+  head included (else ``timeout``); the bytes of a refused one are kept.
 * Timeouts: :attr:`DownloadOptions.connect_timeout_s` for the TCP connect and TLS handshake,
   :attr:`DownloadOptions.stall_timeout_s` (default 30 s) for any single read, and a
   minimum-progress rule for a server that drips bytes just fast enough to keep every read
@@ -51,7 +55,12 @@ rules around it:
 
 Receiving, hashing and writing overlap: the main thread receives into one of four buffers
 while one worker thread hashes the buffers before it, in order, and a second one writes each
-buffer once it hashed without a refusal.
+buffer once it hashed without a refusal. A write that fails (``ENOSPC``, ``EIO``) stops the
+writer: the buffers queued behind it, already hashed, are cancelled rather than written after
+the gap (the space may be back by then), and the file is cut to its position, the bytes the
+writes before the failure wrote in order; so the kept file is a prefix of the model for the
+next pull to resume from. All of this is on the failure path: a write that succeeds costs
+nothing more.
 
 The transport is :mod:`companion_runtime.bind.httpsget`: one GET per connection (one
 connection per hop), TLS on memory buffers, the head parsed by llhttp, the body decrypted
@@ -127,6 +136,8 @@ _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 # ASCII digits only, at most 19 of them (any file size fits): a server's 5,000-digit number
 # must be a refused answer, not an int() past the interpreter's conversion limit.
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
+#: A ``416``'s Content-Range: the length of the server's file.
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]{1,19})")
 _USER_AGENT: Final = "companion-runtime"
 # Whitespace and control characters: URL parsers drop some of them (urljoin, like WHATWG,
 # removes a tab or a line break anywhere), so a Location holding one names no single target.
@@ -560,6 +571,7 @@ class _Download:
                 # The server ignored the Range: this body starts at byte 0.
                 offset = self._restart(fd)
             elif offset and status == 416:
+                self._check_unsatisfied_range(response.getheader("Content-Range"))
                 raise _Restart
             elif status != 200:
                 raise DownloadError(Reason.HTTP_STATUS)
@@ -567,13 +579,29 @@ class _Download:
             self._stream(response, fd, offset, ranged=status == 206)
 
     def _content_range_ok(self, header: str | None, offset: int) -> bool:
+        """Whether a ``206`` starts where it was asked to; another file size is refused."""
         match = _CONTENT_RANGE.fullmatch((header or "").strip())
         if match is None:
             return False
         start, end, total = match.groups()
-        if int(start) != offset or int(end) < offset:
-            return False
-        return total == "*" or int(total) == self.size
+        if total != "*" and int(total) != self.size:
+            # The manifest's size is the contract, and the server says its file has another:
+            # it serves another file (or lies). Fetching it all from byte 0 would only end in
+            # the same refusal, after throwing the kept prefix away and the whole transfer.
+            raise DownloadError(Reason.SIZE_MISMATCH)
+        return int(start) == offset and int(end) >= offset
+
+    def _check_unsatisfied_range(self, header: str | None) -> None:
+        """Refuse a ``416`` unless its Content-Range names the manifest's size.
+
+        The range asked for starts inside the manifest's size, so a ``416`` says the server's
+        file ends before it: another size, refused at once and the kept prefix left alone. Only
+        a server that names the manifest's size all the same (it contradicts itself) is asked
+        once more from byte 0.
+        """
+        match = _UNSATISFIED_RANGE.fullmatch((header or "").strip())
+        if match is None or int(match.group(1)) != self.size:
+            raise DownloadError(Reason.SIZE_MISMATCH)
 
     def _stream(
         self, response: httpsget.Response, fd: int, offset: int, *, ranged: bool = False
@@ -609,8 +637,23 @@ class _Download:
         def write_hashed(hashed: Future[Verdict], view: memoryview) -> Verdict:
             verdict = hashed.result()
             if verdict.ok:
-                _write_all(fd, view)
+                try:
+                    _write_all(fd, view)
+                except OSError:
+                    stop_writing()
+                    raise
             return verdict
+
+        def stop_writing() -> None:
+            # A write failed (ENOSPC, EIO): no later buffer may be written, even if the space
+            # is back by then, or the kept file would not be a prefix of the model and the
+            # next pull's resume would fail its digest and start again from byte 0. The
+            # buffers queued behind this one are cancelled (the writer takes them in order,
+            # so none has started), and the file is cut to what the writes before the failure
+            # wrote in order, its position.
+            writer.shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
 
         def settle_oldest() -> None:
             verdict = pending.popleft().result()
@@ -668,7 +711,12 @@ class _Download:
                     received += filled
                     view = buffer[:filled]
                     hashed = hasher.submit(accumulator.update, view)
-                    pending.append(writer.submit(write_hashed, hashed, view))
+                    try:
+                        pending.append(writer.submit(write_hashed, hashed, view))
+                    except RuntimeError:
+                        # The writer stopped at a failed write: that failure goes up.
+                        wait()
+                        raise
                     index = (index + 1) % _BUFFERS
                     if self.progress is not None:
                         self.progress(received, size)
