@@ -304,8 +304,26 @@ def status_table(document: Mapping[str, object]) -> Table:
     table.add_column("value", justify="right")
     for name, value in _flatten(document):
         # Text, not markup: a value such as "[/x]" is shown as it is, never parsed as a tag.
-        table.add_row(Text(name), Text(value))
+        table.add_row(Text(_escaped(name)), Text(_escaped(value)))
     return table
+
+
+def _escaped(text: str) -> str:
+    """``text`` with every character that is not printable written as its escape (``\\x1b``).
+
+    Names and values come from whatever answers at the URL: an escape sequence among them
+    would reach the terminal as it is (rich drops a few control characters, not ESC), where it
+    can retitle or clear it, write the clipboard (OSC 52) or, as U+202E does, reorder what
+    follows. A space is shown as it is.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        character
+        if character.isprintable() or character == " "
+        else character.encode("unicode_escape").decode("ascii")
+        for character in text
+    )
 
 
 #: Deepest nesting a status document may have (the front door's own has 3 levels), so that
