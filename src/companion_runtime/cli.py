@@ -33,8 +33,8 @@ app = typer.Typer(
 # bad or missing options (click's own), and a MANIFEST or --ca-bundle path that does not exist.
 # Refusal output never carries the digest, the URL or its query. On success the blob's path is
 # printed (it is content-addressed, so it contains the digest by design). SIGINT, SIGTERM or
-# SIGHUP stop a pull within about a second: refused with cancelled, nothing published, the
-# partial download kept for the next pull to resume.
+# SIGHUP stop a verify at once and a pull within about a second: refused with cancelled; a
+# pull publishes nothing then and keeps the partial download for the next pull to resume.
 
 
 def _finish(
@@ -240,14 +240,21 @@ def verify(
     """Verify FILE against an expected SHA-256 and size (exit 0 verified, 1 refused).
 
     A missing or unreadable FILE is refused as file_not_found; a digest that is not 64
-    lowercase hex characters, or a size below 1, as malformed_spec.
+    lowercase hex characters, or a size below 1, as malformed_spec. SIGINT, SIGTERM or
+    SIGHUP stop the hashing at once: refused as cancelled (exit 1), which says nothing about
+    the file.
     """
     from companion_runtime.bind.filehash import verify_file
 
     bar, progress = _progress_bar(not json_output, "verify", size)
-    with bar:
+    cancel = threading.Event()
+    with _cancel_on_signals(cancel), bar:
         verdict = verify_file(
-            file, expected_digest=sha256, expected_size_bytes=size, progress=progress
+            file,
+            expected_digest=sha256,
+            expected_size_bytes=size,
+            progress=progress,
+            cancelled=cancel.is_set,
         )
     _verified_exit(dict(verdict.to_dict()), ok=verdict.ok, json_output=json_output)
 
