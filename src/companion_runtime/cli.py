@@ -12,9 +12,12 @@ import json
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     name="companion-runtime",
@@ -174,6 +177,26 @@ def _to_null(stream: TextIO) -> None:
         finally:
             os.close(null)
         stream.flush()
+
+
+def _console() -> Console:
+    """A rich console on stdout whose write to a pipe nobody reads raises ``BrokenPipeError``.
+
+    rich's own answer to a broken pipe is ``SystemExit(1)``, which passes every ``except
+    OSError``: the command would end without the line that says why, and the demo without it
+    either.
+    """
+    import errno
+    import os
+
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True  # nothing more is written to it
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return _Console()
 
 
 def _usage_error(message: str) -> None:
@@ -449,7 +472,7 @@ def demo() -> None:
         try:
             from companion_runtime.bind.demo import demo_main
 
-            code = demo_main(cancel=cancel)
+            code = demo_main(_console(), cancel=cancel)
         except OSError as error:
             # No room left for the demo's temporary files, or a standard output that cannot be
             # written (a full disk behind it): what the demo started is stopped and removed by
@@ -509,13 +532,11 @@ def status(
     def table() -> None:
         import sys
 
-        from rich.console import Console
-
         # Whatever answers at a --url chooses the values: one the output's encoding cannot
         # show (an ASCII or Latin-1 locale) is printed escaped, not a UnicodeEncodeError.
         with contextlib.suppress(AttributeError, ValueError):
             sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
-        Console().print(status_table(result.document))
+        _console().print(status_table(result.document))
 
     _finish(result.to_dict(), ok=result.verdict.ok, json_output=json_output, plain=table)
 

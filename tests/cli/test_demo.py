@@ -201,6 +201,30 @@ def test_a_standard_output_that_cannot_be_written_is_one_line_not_a_traceback(
     assert list(scratch.iterdir()) == []
 
 
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+def test_a_standard_output_nobody_reads_is_one_line_not_a_silent_exit(tmp_path: Path) -> None:
+    # `demo | head -1`: the reader is gone. rich's own answer (exit 1 with nothing said) left
+    # the user guessing; the demo stops, says why on stderr and leaves nothing behind.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "companion_runtime.cli", "demo"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TMPDIR": str(scratch)},
+        )
+    finally:
+        os.close(write_end)
+    assert finished.returncode == 1, finished.stderr[-3000:]
+    assert finished.stderr.splitlines() == ["demo failed: Broken pipe"]
+    assert list(scratch.iterdir()) == []
+
+
 @pytest.mark.security
 @pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
 def test_an_xllamacpp_py_in_the_working_directory_is_never_run(tmp_path: Path) -> None:
