@@ -515,10 +515,33 @@ def status(
     --token-file is refused with host_not_allowed unless it is such a URL
     (http://127.0.0.1:PORT; [::1], where localhost may lead, is another socket,
     which anyone may listen on). With both flags, both are your choice.
-    """
-    from companion_runtime.bind.status import read_status, status_table
 
-    result = read_status(url=url, token_file=token_file)
+    SIGINT, SIGTERM or SIGHUP end the wait for the answer at once: refused as cancelled.
+    """
+    from companion_runtime.bind.status import StatusResult, read_status, status_table
+    from companion_runtime.core import Reason, Verdict
+
+    # The answer may take up to its deadline (5 s): it is awaited in a thread, so that SIGINT,
+    # SIGTERM or SIGHUP end the wait at once, refused as cancelled (with --json, one object),
+    # instead of exit 130 with nothing printed, or death by the signal.
+    answers: list[StatusResult] = []
+    failures: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            answers.append(read_status(url=url, token_file=token_file))
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            failures.append(error)
+
+    asking = threading.Thread(target=ask, name="status", daemon=True)
+    cancel = threading.Event()
+    with _cancel_on_signals(cancel):
+        asking.start()
+        while asking.is_alive() and not cancel.is_set():
+            asking.join(0.05)
+    if failures:
+        raise failures[0]
+    result = answers[0] if answers else StatusResult(verdict=Verdict(False, Reason.CANCELLED))
     if result.others:
         # URLs of front doors checked to be live serves of this user: never a token or a path.
         count = len(result.others) + 1

@@ -791,3 +791,51 @@ def test_control_characters_in_the_document_reach_the_terminal_escaped(tmp_path:
     for escaped in ("\\x1b]0;owned\\x07\\x1b[2J\\x1b[31mready\\x1b[0m", "\\x1b]52;c;", "\\u202e"):
         assert escaped in shown
     assert "a\\rb\\u202ec\\x9bd\\nline" in shown
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+@pytest.mark.parametrize("json_output", [True, False])
+def test_a_signal_while_status_waits_for_its_answer_is_refused_cancelled(
+    tmp_path: Path, signum: signal.Signals, json_output: bool
+) -> None:
+    # Whatever answers at a --url may take its time (up to the 5 s deadline); Ctrl-C, or a
+    # parent's SIGTERM, meanwhile: exit 1 with cancelled (one JSON object with --json), not
+    # exit 130 with nothing printed, nor death by the signal.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    token_file = tmp_path / "frontdoor.token"
+    token_file.write_text("T" * 43 + "\n")
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    options = ["--url", url, "--token-file", str(token_file)]
+    if json_output:
+        options.append("--json")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "companion_runtime.cli", "status", *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        connection, _ = listener.accept()  # asked: now it waits for the answer
+        with connection:
+            connection.settimeout(30)
+            assert connection.recv(65536).startswith(b"GET /_status ")
+            process.send_signal(signum)
+            stdout, stderr = process.communicate(timeout=2)
+    finally:
+        listener.close()
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    if json_output:
+        assert process.returncode == 1, stderr
+        assert json.loads(stdout) == {"ok": False, "reason": "cancelled"}
+        assert "Traceback" not in stderr
+    else:
+        assert_refused(
+            subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
+            "cancelled",
+            json_output=False,
+        )
