@@ -472,6 +472,10 @@ def demo() -> None:
         try:
             from companion_runtime.bind.demo import demo_main
 
+            # As serve does: the demo's own burst, origin and runtime connections share this
+            # process's open files with the front door, which a low soft limit (128) would
+            # leave room for a connection or two.
+            _raise_open_file_limit()
             code = demo_main(_console(), cancel=cancel)
         except OSError as error:
             # No room left for the demo's temporary files, or a standard output that cannot be
