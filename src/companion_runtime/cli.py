@@ -12,9 +12,12 @@ import json
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     name="companion-runtime",
@@ -35,8 +38,8 @@ app = typer.Typer(
 # could only carry it as lone-surrogate escapes).
 # Refusal output never carries the digest, the URL or its query. On success the blob's path is
 # printed (it is content-addressed, so it contains the digest by design). SIGINT, SIGTERM or
-# SIGHUP stop a pull within about a second: refused with cancelled, nothing published, the
-# partial download kept for the next pull to resume.
+# SIGHUP stop a verify at once and a pull within about a second: refused with cancelled; a
+# pull publishes nothing then and keeps the partial download for the next pull to resume.
 
 
 def _finish(
@@ -198,6 +201,26 @@ def _is_utf8(path: Path) -> bool:
     return True
 
 
+def _console() -> Console:
+    """A rich console on stdout whose write to a pipe nobody reads raises ``BrokenPipeError``.
+
+    rich's own answer to a broken pipe is ``SystemExit(1)``, which passes every ``except
+    OSError``: the command would end without the line that says why, and the demo without it
+    either.
+    """
+    import errno
+    import os
+
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True  # nothing more is written to it
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return _Console()
+
+
 def _usage_error(message: str) -> None:
     # click's own usage errors echo the offending value; this one deliberately does not.
     typer.echo(f"Error: {message}", err=True)
@@ -262,14 +285,21 @@ def verify(
     """Verify FILE against an expected SHA-256 and size (exit 0 verified, 1 refused).
 
     A missing or unreadable FILE is refused as file_not_found; a digest that is not 64
-    lowercase hex characters, or a size below 1, as malformed_spec.
+    lowercase hex characters, or a size below 1, as malformed_spec. SIGINT, SIGTERM or
+    SIGHUP stop the hashing at once: refused as cancelled (exit 1), which says nothing about
+    the file.
     """
     from companion_runtime.bind.filehash import verify_file
 
     bar, progress = _progress_bar(not json_output, "verify", size)
-    with bar:
+    cancel = threading.Event()
+    with _cancel_on_signals(cancel), bar:
         verdict = verify_file(
-            file, expected_digest=sha256, expected_size_bytes=size, progress=progress
+            file,
+            expected_digest=sha256,
+            expected_size_bytes=size,
+            progress=progress,
+            cancelled=cancel.is_set,
         )
     _verified_exit(dict(verdict.to_dict()), ok=verdict.ok, json_output=json_output)
 
@@ -476,7 +506,11 @@ def demo() -> None:
         try:
             from companion_runtime.bind.demo import demo_main
 
-            code = demo_main(cancel=cancel)
+            # As serve does: the demo's own burst, origin and runtime connections share this
+            # process's open files with the front door, which a low soft limit (128) would
+            # leave room for a connection or two.
+            _raise_open_file_limit()
+            code = demo_main(_console(), cancel=cancel)
         except OSError as error:
             # No room left for the demo's temporary files, or a standard output that cannot be
             # written (a full disk behind it): what the demo started is stopped and removed by
@@ -519,10 +553,33 @@ def status(
     --token-file is refused with host_not_allowed unless it is such a URL
     (http://127.0.0.1:PORT; [::1], where localhost may lead, is another socket,
     which anyone may listen on). With both flags, both are your choice.
-    """
-    from companion_runtime.bind.status import read_status, status_table
 
-    result = read_status(url=url, token_file=token_file)
+    SIGINT, SIGTERM or SIGHUP end the wait for the answer at once: refused as cancelled.
+    """
+    from companion_runtime.bind.status import StatusResult, read_status, status_table
+    from companion_runtime.core import Reason, Verdict
+
+    # The answer may take up to its deadline (5 s): it is awaited in a thread, so that SIGINT,
+    # SIGTERM or SIGHUP end the wait at once, refused as cancelled (with --json, one object),
+    # instead of exit 130 with nothing printed, or death by the signal.
+    answers: list[StatusResult] = []
+    failures: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            answers.append(read_status(url=url, token_file=token_file))
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            failures.append(error)
+
+    asking = threading.Thread(target=ask, name="status", daemon=True)
+    cancel = threading.Event()
+    with _cancel_on_signals(cancel):
+        asking.start()
+        while asking.is_alive() and not cancel.is_set():
+            asking.join(0.05)
+    if failures:
+        raise failures[0]
+    result = answers[0] if answers else StatusResult(verdict=Verdict(False, Reason.CANCELLED))
     if result.others:
         # URLs of front doors checked to be live serves of this user: never a token or a path.
         count = len(result.others) + 1
@@ -536,13 +593,11 @@ def status(
     def table() -> None:
         import sys
 
-        from rich.console import Console
-
         # Whatever answers at a --url chooses the values: one the output's encoding cannot
         # show (an ASCII or Latin-1 locale) is printed escaped, not a UnicodeEncodeError.
         with contextlib.suppress(AttributeError, ValueError):
             sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
-        Console().print(status_table(result.document))
+        _console().print(status_table(result.document))
 
     _finish(result.to_dict(), ok=result.verdict.ok, json_output=json_output, plain=table)
 

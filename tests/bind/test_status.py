@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import os
 import socket
 import subprocess
@@ -102,6 +103,45 @@ def test_a_status_document_nested_too_deep_is_refused(depth: int) -> None:
         server.shutdown()
         server.server_close()
     assert result.verdict.reason is Reason.UPSTREAM_ERROR
+
+
+def _fetch_document(body: bytes) -> StatusResult:
+    """``fetch_status`` against a server that answers ``body`` as its status document."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        return fetch_status(f"http://127.0.0.1:{server.server_address[1]}", new_token())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "value", ["NaN", "Infinity", "-Infinity", "1e400", "-1e999", '[1, {"x": NaN}]']
+)
+def test_a_document_with_a_number_json_cannot_write_is_refused(value: str) -> None:
+    # Python's json reads NaN and Infinity (and turns 1e400 into inf), but writes them back
+    # as bare NaN/Infinity, which is no JSON: status --json would print an object that its
+    # reader (JSON.parse, jq, serde) cannot parse, with exit 0.
+    result = _fetch_document(f'{{"state": "ready", "odd": {value}}}'.encode())
+    assert result.verdict.reason is Reason.UPSTREAM_ERROR
+    # Large but finite numbers are numbers like any other.
+    fine = _fetch_document(b'{"state": "ready", "big": 1e308, "int": 123456789012345678901}')
+    assert fine.verdict.ok
+    assert json.loads(json.dumps(fine.to_dict())) == fine.to_dict()
 
 
 @pytest.mark.security

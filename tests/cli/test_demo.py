@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -198,6 +200,83 @@ def test_a_standard_output_that_cannot_be_written_is_one_line_not_a_traceback(
         )
     assert finished.returncode == 1, finished.stderr[-3000:]
     assert finished.stderr.splitlines() == ["demo failed: No space left on device"]
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+def test_a_standard_output_nobody_reads_is_one_line_not_a_silent_exit(tmp_path: Path) -> None:
+    # `demo | head -1`: the reader is gone. rich's own answer (exit 1 with nothing said) left
+    # the user guessing; the demo stops, says why on stderr and leaves nothing behind.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "companion_runtime.cli", "demo"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TMPDIR": str(scratch)},
+        )
+    finally:
+        os.close(write_end)
+    assert finished.returncode == 1, finished.stderr[-3000:]
+    assert finished.stderr.splitlines() == ["demo failed: Broken pipe"]
+    assert list(scratch.iterdir()) == []
+
+
+def _open_files_limit(soft: int, hard: int | None = None) -> Callable[[], None]:
+    """A ``preexec_fn`` setting the child's open-file limits (``hard``: unchanged if None)."""
+
+    def limit() -> None:
+        current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, current_hard if hard is None else hard))
+
+    return limit
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+def test_a_low_soft_open_file_limit_does_not_fail_the_demo(tmp_path: Path) -> None:
+    # A soft limit of 128 (the hard one higher, as usual): the demo's own burst, origin and
+    # runtime connections left the front door room for a connection or two, and the burst
+    # ended in a traceback (httpx.ReadError). Like serve, the demo raises its soft limit.
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 4096:
+        pytest.skip("needs a hard open-file limit of at least 4096")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        preexec_fn=_open_files_limit(128),
+    )
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert "queue_full" in finished.stdout
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+def test_a_burst_that_fails_is_a_step_failure_not_a_traceback(tmp_path: Path) -> None:
+    # A hard limit of 128 too: nothing to raise, and the front door must turn connections
+    # away. The demo says the burst failed, exits 1 and leaves nothing behind.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        preexec_fn=_open_files_limit(128, 128),
+    )
+    assert "Traceback" not in finished.stderr
+    assert finished.returncode in (0, 1), finished.stderr[-3000:]
+    if finished.returncode == 1:
+        assert "burst failed" in finished.stdout, finished.stdout[-3000:]
     assert list(scratch.iterdir()) == []
 
 

@@ -4,10 +4,13 @@ a pipe whose reader is gone, as real child processes."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -156,3 +159,47 @@ def test_a_command_started_with_its_output_closed_exits_with_its_verdict(
         assert open_stream.startswith("refused: "), open_stream
     elif descriptor == 1:
         assert open_stream == ""
+
+
+class _StatusDocument(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        data = json.dumps({"state": "ready", "in_flight": 0}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+@pytest.mark.parametrize("where", ["full-disk", "pipe-nobody-reads"])
+def test_a_status_table_that_cannot_be_written_is_one_line_on_stderr_and_exit_1(
+    tmp_path: Path, where: str
+) -> None:
+    # The table (no --json) is printed by rich, which answers a broken pipe with a silent
+    # exit of its own: the line saying why must still be there.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StatusDocument)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    token_file = tmp_path / "frontdoor.token"
+    token_file.write_text("T" * 43 + "\n")
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    arguments = ["status", "--url", url, "--token-file", str(token_file)]
+    try:
+        if where == "full-disk":
+            with open("/dev/full", "wb") as full:
+                finished = _run(tmp_path, arguments, full.fileno())
+        else:
+            read_end, write_end = os.pipe()
+            os.close(read_end)
+            try:
+                finished = _run(tmp_path, arguments, write_end)
+            finally:
+                os.close(write_end)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    _assert_one_line(finished, NO_SPACE if where == "full-disk" else BROKEN_PIPE)

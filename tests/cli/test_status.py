@@ -736,3 +736,106 @@ def test_a_value_the_output_s_encoding_cannot_show_is_escaped_not_a_traceback(
     assert finished.returncode == 0, finished.stderr
     assert b"Traceback" not in finished.stderr
     assert b"mod\\xe8le \\u2713" in finished.stdout
+
+
+class _ControlCharacterDocument(_StatusDocument):
+    """A status document whose names and values carry terminal escape sequences."""
+
+    def do_GET(self) -> None:
+        document = {
+            "state": "\x1b]0;owned\x07\x1b[2J\x1b[31mready\x1b[0m",
+            "\x1b]52;c;ZWNobyBvd25lZA==\x1b\\model": "a\rb\u202ec\x9bd\nline",
+        }
+        data = json.dumps(document).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.mark.security
+def test_control_characters_in_the_document_reach_the_terminal_escaped(tmp_path: Path) -> None:
+    # Whatever answers at a --url chooses the names and values: an escape sequence among them
+    # must not retitle the terminal, clear it, write the clipboard (OSC 52) or reorder what
+    # follows (U+202E); the table shows each such character escaped.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ControlCharacterDocument)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        token_file = tmp_path / "frontdoor.token"
+        token_file.write_text("T" * 43 + "\n")
+        finished = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "companion_runtime.cli",
+                "status",
+                "--url",
+                f"http://127.0.0.1:{server.server_address[1]}",
+                "--token-file",
+                str(token_file),
+            ],
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert finished.returncode == 0, finished.stderr
+    shown = finished.stdout.decode()
+    for raw in ("\x1b", "\x07", "\x9b", "\u202e", "\r"):
+        assert raw not in shown
+    for escaped in ("\\x1b]0;owned\\x07\\x1b[2J\\x1b[31mready\\x1b[0m", "\\x1b]52;c;", "\\u202e"):
+        assert escaped in shown
+    assert "a\\rb\\u202ec\\x9bd\\nline" in shown
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+@pytest.mark.parametrize("json_output", [True, False])
+def test_a_signal_while_status_waits_for_its_answer_is_refused_cancelled(
+    tmp_path: Path, signum: signal.Signals, json_output: bool
+) -> None:
+    # Whatever answers at a --url may take its time (up to the 5 s deadline); Ctrl-C, or a
+    # parent's SIGTERM, meanwhile: exit 1 with cancelled (one JSON object with --json), not
+    # exit 130 with nothing printed, nor death by the signal.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    token_file = tmp_path / "frontdoor.token"
+    token_file.write_text("T" * 43 + "\n")
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    options = ["--url", url, "--token-file", str(token_file)]
+    if json_output:
+        options.append("--json")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "companion_runtime.cli", "status", *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        connection, _ = listener.accept()  # asked: now it waits for the answer
+        with connection:
+            connection.settimeout(30)
+            assert connection.recv(65536).startswith(b"GET /_status ")
+            process.send_signal(signum)
+            stdout, stderr = process.communicate(timeout=2)
+    finally:
+        listener.close()
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    if json_output:
+        assert process.returncode == 1, stderr
+        assert json.loads(stdout) == {"ok": False, "reason": "cancelled"}
+        assert "Traceback" not in stderr
+    else:
+        assert_refused(
+            subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
+            "cancelled",
+            json_output=False,
+        )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +155,60 @@ def test_a_usage_error_is_one_error_line_whatever_the_terminal_width(command: st
     assert finished.returncode == 2
     errors = [line for line in finished.stderr.splitlines() if "rror" in line]
     assert errors == ["Error: No such option: --no-such-option"], finished.stderr
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` holds ``path`` open (it is reading it)."""
+    try:
+        for descriptor in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{descriptor}") == str(path):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+@pytest.mark.parametrize("json_output", [True, False])
+def test_a_signal_while_hashing_is_refused_cancelled(
+    tmp_path: Path, signum: signal.Signals, json_output: bool
+) -> None:
+    # Ctrl-C, or a parent's SIGTERM, while a large model is re-hashed: exit 1 with the
+    # reason (one JSON object with --json), as pull does; not exit 130 with nothing printed,
+    # nor death by the signal.
+    big = tmp_path / "big.bin"
+    with big.open("wb") as handle:
+        handle.truncate(64 * 1024**3)  # sparse: minutes of hashing, no disk space
+    flags = ["--json"] if json_output else []
+    expected = ("--sha256", DIGEST, "--size", str(64 * 1024**3))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "companion_runtime.cli", "verify", str(big), *expected, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _has_open(process.pid, big):
+            assert process.poll() is None and time.monotonic() < deadline, "never read the file"
+            time.sleep(0.01)
+        sent = time.monotonic()
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=30)
+        elapsed = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    assert process.returncode == 1, stderr
+    assert elapsed < 5
+    assert "Traceback" not in stderr
+    if json_output:
+        assert json.loads(stdout) == {"ok": False, "reason": "cancelled"}
+    else:
+        assert stdout == ""
+        assert stderr.strip() == "refused: cancelled"

@@ -212,7 +212,13 @@ async def run_demo(*, say: Callable[[str], None] = lambda _: None) -> DemoReport
                 pid = running.supervisor.status().get("pid")
                 say(f"send a burst of {BURST_SIZE} completions")
                 mark = time.monotonic()
-                await _burst(running.url, running.token, report)
+                try:
+                    await _burst(running.url, running.token, report)
+                except (httpx.HTTPError, ValueError) as error:
+                    # A connection turned away or reset (an open-file limit too low to raise),
+                    # or an answer that is not JSON: the step failed. Its class only: the
+                    # error's text may carry the URL.
+                    report.failure = f"burst failed: {type(error).__name__}"
                 report.timings_s["burst"] = time.monotonic() - mark
                 statistics = running.supervisor.controller.statistics()
                 report.peak_in_flight = statistics.peak_in_flight

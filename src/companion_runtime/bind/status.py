@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import socket
 import threading
 from collections.abc import Mapping
@@ -102,7 +103,8 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
     ``malformed_spec``: ``url`` cannot be parsed (a bad port, an unclosed ``[``);
     ``host_not_allowed``: it is not ``http`` on a loopback host; ``not_ready``: nothing
     listens there; ``timeout``: the whole answer is not there within ``timeout_s``;
-    ``upstream_error``: it is not a status document, or larger than a mebibyte.
+    ``upstream_error``: it is not a status document (one holding ``NaN``, ``Infinity`` or a
+    number too large for a float included), or larger than a mebibyte.
     """
     try:
         parts = urlsplit(url)
@@ -152,13 +154,26 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
     if response.status_code != 200:
         return _refused(Reason.HTTP_STATUS)
     try:
-        document = json.loads(body)
+        # Numbers JSON cannot write (NaN, Infinity, a 1e400 read as inf) are refused: Python
+        # would print them back bare, and --json's object would then be no JSON at all.
+        document = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         # RecursionError: thousands of nested brackets from whatever answers on that port.
         return _refused(Reason.UPSTREAM_ERROR)
     if not isinstance(document, dict) or _depth(document) > _MAX_DEPTH:
         return _refused(Reason.UPSTREAM_ERROR)
     return StatusResult(verdict=Verdict(True, Reason.OK), document=document)
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
 
 
 def _read_body(response: httpx.Response) -> bytes:
@@ -304,8 +319,26 @@ def status_table(document: Mapping[str, object]) -> Table:
     table.add_column("value", justify="right")
     for name, value in _flatten(document):
         # Text, not markup: a value such as "[/x]" is shown as it is, never parsed as a tag.
-        table.add_row(Text(name), Text(value))
+        table.add_row(Text(_escaped(name)), Text(_escaped(value)))
     return table
+
+
+def _escaped(text: str) -> str:
+    """``text`` with every character that is not printable written as its escape (``\\x1b``).
+
+    Names and values come from whatever answers at the URL: an escape sequence among them
+    would reach the terminal as it is (rich drops a few control characters, not ESC), where it
+    can retitle or clear it, write the clipboard (OSC 52) or, as U+202E does, reorder what
+    follows. A space is shown as it is.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        character
+        if character.isprintable() or character == " "
+        else character.encode("unicode_escape").decode("ascii")
+        for character in text
+    )
 
 
 #: Deepest nesting a status document may have (the front door's own has 3 levels), so that
