@@ -1682,6 +1682,52 @@ def test_a_client_that_leaves_while_reading_is_stopped_behind_its_request_is_see
         run_on_serves_loop(scenario())
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_a_body_cut_short_by_a_client_half_closing_ends_in_a_reset(loop: str) -> None:
+    # A client that half-closes counts as gone: the runtime is asked to stop, and what it still
+    # sends is dropped. The client may still be reading, though, and a body that ends with the
+    # connection (connection: close, HTTP/1.0) then ended with an orderly close: a stream cut
+    # short looked complete. A reset says it is not.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+
+                def client() -> tuple[bytes, bool]:
+                    with socket.create_connection(("127.0.0.1", port)) as sock:
+                        sock.sendall(
+                            f"GET /stream?n=100&gap_ms=50&stop_on_eof=1 HTTP/1.1\r\n"
+                            f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {door.token}\r\n"
+                            "Connection: close\r\n\r\n".encode()
+                        )
+                        sock.settimeout(5)
+                        received = b""
+                        while b"token-2" not in received:
+                            received += sock.recv(65536)
+                        sock.shutdown(socket.SHUT_WR)
+                        try:
+                            while data := sock.recv(65536):
+                                received += data
+                        except ConnectionResetError:
+                            return received, True
+                        return received, False
+
+                received, reset = await asyncio.to_thread(client)
+                assert received.startswith(b"HTTP/1.1 200")
+                assert b"transfer-encoding" not in received  # the body ends with the connection
+                assert b"token-99" not in received
+                assert reset
+                await wait_for(lambda: upstream.cancelled == 1)
+                await wait_for(lambda: door.controller.statistics().in_flight == 0)
+                statistics = door.door.statistics()
+                assert (statistics.client_disconnects, statistics.proxied_total) == (1, 0)
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+
+
 # --- the connection limit ------------------------------------------------------------------
 
 

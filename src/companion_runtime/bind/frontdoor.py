@@ -738,10 +738,17 @@ class _Client(asyncio.Protocol):
         _wake(self._waiter)
         if self.cancellable and self.task is not None:
             self._door._counters.client_disconnects += 1
-            if self.relaying is not None:
+            relaying = self.relaying
+            if relaying is not None:
+                transport = self.transport
+                if relaying.mid_body and transport is not None and not transport.is_closing():
+                    # Gone at its end of the connection (a half-close), the client may still
+                    # read: the answer it has is cut short, and an orderly close would make a
+                    # body that ends with the connection look complete.
+                    _reset(transport)
                 # The runtime is working on the request: its slot stays taken until the
                 # runtime has stopped, or the runtime would run more than max_in_flight.
-                self.relaying.abandon()
+                relaying.abandon()
             else:
                 self.task.cancel()  # still waiting for a slot: nothing reached the runtime
 
@@ -938,6 +945,11 @@ class _Upstream(asyncio.Protocol):
                 self.transport.resume_reading()
         self._client = None
         self._done = None
+
+    @property
+    def mid_body(self) -> bool:
+        """The response head went to the client, and the response has not ended."""
+        return self.head_sent and self._done is not None and not self._done.done()
 
     def abandon(self) -> None:
         """The client left mid-exchange: ask the runtime to stop, and read on until it has.
