@@ -1627,6 +1627,107 @@ def test_bytes_sent_behind_a_request_that_ends_the_connection_are_not_read_while
         run_on_serves_loop(scenario())
 
 
+@pytest.mark.parametrize("stage", ["waiting for a slot", "relayed"])
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_a_client_that_leaves_while_reading_is_stopped_behind_its_request_is_seen_leaving(
+    loop: str, stage: str
+) -> None:
+    # Behind a request that ends the connection, reading stops, and the end of the client's
+    # side then waits unread behind what it sent: a client that left was not seen leaving.
+    # Its request kept its place in the queue and was then run by the runtime to its end,
+    # for nobody, holding a slot all the while; one already relayed was not stopped either.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url, max_in_flight=1) as door:
+                port = door.door.port
+                busy: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+                if stage == "waiting for a slot":
+                    busy = await _open_raw(door, "/slow?ms=2500")
+                    await wait_for(lambda: door.controller.statistics().in_flight == 1)
+                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(
+                    f"GET /slow?ms=2500 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\nConnection: close\r\n\r\n".encode()
+                )
+                if stage == "waiting for a slot":
+                    await wait_for(lambda: door.controller.statistics().queued == 1)
+                else:
+                    await wait_for(lambda: upstream.active == 1)
+                # Bytes behind it, in separate reads: the first is dropped, then reading stops.
+                for _ in range(3):
+                    writer.write(b"GET /echo HTTP/1.1\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+                writer.close()
+                left = time.monotonic()
+                await wait_for(lambda: door.door.statistics().client_disconnects == 1)
+                assert time.monotonic() - left < 1.0
+                if stage == "waiting for a slot":
+                    assert door.controller.statistics().queued == 0
+                    assert busy is not None
+                    answer = await asyncio.wait_for(busy[0].readuntil(b"}"), 10)
+                    assert answer.startswith(b"HTTP/1.1 200")
+                    busy[1].close()
+                await wait_for(lambda: door.controller.statistics().in_flight == 0)
+                statistics = door.door.statistics()
+                # Only the request that was still wanted reached the runtime's end as relayed.
+                assert statistics.proxied_total == (1 if stage == "waiting for a slot" else 0)
+                assert upstream.requests_seen == 1
+                await wait_for(lambda: door.door.statistics().open_connections == 0)
+                await wait_for(lambda: not door.door._lingering)
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_a_body_cut_short_by_a_client_half_closing_ends_in_a_reset(loop: str) -> None:
+    # A client that half-closes counts as gone: the runtime is asked to stop, and what it still
+    # sends is dropped. The client may still be reading, though, and a body that ends with the
+    # connection (connection: close, HTTP/1.0) then ended with an orderly close: a stream cut
+    # short looked complete. A reset says it is not.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+
+                def client() -> tuple[bytes, bool]:
+                    with socket.create_connection(("127.0.0.1", port)) as sock:
+                        sock.sendall(
+                            f"GET /stream?n=100&gap_ms=50&stop_on_eof=1 HTTP/1.1\r\n"
+                            f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {door.token}\r\n"
+                            "Connection: close\r\n\r\n".encode()
+                        )
+                        sock.settimeout(5)
+                        received = b""
+                        while b"token-2" not in received:
+                            received += sock.recv(65536)
+                        sock.shutdown(socket.SHUT_WR)
+                        try:
+                            while data := sock.recv(65536):
+                                received += data
+                        except ConnectionResetError:
+                            return received, True
+                        return received, False
+
+                received, reset = await asyncio.to_thread(client)
+                assert received.startswith(b"HTTP/1.1 200")
+                assert b"transfer-encoding" not in received  # the body ends with the connection
+                assert b"token-99" not in received
+                assert reset
+                await wait_for(lambda: upstream.cancelled == 1)
+                await wait_for(lambda: door.controller.statistics().in_flight == 0)
+                statistics = door.door.statistics()
+                assert (statistics.client_disconnects, statistics.proxied_total) == (1, 0)
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+
+
 # --- the connection limit ------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from companion_runtime import Reason
+from companion_runtime import Reason, Verdict
 from companion_runtime.bind.session import (
     ServeState,
     new_token,
@@ -105,12 +105,13 @@ def test_a_status_document_nested_too_deep_is_refused(depth: int) -> None:
     assert result.verdict.reason is Reason.UPSTREAM_ERROR
 
 
-def _fetch_document(body: bytes) -> StatusResult:
-    """``fetch_status`` against a server that answers ``body`` as its status document."""
+def _fetch_document(body: bytes, status: int = 200) -> StatusResult:
+    """``fetch_status`` against a server that answers ``body`` as its status document (or
+    with ``status`` and ``body``)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
             self.end_headers()
@@ -142,6 +143,18 @@ def test_a_document_with_a_number_json_cannot_write_is_refused(value: str) -> No
     fine = _fetch_document(b'{"state": "ready", "big": 1e308, "int": 123456789012345678901}')
     assert fine.verdict.ok
     assert json.loads(json.dumps(fine.to_dict())) == fine.to_dict()
+
+
+@pytest.mark.parametrize("reason", ["ok", "cancelled", "digest_mismatch", "unauthorized"])
+def test_a_403_gives_only_a_reason_the_front_door_refuses_with_403(reason: str) -> None:
+    # Whatever answers on the port chose the reason of its 403, any Reason at all: "ok" made
+    # status print {"ok": false, "reason": "ok"}, and "cancelled" or "digest_mismatch" a
+    # refusal that never happened. The front door's 403 says host or origin not allowed.
+    result = _fetch_document(json.dumps({"ok": False, "reason": reason}).encode(), 403)
+    assert result.verdict == Verdict(False, Reason.HTTP_STATUS)
+    for allowed in (Reason.HOST_NOT_ALLOWED, Reason.ORIGIN_NOT_ALLOWED):
+        body = json.dumps({"ok": False, "reason": allowed.value}).encode()
+        assert _fetch_document(body, 403).verdict == Verdict(False, allowed)
 
 
 @pytest.mark.security

@@ -32,7 +32,10 @@ client reads slower than the runtime writes, reading from the runtime pauses unt
 catches up.
 
 The client connection's protocol sees the client leave (EOF or reset) at once, also while the
-request waits for a slot or is relayed. A request still waiting for a slot is then cancelled.
+request waits for a slot or is relayed; while reading is paused (see below), where that end
+waits unread behind what the client sent, the connection's TCP state shows it within a quarter
+second (Linux; elsewhere, at the next write that fails). A request still waiting for a slot is
+then cancelled.
 A request the runtime already has keeps its slot until the runtime has stopped working on it:
 the runtime connection is half-closed, which llama.cpp's server takes as the client gone (it
 cancels the generation and ends the response), and the rest of the response is read and
@@ -134,6 +137,15 @@ _RESERVED_FDS: Final = 128
 # to make room).
 _MAX_LINGERING: Final = 64
 _LINGER_S: Final = 1.0
+# While reading is paused, the end of the client's side (a FIN, a reset) waits unread behind
+# what it sent; the connection's TCP state shows it at once, and is looked at this often.
+_PAUSED_CHECK_S: Final = 0.25
+# Linux's TCP_INFO starts with the connection's state: CLOSE after a reset, CLOSE_WAIT after
+# the client's FIN. Elsewhere (no TCP_INFO) a client that left while reading is paused is
+# seen at the next write that fails.
+_TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
+_TCP_CLOSE: Final = 7
+_TCP_CLOSE_WAIT: Final = 8
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1), and any header a Connection header names, are
 # never relayed on either leg, and framing is redone on each leg (the front door adds its own
@@ -408,6 +420,18 @@ def _reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+def _peer_closed(transport: asyncio.Transport) -> bool:
+    """Whether the client has ended its side of the connection, read or not (Linux)."""
+    sock = transport.get_extra_info("socket")
+    if _TCP_INFO is None or sock is None:
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+    except OSError:
+        return False
+    return bool(info) and info[0] in (_TCP_CLOSE, _TCP_CLOSE_WAIT)
+
+
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
@@ -500,6 +524,8 @@ class _Client(asyncio.Protocol):
         self.lingering = False
         self._keep_alive_s = door._config.keep_alive_s
         self._idle_timer: asyncio.TimerHandle | None = None
+        # Looks for the client leaving while reading is paused (see _check_paused).
+        self._paused_timer: asyncio.TimerHandle | None = None
 
     # asyncio callbacks
 
@@ -536,8 +562,7 @@ class _Client(asyncio.Protocol):
             # speed for all that time. Stopped here, one read after the end became known, a
             # client that sends nothing more is still seen leaving while it is answered.
             if not self._reading_paused and not self.lingering and self.transport is not None:
-                self._reading_paused = True
-                self.transport.pause_reading()
+                self._pause()
             return
         if self._current is None or self._in_head:
             # A head that never ends is bounded here: llhttp itself accepts any length.
@@ -566,10 +591,31 @@ class _Client(asyncio.Protocol):
         if (
             self._pipelined > _MAX_PIPELINED_BYTES or waiting >= _MAX_PIPELINED_REQUESTS
         ) and not self._reading_paused:
-            assert self.transport is not None
-            self.transport.pause_reading()
-            self._reading_paused = True
+            self._pause()
         _wake(self._waiter)
+
+    def _pause(self) -> None:
+        """Stop reading; meanwhile, look for the client leaving in the connection's state."""
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self._reading_paused = True
+        if self._paused_timer is None:
+            self._paused_timer = self._loop.call_later(_PAUSED_CHECK_S, self._check_paused)
+
+    def _check_paused(self) -> None:
+        """Reading is paused, so the end of the client's side waits unread behind what it
+        sent, and would not be seen until a write failed: a request waiting for a slot would
+        keep its place and then run on the runtime for nobody, and one relayed would not be
+        stopped. A connection the client has closed (or half-closed: the same as its end read,
+        see ``eof_received``) is the client leaving, seen within ``_PAUSED_CHECK_S``."""
+        self._paused_timer = None
+        if not self._reading_paused or self.gone or self.lingering:
+            return  # the timer ends with the pause (a new pause starts a new one)
+        transport = self.transport
+        if transport is not None and _peer_closed(transport):
+            self._lost()
+            return
+        self._paused_timer = self._loop.call_later(_PAUSED_CHECK_S, self._check_paused)
 
     def _upgraded(self) -> None:
         """The request just parsed asks to switch protocols (CONNECT, or an Upgrade its
@@ -616,6 +662,9 @@ class _Client(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._paused_timer is not None:
+            self._paused_timer.cancel()
+            self._paused_timer = None
         if self.lingering:
             self.lingering = False
             self._door._lingering.pop(self, None)
@@ -689,10 +738,17 @@ class _Client(asyncio.Protocol):
         _wake(self._waiter)
         if self.cancellable and self.task is not None:
             self._door._counters.client_disconnects += 1
-            if self.relaying is not None:
+            relaying = self.relaying
+            if relaying is not None:
+                transport = self.transport
+                if relaying.mid_body and transport is not None and not transport.is_closing():
+                    # Gone at its end of the connection (a half-close), the client may still
+                    # read: the answer it has is cut short, and an orderly close would make a
+                    # body that ends with the connection look complete.
+                    _reset(transport)
                 # The runtime is working on the request: its slot stays taken until the
                 # runtime has stopped, or the runtime would run more than max_in_flight.
-                self.relaying.abandon()
+                relaying.abandon()
             else:
                 self.task.cancel()  # still waiting for a slot: nothing reached the runtime
 
@@ -889,6 +945,11 @@ class _Upstream(asyncio.Protocol):
                 self.transport.resume_reading()
         self._client = None
         self._done = None
+
+    @property
+    def mid_body(self) -> bool:
+        """The response head went to the client, and the response has not ended."""
+        return self.head_sent and self._done is not None and not self._done.done()
 
     def abandon(self) -> None:
         """The client left mid-exchange: ask the runtime to stop, and read on until it has.

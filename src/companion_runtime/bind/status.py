@@ -63,6 +63,8 @@ __all__ = ["StatusResult", "fetch_status", "read_status", "status_table"]
 _LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
 #: The fields of a result that are the verdict's, never the document's.
 _VERDICT: Final = frozenset({"ok", "reason"})
+#: The reasons the front door answers ``403`` with.
+_FORBIDDEN_REASONS: Final = frozenset({Reason.HOST_NOT_ALLOWED, Reason.ORIGIN_NOT_ALLOWED})
 #: Largest status document read: the front door's own is about a kilobyte.
 _MAX_BODY_BYTES: Final = 1024 * 1024
 
@@ -102,7 +104,9 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
 
     ``malformed_spec``: ``url`` cannot be parsed (a bad port, an unclosed ``[``);
     ``host_not_allowed``: it is not ``http`` on a loopback host; ``not_ready``: nothing
-    listens there; ``timeout``: the whole answer is not there within ``timeout_s``;
+    listens there; ``host_not_allowed`` or ``origin_not_allowed``: the front door's ``403``
+    (any other ``403``, or another status, is ``http_status``); ``timeout``: the whole answer
+    is not there within ``timeout_s``;
     ``upstream_error``: it is not a status document (one holding ``NaN``, ``Infinity`` or a
     number too large for a float included), or larger than a mebibyte.
     """
@@ -150,7 +154,9 @@ def fetch_status(url: str, token: str, *, timeout_s: float = 5.0) -> StatusResul
             reason = Reason(json.loads(body)["reason"])
         except (ValueError, KeyError, TypeError, RecursionError):
             reason = Reason.HTTP_STATUS
-        return _refused(reason)
+        # Only the front door's own 403 reasons: whatever answers could otherwise have status
+        # say "ok" with ok false, or report a refusal that never happened.
+        return _refused(reason if reason in _FORBIDDEN_REASONS else Reason.HTTP_STATUS)
     if response.status_code != 200:
         return _refused(Reason.HTTP_STATUS)
     try:
