@@ -75,6 +75,13 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/byte-range.bin": Fault(kind="short_range", stall_after_bytes=1),
         "/slow-range.bin": Fault(kind="short_range", stall_after_bytes=70_000, drip_interval_s=1),
         "/unsatisfiable-range.bin": Fault(kind="unsatisfiable_range"),
+        "/unknown-total.bin": Fault(kind="range_answer", location="bytes {start}-{last}/*"),
+        "/longer-unknown-total.bin": Fault(kind="range_answer", location="bytes {start}-{last}/*"),
+        "/longer-ignoring-range.bin": Fault(kind="ignore_range"),
+        "/overrunning-range.bin": Fault(
+            kind="range_answer", location=f"bytes {{start}}-{SIZE - 1}/{SIZE}"
+        ),
+        "/shorter-ignoring-range.bin": Fault(kind="ignore_range"),
         "/switch.bin": Fault(kind="switch_protocols"),
         "/extension-drip.bin": Fault(
             kind="chunk_extension_drip", stall_after_bytes=300, drip_interval_s=0.02
@@ -110,6 +117,10 @@ def origin() -> Iterator[FaultyOrigin]:
         # The model with more after it, and a shorter file: another size than the manifest's.
         "/longer.bin": DATA + bytes(5000),
         "/shorter.bin": DATA[:240_000],
+        "/longer-unknown-total.bin": DATA + bytes(5000),
+        "/longer-ignoring-range.bin": DATA + bytes(5000),
+        "/overrunning-range.bin": DATA + bytes(5000),
+        "/shorter-ignoring-range.bin": DATA[:240_000],
     }
     with FaultyOrigin(files) as server:
         server.faults.update(fault_paths(server.base_url))
@@ -856,6 +867,55 @@ def test_a_416_that_names_the_manifest_s_size_restarts_once_from_zero(
     first, second = origin.requests[before:]
     assert (first.range_header, first.status) == ("bytes=100000-", 416)
     assert (second.range_header, second.status) == (None, 200)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/longer-unknown-total.bin", 206),
+        # Its Content-Range names the manifest's size, but its body runs past it.
+        ("/overrunning-range.bin", 206),
+        ("/longer-ignoring-range.bin", 200),
+        ("/shorter-ignoring-range.bin", 200),
+    ],
+)
+def test_any_answer_to_a_range_for_a_file_of_another_size_keeps_the_partial(
+    origin: FaultyOrigin,
+    store: ModelStore,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    status: int,
+) -> None:
+    # A 206 with an unknown total ("*") whose range reaches past the manifest's size, or a 200
+    # (the Range ignored) whose Content-Length is not that size: the server's file has another
+    # size. The 206 overran the size and the overrun dropped the kept prefix (as it did for a
+    # 206 whose body runs past the size its Content-Range names); the 200 cut the kept prefix
+    # away before its whole body was fetched, only to be refused.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert refused(origin, store, path, caplog).reason is Reason.SIZE_MISMATCH
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == ("bytes=100000-", status)
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:100_000]
+    # Served right again, the same kept prefix is resumed.
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    assert origin.requests[-1].range_header == "bytes=100000-"
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_206_with_an_unknown_total_inside_the_size_is_resumed(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert fetch(origin, store, "/unknown-total.bin").read_bytes() == DATA
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == ("bytes=100000-", 206)
 
 
 @pytest.mark.integration

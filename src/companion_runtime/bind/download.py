@@ -19,12 +19,14 @@ rules around it:
   accumulator finalized, and only then is the file published (fsync, 0444, rename, fsync dir).
 * Resume: a kept partial file is re-hashed into a fresh accumulator and continued with
   ``Range: bytes=N-``. The manifest's size is the contract: a ``206`` whose ``Content-Range``
-  names another total, or a ``416`` (the server's file ends before N) unless its
-  ``Content-Range`` names the manifest's size, is refused ``size_mismatch`` at once, and the
-  kept file stays as it was (a later pull from a server with the right file resumes it). A
-  ``206`` whose ``Content-Range`` does not start at N, or a ``416`` that names the manifest's
-  size, is dropped and the download restarted from 0 (once); a ``200`` answer to a Range request
-  restarts cleanly from 0 on the same response (truncate, new accumulator). A ``206`` whose body
+  names another total (or, with an unknown total ``*``, a range reaching past the size), a
+  ``200`` whose ``Content-Length`` is not the size, or a ``416`` (the server's file ends before
+  N) unless its ``Content-Range`` names the manifest's size, is refused ``size_mismatch`` at
+  once, and the kept file stays as it was (a later pull from a server with the right file
+  resumes it). A ``206`` whose ``Content-Range`` does not start at N, or a ``416`` that names
+  the manifest's size, is dropped and the download restarted from 0 (once); any other ``200``
+  answer to a Range request restarts cleanly from 0 on the same response (truncate, new
+  accumulator). A ``206`` whose body
   ends whole before the file does (a server may cover less than was asked for) is continued with
   another ``Range`` request from where it ended, as long as each such answer brings at least
   64 KiB (or :attr:`DownloadOptions.min_progress_bytes` when larger; else ``download_failed``), and
@@ -481,6 +483,14 @@ class _Download:
         if self.free_space(self.store.tmp_dir) < needed:
             raise DownloadError(Reason.INSUFFICIENT_DISK)
 
+    def _cut_back(self, fd: int, length: int) -> bool:
+        """Cut the partial file back to ``length`` bytes; whether that worked."""
+        try:
+            os.ftruncate(fd, length)
+        except OSError:
+            return False
+        return True
+
     def _refuse(self, verdict: Verdict) -> None:
         # Bytes that failed verification are worthless for a resume: drop them.
         self._discard()
@@ -568,7 +578,11 @@ class _Download:
                 if not self._content_range_ok(response.getheader("Content-Range"), offset):
                     raise _Restart
             elif offset and status == 200:
-                # The server ignored the Range: this body starts at byte 0.
+                # The server ignored the Range: this body starts at byte 0. One that announces
+                # another length than the manifest's size is another file: refused before the
+                # kept prefix is thrown away for it.
+                if not response.chunked and response.length not in (None, self.size):
+                    raise DownloadError(Reason.SIZE_MISMATCH)
                 offset = self._restart(fd)
             elif offset and status == 416:
                 self._check_unsatisfied_range(response.getheader("Content-Range"))
@@ -589,7 +603,12 @@ class _Download:
             # it serves another file (or lies). Fetching it all from byte 0 would only end in
             # the same refusal, after throwing the kept prefix away and the whole transfer.
             raise DownloadError(Reason.SIZE_MISMATCH)
-        return int(start) == offset and int(end) >= offset
+        if total == "*" and int(end) >= self.size:
+            # A total not known to the server, but a range reaching past the manifest's size:
+            # its file is longer. Streamed, the body would overrun the size, and the overrun
+            # would drop the kept prefix with it.
+            raise DownloadError(Reason.SIZE_MISMATCH)
+        return int(start) == offset and offset <= int(end) < self.size
 
     def _check_unsatisfied_range(self, header: str | None) -> None:
         """Refuse a ``416`` unless its Content-Range names the manifest's size.
@@ -703,8 +722,11 @@ class _Download:
                         # Let the core refuse the overrunning bytes; none of them is written.
                         wait()
                         verdict = accumulator.update(buffer[:filled])
-                        # A server that sends more than promised is not one to resume from.
-                        self._discard()
+                        # A server that sends more than promised is not one to resume from. A
+                        # range answer's overrun says nothing of the bytes kept before it: only
+                        # what it brought is dropped.
+                        if not ranged or not self._cut_back(fd, offset):
+                            self._discard()
                         raise DownloadError(
                             verdict.reason if not verdict.ok else Reason.SIZE_MISMATCH
                         )
