@@ -70,6 +70,7 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/ignore-range.bin": Fault(kind="ignore_range"),
         "/bad-range.bin": Fault(kind="bad_content_range"),
         "/huge-range.bin": Fault(kind="huge_content_range"),
+        "/capital-unit.bin": Fault(kind="range_answer", location="Bytes {start}-{last}/{size}"),
         "/short-range.bin": Fault(kind="short_range", stall_after_bytes=70_000),
         "/tiny-range.bin": Fault(kind="short_range", stall_after_bytes=1_000),
         "/byte-range.bin": Fault(kind="short_range", stall_after_bytes=1),
@@ -660,6 +661,22 @@ def test_wrong_content_range_restarts_without_range(
     first, second = origin.requests[before:]
     assert (first.range_header, first.status) == ("bytes=100000-", 206)
     assert (second.range_header, second.status) == (None, 200)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_content_range_s_unit_is_case_insensitive(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    # "Bytes 100000-299999/300000" is as good as "bytes ...": the range unit is
+    # case-insensitive (RFC 9110 section 14.1). It had the kept prefix thrown away, and the
+    # whole file fetched again from byte 0.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert fetch(origin, store, "/capital-unit.bin").read_bytes() == DATA
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == ("bytes=100000-", 206)
 
 
 @pytest.mark.integration

@@ -137,9 +137,13 @@ FreeSpace = Callable[[Path], int]
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 # ASCII digits only, at most 19 of them (any file size fits): a server's 5,000-digit number
 # must be a refused answer, not an int() past the interpreter's conversion limit.
-_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
+# The range unit is case-insensitive (RFC 9110 section 14.1): a server's "Bytes" is no reason
+# to throw the kept prefix away and start again from byte 0.
+_CONTENT_RANGE = re.compile(
+    r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)", re.IGNORECASE | re.ASCII
+)
 #: A ``416``'s Content-Range: the length of the server's file.
-_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]{1,19})")
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]{1,19})", re.IGNORECASE | re.ASCII)
 _USER_AGENT: Final = "companion-runtime"
 # Whitespace and control characters: URL parsers drop some of them (urljoin, like WHATWG,
 # removes a tab or a line break anywhere), so a Location holding one names no single target.
