@@ -7,6 +7,7 @@ the URL's query (a secret token) or the digest.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -999,3 +1000,71 @@ def test_a_failed_write_keeps_a_clean_prefix_even_when_space_comes_back_at_once(
     assert fetch(origin, store, "/m.bin").read_bytes() == DATA
     (request,) = origin.requests[before:]
     assert (request.range_header, request.status) == (f"bytes={len(kept)}-", 206)
+
+
+def _failing_fsync_of_the_partial(
+    monkeypatch: pytest.MonkeyPatch, error_number: int
+) -> threading.Event:
+    """Make the first fsync of a ``.partial`` file fail with ``error_number``, as a disk whose
+    writeback failed does; later ones succeed, as Linux reports such an error only once."""
+    real_fsync = os.fsync
+    failed = threading.Event()
+
+    def fsync(fd: int) -> None:
+        if not failed.is_set() and os.readlink(f"/proc/self/fd/{fd}").endswith(".partial"):
+            failed.set()
+            raise OSError(error_number, os.strerror(error_number))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return failed
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.parametrize(
+    ("error_number", "reason"),
+    [(errno.EIO, Reason.STORE_ERROR), (errno.ENOSPC, Reason.INSUFFICIENT_DISK)],
+)
+def test_a_download_whose_fsync_fails_is_not_kept_nor_published_later(
+    origin: FaultyOrigin,
+    store: ModelStore,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    error_number: int,
+    reason: Reason,
+) -> None:
+    # Every byte arrived, but the flush failed: they may never reach the disk. The file was
+    # kept, and the next pull re-hashed it from the page cache, which still shows the bytes,
+    # and published it without a request, its fsync passing (the error is reported once).
+    failed = _failing_fsync_of_the_partial(monkeypatch, error_number)
+    assert refused(origin, store, "/m.bin", caplog).reason is reason
+    assert failed.is_set()
+    assert not store.partial_path(DIGEST).exists()
+    before = len(origin.requests)
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == (None, 200)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_kept_partial_whose_fsync_fails_is_dropped(
+    origin: FaultyOrigin,
+    store: ModelStore,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A cancel mid-download keeps what arrived for a resume, flushed; a flush that fails
+    # leaves bytes that may never reach the disk, which were kept all the same.
+    failed = _failing_fsync_of_the_partial(monkeypatch, errno.EIO)
+    cancel = threading.Event()
+
+    def progress(received: int, _total: int) -> None:
+        if received >= 16 * 1024:
+            cancel.set()
+
+    error = refused(origin, store, "/stall.bin", caplog, progress=progress, cancel=cancel)
+    assert error.reason is Reason.CANCELLED
+    assert failed.is_set()
+    assert not store.partial_path(DIGEST).exists()

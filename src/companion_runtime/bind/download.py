@@ -45,8 +45,10 @@ rules around it:
   the true received count. A resumed download whose digest is wrong (the kept prefix was
   stale or tampered with) is fetched once more from byte 0 within the same call. A digest or
   size refusal deletes the partial file, and so does
-  any refusal that leaves it empty (free disk space, status, redirect, encoding): nothing is
-  left in ``tmp/`` unless it is a prefix to resume from. A kept file left read-only by a
+  any refusal that leaves it empty (free disk space, status, redirect, encoding), and so does
+  an fsync that fails (bytes whose flush failed may never reach the disk, though the page
+  cache still shows them, and the next fsync would not report it): nothing is left in ``tmp/``
+  unless it is a prefix to resume from. A kept file left read-only by a
   publish that did not complete is made writable again (it is resumed like any other).
 * Cancellation: ``cancel`` (a :class:`threading.Event`, set from another thread, say a
   signal handler's) stops the download within about :data:`httpsget.POLL_S
@@ -390,7 +392,18 @@ class _Download:
                 if self.cancelled is not None and self.cancelled():
                     raise DownloadError(Reason.CANCELLED)
                 self._fetch(fd, offset)
+        except BaseException:
+            self._close_after_failure(fd)
+            raise
+        try:
             os.fsync(fd)
+        except OSError:
+            # Bytes whose flush failed may never reach the disk, though the page cache still
+            # shows them: a re-hash would vouch for them, and a later fsync (the error is
+            # reported once) would let them be published. Not kept.
+            os.close(fd)
+            self._discard()
+            raise
         except BaseException:
             self._close_after_failure(fd)
             raise
@@ -505,17 +518,22 @@ class _Download:
             self.partial.unlink()
 
     def _close_after_failure(self, fd: int) -> None:
-        """Keep what was received (flushed to disk) for a resume; leave no empty file behind."""
-        empty = False
-        with contextlib.suppress(OSError):
+        """Keep what was received (flushed to disk) for a resume; leave no empty file behind,
+        nor one whose flush failed."""
+        discard = False
+        try:
             status = os.fstat(fd)
-            empty = status.st_size == 0
-            if not empty and status.st_nlink:
-                os.fsync(fd)
+            if status.st_nlink:  # not dropped already
+                discard = status.st_size == 0
+                if not discard:
+                    os.fsync(fd)
+        except OSError:
+            discard = True
         os.close(fd)
-        if empty:
+        if discard:
             # Nothing to resume from: a refusal before the first byte (disk space, status,
-            # redirect, encoding) or after a restart.
+            # redirect, encoding) or after a restart; or bytes whose flush failed, which may
+            # never reach the disk although a re-hash from the page cache would vouch for them.
             self._discard()
 
     # --- HTTP -----------------------------------------------------------------------------
