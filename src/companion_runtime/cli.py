@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -84,8 +85,18 @@ def _verified_exit(payload: Mapping[str, object], *, ok: bool, json_output: bool
         payload,
         ok=ok,
         json_output=json_output,
-        plain=lambda: typer.echo(path if path is not None else "ok"),
+        plain=lambda: typer.echo(_path_bytes(path) if isinstance(path, str) else "ok"),
     )
+
+
+def _path_bytes(path: str | os.PathLike[str]) -> bytes:
+    """A path as the bytes that name it, to be printed as they are.
+
+    A path that is not valid UTF-8 (a store named so) holds lone surrogates as a ``str``, which
+    a UTF-8 terminal's stream refuses to encode (``UnicodeEncodeError``): printed as text, it
+    ended ``pull`` with a traceback after the download, and dropped ``serve``'s ready line.
+    """
+    return os.fsencode(path)
 
 
 def _refusal_line(payload: Mapping[str, object]) -> str:
@@ -151,7 +162,7 @@ def _cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
                 signal.signal(signum, handler)
 
 
-def _say(message: str, *, err: bool = False) -> None:
+def _say(message: str | bytes, *, err: bool = False) -> None:
     """Print a line; an output nobody reads any more (a closed pipe, a hung-up terminal) is
     dropped.
 
@@ -443,7 +454,8 @@ def serve(
         if json_output:
             _say(json.dumps(running.ready_line()))
         else:
-            _say(f"serving {running.url}  token file: {running.token_file}")
+            line = f"serving {running.url}  token file: ".encode()
+            _say(line + _path_bytes(running.token_file))
 
     def on_progress(step: str) -> None:
         if not json_output:
