@@ -204,6 +204,17 @@ def _store_option(value: str) -> Path:
     return Path(value)
 
 
+def _default_state_dir() -> Path:
+    """The state directory ``serve`` will use (``.`` when none can be had: serve refuses
+    that itself, with ``store_error``)."""
+    from companion_runtime.bind.session import default_state_dir
+
+    try:
+        return default_state_dir()
+    except OSError:
+        return Path()
+
+
 def _is_utf8(path: Path) -> bool:
     try:
         str(path).encode("utf-8")
@@ -423,7 +434,9 @@ def serve(
     Exits 1 with a reason code when it is refused before ready, or when the supervisor gives
     up on the runtime once serving (restart_limit_reached after repeated crashes, or a blob
     that no longer verifies before a restart); it shuts down the same way first. With --json
-    that reason is a second line, {"ok": false, "reason": ...}.
+    that reason is a second line, {"ok": false, "reason": ...}. With --json, a state
+    directory whose path is not valid UTF-8 is a usage error (exit 2) before the download:
+    JSON text could not name the token file in it.
     """
     import asyncio
     import signal
@@ -445,6 +458,15 @@ def serve(
         refused = {"ok": False, "reason": error.reason.value, "field": error.field}
         _say(json.dumps(refused) if json_output else _refusal_line(refused), err=not json_output)
         raise typer.Exit(1) from None
+    if json_output and not _is_utf8(_default_state_dir()):
+        # The ready line names the token file, in the state directory: as for pull's store,
+        # JSON text could only carry such a path as lone-surrogate escapes. Refused before the
+        # download.
+        _usage_error(
+            "--json cannot print a token file path that is not valid UTF-8; set "
+            "COMPANION_RUNTIME_STATE_DIR to another directory, or leave --json out to have "
+            "the path printed as it is"
+        )
     options = ServeOptions(manifest_path=manifest, store=store, ca_bundle=ca_bundle, port=port)
     ready_seen = False
 

@@ -1207,6 +1207,36 @@ def _utf8_locale_env(state_dir: Path) -> dict[str, str]:
     return env
 
 
+def test_json_with_a_state_dir_that_is_not_utf8_is_a_usage_error_before_the_download(
+    tmp_path: Path,
+) -> None:
+    # The ready line names the token file in the state directory: such a path came out as a
+    # lone-surrogate escape ("\udcff"), which most readers turn into another path or refuse.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = Path(os.fsdecode(os.fsencode(tmp_path) + b"/state-\xff"))
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        finished = subprocess.run(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            capture_output=True,
+            env=_utf8_locale_env(state_dir),
+            timeout=120,
+        )
+        requests = origin.requests
+    assert (finished.returncode, finished.stdout) == (2, b"")
+    assert b"Error: --json cannot print a token file path that is not valid UTF-8" in (
+        finished.stderr
+    )
+    assert b"\xff" not in finished.stderr
+    assert requests == []
+    assert not state_dir.exists()
+
+
 def test_the_ready_line_names_a_token_file_that_is_not_utf8_as_its_bytes(
     tmp_path: Path,
 ) -> None:
