@@ -72,6 +72,9 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/bad-range.bin": Fault(kind="bad_content_range"),
         "/huge-range.bin": Fault(kind="huge_content_range"),
         "/capital-unit.bin": Fault(kind="range_answer", location="Bytes {start}-{last}/{size}"),
+        "/bad-range-then-503.bin": Fault(
+            kind="range_answer", location="bytes 0-{last}/{size}", status=503
+        ),
         "/short-range.bin": Fault(kind="short_range", stall_after_bytes=70_000),
         "/tiny-range.bin": Fault(kind="short_range", stall_after_bytes=1_000),
         "/byte-range.bin": Fault(kind="short_range", stall_after_bytes=1),
@@ -662,6 +665,26 @@ def test_wrong_content_range_restarts_without_range(
     first, second = origin.requests[before:]
     assert (first.range_header, first.status) == ("bytes=100000-", 206)
     assert (second.range_header, second.status) == (None, 200)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_restart_that_fails_before_its_answer_keeps_the_partial(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A 206 starting elsewhere than asked is dropped and the whole file asked for again. The
+    # kept prefix had been cut away before that request, so an answer that never came (here a
+    # 503) left nothing to resume from; the answer that replaces it is the 200.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert refused(origin, store, "/bad-range-then-503.bin", caplog).reason is Reason.HTTP_STATUS
+    first, second = origin.requests[before:]
+    assert (first.range_header, first.status) == ("bytes=100000-", 206)
+    assert (second.range_header, second.status) == (None, 503)
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:100_000]
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    assert origin.requests[-1].range_header == "bytes=100000-"
 
 
 @pytest.mark.integration

@@ -35,7 +35,8 @@ class Fault:
 
     kind: str
     #: For ``redirect``: the Location; for ``range_answer``: the Content-Range of its ``206``,
-    #: with ``{start}``, ``{last}`` (the file's last byte) and ``{size}`` filled in.
+    #: with ``{start}``, ``{last}`` (the file's last byte) and ``{size}`` filled in (and its
+    #: ``status``, when set, is the answer to a request without ``Range``).
     location: str = ""
     status: int = 0
     #: For ``stall`` (and ``chunked``): bytes sent before the server goes silent; for
@@ -168,7 +169,9 @@ class FaultHandler(OriginHandler):
                     b"",
                 )
         elif kind == "range_answer":
-            if record.range_header is None:
+            if record.range_header is None and fault.status:
+                self.send_status_only(record, fault.status)  # the whole file is refused
+            elif record.range_header is None:
                 super().respond(record, body, send_body)
             else:
                 # Everything from the byte asked for, under the Content-Range the fault names.

@@ -24,14 +24,15 @@ rules around it:
   N) unless its ``Content-Range`` names the manifest's size, is refused ``size_mismatch`` at
   once, and the kept file stays as it was (a later pull from a server with the right file
   resumes it). A ``206`` whose ``Content-Range`` does not start at N, or a ``416`` that names
-  the manifest's size, is dropped and the download restarted from 0 (once); any other ``200``
-  answer to a Range request restarts cleanly from 0 on the same response (truncate, new
-  accumulator). A ``206`` whose body
-  ends whole before the file does (a server may cover less than was asked for) is continued with
-  another ``Range`` request from where it ended, as long as each such answer brings at least
-  64 KiB (or :attr:`DownloadOptions.min_progress_bytes` when larger; else ``download_failed``), and
-  the minimum progress for each window of the whole time it took, its connect, redirects and
-  head included (else ``timeout``); the bytes of a refused one are kept.
+  the manifest's size, is dropped and the download restarted from 0 (once; the kept file is
+  replaced only once the ``200`` from byte 0 is here, so a restart that fails before leaves it
+  as it was); any other ``200`` answer to a Range request restarts cleanly from 0 on the same
+  response (truncate, new accumulator). A ``206`` whose body ends whole before the file does
+  (a server may cover less than was asked for) is continued with another ``Range`` request
+  from where it ended, as long as each such answer brings at least 64 KiB (or
+  :attr:`DownloadOptions.min_progress_bytes` when larger; else ``download_failed``), and the
+  minimum progress for each window of the whole time it took, its connect, redirects and head
+  included (else ``timeout``); the bytes of a refused one are kept.
 * Timeouts: :attr:`DownloadOptions.connect_timeout_s` for the TCP connect and TLS handshake,
   :attr:`DownloadOptions.stall_timeout_s` (default 30 s) for any single read, and a
   minimum-progress rule for a server that drips bytes just fast enough to keep every read
@@ -411,17 +412,20 @@ class _Download:
 
     def _fetch(self, fd: int, offset: int) -> None:
         context = _ssl_context(self.options.ca_bundle)
-        restarted = False
+        # Set once a range answer could not be used: the whole file is asked for again, and the
+        # kept file is replaced only once that answer is here, so a request that fails first
+        # (a broken connection, a refused status) leaves the kept prefix as it was.
+        replace = False
         while True:
             started = time.monotonic()
             try:
-                self._transfer(context, fd, offset)
+                self._transfer(context, fd, offset, replace=replace)
                 return
             except _Restart:
-                if restarted:
+                if replace:
                     raise DownloadError(Reason.DOWNLOAD_FAILED) from None
-                restarted = True
-                offset = self._restart(fd)
+                replace = True
+                offset = 0
             except _RangeEnded as ended:
                 self._check_short_answer(ended.brought, time.monotonic() - started)
                 offset += ended.brought
@@ -590,7 +594,10 @@ class _Download:
             current = following
         raise DownloadError(Reason.TOO_MANY_REDIRECTS)
 
-    def _transfer(self, context: ssl.SSLContext, fd: int, offset: int) -> None:
+    def _transfer(
+        self, context: ssl.SSLContext, fd: int, offset: int, *, replace: bool = False
+    ) -> None:
+        """One request from ``offset`` on (with ``replace``, from 0 to replace the kept file)."""
         with self._response(context, offset) as response:
             encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
             if encoding != "identity":
@@ -599,8 +606,9 @@ class _Download:
             if offset and status == 206:
                 if not self._content_range_ok(response.getheader("Content-Range"), offset):
                     raise _Restart
-            elif offset and status == 200:
-                # The server ignored the Range: this body starts at byte 0. One that announces
+            elif (offset or replace) and status == 200:
+                # The server ignored the Range (or none was sent, to start again): this body
+                # starts at byte 0 and replaces the kept file. One that announces
                 # another length than the manifest's size is another file: refused before the
                 # kept prefix is thrown away for it.
                 if not response.chunked and response.length not in (None, self.size):
