@@ -142,8 +142,22 @@ def _cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
     """
     import signal
 
+    setting = False
+
     def on_signal(_signum: int, _frame: object) -> None:
-        cancel.set()
+        # Python runs a handler between bytecodes, so a signal that comes while this one is
+        # inside cancel.set() runs it again right there; set() holds the event's lock, which
+        # is not reentrant, and a nested set() would wait for it forever: two signals in quick
+        # succession (Ctrl-C and a parent's SIGTERM, SIGHUP and SIGTERM on a closing session)
+        # hung the process until SIGKILL. A nested call has nothing to do: the flag is being set.
+        nonlocal setting
+        if setting or cancel.is_set():
+            return
+        setting = True
+        try:
+            cancel.set()
+        finally:
+            setting = False
 
     # Handlers can only be set from the main thread (the CLI's own); elsewhere nothing changes.
     previous = (
