@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -84,8 +85,18 @@ def _verified_exit(payload: Mapping[str, object], *, ok: bool, json_output: bool
         payload,
         ok=ok,
         json_output=json_output,
-        plain=lambda: typer.echo(path if path is not None else "ok"),
+        plain=lambda: typer.echo(_path_bytes(path) if isinstance(path, str) else "ok"),
     )
+
+
+def _path_bytes(path: str | os.PathLike[str]) -> bytes:
+    """A path as the bytes that name it, to be printed as they are.
+
+    A path that is not valid UTF-8 (a store named so) holds lone surrogates as a ``str``, which
+    a UTF-8 terminal's stream refuses to encode (``UnicodeEncodeError``): printed as text, it
+    ended ``pull`` with a traceback after the download, and dropped ``serve``'s ready line.
+    """
+    return os.fsencode(path)
 
 
 def _refusal_line(payload: Mapping[str, object]) -> str:
@@ -131,8 +142,22 @@ def _cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
     """
     import signal
 
+    setting = False
+
     def on_signal(_signum: int, _frame: object) -> None:
-        cancel.set()
+        # Python runs a handler between bytecodes, so a signal that comes while this one is
+        # inside cancel.set() runs it again right there; set() holds the event's lock, which
+        # is not reentrant, and a nested set() would wait for it forever: two signals in quick
+        # succession (Ctrl-C and a parent's SIGTERM, SIGHUP and SIGTERM on a closing session)
+        # hung the process until SIGKILL. A nested call has nothing to do: the flag is being set.
+        nonlocal setting
+        if setting or cancel.is_set():
+            return
+        setting = True
+        try:
+            cancel.set()
+        finally:
+            setting = False
 
     # Handlers can only be set from the main thread (the CLI's own); elsewhere nothing changes.
     previous = (
@@ -151,7 +176,7 @@ def _cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
                 signal.signal(signum, handler)
 
 
-def _say(message: str, *, err: bool = False) -> None:
+def _say(message: str | bytes, *, err: bool = False) -> None:
     """Print a line; an output nobody reads any more (a closed pipe, a hung-up terminal) is
     dropped.
 
@@ -191,6 +216,17 @@ def _store_option(value: str) -> Path:
     if not value:
         raise typer.BadParameter("it is empty (name the store directory, or leave --store out)")
     return Path(value)
+
+
+def _default_state_dir() -> Path:
+    """The state directory ``serve`` will use (``.`` when none can be had: serve refuses
+    that itself, with ``store_error``)."""
+    from companion_runtime.bind.session import default_state_dir
+
+    try:
+        return default_state_dir()
+    except OSError:
+        return Path()
 
 
 def _is_utf8(path: Path) -> bool:
@@ -412,7 +448,9 @@ def serve(
     Exits 1 with a reason code when it is refused before ready, or when the supervisor gives
     up on the runtime once serving (restart_limit_reached after repeated crashes, or a blob
     that no longer verifies before a restart); it shuts down the same way first. With --json
-    that reason is a second line, {"ok": false, "reason": ...}.
+    that reason is a second line, {"ok": false, "reason": ...}. With --json, a state
+    directory whose path is not valid UTF-8 is a usage error (exit 2) before the download:
+    JSON text could not name the token file in it.
     """
     import asyncio
     import signal
@@ -434,6 +472,15 @@ def serve(
         refused = {"ok": False, "reason": error.reason.value, "field": error.field}
         _say(json.dumps(refused) if json_output else _refusal_line(refused), err=not json_output)
         raise typer.Exit(1) from None
+    if json_output and not _is_utf8(_default_state_dir()):
+        # The ready line names the token file, in the state directory: as for pull's store,
+        # JSON text could only carry such a path as lone-surrogate escapes. Refused before the
+        # download.
+        _usage_error(
+            "--json cannot print a token file path that is not valid UTF-8; set "
+            "COMPANION_RUNTIME_STATE_DIR to another directory, or leave --json out to have "
+            "the path printed as it is"
+        )
     options = ServeOptions(manifest_path=manifest, store=store, ca_bundle=ca_bundle, port=port)
     ready_seen = False
 
@@ -443,7 +490,8 @@ def serve(
         if json_output:
             _say(json.dumps(running.ready_line()))
         else:
-            _say(f"serving {running.url}  token file: {running.token_file}")
+            line = f"serving {running.url}  token file: ".encode()
+            _say(line + _path_bytes(running.token_file))
 
     def on_progress(step: str) -> None:
         if not json_output:

@@ -7,6 +7,7 @@ the URL's query (a secret token) or the digest.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -70,11 +71,22 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/ignore-range.bin": Fault(kind="ignore_range"),
         "/bad-range.bin": Fault(kind="bad_content_range"),
         "/huge-range.bin": Fault(kind="huge_content_range"),
+        "/capital-unit.bin": Fault(kind="range_answer", location="Bytes {start}-{last}/{size}"),
+        "/bad-range-then-503.bin": Fault(
+            kind="range_answer", location="bytes 0-{last}/{size}", status=503
+        ),
         "/short-range.bin": Fault(kind="short_range", stall_after_bytes=70_000),
         "/tiny-range.bin": Fault(kind="short_range", stall_after_bytes=1_000),
         "/byte-range.bin": Fault(kind="short_range", stall_after_bytes=1),
         "/slow-range.bin": Fault(kind="short_range", stall_after_bytes=70_000, drip_interval_s=1),
         "/unsatisfiable-range.bin": Fault(kind="unsatisfiable_range"),
+        "/unknown-total.bin": Fault(kind="range_answer", location="bytes {start}-{last}/*"),
+        "/longer-unknown-total.bin": Fault(kind="range_answer", location="bytes {start}-{last}/*"),
+        "/longer-ignoring-range.bin": Fault(kind="ignore_range"),
+        "/overrunning-range.bin": Fault(
+            kind="range_answer", location=f"bytes {{start}}-{SIZE - 1}/{SIZE}"
+        ),
+        "/shorter-ignoring-range.bin": Fault(kind="ignore_range"),
         "/switch.bin": Fault(kind="switch_protocols"),
         "/extension-drip.bin": Fault(
             kind="chunk_extension_drip", stall_after_bytes=300, drip_interval_s=0.02
@@ -110,6 +122,10 @@ def origin() -> Iterator[FaultyOrigin]:
         # The model with more after it, and a shorter file: another size than the manifest's.
         "/longer.bin": DATA + bytes(5000),
         "/shorter.bin": DATA[:240_000],
+        "/longer-unknown-total.bin": DATA + bytes(5000),
+        "/longer-ignoring-range.bin": DATA + bytes(5000),
+        "/overrunning-range.bin": DATA + bytes(5000),
+        "/shorter-ignoring-range.bin": DATA[:240_000],
     }
     with FaultyOrigin(files) as server:
         server.faults.update(fault_paths(server.base_url))
@@ -653,6 +669,42 @@ def test_wrong_content_range_restarts_without_range(
 
 @pytest.mark.integration
 @pytest.mark.data_integrity
+def test_a_restart_that_fails_before_its_answer_keeps_the_partial(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A 206 starting elsewhere than asked is dropped and the whole file asked for again. The
+    # kept prefix had been cut away before that request, so an answer that never came (here a
+    # 503) left nothing to resume from; the answer that replaces it is the 200.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert refused(origin, store, "/bad-range-then-503.bin", caplog).reason is Reason.HTTP_STATUS
+    first, second = origin.requests[before:]
+    assert (first.range_header, first.status) == ("bytes=100000-", 206)
+    assert (second.range_header, second.status) == (None, 503)
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:100_000]
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    assert origin.requests[-1].range_header == "bytes=100000-"
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_content_range_s_unit_is_case_insensitive(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    # "Bytes 100000-299999/300000" is as good as "bytes ...": the range unit is
+    # case-insensitive (RFC 9110 section 14.1). It had the kept prefix thrown away, and the
+    # whole file fetched again from byte 0.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert fetch(origin, store, "/capital-unit.bin").read_bytes() == DATA
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == ("bytes=100000-", 206)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
 def test_a_206_covering_less_than_the_rest_is_continued_and_its_bytes_kept(
     origin: FaultyOrigin, store: ModelStore
 ) -> None:
@@ -859,6 +911,55 @@ def test_a_416_that_names_the_manifest_s_size_restarts_once_from_zero(
 
 
 @pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/longer-unknown-total.bin", 206),
+        # Its Content-Range names the manifest's size, but its body runs past it.
+        ("/overrunning-range.bin", 206),
+        ("/longer-ignoring-range.bin", 200),
+        ("/shorter-ignoring-range.bin", 200),
+    ],
+)
+def test_any_answer_to_a_range_for_a_file_of_another_size_keeps_the_partial(
+    origin: FaultyOrigin,
+    store: ModelStore,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    status: int,
+) -> None:
+    # A 206 with an unknown total ("*") whose range reaches past the manifest's size, or a 200
+    # (the Range ignored) whose Content-Length is not that size: the server's file has another
+    # size. The 206 overran the size and the overrun dropped the kept prefix (as it did for a
+    # 206 whose body runs past the size its Content-Range names); the 200 cut the kept prefix
+    # away before its whole body was fetched, only to be refused.
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert refused(origin, store, path, caplog).reason is Reason.SIZE_MISMATCH
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == ("bytes=100000-", status)
+    assert store.partial_path(DIGEST).read_bytes() == DATA[:100_000]
+    # Served right again, the same kept prefix is resumed.
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    assert origin.requests[-1].range_header == "bytes=100000-"
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_206_with_an_unknown_total_inside_the_size_is_resumed(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert fetch(origin, store, "/unknown-total.bin").read_bytes() == DATA
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == ("bytes=100000-", 206)
+
+
+@pytest.mark.integration
 def test_connection_refused_is_download_failed(
     store: ModelStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -922,3 +1023,71 @@ def test_a_failed_write_keeps_a_clean_prefix_even_when_space_comes_back_at_once(
     assert fetch(origin, store, "/m.bin").read_bytes() == DATA
     (request,) = origin.requests[before:]
     assert (request.range_header, request.status) == (f"bytes={len(kept)}-", 206)
+
+
+def _failing_fsync_of_the_partial(
+    monkeypatch: pytest.MonkeyPatch, error_number: int
+) -> threading.Event:
+    """Make the first fsync of a ``.partial`` file fail with ``error_number``, as a disk whose
+    writeback failed does; later ones succeed, as Linux reports such an error only once."""
+    real_fsync = os.fsync
+    failed = threading.Event()
+
+    def fsync(fd: int) -> None:
+        if not failed.is_set() and os.readlink(f"/proc/self/fd/{fd}").endswith(".partial"):
+            failed.set()
+            raise OSError(error_number, os.strerror(error_number))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return failed
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.parametrize(
+    ("error_number", "reason"),
+    [(errno.EIO, Reason.STORE_ERROR), (errno.ENOSPC, Reason.INSUFFICIENT_DISK)],
+)
+def test_a_download_whose_fsync_fails_is_not_kept_nor_published_later(
+    origin: FaultyOrigin,
+    store: ModelStore,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    error_number: int,
+    reason: Reason,
+) -> None:
+    # Every byte arrived, but the flush failed: they may never reach the disk. The file was
+    # kept, and the next pull re-hashed it from the page cache, which still shows the bytes,
+    # and published it without a request, its fsync passing (the error is reported once).
+    failed = _failing_fsync_of_the_partial(monkeypatch, error_number)
+    assert refused(origin, store, "/m.bin", caplog).reason is reason
+    assert failed.is_set()
+    assert not store.partial_path(DIGEST).exists()
+    before = len(origin.requests)
+    assert fetch(origin, store, "/m.bin").read_bytes() == DATA
+    (request,) = origin.requests[before:]
+    assert (request.range_header, request.status) == (None, 200)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_kept_partial_whose_fsync_fails_is_dropped(
+    origin: FaultyOrigin,
+    store: ModelStore,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A cancel mid-download keeps what arrived for a resume, flushed; a flush that fails
+    # leaves bytes that may never reach the disk, which were kept all the same.
+    failed = _failing_fsync_of_the_partial(monkeypatch, errno.EIO)
+    cancel = threading.Event()
+
+    def progress(received: int, _total: int) -> None:
+        if received >= 16 * 1024:
+            cancel.set()
+
+    error = refused(origin, store, "/stall.bin", caplog, progress=progress, cancel=cancel)
+    assert error.reason is Reason.CANCELLED
+    assert failed.is_set()
+    assert not store.partial_path(DIGEST).exists()

@@ -409,3 +409,35 @@ def test_json_with_a_store_path_that_is_not_utf8_is_a_usage_error(
     blob = ModelStore(store).blob_path(SMALL_DIGEST)
     assert result.stdout == os.fsencode(blob) + b"\n"
     assert blob.read_bytes() == SMALL
+
+
+def utf8_locale_env() -> dict[str, str]:
+    """The environment with standard streams as a UTF-8 locale such as en_US.UTF-8 gives
+    Python: strict, refusing to encode a lone surrogate (under the C or C.UTF-8 locale they
+    pass such bytes through). Set with PYTHONIOENCODING, as not every machine has a locale
+    besides C."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("PYTHONIOENCODING", "PYTHONUTF8") and not name.startswith("LC_")
+    }
+    env["LC_ALL"] = env["LANG"] = "C.UTF-8"
+    env["PYTHONIOENCODING"] = "utf-8"  # strict, as under en_US.UTF-8
+    return env
+
+
+@pytest.mark.e2e
+def test_a_store_path_that_is_not_utf8_is_printed_as_its_bytes_under_a_utf8_locale(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # Printed as text, the path's lone surrogate could not be encoded: the pull ended with a
+    # UnicodeEncodeError traceback and exit 1, after the model was downloaded and published.
+    manifest = write_manifest(tmp_path, origin, "/small.bin", SMALL_DIGEST, len(SMALL))
+    store = Path(os.fsdecode(os.fsencode(tmp_path) + b"/store-\xff"))
+    result = subprocess.run(
+        command(manifest, store, origin), capture_output=True, env=utf8_locale_env(), timeout=120
+    )
+    assert b"Traceback" not in result.stderr
+    assert result.returncode == 0, result.stderr
+    blob = ModelStore(store).blob_path(SMALL_DIGEST)
+    assert result.stdout == os.fsencode(blob) + b"\n"

@@ -1191,3 +1191,87 @@ def test_serve_help_documents_the_give_up_exit() -> None:
     assert finished.returncode == 0
     assert "Exits 1" in finished.stdout
     assert "restart_limit_reached" in finished.stdout
+
+
+def _utf8_locale_env(state_dir: Path) -> dict[str, str]:
+    """``serve_env`` with standard streams as a UTF-8 locale such as en_US.UTF-8 gives Python:
+    strict, refusing to encode a lone surrogate (set with PYTHONIOENCODING, as not every
+    machine has a locale besides C and C.UTF-8, under which they pass such bytes through)."""
+    env = {
+        name: value
+        for name, value in serve_env(state_dir).items()
+        if name not in ("PYTHONIOENCODING", "PYTHONUTF8") and not name.startswith("LC_")
+    }
+    env["LC_ALL"] = env["LANG"] = "C.UTF-8"
+    env["PYTHONIOENCODING"] = "utf-8"  # strict, as under en_US.UTF-8
+    return env
+
+
+def test_json_with_a_state_dir_that_is_not_utf8_is_a_usage_error_before_the_download(
+    tmp_path: Path,
+) -> None:
+    # The ready line names the token file in the state directory: such a path came out as a
+    # lone-surrogate escape ("\udcff"), which most readers turn into another path or refuse.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = Path(os.fsdecode(os.fsencode(tmp_path) + b"/state-\xff"))
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        finished = subprocess.run(
+            serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+            capture_output=True,
+            env=_utf8_locale_env(state_dir),
+            timeout=120,
+        )
+        requests = origin.requests
+    assert (finished.returncode, finished.stdout) == (2, b"")
+    assert b"Error: --json cannot print a token file path that is not valid UTF-8" in (
+        finished.stderr
+    )
+    assert b"\xff" not in finished.stderr
+    assert requests == []
+    assert not state_dir.exists()
+
+
+def test_the_ready_line_names_a_token_file_that_is_not_utf8_as_its_bytes(
+    tmp_path: Path,
+) -> None:
+    # Printed as text under a UTF-8 locale, the token file's path could not be encoded: the
+    # ready line was dropped, and standard output sent to the null device.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    state_dir = Path(os.fsdecode(os.fsencode(tmp_path) + b"/state-\xff"))
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        argv = serve_command(manifest, tmp_path / "store", origin.ca_pem_path)
+        argv.remove("--json")
+        process = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_utf8_locale_env(state_dir),
+        )
+        try:
+            # Ready once it recorded itself (the ready line may not come).
+            assert wait_for(lambda: (state_dir / "serve.json").exists(), 60)
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            stdout, stderr = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+    assert process.returncode == 0, stderr[-3000:]
+    assert b"Traceback" not in stderr
+    (line,) = stdout.splitlines()
+    prefix, _, token_file = line.partition(b"  token file: ")
+    assert prefix.startswith(b"serving http://127.0.0.1:")
+    assert token_file.startswith(os.fsencode(state_dir) + b"/frontdoor-")

@@ -212,3 +212,29 @@ def test_a_signal_while_hashing_is_refused_cancelled(
     else:
         assert stdout == ""
         assert stderr.strip() == "refused: cancelled"
+
+
+@pytest.mark.e2e
+def test_signals_in_quick_succession_never_hang_the_cancel(tmp_path: Path) -> None:
+    # A signal that came while the handler was inside Event.set() ran the handler again inside
+    # it, and the nested set() waited forever for the lock the outer one held: verify, pull,
+    # status or the demo hung until SIGKILL. Here a second process sends SIGHUP after SIGHUP
+    # while the handlers that verify, pull and status use are in place.
+    script = tmp_path / "flood.py"
+    script.write_text(
+        "import os, signal, subprocess, sys, threading\n"
+        "from companion_runtime.cli import _cancel_on_signals\n"
+        "cancel = threading.Event()\n"
+        "with _cancel_on_signals(cancel):\n"
+        "    shooter = subprocess.Popen([sys.executable, '-c', 'import os, signal\\n'\n"
+        "        f'for _ in range(20000): os.kill({os.getpid()}, signal.SIGHUP)'])\n"
+        "    while shooter.poll() is None:\n"
+        "        cancel.is_set()\n"
+        "print(cancel.is_set(), shooter.returncode)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for _ in range(3):
+        finished = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert (finished.returncode, finished.stdout) == (0, "True 0\n"), finished.stderr

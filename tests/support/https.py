@@ -30,10 +30,13 @@ class Fault:
     ``gzip`` | ``status`` | ``stall`` | ``ignore_range`` | ``bad_content_range`` |
     ``huge_content_range`` | ``set_cookie_redirect`` | ``drip`` | ``chunked`` |
     ``chunked_cut`` | ``switch_protocols`` | ``chunk_extension_drip`` | ``short_range`` |
-    ``unsatisfiable_range``.
+    ``unsatisfiable_range`` | ``range_answer``.
     """
 
     kind: str
+    #: For ``redirect``: the Location; for ``range_answer``: the Content-Range of its ``206``,
+    #: with ``{start}``, ``{last}`` (the file's last byte) and ``{size}`` filled in (and its
+    #: ``status``, when set, is the answer to a request without ``Range``).
     location: str = ""
     status: int = 0
     #: For ``stall`` (and ``chunked``): bytes sent before the server goes silent; for
@@ -164,6 +167,23 @@ class FaultHandler(OriginHandler):
                     416,
                     {"Content-Range": f"bytes */{len(body)}", "Content-Length": "0"},
                     b"",
+                )
+        elif kind == "range_answer":
+            if record.range_header is None and fault.status:
+                self.send_status_only(record, fault.status)  # the whole file is refused
+            elif record.range_header is None:
+                super().respond(record, body, send_body)
+            else:
+                # Everything from the byte asked for, under the Content-Range the fault names.
+                start = int(record.range_header.removeprefix("bytes=").removesuffix("-"))
+                content_range = fault.location.format(
+                    start=start, last=len(body) - 1, size=len(body)
+                )
+                self._raw(
+                    record,
+                    206,
+                    {"Content-Length": str(len(body) - start), "Content-Range": content_range},
+                    body[start:],
                 )
         elif kind == "chunk_extension_drip":
             # Chunked, then one chunk extension dripped in, never a body byte: every read

@@ -19,17 +19,20 @@ rules around it:
   accumulator finalized, and only then is the file published (fsync, 0444, rename, fsync dir).
 * Resume: a kept partial file is re-hashed into a fresh accumulator and continued with
   ``Range: bytes=N-``. The manifest's size is the contract: a ``206`` whose ``Content-Range``
-  names another total, or a ``416`` (the server's file ends before N) unless its
-  ``Content-Range`` names the manifest's size, is refused ``size_mismatch`` at once, and the
-  kept file stays as it was (a later pull from a server with the right file resumes it). A
-  ``206`` whose ``Content-Range`` does not start at N, or a ``416`` that names the manifest's
-  size, is dropped and the download restarted from 0 (once); a ``200`` answer to a Range request
-  restarts cleanly from 0 on the same response (truncate, new accumulator). A ``206`` whose body
-  ends whole before the file does (a server may cover less than was asked for) is continued with
-  another ``Range`` request from where it ended, as long as each such answer brings at least
-  64 KiB (or :attr:`DownloadOptions.min_progress_bytes` when larger; else ``download_failed``), and
-  the minimum progress for each window of the whole time it took, its connect, redirects and
-  head included (else ``timeout``); the bytes of a refused one are kept.
+  names another total (or, with an unknown total ``*``, a range reaching past the size), a
+  ``200`` whose ``Content-Length`` is not the size, or a ``416`` (the server's file ends before
+  N) unless its ``Content-Range`` names the manifest's size, is refused ``size_mismatch`` at
+  once, and the kept file stays as it was (a later pull from a server with the right file
+  resumes it). A ``206`` whose ``Content-Range`` does not start at N, or a ``416`` that names
+  the manifest's size, is dropped and the download restarted from 0 (once; the kept file is
+  replaced only once the ``200`` from byte 0 is here, so a restart that fails before leaves it
+  as it was); any other ``200`` answer to a Range request restarts cleanly from 0 on the same
+  response (truncate, new accumulator). A ``206`` whose body ends whole before the file does
+  (a server may cover less than was asked for) is continued with another ``Range`` request
+  from where it ended, as long as each such answer brings at least 64 KiB (or
+  :attr:`DownloadOptions.min_progress_bytes` when larger; else ``download_failed``), and the
+  minimum progress for each window of the whole time it took, its connect, redirects and head
+  included (else ``timeout``); the bytes of a refused one are kept.
 * Timeouts: :attr:`DownloadOptions.connect_timeout_s` for the TCP connect and TLS handshake,
   :attr:`DownloadOptions.stall_timeout_s` (default 30 s) for any single read, and a
   minimum-progress rule for a server that drips bytes just fast enough to keep every read
@@ -43,8 +46,10 @@ rules around it:
   the true received count. A resumed download whose digest is wrong (the kept prefix was
   stale or tampered with) is fetched once more from byte 0 within the same call. A digest or
   size refusal deletes the partial file, and so does
-  any refusal that leaves it empty (free disk space, status, redirect, encoding): nothing is
-  left in ``tmp/`` unless it is a prefix to resume from. A kept file left read-only by a
+  any refusal that leaves it empty (free disk space, status, redirect, encoding), and so does
+  an fsync that fails (bytes whose flush failed may never reach the disk, though the page
+  cache still shows them, and the next fsync would not report it): nothing is left in ``tmp/``
+  unless it is a prefix to resume from. A kept file left read-only by a
   publish that did not complete is made writable again (it is resumed like any other).
 * Cancellation: ``cancel`` (a :class:`threading.Event`, set from another thread, say a
   signal handler's) stops the download within about :data:`httpsget.POLL_S
@@ -135,9 +140,13 @@ FreeSpace = Callable[[Path], int]
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 # ASCII digits only, at most 19 of them (any file size fits): a server's 5,000-digit number
 # must be a refused answer, not an int() past the interpreter's conversion limit.
-_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
+# The range unit is case-insensitive (RFC 9110 section 14.1): a server's "Bytes" is no reason
+# to throw the kept prefix away and start again from byte 0.
+_CONTENT_RANGE = re.compile(
+    r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)", re.IGNORECASE | re.ASCII
+)
 #: A ``416``'s Content-Range: the length of the server's file.
-_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]{1,19})")
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]{1,19})", re.IGNORECASE | re.ASCII)
 _USER_AGENT: Final = "companion-runtime"
 # Whitespace and control characters: URL parsers drop some of them (urljoin, like WHATWG,
 # removes a tab or a line break anywhere), so a Location holding one names no single target.
@@ -384,7 +393,18 @@ class _Download:
                 if self.cancelled is not None and self.cancelled():
                     raise DownloadError(Reason.CANCELLED)
                 self._fetch(fd, offset)
+        except BaseException:
+            self._close_after_failure(fd)
+            raise
+        try:
             os.fsync(fd)
+        except OSError:
+            # Bytes whose flush failed may never reach the disk, though the page cache still
+            # shows them: a re-hash would vouch for them, and a later fsync (the error is
+            # reported once) would let them be published. Not kept.
+            os.close(fd)
+            self._discard()
+            raise
         except BaseException:
             self._close_after_failure(fd)
             raise
@@ -392,17 +412,20 @@ class _Download:
 
     def _fetch(self, fd: int, offset: int) -> None:
         context = _ssl_context(self.options.ca_bundle)
-        restarted = False
+        # Set once a range answer could not be used: the whole file is asked for again, and the
+        # kept file is replaced only once that answer is here, so a request that fails first
+        # (a broken connection, a refused status) leaves the kept prefix as it was.
+        replace = False
         while True:
             started = time.monotonic()
             try:
-                self._transfer(context, fd, offset)
+                self._transfer(context, fd, offset, replace=replace)
                 return
             except _Restart:
-                if restarted:
+                if replace:
                     raise DownloadError(Reason.DOWNLOAD_FAILED) from None
-                restarted = True
-                offset = self._restart(fd)
+                replace = True
+                offset = 0
             except _RangeEnded as ended:
                 self._check_short_answer(ended.brought, time.monotonic() - started)
                 offset += ended.brought
@@ -481,6 +504,14 @@ class _Download:
         if self.free_space(self.store.tmp_dir) < needed:
             raise DownloadError(Reason.INSUFFICIENT_DISK)
 
+    def _cut_back(self, fd: int, length: int) -> bool:
+        """Cut the partial file back to ``length`` bytes; whether that worked."""
+        try:
+            os.ftruncate(fd, length)
+        except OSError:
+            return False
+        return True
+
     def _refuse(self, verdict: Verdict) -> None:
         # Bytes that failed verification are worthless for a resume: drop them.
         self._discard()
@@ -491,17 +522,22 @@ class _Download:
             self.partial.unlink()
 
     def _close_after_failure(self, fd: int) -> None:
-        """Keep what was received (flushed to disk) for a resume; leave no empty file behind."""
-        empty = False
-        with contextlib.suppress(OSError):
+        """Keep what was received (flushed to disk) for a resume; leave no empty file behind,
+        nor one whose flush failed."""
+        discard = False
+        try:
             status = os.fstat(fd)
-            empty = status.st_size == 0
-            if not empty and status.st_nlink:
-                os.fsync(fd)
+            if status.st_nlink:  # not dropped already
+                discard = status.st_size == 0
+                if not discard:
+                    os.fsync(fd)
+        except OSError:
+            discard = True
         os.close(fd)
-        if empty:
+        if discard:
             # Nothing to resume from: a refusal before the first byte (disk space, status,
-            # redirect, encoding) or after a restart.
+            # redirect, encoding) or after a restart; or bytes whose flush failed, which may
+            # never reach the disk although a re-hash from the page cache would vouch for them.
             self._discard()
 
     # --- HTTP -----------------------------------------------------------------------------
@@ -558,7 +594,10 @@ class _Download:
             current = following
         raise DownloadError(Reason.TOO_MANY_REDIRECTS)
 
-    def _transfer(self, context: ssl.SSLContext, fd: int, offset: int) -> None:
+    def _transfer(
+        self, context: ssl.SSLContext, fd: int, offset: int, *, replace: bool = False
+    ) -> None:
+        """One request from ``offset`` on (with ``replace``, from 0 to replace the kept file)."""
         with self._response(context, offset) as response:
             encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
             if encoding != "identity":
@@ -567,8 +606,13 @@ class _Download:
             if offset and status == 206:
                 if not self._content_range_ok(response.getheader("Content-Range"), offset):
                     raise _Restart
-            elif offset and status == 200:
-                # The server ignored the Range: this body starts at byte 0.
+            elif (offset or replace) and status == 200:
+                # The server ignored the Range (or none was sent, to start again): this body
+                # starts at byte 0 and replaces the kept file. One that announces
+                # another length than the manifest's size is another file: refused before the
+                # kept prefix is thrown away for it.
+                if not response.chunked and response.length not in (None, self.size):
+                    raise DownloadError(Reason.SIZE_MISMATCH)
                 offset = self._restart(fd)
             elif offset and status == 416:
                 self._check_unsatisfied_range(response.getheader("Content-Range"))
@@ -589,7 +633,12 @@ class _Download:
             # it serves another file (or lies). Fetching it all from byte 0 would only end in
             # the same refusal, after throwing the kept prefix away and the whole transfer.
             raise DownloadError(Reason.SIZE_MISMATCH)
-        return int(start) == offset and int(end) >= offset
+        if total == "*" and int(end) >= self.size:
+            # A total not known to the server, but a range reaching past the manifest's size:
+            # its file is longer. Streamed, the body would overrun the size, and the overrun
+            # would drop the kept prefix with it.
+            raise DownloadError(Reason.SIZE_MISMATCH)
+        return int(start) == offset and offset <= int(end) < self.size
 
     def _check_unsatisfied_range(self, header: str | None) -> None:
         """Refuse a ``416`` unless its Content-Range names the manifest's size.
@@ -703,8 +752,11 @@ class _Download:
                         # Let the core refuse the overrunning bytes; none of them is written.
                         wait()
                         verdict = accumulator.update(buffer[:filled])
-                        # A server that sends more than promised is not one to resume from.
-                        self._discard()
+                        # A server that sends more than promised is not one to resume from. A
+                        # range answer's overrun says nothing of the bytes kept before it: only
+                        # what it brought is dropped.
+                        if not ranged or not self._cut_back(fd, offset):
+                            self._discard()
                         raise DownloadError(
                             verdict.reason if not verdict.ok else Reason.SIZE_MISMATCH
                         )
