@@ -562,3 +562,18 @@ def test_a_blob_someone_else_could_change_is_never_used_and_is_fetched_again(
     assert info.st_uid == os.geteuid()
     assert stat.S_IMODE(info.st_mode) == 0o444
     assert len(body_requests(origin, "/m.bin")) == 2
+
+
+@pytest.mark.integration
+@pytest.mark.security
+def test_a_store_inside_a_directory_others_can_write_to_is_refused_before_any_request(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # Another user who can rename entries there had moved the verified store aside after the
+    # pull, and put one of their own at its path: the path the pull named held their bytes.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    result = pull(origin, ModelStore(shared / "models"))
+    assert result.verdict.reason is Reason.STORE_ERROR
+    assert not body_requests(origin, "/m.bin")
