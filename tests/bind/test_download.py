@@ -641,6 +641,47 @@ def test_a_read_only_partial_that_is_a_symlink_is_refused_and_its_target_left_al
 
 
 @pytest.mark.integration
+@pytest.mark.security
+@pytest.mark.data_integrity
+@pytest.mark.parametrize("kept", ["another-user-s-file", "hard-link", "fifo"])
+def test_a_partial_that_is_no_file_of_the_store_s_own_is_refused_and_left_alone(
+    origin: FaultyOrigin, store: ModelStore, tmp_path: Path, kept: str
+) -> None:
+    # Only a file the store made itself is resumed: a regular file of this user with no
+    # other name. Another user's file there had been written into and published as the blob
+    # (root opens it all the same), so its owner could change the verified model at will;
+    # a hard link's other name (a backup snapshot's copy) had been cut and overwritten, and
+    # the blob published shared its bytes with it.
+    store.ensure_layout()
+    partial = store.partial_path(DIGEST)
+    elsewhere = tmp_path / "elsewhere"
+    if kept == "another-user-s-file":
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        partial.write_bytes(DATA[:100_000])
+        partial.chmod(0o666)
+        os.chown(partial, OTHER_UID, OTHER_UID)
+        before = DATA[:100_000]
+    elif kept == "hard-link":
+        before = b"x" * 100_000  # a stale prefix: the resume drops it and starts from 0
+        elsewhere.write_bytes(before)
+        os.link(elsewhere, partial)
+    else:
+        os.mkfifo(partial)
+        before = b""
+    requests = len(origin.requests)
+    with pytest.raises(DownloadError) as refused:
+        fetch(origin, store, "/m.bin")
+    assert refused.value.reason is Reason.STORE_ERROR
+    assert_nothing_published(store)
+    if kept == "hard-link":
+        assert elsewhere.read_bytes() == before
+    if kept != "fifo":
+        assert partial.read_bytes() == before
+    assert len(origin.requests) == requests
+
+
+@pytest.mark.integration
 @pytest.mark.data_integrity
 def test_200_answer_to_range_restarts_from_zero(origin: FaultyOrigin, store: ModelStore) -> None:
     store.ensure_layout()

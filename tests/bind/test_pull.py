@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import stat
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +38,8 @@ from tests.support.supervision import wait_for
 SIZE = 400_000
 DATA, DIGEST = model_bytes(SIZE, seed=7)
 FAST = DownloadOptions(connect_timeout_s=5, stall_timeout_s=5, buffer_bytes=32 * 1024)
+#: The user a root-run test acts as (nobody).
+OTHER_UID = 65534
 
 
 @pytest.fixture
@@ -304,6 +310,22 @@ def test_a_verified_blob_in_a_read_only_store_is_used(
 
 
 @pytest.mark.integration
+def test_a_blob_on_a_read_only_mount_is_used_whoever_may_write_it(
+    origin: FaultyOrigin, mount: Path
+) -> None:
+    # Nobody can change a file on a read-only mount, whatever its owner and mode say.
+    store = ModelStore(mount / "store")
+    blob = pull(origin, store).path
+    assert blob is not None
+    blob.chmod(0o666)
+    os.chown(blob, OTHER_UID, OTHER_UID)
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    result = pull(origin, store)
+    assert result.ok and result.path == blob
+    assert len(body_requests(origin, "/m.bin")) == 1
+
+
+@pytest.mark.integration
 def test_unknown_policy_is_refused_without_touching_the_blob(
     origin: FaultyOrigin, tmp_path: Path
 ) -> None:
@@ -456,3 +478,102 @@ def test_a_cancel_during_the_re_verify_keeps_the_stored_blob(
     assert store.blob_path(DIGEST).read_bytes() == DATA
     assert len(body_requests(origin, "/m.bin")) == 1
     assert lock_is_free(store, DIGEST)
+
+
+# --- a blob someone else could change -----------------------------------------------------
+
+
+def _write_as_another_user(path: Path, groups: list[int]) -> str:
+    """In a child process of another user (in ``groups``), overwrite the start of ``path``,
+    making it writable first when that user owns it; ``"wrote"`` or why not."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups(groups)
+            os.setgid(OTHER_UID)
+            os.setuid(OTHER_UID)
+            try:
+                with contextlib.suppress(PermissionError):
+                    os.chmod(path, 0o666)
+                fd = os.open(path, os.O_WRONLY)
+                os.pwrite(fd, b"EVIL", 0)
+                os.close(fd)
+                answer = "wrote"
+            except OSError as error:
+                answer = f"refused {error.errno}"
+            os.write(write_end, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.fixture
+def open_store() -> Iterator[ModelStore]:
+    """A store whose directories others may enter but not write (made by hand, umask 022)."""
+    directory = Path(tempfile.mkdtemp())
+    directory.chmod(0o755)
+    root = directory / "store"
+    try:
+        store = ModelStore(root)
+        store.ensure_layout()
+        for entry in (root, store.blobs_dir, store.tmp_dir, store.locks_dir):
+            entry.chmod(0o755)
+        yield store
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="writing as another user needs root")
+@pytest.mark.parametrize("writable_by", ["others", "group", "its-owner"])
+def test_a_blob_someone_else_could_change_is_never_used_and_is_fetched_again(
+    origin: FaultyOrigin, open_store: ModelStore, writable_by: str
+) -> None:
+    # Verified bytes are only the bytes loaded if nobody else can change them between the
+    # re-verify and the runtime's open (or under its mmap, after). A blob is published
+    # read-only and ours, but one copied in by hand, restored from a backup or left by another
+    # user may be writable by others: it had passed as verified, and another user then wrote
+    # into the very file the pull named.
+    store = open_store
+    blob = pull(origin, store).path
+    assert blob is not None
+    groups: list[int] = []
+    if writable_by == "others":
+        blob.chmod(0o666)
+    elif writable_by == "group":
+        blob.chmod(0o664)
+        groups = [blob.stat().st_gid]
+    else:
+        os.chown(blob, OTHER_UID, OTHER_UID)
+    result = pull(origin, store)
+    assert result.ok and result.path == blob
+    attempt = _write_as_another_user(blob, groups)
+    assert attempt.startswith("refused"), attempt
+    assert blob.read_bytes() == DATA
+    info = blob.stat()
+    assert info.st_uid == os.geteuid()
+    assert stat.S_IMODE(info.st_mode) == 0o444
+    assert len(body_requests(origin, "/m.bin")) == 2
+
+
+@pytest.mark.integration
+@pytest.mark.security
+def test_a_store_inside_a_directory_others_can_write_to_is_refused_before_any_request(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # Another user who can rename entries there had moved the verified store aside after the
+    # pull, and put one of their own at its path: the path the pull named held their bytes.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    result = pull(origin, ModelStore(shared / "models"))
+    assert result.verdict.reason is Reason.STORE_ERROR
+    assert not body_requests(origin, "/m.bin")

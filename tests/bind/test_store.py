@@ -159,6 +159,69 @@ def test_a_store_of_another_user_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.parametrize("mode", [0o777, 0o773, 0o757], ids=["all", "others", "others-no-read"])
+@pytest.mark.parametrize("through", ["path", "symlink"])
+def test_a_store_inside_a_directory_others_can_write_to_is_refused(
+    tmp_path: Path, mode: int, through: str
+) -> None:
+    # Whoever can rename entries of a directory above the store can move the whole store
+    # aside and put one of their own at its path, with other bytes at the blob's name, after
+    # the re-verify and before the runtime opens it. The store had been accepted since its
+    # own directories were this user's.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    real = shared / "models"
+    root = real if through == "path" else tmp_path / "models"
+    if through == "symlink":
+        real.mkdir(mode=0o700)
+        root.symlink_to(real)
+    with pytest.raises(StoreError) as caught:
+        ModelStore(root).ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
+    shared.chmod(mode | stat.S_ISVTX)  # sticky, like /tmp: only an entry's owner renames it
+    ModelStore(root).ensure_layout()
+    shared.chmod(0o775)  # group write on a directory of this user's own: its own group
+    ModelStore(root).ensure_layout()
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_a_store_inside_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    # Its owner can rename the store away whatever its mode, and make it writable at will.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(StoreError):
+        ModelStore(theirs / "models").ensure_layout()
+    os.chown(theirs, 0, 65534)
+    theirs.chmod(0o775)  # root's, but another group may write: its members could rename it
+    with pytest.raises(StoreError):
+        ModelStore(theirs / "models").ensure_layout()
+    theirs.chmod(0o755)
+    ModelStore(theirs / "models").ensure_layout()
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="a group other than the user's needs root")
+def test_a_store_another_group_can_write_to_is_refused(tmp_path: Path) -> None:
+    # Group write is for the user's own group (umask 002 with per-user groups); the members of
+    # another group could swap the blobs.
+    root = tmp_path / "store"
+    ModelStore(root).ensure_layout()
+    for directory in (root, root / "blobs"):
+        os.chown(directory, os.geteuid(), 65534)
+        directory.chmod(0o770)
+        with pytest.raises(StoreError):
+            ModelStore(root).ensure_layout()
+        os.chown(directory, os.geteuid(), os.getegid())
+        ModelStore(root).ensure_layout()
+
+
+@pytest.mark.unit
 def test_free_bytes_reports_the_file_system(tmp_path: Path) -> None:
     # Of the nearest existing parent. Other processes may write to the same file system
     # between the two readings, hence the slack (far below any file system's size).

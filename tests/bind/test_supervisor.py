@@ -995,3 +995,35 @@ async def test_built_as_supervisor_of_a_manifest_and_a_model_path(tmp_path: Path
         assert (await supervisor.start()).ok
         assert supervisor.config.expected_digest == digest
         assert supervisor.controller.statistics().max_in_flight == 3
+
+
+@pytest.mark.data_integrity
+@pytest.mark.security
+@pytest.mark.parametrize("mode", [0o666, 0o664, 0o646], ids=["others-and-group", "group", "others"])
+async def test_a_blob_someone_else_could_change_is_never_started_on(
+    tmp_path: Path, mode: int
+) -> None:
+    # The re-verify vouches for the bytes the runtime loads only if nobody else can write them
+    # between the two (or under the runtime's mmap, after): a verified model that others may
+    # write to had been started on.
+    supervisor = standin(tmp_path)
+    model = supervisor.config.model_path
+    model.chmod(mode)
+    async with supervisor:
+        assert (await supervisor.start()).reason is Reason.STORE_ERROR
+        assert supervisor.status()["spawns"] == 0
+        model.chmod(0o644)  # only its owner's to change: used
+        assert (await supervisor.start()).ok
+
+
+@pytest.mark.data_integrity
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+async def test_a_blob_of_another_user_is_never_started_on(tmp_path: Path) -> None:
+    supervisor = standin(tmp_path)
+    model = supervisor.config.model_path
+    model.chmod(0o444)
+    os.chown(model, 65534, 65534)  # read-only, but its owner can make it writable at any time
+    async with supervisor:
+        assert (await supervisor.start()).reason is Reason.STORE_ERROR
+        assert supervisor.status()["spawns"] == 0

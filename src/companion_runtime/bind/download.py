@@ -50,7 +50,9 @@ rules around it:
   an fsync that fails (bytes whose flush failed may never reach the disk, though the page
   cache still shows them, and the next fsync would not report it): nothing is left in ``tmp/``
   unless it is a prefix to resume from. A kept file left read-only by a
-  publish that did not complete is made writable again (it is resumed like any other).
+  publish that did not complete is made writable again (it is resumed like any other). Only a
+  kept file the store could have made is used: anything else at its name (another user's
+  file, a hard link, a FIFO, a symlink) is ``store_error`` before any request, and left alone.
 * Cancellation: ``cancel`` (a :class:`threading.Event`, set from another thread, say a
   signal handler's) stops the download within about :data:`httpsget.POLL_S
   <companion_runtime.bind.httpsget.POLL_S>` wherever it waits (name lookup, connect,
@@ -450,15 +452,28 @@ class _Download:
     # --- partial file ---------------------------------------------------------------------
 
     def _open_partial(self) -> int:
+        # Only a file the store made itself is written to, resumed and published: a regular
+        # file of this user with no other name. Another user's file (root opens it all the
+        # same) would become a blob its owner can change; a hard link's other name would be
+        # cut and overwritten, and share the blob's bytes; a FIFO or a device is no file.
+        # Anything else there is store_error, and left as it is. Checked before the open
+        # (opening a device is not harmless) and again on what was opened.
+        with contextlib.suppress(FileNotFoundError):
+            if not _made_by_the_store(os.lstat(self.partial)):
+                raise StoreError(Reason.STORE_ERROR)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            return os.open(self.partial, flags, 0o600)
+            fd = os.open(self.partial, flags, 0o600)
         except PermissionError:
             # publish() makes the verified file read-only before it renames it into place; a
             # rename that failed, or a process that died in between, leaves it so, and its
             # owner (unless root) could not open it again: every later pull was store_error.
             self._make_partial_writable()
-            return os.open(self.partial, flags, 0o600)
+            fd = os.open(self.partial, flags, 0o600)
+        if not _made_by_the_store(os.fstat(fd)):
+            os.close(fd)
+            raise StoreError(Reason.STORE_ERROR)
+        return fd
 
     def _make_partial_writable(self) -> None:
         # Through a descriptor of the file itself (O_NOFOLLOW: never a symlink's target), and
@@ -822,6 +837,12 @@ class _ProgressWatch:
         self._start = now
         self._start_received = received
         return False
+
+
+def _made_by_the_store(info: os.stat_result) -> bool:
+    """Whether a kept partial file is one the store could have made: a regular file of this
+    user with one name."""
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_nlink == 1
 
 
 def _write_all(fd: int, data: memoryview) -> None:

@@ -58,6 +58,17 @@ _FILE_NOT_FOUND = Verdict(False, Reason.FILE_NOT_FOUND)
 _SIZE_MISMATCH = Verdict(False, Reason.SIZE_MISMATCH)
 _MALFORMED = Verdict(False, Reason.MALFORMED_SPEC)
 _CANCELLED = Verdict(False, Reason.CANCELLED)
+_NOT_PRIVATE = Verdict(False, Reason.STORE_ERROR)
+#: Write permission for anyone but the owner.
+_WRITE_BY_OTHERS: Final = stat.S_IWGRP | stat.S_IWOTH
+
+
+def _only_ours_to_change(fd: int, info: os.stat_result) -> bool:
+    """Whether only this user can change the open file's bytes (or nobody can)."""
+    if info.st_uid == os.geteuid() and not info.st_mode & _WRITE_BY_OTHERS:
+        return True
+    # A read-only mount (a model baked into an image) cannot change, whoever owns it.
+    return bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY)
 
 
 def verify_file(
@@ -68,6 +79,7 @@ def verify_file(
     policy: VerifyPolicy = "full",
     progress: Callable[[int, int], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    private: bool = False,
 ) -> Verdict:
     """Is the file at ``path`` exactly the expected bytes? Never raises on I/O errors.
 
@@ -77,6 +89,12 @@ def verify_file(
     ``progress(received_bytes, total_bytes)`` is called after each buffer. ``cancelled`` is
     asked before each buffer; once it answers true the verdict is ``cancelled``, which says
     nothing about the file.
+
+    ``private=True`` is for bytes a runtime is about to load: a file someone other than this
+    user could change once it verified (another user's, or one with group or other write
+    permission) is ``store_error`` before it is read, unless it lies on a read-only file
+    system. Its verdict would not hold until the runtime opens it, nor under the runtime's
+    ``mmap`` after that.
     """
     try:
         accumulator = IntegrityAccumulator(
@@ -109,6 +127,9 @@ def verify_file(
                 named.st_ino,
             ):
                 return _FILE_NOT_FOUND
+            if private and not _only_ours_to_change(handle.fileno(), info):
+                accumulator.abort()
+                return _NOT_PRIVATE
             if info.st_size != expected_size_bytes:
                 accumulator.abort()
                 return _SIZE_MISMATCH

@@ -1,11 +1,14 @@
 """Pull a model into the store: reuse a verified blob, or download, verify and publish it.
 
-Policy for a stored blob that no longer verifies (tampered with or corrupted on disk): it is
-never used. It is removed from the store and the model is downloaded again from its allowlisted
-source; the new bytes go through the same verification as any download. A warning is logged
-(reason code only). A blob of another size than the manifest's that still hashes to its digest
-(its name) is intact, and the manifest's size is wrong: the pull is refused ``size_mismatch``
-and the blob stays, for the manifests that name it right.
+Policy for a stored blob that no longer verifies (tampered with or corrupted on disk), or that
+someone other than this user could change (another user's file, or one with group or other
+write permission: copied in by hand, restored from a backup), whose bytes could differ by the
+time the runtime loads them: it is never used. It is removed from the store and the model is
+downloaded again from its allowlisted source; the new bytes go through the same verification
+as any download. A warning is logged (reason code only). A blob of another size than the
+manifest's that still hashes to its digest (its name) is intact, and the manifest's size is
+wrong: the pull is refused ``size_mismatch`` and the blob stays, for the manifests that name
+it right.
 
 Concurrency: the whole pull of one digest runs under the store's per-digest file lock, so two
 pulls in two threads or two processes download it once; the second finds the published blob
@@ -163,6 +166,9 @@ def pull_model(
                     expected_size_bytes=model.size_bytes,
                     policy=verify_policy,
                     cancelled=cancelled,
+                    # One someone else could still change is no verified blob: removed and
+                    # fetched again, so the blob named is ours and read-only.
+                    private=True,
                 )
                 if verdict.ok:
                     return PullResult(verdict=verdict, path=blob)

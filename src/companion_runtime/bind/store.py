@@ -83,6 +83,26 @@ def _check_digest(digest: str) -> str:
     return digest
 
 
+def _writable_by_no_one_else(info: os.stat_result) -> bool:
+    """Whether no one but the owner can write this directory, beyond the user's own group.
+
+    Group write is allowed when the group is the user's own (primary) one: with the usual
+    per-user groups (umask 002) a directory made by hand has it.
+    """
+    if info.st_mode & stat.S_IWOTH:
+        return False
+    return not info.st_mode & stat.S_IWGRP or info.st_gid == os.getegid()
+
+
+def _holds_no_one_else_s_entries(info: os.stat_result, uid: int) -> bool:
+    """Whether only this user (or root) can rename or remove the entries of this directory."""
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (uid, 0):
+        return False
+    # Sticky (/tmp): an entry is renamed or removed only by its owner, the directory's owner
+    # (this user or root) or root.
+    return bool(info.st_mode & stat.S_ISVTX) or _writable_by_no_one_else(info)
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename or unlink inside ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -117,9 +137,17 @@ class ModelStore:
 
         Raises :class:`StoreError` (``store_error``) unless the root (which may be a symlink,
         say to a larger disk) and ``blobs/``, ``tmp/`` and ``locks/`` (which may not) are
-        directories of this user that not everyone can write to. Anyone who can write there
+        directories of this user that no one else can write to. Anyone who can write there
         could swap a verified blob for other bytes before the runtime opens it. Group write is
-        allowed: with the usual per-user groups (umask 002) a directory made by hand has it.
+        allowed for the user's own group: with the usual per-user groups (umask 002) a
+        directory made by hand has it.
+
+        Every directory above the root, as written and as its symlinks resolve, must be this
+        user's or root's, and writable by no one else (the user's own group aside) unless it
+        is sticky like ``/tmp``: whoever can rename entries there can move the whole store
+        aside and put a store of their own at its path, between the re-verify and the
+        runtime's open. (A symlink met half-way through another symlink's target is not
+        followed up.)
         """
         try:
             for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
@@ -128,14 +156,21 @@ class ModelStore:
             checks += [
                 directory.lstat() for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir)
             ]
-        except OSError:
+            above = [*self.root.absolute().parents, *self.root.resolve().parents]
+            ancestors = [directory.stat() for directory in dict.fromkeys(above)]
+        except (OSError, RuntimeError):
+            # RuntimeError: a symlink loop on the way (Python before 3.13).
             raise StoreError(Reason.STORE_ERROR) from None
+        uid = os.geteuid()
         for info in checks:
             if (
                 not stat.S_ISDIR(info.st_mode)
-                or info.st_uid != os.geteuid()
-                or info.st_mode & stat.S_IWOTH
+                or info.st_uid != uid
+                or not _writable_by_no_one_else(info)
             ):
+                raise StoreError(Reason.STORE_ERROR)
+        for info in ancestors:
+            if not _holds_no_one_else_s_entries(info, uid):
                 raise StoreError(Reason.STORE_ERROR)
 
     def blob_path(self, digest: str) -> Path:

@@ -9,7 +9,9 @@ Theory of operation
    start nor on any restart. The hash runs in a worker thread that a cancelled ``start()`` or
    a ``stop()`` stops between two buffers (milliseconds, not the seconds a multi-GB blob
    takes), and that is then waited for; a re-verify cut short is no refusal and leaves the
-   blob as it is;
+   blob as it is. A blob someone other than this user could change (another user's file, or
+   one with group or other write permission, not on a read-only mount) is ``store_error``:
+   what verified would not be what the runtime loads;
 2. **fit**: model size plus an overhead allowance, plus the KV cache a llama.cpp runtime will
    allocate for its context (read from the verified blob's GGUF header), against the machine's
    headroom and the resource ceilings (:func:`~companion_runtime.core._fit.evaluate_model_fit`);
@@ -735,6 +737,8 @@ class Supervisor:
                 expected_size_bytes=config.expected_size_bytes,
                 policy=config.verify_policy,
                 cancelled=cancel.is_set,
+                # Bytes someone else could change after this are not what the runtime loads.
+                private=True,
             )
         )
 
