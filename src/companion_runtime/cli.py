@@ -1,7 +1,8 @@
 """Command-line interface: ``verify``, ``pull``, ``serve``, ``status``, ``demo``.
 
 Exit codes: 0 when the action succeeded, 1 when it was refused (a ``Reason`` is printed), 2 on a
-usage error (typer/click's own convention). With ``--json`` a command prints exactly one JSON
+usage error (typer/click's own convention; an option that takes a value given twice is one, see
+:class:`_OptionsOnce`). With ``--json`` a command prints exactly one JSON
 object on standard output.
 """
 
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
+from typer.core import TyperCommand, TyperOption
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from typer._click import Context  # the click that typer bundles, and passes commands
 
 app = typer.Typer(
     name="companion-runtime",
@@ -31,6 +34,38 @@ app = typer.Typer(
     # message wrapped inside it, which a script or a parent app cannot pick out.
     rich_markup_mode=None,
 )
+
+
+class _OptionsOnce(TyperCommand):
+    """A command whose options that take a value may each be given once.
+
+    click keeps the last of a repeated option: a script that appends an override
+    (``verify ... --sha256 A`` then ``--sha256 B``, ``pull --store a --store b``) would
+    silently verify, download or ask something else than what was written first. Such a
+    repetition is a usage error (exit 2) that names the option, never its values. A repeated
+    flag (``--json --json``) asks for the same thing twice and stays allowed.
+    """
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        if args and not ctx.resilient_parsing:
+            # click's own parser, on a copy: the order it reports lists an option once per
+            # time it was given. Its errors (an unknown option, a missing value) are the ones
+            # click would raise next anyway.
+            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            if not any(param.is_eager for param in order):  # --help answers whatever else
+                seen: set[str | None] = set()
+                for param in order:
+                    if (
+                        isinstance(param, TyperOption)
+                        and not param.is_flag
+                        and not param.multiple
+                        and not param.count
+                    ):
+                        if param.name in seen:
+                            _usage_error(f"{param.opts[0]} is given more than once; give it once")
+                        seen.add(param.name)
+        return super().parse_args(ctx, args)
+
 
 # --- verify / pull ------------------------------------------------------------------------
 # Exit 0 verified, 1 refused (the reason code on stderr, or in the JSON object), 2 usage error:
@@ -311,7 +346,7 @@ def _progress_bar(
     return bar, update
 
 
-@app.command()
+@app.command(cls=_OptionsOnce)
 def verify(
     file: Annotated[Path, typer.Argument(help="The file to verify.")],
     sha256: Annotated[str, typer.Option("--sha256", help="Expected SHA-256, 64 lowercase hex.")],
@@ -340,7 +375,7 @@ def verify(
     _verified_exit(dict(verdict.to_dict()), ok=verdict.ok, json_output=json_output)
 
 
-@app.command()
+@app.command(cls=_OptionsOnce)
 def pull(
     manifest: Annotated[Path, typer.Argument(help="The model manifest (TOML).")],
     store: Annotated[
@@ -411,7 +446,7 @@ def pull(
 # (llama.cpp, rich tables) are never loaded for another.
 
 
-@app.command()
+@app.command(cls=_OptionsOnce)
 def serve(
     manifest: Annotated[Path, typer.Argument(help="The model manifest (TOML).")],
     store: Annotated[
@@ -534,7 +569,7 @@ def serve(
     raise typer.Exit(0 if verdict.ok else 1)
 
 
-@app.command()
+@app.command(cls=_OptionsOnce)
 def demo() -> None:
     """Offline end-to-end demo: tiny model, verified pull (and a tampered copy refused),
     llama.cpp behind the front door, a burst showing admission, queueing and refusals.
@@ -573,7 +608,7 @@ def demo() -> None:
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=_OptionsOnce)
 def status(
     url: Annotated[
         str | None,
