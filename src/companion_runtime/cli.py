@@ -76,6 +76,12 @@ class _OptionsOnce(TyperCommand):
 # printed (it is content-addressed, so it contains the digest by design). SIGINT, SIGTERM or
 # SIGHUP stop a verify at once and a pull within about a second: refused with cancelled; a
 # pull publishes nothing then and keeps the partial download for the next pull to resume.
+# Any signal that comes before the result is written makes it cancelled; one that comes later
+# changes nothing, and no signal, however many and whenever, ends the process by its default
+# action (see _cancel_on_signals and main).
+
+#: What verify, pull and status write when a signal came before their result.
+_CANCELLED: Mapping[str, object] = {"ok": False, "reason": "cancelled"}
 
 
 def _finish(
@@ -84,9 +90,15 @@ def _finish(
     ok: bool,
     json_output: bool,
     plain: Callable[[], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> None:
     """Write a command's result and exit 0 (ok) or 1 (refused): the one place ``verify``,
     ``pull`` and ``status`` write theirs.
+
+    When ``cancel`` is set (SIGINT, SIGTERM or SIGHUP came, even after the work itself was
+    done), the result is ``cancelled`` instead: whoever sent the signal asked the command to
+    stop, and gets the same answer however late it came, up to this point. A signal from here
+    on changes nothing (the handlers stay in place until the process exits).
 
     With ``--json`` the JSON object goes to stdout; without, a refusal's line to stderr, or a
     success whatever ``plain`` prints (nothing without it). A result that cannot be written
@@ -96,6 +108,8 @@ def _finish(
     """
     import sys
 
+    if cancel is not None and cancel.is_set():
+        payload, ok = _CANCELLED, False
     stream = sys.stdout if json_output or ok else sys.stderr
     try:
         if json_output:
@@ -113,7 +127,13 @@ def _finish(
     raise typer.Exit(0 if ok else 1)
 
 
-def _verified_exit(payload: Mapping[str, object], *, ok: bool, json_output: bool) -> None:
+def _verified_exit(
+    payload: Mapping[str, object],
+    *,
+    ok: bool,
+    json_output: bool,
+    cancel: threading.Event | None = None,
+) -> None:
     """:func:`_finish` for ``verify`` and ``pull``: a success prints the blob's path (or ok)."""
     path = payload.get("path")
     _finish(
@@ -121,6 +141,7 @@ def _verified_exit(payload: Mapping[str, object], *, ok: bool, json_output: bool
         ok=ok,
         json_output=json_output,
         plain=lambda: typer.echo(_path_bytes(path) if isinstance(path, str) else "ok"),
+        cancel=cancel,
     )
 
 
@@ -170,10 +191,17 @@ def _raise_open_file_limit() -> None:
 
 @contextlib.contextmanager
 def _cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
-    """While inside, SIGINT, SIGTERM and SIGHUP set ``cancel`` instead of ending the process.
+    """From here on, SIGINT, SIGTERM and SIGHUP set ``cancel`` instead of ending the process.
 
     The work checks ``cancel`` at least every fraction of a second and stops cleanly (files
     flushed, locks released); a signal's default action would kill it mid-write instead.
+
+    The handlers stay in place after the block, and are put back there if the work inside
+    replaced them (an event loop's own leave the default action behind): the command writes
+    its result next, and a second signal a few milliseconds after the first found the default
+    action back and killed the process (by the signal, or with a KeyboardInterrupt), its JSON
+    object written or not. What comes after is the command's exit; :func:`main` then ignores
+    these signals for the interpreter's teardown.
     """
     import signal
 
@@ -195,20 +223,18 @@ def _cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
             setting = False
 
     # Handlers can only be set from the main thread (the CLI's own); elsewhere nothing changes.
-    previous = (
-        {
-            signum: signal.signal(signum, on_signal)
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        }
+    handled = (
+        (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         if threading.current_thread() is threading.main_thread()
-        else {}
+        else ()
     )
+    for signum in handled:
+        signal.signal(signum, on_signal)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            if handler is not None:  # None: set outside Python, nothing to put back
-                signal.signal(signum, handler)
+        for signum in handled:
+            signal.signal(signum, on_signal)
 
 
 def _say(message: str | bytes, *, err: bool = False) -> None:
@@ -372,7 +398,7 @@ def verify(
             progress=progress,
             cancelled=cancel.is_set,
         )
-    _verified_exit(dict(verdict.to_dict()), ok=verdict.ok, json_output=json_output)
+    _verified_exit(dict(verdict.to_dict()), ok=verdict.ok, json_output=json_output, cancel=cancel)
 
 
 @app.command(cls=_OptionsOnce)
@@ -437,7 +463,7 @@ def pull(
         result = pull_model(
             loaded, store=model_store, ca_bundle=ca_bundle, progress=progress, cancel=cancel
         )
-    _verified_exit(result.to_dict(), ok=result.ok, json_output=json_output)
+    _verified_exit(result.to_dict(), ok=result.ok, json_output=json_output, cancel=cancel)
 
 
 # --- serve / status / demo ----------------------------------------------------------------
@@ -682,7 +708,9 @@ def status(
             sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
         _console().print(status_table(result.document))
 
-    _finish(result.to_dict(), ok=result.verdict.ok, json_output=json_output, plain=table)
+    _finish(
+        result.to_dict(), ok=result.verdict.ok, json_output=json_output, plain=table, cancel=cancel
+    )
 
 
 def _open_standard_descriptors() -> None:
@@ -717,10 +745,31 @@ def _open_standard_descriptors() -> None:
             setattr(sys, name, stream)
 
 
+def _ignore_signals_at_exit() -> None:
+    """Ignore SIGINT, SIGTERM and SIGHUP for the rest of the process's life: its exit.
+
+    The command has written its result. Python's teardown puts the default action back for
+    every signal that has a Python handler, and a signal during the rest of it (modules freed,
+    tens of milliseconds) would end the process by that signal, its result already written.
+    An ignored signal stays ignored there. Nothing is started from here on, so no child
+    inherits it.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def main() -> None:
     """Console-script entry point."""
     _open_standard_descriptors()
-    app()
+    try:
+        app()
+    finally:
+        _ignore_signals_at_exit()
 
 
 if __name__ == "__main__":

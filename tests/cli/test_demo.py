@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from companion_runtime.bind.llama_server import llama_available
+from tests.support.signals import catches_termination_signals, flood_until_exit
 
 pytestmark = pytest.mark.e2e
 
@@ -180,6 +181,46 @@ def test_a_signal_as_soon_as_the_demo_handles_one_cancels_it(
             if process.poll() is None:
                 process.kill()
                 process.communicate(timeout=30)
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+@pytest.mark.parametrize("step", [None, "pull a tampered copy"], ids=["at-once", "mid-demo"])
+def test_signals_until_it_exits_never_end_the_demo_by_their_default_action(
+    tmp_path: Path, step: str | None
+) -> None:
+    # As for verify: a second signal just after the first found the default handlers back
+    # once the demo had stopped (its cleanup, its last line, the exit) and ended it by that
+    # signal. SIGINT, SIGTERM and SIGHUP in turn every half millisecond, from as soon as the
+    # demo catches them (or from a step mid-demo, its event loop's handlers in place) until
+    # it has exited: exit 1 cancelled, nothing left behind.
+    for trial in range(2):
+        scratch = tmp_path / f"tmp-{trial}"
+        scratch.mkdir()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "companion_runtime.cli", "demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": str(scratch)},
+        )
+        try:
+            if step is None:
+                deadline = time.monotonic() + 60
+                while not catches_termination_signals(process.pid):
+                    assert process.poll() is None and time.monotonic() < deadline, "not caught"
+                    time.sleep(0.001)
+            else:
+                assert process.stdout is not None
+                for line in process.stdout:
+                    if step in line:
+                        break
+            sent = flood_until_exit(process)
+            _assert_cancelled(process, scratch)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+        assert sent > 0
 
 
 @pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
