@@ -189,6 +189,24 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+#: Open files the demo needs before it starts anything. At a limit of 20 or below (``ulimit
+#: -n 20``, which sets the hard limit too, so none can be raised) a step ran out of them and
+#: then so did the removal of its temporary directory, which stayed behind with the store, the
+#: lock and the state directory in it; lower still, the event loop itself failed with a
+#: traceback. From 21 up every step ends in its own result; 64 leaves room to spare.
+_DEMO_OPEN_FILES_NEEDED = 64
+
+
+def _open_file_limit() -> int | None:
+    """The soft limit on open files; ``None`` when there is none (or no way to know it)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 @contextlib.contextmanager
 def _cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
     """From here on, SIGINT, SIGTERM and SIGHUP set ``cancel`` instead of ending the process.
@@ -602,7 +620,8 @@ def demo() -> None:
 
     Exit 0 when every step showed what it should, 1 otherwise (and without the llama extra).
     SIGINT, SIGTERM or SIGHUP stop it: what it started is stopped and removed, and it exits 1
-    with cancelled.
+    with cancelled. An open-file limit below 64 that cannot be raised (ulimit -n) is one line
+    and exit 1 before it starts anything.
     """
     import sys
 
@@ -619,7 +638,18 @@ def demo() -> None:
             # process's open files with the front door, which a low soft limit (128) would
             # leave room for a connection or two.
             _raise_open_file_limit()
-            code = demo_main(_console(), cancel=cancel)
+            limit = _open_file_limit()
+            if limit is not None and limit < _DEMO_OPEN_FILES_NEEDED:
+                # Refused before anything exists: run out of open files mid-step, the demo
+                # could not even remove its temporary directory.
+                _say(
+                    f"demo failed: the open-file limit is {limit}; the demo needs at least "
+                    f"{_DEMO_OPEN_FILES_NEEDED} (ulimit -n {_DEMO_OPEN_FILES_NEEDED})",
+                    err=True,
+                )
+                code = 1
+            else:
+                code = demo_main(_console(), cancel=cancel)
         except OSError as error:
             # No room left for the demo's temporary files, or a standard output that cannot be
             # written (a full disk behind it): what the demo started is stopped and removed by

@@ -300,6 +300,54 @@ def test_a_low_soft_open_file_limit_does_not_fail_the_demo(tmp_path: Path) -> No
     assert list(scratch.iterdir()) == []
 
 
+@pytest.mark.parametrize("limit", [16, 20, 63])
+def test_an_open_file_limit_too_low_to_raise_is_one_line_and_leaves_nothing_behind(
+    tmp_path: Path, limit: int
+) -> None:
+    # ulimit -n 20 (soft and hard): a step ran out of open files, and so did the removal of
+    # the demo's temporary directory, which stayed behind with the store, a lock and the state
+    # directory in it (lower still, a traceback from the event loop). The demo now refuses to
+    # start below 64: one line, exit 1, nothing created.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        preexec_fn=_open_files_limit(limit, limit),
+    )
+    assert finished.returncode == 1, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert finished.stdout == ""
+    assert finished.stderr.splitlines() == [
+        f"demo failed: the open-file limit is {limit}; the demo needs at least 64 (ulimit -n 64)"
+    ]
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+def test_an_open_file_limit_of_64_runs_the_demo_and_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    # At the floor the demo runs: every step ends in its own result (the burst may fail for
+    # want of connections, a step failure), never a traceback, and nothing stays behind.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        preexec_fn=_open_files_limit(64, 64),
+    )
+    assert "Traceback" not in finished.stderr
+    assert finished.returncode in (0, 1), finished.stderr[-3000:]
+    assert "companion-runtime demo" in finished.stdout  # the report: it ran to its end
+    assert list(scratch.iterdir()) == []
+
+
 @pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
 def test_a_burst_that_fails_is_a_step_failure_not_a_traceback(tmp_path: Path) -> None:
     # A hard limit of 128 too: nothing to raise, and the front door must turn connections
