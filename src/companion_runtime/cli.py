@@ -592,7 +592,8 @@ def serve(
         loop = asyncio.get_running_loop()
         # SIGHUP too: closing the terminal serve runs in must drain and clean up as well,
         # not kill it with the runtime's children, the token file and the key file left over.
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        for signum in signals:
             loop.add_signal_handler(signum, on_signal)
         try:
             return await task
@@ -600,6 +601,18 @@ def serve(
             if stop.is_set() and not ready_seen:
                 return Verdict(False, Reason.NOT_READY)
             raise
+        finally:
+            # Drained and cleaned up (or refused): a signal from here on has nothing left to
+            # stop. Closing the loop would put the default actions back, and a late signal
+            # (a flood from a closing session) then ended serve by it after its clean exit.
+            # Held back while the loop's handlers give way, so none finds the default.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+            try:
+                for signum in signals:
+                    loop.remove_signal_handler(signum)
+                    signal.signal(signum, signal.SIG_IGN)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     from companion_runtime.bind.eventloop import run as run_loop
 
