@@ -1,7 +1,8 @@
 """Command-line interface: ``verify``, ``pull``, ``serve``, ``status``, ``demo``.
 
 Exit codes: 0 when the action succeeded, 1 when it was refused (a ``Reason`` is printed), 2 on a
-usage error (typer/click's own convention). With ``--json`` a command prints exactly one JSON
+usage error (typer/click's own convention; an option that takes a value given twice is one, see
+:class:`_OptionsOnce`). With ``--json`` a command prints exactly one JSON
 object on standard output.
 """
 
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
+from typer.core import TyperCommand, TyperOption
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from typer._click import Context  # the click that typer bundles, and passes commands
 
 app = typer.Typer(
     name="companion-runtime",
@@ -32,6 +35,38 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+class _OptionsOnce(TyperCommand):
+    """A command whose options that take a value may each be given once.
+
+    click keeps the last of a repeated option: a script that appends an override
+    (``verify ... --sha256 A`` then ``--sha256 B``, ``pull --store a --store b``) would
+    silently verify, download or ask something else than what was written first. Such a
+    repetition is a usage error (exit 2) that names the option, never its values. A repeated
+    flag (``--json --json``) asks for the same thing twice and stays allowed.
+    """
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        if args and not ctx.resilient_parsing:
+            # click's own parser, on a copy: the order it reports lists an option once per
+            # time it was given. Its errors (an unknown option, a missing value) are the ones
+            # click would raise next anyway.
+            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            if not any(param.is_eager for param in order):  # --help answers whatever else
+                seen: set[str | None] = set()
+                for param in order:
+                    if (
+                        isinstance(param, TyperOption)
+                        and not param.is_flag
+                        and not param.multiple
+                        and not param.count
+                    ):
+                        if param.name in seen:
+                            _usage_error(f"{param.opts[0]} is given more than once; give it once")
+                        seen.add(param.name)
+        return super().parse_args(ctx, args)
+
+
 # --- verify / pull ------------------------------------------------------------------------
 # Exit 0 verified, 1 refused (the reason code on stderr, or in the JSON object), 2 usage error:
 # bad or missing options (click's own; an empty --store too), a MANIFEST or --ca-bundle path
@@ -41,6 +76,12 @@ app = typer.Typer(
 # printed (it is content-addressed, so it contains the digest by design). SIGINT, SIGTERM or
 # SIGHUP stop a verify at once and a pull within about a second: refused with cancelled; a
 # pull publishes nothing then and keeps the partial download for the next pull to resume.
+# Any signal that comes before the result is written makes it cancelled; one that comes later
+# changes nothing, and no signal, however many and whenever, ends the process by its default
+# action (see _cancel_on_signals and main).
+
+#: What verify, pull and status write when a signal came before their result.
+_CANCELLED: Mapping[str, object] = {"ok": False, "reason": "cancelled"}
 
 
 def _finish(
@@ -49,9 +90,15 @@ def _finish(
     ok: bool,
     json_output: bool,
     plain: Callable[[], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> None:
     """Write a command's result and exit 0 (ok) or 1 (refused): the one place ``verify``,
     ``pull`` and ``status`` write theirs.
+
+    When ``cancel`` is set (SIGINT, SIGTERM or SIGHUP came, even after the work itself was
+    done), the result is ``cancelled`` instead: whoever sent the signal asked the command to
+    stop, and gets the same answer however late it came, up to this point. A signal from here
+    on changes nothing (the handlers stay in place until the process exits).
 
     With ``--json`` the JSON object goes to stdout; without, a refusal's line to stderr, or a
     success whatever ``plain`` prints (nothing without it). A result that cannot be written
@@ -61,6 +108,8 @@ def _finish(
     """
     import sys
 
+    if cancel is not None and cancel.is_set():
+        payload, ok = _CANCELLED, False
     stream = sys.stdout if json_output or ok else sys.stderr
     try:
         if json_output:
@@ -78,7 +127,13 @@ def _finish(
     raise typer.Exit(0 if ok else 1)
 
 
-def _verified_exit(payload: Mapping[str, object], *, ok: bool, json_output: bool) -> None:
+def _verified_exit(
+    payload: Mapping[str, object],
+    *,
+    ok: bool,
+    json_output: bool,
+    cancel: threading.Event | None = None,
+) -> None:
     """:func:`_finish` for ``verify`` and ``pull``: a success prints the blob's path (or ok)."""
     path = payload.get("path")
     _finish(
@@ -86,6 +141,7 @@ def _verified_exit(payload: Mapping[str, object], *, ok: bool, json_output: bool
         ok=ok,
         json_output=json_output,
         plain=lambda: typer.echo(_path_bytes(path) if isinstance(path, str) else "ok"),
+        cancel=cancel,
     )
 
 
@@ -133,12 +189,37 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+#: Open files the demo needs before it starts anything. At a limit of 20 or below (``ulimit
+#: -n 20``, which sets the hard limit too, so none can be raised) a step ran out of them and
+#: then so did the removal of its temporary directory, which stayed behind with the store, the
+#: lock and the state directory in it; lower still, the event loop itself failed with a
+#: traceback. From 21 up every step ends in its own result; 64 leaves room to spare.
+_DEMO_OPEN_FILES_NEEDED = 64
+
+
+def _open_file_limit() -> int | None:
+    """The soft limit on open files; ``None`` when there is none (or no way to know it)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 @contextlib.contextmanager
 def _cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
-    """While inside, SIGINT, SIGTERM and SIGHUP set ``cancel`` instead of ending the process.
+    """From here on, SIGINT, SIGTERM and SIGHUP set ``cancel`` instead of ending the process.
 
     The work checks ``cancel`` at least every fraction of a second and stops cleanly (files
     flushed, locks released); a signal's default action would kill it mid-write instead.
+
+    The handlers stay in place after the block, and are put back there if the work inside
+    replaced them (an event loop's own leave the default action behind): the command writes
+    its result next, and a second signal a few milliseconds after the first found the default
+    action back and killed the process (by the signal, or with a KeyboardInterrupt), its JSON
+    object written or not. What comes after is the command's exit; :func:`main` then ignores
+    these signals for the interpreter's teardown.
     """
     import signal
 
@@ -160,20 +241,18 @@ def _cancel_on_signals(cancel: threading.Event) -> Iterator[None]:
             setting = False
 
     # Handlers can only be set from the main thread (the CLI's own); elsewhere nothing changes.
-    previous = (
-        {
-            signum: signal.signal(signum, on_signal)
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        }
+    handled = (
+        (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         if threading.current_thread() is threading.main_thread()
-        else {}
+        else ()
     )
+    for signum in handled:
+        signal.signal(signum, on_signal)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            if handler is not None:  # None: set outside Python, nothing to put back
-                signal.signal(signum, handler)
+        for signum in handled:
+            signal.signal(signum, on_signal)
 
 
 def _say(message: str | bytes, *, err: bool = False) -> None:
@@ -311,7 +390,7 @@ def _progress_bar(
     return bar, update
 
 
-@app.command()
+@app.command(cls=_OptionsOnce)
 def verify(
     file: Annotated[Path, typer.Argument(help="The file to verify.")],
     sha256: Annotated[str, typer.Option("--sha256", help="Expected SHA-256, 64 lowercase hex.")],
@@ -337,10 +416,10 @@ def verify(
             progress=progress,
             cancelled=cancel.is_set,
         )
-    _verified_exit(dict(verdict.to_dict()), ok=verdict.ok, json_output=json_output)
+    _verified_exit(dict(verdict.to_dict()), ok=verdict.ok, json_output=json_output, cancel=cancel)
 
 
-@app.command()
+@app.command(cls=_OptionsOnce)
 def pull(
     manifest: Annotated[Path, typer.Argument(help="The model manifest (TOML).")],
     store: Annotated[
@@ -402,7 +481,7 @@ def pull(
         result = pull_model(
             loaded, store=model_store, ca_bundle=ca_bundle, progress=progress, cancel=cancel
         )
-    _verified_exit(result.to_dict(), ok=result.ok, json_output=json_output)
+    _verified_exit(result.to_dict(), ok=result.ok, json_output=json_output, cancel=cancel)
 
 
 # --- serve / status / demo ----------------------------------------------------------------
@@ -411,7 +490,7 @@ def pull(
 # (llama.cpp, rich tables) are never loaded for another.
 
 
-@app.command()
+@app.command(cls=_OptionsOnce)
 def serve(
     manifest: Annotated[Path, typer.Argument(help="The model manifest (TOML).")],
     store: Annotated[
@@ -513,7 +592,8 @@ def serve(
         loop = asyncio.get_running_loop()
         # SIGHUP too: closing the terminal serve runs in must drain and clean up as well,
         # not kill it with the runtime's children, the token file and the key file left over.
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        for signum in signals:
             loop.add_signal_handler(signum, on_signal)
         try:
             return await task
@@ -521,6 +601,18 @@ def serve(
             if stop.is_set() and not ready_seen:
                 return Verdict(False, Reason.NOT_READY)
             raise
+        finally:
+            # Drained and cleaned up (or refused): a signal from here on has nothing left to
+            # stop. Closing the loop would put the default actions back, and a late signal
+            # (a flood from a closing session) then ended serve by it after its clean exit.
+            # Held back while the loop's handlers give way, so none finds the default.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+            try:
+                for signum in signals:
+                    loop.remove_signal_handler(signum)
+                    signal.signal(signum, signal.SIG_IGN)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     from companion_runtime.bind.eventloop import run as run_loop
 
@@ -534,14 +626,15 @@ def serve(
     raise typer.Exit(0 if verdict.ok else 1)
 
 
-@app.command()
+@app.command(cls=_OptionsOnce)
 def demo() -> None:
     """Offline end-to-end demo: tiny model, verified pull (and a tampered copy refused),
     llama.cpp behind the front door, a burst showing admission, queueing and refusals.
 
     Exit 0 when every step showed what it should, 1 otherwise (and without the llama extra).
     SIGINT, SIGTERM or SIGHUP stop it: what it started is stopped and removed, and it exits 1
-    with cancelled.
+    with cancelled. An open-file limit below 64 that cannot be raised (ulimit -n) is one line
+    and exit 1 before it starts anything.
     """
     import sys
 
@@ -558,7 +651,18 @@ def demo() -> None:
             # process's open files with the front door, which a low soft limit (128) would
             # leave room for a connection or two.
             _raise_open_file_limit()
-            code = demo_main(_console(), cancel=cancel)
+            limit = _open_file_limit()
+            if limit is not None and limit < _DEMO_OPEN_FILES_NEEDED:
+                # Refused before anything exists: run out of open files mid-step, the demo
+                # could not even remove its temporary directory.
+                _say(
+                    f"demo failed: the open-file limit is {limit}; the demo needs at least "
+                    f"{_DEMO_OPEN_FILES_NEEDED} (ulimit -n {_DEMO_OPEN_FILES_NEEDED})",
+                    err=True,
+                )
+                code = 1
+            else:
+                code = demo_main(_console(), cancel=cancel)
         except OSError as error:
             # No room left for the demo's temporary files, or a standard output that cannot be
             # written (a full disk behind it): what the demo started is stopped and removed by
@@ -573,7 +677,7 @@ def demo() -> None:
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=_OptionsOnce)
 def status(
     url: Annotated[
         str | None,
@@ -647,7 +751,9 @@ def status(
             sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
         _console().print(status_table(result.document))
 
-    _finish(result.to_dict(), ok=result.verdict.ok, json_output=json_output, plain=table)
+    _finish(
+        result.to_dict(), ok=result.verdict.ok, json_output=json_output, plain=table, cancel=cancel
+    )
 
 
 def _open_standard_descriptors() -> None:
@@ -682,10 +788,31 @@ def _open_standard_descriptors() -> None:
             setattr(sys, name, stream)
 
 
+def _ignore_signals_at_exit() -> None:
+    """Ignore SIGINT, SIGTERM and SIGHUP for the rest of the process's life: its exit.
+
+    The command has written its result. Python's teardown puts the default action back for
+    every signal that has a Python handler, and a signal during the rest of it (modules freed,
+    tens of milliseconds) would end the process by that signal, its result already written.
+    An ignored signal stays ignored there. Nothing is started from here on, so no child
+    inherits it.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def main() -> None:
     """Console-script entry point."""
     _open_standard_descriptors()
-    app()
+    try:
+        app()
+    finally:
+        _ignore_signals_at_exit()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from companion_runtime.bind.llama_server import llama_available
+from tests.support.signals import catches_termination_signals, flood_until_exit
 
 pytestmark = pytest.mark.e2e
 
@@ -183,6 +184,46 @@ def test_a_signal_as_soon_as_the_demo_handles_one_cancels_it(
 
 
 @pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+@pytest.mark.parametrize("step", [None, "pull a tampered copy"], ids=["at-once", "mid-demo"])
+def test_signals_until_it_exits_never_end_the_demo_by_their_default_action(
+    tmp_path: Path, step: str | None
+) -> None:
+    # As for verify: a second signal just after the first found the default handlers back
+    # once the demo had stopped (its cleanup, its last line, the exit) and ended it by that
+    # signal. SIGINT, SIGTERM and SIGHUP in turn every half millisecond, from as soon as the
+    # demo catches them (or from a step mid-demo, its event loop's handlers in place) until
+    # it has exited: exit 1 cancelled, nothing left behind.
+    for trial in range(2):
+        scratch = tmp_path / f"tmp-{trial}"
+        scratch.mkdir()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "companion_runtime.cli", "demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": str(scratch)},
+        )
+        try:
+            if step is None:
+                deadline = time.monotonic() + 60
+                while not catches_termination_signals(process.pid):
+                    assert process.poll() is None and time.monotonic() < deadline, "not caught"
+                    time.sleep(0.001)
+            else:
+                assert process.stdout is not None
+                for line in process.stdout:
+                    if step in line:
+                        break
+            sent = flood_until_exit(process)
+            _assert_cancelled(process, scratch)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+        assert sent > 0
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
 def test_a_standard_output_that_cannot_be_written_is_one_line_not_a_traceback(
     tmp_path: Path,
 ) -> None:
@@ -256,6 +297,54 @@ def test_a_low_soft_open_file_limit_does_not_fail_the_demo(tmp_path: Path) -> No
     )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert "queue_full" in finished.stdout
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("limit", [16, 20, 63])
+def test_an_open_file_limit_too_low_to_raise_is_one_line_and_leaves_nothing_behind(
+    tmp_path: Path, limit: int
+) -> None:
+    # ulimit -n 20 (soft and hard): a step ran out of open files, and so did the removal of
+    # the demo's temporary directory, which stayed behind with the store, a lock and the state
+    # directory in it (lower still, a traceback from the event loop). The demo now refuses to
+    # start below 64: one line, exit 1, nothing created.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        preexec_fn=_open_files_limit(limit, limit),
+    )
+    assert finished.returncode == 1, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert finished.stdout == ""
+    assert finished.stderr.splitlines() == [
+        f"demo failed: the open-file limit is {limit}; the demo needs at least 64 (ulimit -n 64)"
+    ]
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+def test_an_open_file_limit_of_64_runs_the_demo_and_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    # At the floor the demo runs: every step ends in its own result (the burst may fail for
+    # want of connections, a step failure), never a traceback, and nothing stays behind.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        preexec_fn=_open_files_limit(64, 64),
+    )
+    assert "Traceback" not in finished.stderr
+    assert finished.returncode in (0, 1), finished.stderr[-3000:]
+    assert "companion-runtime demo" in finished.stdout  # the report: it ran to its end
     assert list(scratch.iterdir()) == []
 
 

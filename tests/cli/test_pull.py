@@ -30,6 +30,7 @@ from tests.support.https import (
     partial_size,
     secret_url,
 )
+from tests.support.signals import catches_termination_signals, flood_until_exit
 
 SMALL, SMALL_DIGEST = model_bytes(200_000, seed=11)
 # Larger than the 4 MiB receive buffer, so a killed pull has written some of it.
@@ -350,6 +351,48 @@ def test_a_signal_stops_the_pull_within_a_second_and_the_next_one_resumes(
     (resumed,) = origin.requests[before:]
     assert resumed.range_header == f"bytes={kept}-"
     assert resumed.bytes_sent == len(LARGE) - kept
+
+
+@pytest.mark.e2e
+@pytest.mark.data_integrity
+def test_signals_until_it_exits_never_end_pull_by_their_default_action(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # As for verify: once the download had stopped, a second signal found the default handlers
+    # back and the pull died by it (or with a KeyboardInterrupt), its JSON object written or
+    # not. SIGINT, SIGTERM and SIGHUP in turn every half millisecond, from the first until it
+    # has exited: exit 1, cancelled, one JSON object, nothing published, the partial kept.
+    manifest = write_manifest(tmp_path, origin, "/large.bin", LARGE_DIGEST, len(LARGE))
+    store = ModelStore(tmp_path / "store")
+    origin.chunk_delay_s = 0.1
+    for run_index in range(3):
+        process = subprocess.Popen(
+            command(manifest, store.root, origin, "--json"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            # The first run waits for a partial; later ones for the handlers (it resumes).
+            while not catches_termination_signals(process.pid) or (
+                run_index == 0 and partial_size(store, LARGE_DIGEST) < 256 * 1024
+            ):
+                assert process.poll() is None, "the pull finished before the signal"
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            sent = flood_until_exit(process)
+            stdout, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=10)
+        assert process.returncode == 1, (run_index, process.returncode, sent, stderr[-2000:])
+        assert "Traceback" not in stderr and "Aborted" not in stderr
+        assert stdout.count("\n") == 1
+        assert json.loads(stdout) == {"ok": False, "reason": "cancelled"}
+        assert not store.has_blob(LARGE_DIGEST)
+    assert 0 < partial_size(store, LARGE_DIGEST) < len(LARGE)
 
 
 @pytest.mark.e2e

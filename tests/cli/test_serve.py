@@ -36,6 +36,7 @@ from tests.support.frontdoor import (
     serve_manifest_text,
 )
 from tests.support.llama import declaring_context
+from tests.support.signals import flood_until_exit
 from tests.support.supervision import (
     BIG_BLOB_BYTES,
     BIG_BLOB_SHA256,
@@ -798,6 +799,45 @@ def test_sighup_drains_and_cleans_up_like_sigterm(tmp_path: Path) -> None:
     assert wait_for(lambda: all(process_gone(pid, created) for pid, created in descendants), 10)
     assert not Path(str(ready["token_file"])).exists()
     assert not (state_dir / "serve.json").exists()
+
+
+def test_signals_until_it_exits_never_end_serve_by_their_default_action(tmp_path: Path) -> None:
+    # SIGINT, SIGTERM and SIGHUP in turn every half millisecond from the first until serve has
+    # exited: its event loop's handlers take the first ones, and once the loop is closed (which
+    # puts the default actions back) a late one ended serve by the signal, or with a
+    # KeyboardInterrupt, after it had drained and cleaned up. Every run: exit 0, clean.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        for run_index in range(3):
+            state_dir = tmp_path / f"state-{run_index}"
+            process = subprocess.Popen(
+                serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=serve_env(state_dir),
+            )
+            try:
+                assert process.stdout is not None
+                ready = json.loads(process.stdout.readline())
+                assert ready["ok"] is True
+                sent = flood_until_exit(process, timeout_s=60)
+                stdout, stderr = process.communicate(timeout=60)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate(timeout=30)
+            assert process.returncode == 0, (run_index, process.returncode, sent, stderr[-3000:])
+            assert stdout == ""
+            assert "Traceback" not in stderr and "Aborted" not in stderr
+            assert not Path(str(ready["token_file"])).exists()
+            assert not (state_dir / "serve.json").exists()
 
 
 @pytest.mark.data_integrity

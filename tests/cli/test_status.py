@@ -27,6 +27,7 @@ from tests.support.frontdoor import (
     serve_env,
 )
 from tests.support.port_taker import ipv6_loopback, port_taker
+from tests.support.signals import flood_until_exit
 from tests.support.supervision import standin_command
 
 pytestmark = pytest.mark.e2e
@@ -839,3 +840,45 @@ def test_a_signal_while_status_waits_for_its_answer_is_refused_cancelled(
             "cancelled",
             json_output=False,
         )
+
+
+def test_signals_until_it_exits_never_end_status_by_their_default_action(tmp_path: Path) -> None:
+    # As for verify: once the wait for the answer had stopped, a second signal found the
+    # default handlers back and status died by it (or with a KeyboardInterrupt). SIGINT,
+    # SIGTERM and SIGHUP in turn every half millisecond, from the first until it has exited.
+    token_file = tmp_path / "frontdoor.token"
+    token_file.write_text("T" * 43 + "\n")
+    for run_index in range(6):
+        json_output = run_index % 2 == 0
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(30)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        options = ["--url", url, "--token-file", str(token_file)]
+        if json_output:
+            options.append("--json")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "companion_runtime.cli", "status", *options],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(30)
+                assert connection.recv(65536).startswith(b"GET /_status ")
+                sent = flood_until_exit(process)
+                stdout, stderr = process.communicate(timeout=30)
+        finally:
+            listener.close()
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+        assert process.returncode == 1, (run_index, process.returncode, sent, stderr[-2000:])
+        assert "Traceback" not in stderr and "Aborted" not in stderr
+        if json_output:
+            assert stdout.count("\n") == 1
+            assert json.loads(stdout) == {"ok": False, "reason": "cancelled"}
+        else:
+            assert stdout == ""
+            assert stderr.strip() == "refused: cancelled"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.https import model_bytes
+from tests.support.signals import flood_until_exit
 
 DATA, DIGEST = model_bytes(100_000, seed=3)
 
@@ -212,6 +213,48 @@ def test_a_signal_while_hashing_is_refused_cancelled(
     else:
         assert stdout == ""
         assert stderr.strip() == "refused: cancelled"
+
+
+@pytest.mark.e2e
+def test_signals_until_it_exits_never_end_verify_by_their_default_action(tmp_path: Path) -> None:
+    # A second signal about 2 ms after the first found the default handlers back once the
+    # hashing had stopped: verify died by it (about 1 run in 10), its JSON object written or
+    # not, or a SIGINT's KeyboardInterrupt ended it. Here SIGINT, SIGTERM and SIGHUP come in
+    # turn every half millisecond from the first until the process has exited, so every
+    # moment of the cancel, the result and the exit gets one; in each run: exit 1, cancelled,
+    # one JSON object with --json.
+    big = tmp_path / "big.bin"
+    with big.open("wb") as handle:
+        handle.truncate(64 * 1024**3)
+    expected = ("--sha256", DIGEST, "--size", str(64 * 1024**3))
+    for run_index in range(8):
+        json_output = run_index % 2 == 0
+        flags = ["--json"] if json_output else []
+        process = subprocess.Popen(
+            [sys.executable, "-m", "companion_runtime.cli", "verify", str(big), *expected, *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _has_open(process.pid, big):
+                assert process.poll() is None and time.monotonic() < deadline, "never read it"
+                time.sleep(0.005)
+            sent = flood_until_exit(process)
+            stdout, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+        assert process.returncode == 1, (run_index, process.returncode, sent, stderr[-2000:])
+        assert "Traceback" not in stderr and "Aborted" not in stderr
+        if json_output:
+            assert stdout.count("\n") == 1
+            assert json.loads(stdout) == {"ok": False, "reason": "cancelled"}
+        else:
+            assert stdout == ""
+            assert stderr.strip() == "refused: cancelled"
 
 
 @pytest.mark.e2e

@@ -377,6 +377,19 @@ def test_a_released_memoryview_aborts() -> None:
     assert accumulator.finalize().reason == "accumulator_aborted"
 
 
+def test_a_released_memoryview_is_refused_by_verify_model_bytes() -> None:
+    view = memoryview(DATA)
+    view.release()
+    verdict = cr.verify_model_bytes(
+        file_data=view,
+        expected_digest=DIGEST,
+        expected_size_bytes=len(DATA),
+        source_url=SOURCE,
+        allowed_source_urls=ALLOWLIST,
+    )
+    assert verdict.reason == "malformed_spec"
+
+
 def test_finalize_is_single_use() -> None:
     accumulator = make()
     accumulator.update(DATA)

@@ -130,6 +130,18 @@ def test_an_entry_without_a_query_grants_its_prefix() -> None:
     assert cr.validate_source_url(entry + "m.gguf?sig=1", [entry]) is cr.ALLOW
 
 
+@pytest.mark.parametrize("segment", ["%EF%BC%8E%EF%BC%8E", "a%E2%88%95b", "%E2%92%88"])
+def test_an_entry_with_a_look_alike_of_ascii_punctuation_grants_nothing(segment: str) -> None:
+    # Fullwidth "..", a division slash, "⒈" ("1." under NFKC): the entry is as ambiguous as
+    # such a URL, so it is invalid; the plain entry next to it is the control.
+    host = _fresh_host()
+    assert cr.validate_source_url(f"{host}m.gguf", [f"{host}{segment}/"]).reason is (
+        cr.Reason.SOURCE_NOT_ALLOWED
+    )
+    plain = _fresh_host() + "mod%C3%A8le/"
+    assert cr.validate_source_url(plain + "m.gguf", [plain]) is cr.ALLOW
+
+
 # --- model fit ---------------------------------------------------------------------------------
 
 ROOMY = cr.create_resource_limits(max_ram_bytes=10**12, max_vram_bytes=10**12, max_cpu_percent=100)

@@ -116,6 +116,36 @@ CASES = [
     ("https://cdn.example.org/models/%ed%a0%80.gguf", MALFORMED),
     ("https://cdn.example.org/models/caf%c3%a9.gguf", OK),
     ("https://cdn.example.org/models/x.gguf?sig=%ff%c0%ae", OK),
+    # Unicode look-alikes of ".", "/", "\\" and other ASCII punctuation, valid UTF-8: servers
+    # that normalise Unicode (NFKC, NFKD, Windows "best fit") read "%EF%BC%8E%EF%BC%8E" as "..".
+    ("https://cdn.example.org/models/%EF%BC%8E%EF%BC%8E/secret", MALFORMED),  # U+FF0E
+    ("https://cdn.example.org/models/%ef%bc%8e%ef%bc%8e/secret", MALFORMED),
+    ("https://cdn.example.org/models/%E2%80%A4%E2%80%A4/secret", MALFORMED),  # U+2024
+    ("https://cdn.example.org/models/%EF%B9%92%EF%B9%92/secret", MALFORMED),  # U+FE52
+    ("https://cdn.example.org/models/..%EF%BC%8Fsecret", MALFORMED),  # U+FF0F
+    ("https://cdn.example.org/models/..%E2%88%95secret", MALFORMED),  # U+2215
+    ("https://cdn.example.org/models/..%E2%81%84secret", MALFORMED),  # U+2044
+    ("https://cdn.example.org/models/..%E2%A7%B8secret", MALFORMED),  # U+29F8
+    ("https://cdn.example.org/models/..%EF%BC%BCsecret", MALFORMED),  # U+FF3C
+    ("https://cdn.example.org/models/..%EF%B9%A8secret", MALFORMED),  # U+FE68
+    ("https://cdn.example.org/models/..%E2%88%96secret", MALFORMED),  # U+2216
+    ("https://cdn.example.org/models/x%E3%80%82gguf", MALFORMED),  # U+3002
+    ("https://cdn.example.org/models/x%EF%BC%9Bv/y", MALFORMED),  # U+FF1B, a ";"
+    ("https://cdn.example.org/models/x%EF%BC%85y", MALFORMED),  # U+FF05, a "%"
+    ("https://cdn.example.org/models/x%EF%BC%9Fy", MALFORMED),  # U+FF1F, a "?"
+    ("https://cdn.example.org/models/x%EF%BC%83y", MALFORMED),  # U+FF03, a "#"
+    ("https://cdn.example.org/models/x%C2%A0y", MALFORMED),  # no-break space, " " under NFKC
+    ("https://cdn.example.org/models/x%E2%80%8By", MALFORMED),  # zero width space (Cf)
+    ("https://cdn.example.org/models/%E2%92%88/x", MALFORMED),  # "⒈" (a number): "1." under NFKC
+    ("https://cdn.example.org/models/%C2%BD", MALFORMED),  # "½": "1⁄2", a fraction slash
+    ("https://cdn.example.org/models/a=%CC%B8", MALFORMED),  # "=" + U+0338: "≠" under NFKC
+    # Names in any script keep both: decomposed or not, CJK, fullwidth digits.
+    ("https://cdn.example.org/models/mod%C3%A8le.gguf", OK),
+    ("https://cdn.example.org/models/mode%CC%80le.gguf", OK),
+    ("https://cdn.example.org/models/%E6%A8%A1%E5%9E%8B.gguf", OK),
+    ("https://cdn.example.org/models/%E3%83%A2%E3%83%87%E3%83%AB%E3%83%BC.gguf", OK),
+    ("https://cdn.example.org/models/%EF%BC%91b/x.gguf", OK),
+    ("https://cdn.example.org/models/%CE%BC-%C3%9F_~.gguf?x=%EF%BC%8E", OK),
     # Characters some clients re-encode and others send as they are.
     ('https://models.example.com/a"b', MALFORMED),
     ("https://models.example.com/a<b>", MALFORMED),

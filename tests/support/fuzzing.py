@@ -17,6 +17,7 @@ import math
 import random
 import re
 import struct
+import unicodedata
 from collections.abc import Sequence
 from typing import NoReturn, Protocol
 from urllib.parse import unquote, urlsplit
@@ -98,6 +99,17 @@ URL_TOKENS: tuple[str, ...] = (
     "\u3002",
     "\uff0e",
     "\u2024",
+    # Percent-encoded UTF-8 look-alikes of "." "/" "\\" ";" (fullwidth, one dot leader, division
+    # slash, fraction slash, set minus, fullwidth semicolon), and a plain accented letter.
+    "%EF%BC%8E",
+    "%ef%bc%8e%ef%bc%8e",
+    "%E2%80%A4",
+    "%EF%BC%8F",
+    "%E2%88%95",
+    "%E2%81%84",
+    "%E2%88%96",
+    "%EF%BC%9B",
+    "%C3%A8",
     "ß",
     "models.example.com",
     "MODELS.EXAMPLE.COM",
@@ -160,7 +172,27 @@ def _https_view(url: str) -> tuple[str, int, list[str]] | None:
     # decode to the same path.
     if seen_by_httpx.path != unquote(raw_path):
         return None
+    if not _same_under_normalisation(unquote(raw_path)):
+        return None
     return split_host, port, segments
+
+
+#: What the path's structure is made of, for a server that resolves or splits it.
+_STRUCTURAL = "./\\;%?#"
+#: Look-alikes no Unicode normalisation form maps but Windows "best fit" conversions and IDNA
+#: do (a sample, not the tables).
+_BEST_FIT = str.maketrans(
+    {"\u2215": "/", "\u2044": "/", "\u29f8": "/", "\u2216": "\\", "\u3002": "."}
+)
+
+
+def _same_under_normalisation(decoded: str) -> bool:
+    """Does a server that normalises the decoded path (NFKC, NFKD, best fit) read the same
+    structural characters in it?"""
+    structure = [char for char in decoded if char in _STRUCTURAL]
+    readings = [unicodedata.normalize(form, decoded) for form in ("NFKC", "NFKD")]
+    readings.append(decoded.translate(_BEST_FIT))
+    return all([char for char in text if char in _STRUCTURAL] == structure for text in readings)
 
 
 def _same_host(left: str, right: str) -> bool:

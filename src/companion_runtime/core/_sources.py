@@ -12,7 +12,10 @@ rather than interpreted: userinfo, backslashes, whitespace or control characters
 non-ASCII, percent-encoded dots, slashes and backslashes (``%2e``, ``%2f``, ``%5c``, any case,
 anywhere in the URL), percent-encoded ``%`` or control characters, a ``%`` not followed by two
 hex digits, percent-encoded bytes of the path that are not UTF-8 (an overlong ``.`` such as
-``%c0%ae``, which some servers decode to ``.``), characters outside RFC 3986 in the path or
+``%c0%ae``, which some servers decode to ``.``), Unicode look-alikes of ``.``, ``/`` and the
+other ASCII punctuation in the percent-decoded path (``%EF%BC%8E``, a fullwidth ``.``, which
+servers that normalise Unicode read as ``.``; see :func:`_plain_under_normalisation`),
+characters outside RFC 3986 in the path or
 query (``"``, ``<``, ``{``, ``[``, ``|``, ...), ``.``/``..`` or empty path segments (also
 with a ``;`` parameter: ``..;x`` is ``..`` to servers that drop path parameters, as Tomcat,
 Jetty and Spring do, and so is ``..%3b`` once a front server has decoded it), fragments, an
@@ -27,9 +30,10 @@ nothing.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import NamedTuple, cast
+from typing import Literal, NamedTuple, cast
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from companion_runtime.core._reasons import Reason
@@ -56,6 +60,12 @@ _PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 _PATH_OR_QUERY = re.compile(
     r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%(?![01][0-9A-Fa-f]|7[fF]|25)[0-9A-Fa-f]{2})*"
 )
+# The forms a server that normalises Unicode may read a decoded path in (NFKC: .NET, Java and
+# Python frameworks; NFKD: some file systems and search back ends).
+_NORMALISATION_FORMS: tuple[Literal["NFKC", "NFKD"], ...] = ("NFKC", "NFKD")
+# Unicode general categories (first letter) allowed outside ASCII in a decoded path: letters,
+# combining marks and numbers. Punctuation, symbols, separators and others are refused.
+_NAME_CATEGORIES = frozenset({"L", "M", "N"})
 # What starts a path segment's parameters, as it is sent or once a server has decoded it.
 _PARAMETER = re.compile(r";|%3[bB]")
 _DEFAULT_PORT = 443
@@ -124,9 +134,11 @@ def _parse(url: str) -> _Parsed:
         # "%e0%80%ae", "%c0%af") is no UTF-8, and servers that decode it loosely (Tomcat's
         # CVE-2008-2938, IIS) read "%c0%ae%c0%ae" as "..", outside the prefix it seems in.
         try:
-            unquote_to_bytes(path).decode("utf-8")
+            decoded = unquote_to_bytes(path).decode("utf-8")
         except UnicodeDecodeError:
             raise _Refused(_MALFORMED) from None
+        if not _plain_under_normalisation(decoded):
+            raise _Refused(_MALFORMED)
     # A segment's name is what comes before its first ";": servers that drop path parameters
     # before resolving dot segments read "/models/..;/secret" as "/secret", outside the prefix
     # the string "/models/" says it is in. An encoded ";" counts too: a front server that
@@ -139,6 +151,43 @@ def _parse(url: str) -> _Parsed:
     if names[-1] in (".", ".."):
         raise _Refused(_MALFORMED)
     return _Parsed(host, port, path, bool(parts.query) or "?" in url)
+
+
+def _ascii_punctuation(text: str) -> tuple[str, ...]:
+    """The ASCII characters of ``text`` that are neither letters nor digits, in order: every
+    character the checks above look at (``.``, ``/``, ``\\``, ``;``, ``%``, ``?``, ``#``, ...)."""
+    return tuple(char for char in text if char.isascii() and not char.isalnum())
+
+
+def _plain_under_normalisation(decoded: str) -> bool:
+    """Does a server that normalises Unicode read the same path in ``decoded``?
+
+    ``decoded`` is the percent-decoded path, valid UTF-8. A fullwidth full stop (U+FF0E, sent
+    as ``%EF%BC%8E``) is ``.`` under NFKC, so ``/models/%EF%BC%8E%EF%BC%8E/secret`` is
+    ``/models/../secret`` to a server that normalises before it resolves dot segments, outside
+    the prefix it was checked against. Two rules, both on the text and on its NFKC and NFKD
+    forms:
+
+    - its ASCII punctuation (:func:`_ascii_punctuation`) is the same in all three: a form
+      that gains or loses a ``.``, ``/``, ``;``, ``%`` or any other one is refused;
+    - outside ASCII there are only letters, combining marks and numbers (Unicode categories
+      L, M, N): the look-alikes no normalisation form maps but other tables do (division
+      slash U+2215, fraction slash U+2044, big solidus U+29F8, set minus U+2216, ideographic
+      full stop U+3002, which Windows "best fit" conversions and IDNA turn into ``/``, ``\\``
+      or ``.``) are punctuation or symbols, and so are refused with every other one.
+
+    Names in any script (``modèle.gguf``, ``模型.gguf``, ``モデル.gguf``) keep both.
+    """
+    if decoded.isascii():
+        return True
+    punctuation = _ascii_punctuation(decoded)
+    for text in (decoded, *(unicodedata.normalize(form, decoded) for form in _NORMALISATION_FORMS)):
+        if _ascii_punctuation(text) != punctuation:
+            return False
+        for char in text:
+            if not char.isascii() and unicodedata.category(char)[0] not in _NAME_CATEGORIES:
+                return False
+    return True
 
 
 @lru_cache(maxsize=256)
