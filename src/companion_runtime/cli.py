@@ -320,7 +320,9 @@ def verify(
 ) -> None:
     """Verify FILE against an expected SHA-256 and size (exit 0 verified, 1 refused).
 
-    A missing or unreadable FILE is refused as file_not_found; a digest that is not 64
+    A missing FILE, or anything but a regular file, is refused as file_not_found; one that is
+    there but cannot be read (no permission, too many open files, an I/O error) as
+    store_error; a digest that is not 64
     lowercase hex characters, or a size below 1, as malformed_spec. SIGINT, SIGTERM or
     SIGHUP stop the hashing at once: refused as cancelled (exit 1), which says nothing about
     the file.

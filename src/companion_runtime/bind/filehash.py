@@ -13,11 +13,12 @@ grows while it is read is refused too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, final
 
 from companion_runtime.core import IntegrityAccumulator, Reason, SpecError, Verdict
 
@@ -26,9 +27,11 @@ __all__ = [
     "LOCAL_SOURCE_URL",
     "READ_BUFFER_BYTES",
     "RawReadable",
+    "UnreadableFileError",
     "VerifyPolicy",
     "hash_file_into",
     "verify_file",
+    "verify_file_or_raise",
 ]
 
 #: ``"full"`` re-hashes every byte; ``"size_only"`` trusts the store and checks the length only.
@@ -59,6 +62,10 @@ _SIZE_MISMATCH = Verdict(False, Reason.SIZE_MISMATCH)
 _MALFORMED = Verdict(False, Reason.MALFORMED_SPEC)
 _CANCELLED = Verdict(False, Reason.CANCELLED)
 _NOT_PRIVATE = Verdict(False, Reason.STORE_ERROR)
+_UNREADABLE = Verdict(False, Reason.STORE_ERROR)
+#: The errors that say the name is not there (or cannot be): the file is absent. Any other
+#: (``EACCES``, ``EMFILE``, ``ENFILE``, ``ENOMEM``, ``EIO``...) says nothing about its bytes.
+_ABSENT: Final = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP})
 #: Write permission for anyone but the owner.
 _WRITE_BY_OTHERS: Final = stat.S_IWGRP | stat.S_IWOTH
 
@@ -69,6 +76,17 @@ def _only_ours_to_change(fd: int, info: os.stat_result) -> bool:
         return True
     # A read-only mount (a model baked into an image) cannot change, whoever owns it.
     return bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY)
+
+
+@final
+class UnreadableFileError(Exception):
+    """The file is there but could not be opened or read (no permission, too many open files,
+    no memory, an I/O error): nothing is known about its bytes. The message is the reason code
+    alone (``store_error``)."""
+
+    def __init__(self) -> None:
+        super().__init__(Reason.STORE_ERROR.value)
+        self.reason: Final = Reason.STORE_ERROR
 
 
 def verify_file(
@@ -83,9 +101,11 @@ def verify_file(
 ) -> Verdict:
     """Is the file at ``path`` exactly the expected bytes? Never raises on I/O errors.
 
-    A missing or unreadable file, or anything but a regular file (a directory, a FIFO, a
-    device: refused before it is opened), is ``file_not_found``; a bad digest/size spec
-    is ``malformed_spec``; then ``size_mismatch`` (from ``stat`` first) or ``digest_mismatch``.
+    A missing file, or anything but a regular file (a directory, a FIFO, a device: refused
+    before it is opened), is ``file_not_found``; one that is there but could not be opened or
+    read for another reason (no permission, too many open files, no memory, an I/O error) is
+    ``store_error``, which says nothing about its bytes; a bad digest/size spec is
+    ``malformed_spec``; then ``size_mismatch`` (from ``stat`` first) or ``digest_mismatch``.
     ``progress(received_bytes, total_bytes)`` is called after each buffer. ``cancelled`` is
     asked before each buffer; once it answers true the verdict is ``cancelled``, which says
     nothing about the file.
@@ -95,6 +115,36 @@ def verify_file(
     permission) is ``store_error`` before it is read, unless it lies on a read-only file
     system. Its verdict would not hold until the runtime opens it, nor under the runtime's
     ``mmap`` after that.
+    """
+    try:
+        return verify_file_or_raise(
+            path,
+            expected_digest=expected_digest,
+            expected_size_bytes=expected_size_bytes,
+            policy=policy,
+            progress=progress,
+            cancelled=cancelled,
+            private=private,
+        )
+    except UnreadableFileError:
+        return _UNREADABLE
+
+
+def verify_file_or_raise(
+    path: str | os.PathLike[str],
+    *,
+    expected_digest: str,
+    expected_size_bytes: int,
+    policy: VerifyPolicy = "full",
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    private: bool = False,
+) -> Verdict:
+    """:func:`verify_file`, but a file that is there and could not be read raises
+    :class:`UnreadableFileError` instead of a ``store_error`` verdict.
+
+    For a caller that acts on a refusal (``pull`` removes a stored blob that no longer
+    verifies): a ``store_error`` verdict is then only ever about who could change the file.
     """
     try:
         accumulator = IntegrityAccumulator(
@@ -142,8 +192,10 @@ def verify_file(
                 total_bytes=expected_size_bytes,
                 cancelled=cancelled,
             )
-    except OSError:
-        return _FILE_NOT_FOUND
+    except OSError as error:
+        if error.errno in _ABSENT:
+            return _FILE_NOT_FOUND
+        raise UnreadableFileError from None
     if not verdict.ok:
         return verdict
     return accumulator.finalize()

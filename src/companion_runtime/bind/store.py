@@ -206,6 +206,28 @@ class ModelStore:
         """Whether a blob for this digest is present (presence only; verify before use)."""
         return self.blob_path(digest).is_file()
 
+    def stored_blob(self, digest: str) -> Path | None:
+        """The blob's path when a regular file is there (verify before use), else None.
+
+        Raises :class:`StoreError` (``store_error``) when something else is at the blob's name
+        (a directory, a FIFO, a device, a symlink to nothing), or the name cannot be looked
+        up: the store never made it, no download could be published over it, and it is left
+        as it is.
+        """
+        path = self.blob_path(digest)
+        try:
+            path.lstat()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            raise StoreError(Reason.STORE_ERROR) from None
+        try:
+            if stat.S_ISREG(path.stat().st_mode):
+                return path
+        except OSError:
+            pass
+        raise StoreError(Reason.STORE_ERROR)
+
     def free_bytes(self) -> int:
         """Free space available to this user on the store's file system."""
         try:
