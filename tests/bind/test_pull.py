@@ -697,3 +697,38 @@ def test_something_other_than_a_file_at_the_blob_s_name_is_refused_before_any_re
     assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
     if kind == "directory":
         assert (entry / "kept").read_bytes() == b"x"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
+def test_a_ca_bundle_that_is_a_fifo_is_refused_without_waiting(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # OpenSSL opened the bundle itself and waited in open() for a writer: the pull never
+    # ended, whatever cancel it was given.
+    fifo = tmp_path / "ca.pem"
+    os.mkfifo(fifo)
+    cancel = threading.Event()
+    results: list[PullResult] = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            pull_model(
+                manifest_for(origin),
+                store=ModelStore(tmp_path / "store"),
+                ca_bundle=fifo,
+                options=FAST,
+                cancel=cancel,
+            )
+        ),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(5)
+    blocked = thread.is_alive()
+    if blocked:
+        cancel.set()
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+    assert not blocked
+    assert [result.verdict.reason for result in results] == [Reason.TLS_ERROR]
+    assert not origin.requests

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final, Literal, Protocol, final
 
+from companion_runtime.bind.regular_file import NotARegularFileError, open_regular_file
 from companion_runtime.core import IntegrityAccumulator, Reason, SpecError, Verdict
 
 __all__ = [
@@ -157,26 +158,12 @@ def verify_file_or_raise(
         return Verdict(False, error.reason)
     if policy not in ("full", "size_only"):
         return _MALFORMED
-    if "\0" in os.fspath(path):
-        return _FILE_NOT_FOUND  # no such name can exist (and os.open would raise ValueError)
     try:
         # Anything but a regular file is refused before it is opened: opening is not
         # harmless for all of them (a FIFO lets the writer waiting on it go on, into a
         # SIGPIPE once we close it; a watchdog device starts counting; a tape rewinds).
-        named = os.stat(path)
-        if not stat.S_ISREG(named.st_mode):
-            return _FILE_NOT_FOUND
-        # O_NONBLOCK and O_NOCTTY: should the name be switched to a FIFO or a terminal since,
-        # the open neither waits for a writer nor takes a controlling terminal; the check
-        # below refuses it. (Neither flag changes anything for a regular file.)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd, info = open_regular_file(path)
         with open(fd, "rb", buffering=0) as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != (
-                named.st_dev,
-                named.st_ino,
-            ):
-                return _FILE_NOT_FOUND
             if private and not _only_ours_to_change(handle.fileno(), info):
                 accumulator.abort()
                 return _NOT_PRIVATE
@@ -192,6 +179,8 @@ def verify_file_or_raise(
                 total_bytes=expected_size_bytes,
                 cancelled=cancelled,
             )
+    except NotARegularFileError:
+        return _FILE_NOT_FOUND
     except OSError as error:
         if error.errno in _ABSENT:
             return _FILE_NOT_FOUND
