@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import os
 import resource
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -223,3 +225,37 @@ def test_a_file_that_is_there_but_cannot_be_read_is_no_missing_file(tmp_path: Pa
         assert _reason_in_a_child(path, digest, len(data), as_uid=65534) == "store_error"
     path.unlink()
     assert _reason_in_a_child(path, digest, len(data), as_uid=None) == "file_not_found"
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() != 0, reason="a process limit that binds needs another user")
+def test_no_thread_to_hash_with_is_a_refusal_not_a_crash(tmp_path: Path) -> None:
+    # The hash runs in a worker thread; one that could not be started (a process limit, no
+    # memory) had raised RuntimeError out of verify_file, which never raises on I/O errors,
+    # and out of pull.
+    directory = Path(tempfile.mkdtemp())  # one another user can reach
+    directory.chmod(0o755)
+    path, data, digest = write_model(directory, 10_000)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            # This process alone reaches the limit: no thread can start.
+            resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
+            try:
+                answer = verify_file(path, expected_digest=digest, expected_size_bytes=len(data))
+                os.write(write_end, answer.reason.value.encode())
+            except Exception as error:
+                os.write(write_end, type(error).__name__.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    shutil.rmtree(directory)
+    assert answer == "store_error"

@@ -203,7 +203,8 @@ def hash_file_into(
 
     Returns the first refusing ``update`` verdict, or ok; ``cancelled`` (asked before each
     buffer, a few milliseconds apart) once ``cancelled()`` answers true. Does not finalize.
-    ``OSError`` from reading propagates. Used for re-verifying blobs and for re-hashing a kept
+    ``OSError`` from reading propagates, and so does one (``EAGAIN``) when the hashing thread
+    cannot be started. Used for re-verifying blobs and for re-hashing a kept
     partial download.
     """
     # Tell the kernel we read front to back so it reads ahead aggressively (a hint only).
@@ -239,7 +240,13 @@ def hash_file_into(
                 done += count
                 if remaining is not None:
                     remaining -= count
-                pending = worker.submit(accumulator.update, view[:count])
+                try:
+                    pending = worker.submit(accumulator.update, view[:count])
+                except RuntimeError as error:
+                    # No thread could be started (a process limit, no memory): the bytes could
+                    # not be hashed here, which says nothing about them. An OSError, as any
+                    # other failure to read them.
+                    raise OSError(errno.EAGAIN, "no thread to hash with") from error
                 if progress is not None:
                     progress(done, total_bytes)
                 index ^= 1
