@@ -336,6 +336,13 @@ def _console() -> Console:
     return _Console()
 
 
+#: Path arguments are declared ``readable=False``: click's own check of them would end the
+#: command with a usage error that echoes the path. A file that cannot be read is refused by
+#: the command itself, with a reason code and no path.
+_MANIFEST_HELP = "The model manifest (TOML)."
+_CA_BUNDLE_HELP = "PEM CA bundle to trust instead of the system store (a mirror)."
+
+
 def _usage_error(message: str) -> None:
     # click's own usage errors echo the offending value; this one deliberately does not.
     typer.echo(f"Error: {message}", err=True)
@@ -392,14 +399,16 @@ def _progress_bar(
 
 @app.command(cls=_OptionsOnce)
 def verify(
-    file: Annotated[Path, typer.Argument(help="The file to verify.")],
+    file: Annotated[Path, typer.Argument(help="The file to verify.", readable=False)],
     sha256: Annotated[str, typer.Option("--sha256", help="Expected SHA-256, 64 lowercase hex.")],
     size: Annotated[int, typer.Option("--size", help="Expected size in bytes.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Verify FILE against an expected SHA-256 and size (exit 0 verified, 1 refused).
 
-    A missing or unreadable FILE is refused as file_not_found; a digest that is not 64
+    A missing FILE, or anything but a regular file, is refused as file_not_found; one that is
+    there but cannot be read (no permission, too many open files, an I/O error) as
+    store_error; a digest that is not 64
     lowercase hex characters, or a size below 1, as malformed_spec. SIGINT, SIGTERM or
     SIGHUP stop the hashing at once: refused as cancelled (exit 1), which says nothing about
     the file.
@@ -421,7 +430,7 @@ def verify(
 
 @app.command(cls=_OptionsOnce)
 def pull(
-    manifest: Annotated[Path, typer.Argument(help="The model manifest (TOML).")],
+    manifest: Annotated[Path, typer.Argument(help=_MANIFEST_HELP, readable=False)],
     store: Annotated[
         Path | None,
         typer.Option(
@@ -433,7 +442,7 @@ def pull(
     ] = None,
     ca_bundle: Annotated[
         Path | None,
-        typer.Option(help="PEM CA bundle to trust instead of the system store (a mirror)."),
+        typer.Option(help=_CA_BUNDLE_HELP, readable=False),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -492,7 +501,7 @@ def pull(
 
 @app.command(cls=_OptionsOnce)
 def serve(
-    manifest: Annotated[Path, typer.Argument(help="The model manifest (TOML).")],
+    manifest: Annotated[Path, typer.Argument(help=_MANIFEST_HELP, readable=False)],
     store: Annotated[
         Path | None,
         typer.Option(
@@ -504,7 +513,7 @@ def serve(
     ] = None,
     ca_bundle: Annotated[
         Path | None,
-        typer.Option(help="PEM CA bundle to trust instead of the system store (a mirror)."),
+        typer.Option(help=_CA_BUNDLE_HELP, readable=False),
     ] = None,
     port: Annotated[
         int, typer.Option(min=0, max=65535, help="Front door port on 127.0.0.1 (0: any free).")
@@ -689,7 +698,10 @@ def status(
     ] = None,
     token_file: Annotated[
         Path | None,
-        typer.Option(help="File holding the bearer token. Default: the one `serve` recorded."),
+        typer.Option(
+            help="File holding the bearer token. Default: the one `serve` recorded.",
+            readable=False,
+        ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import resource
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -177,3 +181,81 @@ def test_a_cancel_stops_the_hash_between_buffers(
     )
     assert not verdict.ok and verdict.reason is Reason.CANCELLED
     assert seen[-1] == 128 * 1024
+
+
+def _reason_in_a_child(path: Path, digest: str, size: int, *, as_uid: int | None) -> str:
+    """``verify_file``'s reason in a forked child: as ``as_uid``, or with no descriptor free."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            if as_uid is not None:
+                os.setgroups([])
+                os.setgid(as_uid)
+                os.setuid(as_uid)
+            else:
+                highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, limit))
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.open(os.devnull, os.O_RDONLY)
+            verdict = verify_file(path, expected_digest=digest, expected_size_bytes=size)
+            os.write(write_end, verdict.reason.value.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.mark.unit
+@pytest.mark.data_integrity
+def test_a_file_that_is_there_but_cannot_be_read_is_no_missing_file(tmp_path: Path) -> None:
+    # Every OSError had been file_not_found, and pull removes a stored blob it is told is
+    # missing: too many open files (a real EMFILE) or no permission is no absent file.
+    path, data, digest = write_model(tmp_path, 10_000)
+    assert _reason_in_a_child(path, digest, len(data), as_uid=None) == "store_error"
+    if os.geteuid() == 0:
+        tmp_path.chmod(0o755)
+        path.chmod(0o600)
+        assert _reason_in_a_child(path, digest, len(data), as_uid=65534) == "store_error"
+    path.unlink()
+    assert _reason_in_a_child(path, digest, len(data), as_uid=None) == "file_not_found"
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() != 0, reason="a process limit that binds needs another user")
+def test_no_thread_to_hash_with_is_a_refusal_not_a_crash(tmp_path: Path) -> None:
+    # The hash runs in a worker thread; one that could not be started (a process limit, no
+    # memory) had raised RuntimeError out of verify_file, which never raises on I/O errors,
+    # and out of pull.
+    directory = Path(tempfile.mkdtemp())  # one another user can reach
+    directory.chmod(0o755)
+    path, data, digest = write_model(directory, 10_000)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            # This process alone reaches the limit: no thread can start.
+            resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
+            try:
+                answer = verify_file(path, expected_digest=digest, expected_size_bytes=len(data))
+                os.write(write_end, answer.reason.value.encode())
+            except Exception as error:
+                os.write(write_end, type(error).__name__.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    shutil.rmtree(directory)
+    assert answer == "store_error"

@@ -8,12 +8,15 @@ answer, a head that never ends, a body past its length.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httptools
 import pytest
@@ -470,3 +473,94 @@ def test_without_a_cancel_the_same_silence_is_still_a_timeout(authority: trustme
                 assert 1 <= time.monotonic() - started < 1 + POLL_S + 1
         finally:
             release.set()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_key_update_the_server_requests_mid_body_is_answered(tmp_path: Path) -> None:
+    # TLS 1.3: a KeyUpdate with update_requested obliges the client to send one of its own.
+    # OpenSSL writes it only on the client's next write, and after the request a download
+    # writes nothing more, so it had never been sent: a server that waited for it (or a
+    # TLS 1.2 server waiting for a renegotiation's ClientHello) would have waited in vain.
+    # Python's ssl cannot send a KeyUpdate; openssl s_server can (its "K" command), and it
+    # shows what it receives.
+    authority = trustme.CA()
+    server_pem = tmp_path / "server.pem"
+    authority.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    body = bytes(range(256)) * 4
+    server = subprocess.Popen(
+        [
+            *("openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(server_pem)),
+            *("-tls1_3", "-naccept", "1", "-msg", "-ign_eof"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert server.stdin is not None and server.stdout is not None
+    output: list[str] = []
+    stdout = server.stdout
+
+    def collect() -> None:
+        for line in stdout:
+            output.append(line.decode(errors="replace"))
+
+    def seen(text: str) -> bool:
+        return any(text in line for line in list(output))
+
+    def wait(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, "".join(output)[-2000:]
+            time.sleep(0.02)
+
+    received = bytearray()
+    errors: list[BaseException] = []
+
+    def download() -> None:
+        try:
+            with get(
+                "127.0.0.1",
+                port,
+                "/m",
+                {},
+                context=client_context,
+                connect_timeout_s=10,
+                read_timeout_s=10,
+            ) as response:
+                buffer = memoryview(bytearray(65536))
+                while count := response.read_some(buffer):
+                    received.extend(buffer[:count])
+        except BaseException as error:  # reported by the test thread
+            errors.append(error)
+
+    def send(data: bytes) -> None:
+        assert server.stdin is not None
+        server.stdin.write(data)
+        server.stdin.flush()
+
+    threading.Thread(target=collect, daemon=True).start()
+    try:
+        wait(lambda: seen("ACCEPT"))
+        client = threading.Thread(target=download, daemon=True)
+        client.start()
+        wait(lambda: seen("GET /m HTTP/1.1"))
+        send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:300])
+        wait(lambda: len(received) >= 300)
+        send(b"K\n")  # s_server: a KeyUpdate with update_requested
+        wait(lambda: seen(">>> TLS 1.3, Handshake [length 0005], KeyUpdate"))
+        # Before the rest of the body: the client answers while it waits for more.
+        wait(lambda: seen("<<< TLS 1.3, Handshake [length 0005], KeyUpdate"))
+        send(body[300:])
+        client.join(10)
+        assert not client.is_alive() and not errors
+        assert bytes(received) == body
+    finally:
+        server.kill()
+        server.wait()

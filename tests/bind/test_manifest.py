@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +291,42 @@ def test_bad_toml_and_files(tmp_path: Path) -> None:
         load_manifest(tmp_path)  # a directory is not a manifest
     with pytest.raises(ManifestError):
         load_manifest_text(b"[model]")  # type: ignore[arg-type]
+
+
+def _released(path: Path) -> None:
+    """Let a reader blocked in ``open()`` on the FIFO at ``path`` go on (to end of file)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_a_manifest_that_is_no_regular_file_is_refused_without_waiting(
+    tmp_path: Path, kind: str
+) -> None:
+    # A FIFO given as the manifest had held load_manifest in open() for a writer that never
+    # came, past any signal (serve loads it in a worker thread); /dev/zero was read.
+    path = tmp_path / "manifest.toml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path = Path("/dev/zero")
+    else:
+        path.mkdir()
+    reasons: list[Reason] = []
+
+    def load() -> None:
+        try:
+            load_manifest(path)
+        except ManifestError as error:
+            reasons.append(error.reason)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(5)
+    blocked = thread.is_alive()
+    if blocked:
+        _released(path)
+        thread.join(5)
+    assert not blocked
+    assert reasons == [Reason.FILE_NOT_FOUND]

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
 import shutil
 import stat
 import subprocess
@@ -577,3 +578,157 @@ def test_a_store_inside_a_directory_others_can_write_to_is_refused_before_any_re
     result = pull(origin, ModelStore(shared / "models"))
     assert result.verdict.reason is Reason.STORE_ERROR
     assert not body_requests(origin, "/m.bin")
+
+
+# --- a stored blob that could not be read -------------------------------------------------
+
+
+def _pull_in_a_child(origin: FaultyOrigin, store: ModelStore, *, as_uid: int | None) -> str:
+    """Pull in a forked child whose every descriptor but one is taken (so the lock opens and
+    the blob does not: a real ``EMFILE``), or that runs as ``as_uid``; the child's reason."""
+    manifest = manifest_for(origin)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            if as_uid is not None:
+                os.setgroups([])
+                os.setgid(as_uid)
+                os.setuid(as_uid)
+                result = pull_model(
+                    manifest, store=store, ca_bundle=origin.ca_pem_path, options=FAST
+                )
+            else:
+                highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+                resource.setrlimit(
+                    resource.RLIMIT_NOFILE,
+                    (highest + 16, resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
+                )
+                taken: list[int] = []
+                with contextlib.suppress(OSError):
+                    while True:
+                        taken.append(os.open(os.devnull, os.O_RDONLY))
+                os.close(taken.pop())  # the lock file's
+                result = pull_model(
+                    manifest, store=store, ca_bundle=origin.ca_pem_path, options=FAST
+                )
+            os.write(write_end, result.verdict.reason.value.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_blob_that_cannot_be_opened_for_want_of_descriptors_is_kept(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # Every failure to open the blob had counted as a missing blob: a pull that ran out of
+    # file descriptors removed a verified model and set out to fetch it again (gigabytes, or
+    # nothing at all without a network).
+    store = ModelStore(tmp_path)
+    blob = pull(origin, store).path
+    assert blob is not None
+    before = blob.stat()
+    assert _pull_in_a_child(origin, store, as_uid=None) == "store_error"
+    after = blob.stat()
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    assert blob.read_bytes() == DATA
+    assert len(body_requests(origin, "/m.bin")) == 1
+    assert pull(origin, store).ok
+    assert len(body_requests(origin, "/m.bin")) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.skipif(os.geteuid() != 0, reason="a store of another user needs root")
+def test_a_blob_its_user_may_not_read_is_kept(origin: FaultyOrigin, tmp_path: Path) -> None:
+    # EACCES had counted as a missing blob too: removed, and fetched again.
+    home = Path(tempfile.mkdtemp())
+    try:
+        home.chmod(0o755)
+        root = home / "store"
+        store = ModelStore(root)
+        blob = pull(origin, store).path
+        assert blob is not None
+        for directory, _dirs, files in os.walk(root):
+            os.chown(directory, OTHER_UID, OTHER_UID)
+            for name in files:
+                os.chown(Path(directory) / name, OTHER_UID, OTHER_UID)
+        blob.chmod(0)
+        assert _pull_in_a_child(origin, store, as_uid=OTHER_UID) == "store_error"
+        assert blob.exists()
+        blob.chmod(0o444)
+        assert blob.read_bytes() == DATA
+        assert len(body_requests(origin, "/m.bin")) == 1
+    finally:
+        shutil.rmtree(home)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["directory", "fifo", "dangling-symlink"])
+def test_something_other_than_a_file_at_the_blob_s_name_is_refused_before_any_request(
+    origin: FaultyOrigin, tmp_path: Path, kind: str
+) -> None:
+    # A directory there had let the first pull download the whole model, only to fail to
+    # publish it over the directory; every later pull failed the same way.
+    store = ModelStore(tmp_path)
+    store.ensure_layout()
+    entry = store.blob_path(DIGEST)
+    if kind == "directory":
+        entry.mkdir()
+        (entry / "kept").write_bytes(b"x")
+    elif kind == "fifo":
+        os.mkfifo(entry)
+    else:
+        entry.symlink_to(tmp_path / "nothing")
+    before = entry.lstat()
+    for _ in range(2):
+        result = pull(origin, store)
+        assert result.verdict.reason is Reason.STORE_ERROR
+        assert result.path is None
+    assert not origin.requests
+    after = entry.lstat()
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    if kind == "directory":
+        assert (entry / "kept").read_bytes() == b"x"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
+def test_a_ca_bundle_that_is_a_fifo_is_refused_without_waiting(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # OpenSSL opened the bundle itself and waited in open() for a writer: the pull never
+    # ended, whatever cancel it was given.
+    fifo = tmp_path / "ca.pem"
+    os.mkfifo(fifo)
+    cancel = threading.Event()
+    results: list[PullResult] = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            pull_model(
+                manifest_for(origin),
+                store=ModelStore(tmp_path / "store"),
+                ca_bundle=fifo,
+                options=FAST,
+                cancel=cancel,
+            )
+        ),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(5)
+    blocked = thread.is_alive()
+    if blocked:
+        cancel.set()
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+    assert not blocked
+    assert [result.verdict.reason for result in results] == [Reason.TLS_ERROR]
+    assert not origin.requests

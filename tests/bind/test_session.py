@@ -21,6 +21,7 @@ from companion_runtime.bind.session import (
     STATE_DIR_ENV,
     ServeState,
     SessionFileError,
+    check_state_dir,
     default_state_dir,
     forget_serve,
     is_serving,
@@ -784,3 +785,47 @@ def test_temp_files_a_killed_writer_left_are_swept_and_no_others(tmp_path: Path)
         taker.stop()
     left = {name for name in os.listdir(directory) if name in files}
     assert left == {name for name, (_written, kept) in files.items() if kept}
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("mode", [0o777, 0o773, 0o757], ids=["all", "others", "others-no-read"])
+@pytest.mark.parametrize("through", ["path", "symlink"])
+def test_a_state_dir_inside_a_directory_others_can_write_to_is_refused(
+    tmp_path: Path, mode: int, through: str
+) -> None:
+    # Whoever can rename entries of a directory above the state directory can move it aside
+    # and put one of their own at its path, with the records and token file status trusts.
+    # Only the state directory itself had been checked.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    real = shared / "state"
+    directory = real if through == "path" else tmp_path / "elsewhere" / "state"
+    if through == "symlink":
+        real.mkdir(mode=0o700)
+        (tmp_path / "elsewhere").symlink_to(shared)
+    with pytest.raises(SessionFileError) as caught:
+        prepare_state_dir(directory)
+    assert caught.value.reason is Reason.STORE_ERROR
+    real.mkdir(mode=0o700, exist_ok=True)
+    for check in (check_state_dir, read_serve_state):
+        with pytest.raises(SessionFileError) as caught:
+            check(directory)
+        assert caught.value.reason is Reason.STORE_ERROR
+    shared.chmod(mode | stat.S_ISVTX)  # sticky, like /tmp: only an entry's owner renames it
+    assert prepare_state_dir(directory) == directory
+    shared.chmod(0o775)  # group write on a directory of this user's own: its own group
+    assert prepare_state_dir(directory) == directory
+
+
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_a_state_dir_inside_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    # Its owner can rename the state directory away whatever its mode.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(SessionFileError):
+        prepare_state_dir(theirs / "state")
+    os.chown(theirs, 0, 0)
+    prepare_state_dir(theirs / "state")

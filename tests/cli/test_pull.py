@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from tests.support.https import (
     secret_url,
 )
 from tests.support.signals import catches_termination_signals, flood_until_exit
+from tests.support.unreadable import CAN_DROP_FILE_OVERRIDE, run_cli_without_file_override
 
 SMALL, SMALL_DIGEST = model_bytes(200_000, seed=11)
 # Larger than the 4 MiB receive buffer, so a killed pull has written some of it.
@@ -484,3 +486,33 @@ def test_a_store_path_that_is_not_utf8_is_printed_as_its_bytes_under_a_utf8_loca
     assert result.returncode == 0, result.stderr
     blob = ModelStore(store).blob_path(SMALL_DIGEST)
     assert result.stdout == os.fsencode(blob) + b"\n"
+
+
+@pytest.mark.e2e
+@pytest.mark.security
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not CAN_DROP_FILE_OVERRIDE,
+    reason="needs root and setpriv to drop root's power to read any file",
+)
+@pytest.mark.parametrize("unreadable", ["manifest", "ca-bundle"])
+def test_a_manifest_or_bundle_that_cannot_be_read_is_refused_without_its_path(
+    origin: FaultyOrigin, tmp_path: Path, unreadable: str
+) -> None:
+    # click's own check of the argument had ended the command with a usage error that printed
+    # the path. The manifest is refused as any unreadable manifest is, the bundle as any CA
+    # bundle that cannot be used, before any request.
+    manifest = write_manifest(tmp_path, origin, "/small.bin", SMALL_DIGEST, len(SMALL))
+    bundle = tmp_path / "ca.pem"
+    shutil.copyfile(origin.ca_pem_path, bundle)
+    (manifest if unreadable == "manifest" else bundle).chmod(0)
+    result = run_cli_without_file_override(
+        [
+            *("pull", str(manifest), "--store", str(tmp_path / "store")),
+            *("--ca-bundle", str(bundle), "--json"),
+        ]
+    )
+    assert result.returncode == 1, result.stderr
+    reason = "file_not_found" if unreadable == "manifest" else "tls_error"
+    assert json.loads(result.stdout)["reason"] == reason
+    assert str(tmp_path) not in result.stdout + result.stderr
+    assert not body_requests(origin, "/small.bin")

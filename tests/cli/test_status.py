@@ -29,6 +29,7 @@ from tests.support.frontdoor import (
 from tests.support.port_taker import ipv6_loopback, port_taker
 from tests.support.signals import flood_until_exit
 from tests.support.supervision import standin_command
+from tests.support.unreadable import CAN_DROP_FILE_OVERRIDE, run_cli_without_file_override
 
 pytestmark = pytest.mark.e2e
 needs_llama = pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
@@ -882,3 +883,21 @@ def test_signals_until_it_exits_never_end_status_by_their_default_action(tmp_pat
         else:
             assert stdout == ""
             assert stderr.strip() == "refused: cancelled"
+
+
+@pytest.mark.security
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not CAN_DROP_FILE_OVERRIDE,
+    reason="needs root and setpriv to drop root's power to read any file",
+)
+def test_a_token_file_that_cannot_be_read_is_refused_without_its_path(tmp_path: Path) -> None:
+    # click's own check of --token-file had ended status with a usage error printing the path.
+    token_file = tmp_path / "front.token"
+    token_file.write_text("t" * 43 + "\n")
+    token_file.chmod(0)
+    result = run_cli_without_file_override(
+        ["status", "--url", "http://127.0.0.1:9", "--token-file", str(token_file), "--json"]
+    )
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout)["reason"] == "store_error"
+    assert str(tmp_path) not in result.stdout + result.stderr

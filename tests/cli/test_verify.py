@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.https import model_bytes
 from tests.support.signals import flood_until_exit
+from tests.support.unreadable import CAN_DROP_FILE_OVERRIDE, run_cli_without_file_override
 
 DATA, DIGEST = model_bytes(100_000, seed=3)
 
@@ -281,3 +282,23 @@ def test_signals_in_quick_succession_never_hang_the_cancel(tmp_path: Path) -> No
             [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
         )
         assert (finished.returncode, finished.stdout) == (0, "True 0\n"), finished.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.security
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not CAN_DROP_FILE_OVERRIDE,
+    reason="needs root and setpriv to drop root's power to read any file",
+)
+def test_a_file_that_cannot_be_read_is_refused_without_its_path(tmp_path: Path) -> None:
+    # click's own check of the argument had ended verify with a usage error that printed the
+    # path; the file is there, so it is no missing file either.
+    model = tmp_path / "model.bin"
+    model.write_bytes(DATA)
+    model.chmod(0)
+    result = run_cli_without_file_override(
+        ["verify", str(model), "--sha256", DIGEST, "--size", str(len(DATA)), "--json"]
+    )
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout) == {"ok": False, "reason": "store_error"}
+    assert str(tmp_path) not in result.stdout + result.stderr

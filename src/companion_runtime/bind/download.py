@@ -113,6 +113,7 @@ import httptools
 
 from companion_runtime.bind import httpsget
 from companion_runtime.bind.filehash import hash_file_into
+from companion_runtime.bind.regular_file import open_regular_file
 from companion_runtime.bind.store import ModelStore, StoreError
 from companion_runtime.core import (
     IntegrityAccumulator,
@@ -289,9 +290,21 @@ def reason_for_exception(error: BaseException) -> Reason:
 
 
 def _ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
+    """The client context; ``ca_bundle``, when given, must be a regular file (``tls_error``).
+
+    OpenSSL opens the bundle itself, blocking: a FIFO there would hold the pull in ``open()``
+    for good, past any cancel. So it is opened here first, refused unless it is a regular
+    file, and OpenSSL reads that very file through ``/proc/self/fd``.
+    """
     try:
         if ca_bundle is not None:
-            context = ssl.create_default_context(cafile=os.fspath(ca_bundle))
+            fd, _info = open_regular_file(ca_bundle)
+            try:
+                opened = f"/proc/self/fd/{fd}"
+                cafile = opened if os.path.exists(opened) else os.fspath(ca_bundle)
+                context = ssl.create_default_context(cafile=cafile)
+            finally:
+                os.close(fd)
         else:
             context = ssl.create_default_context()
     except (OSError, ssl.SSLError, ValueError):

@@ -13,12 +13,14 @@ grows while it is read is refused too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, final
 
+from companion_runtime.bind.regular_file import NotARegularFileError, open_regular_file
 from companion_runtime.core import IntegrityAccumulator, Reason, SpecError, Verdict
 
 __all__ = [
@@ -26,9 +28,11 @@ __all__ = [
     "LOCAL_SOURCE_URL",
     "READ_BUFFER_BYTES",
     "RawReadable",
+    "UnreadableFileError",
     "VerifyPolicy",
     "hash_file_into",
     "verify_file",
+    "verify_file_or_raise",
 ]
 
 #: ``"full"`` re-hashes every byte; ``"size_only"`` trusts the store and checks the length only.
@@ -59,6 +63,10 @@ _SIZE_MISMATCH = Verdict(False, Reason.SIZE_MISMATCH)
 _MALFORMED = Verdict(False, Reason.MALFORMED_SPEC)
 _CANCELLED = Verdict(False, Reason.CANCELLED)
 _NOT_PRIVATE = Verdict(False, Reason.STORE_ERROR)
+_UNREADABLE = Verdict(False, Reason.STORE_ERROR)
+#: The errors that say the name is not there (or cannot be): the file is absent. Any other
+#: (``EACCES``, ``EMFILE``, ``ENFILE``, ``ENOMEM``, ``EIO``...) says nothing about its bytes.
+_ABSENT: Final = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP})
 #: Write permission for anyone but the owner.
 _WRITE_BY_OTHERS: Final = stat.S_IWGRP | stat.S_IWOTH
 
@@ -69,6 +77,17 @@ def _only_ours_to_change(fd: int, info: os.stat_result) -> bool:
         return True
     # A read-only mount (a model baked into an image) cannot change, whoever owns it.
     return bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY)
+
+
+@final
+class UnreadableFileError(Exception):
+    """The file is there but could not be opened or read (no permission, too many open files,
+    no memory, an I/O error): nothing is known about its bytes. The message is the reason code
+    alone (``store_error``)."""
+
+    def __init__(self) -> None:
+        super().__init__(Reason.STORE_ERROR.value)
+        self.reason: Final = Reason.STORE_ERROR
 
 
 def verify_file(
@@ -83,9 +102,11 @@ def verify_file(
 ) -> Verdict:
     """Is the file at ``path`` exactly the expected bytes? Never raises on I/O errors.
 
-    A missing or unreadable file, or anything but a regular file (a directory, a FIFO, a
-    device: refused before it is opened), is ``file_not_found``; a bad digest/size spec
-    is ``malformed_spec``; then ``size_mismatch`` (from ``stat`` first) or ``digest_mismatch``.
+    A missing file, or anything but a regular file (a directory, a FIFO, a device: refused
+    before it is opened), is ``file_not_found``; one that is there but could not be opened or
+    read for another reason (no permission, too many open files, no memory, an I/O error) is
+    ``store_error``, which says nothing about its bytes; a bad digest/size spec is
+    ``malformed_spec``; then ``size_mismatch`` (from ``stat`` first) or ``digest_mismatch``.
     ``progress(received_bytes, total_bytes)`` is called after each buffer. ``cancelled`` is
     asked before each buffer; once it answers true the verdict is ``cancelled``, which says
     nothing about the file.
@@ -95,6 +116,36 @@ def verify_file(
     permission) is ``store_error`` before it is read, unless it lies on a read-only file
     system. Its verdict would not hold until the runtime opens it, nor under the runtime's
     ``mmap`` after that.
+    """
+    try:
+        return verify_file_or_raise(
+            path,
+            expected_digest=expected_digest,
+            expected_size_bytes=expected_size_bytes,
+            policy=policy,
+            progress=progress,
+            cancelled=cancelled,
+            private=private,
+        )
+    except UnreadableFileError:
+        return _UNREADABLE
+
+
+def verify_file_or_raise(
+    path: str | os.PathLike[str],
+    *,
+    expected_digest: str,
+    expected_size_bytes: int,
+    policy: VerifyPolicy = "full",
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    private: bool = False,
+) -> Verdict:
+    """:func:`verify_file`, but a file that is there and could not be read raises
+    :class:`UnreadableFileError` instead of a ``store_error`` verdict.
+
+    For a caller that acts on a refusal (``pull`` removes a stored blob that no longer
+    verifies): a ``store_error`` verdict is then only ever about who could change the file.
     """
     try:
         accumulator = IntegrityAccumulator(
@@ -107,26 +158,12 @@ def verify_file(
         return Verdict(False, error.reason)
     if policy not in ("full", "size_only"):
         return _MALFORMED
-    if "\0" in os.fspath(path):
-        return _FILE_NOT_FOUND  # no such name can exist (and os.open would raise ValueError)
     try:
         # Anything but a regular file is refused before it is opened: opening is not
         # harmless for all of them (a FIFO lets the writer waiting on it go on, into a
         # SIGPIPE once we close it; a watchdog device starts counting; a tape rewinds).
-        named = os.stat(path)
-        if not stat.S_ISREG(named.st_mode):
-            return _FILE_NOT_FOUND
-        # O_NONBLOCK and O_NOCTTY: should the name be switched to a FIFO or a terminal since,
-        # the open neither waits for a writer nor takes a controlling terminal; the check
-        # below refuses it. (Neither flag changes anything for a regular file.)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd, info = open_regular_file(path)
         with open(fd, "rb", buffering=0) as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != (
-                named.st_dev,
-                named.st_ino,
-            ):
-                return _FILE_NOT_FOUND
             if private and not _only_ours_to_change(handle.fileno(), info):
                 accumulator.abort()
                 return _NOT_PRIVATE
@@ -142,8 +179,12 @@ def verify_file(
                 total_bytes=expected_size_bytes,
                 cancelled=cancelled,
             )
-    except OSError:
+    except NotARegularFileError:
         return _FILE_NOT_FOUND
+    except OSError as error:
+        if error.errno in _ABSENT:
+            return _FILE_NOT_FOUND
+        raise UnreadableFileError from None
     if not verdict.ok:
         return verdict
     return accumulator.finalize()
@@ -162,7 +203,8 @@ def hash_file_into(
 
     Returns the first refusing ``update`` verdict, or ok; ``cancelled`` (asked before each
     buffer, a few milliseconds apart) once ``cancelled()`` answers true. Does not finalize.
-    ``OSError`` from reading propagates. Used for re-verifying blobs and for re-hashing a kept
+    ``OSError`` from reading propagates, and so does one (``EAGAIN``) when the hashing thread
+    cannot be started. Used for re-verifying blobs and for re-hashing a kept
     partial download.
     """
     # Tell the kernel we read front to back so it reads ahead aggressively (a hint only).
@@ -198,7 +240,13 @@ def hash_file_into(
                 done += count
                 if remaining is not None:
                     remaining -= count
-                pending = worker.submit(accumulator.update, view[:count])
+                try:
+                    pending = worker.submit(accumulator.update, view[:count])
+                except RuntimeError as error:
+                    # No thread could be started (a process limit, no memory): the bytes could
+                    # not be hashed here, which says nothing about them. An OSError, as any
+                    # other failure to read them.
+                    raise OSError(errno.EAGAIN, "no thread to hash with") from error
                 if progress is not None:
                     progress(done, total_bytes)
                 index ^= 1

@@ -268,6 +268,11 @@ class _Tls:
         bounded by the socket timeout in all, so a record dripped in byte by byte is a
         ``TimeoutError`` like a silent server. A socket error can only happen while nothing
         has been decrypted in this call, so no decrypted byte is ever lost to one.
+
+        Handshake messages the client owes the server after the handshake (its KeyUpdate in
+        answer to one with ``update_requested``) are sent before the next socket read: at
+        most one receive buffer after the message that asked for them, and without any work
+        added to a read that decrypts.
         """
         read = self._tls.read
         size = len(view)
@@ -285,6 +290,17 @@ class _Tls:
                     deadline = now + self.read_timeout_s
                 elif now > deadline:
                     raise TimeoutError("no complete TLS record in time") from None
+                # What TLS must answer mid-stream goes out before waiting for more: the server
+                # may wait for it. OpenSSL writes the client's KeyUpdate (owed after one with
+                # update_requested) only on the next write, and a download writes nothing after
+                # its request: an empty write lets it out and sends no record otherwise (a
+                # TLS 1.2 renegotiation's ClientHello is already waiting in the buffer; the
+                # write then wants to read, which is what comes next anyway). Only here, with
+                # nothing decrypted in this call, so a failed send loses no byte.
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    self._tls.write(b"")
+                if self._outgoing.pending:
+                    self._flush()
                 self._receive()  # at the end, the EOF goes into the buffer: read() reports it
                 continue
             except ssl.SSLZeroReturnError:

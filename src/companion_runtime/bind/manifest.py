@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, final
 
+from companion_runtime.bind.regular_file import read_regular_file
 from companion_runtime.core import Reason, validate_integrity_spec, validate_source_url
 
 __all__ = [
@@ -155,13 +156,14 @@ class Manifest:
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate the manifest at ``path``.
 
-    A missing or unreadable file raises ``ManifestError(FILE_NOT_FOUND, "manifest")``; bad TOML
+    A missing or unreadable file, or anything but a regular file (a FIFO, a device, a
+    directory: refused without waiting for a writer), raises
+    ``ManifestError(FILE_NOT_FOUND, "manifest")``; bad TOML
     or a file over :data:`MAX_MANIFEST_BYTES` raises ``ManifestError(MALFORMED_MANIFEST,
     "manifest")``.
     """
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+        raw = read_regular_file(path, max_bytes=MAX_MANIFEST_BYTES)
     except OSError:
         raise ManifestError(Reason.FILE_NOT_FOUND, "manifest") from None
     if len(raw) > MAX_MANIFEST_BYTES:

@@ -10,6 +10,13 @@ manifest's that still hashes to its digest (its name) is intact, and the manifes
 wrong: the pull is refused ``size_mismatch`` and the blob stays, for the manifests that name
 it right.
 
+A stored blob that is there but could not be read (no permission, too many open files, no
+memory, an I/O error) says nothing about its bytes: the pull is refused ``store_error``, the
+blob stays, and nothing is downloaded (it had been taken for a missing blob, removed, and
+fetched again: a lost model without a network). Something other than a regular file at the
+blob's name (a directory, a FIFO, a symlink to nothing) is refused ``store_error`` before any
+request and left as it is: no download could be published over it.
+
 Concurrency: the whole pull of one digest runs under the store's per-digest file lock, so two
 pulls in two threads or two processes download it once; the second finds the published blob
 when it gets the lock, and re-verifies it like any other stored blob.
@@ -47,7 +54,11 @@ from companion_runtime.bind.download import (
     ProgressCallback,
     download_to_store,
 )
-from companion_runtime.bind.filehash import VerifyPolicy, verify_file
+from companion_runtime.bind.filehash import (
+    UnreadableFileError,
+    VerifyPolicy,
+    verify_file_or_raise,
+)
 from companion_runtime.bind.httpsget import POLL_S
 from companion_runtime.bind.manifest import Manifest, ModelSpec
 from companion_runtime.bind.store import ModelStore, StoreError
@@ -109,12 +120,19 @@ def _take(lock: filelock.BaseFileLock, cancel: threading.Event | None) -> bool:
 def _intact_at_its_own_size(
     blob: Path, digest: str, cancelled: Callable[[], bool] | None
 ) -> Verdict:
-    """Whether the blob, whatever its size, still hashes to ``digest`` (its name)."""
+    """Whether the blob, whatever its size, still hashes to ``digest`` (its name).
+
+    Raises :class:`UnreadableFileError` when it is there but could not be read.
+    """
     try:
         size = blob.stat().st_size
-    except OSError:
+    except FileNotFoundError:
         return _NOT_FOUND
-    return verify_file(blob, expected_digest=digest, expected_size_bytes=size, cancelled=cancelled)
+    except OSError:
+        raise UnreadableFileError from None
+    return verify_file_or_raise(
+        blob, expected_digest=digest, expected_size_bytes=size, cancelled=cancelled
+    )
 
 
 def pull_model(
@@ -158,9 +176,11 @@ def pull_model(
         lock = store.lock(model.sha256)
         locked = _take(lock, cancel)
         try:
-            if store.has_blob(model.sha256):
-                blob = store.blob_path(model.sha256)
-                verdict = verify_file(
+            # Something other than a regular file at the blob's name (a directory, a FIFO) is
+            # refused here, before any request: no download could be published over it.
+            blob = store.stored_blob(model.sha256)
+            if blob is not None:
+                verdict = verify_file_or_raise(
                     blob,
                     expected_digest=model.sha256,
                     expected_size_bytes=model.size_bytes,
@@ -203,6 +223,11 @@ def pull_model(
             if locked:
                 lock.release()
     except (DownloadError, StoreError) as error:
+        return _refused(error.reason)
+    except UnreadableFileError as error:
+        # The stored blob is there but could not be read (no permission, too many open
+        # files, no memory, an I/O error): nothing is known about its bytes, so it is kept
+        # and nothing is downloaded; the next pull re-verifies it.
         return _refused(error.reason)
     except OSError:
         # Creating the store or taking its lock failed.

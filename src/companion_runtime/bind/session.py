@@ -5,7 +5,10 @@ when set (a relative one taken from the current directory, and recorded absolute
 user runtime directory (``$XDG_RUNTIME_DIR/companion-runtime`` on Linux,
 ``platformdirs.user_runtime_dir``). It is created with mode ``0700`` and refused when it is a
 symlink, is owned by someone else, or is writable by group or others (anyone who can write
-there could swap the files ``status`` trusts).
+there could swap the files ``status`` trusts), and when a directory above it, as written or
+as its symlinks resolve, is someone else's than the user's or root's, or is writable by others
+(or a group other than the user's own) without the sticky bit of ``/tmp``: whoever can rename
+the state directory could move it aside and put one of their own at its path.
 
 * The token file ``frontdoor-<port>-<pid>.token`` holds the session token and nothing else
   (``frontdoor-<port>-<pid>-<random>.token`` when that name is taken). It is created with
@@ -67,6 +70,7 @@ from urllib.parse import urlsplit
 import platformdirs
 import psutil
 
+from companion_runtime.bind.directory_trust import ancestors_hold_no_one_else_s_entries
 from companion_runtime.core import Reason
 
 __all__ = [
@@ -178,7 +182,7 @@ def prepare_state_dir(directory: Path) -> Path:
         info = directory.lstat()
     except OSError as error:
         raise SessionFileError(Reason.STORE_ERROR) from error
-    _require_private_dir(info)
+    _require_private_dir(directory, info)
     return directory
 
 
@@ -193,17 +197,28 @@ def check_state_dir(directory: Path) -> Path:
         raise SessionFileError(Reason.FILE_NOT_FOUND) from error
     except OSError as error:
         raise SessionFileError(Reason.STORE_ERROR) from error
-    _require_private_dir(info)
+    _require_private_dir(directory, info)
     return directory
 
 
-def _require_private_dir(info: os.stat_result) -> None:
+def _require_private_dir(directory: Path, info: os.stat_result) -> None:
     # Not a symlink (lstat), the current user's, and no one else may add, swap or remove files.
+    uid = os.getuid()
     if (
         not stat.S_ISDIR(info.st_mode)
-        or info.st_uid != os.getuid()
+        or info.st_uid != uid
         or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     ):
+        raise SessionFileError(Reason.STORE_ERROR)
+    # Nor may anyone else rename it: whoever can write a directory above it (not sticky like
+    # /tmp) could move it aside and put one of their own at its path, with records and a
+    # token file of their choosing, between this check and the reads that rely on it.
+    try:
+        trusted = ancestors_hold_no_one_else_s_entries(directory, uid)
+    except (OSError, RuntimeError) as error:
+        # RuntimeError: a symlink loop on the way (Python before 3.13).
+        raise SessionFileError(Reason.STORE_ERROR) from error
+    if not trusted:
         raise SessionFileError(Reason.STORE_ERROR)
 
 

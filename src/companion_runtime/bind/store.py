@@ -30,6 +30,10 @@ from typing import Final, final
 import filelock
 import platformdirs
 
+from companion_runtime.bind.directory_trust import (
+    ancestors_hold_no_one_else_s_entries,
+    writable_by_no_one_else,
+)
 from companion_runtime.core import Reason
 
 __all__ = [
@@ -81,26 +85,6 @@ def _check_digest(digest: str) -> str:
     if not isinstance(digest, str) or _DIGEST.fullmatch(digest) is None:
         raise StoreError(Reason.MALFORMED_SPEC)
     return digest
-
-
-def _writable_by_no_one_else(info: os.stat_result) -> bool:
-    """Whether no one but the owner can write this directory, beyond the user's own group.
-
-    Group write is allowed when the group is the user's own (primary) one: with the usual
-    per-user groups (umask 002) a directory made by hand has it.
-    """
-    if info.st_mode & stat.S_IWOTH:
-        return False
-    return not info.st_mode & stat.S_IWGRP or info.st_gid == os.getegid()
-
-
-def _holds_no_one_else_s_entries(info: os.stat_result, uid: int) -> bool:
-    """Whether only this user (or root) can rename or remove the entries of this directory."""
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (uid, 0):
-        return False
-    # Sticky (/tmp): an entry is renamed or removed only by its owner, the directory's owner
-    # (this user or root) or root.
-    return bool(info.st_mode & stat.S_ISVTX) or _writable_by_no_one_else(info)
 
 
 def fsync_directory(directory: Path) -> None:
@@ -156,22 +140,20 @@ class ModelStore:
             checks += [
                 directory.lstat() for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir)
             ]
-            above = [*self.root.absolute().parents, *self.root.resolve().parents]
-            ancestors = [directory.stat() for directory in dict.fromkeys(above)]
+            uid = os.geteuid()
+            ancestors_ok = ancestors_hold_no_one_else_s_entries(self.root, uid)
         except (OSError, RuntimeError):
             # RuntimeError: a symlink loop on the way (Python before 3.13).
             raise StoreError(Reason.STORE_ERROR) from None
-        uid = os.geteuid()
         for info in checks:
             if (
                 not stat.S_ISDIR(info.st_mode)
                 or info.st_uid != uid
-                or not _writable_by_no_one_else(info)
+                or not writable_by_no_one_else(info)
             ):
                 raise StoreError(Reason.STORE_ERROR)
-        for info in ancestors:
-            if not _holds_no_one_else_s_entries(info, uid):
-                raise StoreError(Reason.STORE_ERROR)
+        if not ancestors_ok:
+            raise StoreError(Reason.STORE_ERROR)
 
     def blob_path(self, digest: str) -> Path:
         """Final path of the blob with this digest (it may not exist)."""
@@ -205,6 +187,28 @@ class ModelStore:
     def has_blob(self, digest: str) -> bool:
         """Whether a blob for this digest is present (presence only; verify before use)."""
         return self.blob_path(digest).is_file()
+
+    def stored_blob(self, digest: str) -> Path | None:
+        """The blob's path when a regular file is there (verify before use), else None.
+
+        Raises :class:`StoreError` (``store_error``) when something else is at the blob's name
+        (a directory, a FIFO, a device, a symlink to nothing), or the name cannot be looked
+        up: the store never made it, no download could be published over it, and it is left
+        as it is.
+        """
+        path = self.blob_path(digest)
+        try:
+            path.lstat()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            raise StoreError(Reason.STORE_ERROR) from None
+        try:
+            if stat.S_ISREG(path.stat().st_mode):
+                return path
+        except OSError:
+            pass
+        raise StoreError(Reason.STORE_ERROR)
 
     def free_bytes(self) -> int:
         """Free space available to this user on the store's file system."""

@@ -83,9 +83,10 @@ class Reason(enum.StrEnum):
     TIMEOUT = "timeout"
     #: The store's file system has too little free space for the model.
     INSUFFICIENT_DISK = "insufficient_disk"
-    #: The model store could not be read or written.
+    #: The model store could not be read or written (a file to verify is there but could not
+    #: be read: no permission, too many open files, an I/O error).
     STORE_ERROR = "store_error"
-    #: The file to verify does not exist or cannot be read.
+    #: The file to verify does not exist or is not a regular file.
     FILE_NOT_FOUND = "file_not_found"
     #: The TLS certificate or CA bundle could not be used.
     TLS_ERROR = "tls_error"
