@@ -26,7 +26,9 @@ client goes, at most a second, so that the client gets to read its answer (at mo
 connections linger at once, the refused-at-capacity ones below included; past that the one
 that has lingered longest is closed to make room). An admitted request
 is sent to the runtime over a pooled keep-alive connection (a second protocol with an
-``httptools`` response parser) without the client's credentials. The response is relayed from
+``httptools`` response parser) without the client's credentials; a new one carries nothing
+until ``runtime_listening`` confirms that the runtime still holds its port (which anyone may
+take once it dies). The response is relayed from
 the parser's callbacks as the bytes arrive, so streamed tokens are never buffered; when the
 client reads slower than the runtime writes, reading from the runtime pauses until the client
 catches up.
@@ -1221,7 +1223,9 @@ class FrontDoor:
     the admission counters (lifecycle state, last resource sample, ...). ``clock`` must be the
     controller's clock: admission deadlines are absolute on it. ``runtime_authorization``
     returns the ``Authorization`` value the runtime demands (its API key), sent on every
-    relayed request, or None.
+    relayed request, or None. ``runtime_listening`` says whether the runtime's port is still
+    the runtime's (``Supervisor.runtime_listening``); it is asked once for each new runtime
+    connection, before anything is sent on it, never for a pooled one.
 
     Use as ``async with FrontDoor(...) as door:``; ``door.url`` is then the listening origin.
     """
@@ -1235,11 +1239,13 @@ class FrontDoor:
         status: Callable[[], Mapping[str, object]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         runtime_authorization: Callable[[], bytes | None] | None = None,
+        runtime_listening: Callable[[], bool] | None = None,
     ) -> None:
         self._config = config
         self._controller = controller
         self._runtime_url = runtime_url
         self._runtime_authorization = runtime_authorization
+        self._runtime_listening = runtime_listening
         self._status = status
         self._clock = clock
         self._token = config.token.encode()
@@ -1717,6 +1723,18 @@ class FrontDoor:
         self._runtime_key_cache = (url, key, host_line)
         return key, host_line
 
+    def _reached_the_runtime(self, key: tuple[str, int]) -> bool:
+        """Whether a connection just made to ``key`` is one to the runtime, asked after the
+        connect and before anything is sent: the runtime's port is free for anyone to take
+        from the moment the runtime dies (a request whose pooled connection broke is sent
+        again on a new one at once, before the exit is seen). A pooled connection needs no
+        such check: it was made to the runtime, and no one else can take it over."""
+        runtime = self._runtime_key()
+        if runtime is None or runtime[0] != key:
+            return False
+        listening = self._runtime_listening
+        return listening is None or listening()
+
     def _upstream_request(self, request: _Request, host_line: bytes) -> bytes:
         parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
         nominated = request.nominated
@@ -1752,6 +1770,9 @@ class FrontDoor:
                     upstream = await self._pool.connect(key)
                 except (OSError, TimeoutError):
                     return self._refuse(client, 502, Reason.UPSTREAM_ERROR, close=close_after)
+                if not self._reached_the_runtime(key):
+                    upstream.abort()
+                    return self._refuse(client, 502, Reason.RUNTIME_GONE, close=close_after)
             done = upstream.begin(
                 client,
                 head_request=request.method == b"HEAD",
