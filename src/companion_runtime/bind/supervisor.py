@@ -557,7 +557,8 @@ class Supervisor:
 
         Set when the command template uses ``{api_key_file}``: a random key, written to a
         private file (0600, in a 0700 directory) whose path fills the placeholder, so that only
-        whoever holds the key (the front door) can use the runtime's port.
+        whoever holds the key (the front door) can use the runtime's port. Each run of the
+        runtime (each restart) gets a new key.
         """
         return self._runtime_authorization
 
@@ -652,18 +653,28 @@ class Supervisor:
                     raise
         return None
 
-    def _api_key_file(self) -> Path:
-        """The runtime's key file, written on first use (one key per supervisor)."""
-        if self._api_key_path is None:
-            key = secrets.token_urlsafe(32)
+    def _new_api_key_file(self) -> Path:
+        """The runtime's key file with a new key, for the run about to start.
+
+        One key per run, not per supervisor: the key goes to whatever accepted the front
+        door's connection to the runtime's port, and a key that reached someone else must not
+        open the next run's runtime (whose port anyone can read in its argv). The previous
+        run's runtime is gone by now and has read its key; the file is created anew (0600,
+        exclusively, in the supervisor's own 0700 directory).
+        """
+        key = secrets.token_urlsafe(32)
+        path = self._api_key_path
+        if path is None:
             directory = Path(tempfile.mkdtemp(prefix="companion-runtime-key-"))  # mode 0700
-            path = directory / "api-key"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as handle:
-                handle.write(key + "\n")
-            self._api_key_path = path
-            self._runtime_authorization = b"Bearer " + key.encode("ascii")
-        return self._api_key_path
+            path = self._api_key_path = directory / "api-key"
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(key + "\n")
+        self._runtime_authorization = b"Bearer " + key.encode("ascii")
+        return path
 
     def _remove_api_key_file(self) -> None:
         path = self._api_key_path
@@ -950,7 +961,7 @@ class Supervisor:
                 config.command_template,
                 model_path=config.model_path,
                 api_key_file=(
-                    self._api_key_file() if uses_api_key_file(config.command_template) else None
+                    self._new_api_key_file() if uses_api_key_file(config.command_template) else None
                 ),
                 extra_env=config.extra_env,
                 output_cap_bytes=config.output_cap_bytes,
