@@ -525,6 +525,65 @@ def test_request_body_over_the_cap_is_413() -> None:
     run(scenario)
 
 
+@pytest.mark.security
+def test_bodies_still_arriving_are_held_to_a_budget_across_connections() -> None:
+    # Bodies are read before admission. Each is capped (8 MiB by default), but every open
+    # connection may be sending one: at max_connections that was 8 GiB held by the front
+    # door (100 connections held 804 MiB), none of it counted by admission. Bodies still
+    # arriving share one budget (64 MiB by default); one that would pass it is refused.
+    cap = 8 * 1024 * 1024
+    body = b"x" * (cap - 1)
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(
+                upstream.url, max_in_flight=8, queue_bound=8, max_body_bytes=cap
+            ) as door:
+                head = (
+                    b"POST /sized?kib=1 HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
+                    b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n"
+                    % (door.door.port, door.token.encode(), cap)
+                )
+                held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+                refused = 0
+                for _ in range(10):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                    writer.write(head + body)  # all but the body's last byte
+                    await writer.drain()
+                    with contextlib.suppress(TimeoutError):
+                        answer = await asyncio.wait_for(reader.read(65536), 0.5)
+                        assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+                        assert b"retry-after: 1\r\n" in answer
+                        assert b'"reason":"at_capacity"' in answer.replace(b" ", b"")
+                        refused += 1
+                        writer.close()
+                        continue
+                    held.append((reader, writer))
+                # Eight bodies fill the budget; the ninth and the tenth do not fit.
+                assert (len(held), refused) == (8, 2)
+                for reader, writer in held:
+                    writer.write(b"x")
+                for reader, writer in held:
+                    answer = await asyncio.wait_for(reader.read(65536), 10)
+                    assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+                    writer.close()
+                # A client that leaves mid-body gives its share back.
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                writer.write(head + body[: cap // 2])
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.close()
+                await wait_for(lambda: door.door._arriving_body_bytes == 0)
+                statistics = door.door.statistics()
+                assert statistics.proxied_total == 8
+                assert statistics.refused_by_reason == {"at_capacity": 2}
+                assert statistics.requests_total == 11
+                assert statistics.client_disconnects == 1
+            assert upstream.requests_seen == 8
+
+    run(scenario)
+
+
 def test_a_request_refused_before_its_large_body_is_read_still_gets_its_answer() -> None:
     # Refused before its body is read, the connection closes; closed with the body unread it
     # would be reset, and a reset can destroy the answer before the client has read it.
