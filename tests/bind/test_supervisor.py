@@ -293,6 +293,12 @@ async def test_each_run_of_the_runtime_demands_a_key_of_its_own(tmp_path: Path) 
         second_key, second_url = supervisor.runtime_authorization, supervisor.runtime_url
         assert second_key is not None and second_url is not None
         assert second_key != first_key
+        # The first run's key file went with it; the second run has one of its own.
+        assert not key_file.exists() and not key_file.parent.exists()
+        keeper = supervisor.status()["pid"]
+        assert isinstance(keeper, int)
+        (runtime,) = psutil.Process(keeper).children()
+        key_file = Path(runtime.cmdline()[-1])
         assert key_file.read_text().strip() == second_key.removeprefix(b"Bearer ").decode()
         async with httpx.AsyncClient(base_url=second_url, timeout=5) as client:
             stale = await client.get("/pid", headers={"authorization": first_key.decode()})

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -658,18 +659,14 @@ class Supervisor:
 
         One key per run, not per supervisor: the key goes to whatever accepted the front
         door's connection to the runtime's port, and a key that reached someone else must not
-        open the next run's runtime (whose port anyone can read in its argv). The previous
-        run's runtime is gone by now and has read its key; the file is created anew (0600,
-        exclusively, in the supervisor's own 0700 directory).
+        open the next run's runtime (whose port anyone can read in its argv). Each run's key
+        is a new file (0600, created exclusively) in a new 0700 directory, which the run's
+        keeper removes when the runtime ends, also after a manager killed with SIGKILL.
         """
+        self._remove_api_key_file()
         key = secrets.token_urlsafe(32)
-        path = self._api_key_path
-        if path is None:
-            directory = Path(tempfile.mkdtemp(prefix="companion-runtime-key-"))  # mode 0700
-            path = self._api_key_path = directory / "api-key"
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        directory = Path(tempfile.mkdtemp(prefix="companion-runtime-key-"))  # mode 0700
+        path = self._api_key_path = directory / "api-key"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="ascii") as handle:
             handle.write(key + "\n")
@@ -678,6 +675,7 @@ class Supervisor:
 
     def _remove_api_key_file(self) -> None:
         path = self._api_key_path
+        self._api_key_path = None
         if path is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -957,15 +955,19 @@ class Supervisor:
     async def _run_once(self, first_run: asyncio.Future[Verdict]) -> _Ended:
         config = self._config
         try:
+            key_file = (
+                self._new_api_key_file() if uses_api_key_file(config.command_template) else None
+            )
             spec = build_launch_spec(
                 config.command_template,
                 model_path=config.model_path,
-                api_key_file=(
-                    self._new_api_key_file() if uses_api_key_file(config.command_template) else None
-                ),
+                api_key_file=key_file,
                 extra_env=config.extra_env,
                 output_cap_bytes=config.output_cap_bytes,
             )
+            if key_file is not None:
+                # The keeper removes them when this run ends, however the manager ends.
+                spec = dataclasses.replace(spec, run_files=(str(key_file), str(key_file.parent)))
         except ProcessError as error:
             return _Ended(error.reason, was_ready=False)
         except OSError:
