@@ -1027,6 +1027,46 @@ def test_requests_pipelined_behind_one_that_ends_the_connection_are_counted(loop
         run_on_serves_loop(scenario())
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_a_request_parsed_after_its_client_left_never_reaches_the_runtime(loop: str) -> None:
+    # The client pipelines two requests and leaves (a half-close) before the first is
+    # answered. Its leaving is seen while the serving task yields between the two, when
+    # no request of it waits or runs: the second was then taken up all the same, run on the
+    # runtime for nobody, and counted nowhere, so the counters did not add up.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+                host = f"host: 127.0.0.1:{port}\r\n"
+                auth = f"authorization: Bearer {door.token}\r\n"
+                burst = (
+                    f"GET /_status HTTP/1.1\r\n{host}{auth}\r\n"
+                    f"POST /slow?ms=200 HTTP/1.1\r\n{host}{auth}content-length: 0\r\n\r\n"
+                ).encode()
+                with socket.create_connection(("127.0.0.1", port)) as leaving:
+                    # Both requests and the end of the client's side are in before the
+                    # front door reads any of it (this task does not yield meanwhile).
+                    leaving.sendall(burst)
+                    leaving.shutdown(socket.SHUT_WR)
+                    await wait_for(lambda: door.door.statistics().open_connections == 0)
+                    await asyncio.sleep(0.4)  # the time the runtime would take with it
+                document = door.door.status_document()
+                assert document["in_flight"] == document["queued"] == 0
+                statistics = document["front_door"]
+                assert isinstance(statistics, dict)
+                assert statistics["requests_total"] == 2
+                assert statistics["status_answered"] == 1
+                assert statistics["proxied_total"] == 0
+                assert statistics["client_disconnects"] == 1
+                assert sum(statistics[name] for name in _OUTCOMES) == 1  # and the status answer
+            assert upstream.requests_seen == 0
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+
+
 def test_queue_deadline_and_not_ready_are_503_with_retry_after() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:

@@ -1592,6 +1592,14 @@ class FrontDoor:
                     self._refuse(client, client.error, Reason.BAD_REQUEST, close=True)
                     await self._drain(client)
                 return True
+            if client.gone:
+                # The client left while this task yielded (between two pipelined requests,
+                # or before it woke for the first), with no request of it waiting or running
+                # to count it: the next one is its last, and never reaches the runtime.
+                client.requests.popleft()
+                self._counters.requests_total += 1
+                self._counters.client_disconnects += 1
+                return True
             request = client.requests.popleft()
             connections[task] = True
             client.busy = True
