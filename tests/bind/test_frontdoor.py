@@ -525,6 +525,65 @@ def test_request_body_over_the_cap_is_413() -> None:
     run(scenario)
 
 
+@pytest.mark.security
+def test_bodies_still_arriving_are_held_to_a_budget_across_connections() -> None:
+    # Bodies are read before admission. Each is capped (8 MiB by default), but every open
+    # connection may be sending one: at max_connections that was 8 GiB held by the front
+    # door (100 connections held 804 MiB), none of it counted by admission. Bodies still
+    # arriving share one budget (64 MiB by default); one that would pass it is refused.
+    cap = 8 * 1024 * 1024
+    body = b"x" * (cap - 1)
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(
+                upstream.url, max_in_flight=8, queue_bound=8, max_body_bytes=cap
+            ) as door:
+                head = (
+                    b"POST /sized?kib=1 HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
+                    b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n"
+                    % (door.door.port, door.token.encode(), cap)
+                )
+                held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+                refused = 0
+                for _ in range(10):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                    writer.write(head + body)  # all but the body's last byte
+                    await writer.drain()
+                    with contextlib.suppress(TimeoutError):
+                        answer = await asyncio.wait_for(reader.read(65536), 0.5)
+                        assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+                        assert b"retry-after: 1\r\n" in answer
+                        assert b'"reason":"at_capacity"' in answer.replace(b" ", b"")
+                        refused += 1
+                        writer.close()
+                        continue
+                    held.append((reader, writer))
+                # Eight bodies fill the budget; the ninth and the tenth do not fit.
+                assert (len(held), refused) == (8, 2)
+                for reader, writer in held:
+                    writer.write(b"x")
+                for reader, writer in held:
+                    answer = await asyncio.wait_for(reader.read(65536), 10)
+                    assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+                    writer.close()
+                # A client that leaves mid-body gives its share back.
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                writer.write(head + body[: cap // 2])
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.close()
+                await wait_for(lambda: door.door._arriving_body_bytes == 0)
+                statistics = door.door.statistics()
+                assert statistics.proxied_total == 8
+                assert statistics.refused_by_reason == {"at_capacity": 2}
+                assert statistics.requests_total == 11
+                assert statistics.client_disconnects == 1
+            assert upstream.requests_seen == 8
+
+    run(scenario)
+
+
 def test_a_request_refused_before_its_large_body_is_read_still_gets_its_answer() -> None:
     # Refused before its body is read, the connection closes; closed with the body unread it
     # would be reset, and a reset can destroy the answer before the client has read it.
@@ -961,6 +1020,46 @@ def test_requests_pipelined_behind_one_that_ends_the_connection_are_counted(loop
                 assert statistics["proxied_total"] + refused.get("queue_full", 0) == 20
                 assert sum(statistics[name] for name in _OUTCOMES) == 80
             assert upstream.requests_seen == statistics["proxied_total"]
+
+    if loop == "asyncio":
+        run(scenario)
+    else:
+        run_on_serves_loop(scenario())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "serve's"])
+def test_a_request_parsed_after_its_client_left_never_reaches_the_runtime(loop: str) -> None:
+    # The client pipelines two requests and leaves (a half-close) before the first is
+    # answered. Its leaving is seen while the serving task yields between the two, when
+    # no request of it waits or runs: the second was then taken up all the same, run on the
+    # runtime for nobody, and counted nowhere, so the counters did not add up.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                port = door.door.port
+                host = f"host: 127.0.0.1:{port}\r\n"
+                auth = f"authorization: Bearer {door.token}\r\n"
+                burst = (
+                    f"GET /_status HTTP/1.1\r\n{host}{auth}\r\n"
+                    f"POST /slow?ms=200 HTTP/1.1\r\n{host}{auth}content-length: 0\r\n\r\n"
+                ).encode()
+                with socket.create_connection(("127.0.0.1", port)) as leaving:
+                    # Both requests and the end of the client's side are in before the
+                    # front door reads any of it (this task does not yield meanwhile).
+                    leaving.sendall(burst)
+                    leaving.shutdown(socket.SHUT_WR)
+                    await wait_for(lambda: door.door.statistics().open_connections == 0)
+                    await asyncio.sleep(0.4)  # the time the runtime would take with it
+                document = door.door.status_document()
+                assert document["in_flight"] == document["queued"] == 0
+                statistics = document["front_door"]
+                assert isinstance(statistics, dict)
+                assert statistics["requests_total"] == 2
+                assert statistics["status_answered"] == 1
+                assert statistics["proxied_total"] == 0
+                assert statistics["client_disconnects"] == 1
+                assert sum(statistics[name] for name in _OUTCOMES) == 1  # and the status answer
+            assert upstream.requests_seen == 0
 
     if loop == "asyncio":
         run(scenario)

@@ -269,6 +269,45 @@ async def test_the_runtime_key_is_in_a_private_file_never_in_argv_and_gone_after
     assert not key_file.exists() and not key_file.parent.exists()
 
 
+@pytest.mark.security
+async def test_each_run_of_the_runtime_demands_a_key_of_its_own(tmp_path: Path) -> None:
+    # The key reaches whatever accepts the front door's connections to the runtime's port,
+    # which anyone may take once the runtime has died. A key that leaked there must not open
+    # the runtime the supervisor starts next, on a port anyone can read in its argv.
+    async with standin(tmp_path, "--api-key-file", "{api_key_file}") as supervisor:
+        assert (await supervisor.start()).ok
+        first_key, first_url = supervisor.runtime_authorization, supervisor.runtime_url
+        assert first_key is not None and first_url is not None
+        keeper = supervisor.status()["pid"]
+        assert isinstance(keeper, int)
+        (runtime,) = psutil.Process(keeper).children()
+        key_file = Path(runtime.cmdline()[-1])
+        runtime.kill()
+        assert await async_wait_for(
+            lambda: (
+                _state(supervisor) is LifecycleState.READY
+                and supervisor.runtime_url not in (None, first_url)
+            ),
+            30,
+        )
+        second_key, second_url = supervisor.runtime_authorization, supervisor.runtime_url
+        assert second_key is not None and second_url is not None
+        assert second_key != first_key
+        # The first run's key file went with it; the second run has one of its own.
+        assert not key_file.exists() and not key_file.parent.exists()
+        keeper = supervisor.status()["pid"]
+        assert isinstance(keeper, int)
+        (runtime,) = psutil.Process(keeper).children()
+        key_file = Path(runtime.cmdline()[-1])
+        assert key_file.read_text().strip() == second_key.removeprefix(b"Bearer ").decode()
+        async with httpx.AsyncClient(base_url=second_url, timeout=5) as client:
+            stale = await client.get("/pid", headers={"authorization": first_key.decode()})
+            assert stale.status_code == 401
+            fresh = await client.get("/pid", headers={"authorization": second_key.decode()})
+            assert fresh.status_code == 200
+    assert not key_file.exists() and not key_file.parent.exists()
+
+
 def test_a_template_asking_for_a_key_file_needs_one() -> None:
     template = [sys.executable, "--port", "{port}", "--api-key-file", "{api_key_file}"]
     with pytest.raises(ProcessError) as refused:

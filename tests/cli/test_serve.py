@@ -1315,3 +1315,30 @@ def test_the_ready_line_names_a_token_file_that_is_not_utf8_as_its_bytes(
     prefix, _, token_file = line.partition(b"  token file: ")
     assert prefix.startswith(b"serving http://127.0.0.1:")
     assert token_file.startswith(os.fsencode(state_dir) + b"/frontdoor-")
+
+
+@needs_llama
+@pytest.mark.security
+def test_serve_killed_with_sigkill_leaves_no_runtime_key_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The runtime's key lives in a private file while the runtime runs. A serve killed with
+    # SIGKILL cannot remove it, and it stayed in the temporary directory for good, one per
+    # killed serve; the runtime's keeper, which outlives the manager long enough to kill what
+    # is below it, removes it.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    with running_serve(tmp_path) as (serve, _origin):
+        keeper = serve.status()["pid"]
+        assert isinstance(keeper, int)
+        argv = psutil.Process(keeper).cmdline()
+        key_file = Path(argv[argv.index("--api-key-file") + 1])
+        assert key_file.is_file() and key_file.parent.parent == scratch
+        below = [process.pid for process in psutil.Process(keeper).children(recursive=True)]
+        serve.process.send_signal(signal.SIGKILL)
+        serve.process.wait()
+        assert wait_for(lambda: all(process_gone(pid) for pid in (keeper, *below)), 10)
+        assert wait_for(lambda: not any(scratch.iterdir()), 5), sorted(
+            path.name for path in scratch.iterdir()
+        )

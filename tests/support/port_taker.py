@@ -2,9 +2,9 @@
 
 It stands for whatever takes a port a front door had: another program of this user, a
 program of another user, or a process that got the pid of a ``serve`` that died. It answers
-every ``GET`` with ``200`` and a status document that says ``ready``, and reports the
-``authorization`` header of every request it received, so that a test can see whether a
-token reached it.
+every ``GET`` and ``POST`` with ``200`` and a status document that says ``ready``, and reports
+the ``authorization`` header of every request it received, so that a test can see whether a
+token (or a runtime's key) reached it.
 
 It is a forked child of the test process rather than a new program, so that it can drop to
 another user without that user needing access to this interpreter.
@@ -51,6 +51,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.do_GET()
 
 
 class PortTaker:

@@ -8,7 +8,7 @@ real server.
     python tests/support/standin_runtime.py --port P [--host H] [--listen-delay-s S]
         [--loading-s S] [--never-healthy] [--ignore-sigterm] [--spawn-child]
         [--emit-stdout-bytes N] [--exit-after-s S] [--spawn-orphan] [--orphan-mib N]
-        [--busy-children] [--pid-file PATH]
+        [--busy-children] [--pid-file PATH] [--api-key-file PATH]
 
 Endpoints: ``GET /health`` (200 ``{"status":"ok"}``, 503 while loading), ``POST /work?sleep_s=S``
 (answers after S seconds), ``POST /crash`` (sends the headers and part of a body, then exits
@@ -19,6 +19,8 @@ with status 3), ``POST /allocate?mib=N`` (holds N MiB more, touched so they are 
 ``--spawn-orphan`` double-forks a process into a session of its own and leaves it (an orphan
 outside the runtime's process group), holding ``--orphan-mib`` MiB resident.
 ``--busy-children`` keeps starting children that each spin a core for 0.3 s and exit.
+``--api-key-file`` makes every request but ``GET /health`` need ``Authorization: Bearer <key>``
+with the key the file holds (``401`` otherwise), as llama.cpp's server does.
 ``--pid-file`` gets one line per process: ``runtime PID``, ``child PID``, ``orphan PID``.
 """
 
@@ -45,6 +47,8 @@ class _Server6(ThreadingHTTPServer):
 
 _ready_at = 0.0
 _never_healthy = False
+# The key every request but /health must carry (--api-key-file, as llama.cpp's server reads it).
+_api_key: str | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -61,8 +65,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _unauthorized(self) -> bool:
+        if _api_key is None or self.headers.get("Authorization") == f"Bearer {_api_key}":
+            return False
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self._reply(401, {"error": {"code": 401, "message": "Invalid API Key"}})
+        return True
+
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
+        if path != "/health" and self._unauthorized():
+            return
         if path == "/health":
             if _never_healthy or time.monotonic() < _ready_at:
                 self._reply(503, {"error": {"code": 503, "message": "Loading model"}})
@@ -74,6 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, {"error": "not found"})
 
     def do_POST(self) -> None:
+        if self._unauthorized():
+            return
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         length = int(self.headers.get("Content-Length") or 0)
@@ -136,7 +153,7 @@ def _busy_children() -> None:
 
 
 def main() -> None:
-    global _ready_at, _never_healthy
+    global _ready_at, _never_healthy, _api_key
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
@@ -151,6 +168,7 @@ def main() -> None:
     parser.add_argument("--orphan-mib", type=int, default=0)
     parser.add_argument("--busy-children", action="store_true")
     parser.add_argument("--pid-file")
+    parser.add_argument("--api-key-file")
     args = parser.parse_args()
 
     if args.ignore_sigterm:
@@ -175,6 +193,9 @@ def main() -> None:
     if args.busy_children:
         threading.Thread(target=_busy_children, daemon=True).start()
     _never_healthy = args.never_healthy
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="ascii") as key_file:
+            _api_key = key_file.read().strip()
     time.sleep(args.listen_delay_s)
     _ready_at = time.monotonic() + args.loading_s
     server_class = _Server6 if ":" in args.host else ThreadingHTTPServer

@@ -18,7 +18,9 @@ fixed order, and the first guard that fails answers it:
 
 ``GET /_status`` is answered by the front door itself. Every other request has its body read
 (up to a cap, ``413 request_too_large`` beyond it; ``408 timeout`` when it is not whole within
-``request_timeout_s``) and then waits for an admission slot
+``request_timeout_s``; ``503 at_capacity`` when the bodies still arriving on all connections
+would pass ``max_arriving_body_bytes``, since every connection may be sending one and none of
+them is counted by admission yet) and then waits for an admission slot
 (``async with controller.slot(deadline=...)``); a refusal is ``503`` with ``Retry-After`` and
 ``{"ok": false, "reason": "<code>"}``. A refusal that ends the connection before the request's
 end was read (a 401 or 413 with the body still coming) half-closes it and reads on until the
@@ -26,7 +28,9 @@ client goes, at most a second, so that the client gets to read its answer (at mo
 connections linger at once, the refused-at-capacity ones below included; past that the one
 that has lingered longest is closed to make room). An admitted request
 is sent to the runtime over a pooled keep-alive connection (a second protocol with an
-``httptools`` response parser) without the client's credentials. The response is relayed from
+``httptools`` response parser) without the client's credentials; a new one carries nothing
+until ``runtime_listening`` confirms that the runtime still holds its port (which anyone may
+take once it dies). The response is relayed from
 the parser's callbacks as the bytes arrive, so streamed tokens are never buffered; when the
 client reads slower than the runtime writes, reading from the runtime pauses until the client
 catches up.
@@ -100,6 +104,7 @@ from companion_runtime.bind.admission import AdmissionRefused
 from companion_runtime.core import Reason
 
 __all__ = [
+    "DEFAULT_MAX_ARRIVING_BODY_BYTES",
     "DEFAULT_MAX_BODY_BYTES",
     "STATUS_PATH",
     "AdmissionPort",
@@ -115,6 +120,8 @@ _logger = logging.getLogger(__name__)
 STATUS_PATH: Final = b"/_status"
 #: Largest request body accepted (completion requests are a few KiB).
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+#: Request bodies still arriving, over all connections at once (eight at the cap).
+DEFAULT_MAX_ARRIVING_BODY_BYTES: Final = 64 * 1024 * 1024
 _MAX_HEAD_BYTES: Final = 16 * 1024
 # The runtime's response head, with room for a body that comes in the same read.
 _MAX_UPSTREAM_HEAD_BYTES: Final = 256 * 1024
@@ -230,6 +237,10 @@ class FrontDoorConfig:
     #: answered ``503 at_capacity`` and closed. A request whose head is complete is never
     #: closed to make room.
     max_connections: int = 1024
+    #: Bytes of request bodies still arriving, summed over every connection (bodies are read
+    #: before admission; never less than ``max_body_bytes``). A body that would pass it is
+    #: answered ``503 at_capacity`` and its connection closed.
+    max_arriving_body_bytes: int = DEFAULT_MAX_ARRIVING_BODY_BYTES
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or len(self.token) < 16:
@@ -246,7 +257,13 @@ class FrontDoorConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(name)
-        if self.max_body_bytes < 0 or self.upstream_pool_size < 0 or self.backlog < 1:
+        if (
+            self.max_body_bytes < 0
+            or self.upstream_pool_size < 0
+            or self.backlog < 1
+            or not isinstance(self.max_arriving_body_bytes, int)
+            or self.max_arriving_body_bytes < 1
+        ):
             raise ValueError("bounds")
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ValueError("max_connections")
@@ -450,11 +467,13 @@ class _Request:
         "complete",
         "head_bytes",
         "headers",
+        "held",
         "http_10",
         "keep_alive",
         "method",
         "nominated",
         "over_cap",
+        "shed",
         "target",
     )
 
@@ -469,7 +488,11 @@ class _Request:
         self.keep_alive = False
         self.body: list[bytes] = []
         self.body_size = 0
+        # Bytes of the body counted in the front door's budget for bodies still arriving.
+        self.held = 0
         self.over_cap = False
+        # Refused (past the cap, unread from then on) for the budget, not for its own size.
+        self.shed = False
         self.complete = False
 
 
@@ -710,6 +733,11 @@ class _Client(asyncio.Protocol):
         self._idle_timer = self._loop.call_later(_LINGER_S, transport.abort)
 
     @property
+    def current(self) -> _Request | None:
+        """The request whose head or body is being parsed, if any."""
+        return self._current
+
+    @property
     def mid_request(self) -> bool:
         """A request has begun whose end has not been read (its body, say, still arriving),
         or reading stopped with what the client sent since perhaps unread (requests
@@ -790,18 +818,34 @@ class _Client(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         request = self._current
         assert request is not None
-        request.body_size += len(body)
+        size = len(body)
+        request.body_size += size
+        if request.over_cap:
+            return
+        door = self._door
         if request.body_size > self._max_body:
             request.over_cap = True
             request.body.clear()
-        elif not request.over_cap:
-            request.body.append(body)
+            door._release_body(request)
+            return
+        # Every connection may be sending a body: they share one budget.
+        door._arriving_body_bytes += size
+        request.held += size
+        if door._arriving_body_bytes > door._max_arriving_body_bytes:
+            request.over_cap = request.shed = True
+            request.body.clear()
+            door._release_body(request)
+            return
+        request.body.append(body)
 
     def on_message_complete(self) -> None:
         request = self._current
         assert request is not None
         request.complete = True
         self._current = None
+        if request.held:
+            # Arrived: bounded by admission (or the pipelining bound) from here on.
+            self._door._release_body(request)
 
     # used by the serving task
 
@@ -1221,7 +1265,9 @@ class FrontDoor:
     the admission counters (lifecycle state, last resource sample, ...). ``clock`` must be the
     controller's clock: admission deadlines are absolute on it. ``runtime_authorization``
     returns the ``Authorization`` value the runtime demands (its API key), sent on every
-    relayed request, or None.
+    relayed request, or None. ``runtime_listening`` says whether the runtime's port is still
+    the runtime's (``Supervisor.runtime_listening``); it is asked once for each new runtime
+    connection, before anything is sent on it, never for a pooled one.
 
     Use as ``async with FrontDoor(...) as door:``; ``door.url`` is then the listening origin.
     """
@@ -1235,11 +1281,13 @@ class FrontDoor:
         status: Callable[[], Mapping[str, object]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         runtime_authorization: Callable[[], bytes | None] | None = None,
+        runtime_listening: Callable[[], bool] | None = None,
     ) -> None:
         self._config = config
         self._controller = controller
         self._runtime_url = runtime_url
         self._runtime_authorization = runtime_authorization
+        self._runtime_listening = runtime_listening
         self._status = status
         self._clock = clock
         self._token = config.token.encode()
@@ -1267,6 +1315,9 @@ class FrontDoor:
         # Oldest first: at the limit, the one that has had longest to read its answer goes.
         self._lingering: dict[_Client, None] = {}
         self._runtime_key_cache: tuple[str, tuple[str, int], bytes] | None = None
+        # Bytes of request bodies still arriving, over every connection, and their budget.
+        self._arriving_body_bytes = 0
+        self._max_arriving_body_bytes = max(config.max_arriving_body_bytes, config.max_body_bytes)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -1409,6 +1460,11 @@ class FrontDoor:
         self._counters.connections_evicted += 1
         return True
 
+    def _release_body(self, request: _Request) -> None:
+        """``request``'s body no longer counts as arriving (it arrived, or will not)."""
+        self._arriving_body_bytes -= request.held
+        request.held = 0
+
     def _loop_time(self) -> float:
         return asyncio.get_running_loop().time()
 
@@ -1464,6 +1520,10 @@ class FrontDoor:
             self._idle_authorized.pop(client, None)
             if client.evicted:
                 self._evicting -= 1
+            current = client.current
+            if current is not None and current.held:
+                # Its end will never be read (nothing more is parsed on this connection).
+                self._release_body(current)
             if client.requests:
                 # Parsed behind the request that ended the connection, and never answered.
                 unanswered = len(client.requests)
@@ -1531,6 +1591,14 @@ class FrontDoor:
                     self._counters.requests_total += 1
                     self._refuse(client, client.error, Reason.BAD_REQUEST, close=True)
                     await self._drain(client)
+                return True
+            if client.gone:
+                # The client left while this task yielded (between two pipelined requests,
+                # or before it woke for the first), with no request of it waiting or running
+                # to count it: the next one is its last, and never reaches the runtime.
+                client.requests.popleft()
+                self._counters.requests_total += 1
+                self._counters.client_disconnects += 1
                 return True
             request = client.requests.popleft()
             connections[task] = True
@@ -1636,6 +1704,11 @@ class FrontDoor:
             if not read:
                 return self._refuse(client, client.error or 400, Reason.BAD_REQUEST, close=True)
         if request.over_cap:
+            if request.shed:
+                # Bodies still arriving on other connections hold the budget: try again.
+                return self._refuse(
+                    client, 503, Reason.AT_CAPACITY, close=True, extra=((b"retry-after", b"1"),)
+                )
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
         keep = await self._admit_and_relay(client, request)
         if client.write_paused:
@@ -1717,6 +1790,18 @@ class FrontDoor:
         self._runtime_key_cache = (url, key, host_line)
         return key, host_line
 
+    def _reached_the_runtime(self, key: tuple[str, int]) -> bool:
+        """Whether a connection just made to ``key`` is one to the runtime, asked after the
+        connect and before anything is sent: the runtime's port is free for anyone to take
+        from the moment the runtime dies (a request whose pooled connection broke is sent
+        again on a new one at once, before the exit is seen). A pooled connection needs no
+        such check: it was made to the runtime, and no one else can take it over."""
+        runtime = self._runtime_key()
+        if runtime is None or runtime[0] != key:
+            return False
+        listening = self._runtime_listening
+        return listening is None or listening()
+
     def _upstream_request(self, request: _Request, host_line: bytes) -> bytes:
         parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
         nominated = request.nominated
@@ -1752,6 +1837,9 @@ class FrontDoor:
                     upstream = await self._pool.connect(key)
                 except (OSError, TimeoutError):
                     return self._refuse(client, 502, Reason.UPSTREAM_ERROR, close=close_after)
+                if not self._reached_the_runtime(key):
+                    upstream.abort()
+                    return self._refuse(client, 502, Reason.RUNTIME_GONE, close=close_after)
             done = upstream.begin(
                 client,
                 head_request=request.method == b"HEAD",

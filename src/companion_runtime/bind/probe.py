@@ -19,11 +19,12 @@ processes are ever looked at; elsewhere psutil's ``children(recursive=True)`` is
   processes and keeps only the entries whose PID is ours, inside one function; nothing about
   any other process is stored, returned or logged.
 
-:func:`listens_below` answers whether the runtime (its PID or a descendant) is the process
-listening on ``127.0.0.1`` at a TCP port: the port is picked free and released before the
-runtime binds it, so another local process (of any user: the port is in the runtime's argv for
-all to read) could take it first and answer the health check.
-Only our processes' own sockets are looked at.
+:func:`listeners_below` names the processes of the runtime (its PID or descendants) that listen
+on ``127.0.0.1`` at a TCP port, and :func:`listens_below` says whether there is one: the port is
+picked free and released before the runtime binds it, so another local process (of any user:
+the port is in the runtime's argv for all to read) could take it first and answer the health
+check; and once the runtime is gone, the port is free again for anyone to take. Only our
+processes' own sockets are looked at.
 
 All psutil and NVML calls block, so they run in a worker thread (``asyncio.to_thread``).
 Foreign exceptions are translated in one place per adapter: a runtime that vanished is
@@ -58,6 +59,7 @@ __all__ = [
     "ResourceProbe",
     "ResourceSample",
     "default_gpu_memory",
+    "listeners_below",
     "listens_below",
     "measure_machine_headroom",
 ]
@@ -329,7 +331,8 @@ class PsutilResourceProbe:
 _RECEIVES_LOOPBACK: Final = frozenset({"127.0.0.1", "0.0.0.0", "::ffff:127.0.0.1"})  # noqa: S104
 
 
-def _listens_below_blocking(pid: int, port: int) -> bool:
+def _listeners_below_blocking(pid: int, port: int) -> tuple[int, ...]:
+    holders: list[int] = []
     for member in (pid, *_descendants(psutil.Process(pid))):
         try:
             connections = psutil.Process(member).net_connections(kind="tcp")
@@ -341,19 +344,25 @@ def _listens_below_blocking(pid: int, port: int) -> bool:
             and connection.laddr.ip in _RECEIVES_LOOPBACK
             for connection in connections
         ):
-            return True
-    return False
+            holders.append(member)
+    return tuple(holders)
+
+
+async def listeners_below(pid: int, port: int) -> tuple[int, ...]:
+    """The processes, ``pid`` or ones below it, that listen on TCP ``127.0.0.1:port`` (bound to
+    that address, the IPv4 wildcard or its IPv4-mapped form; in a worker thread); empty when
+    none does. Anything that cannot be read counts as none: a listener we cannot show to be
+    the runtime's is not trusted."""
+    try:
+        return await asyncio.to_thread(_listeners_below_blocking, pid, port)
+    except (psutil.Error, OSError):
+        return ()
 
 
 async def listens_below(pid: int, port: int) -> bool:
-    """Whether the process ``pid`` or one below it listens on TCP ``127.0.0.1:port`` (bound to
-    that address, the IPv4 wildcard or its IPv4-mapped form; in a worker thread). Anything that
-    cannot be read counts as "no": a listener we cannot show to be the runtime's is not
-    trusted."""
-    try:
-        return await asyncio.to_thread(_listens_below_blocking, pid, port)
-    except (psutil.Error, OSError):
-        return False
+    """Whether the process ``pid`` or one below it listens on TCP ``127.0.0.1:port``
+    (:func:`listeners_below` is not empty)."""
+    return bool(await listeners_below(pid, port))
 
 
 def _headroom_blocking(gpu: GpuMemory) -> MachineHeadroom:

@@ -44,6 +44,9 @@ keeper's, which leads the process group. The keeper:
   signal), so the caller sees the runtime's own exit;
 - on SIGUSR2, the stop's escalation after the grace period, kills everything below it and then
   itself, before the group gets SIGKILL.
+- once everything below it is dead (the runtime exited, the manager died, or the stop's
+  escalation), removes the spec's ``run_files`` (the run's key file and its directory), which
+  a manager killed with SIGKILL could not remove.
 
 A ``preexec_fn`` could arm the death signal without the extra process, but it is not safe in a
 process that runs threads (psutil, NVML and ``asyncio.to_thread`` workers), which the manager
@@ -116,7 +119,9 @@ _HEAD_BYTES: Final = 256
 _ELF_MAGIC: Final = b"\x7fELF"
 
 # The keeper: the runtime's parent for its whole life, stdlib only and isolated (-I -S) so it
-# starts fast and reads nothing from the environment. argv: [manager pid, executable, *args].
+# starts fast and reads nothing from the environment. argv: [manager pid, N, N run files,
+# executable, *args]; the run's files (then directories) are removed once everything below the
+# keeper is dead, whether the runtime exited or the manager died.
 # It marks itself a child subreaper (a process the runtime starts and leaves, even one that made
 # its own session, becomes the keeper's child instead of init's), arms a death signal for the
 # manager, forks and execs the runtime, and reaps. When the runtime exits it kills everything
@@ -169,8 +174,22 @@ def kill_below():
             except OSError:
                 pass
         reap()
+RUN_FILES = sys.argv[3:3 + int(sys.argv[2])]
+RUNTIME = sys.argv[3 + int(sys.argv[2]):]
+def forget():
+    for path in RUN_FILES:
+        try:
+            os.unlink(path)
+        except IsADirectoryError:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+        except OSError:
+            pass
 def end(signum, frame):
     kill_below()
+    forget()
     os.kill(os.getpid(), signal.SIGKILL)
 if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
     os._exit(126)
@@ -178,6 +197,7 @@ signal.signal(signal.SIGUSR2, end)
 if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR2), 0, 0, 0) != 0:
     os._exit(126)
 if os.getppid() != int(sys.argv[1]):
+    forget()
     os._exit(0)
 target = None
 def pass_on(signum, frame):
@@ -200,7 +220,7 @@ if runtime == 0:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED)
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() == keeper:
-            os.execv(sys.argv[2], sys.argv[2:])
+            os.execv(RUNTIME[0], RUNTIME)
     except BaseException:
         pass
     os._exit(127)
@@ -216,10 +236,12 @@ while True:
     try:
         pid, status = os.waitpid(-1, 0)
     except ChildProcessError:
+        forget()
         os._exit(127)
     if pid == runtime:
         break
 kill_below()
+forget()
 if os.WIFSIGNALED(status):
     # Die of the runtime's signal, so the manager sees it; never with a core dump of our own
     # (it would overwrite the runtime's).
@@ -267,6 +289,10 @@ class LaunchSpec:
     port: int
     #: Bytes kept from the end of each of stdout and stderr.
     output_cap_bytes: int = DEFAULT_OUTPUT_CAP_BYTES
+    #: Files, then directories, that belong to this run alone (the runtime's key file and its
+    #: directory): removed, in this order, by the keeper once the runtime has ended, however
+    #: the manager ended (a manager killed with SIGKILL cannot remove them itself).
+    run_files: tuple[str, ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -769,7 +795,17 @@ class SubprocessLauncher:
     def _argv(self, spec: LaunchSpec) -> tuple[str, ...]:
         if not self._use_death_signal:
             return spec.argv
-        return (sys.executable, "-I", "-S", "-c", _KEEPER, str(os.getpid()), *spec.argv)
+        return (
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _KEEPER,
+            str(os.getpid()),
+            str(len(spec.run_files)),
+            *spec.run_files,
+            *spec.argv,
+        )
 
     @contextlib.asynccontextmanager
     async def launch(

@@ -141,6 +141,7 @@ async def serving(
             runtime_url=lambda: supervisor.runtime_url,
             status=supervisor.status,
             runtime_authorization=lambda: supervisor.runtime_authorization,
+            runtime_listening=supervisor.runtime_listening,
         )
         token_file: Path | None = None
         try:

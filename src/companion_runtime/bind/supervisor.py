@@ -48,10 +48,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import secrets
+import select
 import signal
 import tempfile
 import time
@@ -86,6 +88,7 @@ from companion_runtime.bind.probe import (
     ResourceProbe,
     ResourceSample,
     default_gpu_memory,
+    listeners_below,
     listens_below,
     measure_machine_headroom,
 )
@@ -344,6 +347,18 @@ def _config_from_manifest(
     )
 
 
+def _holders_of(
+    listens: Callable[[int, int], Awaitable[bool]],
+) -> Callable[[int, int], Awaitable[tuple[int, ...]]]:
+    """A ``listens`` seam that answers yes or no, as :func:`listeners_below` answers: the
+    runtime's own pid stands for the process holding the listener."""
+
+    async def holders(pid: int, port: int) -> tuple[int, ...]:
+        return (pid,) if await listens(pid, port) else ()
+
+    return holders
+
+
 async def _first_of(*coroutines: Coroutine[Any, Any, _T]) -> _T:
     """Run the coroutines concurrently; return the first result and cancel (and await) the rest."""
     tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
@@ -369,9 +384,10 @@ class _RuntimeHealth:
 
     Once the runtime's own listener has been seen on the port, the question is settled for
     the rest of this run: no other socket can bind a port a listener holds (``SO_REUSEPORT``
-    needs the same user on both sides), and the runtime's exit ends the run. So the check,
+    needs the same user on both sides) while the process holding it lives. So the check,
     which reads the tree's sockets from ``/proc`` (about 11 ms, more with many sockets on the
-    machine), runs until it passes, not on every probe while ready.
+    machine), runs until it passes, not on every probe while ready; the processes it found
+    holding the listener go to ``on_owned``, for :meth:`Supervisor.runtime_listening`.
     """
 
     def __init__(
@@ -380,20 +396,24 @@ class _RuntimeHealth:
         *,
         pid: int,
         port: int,
-        listens: Callable[[int, int], Awaitable[bool]],
+        listeners: Callable[[int, int], Awaitable[tuple[int, ...]]],
+        on_owned: Callable[[tuple[int, ...]], None],
     ) -> None:
         self._checker = checker
         self._pid = pid
         self._port = port
-        self._listens = listens
+        self._listeners = listeners
+        self._on_owned = on_owned
         self._owned = False
 
     async def check(self) -> HealthAnswer:
         answer = await self._checker.check()
         if answer is HealthAnswer.HEALTHY and not self._owned:
-            if not await self._listens(self._pid, self._port):
+            holders = await self._listeners(self._pid, self._port)
+            if not holders:
                 return HealthAnswer.FOREIGN_LISTENER
             self._owned = True
+            self._on_owned(holders)
         return answer
 
 
@@ -459,7 +479,9 @@ class Supervisor:
             lambda url: HttpHealthChecker(url, probe_timeout_s=config.health.probe_timeout_s)
         )
         self._headroom = headroom or (lambda: measure_machine_headroom(self._gpu))
-        self._listens = listens
+        self._listeners: Callable[[int, int], Awaitable[tuple[int, ...]]] = (
+            listeners_below if listens is listens_below else _holders_of(listens)
+        )
         self.controller: Final = AdmissionController(
             max_in_flight=config.max_in_flight,
             queue_bound=config.queue_bound,
@@ -476,6 +498,10 @@ class Supervisor:
         self._stopping = False
         self._process: RuntimeProcess | None = None
         self._runtime_url: str | None = None
+        # pidfds of the processes found holding the runtime's listener this run, and a poll
+        # object over them (None: not found yet, or this system has no pidfd).
+        self._listener_fds: list[int] | None = None
+        self._listener_poll: select.poll | None = None
         self._last_pid: int | None = None
         # How the last run that ended by itself ended: an exit status, or -N for signal N.
         self._last_exit_status: int | None = None
@@ -534,9 +560,67 @@ class Supervisor:
 
         Set when the command template uses ``{api_key_file}``: a random key, written to a
         private file (0600, in a 0700 directory) whose path fills the placeholder, so that only
-        whoever holds the key (the front door) can use the runtime's port.
+        whoever holds the key (the front door) can use the runtime's port. Each run of the
+        runtime (each restart) gets a new key.
         """
         return self._runtime_authorization
+
+    def runtime_listening(self) -> bool:
+        """Whether the runtime's port is still the runtime's: a runtime runs, and the process
+        found holding its listener when it turned ready has not exited.
+
+        The front door asks this once a new connection to :attr:`runtime_url` is made and
+        before it sends anything on it. The port is in the runtime's argv for every local
+        user to read and is free the moment the runtime dies, while requests still hold
+        slots and before the exit is seen: a process that binds it then must not receive a
+        request, its body or the runtime's key. A listener lives as long as the process
+        holding it (unless it closes it, which a runtime does only when told to stop, and
+        :attr:`runtime_url` is ``None`` before that), so a connection made before this
+        answers ``True`` reached the runtime. One ``poll`` per process found (usually one),
+        through a pidfd; without pidfds (not Linux 5.3 or later) only the first part holds.
+        """
+        if self._runtime_url is None:
+            return False
+        fds = self._listener_fds
+        poller = self._listener_poll
+        if fds is None or poller is None:
+            return True
+        try:
+            ended = poller.poll(0)  # a pidfd reads as ready once its process has exited
+        except OSError:
+            return False
+        return len(ended) < len(fds)
+
+    def _watch_listeners(self, pids: tuple[int, ...]) -> None:
+        self._close_listener_fds()
+        fds: list[int] = []
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue  # gone already: it holds nothing now
+            except (OSError, AttributeError):
+                for fd in fds:
+                    os.close(fd)
+                return  # no pidfd here: runtime_listening cannot tell
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        self._listener_fds = fds
+        self._listener_poll = poller
+
+    def _close_listener_fds(self) -> None:
+        fds = self._listener_fds
+        self._listener_fds = None
+        self._listener_poll = None
+        for fd in fds or ():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _forget_runtime_address(self) -> None:
+        """Nothing more goes to this run's port (its runtime has exited or is being stopped)."""
+        self._runtime_url = None
+        self._close_listener_fds()
 
     @property
     def config(self) -> SupervisorConfig:
@@ -572,21 +656,28 @@ class Supervisor:
                     raise
         return None
 
-    def _api_key_file(self) -> Path:
-        """The runtime's key file, written on first use (one key per supervisor)."""
-        if self._api_key_path is None:
-            key = secrets.token_urlsafe(32)
-            directory = Path(tempfile.mkdtemp(prefix="companion-runtime-key-"))  # mode 0700
-            path = directory / "api-key"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as handle:
-                handle.write(key + "\n")
-            self._api_key_path = path
-            self._runtime_authorization = b"Bearer " + key.encode("ascii")
-        return self._api_key_path
+    def _new_api_key_file(self) -> Path:
+        """The runtime's key file with a new key, for the run about to start.
+
+        One key per run, not per supervisor: the key goes to whatever accepted the front
+        door's connection to the runtime's port, and a key that reached someone else must not
+        open the next run's runtime (whose port anyone can read in its argv). Each run's key
+        is a new file (0600, created exclusively) in a new 0700 directory, which the run's
+        keeper removes when the runtime ends, also after a manager killed with SIGKILL.
+        """
+        self._remove_api_key_file()
+        key = secrets.token_urlsafe(32)
+        directory = Path(tempfile.mkdtemp(prefix="companion-runtime-key-"))  # mode 0700
+        path = self._api_key_path = directory / "api-key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(key + "\n")
+        self._runtime_authorization = b"Bearer " + key.encode("ascii")
+        return path
 
     def _remove_api_key_file(self) -> None:
         path = self._api_key_path
+        self._api_key_path = None
         if path is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -868,15 +959,19 @@ class Supervisor:
     async def _run_once(self, first_run: asyncio.Future[Verdict]) -> _Ended:
         config = self._config
         try:
+            key_file = (
+                self._new_api_key_file() if uses_api_key_file(config.command_template) else None
+            )
             spec = build_launch_spec(
                 config.command_template,
                 model_path=config.model_path,
-                api_key_file=(
-                    self._api_key_file() if uses_api_key_file(config.command_template) else None
-                ),
+                api_key_file=key_file,
                 extra_env=config.extra_env,
                 output_cap_bytes=config.output_cap_bytes,
             )
+            if key_file is not None:
+                # The keeper removes them when this run ends, however the manager ends.
+                spec = dataclasses.replace(spec, run_files=(str(key_file), str(key_file.parent)))
         except ProcessError as error:
             return _Ended(error.reason, was_ready=False)
         except OSError:
@@ -891,24 +986,33 @@ class Supervisor:
                 self._checker_factory(spec.base_url + config.health_path) as http_checker,
             ):
                 checker = _RuntimeHealth(
-                    http_checker, pid=process.pid, port=spec.port, listens=self._listens
+                    http_checker,
+                    pid=process.pid,
+                    port=spec.port,
+                    listeners=self._listeners,
+                    on_owned=self._watch_listeners,
                 )
                 self._process = process
                 self._last_pid = process.pid
                 self._runtime_url = spec.base_url
                 probe = self._probe_factory(process.pid)
-                reason = await self._until_ready(process, checker, probe)
-                if reason is Reason.OK:
-                    was_ready = True
-                    self._resolve(first_run, ALLOW)
-                    reason = await self._while_ready(process, checker, probe)
+                try:
+                    reason = await self._until_ready(process, checker, probe)
+                    if reason is Reason.OK:
+                        was_ready = True
+                        self._resolve(first_run, ALLOW)
+                        reason = await self._while_ready(process, checker, probe)
+                finally:
+                    # Before the process is told to stop: a runtime may close its listener
+                    # long before it exits, and from then on its port is anyone's.
+                    self._forget_runtime_address()
                 # Leaving the launch context stops the process: SIGTERM, grace, SIGKILL. A
                 # failed first start is reported (by _run) only after that, with it gone.
         except ProcessError as error:
             reason = error.reason
         finally:
             self._process = None
-            self._runtime_url = None
+            self._forget_runtime_address()
             # The exit watcher or a failed health wait may have moved to stopped already.
             if self._lifecycle.state is not LifecycleState.STOPPED:
                 self._move(LifecycleEvent.STOPPED)
@@ -974,6 +1078,7 @@ class Supervisor:
 
     async def _exited(self, process: RuntimeProcess) -> Reason:
         await process.wait()
+        self._forget_runtime_address()
         # Out of ready (or starting) at once, before the process context is even left.
         self._move(LifecycleEvent.STOPPED)
         status = process.returncode

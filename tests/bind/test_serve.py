@@ -1,0 +1,87 @@
+"""The front door over a supervised runtime, wired as ``serve`` wires them (real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from companion_runtime.bind.manifest import (
+    LimitsSpec,
+    Manifest,
+    ModelSpec,
+    RuntimeSpec,
+    SourcesSpec,
+)
+from companion_runtime.bind.serve import serving
+from tests.support.port_taker import port_taker
+from tests.support.supervision import async_wait_for, process_gone, standin_command, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+def _standin_manifest(directory: Path, *flags: str) -> tuple[Manifest, Path]:
+    data = b"stand-in model " * 256
+    model = directory / "model.bin"
+    model.write_bytes(data)
+    manifest = Manifest(
+        model=ModelSpec(
+            name="standin",
+            url="https://models.example.com/standin.bin",
+            sha256=hashlib.sha256(data).hexdigest(),
+            size_bytes=len(data),
+        ),
+        sources=SourcesSpec(allow=("https://models.example.com/",)),
+        runtime=RuntimeSpec(
+            command=tuple(standin_command("--api-key-file", "{api_key_file}", *flags)),
+            health_path="/health",
+            ready_timeout_s=60,
+        ),
+        limits=LimitsSpec(max_in_flight=4, queue_bound=8),
+    )
+    return manifest, model
+
+
+@pytest.mark.security
+async def test_a_process_that_takes_the_port_of_a_runtime_that_died_gets_no_request(
+    tmp_path: Path,
+) -> None:
+    # The runtime's port is in its argv for every local user to read. When the runtime dies,
+    # the port is free at once, while the front door still holds slots for the requests the
+    # runtime was working on, and the supervisor has not seen the exit yet. A request whose
+    # pooled runtime connection broke before any answer is sent again on a new connection:
+    # that connection must not reach whoever bound the port in between, nor hand it the
+    # request, its body and the runtime's key.
+    manifest, model = _standin_manifest(tmp_path)
+    async with serving(manifest, model, state_dir=tmp_path / "state") as served:
+        supervisor = served.supervisor
+        runtime_url = supervisor.runtime_url
+        assert runtime_url is not None
+        port = int(runtime_url.rsplit(":", 1)[1])
+        keeper = supervisor.status()["pid"]
+        assert isinstance(keeper, int)
+        (runtime,) = psutil.Process(keeper).children()
+        auth = {"authorization": f"Bearer {served.token}"}
+        async with httpx.AsyncClient(base_url=served.url, headers=auth, timeout=30) as client:
+            # Four runtime connections in the pool, then four requests relayed on them.
+            warm = await asyncio.gather(*(client.post("/work?sleep_s=0.2") for _ in range(4)))
+            assert [answer.status_code for answer in warm] == [200] * 4
+            working = [asyncio.create_task(client.post("/work?sleep_s=30")) for _ in range(4)]
+            assert await async_wait_for(
+                lambda: supervisor.controller.statistics().in_flight == 4, 10
+            )
+            await asyncio.sleep(0.3)  # the runtime has read them
+            # The runtime dies, and another process takes its port before the event loop runs
+            # again (blocking it here is what makes the race certain, not a fake).
+            runtime.kill()
+            assert wait_for(lambda: process_gone(runtime.pid), 10)
+            with port_taker(port=port) as taker:
+                answers = await asyncio.wait_for(asyncio.gather(*working), 30)
+                received = taker.stop()
+        assert not received, f"{len(received)} requests reached the port taker"
+        assert [answer.status_code for answer in answers] == [502] * 4
+        assert {answer.json()["reason"] for answer in answers} == {"runtime_gone"}
