@@ -34,6 +34,7 @@ from companion_runtime.bind.llama_server import (
 )
 from companion_runtime.bind.tiny_model import write_tiny_model
 from tests.support.llama import declaring_context, free_port, upstream_binary
+from tests.support.recurrent import write_granite_hybrid, write_mamba
 
 pytestmark = pytest.mark.unit
 
@@ -581,6 +582,218 @@ def test_what_cannot_be_counted_gives_no_estimate(tmp_path: Path) -> None:
     assert estimate_context_memory(model, UPSTREAM_CMD, {"LLAMA_ARG_KV_UNIFIED": "yes"}) is None
 
 
+def _recurrent_model(
+    path: Path,
+    architecture: str,
+    *,
+    layers: int = 4,
+    embedding: int = 2048,
+    heads: int | list[int] = 0,
+    kv_heads: int | list[int] | None = None,
+    feed_forward: int | list[int] | None = None,
+    **keys: int,
+) -> Path:
+    """A GGUF header of a model with a recurrent state: ``keys`` are the architecture's own
+    (``ssm.conv_kernel``... with ``.`` spelled ``__``)."""
+    writer = gguf.GGUFWriter(path, architecture)
+    writer.add_block_count(layers)
+    writer.add_context_length(1 << 20)
+    writer.add_embedding_length(embedding)
+    writer.add_head_count(heads)
+    if kv_heads is not None:
+        writer.add_head_count_kv(kv_heads)
+    if feed_forward is not None:
+        writer.add_feed_forward_length(feed_forward)
+    for name, value in keys.items():
+        writer.add_uint32(f"{architecture}.{name.replace('__', '.')}", value)
+    writer.add_token_list([b"a", b"b"])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_recurrent_models_state_is_counted_per_slot(tmp_path: Path) -> None:
+    # Mamba-2.8B's shape: 64 layers, 2560 wide, an inner size of 5120, 16 states, a kernel of
+    # 4. llama.cpp keeps per slot and per layer an R state of (4 - 1) × 5120 and an S state of
+    # 16 × 5120 elements, in f32, whatever -c, -ctk or --kv-unified say; no KV cache at all.
+    mamba = _recurrent_model(
+        tmp_path / "mamba.gguf",
+        "mamba",
+        layers=64,
+        embedding=2560,
+        ssm__conv_kernel=4,
+        ssm__inner_size=5120,
+        ssm__state_size=16,
+        ssm__time_step_rank=160,
+    )
+    assert read_attention_shape(mamba) == AttentionShape(
+        context_length=1 << 20,
+        kv_heads=(0,) * 64,
+        key_length=0,
+        value_length=0,
+        architecture="mamba",
+        recurrent_layers=64,
+        recurrent_r=3 * 5120,
+        recurrent_s=16 * 5120,
+    )
+    per_slot = 64 * (3 * 5120 + 16 * 5120) * 4  # 23.75 MiB
+    for flags, slots in (
+        ([], 4),  # upstream's automatic four slots
+        (["-np", "1"], 1),
+        (["-np", "3", "-c", "1000"], 3),
+        (["-np", "2", "--kv-unified"], 2),
+        (["-np", "2", "-ctk", "q8_0", "-ctv", "q4_0"], 2),
+    ):
+        memory = estimate_context_memory(mamba, [*UPSTREAM_CMD, *flags])
+        assert isinstance(memory, ContextMemory), flags
+        assert memory.bytes == memory.recurrent_bytes == slots * per_slot, flags
+    launcher = estimate_context_memory(mamba, [*EMBEDDED, "--parallel", "3"])
+    assert isinstance(launcher, ContextMemory) and launcher.recurrent_bytes == 3 * per_slot
+    # Mamba-2 (and the hybrids built on it) has groups: R counts B and C for each.
+    mamba2 = _recurrent_model(
+        tmp_path / "mamba2.gguf",
+        "mamba2",
+        ssm__conv_kernel=4,
+        ssm__inner_size=4096,
+        ssm__state_size=128,
+        ssm__group_count=8,
+    )
+    shape = read_attention_shape(mamba2)
+    assert isinstance(shape, AttentionShape)
+    assert (shape.recurrent_r, shape.recurrent_s) == (3 * (4096 + 2 * 8 * 128), 128 * 4096)
+
+
+def test_rwkv_and_short_convolution_states_are_counted(tmp_path: Path) -> None:
+    # RWKV: R is token_shift_count (2 unless the model says) rows of the embedding, S the WKV
+    # state, embedding × head size. LFM2: R is l_cache - 1 rows of the embedding, no S.
+    rwkv6 = _recurrent_model(tmp_path / "r6.gguf", "rwkv6", wkv__head_size=64)
+    shape = read_attention_shape(rwkv6)
+    assert isinstance(shape, AttentionShape) and shape.recurrent_layers == 4
+    assert (shape.recurrent_r, shape.recurrent_s) == (2 * 2048, 2048 * 64)
+    qwen = _recurrent_model(
+        tmp_path / "rq.gguf", "rwkv6qwen2", wkv__head_size=64, token_shift_count=1
+    )
+    shape = read_attention_shape(qwen)
+    assert isinstance(shape, AttentionShape)
+    assert (shape.recurrent_r, shape.recurrent_s) == (2048, 2048 * 64)
+    lfm2 = _recurrent_model(
+        tmp_path / "lfm2.gguf",
+        "lfm2",
+        heads=32,
+        kv_heads=[0, 8, 0, 8],
+        shortconv__l_cache=3,
+    )
+    shape = read_attention_shape(lfm2)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (0, 8, 0, 8) and shape.recurrent_layers == 2
+    assert (shape.recurrent_r, shape.recurrent_s) == (2 * 2048, 0)
+    memory = estimate_context_memory(lfm2, [*UPSTREAM_CMD, "-np", "1", "-c", "256"])
+    kv = 256 * 2 * 8 * 64 * 2 * 2  # two attention layers, K and V in f16
+    assert memory == ContextMemory(256, kv + 2 * 2 * 2048 * 4, 2 * 2 * 2048 * 4)
+
+
+def test_a_hybrid_counts_its_recurrent_layers_and_caches_its_attention_layers(
+    tmp_path: Path,
+) -> None:
+    ssm = {"ssm__conv_kernel": 4, "ssm__inner_size": 4096, "ssm__state_size": 128}
+    state = 3 * 4096 + 128 * 4096  # no groups
+    # Jamba, Granite hybrids: a layer without KV heads is a Mamba layer.
+    granite = _recurrent_model(
+        tmp_path / "g.gguf", "granitehybrid", heads=32, kv_heads=[0, 0, 0, 8], **ssm
+    )
+    shape = read_attention_shape(granite)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (0, 0, 0, 8) and shape.recurrent_layers == 3
+    memory = estimate_context_memory(granite, [*UPSTREAM_CMD, "-np", "2", "-c", "1024"])
+    assert memory == ContextMemory(
+        1024, 1024 * 8 * 64 * 2 * 2 + 2 * 3 * state * 4, 2 * 3 * state * 4
+    )
+    # Nemotron-H: a layer with neither KV heads nor a feed-forward network (an MLP layer has
+    # one) is a Mamba layer.
+    nemotron = _recurrent_model(
+        tmp_path / "n.gguf",
+        "nemotron_h",
+        heads=32,
+        kv_heads=[0, 0, 8, 0],
+        feed_forward=[0, 8192, 0, 0],
+        **ssm,
+    )
+    shape = read_attention_shape(nemotron)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (0, 0, 8, 0) and shape.recurrent_layers == 2
+    # Qwen3-Next: every full_attention_interval-th layer (4 unless the model says) is
+    # attention, the others recurrent; the KV cache holds the attention layers only, whatever
+    # head_count_kv says for the others.
+    qwen = _recurrent_model(tmp_path / "q.gguf", "qwen3next", layers=8, heads=16, kv_heads=2, **ssm)
+    shape = read_attention_shape(qwen)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (0, 0, 0, 2, 0, 0, 0, 2) and shape.recurrent_layers == 6
+    every_other = _recurrent_model(
+        tmp_path / "q2.gguf",
+        "qwen3next",
+        layers=8,
+        heads=16,
+        kv_heads=2,
+        full_attention_interval=2,
+        **ssm,
+    )
+    shape = read_attention_shape(every_other)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (0, 2) * 4 and shape.recurrent_layers == 4
+    # Falcon-H1: attention and an SSM side by side in every layer.
+    falcon = _recurrent_model(tmp_path / "f.gguf", "falcon-h1", heads=16, kv_heads=2, **ssm)
+    shape = read_attention_shape(falcon)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (2,) * 4 and shape.recurrent_layers == 4
+
+
+def test_a_recurrent_state_that_cannot_be_counted_is_refused(tmp_path: Path) -> None:
+    # llama.cpp would load these and allocate a state this module does not size: refused, not
+    # counted as nothing (before, a model without attention gave no estimate at all).
+    ssm = {"ssm__conv_kernel": 4, "ssm__inner_size": 4096, "ssm__state_size": 128}
+    for name, path in (
+        ("ssm.inner_size", _recurrent_model(tmp_path / "a.gguf", "mamba", ssm__conv_kernel=4)),
+        ("wkv.head_size", _recurrent_model(tmp_path / "b.gguf", "rwkv7")),
+        ("shortconv.l_cache", _recurrent_model(tmp_path / "c.gguf", "lfm2", heads=8)),
+        ("architecture", _recurrent_model(tmp_path / "d.gguf", "plamo2", **ssm)),
+        ("architecture", _recurrent_model(tmp_path / "e.gguf", "kimi-linear", **ssm)),
+        (
+            "attention.recurrent_layers",
+            _recurrent_model(tmp_path / "f.gguf", "qwen35", attention__recurrent_layers=1, **ssm),
+        ),
+        ("ple.conv_kernel", _recurrent_model(tmp_path / "g.gguf", "mamba2", ple__conv_kernel=4)),
+        (
+            "feed_forward_length",
+            _recurrent_model(
+                tmp_path / "h.gguf", "nemotron_h", heads=8, kv_heads=[0, 2, 0, 0], **ssm
+            ),
+        ),
+    ):
+        shape = read_attention_shape(path)
+        assert isinstance(shape, Uncountable), name
+        assert name in shape.what and shape.what.startswith("its recurrent state"), shape
+        assert estimate_context_memory(path, UPSTREAM_CMD) == shape
+    # Speculative decoding may keep copies of the state: not counted, so refused.
+    mamba = _recurrent_model(tmp_path / "m.gguf", "mamba", **ssm)
+    for command, env in (
+        ([*UPSTREAM_CMD, "--spec-type", "draft-mtp"], {}),
+        ([*UPSTREAM_CMD, "--spec-type", "none,ngram-mod"], {}),
+        (UPSTREAM_CMD, {"LLAMA_ARG_SPEC_TYPE": "draft-eagle3"}),
+    ):
+        memory = estimate_context_memory(mamba, command, env)
+        assert isinstance(memory, Uncountable) and "--spec-type" in memory.what, command
+    assert isinstance(
+        estimate_context_memory(mamba, [*UPSTREAM_CMD, "--spec-type", "none"]), ContextMemory
+    )
+    # A model without a recurrent state is not concerned.
+    plain = _model(tmp_path / "llama.gguf")
+    memory = estimate_context_memory(plain, [*UPSTREAM_CMD, "--spec-type", "draft-mtp"])
+    assert isinstance(memory, ContextMemory) and memory.recurrent_bytes == 0
+
+
 def test_a_file_that_is_not_a_readable_gguf_model_gives_none(tmp_path: Path) -> None:
     model = _model(tmp_path / "m.gguf", vocabulary=300)
     data = model.read_bytes()
@@ -847,6 +1060,79 @@ def test_the_estimate_is_what_the_launcher_allocates(tmp_path: Path, flags: list
     tokens, mib = _logged_kv_cache(command, tmp_path / "server.log")
     assert estimate.context_tokens == tokens
     assert abs(estimate.bytes / MIB - mib) < 0.006, (estimate, mib)
+
+
+def _logged_recurrent_state(
+    command: list[str], log: Path, *, with_kv_cache: bool
+) -> tuple[float, float, float]:
+    """Run llama.cpp's server until it logs its recurrent state (and its KV cache, for a
+    hybrid); return the R state, the S state and the KV cache (0 without one), in MiB."""
+    state = re.compile(
+        r"llama_memory_recurrent: size = +[0-9.]+ MiB \( *(\d+) cells.*?"
+        r"R \(f32\): +([0-9.]+) MiB, S \(f32\): +([0-9.]+) MiB"
+    )
+    size = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB")
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace")
+            found, cache = state.search(text), size.search(text)
+            if found and (cache or not with_kv_cache):
+                return (
+                    float(found.group(2)),
+                    float(found.group(3)),
+                    float(cache.group(1)) if cache else 0.0,
+                )
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(log.read_text(errors="replace")[-2000:])
+    finally:
+        process.kill()
+        process.wait()
+
+
+_RECURRENT_FLAGS = [
+    [],
+    ["-np", "1"],
+    ["-np", "3", "-c", "1000"],
+    ["-np", "2", "-kvu"],
+    ["-np", "5", "--no-kv-unified", "-ctk", "q8_0"],
+]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize("flags", _RECURRENT_FLAGS, ids=" ".join)
+@pytest.mark.parametrize("architecture", ["mamba", "granitehybrid"])
+def test_the_recurrent_state_is_what_llama_cpp_allocates(
+    tmp_path: Path, architecture: str, flags: list[str]
+) -> None:
+    # A Mamba model (every layer recurrent, no KV cache) and a Granite hybrid (three Mamba-2
+    # layers, one attention layer): the estimate's recurrent state is the R and S state the
+    # real server logs, and its KV cache the one it logs for the attention layer.
+    binary = upstream_binary()
+    assert binary is not None
+    model = tmp_path / f"{architecture}.gguf"
+    if architecture == "mamba":
+        write_mamba(model)
+    else:
+        write_granite_hybrid(model)
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    hybrid = architecture != "mamba"
+    r_mib, s_mib, kv_mib = _logged_recurrent_state(
+        command, tmp_path / "server.log", with_kv_cache=hybrid
+    )
+    assert r_mib > 0 and s_mib > 0 and (kv_mib > 0) == hybrid
+    # All of it counts: the KV cache alone (or, for Mamba, no estimate at all) fell short.
+    assert abs(estimate.bytes / MIB - (r_mib + s_mib + kv_mib)) < 0.016, (estimate, kv_mib)
+    assert abs(estimate.recurrent_bytes / MIB - (r_mib + s_mib)) < 0.011, (estimate, r_mib, s_mib)
+    assert abs((estimate.bytes - estimate.recurrent_bytes) / MIB - kv_mib) < 0.006, estimate
 
 
 #: Upstream options whose value names a file, directory or URL that holds no weights.

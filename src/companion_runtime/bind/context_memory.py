@@ -75,7 +75,7 @@ import re
 import shlex
 import stat
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, final
@@ -110,6 +110,14 @@ _MAX_PAIRS: Final = 1 << 16
 #: its merges takes about 10 MB; the read grows four times at a step while more is needed).
 _FIRST_READ: Final = 1 << 20
 _MAX_HEADER_BYTES: Final = 64 << 20
+#: Keys of a recurrent state the pinned build sizes in ways this module does not count (an
+#: explicit list of recurrent layers, a per-layer-embedding convolution state, Kimi's delta
+#: attention): a model that has one gives :class:`Uncountable`.
+_RECURRENT_UNKNOWN_KEYS: Final = (
+    b".attention.recurrent_layers",
+    b".ple.conv_kernel",
+    b".kda.head_dim",
+)
 #: The keys whose values the walk keeps (the architecture's own end so); the rest it skips.
 _WANTED: Final = (
     b"general.architecture",
@@ -120,6 +128,16 @@ _WANTED: Final = (
     b".attention.head_count_kv",
     b".attention.key_length",
     b".attention.value_length",
+    b".feed_forward_length",
+    b".ssm.conv_kernel",
+    b".ssm.inner_size",
+    b".ssm.state_size",
+    b".ssm.group_count",
+    b".wkv.head_size",
+    b".token_shift_count",
+    b".shortconv.l_cache",
+    b".full_attention_interval",
+    *_RECURRENT_UNKNOWN_KEYS,
 )
 #: Integer arrays longer than this are skipped, not decoded (no per-layer list is this long).
 _MAX_DECODED_ARRAY: Final = 4096
@@ -209,6 +227,7 @@ _UPSTREAM_SETTINGS: Final[Mapping[str, str]] = {
     "--model": "model",
     "-fitc": "fit_ctx",
     "--fit-ctx": "fit_ctx",
+    "--spec-type": "spec_type",
 }
 _UPSTREAM_UNIFIED: Final[Mapping[str, bool]] = {
     "-kvu": True,
@@ -224,6 +243,7 @@ _UPSTREAM_VARIABLES: Final[Mapping[str, str]] = {
     "LLAMA_ARG_KV_UNIFIED_PER_SLOT": "per_slot",
     "LLAMA_ARG_MODEL": "model",
     "LLAMA_ARG_FIT_CTX": "fit_ctx",
+    "LLAMA_ARG_SPEC_TYPE": "spec_type",
 }
 #: The keys of a llama.cpp configuration file that the estimate reads: an option's names
 #: without their dashes, and its variable. ``no-`` names set the opposite.
@@ -290,6 +310,38 @@ _PLACEHOLDER_VALUES: Final[Mapping[str, str]] = {
     "api_key_file": "key",
 }
 
+#: Architectures the pinned llama.cpp gives a recurrent state, by how it finds the layers that
+#: have one: every layer; those without KV heads; those without KV heads or a feed-forward
+#: network (Nemotron-H's Mamba layers); all but every ``full_attention_interval``-th.
+_RECURRENT_EVERY_LAYER: Final = frozenset(
+    {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1"}
+)
+_HYBRID_BY_KV_HEADS: Final = frozenset({"jamba", "granitehybrid", "lfm2", "lfm2moe"})
+_HYBRID_BY_KV_HEADS_AND_FF: Final = frozenset({"nemotron_h", "nemotron_h_moe"})
+_HYBRID_BY_INTERVAL: Final = frozenset({"qwen3next", "qwen35", "qwen35moe"})
+_RECURRENT_ARCHITECTURES: Final = (
+    _RECURRENT_EVERY_LAYER | _HYBRID_BY_KV_HEADS | _HYBRID_BY_KV_HEADS_AND_FF | _HYBRID_BY_INTERVAL
+)
+#: Whose state is RWKV's (token shift and WKV), or LFM2's short convolution; the rest Mamba's.
+_RWKV_ARCHITECTURES: Final = frozenset({"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
+_SHORTCONV_ARCHITECTURES: Final = frozenset({"lfm2", "lfm2moe"})
+#: Falcon-H1 runs attention and an SSM side by side in every layer: its KV cache has them all.
+_ATTENTION_IN_EVERY_LAYER: Final = frozenset({"falcon-h1"})
+#: Keys that give a model a recurrent state whatever its architecture is called.
+_RECURRENT_KEYS: Final = (
+    b".ssm.conv_kernel",
+    b".ssm.inner_size",
+    b".ssm.state_size",
+    b".wkv.head_size",
+    b".shortconv.l_cache",
+    *_RECURRENT_UNKNOWN_KEYS,
+)
+#: Bytes of a recurrent state's element: llama.cpp keeps it in f32 (``-ctk``/``-ctv`` are
+#: for the KV cache only).
+_RECURRENT_ELEMENT_BYTES: Final = 4
+#: Upstream's speculative decoding types that need no copies of the recurrent state.
+_PLAIN_SPEC_TYPES: Final = frozenset({"", "none"})
+
 _V = gguf.GGUFValueType
 #: Byte sizes of the fixed-size value types.
 _SCALAR_SIZES: Final[Mapping[int, int]] = {
@@ -341,15 +393,23 @@ class AttentionShape:
     value_length: int
     #: ``general.architecture``: the prefix of the keys above (for ``--override-kv``).
     architecture: str = "llama"
+    #: Layers with a recurrent state (Mamba, RWKV, the recurrent layers of a hybrid).
+    recurrent_layers: int = 0
+    #: Elements of one layer's "R" (convolution or token-shift) state for one sequence.
+    recurrent_r: int = 0
+    #: Elements of one layer's "S" (SSM or WKV) state for one sequence.
+    recurrent_s: int = 0
 
 
 @final
 @dataclass(frozen=True, slots=True)
 class ContextMemory:
-    """The KV cache a runtime will allocate: its context in tokens and its size in bytes."""
+    """What a runtime will allocate for its context: the context in tokens, and the bytes of
+    its KV cache and recurrent state together (``recurrent_bytes`` of them the latter)."""
 
     context_tokens: int
     bytes: int
+    recurrent_bytes: int = 0
 
 
 @final
@@ -366,6 +426,11 @@ UNCOUNTABLE: Final = Uncountable("its GGUF header is too large for the fit check
 _CONFIG_TOO_LARGE: Final = Uncountable(
     "llama.cpp's configuration file is too large for the fit check to read"
 )
+
+
+class _UncountableState(Exception):
+    """A model whose recurrent state llama.cpp would allocate in a way this module does not
+    count (or from keys it does not find): the fit check refuses rather than count nothing."""
 
 
 def _unverified(what: str) -> Uncountable:
@@ -498,6 +563,8 @@ def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ..
             raise _Malformed
         keys.add(key)
         value = header.value(header.integer("I"), keep=key.endswith(_WANTED))
+        if value is None and key.endswith(_RECURRENT_UNKNOWN_KEYS):
+            value = b""  # only its presence counts, whatever its type
         if value is not None:
             found[key.decode("utf-8", "replace")] = value
     return found
@@ -521,7 +588,10 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
     layers = _positive(get(gguf.Keys.LLM.BLOCK_COUNT))
     context_length = _positive(get(gguf.Keys.LLM.CONTEXT_LENGTH))
     embedding = _positive(get(gguf.Keys.LLM.EMBEDDING_LENGTH))
+    recurrent = _has_recurrent_state(metadata, arch)
     heads = get(gguf.Keys.Attention.HEAD_COUNT)
+    if heads is None and recurrent:
+        heads = 0  # a recurrent model without attention need not say so
     kv_heads = get(gguf.Keys.Attention.HEAD_COUNT_KV)
     if kv_heads is None:
         kv_heads = heads
@@ -534,18 +604,121 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
         raise _Malformed
 
     head_counts = per_layer(heads)
+    kv_counts = per_layer(kv_heads)
     first_heads = next((count for count in head_counts if count > 0), 0)
-    if first_heads == 0:
+    if first_heads == 0 and not recurrent:
         raise _Malformed  # no attention at all: nothing this estimate knows how to size
     key_length = get(gguf.Keys.Attention.KEY_LENGTH)
     value_length = get(gguf.Keys.Attention.VALUE_LENGTH)
+    recurrent_layers: tuple[bool, ...] = (False,) * layers
+    r_elements = s_elements = 0
+    if recurrent:
+        recurrent_layers, r_elements, s_elements = _recurrent_state(
+            get, arch, layers, embedding, kv_counts
+        )
+        if arch not in _ATTENTION_IN_EVERY_LAYER:
+            # A hybrid's KV cache holds its attention layers only.
+            kv_counts = tuple(
+                0 if is_recurrent else count
+                for count, is_recurrent in zip(kv_counts, recurrent_layers, strict=True)
+            )
+    if first_heads == 0:
+        return AttentionShape(
+            context_length=context_length,
+            kv_heads=(0,) * layers,
+            key_length=0,
+            value_length=0,
+            architecture=arch,
+            recurrent_layers=sum(recurrent_layers),
+            recurrent_r=r_elements,
+            recurrent_s=s_elements,
+        )
     return AttentionShape(
         context_length=context_length,
-        kv_heads=per_layer(kv_heads),
+        kv_heads=kv_counts,
         key_length=embedding // first_heads if key_length is None else _positive(key_length),
         value_length=embedding // first_heads if value_length is None else _positive(value_length),
         architecture=arch,
+        recurrent_layers=sum(recurrent_layers),
+        recurrent_r=r_elements,
+        recurrent_s=s_elements,
     )
+
+
+def _has_recurrent_state(metadata: Mapping[str, object], arch: str) -> bool:
+    """Whether llama.cpp gives the model a recurrent state: an architecture it runs as
+    recurrent or hybrid, or keys of one (``ssm.*``, ``wkv.*``, ``shortconv.*``...)."""
+    if arch in _RECURRENT_ARCHITECTURES:
+        return True
+    prefix = arch + "."
+    return any(
+        key.startswith(prefix) and key.encode().endswith(_RECURRENT_KEYS) for key in metadata
+    )
+
+
+def _recurrent_state(
+    get: Callable[[str], int | tuple[int, ...] | bytes | None],
+    arch: str,
+    layers: int,
+    embedding: int,
+    kv_heads: tuple[int, ...],
+) -> tuple[tuple[bool, ...], int, int]:
+    """Which layers have a recurrent state, and the elements (f32) of one layer's R and S
+    state for one sequence, as the pinned llama.cpp sizes them.
+
+    R is the convolution state (Mamba: ``(conv_kernel - 1) × (inner_size + 2 × group_count ×
+    state_size)``; LFM2: ``embedding × (l_cache - 1)``) or RWKV's token shift
+    (``token_shift_count × embedding``); S the SSM state (``state_size × inner_size``) or
+    RWKV's WKV state (``embedding × wkv.head_size``). :class:`_UncountableState` for a
+    model it sizes otherwise, or whose keys are not all there."""
+    for key in _RECURRENT_UNKNOWN_KEYS:
+        if get("{arch}" + key.decode()) is not None:
+            raise _UncountableState(key.decode().lstrip(".") + " in its header")
+    if arch not in _RECURRENT_ARCHITECTURES:
+        raise _UncountableState("an architecture it does not know")
+
+    def number(template: str, default: int | None = None) -> int:
+        value = get(template)
+        if value is None and default is not None:
+            return default
+        if type(value) is not int or value < 0:
+            raise _UncountableState(template.removeprefix("{arch}.") + " missing or not a number")
+        return value
+
+    if arch in _RWKV_ARCHITECTURES:
+        head_size = number(gguf.Keys.WKV.HEAD_SIZE)
+        shifts = number(gguf.Keys.LLM.TOKEN_SHIFT_COUNT, default=2)
+        r_elements, s_elements = shifts * embedding, embedding * head_size
+    elif arch in _SHORTCONV_ARCHITECTURES:
+        cache = number(gguf.Keys.ShortConv.L_CACHE)
+        r_elements, s_elements = embedding * max(cache - 1, 0), 0
+    else:
+        kernel = number(gguf.Keys.SSM.CONV_KERNEL)
+        inner = number(gguf.Keys.SSM.INNER_SIZE)
+        state = number(gguf.Keys.SSM.STATE_SIZE)
+        groups = number(gguf.Keys.SSM.GROUP_COUNT, default=0)
+        r_elements = max(kernel - 1, 0) * (inner + 2 * groups * state)
+        s_elements = state * inner
+    if arch in _HYBRID_BY_KV_HEADS:
+        recurrent = tuple(count == 0 for count in kv_heads)
+    elif arch in _HYBRID_BY_KV_HEADS_AND_FF:
+        # A layer with neither attention nor a feed-forward network is a Mamba layer.
+        feed_forward = get(gguf.Keys.LLM.FEED_FORWARD_LENGTH)
+        if type(feed_forward) is int:
+            feed_forward = (feed_forward,) * layers
+        if not isinstance(feed_forward, tuple) or len(feed_forward) != layers:
+            raise _UncountableState("feed_forward_length missing or not one per layer")
+        recurrent = tuple(
+            count == 0 and width == 0 for count, width in zip(kv_heads, feed_forward, strict=True)
+        )
+    elif arch in _HYBRID_BY_INTERVAL:
+        interval = number(gguf.Keys.LLM.FULL_ATTENTION_INTERVAL, default=4)
+        if interval == 0:
+            raise _UncountableState("full_attention_interval 0")
+        recurrent = tuple((layer + 1) % interval != 0 for layer in range(layers))
+    else:  # every layer: Mamba, RWKV, Falcon-H1 (attention and SSM side by side)
+        recurrent = (True,) * layers
+    return recurrent, r_elements, s_elements
 
 
 def _read_start(descriptor: int, count: int) -> bytes:
@@ -587,6 +760,8 @@ def read_attention_shape(path: Path) -> AttentionShape | Uncountable | None:
                 return None  # the file shrank under the read
             try:
                 return _attention_shape(_read_metadata(data, size))
+            except _UncountableState as error:
+                return Uncountable(f"its recurrent state cannot be counted ({error.args[0]})")
             except _NeedMore:
                 if want >= min(size, _MAX_HEADER_BYTES):
                     return UNCOUNTABLE  # the key-value section goes on past the bound
@@ -626,6 +801,8 @@ class _Settings:
     pinned: bool = False
     #: ``--override-kv`` values, in order.
     overrides: tuple[str, ...] = ()
+    #: Upstream's ``--spec-type``: the kinds of speculative decoding, comma-separated.
+    spec_type: str = "none"
     #: The model file it loads (None: none given).
     model: str | None = None
     #: The first option, variable or configuration key that loads other weights (``-hf``,
@@ -672,8 +849,8 @@ def _apply_upstream(settings: _Settings, setting: str, value: str) -> bool:
     if setting == "override":
         settings.overrides = (*settings.overrides, value)
         return True
-    if setting == "model":
-        settings.model = value
+    if setting in ("model", "spec_type"):
+        setattr(settings, setting, value)
         return True
     number = _stoi(value)
     if number is None:
@@ -1048,4 +1225,23 @@ def estimate_context_memory(
         + _cache_bytes(heads * shape.value_length, settings.cache_v)
         for heads in shape.kv_heads
     )
-    return ContextMemory(context_tokens=context, bytes=context * per_token)
+    recurrent = _recurrent_bytes(shape, settings)
+    if isinstance(recurrent, Uncountable):
+        return recurrent
+    return ContextMemory(
+        context_tokens=context, bytes=context * per_token + recurrent, recurrent_bytes=recurrent
+    )
+
+
+def _recurrent_bytes(shape: AttentionShape, settings: _Settings) -> int | Uncountable:
+    """The recurrent state llama.cpp allocates for the model: one cell per slot (with or
+    without ``--kv-unified``), in each cell an R and an S state for every recurrent layer."""
+    if shape.recurrent_layers == 0:
+        return 0
+    kinds = {kind.strip() for kind in settings.spec_type.split(",")}
+    if not kinds <= _PLAIN_SPEC_TYPES:
+        # Speculative decoding may have llama.cpp keep a copy of the state per draft token
+        # (its "rs_seq"), for the architectures it lets roll back: not counted here.
+        return Uncountable("its recurrent state cannot be counted with --spec-type")
+    per_cell = shape.recurrent_layers * (shape.recurrent_r + shape.recurrent_s)
+    return settings.slots * per_cell * _RECURRENT_ELEMENT_BYTES

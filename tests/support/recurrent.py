@@ -1,0 +1,167 @@
+"""Tiny models with a recurrent state, written with the ``gguf`` package, for the fit check's
+tests against the real llama.cpp server: a Mamba model (every layer recurrent) and a Granite
+hybrid (Mamba-2 layers beside attention layers). Their weights are small random numbers: the
+tests only load them and read the sizes llama.cpp logs, nothing is generated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import numpy.typing as npt
+
+from companion_runtime.bind import tiny_model
+
+__all__ = ["write_granite_hybrid", "write_mamba"]
+
+_SEED = 20_261_129
+
+
+def _writer(path: Path, architecture: str, *, embedding: int, layers: int) -> gguf.GGUFWriter:
+    writer = gguf.GGUFWriter(path, architecture)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(embedding)
+    writer.add_block_count(layers)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(list(tiny_model.VOCABULARY))
+    writer.add_token_scores([0.0] * len(tiny_model.VOCABULARY))
+    writer.add_token_types(
+        [int(gguf.TokenType.CONTROL)] * 3
+        + [int(gguf.TokenType.BYTE)] * tiny_model.BYTE_TOKEN_COUNT
+        + [int(gguf.TokenType.NORMAL)] * (len(tiny_model.VOCABULARY) - 3 - 256)
+    )
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    return writer
+
+
+def _finish(writer: gguf.GGUFWriter, tensors: dict[str, npt.NDArray[np.float32]]) -> None:
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+class _Random:
+    def __init__(self) -> None:
+        self._random = np.random.RandomState(_SEED)
+
+    def __call__(self, *shape: int) -> npt.NDArray[np.float32]:
+        # NumPy's (rows, columns) is ggml's (ne1, ne0).
+        return self._random.uniform(-0.05, 0.05, size=shape).astype(np.float32)
+
+
+def write_mamba(
+    path: Path,
+    *,
+    embedding: int = 128,
+    layers: int = 3,
+    conv_kernel: int = 4,
+    state: int = 64,
+    time_step_rank: int = 4,
+) -> Path:
+    """A Mamba model: every layer has a convolution state and an SSM state (llama.cpp takes
+    only an inner size twice the embedding)."""
+    inner = 2 * embedding
+    writer = _writer(path, "mamba", embedding=embedding, layers=layers)
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(conv_kernel)
+    writer.add_ssm_inner_size(inner)
+    writer.add_ssm_state_size(state)
+    writer.add_ssm_time_step_rank(time_step_rank)
+    random = _Random()
+    vocabulary = len(tiny_model.VOCABULARY)
+    tensors = {
+        "token_embd.weight": random(vocabulary, embedding),
+        "output_norm.weight": np.ones(embedding, dtype=np.float32),
+    }
+    for layer in range(layers):
+        block = f"blk.{layer}."
+        tensors |= {
+            block + "attn_norm.weight": np.ones(embedding, dtype=np.float32),
+            block + "ssm_in.weight": random(2 * inner, embedding),
+            block + "ssm_conv1d.weight": random(inner, conv_kernel),
+            block + "ssm_conv1d.bias": random(inner),
+            block + "ssm_x.weight": random(time_step_rank + 2 * state, inner),
+            block + "ssm_dt.weight": random(inner, time_step_rank),
+            block + "ssm_dt.bias": random(inner),
+            block + "ssm_a": random(inner, state),
+            block + "ssm_d": random(inner),
+            block + "ssm_out.weight": random(embedding, inner),
+        }
+    _finish(writer, tensors)
+    return path
+
+
+def write_granite_hybrid(
+    path: Path,
+    *,
+    embedding: int = 128,
+    kv_heads: tuple[int, ...] = (0, 2, 0, 0),
+    heads: int = 4,
+    conv_kernel: int = 4,
+    state: int = 32,
+    groups: int = 2,
+    ssm_heads: int = 8,
+    feed_forward: int = 128,
+) -> Path:
+    """A Granite hybrid: Mamba-2 layers (no KV heads) beside attention layers (llama.cpp
+    takes only an inner size twice the embedding)."""
+    inner = 2 * embedding
+    layers = len(kv_heads)
+    writer = _writer(path, "granitehybrid", embedding=embedding, layers=layers)
+    writer.add_feed_forward_length(feed_forward)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(list(kv_heads))
+    writer.add_rope_dimension_count(embedding // heads)
+    writer.add_ssm_conv_kernel(conv_kernel)
+    writer.add_ssm_inner_size(inner)
+    writer.add_ssm_state_size(state)
+    writer.add_ssm_group_count(groups)
+    writer.add_ssm_time_step_rank(ssm_heads)
+    random = _Random()
+    vocabulary = len(tiny_model.VOCABULARY)
+    head = embedding // heads
+    conv = inner + 2 * groups * state
+    tensors = {
+        "token_embd.weight": random(vocabulary, embedding),
+        "output_norm.weight": np.ones(embedding, dtype=np.float32),
+    }
+    for layer, kv in enumerate(kv_heads):
+        block = f"blk.{layer}."
+        tensors[block + "attn_norm.weight"] = np.ones(embedding, dtype=np.float32)
+        if kv == 0:
+            tensors |= {
+                block + "ssm_in.weight": random(
+                    2 * inner + 2 * groups * state + ssm_heads, embedding
+                ),
+                block + "ssm_conv1d.weight": random(conv, conv_kernel),
+                block + "ssm_conv1d.bias": random(conv),
+                block + "ssm_dt.bias": random(ssm_heads),
+                block + "ssm_a": random(ssm_heads, 1),
+                block + "ssm_d": random(ssm_heads, 1),
+                block + "ssm_norm.weight": np.ones((groups, inner // groups), dtype=np.float32),
+                block + "ssm_out.weight": random(embedding, inner),
+            }
+        else:
+            tensors |= {
+                block + "attn_q.weight": random(heads * head, embedding),
+                block + "attn_k.weight": random(kv * head, embedding),
+                block + "attn_v.weight": random(kv * head, embedding),
+                block + "attn_output.weight": random(embedding, heads * head),
+            }
+        tensors |= {
+            block + "ffn_norm.weight": np.ones(embedding, dtype=np.float32),
+            block + "ffn_gate.weight": random(feed_forward, embedding),
+            block + "ffn_up.weight": random(feed_forward, embedding),
+            block + "ffn_down.weight": random(embedding, feed_forward),
+        }
+    _finish(writer, tensors)
+    return path
