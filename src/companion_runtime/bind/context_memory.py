@@ -1,4 +1,5 @@
-"""How much memory a llama.cpp runtime's context (its KV cache) will take, from the model file.
+"""How much memory a llama.cpp runtime's context (its KV cache and any recurrent state) will
+take, from the model file.
 
 The fit check counts the model's bytes plus an allowance. A llama.cpp runtime also allocates a
 KV cache as it loads the model, before any resource sample can see it, and that cache grows
@@ -37,7 +38,10 @@ What it reads:
 - the **model file's GGUF header**: ``general.architecture`` and that architecture's
   ``block_count``, ``context_length``, ``embedding_length``, ``attention.head_count``,
   ``attention.head_count_kv`` (a number, or one per layer), ``attention.key_length`` and
-  ``attention.value_length``. Only the key-value section is read, with every length checked
+  ``attention.value_length``; for a model with a recurrent state its ``ssm.conv_kernel``,
+  ``ssm.inner_size``, ``ssm.state_size``, ``ssm.group_count``, ``wkv.head_size``,
+  ``token_shift_count``, ``shortconv.l_cache``, ``full_attention_interval`` and
+  ``feed_forward_length`` (see below). Only the key-value section is read, with every length checked
   against the file's size; anything malformed, or a file that is not GGUF, gives None (llama.cpp
   will not load it either). A GGUF header too large to walk within this module's bounds
   (:data:`_MAX_HEADER_BYTES`, :data:`_MAX_ELEMENTS`, :data:`_MAX_PAIRS`) gives
@@ -49,14 +53,33 @@ slot's share too: ``-np 100 -c 1000`` allocates 100 × 256 cells, not 1,024. Wit
 (or with ``-c 0``), per-slot caches are each the declared length: ``-np 4`` alone is four
 times the declared length.
 
+**Recurrent state.** For Mamba, Mamba-2, RWKV-6/7 and the hybrids (Jamba, Falcon-H1, Granite
+hybrids, Nemotron-H, Qwen3-Next and Qwen3.5, LFM2) llama.cpp also allocates at load, for every
+slot (``-np``; with or without ``--kv-unified``: one cell per slot), an R and an S state for
+each recurrent layer, in f32 whatever ``-ctk``/``-ctv`` say: R is the convolution state,
+``(conv_kernel - 1) × (inner_size + 2 × group_count × state_size)`` (LFM2: ``embedding ×
+(l_cache - 1)``), or RWKV's token shift, ``token_shift_count × embedding`` (2 unless the model
+says); S the SSM state, ``state_size × inner_size``, or RWKV's WKV state, ``embedding ×
+wkv.head_size`` (LFM2 has none). The recurrent layers are every layer (Mamba, RWKV, Falcon-H1,
+which runs attention beside the SSM in each), those without KV heads (Jamba, Granite hybrids,
+LFM2), those with neither KV heads nor a feed-forward network (Nemotron-H), or all but every
+``full_attention_interval``-th (Qwen3-Next, Qwen3.5: 4 unless the model says); a hybrid's KV
+cache holds its other layers only (Falcon-H1's all). The estimate counts it in
+:attr:`ContextMemory.bytes` and says how much of it in ``recurrent_bytes``. A state the
+pinned build would allocate but this module does not size gives :class:`Uncountable`: a
+model missing one of the keys above, another architecture with ``ssm.*``, ``wkv.*`` or
+``shortconv.*`` keys (PLaMo-2, Kimi Linear), an explicit ``attention.recurrent_layers`` list,
+a ``ple.conv_kernel`` state, or upstream's ``--spec-type`` (``LLAMA_ARG_SPEC_TYPE``) other
+than ``none`` (with speculative decoding llama.cpp may keep a copy of the state per draft
+token).
+
 The fit check counts the estimate in RAM, with the allowance, also when the weights go to a
 GPU, where llama.cpp puts the cache of offloaded layers too: it may then refuse a context that
 would have fitted in VRAM, and its VRAM check does not count the cache. The estimate is an
 upper bound for common models: it counts every layer at the full context,
 so models with sliding-window layers (whose cache llama.cpp keeps at the window's size) or with
-compressed attention (MLA) need less than it says. Not counted: a
-recurrent model's state, and the compute buffers (reserved, but touched only as the context
-fills, where the resource samples see them).
+compressed attention (MLA) need less than it says. Not counted: the compute buffers
+(reserved, but touched only as the context fills, where the resource samples see them).
 
 The header is parsed here rather than with ``gguf.GGUFReader``: the reader builds a view for
 every element of every array, which took 12.7–15.4 s for a 151,936-token vocabulary on the test
