@@ -34,7 +34,7 @@ from companion_runtime.bind.llama_server import (
 )
 from companion_runtime.bind.tiny_model import write_tiny_model
 from tests.support.llama import declaring_context, free_port, upstream_binary
-from tests.support.recurrent import write_granite_hybrid, write_mamba
+from tests.support.recurrent import write_granite_hybrid, write_lfm2, write_mamba, write_rwkv6
 
 pytestmark = pytest.mark.unit
 
@@ -1094,6 +1094,12 @@ def _logged_recurrent_state(
         process.wait()
 
 
+_RECURRENT_WRITERS = {
+    "mamba": write_mamba,
+    "rwkv6": write_rwkv6,
+    "granitehybrid": write_granite_hybrid,
+    "lfm2": write_lfm2,
+}
 _RECURRENT_FLAGS = [
     [],
     ["-np", "1"],
@@ -1106,29 +1112,26 @@ _RECURRENT_FLAGS = [
 @pytest.mark.integration
 @pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
 @pytest.mark.parametrize("flags", _RECURRENT_FLAGS, ids=" ".join)
-@pytest.mark.parametrize("architecture", ["mamba", "granitehybrid"])
+@pytest.mark.parametrize("architecture", sorted(_RECURRENT_WRITERS))
 def test_the_recurrent_state_is_what_llama_cpp_allocates(
     tmp_path: Path, architecture: str, flags: list[str]
 ) -> None:
-    # A Mamba model (every layer recurrent, no KV cache) and a Granite hybrid (three Mamba-2
-    # layers, one attention layer): the estimate's recurrent state is the R and S state the
-    # real server logs, and its KV cache the one it logs for the attention layer.
+    # Mamba and RWKV-6 models (every layer recurrent, no KV cache), a Granite hybrid (three
+    # Mamba-2 layers, one attention layer), an LFM2 model (three short-convolution layers, with
+    # an R state and no S, one attention layer): the estimate's recurrent state is the R and S
+    # state the real server logs, and its KV cache the one it logs for the attention layer.
     binary = upstream_binary()
     assert binary is not None
-    model = tmp_path / f"{architecture}.gguf"
-    if architecture == "mamba":
-        write_mamba(model)
-    else:
-        write_granite_hybrid(model)
+    model = _RECURRENT_WRITERS[architecture](tmp_path / f"{architecture}.gguf")
     template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
     estimate = estimate_context_memory(model, template)
     assert isinstance(estimate, ContextMemory)
     command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
-    hybrid = architecture != "mamba"
+    hybrid = architecture in ("granitehybrid", "lfm2")
     r_mib, s_mib, kv_mib = _logged_recurrent_state(
         command, tmp_path / "server.log", with_kv_cache=hybrid
     )
-    assert r_mib > 0 and s_mib > 0 and (kv_mib > 0) == hybrid
+    assert r_mib > 0 and (s_mib > 0) == (architecture != "lfm2") and (kv_mib > 0) == hybrid
     # All of it counts: the KV cache alone (or, for Mamba, no estimate at all) fell short.
     assert abs(estimate.bytes / MIB - (r_mib + s_mib + kv_mib)) < 0.016, (estimate, kv_mib)
     assert abs(estimate.recurrent_bytes / MIB - (r_mib + s_mib)) < 0.011, (estimate, r_mib, s_mib)

@@ -1,6 +1,7 @@
 """Tiny models with a recurrent state, written with the ``gguf`` package, for the fit check's
-tests against the real llama.cpp server: a Mamba model (every layer recurrent) and a Granite
-hybrid (Mamba-2 layers beside attention layers). Their weights are small random numbers: the
+tests against the real llama.cpp server: Mamba and RWKV-6 models (every layer recurrent), a
+Granite hybrid (Mamba-2 layers beside attention layers) and an LFM2 model (short-convolution
+layers beside attention layers). Their weights are small random numbers: the
 tests only load them and read the sizes llama.cpp logs, nothing is generated."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy.typing as npt
 
 from companion_runtime.bind import tiny_model
 
-__all__ = ["write_granite_hybrid", "write_mamba"]
+__all__ = ["write_granite_hybrid", "write_lfm2", "write_mamba", "write_rwkv6"]
 
 _SEED = 20_261_129
 
@@ -163,5 +164,120 @@ def write_granite_hybrid(
             block + "ffn_up.weight": random(feed_forward, embedding),
             block + "ffn_down.weight": random(embedding, feed_forward),
         }
+    _finish(writer, tensors)
+    return path
+
+
+def write_rwkv6(
+    path: Path,
+    *,
+    embedding: int = 256,
+    layers: int = 6,
+    head_size: int = 64,
+    extra: int = 8,
+    feed_forward: int = 256,
+) -> Path:
+    """An RWKV-6 model: every layer has a token-shift state and a WKV state."""
+    writer = _writer(path, "rwkv6", embedding=embedding, layers=layers)
+    writer.add_feed_forward_length(feed_forward)
+    writer.add_head_count(0)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_wkv_head_size(head_size)
+    writer.add_time_mix_extra_dim(extra)
+    writer.add_time_decay_extra_dim(extra)
+    writer.add_rescale_every_n_layers(6)
+    random = _Random()
+    vocabulary = len(tiny_model.VOCABULARY)
+    ones = np.ones(embedding, dtype=np.float32)
+    tensors = {
+        "token_embd.weight": random(vocabulary, embedding),
+        "token_embd_norm.weight": ones,
+        "token_embd_norm.bias": random(embedding),
+        "output_norm.weight": ones,
+        "output_norm.bias": random(embedding),
+        "output.weight": random(vocabulary, embedding),
+    }
+    square = (embedding, embedding)
+    for layer in range(layers):
+        block = f"blk.{layer}."
+        tensors |= {
+            block + "attn_norm.weight": ones,
+            block + "attn_norm.bias": random(embedding),
+            block + "attn_norm_2.weight": ones,
+            block + "attn_norm_2.bias": random(embedding),
+            block + "time_mix_w1.weight": random(5 * extra, embedding),
+            block + "time_mix_w2.weight": random(5, embedding, extra),
+            block + "time_mix_lerp_x.weight": random(1, 1, embedding),
+            block + "time_mix_lerp_fused.weight": random(5, 1, 1, embedding),
+            block + "time_mix_first.weight": random(embedding // head_size, head_size),
+            block + "time_mix_decay.weight": random(embedding),
+            block + "time_mix_decay_w1.weight": random(extra, embedding),
+            block + "time_mix_decay_w2.weight": random(embedding, extra),
+            block + "time_mix_key.weight": random(*square),
+            block + "time_mix_value.weight": random(*square),
+            block + "time_mix_receptance.weight": random(*square),
+            block + "time_mix_gate.weight": random(*square),
+            block + "time_mix_ln.weight": ones,
+            block + "time_mix_ln.bias": random(embedding),
+            block + "time_mix_output.weight": random(*square),
+            block + "channel_mix_lerp_k.weight": random(1, 1, embedding),
+            block + "channel_mix_lerp_r.weight": random(1, 1, embedding),
+            block + "channel_mix_key.weight": random(feed_forward, embedding),
+            block + "channel_mix_value.weight": random(embedding, feed_forward),
+            block + "channel_mix_receptance.weight": random(*square),
+        }
+    _finish(writer, tensors)
+    return path
+
+
+def write_lfm2(
+    path: Path,
+    *,
+    embedding: int = 256,
+    kv_heads: tuple[int, ...] = (0, 2, 0, 0),
+    heads: int = 4,
+    l_cache: int = 9,
+    feed_forward: int = 64,
+) -> Path:
+    """An LFM2 model: short-convolution layers (no KV heads; an R state, no S) beside
+    attention layers."""
+    writer = _writer(path, "lfm2", embedding=embedding, layers=len(kv_heads))
+    writer.add_feed_forward_length(feed_forward)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(list(kv_heads))
+    writer.add_shortconv_l_cache(l_cache)
+    writer.add_rope_freq_base(10000.0)
+    random = _Random()
+    vocabulary = len(tiny_model.VOCABULARY)
+    ones = np.ones(embedding, dtype=np.float32)
+    head = embedding // heads
+    tensors = {
+        "token_embd.weight": random(vocabulary, embedding),
+        "token_embd_norm.weight": ones,
+    }
+    for layer, kv in enumerate(kv_heads):
+        block = f"blk.{layer}."
+        tensors |= {
+            block + "attn_norm.weight": ones,
+            block + "ffn_norm.weight": ones,
+            block + "ffn_gate.weight": random(feed_forward, embedding),
+            block + "ffn_up.weight": random(feed_forward, embedding),
+            block + "ffn_down.weight": random(embedding, feed_forward),
+        }
+        if kv == 0:
+            tensors |= {
+                block + "shortconv.conv.weight": random(embedding, l_cache),
+                block + "shortconv.in_proj.weight": random(3 * embedding, embedding),
+                block + "shortconv.out_proj.weight": random(embedding, embedding),
+            }
+        else:
+            tensors |= {
+                block + "attn_q.weight": random(heads * head, embedding),
+                block + "attn_k.weight": random(kv * head, embedding),
+                block + "attn_v.weight": random(kv * head, embedding),
+                block + "attn_output.weight": random(embedding, heads * head),
+                block + "attn_q_norm.weight": np.ones(head, dtype=np.float32),
+                block + "attn_k_norm.weight": np.ones(head, dtype=np.float32),
+            }
     _finish(writer, tensors)
     return path
