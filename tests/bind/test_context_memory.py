@@ -34,7 +34,13 @@ from companion_runtime.bind.llama_server import (
 )
 from companion_runtime.bind.tiny_model import write_tiny_model
 from tests.support.llama import declaring_context, free_port, upstream_binary
-from tests.support.recurrent import write_granite_hybrid, write_lfm2, write_mamba, write_rwkv6
+from tests.support.recurrent import (
+    write_granite_hybrid,
+    write_lfm2,
+    write_mamba,
+    write_qwen3next,
+    write_rwkv6,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -743,6 +749,25 @@ def test_a_hybrid_counts_its_recurrent_layers_and_caches_its_attention_layers(
     shape = read_attention_shape(every_other)
     assert isinstance(shape, AttentionShape)
     assert shape.kv_heads == (0, 2) * 4 and shape.recurrent_layers == 4
+    # An explicit list of the recurrent layers, bools or numbers, over the interval; llama.cpp
+    # reads it for these (a list it cannot map onto the layers is refused, below).
+    for flags in ([True, True, False, False] * 2, [1, 1, 0, 0] * 2):
+        listed = tmp_path / "listed.gguf"
+        writer = gguf.GGUFWriter(listed, "qwen35")
+        writer.add_block_count(8)
+        writer.add_context_length(4096)
+        writer.add_embedding_length(2048)
+        writer.add_head_count(16)
+        writer.add_head_count_kv(2)
+        writer.add_array("qwen35.attention.recurrent_layers", flags)
+        for name, value in ssm.items():
+            writer.add_uint32(f"qwen35.{name.replace('__', '.')}", value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        shape = read_attention_shape(listed)
+        assert isinstance(shape, AttentionShape), flags
+        assert shape.kv_heads == (0, 0, 2, 2) * 2 and shape.recurrent_layers == 4, flags
     # Falcon-H1: attention and an SSM side by side in every layer.
     falcon = _recurrent_model(tmp_path / "f.gguf", "falcon-h1", heads=16, kv_heads=2, **ssm)
     shape = read_attention_shape(falcon)
@@ -763,6 +788,10 @@ def test_a_recurrent_state_that_cannot_be_counted_is_refused(tmp_path: Path) -> 
         (
             "attention.recurrent_layers",
             _recurrent_model(tmp_path / "f.gguf", "qwen35", attention__recurrent_layers=1, **ssm),
+        ),
+        (
+            "attention.recurrent_layers",
+            _recurrent_model(tmp_path / "f2.gguf", "jamba", attention__recurrent_layers=1, **ssm),
         ),
         ("ple.conv_kernel", _recurrent_model(tmp_path / "g.gguf", "mamba2", ple__conv_kernel=4)),
         (
@@ -1099,6 +1128,16 @@ _RECURRENT_WRITERS = {
     "rwkv6": write_rwkv6,
     "granitehybrid": write_granite_hybrid,
     "lfm2": write_lfm2,
+    "qwen3next": write_qwen3next,
+    # Every other layer attention, by the interval; then by an explicit list (bools, or
+    # numbers), which llama.cpp reads over the interval.
+    "qwen3next-interval-2": lambda path: write_qwen3next(path, layers=6, interval=2),
+    "qwen3next-listed": lambda path: write_qwen3next(
+        path, interval=2, recurrent_layers=[True, False, True, True]
+    ),
+    "qwen35-listed": lambda path: write_qwen3next(
+        path, architecture="qwen35", recurrent_layers=[False, True, False, True]
+    ),
 }
 _RECURRENT_FLAGS = [
     [],
@@ -1118,8 +1157,9 @@ def test_the_recurrent_state_is_what_llama_cpp_allocates(
 ) -> None:
     # Mamba and RWKV-6 models (every layer recurrent, no KV cache), a Granite hybrid (three
     # Mamba-2 layers, one attention layer), an LFM2 model (three short-convolution layers, with
-    # an R state and no S, one attention layer): the estimate's recurrent state is the R and S
-    # state the real server logs, and its KV cache the one it logs for the attention layer.
+    # an R state and no S, one attention layer), Qwen3-Next and Qwen3.5 models (attention
+    # layers by the interval or a list): the estimate's recurrent state is the R and S state
+    # the real server logs, and its KV cache the one it logs for the attention layers.
     binary = upstream_binary()
     assert binary is not None
     model = _RECURRENT_WRITERS[architecture](tmp_path / f"{architecture}.gguf")
@@ -1127,7 +1167,7 @@ def test_the_recurrent_state_is_what_llama_cpp_allocates(
     estimate = estimate_context_memory(model, template)
     assert isinstance(estimate, ContextMemory)
     command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
-    hybrid = architecture in ("granitehybrid", "lfm2")
+    hybrid = architecture != "mamba" and architecture != "rwkv6"
     r_mib, s_mib, kv_mib = _logged_recurrent_state(
         command, tmp_path / "server.log", with_kv_cache=hybrid
     )

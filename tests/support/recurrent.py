@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from companion_runtime.bind import tiny_model
 
-__all__ = ["write_granite_hybrid", "write_lfm2", "write_mamba", "write_rwkv6"]
+__all__ = ["write_granite_hybrid", "write_lfm2", "write_mamba", "write_qwen3next", "write_rwkv6"]
 
 _SEED = 20_261_129
 
@@ -278,6 +278,109 @@ def write_lfm2(
                 block + "attn_output.weight": random(embedding, heads * head),
                 block + "attn_q_norm.weight": np.ones(head, dtype=np.float32),
                 block + "attn_k_norm.weight": np.ones(head, dtype=np.float32),
+            }
+    _finish(writer, tensors)
+    return path
+
+
+def write_qwen3next(
+    path: Path,
+    *,
+    architecture: str = "qwen3next",
+    layers: int = 4,
+    interval: int | None = None,
+    recurrent_layers: list[bool] | None = None,
+    embedding: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_length: int = 32,
+    conv_kernel: int = 4,
+    state: int = 32,
+    key_heads: int = 2,
+    value_heads: int = 4,
+    feed_forward: int = 64,
+) -> Path:
+    """A Qwen3-Next (mixture of experts) or Qwen3.5 (dense) model: gated delta-net layers
+    beside attention layers, every ``interval``-th (4 unless given) or those that
+    ``recurrent_layers`` marks false."""
+    dense = architecture == "qwen35"
+    writer = _writer(path, architecture, embedding=embedding, layers=layers)
+    writer.add_feed_forward_length(feed_forward)
+    if not dense:
+        writer.add_expert_feed_forward_length(feed_forward)
+        writer.add_expert_shared_feed_forward_length(feed_forward)
+        writer.add_expert_count(2)
+        writer.add_expert_used_count(1)
+    else:
+        writer.add_rope_dimension_sections([2, 1, 1, 0])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_length)
+    writer.add_value_length(head_length)
+    writer.add_rope_dimension_count(head_length // 4)
+    writer.add_ssm_conv_kernel(conv_kernel)
+    writer.add_ssm_state_size(state)
+    writer.add_ssm_group_count(key_heads)
+    writer.add_ssm_time_step_rank(value_heads)
+    writer.add_ssm_inner_size(state * value_heads)
+    if interval is not None:
+        writer.add_full_attention_interval(interval)
+    if recurrent_layers is not None:
+        writer.add_array(f"{architecture}.attention.recurrent_layers", recurrent_layers)
+    else:
+        recurrent_layers = [(layer + 1) % (interval or 4) != 0 for layer in range(layers)]
+    random = _Random()
+    vocabulary = len(tiny_model.VOCABULARY)
+    ones = np.ones(embedding, dtype=np.float32)
+    values = state * value_heads
+    conv = 2 * state * key_heads + values
+    tensors = {
+        "token_embd.weight": random(vocabulary, embedding),
+        "output_norm.weight": ones,
+    }
+    for layer, recurrent in enumerate(recurrent_layers):
+        block = f"blk.{layer}."
+        tensors |= {block + "attn_norm.weight": ones, block + "post_attention_norm.weight": ones}
+        if recurrent:
+            tensors |= {
+                block + "attn_qkv.weight": random(conv, embedding),
+                block + "attn_gate.weight": random(values, embedding),
+                block + "ssm_conv1d.weight": random(conv, conv_kernel),
+                block + "ssm_dt.bias": random(value_heads),
+                block + "ssm_a": random(value_heads),
+                block + "ssm_norm.weight": np.ones(state, dtype=np.float32),
+                block + "ssm_out.weight": random(embedding, values),
+            }
+            if dense:
+                tensors[block + "ssm_beta.weight"] = random(value_heads, embedding)
+                tensors[block + "ssm_alpha.weight"] = random(value_heads, embedding)
+            else:
+                tensors[block + "ssm_ba.weight"] = random(2 * value_heads, embedding)
+        else:
+            tensors |= {
+                block + "attn_q.weight": random(2 * heads * head_length, embedding),
+                block + "attn_k.weight": random(kv_heads * head_length, embedding),
+                block + "attn_v.weight": random(kv_heads * head_length, embedding),
+                block + "attn_output.weight": random(embedding, heads * head_length),
+                block + "attn_q_norm.weight": np.ones(head_length, dtype=np.float32),
+                block + "attn_k_norm.weight": np.ones(head_length, dtype=np.float32),
+            }
+        if dense:
+            tensors |= {
+                block + "ffn_gate.weight": random(feed_forward, embedding),
+                block + "ffn_up.weight": random(feed_forward, embedding),
+                block + "ffn_down.weight": random(embedding, feed_forward),
+            }
+        else:
+            tensors |= {
+                block + "ffn_gate_inp.weight": random(2, embedding),
+                block + "ffn_gate_exps.weight": random(2, feed_forward, embedding),
+                block + "ffn_up_exps.weight": random(2, feed_forward, embedding),
+                block + "ffn_down_exps.weight": random(2, embedding, feed_forward),
+                block + "ffn_gate_inp_shexp.weight": random(embedding),
+                block + "ffn_gate_shexp.weight": random(feed_forward, embedding),
+                block + "ffn_up_shexp.weight": random(feed_forward, embedding),
+                block + "ffn_down_shexp.weight": random(embedding, feed_forward),
             }
     _finish(writer, tensors)
     return path

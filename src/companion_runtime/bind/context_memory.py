@@ -40,13 +40,13 @@ What it reads:
   ``attention.head_count_kv`` (a number, or one per layer), ``attention.key_length`` and
   ``attention.value_length``; for a model with a recurrent state its ``ssm.conv_kernel``,
   ``ssm.inner_size``, ``ssm.state_size``, ``ssm.group_count``, ``wkv.head_size``,
-  ``token_shift_count``, ``shortconv.l_cache``, ``full_attention_interval`` and
-  ``feed_forward_length`` (see below). Only the key-value section is read, with every length checked
-  against the file's size; anything malformed, or a file that is not GGUF, gives None (llama.cpp
-  will not load it either). A GGUF header too large to walk within this module's bounds
-  (:data:`_MAX_HEADER_BYTES`, :data:`_MAX_ELEMENTS`, :data:`_MAX_PAIRS`) gives
-  :class:`Uncountable`: llama.cpp would load it, so the fit check refuses it rather than count
-  nothing.
+  ``token_shift_count``, ``shortconv.l_cache``, ``full_attention_interval``,
+  ``attention.recurrent_layers`` and ``feed_forward_length`` (see below). Only the key-value
+  section is read, with every length checked against the file's size; anything malformed, or
+  a file that is not GGUF, gives None (llama.cpp will not load it either). A GGUF header too
+  large to walk within this module's bounds (:data:`_MAX_HEADER_BYTES`, :data:`_MAX_ELEMENTS`,
+  :data:`_MAX_PAIRS`) gives :class:`Uncountable`: llama.cpp would load it, so the fit check
+  refuses it rather than count nothing.
 
 llama.cpp rounds the context up to a multiple of 256 tokens, and with per-slot caches each
 slot's share too: ``-np 100 -c 1000`` allocates 100 × 256 cells, not 1,024. Without a context
@@ -63,15 +63,16 @@ says); S the SSM state, ``state_size × inner_size``, or RWKV's WKV state, ``emb
 wkv.head_size`` (LFM2 has none). The recurrent layers are every layer (Mamba, RWKV, Falcon-H1,
 which runs attention beside the SSM in each), those without KV heads (Jamba, Granite hybrids,
 LFM2), those with neither KV heads nor a feed-forward network (Nemotron-H), or all but every
-``full_attention_interval``-th (Qwen3-Next, Qwen3.5: 4 unless the model says); a hybrid's KV
+``full_attention_interval``-th (Qwen3-Next, Qwen3.5: 4 unless the model says; an
+``attention.recurrent_layers`` list, one bool or number per layer, wins over it); a hybrid's KV
 cache holds its other layers only (Falcon-H1's all). The estimate counts it in
 :attr:`ContextMemory.bytes` and says how much of it in ``recurrent_bytes``. A state the
 pinned build would allocate but this module does not size gives :class:`Uncountable`: a
 model missing one of the keys above, another architecture with ``ssm.*``, ``wkv.*`` or
-``shortconv.*`` keys (PLaMo-2, Kimi Linear), an explicit ``attention.recurrent_layers`` list,
-a ``ple.conv_kernel`` state, or upstream's ``--spec-type`` (``LLAMA_ARG_SPEC_TYPE``) other
-than ``none`` (with speculative decoding llama.cpp may keep a copy of the state per draft
-token).
+``shortconv.*`` keys (PLaMo-2, Kimi Linear), an ``attention.recurrent_layers`` list for
+another architecture (or one that is not one entry per layer), a ``ple.conv_kernel`` state,
+or upstream's ``--spec-type`` (``LLAMA_ARG_SPEC_TYPE``) other than ``none`` (with speculative
+decoding llama.cpp may keep a copy of the state per draft token).
 
 The fit check counts the estimate in RAM, with the allowance, also when the weights go to a
 GPU, where llama.cpp puts the cache of offloaded layers too: it may then refuse a context that
@@ -133,11 +134,15 @@ _MAX_PAIRS: Final = 1 << 16
 #: its merges takes about 10 MB; the read grows four times at a step while more is needed).
 _FIRST_READ: Final = 1 << 20
 _MAX_HEADER_BYTES: Final = 64 << 20
-#: Keys of a recurrent state the pinned build sizes in ways this module does not count (an
-#: explicit list of recurrent layers, a per-layer-embedding convolution state, Kimi's delta
-#: attention): a model that has one gives :class:`Uncountable`.
+#: An explicit list of the recurrent layers (one number or bool per layer, not 0: recurrent),
+#: which Qwen3-Next and Qwen3.5 read over their ``full_attention_interval``.
+_RECURRENT_LAYERS_KEY: Final = b".attention.recurrent_layers"
+#: Keys of a recurrent state the pinned build sizes in ways this module does not count (a
+#: list of recurrent layers where the architecture is not known to read it, a per-layer
+#: embedding's convolution state, Kimi's delta attention): a model that has one gives
+#: :class:`Uncountable`.
 _RECURRENT_UNKNOWN_KEYS: Final = (
-    b".attention.recurrent_layers",
+    _RECURRENT_LAYERS_KEY,
     b".ple.conv_kernel",
     b".kda.head_dim",
 )
@@ -391,6 +396,9 @@ _INTEGER_FORMATS: Final[Mapping[int, str]] = {
     _V.INT64: "q",
 }
 
+#: An array of flags (``attention.recurrent_layers``) may be bools as well as integers.
+_FLAG_FORMATS: Final[Mapping[int, str]] = {**_INTEGER_FORMATS, _V.BOOL: "?"}
+
 
 class _Malformed(Exception):
     """The header is not what the format says (llama.cpp refuses it too); no estimate."""
@@ -522,9 +530,12 @@ class _Header:
         if self.elements > _MAX_ELEMENTS:
             raise _TooLarge
 
-    def value(self, value_type: int, *, keep: bool) -> int | tuple[int, ...] | bytes | None:
+    def value(
+        self, value_type: int, *, keep: bool, flags: bool = False
+    ) -> int | tuple[int, ...] | bytes | None:
         """Read one value: an int, a tuple of ints, a string; None for anything else, and for
-        everything when not ``keep`` (skipped, lengths checked, nothing copied)."""
+        everything when not ``keep`` (skipped, lengths checked, nothing copied). With
+        ``flags``, an array of bools is kept too, as a tuple of 0 and 1."""
         self.count(1)
         if value_type in _SCALAR_SIZES:
             start = self.take(_SCALAR_SIZES[value_type])
@@ -545,10 +556,11 @@ class _Header:
             size = _SCALAR_SIZES[item_type]
             start = self.take(size * length)
             self.count(length)
-            if not keep or item_type not in _INTEGER_FORMATS or length > _MAX_DECODED_ARRAY:
+            formats = _FLAG_FORMATS if flags else _INTEGER_FORMATS
+            if not keep or item_type not in formats or length > _MAX_DECODED_ARRAY:
                 return None  # a vocabulary's scores, its token types
-            code = f"{self._order}{length}{_INTEGER_FORMATS[item_type]}"
-            return tuple(struct.unpack_from(code, self._data, start))
+            code = f"{self._order}{length}{formats[item_type]}"
+            return tuple(int(item) for item in struct.unpack_from(code, self._data, start))
         if item_type == _V.STRING:
             self._skip_strings(length)
             return None
@@ -585,7 +597,11 @@ def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ..
         if key in keys:  # llama.cpp refuses such a file; which value counts is anyone's guess
             raise _Malformed
         keys.add(key)
-        value = header.value(header.integer("I"), keep=key.endswith(_WANTED))
+        value = header.value(
+            header.integer("I"),
+            keep=key.endswith(_WANTED),
+            flags=key.endswith(_RECURRENT_LAYERS_KEY),
+        )
         if value is None and key.endswith(_RECURRENT_UNKNOWN_KEYS):
             value = b""  # only its presence counts, whatever its type
         if value is not None:
@@ -694,7 +710,10 @@ def _recurrent_state(
     (``token_shift_count × embedding``); S the SSM state (``state_size × inner_size``) or
     RWKV's WKV state (``embedding × wkv.head_size``). :class:`_UncountableState` for a
     model it sizes otherwise, or whose keys are not all there."""
+    explicit = get("{arch}" + _RECURRENT_LAYERS_KEY.decode())
     for key in _RECURRENT_UNKNOWN_KEYS:
+        if key == _RECURRENT_LAYERS_KEY and arch in _HYBRID_BY_INTERVAL:
+            continue
         if get("{arch}" + key.decode()) is not None:
             raise _UncountableState(key.decode().lstrip(".") + " in its header")
     if arch not in _RECURRENT_ARCHITECTURES:
@@ -734,6 +753,10 @@ def _recurrent_state(
         recurrent = tuple(
             count == 0 and width == 0 for count, width in zip(kv_heads, feed_forward, strict=True)
         )
+    elif arch in _HYBRID_BY_INTERVAL and explicit is not None:
+        if not isinstance(explicit, tuple) or len(explicit) != layers:
+            raise _UncountableState("attention.recurrent_layers not one per layer")
+        recurrent = tuple(value != 0 for value in explicit)
     elif arch in _HYBRID_BY_INTERVAL:
         interval = number(gguf.Keys.LLM.FULL_ATTENTION_INTERVAL, default=4)
         if interval == 0:
