@@ -41,6 +41,7 @@ from tests.support.recurrent import (
     write_qwen3next,
     write_rwkv6,
 )
+from tests.support.sliding import write_gemma3
 
 pytestmark = pytest.mark.unit
 
@@ -823,6 +824,77 @@ def test_a_recurrent_state_that_cannot_be_counted_is_refused(tmp_path: Path) -> 
     assert isinstance(memory, ContextMemory) and memory.recurrent_bytes == 0
 
 
+def test_sliding_window_layers_are_counted_at_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Gemma 3 12B's shape: 48 layers, 8 KV heads of 256, a 1,024-token window in five layers
+    # of every six. At 32,768 tokens the old estimate counted 12 GiB; llama.cpp allocates the
+    # 8 full layers' 2 GiB and the 40 others' window, 1,024 + 512 (the physical batch) cells.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    model = tmp_path / "gemma3.gguf"
+    writer = gguf.GGUFWriter(model, "gemma3")
+    writer.add_block_count(48)
+    writer.add_context_length(131072)
+    writer.add_embedding_length(3840)
+    writer.add_head_count(16)
+    writer.add_head_count_kv(8)
+    writer.add_key_length(256)
+    writer.add_value_length(256)
+    writer.add_sliding_window(1024)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    shape = read_attention_shape(model)
+    assert isinstance(shape, AttentionShape) and shape.sliding_window == 1024
+    assert shape.swa_layers == ((True,) * 5 + (False,)) * 8
+    row = 8 * 256 * 2 * 2  # K and V, f16, per layer and token
+    env = {"HOME": str(tmp_path)}
+
+    def estimate(*flags: str, command: list[str] | None = None, **extra: str) -> object:
+        return estimate_context_memory(model, [*(command or UPSTREAM_CMD), *flags], env | extra)
+
+    assert estimate("-np", "1", "-c", "32768") == ContextMemory(
+        32768, 8 * row * 32768 + 40 * row * 1536
+    )
+    # One stream per slot, each its window and a batch; four slots sharing one (upstream's
+    # automatic choice) have four windows and a batch; a smaller physical batch, or a logical
+    # one below it, makes it smaller; a context below the window caps it.
+    assert estimate("-np", "3", "-c", "32768") == ContextMemory(
+        3 * 11008, 8 * row * 3 * 11008 + 40 * row * 3 * 1536
+    )
+    assert estimate("-c", "32768") == ContextMemory(32768, 8 * row * 32768 + 40 * row * 4608)
+    assert estimate("-np", "1", "-c", "32768", "-ub", "100") == ContextMemory(
+        32768, 8 * row * 32768 + 40 * row * 1280
+    )
+    assert estimate("-np", "1", "-c", "32768", "--batch-size", "200") == ContextMemory(
+        32768, 8 * row * 32768 + 40 * row * 1280
+    )
+    assert estimate("-np", "1", "-c", "1000") == ContextMemory(1024, 48 * row * 1024)
+    # Counted at the full context: --swa-full (flag, variable, configuration key), speculative
+    # decoding, the launcher (whose defaults this does not size), another architecture.
+    full = ContextMemory(32768, 48 * row * 32768)
+    assert estimate("-np", "1", "-c", "32768", "--swa-full") == full
+    assert estimate("-np", "1", "-c", "32768", LLAMA_ARG_SWA_FULL="1") == full
+    assert estimate("-np", "1", "-c", "32768", LLAMA_ARG_SWA_FULL="maybe") is None
+    assert estimate("-np", "1", "-c", "32768", "--spec-type", "ngram-mod") == full
+    config = tmp_path / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    config.write_text("swa-full = true\n")
+    assert estimate("-np", "1", "-c", "32768") == full
+    config.unlink()
+    launcher = estimate("-c", "32768", "--parallel", "1", command=EMBEDDED)
+    assert launcher == full
+    gemma2 = tmp_path / "gemma2.gguf"
+    gemma2.write_bytes(model.read_bytes().replace(b"gemma3", b"gemma2"))
+    assert read_attention_shape(gemma2) == AttentionShape(
+        context_length=131072,
+        kv_heads=(8,) * 48,
+        key_length=256,
+        value_length=256,
+        architecture="gemma2",
+    )
+
+
 def test_a_file_that_is_not_a_readable_gguf_model_gives_none(tmp_path: Path) -> None:
     model = _model(tmp_path / "m.gguf", vocabulary=300)
     data = model.read_bytes()
@@ -1176,6 +1248,64 @@ def test_the_recurrent_state_is_what_llama_cpp_allocates(
     assert abs(estimate.bytes / MIB - (r_mib + s_mib + kv_mib)) < 0.016, (estimate, kv_mib)
     assert abs(estimate.recurrent_bytes / MIB - (r_mib + s_mib)) < 0.011, (estimate, r_mib, s_mib)
     assert abs((estimate.bytes - estimate.recurrent_bytes) / MIB - kv_mib) < 0.006, estimate
+
+
+def _logged_kv_caches(command: list[str], log: Path, caches: int) -> list[float]:
+    """Run llama.cpp's server until it logs ``caches`` KV caches (2 for a model with
+    sliding-window layers: the full one, then the window's); return their sizes in MiB."""
+    size = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB")
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = [float(mib) for mib in size.findall(log.read_text(errors="replace"))]
+            if len(found) >= caches:
+                return found
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(log.read_text(errors="replace")[-2000:])
+    finally:
+        process.kill()
+        process.wait()
+
+
+_SLIDING_FLAGS = [
+    ["-np", "1", "-c", "8192"],
+    ["-np", "3", "-c", "8192"],
+    [],
+    ["-np", "2", "-kvu", "-c", "8192"],
+    ["-np", "1", "-c", "8192", "-ub", "100"],
+    ["-np", "1", "-c", "8192", "-b", "300"],
+    ["-np", "1", "-c", "700"],
+    ["-np", "1", "-c", "8192", "--swa-full"],
+    ["-np", "2", "-c", "8192", "-ctk", "q8_0"],
+]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize("flags", _SLIDING_FLAGS, ids=" ".join)
+@pytest.mark.parametrize(
+    "pattern", [None, 3, [True, False] * 4], ids=["default", "every-third", "listed"]
+)
+def test_sliding_window_layers_are_what_llama_cpp_allocates(
+    tmp_path: Path, flags: list[str], pattern: int | list[bool] | None
+) -> None:
+    # A Gemma 3 model with a 512-token window in most layers: llama.cpp keeps those layers'
+    # cache at the window (times the slots sharing it) plus a batch, not the context. The
+    # estimate, which counted them at the full context (up to five times too much here), is
+    # the two caches the real server logs.
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_gemma3(tmp_path / "gemma3.gguf", pattern=pattern)
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
+    assert abs(estimate.bytes / MIB - (full + window)) < 0.011, (estimate, full, window)
 
 
 #: Upstream options whose value names a file, directory or URL that holds no weights.

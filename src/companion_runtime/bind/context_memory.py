@@ -76,11 +76,22 @@ decoding llama.cpp may keep a copy of the state per draft token).
 
 The fit check counts the estimate in RAM, with the allowance, also when the weights go to a
 GPU, where llama.cpp puts the cache of offloaded layers too: it may then refuse a context that
-would have fitted in VRAM, and its VRAM check does not count the cache. The estimate is an
-upper bound for common models: it counts every layer at the full context,
-so models with sliding-window layers (whose cache llama.cpp keeps at the window's size) or with
-compressed attention (MLA) need less than it says. Not counted: the compute buffers
-(reserved, but touched only as the context fills, where the resource samples see them).
+would have fitted in VRAM, and its VRAM check does not count the cache.
+
+**Sliding-window layers.** llama.cpp keeps the cache of a layer that attends through a sliding
+window at the window's size: per stream (one with ``--kv-unified`` or upstream's automatic
+slots, else one per slot), ``min(the stream's context, attention.sliding_window × the slots in
+the stream + the physical batch)`` cells, padded up to 256, where the physical batch is ``-ub``
+(512 by default) capped by ``-b`` (2,048) and the context. The estimate counts them so for
+Gemma 3 (:data:`_SLIDING_WINDOW_PATTERNS`; the window layers are all but every
+``attention.sliding_window_pattern``-th, 6 unless the model says, or as its list of flags
+says), and for upstream's ``llama-server`` only; ``--swa-full`` (or ``LLAMA_ARG_SWA_FULL``, or
+``swa-full`` in a configuration file), speculative decoding (``--spec-type``), the launcher
+and every other architecture with a window (Gemma 2, Cohere 2, gpt-oss, Llama 4...) are
+counted at the full context, an upper bound, as are models with compressed attention (MLA).
+Not counted: the compute buffers (reserved, but touched only as the context fills, where the
+resource samples see them), and the prompt checkpoints llama.cpp keeps in RAM for a window
+model as requests come (``--swa-checkpoints``), which the resource samples see too.
 
 The header is parsed here rather than with ``gguf.GGUFReader``: the reader builds a view for
 every element of every array, which took 12.7–15.4 s for a 151,936-token vocabulary on the test
@@ -134,6 +145,9 @@ _MAX_PAIRS: Final = 1 << 16
 #: its merges takes about 10 MB; the read grows four times at a step while more is needed).
 _FIRST_READ: Final = 1 << 20
 _MAX_HEADER_BYTES: Final = 64 << 20
+#: Which layers attend through a sliding window: every N-th is not (a number N), or one bool
+#: per layer (true: a sliding window).
+_SLIDING_WINDOW_PATTERN_KEY: Final = b".attention.sliding_window_pattern"
 #: An explicit list of the recurrent layers (one number or bool per layer, not 0: recurrent),
 #: which Qwen3-Next and Qwen3.5 read over their ``full_attention_interval``.
 _RECURRENT_LAYERS_KEY: Final = b".attention.recurrent_layers"
@@ -165,6 +179,8 @@ _WANTED: Final = (
     b".token_shift_count",
     b".shortconv.l_cache",
     b".full_attention_interval",
+    b".attention.sliding_window",
+    _SLIDING_WINDOW_PATTERN_KEY,
     *_RECURRENT_UNKNOWN_KEYS,
 )
 #: Integer arrays longer than this are skipped, not decoded (no per-layer list is this long).
@@ -176,6 +192,13 @@ _CACHE_TYPES: Final = frozenset(
 _DEFAULT_CACHE_TYPE: Final = "f16"
 #: Upstream's slots when ``-np`` is not given (or is negative): 4, sharing one cache.
 _UPSTREAM_AUTO_SLOTS: Final = 4
+#: Upstream's batch sizes when ``-b`` / ``-ub`` are not given.
+_UPSTREAM_BATCH: Final = 2048
+_UPSTREAM_UBATCH: Final = 512
+#: Architectures whose sliding-window layers the estimate counts at llama.cpp's window cache
+#: (the others at the full context, an upper bound), and their layer pattern when the model
+#: gives none: every N-th layer attends to the whole context.
+_SLIDING_WINDOW_PATTERNS: Final[Mapping[str, int]] = {"gemma3": 6}
 #: ``std::stoi``: leading white space, a sign, decimal digits; the rest is ignored.
 _STOI: Final = re.compile(r"[ \t\n\v\f\r]*([+-]?)0*([0-9]{1,20})")
 _INT32: Final = range(-(1 << 31), 1 << 31)
@@ -256,6 +279,10 @@ _UPSTREAM_SETTINGS: Final[Mapping[str, str]] = {
     "-fitc": "fit_ctx",
     "--fit-ctx": "fit_ctx",
     "--spec-type": "spec_type",
+    "-b": "batch",
+    "--batch-size": "batch",
+    "-ub": "ubatch",
+    "--ubatch-size": "ubatch",
 }
 _UPSTREAM_UNIFIED: Final[Mapping[str, bool]] = {
     "-kvu": True,
@@ -272,6 +299,8 @@ _UPSTREAM_VARIABLES: Final[Mapping[str, str]] = {
     "LLAMA_ARG_MODEL": "model",
     "LLAMA_ARG_FIT_CTX": "fit_ctx",
     "LLAMA_ARG_SPEC_TYPE": "spec_type",
+    "LLAMA_ARG_BATCH": "batch",
+    "LLAMA_ARG_UBATCH": "ubatch",
 }
 #: The keys of a llama.cpp configuration file that the estimate reads: an option's names
 #: without their dashes, and its variable. ``no-`` names set the opposite.
@@ -283,6 +312,8 @@ _CONFIG_UNIFIED: Final[Mapping[str, bool]] = {
     **{option.lstrip("-"): value for option, value in _UPSTREAM_UNIFIED.items()},
     "LLAMA_ARG_KV_UNIFIED": True,
 }
+#: ``--swa-full`` in a configuration file, by its name or its variable.
+_CONFIG_SWA_FULL: Final = frozenset({"swa-full", "LLAMA_ARG_SWA_FULL"})
 #: Upstream reads this file first, then the user's (``$XDG_CONFIG_HOME/llama.cpp/config.ini``,
 #: else ``$HOME/.config/llama.cpp/config.ini``), then its environment, then its flags.
 _SYSTEM_CONFIG: Final = Path("/etc/llama.cpp/config.ini")
@@ -430,6 +461,10 @@ class AttentionShape:
     recurrent_r: int = 0
     #: Elements of one layer's "S" (SSM or WKV) state for one sequence.
     recurrent_s: int = 0
+    #: ``attention.sliding_window``, and which layers attend through it (one flag per layer;
+    #: empty where the estimate counts every layer at the full context).
+    sliding_window: int = 0
+    swa_layers: tuple[bool, ...] = ()
 
 
 @final
@@ -600,7 +635,7 @@ def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ..
         value = header.value(
             header.integer("I"),
             keep=key.endswith(_WANTED),
-            flags=key.endswith(_RECURRENT_LAYERS_KEY),
+            flags=key.endswith((_RECURRENT_LAYERS_KEY, _SLIDING_WINDOW_PATTERN_KEY)),
         )
         if value is None and key.endswith(_RECURRENT_UNKNOWN_KEYS):
             value = b""  # only its presence counts, whatever its type
@@ -661,6 +696,7 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
                 0 if is_recurrent else count
                 for count, is_recurrent in zip(kv_counts, recurrent_layers, strict=True)
             )
+    window, swa_layers = _sliding_window(get, arch, layers)
     if first_heads == 0:
         return AttentionShape(
             context_length=context_length,
@@ -681,7 +717,33 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
         recurrent_layers=sum(recurrent_layers),
         recurrent_r=r_elements,
         recurrent_s=s_elements,
+        sliding_window=window,
+        swa_layers=swa_layers,
     )
+
+
+def _sliding_window(
+    get: Callable[[str], int | tuple[int, ...] | bytes | None], arch: str, layers: int
+) -> tuple[int, tuple[bool, ...]]:
+    """The sliding window and the layers that attend through it, for an architecture whose
+    window cache the estimate sizes (:data:`_SLIDING_WINDOW_PATTERNS`); ``(0, ())`` for any
+    other, or where the model's keys are not what llama.cpp reads (every layer is then
+    counted at the full context, an upper bound)."""
+    default = _SLIDING_WINDOW_PATTERNS.get(arch)
+    window = get(gguf.Keys.Attention.SLIDING_WINDOW)
+    if default is None or type(window) is not int or window <= 0:
+        return 0, ()
+    pattern = get("{arch}" + _SLIDING_WINDOW_PATTERN_KEY.decode())
+    if pattern is None:
+        pattern = default
+    if type(pattern) is int:
+        # Every pattern-th layer (the last of each group) attends to the whole context.
+        flags = tuple(pattern == 0 or layer % pattern < pattern - 1 for layer in range(layers))
+    elif isinstance(pattern, tuple) and len(pattern) == layers:
+        flags = tuple(flag != 0 for flag in pattern)
+    else:
+        return 0, ()
+    return (window, flags) if any(flags) else (0, ())
 
 
 def _has_recurrent_state(metadata: Mapping[str, object], arch: str) -> bool:
@@ -849,6 +911,14 @@ class _Settings:
     overrides: tuple[str, ...] = ()
     #: Upstream's ``--spec-type``: the kinds of speculative decoding, comma-separated.
     spec_type: str = "none"
+    #: Upstream's ``-b`` and ``-ub``: the logical and physical batch sizes.
+    batch: int = _UPSTREAM_BATCH
+    ubatch: int = _UPSTREAM_UBATCH
+    #: Upstream's ``--swa-full``: sliding-window layers get a cache of the full context.
+    swa_full: bool = False
+    #: Whether the runtime is upstream's ``llama-server``, whose sliding-window cache this
+    #: module sizes (the launcher's is counted at the full context).
+    upstream: bool = False
     #: The model file it loads (None: none given).
     model: str | None = None
     #: The first option, variable or configuration key that loads other weights (``-hf``,
@@ -963,6 +1033,8 @@ def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
             # A switch there is on for on, 1, enabled or true and off for anything else: the
             # pinned build never stops for one (its variable, though, must be one or the other).
             settings.unified = (value in _TRUTHY) == _CONFIG_UNIFIED[key]
+        elif key in _CONFIG_SWA_FULL:
+            settings.swa_full = value in _TRUTHY
         elif key in _CONFIG_KEYS and not _apply_upstream(settings, _CONFIG_KEYS[key], value):
             return False
     return True
@@ -971,7 +1043,7 @@ def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
 def _upstream_settings(
     arguments: Sequence[str], environ: Mapping[str, str]
 ) -> _Settings | Uncountable | None:
-    settings = _Settings()
+    settings = _Settings(upstream=True)
     for path in _config_files(environ):
         lines = _config_lines(path)
         if lines is None:
@@ -989,6 +1061,11 @@ def _upstream_settings(
         if unified not in _TRUTHY | _FALSEY:
             return None
         settings.unified = unified in _TRUTHY
+    if "LLAMA_ARG_SWA_FULL" in environ:
+        swa_full = environ["LLAMA_ARG_SWA_FULL"]
+        if swa_full not in _TRUTHY | _FALSEY:
+            return None
+        settings.swa_full = swa_full in _TRUTHY
     index = 0
     while index < len(arguments):
         option = arguments[index]
@@ -999,6 +1076,8 @@ def _upstream_settings(
             settings.other_weights = settings.other_weights or option
         if option in _UPSTREAM_UNIFIED:
             settings.unified = _UPSTREAM_UNIFIED[option]
+        elif option == "--swa-full":
+            settings.swa_full = True
         elif option in _UPSTREAM_TWO_VALUE_OPTIONS:
             index += 2
         elif option in _UPSTREAM_VALUE_OPTIONS:
@@ -1266,17 +1345,43 @@ def estimate_context_memory(
     if not settings.unified:
         # One cache per slot, each its share of the context padded up on its own.
         context = _pad(context // settings.slots) * settings.slots
-    per_token = sum(
-        _cache_bytes(heads * shape.key_length, settings.cache_k)
-        + _cache_bytes(heads * shape.value_length, settings.cache_v)
-        for heads in shape.kv_heads
-    )
+    window_cells = _window_cells(shape, settings, context)
+    swa_layers = shape.swa_layers if window_cells is not None else ()
+    kv_cache = 0
+    for layer, heads in enumerate(shape.kv_heads):
+        per_token = _cache_bytes(heads * shape.key_length, settings.cache_k) + _cache_bytes(
+            heads * shape.value_length, settings.cache_v
+        )
+        windowed = window_cells is not None and layer < len(swa_layers) and swa_layers[layer]
+        kv_cache += per_token * (window_cells if windowed and window_cells is not None else context)
     recurrent = _recurrent_bytes(shape, settings)
     if isinstance(recurrent, Uncountable):
         return recurrent
     return ContextMemory(
-        context_tokens=context, bytes=context * per_token + recurrent, recurrent_bytes=recurrent
+        context_tokens=context, bytes=kv_cache + recurrent, recurrent_bytes=recurrent
     )
+
+
+def _window_cells(shape: AttentionShape, settings: _Settings, context: int) -> int | None:
+    """The cells upstream's cache gives each sliding-window layer (all its slots' together),
+    or None where they are counted at the full ``context``: a model whose window this does not
+    size, the launcher, ``--swa-full``, speculative decoding, a batch size it would not use.
+
+    Per stream (one, or one per slot without ``--kv-unified``), llama.cpp keeps
+    ``min(the stream's context, window × slots in the stream + the physical batch)`` cells,
+    padded up to 256."""
+    if not shape.swa_layers or not settings.upstream or settings.swa_full:
+        return None
+    kinds = {kind.strip() for kind in settings.spec_type.split(",")}
+    if not kinds <= _PLAIN_SPEC_TYPES or settings.batch <= 0 or settings.ubatch < 0:
+        return None
+    batch = min(settings.batch, context)
+    ubatch = min(batch, settings.ubatch or batch)
+    streams = 1 if settings.unified else settings.slots
+    per_stream = context // streams
+    slots_per_stream = settings.slots if settings.unified else 1
+    window = shape.sliding_window * slots_per_stream + ubatch
+    return _pad(min(per_stream, window)) * streams
 
 
 def _recurrent_bytes(shape: AttentionShape, settings: _Settings) -> int | Uncountable:

@@ -1,0 +1,90 @@
+"""A tiny Gemma 3 model, written with the ``gguf`` package, for the fit check's tests against
+the real llama.cpp server: most of its layers attend through a sliding window, whose cache
+llama.cpp keeps at the window's size rather than the context's. Its weights are small random
+numbers: the tests only load it and read the sizes llama.cpp logs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from companion_runtime.bind import tiny_model
+
+__all__ = ["write_gemma3"]
+
+
+def write_gemma3(
+    path: Path,
+    *,
+    layers: int = 8,
+    window: int = 512,
+    pattern: int | list[bool] | None = None,
+    context: int = 32768,
+    embedding: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_length: int = 32,
+    feed_forward: int = 128,
+) -> Path:
+    """A Gemma 3 model with a ``window``-token sliding window in all but every ``pattern``-th
+    layer (6 unless given; or one bool per layer, true for a window)."""
+    writer = gguf.GGUFWriter(path, "gemma3")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(context)
+    writer.add_embedding_length(embedding)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(feed_forward)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_length)
+    writer.add_value_length(head_length)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_sliding_window(window)
+    if pattern is not None:
+        writer.add_sliding_window_pattern(pattern)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(list(tiny_model.VOCABULARY))
+    writer.add_token_scores([0.0] * len(tiny_model.VOCABULARY))
+    writer.add_token_types(
+        [int(gguf.TokenType.CONTROL)] * 3
+        + [int(gguf.TokenType.BYTE)] * tiny_model.BYTE_TOKEN_COUNT
+        + [int(gguf.TokenType.NORMAL)] * (len(tiny_model.VOCABULARY) - 3 - 256)
+    )
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    random = np.random.RandomState(20_261_129)
+
+    def weights(*shape: int) -> np.ndarray:
+        return random.uniform(-0.05, 0.05, size=shape).astype(np.float32)
+
+    ones = np.ones(embedding, dtype=np.float32)
+    head_ones = np.ones(head_length, dtype=np.float32)
+    writer.add_tensor("token_embd.weight", weights(len(tiny_model.VOCABULARY), embedding))
+    writer.add_tensor("output_norm.weight", ones)
+    for layer in range(layers):
+        block = f"blk.{layer}."
+        for name, tensor in (
+            ("attn_norm.weight", ones),
+            ("attn_q.weight", weights(heads * head_length, embedding)),
+            ("attn_k.weight", weights(kv_heads * head_length, embedding)),
+            ("attn_v.weight", weights(kv_heads * head_length, embedding)),
+            ("attn_output.weight", weights(embedding, heads * head_length)),
+            ("attn_q_norm.weight", head_ones),
+            ("attn_k_norm.weight", head_ones),
+            ("post_attention_norm.weight", ones),
+            ("ffn_norm.weight", ones),
+            ("ffn_gate.weight", weights(feed_forward, embedding)),
+            ("ffn_up.weight", weights(feed_forward, embedding)),
+            ("ffn_down.weight", weights(embedding, feed_forward)),
+            ("post_ffw_norm.weight", ones),
+        ):
+            writer.add_tensor(block + name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
