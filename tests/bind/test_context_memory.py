@@ -895,6 +895,89 @@ def test_sliding_window_layers_are_counted_at_the_window(
     )
 
 
+def test_a_corrupted_recurrent_or_window_header_never_raises(tmp_path: Path) -> None:
+    # The new keys' values (counts, flags, lists) corrupted one byte at a time: a shape, a
+    # refusal or no estimate, never an exception, and never in long.
+    def header(path: Path, architecture: str) -> Path:
+        writer = gguf.GGUFWriter(path, architecture)
+        writer.add_block_count(4)
+        writer.add_context_length(4096)
+        writer.add_embedding_length(256)
+        writer.add_head_count(4)
+        writer.add_head_count_kv([0, 2, 0, 2])
+        writer.add_feed_forward_length([0, 64, 0, 64])
+        if architecture == "qwen35":
+            writer.add_ssm_conv_kernel(4)
+            writer.add_ssm_inner_size(512)
+            writer.add_ssm_state_size(16)
+            writer.add_ssm_group_count(2)
+            writer.add_array("qwen35.attention.recurrent_layers", [True, False, True, False])
+        writer.add_sliding_window(512)
+        writer.add_sliding_window_pattern([True, False, True, False])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        return path
+
+    qwen = header(tmp_path / "q.gguf", "qwen35")
+    window = header(tmp_path / "g.gguf", "gemma3")
+    for model in (qwen, window):
+        data = model.read_bytes()
+        assert isinstance(read_attention_shape(model), AttentionShape)
+        flipped = tmp_path / "flipped.gguf"
+        started = time.monotonic()
+        for index in range(len(data)):
+            for bits in (0x01, 0xFF):
+                bad = bytearray(data)
+                bad[index] ^= bits
+                flipped.write_bytes(bytes(bad))
+                shape = read_attention_shape(flipped)
+                assert shape is None or isinstance(shape, AttentionShape | Uncountable)
+                memory = estimate_context_memory(flipped, [*UPSTREAM_CMD, "-c", "4096"])
+                assert memory is None or isinstance(memory, ContextMemory | Uncountable)
+        assert time.monotonic() - started < 60
+
+
+def test_a_block_count_past_llama_cpps_layers_gives_no_estimate(tmp_path: Path) -> None:
+    # llama.cpp aborts on more than 512 layers (the pinned build, 513 here: GGML_ASSERT
+    # n_layer <= LLAMA_MAX_LAYERS). The walk built a tuple per layer first: ten million layers
+    # held 160 MB in the manager, two billion got it killed for lack of memory.
+    model = tmp_path / "m.gguf"
+    for layers, expected in ((512, True), (513, False), (10_000_000, False), (1 << 31, False)):
+        model.write_bytes(_raw_header(_llama_pairs()))
+        data = model.read_bytes().replace(
+            b"llama.block_count" + struct.pack("<II", 4, 2),
+            b"llama.block_count" + struct.pack("<II", 4, layers),
+        )
+        model.write_bytes(data)
+        tracemalloc.start()
+        try:
+            shape = read_attention_shape(model)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert isinstance(shape, AttentionShape) is expected, layers
+        assert peak < 1 << 20, (layers, peak)
+        assert (estimate_context_memory(model, UPSTREAM_CMD) is None) is not expected
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+def test_llama_cpp_refuses_more_than_512_layers(tmp_path: Path) -> None:
+    binary = upstream_binary()
+    assert binary is not None
+    data = bytearray(write_tiny_model(tmp_path / "tiny.gguf").read_bytes())
+    key = b"llama.block_count"
+    at = data.index(key) + len(key)
+    data[at + 4 : at + 8] = (513).to_bytes(4, "little")
+    model = tmp_path / "layers.gguf"
+    model.write_bytes(bytes(data))
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    assert "n_layer_all <= LLAMA_MAX_LAYERS" in done.stdout + done.stderr
+
+
 def test_a_file_that_is_not_a_readable_gguf_model_gives_none(tmp_path: Path) -> None:
     model = _model(tmp_path / "m.gguf", vocabulary=300)
     data = model.read_bytes()

@@ -183,6 +183,9 @@ _WANTED: Final = (
     _SLIDING_WINDOW_PATTERN_KEY,
     *_RECURRENT_UNKNOWN_KEYS,
 )
+#: The most layers llama.cpp loads: the pinned build aborts past it (``GGML_ASSERT(n_layer <=
+#: LLAMA_MAX_LAYERS)``, seen for 513). A header saying more gives no estimate.
+_MAX_LAYERS: Final = 512
 #: Integer arrays longer than this are skipped, not decoded (no per-layer list is this long).
 _MAX_DECODED_ARRAY: Final = 4096
 _UPSTREAM_NAME: Final = "llama-server"
@@ -660,6 +663,8 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
         return metadata.get(template.format(arch=arch))
 
     layers = _positive(get(gguf.Keys.LLM.BLOCK_COUNT))
+    if layers > _MAX_LAYERS:
+        raise _Malformed  # llama.cpp aborts on it; and a tuple per layer must stay small
     context_length = _positive(get(gguf.Keys.LLM.CONTEXT_LENGTH))
     embedding = _positive(get(gguf.Keys.LLM.EMBEDDING_LENGTH))
     recurrent = _has_recurrent_state(metadata, arch)
