@@ -1333,6 +1333,28 @@ def test_the_recurrent_state_is_what_llama_cpp_allocates(
     assert abs((estimate.bytes - estimate.recurrent_bytes) / MIB - kv_mib) < 0.006, estimate
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(not llama_available(), reason="xllamacpp is not installed")
+@pytest.mark.parametrize("flags", [[], ["--parallel", "3", "-c", "1000"]], ids=" ".join)
+@pytest.mark.parametrize("architecture", sorted(_RECURRENT_WRITERS))
+def test_the_recurrent_state_is_what_the_launcher_allocates(
+    tmp_path: Path, architecture: str, flags: list[str]
+) -> None:
+    # The embedded launcher's llama.cpp keeps the same state, a cell per --parallel slot.
+    model = _RECURRENT_WRITERS[architecture](tmp_path / f"{architecture}.gguf")
+    launcher = [sys.executable, "-P", "-m", MODULE]
+    template = [*launcher, "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    command = [*launcher, "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    hybrid = architecture != "mamba" and architecture != "rwkv6"
+    r_mib, s_mib, kv_mib = _logged_recurrent_state(
+        command, tmp_path / "server.log", with_kv_cache=hybrid
+    )
+    assert abs(estimate.bytes / MIB - (r_mib + s_mib + kv_mib)) < 0.016, (estimate, kv_mib)
+    assert abs(estimate.recurrent_bytes / MIB - (r_mib + s_mib)) < 0.011, (estimate, r_mib, s_mib)
+
+
 def _logged_kv_caches(command: list[str], log: Path, caches: int) -> list[float]:
     """Run llama.cpp's server until it logs ``caches`` KV caches (2 for a model with
     sliding-window layers: the full one, then the window's); return their sizes in MiB."""
