@@ -38,6 +38,7 @@ from tests.support.recurrent import (
     write_granite_hybrid,
     write_lfm2,
     write_mamba,
+    write_mamba2_hybrid,
     write_qwen3next,
     write_rwkv6,
 )
@@ -1293,6 +1294,10 @@ _RECURRENT_WRITERS = {
     "qwen35-listed": lambda path: write_qwen3next(
         path, architecture="qwen35", recurrent_layers=[False, True, False, True]
     ),
+    # Mamba-2 layers beside attention and feed-forward layers (an MLP layer has no state).
+    "nemotron_h": lambda path: write_mamba2_hybrid(path, "nemotron_h", layers="MAMFM"),
+    # A Mamba-2 mixer beside attention in every layer: every layer has both.
+    "falcon-h1": lambda path: write_mamba2_hybrid(path, "falcon-h1", layers="XXX"),
 }
 _RECURRENT_FLAGS = [
     [],

@@ -14,7 +14,14 @@ import numpy.typing as npt
 
 from companion_runtime.bind import tiny_model
 
-__all__ = ["write_granite_hybrid", "write_lfm2", "write_mamba", "write_qwen3next", "write_rwkv6"]
+__all__ = [
+    "write_granite_hybrid",
+    "write_lfm2",
+    "write_mamba",
+    "write_mamba2_hybrid",
+    "write_qwen3next",
+    "write_rwkv6",
+]
 
 _SEED = 20_261_129
 
@@ -382,5 +389,96 @@ def write_qwen3next(
                 block + "ffn_up_shexp.weight": random(feed_forward, embedding),
                 block + "ffn_down_shexp.weight": random(embedding, feed_forward),
             }
+    _finish(writer, tensors)
+    return path
+
+
+def write_mamba2_hybrid(
+    path: Path,
+    architecture: str,
+    *,
+    layers: str,
+    embedding: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    conv_kernel: int = 4,
+    inner: int = 256,
+    state: int = 32,
+    groups: int = 2,
+    ssm_heads: int = 8,
+    feed_forward: int = 128,
+) -> Path:
+    """A Nemotron-H or Falcon-H1 model. Nemotron-H: ``layers`` spells each layer, ``M`` a
+    Mamba-2 layer, ``A`` attention, ``F`` a feed-forward network. Falcon-H1: every layer has a
+    Mamba-2 mixer, attention and a feed-forward network side by side (``layers`` gives their
+    count)."""
+    falcon = architecture == "falcon-h1"
+    writer = _writer(path, architecture, embedding=embedding, layers=len(layers))
+    writer.add_head_count(heads)
+    if falcon:
+        writer.add_feed_forward_length(feed_forward)
+        writer.add_head_count_kv(kv_heads)
+        writer.add_rope_freq_base(10000.0)
+    else:
+        writer.add_feed_forward_length([feed_forward if kind == "F" else 0 for kind in layers])
+        writer.add_head_count_kv([kv_heads if kind == "A" else 0 for kind in layers])
+        writer.add_layer_norm_eps(1e-5)
+    head = embedding // heads
+    writer.add_key_length(head)
+    writer.add_value_length(head)
+    writer.add_ssm_conv_kernel(conv_kernel)
+    writer.add_ssm_inner_size(inner)
+    writer.add_ssm_state_size(state)
+    writer.add_ssm_group_count(groups)
+    writer.add_ssm_time_step_rank(ssm_heads)
+    random = _Random()
+    vocabulary = len(tiny_model.VOCABULARY)
+    ones = np.ones(embedding, dtype=np.float32)
+    conv = inner + 2 * groups * state
+    tensors = {
+        "token_embd.weight": random(vocabulary, embedding),
+        "output_norm.weight": ones,
+    }
+    if falcon:
+        tensors["output.weight"] = random(vocabulary, embedding)
+    mamba = {
+        "ssm_in.weight": random(2 * inner + 2 * groups * state + ssm_heads, embedding),
+        "ssm_conv1d.weight": random(conv, conv_kernel),
+        "ssm_conv1d.bias": random(conv),
+        "ssm_dt.bias": random(ssm_heads),
+        "ssm_a": random(ssm_heads, 1),
+        "ssm_d": random(ssm_heads, 1),
+        "ssm_norm.weight": np.ones((groups, inner // groups), dtype=np.float32),
+        "ssm_out.weight": random(embedding, inner),
+    }
+    attention = {
+        "attn_q.weight": random(heads * head, embedding),
+        "attn_k.weight": random(kv_heads * head, embedding),
+        "attn_v.weight": random(kv_heads * head, embedding),
+        "attn_output.weight": random(embedding, heads * head),
+    }
+    for layer, kind in enumerate(layers):
+        block = f"blk.{layer}."
+        tensors[block + "attn_norm.weight"] = ones
+        parts: dict[str, npt.NDArray[np.float32]] = {}
+        if falcon:
+            parts = {
+                **mamba,
+                **attention,
+                "ffn_norm": ones,
+                "ffn_gate.weight": random(feed_forward, embedding),
+                "ffn_up.weight": random(feed_forward, embedding),
+                "ffn_down.weight": random(embedding, feed_forward),
+            }
+        elif kind == "M":
+            parts = mamba
+        elif kind == "A":
+            parts = attention
+        else:
+            parts = {
+                "ffn_up.weight": random(feed_forward, embedding),
+                "ffn_down.weight": random(embedding, feed_forward),
+            }
+        tensors |= {block + name: tensor for name, tensor in parts.items()}
     _finish(writer, tensors)
     return path
