@@ -36,6 +36,7 @@ from companion_runtime.bind.tiny_model import write_tiny_model
 from tests.support.llama import declaring_context, free_port, upstream_binary
 from tests.support.recurrent import (
     write_granite_hybrid,
+    write_jamba,
     write_lfm2,
     write_mamba,
     write_mamba2_hybrid,
@@ -1298,6 +1299,8 @@ _RECURRENT_WRITERS = {
     "nemotron_h": lambda path: write_mamba2_hybrid(path, "nemotron_h", layers="MAMFM"),
     # A Mamba-2 mixer beside attention in every layer: every layer has both.
     "falcon-h1": lambda path: write_mamba2_hybrid(path, "falcon-h1", layers="XXX"),
+    "jamba": write_jamba,
+    "mamba2": lambda path: write_mamba2_hybrid(path, "mamba2", layers="MMM"),
 }
 _RECURRENT_FLAGS = [
     [],
@@ -1327,7 +1330,7 @@ def test_the_recurrent_state_is_what_llama_cpp_allocates(
     estimate = estimate_context_memory(model, template)
     assert isinstance(estimate, ContextMemory)
     command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
-    hybrid = architecture != "mamba" and architecture != "rwkv6"
+    hybrid = architecture not in ("mamba", "mamba2", "rwkv6")
     r_mib, s_mib, kv_mib = _logged_recurrent_state(
         command, tmp_path / "server.log", with_kv_cache=hybrid
     )
@@ -1352,7 +1355,7 @@ def test_the_recurrent_state_is_what_the_launcher_allocates(
     estimate = estimate_context_memory(model, template)
     assert isinstance(estimate, ContextMemory)
     command = [*launcher, "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
-    hybrid = architecture != "mamba" and architecture != "rwkv6"
+    hybrid = architecture not in ("mamba", "mamba2", "rwkv6")
     r_mib, s_mib, kv_mib = _logged_recurrent_state(
         command, tmp_path / "server.log", with_kv_cache=hybrid
     )

@@ -16,6 +16,7 @@ from companion_runtime.bind import tiny_model
 
 __all__ = [
     "write_granite_hybrid",
+    "write_jamba",
     "write_lfm2",
     "write_mamba",
     "write_mamba2_hybrid",
@@ -408,10 +409,10 @@ def write_mamba2_hybrid(
     ssm_heads: int = 8,
     feed_forward: int = 128,
 ) -> Path:
-    """A Nemotron-H or Falcon-H1 model. Nemotron-H: ``layers`` spells each layer, ``M`` a
-    Mamba-2 layer, ``A`` attention, ``F`` a feed-forward network. Falcon-H1: every layer has a
-    Mamba-2 mixer, attention and a feed-forward network side by side (``layers`` gives their
-    count)."""
+    """A Mamba-2, Nemotron-H or Falcon-H1 model. Mamba-2 and Nemotron-H: ``layers`` spells
+    each layer, ``M`` a Mamba-2 layer, ``A`` attention, ``F`` a feed-forward network.
+    Falcon-H1: every layer has a Mamba-2 mixer, attention and a feed-forward network side by
+    side (``layers`` gives their count)."""
     falcon = architecture == "falcon-h1"
     writer = _writer(path, architecture, embedding=embedding, layers=len(layers))
     writer.add_head_count(heads)
@@ -479,6 +480,73 @@ def write_mamba2_hybrid(
                 "ffn_up.weight": random(feed_forward, embedding),
                 "ffn_down.weight": random(embedding, feed_forward),
             }
+        tensors |= {block + name: tensor for name, tensor in parts.items()}
+    _finish(writer, tensors)
+    return path
+
+
+def write_jamba(
+    path: Path,
+    *,
+    layers: str = "MAMM",
+    embedding: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    conv_kernel: int = 4,
+    inner: int = 256,
+    state: int = 32,
+    time_step_rank: int = 8,
+    feed_forward: int = 128,
+) -> Path:
+    """A Jamba model: ``layers`` spells each layer, ``M`` a Mamba layer (no KV heads), ``A``
+    attention; each with a feed-forward network."""
+    writer = _writer(path, "jamba", embedding=embedding, layers=len(layers))
+    writer.add_feed_forward_length(feed_forward)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv([kv_heads if kind == "A" else 0 for kind in layers])
+    writer.add_ssm_conv_kernel(conv_kernel)
+    writer.add_ssm_inner_size(inner)
+    writer.add_ssm_state_size(state)
+    writer.add_ssm_time_step_rank(time_step_rank)
+    random = _Random()
+    vocabulary = len(tiny_model.VOCABULARY)
+    ones = np.ones(embedding, dtype=np.float32)
+    head = embedding // heads
+    tensors = {
+        "token_embd.weight": random(vocabulary, embedding),
+        "output_norm.weight": ones,
+    }
+    for layer, kind in enumerate(layers):
+        block = f"blk.{layer}."
+        parts: dict[str, npt.NDArray[np.float32]] = {"attn_norm.weight": ones}
+        if kind == "M":
+            parts |= {
+                "ssm_in.weight": random(2 * inner, embedding),
+                "ssm_conv1d.weight": random(inner, conv_kernel),
+                "ssm_conv1d.bias": random(inner),
+                "ssm_x.weight": random(time_step_rank + 2 * state, inner),
+                "ssm_dt_norm.weight": np.ones(time_step_rank, dtype=np.float32),
+                "ssm_dt.weight": random(inner, time_step_rank),
+                "ssm_dt.bias": random(inner),
+                "ssm_b_norm.weight": np.ones(state, dtype=np.float32),
+                "ssm_c_norm.weight": np.ones(state, dtype=np.float32),
+                "ssm_a": random(inner, state),
+                "ssm_d": random(inner),
+                "ssm_out.weight": random(embedding, inner),
+            }
+        else:
+            parts |= {
+                "attn_q.weight": random(heads * head, embedding),
+                "attn_k.weight": random(kv_heads * head, embedding),
+                "attn_v.weight": random(kv_heads * head, embedding),
+                "attn_output.weight": random(embedding, heads * head),
+            }
+        parts |= {
+            "ffn_norm.weight": ones,
+            "ffn_gate.weight": random(feed_forward, embedding),
+            "ffn_up.weight": random(feed_forward, embedding),
+            "ffn_down.weight": random(embedding, feed_forward),
+        }
         tensors |= {block + name: tensor for name, tensor in parts.items()}
     _finish(writer, tensors)
     return path
