@@ -42,6 +42,7 @@ from tests.support.recurrent import (
     write_mamba2_hybrid,
     write_qwen3next,
     write_rwkv6,
+    write_rwkv7,
 )
 from tests.support.sliding import write_gemma3
 
@@ -1283,6 +1284,7 @@ def _logged_recurrent_state(
 _RECURRENT_WRITERS = {
     "mamba": write_mamba,
     "rwkv6": write_rwkv6,
+    "rwkv7": write_rwkv7,
     "granitehybrid": write_granite_hybrid,
     "lfm2": write_lfm2,
     "qwen3next": write_qwen3next,
@@ -1330,7 +1332,7 @@ def test_the_recurrent_state_is_what_llama_cpp_allocates(
     estimate = estimate_context_memory(model, template)
     assert isinstance(estimate, ContextMemory)
     command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
-    hybrid = architecture not in ("mamba", "mamba2", "rwkv6")
+    hybrid = architecture not in ("mamba", "mamba2", "rwkv6", "rwkv7")
     r_mib, s_mib, kv_mib = _logged_recurrent_state(
         command, tmp_path / "server.log", with_kv_cache=hybrid
     )
@@ -1355,7 +1357,7 @@ def test_the_recurrent_state_is_what_the_launcher_allocates(
     estimate = estimate_context_memory(model, template)
     assert isinstance(estimate, ContextMemory)
     command = [*launcher, "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
-    hybrid = architecture not in ("mamba", "mamba2", "rwkv6")
+    hybrid = architecture not in ("mamba", "mamba2", "rwkv6", "rwkv7")
     r_mib, s_mib, kv_mib = _logged_recurrent_state(
         command, tmp_path / "server.log", with_kv_cache=hybrid
     )

@@ -1,5 +1,5 @@
 """Tiny models with a recurrent state, written with the ``gguf`` package, for the fit check's
-tests against the real llama.cpp server: Mamba and RWKV-6 models (every layer recurrent), a
+tests against the real llama.cpp server: Mamba, RWKV-6 and RWKV-7 models (every layer recurrent), a
 Granite hybrid (Mamba-2 layers beside attention layers) and an LFM2 model (short-convolution
 layers beside attention layers). Their weights are small random numbers: the
 tests only load them and read the sizes llama.cpp logs, nothing is generated."""
@@ -22,6 +22,7 @@ __all__ = [
     "write_mamba2_hybrid",
     "write_qwen3next",
     "write_rwkv6",
+    "write_rwkv7",
 ]
 
 _SEED = 20_261_129
@@ -548,5 +549,58 @@ def write_jamba(
             "ffn_down.weight": random(embedding, feed_forward),
         }
         tensors |= {block + name: tensor for name, tensor in parts.items()}
+    _finish(writer, tensors)
+    return path
+
+
+def write_rwkv7(
+    path: Path,
+    *,
+    embedding: int = 256,
+    layers: int = 6,
+    head_size: int = 64,
+    lora: int = 8,
+    feed_forward: int = 256,
+) -> Path:
+    """An RWKV-7 model: every layer has a token-shift state and a WKV state."""
+    writer = _writer(path, "rwkv7", embedding=embedding, layers=layers)
+    writer.add_feed_forward_length(feed_forward)
+    writer.add_head_count(0)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_wkv_head_size(head_size)
+    writer.add_decay_lora_rank(lora)
+    writer.add_iclr_lora_rank(lora)
+    writer.add_value_residual_mix_lora_rank(lora)
+    writer.add_gate_lora_rank(lora)
+    random = _Random()
+    vocabulary = len(tiny_model.VOCABULARY)
+    ones = np.ones(embedding, dtype=np.float32)
+    tensors = {
+        "token_embd.weight": random(vocabulary, embedding),
+        "token_embd_norm.weight": ones,
+        "token_embd_norm.bias": random(embedding),
+        "output_norm.weight": ones,
+        "output_norm.bias": random(embedding),
+        "output.weight": random(vocabulary, embedding),
+    }
+    for layer in range(layers):
+        block = f"blk.{layer}."
+        for norm in ("attn_norm", "attn_norm_2", "time_mix_ln"):
+            tensors |= {block + norm + ".weight": ones, block + norm + ".bias": random(embedding)}
+        for name in ("w", "a", "v", "g"):
+            if name != "g":
+                tensors[block + f"time_mix_{name}0.weight"] = random(embedding)
+            tensors[block + f"time_mix_{name}1.weight"] = random(lora, embedding)
+            tensors[block + f"time_mix_{name}2.weight"] = random(embedding, lora)
+        tensors[block + "time_mix_lerp_fused.weight"] = random(6, 1, 1, embedding)
+        for name in ("k_k", "k_a", "r_k"):
+            tensors[block + f"time_mix_{name}.weight"] = random(embedding)
+        for name in ("key", "value", "receptance", "output"):
+            tensors[block + f"time_mix_{name}.weight"] = random(embedding, embedding)
+        tensors |= {
+            block + "channel_mix_lerp_k.weight": random(1, 1, embedding),
+            block + "channel_mix_key.weight": random(feed_forward, embedding),
+            block + "channel_mix_value.weight": random(embedding, feed_forward),
+        }
     _finish(writer, tensors)
     return path
