@@ -44,7 +44,7 @@ from tests.support.recurrent import (
     write_rwkv6,
     write_rwkv7,
 )
-from tests.support.sliding import write_gemma3
+from tests.support.sliding import write_gemma
 
 pytestmark = pytest.mark.unit
 
@@ -887,14 +887,20 @@ def test_sliding_window_layers_are_counted_at_the_window(
     config.unlink()
     launcher = estimate("-c", "32768", "--parallel", "1", command=EMBEDDED)
     assert launcher == full
+    # Gemma 2: a window in every other layer unless the model says.
     gemma2 = tmp_path / "gemma2.gguf"
     gemma2.write_bytes(model.read_bytes().replace(b"gemma3", b"gemma2"))
-    assert read_attention_shape(gemma2) == AttentionShape(
+    shape = read_attention_shape(gemma2)
+    assert isinstance(shape, AttentionShape) and shape.swa_layers == (True, False) * 24
+    # Llama 4 (say): not sized here, every layer at the full context.
+    llama4 = tmp_path / "llama4.gguf"
+    llama4.write_bytes(model.read_bytes().replace(b"gemma3", b"llama4"))
+    assert read_attention_shape(llama4) == AttentionShape(
         context_length=131072,
         kv_heads=(8,) * 48,
         key_length=256,
         value_length=256,
-        architecture="gemma2",
+        architecture="llama4",
     )
 
 
@@ -1403,18 +1409,19 @@ _SLIDING_FLAGS = [
 @pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
 @pytest.mark.parametrize("flags", _SLIDING_FLAGS, ids=" ".join)
 @pytest.mark.parametrize(
-    "pattern", [None, 3, [True, False] * 4], ids=["default", "every-third", "listed"]
+    "pattern", [None, 3, [True, False, False] + [True] * 5], ids=["default", "third", "listed"]
 )
+@pytest.mark.parametrize("architecture", ["gemma3", "gemma2"])
 def test_sliding_window_layers_are_what_llama_cpp_allocates(
-    tmp_path: Path, flags: list[str], pattern: int | list[bool] | None
+    tmp_path: Path, flags: list[str], pattern: int | list[bool] | None, architecture: str
 ) -> None:
-    # A Gemma 3 model with a 512-token window in most layers: llama.cpp keeps those layers'
-    # cache at the window (times the slots sharing it) plus a batch, not the context. The
-    # estimate, which counted them at the full context (up to five times too much here), is
-    # the two caches the real server logs.
+    # Gemma 3 and Gemma 2 models with a 512-token window in many layers (five in six, or every
+    # other, unless the model says): llama.cpp keeps those layers' cache at the window (times
+    # the slots sharing it) plus a batch, not the context. The estimate, which counted them at
+    # the full context (up to five times too much here), is the two caches the server logs.
     binary = upstream_binary()
     assert binary is not None
-    model = write_gemma3(tmp_path / "gemma3.gguf", pattern=pattern)
+    model = write_gemma(tmp_path / f"{architecture}.gguf", architecture, pattern=pattern)
     template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
     estimate = estimate_context_memory(model, template)
     assert isinstance(estimate, ContextMemory)

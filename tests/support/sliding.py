@@ -1,7 +1,7 @@
-"""A tiny Gemma 3 model, written with the ``gguf`` package, for the fit check's tests against
-the real llama.cpp server: most of its layers attend through a sliding window, whose cache
-llama.cpp keeps at the window's size rather than the context's. Its weights are small random
-numbers: the tests only load it and read the sizes llama.cpp logs."""
+"""Tiny Gemma 2 and Gemma 3 models, written with the ``gguf`` package, for the fit check's
+tests against the real llama.cpp server: many of their layers attend through a sliding window,
+whose cache llama.cpp keeps at the window's size rather than the context's. Their weights are
+small random numbers: the tests only load them and read the sizes llama.cpp logs."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import numpy as np
 
 from companion_runtime.bind import tiny_model
 
-__all__ = ["write_gemma3"]
+__all__ = ["write_gemma"]
 
 
-def write_gemma3(
+def write_gemma(
     path: Path,
+    architecture: str = "gemma3",
     *,
     layers: int = 8,
     window: int = 512,
@@ -28,9 +29,10 @@ def write_gemma3(
     head_length: int = 32,
     feed_forward: int = 128,
 ) -> Path:
-    """A Gemma 3 model with a ``window``-token sliding window in all but every ``pattern``-th
-    layer (6 unless given; or one bool per layer, true for a window)."""
-    writer = gguf.GGUFWriter(path, "gemma3")
+    """A Gemma 3 (or 2) model with a ``window``-token sliding window in all but every
+    ``pattern``-th layer (6 unless given; Gemma 2: 2), or as ``pattern``'s flags say (one per
+    layer, true for a window)."""
+    writer = gguf.GGUFWriter(path, architecture)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_context_length(context)
     writer.add_embedding_length(embedding)
@@ -73,8 +75,6 @@ def write_gemma3(
             ("attn_k.weight", weights(kv_heads * head_length, embedding)),
             ("attn_v.weight", weights(kv_heads * head_length, embedding)),
             ("attn_output.weight", weights(embedding, heads * head_length)),
-            ("attn_q_norm.weight", head_ones),
-            ("attn_k_norm.weight", head_ones),
             ("post_attention_norm.weight", ones),
             ("ffn_norm.weight", ones),
             ("ffn_gate.weight", weights(feed_forward, embedding)),
@@ -83,6 +83,9 @@ def write_gemma3(
             ("post_ffw_norm.weight", ones),
         ):
             writer.add_tensor(block + name, tensor)
+        if architecture == "gemma3":
+            writer.add_tensor(block + "attn_q_norm.weight", head_ones)
+            writer.add_tensor(block + "attn_k_norm.weight", head_ones)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
