@@ -44,7 +44,7 @@ from tests.support.recurrent import (
     write_rwkv6,
     write_rwkv7,
 )
-from tests.support.sliding import write_gemma
+from tests.support.sliding import write_gemma, write_gpt_oss
 
 pytestmark = pytest.mark.unit
 
@@ -1411,17 +1411,22 @@ _SLIDING_FLAGS = [
 @pytest.mark.parametrize(
     "pattern", [None, 3, [True, False, False] + [True] * 5], ids=["default", "third", "listed"]
 )
-@pytest.mark.parametrize("architecture", ["gemma3", "gemma2"])
+@pytest.mark.parametrize("architecture", ["gemma3", "gemma2", "gpt-oss"])
 def test_sliding_window_layers_are_what_llama_cpp_allocates(
     tmp_path: Path, flags: list[str], pattern: int | list[bool] | None, architecture: str
 ) -> None:
-    # Gemma 3 and Gemma 2 models with a 512-token window in many layers (five in six, or every
-    # other, unless the model says): llama.cpp keeps those layers' cache at the window (times
-    # the slots sharing it) plus a batch, not the context. The estimate, which counted them at
-    # the full context (up to five times too much here), is the two caches the server logs.
+    # Gemma 3, Gemma 2 and gpt-oss models with a 512-token (gpt-oss: 128) window in many
+    # layers (five in six, or every other, unless the model says): llama.cpp keeps those
+    # layers' cache at the window (times the slots sharing it) plus a batch, not the context.
+    # The estimate, which counted them at the full context (up to five times too much here),
+    # is the two caches the server logs.
     binary = upstream_binary()
     assert binary is not None
-    model = write_gemma(tmp_path / f"{architecture}.gguf", architecture, pattern=pattern)
+    path = tmp_path / f"{architecture}.gguf"
+    if architecture == "gpt-oss":
+        model = write_gpt_oss(path, pattern=pattern)
+    else:
+        model = write_gemma(path, architecture, pattern=pattern)
     template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
     estimate = estimate_context_memory(model, template)
     assert isinstance(estimate, ContextMemory)

@@ -83,12 +83,13 @@ window at the window's size: per stream (one with ``--kv-unified`` or upstream's
 slots, else one per slot), ``min(the stream's context, attention.sliding_window × the slots in
 the stream + the physical batch)`` cells, padded up to 256, where the physical batch is ``-ub``
 (512 by default) capped by ``-b`` (2,048) and the context. The estimate counts them so for
-Gemma 3 and Gemma 2 (:data:`_SLIDING_WINDOW_PATTERNS`; the window layers are all but every
-``attention.sliding_window_pattern``-th, 6 and 2 unless the model says, or as its list of
-flags says), and for upstream's ``llama-server`` only; ``--swa-full`` (or ``LLAMA_ARG_SWA_FULL``, or
-``swa-full`` in a configuration file), speculative decoding (``--spec-type``), the launcher
-and every other architecture with a window (Cohere 2, gpt-oss, Llama 4...) are
-counted at the full context, an upper bound, as are models with compressed attention (MLA).
+Gemma 3, Gemma 2 and gpt-oss (:data:`_SLIDING_WINDOW_PATTERNS`; the window layers are all
+but every ``attention.sliding_window_pattern``-th, 6, 2 and 2 unless the model says, or as
+its list of flags says), and for upstream's ``llama-server`` only; ``--swa-full`` (or
+``LLAMA_ARG_SWA_FULL``, or ``swa-full`` in a configuration file), speculative decoding
+(``--spec-type``), the launcher and every other architecture with a window (Cohere 2, Llama
+4...) are counted at the full context, an upper bound, as are models with compressed
+attention (MLA).
 Not counted: the compute buffers (reserved, but touched only as the context fills, where the
 resource samples see them), and the prompt checkpoints llama.cpp keeps in RAM for a window
 model as requests come (``--swa-checkpoints``), which the resource samples see too.
@@ -201,7 +202,7 @@ _UPSTREAM_UBATCH: Final = 512
 #: Architectures whose sliding-window layers the estimate counts at llama.cpp's window cache
 #: (the others at the full context, an upper bound), and their layer pattern when the model
 #: gives none: every N-th layer attends to the whole context.
-_SLIDING_WINDOW_PATTERNS: Final[Mapping[str, int]] = {"gemma3": 6, "gemma2": 2}
+_SLIDING_WINDOW_PATTERNS: Final[Mapping[str, int]] = {"gemma3": 6, "gemma2": 2, "gpt-oss": 2}
 #: ``std::stoi``: leading white space, a sign, decimal digits; the rest is ignored.
 _STOI: Final = re.compile(r"[ \t\n\v\f\r]*([+-]?)0*([0-9]{1,20})")
 _INT32: Final = range(-(1 << 31), 1 << 31)
