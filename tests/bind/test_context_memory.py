@@ -821,6 +821,12 @@ def test_a_recurrent_state_that_cannot_be_counted_is_refused(tmp_path: Path) -> 
     assert isinstance(
         estimate_context_memory(mamba, [*UPSTREAM_CMD, "--spec-type", "none"]), ContextMemory
     )
+    # A key the state is sized from, set by --override-kv, is not the header's.
+    for override in ("mamba.ssm.state_size=int:4096", "x.y=int:1,mamba.token_shift_count=int:1"):
+        memory = estimate_context_memory(mamba, [*UPSTREAM_CMD, "--override-kv", override])
+        assert isinstance(memory, Uncountable) and "--override-kv" in memory.what, override
+    other = estimate_context_memory(mamba, [*UPSTREAM_CMD, "--override-kv", "mamba.x=int:1"])
+    assert isinstance(other, ContextMemory)
     # A model without a recurrent state is not concerned.
     plain = _model(tmp_path / "llama.gguf")
     memory = estimate_context_memory(plain, [*UPSTREAM_CMD, "--spec-type", "draft-mtp"])
@@ -887,6 +893,16 @@ def test_sliding_window_layers_are_counted_at_the_window(
     config.unlink()
     launcher = estimate("-c", "32768", "--parallel", "1", command=EMBEDDED)
     assert launcher == full
+    # A window (or a pattern) --override-kv sets is not the header's: the full context.
+    for override in (
+        "gemma3.attention.sliding_window=int:3000",
+        "a.b=int:1,gemma3.attention.sliding_window_pattern=int:2",
+    ):
+        assert estimate("-np", "1", "-c", "32768", "--override-kv", override) == full, override
+    assert (
+        estimate("-np", "1", "-c", "32768", "--override-kv", "llama.attention.sliding_window=int:9")
+        != full
+    )
     # Gemma 2: a window in every other layer unless the model says.
     gemma2 = tmp_path / "gemma2.gguf"
     gemma2.write_bytes(model.read_bytes().replace(b"gemma3", b"gemma2"))
@@ -1433,6 +1449,29 @@ def test_sliding_window_layers_are_what_llama_cpp_allocates(
     command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
     full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
     assert abs(estimate.bytes / MIB - (full + window)) < 0.011, (estimate, full, window)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize(
+    "override",
+    ["gemma3.attention.sliding_window=int:3000", "gemma3.attention.sliding_window_pattern=int:2"],
+)
+def test_a_window_set_by_override_kv_is_not_undercounted(tmp_path: Path, override: str) -> None:
+    # llama.cpp sizes the window cache from the override (a window of 3,000 tokens, or every
+    # other layer full: 8.1 and 9 MiB here), not from the header (3.75 MiB): those layers are
+    # counted at the full context, never below what it allocates.
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_gemma(tmp_path / "gemma3.gguf")
+    flags = ["-np", "1", "-c", "8192", "--override-kv", override]
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
+    assert full + window > 3.76
+    assert estimate.bytes / MIB >= full + window
 
 
 #: Upstream options whose value names a file, directory or URL that holds no weights.

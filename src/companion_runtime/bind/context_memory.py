@@ -71,8 +71,9 @@ pinned build would allocate but this module does not size gives :class:`Uncounta
 model missing one of the keys above, another architecture with ``ssm.*``, ``wkv.*`` or
 ``shortconv.*`` keys (PLaMo-2, Kimi Linear), an ``attention.recurrent_layers`` list for
 another architecture (or one that is not one entry per layer), a ``ple.conv_kernel`` state,
-or upstream's ``--spec-type`` (``LLAMA_ARG_SPEC_TYPE``) other than ``none`` (with speculative
-decoding llama.cpp may keep a copy of the state per draft token).
+upstream's ``--spec-type`` (``LLAMA_ARG_SPEC_TYPE``) other than ``none`` (with speculative
+decoding llama.cpp may keep a copy of the state per draft token), or an ``--override-kv`` of a
+key the state is sized from (:data:`_RECURRENT_SIZING_KEYS`).
 
 The fit check counts the estimate in RAM, with the allowance, also when the weights go to a
 GPU, where llama.cpp puts the cache of offloaded layers too: it may then refuse a context that
@@ -87,9 +88,9 @@ Gemma 3, Gemma 2 and gpt-oss (:data:`_SLIDING_WINDOW_PATTERNS`; the window layer
 but every ``attention.sliding_window_pattern``-th, 6, 2 and 2 unless the model says, or as
 its list of flags says), and for upstream's ``llama-server`` only; ``--swa-full`` (or
 ``LLAMA_ARG_SWA_FULL``, or ``swa-full`` in a configuration file), speculative decoding
-(``--spec-type``), the launcher and every other architecture with a window (Cohere 2, Llama
-4...) are counted at the full context, an upper bound, as are models with compressed
-attention (MLA).
+(``--spec-type``), an ``--override-kv`` of the window or its pattern, the launcher and every
+other architecture with a window (Cohere 2, Llama 4...) are counted at the full context, an
+upper bound, as are models with compressed attention (MLA).
 Not counted: the compute buffers (reserved, but touched only as the context fills, where the
 resource samples see them), and the prompt checkpoints llama.cpp keeps in RAM for a window
 model as requests come (``--swa-checkpoints``), which the resource samples see too.
@@ -398,6 +399,30 @@ _RECURRENT_KEYS: Final = (
     b".wkv.head_size",
     b".shortconv.l_cache",
     *_RECURRENT_UNKNOWN_KEYS,
+)
+#: The keys (after ``ARCH.``) a recurrent state's size or layers come from: an
+#: ``--override-kv`` of one gives :class:`Uncountable`.
+_RECURRENT_SIZING_KEYS: Final = frozenset(
+    {
+        "ssm.conv_kernel",
+        "ssm.inner_size",
+        "ssm.state_size",
+        "ssm.group_count",
+        "wkv.head_size",
+        "token_shift_count",
+        "shortconv.l_cache",
+        "full_attention_interval",
+        "attention.recurrent_layers",
+        "attention.head_count_kv",
+        "feed_forward_length",
+        "block_count",
+        "embedding_length",
+    }
+)
+#: The keys a sliding window's cache comes from: with an ``--override-kv`` of one, the window
+#: layers are counted at the full context.
+_SLIDING_WINDOW_KEYS: Final = frozenset(
+    {"attention.sliding_window", "attention.sliding_window_pattern"}
 )
 #: Bytes of a recurrent state's element: llama.cpp keeps it in f32 (``-ctk``/``-ctv`` are
 #: for the KV cache only).
@@ -1296,6 +1321,18 @@ def _override_context(overrides: Sequence[str], architecture: str) -> int | None
     return max(lengths) if lengths else None
 
 
+def _overridden(overrides: Sequence[str], architecture: str) -> set[str]:
+    """The keys of the model's own (``ARCH.…``, without the prefix) that ``--override-kv``
+    sets, whatever to."""
+    prefix = architecture + "."
+    return {
+        item.partition("=")[0].removeprefix(prefix)
+        for value in overrides
+        for item in value.split(",")
+        if item.startswith(prefix)
+    }
+
+
 def unverified_weights(
     command_template: Sequence[str], environ: Mapping[str, str] | None = None
 ) -> str | None:
@@ -1351,7 +1388,13 @@ def estimate_context_memory(
     if not settings.unified:
         # One cache per slot, each its share of the context padded up on its own.
         context = _pad(context // settings.slots) * settings.slots
-    window_cells = _window_cells(shape, settings, context)
+    overridden = _overridden(settings.overrides, shape.architecture)
+    if shape.recurrent_layers and overridden & _RECURRENT_SIZING_KEYS:
+        # The state would be sized from the override, not from the header read here.
+        return Uncountable("its recurrent state cannot be counted with --override-kv of its keys")
+    window_cells = (
+        None if overridden & _SLIDING_WINDOW_KEYS else _window_cells(shape, settings, context)
+    )
     swa_layers = shape.swa_layers if window_cells is not None else ()
     kv_cache = 0
     for layer, heads in enumerate(shape.kv_heads):
