@@ -884,7 +884,13 @@ def test_sliding_window_layers_are_counted_at_the_window(
     full = ContextMemory(32768, 48 * row * 32768)
     assert estimate("-np", "1", "-c", "32768", "--swa-full") == full
     assert estimate("-np", "1", "-c", "32768", LLAMA_ARG_SWA_FULL="1") == full
-    assert estimate("-np", "1", "-c", "32768", LLAMA_ARG_SWA_FULL="maybe") is None
+    # The variable is on for 1, true, on, enabled and off for anything else, never an exit
+    # (the pinned build: "yes" and "TRUE" are off).
+    windowed = estimate("-np", "1", "-c", "32768")
+    for value in ("true", "on", "enabled"):
+        assert estimate("-np", "1", "-c", "32768", LLAMA_ARG_SWA_FULL=value) == full, value
+    for value in ("yes", "TRUE", "0", "maybe"):
+        assert estimate("-np", "1", "-c", "32768", LLAMA_ARG_SWA_FULL=value) == windowed, value
     assert estimate("-np", "1", "-c", "32768", "--spec-type", "ngram-mod") == full
     config = tmp_path / ".config" / "llama.cpp" / "config.ini"
     config.parent.mkdir(parents=True)

@@ -1093,10 +1093,9 @@ def _upstream_settings(
             return None
         settings.unified = unified in _TRUTHY
     if "LLAMA_ARG_SWA_FULL" in environ:
-        swa_full = environ["LLAMA_ARG_SWA_FULL"]
-        if swa_full not in _TRUTHY | _FALSEY:
-            return None
-        settings.swa_full = swa_full in _TRUTHY
+        # On for on, 1, enabled or true, off for anything else: unlike LLAMA_ARG_KV_UNIFIED,
+        # the pinned build never stops for this one ("yes" and "TRUE" are off).
+        settings.swa_full = environ["LLAMA_ARG_SWA_FULL"] in _TRUTHY
     index = 0
     while index < len(arguments):
         option = arguments[index]
