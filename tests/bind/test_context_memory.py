@@ -34,6 +34,17 @@ from companion_runtime.bind.llama_server import (
 )
 from companion_runtime.bind.tiny_model import write_tiny_model
 from tests.support.llama import declaring_context, free_port, upstream_binary
+from tests.support.recurrent import (
+    write_granite_hybrid,
+    write_jamba,
+    write_lfm2,
+    write_mamba,
+    write_mamba2_hybrid,
+    write_qwen3next,
+    write_rwkv6,
+    write_rwkv7,
+)
+from tests.support.sliding import write_gemma, write_gpt_oss
 
 pytestmark = pytest.mark.unit
 
@@ -581,6 +592,423 @@ def test_what_cannot_be_counted_gives_no_estimate(tmp_path: Path) -> None:
     assert estimate_context_memory(model, UPSTREAM_CMD, {"LLAMA_ARG_KV_UNIFIED": "yes"}) is None
 
 
+def _recurrent_model(
+    path: Path,
+    architecture: str,
+    *,
+    layers: int = 4,
+    embedding: int = 2048,
+    heads: int | list[int] = 0,
+    kv_heads: int | list[int] | None = None,
+    feed_forward: int | list[int] | None = None,
+    **keys: int,
+) -> Path:
+    """A GGUF header of a model with a recurrent state: ``keys`` are the architecture's own
+    (``ssm.conv_kernel``... with ``.`` spelled ``__``)."""
+    writer = gguf.GGUFWriter(path, architecture)
+    writer.add_block_count(layers)
+    writer.add_context_length(1 << 20)
+    writer.add_embedding_length(embedding)
+    writer.add_head_count(heads)
+    if kv_heads is not None:
+        writer.add_head_count_kv(kv_heads)
+    if feed_forward is not None:
+        writer.add_feed_forward_length(feed_forward)
+    for name, value in keys.items():
+        writer.add_uint32(f"{architecture}.{name.replace('__', '.')}", value)
+    writer.add_token_list([b"a", b"b"])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_recurrent_models_state_is_counted_per_slot(tmp_path: Path) -> None:
+    # Mamba-2.8B's shape: 64 layers, 2560 wide, an inner size of 5120, 16 states, a kernel of
+    # 4. llama.cpp keeps per slot and per layer an R state of (4 - 1) × 5120 and an S state of
+    # 16 × 5120 elements, in f32, whatever -c, -ctk or --kv-unified say; no KV cache at all.
+    mamba = _recurrent_model(
+        tmp_path / "mamba.gguf",
+        "mamba",
+        layers=64,
+        embedding=2560,
+        ssm__conv_kernel=4,
+        ssm__inner_size=5120,
+        ssm__state_size=16,
+        ssm__time_step_rank=160,
+    )
+    assert read_attention_shape(mamba) == AttentionShape(
+        context_length=1 << 20,
+        kv_heads=(0,) * 64,
+        key_length=0,
+        value_length=0,
+        architecture="mamba",
+        recurrent_layers=64,
+        recurrent_r=3 * 5120,
+        recurrent_s=16 * 5120,
+    )
+    per_slot = 64 * (3 * 5120 + 16 * 5120) * 4  # 23.75 MiB
+    for flags, slots in (
+        ([], 4),  # upstream's automatic four slots
+        (["-np", "1"], 1),
+        (["-np", "3", "-c", "1000"], 3),
+        (["-np", "2", "--kv-unified"], 2),
+        (["-np", "2", "-ctk", "q8_0", "-ctv", "q4_0"], 2),
+    ):
+        memory = estimate_context_memory(mamba, [*UPSTREAM_CMD, *flags])
+        assert isinstance(memory, ContextMemory), flags
+        assert memory.bytes == memory.recurrent_bytes == slots * per_slot, flags
+    launcher = estimate_context_memory(mamba, [*EMBEDDED, "--parallel", "3"])
+    assert isinstance(launcher, ContextMemory) and launcher.recurrent_bytes == 3 * per_slot
+    # Mamba-2 (and the hybrids built on it) has groups: R counts B and C for each.
+    mamba2 = _recurrent_model(
+        tmp_path / "mamba2.gguf",
+        "mamba2",
+        ssm__conv_kernel=4,
+        ssm__inner_size=4096,
+        ssm__state_size=128,
+        ssm__group_count=8,
+    )
+    shape = read_attention_shape(mamba2)
+    assert isinstance(shape, AttentionShape)
+    assert (shape.recurrent_r, shape.recurrent_s) == (3 * (4096 + 2 * 8 * 128), 128 * 4096)
+
+
+def test_rwkv_and_short_convolution_states_are_counted(tmp_path: Path) -> None:
+    # RWKV: R is token_shift_count (2 unless the model says) rows of the embedding, S the WKV
+    # state, embedding × head size. LFM2: R is l_cache - 1 rows of the embedding, no S.
+    rwkv6 = _recurrent_model(tmp_path / "r6.gguf", "rwkv6", wkv__head_size=64)
+    shape = read_attention_shape(rwkv6)
+    assert isinstance(shape, AttentionShape) and shape.recurrent_layers == 4
+    assert (shape.recurrent_r, shape.recurrent_s) == (2 * 2048, 2048 * 64)
+    qwen = _recurrent_model(
+        tmp_path / "rq.gguf", "rwkv6qwen2", wkv__head_size=64, token_shift_count=1
+    )
+    shape = read_attention_shape(qwen)
+    assert isinstance(shape, AttentionShape)
+    assert (shape.recurrent_r, shape.recurrent_s) == (2048, 2048 * 64)
+    lfm2 = _recurrent_model(
+        tmp_path / "lfm2.gguf",
+        "lfm2",
+        heads=32,
+        kv_heads=[0, 8, 0, 8],
+        shortconv__l_cache=3,
+    )
+    shape = read_attention_shape(lfm2)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (0, 8, 0, 8) and shape.recurrent_layers == 2
+    assert (shape.recurrent_r, shape.recurrent_s) == (2 * 2048, 0)
+    memory = estimate_context_memory(lfm2, [*UPSTREAM_CMD, "-np", "1", "-c", "256"])
+    kv = 256 * 2 * 8 * 64 * 2 * 2  # two attention layers, K and V in f16
+    assert memory == ContextMemory(256, kv + 2 * 2 * 2048 * 4, 2 * 2 * 2048 * 4)
+
+
+def test_a_hybrid_counts_its_recurrent_layers_and_caches_its_attention_layers(
+    tmp_path: Path,
+) -> None:
+    ssm = {"ssm__conv_kernel": 4, "ssm__inner_size": 4096, "ssm__state_size": 128}
+    state = 3 * 4096 + 128 * 4096  # no groups
+    # Jamba, Granite hybrids: a layer without KV heads is a Mamba layer.
+    granite = _recurrent_model(
+        tmp_path / "g.gguf", "granitehybrid", heads=32, kv_heads=[0, 0, 0, 8], **ssm
+    )
+    shape = read_attention_shape(granite)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (0, 0, 0, 8) and shape.recurrent_layers == 3
+    memory = estimate_context_memory(granite, [*UPSTREAM_CMD, "-np", "2", "-c", "1024"])
+    assert memory == ContextMemory(
+        1024, 1024 * 8 * 64 * 2 * 2 + 2 * 3 * state * 4, 2 * 3 * state * 4
+    )
+    # Nemotron-H: a layer with neither KV heads nor a feed-forward network (an MLP layer has
+    # one) is a Mamba layer.
+    nemotron = _recurrent_model(
+        tmp_path / "n.gguf",
+        "nemotron_h",
+        heads=32,
+        kv_heads=[0, 0, 8, 0],
+        feed_forward=[0, 8192, 0, 0],
+        **ssm,
+    )
+    shape = read_attention_shape(nemotron)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (0, 0, 8, 0) and shape.recurrent_layers == 2
+    # Qwen3-Next: every full_attention_interval-th layer (4 unless the model says) is
+    # attention, the others recurrent; the KV cache holds the attention layers only, whatever
+    # head_count_kv says for the others.
+    qwen = _recurrent_model(tmp_path / "q.gguf", "qwen3next", layers=8, heads=16, kv_heads=2, **ssm)
+    shape = read_attention_shape(qwen)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (0, 0, 0, 2, 0, 0, 0, 2) and shape.recurrent_layers == 6
+    every_other = _recurrent_model(
+        tmp_path / "q2.gguf",
+        "qwen3next",
+        layers=8,
+        heads=16,
+        kv_heads=2,
+        full_attention_interval=2,
+        **ssm,
+    )
+    shape = read_attention_shape(every_other)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (0, 2) * 4 and shape.recurrent_layers == 4
+    # An explicit list of the recurrent layers, bools or numbers, over the interval; llama.cpp
+    # reads it for these (a list it cannot map onto the layers is refused, below).
+    for flags in ([True, True, False, False] * 2, [1, 1, 0, 0] * 2):
+        listed = tmp_path / "listed.gguf"
+        writer = gguf.GGUFWriter(listed, "qwen35")
+        writer.add_block_count(8)
+        writer.add_context_length(4096)
+        writer.add_embedding_length(2048)
+        writer.add_head_count(16)
+        writer.add_head_count_kv(2)
+        writer.add_array("qwen35.attention.recurrent_layers", flags)
+        for name, value in ssm.items():
+            writer.add_uint32(f"qwen35.{name.replace('__', '.')}", value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        shape = read_attention_shape(listed)
+        assert isinstance(shape, AttentionShape), flags
+        assert shape.kv_heads == (0, 0, 2, 2) * 2 and shape.recurrent_layers == 4, flags
+    # Falcon-H1: attention and an SSM side by side in every layer.
+    falcon = _recurrent_model(tmp_path / "f.gguf", "falcon-h1", heads=16, kv_heads=2, **ssm)
+    shape = read_attention_shape(falcon)
+    assert isinstance(shape, AttentionShape)
+    assert shape.kv_heads == (2,) * 4 and shape.recurrent_layers == 4
+
+
+def test_a_recurrent_state_that_cannot_be_counted_is_refused(tmp_path: Path) -> None:
+    # llama.cpp would load these and allocate a state this module does not size: refused, not
+    # counted as nothing (before, a model without attention gave no estimate at all).
+    ssm = {"ssm__conv_kernel": 4, "ssm__inner_size": 4096, "ssm__state_size": 128}
+    for name, path in (
+        ("ssm.inner_size", _recurrent_model(tmp_path / "a.gguf", "mamba", ssm__conv_kernel=4)),
+        ("wkv.head_size", _recurrent_model(tmp_path / "b.gguf", "rwkv7")),
+        ("shortconv.l_cache", _recurrent_model(tmp_path / "c.gguf", "lfm2", heads=8)),
+        ("architecture", _recurrent_model(tmp_path / "d.gguf", "plamo2", **ssm)),
+        ("architecture", _recurrent_model(tmp_path / "e.gguf", "kimi-linear", **ssm)),
+        (
+            "attention.recurrent_layers",
+            _recurrent_model(tmp_path / "f.gguf", "qwen35", attention__recurrent_layers=1, **ssm),
+        ),
+        (
+            "attention.recurrent_layers",
+            _recurrent_model(tmp_path / "f2.gguf", "jamba", attention__recurrent_layers=1, **ssm),
+        ),
+        ("ple.conv_kernel", _recurrent_model(tmp_path / "g.gguf", "mamba2", ple__conv_kernel=4)),
+        (
+            "feed_forward_length",
+            _recurrent_model(
+                tmp_path / "h.gguf", "nemotron_h", heads=8, kv_heads=[0, 2, 0, 0], **ssm
+            ),
+        ),
+    ):
+        shape = read_attention_shape(path)
+        assert isinstance(shape, Uncountable), name
+        assert name in shape.what and shape.what.startswith("its recurrent state"), shape
+        assert estimate_context_memory(path, UPSTREAM_CMD) == shape
+    # Speculative decoding may keep copies of the state: not counted, so refused.
+    mamba = _recurrent_model(tmp_path / "m.gguf", "mamba", **ssm)
+    for command, env in (
+        ([*UPSTREAM_CMD, "--spec-type", "draft-mtp"], {}),
+        ([*UPSTREAM_CMD, "--spec-type", "none,ngram-mod"], {}),
+        (UPSTREAM_CMD, {"LLAMA_ARG_SPEC_TYPE": "draft-eagle3"}),
+    ):
+        memory = estimate_context_memory(mamba, command, env)
+        assert isinstance(memory, Uncountable) and "--spec-type" in memory.what, command
+    assert isinstance(
+        estimate_context_memory(mamba, [*UPSTREAM_CMD, "--spec-type", "none"]), ContextMemory
+    )
+    # A key the state is sized from, set by --override-kv, is not the header's.
+    for override in ("mamba.ssm.state_size=int:4096", "x.y=int:1,mamba.token_shift_count=int:1"):
+        memory = estimate_context_memory(mamba, [*UPSTREAM_CMD, "--override-kv", override])
+        assert isinstance(memory, Uncountable) and "--override-kv" in memory.what, override
+    other = estimate_context_memory(mamba, [*UPSTREAM_CMD, "--override-kv", "mamba.x=int:1"])
+    assert isinstance(other, ContextMemory)
+    # A model without a recurrent state is not concerned.
+    plain = _model(tmp_path / "llama.gguf")
+    memory = estimate_context_memory(plain, [*UPSTREAM_CMD, "--spec-type", "draft-mtp"])
+    assert isinstance(memory, ContextMemory) and memory.recurrent_bytes == 0
+
+
+def test_sliding_window_layers_are_counted_at_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Gemma 3 12B's shape: 48 layers, 8 KV heads of 256, a 1,024-token window in five layers
+    # of every six. At 32,768 tokens the old estimate counted 12 GiB; llama.cpp allocates the
+    # 8 full layers' 2 GiB and the 40 others' window, 1,024 + 512 (the physical batch) cells.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    model = tmp_path / "gemma3.gguf"
+    writer = gguf.GGUFWriter(model, "gemma3")
+    writer.add_block_count(48)
+    writer.add_context_length(131072)
+    writer.add_embedding_length(3840)
+    writer.add_head_count(16)
+    writer.add_head_count_kv(8)
+    writer.add_key_length(256)
+    writer.add_value_length(256)
+    writer.add_sliding_window(1024)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    shape = read_attention_shape(model)
+    assert isinstance(shape, AttentionShape) and shape.sliding_window == 1024
+    assert shape.swa_layers == ((True,) * 5 + (False,)) * 8
+    row = 8 * 256 * 2 * 2  # K and V, f16, per layer and token
+    env = {"HOME": str(tmp_path)}
+
+    def estimate(*flags: str, command: list[str] | None = None, **extra: str) -> object:
+        return estimate_context_memory(model, [*(command or UPSTREAM_CMD), *flags], env | extra)
+
+    assert estimate("-np", "1", "-c", "32768") == ContextMemory(
+        32768, 8 * row * 32768 + 40 * row * 1536
+    )
+    # One stream per slot, each its window and a batch; four slots sharing one (upstream's
+    # automatic choice) have four windows and a batch; a smaller physical batch, or a logical
+    # one below it, makes it smaller; a context below the window caps it.
+    assert estimate("-np", "3", "-c", "32768") == ContextMemory(
+        3 * 11008, 8 * row * 3 * 11008 + 40 * row * 3 * 1536
+    )
+    assert estimate("-c", "32768") == ContextMemory(32768, 8 * row * 32768 + 40 * row * 4608)
+    assert estimate("-np", "1", "-c", "32768", "-ub", "100") == ContextMemory(
+        32768, 8 * row * 32768 + 40 * row * 1280
+    )
+    assert estimate("-np", "1", "-c", "32768", "--batch-size", "200") == ContextMemory(
+        32768, 8 * row * 32768 + 40 * row * 1280
+    )
+    assert estimate("-np", "1", "-c", "1000") == ContextMemory(1024, 48 * row * 1024)
+    # Counted at the full context: --swa-full (flag, variable, configuration key), speculative
+    # decoding, the launcher (whose defaults this does not size), another architecture.
+    full = ContextMemory(32768, 48 * row * 32768)
+    assert estimate("-np", "1", "-c", "32768", "--swa-full") == full
+    assert estimate("-np", "1", "-c", "32768", LLAMA_ARG_SWA_FULL="1") == full
+    # The variable is on for 1, true, on, enabled and off for anything else, never an exit
+    # (the pinned build: "yes" and "TRUE" are off).
+    windowed = estimate("-np", "1", "-c", "32768")
+    for value in ("true", "on", "enabled"):
+        assert estimate("-np", "1", "-c", "32768", LLAMA_ARG_SWA_FULL=value) == full, value
+    for value in ("yes", "TRUE", "0", "maybe"):
+        assert estimate("-np", "1", "-c", "32768", LLAMA_ARG_SWA_FULL=value) == windowed, value
+    assert estimate("-np", "1", "-c", "32768", "--spec-type", "ngram-mod") == full
+    config = tmp_path / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    config.write_text("swa-full = true\n")
+    assert estimate("-np", "1", "-c", "32768") == full
+    config.unlink()
+    launcher = estimate("-c", "32768", "--parallel", "1", command=EMBEDDED)
+    assert launcher == full
+    # A window (or a pattern) --override-kv sets is not the header's: the full context.
+    for override in (
+        "gemma3.attention.sliding_window=int:3000",
+        "a.b=int:1,gemma3.attention.sliding_window_pattern=int:2",
+    ):
+        assert estimate("-np", "1", "-c", "32768", "--override-kv", override) == full, override
+    assert (
+        estimate("-np", "1", "-c", "32768", "--override-kv", "llama.attention.sliding_window=int:9")
+        != full
+    )
+    # Gemma 2: a window in every other layer unless the model says.
+    gemma2 = tmp_path / "gemma2.gguf"
+    gemma2.write_bytes(model.read_bytes().replace(b"gemma3", b"gemma2"))
+    shape = read_attention_shape(gemma2)
+    assert isinstance(shape, AttentionShape) and shape.swa_layers == (True, False) * 24
+    # Llama 4 (say): not sized here, every layer at the full context.
+    llama4 = tmp_path / "llama4.gguf"
+    llama4.write_bytes(model.read_bytes().replace(b"gemma3", b"llama4"))
+    assert read_attention_shape(llama4) == AttentionShape(
+        context_length=131072,
+        kv_heads=(8,) * 48,
+        key_length=256,
+        value_length=256,
+        architecture="llama4",
+    )
+
+
+def test_a_corrupted_recurrent_or_window_header_never_raises(tmp_path: Path) -> None:
+    # The new keys' values (counts, flags, lists) corrupted one byte at a time: a shape, a
+    # refusal or no estimate, never an exception, and never in long.
+    def header(path: Path, architecture: str) -> Path:
+        writer = gguf.GGUFWriter(path, architecture)
+        writer.add_block_count(4)
+        writer.add_context_length(4096)
+        writer.add_embedding_length(256)
+        writer.add_head_count(4)
+        writer.add_head_count_kv([0, 2, 0, 2])
+        writer.add_feed_forward_length([0, 64, 0, 64])
+        if architecture == "qwen35":
+            writer.add_ssm_conv_kernel(4)
+            writer.add_ssm_inner_size(512)
+            writer.add_ssm_state_size(16)
+            writer.add_ssm_group_count(2)
+            writer.add_array("qwen35.attention.recurrent_layers", [True, False, True, False])
+        writer.add_sliding_window(512)
+        writer.add_sliding_window_pattern([True, False, True, False])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        return path
+
+    qwen = header(tmp_path / "q.gguf", "qwen35")
+    window = header(tmp_path / "g.gguf", "gemma3")
+    for model in (qwen, window):
+        data = model.read_bytes()
+        assert isinstance(read_attention_shape(model), AttentionShape)
+        flipped = tmp_path / "flipped.gguf"
+        started = time.monotonic()
+        for index in range(len(data)):
+            for bits in (0x01, 0xFF):
+                bad = bytearray(data)
+                bad[index] ^= bits
+                flipped.write_bytes(bytes(bad))
+                shape = read_attention_shape(flipped)
+                assert shape is None or isinstance(shape, AttentionShape | Uncountable)
+                memory = estimate_context_memory(flipped, [*UPSTREAM_CMD, "-c", "4096"])
+                assert memory is None or isinstance(memory, ContextMemory | Uncountable)
+        assert time.monotonic() - started < 60
+
+
+def test_a_block_count_past_llama_cpps_layers_gives_no_estimate(tmp_path: Path) -> None:
+    # llama.cpp aborts on more than 512 layers (the pinned build, 513 here: GGML_ASSERT
+    # n_layer <= LLAMA_MAX_LAYERS). The walk built a tuple per layer first: ten million layers
+    # held 160 MB in the manager, two billion got it killed for lack of memory.
+    model = tmp_path / "m.gguf"
+    for layers, expected in ((512, True), (513, False), (10_000_000, False), (1 << 31, False)):
+        model.write_bytes(_raw_header(_llama_pairs()))
+        data = model.read_bytes().replace(
+            b"llama.block_count" + struct.pack("<II", 4, 2),
+            b"llama.block_count" + struct.pack("<II", 4, layers),
+        )
+        model.write_bytes(data)
+        tracemalloc.start()
+        try:
+            shape = read_attention_shape(model)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert isinstance(shape, AttentionShape) is expected, layers
+        assert peak < 1 << 20, (layers, peak)
+        assert (estimate_context_memory(model, UPSTREAM_CMD) is None) is not expected
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+def test_llama_cpp_refuses_more_than_512_layers(tmp_path: Path) -> None:
+    binary = upstream_binary()
+    assert binary is not None
+    data = bytearray(write_tiny_model(tmp_path / "tiny.gguf").read_bytes())
+    key = b"llama.block_count"
+    at = data.index(key) + len(key)
+    data[at + 4 : at + 8] = (513).to_bytes(4, "little")
+    model = tmp_path / "layers.gguf"
+    model.write_bytes(bytes(data))
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    assert "n_layer_all <= LLAMA_MAX_LAYERS" in done.stdout + done.stderr
+
+
 def test_a_file_that_is_not_a_readable_gguf_model_gives_none(tmp_path: Path) -> None:
     model = _model(tmp_path / "m.gguf", vocabulary=300)
     data = model.read_bytes()
@@ -847,6 +1275,209 @@ def test_the_estimate_is_what_the_launcher_allocates(tmp_path: Path, flags: list
     tokens, mib = _logged_kv_cache(command, tmp_path / "server.log")
     assert estimate.context_tokens == tokens
     assert abs(estimate.bytes / MIB - mib) < 0.006, (estimate, mib)
+
+
+def _logged_recurrent_state(
+    command: list[str], log: Path, *, with_kv_cache: bool
+) -> tuple[float, float, float]:
+    """Run llama.cpp's server until it logs its recurrent state (and its KV cache, for a
+    hybrid); return the R state, the S state and the KV cache (0 without one), in MiB."""
+    state = re.compile(
+        r"llama_memory_recurrent: size = +[0-9.]+ MiB \( *(\d+) cells.*?"
+        r"R \(f32\): +([0-9.]+) MiB, S \(f32\): +([0-9.]+) MiB"
+    )
+    size = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB")
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace")
+            found, cache = state.search(text), size.search(text)
+            if found and (cache or not with_kv_cache):
+                return (
+                    float(found.group(2)),
+                    float(found.group(3)),
+                    float(cache.group(1)) if cache else 0.0,
+                )
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(log.read_text(errors="replace")[-2000:])
+    finally:
+        process.kill()
+        process.wait()
+
+
+_RECURRENT_WRITERS = {
+    "mamba": write_mamba,
+    "rwkv6": write_rwkv6,
+    "rwkv7": write_rwkv7,
+    "granitehybrid": write_granite_hybrid,
+    "lfm2": write_lfm2,
+    "qwen3next": write_qwen3next,
+    # Every other layer attention, by the interval; then by an explicit list (bools, or
+    # numbers), which llama.cpp reads over the interval.
+    "qwen3next-interval-2": lambda path: write_qwen3next(path, layers=6, interval=2),
+    "qwen3next-listed": lambda path: write_qwen3next(
+        path, interval=2, recurrent_layers=[True, False, True, True]
+    ),
+    "qwen35-listed": lambda path: write_qwen3next(
+        path, architecture="qwen35", recurrent_layers=[False, True, False, True]
+    ),
+    # Mamba-2 layers beside attention and feed-forward layers (an MLP layer has no state).
+    "nemotron_h": lambda path: write_mamba2_hybrid(path, "nemotron_h", layers="MAMFM"),
+    # A Mamba-2 mixer beside attention in every layer: every layer has both.
+    "falcon-h1": lambda path: write_mamba2_hybrid(path, "falcon-h1", layers="XXX"),
+    "jamba": write_jamba,
+    "mamba2": lambda path: write_mamba2_hybrid(path, "mamba2", layers="MMM"),
+}
+_RECURRENT_FLAGS = [
+    [],
+    ["-np", "1"],
+    ["-np", "3", "-c", "1000"],
+    ["-np", "2", "-kvu"],
+    ["-np", "5", "--no-kv-unified", "-ctk", "q8_0"],
+]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize("flags", _RECURRENT_FLAGS, ids=" ".join)
+@pytest.mark.parametrize("architecture", sorted(_RECURRENT_WRITERS))
+def test_the_recurrent_state_is_what_llama_cpp_allocates(
+    tmp_path: Path, architecture: str, flags: list[str]
+) -> None:
+    # Mamba and RWKV-6 models (every layer recurrent, no KV cache), a Granite hybrid (three
+    # Mamba-2 layers, one attention layer), an LFM2 model (three short-convolution layers, with
+    # an R state and no S, one attention layer), Qwen3-Next and Qwen3.5 models (attention
+    # layers by the interval or a list): the estimate's recurrent state is the R and S state
+    # the real server logs, and its KV cache the one it logs for the attention layers.
+    binary = upstream_binary()
+    assert binary is not None
+    model = _RECURRENT_WRITERS[architecture](tmp_path / f"{architecture}.gguf")
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    hybrid = architecture not in ("mamba", "mamba2", "rwkv6", "rwkv7")
+    r_mib, s_mib, kv_mib = _logged_recurrent_state(
+        command, tmp_path / "server.log", with_kv_cache=hybrid
+    )
+    assert r_mib > 0 and (s_mib > 0) == (architecture != "lfm2") and (kv_mib > 0) == hybrid
+    # All of it counts: the KV cache alone (or, for Mamba, no estimate at all) fell short.
+    assert abs(estimate.bytes / MIB - (r_mib + s_mib + kv_mib)) < 0.016, (estimate, kv_mib)
+    assert abs(estimate.recurrent_bytes / MIB - (r_mib + s_mib)) < 0.011, (estimate, r_mib, s_mib)
+    assert abs((estimate.bytes - estimate.recurrent_bytes) / MIB - kv_mib) < 0.006, estimate
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not llama_available(), reason="xllamacpp is not installed")
+@pytest.mark.parametrize("flags", [[], ["--parallel", "3", "-c", "1000"]], ids=" ".join)
+@pytest.mark.parametrize("architecture", sorted(_RECURRENT_WRITERS))
+def test_the_recurrent_state_is_what_the_launcher_allocates(
+    tmp_path: Path, architecture: str, flags: list[str]
+) -> None:
+    # The embedded launcher's llama.cpp keeps the same state, a cell per --parallel slot.
+    model = _RECURRENT_WRITERS[architecture](tmp_path / f"{architecture}.gguf")
+    launcher = [sys.executable, "-P", "-m", MODULE]
+    template = [*launcher, "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    command = [*launcher, "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    hybrid = architecture not in ("mamba", "mamba2", "rwkv6", "rwkv7")
+    r_mib, s_mib, kv_mib = _logged_recurrent_state(
+        command, tmp_path / "server.log", with_kv_cache=hybrid
+    )
+    assert abs(estimate.bytes / MIB - (r_mib + s_mib + kv_mib)) < 0.016, (estimate, kv_mib)
+    assert abs(estimate.recurrent_bytes / MIB - (r_mib + s_mib)) < 0.011, (estimate, r_mib, s_mib)
+
+
+def _logged_kv_caches(command: list[str], log: Path, caches: int) -> list[float]:
+    """Run llama.cpp's server until it logs ``caches`` KV caches (2 for a model with
+    sliding-window layers: the full one, then the window's); return their sizes in MiB."""
+    size = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB")
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = [float(mib) for mib in size.findall(log.read_text(errors="replace"))]
+            if len(found) >= caches:
+                return found
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(log.read_text(errors="replace")[-2000:])
+    finally:
+        process.kill()
+        process.wait()
+
+
+_SLIDING_FLAGS = [
+    ["-np", "1", "-c", "8192"],
+    ["-np", "3", "-c", "8192"],
+    [],
+    ["-np", "2", "-kvu", "-c", "8192"],
+    ["-np", "1", "-c", "8192", "-ub", "100"],
+    ["-np", "1", "-c", "8192", "-b", "300"],
+    ["-np", "1", "-c", "700"],
+    ["-np", "1", "-c", "8192", "--swa-full"],
+    ["-np", "2", "-c", "8192", "-ctk", "q8_0"],
+]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize("flags", _SLIDING_FLAGS, ids=" ".join)
+@pytest.mark.parametrize(
+    "pattern", [None, 3, [True, False, False] + [True] * 5], ids=["default", "third", "listed"]
+)
+@pytest.mark.parametrize("architecture", ["gemma3", "gemma2", "gpt-oss"])
+def test_sliding_window_layers_are_what_llama_cpp_allocates(
+    tmp_path: Path, flags: list[str], pattern: int | list[bool] | None, architecture: str
+) -> None:
+    # Gemma 3, Gemma 2 and gpt-oss models with a 512-token (gpt-oss: 128) window in many
+    # layers (five in six, or every other, unless the model says): llama.cpp keeps those
+    # layers' cache at the window (times the slots sharing it) plus a batch, not the context.
+    # The estimate, which counted them at the full context (up to five times too much here),
+    # is the two caches the server logs.
+    binary = upstream_binary()
+    assert binary is not None
+    path = tmp_path / f"{architecture}.gguf"
+    if architecture == "gpt-oss":
+        model = write_gpt_oss(path, pattern=pattern)
+    else:
+        model = write_gemma(path, architecture, pattern=pattern)
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
+    assert abs(estimate.bytes / MIB - (full + window)) < 0.011, (estimate, full, window)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize(
+    "override",
+    ["gemma3.attention.sliding_window=int:3000", "gemma3.attention.sliding_window_pattern=int:2"],
+)
+def test_a_window_set_by_override_kv_is_not_undercounted(tmp_path: Path, override: str) -> None:
+    # llama.cpp sizes the window cache from the override (a window of 3,000 tokens, or every
+    # other layer full: 8.1 and 9 MiB here), not from the header (3.75 MiB): those layers are
+    # counted at the full context, never below what it allocates.
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_gemma(tmp_path / "gemma3.gguf")
+    flags = ["-np", "1", "-c", "8192", "--override-kv", override]
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
+    assert full + window > 3.76
+    assert estimate.bytes / MIB >= full + window
 
 
 #: Upstream options whose value names a file, directory or URL that holds no weights.

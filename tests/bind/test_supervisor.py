@@ -485,7 +485,11 @@ async def test_a_context_whose_kv_cache_cannot_fit_is_refused_before_spawning(
             assert (await whole.start()).reason is Reason.MODEL_TOO_LARGE
         status = whole.status()
         assert status["spawns"] == 0
-        assert status["context"] == {"tokens": 2**22, "kv_cache_bytes": 2 << 30}
+        assert status["context"] == {
+            "tokens": 2**22,
+            "kv_cache_bytes": 2 << 30,
+            "recurrent_state_bytes": 0,
+        }
     [said] = [record.getMessage() for record in caplog.records]
     assert "2,048 MiB of KV cache for a 4194304-token context" in said
     assert str(tmp_path) not in said and digest not in said
@@ -495,8 +499,55 @@ async def test_a_context_whose_kv_cache_cannot_fit_is_refused_before_spawning(
     async with small:
         assert (await small.start()).ok
         # Two slots, a cache each, each its 128 tokens padded to 256: 512 cells in all.
-        assert small.status()["context"] == {"tokens": 512, "kv_cache_bytes": 512 * 512}
+        assert small.status()["context"] == {
+            "tokens": 512,
+            "kv_cache_bytes": 512 * 512,
+            "recurrent_state_bytes": 0,
+        }
         await small.stop()
+
+
+async def test_a_recurrent_state_that_cannot_fit_is_refused_before_spawning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Mamba-2.8B header (64 layers, an inner size of 5120, 16 states, a kernel of 4): per
+    # slot llama.cpp allocates 64 x (3 + 16) x 5120 f32, 23.75 MiB, whatever the context. 32
+    # slots are 760 MiB under a 512 MiB ceiling that the file alone fits. The check once
+    # counted nothing for it (no attention, no estimate) and spawned the runtime.
+    template, _tiny = real_runtime(tmp_path)
+    template[template.index("--parallel") + 1] = "32"
+    model = tmp_path / "mamba.gguf"
+    writer = gguf.GGUFWriter(model, "mamba")
+    writer.add_block_count(64)
+    writer.add_context_length(2**20)
+    writer.add_embedding_length(2560)
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(4)
+    writer.add_ssm_inner_size(5120)
+    writer.add_ssm_state_size(16)
+    writer.add_ssm_time_step_rank(160)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    data = model.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    limits = create_resource_limits(max_ram_bytes=512 * MIB, max_vram_bytes=1, max_cpu_percent=100)
+    supervisor = Supervisor(_config(template, model, digest, len(data), resource_limits=limits))
+    state = 32 * 64 * (3 + 16) * 5120 * 4
+    async with supervisor:
+        assert (await supervisor.check_fit()).ok  # the size alone fits
+        with caplog.at_level(logging.WARNING, logger="companion_runtime.bind.supervisor"):
+            assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
+        status = supervisor.status()
+        assert status["spawns"] == 0
+        assert status["context"] == {
+            "tokens": 32 * 256,
+            "kv_cache_bytes": 0,
+            "recurrent_state_bytes": state,
+        }
+    [said] = [record.getMessage() for record in caplog.records]
+    assert "of weights, 760 MiB of recurrent state" in said and "fewer slots (-np)" in said
+    assert str(tmp_path) not in said and digest not in said
 
 
 async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_refused(
@@ -516,7 +567,11 @@ async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_re
     async with linked:
         assert (await linked.start()).reason is Reason.MODEL_TOO_LARGE
         assert linked.status()["spawns"] == 0
-        assert linked.status()["context"] == {"tokens": 2**22, "kv_cache_bytes": 2 << 30}
+        assert linked.status()["context"] == {
+            "tokens": 2**22,
+            "kv_cache_bytes": 2 << 30,
+            "recurrent_state_bytes": 0,
+        }
     # A GGUF header with 70,000 keys before the model's own: llama.cpp reads it, the walk
     # stops at 65,536. Refused, not counted as no KV cache (it would be 2 GiB again).
     crowded = tmp_path / "crowded.gguf"

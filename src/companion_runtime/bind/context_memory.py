@@ -1,4 +1,5 @@
-"""How much memory a llama.cpp runtime's context (its KV cache) will take, from the model file.
+"""How much memory a llama.cpp runtime's context (its KV cache and any recurrent state) will
+take, from the model file.
 
 The fit check counts the model's bytes plus an allowance. A llama.cpp runtime also allocates a
 KV cache as it loads the model, before any resource sample can see it, and that cache grows
@@ -37,26 +38,62 @@ What it reads:
 - the **model file's GGUF header**: ``general.architecture`` and that architecture's
   ``block_count``, ``context_length``, ``embedding_length``, ``attention.head_count``,
   ``attention.head_count_kv`` (a number, or one per layer), ``attention.key_length`` and
-  ``attention.value_length``. Only the key-value section is read, with every length checked
-  against the file's size; anything malformed, or a file that is not GGUF, gives None (llama.cpp
-  will not load it either). A GGUF header too large to walk within this module's bounds
-  (:data:`_MAX_HEADER_BYTES`, :data:`_MAX_ELEMENTS`, :data:`_MAX_PAIRS`) gives
-  :class:`Uncountable`: llama.cpp would load it, so the fit check refuses it rather than count
-  nothing.
+  ``attention.value_length``; for a model with a recurrent state its ``ssm.conv_kernel``,
+  ``ssm.inner_size``, ``ssm.state_size``, ``ssm.group_count``, ``wkv.head_size``,
+  ``token_shift_count``, ``shortconv.l_cache``, ``full_attention_interval``,
+  ``attention.recurrent_layers`` and ``feed_forward_length`` (see below). Only the key-value
+  section is read, with every length checked against the file's size; anything malformed, or
+  a file that is not GGUF, gives None (llama.cpp will not load it either). A GGUF header too
+  large to walk within this module's bounds (:data:`_MAX_HEADER_BYTES`, :data:`_MAX_ELEMENTS`,
+  :data:`_MAX_PAIRS`) gives :class:`Uncountable`: llama.cpp would load it, so the fit check
+  refuses it rather than count nothing.
 
 llama.cpp rounds the context up to a multiple of 256 tokens, and with per-slot caches each
 slot's share too: ``-np 100 -c 1000`` allocates 100 × 256 cells, not 1,024. Without a context
 (or with ``-c 0``), per-slot caches are each the declared length: ``-np 4`` alone is four
 times the declared length.
 
+**Recurrent state.** For Mamba, Mamba-2, RWKV-6/7 and the hybrids (Jamba, Falcon-H1, Granite
+hybrids, Nemotron-H, Qwen3-Next and Qwen3.5, LFM2) llama.cpp also allocates at load, for every
+slot (``-np``; with or without ``--kv-unified``: one cell per slot), an R and an S state for
+each recurrent layer, in f32 whatever ``-ctk``/``-ctv`` say: R is the convolution state,
+``(conv_kernel - 1) × (inner_size + 2 × group_count × state_size)`` (LFM2: ``embedding ×
+(l_cache - 1)``), or RWKV's token shift, ``token_shift_count × embedding`` (2 unless the model
+says); S the SSM state, ``state_size × inner_size``, or RWKV's WKV state, ``embedding ×
+wkv.head_size`` (LFM2 has none). The recurrent layers are every layer (Mamba, RWKV, Falcon-H1,
+which runs attention beside the SSM in each), those without KV heads (Jamba, Granite hybrids,
+LFM2), those with neither KV heads nor a feed-forward network (Nemotron-H), or all but every
+``full_attention_interval``-th (Qwen3-Next, Qwen3.5: 4 unless the model says; an
+``attention.recurrent_layers`` list, one bool or number per layer, wins over it); a hybrid's KV
+cache holds its other layers only (Falcon-H1's all). The estimate counts it in
+:attr:`ContextMemory.bytes` and says how much of it in ``recurrent_bytes``. A state the
+pinned build would allocate but this module does not size gives :class:`Uncountable`: a
+model missing one of the keys above, another architecture with ``ssm.*``, ``wkv.*`` or
+``shortconv.*`` keys (PLaMo-2, Kimi Linear), an ``attention.recurrent_layers`` list for
+another architecture (or one that is not one entry per layer), a ``ple.conv_kernel`` state,
+upstream's ``--spec-type`` (``LLAMA_ARG_SPEC_TYPE``) other than ``none`` (with speculative
+decoding llama.cpp may keep a copy of the state per draft token), or an ``--override-kv`` of a
+key the state is sized from (:data:`_RECURRENT_SIZING_KEYS`).
+
 The fit check counts the estimate in RAM, with the allowance, also when the weights go to a
 GPU, where llama.cpp puts the cache of offloaded layers too: it may then refuse a context that
-would have fitted in VRAM, and its VRAM check does not count the cache. The estimate is an
-upper bound for common models: it counts every layer at the full context,
-so models with sliding-window layers (whose cache llama.cpp keeps at the window's size) or with
-compressed attention (MLA) need less than it says. Not counted: a
-recurrent model's state, and the compute buffers (reserved, but touched only as the context
-fills, where the resource samples see them).
+would have fitted in VRAM, and its VRAM check does not count the cache.
+
+**Sliding-window layers.** llama.cpp keeps the cache of a layer that attends through a sliding
+window at the window's size: per stream (one with ``--kv-unified`` or upstream's automatic
+slots, else one per slot), ``min(the stream's context, attention.sliding_window × the slots in
+the stream + the physical batch)`` cells, padded up to 256, where the physical batch is ``-ub``
+(512 by default) capped by ``-b`` (2,048) and the context. The estimate counts them so for
+Gemma 3, Gemma 2 and gpt-oss (:data:`_SLIDING_WINDOW_PATTERNS`; the window layers are all
+but every ``attention.sliding_window_pattern``-th, 6, 2 and 2 unless the model says, or as
+its list of flags says), and for upstream's ``llama-server`` only; ``--swa-full`` (or
+``LLAMA_ARG_SWA_FULL``, or ``swa-full`` in a configuration file), speculative decoding
+(``--spec-type``), an ``--override-kv`` of the window or its pattern, the launcher and every
+other architecture with a window (Cohere 2, Llama 4...) are counted at the full context, an
+upper bound, as are models with compressed attention (MLA).
+Not counted: the compute buffers (reserved, but touched only as the context fills, where the
+resource samples see them), and the prompt checkpoints llama.cpp keeps in RAM for a window
+model as requests come (``--swa-checkpoints``), which the resource samples see too.
 
 The header is parsed here rather than with ``gguf.GGUFReader``: the reader builds a view for
 every element of every array, which took 12.7–15.4 s for a 151,936-token vocabulary on the test
@@ -75,7 +112,7 @@ import re
 import shlex
 import stat
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, final
@@ -110,6 +147,21 @@ _MAX_PAIRS: Final = 1 << 16
 #: its merges takes about 10 MB; the read grows four times at a step while more is needed).
 _FIRST_READ: Final = 1 << 20
 _MAX_HEADER_BYTES: Final = 64 << 20
+#: Which layers attend through a sliding window: every N-th is not (a number N), or one bool
+#: per layer (true: a sliding window).
+_SLIDING_WINDOW_PATTERN_KEY: Final = b".attention.sliding_window_pattern"
+#: An explicit list of the recurrent layers (one number or bool per layer, not 0: recurrent),
+#: which Qwen3-Next and Qwen3.5 read over their ``full_attention_interval``.
+_RECURRENT_LAYERS_KEY: Final = b".attention.recurrent_layers"
+#: Keys of a recurrent state the pinned build sizes in ways this module does not count (a
+#: list of recurrent layers where the architecture is not known to read it, a per-layer
+#: embedding's convolution state, Kimi's delta attention): a model that has one gives
+#: :class:`Uncountable`.
+_RECURRENT_UNKNOWN_KEYS: Final = (
+    _RECURRENT_LAYERS_KEY,
+    b".ple.conv_kernel",
+    b".kda.head_dim",
+)
 #: The keys whose values the walk keeps (the architecture's own end so); the rest it skips.
 _WANTED: Final = (
     b"general.architecture",
@@ -120,7 +172,22 @@ _WANTED: Final = (
     b".attention.head_count_kv",
     b".attention.key_length",
     b".attention.value_length",
+    b".feed_forward_length",
+    b".ssm.conv_kernel",
+    b".ssm.inner_size",
+    b".ssm.state_size",
+    b".ssm.group_count",
+    b".wkv.head_size",
+    b".token_shift_count",
+    b".shortconv.l_cache",
+    b".full_attention_interval",
+    b".attention.sliding_window",
+    _SLIDING_WINDOW_PATTERN_KEY,
+    *_RECURRENT_UNKNOWN_KEYS,
 )
+#: The most layers llama.cpp loads: the pinned build aborts past it (``GGML_ASSERT(n_layer <=
+#: LLAMA_MAX_LAYERS)``, seen for 513). A header saying more gives no estimate.
+_MAX_LAYERS: Final = 512
 #: Integer arrays longer than this are skipped, not decoded (no per-layer list is this long).
 _MAX_DECODED_ARRAY: Final = 4096
 _UPSTREAM_NAME: Final = "llama-server"
@@ -130,6 +197,13 @@ _CACHE_TYPES: Final = frozenset(
 _DEFAULT_CACHE_TYPE: Final = "f16"
 #: Upstream's slots when ``-np`` is not given (or is negative): 4, sharing one cache.
 _UPSTREAM_AUTO_SLOTS: Final = 4
+#: Upstream's batch sizes when ``-b`` / ``-ub`` are not given.
+_UPSTREAM_BATCH: Final = 2048
+_UPSTREAM_UBATCH: Final = 512
+#: Architectures whose sliding-window layers the estimate counts at llama.cpp's window cache
+#: (the others at the full context, an upper bound), and their layer pattern when the model
+#: gives none: every N-th layer attends to the whole context.
+_SLIDING_WINDOW_PATTERNS: Final[Mapping[str, int]] = {"gemma3": 6, "gemma2": 2, "gpt-oss": 2}
 #: ``std::stoi``: leading white space, a sign, decimal digits; the rest is ignored.
 _STOI: Final = re.compile(r"[ \t\n\v\f\r]*([+-]?)0*([0-9]{1,20})")
 _INT32: Final = range(-(1 << 31), 1 << 31)
@@ -209,6 +283,11 @@ _UPSTREAM_SETTINGS: Final[Mapping[str, str]] = {
     "--model": "model",
     "-fitc": "fit_ctx",
     "--fit-ctx": "fit_ctx",
+    "--spec-type": "spec_type",
+    "-b": "batch",
+    "--batch-size": "batch",
+    "-ub": "ubatch",
+    "--ubatch-size": "ubatch",
 }
 _UPSTREAM_UNIFIED: Final[Mapping[str, bool]] = {
     "-kvu": True,
@@ -224,6 +303,9 @@ _UPSTREAM_VARIABLES: Final[Mapping[str, str]] = {
     "LLAMA_ARG_KV_UNIFIED_PER_SLOT": "per_slot",
     "LLAMA_ARG_MODEL": "model",
     "LLAMA_ARG_FIT_CTX": "fit_ctx",
+    "LLAMA_ARG_SPEC_TYPE": "spec_type",
+    "LLAMA_ARG_BATCH": "batch",
+    "LLAMA_ARG_UBATCH": "ubatch",
 }
 #: The keys of a llama.cpp configuration file that the estimate reads: an option's names
 #: without their dashes, and its variable. ``no-`` names set the opposite.
@@ -235,6 +317,8 @@ _CONFIG_UNIFIED: Final[Mapping[str, bool]] = {
     **{option.lstrip("-"): value for option, value in _UPSTREAM_UNIFIED.items()},
     "LLAMA_ARG_KV_UNIFIED": True,
 }
+#: ``--swa-full`` in a configuration file, by its name or its variable.
+_CONFIG_SWA_FULL: Final = frozenset({"swa-full", "LLAMA_ARG_SWA_FULL"})
 #: Upstream reads this file first, then the user's (``$XDG_CONFIG_HOME/llama.cpp/config.ini``,
 #: else ``$HOME/.config/llama.cpp/config.ini``), then its environment, then its flags.
 _SYSTEM_CONFIG: Final = Path("/etc/llama.cpp/config.ini")
@@ -290,6 +374,62 @@ _PLACEHOLDER_VALUES: Final[Mapping[str, str]] = {
     "api_key_file": "key",
 }
 
+#: Architectures the pinned llama.cpp gives a recurrent state, by how it finds the layers that
+#: have one: every layer; those without KV heads; those without KV heads or a feed-forward
+#: network (Nemotron-H's Mamba layers); all but every ``full_attention_interval``-th.
+_RECURRENT_EVERY_LAYER: Final = frozenset(
+    {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1"}
+)
+_HYBRID_BY_KV_HEADS: Final = frozenset({"jamba", "granitehybrid", "lfm2", "lfm2moe"})
+_HYBRID_BY_KV_HEADS_AND_FF: Final = frozenset({"nemotron_h", "nemotron_h_moe"})
+_HYBRID_BY_INTERVAL: Final = frozenset({"qwen3next", "qwen35", "qwen35moe"})
+_RECURRENT_ARCHITECTURES: Final = (
+    _RECURRENT_EVERY_LAYER | _HYBRID_BY_KV_HEADS | _HYBRID_BY_KV_HEADS_AND_FF | _HYBRID_BY_INTERVAL
+)
+#: Whose state is RWKV's (token shift and WKV), or LFM2's short convolution; the rest Mamba's.
+_RWKV_ARCHITECTURES: Final = frozenset({"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
+_SHORTCONV_ARCHITECTURES: Final = frozenset({"lfm2", "lfm2moe"})
+#: Falcon-H1 runs attention and an SSM side by side in every layer: its KV cache has them all.
+_ATTENTION_IN_EVERY_LAYER: Final = frozenset({"falcon-h1"})
+#: Keys that give a model a recurrent state whatever its architecture is called.
+_RECURRENT_KEYS: Final = (
+    b".ssm.conv_kernel",
+    b".ssm.inner_size",
+    b".ssm.state_size",
+    b".wkv.head_size",
+    b".shortconv.l_cache",
+    *_RECURRENT_UNKNOWN_KEYS,
+)
+#: The keys (after ``ARCH.``) a recurrent state's size or layers come from: an
+#: ``--override-kv`` of one gives :class:`Uncountable`.
+_RECURRENT_SIZING_KEYS: Final = frozenset(
+    {
+        "ssm.conv_kernel",
+        "ssm.inner_size",
+        "ssm.state_size",
+        "ssm.group_count",
+        "wkv.head_size",
+        "token_shift_count",
+        "shortconv.l_cache",
+        "full_attention_interval",
+        "attention.recurrent_layers",
+        "attention.head_count_kv",
+        "feed_forward_length",
+        "block_count",
+        "embedding_length",
+    }
+)
+#: The keys a sliding window's cache comes from: with an ``--override-kv`` of one, the window
+#: layers are counted at the full context.
+_SLIDING_WINDOW_KEYS: Final = frozenset(
+    {"attention.sliding_window", "attention.sliding_window_pattern"}
+)
+#: Bytes of a recurrent state's element: llama.cpp keeps it in f32 (``-ctk``/``-ctv`` are
+#: for the KV cache only).
+_RECURRENT_ELEMENT_BYTES: Final = 4
+#: Upstream's speculative decoding types that need no copies of the recurrent state.
+_PLAIN_SPEC_TYPES: Final = frozenset({"", "none"})
+
 _V = gguf.GGUFValueType
 #: Byte sizes of the fixed-size value types.
 _SCALAR_SIZES: Final[Mapping[int, int]] = {
@@ -316,6 +456,9 @@ _INTEGER_FORMATS: Final[Mapping[int, str]] = {
     _V.INT64: "q",
 }
 
+#: An array of flags (``attention.recurrent_layers``) may be bools as well as integers.
+_FLAG_FORMATS: Final[Mapping[int, str]] = {**_INTEGER_FORMATS, _V.BOOL: "?"}
+
 
 class _Malformed(Exception):
     """The header is not what the format says (llama.cpp refuses it too); no estimate."""
@@ -341,15 +484,27 @@ class AttentionShape:
     value_length: int
     #: ``general.architecture``: the prefix of the keys above (for ``--override-kv``).
     architecture: str = "llama"
+    #: Layers with a recurrent state (Mamba, RWKV, the recurrent layers of a hybrid).
+    recurrent_layers: int = 0
+    #: Elements of one layer's "R" (convolution or token-shift) state for one sequence.
+    recurrent_r: int = 0
+    #: Elements of one layer's "S" (SSM or WKV) state for one sequence.
+    recurrent_s: int = 0
+    #: ``attention.sliding_window``, and which layers attend through it (one flag per layer;
+    #: empty where the estimate counts every layer at the full context).
+    sliding_window: int = 0
+    swa_layers: tuple[bool, ...] = ()
 
 
 @final
 @dataclass(frozen=True, slots=True)
 class ContextMemory:
-    """The KV cache a runtime will allocate: its context in tokens and its size in bytes."""
+    """What a runtime will allocate for its context: the context in tokens, and the bytes of
+    its KV cache and recurrent state together (``recurrent_bytes`` of them the latter)."""
 
     context_tokens: int
     bytes: int
+    recurrent_bytes: int = 0
 
 
 @final
@@ -366,6 +521,11 @@ UNCOUNTABLE: Final = Uncountable("its GGUF header is too large for the fit check
 _CONFIG_TOO_LARGE: Final = Uncountable(
     "llama.cpp's configuration file is too large for the fit check to read"
 )
+
+
+class _UncountableState(Exception):
+    """A model whose recurrent state llama.cpp would allocate in a way this module does not
+    count (or from keys it does not find): the fit check refuses rather than count nothing."""
 
 
 def _unverified(what: str) -> Uncountable:
@@ -434,9 +594,12 @@ class _Header:
         if self.elements > _MAX_ELEMENTS:
             raise _TooLarge
 
-    def value(self, value_type: int, *, keep: bool) -> int | tuple[int, ...] | bytes | None:
+    def value(
+        self, value_type: int, *, keep: bool, flags: bool = False
+    ) -> int | tuple[int, ...] | bytes | None:
         """Read one value: an int, a tuple of ints, a string; None for anything else, and for
-        everything when not ``keep`` (skipped, lengths checked, nothing copied)."""
+        everything when not ``keep`` (skipped, lengths checked, nothing copied). With
+        ``flags``, an array of bools is kept too, as a tuple of 0 and 1."""
         self.count(1)
         if value_type in _SCALAR_SIZES:
             start = self.take(_SCALAR_SIZES[value_type])
@@ -457,10 +620,11 @@ class _Header:
             size = _SCALAR_SIZES[item_type]
             start = self.take(size * length)
             self.count(length)
-            if not keep or item_type not in _INTEGER_FORMATS or length > _MAX_DECODED_ARRAY:
+            formats = _FLAG_FORMATS if flags else _INTEGER_FORMATS
+            if not keep or item_type not in formats or length > _MAX_DECODED_ARRAY:
                 return None  # a vocabulary's scores, its token types
-            code = f"{self._order}{length}{_INTEGER_FORMATS[item_type]}"
-            return tuple(struct.unpack_from(code, self._data, start))
+            code = f"{self._order}{length}{formats[item_type]}"
+            return tuple(int(item) for item in struct.unpack_from(code, self._data, start))
         if item_type == _V.STRING:
             self._skip_strings(length)
             return None
@@ -497,7 +661,13 @@ def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ..
         if key in keys:  # llama.cpp refuses such a file; which value counts is anyone's guess
             raise _Malformed
         keys.add(key)
-        value = header.value(header.integer("I"), keep=key.endswith(_WANTED))
+        value = header.value(
+            header.integer("I"),
+            keep=key.endswith(_WANTED),
+            flags=key.endswith((_RECURRENT_LAYERS_KEY, _SLIDING_WINDOW_PATTERN_KEY)),
+        )
+        if value is None and key.endswith(_RECURRENT_UNKNOWN_KEYS):
+            value = b""  # only its presence counts, whatever its type
         if value is not None:
             found[key.decode("utf-8", "replace")] = value
     return found
@@ -519,9 +689,14 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
         return metadata.get(template.format(arch=arch))
 
     layers = _positive(get(gguf.Keys.LLM.BLOCK_COUNT))
+    if layers > _MAX_LAYERS:
+        raise _Malformed  # llama.cpp aborts on it; and a tuple per layer must stay small
     context_length = _positive(get(gguf.Keys.LLM.CONTEXT_LENGTH))
     embedding = _positive(get(gguf.Keys.LLM.EMBEDDING_LENGTH))
+    recurrent = _has_recurrent_state(metadata, arch)
     heads = get(gguf.Keys.Attention.HEAD_COUNT)
+    if heads is None and recurrent:
+        heads = 0  # a recurrent model without attention need not say so
     kv_heads = get(gguf.Keys.Attention.HEAD_COUNT_KV)
     if kv_heads is None:
         kv_heads = heads
@@ -534,18 +709,155 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
         raise _Malformed
 
     head_counts = per_layer(heads)
+    kv_counts = per_layer(kv_heads)
     first_heads = next((count for count in head_counts if count > 0), 0)
-    if first_heads == 0:
+    if first_heads == 0 and not recurrent:
         raise _Malformed  # no attention at all: nothing this estimate knows how to size
     key_length = get(gguf.Keys.Attention.KEY_LENGTH)
     value_length = get(gguf.Keys.Attention.VALUE_LENGTH)
+    recurrent_layers: tuple[bool, ...] = (False,) * layers
+    r_elements = s_elements = 0
+    if recurrent:
+        recurrent_layers, r_elements, s_elements = _recurrent_state(
+            get, arch, layers, embedding, kv_counts
+        )
+        if arch not in _ATTENTION_IN_EVERY_LAYER:
+            # A hybrid's KV cache holds its attention layers only.
+            kv_counts = tuple(
+                0 if is_recurrent else count
+                for count, is_recurrent in zip(kv_counts, recurrent_layers, strict=True)
+            )
+    window, swa_layers = _sliding_window(get, arch, layers)
+    if first_heads == 0:
+        return AttentionShape(
+            context_length=context_length,
+            kv_heads=(0,) * layers,
+            key_length=0,
+            value_length=0,
+            architecture=arch,
+            recurrent_layers=sum(recurrent_layers),
+            recurrent_r=r_elements,
+            recurrent_s=s_elements,
+        )
     return AttentionShape(
         context_length=context_length,
-        kv_heads=per_layer(kv_heads),
+        kv_heads=kv_counts,
         key_length=embedding // first_heads if key_length is None else _positive(key_length),
         value_length=embedding // first_heads if value_length is None else _positive(value_length),
         architecture=arch,
+        recurrent_layers=sum(recurrent_layers),
+        recurrent_r=r_elements,
+        recurrent_s=s_elements,
+        sliding_window=window,
+        swa_layers=swa_layers,
     )
+
+
+def _sliding_window(
+    get: Callable[[str], int | tuple[int, ...] | bytes | None], arch: str, layers: int
+) -> tuple[int, tuple[bool, ...]]:
+    """The sliding window and the layers that attend through it, for an architecture whose
+    window cache the estimate sizes (:data:`_SLIDING_WINDOW_PATTERNS`); ``(0, ())`` for any
+    other, or where the model's keys are not what llama.cpp reads (every layer is then
+    counted at the full context, an upper bound)."""
+    default = _SLIDING_WINDOW_PATTERNS.get(arch)
+    window = get(gguf.Keys.Attention.SLIDING_WINDOW)
+    if default is None or type(window) is not int or window <= 0:
+        return 0, ()
+    pattern = get("{arch}" + _SLIDING_WINDOW_PATTERN_KEY.decode())
+    if pattern is None:
+        pattern = default
+    if type(pattern) is int:
+        # Every pattern-th layer (the last of each group) attends to the whole context.
+        flags = tuple(pattern == 0 or layer % pattern < pattern - 1 for layer in range(layers))
+    elif isinstance(pattern, tuple) and len(pattern) == layers:
+        flags = tuple(flag != 0 for flag in pattern)
+    else:
+        return 0, ()
+    return (window, flags) if any(flags) else (0, ())
+
+
+def _has_recurrent_state(metadata: Mapping[str, object], arch: str) -> bool:
+    """Whether llama.cpp gives the model a recurrent state: an architecture it runs as
+    recurrent or hybrid, or keys of one (``ssm.*``, ``wkv.*``, ``shortconv.*``...)."""
+    if arch in _RECURRENT_ARCHITECTURES:
+        return True
+    prefix = arch + "."
+    return any(
+        key.startswith(prefix) and key.encode().endswith(_RECURRENT_KEYS) for key in metadata
+    )
+
+
+def _recurrent_state(
+    get: Callable[[str], int | tuple[int, ...] | bytes | None],
+    arch: str,
+    layers: int,
+    embedding: int,
+    kv_heads: tuple[int, ...],
+) -> tuple[tuple[bool, ...], int, int]:
+    """Which layers have a recurrent state, and the elements (f32) of one layer's R and S
+    state for one sequence, as the pinned llama.cpp sizes them.
+
+    R is the convolution state (Mamba: ``(conv_kernel - 1) × (inner_size + 2 × group_count ×
+    state_size)``; LFM2: ``embedding × (l_cache - 1)``) or RWKV's token shift
+    (``token_shift_count × embedding``); S the SSM state (``state_size × inner_size``) or
+    RWKV's WKV state (``embedding × wkv.head_size``). :class:`_UncountableState` for a
+    model it sizes otherwise, or whose keys are not all there."""
+    explicit = get("{arch}" + _RECURRENT_LAYERS_KEY.decode())
+    for key in _RECURRENT_UNKNOWN_KEYS:
+        if key == _RECURRENT_LAYERS_KEY and arch in _HYBRID_BY_INTERVAL:
+            continue
+        if get("{arch}" + key.decode()) is not None:
+            raise _UncountableState(key.decode().lstrip(".") + " in its header")
+    if arch not in _RECURRENT_ARCHITECTURES:
+        raise _UncountableState("an architecture it does not know")
+
+    def number(template: str, default: int | None = None) -> int:
+        value = get(template)
+        if value is None and default is not None:
+            return default
+        if type(value) is not int or value < 0:
+            raise _UncountableState(template.removeprefix("{arch}.") + " missing or not a number")
+        return value
+
+    if arch in _RWKV_ARCHITECTURES:
+        head_size = number(gguf.Keys.WKV.HEAD_SIZE)
+        shifts = number(gguf.Keys.LLM.TOKEN_SHIFT_COUNT, default=2)
+        r_elements, s_elements = shifts * embedding, embedding * head_size
+    elif arch in _SHORTCONV_ARCHITECTURES:
+        cache = number(gguf.Keys.ShortConv.L_CACHE)
+        r_elements, s_elements = embedding * max(cache - 1, 0), 0
+    else:
+        kernel = number(gguf.Keys.SSM.CONV_KERNEL)
+        inner = number(gguf.Keys.SSM.INNER_SIZE)
+        state = number(gguf.Keys.SSM.STATE_SIZE)
+        groups = number(gguf.Keys.SSM.GROUP_COUNT, default=0)
+        r_elements = max(kernel - 1, 0) * (inner + 2 * groups * state)
+        s_elements = state * inner
+    if arch in _HYBRID_BY_KV_HEADS:
+        recurrent = tuple(count == 0 for count in kv_heads)
+    elif arch in _HYBRID_BY_KV_HEADS_AND_FF:
+        # A layer with neither attention nor a feed-forward network is a Mamba layer.
+        feed_forward = get(gguf.Keys.LLM.FEED_FORWARD_LENGTH)
+        if type(feed_forward) is int:
+            feed_forward = (feed_forward,) * layers
+        if not isinstance(feed_forward, tuple) or len(feed_forward) != layers:
+            raise _UncountableState("feed_forward_length missing or not one per layer")
+        recurrent = tuple(
+            count == 0 and width == 0 for count, width in zip(kv_heads, feed_forward, strict=True)
+        )
+    elif arch in _HYBRID_BY_INTERVAL and explicit is not None:
+        if not isinstance(explicit, tuple) or len(explicit) != layers:
+            raise _UncountableState("attention.recurrent_layers not one per layer")
+        recurrent = tuple(value != 0 for value in explicit)
+    elif arch in _HYBRID_BY_INTERVAL:
+        interval = number(gguf.Keys.LLM.FULL_ATTENTION_INTERVAL, default=4)
+        if interval == 0:
+            raise _UncountableState("full_attention_interval 0")
+        recurrent = tuple((layer + 1) % interval != 0 for layer in range(layers))
+    else:  # every layer: Mamba, RWKV, Falcon-H1 (attention and SSM side by side)
+        recurrent = (True,) * layers
+    return recurrent, r_elements, s_elements
 
 
 def _read_start(descriptor: int, count: int) -> bytes:
@@ -587,6 +899,8 @@ def read_attention_shape(path: Path) -> AttentionShape | Uncountable | None:
                 return None  # the file shrank under the read
             try:
                 return _attention_shape(_read_metadata(data, size))
+            except _UncountableState as error:
+                return Uncountable(f"its recurrent state cannot be counted ({error.args[0]})")
             except _NeedMore:
                 if want >= min(size, _MAX_HEADER_BYTES):
                     return UNCOUNTABLE  # the key-value section goes on past the bound
@@ -626,6 +940,16 @@ class _Settings:
     pinned: bool = False
     #: ``--override-kv`` values, in order.
     overrides: tuple[str, ...] = ()
+    #: Upstream's ``--spec-type``: the kinds of speculative decoding, comma-separated.
+    spec_type: str = "none"
+    #: Upstream's ``-b`` and ``-ub``: the logical and physical batch sizes.
+    batch: int = _UPSTREAM_BATCH
+    ubatch: int = _UPSTREAM_UBATCH
+    #: Upstream's ``--swa-full``: sliding-window layers get a cache of the full context.
+    swa_full: bool = False
+    #: Whether the runtime is upstream's ``llama-server``, whose sliding-window cache this
+    #: module sizes (the launcher's is counted at the full context).
+    upstream: bool = False
     #: The model file it loads (None: none given).
     model: str | None = None
     #: The first option, variable or configuration key that loads other weights (``-hf``,
@@ -672,8 +996,8 @@ def _apply_upstream(settings: _Settings, setting: str, value: str) -> bool:
     if setting == "override":
         settings.overrides = (*settings.overrides, value)
         return True
-    if setting == "model":
-        settings.model = value
+    if setting in ("model", "spec_type"):
+        setattr(settings, setting, value)
         return True
     number = _stoi(value)
     if number is None:
@@ -740,6 +1064,8 @@ def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
             # A switch there is on for on, 1, enabled or true and off for anything else: the
             # pinned build never stops for one (its variable, though, must be one or the other).
             settings.unified = (value in _TRUTHY) == _CONFIG_UNIFIED[key]
+        elif key in _CONFIG_SWA_FULL:
+            settings.swa_full = value in _TRUTHY
         elif key in _CONFIG_KEYS and not _apply_upstream(settings, _CONFIG_KEYS[key], value):
             return False
     return True
@@ -748,7 +1074,7 @@ def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
 def _upstream_settings(
     arguments: Sequence[str], environ: Mapping[str, str]
 ) -> _Settings | Uncountable | None:
-    settings = _Settings()
+    settings = _Settings(upstream=True)
     for path in _config_files(environ):
         lines = _config_lines(path)
         if lines is None:
@@ -766,6 +1092,10 @@ def _upstream_settings(
         if unified not in _TRUTHY | _FALSEY:
             return None
         settings.unified = unified in _TRUTHY
+    if "LLAMA_ARG_SWA_FULL" in environ:
+        # On for on, 1, enabled or true, off for anything else: unlike LLAMA_ARG_KV_UNIFIED,
+        # the pinned build never stops for this one ("yes" and "TRUE" are off).
+        settings.swa_full = environ["LLAMA_ARG_SWA_FULL"] in _TRUTHY
     index = 0
     while index < len(arguments):
         option = arguments[index]
@@ -776,6 +1106,8 @@ def _upstream_settings(
             settings.other_weights = settings.other_weights or option
         if option in _UPSTREAM_UNIFIED:
             settings.unified = _UPSTREAM_UNIFIED[option]
+        elif option == "--swa-full":
+            settings.swa_full = True
         elif option in _UPSTREAM_TWO_VALUE_OPTIONS:
             index += 2
         elif option in _UPSTREAM_VALUE_OPTIONS:
@@ -988,6 +1320,18 @@ def _override_context(overrides: Sequence[str], architecture: str) -> int | None
     return max(lengths) if lengths else None
 
 
+def _overridden(overrides: Sequence[str], architecture: str) -> set[str]:
+    """The keys of the model's own (``ARCH.…``, without the prefix) that ``--override-kv``
+    sets, whatever to."""
+    prefix = architecture + "."
+    return {
+        item.partition("=")[0].removeprefix(prefix)
+        for value in overrides
+        for item in value.split(",")
+        if item.startswith(prefix)
+    }
+
+
 def unverified_weights(
     command_template: Sequence[str], environ: Mapping[str, str] | None = None
 ) -> str | None:
@@ -1043,9 +1387,60 @@ def estimate_context_memory(
     if not settings.unified:
         # One cache per slot, each its share of the context padded up on its own.
         context = _pad(context // settings.slots) * settings.slots
-    per_token = sum(
-        _cache_bytes(heads * shape.key_length, settings.cache_k)
-        + _cache_bytes(heads * shape.value_length, settings.cache_v)
-        for heads in shape.kv_heads
+    overridden = _overridden(settings.overrides, shape.architecture)
+    if shape.recurrent_layers and overridden & _RECURRENT_SIZING_KEYS:
+        # The state would be sized from the override, not from the header read here.
+        return Uncountable("its recurrent state cannot be counted with --override-kv of its keys")
+    window_cells = (
+        None if overridden & _SLIDING_WINDOW_KEYS else _window_cells(shape, settings, context)
     )
-    return ContextMemory(context_tokens=context, bytes=context * per_token)
+    swa_layers = shape.swa_layers if window_cells is not None else ()
+    kv_cache = 0
+    for layer, heads in enumerate(shape.kv_heads):
+        per_token = _cache_bytes(heads * shape.key_length, settings.cache_k) + _cache_bytes(
+            heads * shape.value_length, settings.cache_v
+        )
+        windowed = window_cells is not None and layer < len(swa_layers) and swa_layers[layer]
+        kv_cache += per_token * (window_cells if windowed and window_cells is not None else context)
+    recurrent = _recurrent_bytes(shape, settings)
+    if isinstance(recurrent, Uncountable):
+        return recurrent
+    return ContextMemory(
+        context_tokens=context, bytes=kv_cache + recurrent, recurrent_bytes=recurrent
+    )
+
+
+def _window_cells(shape: AttentionShape, settings: _Settings, context: int) -> int | None:
+    """The cells upstream's cache gives each sliding-window layer (all its slots' together),
+    or None where they are counted at the full ``context``: a model whose window this does not
+    size, the launcher, ``--swa-full``, speculative decoding, a batch size it would not use.
+
+    Per stream (one, or one per slot without ``--kv-unified``), llama.cpp keeps
+    ``min(the stream's context, window × slots in the stream + the physical batch)`` cells,
+    padded up to 256."""
+    if not shape.swa_layers or not settings.upstream or settings.swa_full:
+        return None
+    kinds = {kind.strip() for kind in settings.spec_type.split(",")}
+    if not kinds <= _PLAIN_SPEC_TYPES or settings.batch <= 0 or settings.ubatch < 0:
+        return None
+    batch = min(settings.batch, context)
+    ubatch = min(batch, settings.ubatch or batch)
+    streams = 1 if settings.unified else settings.slots
+    per_stream = context // streams
+    slots_per_stream = settings.slots if settings.unified else 1
+    window = shape.sliding_window * slots_per_stream + ubatch
+    return _pad(min(per_stream, window)) * streams
+
+
+def _recurrent_bytes(shape: AttentionShape, settings: _Settings) -> int | Uncountable:
+    """The recurrent state llama.cpp allocates for the model: one cell per slot (with or
+    without ``--kv-unified``), in each cell an R and an S state for every recurrent layer."""
+    if shape.recurrent_layers == 0:
+        return 0
+    kinds = {kind.strip() for kind in settings.spec_type.split(",")}
+    if not kinds <= _PLAIN_SPEC_TYPES:
+        # Speculative decoding may have llama.cpp keep a copy of the state per draft token
+        # (its "rs_seq"), for the architectures it lets roll back: not counted here.
+        return Uncountable("its recurrent state cannot be counted with --spec-type")
+    per_cell = shape.recurrent_layers * (shape.recurrent_r + shape.recurrent_s)
+    return settings.slots * per_cell * _RECURRENT_ELEMENT_BYTES

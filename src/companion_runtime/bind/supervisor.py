@@ -781,7 +781,8 @@ class Supervisor:
             if self._context_memory is None
             else {
                 "tokens": self._context_memory.context_tokens,
-                "kv_cache_bytes": self._context_memory.bytes,
+                "kv_cache_bytes": self._context_memory.bytes - self._context_memory.recurrent_bytes,
+                "recurrent_state_bytes": self._context_memory.recurrent_bytes,
             },
             "runtime_url": self._runtime_url,
             "spawns": self._spawns,
@@ -869,7 +870,20 @@ class Supervisor:
             overhead_bytes=config.overhead_bytes + context_bytes,
             gpu_offload=config.gpu_offload,
         )
-        if not verdict.ok and context is not None and context_bytes > 0:
+        if not verdict.ok and context is not None and context.recurrent_bytes > 0:
+            # A recurrent state is per slot, whatever the context: fewer slots need less.
+            kv_cache = context_bytes - context.recurrent_bytes
+            _logger.warning(
+                "the model does not fit: %s of weights, %s%s of recurrent state and %s for the "
+                "runtime; fewer slots (-np) need less",
+                _size(config.expected_size_bytes),
+                f"{_size(kv_cache)} of KV cache for a {context.context_tokens}-token context, "
+                if kv_cache
+                else "",
+                _size(context.recurrent_bytes),
+                _size(config.overhead_bytes),
+            )
+        elif not verdict.ok and context is not None and context_bytes > 0:
             # Sizes only: no path, no digest. The context is what the user can change.
             _logger.warning(
                 "the model does not fit: %s of weights, %s of KV cache for a %d-token context "
