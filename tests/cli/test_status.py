@@ -556,6 +556,50 @@ def test_the_table_prints_values_verbatim_not_as_markup(tmp_path: Path) -> None:
     assert "Traceback" not in finished.stderr
 
 
+class _VerdictLikeDocument(BaseHTTPRequestHandler):
+    """A status document with fields named like the verdict's, saying the opposite."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+    def do_GET(self) -> None:
+        data = json.dumps({"ok": False, "reason": "digest_mismatch", "state": "ready"}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.mark.security
+def test_the_table_never_shows_a_document_s_own_ok_and_reason(tmp_path: Path) -> None:
+    # The exit code (0 here) is the verdict's; a table row "reason  digest_mismatch" taken from
+    # whatever answers at --url would say otherwise, as {"ok": false} would with --json.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _VerdictLikeDocument)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        token_file = tmp_path / "frontdoor.token"
+        token_file.write_text("T" * 43 + "\n")
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        table = run_status("--url", url, "--token-file", str(token_file), state_dir=tmp_path / "s")
+        as_json = run_status(
+            "--url", url, "--token-file", str(token_file), "--json", state_dir=tmp_path / "s"
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert table.returncode == 0, table.stderr
+    assert "ready" in table.stdout
+    assert "digest_mismatch" not in table.stdout
+    assert "False" not in table.stdout
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == {"ok": True, "reason": "ok", "state": "ready"}
+
+
 # --- several serves with one state directory -----------------------------------------------
 
 

@@ -319,11 +319,17 @@ def _state_dir(state_dir: Path | None) -> Path:
 
 
 def status_table(document: Mapping[str, object]) -> Table:
-    """A two-column table of the status document (nested mappings flattened with dots)."""
+    """A two-column table of the status document (nested mappings flattened with dots).
+
+    The document's own top-level ``ok`` and ``reason`` (the front door's has none) are left
+    out, as :meth:`StatusResult.to_dict` leaves them out: the verdict, which the exit code
+    follows, is the only one with those names.
+    """
     table = Table(title="companion-runtime front door", show_header=True)
     table.add_column("field")
     table.add_column("value", justify="right")
-    for name, value in _flatten(document):
+    shown = {name: value for name, value in document.items() if name not in _VERDICT}
+    for name, value in _flatten(shown):
         # Text, not markup: a value such as "[/x]" is shown as it is, never parsed as a tag.
         table.add_row(Text(_escaped(name)), Text(_escaped(value)))
     return table
