@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import httpx
 import psutil
 import pytest
 
+from companion_runtime.bind.admission import AdmissionController
 from companion_runtime.bind.health import HealthPolicy, HttpHealthChecker, wait_until_healthy
 from companion_runtime.bind.probe import (
     NoGpu,
@@ -21,7 +23,14 @@ from companion_runtime.bind.probe import (
     measure_machine_headroom,
 )
 from companion_runtime.bind.process import SubprocessLauncher, build_launch_spec
-from companion_runtime.core import LifecycleEvent, Reason, ResourceObservation
+from companion_runtime.core import (
+    LifecycleEvent,
+    Reason,
+    ResourceObservation,
+    create_resource_limits,
+)
+from tests.support.admission import READY
+from tests.support.nvml import fake_nvml
 from tests.support.supervision import llama_ready, real_runtime, standin_command
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -179,3 +188,45 @@ async def test_the_real_server_is_measured(tmp_path: Path) -> None:
     assert sample.process_count >= 1
     assert sample.observation.ram_bytes >= direct - 16 * MIB
     assert sample.observation.ram_bytes > model.stat().st_size
+
+
+# --- failing closed -----------------------------------------------------------------------
+
+
+@pytest.mark.security
+async def test_a_gpu_that_fails_after_it_was_found_makes_the_sample_unmeasurable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every NVML failure once read as 0 bytes: with the GPU lost mid-run (a driver reset), the
+    # runtime's VRAM read 0 and the VRAM ceiling was never enforced.
+    nvml, state = fake_nvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    limits = create_resource_limits(
+        max_ram_bytes=8 << 30, max_vram_bytes=1 << 30, max_cpu_percent=100
+    )
+    controller = AdmissionController(max_in_flight=1, queue_bound=1, resource_limits=limits)
+    controller.set_lifecycle(READY)
+    spec = build_launch_spec(
+        [sys.executable, "-c", "import time; time.sleep(60)", "{port}"], model_path="m"
+    )
+    async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
+        probe = PsutilResourceProbe(runtime.pid, gpu=NvmlGpuMemory())
+        sample = await probe.sample()
+        assert sample.observation.vram_bytes == 0  # present, and none of it ours
+        controller.update_resources(sample.observation, taken_at=sample.taken_at)
+        async with controller.slot():
+            pass
+        state["lost"] = True
+        with pytest.raises(ProbeError) as caught:
+            await probe.sample()
+    assert caught.value.reason is Reason.MALFORMED_OBSERVATION
+    assert str(caught.value) == "malformed_observation"
+
+
+async def test_nvml_that_cannot_start_is_still_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml, _ = fake_nvml(init_fails=True)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    gpu = NvmlGpuMemory()
+    assert gpu.present() is False
+    assert gpu.process_vram_bytes(frozenset({os.getpid()})) == 0
+    assert gpu.free_vram_bytes() == 0

@@ -142,14 +142,20 @@ class NoGpu:
 
 @final
 class NvmlGpuMemory:
-    """The real :class:`GpuMemory` (nvidia-ml-py). Any NVML failure reads as "no GPU"."""
+    """The real :class:`GpuMemory` (nvidia-ml-py).
+
+    No library, no driver, or no device when NVML is first asked: no GPU (0 bytes). Once NVML
+    has answered, a query for the runtime's usage that fails (a driver reset, a lost GPU, a
+    timeout) raises :class:`ProbeError` (``malformed_observation``): a GPU that is there but
+    cannot be read is not one that holds nothing.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._nvml: Any = None
         self._initialised = False
 
-    def _handles(self) -> list[Any]:
+    def _library(self) -> Any:
         with self._lock:
             if not self._initialised:
                 self._initialised = True
@@ -160,20 +166,25 @@ class NvmlGpuMemory:
                     self._nvml = pynvml
                 except Exception:  # noqa: BLE001 - no driver, no library, no GPU: all mean 0
                     self._nvml = None
-        nvml = self._nvml
+        return self._nvml
+
+    def _handles(self) -> list[Any]:
+        nvml = self._library()
         if nvml is None:
             return []
-        with _nvml_errors_mean_nothing():
+        with _nvml_errors_are_unmeasurable():
             return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-        return []
 
     def present(self) -> bool:
-        return bool(self._handles())
+        try:
+            return bool(self._handles())
+        except ProbeError:
+            return False  # for the fit check: a GPU that cannot be read offers nothing
 
     def process_vram_bytes(self, pids: frozenset[int]) -> int:
         total = 0
         for handle in self._handles():
-            with _nvml_errors_mean_nothing():
+            with _nvml_errors_are_unmeasurable():
                 running = [
                     *self._nvml.nvmlDeviceGetComputeRunningProcesses(handle),
                     *self._nvml.nvmlDeviceGetGraphicsRunningProcesses(handle),
@@ -188,19 +199,24 @@ class NvmlGpuMemory:
 
     def free_vram_bytes(self) -> int:
         total = 0
-        for handle in self._handles():
-            with _nvml_errors_mean_nothing():
+        try:
+            handles = self._handles()
+        except ProbeError:
+            return 0
+        for handle in handles:
+            # For the fit check: free memory that cannot be read is none.
+            with contextlib.suppress(ProbeError), _nvml_errors_are_unmeasurable():
                 total += int(self._nvml.nvmlDeviceGetMemoryInfo(handle).free)
         return total
 
 
 @contextlib.contextmanager
-def _nvml_errors_mean_nothing() -> Iterator[None]:
-    """The one place NVML exceptions are translated: the figure is left out (counts as 0)."""
+def _nvml_errors_are_unmeasurable() -> Iterator[None]:
+    """The one place NVML exceptions (on a GPU that NVML found) are translated."""
     try:
         yield
-    except Exception:  # noqa: BLE001, S110 - NVMLError and friends; a GPU we cannot read is none
-        pass
+    except Exception:  # noqa: BLE001 - NVMLError and friends
+        raise ProbeError(Reason.MALFORMED_OBSERVATION) from None
 
 
 _default_gpu: GpuMemory | None = None
