@@ -873,6 +873,24 @@ async def test_a_sample_that_cannot_be_taken_refuses_at_once_not_once_the_last_a
         assert await _answers_within(supervisor, Reason.OK, 3.0)
 
 
+@pytest.mark.security
+async def test_a_first_sample_that_cannot_be_taken_is_ready_but_refused_not_an_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first sample's failure read as runtime_exited, though the runtime was running.
+    nvml, gpu_state = fake_nvml()
+    gpu_state["lost"] = True
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    model, digest, size = _blob(tmp_path)
+    config = _config(standin_command(), model, digest, size, max_sample_age_s=60.0)
+    async with Supervisor(config, gpu=NvmlGpuMemory()) as supervisor:
+        assert (await supervisor.start()).ok
+        assert await _admitted(supervisor) is Reason.MALFORMED_OBSERVATION
+        assert _state(supervisor) is LifecycleState.READY
+        gpu_state["lost"] = False
+        assert await _answers_within(supervisor, Reason.OK, 3.0)
+
+
 async def _answers_within(supervisor: Supervisor, reason: Reason, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
