@@ -12,6 +12,7 @@ import httpx
 import psutil
 import pytest
 
+from companion_runtime.bind import probe as probe_module
 from companion_runtime.bind.admission import AdmissionController
 from companion_runtime.bind.health import HealthPolicy, HttpHealthChecker, wait_until_healthy
 from companion_runtime.bind.probe import (
@@ -31,7 +32,12 @@ from companion_runtime.core import (
 )
 from tests.support.admission import READY
 from tests.support.nvml import fake_nvml
-from tests.support.supervision import llama_ready, real_runtime, standin_command
+from tests.support.supervision import (
+    async_wait_for,
+    llama_ready,
+    real_runtime,
+    standin_command,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -230,3 +236,34 @@ async def test_nvml_that_cannot_start_is_still_no_gpu(monkeypatch: pytest.Monkey
     assert gpu.present() is False
     assert gpu.process_vram_bytes(frozenset({os.getpid()})) == 0
     assert gpu.free_vram_bytes() == 0
+
+
+# A runtime stand-in that forks a chain of N sleeping processes below it (each the parent of
+# the next), so a walk of the tree meets them one level at a time.
+_CHAIN = """\
+import os, sys, time
+for _ in range(int(sys.argv[1])):
+    if os.fork() != 0:
+        break
+time.sleep(120)
+"""
+
+
+@pytest.mark.security
+async def test_a_tree_larger_than_the_cap_is_unmeasurable_not_a_partial_sum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The walk stopped at the cap and summed what it had found: a runtime that forked past it
+    # had the rest of its RAM and CPU left out, and was admitted over its ceilings.
+    monkeypatch.setattr(probe_module, "_MAX_DESCENDANTS", 8)
+    spec = build_launch_spec([sys.executable, "-c", _CHAIN, "12", "{port}"], model_path="m")
+    async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
+        keeper = psutil.Process(runtime.pid)
+        # The keeper, the runtime, and the 12 below it.
+        assert await async_wait_for(lambda: len(keeper.children(recursive=True)) == 13, 10)
+        with pytest.raises(ProbeError) as caught:
+            await PsutilResourceProbe(runtime.pid, gpu=NoGpu()).sample()
+        assert caught.value.reason is Reason.MALFORMED_OBSERVATION
+        monkeypatch.setattr(probe_module, "_MAX_DESCENDANTS", 13)
+        sample = await PsutilResourceProbe(runtime.pid, gpu=NoGpu()).sample()
+    assert sample.process_count == 14  # a tree of exactly the cap is measured

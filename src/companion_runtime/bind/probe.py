@@ -64,6 +64,7 @@ __all__ = [
     "measure_machine_headroom",
 ]
 
+#: Processes below the runtime one sample may count; a larger tree cannot be measured.
 _MAX_DESCENDANTS: Final = 4096
 
 
@@ -239,16 +240,29 @@ def _direct_children_linux(pid: int) -> list[int]:
     return children
 
 
+@final
+class _TreeTooLarge(Exception):
+    """More processes below the runtime than one walk holds: their sum cannot be known."""
+
+
 def _descendants(root: psutil.Process) -> list[int]:
+    """Every process below ``root``; :class:`_TreeTooLarge` past ``_MAX_DESCENDANTS`` (read at
+    each call), never a partial list: a tree that forked past the cap would else be summed
+    without the rest and admitted over its ceilings."""
     if sys.platform.startswith("linux") and Path("/proc/self/task").is_dir():
         found: list[int] = []
         frontier = [root.pid]
-        while frontier and len(found) < _MAX_DESCENDANTS:
+        while frontier:
             children = _direct_children_linux(frontier.pop())
             found.extend(children)
+            if len(found) > _MAX_DESCENDANTS:
+                raise _TreeTooLarge
             frontier.extend(children)
         return found
-    return [child.pid for child in root.children(recursive=True)]
+    found = [child.pid for child in root.children(recursive=True)]
+    if len(found) > _MAX_DESCENDANTS:
+        raise _TreeTooLarge
+    return found
 
 
 @final
@@ -284,7 +298,7 @@ class PsutilResourceProbe:
                 return self._measure()
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 raise ProbeError(Reason.RUNTIME_EXITED) from None
-            except (psutil.Error, OSError):
+            except (psutil.Error, OSError, _TreeTooLarge):
                 raise ProbeError(Reason.MALFORMED_OBSERVATION) from None
 
     def _measure(self) -> ResourceSample:
@@ -371,7 +385,7 @@ async def listeners_below(pid: int, port: int) -> tuple[int, ...]:
     the runtime's is not trusted."""
     try:
         return await asyncio.to_thread(_listeners_below_blocking, pid, port)
-    except (psutil.Error, OSError):
+    except (psutil.Error, OSError, _TreeTooLarge):
         return ()
 
 
