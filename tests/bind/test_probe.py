@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from companion_runtime.bind import probe as probe_module
-from companion_runtime.bind.admission import AdmissionController
+from companion_runtime.bind.admission import AdmissionController, AdmissionRefused
 from companion_runtime.bind.health import HealthPolicy, HttpHealthChecker, wait_until_healthy
 from companion_runtime.bind.probe import (
     NoGpu,
@@ -84,7 +84,7 @@ async def test_cpu_is_a_share_of_the_whole_machine() -> None:
     spec = build_launch_spec([sys.executable, "-c", busy, "{port}"], model_path="m")
     async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
         probe = PsutilResourceProbe(runtime.pid, gpu=NoGpu())
-        await probe.sample()  # psutil's first reading is the baseline
+        await probe.sample()  # the share over the next second is measured from this one
         await asyncio.sleep(1.0)
         sample = await probe.sample()
     cores = psutil.cpu_count() or 1
@@ -267,3 +267,26 @@ async def test_a_tree_larger_than_the_cap_is_unmeasurable_not_a_partial_sum(
         monkeypatch.setattr(probe_module, "_MAX_DESCENDANTS", 13)
         sample = await PsutilResourceProbe(runtime.pid, gpu=NoGpu()).sample()
     assert sample.process_count == 14  # a tree of exactly the cap is measured
+
+
+async def test_the_first_cpu_sample_already_counts_and_refuses_over_the_ceiling() -> None:
+    # The first sample of each run read 0 %: a runtime that kept a core busy was admitted
+    # under a low CPU ceiling until the second sample.
+    limits = create_resource_limits(
+        max_ram_bytes=8 << 30, max_vram_bytes=1 << 30, max_cpu_percent=5
+    )
+    controller = AdmissionController(max_in_flight=1, queue_bound=1, resource_limits=limits)
+    controller.set_lifecycle(READY)
+    busy = "import sys\nwhile True: pass"
+    spec = build_launch_spec([sys.executable, "-c", busy, "{port}"], model_path="m")
+    async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
+        await asyncio.sleep(0.5)
+        first = await PsutilResourceProbe(runtime.pid, gpu=NoGpu()).sample()
+    cores = psutil.cpu_count() or 1
+    # One busy thread is one core of the machine (less if starved, and less its start-up).
+    assert 100 / cores / 4 < first.observation.cpu_percent <= 100 / cores + 5
+    controller.update_resources(first.observation, taken_at=first.taken_at)
+    with pytest.raises(AdmissionRefused) as refused:
+        async with controller.slot():
+            pass
+    assert refused.value.reason is Reason.CPU_OVER_LIMIT

@@ -12,7 +12,13 @@ processes are ever looked at; elsewhere psutil's ``children(recursive=True)`` is
   so a child that lived and died between two samples is counted too (under the process
   keeper, every process the runtime starts is reaped inside the tree: see ``process.py``).
   A process that sets ``SIGCHLD`` to be ignored has its children reaped by the kernel, which
-  then adds their CPU time to no one's: those are not counted. The first sample reads 0.
+  then adds their CPU time to no one's: those are not counted. The first sample has no
+  previous one: it is the tree's CPU time over the age of its root (the keeper, started just
+  before the runtime; read from ``/proc/<pid>/stat`` against the boot clock on Linux), which
+  is all the time that CPU time can have been spent in, so it is the share since the start,
+  and a runtime that keeps the machine busy is refused from its first sample on (it read 0,
+  and the CPU ceiling held only from the second sample, about a second later). A first
+  sample therefore includes the start-up (a model loading) and may refuse for that.
 - VRAM comes from NVML when an NVIDIA GPU is present, else it is 0. NVML has no query for one
   PID's *current* GPU memory (accounting stats give a peak, and only when an administrator has
   turned accounting on), so the probe asks each device for its running compute and graphics
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -66,6 +73,9 @@ __all__ = [
 
 #: Processes below the runtime one sample may count; a larger tree cannot be measured.
 _MAX_DESCENDANTS: Final = 4096
+#: The shortest age a first CPU sample divides by: a process start time has the resolution of a
+#: clock tick (10 ms), and a wall clock stepped back must not divide by zero or less.
+_MIN_AGE_S: Final = 0.01
 
 
 @final
@@ -265,6 +275,19 @@ def _descendants(root: psutil.Process) -> list[int]:
     return found
 
 
+def _age_s(process: psutil.Process) -> float:
+    """How long ``process`` has run, seconds."""
+    if sys.platform.startswith("linux"):
+        # The start time in clock ticks since boot, against the clock it is kept on: psutil's
+        # create_time() adds the boot time in whole seconds, so a wall-clock age from it is off
+        # by up to a second, which is most of the age at a first sample.
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{process.pid}/stat").read_text()
+            ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+            return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - process.create_time()
+
+
 @final
 class PsutilResourceProbe:
     """The real :class:`ResourceProbe` for the runtime with PID ``pid``."""
@@ -338,8 +361,14 @@ class PsutilResourceProbe:
         for gone in self._processes.keys() - measured:
             del self._processes[gone]
         vram_bytes = self._gpu.process_vram_bytes(frozenset(measured))
-        share = 0.0
-        if self._last_cpu is not None:
+        if self._last_cpu is None:
+            # The first sample: every CPU second the tree holds was spent since its root (the
+            # keeper, or the runtime itself) started, so the share since then is known at once;
+            # reading 0 here left the CPU ceiling unenforced until the second sample.
+            age = max(_age_s(root), _MIN_AGE_S)
+            share = cpu_seconds / age / self._cpu_count * 100.0
+        else:
+            share = 0.0
             last_seconds, last_at = self._last_cpu
             if now > last_at:
                 share = (cpu_seconds - last_seconds) / (now - last_at) / self._cpu_count * 100.0
