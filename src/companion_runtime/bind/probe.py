@@ -4,6 +4,10 @@
 the machine's process table: on Linux the descendants are read from
 ``/proc/<pid>/task/<tid>/children`` (the kernel's per-process child list), so only our own
 processes are ever looked at; elsewhere psutil's ``children(recursive=True)`` is the fallback.
+A tree of more than ``_MAX_DESCENDANTS`` (4,096) processes below the runtime cannot be
+measured: the sample is :class:`ProbeError` (``malformed_observation``), never the sum of the
+part that was walked (a runtime that forked past the cap had the rest left out, and was
+admitted over its ceilings), and no listener in it is trusted.
 
 - RAM is the sum of the processes' RSS.
 - CPU is the processes' CPU time between two samples over the wall time between them, divided
@@ -23,7 +27,15 @@ processes are ever looked at; elsewhere psutil's ``children(recursive=True)`` is
   PID's *current* GPU memory (accounting stats give a peak, and only when an administrator has
   turned accounting on), so the probe asks each device for its running compute and graphics
   processes and keeps only the entries whose PID is ours, inside one function; nothing about
-  any other process is stored, returned or logged.
+  any other process is stored, returned or logged. No library, no driver or no device when
+  NVML is first asked means no GPU: 0, for the process's whole life (a GPU that appears later
+  is not seen). Once NVML has found a device, a failed query for the runtime's usage (a driver
+  reset, ``NVML_ERROR_GPU_IS_LOST``, a timeout) makes the sample :class:`ProbeError`
+  (``malformed_observation``): it once read 0, and a VRAM ceiling was never enforced while the
+  GPU could not be read. Free VRAM for the fit check that cannot be read counts as none.
+  Limit: in a PID namespace of its own (a container), NVML reports the host's PIDs, which
+  match none of ours, so the runtime's VRAM reads 0 and the VRAM ceiling is not enforced;
+  this is not detected (a GPU process whose PID is not ours may well be another program's).
 
 :func:`listeners_below` names the processes of the runtime (its PID or descendants) that listen
 on ``127.0.0.1`` at a TCP port, and :func:`listens_below` says whether there is one: the port is
@@ -34,7 +46,10 @@ processes' own sockets are looked at.
 
 All psutil and NVML calls block, so they run in a worker thread (``asyncio.to_thread``).
 Foreign exceptions are translated in one place per adapter: a runtime that vanished is
-:class:`ProbeError` with ``runtime_exited``; any NVML failure means "no GPU" (0 bytes).
+:class:`ProbeError` with ``runtime_exited``; a process that cannot be read, a tree past the cap
+or a GPU that fails once found is ``malformed_observation``, which the supervisor passes on to
+the admission controller at once (``forget_resources``): requests are refused as for a stale
+sample until a sample can be taken again.
 A sample is a core :class:`ResourceObservation` plus ``taken_at`` on the monotonic clock (the
 same clock the admission controller ages samples on).
 """
