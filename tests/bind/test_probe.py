@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import httpx
 import psutil
 import pytest
 
+from companion_runtime.bind import probe as probe_module
+from companion_runtime.bind.admission import AdmissionController, AdmissionRefused
 from companion_runtime.bind.health import HealthPolicy, HttpHealthChecker, wait_until_healthy
 from companion_runtime.bind.probe import (
     NoGpu,
@@ -21,8 +24,20 @@ from companion_runtime.bind.probe import (
     measure_machine_headroom,
 )
 from companion_runtime.bind.process import SubprocessLauncher, build_launch_spec
-from companion_runtime.core import LifecycleEvent, Reason, ResourceObservation
-from tests.support.supervision import llama_ready, real_runtime, standin_command
+from companion_runtime.core import (
+    LifecycleEvent,
+    Reason,
+    ResourceObservation,
+    create_resource_limits,
+)
+from tests.support.admission import READY
+from tests.support.nvml import fake_nvml
+from tests.support.supervision import (
+    async_wait_for,
+    llama_ready,
+    real_runtime,
+    standin_command,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -69,7 +84,7 @@ async def test_cpu_is_a_share_of_the_whole_machine() -> None:
     spec = build_launch_spec([sys.executable, "-c", busy, "{port}"], model_path="m")
     async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
         probe = PsutilResourceProbe(runtime.pid, gpu=NoGpu())
-        await probe.sample()  # psutil's first reading is the baseline
+        await probe.sample()  # the share over the next second is measured from this one
         await asyncio.sleep(1.0)
         sample = await probe.sample()
     cores = psutil.cpu_count() or 1
@@ -179,3 +194,99 @@ async def test_the_real_server_is_measured(tmp_path: Path) -> None:
     assert sample.process_count >= 1
     assert sample.observation.ram_bytes >= direct - 16 * MIB
     assert sample.observation.ram_bytes > model.stat().st_size
+
+
+# --- failing closed -----------------------------------------------------------------------
+
+
+@pytest.mark.security
+async def test_a_gpu_that_fails_after_it_was_found_makes_the_sample_unmeasurable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every NVML failure once read as 0 bytes: with the GPU lost mid-run (a driver reset), the
+    # runtime's VRAM read 0 and the VRAM ceiling was never enforced.
+    nvml, state = fake_nvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    limits = create_resource_limits(
+        max_ram_bytes=8 << 30, max_vram_bytes=1 << 30, max_cpu_percent=100
+    )
+    controller = AdmissionController(max_in_flight=1, queue_bound=1, resource_limits=limits)
+    controller.set_lifecycle(READY)
+    spec = build_launch_spec(
+        [sys.executable, "-c", "import time; time.sleep(60)", "{port}"], model_path="m"
+    )
+    async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
+        probe = PsutilResourceProbe(runtime.pid, gpu=NvmlGpuMemory())
+        sample = await probe.sample()
+        assert sample.observation.vram_bytes == 0  # present, and none of it ours
+        controller.update_resources(sample.observation, taken_at=sample.taken_at)
+        async with controller.slot():
+            pass
+        state["lost"] = True
+        with pytest.raises(ProbeError) as caught:
+            await probe.sample()
+    assert caught.value.reason is Reason.MALFORMED_OBSERVATION
+    assert str(caught.value) == "malformed_observation"
+
+
+async def test_nvml_that_cannot_start_is_still_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml, _ = fake_nvml(init_fails=True)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    gpu = NvmlGpuMemory()
+    assert gpu.present() is False
+    assert gpu.process_vram_bytes(frozenset({os.getpid()})) == 0
+    assert gpu.free_vram_bytes() == 0
+
+
+# A runtime stand-in that forks a chain of N sleeping processes below it (each the parent of
+# the next), so a walk of the tree meets them one level at a time.
+_CHAIN = """\
+import os, sys, time
+for _ in range(int(sys.argv[1])):
+    if os.fork() != 0:
+        break
+time.sleep(120)
+"""
+
+
+@pytest.mark.security
+async def test_a_tree_larger_than_the_cap_is_unmeasurable_not_a_partial_sum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The walk stopped at the cap and summed what it had found: a runtime that forked past it
+    # had the rest of its RAM and CPU left out, and was admitted over its ceilings.
+    monkeypatch.setattr(probe_module, "_MAX_DESCENDANTS", 8)
+    spec = build_launch_spec([sys.executable, "-c", _CHAIN, "12", "{port}"], model_path="m")
+    async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
+        keeper = psutil.Process(runtime.pid)
+        # The keeper, the runtime, and the 12 below it.
+        assert await async_wait_for(lambda: len(keeper.children(recursive=True)) == 13, 10)
+        with pytest.raises(ProbeError) as caught:
+            await PsutilResourceProbe(runtime.pid, gpu=NoGpu()).sample()
+        assert caught.value.reason is Reason.MALFORMED_OBSERVATION
+        monkeypatch.setattr(probe_module, "_MAX_DESCENDANTS", 13)
+        sample = await PsutilResourceProbe(runtime.pid, gpu=NoGpu()).sample()
+    assert sample.process_count == 14  # a tree of exactly the cap is measured
+
+
+async def test_the_first_cpu_sample_already_counts_and_refuses_over_the_ceiling() -> None:
+    # The first sample of each run read 0 %: a runtime that kept a core busy was admitted
+    # under a low CPU ceiling until the second sample.
+    limits = create_resource_limits(
+        max_ram_bytes=8 << 30, max_vram_bytes=1 << 30, max_cpu_percent=5
+    )
+    controller = AdmissionController(max_in_flight=1, queue_bound=1, resource_limits=limits)
+    controller.set_lifecycle(READY)
+    busy = "import sys\nwhile True: pass"
+    spec = build_launch_spec([sys.executable, "-c", busy, "{port}"], model_path="m")
+    async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
+        await asyncio.sleep(0.5)
+        first = await PsutilResourceProbe(runtime.pid, gpu=NoGpu()).sample()
+    cores = psutil.cpu_count() or 1
+    # One busy thread is one core of the machine (less if starved, and less its start-up).
+    assert 100 / cores / 4 < first.observation.cpu_percent <= 100 / cores + 5
+    controller.update_resources(first.observation, taken_at=first.taken_at)
+    with pytest.raises(AdmissionRefused) as refused:
+        async with controller.slot():
+            pass
+    assert refused.value.reason is Reason.CPU_OVER_LIMIT

@@ -19,6 +19,7 @@ import httpx
 import psutil
 import pytest
 
+from companion_runtime.bind import process as process_module
 from companion_runtime.bind.process import (
     LOOPBACK_HOST,
     OutputTail,
@@ -561,6 +562,44 @@ async def test_stopping_reaches_a_process_that_left_the_group(
     assert outcome.killed is ignores_sigterm
     assert outcome.returncode == (-signal.SIGKILL if ignores_sigterm else 0)
     assert wait_for(lambda: all(process_gone(p, c) for p, c in created.items()), 5.0)
+
+
+# A runtime stand-in that forks a chain of N processes below it, each in a session of its own
+# (out of the group's reach) and ignoring SIGTERM: only the keeper can end them.
+_OUT_OF_REACH_CHAIN = """\
+import os, signal, sys, time
+for _ in range(int(sys.argv[1])):
+    if os.fork() != 0:
+        break
+    os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(120)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.security
+async def test_the_keeper_kills_every_process_below_it_past_what_one_pass_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The keeper lists what is below it in passes of at most its cap and gave up after 100
+    # passes taken back to back, many of them finding only processes still dying: with the
+    # cap lowered to 2, 81 of a chain of 100 were left running, orphaned, after the stop.
+    monkeypatch.setattr(process_module, "_KEEPER_MAX_BELOW", 2)
+    spec = build_launch_spec(
+        [sys.executable, "-c", _OUT_OF_REACH_CHAIN, "60", "{port}"], model_path="m"
+    )
+    async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
+        keeper = psutil.Process(runtime.pid)
+        assert wait_for(lambda: len(keeper.children(recursive=True)) == 61, 20.0)
+        created = {p.pid: p.create_time() for p in keeper.children(recursive=True)}
+        await runtime.stop(grace_s=0.5)
+    gone = wait_for(lambda: all(process_gone(p, c) for p, c in created.items()), 5.0)
+    left = [pid for pid, created_at in created.items() if not process_gone(pid, created_at)]
+    for pid in left:  # so that a failure leaves nothing behind either
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+    assert gone, f"{len(left)} of {len(created)} left running"
 
 
 @pytest.mark.integration

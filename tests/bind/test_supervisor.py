@@ -31,7 +31,7 @@ from companion_runtime.bind.manifest import (
     RuntimeSpec,
     SourcesSpec,
 )
-from companion_runtime.bind.probe import MachineHeadroom, listens_below
+from companion_runtime.bind.probe import MachineHeadroom, NvmlGpuMemory, listens_below
 from companion_runtime.bind.process import ProcessError, SubprocessLauncher, build_launch_spec
 from companion_runtime.bind.supervisor import (
     Supervisor,
@@ -50,6 +50,7 @@ from companion_runtime.core import (
     create_resource_limits,
 )
 from tests.support.llama import declaring_context
+from tests.support.nvml import fake_nvml
 from tests.support.supervision import (
     async_wait_for,
     big_zero_blob,
@@ -904,6 +905,54 @@ async def test_rss_over_the_limit_refuses_new_requests_until_it_drops(tmp_path: 
             assert await _admitted(supervisor) is Reason.OK
         refused = supervisor.status()["refused_by_reason"]
         assert isinstance(refused, dict) and refused.get("ram_over_limit", 0) >= 1
+
+
+@pytest.mark.security
+async def test_a_sample_that_cannot_be_taken_refuses_at_once_not_once_the_last_ages_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed sample left the last good one in force until it aged out (max_sample_age_s):
+    # a GPU lost mid-run kept the runtime admitted, its VRAM unknown, for that long.
+    nvml, gpu_state = fake_nvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    model, digest, size = _blob(tmp_path)
+    config = _config(standin_command(), model, digest, size, max_sample_age_s=60.0)
+    async with Supervisor(config, gpu=NvmlGpuMemory()) as supervisor:
+        assert (await supervisor.start()).ok
+        assert await _admitted(supervisor) is Reason.OK
+        gpu_state["lost"] = True
+        # Within a few sample intervals (0.1 s), not the 60 s the last sample stays fresh.
+        assert await _answers_within(supervisor, Reason.MALFORMED_OBSERVATION, 3.0)
+        assert _state(supervisor) is LifecycleState.READY  # refused, not stopped
+        gpu_state["lost"] = False
+        assert await _answers_within(supervisor, Reason.OK, 3.0)
+
+
+@pytest.mark.security
+async def test_a_first_sample_that_cannot_be_taken_is_ready_but_refused_not_an_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first sample's failure read as runtime_exited, though the runtime was running.
+    nvml, gpu_state = fake_nvml()
+    gpu_state["lost"] = True
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    model, digest, size = _blob(tmp_path)
+    config = _config(standin_command(), model, digest, size, max_sample_age_s=60.0)
+    async with Supervisor(config, gpu=NvmlGpuMemory()) as supervisor:
+        assert (await supervisor.start()).ok
+        assert await _admitted(supervisor) is Reason.MALFORMED_OBSERVATION
+        assert _state(supervisor) is LifecycleState.READY
+        gpu_state["lost"] = False
+        assert await _answers_within(supervisor, Reason.OK, 3.0)
+
+
+async def _answers_within(supervisor: Supervisor, reason: Reason, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await _admitted(supervisor) is reason:
+            return True
+        await asyncio.sleep(0.02)
+    return False
 
 
 async def test_a_runtime_that_ignores_sigterm_is_sigkilled_after_the_grace(tmp_path: Path) -> None:

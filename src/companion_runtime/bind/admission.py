@@ -306,6 +306,13 @@ class AdmissionController:
         finite = type(taken_at) in (int, float) and -math.inf < taken_at < math.inf
         self._taken_at = float(taken_at) if finite else -math.inf
 
+    def forget_resources(self) -> None:
+        """No sample could be taken: the last one no longer counts, so new requests (and
+        waiters at hand-off) are refused ``malformed_observation``, as for a stale sample,
+        until :meth:`update_resources` records a new one."""
+        self._observation = None
+        self._taken_at = -math.inf
+
     def statistics(self) -> AdmissionStatistics:
         """Return a frozen snapshot of the counters."""
         admission = self._admission

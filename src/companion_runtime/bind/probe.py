@@ -4,6 +4,10 @@
 the machine's process table: on Linux the descendants are read from
 ``/proc/<pid>/task/<tid>/children`` (the kernel's per-process child list), so only our own
 processes are ever looked at; elsewhere psutil's ``children(recursive=True)`` is the fallback.
+A tree of more than ``_MAX_DESCENDANTS`` (4,096) processes below the runtime cannot be
+measured: the sample is :class:`ProbeError` (``malformed_observation``), never the sum of the
+part that was walked (a runtime that forked past the cap had the rest left out, and was
+admitted over its ceilings), and no listener in it is trusted.
 
 - RAM is the sum of the processes' RSS.
 - CPU is the processes' CPU time between two samples over the wall time between them, divided
@@ -12,12 +16,26 @@ processes are ever looked at; elsewhere psutil's ``children(recursive=True)`` is
   so a child that lived and died between two samples is counted too (under the process
   keeper, every process the runtime starts is reaped inside the tree: see ``process.py``).
   A process that sets ``SIGCHLD`` to be ignored has its children reaped by the kernel, which
-  then adds their CPU time to no one's: those are not counted. The first sample reads 0.
+  then adds their CPU time to no one's: those are not counted. The first sample has no
+  previous one: it is the tree's CPU time over the age of its root (the keeper, started just
+  before the runtime; read from ``/proc/<pid>/stat`` against the boot clock on Linux), which
+  is all the time that CPU time can have been spent in, so it is the share since the start,
+  and a runtime that keeps the machine busy is refused from its first sample on (it read 0,
+  and the CPU ceiling held only from the second sample, about a second later). A first
+  sample therefore includes the start-up (a model loading) and may refuse for that.
 - VRAM comes from NVML when an NVIDIA GPU is present, else it is 0. NVML has no query for one
   PID's *current* GPU memory (accounting stats give a peak, and only when an administrator has
   turned accounting on), so the probe asks each device for its running compute and graphics
   processes and keeps only the entries whose PID is ours, inside one function; nothing about
-  any other process is stored, returned or logged.
+  any other process is stored, returned or logged. No library, no driver or no device when
+  NVML is first asked means no GPU: 0, for the process's whole life (a GPU that appears later
+  is not seen). Once NVML has found a device, a failed query for the runtime's usage (a driver
+  reset, ``NVML_ERROR_GPU_IS_LOST``, a timeout) makes the sample :class:`ProbeError`
+  (``malformed_observation``): it once read 0, and a VRAM ceiling was never enforced while the
+  GPU could not be read. Free VRAM for the fit check that cannot be read counts as none.
+  Limit: in a PID namespace of its own (a container), NVML reports the host's PIDs, which
+  match none of ours, so the runtime's VRAM reads 0 and the VRAM ceiling is not enforced;
+  this is not detected (a GPU process whose PID is not ours may well be another program's).
 
 :func:`listeners_below` names the processes of the runtime (its PID or descendants) that listen
 on ``127.0.0.1`` at a TCP port, and :func:`listens_below` says whether there is one: the port is
@@ -28,7 +46,10 @@ processes' own sockets are looked at.
 
 All psutil and NVML calls block, so they run in a worker thread (``asyncio.to_thread``).
 Foreign exceptions are translated in one place per adapter: a runtime that vanished is
-:class:`ProbeError` with ``runtime_exited``; any NVML failure means "no GPU" (0 bytes).
+:class:`ProbeError` with ``runtime_exited``; a process that cannot be read, a tree past the cap
+or a GPU that fails once found is ``malformed_observation``, which the supervisor passes on to
+the admission controller at once (``forget_resources``): requests are refused as for a stale
+sample until a sample can be taken again.
 A sample is a core :class:`ResourceObservation` plus ``taken_at`` on the monotonic clock (the
 same clock the admission controller ages samples on).
 """
@@ -37,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -64,7 +86,11 @@ __all__ = [
     "measure_machine_headroom",
 ]
 
+#: Processes below the runtime one sample may count; a larger tree cannot be measured.
 _MAX_DESCENDANTS: Final = 4096
+#: The shortest age a first CPU sample divides by: a process start time has the resolution of a
+#: clock tick (10 ms), and a wall clock stepped back must not divide by zero or less.
+_MIN_AGE_S: Final = 0.01
 
 
 @final
@@ -142,14 +168,20 @@ class NoGpu:
 
 @final
 class NvmlGpuMemory:
-    """The real :class:`GpuMemory` (nvidia-ml-py). Any NVML failure reads as "no GPU"."""
+    """The real :class:`GpuMemory` (nvidia-ml-py).
+
+    No library, no driver, or no device when NVML is first asked: no GPU (0 bytes). Once NVML
+    has answered, a query for the runtime's usage that fails (a driver reset, a lost GPU, a
+    timeout) raises :class:`ProbeError` (``malformed_observation``): a GPU that is there but
+    cannot be read is not one that holds nothing.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._nvml: Any = None
         self._initialised = False
 
-    def _handles(self) -> list[Any]:
+    def _library(self) -> Any:
         with self._lock:
             if not self._initialised:
                 self._initialised = True
@@ -160,20 +192,25 @@ class NvmlGpuMemory:
                     self._nvml = pynvml
                 except Exception:  # noqa: BLE001 - no driver, no library, no GPU: all mean 0
                     self._nvml = None
-        nvml = self._nvml
+        return self._nvml
+
+    def _handles(self) -> list[Any]:
+        nvml = self._library()
         if nvml is None:
             return []
-        with _nvml_errors_mean_nothing():
+        with _nvml_errors_are_unmeasurable():
             return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-        return []
 
     def present(self) -> bool:
-        return bool(self._handles())
+        try:
+            return bool(self._handles())
+        except ProbeError:
+            return False  # for the fit check: a GPU that cannot be read offers nothing
 
     def process_vram_bytes(self, pids: frozenset[int]) -> int:
         total = 0
         for handle in self._handles():
-            with _nvml_errors_mean_nothing():
+            with _nvml_errors_are_unmeasurable():
                 running = [
                     *self._nvml.nvmlDeviceGetComputeRunningProcesses(handle),
                     *self._nvml.nvmlDeviceGetGraphicsRunningProcesses(handle),
@@ -188,19 +225,24 @@ class NvmlGpuMemory:
 
     def free_vram_bytes(self) -> int:
         total = 0
-        for handle in self._handles():
-            with _nvml_errors_mean_nothing():
+        try:
+            handles = self._handles()
+        except ProbeError:
+            return 0
+        for handle in handles:
+            # For the fit check: free memory that cannot be read is none.
+            with contextlib.suppress(ProbeError), _nvml_errors_are_unmeasurable():
                 total += int(self._nvml.nvmlDeviceGetMemoryInfo(handle).free)
         return total
 
 
 @contextlib.contextmanager
-def _nvml_errors_mean_nothing() -> Iterator[None]:
-    """The one place NVML exceptions are translated: the figure is left out (counts as 0)."""
+def _nvml_errors_are_unmeasurable() -> Iterator[None]:
+    """The one place NVML exceptions (on a GPU that NVML found) are translated."""
     try:
         yield
-    except Exception:  # noqa: BLE001, S110 - NVMLError and friends; a GPU we cannot read is none
-        pass
+    except Exception:  # noqa: BLE001 - NVMLError and friends
+        raise ProbeError(Reason.MALFORMED_OBSERVATION) from None
 
 
 _default_gpu: GpuMemory | None = None
@@ -223,16 +265,42 @@ def _direct_children_linux(pid: int) -> list[int]:
     return children
 
 
+@final
+class _TreeTooLarge(Exception):
+    """More processes below the runtime than one walk holds: their sum cannot be known."""
+
+
 def _descendants(root: psutil.Process) -> list[int]:
+    """Every process below ``root``; :class:`_TreeTooLarge` past ``_MAX_DESCENDANTS`` (read at
+    each call), never a partial list: a tree that forked past the cap would else be summed
+    without the rest and admitted over its ceilings."""
     if sys.platform.startswith("linux") and Path("/proc/self/task").is_dir():
         found: list[int] = []
         frontier = [root.pid]
-        while frontier and len(found) < _MAX_DESCENDANTS:
+        while frontier:
             children = _direct_children_linux(frontier.pop())
             found.extend(children)
+            if len(found) > _MAX_DESCENDANTS:
+                raise _TreeTooLarge
             frontier.extend(children)
         return found
-    return [child.pid for child in root.children(recursive=True)]
+    found = [child.pid for child in root.children(recursive=True)]
+    if len(found) > _MAX_DESCENDANTS:
+        raise _TreeTooLarge
+    return found
+
+
+def _age_s(process: psutil.Process) -> float:
+    """How long ``process`` has run, seconds."""
+    if sys.platform.startswith("linux"):
+        # The start time in clock ticks since boot, against the clock it is kept on: psutil's
+        # create_time() adds the boot time in whole seconds, so a wall-clock age from it is off
+        # by up to a second, which is most of the age at a first sample.
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{process.pid}/stat").read_text()
+            ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+            return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - process.create_time()
 
 
 @final
@@ -268,7 +336,7 @@ class PsutilResourceProbe:
                 return self._measure()
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 raise ProbeError(Reason.RUNTIME_EXITED) from None
-            except (psutil.Error, OSError):
+            except (psutil.Error, OSError, _TreeTooLarge):
                 raise ProbeError(Reason.MALFORMED_OBSERVATION) from None
 
     def _measure(self) -> ResourceSample:
@@ -308,8 +376,14 @@ class PsutilResourceProbe:
         for gone in self._processes.keys() - measured:
             del self._processes[gone]
         vram_bytes = self._gpu.process_vram_bytes(frozenset(measured))
-        share = 0.0
-        if self._last_cpu is not None:
+        if self._last_cpu is None:
+            # The first sample: every CPU second the tree holds was spent since its root (the
+            # keeper, or the runtime itself) started, so the share since then is known at once;
+            # reading 0 here left the CPU ceiling unenforced until the second sample.
+            age = max(_age_s(root), _MIN_AGE_S)
+            share = cpu_seconds / age / self._cpu_count * 100.0
+        else:
+            share = 0.0
             last_seconds, last_at = self._last_cpu
             if now > last_at:
                 share = (cpu_seconds - last_seconds) / (now - last_at) / self._cpu_count * 100.0
@@ -355,7 +429,7 @@ async def listeners_below(pid: int, port: int) -> tuple[int, ...]:
     the runtime's is not trusted."""
     try:
         return await asyncio.to_thread(_listeners_below_blocking, pid, port)
-    except (psutil.Error, OSError):
+    except (psutil.Error, OSError, _TreeTooLarge):
         return ()
 
 

@@ -54,7 +54,13 @@ always does, and it would cover the runtime only. One limit follows from the ker
 semantics: the death signal fires when the *thread* that spawned the keeper exits (asyncio
 spawns from the event-loop thread, which lives as long as the manager's loop). A process below
 the keeper that is killed while it is forking can leave a child the keeper finds on its next
-pass; it looks up to 100 times.
+pass. A pass lists at most ``_KEEPER_MAX_BELOW`` (4,096) processes; what lies below those is
+found on a later pass, once they are dead and the keeper inherits it, and the keeper passes
+until nothing is left below it (it once gave up after 100 passes taken back to back, most of
+them finding only processes still dying, and left the rest running). It gives up only on a
+tree that stays the same for about 5 s: a process in the kernel's uninterruptible sleep,
+which dies when it leaves it (its SIGKILL is pending). A stop's escalation waits 2 s for the
+keeper before the group gets SIGKILL, which ends the keeper wherever it is.
 
 Output: stdout and stderr are drained continuously by reader tasks into ring buffers that keep
 the last ``output_cap_bytes`` of each stream, so the child never blocks on a full pipe and the
@@ -134,14 +140,15 @@ _ELF_MAGIC: Final = b"\x7fELF"
 # signal at its default (Python ignores SIGPIPE and SIGXFSZ, and the fork would pass that
 # on). Exit codes follow the shell's convention (126: cannot arm, 127: cannot exec).
 _KEEPER: Final = """\
-import ctypes, os, signal, sys
+import ctypes, os, signal, sys, time
 PASSED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 signal.pthread_sigmask(signal.SIG_BLOCK, PASSED)
 libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+MAX_BELOW = 4096
 def below():
     found, frontier = [], [os.getpid()]
-    while frontier and len(found) < 4096:
+    while frontier and len(found) < MAX_BELOW:
         pid = frontier.pop()
         try:
             tasks = os.listdir('/proc/%d/task' % pid)
@@ -164,7 +171,12 @@ def reap():
         except ChildProcessError:
             return
 def kill_below():
-    for _ in range(100):
+    # Until nothing is left: a pass lists at most MAX_BELOW, and what is below those is found
+    # once they are dead (the keeper, as subreaper, inherits it). A pass that finds only what
+    # the last one found (still dying) waits a little; only a tree that stays the same for
+    # about 5 s (a process in the kernel's uninterruptible sleep) is given up on.
+    last, same = None, 0
+    while True:
         pids = below()
         if not pids:
             return
@@ -174,6 +186,14 @@ def kill_below():
             except OSError:
                 pass
         reap()
+        found = set(pids)
+        if found == last:
+            same += 1
+            if same > 500:
+                return
+            time.sleep(0.01)
+        else:
+            last, same = found, 0
 RUN_FILES = sys.argv[3:3 + int(sys.argv[2])]
 RUNTIME = sys.argv[3 + int(sys.argv[2]):]
 def forget():
@@ -258,6 +278,8 @@ if os.WIFSIGNALED(status):
     os._exit(128 + signum)
 os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 """
+#: Processes the keeper lists below it in one pass (it kills them, then looks again).
+_KEEPER_MAX_BELOW: Final = 4096
 # How often a wait for the runtime's exit looks at its status when the output pipes stay open.
 _EXIT_POLL_S: Final = 0.1
 # How long the stop's escalation waits for the keeper to kill what is below it before the
@@ -800,7 +822,7 @@ class SubprocessLauncher:
             "-I",
             "-S",
             "-c",
-            _KEEPER,
+            _KEEPER.replace("MAX_BELOW = 4096", f"MAX_BELOW = {_KEEPER_MAX_BELOW:d}", 1),
             str(os.getpid()),
             str(len(spec.run_files)),
             *spec.run_files,

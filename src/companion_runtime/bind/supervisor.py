@@ -1052,11 +1052,14 @@ class Supervisor:
             if wait.event is not LifecycleEvent.HEALTH_OK or wait.answered_at is None:
                 self._move(LifecycleEvent.HEALTH_FAIL)
                 return Reason.READY_TIMEOUT
-            # The controller denies without a fresh sample, so one goes in before ready.
+            # The controller denies without a fresh sample, so one goes in before ready. One
+            # that cannot be taken of a runtime still there (a tree too large to count, a GPU
+            # that fails) leaves none: ready, refusing malformed_observation until one can.
             try:
                 await self._push_sample(probe)
-            except ProbeError:
-                return Reason.RUNTIME_EXITED
+            except ProbeError as error:
+                if error.reason is Reason.RUNTIME_EXITED:
+                    return Reason.RUNTIME_EXITED
             if not self._move(LifecycleEvent.HEALTH_OK):
                 return Reason.NOT_READY
             now = self._clock()
@@ -1081,8 +1084,9 @@ class Supervisor:
         async def sampler() -> Reason:
             while True:
                 await asyncio.sleep(config.sample_interval_s)
-                # A failed sample leaves the last one to age out; the exit watcher reports
-                # a runtime that is gone.
+                # A sample that cannot be taken drops the last one at once, as a stale one
+                # would be: kept until it aged out, it admitted a runtime that may be over its
+                # ceilings for up to max_sample_age_s. The exit watcher reports a runtime gone.
                 with contextlib.suppress(ProbeError):
                     await self._push_sample(probe)
 
@@ -1108,6 +1112,12 @@ class Supervisor:
         return reason
 
     async def _push_sample(self, probe: ResourceProbe) -> None:
-        sample = await probe.sample()
+        """Take a sample and push it; :class:`ProbeError` after the controller has been told
+        that there is none."""
+        try:
+            sample = await probe.sample()
+        except ProbeError:
+            self.controller.forget_resources()
+            raise
         self._last_sample = sample
         self.controller.update_resources(sample.observation, taken_at=sample.taken_at)
