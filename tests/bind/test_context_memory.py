@@ -926,6 +926,50 @@ def test_sliding_window_layers_are_counted_at_the_window(
     )
 
 
+def test_window_layers_with_heads_of_their_own_count_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # attention.key_length_swa and value_length_swa give the window layers heads of their own
+    # length (llama.cpp reads them for every architecture): those layers are counted at them,
+    # the others at key_length and value_length; where which layers are the window's is not
+    # known, every layer at the larger of the two.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    env = {"HOME": str(tmp_path)}
+    model = write_gemma(
+        tmp_path / "gemma3.gguf",
+        header={"gemma3.attention.key_length_swa": 128, "gemma3.attention.value_length_swa": 64},
+    )
+    shape = read_attention_shape(model)
+    assert isinstance(shape, AttentionShape)
+    assert (shape.key_length, shape.swa_key_length, shape.swa_value_length) == (32, 128, 64)
+    # 8 layers of 2 KV heads, f16: the full layer (one in six) at 32 + 32 for 8,192 cells, the
+    # seven window layers at 128 + 64 for 512 + 512 (the window and a batch).
+    estimate = estimate_context_memory(model, [*UPSTREAM_CMD, "-np", "1", "-c", "8192"], env)
+    full_row, window_row = 2 * (32 + 32) * 2, 2 * (128 + 64) * 2
+    assert estimate == ContextMemory(8192, 1 * full_row * 8192 + 7 * window_row * 1024)
+    swa_full = estimate_context_memory(
+        model, [*UPSTREAM_CMD, "-np", "1", "-c", "8192", "--swa-full"], env
+    )
+    assert swa_full == ContextMemory(8192, (full_row + 7 * window_row) * 8192)
+    # The launcher, a pattern set by --override-kv, another architecture: the larger lengths.
+    larger = ContextMemory(8192, 8 * window_row * 8192)
+    launcher = estimate_context_memory(model, [*EMBEDDED, "-c", "8192", "--parallel", "1"], env)
+    assert launcher == larger
+    pattern = "gemma3.attention.sliding_window_pattern=int:2"
+    overridden = [*UPSTREAM_CMD, "-np", "1", "-c", "8192", "--override-kv", pattern]
+    assert estimate_context_memory(model, overridden, env) == larger
+    cohere = tmp_path / "cohere2.gguf"
+    cohere.write_bytes(model.read_bytes().replace(b"gemma3", b"cohere"))
+    assert estimate_context_memory(cohere, [*UPSTREAM_CMD, "-np", "1", "-c", "8192"], env) == larger
+    # Shorter window heads than the others are counted so too; zero is the other lengths'.
+    short = write_gemma(
+        tmp_path / "short.gguf",
+        header={"gemma3.attention.key_length_swa": 16, "gemma3.attention.value_length_swa": 0},
+    )
+    estimate = estimate_context_memory(short, [*UPSTREAM_CMD, "-np", "1", "-c", "8192"], env)
+    assert estimate == ContextMemory(8192, full_row * 8192 + 7 * 2 * (16 + 32) * 2 * 1024)
+
+
 def test_a_corrupted_recurrent_or_window_header_never_raises(tmp_path: Path) -> None:
     # The new keys' values (counts, flags, lists) corrupted one byte at a time: a shape, a
     # refusal or no estimate, never an exception, and never in long.
@@ -1454,6 +1498,41 @@ def test_sliding_window_layers_are_what_llama_cpp_allocates(
     assert isinstance(estimate, ContextMemory)
     command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
     full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
+    assert abs(estimate.bytes / MIB - (full + window)) < 0.011, (estimate, full, window)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize(
+    "flags",
+    [["-np", "1", "-c", "8192"], ["-np", "2", "-kvu", "-c", "8192"], ["--swa-full", "-c", "4096"]],
+    ids=" ".join,
+)
+@pytest.mark.parametrize("architecture", ["gemma3", "gemma2"])
+def test_window_heads_of_their_own_are_what_llama_cpp_allocates(
+    tmp_path: Path, flags: list[str], architecture: str
+) -> None:
+    # Window layers whose heads are 128 long where the header's key_length says 32: llama.cpp
+    # sizes their cache at attention.key_length_swa (8 MiB for one slot here, not 2). (The
+    # pinned build loads such a model only with every layer a window one.)
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_gemma(
+        tmp_path / f"{architecture}.gguf",
+        architecture,
+        pattern=[True] * 8,
+        swa_head_length=128,
+        header={
+            f"{architecture}.attention.key_length_swa": 128,
+            f"{architecture}.attention.value_length_swa": 128,
+        },
+    )
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
+    assert window > 4
     assert abs(estimate.bytes / MIB - (full + window)) < 0.011, (estimate, full, window)
 
 

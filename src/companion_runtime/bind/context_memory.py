@@ -38,10 +38,11 @@ What it reads:
 - the **model file's GGUF header**: ``general.architecture`` and that architecture's
   ``block_count``, ``context_length``, ``embedding_length``, ``attention.head_count``,
   ``attention.head_count_kv`` (a number, or one per layer), ``attention.key_length`` and
-  ``attention.value_length``; for a model with a recurrent state its ``ssm.conv_kernel``,
-  ``ssm.inner_size``, ``ssm.state_size``, ``ssm.group_count``, ``wkv.head_size``,
-  ``token_shift_count``, ``shortconv.l_cache``, ``full_attention_interval``,
-  ``attention.recurrent_layers`` and ``feed_forward_length`` (see below). Only the key-value
+  ``attention.value_length`` (and their ``_swa`` variants, for the window layers); for a
+  model with a recurrent state its ``ssm.conv_kernel``, ``ssm.inner_size``,
+  ``ssm.state_size``, ``ssm.group_count``, ``wkv.head_size``, ``token_shift_count``,
+  ``shortconv.l_cache``, ``full_attention_interval``, ``attention.recurrent_layers`` and
+  ``feed_forward_length`` (see below). Only the key-value
   section is read, with every length checked against the file's size; anything malformed, or
   a file that is not GGUF, gives None (llama.cpp will not load it either). A GGUF header too
   large to walk within this module's bounds (:data:`_MAX_HEADER_BYTES`, :data:`_MAX_ELEMENTS`,
@@ -90,7 +91,11 @@ its list of flags says), and for upstream's ``llama-server`` only; ``--swa-full`
 ``LLAMA_ARG_SWA_FULL``, or ``swa-full`` in a configuration file), speculative decoding
 (``--spec-type``), an ``--override-kv`` of the window or its pattern, the launcher and every
 other architecture with a window (Cohere 2, Llama 4...) are counted at the full context, an
-upper bound, as are models with compressed attention (MLA).
+upper bound, as are models with compressed attention (MLA). A model may give its window layers'
+heads lengths of their own (``attention.key_length_swa``, ``attention.value_length_swa``, read
+by llama.cpp for any architecture): those layers count at them; where which layers have the
+window is not known here (another architecture, the launcher, a pattern ``--override-kv``
+sets), every layer counts at the larger of the two lengths.
 Not counted: the compute buffers (reserved, but touched only as the context fills, where the
 resource samples see them), and the prompt checkpoints llama.cpp keeps in RAM for a window
 model as requests come (``--swa-checkpoints``), which the resource samples see too.
@@ -183,6 +188,8 @@ _WANTED: Final = (
     b".full_attention_interval",
     b".attention.sliding_window",
     _SLIDING_WINDOW_PATTERN_KEY,
+    b".attention.key_length_swa",
+    b".attention.value_length_swa",
     *_RECURRENT_UNKNOWN_KEYS,
 )
 #: The most layers llama.cpp loads: the pinned build aborts past it (``GGML_ASSERT(n_layer <=
@@ -494,6 +501,10 @@ class AttentionShape:
     #: empty where the estimate counts every layer at the full context).
     sliding_window: int = 0
     swa_layers: tuple[bool, ...] = ()
+    #: ``attention.key_length_swa`` and ``value_length_swa``: the heads of the layers that
+    #: attend through a window, where the model gives them a length of their own (0: none).
+    swa_key_length: int = 0
+    swa_value_length: int = 0
 
 
 @final
@@ -679,6 +690,11 @@ def _positive(value: object) -> int:
     return value
 
 
+def _positive_or_zero(value: object) -> int:
+    """``value`` if it is a positive number, else 0."""
+    return value if type(value) is int and value > 0 else 0
+
+
 def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> AttentionShape:
     architecture = metadata.get(gguf.Keys.General.ARCHITECTURE)
     if not isinstance(architecture, bytes) or not architecture:
@@ -728,6 +744,10 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
                 for count, is_recurrent in zip(kv_counts, recurrent_layers, strict=True)
             )
     window, swa_layers = _sliding_window(get, arch, layers)
+    # The window layers' heads, where the model sizes them apart (llama.cpp reads these for
+    # any architecture); a value it would not load is left to the other lengths.
+    swa_key_length = get("{arch}.attention.key_length_swa")
+    swa_value_length = get("{arch}.attention.value_length_swa")
     if first_heads == 0:
         return AttentionShape(
             context_length=context_length,
@@ -750,6 +770,8 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
         recurrent_s=s_elements,
         sliding_window=window,
         swa_layers=swa_layers,
+        swa_key_length=_positive_or_zero(swa_key_length),
+        swa_value_length=_positive_or_zero(swa_value_length),
     )
 
 
@@ -1397,8 +1419,9 @@ def estimate_context_memory(
     swa_layers = shape.swa_layers if window_cells is not None else ()
     kv_cache = 0
     for layer, heads in enumerate(shape.kv_heads):
-        per_token = _cache_bytes(heads * shape.key_length, settings.cache_k) + _cache_bytes(
-            heads * shape.value_length, settings.cache_v
+        key_length, value_length = _head_lengths(shape, settings, overridden, layer)
+        per_token = _cache_bytes(heads * key_length, settings.cache_k) + _cache_bytes(
+            heads * value_length, settings.cache_v
         )
         windowed = window_cells is not None and layer < len(swa_layers) and swa_layers[layer]
         kv_cache += per_token * (window_cells if windowed and window_cells is not None else context)
@@ -1408,6 +1431,24 @@ def estimate_context_memory(
     return ContextMemory(
         context_tokens=context, bytes=kv_cache + recurrent, recurrent_bytes=recurrent
     )
+
+
+def _head_lengths(
+    shape: AttentionShape, settings: _Settings, overridden: set[str], layer: int
+) -> tuple[int, int]:
+    """The key and value lengths of ``layer``'s heads: a window layer's own
+    (``key_length_swa``, ``value_length_swa``) where the model gives them, the others'
+    elsewhere; the larger of the two where which layers attend through a window is not known
+    here (another architecture, the launcher, a pattern ``--override-kv`` sets)."""
+    swa_key = shape.swa_key_length or shape.key_length
+    swa_value = shape.swa_value_length or shape.value_length
+    if swa_key == shape.key_length and swa_value == shape.value_length:
+        return shape.key_length, shape.value_length
+    if shape.swa_layers and settings.upstream and not overridden & _SLIDING_WINDOW_KEYS:
+        if shape.swa_layers[layer]:
+            return swa_key, swa_value
+        return shape.key_length, shape.value_length
+    return max(shape.key_length, swa_key), max(shape.value_length, swa_value)
 
 
 def _window_cells(shape: AttentionShape, settings: _Settings, context: int) -> int | None:
