@@ -970,6 +970,47 @@ def test_window_layers_with_heads_of_their_own_count_them(
     assert estimate == ContextMemory(8192, full_row * 8192 + 7 * 2 * (16 + 32) * 2 * 1024)
 
 
+def test_an_override_of_the_caches_shape_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama.cpp sizes the cache from what --override-kv sets (and checks the weights against
+    # it), not from the header: an override of a key the shape comes from, of the
+    # architecture (llama.cpp then reads another one's keys), or any override on a header
+    # that lacks a key the estimate needs cannot be counted from the header, and is refused.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    env = {"HOME": str(tmp_path)}
+    model = _model(tmp_path / "llama.gguf")
+    base = [*UPSTREAM_CMD, "-c", "4096"]
+    refused = Uncountable("its KV cache cannot be counted with --override-kv of its shape")
+    for override in (
+        "general.architecture=str:gemma3",
+        "llama.block_count=int:64",
+        "llama.embedding_length=int:8192",
+        "llama.attention.head_count=int:8",
+        "tokenizer.ggml.add_bos_token=bool:true,llama.attention.head_count_kv=int:32",
+        "llama.attention.key_length=int:512",
+        "llama.attention.value_length=int:512",
+        "llama.attention.key_length_swa=int:512",
+        "llama.attention.value_length_swa=int:512",
+    ):
+        estimate = estimate_context_memory(model, [*base, "--override-kv", override], env)
+        assert estimate == refused, override
+    config = tmp_path / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    config.write_text("override-kv = general.architecture=str:gemma3\n")
+    assert estimate_context_memory(model, base, env) == refused
+    config.unlink()
+    # Other keys, another architecture's: counted from the header as before.
+    for override in ("llama.rope.freq_base=float:1e6", "gemma3.attention.key_length=int:512"):
+        estimate = estimate_context_memory(model, [*base, "--override-kv", override], env)
+        assert estimate == ContextMemory(4096, _llama3_kv_bytes(4096)), override
+    # A header without its block count: no estimate, unless an override may give it one.
+    lacking = write_gemma(tmp_path / "lacking.gguf", header={"gemma3.block_count": None})
+    assert estimate_context_memory(lacking, base, env) is None
+    given = [*base, "--override-kv", "gemma3.block_count=int:8"]
+    assert estimate_context_memory(lacking, given, env) == refused
+
+
 def test_a_corrupted_recurrent_or_window_header_never_raises(tmp_path: Path) -> None:
     # The new keys' values (counts, flags, lists) corrupted one byte at a time: a shape, a
     # refusal or no estimate, never an exception, and never in long.
@@ -1557,6 +1598,60 @@ def test_a_window_set_by_override_kv_is_not_undercounted(tmp_path: Path, overrid
     full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
     assert full + window > 3.76
     assert estimate.bytes / MIB >= full + window
+
+
+#: Models whose header declares a smaller cache than their weights, and the --override-kv that
+#: has llama.cpp load them at the weights' size.
+_SHAPE_OVERRIDES = {
+    "architecture": (
+        {
+            "general.architecture": "llama",
+            **{f"llama.{key}": 1 for key in ("block_count", "attention.head_count")},
+            **{f"llama.attention.{key}": 1 for key in ("head_count_kv", "key_length")},
+            "llama.attention.value_length": 1,
+            "llama.context_length": 256,
+            "llama.embedding_length": 128,
+        },
+        None,
+        "general.architecture=str:gemma3",
+    ),
+    "key_length": (
+        {"gemma3.attention.key_length": 8, "gemma3.attention.value_length": 8},
+        None,
+        "gemma3.attention.key_length=int:32,gemma3.attention.value_length=int:32",
+    ),
+    "key_length_swa": (
+        {},
+        128,
+        "gemma3.attention.key_length_swa=int:128,gemma3.attention.value_length_swa=int:128",
+    ),
+    "no_block_count": ({"gemma3.block_count": None}, None, "gemma3.block_count=int:8"),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize("case", sorted(_SHAPE_OVERRIDES))
+def test_a_shape_set_by_override_kv_is_not_undercounted(tmp_path: Path, case: str) -> None:
+    # The header says a cache of 1 to 2 MiB (or none at all), the weights and the override a
+    # cache of 3.75 to 8 MiB, which llama.cpp allocates: the estimate must not count the
+    # header's.
+    binary = upstream_binary()
+    assert binary is not None
+    header, swa_head_length, override = _SHAPE_OVERRIDES[case]
+    model = write_gemma(
+        tmp_path / "gemma3.gguf",
+        pattern=[True] * 8 if swa_head_length else None,
+        swa_head_length=swa_head_length,
+        header=header,
+    )
+    flags = ["-np", "1", "-c", "8192", "--override-kv", override]
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
+    assert full + window >= 3.75
+    assert isinstance(estimate, Uncountable) or estimate.bytes / MIB >= full + window, estimate
 
 
 #: Upstream options whose value names a file, directory or URL that holds no weights.

@@ -30,13 +30,14 @@ def write_gemma(
     head_length: int = 32,
     feed_forward: int = 128,
     swa_head_length: int | None = None,
-    header: Mapping[str, str | int] | None = None,
+    header: Mapping[str, str | int | None] | None = None,
 ) -> Path:
     """A Gemma 3 (or 2) model with a ``window``-token sliding window in all but every
     ``pattern``-th layer (6 unless given; Gemma 2: 2), or as ``pattern``'s flags say (one per
     layer, true for a window). With ``swa_head_length``, the window layers' heads are that long
     (their tensors; the header says so only if ``header`` does). ``header``'s keys are written
-    over the header's own (a string, or a number as a uint32), whatever the tensors are."""
+    over the header's own (a string, or a number as a uint32; None takes the key away),
+    whatever the tensors are."""
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_context_length(context)
@@ -54,6 +55,9 @@ def write_gemma(
         writer.add_sliding_window_pattern(pattern)
     _vocabulary(writer)
     for key, value in (header or {}).items():
+        if value is None:
+            writer.kv_data[0].pop(key)
+            continue
         value_type = gguf.GGUFValueType.STRING if isinstance(value, str) else None
         writer.kv_data[0][key] = gguf.GGUFValue(value, value_type or gguf.GGUFValueType.UINT32)
     random = np.random.RandomState(20_261_129)

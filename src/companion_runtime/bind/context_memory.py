@@ -44,7 +44,12 @@ What it reads:
   ``shortconv.l_cache``, ``full_attention_interval``, ``attention.recurrent_layers`` and
   ``feed_forward_length`` (see below). Only the key-value
   section is read, with every length checked against the file's size; anything malformed, or
-  a file that is not GGUF, gives None (llama.cpp will not load it either). A GGUF header too
+  a file that is not GGUF, gives None (llama.cpp will not load it either; but with an
+  ``--override-kv``, which may give it a key it lacks, :class:`Uncountable`). An
+  ``--override-kv`` of ``general.architecture`` (llama.cpp then reads another architecture's
+  keys) or of a key the cache's shape comes from (:data:`_SHAPE_KEYS`: llama.cpp sizes the
+  cache from it, and checks the weights against it, not against the header) gives
+  :class:`Uncountable` too. A GGUF header too
   large to walk within this module's bounds (:data:`_MAX_HEADER_BYTES`, :data:`_MAX_ELEMENTS`,
   :data:`_MAX_PAIRS`) gives :class:`Uncountable`: llama.cpp would load it, so the fit check
   refuses it rather than count nothing.
@@ -426,6 +431,21 @@ _RECURRENT_SIZING_KEYS: Final = frozenset(
         "embedding_length",
     }
 )
+#: The keys (after ``ARCH.``) the KV cache's shape comes from: with an ``--override-kv`` of one,
+#: or of ``general.architecture`` (llama.cpp then reads another architecture's keys), the cache
+#: is not the header's, and the estimate gives :class:`Uncountable`.
+_SHAPE_KEYS: Final = frozenset(
+    {
+        "block_count",
+        "embedding_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "attention.key_length",
+        "attention.value_length",
+        "attention.key_length_swa",
+        "attention.value_length_swa",
+    }
+)
 #: The keys a sliding window's cache comes from: with an ``--override-kv`` of one, the window
 #: layers are counted at the full context.
 _SLIDING_WINDOW_KEYS: Final = frozenset(
@@ -529,6 +549,10 @@ class Uncountable:
 
 #: The model file's GGUF header is past the walk's bounds.
 UNCOUNTABLE: Final = Uncountable("its GGUF header is too large for the fit check to read")
+#: ``--override-kv`` sets what the KV cache's shape comes from, not the header.
+_SHAPE_OVERRIDDEN: Final = Uncountable(
+    "its KV cache cannot be counted with --override-kv of its shape"
+)
 _CONFIG_TOO_LARGE: Final = Uncountable(
     "llama.cpp's configuration file is too large for the fit check to read"
 )
@@ -1394,7 +1418,12 @@ def estimate_context_memory(
     unverified = settings.unverified()
     if unverified is not None:
         return _unverified(unverified)
+    if "architecture" in _overridden(settings.overrides, "general"):
+        return _SHAPE_OVERRIDDEN  # llama.cpp would read another architecture's keys
     shape = read_attention_shape(model_path)
+    if shape is None and settings.overrides:
+        # A header without a key the estimate needs, which --override-kv may well supply.
+        return _SHAPE_OVERRIDDEN
     if not isinstance(shape, AttentionShape):
         return shape
     declared = _override_context(settings.overrides, shape.architecture)
@@ -1413,6 +1442,10 @@ def estimate_context_memory(
     if shape.recurrent_layers and overridden & _RECURRENT_SIZING_KEYS:
         # The state would be sized from the override, not from the header read here.
         return Uncountable("its recurrent state cannot be counted with --override-kv of its keys")
+    if overridden & _SHAPE_KEYS:
+        # llama.cpp sizes the cache from the override, and checks the weights against it: a
+        # header that declares less loads all the same.
+        return _SHAPE_OVERRIDDEN
     window_cells = (
         None if overridden & _SLIDING_WINDOW_KEYS else _window_cells(shape, settings, context)
     )
