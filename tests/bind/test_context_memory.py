@@ -1011,6 +1011,27 @@ def test_an_override_of_the_caches_shape_is_refused(
     assert estimate_context_memory(lacking, given, env) == refused
 
 
+def test_a_header_declaring_no_context_is_counted_at_the_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A context length of 0 in the header: llama.cpp refuses it only where the command gives
+    # none either ("n_ctx and n_ctx_train cannot both be zero"); with -c it runs at that
+    # context, which is counted, not taken for a header without an attention shape.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    env = {"HOME": str(tmp_path)}
+    model = _model(tmp_path / "llama.gguf", context=0)
+    shape = read_attention_shape(model)
+    assert isinstance(shape, AttentionShape) and shape.context_length == 0
+    given = estimate_context_memory(model, [*UPSTREAM_CMD, "-c", "4096"], env)
+    assert given == ContextMemory(4096, _llama3_kv_bytes(4096))
+    for flags in ([], ["-c", "0"], ["-np", "2"], ["--override-kv", "llama.context_length=int:0"]):
+        assert estimate_context_memory(model, [*UPSTREAM_CMD, *flags], env) is None, flags
+    declared = ["--override-kv", "llama.context_length=int:1000"]
+    assert estimate_context_memory(model, [*UPSTREAM_CMD, *declared], env) == ContextMemory(
+        1024, _llama3_kv_bytes(1024)
+    )
+
+
 def test_a_corrupted_recurrent_or_window_header_never_raises(tmp_path: Path) -> None:
     # The new keys' values (counts, flags, lists) corrupted one byte at a time: a shape, a
     # refusal or no estimate, never an exception, and never in long.
@@ -1598,6 +1619,23 @@ def test_a_window_set_by_override_kv_is_not_undercounted(tmp_path: Path, overrid
     full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
     assert full + window > 3.76
     assert estimate.bytes / MIB >= full + window
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+def test_a_header_declaring_no_context_is_what_llama_cpp_allocates(tmp_path: Path) -> None:
+    # gemma3.context_length 0 and -c 8192: llama.cpp allocates 3.75 MiB; the estimate, which
+    # took the header for one without an attention shape, counted nothing.
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_gemma(tmp_path / "gemma3.gguf", header={"gemma3.context_length": 0})
+    flags = ["-np", "1", "-c", "8192"]
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
+    assert isinstance(estimate, ContextMemory), estimate
+    assert abs(estimate.bytes / MIB - (full + window)) < 0.011, (estimate, full, window)
 
 
 #: Models whose header declares a smaller cache than their weights, and the --override-kv that

@@ -28,7 +28,8 @@ What it reads:
   ``[*]`` section, a switch there off unless ``on``, ``1``, ``enabled`` or ``true``; one over
   1 MiB gives :class:`Uncountable`). Its context (``-c``; 0, the
   default, is the length the model declares, or the one
-  ``--override-kv ARCH.context_length=int:N`` gives it), its slots (``-np``: 4 by default,
+  ``--override-kv ARCH.context_length=int:N`` gives it; a model declaring 0 runs only with a
+  context given, and without one gives None), its slots (``-np``: 4 by default,
   sharing one cache; a number given splits the context into per-slot caches unless
   ``--kv-unified``) and ``--kv-unified-per-slot`` (slots × N, without ``-c``) count;
   ``-ctk`` / ``-ctv`` set the element types (``f16`` by default). The model it loads must be
@@ -708,8 +709,9 @@ def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ..
     return found
 
 
-def _positive(value: object) -> int:
-    if type(value) is not int or value <= 0:
+def _positive(value: object, *, zero: bool = False) -> int:
+    """``value``, a positive number (or 0, with ``zero``); :class:`_Malformed` otherwise."""
+    if type(value) is not int or value < 0 or (value == 0 and not zero):
         raise _Malformed
     return value
 
@@ -731,7 +733,8 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
     layers = _positive(get(gguf.Keys.LLM.BLOCK_COUNT))
     if layers > _MAX_LAYERS:
         raise _Malformed  # llama.cpp aborts on it; and a tuple per layer must stay small
-    context_length = _positive(get(gguf.Keys.LLM.CONTEXT_LENGTH))
+    # 0 is a model that declares no context: llama.cpp runs it at the one the command gives.
+    context_length = _positive(get(gguf.Keys.LLM.CONTEXT_LENGTH), zero=True)
     embedding = _positive(get(gguf.Keys.LLM.EMBEDDING_LENGTH))
     recurrent = _has_recurrent_state(metadata, arch)
     heads = get(gguf.Keys.Attention.HEAD_COUNT)
@@ -1434,6 +1437,8 @@ def estimate_context_memory(
         context = shape.context_length if declared is None else declared
         if not settings.unified:
             context *= settings.slots
+    if context == 0:
+        return None  # llama.cpp: "n_ctx and model->hparams.n_ctx_train cannot both be zero"
     context = _pad(context)
     if not settings.unified:
         # One cache per slot, each its share of the context padded up on its own.
