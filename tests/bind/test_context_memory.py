@@ -592,6 +592,31 @@ def test_what_cannot_be_counted_gives_no_estimate(tmp_path: Path) -> None:
     assert estimate_context_memory(model, UPSTREAM_CMD, {"LLAMA_ARG_KV_UNIFIED": "yes"}) is None
 
 
+def test_a_negative_context_that_llama_cpp_runs_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama.cpp takes -c as a uint32: -1 to -255 pad up to 0 and it refuses to start (no
+    # estimate); -256 and below are contexts of 2^31 tokens or more, which it runs where the
+    # memory does not grow with the context (a recurrent state, window layers): refused.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    env = {"HOME": str(tmp_path)}
+    model = _model(tmp_path / "m.gguf")
+    for context in ("-1", "-255"):
+        assert estimate_context_memory(model, [*UPSTREAM_CMD, "-c", context], env) is None
+    refused = Uncountable(
+        "its context cannot be counted: llama.cpp takes a negative -c for 2^31 tokens or more"
+    )
+    for context in ("-256", "-1073741824", "-2147483648"):
+        estimate = estimate_context_memory(model, [*UPSTREAM_CMD, "-c", context], env)
+        assert estimate == refused, context
+    variable = env | {"LLAMA_ARG_CTX_SIZE": "-1073741824"}
+    assert estimate_context_memory(model, UPSTREAM_CMD, variable) == refused
+    config = tmp_path / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    config.write_text("ctx-size = -4096\n")
+    assert estimate_context_memory(model, UPSTREAM_CMD, env) == refused
+
+
 def _recurrent_model(
     path: Path,
     architecture: str,
@@ -1475,6 +1500,26 @@ def test_the_recurrent_state_is_what_llama_cpp_allocates(
     assert abs(estimate.bytes / MIB - (r_mib + s_mib + kv_mib)) < 0.016, (estimate, kv_mib)
     assert abs(estimate.recurrent_bytes / MIB - (r_mib + s_mib)) < 0.011, (estimate, r_mib, s_mib)
     assert abs((estimate.bytes - estimate.recurrent_bytes) / MIB - kv_mib) < 0.006, estimate
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+def test_a_negative_context_is_not_undercounted(tmp_path: Path) -> None:
+    # -c -1073741824 is a context of 3 × 2^30 tokens to llama.cpp: a Mamba model, whose
+    # state does not grow with it, runs, and allocates its state for 8 slots (1.57 MiB here),
+    # which the estimate, taking the command for one upstream refuses, did not count.
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_mamba(tmp_path / "mamba.gguf")
+    flags = ["-np", "8", "-c", "-1073741824"]
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    r_mib, s_mib, _kv = _logged_recurrent_state(
+        command, tmp_path / "server.log", with_kv_cache=False
+    )
+    assert r_mib + s_mib > 1
+    assert isinstance(estimate, Uncountable), estimate
 
 
 @pytest.mark.integration

@@ -29,9 +29,11 @@ What it reads:
   1 MiB gives :class:`Uncountable`). Its context (``-c``; 0, the
   default, is the length the model declares, or the one
   ``--override-kv ARCH.context_length=int:N`` gives it; a model declaring 0 runs only with a
-  context given, and without one gives None), its slots (``-np``: 4 by default,
-  sharing one cache; a number given splits the context into per-slot caches unless
-  ``--kv-unified``) and ``--kv-unified-per-slot`` (slots × N, without ``-c``) count;
+  context given, and without one gives None; a negative one is a uint32 to upstream: -1 to
+  -255 pad up to 0, which it refuses, -256 and below are 2^31 tokens or more, which it runs
+  for a model whose memory does not grow with the context: :class:`Uncountable`), its slots
+  (``-np``: 4 by default, sharing one cache; a number given splits the context into per-slot
+  caches unless ``--kv-unified``) and ``--kv-unified-per-slot`` (slots × N, without ``-c``) count;
   ``-ctk`` / ``-ctv`` set the element types (``f16`` by default). The model it loads must be
   ``{model_path}`` (the last ``-m``, or ``LLAMA_ARG_MODEL``, or a configuration file's):
   another file, none, or one it downloads (``-hf``, ``-mu``, ``-dr``, a ``--*-default``
@@ -553,6 +555,9 @@ UNCOUNTABLE: Final = Uncountable("its GGUF header is too large for the fit check
 #: ``--override-kv`` sets what the KV cache's shape comes from, not the header.
 _SHAPE_OVERRIDDEN: Final = Uncountable(
     "its KV cache cannot be counted with --override-kv of its shape"
+)
+_NEGATIVE_CONTEXT: Final = Uncountable(
+    "its context cannot be counted: llama.cpp takes a negative -c for 2^31 tokens or more"
 )
 _CONFIG_TOO_LARGE: Final = Uncountable(
     "llama.cpp's configuration file is too large for the fit check to read"
@@ -1416,8 +1421,14 @@ def estimate_context_memory(
     settings = _settings(command_template, environ or {})
     if isinstance(settings, Uncountable):
         return settings
-    if settings is None or settings.slots <= 0 or settings.context < 0:
-        return None  # not llama.cpp's server, or one that exits (or aborts) at once
+    if settings is None or settings.slots <= 0 or -_CONTEXT_PADDING < settings.context < 0:
+        # Not llama.cpp's server, or one that exits (or aborts) at once: upstream takes -c as
+        # a uint32, and -1 to -255 pad up to 0 ("n_ctx_seq == 0").
+        return None
+    if settings.context < 0:
+        # 2^32 + N, 2^31 tokens or more: a KV cache that size fails, but a recurrent state or
+        # window layers do not grow with it, and upstream runs them.
+        return _NEGATIVE_CONTEXT
     unverified = settings.unverified()
     if unverified is not None:
         return _unverified(unverified)
