@@ -365,6 +365,40 @@ def test_a_switch_in_a_configuration_file_is_off_unless_truthy(tmp_path: Path) -
         assert context_memory.unverified_weights(command, env) == "--mmproj", text
 
 
+def test_a_configuration_file_is_read_with_upstreams_rules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # swa-full is on whatever its value; a ";" or "#" starts a comment in a value; [default]
+    # is the global keys' section, started anew by its header, and wins over [*]; within a
+    # section the keys count in sorted order.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    model = write_gemma(tmp_path / "gemma3.gguf")
+    home = tmp_path / "home"
+    config = home / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    env = {"HOME": str(home)}
+    row = 2 * 32 * 2 * 2  # 2 KV heads of 32, K and V, f16
+
+    def estimate(text: str, *flags: str) -> object:
+        config.write_text(text)
+        return estimate_context_memory(model, [*UPSTREAM_CMD, *flags], env)
+
+    full = ContextMemory(8192, 8 * row * 8192)
+    for text in ("swa-full = false\n", "swa-full = no\n", "LLAMA_ARG_SWA_FULL = 0\n"):
+        assert estimate(text, "-np", "1", "-c", "8192") == full, text
+    windowed = ContextMemory(8192, row * 8192 + 7 * row * 1024)
+    assert estimate("[foo]\nswa-full = true\n", "-np", "1", "-c", "8192") == windowed
+    q8 = estimate("ctk = q8_0 ; the K cache\n", "-np", "1", "-c", "8192")
+    assert q8 == estimate("", "-np", "1", "-c", "8192", "-ctk", "q8_0") != windowed
+    assert estimate("ctx-size = 8000\nc = 3000\n", "-np", "1") == estimate(
+        "", "-np", "1", "-c", "8000"
+    )
+    assert estimate("[*]\nc = 8000\n[default]\nc = 3000\n", "-np", "1") == estimate(
+        "", "-np", "1", "-c", "3000"
+    )
+    assert estimate("np = 2\n[default]\nc = 3000\n") == estimate("", "-c", "3000")
+
+
 def test_upstream_behind_a_wrapper_is_still_upstream(tmp_path: Path) -> None:
     # env, nice, taskset run llama-server as it is: its cache is the same, and an env
     # assignment is a variable of its environment.
@@ -1391,6 +1425,70 @@ def test_the_estimate_counts_upstreams_configuration_file(tmp_path: Path, config
     tokens, mib = _logged_kv_cache(command, tmp_path / "server.log", env)
     assert estimate.context_tokens == tokens
     assert abs(estimate.bytes / MIB - mib) < 0.006, (estimate, mib)
+
+
+#: Configuration files as upstream reads them: --swa-full on whatever its value; a ";" or "#"
+#: starts a comment anywhere; [default] is the global keys' section, and wins over [*];
+#: within a section the keys count in sorted order (ctx-size over c over LLAMA_ARG_CTX_SIZE,
+#: no-kv-unified over kv-unified), the last of one key's lines; a section's header starts it
+#: anew ("[default]" drops the global keys before it).
+_GEMMA_CONFIGS = [
+    "swa-full = false\n",
+    "LLAMA_ARG_SWA_FULL = 0\n",
+    "[default]\nswa-full = true\n",
+    "[DEFAULT]\nswa-full = true\n",
+    "[foo]\nswa-full = true\n",
+    "ctk = q8_0 ; a comment\n",
+    "ctk = q8_0#a comment\n",
+    "np = 2\nno-kv-unified = true;a comment\n",
+    "np = 2\nno-kv-unified = true\nkv-unified = true\n",
+    "np = 2\n[*]\nkv-unified = true\n[default]\nno-kvu = true\n",
+    "[*]\nctx-size = 8000\n[default]\nc = 3000\n",
+    "[default]\nc = 3000\n[*]\nctx-size = 8000\n",
+    "ctx-size = 8000\nc = 3000\n",
+    "LLAMA_ARG_CTX_SIZE = 8000\nc = 3000\n",
+    "c = 3000\nc = 8000\n",
+    "np = 2\n[default]\nc = 3000\n",
+    "[*]\nnp = 2\n[default]\nc = 3000\n",
+]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize("config", _GEMMA_CONFIGS)
+def test_a_configuration_file_is_read_as_llama_cpp_reads_it(tmp_path: Path, config: str) -> None:
+    # "swa-full = false" had the estimate count the window layers at the window where
+    # llama.cpp keeps them at the full context (16 MiB, not 3.75); a cache type followed by a
+    # comment gave no estimate at all; "no-kv-unified = true;..." was read as a shared cache.
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_gemma(tmp_path / "gemma3.gguf")
+    home = tmp_path / "home"
+    (home / ".config" / "llama.cpp").mkdir(parents=True)
+    (home / ".config" / "llama.cpp" / "config.ini").write_text(config)
+    flags = [] if "np" in config else ["-np", "1"]
+    flags += [] if re.search("^(c|ctx-size|LLAMA_ARG_CTX_SIZE) =", config, re.M) else ["-c", "8192"]
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template, {"HOME": str(home)})
+    assert isinstance(estimate, ContextMemory), estimate
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
+    with (tmp_path / "server.log").open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+    try:
+        sizes = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = sizes.findall((tmp_path / "server.log").read_text(errors="replace"))
+            if len(found) >= 2 or process.poll() is not None:
+                break
+            time.sleep(0.05)
+    finally:
+        process.kill()
+        process.wait()
+    assert len(found) >= 2, (tmp_path / "server.log").read_text(errors="replace")[-2000:]
+    full, window = float(found[0]), float(found[1])
+    assert abs(estimate.bytes / MIB - (full + window)) < 0.011, (estimate, full, window)
 
 
 @pytest.mark.integration

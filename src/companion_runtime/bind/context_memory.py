@@ -24,8 +24,10 @@ What it reads:
   as ``std::stoi`` reads them (``8192abc`` is 8192, ``0x10`` is 0), the last one counts, the
   ``LLAMA_ARG_*`` variables of the runtime's extra environment count below the flags, and its
   configuration files below those (``/etc/llama.cpp/config.ini``, then ``llama.cpp/config.ini``
-  under the runtime's ``XDG_CONFIG_HOME``, else ``$HOME/.config``: their global keys and
-  ``[*]`` section, a switch there off unless ``on``, ``1``, ``enabled`` or ``true``; one over
+  under the runtime's ``XDG_CONFIG_HOME``, else ``$HOME/.config``: their global keys, which
+  a ``[default]`` header starts anew, over their ``[*]`` section, each section's keys in
+  sorted order, a ``;`` or ``#`` starting a comment in a value; a switch there off unless
+  ``on``, ``1``, ``enabled`` or ``true``, but ``swa-full`` on whatever its value; one over
   1 MiB gives :class:`Uncountable`). Its context (``-c``; 0, the
   default, is the length the model declares, or the one
   ``--override-kv ARCH.context_length=int:N`` gives it; a model declaring 0 runs only with a
@@ -332,7 +334,9 @@ _CONFIG_UNIFIED: Final[Mapping[str, bool]] = {
     **{option.lstrip("-"): value for option, value in _UPSTREAM_UNIFIED.items()},
     "LLAMA_ARG_KV_UNIFIED": True,
 }
-#: ``--swa-full`` in a configuration file, by its name or its variable.
+#: A comment in a configuration file's value: from a ``;`` or a ``#`` on.
+_COMMENT: Final = re.compile("[;#]")
+#: ``--swa-full`` in a configuration file, by its name or its variable: on whatever its value.
 _CONFIG_SWA_FULL: Final = frozenset({"swa-full", "LLAMA_ARG_SWA_FULL"})
 #: Upstream reads this file first, then the user's (``$XDG_CONFIG_HOME/llama.cpp/config.ini``,
 #: else ``$HOME/.config/llama.cpp/config.ini``), then its environment, then its flags.
@@ -1094,33 +1098,54 @@ def _config_lines(path: Path) -> list[str] | None:
 
 
 def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
-    """Apply a configuration file's global keys and its ``[*]`` section, as upstream does
-    (every other section is a preset for its router); False where upstream would exit."""
-    applies = True
+    """Apply a configuration file as upstream does; False where upstream would exit.
+
+    Its global keys and its ``[default]`` section (one and the same: its header drops the keys
+    before it, as a second ``[*]`` drops the first's) win over its ``[*]`` section; every other
+    section is a preset for its router. Within a section the keys count
+    in sorted order (``ctx-size`` over ``c`` over ``LLAMA_ARG_CTX_SIZE``, ``no-kv-unified``
+    over ``kv-unified``), the last line of one key; a ``;`` or ``#`` starts a comment
+    anywhere in a value."""
+    sections: dict[str, dict[str, str]] = {"*": {}, "default": {}}
+    current: dict[str, str] | None = sections["default"]
     for raw in lines:
         line = raw.strip()
         if not line or line[0] in ";#":
             continue
-        if line.startswith("[") and line.endswith("]"):
-            applies = line[1:-1].strip() == "*"
+        if line.startswith("["):
+            # A section's header starts it anew (the global keys' too: "[default]" drops them).
+            name = line[1:].partition("]")[0]
+            current = None
+            if name in sections:
+                current = sections[name] = {}
             continue
         key, equals, value = line.partition("=")
-        if not applies or not equals:
-            continue
-        key, value = key.strip(), value.strip()
-        if (
-            key in _UPSTREAM_OTHER_WEIGHTS
-            or "-" + key in _UPSTREAM_OTHER_WEIGHTS
-            or "--" + key in _UPSTREAM_OTHER_WEIGHTS
-        ):
-            settings.other_weights = settings.other_weights or f"{key} in a configuration file"
-        elif key in _CONFIG_UNIFIED:
+        if current is not None and equals:
+            current[key.strip()] = _COMMENT.split(value, maxsplit=1)[0].strip()
+    chosen: dict[str, tuple[str, str]] = {}
+    for section in (sections["*"], sections["default"]):
+        for key in sorted(section):
+            value = section[key]
+            if (
+                key in _UPSTREAM_OTHER_WEIGHTS
+                or "-" + key in _UPSTREAM_OTHER_WEIGHTS
+                or "--" + key in _UPSTREAM_OTHER_WEIGHTS
+            ):
+                settings.other_weights = settings.other_weights or f"{key} in a configuration file"
+            elif key in _CONFIG_UNIFIED:
+                chosen["unified"] = (key, value)
+            elif key in _CONFIG_SWA_FULL:
+                chosen["swa_full"] = (key, value)
+            elif key in _CONFIG_KEYS:
+                chosen[_CONFIG_KEYS[key]] = (key, value)
+    for setting, (key, value) in sorted(chosen.items(), key=lambda item: item[1][0]):
+        if setting == "unified":
             # A switch there is on for on, 1, enabled or true and off for anything else: the
             # pinned build never stops for one (its variable, though, must be one or the other).
             settings.unified = (value in _TRUTHY) == _CONFIG_UNIFIED[key]
-        elif key in _CONFIG_SWA_FULL:
-            settings.swa_full = value in _TRUTHY
-        elif key in _CONFIG_KEYS and not _apply_upstream(settings, _CONFIG_KEYS[key], value):
+        elif setting == "swa_full":
+            settings.swa_full = True  # whatever its value: --swa-full has no "off" to take
+        elif not _apply_upstream(settings, setting, value):
             return False
     return True
 
