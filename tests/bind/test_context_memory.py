@@ -365,6 +365,40 @@ def test_a_switch_in_a_configuration_file_is_off_unless_truthy(tmp_path: Path) -
         assert context_memory.unverified_weights(command, env) == "--mmproj", text
 
 
+def test_a_configuration_file_is_read_with_upstreams_rules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # swa-full is on whatever its value; a ";" or "#" starts a comment in a value; [default]
+    # is the global keys' section, started anew by its header, and wins over [*]; within a
+    # section the keys count in sorted order.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    model = write_gemma(tmp_path / "gemma3.gguf")
+    home = tmp_path / "home"
+    config = home / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    env = {"HOME": str(home)}
+    row = 2 * 32 * 2 * 2  # 2 KV heads of 32, K and V, f16
+
+    def estimate(text: str, *flags: str) -> object:
+        config.write_text(text)
+        return estimate_context_memory(model, [*UPSTREAM_CMD, *flags], env)
+
+    full = ContextMemory(8192, 8 * row * 8192)
+    for text in ("swa-full = false\n", "swa-full = no\n", "LLAMA_ARG_SWA_FULL = 0\n"):
+        assert estimate(text, "-np", "1", "-c", "8192") == full, text
+    windowed = ContextMemory(8192, row * 8192 + 7 * row * 1024)
+    assert estimate("[foo]\nswa-full = true\n", "-np", "1", "-c", "8192") == windowed
+    q8 = estimate("ctk = q8_0 ; the K cache\n", "-np", "1", "-c", "8192")
+    assert q8 == estimate("", "-np", "1", "-c", "8192", "-ctk", "q8_0") != windowed
+    assert estimate("ctx-size = 8000\nc = 3000\n", "-np", "1") == estimate(
+        "", "-np", "1", "-c", "8000"
+    )
+    assert estimate("[*]\nc = 8000\n[default]\nc = 3000\n", "-np", "1") == estimate(
+        "", "-np", "1", "-c", "3000"
+    )
+    assert estimate("np = 2\n[default]\nc = 3000\n") == estimate("", "-c", "3000")
+
+
 def test_upstream_behind_a_wrapper_is_still_upstream(tmp_path: Path) -> None:
     # env, nice, taskset run llama-server as it is: its cache is the same, and an env
     # assignment is a variable of its environment.
@@ -590,6 +624,31 @@ def test_what_cannot_be_counted_gives_no_estimate(tmp_path: Path) -> None:
         assert estimate_context_memory(model, command) is None, command
     assert estimate_context_memory(model, UPSTREAM_CMD, {"LLAMA_ARG_CTX_SIZE": "x"}) is None
     assert estimate_context_memory(model, UPSTREAM_CMD, {"LLAMA_ARG_KV_UNIFIED": "yes"}) is None
+
+
+def test_a_negative_context_that_llama_cpp_runs_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama.cpp takes -c as a uint32: -1 to -255 pad up to 0 and it refuses to start (no
+    # estimate); -256 and below are contexts of 2^31 tokens or more, which it runs where the
+    # memory does not grow with the context (a recurrent state, window layers): refused.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    env = {"HOME": str(tmp_path)}
+    model = _model(tmp_path / "m.gguf")
+    for context in ("-1", "-255"):
+        assert estimate_context_memory(model, [*UPSTREAM_CMD, "-c", context], env) is None
+    refused = Uncountable(
+        "its context cannot be counted: llama.cpp takes a negative -c for 2^31 tokens or more"
+    )
+    for context in ("-256", "-1073741824", "-2147483648"):
+        estimate = estimate_context_memory(model, [*UPSTREAM_CMD, "-c", context], env)
+        assert estimate == refused, context
+    variable = env | {"LLAMA_ARG_CTX_SIZE": "-1073741824"}
+    assert estimate_context_memory(model, UPSTREAM_CMD, variable) == refused
+    config = tmp_path / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    config.write_text("ctx-size = -4096\n")
+    assert estimate_context_memory(model, UPSTREAM_CMD, env) == refused
 
 
 def _recurrent_model(
@@ -923,6 +982,112 @@ def test_sliding_window_layers_are_counted_at_the_window(
         key_length=256,
         value_length=256,
         architecture="llama4",
+    )
+
+
+def test_window_layers_with_heads_of_their_own_count_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # attention.key_length_swa and value_length_swa give the window layers heads of their own
+    # length (llama.cpp reads them for every architecture): those layers are counted at them,
+    # the others at key_length and value_length; where which layers are the window's is not
+    # known, every layer at the larger of the two.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    env = {"HOME": str(tmp_path)}
+    model = write_gemma(
+        tmp_path / "gemma3.gguf",
+        header={"gemma3.attention.key_length_swa": 128, "gemma3.attention.value_length_swa": 64},
+    )
+    shape = read_attention_shape(model)
+    assert isinstance(shape, AttentionShape)
+    assert (shape.key_length, shape.swa_key_length, shape.swa_value_length) == (32, 128, 64)
+    # 8 layers of 2 KV heads, f16: the full layer (one in six) at 32 + 32 for 8,192 cells, the
+    # seven window layers at 128 + 64 for 512 + 512 (the window and a batch).
+    estimate = estimate_context_memory(model, [*UPSTREAM_CMD, "-np", "1", "-c", "8192"], env)
+    full_row, window_row = 2 * (32 + 32) * 2, 2 * (128 + 64) * 2
+    assert estimate == ContextMemory(8192, 1 * full_row * 8192 + 7 * window_row * 1024)
+    swa_full = estimate_context_memory(
+        model, [*UPSTREAM_CMD, "-np", "1", "-c", "8192", "--swa-full"], env
+    )
+    assert swa_full == ContextMemory(8192, (full_row + 7 * window_row) * 8192)
+    # The launcher, a pattern set by --override-kv, another architecture: the larger lengths.
+    larger = ContextMemory(8192, 8 * window_row * 8192)
+    launcher = estimate_context_memory(model, [*EMBEDDED, "-c", "8192", "--parallel", "1"], env)
+    assert launcher == larger
+    pattern = "gemma3.attention.sliding_window_pattern=int:2"
+    overridden = [*UPSTREAM_CMD, "-np", "1", "-c", "8192", "--override-kv", pattern]
+    assert estimate_context_memory(model, overridden, env) == larger
+    cohere = tmp_path / "cohere2.gguf"
+    cohere.write_bytes(model.read_bytes().replace(b"gemma3", b"cohere"))
+    assert estimate_context_memory(cohere, [*UPSTREAM_CMD, "-np", "1", "-c", "8192"], env) == larger
+    # Shorter window heads than the others are counted so too; zero is the other lengths'.
+    short = write_gemma(
+        tmp_path / "short.gguf",
+        header={"gemma3.attention.key_length_swa": 16, "gemma3.attention.value_length_swa": 0},
+    )
+    estimate = estimate_context_memory(short, [*UPSTREAM_CMD, "-np", "1", "-c", "8192"], env)
+    assert estimate == ContextMemory(8192, full_row * 8192 + 7 * 2 * (16 + 32) * 2 * 1024)
+
+
+def test_an_override_of_the_caches_shape_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama.cpp sizes the cache from what --override-kv sets (and checks the weights against
+    # it), not from the header: an override of a key the shape comes from, of the
+    # architecture (llama.cpp then reads another one's keys), or any override on a header
+    # that lacks a key the estimate needs cannot be counted from the header, and is refused.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    env = {"HOME": str(tmp_path)}
+    model = _model(tmp_path / "llama.gguf")
+    base = [*UPSTREAM_CMD, "-c", "4096"]
+    refused = Uncountable("its KV cache cannot be counted with --override-kv of its shape")
+    for override in (
+        "general.architecture=str:gemma3",
+        "llama.block_count=int:64",
+        "llama.embedding_length=int:8192",
+        "llama.attention.head_count=int:8",
+        "tokenizer.ggml.add_bos_token=bool:true,llama.attention.head_count_kv=int:32",
+        "llama.attention.key_length=int:512",
+        "llama.attention.value_length=int:512",
+        "llama.attention.key_length_swa=int:512",
+        "llama.attention.value_length_swa=int:512",
+    ):
+        estimate = estimate_context_memory(model, [*base, "--override-kv", override], env)
+        assert estimate == refused, override
+    config = tmp_path / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    config.write_text("override-kv = general.architecture=str:gemma3\n")
+    assert estimate_context_memory(model, base, env) == refused
+    config.unlink()
+    # Other keys, another architecture's: counted from the header as before.
+    for override in ("llama.rope.freq_base=float:1e6", "gemma3.attention.key_length=int:512"):
+        estimate = estimate_context_memory(model, [*base, "--override-kv", override], env)
+        assert estimate == ContextMemory(4096, _llama3_kv_bytes(4096)), override
+    # A header without its block count: no estimate, unless an override may give it one.
+    lacking = write_gemma(tmp_path / "lacking.gguf", header={"gemma3.block_count": None})
+    assert estimate_context_memory(lacking, base, env) is None
+    given = [*base, "--override-kv", "gemma3.block_count=int:8"]
+    assert estimate_context_memory(lacking, given, env) == refused
+
+
+def test_a_header_declaring_no_context_is_counted_at_the_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A context length of 0 in the header: llama.cpp refuses it only where the command gives
+    # none either ("n_ctx and n_ctx_train cannot both be zero"); with -c it runs at that
+    # context, which is counted, not taken for a header without an attention shape.
+    monkeypatch.setattr(context_memory, "_SYSTEM_CONFIG", tmp_path / "none.ini")
+    env = {"HOME": str(tmp_path)}
+    model = _model(tmp_path / "llama.gguf", context=0)
+    shape = read_attention_shape(model)
+    assert isinstance(shape, AttentionShape) and shape.context_length == 0
+    given = estimate_context_memory(model, [*UPSTREAM_CMD, "-c", "4096"], env)
+    assert given == ContextMemory(4096, _llama3_kv_bytes(4096))
+    for flags in ([], ["-c", "0"], ["-np", "2"], ["--override-kv", "llama.context_length=int:0"]):
+        assert estimate_context_memory(model, [*UPSTREAM_CMD, *flags], env) is None, flags
+    declared = ["--override-kv", "llama.context_length=int:1000"]
+    assert estimate_context_memory(model, [*UPSTREAM_CMD, *declared], env) == ContextMemory(
+        1024, _llama3_kv_bytes(1024)
     )
 
 
@@ -1262,6 +1427,70 @@ def test_the_estimate_counts_upstreams_configuration_file(tmp_path: Path, config
     assert abs(estimate.bytes / MIB - mib) < 0.006, (estimate, mib)
 
 
+#: Configuration files as upstream reads them: --swa-full on whatever its value; a ";" or "#"
+#: starts a comment anywhere; [default] is the global keys' section, and wins over [*];
+#: within a section the keys count in sorted order (ctx-size over c over LLAMA_ARG_CTX_SIZE,
+#: no-kv-unified over kv-unified), the last of one key's lines; a section's header starts it
+#: anew ("[default]" drops the global keys before it).
+_GEMMA_CONFIGS = [
+    "swa-full = false\n",
+    "LLAMA_ARG_SWA_FULL = 0\n",
+    "[default]\nswa-full = true\n",
+    "[DEFAULT]\nswa-full = true\n",
+    "[foo]\nswa-full = true\n",
+    "ctk = q8_0 ; a comment\n",
+    "ctk = q8_0#a comment\n",
+    "np = 2\nno-kv-unified = true;a comment\n",
+    "np = 2\nno-kv-unified = true\nkv-unified = true\n",
+    "np = 2\n[*]\nkv-unified = true\n[default]\nno-kvu = true\n",
+    "[*]\nctx-size = 8000\n[default]\nc = 3000\n",
+    "[default]\nc = 3000\n[*]\nctx-size = 8000\n",
+    "ctx-size = 8000\nc = 3000\n",
+    "LLAMA_ARG_CTX_SIZE = 8000\nc = 3000\n",
+    "c = 3000\nc = 8000\n",
+    "np = 2\n[default]\nc = 3000\n",
+    "[*]\nnp = 2\n[default]\nc = 3000\n",
+]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize("config", _GEMMA_CONFIGS)
+def test_a_configuration_file_is_read_as_llama_cpp_reads_it(tmp_path: Path, config: str) -> None:
+    # "swa-full = false" had the estimate count the window layers at the window where
+    # llama.cpp keeps them at the full context (16 MiB, not 3.75); a cache type followed by a
+    # comment gave no estimate at all; "no-kv-unified = true;..." was read as a shared cache.
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_gemma(tmp_path / "gemma3.gguf")
+    home = tmp_path / "home"
+    (home / ".config" / "llama.cpp").mkdir(parents=True)
+    (home / ".config" / "llama.cpp" / "config.ini").write_text(config)
+    flags = [] if "np" in config else ["-np", "1"]
+    flags += [] if re.search("^(c|ctx-size|LLAMA_ARG_CTX_SIZE) =", config, re.M) else ["-c", "8192"]
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template, {"HOME": str(home)})
+    assert isinstance(estimate, ContextMemory), estimate
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
+    with (tmp_path / "server.log").open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+    try:
+        sizes = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = sizes.findall((tmp_path / "server.log").read_text(errors="replace"))
+            if len(found) >= 2 or process.poll() is not None:
+                break
+            time.sleep(0.05)
+    finally:
+        process.kill()
+        process.wait()
+    assert len(found) >= 2, (tmp_path / "server.log").read_text(errors="replace")[-2000:]
+    full, window = float(found[0]), float(found[1])
+    assert abs(estimate.bytes / MIB - (full + window)) < 0.011, (estimate, full, window)
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(not llama_available(), reason="xllamacpp is not installed")
 @pytest.mark.parametrize("flags", _LAUNCHER_FLAGS, ids=" ".join)
@@ -1372,6 +1601,26 @@ def test_the_recurrent_state_is_what_llama_cpp_allocates(
 
 
 @pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+def test_a_negative_context_is_not_undercounted(tmp_path: Path) -> None:
+    # -c -1073741824 is a context of 3 × 2^30 tokens to llama.cpp: a Mamba model, whose
+    # state does not grow with it, runs, and allocates its state for 8 slots (1.57 MiB here),
+    # which the estimate, taking the command for one upstream refuses, did not count.
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_mamba(tmp_path / "mamba.gguf")
+    flags = ["-np", "8", "-c", "-1073741824"]
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    r_mib, s_mib, _kv = _logged_recurrent_state(
+        command, tmp_path / "server.log", with_kv_cache=False
+    )
+    assert r_mib + s_mib > 1
+    assert isinstance(estimate, Uncountable), estimate
+
+
+@pytest.mark.integration
 @pytest.mark.skipif(not llama_available(), reason="xllamacpp is not installed")
 @pytest.mark.parametrize("flags", [[], ["--parallel", "3", "-c", "1000"]], ids=" ".join)
 @pytest.mark.parametrize("architecture", sorted(_RECURRENT_WRITERS))
@@ -1460,6 +1709,41 @@ def test_sliding_window_layers_are_what_llama_cpp_allocates(
 @pytest.mark.integration
 @pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
 @pytest.mark.parametrize(
+    "flags",
+    [["-np", "1", "-c", "8192"], ["-np", "2", "-kvu", "-c", "8192"], ["--swa-full", "-c", "4096"]],
+    ids=" ".join,
+)
+@pytest.mark.parametrize("architecture", ["gemma3", "gemma2"])
+def test_window_heads_of_their_own_are_what_llama_cpp_allocates(
+    tmp_path: Path, flags: list[str], architecture: str
+) -> None:
+    # Window layers whose heads are 128 long where the header's key_length says 32: llama.cpp
+    # sizes their cache at attention.key_length_swa (8 MiB for one slot here, not 2). (The
+    # pinned build loads such a model only with every layer a window one.)
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_gemma(
+        tmp_path / f"{architecture}.gguf",
+        architecture,
+        pattern=[True] * 8,
+        swa_head_length=128,
+        header={
+            f"{architecture}.attention.key_length_swa": 128,
+            f"{architecture}.attention.value_length_swa": 128,
+        },
+    )
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
+    assert window > 4
+    assert abs(estimate.bytes / MIB - (full + window)) < 0.011, (estimate, full, window)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize(
     "override",
     ["gemma3.attention.sliding_window=int:3000", "gemma3.attention.sliding_window_pattern=int:2"],
 )
@@ -1478,6 +1762,77 @@ def test_a_window_set_by_override_kv_is_not_undercounted(tmp_path: Path, overrid
     full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
     assert full + window > 3.76
     assert estimate.bytes / MIB >= full + window
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+def test_a_header_declaring_no_context_is_what_llama_cpp_allocates(tmp_path: Path) -> None:
+    # gemma3.context_length 0 and -c 8192: llama.cpp allocates 3.75 MiB; the estimate, which
+    # took the header for one without an attention shape, counted nothing.
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_gemma(tmp_path / "gemma3.gguf", header={"gemma3.context_length": 0})
+    flags = ["-np", "1", "-c", "8192"]
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
+    assert isinstance(estimate, ContextMemory), estimate
+    assert abs(estimate.bytes / MIB - (full + window)) < 0.011, (estimate, full, window)
+
+
+#: Models whose header declares a smaller cache than their weights, and the --override-kv that
+#: has llama.cpp load them at the weights' size.
+_SHAPE_OVERRIDES = {
+    "architecture": (
+        {
+            "general.architecture": "llama",
+            **{f"llama.{key}": 1 for key in ("block_count", "attention.head_count")},
+            **{f"llama.attention.{key}": 1 for key in ("head_count_kv", "key_length")},
+            "llama.attention.value_length": 1,
+            "llama.context_length": 256,
+            "llama.embedding_length": 128,
+        },
+        None,
+        "general.architecture=str:gemma3",
+    ),
+    "key_length": (
+        {"gemma3.attention.key_length": 8, "gemma3.attention.value_length": 8},
+        None,
+        "gemma3.attention.key_length=int:32,gemma3.attention.value_length=int:32",
+    ),
+    "key_length_swa": (
+        {},
+        128,
+        "gemma3.attention.key_length_swa=int:128,gemma3.attention.value_length_swa=int:128",
+    ),
+    "no_block_count": ({"gemma3.block_count": None}, None, "gemma3.block_count=int:8"),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.parametrize("case", sorted(_SHAPE_OVERRIDES))
+def test_a_shape_set_by_override_kv_is_not_undercounted(tmp_path: Path, case: str) -> None:
+    # The header says a cache of 1 to 2 MiB (or none at all), the weights and the override a
+    # cache of 3.75 to 8 MiB, which llama.cpp allocates: the estimate must not count the
+    # header's.
+    binary = upstream_binary()
+    assert binary is not None
+    header, swa_head_length, override = _SHAPE_OVERRIDES[case]
+    model = write_gemma(
+        tmp_path / "gemma3.gguf",
+        pattern=[True] * 8 if swa_head_length else None,
+        swa_head_length=swa_head_length,
+        header=header,
+    )
+    flags = ["-np", "1", "-c", "8192", "--override-kv", override]
+    template = [str(binary), "-m", "{model_path}", "--port", "{port}", *flags]
+    estimate = estimate_context_memory(model, template)
+    command = [str(binary), "-m", str(model), "--port", str(free_port()), "-lv", "4", *flags]
+    full, window = _logged_kv_caches(command, tmp_path / "server.log", 2)[:2]
+    assert full + window >= 3.75
+    assert isinstance(estimate, Uncountable) or estimate.bytes / MIB >= full + window, estimate
 
 
 #: Upstream options whose value names a file, directory or URL that holds no weights.

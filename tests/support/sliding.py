@@ -5,6 +5,7 @@ small random numbers: the tests only load them and read the sizes llama.cpp logs
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import gguf
@@ -28,10 +29,15 @@ def write_gemma(
     kv_heads: int = 2,
     head_length: int = 32,
     feed_forward: int = 128,
+    swa_head_length: int | None = None,
+    header: Mapping[str, str | int | None] | None = None,
 ) -> Path:
     """A Gemma 3 (or 2) model with a ``window``-token sliding window in all but every
     ``pattern``-th layer (6 unless given; Gemma 2: 2), or as ``pattern``'s flags say (one per
-    layer, true for a window)."""
+    layer, true for a window). With ``swa_head_length``, the window layers' heads are that long
+    (their tensors; the header says so only if ``header`` does). ``header``'s keys are written
+    over the header's own (a string, or a number as a uint32; None takes the key away),
+    whatever the tensors are."""
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_context_length(context)
@@ -48,23 +54,37 @@ def write_gemma(
     if pattern is not None:
         writer.add_sliding_window_pattern(pattern)
     _vocabulary(writer)
+    for key, value in (header or {}).items():
+        if value is None:
+            writer.kv_data[0].pop(key)
+            continue
+        value_type = gguf.GGUFValueType.STRING if isinstance(value, str) else None
+        writer.kv_data[0][key] = gguf.GGUFValue(value, value_type or gguf.GGUFValueType.UINT32)
     random = np.random.RandomState(20_261_129)
 
     def weights(*shape: int) -> np.ndarray:
         return random.uniform(-0.05, 0.05, size=shape).astype(np.float32)
 
+    if isinstance(pattern, list):
+        windowed = list(pattern)
+    else:
+        every = pattern if pattern is not None else 6 if architecture == "gemma3" else 2
+        windowed = [every == 0 or layer % every < every - 1 for layer in range(layers)]
     ones = np.ones(embedding, dtype=np.float32)
-    head_ones = np.ones(head_length, dtype=np.float32)
     writer.add_tensor("token_embd.weight", weights(len(tiny_model.VOCABULARY), embedding))
     writer.add_tensor("output_norm.weight", ones)
     for layer in range(layers):
         block = f"blk.{layer}."
+        length = head_length
+        if swa_head_length is not None and windowed[layer]:
+            length = swa_head_length
+        head_ones = np.ones(length, dtype=np.float32)
         for name, tensor in (
             ("attn_norm.weight", ones),
-            ("attn_q.weight", weights(heads * head_length, embedding)),
-            ("attn_k.weight", weights(kv_heads * head_length, embedding)),
-            ("attn_v.weight", weights(kv_heads * head_length, embedding)),
-            ("attn_output.weight", weights(embedding, heads * head_length)),
+            ("attn_q.weight", weights(heads * length, embedding)),
+            ("attn_k.weight", weights(kv_heads * length, embedding)),
+            ("attn_v.weight", weights(kv_heads * length, embedding)),
+            ("attn_output.weight", weights(embedding, heads * length)),
             ("post_attention_norm.weight", ones),
             ("ffn_norm.weight", ones),
             ("ffn_gate.weight", weights(feed_forward, embedding)),

@@ -24,13 +24,18 @@ What it reads:
   as ``std::stoi`` reads them (``8192abc`` is 8192, ``0x10`` is 0), the last one counts, the
   ``LLAMA_ARG_*`` variables of the runtime's extra environment count below the flags, and its
   configuration files below those (``/etc/llama.cpp/config.ini``, then ``llama.cpp/config.ini``
-  under the runtime's ``XDG_CONFIG_HOME``, else ``$HOME/.config``: their global keys and
-  ``[*]`` section, a switch there off unless ``on``, ``1``, ``enabled`` or ``true``; one over
+  under the runtime's ``XDG_CONFIG_HOME``, else ``$HOME/.config``: their global keys, which
+  a ``[default]`` header starts anew, over their ``[*]`` section, each section's keys in
+  sorted order, a ``;`` or ``#`` starting a comment in a value; a switch there off unless
+  ``on``, ``1``, ``enabled`` or ``true``, but ``swa-full`` on whatever its value; one over
   1 MiB gives :class:`Uncountable`). Its context (``-c``; 0, the
   default, is the length the model declares, or the one
-  ``--override-kv ARCH.context_length=int:N`` gives it), its slots (``-np``: 4 by default,
-  sharing one cache; a number given splits the context into per-slot caches unless
-  ``--kv-unified``) and ``--kv-unified-per-slot`` (slots × N, without ``-c``) count;
+  ``--override-kv ARCH.context_length=int:N`` gives it; a model declaring 0 runs only with a
+  context given, and without one gives None; a negative one is a uint32 to upstream: -1 to
+  -255 pad up to 0, which it refuses, -256 and below are 2^31 tokens or more, which it runs
+  for a model whose memory does not grow with the context: :class:`Uncountable`), its slots
+  (``-np``: 4 by default, sharing one cache; a number given splits the context into per-slot
+  caches unless ``--kv-unified``) and ``--kv-unified-per-slot`` (slots × N, without ``-c``) count;
   ``-ctk`` / ``-ctv`` set the element types (``f16`` by default). The model it loads must be
   ``{model_path}`` (the last ``-m``, or ``LLAMA_ARG_MODEL``, or a configuration file's):
   another file, none, or one it downloads (``-hf``, ``-mu``, ``-dr``, a ``--*-default``
@@ -38,12 +43,18 @@ What it reads:
 - the **model file's GGUF header**: ``general.architecture`` and that architecture's
   ``block_count``, ``context_length``, ``embedding_length``, ``attention.head_count``,
   ``attention.head_count_kv`` (a number, or one per layer), ``attention.key_length`` and
-  ``attention.value_length``; for a model with a recurrent state its ``ssm.conv_kernel``,
-  ``ssm.inner_size``, ``ssm.state_size``, ``ssm.group_count``, ``wkv.head_size``,
-  ``token_shift_count``, ``shortconv.l_cache``, ``full_attention_interval``,
-  ``attention.recurrent_layers`` and ``feed_forward_length`` (see below). Only the key-value
+  ``attention.value_length`` (and their ``_swa`` variants, for the window layers); for a
+  model with a recurrent state its ``ssm.conv_kernel``, ``ssm.inner_size``,
+  ``ssm.state_size``, ``ssm.group_count``, ``wkv.head_size``, ``token_shift_count``,
+  ``shortconv.l_cache``, ``full_attention_interval``, ``attention.recurrent_layers`` and
+  ``feed_forward_length`` (see below). Only the key-value
   section is read, with every length checked against the file's size; anything malformed, or
-  a file that is not GGUF, gives None (llama.cpp will not load it either). A GGUF header too
+  a file that is not GGUF, gives None (llama.cpp will not load it either; but with an
+  ``--override-kv``, which may give it a key it lacks, :class:`Uncountable`). An
+  ``--override-kv`` of ``general.architecture`` (llama.cpp then reads another architecture's
+  keys) or of a key the cache's shape comes from (:data:`_SHAPE_KEYS`: llama.cpp sizes the
+  cache from it, and checks the weights against it, not against the header) gives
+  :class:`Uncountable` too. A GGUF header too
   large to walk within this module's bounds (:data:`_MAX_HEADER_BYTES`, :data:`_MAX_ELEMENTS`,
   :data:`_MAX_PAIRS`) gives :class:`Uncountable`: llama.cpp would load it, so the fit check
   refuses it rather than count nothing.
@@ -90,7 +101,11 @@ its list of flags says), and for upstream's ``llama-server`` only; ``--swa-full`
 ``LLAMA_ARG_SWA_FULL``, or ``swa-full`` in a configuration file), speculative decoding
 (``--spec-type``), an ``--override-kv`` of the window or its pattern, the launcher and every
 other architecture with a window (Cohere 2, Llama 4...) are counted at the full context, an
-upper bound, as are models with compressed attention (MLA).
+upper bound, as are models with compressed attention (MLA). A model may give its window layers'
+heads lengths of their own (``attention.key_length_swa``, ``attention.value_length_swa``, read
+by llama.cpp for any architecture): those layers count at them; where which layers have the
+window is not known here (another architecture, the launcher, a pattern ``--override-kv``
+sets), every layer counts at the larger of the two lengths.
 Not counted: the compute buffers (reserved, but touched only as the context fills, where the
 resource samples see them), and the prompt checkpoints llama.cpp keeps in RAM for a window
 model as requests come (``--swa-checkpoints``), which the resource samples see too.
@@ -183,6 +198,8 @@ _WANTED: Final = (
     b".full_attention_interval",
     b".attention.sliding_window",
     _SLIDING_WINDOW_PATTERN_KEY,
+    b".attention.key_length_swa",
+    b".attention.value_length_swa",
     *_RECURRENT_UNKNOWN_KEYS,
 )
 #: The most layers llama.cpp loads: the pinned build aborts past it (``GGML_ASSERT(n_layer <=
@@ -317,7 +334,9 @@ _CONFIG_UNIFIED: Final[Mapping[str, bool]] = {
     **{option.lstrip("-"): value for option, value in _UPSTREAM_UNIFIED.items()},
     "LLAMA_ARG_KV_UNIFIED": True,
 }
-#: ``--swa-full`` in a configuration file, by its name or its variable.
+#: A comment in a configuration file's value: from a ``;`` or a ``#`` on.
+_COMMENT: Final = re.compile("[;#]")
+#: ``--swa-full`` in a configuration file, by its name or its variable: on whatever its value.
 _CONFIG_SWA_FULL: Final = frozenset({"swa-full", "LLAMA_ARG_SWA_FULL"})
 #: Upstream reads this file first, then the user's (``$XDG_CONFIG_HOME/llama.cpp/config.ini``,
 #: else ``$HOME/.config/llama.cpp/config.ini``), then its environment, then its flags.
@@ -419,6 +438,21 @@ _RECURRENT_SIZING_KEYS: Final = frozenset(
         "embedding_length",
     }
 )
+#: The keys (after ``ARCH.``) the KV cache's shape comes from: with an ``--override-kv`` of one,
+#: or of ``general.architecture`` (llama.cpp then reads another architecture's keys), the cache
+#: is not the header's, and the estimate gives :class:`Uncountable`.
+_SHAPE_KEYS: Final = frozenset(
+    {
+        "block_count",
+        "embedding_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "attention.key_length",
+        "attention.value_length",
+        "attention.key_length_swa",
+        "attention.value_length_swa",
+    }
+)
 #: The keys a sliding window's cache comes from: with an ``--override-kv`` of one, the window
 #: layers are counted at the full context.
 _SLIDING_WINDOW_KEYS: Final = frozenset(
@@ -494,6 +528,10 @@ class AttentionShape:
     #: empty where the estimate counts every layer at the full context).
     sliding_window: int = 0
     swa_layers: tuple[bool, ...] = ()
+    #: ``attention.key_length_swa`` and ``value_length_swa``: the heads of the layers that
+    #: attend through a window, where the model gives them a length of their own (0: none).
+    swa_key_length: int = 0
+    swa_value_length: int = 0
 
 
 @final
@@ -518,6 +556,13 @@ class Uncountable:
 
 #: The model file's GGUF header is past the walk's bounds.
 UNCOUNTABLE: Final = Uncountable("its GGUF header is too large for the fit check to read")
+#: ``--override-kv`` sets what the KV cache's shape comes from, not the header.
+_SHAPE_OVERRIDDEN: Final = Uncountable(
+    "its KV cache cannot be counted with --override-kv of its shape"
+)
+_NEGATIVE_CONTEXT: Final = Uncountable(
+    "its context cannot be counted: llama.cpp takes a negative -c for 2^31 tokens or more"
+)
 _CONFIG_TOO_LARGE: Final = Uncountable(
     "llama.cpp's configuration file is too large for the fit check to read"
 )
@@ -673,10 +718,16 @@ def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ..
     return found
 
 
-def _positive(value: object) -> int:
-    if type(value) is not int or value <= 0:
+def _positive(value: object, *, zero: bool = False) -> int:
+    """``value``, a positive number (or 0, with ``zero``); :class:`_Malformed` otherwise."""
+    if type(value) is not int or value < 0 or (value == 0 and not zero):
         raise _Malformed
     return value
+
+
+def _positive_or_zero(value: object) -> int:
+    """``value`` if it is a positive number, else 0."""
+    return value if type(value) is int and value > 0 else 0
 
 
 def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> AttentionShape:
@@ -691,7 +742,8 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
     layers = _positive(get(gguf.Keys.LLM.BLOCK_COUNT))
     if layers > _MAX_LAYERS:
         raise _Malformed  # llama.cpp aborts on it; and a tuple per layer must stay small
-    context_length = _positive(get(gguf.Keys.LLM.CONTEXT_LENGTH))
+    # 0 is a model that declares no context: llama.cpp runs it at the one the command gives.
+    context_length = _positive(get(gguf.Keys.LLM.CONTEXT_LENGTH), zero=True)
     embedding = _positive(get(gguf.Keys.LLM.EMBEDDING_LENGTH))
     recurrent = _has_recurrent_state(metadata, arch)
     heads = get(gguf.Keys.Attention.HEAD_COUNT)
@@ -728,6 +780,10 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
                 for count, is_recurrent in zip(kv_counts, recurrent_layers, strict=True)
             )
     window, swa_layers = _sliding_window(get, arch, layers)
+    # The window layers' heads, where the model sizes them apart (llama.cpp reads these for
+    # any architecture); a value it would not load is left to the other lengths.
+    swa_key_length = get("{arch}.attention.key_length_swa")
+    swa_value_length = get("{arch}.attention.value_length_swa")
     if first_heads == 0:
         return AttentionShape(
             context_length=context_length,
@@ -750,6 +806,8 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
         recurrent_s=s_elements,
         sliding_window=window,
         swa_layers=swa_layers,
+        swa_key_length=_positive_or_zero(swa_key_length),
+        swa_value_length=_positive_or_zero(swa_value_length),
     )
 
 
@@ -1040,33 +1098,54 @@ def _config_lines(path: Path) -> list[str] | None:
 
 
 def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
-    """Apply a configuration file's global keys and its ``[*]`` section, as upstream does
-    (every other section is a preset for its router); False where upstream would exit."""
-    applies = True
+    """Apply a configuration file as upstream does; False where upstream would exit.
+
+    Its global keys and its ``[default]`` section (one and the same: its header drops the keys
+    before it, as a second ``[*]`` drops the first's) win over its ``[*]`` section; every other
+    section is a preset for its router. Within a section the keys count
+    in sorted order (``ctx-size`` over ``c`` over ``LLAMA_ARG_CTX_SIZE``, ``no-kv-unified``
+    over ``kv-unified``), the last line of one key; a ``;`` or ``#`` starts a comment
+    anywhere in a value."""
+    sections: dict[str, dict[str, str]] = {"*": {}, "default": {}}
+    current: dict[str, str] | None = sections["default"]
     for raw in lines:
         line = raw.strip()
         if not line or line[0] in ";#":
             continue
-        if line.startswith("[") and line.endswith("]"):
-            applies = line[1:-1].strip() == "*"
+        if line.startswith("["):
+            # A section's header starts it anew (the global keys' too: "[default]" drops them).
+            name = line[1:].partition("]")[0]
+            current = None
+            if name in sections:
+                current = sections[name] = {}
             continue
         key, equals, value = line.partition("=")
-        if not applies or not equals:
-            continue
-        key, value = key.strip(), value.strip()
-        if (
-            key in _UPSTREAM_OTHER_WEIGHTS
-            or "-" + key in _UPSTREAM_OTHER_WEIGHTS
-            or "--" + key in _UPSTREAM_OTHER_WEIGHTS
-        ):
-            settings.other_weights = settings.other_weights or f"{key} in a configuration file"
-        elif key in _CONFIG_UNIFIED:
+        if current is not None and equals:
+            current[key.strip()] = _COMMENT.split(value, maxsplit=1)[0].strip()
+    chosen: dict[str, tuple[str, str]] = {}
+    for section in (sections["*"], sections["default"]):
+        for key in sorted(section):
+            value = section[key]
+            if (
+                key in _UPSTREAM_OTHER_WEIGHTS
+                or "-" + key in _UPSTREAM_OTHER_WEIGHTS
+                or "--" + key in _UPSTREAM_OTHER_WEIGHTS
+            ):
+                settings.other_weights = settings.other_weights or f"{key} in a configuration file"
+            elif key in _CONFIG_UNIFIED:
+                chosen["unified"] = (key, value)
+            elif key in _CONFIG_SWA_FULL:
+                chosen["swa_full"] = (key, value)
+            elif key in _CONFIG_KEYS:
+                chosen[_CONFIG_KEYS[key]] = (key, value)
+    for setting, (key, value) in sorted(chosen.items(), key=lambda item: item[1][0]):
+        if setting == "unified":
             # A switch there is on for on, 1, enabled or true and off for anything else: the
             # pinned build never stops for one (its variable, though, must be one or the other).
             settings.unified = (value in _TRUTHY) == _CONFIG_UNIFIED[key]
-        elif key in _CONFIG_SWA_FULL:
-            settings.swa_full = value in _TRUTHY
-        elif key in _CONFIG_KEYS and not _apply_upstream(settings, _CONFIG_KEYS[key], value):
+        elif setting == "swa_full":
+            settings.swa_full = True  # whatever its value: --swa-full has no "off" to take
+        elif not _apply_upstream(settings, setting, value):
             return False
     return True
 
@@ -1367,12 +1446,23 @@ def estimate_context_memory(
     settings = _settings(command_template, environ or {})
     if isinstance(settings, Uncountable):
         return settings
-    if settings is None or settings.slots <= 0 or settings.context < 0:
-        return None  # not llama.cpp's server, or one that exits (or aborts) at once
+    if settings is None or settings.slots <= 0 or -_CONTEXT_PADDING < settings.context < 0:
+        # Not llama.cpp's server, or one that exits (or aborts) at once: upstream takes -c as
+        # a uint32, and -1 to -255 pad up to 0 ("n_ctx_seq == 0").
+        return None
+    if settings.context < 0:
+        # 2^32 + N, 2^31 tokens or more: a KV cache that size fails, but a recurrent state or
+        # window layers do not grow with it, and upstream runs them.
+        return _NEGATIVE_CONTEXT
     unverified = settings.unverified()
     if unverified is not None:
         return _unverified(unverified)
+    if "architecture" in _overridden(settings.overrides, "general"):
+        return _SHAPE_OVERRIDDEN  # llama.cpp would read another architecture's keys
     shape = read_attention_shape(model_path)
+    if shape is None and settings.overrides:
+        # A header without a key the estimate needs, which --override-kv may well supply.
+        return _SHAPE_OVERRIDDEN
     if not isinstance(shape, AttentionShape):
         return shape
     declared = _override_context(settings.overrides, shape.architecture)
@@ -1383,6 +1473,8 @@ def estimate_context_memory(
         context = shape.context_length if declared is None else declared
         if not settings.unified:
             context *= settings.slots
+    if context == 0:
+        return None  # llama.cpp: "n_ctx and model->hparams.n_ctx_train cannot both be zero"
     context = _pad(context)
     if not settings.unified:
         # One cache per slot, each its share of the context padded up on its own.
@@ -1391,14 +1483,19 @@ def estimate_context_memory(
     if shape.recurrent_layers and overridden & _RECURRENT_SIZING_KEYS:
         # The state would be sized from the override, not from the header read here.
         return Uncountable("its recurrent state cannot be counted with --override-kv of its keys")
+    if overridden & _SHAPE_KEYS:
+        # llama.cpp sizes the cache from the override, and checks the weights against it: a
+        # header that declares less loads all the same.
+        return _SHAPE_OVERRIDDEN
     window_cells = (
         None if overridden & _SLIDING_WINDOW_KEYS else _window_cells(shape, settings, context)
     )
     swa_layers = shape.swa_layers if window_cells is not None else ()
     kv_cache = 0
     for layer, heads in enumerate(shape.kv_heads):
-        per_token = _cache_bytes(heads * shape.key_length, settings.cache_k) + _cache_bytes(
-            heads * shape.value_length, settings.cache_v
+        key_length, value_length = _head_lengths(shape, settings, overridden, layer)
+        per_token = _cache_bytes(heads * key_length, settings.cache_k) + _cache_bytes(
+            heads * value_length, settings.cache_v
         )
         windowed = window_cells is not None and layer < len(swa_layers) and swa_layers[layer]
         kv_cache += per_token * (window_cells if windowed and window_cells is not None else context)
@@ -1408,6 +1505,24 @@ def estimate_context_memory(
     return ContextMemory(
         context_tokens=context, bytes=kv_cache + recurrent, recurrent_bytes=recurrent
     )
+
+
+def _head_lengths(
+    shape: AttentionShape, settings: _Settings, overridden: set[str], layer: int
+) -> tuple[int, int]:
+    """The key and value lengths of ``layer``'s heads: a window layer's own
+    (``key_length_swa``, ``value_length_swa``) where the model gives them, the others'
+    elsewhere; the larger of the two where which layers attend through a window is not known
+    here (another architecture, the launcher, a pattern ``--override-kv`` sets)."""
+    swa_key = shape.swa_key_length or shape.key_length
+    swa_value = shape.swa_value_length or shape.value_length
+    if swa_key == shape.key_length and swa_value == shape.value_length:
+        return shape.key_length, shape.value_length
+    if shape.swa_layers and settings.upstream and not overridden & _SLIDING_WINDOW_KEYS:
+        if shape.swa_layers[layer]:
+            return swa_key, swa_value
+        return shape.key_length, shape.value_length
+    return max(shape.key_length, swa_key), max(shape.value_length, swa_value)
 
 
 def _window_cells(shape: AttentionShape, settings: _Settings, context: int) -> int | None:
