@@ -46,6 +46,14 @@ def _standin_manifest(directory: Path, *flags: str) -> tuple[Manifest, Path]:
     return manifest, model
 
 
+def _alive_below(pid: int) -> list[psutil.Process]:
+    return [
+        process
+        for process in psutil.Process(pid).children(recursive=True)
+        if not process_gone(process.pid)
+    ]
+
+
 @pytest.mark.security
 async def test_a_process_that_takes_the_port_of_a_runtime_that_died_gets_no_request(
     tmp_path: Path,
@@ -85,3 +93,28 @@ async def test_a_process_that_takes_the_port_of_a_runtime_that_died_gets_no_requ
         assert not received, f"{len(received)} requests reached the port taker"
         assert [answer.status_code for answer in answers] == [502] * 4
         assert {answer.json()["reason"] for answer in answers} == {"runtime_gone"}
+
+
+async def test_a_runtime_that_hands_its_listener_on_to_a_new_process_is_still_served(
+    tmp_path: Path,
+) -> None:
+    # A pre-forking runtime serves from a worker, which hands the listener on to its successor
+    # and exits (as a server recycling its workers does). The process found holding the
+    # listener at ready is gone, but the listener is still the runtime's: new connections to
+    # it must still be relayed, not refused runtime_gone for as long as the runtime runs.
+    manifest, model = _standin_manifest(tmp_path, "--hand-over-after-s", "1.5")
+    async with serving(manifest, model, state_dir=tmp_path / "state") as served:
+        supervisor = served.supervisor
+        keeper = supervisor.status()["pid"]
+        assert isinstance(keeper, int)
+        (runtime,) = psutil.Process(keeper).children()
+        (worker,) = runtime.children()
+        auth = {"authorization": f"Bearer {served.token}"}
+        async with httpx.AsyncClient(base_url=served.url, headers=auth, timeout=30) as client:
+            assert (await client.post("/work?sleep_s=0")).status_code == 200
+            assert await async_wait_for(lambda: process_gone(worker.pid), 10)
+            # The runtime and the successor that took the listener over.
+            assert await async_wait_for(lambda: len(_alive_below(keeper)) == 2, 10)
+            answers = [await client.post("/work?sleep_s=0") for _ in range(3)]
+        assert [answer.status_code for answer in answers] == [200] * 3
+        assert supervisor.status()["state"] == "ready"
