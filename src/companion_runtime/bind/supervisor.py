@@ -566,8 +566,9 @@ class Supervisor:
         return self._runtime_authorization
 
     def runtime_listening(self) -> bool:
-        """Whether the runtime's port is still the runtime's: a runtime runs, and the process
-        found holding its listener when it turned ready has not exited.
+        """Whether the runtime's port is still the runtime's: a runtime runs, and none of the
+        processes found holding its listener (when it turned ready, or last by
+        :meth:`find_runtime_listener`) has exited.
 
         The front door asks this once a new connection to :attr:`runtime_url` is made and
         before it sends anything on it. The port is in the runtime's argv for every local
@@ -576,8 +577,10 @@ class Supervisor:
         request, its body or the runtime's key. A listener lives as long as the process
         holding it (unless it closes it, which a runtime does only when told to stop, and
         :attr:`runtime_url` is ``None`` before that), so a connection made before this
-        answers ``True`` reached the runtime. One ``poll`` per process found (usually one),
-        through a pidfd; without pidfds (not Linux 5.3 or later) only the first part holds.
+        answers ``True`` reached the runtime. Every one of them, not any: a process that
+        shared the listener may have closed its copy, and the one that exited was then the
+        last holding it. One ``poll`` over a pidfd per process found (usually one); without
+        pidfds (not Linux 5.3 or later) only the first part holds.
         """
         if self._runtime_url is None:
             return False
