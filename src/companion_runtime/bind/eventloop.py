@@ -10,11 +10,11 @@ which one it is.
 
 The loop's worker threads (``asyncio.to_thread``, ``run_in_executor``, and libuv's own, which
 uvloop gives name lookups) block SIGINT, SIGTERM and SIGHUP, so these always reach the main
-thread. Its handlers give way to others when the loop
-stops (``serve`` ignores them from then on, the demo puts the caller's back) with the signals
-blocked on the main thread, which the loop's removal would otherwise leave at their default
-action for a moment: a signal sent then went to a worker thread, which does not block them,
-and ended the process by its default action after it had cleaned up.
+thread. The loop's handlers give way to others when it stops (``serve`` ignores the signals
+from then on, the demo puts the caller's handlers back) with the signals blocked on the main
+thread, as the loop's removal leaves each at its default action for a moment: a signal sent
+then went to a worker thread that did not block it, and ended the process by its default
+action after it had cleaned up.
 """
 
 from __future__ import annotations
