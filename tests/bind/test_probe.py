@@ -229,6 +229,31 @@ async def test_a_gpu_that_fails_after_it_was_found_makes_the_sample_unmeasurable
     assert str(caught.value) == "malformed_observation"
 
 
+@pytest.mark.parametrize("code", [3, 4], ids=["not_supported", "no_permission"])
+async def test_a_gpu_that_never_tells_a_process_s_memory_still_lets_the_runtime_serve(
+    monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    # Some GPUs and drivers never tell which process uses how much memory for one of the two
+    # queries (NVML_ERROR_NOT_SUPPORTED; NVML_ERROR_NO_PERMISSION for a user on a MIG-enabled
+    # device). That answer never changes on the machine: read as a failure, every sample was
+    # unmeasurable and the runtime refused every request malformed_observation for as long as
+    # it ran. That query counts nothing, as before; a GPU that fails otherwise still refuses.
+    nvml, state = fake_nvml(graphics_processes_error=code)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    spec = build_launch_spec(
+        [sys.executable, "-c", "import time; time.sleep(60)", "{port}"], model_path="m"
+    )
+    async with SubprocessLauncher().launch(spec, stop_grace_s=0.5) as runtime:
+        probe = PsutilResourceProbe(runtime.pid, gpu=NvmlGpuMemory())
+        for _ in range(2):
+            sample = await probe.sample()
+            assert sample.observation.vram_bytes == 0
+        state["lost"] = True
+        with pytest.raises(ProbeError) as caught:
+            await probe.sample()
+    assert caught.value.reason is Reason.MALFORMED_OBSERVATION
+
+
 async def test_nvml_that_cannot_start_is_still_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     nvml, _ = fake_nvml(init_fails=True)
     monkeypatch.setitem(sys.modules, "pynvml", nvml)

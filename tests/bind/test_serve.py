@@ -46,6 +46,14 @@ def _standin_manifest(directory: Path, *flags: str) -> tuple[Manifest, Path]:
     return manifest, model
 
 
+def _alive_below(pid: int) -> list[psutil.Process]:
+    return [
+        process
+        for process in psutil.Process(pid).children(recursive=True)
+        if not process_gone(process.pid)
+    ]
+
+
 @pytest.mark.security
 async def test_a_process_that_takes_the_port_of_a_runtime_that_died_gets_no_request(
     tmp_path: Path,
@@ -84,4 +92,60 @@ async def test_a_process_that_takes_the_port_of_a_runtime_that_died_gets_no_requ
                 received = taker.stop()
         assert not received, f"{len(received)} requests reached the port taker"
         assert [answer.status_code for answer in answers] == [502] * 4
+        assert {answer.json()["reason"] for answer in answers} == {"runtime_gone"}
+
+
+async def test_a_runtime_that_hands_its_listener_on_to_a_new_process_is_still_served(
+    tmp_path: Path,
+) -> None:
+    # A pre-forking runtime serves from a worker, which hands the listener on to its successor
+    # and exits (as a server recycling its workers does). The process found holding the
+    # listener at ready is gone, but the listener is still the runtime's: new connections to
+    # it must still be relayed, not refused runtime_gone for as long as the runtime runs.
+    manifest, model = _standin_manifest(tmp_path, "--hand-over-after-s", "1.5")
+    async with serving(manifest, model, state_dir=tmp_path / "state") as served:
+        supervisor = served.supervisor
+        keeper = supervisor.status()["pid"]
+        assert isinstance(keeper, int)
+        (runtime,) = psutil.Process(keeper).children()
+        (worker,) = runtime.children()
+        auth = {"authorization": f"Bearer {served.token}"}
+        async with httpx.AsyncClient(base_url=served.url, headers=auth, timeout=30) as client:
+            assert (await client.post("/work?sleep_s=0")).status_code == 200
+            assert await async_wait_for(lambda: process_gone(worker.pid), 10)
+            # The runtime and the successor that took the listener over.
+            assert await async_wait_for(lambda: len(_alive_below(keeper)) == 2, 10)
+            answers = [await client.post("/work?sleep_s=0") for _ in range(3)]
+        assert [answer.status_code for answer in answers] == [200] * 3
+        assert supervisor.status()["state"] == "ready"
+
+
+@pytest.mark.security
+async def test_a_port_its_runtime_no_longer_holds_gets_no_request_while_the_runtime_lives(
+    tmp_path: Path,
+) -> None:
+    # Two processes of the runtime hold its listener at ready: the runtime and the worker it
+    # forked. The runtime closes its copy and lives on; the worker exits. The port is then
+    # free for anyone, while a process found holding it at ready still lives: a new runtime
+    # connection must not carry a request, its body or the runtime's key to whoever bound it.
+    manifest, model = _standin_manifest(tmp_path, "--give-up-listener-after-s", "1.5")
+    async with serving(manifest, model, state_dir=tmp_path / "state") as served:
+        supervisor = served.supervisor
+        runtime_url = supervisor.runtime_url
+        assert runtime_url is not None
+        port = int(runtime_url.rsplit(":", 1)[1])
+        keeper = supervisor.status()["pid"]
+        assert isinstance(keeper, int)
+        (runtime,) = psutil.Process(keeper).children()
+        (worker,) = runtime.children()
+        auth = {"authorization": f"Bearer {served.token}"}
+        async with httpx.AsyncClient(base_url=served.url, headers=auth, timeout=30) as client:
+            assert (await client.post("/work?sleep_s=0")).status_code == 200
+            assert await async_wait_for(lambda: process_gone(worker.pid), 10)
+            assert not process_gone(runtime.pid)
+            with port_taker(port=port) as taker:
+                answers = [await client.post("/work?sleep_s=0") for _ in range(3)]
+                received = taker.stop()
+        assert not received, f"{len(received)} requests reached the port taker"
+        assert [answer.status_code for answer in answers] == [502] * 3
         assert {answer.json()["reason"] for answer in answers} == {"runtime_gone"}

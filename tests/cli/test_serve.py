@@ -36,7 +36,7 @@ from tests.support.frontdoor import (
     serve_manifest_text,
 )
 from tests.support.llama import declaring_context
-from tests.support.signals import flood_until_exit
+from tests.support.signals import flood_until_exit, threads_blocking
 from tests.support.supervision import (
     BIG_BLOB_BYTES,
     BIG_BLOB_SHA256,
@@ -836,6 +836,52 @@ def test_signals_until_it_exits_never_end_serve_by_their_default_action(tmp_path
             assert process.returncode == 0, (run_index, process.returncode, sent, stderr[-3000:])
             assert stdout == ""
             assert "Traceback" not in stderr and "Aborted" not in stderr
+            assert not Path(str(ready["token_file"])).exists()
+            assert not (state_dir / "serve.json").exists()
+
+
+def test_a_signal_flood_finds_no_worker_thread_at_its_default_action(tmp_path: Path) -> None:
+    # serve gives up its event loop's handlers with SIGINT, SIGTERM and SIGHUP blocked on its
+    # main thread, and the loop's removal leaves each at its default action for a moment. The
+    # loop's worker threads (asyncio's, for samples and lookups, and libuv's) did not block
+    # them: SIGTERM sent as fast as it can be went to one of them in that moment and ended
+    # serve by its default action after it had drained and cleaned up (four runs in eight).
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        for run_index in range(4):
+            state_dir = tmp_path / f"state-{run_index}"
+            process = subprocess.Popen(
+                serve_command(manifest, tmp_path / "store", origin.ca_pem_path),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=serve_env(state_dir),
+            )
+            try:
+                assert process.stdout is not None
+                ready = json.loads(process.stdout.readline())
+                assert ready["ok"] is True
+                time.sleep(1.0)  # samples taken: the worker threads are there
+                blocking = threads_blocking(
+                    process.pid, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                )
+                assert blocking
+                assert all(blocking.values()), blocking
+                sent = flood_until_exit(
+                    process, timeout_s=60, interval_s=0, signals=(signal.SIGTERM,)
+                )
+                _stdout, stderr = process.communicate(timeout=60)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate(timeout=30)
+            assert process.returncode == 0, (run_index, process.returncode, sent, stderr[-3000:])
             assert not Path(str(ready["token_file"])).exists()
             assert not (state_dir / "serve.json").exists()
 

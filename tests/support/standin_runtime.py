@@ -8,7 +8,8 @@ real server.
     python tests/support/standin_runtime.py --port P [--host H] [--listen-delay-s S]
         [--loading-s S] [--never-healthy] [--ignore-sigterm] [--spawn-child]
         [--emit-stdout-bytes N] [--exit-after-s S] [--spawn-orphan] [--orphan-mib N]
-        [--busy-children] [--pid-file PATH] [--api-key-file PATH]
+        [--busy-children] [--pid-file PATH] [--api-key-file PATH] [--hand-over-after-s S]
+        [--give-up-listener-after-s S]
 
 Endpoints: ``GET /health`` (200 ``{"status":"ok"}``, 503 while loading), ``POST /work?sleep_s=S``
 (answers after S seconds), ``POST /crash`` (sends the headers and part of a body, then exits
@@ -21,6 +22,13 @@ outside the runtime's process group), holding ``--orphan-mib`` MiB resident.
 ``--busy-children`` keeps starting children that each spin a core for 0.3 s and exit.
 ``--api-key-file`` makes every request but ``GET /health`` need ``Authorization: Bearer <key>``
 with the key the file holds (``401`` otherwise), as llama.cpp's server does.
+``--hand-over-after-s`` serves from a worker process instead, as a pre-forking server does:
+the runtime binds its port, forks a worker that inherits the listener, closes its own copy and
+waits; S seconds after it starts, the worker forks its successor (which inherits the listener
+and serves from then on) and exits.
+``--give-up-listener-after-s`` serves from a worker too, but the runtime keeps its copy of the
+listener until S seconds after it starts, then closes it and lives on; the worker exits a moment
+later, with no successor: the port is free while the runtime runs.
 ``--pid-file`` gets one line per process: ``runtime PID``, ``child PID``, ``orphan PID``.
 """
 
@@ -169,6 +177,8 @@ def main() -> None:
     parser.add_argument("--busy-children", action="store_true")
     parser.add_argument("--pid-file")
     parser.add_argument("--api-key-file")
+    parser.add_argument("--hand-over-after-s", type=float, default=0.0)
+    parser.add_argument("--give-up-listener-after-s", type=float, default=0.0)
     args = parser.parse_args()
 
     if args.ignore_sigterm:
@@ -204,7 +214,42 @@ def main() -> None:
     print(f"LISTENING {args.port}", flush=True)
     if args.exit_after_s:
         threading.Timer(args.exit_after_s, os._exit, args=(4,)).start()
+    if args.hand_over_after_s:
+        _serve_in_workers(server, args.hand_over_after_s, args.pid_file)
+    if args.give_up_listener_after_s:
+        _give_up_listener(server, args.give_up_listener_after_s)
     server.serve_forever()
+
+
+def _give_up_listener(server: ThreadingHTTPServer, after_s: float) -> None:
+    """Serve from a worker; after ``after_s`` the runtime and then the worker let go of it."""
+    if os.fork():
+        time.sleep(after_s)
+        server.socket.close()
+        while True:
+            time.sleep(60)
+    threading.Timer(after_s + 0.3, os._exit, args=(0,)).start()
+
+
+def _serve_in_workers(server: ThreadingHTTPServer, after_s: float, pid_file: str | None) -> None:
+    """Serve from a worker that hands the listener on to its successor after ``after_s``."""
+    if os.fork():
+        server.socket.close()  # the runtime itself holds no listener from here on
+        while True:
+            time.sleep(60)
+    _note_pid(pid_file, "worker", os.getpid())
+
+    def hand_over() -> None:
+        if os.fork():
+            os._exit(0)  # the successor (a child of this worker) serves on
+        # Only the listener: the connections the worker accepted end with it.
+        listener = server.socket.fileno()
+        os.closerange(3, listener)
+        os.closerange(listener + 1, 4096)
+        _note_pid(pid_file, "successor", os.getpid())
+        server.serve_forever()
+
+    threading.Timer(after_s, hand_over).start()
 
 
 if __name__ == "__main__":

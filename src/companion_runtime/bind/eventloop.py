@@ -7,17 +7,31 @@ every request, and on a small machine it shares the cores with the runtime: on u
 runs each of 2,008 requests at concurrency 8, CPU time read from ``/proc`` around the front
 door's process; ``docs/benchmarks.md``). Both loops run the same code; nothing here depends on
 which one it is.
+
+The loop's worker threads (``asyncio.to_thread``, ``run_in_executor``, and libuv's own, which
+uvloop gives name lookups) block SIGINT, SIGTERM and SIGHUP, so these always reach the main
+thread. The loop's handlers give way to others when it stops (``serve`` ignores the signals
+from then on, the demo puts the caller's handlers back) with the signals blocked on the main
+thread, as the loop's removal leaves each at its default action for a moment: a signal sent
+then went to a worker thread that did not block it, and ended the process by its default
+action after it had cleaned up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final, TypeVar
 
 __all__ = ["new_event_loop", "run"]
 
 _T = TypeVar("_T")
+
+#: Handled on the main thread alone (see the module docstring).
+_MAIN_THREAD_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -35,4 +49,28 @@ new_event_loop: Callable[[], asyncio.AbstractEventLoop] = _factory()
 def run(main: Coroutine[Any, Any, _T]) -> _T:
     """``asyncio.run`` on the preferred loop."""
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.get_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="asyncio", initializer=_block_signals)
+        )
+        # libuv starts all of its worker threads at the first task it gives them, with the
+        # mask of the thread that gives it: started here, they block the signals too.
+        mask = _block_signals()
+        try:
+            runner.run(_start_worker_threads())
+        finally:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return runner.run(main)
+
+
+def _block_signals() -> set[int | signal.Signals] | None:
+    """Block the signals the main thread handles in this thread (in a worker thread, from its
+    start: threads it starts inherit that); return the mask before, where there is one."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
+
+
+async def _start_worker_threads() -> None:
+    with contextlib.suppress(OSError):
+        await asyncio.get_running_loop().getaddrinfo("localhost", None)

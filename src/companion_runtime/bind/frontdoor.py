@@ -92,7 +92,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -1267,7 +1267,10 @@ class FrontDoor:
     returns the ``Authorization`` value the runtime demands (its API key), sent on every
     relayed request, or None. ``runtime_listening`` says whether the runtime's port is still
     the runtime's (``Supervisor.runtime_listening``); it is asked once for each new runtime
-    connection, before anything is sent on it, never for a pooled one.
+    connection, before anything is sent on it, never for a pooled one. When it says no,
+    ``find_runtime_listener`` (``Supervisor.find_runtime_listener``) looks whether the runtime
+    handed its listener on to another of its processes; if so, a new connection is made and
+    checked again, else the request is refused ``502 runtime_gone``.
 
     Use as ``async with FrontDoor(...) as door:``; ``door.url`` is then the listening origin.
     """
@@ -1282,12 +1285,14 @@ class FrontDoor:
         clock: Callable[[], float] = time.monotonic,
         runtime_authorization: Callable[[], bytes | None] | None = None,
         runtime_listening: Callable[[], bool] | None = None,
+        find_runtime_listener: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._config = config
         self._controller = controller
         self._runtime_url = runtime_url
         self._runtime_authorization = runtime_authorization
         self._runtime_listening = runtime_listening
+        self._find_runtime_listener = find_runtime_listener
         self._status = status
         self._clock = clock
         self._token = config.token.encode()
@@ -1802,6 +1807,23 @@ class FrontDoor:
         listening = self._runtime_listening
         return listening is None or listening()
 
+    async def _connect_to_moved_listener(self, key: tuple[str, int]) -> _Upstream | None:
+        """A new connection to the runtime after ``runtime_listening`` said no: the runtime
+        may have handed its listener on to another of its processes (``find_runtime_listener``
+        looks, reading ``/proc``). The connection already made is not used (it was made
+        before the listener was found again); a new one is, if it passes the check."""
+        find = self._find_runtime_listener
+        if find is None or not await find():
+            return None
+        try:
+            upstream = await self._pool.connect(key)
+        except (OSError, TimeoutError):
+            return None
+        if self._reached_the_runtime(key):
+            return upstream
+        upstream.abort()
+        return None
+
     def _upstream_request(self, request: _Request, host_line: bytes) -> bytes:
         parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
         nominated = request.nominated
@@ -1839,7 +1861,9 @@ class FrontDoor:
                     return self._refuse(client, 502, Reason.UPSTREAM_ERROR, close=close_after)
                 if not self._reached_the_runtime(key):
                     upstream.abort()
-                    return self._refuse(client, 502, Reason.RUNTIME_GONE, close=close_after)
+                    upstream = await self._connect_to_moved_listener(key)
+                    if upstream is None:
+                        return self._refuse(client, 502, Reason.RUNTIME_GONE, close=close_after)
             done = upstream.begin(
                 client,
                 head_request=request.method == b"HEAD",

@@ -47,7 +47,8 @@ processes' own sockets are looked at.
 All psutil and NVML calls block, so they run in a worker thread (``asyncio.to_thread``).
 Foreign exceptions are translated in one place per adapter: a runtime that vanished is
 :class:`ProbeError` with ``runtime_exited``; a process that cannot be read, a tree past the cap
-or a GPU that fails once found is ``malformed_observation``, which the supervisor passes on to
+or a GPU that fails once found is ``malformed_observation`` (one whose driver never tells a
+process's memory is not failing: that memory is left out), which the supervisor passes on to
 the admission controller at once (``forget_resources``): requests are refused as for a stale
 sample until a sample can be taken again.
 A sample is a core :class:`ResourceObservation` plus ``taken_at`` on the monotonic clock (the
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -85,6 +87,8 @@ __all__ = [
     "listens_below",
     "measure_machine_headroom",
 ]
+
+_logger = logging.getLogger(__name__)
 
 #: Processes below the runtime one sample may count; a larger tree cannot be measured.
 _MAX_DESCENDANTS: Final = 4096
@@ -180,6 +184,7 @@ class NvmlGpuMemory:
         self._lock = threading.Lock()
         self._nvml: Any = None
         self._initialised = False
+        self._untold_said = False
 
     def _library(self) -> Any:
         with self._lock:
@@ -209,11 +214,13 @@ class NvmlGpuMemory:
 
     def process_vram_bytes(self, pids: frozenset[int]) -> int:
         total = 0
-        for handle in self._handles():
+        handles = self._handles()
+        nvml = self._nvml
+        for handle in handles:
             with _nvml_errors_are_unmeasurable():
                 running = [
-                    *self._nvml.nvmlDeviceGetComputeRunningProcesses(handle),
-                    *self._nvml.nvmlDeviceGetGraphicsRunningProcesses(handle),
+                    *self._processes(nvml.nvmlDeviceGetComputeRunningProcesses, handle),
+                    *self._processes(nvml.nvmlDeviceGetGraphicsRunningProcesses, handle),
                 ]
                 # Filtered at once: only our PIDs' figures leave this function.
                 total += sum(
@@ -222,6 +229,30 @@ class NvmlGpuMemory:
                     if entry.pid in pids and entry.usedGpuMemory is not None
                 )
         return total
+
+    def _processes(self, query: Callable[[Any], Any], handle: Any) -> list[Any]:
+        """``query``'s processes on the device; none where this GPU or driver never tells them
+        (``NVML_ERROR_NOT_SUPPORTED``; ``NVML_ERROR_NO_PERMISSION``, a user's answer on a
+        MIG-enabled device). That answer never changes on the machine: read as a failure,
+        every sample would be unmeasurable and the runtime never served. Its memory is then
+        not counted (as before NVML failures were told apart), and that is said once."""
+        nvml = self._nvml
+        try:
+            return list(query(handle))
+        except Exception as error:
+            never = (
+                getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", None),
+                getattr(nvml, "NVML_ERROR_NO_PERMISSION", None),
+            )
+            code = getattr(error, "value", None)
+            if code is None or code not in never:
+                raise
+        if not self._untold_said:
+            self._untold_said = True
+            _logger.warning(
+                "the GPU driver does not tell a process's memory; the VRAM ceiling leaves it out"
+            )
+        return []
 
     def free_vram_bytes(self) -> int:
         total = 0

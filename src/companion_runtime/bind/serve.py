@@ -142,6 +142,7 @@ async def serving(
             status=supervisor.status,
             runtime_authorization=lambda: supervisor.runtime_authorization,
             runtime_listening=supervisor.runtime_listening,
+            find_runtime_listener=supervisor.find_runtime_listener,
         )
         token_file: Path | None = None
         try:

@@ -566,8 +566,9 @@ class Supervisor:
         return self._runtime_authorization
 
     def runtime_listening(self) -> bool:
-        """Whether the runtime's port is still the runtime's: a runtime runs, and the process
-        found holding its listener when it turned ready has not exited.
+        """Whether the runtime's port is still the runtime's: a runtime runs, and none of the
+        processes found holding its listener (when it turned ready, or last by
+        :meth:`find_runtime_listener`) has exited.
 
         The front door asks this once a new connection to :attr:`runtime_url` is made and
         before it sends anything on it. The port is in the runtime's argv for every local
@@ -576,8 +577,10 @@ class Supervisor:
         request, its body or the runtime's key. A listener lives as long as the process
         holding it (unless it closes it, which a runtime does only when told to stop, and
         :attr:`runtime_url` is ``None`` before that), so a connection made before this
-        answers ``True`` reached the runtime. One ``poll`` per process found (usually one),
-        through a pidfd; without pidfds (not Linux 5.3 or later) only the first part holds.
+        answers ``True`` reached the runtime. Every one of them, not any: a process that
+        shared the listener may have closed its copy, and the one that exited was then the
+        last holding it. One ``poll`` over a pidfd per process found (usually one); without
+        pidfds (not Linux 5.3 or later) only the first part holds.
         """
         if self._runtime_url is None:
             return False
@@ -589,7 +592,29 @@ class Supervisor:
             ended = poller.poll(0)  # a pidfd reads as ready once its process has exited
         except OSError:
             return False
-        return len(ended) < len(fds)
+        # Every one of them: one that exited may have been the only one still holding it.
+        return bool(fds) and not ended
+
+    async def find_runtime_listener(self) -> bool:
+        """Look again for the processes of the runtime's tree holding its listener, after
+        :meth:`runtime_listening` said no while the runtime runs; True when some hold it now
+        (``runtime_listening`` watches those from then on), False when none does.
+
+        A runtime may hand its listener on: a pre-forking server's worker that exits leaves
+        it to its successor, a wrapper restarts its server on the same port. The answer is
+        the check made at ready (the tree's sockets, read from ``/proc`` in a worker thread,
+        about 11 ms), so it is asked only when ``runtime_listening`` said no, and a
+        connection made before it is not used: the front door makes a new one.
+        """
+        process = self._process
+        url = self._runtime_url
+        if process is None or url is None or self._listener_fds is None:
+            return False
+        holders = await self._listeners(process.pid, int(url.rsplit(":", 1)[1]))
+        if not holders or self._process is not process or self._runtime_url != url:
+            return False
+        self._watch_listeners(holders)
+        return self.runtime_listening()
 
     def _watch_listeners(self, pids: tuple[int, ...]) -> None:
         self._close_listener_fds()
