@@ -35,6 +35,7 @@ from companion_runtime.bind.session import (
     write_serve_state,
     write_token_file,
 )
+from tests.support.acl import grant_write_by_acl
 from tests.support.port_taker import PortTaker, port_taker
 from tests.support.supervision import wait_for
 
@@ -816,6 +817,24 @@ def test_a_state_dir_inside_a_directory_others_can_write_to_is_refused(
     assert prepare_state_dir(directory) == directory
     shared.chmod(0o775)  # group write on a directory of this user's own: its own group
     assert prepare_state_dir(directory) == directory
+
+
+@pytest.mark.security
+def test_a_state_dir_inside_a_directory_an_acl_lets_another_user_write_to_is_refused(
+    tmp_path: Path,
+) -> None:
+    # With an access ACL naming another user, the group bits are its mask: the directory
+    # showed as writable by the user's own group only, and was accepted.
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    directory = shared / "state"
+    assert prepare_state_dir(directory) == directory
+    grant_write_by_acl(shared, 65534)
+    assert shared.stat().st_mode & stat.S_IWGRP and shared.stat().st_gid == os.getegid()
+    for check in (prepare_state_dir, check_state_dir):
+        with pytest.raises(SessionFileError) as caught:
+            check(directory)
+        assert caught.value.reason is Reason.STORE_ERROR
 
 
 @pytest.mark.security

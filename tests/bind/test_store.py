@@ -17,8 +17,10 @@ from companion_runtime.bind.store import (
     default_store_root,
 )
 from companion_runtime.core import Reason
+from tests.support.acl import grant_write_by_acl
 
 DIGEST = "cd" * 32
+OTHER_UID = 65534
 
 
 @pytest.mark.unit
@@ -219,6 +221,26 @@ def test_a_store_another_group_can_write_to_is_refused(tmp_path: Path) -> None:
             ModelStore(root).ensure_layout()
         os.chown(directory, os.geteuid(), os.getegid())
         ModelStore(root).ensure_layout()
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.parametrize("where", ["root", "blobs", "above"])
+def test_a_store_an_acl_lets_another_user_write_to_is_refused(tmp_path: Path, where: str) -> None:
+    # An access ACL naming another user turns the group bits into its mask: the directory
+    # showed as group-writable by the user's own group (rwxrwx---) and was accepted, while the
+    # user the ACL names could rename blobs/ away and put a directory of their own there.
+    above = tmp_path / "above"
+    above.mkdir(mode=0o755)
+    root = above / "models"
+    ModelStore(root).ensure_layout()
+    target = {"root": root, "blobs": root / "blobs", "above": above}[where]
+    grant_write_by_acl(target, OTHER_UID)
+    info = target.stat()
+    assert info.st_mode & stat.S_IWGRP and info.st_gid == os.getegid()
+    with pytest.raises(StoreError) as caught:
+        ModelStore(root).ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
 
 
 @pytest.mark.unit

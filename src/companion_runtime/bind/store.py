@@ -124,7 +124,8 @@ class ModelStore:
         directories of this user that no one else can write to. Anyone who can write there
         could swap a verified blob for other bytes before the runtime opens it. Group write is
         allowed for the user's own group: with the usual per-user groups (umask 002) a
-        directory made by hand has it.
+        directory made by hand has it; not when an access ACL names other users or groups (the
+        group bits are then its mask, and say they may write).
 
         Every directory above the root, as written and as its symlinks resolve, must be this
         user's or root's, and writable by no one else (the user's own group aside) unless it
@@ -136,23 +137,24 @@ class ModelStore:
         try:
             for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            checks = [self.root.stat()]
-            checks += [
-                directory.lstat() for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir)
-            ]
             uid = os.geteuid()
-            ancestors_ok = ancestors_hold_no_one_else_s_entries(self.root, uid)
+            own_ok = all(
+                stat.S_ISDIR(info.st_mode)
+                and info.st_uid == uid
+                and writable_by_no_one_else(info, directory)
+                for directory, info in (
+                    (self.root, self.root.stat()),
+                    *(
+                        (directory, directory.lstat())
+                        for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir)
+                    ),
+                )
+            )
+            trusted = own_ok and ancestors_hold_no_one_else_s_entries(self.root, uid)
         except (OSError, RuntimeError):
             # RuntimeError: a symlink loop on the way (Python before 3.13).
             raise StoreError(Reason.STORE_ERROR) from None
-        for info in checks:
-            if (
-                not stat.S_ISDIR(info.st_mode)
-                or info.st_uid != uid
-                or not writable_by_no_one_else(info)
-            ):
-                raise StoreError(Reason.STORE_ERROR)
-        if not ancestors_ok:
+        if not trusted:
             raise StoreError(Reason.STORE_ERROR)
 
     def blob_path(self, digest: str) -> Path:
