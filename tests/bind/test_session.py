@@ -820,6 +820,31 @@ def test_a_state_dir_inside_a_directory_others_can_write_to_is_refused(
 
 
 @pytest.mark.security
+def test_a_state_dir_reached_through_a_symlink_in_a_directory_others_can_write_to_is_refused(
+    tmp_path: Path,
+) -> None:
+    # home/run/state, where home/run -> shared/run and shared/run -> safe, but shared may be
+    # written by anyone, who could point "run" elsewhere: that directory is neither above the
+    # state directory as written nor where it resolves, and had not been looked at.
+    safe = tmp_path / "safe"
+    (safe / "state").mkdir(parents=True, mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "run").symlink_to(safe)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "run").symlink_to(shared / "run")
+    directory = home / "run" / "state"
+    for check in (prepare_state_dir, check_state_dir):
+        with pytest.raises(SessionFileError) as caught:
+            check(directory)
+        assert caught.value.reason is Reason.STORE_ERROR
+    shared.chmod(0o1777)  # sticky, like /tmp: only the symlink's owner can replace it
+    assert check_state_dir(directory) == directory
+
+
+@pytest.mark.security
 def test_a_state_dir_inside_a_directory_an_acl_lets_another_user_write_to_is_refused(
     tmp_path: Path,
 ) -> None:

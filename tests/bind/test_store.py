@@ -225,6 +225,43 @@ def test_a_store_another_group_can_write_to_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.unit
 @pytest.mark.security
+@pytest.mark.parametrize("target", ["absolute", "relative"])
+def test_a_store_reached_through_a_symlink_in_a_directory_others_can_write_to_is_refused(
+    tmp_path: Path, target: str
+) -> None:
+    # ~/models -> /shared/disk/models, where /shared/disk is a symlink to a safe directory
+    # but /shared is writable by anyone: they could point "disk" elsewhere. The directory
+    # holding "disk" is neither above the root as written nor above where it resolves, and
+    # had not been looked at.
+    safe = tmp_path / "safe"
+    (safe / "models").mkdir(parents=True, mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "disk").symlink_to(safe if target == "absolute" else Path("..") / "safe")
+    home = tmp_path / "home"
+    home.mkdir()
+    root = home / "models"
+    root.symlink_to(shared / "disk" / "models" if target == "absolute" else "../shared/disk/models")
+    with pytest.raises(StoreError) as caught:
+        ModelStore(root).ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
+    shared.chmod(0o1777)  # sticky, like /tmp: only the symlink's owner can replace it
+    ModelStore(root).ensure_layout()
+    assert (safe / "models" / "blobs").is_dir()
+
+
+@pytest.mark.unit
+def test_a_store_through_a_symlink_loop_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(StoreError) as caught:
+        ModelStore(tmp_path / "a" / "models").ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
+
+
+@pytest.mark.unit
+@pytest.mark.security
 @pytest.mark.parametrize("where", ["root", "blobs", "above"])
 def test_a_store_an_acl_lets_another_user_write_to_is_refused(tmp_path: Path, where: str) -> None:
     # An access ACL naming another user turns the group bits into its mask: the directory

@@ -8,9 +8,10 @@ store and the state directory share:
 * a directory that holds the files themselves must be the user's and writable by no one else
   (:func:`writable_by_no_one_else`, the user's own group aside, unless an access ACL names
   others: its group bits are then the ACL's mask, the most any named user or group may do);
-* every directory above it, as written and as its symlinks resolve, must be the user's or
-  root's, and writable by no one else unless it is sticky like ``/tmp``, where an entry is
-  renamed or removed only by its owner (:func:`ancestors_hold_no_one_else_s_entries`).
+* every directory above it, as written and as its symlinks resolve, and every directory a
+  symlink on the way lives in, must be the user's or root's, and writable by no one else
+  unless it is sticky like ``/tmp``, where an entry is renamed or removed only by its owner
+  (:func:`ancestors_hold_no_one_else_s_entries`).
 """
 
 from __future__ import annotations
@@ -75,15 +76,54 @@ def holds_no_one_else_s_entries(info: os.stat_result, uid: int, path: Path) -> b
 
 
 def ancestors_hold_no_one_else_s_entries(path: Path, uid: int) -> bool:
-    """Whether every directory above ``path``, as written and as its symlinks resolve, passes
+    """Whether every directory above ``path``, as written and as its symlinks resolve, and
+    every directory a name is looked up in on the way (a symlink's own directory, also one
+    met half-way through another symlink's target), passes
     :func:`holds_no_one_else_s_entries`.
 
-    Raises ``OSError`` when one cannot be looked at, and ``RuntimeError`` for a symlink loop
-    (Python before 3.13). A symlink met half-way through another symlink's target is not
-    followed up.
+    Raises ``OSError`` when one cannot be looked at, or for a symlink loop (``ELOOP``), and
+    ``RuntimeError`` for a symlink loop (Python before 3.13).
     """
-    above = [*path.absolute().parents, *path.resolve().parents]
+    above = [
+        *path.absolute().parents,
+        *path.resolve().parents,
+        *_directories_looked_up_in(path.absolute()),
+    ]
     return all(
         holds_no_one_else_s_entries(directory.stat(), uid, directory)
         for directory in dict.fromkeys(above)
     )
+
+
+#: How many symlinks a path may go through, as Linux allows (``MAXSYMLINKS``).
+_MAX_SYMLINKS: Final = 40
+
+
+def _directories_looked_up_in(path: Path) -> list[Path]:
+    """The directories (free of symlinks) the kernel looks a name up in to reach the absolute
+    ``path``, following its symlinks as it does: whoever can rename an entry of one of them
+    can send the path elsewhere, be it a symlink half-way through another one's target."""
+    looked_up_in: list[Path] = []
+    names = list(reversed(path.parts[1:]))
+    current = Path(path.anchor)
+    followed = 0
+    while names:
+        name = names.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        looked_up_in.append(current)
+        candidate = current / name
+        if not stat.S_ISLNK(candidate.lstat().st_mode):
+            current = candidate
+            continue
+        followed += 1
+        if followed > _MAX_SYMLINKS:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+        target = Path(os.readlink(candidate))
+        if target.is_absolute():
+            current = Path(target.anchor)
+        names.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+    return looked_up_in

@@ -127,12 +127,12 @@ class ModelStore:
         directory made by hand has it; not when an access ACL names other users or groups (the
         group bits are then its mask, and say they may write).
 
-        Every directory above the root, as written and as its symlinks resolve, must be this
-        user's or root's, and writable by no one else (the user's own group aside) unless it
-        is sticky like ``/tmp``: whoever can rename entries there can move the whole store
-        aside and put a store of their own at its path, between the re-verify and the
-        runtime's open. (A symlink met half-way through another symlink's target is not
-        followed up.)
+        Every directory above the root, as written and as its symlinks resolve, and every
+        directory a symlink on the way lives in (also one met half-way through another
+        symlink's target), must be this user's or root's, and writable by no one else (the
+        user's own group aside) unless it is sticky like ``/tmp``: whoever can rename entries
+        there can move the whole store aside and put a store of their own at its path,
+        between the re-verify and the runtime's open.
         """
         try:
             for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
