@@ -17,7 +17,7 @@ from companion_runtime.bind.store import (
     default_store_root,
 )
 from companion_runtime.core import Reason
-from tests.support.acl import grant_write_by_acl
+from tests.support.acl import grant_by_acl, grant_write_by_acl
 
 DIGEST = "cd" * 32
 OTHER_UID = 65534
@@ -278,6 +278,20 @@ def test_a_store_an_acl_lets_another_user_write_to_is_refused(tmp_path: Path, wh
     with pytest.raises(StoreError) as caught:
         ModelStore(root).ensure_layout()
     assert caught.value.reason is Reason.STORE_ERROR
+
+
+@pytest.mark.unit
+def test_a_store_an_acl_lets_another_user_only_read_is_accepted(tmp_path: Path) -> None:
+    # A default ACL above (say, a backup user's r-x on the home directory) gives every
+    # directory made below it an access ACL; with umask 002 its mask shows rwx, though no one
+    # it names may write.
+    root = tmp_path / "models"
+    root.mkdir()
+    grant_by_acl(root, OTHER_UID, 0o5)
+    assert root.stat().st_mode & stat.S_IWGRP and root.stat().st_gid == os.getegid()
+    ModelStore(root).ensure_layout()
+    grant_by_acl(root, os.geteuid(), 0o7)  # the user named in their own ACL
+    ModelStore(root).ensure_layout()
 
 
 @pytest.mark.unit

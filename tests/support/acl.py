@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["grant_write_by_acl"]
+__all__ = ["grant_by_acl", "grant_write_by_acl"]
 
 _VERSION = 2
 _UNDEFINED_ID = 0xFFFFFFFF
@@ -24,10 +24,17 @@ _USER_OBJ, _USER, _GROUP_OBJ, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
 def grant_write_by_acl(directory: Path, uid: int) -> None:
     """Let ``uid`` read, write and search ``directory``; skip the test where there are no
     POSIX ACLs (another system, or a file system without them)."""
+    grant_by_acl(directory, uid, 0o7)
+
+
+def grant_by_acl(directory: Path, uid: int, permissions: int) -> None:
+    """Give ``uid`` these ``permissions`` (``0o7`` is ``rwx``) on ``directory``, with a mask
+    of ``rwx`` and the owning group's ``rwx``, so the group bits show ``rwx`` either way; skip
+    the test where there are no POSIX ACLs."""
     entries = [
         (_USER_OBJ, 0o7, _UNDEFINED_ID),
-        (_USER, 0o7, uid),
-        (_GROUP_OBJ, 0o5, _UNDEFINED_ID),
+        (_USER, permissions, uid),
+        (_GROUP_OBJ, 0o7, _UNDEFINED_ID),
         (_MASK, 0o7, _UNDEFINED_ID),
         (_OTHER, 0o0, _UNDEFINED_ID),
     ]

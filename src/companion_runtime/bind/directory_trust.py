@@ -6,8 +6,8 @@ one of their own at its path, between a check and the use that relies on it. The
 store and the state directory share:
 
 * a directory that holds the files themselves must be the user's and writable by no one else
-  (:func:`writable_by_no_one_else`, the user's own group aside, unless an access ACL names
-  others: its group bits are then the ACL's mask, the most any named user or group may do);
+  (:func:`writable_by_no_one_else`, the user's own group aside; with an access ACL its group
+  bits are the ACL's mask, so the ACL's entries are read: none but the user's own may write);
 * every directory above it, as written and as its symlinks resolve, and every directory a
   symlink on the way lives in, must be the user's or root's, and writable by no one else
   unless it is sticky like ``/tmp``, where an entry is renamed or removed only by its owner
@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 from pathlib import Path
 from typing import Final
 
@@ -29,40 +30,66 @@ __all__ = [
 ]
 
 
-#: The extended attribute a POSIX access ACL is stored in (Linux). The kernel keeps none for
-#: an ACL the mode bits say all of, so one that is there names other users or groups.
+#: The extended attribute a POSIX access ACL is stored in (Linux), and how: a version, then
+#: (tag, permissions, id) entries, little-endian. The kernel keeps none for an ACL the mode
+#: bits say all of.
 _ACCESS_ACL: Final = "system.posix_acl_access"
+_ACL_VERSION: Final = 2
+_ACL_ENTRY: Final = struct.Struct("<HHI")
+#: The entries that may give someone other than the owner write: a named user, the owning
+#: group, a named group (the others' entry is the mode's own bits).
+_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP = 0x02, 0x04, 0x08
 #: What ``getxattr`` answers when there is no such ACL, or no ACLs on that file system.
 _NO_ACL: Final = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 
 def writable_by_no_one_else(info: os.stat_result, path: Path) -> bool:
     """Whether no one but the owner can write the directory at ``path`` (``info`` is its
-    ``stat``), beyond the user's own group.
+    ``stat``), beyond the user and the user's own group.
 
     Group write is allowed when the group is the user's own (primary) one: with the usual
-    per-user groups (umask 002) a directory made by hand has it. Not when the directory has
-    an access ACL: its group bits are then the ACL's mask, and a ``w`` there says a named user
-    or group (``setfacl -m u:someone:rwx``) may write, whatever the owning group. Raises
-    ``OSError`` when the ACL cannot be looked at.
+    per-user groups (umask 002) a directory made by hand has it. With an access ACL the group
+    bits are its mask, and a ``w`` there may be a named user's or group's
+    (``setfacl -m u:someone:rwx``): then no entry but the user's and the user's own group's
+    may have write. Raises ``OSError`` when the ACL cannot be looked at.
     """
     if info.st_mode & stat.S_IWOTH:
         return False
     if not info.st_mode & stat.S_IWGRP:
         return True
-    return info.st_gid == os.getegid() and not _has_access_acl(path)
+    entries = _access_acl(path)
+    if entries is None:
+        return info.st_gid == os.getegid()
+    for tag, permissions, entry_id in entries:
+        if not permissions & 0o2:
+            continue
+        if tag == _ACL_USER and entry_id != os.geteuid():
+            return False
+        if tag == _ACL_GROUP_OBJ and info.st_gid != os.getegid():
+            return False
+        if tag == _ACL_GROUP and entry_id != os.getegid():
+            return False
+    return True
 
 
-def _has_access_acl(path: Path) -> bool:
+def _access_acl(path: Path) -> list[tuple[int, int, int]] | None:
+    """The entries of the directory's access ACL; ``None`` when it has none. An ACL in a
+    form not known here is one entry that lets a named user (no one) write, so it is never
+    taken for a harmless one."""
     try:
-        os.getxattr(path, _ACCESS_ACL)
+        value = os.getxattr(path, _ACCESS_ACL)
     except AttributeError:  # no xattr calls on this system (macOS): no POSIX ACL to read
-        return False
+        return None
     except OSError as error:
         if error.errno in _NO_ACL:
-            return False
+            return None
         raise
-    return True
+    unknown = [(_ACL_USER, 0o7, -1)]
+    if len(value) < 4 or (len(value) - 4) % _ACL_ENTRY.size:
+        return unknown
+    if int.from_bytes(value[:4], "little") != _ACL_VERSION:
+        return unknown
+    return list(_ACL_ENTRY.iter_unpack(value[4:]))
 
 
 def holds_no_one_else_s_entries(info: os.stat_result, uid: int, path: Path) -> bool:

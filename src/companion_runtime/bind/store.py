@@ -124,8 +124,8 @@ class ModelStore:
         directories of this user that no one else can write to. Anyone who can write there
         could swap a verified blob for other bytes before the runtime opens it. Group write is
         allowed for the user's own group: with the usual per-user groups (umask 002) a
-        directory made by hand has it; not when an access ACL names other users or groups (the
-        group bits are then its mask, and say they may write).
+        directory made by hand has it; not for other users or groups an access ACL lets write
+        (the group bits are then its mask).
 
         Every directory above the root, as written and as its symlinks resolve, and every
         directory a symlink on the way lives in (also one met half-way through another
