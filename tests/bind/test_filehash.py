@@ -314,3 +314,38 @@ def test_a_read_only_bind_mount_of_a_writable_directory_is_no_read_only_file_sys
             os._exit(0)
     os.waitpid(pid, 0)
     assert seen.read_bytes().startswith(b"other bytes")
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() != 0, reason="a file of root's seen by another user needs root")
+def test_root_s_file_only_root_may_write_is_used_through_a_read_only_bind_mount(
+    read_only_bind: tuple[Path, Path],
+) -> None:
+    # A model baked into an image, in a container whose root file system is a read-only
+    # bind mount (docker's --read-only), run as another user: only root can write the file,
+    # through any mount.
+    writable, read_only = read_only_bind
+    path, data, digest = write_model(writable, 10_000)
+    path.chmod(0o644)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            verdict = verify_file(
+                read_only / path.name,
+                expected_digest=digest,
+                expected_size_bytes=len(data),
+                private=True,
+            )
+            os.write(write_end, verdict.reason.value.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    assert answer == "ok"

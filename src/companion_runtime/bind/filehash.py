@@ -76,10 +76,14 @@ def _only_ours_to_change(fd: int, info: os.stat_result) -> bool:
     if info.st_uid == os.geteuid() and not info.st_mode & _WRITE_BY_OTHERS:
         return True
     # A read-only file system (a model baked into an image) cannot change, whoever owns it.
-    # A read-only mount of one that is writable elsewhere (a bind mount, docker's ":ro") can:
-    # its owner writes the bytes through any other mount of it.
+    # A read-only mount of one that is writable elsewhere (a bind mount, docker's ":ro" or
+    # "--read-only") can: its owner, and whoever else may write it, write the bytes through
+    # any other mount of it. Root's file that only root may write stays as it is, then, as
+    # long as no one but root can write through any mount.
     if not os.fstatvfs(fd).f_flag & os.ST_RDONLY:
         return False
+    if info.st_uid == 0 and not info.st_mode & _WRITE_BY_OTHERS:
+        return True
     return _file_system_read_only(info.st_dev) is not False
 
 
