@@ -845,6 +845,31 @@ def test_a_state_dir_reached_through_a_symlink_in_a_directory_others_can_write_t
 
 
 @pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="a symlink of another user needs root")
+def test_a_state_dir_through_another_user_s_symlink_in_a_sticky_directory_is_refused(
+    tmp_path: Path,
+) -> None:
+    # With XDG_RUNTIME_DIR unset the state directory is under /tmp/runtime-<uid>, a name
+    # another user can create first: as a symlink into a directory of the user's own it
+    # passed, and its owner could point it elsewhere at any time.
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    link = sticky / "runtime"
+    link.symlink_to(mine)
+    os.lchown(link, 65534, 65534)
+    directory = link / "companion-runtime"
+    for check in (prepare_state_dir, check_state_dir):
+        with pytest.raises(SessionFileError) as caught:
+            check(directory)
+        assert caught.value.reason is Reason.STORE_ERROR
+    os.lchown(link, os.getuid(), os.getgid())
+    assert check_state_dir(directory) == directory
+
+
+@pytest.mark.security
 def test_a_state_dir_inside_a_directory_an_acl_lets_another_user_write_to_is_refused(
     tmp_path: Path,
 ) -> None:

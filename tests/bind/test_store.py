@@ -252,6 +252,32 @@ def test_a_store_reached_through_a_symlink_in_a_directory_others_can_write_to_is
 
 
 @pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="a symlink of another user needs root")
+@pytest.mark.parametrize("depth", ["root", "above"])
+def test_a_store_through_another_user_s_symlink_in_a_sticky_directory_is_refused(
+    tmp_path: Path, depth: str
+) -> None:
+    # In /tmp anyone may create a name first, and only its owner may rename it: another
+    # user's symlink there, pointing into a directory of the user's own, passed (the walk
+    # looked at where it leads), and its owner could point it elsewhere at any time.
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    mine = tmp_path / "mine"
+    (mine / "models").mkdir(parents=True, mode=0o700)
+    link = sticky / "link"
+    link.symlink_to(mine / "models" if depth == "root" else mine)
+    root = link if depth == "root" else link / "models"
+    os.lchown(link, OTHER_UID, OTHER_UID)
+    with pytest.raises(StoreError) as caught:
+        ModelStore(root).ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
+    os.lchown(link, os.geteuid(), os.getegid())  # the user's own symlink: theirs to change
+    ModelStore(root).ensure_layout()
+
+
+@pytest.mark.unit
 def test_a_store_through_a_symlink_loop_is_a_store_error(tmp_path: Path) -> None:
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")

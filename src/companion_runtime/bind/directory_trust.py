@@ -10,7 +10,8 @@ store and the state directory share:
   bits are the ACL's mask, so the ACL's entries are read: none but the user's own may write);
 * every directory above it, as written and as its symlinks resolve, and every directory a
   symlink on the way lives in, must be the user's or root's, and writable by no one else
-  unless it is sticky like ``/tmp``, where an entry is renamed or removed only by its owner
+  unless it is sticky like ``/tmp``, where an entry is renamed or removed only by its owner:
+  there the entry on the way (a symlink too) must be the user's or root's
   (:func:`ancestors_hold_no_one_else_s_entries`).
 """
 
@@ -106,31 +107,39 @@ def ancestors_hold_no_one_else_s_entries(path: Path, uid: int) -> bool:
     """Whether every directory above ``path``, as written and as its symlinks resolve, and
     every directory a name is looked up in on the way (a symlink's own directory, also one
     met half-way through another symlink's target), passes
-    :func:`holds_no_one_else_s_entries`.
+    :func:`holds_no_one_else_s_entries`; and whether every entry met on the way in a sticky
+    directory others may write (``/tmp``) is the user's or root's, since its owner may
+    rename it, and, a symlink, point it elsewhere.
 
     Raises ``OSError`` when one cannot be looked at, or for a symlink loop (``ELOOP``), and
     ``RuntimeError`` for a symlink loop (Python before 3.13).
     """
-    above = [
-        *path.absolute().parents,
-        *path.resolve().parents,
-        *_directories_looked_up_in(path.absolute()),
-    ]
+    lookups = _lookups_on_the_way_to(path.absolute())
+    above = [*path.absolute().parents, *path.resolve().parents, *(where for where, _ in lookups)]
+    infos = {directory: directory.stat() for directory in dict.fromkeys(above)}
+    if not all(holds_no_one_else_s_entries(info, uid, where) for where, info in infos.items()):
+        return False
     return all(
-        holds_no_one_else_s_entries(directory.stat(), uid, directory)
-        for directory in dict.fromkeys(above)
+        entry.st_uid in (uid, 0) or not _sticky_and_shared(infos[where], where)
+        for where, entry in lookups
     )
+
+
+def _sticky_and_shared(info: os.stat_result, directory: Path) -> bool:
+    """Sticky and writable by others, as ``/tmp``: each entry is its owner's to rename."""
+    return bool(info.st_mode & stat.S_ISVTX) and not writable_by_no_one_else(info, directory)
 
 
 #: How many symlinks a path may go through, as Linux allows (``MAXSYMLINKS``).
 _MAX_SYMLINKS: Final = 40
 
 
-def _directories_looked_up_in(path: Path) -> list[Path]:
-    """The directories (free of symlinks) the kernel looks a name up in to reach the absolute
-    ``path``, following its symlinks as it does: whoever can rename an entry of one of them
-    can send the path elsewhere, be it a symlink half-way through another one's target."""
-    looked_up_in: list[Path] = []
+def _lookups_on_the_way_to(path: Path) -> list[tuple[Path, os.stat_result]]:
+    """Each lookup the kernel makes to reach the absolute ``path``, following its symlinks as
+    it does: the directory (free of symlinks) a name is looked up in, and what the name is
+    there (``lstat``). Whoever can rename an entry of such a directory can send the path
+    elsewhere, be it a symlink half-way through another one's target."""
+    lookups: list[tuple[Path, os.stat_result]] = []
     names = list(reversed(path.parts[1:]))
     current = Path(path.anchor)
     followed = 0
@@ -141,9 +150,10 @@ def _directories_looked_up_in(path: Path) -> list[Path]:
         if name == "..":
             current = current.parent
             continue
-        looked_up_in.append(current)
         candidate = current / name
-        if not stat.S_ISLNK(candidate.lstat().st_mode):
+        entry = candidate.lstat()
+        lookups.append((current, entry))
+        if not stat.S_ISLNK(entry.st_mode):
             current = candidate
             continue
         followed += 1
@@ -153,4 +163,4 @@ def _directories_looked_up_in(path: Path) -> list[Path]:
         if target.is_absolute():
             current = Path(target.anchor)
         names.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
-    return looked_up_in
+    return lookups

@@ -8,8 +8,9 @@ symlink, is owned by someone else, or is writable by group or others (anyone who
 there could swap the files ``status`` trusts), and when a directory above it, as written or
 as its symlinks resolve or where a symlink on the way lives, is someone else's than the
 user's or root's, or is writable by others (or a group other than the user's own, or anyone
-an access ACL lets write) without the sticky bit of ``/tmp``: whoever can rename the state
-directory could move it aside and put one of their own at its path.
+an access ACL lets write) without the sticky bit of ``/tmp`` (in a sticky one the entry on
+the way, a symlink too, must be the user's or root's): whoever can rename the state directory
+could move it aside and put one of their own at its path.
 
 * The token file ``frontdoor-<port>-<pid>.token`` holds the session token and nothing else
   (``frontdoor-<port>-<pid>-<random>.token`` when that name is taken). It is created with

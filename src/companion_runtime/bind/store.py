@@ -130,9 +130,10 @@ class ModelStore:
         Every directory above the root, as written and as its symlinks resolve, and every
         directory a symlink on the way lives in (also one met half-way through another
         symlink's target), must be this user's or root's, and writable by no one else (the
-        user's own group aside) unless it is sticky like ``/tmp``: whoever can rename entries
-        there can move the whole store aside and put a store of their own at its path,
-        between the re-verify and the runtime's open.
+        user's own group aside) unless it is sticky like ``/tmp`` (and there the entry on the
+        way, a symlink too, must be the user's or root's): whoever can rename entries there
+        can move the whole store aside and put a store of their own at its path, between the
+        re-verify and the runtime's open.
         """
         try:
             for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
