@@ -856,7 +856,7 @@ def test_a_state_dir_through_another_user_s_symlink_in_a_sticky_directory_is_ref
     sticky.mkdir()
     sticky.chmod(0o1777)
     mine = tmp_path / "mine"
-    mine.mkdir(mode=0o700)
+    (mine / "companion-runtime").mkdir(parents=True, mode=0o700)
     link = sticky / "runtime"
     link.symlink_to(mine)
     os.lchown(link, 65534, 65534)
@@ -867,6 +867,22 @@ def test_a_state_dir_through_another_user_s_symlink_in_a_sticky_directory_is_ref
         assert caught.value.reason is Reason.STORE_ERROR
     os.lchown(link, os.getuid(), os.getgid())
     assert check_state_dir(directory) == directory
+
+
+@pytest.mark.security
+def test_no_state_dir_is_made_where_a_symlink_others_control_leads(tmp_path: Path) -> None:
+    # The state directory had been made first and refused afterwards, wherever a symlink in
+    # a directory anyone can write sent the mkdir.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    (shared / "run").symlink_to(mine)
+    with pytest.raises(SessionFileError) as caught:
+        prepare_state_dir(shared / "run" / "deeper" / "companion-runtime")
+    assert caught.value.reason is Reason.STORE_ERROR
+    assert list(mine.iterdir()) == []
 
 
 @pytest.mark.security

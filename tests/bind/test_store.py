@@ -278,6 +278,25 @@ def test_a_store_through_another_user_s_symlink_in_a_sticky_directory_is_refused
 
 
 @pytest.mark.unit
+@pytest.mark.security
+def test_nothing_is_made_where_a_symlink_others_control_leads(tmp_path: Path) -> None:
+    # The store's directories (and any missing on the way) had been made first and the
+    # store refused afterwards: a symlink in a directory anyone can write sent the user's
+    # mkdir into a directory of the user's own, or of root's when root pulled.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    (shared / "models").symlink_to(mine)
+    for root in (shared / "models", shared / "models" / "deeper" / "still"):
+        with pytest.raises(StoreError) as caught:
+            ModelStore(root).ensure_layout()
+        assert caught.value.reason is Reason.STORE_ERROR
+    assert list(mine.iterdir()) == []
+
+
+@pytest.mark.unit
 def test_a_store_through_a_symlink_loop_is_a_store_error(tmp_path: Path) -> None:
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")

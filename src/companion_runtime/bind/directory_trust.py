@@ -27,6 +27,7 @@ from typing import Final
 __all__ = [
     "ancestors_hold_no_one_else_s_entries",
     "holds_no_one_else_s_entries",
+    "may_create_on_the_way_to",
     "writable_by_no_one_else",
 ]
 
@@ -123,6 +124,22 @@ def ancestors_hold_no_one_else_s_entries(path: Path, uid: int) -> bool:
         entry.st_uid in (uid, 0) or not _sticky_and_shared(infos[where], where)
         for where, entry in lookups
     )
+
+
+def may_create_on_the_way_to(path: Path, uid: int) -> bool:
+    """Whether the directories missing on the way to ``path`` may be made: whether the
+    nearest one that is there, and the way to it, pass the rule for ``path``'s parents.
+
+    Checked before anything is made, so that nothing is made where a name someone else
+    controls leads (their symlink sends the user's ``mkdir`` wherever they like), only to be
+    refused afterwards. Raises as :func:`ancestors_hold_no_one_else_s_entries` does.
+    """
+    existing = path
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    return holds_no_one_else_s_entries(
+        existing.stat(), uid, existing
+    ) and ancestors_hold_no_one_else_s_entries(existing, uid)
 
 
 def _sticky_and_shared(info: os.stat_result, directory: Path) -> bool:

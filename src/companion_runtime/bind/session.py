@@ -72,7 +72,10 @@ from urllib.parse import urlsplit
 import platformdirs
 import psutil
 
-from companion_runtime.bind.directory_trust import ancestors_hold_no_one_else_s_entries
+from companion_runtime.bind.directory_trust import (
+    ancestors_hold_no_one_else_s_entries,
+    may_create_on_the_way_to,
+)
 from companion_runtime.core import Reason
 
 __all__ = [
@@ -178,12 +181,22 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def prepare_state_dir(directory: Path) -> Path:
-    """Create ``directory`` (mode 0700) if needed and check it is private; return it."""
+    """Create ``directory`` (mode 0700) if needed and check it is private; return it.
+
+    Nothing is created unless the nearest directory that is there, and the way to it, pass
+    the rule for the directories above it (see the module docstring).
+    """
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.lstat()
-    except OSError as error:
+        # A symlink of someone else's on the way would send the mkdir wherever they chose.
+        creatable = may_create_on_the_way_to(directory, os.getuid())
+        if creatable:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = directory.lstat()
+    except (OSError, RuntimeError) as error:
+        # RuntimeError: a symlink loop on the way (Python before 3.13).
         raise SessionFileError(Reason.STORE_ERROR) from error
+    if not creatable:
+        raise SessionFileError(Reason.STORE_ERROR)
     _require_private_dir(directory, info)
     return directory
 

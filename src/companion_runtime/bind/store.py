@@ -32,6 +32,7 @@ import platformdirs
 
 from companion_runtime.bind.directory_trust import (
     ancestors_hold_no_one_else_s_entries,
+    may_create_on_the_way_to,
     writable_by_no_one_else,
 )
 from companion_runtime.core import Reason
@@ -136,9 +137,13 @@ class ModelStore:
         re-verify and the runtime's open.
         """
         try:
+            uid = os.geteuid()
+            # Nothing is made where the way there is not the user's own: a symlink of
+            # someone else's would have sent the mkdir wherever they chose.
+            if not may_create_on_the_way_to(self.root, uid):
+                raise StoreError(Reason.STORE_ERROR)
             for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            uid = os.geteuid()
             own_ok = all(
                 stat.S_ISDIR(info.st_mode)
                 and info.st_uid == uid
