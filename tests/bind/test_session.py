@@ -143,6 +143,26 @@ def test_fifos_and_deeply_nested_state_are_refused_at_once(tmp_path: Path) -> No
     assert caught.value.reason is Reason.STORE_ERROR
 
 
+@pytest.mark.timeout(20)
+def test_a_fifo_given_as_the_token_file_is_refused_without_being_opened(tmp_path: Path) -> None:
+    # status --token-file names any path: a FIFO there had been opened (without waiting),
+    # which let a writer blocked on it go on, only to die of SIGPIPE once it was closed.
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", 'echo token > "$0"', str(fifo)])
+    try:
+        time.sleep(0.2)
+        assert writer.poll() is None
+        with pytest.raises(SessionFileError) as caught:
+            read_token_file(fifo)
+        assert caught.value.reason is Reason.STORE_ERROR
+        time.sleep(0.3)
+        assert writer.poll() is None  # still waiting for a reader: never opened
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 def test_state_dir_env_overrides_the_default(tmp_path: Path) -> None:
     assert default_state_dir({STATE_DIR_ENV: str(tmp_path)}) == tmp_path
     assert default_state_dir({}).name == "companion-runtime"

@@ -279,10 +279,15 @@ def _read_small(path: Path, *, private: bool = False) -> str:
 
 def _read_small_with_info(path: Path, *, private: bool = False) -> tuple[str, os.stat_result]:
     """:func:`_read_small`, and the status of the file that was read."""
-    # O_NONBLOCK: a FIFO planted where the file should be would block the open until a writer
-    # came; it opens at once instead, and is then refused for not being a regular file.
+    # Anything but a regular file is refused before it is opened: opening a FIFO lets a writer
+    # waiting on it go on, into a SIGPIPE once it is closed again, and opening a device is not
+    # harmless either (a watchdog starts counting). O_NONBLOCK: should the name have become a
+    # FIFO since, the open does not wait for a writer, and what it opened is checked again.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
+        named = os.lstat(path)
+        if not stat.S_ISREG(named.st_mode):
+            raise SessionFileError(Reason.STORE_ERROR)
         descriptor = os.open(path, flags)
     except FileNotFoundError as error:
         raise SessionFileError(Reason.FILE_NOT_FOUND) from error
@@ -290,8 +295,13 @@ def _read_small_with_info(path: Path, *, private: bool = False) -> tuple[str, os
         raise SessionFileError(Reason.STORE_ERROR) from error
     try:
         info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode) or (
-            private and (info.st_uid != os.getuid() or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or (info.st_dev, info.st_ino) != (named.st_dev, named.st_ino)
+            or (
+                private
+                and (info.st_uid != os.getuid() or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+            )
         ):
             os.close(descriptor)
             raise SessionFileError(Reason.STORE_ERROR)
