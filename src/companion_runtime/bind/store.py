@@ -202,14 +202,25 @@ class ModelStore:
         Raises :class:`StoreError` (``store_error``) when something else is at the blob's name
         (a directory, a FIFO, a device, a symlink to nothing), or the name cannot be looked
         up: the store never made it, no download could be published over it, and it is left
-        as it is.
+        as it is. So it does for a symlink (one the user made, to a model on another disk)
+        whose way to its file passes a directory someone else could rename entries of: the
+        file the blob's name leads to is then theirs to swap, as with the store's own
+        directories (see :meth:`ensure_layout`).
         """
         path = self.blob_path(digest)
         try:
-            path.lstat()
+            named = path.lstat()
         except FileNotFoundError:
             return None
         except OSError:
+            raise StoreError(Reason.STORE_ERROR) from None
+        try:
+            if stat.S_ISLNK(named.st_mode) and not ancestors_hold_no_one_else_s_entries(
+                path, os.geteuid()
+            ):
+                raise StoreError(Reason.STORE_ERROR)
+        except (OSError, RuntimeError):
+            # A symlink to nothing, or a loop (RuntimeError before Python 3.13).
             raise StoreError(Reason.STORE_ERROR) from None
         try:
             if stat.S_ISREG(path.stat().st_mode):
