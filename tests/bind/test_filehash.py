@@ -7,9 +7,11 @@ import hashlib
 import os
 import resource
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -259,3 +261,91 @@ def test_no_thread_to_hash_with_is_a_refusal_not_a_crash(tmp_path: Path) -> None
     os.waitpid(pid, 0)
     shutil.rmtree(directory)
     assert answer == "store_error"
+
+
+@pytest.fixture
+def read_only_bind() -> Iterator[tuple[Path, Path]]:
+    """A directory another user can reach, and a read-only bind mount of it: (writable, ro)."""
+    base = Path(tempfile.mkdtemp())
+    base.chmod(0o755)
+    writable, read_only = base / "writable", base / "read-only"
+    writable.mkdir(mode=0o755)
+    read_only.mkdir()
+    bind = subprocess.run(
+        ["mount", "--bind", str(writable), str(read_only)], capture_output=True, check=False
+    )
+    if bind.returncode != 0:
+        shutil.rmtree(base)
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        subprocess.run(
+            ["mount", "-o", "remount,bind,ro", str(read_only)], capture_output=True, check=True
+        )
+        yield writable, read_only
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], check=False)
+        shutil.rmtree(base)
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="a file of another user needs root")
+def test_a_read_only_bind_mount_of_a_writable_directory_is_no_read_only_file_system(
+    read_only_bind: tuple[Path, Path],
+) -> None:
+    # Another user's file read through a read-only bind mount (docker's -v ...:ro) had counted
+    # as on a read-only mount, which no one can change; its owner still writes it through the
+    # directory the mount shows, and the runtime loads what they wrote.
+    writable, read_only = read_only_bind
+    path, data, digest = write_model(writable, 10_000)
+    os.chown(path, 65534, 65534)
+    seen = read_only / path.name
+    verdict = verify_file(seen, expected_digest=digest, expected_size_bytes=len(data), private=True)
+    assert verdict.reason is Reason.STORE_ERROR
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with open(path, "r+b") as theirs:
+                theirs.write(b"other bytes")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert seen.read_bytes().startswith(b"other bytes")
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() != 0, reason="a file of root's seen by another user needs root")
+def test_root_s_file_only_root_may_write_is_used_through_a_read_only_bind_mount(
+    read_only_bind: tuple[Path, Path],
+) -> None:
+    # A model baked into an image, in a container whose root file system is a read-only
+    # bind mount (docker's --read-only), run as another user: only root can write the file,
+    # through any mount.
+    writable, read_only = read_only_bind
+    path, data, digest = write_model(writable, 10_000)
+    path.chmod(0o644)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            verdict = verify_file(
+                read_only / path.name,
+                expected_digest=digest,
+                expected_size_bytes=len(data),
+                private=True,
+            )
+            os.write(write_end, verdict.reason.value.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    assert answer == "ok"

@@ -700,6 +700,32 @@ def test_something_other_than_a_file_at_the_blob_s_name_is_refused_before_any_re
 
 
 @pytest.mark.integration
+@pytest.mark.security
+def test_a_blob_symlinked_into_a_directory_others_can_write_to_is_refused(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    # A blob the user linked to a model on another disk, whose directory anyone could
+    # write: the store's own directories were checked, but whoever could rename entries
+    # there could put other bytes at the name the link leads to after the re-verify.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    model = shared / "model.bin"
+    model.write_bytes(DATA)
+    model.chmod(0o444)
+    shared.chmod(0o777)
+    store = ModelStore(tmp_path / "store")
+    store.ensure_layout()
+    store.blob_path(DIGEST).symlink_to(model)
+    result = pull(origin, store)
+    assert result.verdict.reason is Reason.STORE_ERROR
+    assert store.blob_path(DIGEST).is_symlink()  # left as it is
+    shared.chmod(0o755)  # the user's own, no one else's to change: a link the user may make
+    result = pull(origin, store)
+    assert result.ok and result.path == store.blob_path(DIGEST)
+    assert not origin.requests
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_a_ca_bundle_that_is_a_fifo_is_refused_without_waiting(
     origin: FaultyOrigin, tmp_path: Path

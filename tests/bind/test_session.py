@@ -35,6 +35,7 @@ from companion_runtime.bind.session import (
     write_serve_state,
     write_token_file,
 )
+from tests.support.acl import grant_write_by_acl
 from tests.support.port_taker import PortTaker, port_taker
 from tests.support.supervision import wait_for
 
@@ -140,6 +141,26 @@ def test_fifos_and_deeply_nested_state_are_refused_at_once(tmp_path: Path) -> No
     with pytest.raises(SessionFileError) as caught:
         read_serve_state(directory)
     assert caught.value.reason is Reason.STORE_ERROR
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_given_as_the_token_file_is_refused_without_being_opened(tmp_path: Path) -> None:
+    # status --token-file names any path: a FIFO there had been opened (without waiting),
+    # which let a writer blocked on it go on, only to die of SIGPIPE once it was closed.
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", 'echo token > "$0"', str(fifo)])
+    try:
+        time.sleep(0.2)
+        assert writer.poll() is None
+        with pytest.raises(SessionFileError) as caught:
+            read_token_file(fifo)
+        assert caught.value.reason is Reason.STORE_ERROR
+        time.sleep(0.3)
+        assert writer.poll() is None  # still waiting for a reader: never opened
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_state_dir_env_overrides_the_default(tmp_path: Path) -> None:
@@ -816,6 +837,90 @@ def test_a_state_dir_inside_a_directory_others_can_write_to_is_refused(
     assert prepare_state_dir(directory) == directory
     shared.chmod(0o775)  # group write on a directory of this user's own: its own group
     assert prepare_state_dir(directory) == directory
+
+
+@pytest.mark.security
+def test_a_state_dir_reached_through_a_symlink_in_a_directory_others_can_write_to_is_refused(
+    tmp_path: Path,
+) -> None:
+    # home/run/state, where home/run -> shared/run and shared/run -> safe, but shared may be
+    # written by anyone, who could point "run" elsewhere: that directory is neither above the
+    # state directory as written nor where it resolves, and had not been looked at.
+    safe = tmp_path / "safe"
+    (safe / "state").mkdir(parents=True, mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "run").symlink_to(safe)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "run").symlink_to(shared / "run")
+    directory = home / "run" / "state"
+    for check in (prepare_state_dir, check_state_dir):
+        with pytest.raises(SessionFileError) as caught:
+            check(directory)
+        assert caught.value.reason is Reason.STORE_ERROR
+    shared.chmod(0o1777)  # sticky, like /tmp: only the symlink's owner can replace it
+    assert check_state_dir(directory) == directory
+
+
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="a symlink of another user needs root")
+def test_a_state_dir_through_another_user_s_symlink_in_a_sticky_directory_is_refused(
+    tmp_path: Path,
+) -> None:
+    # With XDG_RUNTIME_DIR unset the state directory is under /tmp/runtime-<uid>, a name
+    # another user can create first: as a symlink into a directory of the user's own it
+    # passed, and its owner could point it elsewhere at any time.
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    mine = tmp_path / "mine"
+    (mine / "companion-runtime").mkdir(parents=True, mode=0o700)
+    link = sticky / "runtime"
+    link.symlink_to(mine)
+    os.lchown(link, 65534, 65534)
+    directory = link / "companion-runtime"
+    for check in (prepare_state_dir, check_state_dir):
+        with pytest.raises(SessionFileError) as caught:
+            check(directory)
+        assert caught.value.reason is Reason.STORE_ERROR
+    os.lchown(link, os.getuid(), os.getgid())
+    assert check_state_dir(directory) == directory
+
+
+@pytest.mark.security
+def test_no_state_dir_is_made_where_a_symlink_others_control_leads(tmp_path: Path) -> None:
+    # The state directory had been made first and refused afterwards, wherever a symlink in
+    # a directory anyone can write sent the mkdir.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    (shared / "run").symlink_to(mine)
+    with pytest.raises(SessionFileError) as caught:
+        prepare_state_dir(shared / "run" / "deeper" / "companion-runtime")
+    assert caught.value.reason is Reason.STORE_ERROR
+    assert list(mine.iterdir()) == []
+
+
+@pytest.mark.security
+def test_a_state_dir_inside_a_directory_an_acl_lets_another_user_write_to_is_refused(
+    tmp_path: Path,
+) -> None:
+    # With an access ACL naming another user, the group bits are its mask: the directory
+    # showed as writable by the user's own group only, and was accepted.
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    directory = shared / "state"
+    assert prepare_state_dir(directory) == directory
+    grant_write_by_acl(shared, 65534)
+    assert shared.stat().st_mode & stat.S_IWGRP and shared.stat().st_gid == os.getegid()
+    for check in (prepare_state_dir, check_state_dir):
+        with pytest.raises(SessionFileError) as caught:
+            check(directory)
+        assert caught.value.reason is Reason.STORE_ERROR
 
 
 @pytest.mark.security

@@ -17,8 +17,10 @@ from companion_runtime.bind.store import (
     default_store_root,
 )
 from companion_runtime.core import Reason
+from tests.support.acl import grant_by_acl, grant_write_by_acl
 
 DIGEST = "cd" * 32
+OTHER_UID = 65534
 
 
 @pytest.mark.unit
@@ -219,6 +221,122 @@ def test_a_store_another_group_can_write_to_is_refused(tmp_path: Path) -> None:
             ModelStore(root).ensure_layout()
         os.chown(directory, os.geteuid(), os.getegid())
         ModelStore(root).ensure_layout()
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.parametrize("target", ["absolute", "relative"])
+def test_a_store_reached_through_a_symlink_in_a_directory_others_can_write_to_is_refused(
+    tmp_path: Path, target: str
+) -> None:
+    # ~/models -> /shared/disk/models, where /shared/disk is a symlink to a safe directory
+    # but /shared is writable by anyone: they could point "disk" elsewhere. The directory
+    # holding "disk" is neither above the root as written nor above where it resolves, and
+    # had not been looked at.
+    safe = tmp_path / "safe"
+    (safe / "models").mkdir(parents=True, mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "disk").symlink_to(safe if target == "absolute" else Path("..") / "safe")
+    home = tmp_path / "home"
+    home.mkdir()
+    root = home / "models"
+    root.symlink_to(shared / "disk" / "models" if target == "absolute" else "../shared/disk/models")
+    with pytest.raises(StoreError) as caught:
+        ModelStore(root).ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
+    shared.chmod(0o1777)  # sticky, like /tmp: only the symlink's owner can replace it
+    ModelStore(root).ensure_layout()
+    assert (safe / "models" / "blobs").is_dir()
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="a symlink of another user needs root")
+@pytest.mark.parametrize("depth", ["root", "above"])
+def test_a_store_through_another_user_s_symlink_in_a_sticky_directory_is_refused(
+    tmp_path: Path, depth: str
+) -> None:
+    # In /tmp anyone may create a name first, and only its owner may rename it: another
+    # user's symlink there, pointing into a directory of the user's own, passed (the walk
+    # looked at where it leads), and its owner could point it elsewhere at any time.
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    mine = tmp_path / "mine"
+    (mine / "models").mkdir(parents=True, mode=0o700)
+    link = sticky / "link"
+    link.symlink_to(mine / "models" if depth == "root" else mine)
+    root = link if depth == "root" else link / "models"
+    os.lchown(link, OTHER_UID, OTHER_UID)
+    with pytest.raises(StoreError) as caught:
+        ModelStore(root).ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
+    os.lchown(link, os.geteuid(), os.getegid())  # the user's own symlink: theirs to change
+    ModelStore(root).ensure_layout()
+
+
+@pytest.mark.unit
+@pytest.mark.security
+def test_nothing_is_made_where_a_symlink_others_control_leads(tmp_path: Path) -> None:
+    # The store's directories (and any missing on the way) had been made first and the
+    # store refused afterwards: a symlink in a directory anyone can write sent the user's
+    # mkdir into a directory of the user's own, or of root's when root pulled.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    (shared / "models").symlink_to(mine)
+    for root in (shared / "models", shared / "models" / "deeper" / "still"):
+        with pytest.raises(StoreError) as caught:
+            ModelStore(root).ensure_layout()
+        assert caught.value.reason is Reason.STORE_ERROR
+    assert list(mine.iterdir()) == []
+
+
+@pytest.mark.unit
+def test_a_store_through_a_symlink_loop_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(StoreError) as caught:
+        ModelStore(tmp_path / "a" / "models").ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.parametrize("where", ["root", "blobs", "above"])
+def test_a_store_an_acl_lets_another_user_write_to_is_refused(tmp_path: Path, where: str) -> None:
+    # An access ACL naming another user turns the group bits into its mask: the directory
+    # showed as group-writable by the user's own group (rwxrwx---) and was accepted, while the
+    # user the ACL names could rename blobs/ away and put a directory of their own there.
+    above = tmp_path / "above"
+    above.mkdir(mode=0o755)
+    root = above / "models"
+    ModelStore(root).ensure_layout()
+    target = {"root": root, "blobs": root / "blobs", "above": above}[where]
+    grant_write_by_acl(target, OTHER_UID)
+    info = target.stat()
+    assert info.st_mode & stat.S_IWGRP and info.st_gid == os.getegid()
+    with pytest.raises(StoreError) as caught:
+        ModelStore(root).ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
+
+
+@pytest.mark.unit
+def test_a_store_an_acl_lets_another_user_only_read_is_accepted(tmp_path: Path) -> None:
+    # A default ACL above (say, a backup user's r-x on the home directory) gives every
+    # directory made below it an access ACL; with umask 002 its mask shows rwx, though no one
+    # it names may write.
+    root = tmp_path / "models"
+    root.mkdir()
+    grant_by_acl(root, OTHER_UID, 0o5)
+    assert root.stat().st_mode & stat.S_IWGRP and root.stat().st_gid == os.getegid()
+    ModelStore(root).ensure_layout()
+    grant_by_acl(root, os.geteuid(), 0o7)  # the user named in their own ACL
+    ModelStore(root).ensure_layout()
 
 
 @pytest.mark.unit

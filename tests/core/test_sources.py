@@ -139,6 +139,18 @@ CASES = [
     ("https://cdn.example.org/models/%E2%92%88/x", MALFORMED),  # "⒈" (a number): "1." under NFKC
     ("https://cdn.example.org/models/%C2%BD", MALFORMED),  # "½": "1⁄2", a fraction slash
     ("https://cdn.example.org/models/a=%CC%B8", MALFORMED),  # "=" + U+0338: "≠" under NFKC
+    # Dots that a server folding accents away (marks dropped after NFKD), or dropping invisible
+    # characters (NFKC_Casefold), reads as "..": marks not on a letter or number, ignorables.
+    ("https://cdn.example.org/models/..%CC%81/secret", MALFORMED),  # U+0301 on a "."
+    ("https://cdn.example.org/models/.%CC%81./secret", MALFORMED),
+    ("https://cdn.example.org/models/%CC%81../secret", MALFORMED),  # a mark on nothing
+    ("https://cdn.example.org/models/..%EF%B8%8F/secret", MALFORMED),  # U+FE0F, a selector
+    ("https://cdn.example.org/models/..%CD%8F/secret", MALFORMED),  # U+034F (grapheme joiner)
+    ("https://cdn.example.org/models/.%E1%85%9F./secret", MALFORMED),  # U+115F, a Hangul filler
+    ("https://cdn.example.org/models/..%F3%A0%84%80/secret", MALFORMED),  # U+E0100
+    ("https://cdn.example.org/models/%E6%A8%A1%F3%A0%84%80.gguf", MALFORMED),  # even on a name
+    ("https://cdn.example.org/models/1%E2%83%A3.gguf", OK),  # a mark on a digit: "1⃣"
+    ("https://cdn.example.org/models/%E0%A4%95%E0%A4%BF%E0%A4%82.gguf", OK),  # "किं", two marks
     # Names in any script keep both: decomposed or not, CJK, fullwidth digits.
     ("https://cdn.example.org/models/mod%C3%A8le.gguf", OK),
     ("https://cdn.example.org/models/mode%CC%80le.gguf", OK),

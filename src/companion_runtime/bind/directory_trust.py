@@ -6,54 +6,178 @@ one of their own at its path, between a check and the use that relies on it. The
 store and the state directory share:
 
 * a directory that holds the files themselves must be the user's and writable by no one else
-  (:func:`writable_by_no_one_else`, the user's own group aside);
-* every directory above it, as written and as its symlinks resolve, must be the user's or
-  root's, and writable by no one else unless it is sticky like ``/tmp``, where an entry is
-  renamed or removed only by its owner (:func:`ancestors_hold_no_one_else_s_entries`).
+  (:func:`writable_by_no_one_else`, the user's own group aside; with an access ACL its group
+  bits are the ACL's mask, so the ACL's entries are read: none but the user's own may write);
+* every directory above it, as written and as its symlinks resolve, and every directory a
+  symlink on the way lives in, must be the user's or root's, and writable by no one else
+  unless it is sticky like ``/tmp``, where an entry is renamed or removed only by its owner:
+  there the entry on the way (a symlink too) must be the user's or root's
+  (:func:`ancestors_hold_no_one_else_s_entries`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import struct
 from pathlib import Path
+from typing import Final
 
 __all__ = [
     "ancestors_hold_no_one_else_s_entries",
     "holds_no_one_else_s_entries",
+    "may_create_on_the_way_to",
     "writable_by_no_one_else",
 ]
 
 
-def writable_by_no_one_else(info: os.stat_result) -> bool:
-    """Whether no one but the owner can write this directory, beyond the user's own group.
+#: The extended attribute a POSIX access ACL is stored in (Linux), and how: a version, then
+#: (tag, permissions, id) entries, little-endian. The kernel keeps none for an ACL the mode
+#: bits say all of.
+_ACCESS_ACL: Final = "system.posix_acl_access"
+_ACL_VERSION: Final = 2
+_ACL_ENTRY: Final = struct.Struct("<HHI")
+#: The entries that may give someone other than the owner write: a named user, the owning
+#: group, a named group (the others' entry is the mode's own bits).
+_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP = 0x02, 0x04, 0x08
+#: What ``getxattr`` answers when there is no such ACL, or no ACLs on that file system.
+_NO_ACL: Final = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def writable_by_no_one_else(info: os.stat_result, path: Path) -> bool:
+    """Whether no one but the owner can write the directory at ``path`` (``info`` is its
+    ``stat``), beyond the user and the user's own group.
 
     Group write is allowed when the group is the user's own (primary) one: with the usual
-    per-user groups (umask 002) a directory made by hand has it.
+    per-user groups (umask 002) a directory made by hand has it. With an access ACL the group
+    bits are its mask, and a ``w`` there may be a named user's or group's
+    (``setfacl -m u:someone:rwx``): then no entry but the user's and the user's own group's
+    may have write. Raises ``OSError`` when the ACL cannot be looked at.
     """
     if info.st_mode & stat.S_IWOTH:
         return False
-    return not info.st_mode & stat.S_IWGRP or info.st_gid == os.getegid()
+    if not info.st_mode & stat.S_IWGRP:
+        return True
+    entries = _access_acl(path)
+    if entries is None:
+        return info.st_gid == os.getegid()
+    for tag, permissions, entry_id in entries:
+        if not permissions & 0o2:
+            continue
+        if tag == _ACL_USER and entry_id != os.geteuid():
+            return False
+        if tag == _ACL_GROUP_OBJ and info.st_gid != os.getegid():
+            return False
+        if tag == _ACL_GROUP and entry_id != os.getegid():
+            return False
+    return True
 
 
-def holds_no_one_else_s_entries(info: os.stat_result, uid: int) -> bool:
-    """Whether only this user (or root) can rename or remove the entries of this directory."""
+def _access_acl(path: Path) -> list[tuple[int, int, int]] | None:
+    """The entries of the directory's access ACL; ``None`` when it has none. An ACL in a
+    form not known here is one entry that lets a named user (no one) write, so it is never
+    taken for a harmless one."""
+    try:
+        value = os.getxattr(path, _ACCESS_ACL)
+    except AttributeError:  # no xattr calls on this system (macOS): no POSIX ACL to read
+        return None
+    except OSError as error:
+        if error.errno in _NO_ACL:
+            return None
+        raise
+    unknown = [(_ACL_USER, 0o7, -1)]
+    if len(value) < 4 or (len(value) - 4) % _ACL_ENTRY.size:
+        return unknown
+    if int.from_bytes(value[:4], "little") != _ACL_VERSION:
+        return unknown
+    return list(_ACL_ENTRY.iter_unpack(value[4:]))
+
+
+def holds_no_one_else_s_entries(info: os.stat_result, uid: int, path: Path) -> bool:
+    """Whether only this user (or root) can rename or remove the entries of the directory at
+    ``path`` (``info`` is its ``stat``)."""
     if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (uid, 0):
         return False
     # Sticky (/tmp): an entry is renamed or removed only by its owner, the directory's owner
     # (this user or root) or root.
-    return bool(info.st_mode & stat.S_ISVTX) or writable_by_no_one_else(info)
+    return bool(info.st_mode & stat.S_ISVTX) or writable_by_no_one_else(info, path)
 
 
 def ancestors_hold_no_one_else_s_entries(path: Path, uid: int) -> bool:
-    """Whether every directory above ``path``, as written and as its symlinks resolve, passes
-    :func:`holds_no_one_else_s_entries`.
+    """Whether every directory above ``path``, as written and as its symlinks resolve, and
+    every directory a name is looked up in on the way (a symlink's own directory, also one
+    met half-way through another symlink's target), passes
+    :func:`holds_no_one_else_s_entries`; and whether every entry met on the way in a sticky
+    directory others may write (``/tmp``) is the user's or root's, since its owner may
+    rename it, and, a symlink, point it elsewhere.
 
-    Raises ``OSError`` when one cannot be looked at, and ``RuntimeError`` for a symlink loop
-    (Python before 3.13). A symlink met half-way through another symlink's target is not
-    followed up.
+    Raises ``OSError`` when one cannot be looked at, or for a symlink loop (``ELOOP``), and
+    ``RuntimeError`` for a symlink loop (Python before 3.13).
     """
-    above = [*path.absolute().parents, *path.resolve().parents]
+    lookups = _lookups_on_the_way_to(path.absolute())
+    above = [*path.absolute().parents, *path.resolve().parents, *(where for where, _ in lookups)]
+    infos = {directory: directory.stat() for directory in dict.fromkeys(above)}
+    if not all(holds_no_one_else_s_entries(info, uid, where) for where, info in infos.items()):
+        return False
     return all(
-        holds_no_one_else_s_entries(directory.stat(), uid) for directory in dict.fromkeys(above)
+        entry.st_uid in (uid, 0) or not _sticky_and_shared(infos[where], where)
+        for where, entry in lookups
     )
+
+
+def may_create_on_the_way_to(path: Path, uid: int) -> bool:
+    """Whether the directories missing on the way to ``path`` may be made: whether the
+    nearest one that is there, and the way to it, pass the rule for ``path``'s parents.
+
+    Checked before anything is made, so that nothing is made where a name someone else
+    controls leads (their symlink sends the user's ``mkdir`` wherever they like), only to be
+    refused afterwards. Raises as :func:`ancestors_hold_no_one_else_s_entries` does.
+    """
+    existing = path
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    return holds_no_one_else_s_entries(
+        existing.stat(), uid, existing
+    ) and ancestors_hold_no_one_else_s_entries(existing, uid)
+
+
+def _sticky_and_shared(info: os.stat_result, directory: Path) -> bool:
+    """Sticky and writable by others, as ``/tmp``: each entry is its owner's to rename."""
+    return bool(info.st_mode & stat.S_ISVTX) and not writable_by_no_one_else(info, directory)
+
+
+#: How many symlinks a path may go through, as Linux allows (``MAXSYMLINKS``).
+_MAX_SYMLINKS: Final = 40
+
+
+def _lookups_on_the_way_to(path: Path) -> list[tuple[Path, os.stat_result]]:
+    """Each lookup the kernel makes to reach the absolute ``path``, following its symlinks as
+    it does: the directory (free of symlinks) a name is looked up in, and what the name is
+    there (``lstat``). Whoever can rename an entry of such a directory can send the path
+    elsewhere, be it a symlink half-way through another one's target."""
+    lookups: list[tuple[Path, os.stat_result]] = []
+    names = list(reversed(path.parts[1:]))
+    current = Path(path.anchor)
+    followed = 0
+    while names:
+        name = names.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        candidate = current / name
+        entry = candidate.lstat()
+        lookups.append((current, entry))
+        if not stat.S_ISLNK(entry.st_mode):
+            current = candidate
+            continue
+        followed += 1
+        if followed > _MAX_SYMLINKS:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+        target = Path(os.readlink(candidate))
+        if target.is_absolute():
+            current = Path(target.anchor)
+        names.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+    return lookups

@@ -75,8 +75,41 @@ def _only_ours_to_change(fd: int, info: os.stat_result) -> bool:
     """Whether only this user can change the open file's bytes (or nobody can)."""
     if info.st_uid == os.geteuid() and not info.st_mode & _WRITE_BY_OTHERS:
         return True
-    # A read-only mount (a model baked into an image) cannot change, whoever owns it.
-    return bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY)
+    # A read-only file system (a model baked into an image) cannot change, whoever owns it.
+    # A read-only mount of one that is writable elsewhere (a bind mount, docker's ":ro" or
+    # "--read-only") can: its owner, and whoever else may write it, write the bytes through
+    # any other mount of it. Root's file that only root may write stays as it is, then, as
+    # long as no one but root can write through any mount.
+    if not os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+        return False
+    if info.st_uid == 0 and not info.st_mode & _WRITE_BY_OTHERS:
+        return True
+    return _file_system_read_only(info.st_dev) is not False
+
+
+def _file_system_read_only(device: int) -> bool | None:
+    """Whether the file system on ``device`` is read-only in all its mounts, as Linux's
+    ``/proc/self/mountinfo`` tells (its superblock options); ``None`` when it does not tell
+    (no ``/proc``, another system, or a device no mount names, as a btrfs subvolume's)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            lines = mounts.read().splitlines()
+    except OSError:
+        return None
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    found: bool | None = None
+    for line in lines:
+        # "36 35 98:0 /root /mnt ro,noatime shared:1 - ext3 /dev/root rw,errors=continue":
+        # the mount's own options, optional fields up to "-", then the file system's.
+        fields = line.split(" ")
+        if len(fields) < 10 or fields[2] != wanted or "-" not in fields[6:]:
+            continue
+        separator = fields.index("-", 6)
+        super_options = fields[separator + 3].split(",") if len(fields) > separator + 3 else []
+        if "ro" not in super_options:
+            return False
+        found = True
+    return found
 
 
 @final

@@ -6,9 +6,11 @@ user runtime directory (``$XDG_RUNTIME_DIR/companion-runtime`` on Linux,
 ``platformdirs.user_runtime_dir``). It is created with mode ``0700`` and refused when it is a
 symlink, is owned by someone else, or is writable by group or others (anyone who can write
 there could swap the files ``status`` trusts), and when a directory above it, as written or
-as its symlinks resolve, is someone else's than the user's or root's, or is writable by others
-(or a group other than the user's own) without the sticky bit of ``/tmp``: whoever can rename
-the state directory could move it aside and put one of their own at its path.
+as its symlinks resolve or where a symlink on the way lives, is someone else's than the
+user's or root's, or is writable by others (or a group other than the user's own, or anyone
+an access ACL lets write) without the sticky bit of ``/tmp`` (in a sticky one the entry on
+the way, a symlink too, must be the user's or root's): whoever can rename the state directory
+could move it aside and put one of their own at its path.
 
 * The token file ``frontdoor-<port>-<pid>.token`` holds the session token and nothing else
   (``frontdoor-<port>-<pid>-<random>.token`` when that name is taken). It is created with
@@ -70,7 +72,10 @@ from urllib.parse import urlsplit
 import platformdirs
 import psutil
 
-from companion_runtime.bind.directory_trust import ancestors_hold_no_one_else_s_entries
+from companion_runtime.bind.directory_trust import (
+    ancestors_hold_no_one_else_s_entries,
+    may_create_on_the_way_to,
+)
 from companion_runtime.core import Reason
 
 __all__ = [
@@ -176,12 +181,22 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def prepare_state_dir(directory: Path) -> Path:
-    """Create ``directory`` (mode 0700) if needed and check it is private; return it."""
+    """Create ``directory`` (mode 0700) if needed and check it is private; return it.
+
+    Nothing is created unless the nearest directory that is there, and the way to it, pass
+    the rule for the directories above it (see the module docstring).
+    """
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.lstat()
-    except OSError as error:
+        # A symlink of someone else's on the way would send the mkdir wherever they chose.
+        creatable = may_create_on_the_way_to(directory, os.getuid())
+        if creatable:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = directory.lstat()
+    except (OSError, RuntimeError) as error:
+        # RuntimeError: a symlink loop on the way (Python before 3.13).
         raise SessionFileError(Reason.STORE_ERROR) from error
+    if not creatable:
+        raise SessionFileError(Reason.STORE_ERROR)
     _require_private_dir(directory, info)
     return directory
 
@@ -264,10 +279,15 @@ def _read_small(path: Path, *, private: bool = False) -> str:
 
 def _read_small_with_info(path: Path, *, private: bool = False) -> tuple[str, os.stat_result]:
     """:func:`_read_small`, and the status of the file that was read."""
-    # O_NONBLOCK: a FIFO planted where the file should be would block the open until a writer
-    # came; it opens at once instead, and is then refused for not being a regular file.
+    # Anything but a regular file is refused before it is opened: opening a FIFO lets a writer
+    # waiting on it go on, into a SIGPIPE once it is closed again, and opening a device is not
+    # harmless either (a watchdog starts counting). O_NONBLOCK: should the name have become a
+    # FIFO since, the open does not wait for a writer, and what it opened is checked again.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
+        named = os.lstat(path)
+        if not stat.S_ISREG(named.st_mode):
+            raise SessionFileError(Reason.STORE_ERROR)
         descriptor = os.open(path, flags)
     except FileNotFoundError as error:
         raise SessionFileError(Reason.FILE_NOT_FOUND) from error
@@ -275,8 +295,13 @@ def _read_small_with_info(path: Path, *, private: bool = False) -> tuple[str, os
         raise SessionFileError(Reason.STORE_ERROR) from error
     try:
         info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode) or (
-            private and (info.st_uid != os.getuid() or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or (info.st_dev, info.st_ino) != (named.st_dev, named.st_ino)
+            or (
+                private
+                and (info.st_uid != os.getuid() or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+            )
         ):
             os.close(descriptor)
             raise SessionFileError(Reason.STORE_ERROR)

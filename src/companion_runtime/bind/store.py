@@ -32,6 +32,7 @@ import platformdirs
 
 from companion_runtime.bind.directory_trust import (
     ancestors_hold_no_one_else_s_entries,
+    may_create_on_the_way_to,
     writable_by_no_one_else,
 )
 from companion_runtime.core import Reason
@@ -124,35 +125,42 @@ class ModelStore:
         directories of this user that no one else can write to. Anyone who can write there
         could swap a verified blob for other bytes before the runtime opens it. Group write is
         allowed for the user's own group: with the usual per-user groups (umask 002) a
-        directory made by hand has it.
+        directory made by hand has it; not for other users or groups an access ACL lets write
+        (the group bits are then its mask).
 
-        Every directory above the root, as written and as its symlinks resolve, must be this
-        user's or root's, and writable by no one else (the user's own group aside) unless it
-        is sticky like ``/tmp``: whoever can rename entries there can move the whole store
-        aside and put a store of their own at its path, between the re-verify and the
-        runtime's open. (A symlink met half-way through another symlink's target is not
-        followed up.)
+        Every directory above the root, as written and as its symlinks resolve, and every
+        directory a symlink on the way lives in (also one met half-way through another
+        symlink's target), must be this user's or root's, and writable by no one else (the
+        user's own group aside) unless it is sticky like ``/tmp`` (and there the entry on the
+        way, a symlink too, must be the user's or root's): whoever can rename entries there
+        can move the whole store aside and put a store of their own at its path, between the
+        re-verify and the runtime's open.
         """
         try:
+            uid = os.geteuid()
+            # Nothing is made where the way there is not the user's own: a symlink of
+            # someone else's would have sent the mkdir wherever they chose.
+            if not may_create_on_the_way_to(self.root, uid):
+                raise StoreError(Reason.STORE_ERROR)
             for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            checks = [self.root.stat()]
-            checks += [
-                directory.lstat() for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir)
-            ]
-            uid = os.geteuid()
-            ancestors_ok = ancestors_hold_no_one_else_s_entries(self.root, uid)
+            own_ok = all(
+                stat.S_ISDIR(info.st_mode)
+                and info.st_uid == uid
+                and writable_by_no_one_else(info, directory)
+                for directory, info in (
+                    (self.root, self.root.stat()),
+                    *(
+                        (directory, directory.lstat())
+                        for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir)
+                    ),
+                )
+            )
+            trusted = own_ok and ancestors_hold_no_one_else_s_entries(self.root, uid)
         except (OSError, RuntimeError):
             # RuntimeError: a symlink loop on the way (Python before 3.13).
             raise StoreError(Reason.STORE_ERROR) from None
-        for info in checks:
-            if (
-                not stat.S_ISDIR(info.st_mode)
-                or info.st_uid != uid
-                or not writable_by_no_one_else(info)
-            ):
-                raise StoreError(Reason.STORE_ERROR)
-        if not ancestors_ok:
+        if not trusted:
             raise StoreError(Reason.STORE_ERROR)
 
     def blob_path(self, digest: str) -> Path:
@@ -194,14 +202,25 @@ class ModelStore:
         Raises :class:`StoreError` (``store_error``) when something else is at the blob's name
         (a directory, a FIFO, a device, a symlink to nothing), or the name cannot be looked
         up: the store never made it, no download could be published over it, and it is left
-        as it is.
+        as it is. So it does for a symlink (one the user made, to a model on another disk)
+        whose way to its file passes a directory someone else could rename entries of: the
+        file the blob's name leads to is then theirs to swap, as with the store's own
+        directories (see :meth:`ensure_layout`).
         """
         path = self.blob_path(digest)
         try:
-            path.lstat()
+            named = path.lstat()
         except FileNotFoundError:
             return None
         except OSError:
+            raise StoreError(Reason.STORE_ERROR) from None
+        try:
+            if stat.S_ISLNK(named.st_mode) and not ancestors_hold_no_one_else_s_entries(
+                path, os.geteuid()
+            ):
+                raise StoreError(Reason.STORE_ERROR)
+        except (OSError, RuntimeError):
+            # A symlink to nothing, or a loop (RuntimeError before Python 3.13).
             raise StoreError(Reason.STORE_ERROR) from None
         try:
             if stat.S_ISREG(path.stat().st_mode):

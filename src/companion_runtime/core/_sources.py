@@ -66,6 +66,14 @@ _NORMALISATION_FORMS: tuple[Literal["NFKC", "NFKD"], ...] = ("NFKC", "NFKD")
 # Unicode general categories (first letter) allowed outside ASCII in a decoded path: letters,
 # combining marks and numbers. Punctuation, symbols, separators and others are refused.
 _NAME_CATEGORIES = frozenset({"L", "M", "N"})
+# Default-ignorable code points among those letters and marks (the others are format
+# characters, refused already): NFKC_Casefold and servers that drop invisible characters
+# remove them, so "..<U+FE0F>" is "..". Hangul fillers, the combining grapheme joiner, Khmer
+# inherent vowels, Mongolian and other variation selectors.
+_IGNORABLE = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0"
+    "\U000e0100-\U000e01ef]"
+)
 # What starts a path segment's parameters, as it is sent or once a server has decoded it.
 _PARAMETER = re.compile(r";|%3[bB]")
 _DEFAULT_PORT = 443
@@ -176,10 +184,15 @@ def _plain_under_normalisation(decoded: str) -> bool:
       full stop U+3002, which Windows "best fit" conversions and IDNA turn into ``/``, ``\\``
       or ``.``) are punctuation or symbols, and so are refused with every other one.
 
-    Names in any script (``modèle.gguf``, ``模型.gguf``, ``モデル.gguf``) keep both.
+    Names in any script (``modèle.gguf``, ``模型.gguf``, ``モデル.gguf``) keep both. Before
+    them, two more: no default-ignorable letter or mark (a variation selector, a Hangul
+    filler: servers that drop invisible characters read ``..<U+FE0F>`` as ``..``), and every
+    combining mark on a letter or a number (:func:`_marks_on_names`).
     """
     if decoded.isascii():
         return True
+    if _IGNORABLE.search(decoded) or not _marks_on_names(decoded):
+        return False
     punctuation = _ascii_punctuation(decoded)
     for text in (decoded, *(unicodedata.normalize(form, decoded) for form in _NORMALISATION_FORMS)):
         if _ascii_punctuation(text) != punctuation:
@@ -187,6 +200,21 @@ def _plain_under_normalisation(decoded: str) -> bool:
         for char in text:
             if not char.isascii() and unicodedata.category(char)[0] not in _NAME_CATEGORIES:
                 return False
+    return True
+
+
+def _marks_on_names(decoded: str) -> bool:
+    """Does every combining mark in ``decoded`` sit on a letter or a number?
+
+    Servers that fold accents away (NFKD, then marks dropped) read ``..`` in ``..%CC%81``
+    (two dots and a combining acute accent); a mark on a letter (``mode%CC%80le``) is a name.
+    """
+    on_a_name = False
+    for char in decoded:
+        if unicodedata.category(char)[0] != "M":
+            on_a_name = char.isalnum()
+        elif not on_a_name:
+            return False
     return True
 
 
