@@ -928,6 +928,73 @@ def test_expect_100_continue_is_answered() -> None:
     run(scenario)
 
 
+@pytest.mark.security
+def test_expect_100_continue_with_a_body_over_what_is_left_of_the_budget_is_refused_first() -> None:
+    # Answered 100 Continue, the client sent the whole body only to be refused 503 once it
+    # passed the budget of bodies still arriving. Refused before 100 Continue, it sends none.
+    cap = 1024 * 1024
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(
+                upstream.url, max_body_bytes=cap, max_arriving_body_bytes=cap + cap // 4
+            ) as door:
+                port = door.door.port
+
+                def head(length: int, *, expect: bool) -> bytes:
+                    return (
+                        b"POST /sized?kib=1 HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
+                        b"authorization: Bearer %s\r\ncontent-length: %d\r\n%s\r\n"
+                        % (
+                            port,
+                            door.token.encode(),
+                            length,
+                            b"expect: 100-continue\r\n" if expect else b"",
+                        )
+                    )
+
+                # Half a body still arriving on one connection holds half the budget.
+                held_reader, held_writer = await asyncio.open_connection("127.0.0.1", port)
+                held_writer.write(head(cap, expect=False) + b"x" * (cap // 2))
+                await held_writer.drain()
+                await wait_for(lambda: door.door._arriving_body_bytes == cap // 2)
+
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head(cap, expect=True))
+                await writer.drain()
+                answer = await asyncio.wait_for(reader.read(65536), 2)
+                assert not answer.startswith(b"HTTP/1.1 100"), answer[:100]
+                assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+                assert b"retry-after: 1\r\n" in answer
+                assert b'"reason":"at_capacity"' in answer.replace(b" ", b"")
+                assert await asyncio.wait_for(reader.read(65536), 2) == b""  # closed
+                writer.close()
+
+                # What still fits is asked for.
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head(cap // 4, expect=True))
+                interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+                assert interim.startswith(b"HTTP/1.1 100")
+                writer.write(b"y" * (cap // 4))
+                answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+                writer.close()
+
+                held_writer.write(b"x" * (cap - cap // 2))
+                answer = await asyncio.wait_for(held_reader.readuntil(b"\r\n\r\n"), 5)
+                assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+                held_writer.close()
+
+                await wait_for(lambda: door.door._arriving_body_bytes == 0)
+                statistics = door.door.statistics()
+                assert statistics.requests_total == 3
+                assert statistics.proxied_total == 2
+                assert statistics.refused_by_reason == {"at_capacity": 1}
+            assert upstream.requests_seen == 2
+
+    run(scenario)
+
+
 # --- admission ----------------------------------------------------------------------------
 
 

@@ -929,6 +929,38 @@ async def test_a_sample_that_cannot_be_taken_refuses_at_once_not_once_the_last_a
 
 
 @pytest.mark.security
+async def test_status_says_the_last_sample_is_no_longer_in_force_while_samples_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While samples failed (requests refused malformed_observation), /_status went on showing
+    # the last good sample as if admission still decided on it.
+    nvml, gpu_state = fake_nvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    model, digest, size = _blob(tmp_path)
+    config = _config(standin_command(), model, digest, size, max_sample_age_s=60.0)
+    async with Supervisor(config, gpu=NvmlGpuMemory()) as supervisor:
+        assert (await supervisor.start()).ok
+        assert await _admitted(supervisor) is Reason.OK
+        assert _last_sample(supervisor)["in_force"] is True
+        gpu_state["lost"] = True
+        assert await _answers_within(supervisor, Reason.MALFORMED_OBSERVATION, 3.0)
+        shown = _last_sample(supervisor)
+        assert shown["in_force"] is False
+        # Still the last good sample, with its fields and meanings as before.
+        assert {"ram_bytes", "vram_bytes", "cpu_percent", "age_s", "process_count"} <= set(shown)
+        assert isinstance(shown["ram_bytes"], int) and shown["ram_bytes"] > 0
+        gpu_state["lost"] = False
+        assert await _answers_within(supervisor, Reason.OK, 3.0)
+        assert _last_sample(supervisor)["in_force"] is True
+
+
+def _last_sample(supervisor: Supervisor) -> dict[str, object]:
+    sample = supervisor.status()["last_sample"]
+    assert isinstance(sample, dict)
+    return sample
+
+
+@pytest.mark.security
 async def test_a_first_sample_that_cannot_be_taken_is_ready_but_refused_not_an_exit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -324,6 +324,7 @@ async def running_front_door(
     request_timeout_s: float = 30.0,
     upstream_read_timeout_s: float = 600.0,
     max_connections: int = 1024,
+    max_arriving_body_bytes: int = 64 * 1024 * 1024,
 ) -> AsyncIterator[ReadyDoor]:
     """A started :class:`FrontDoor` over ``upstream_url`` with a ready controller."""
     token = secrets.token_urlsafe(32)
@@ -336,6 +337,7 @@ async def running_front_door(
         request_timeout_s=request_timeout_s,
         upstream_read_timeout_s=upstream_read_timeout_s,
         max_connections=max_connections,
+        max_arriving_body_bytes=max_arriving_body_bytes,
     )
     async with FrontDoor(
         config=config,

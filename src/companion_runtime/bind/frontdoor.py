@@ -1692,6 +1692,16 @@ class FrontDoor:
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
         # A body that arrived with its head (the usual case) needs no wait.
         if not request.complete:
+            if expect and (
+                self._arriving_body_bytes - request.held + content_length
+                > self._max_arriving_body_bytes
+            ):
+                # Refused before ``100 Continue``: the client need not send a body that would
+                # be refused once sent. (A chunked body's size is not known ahead: it is held
+                # to the budget as it arrives.)
+                return self._refuse(
+                    client, 503, Reason.AT_CAPACITY, close=True, extra=((b"retry-after", b"1"),)
+                )
             try:
                 read = await self._body(client, request, expect=expect)
             except _ClientGone:

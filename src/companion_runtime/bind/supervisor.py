@@ -508,6 +508,8 @@ class Supervisor:
         # The last fit check's estimate of the runtime's KV cache (None: not a llama.cpp one).
         self._context_memory: ContextMemory | None = None
         self._last_sample: ResourceSample | None = None
+        # False once a sample could not be taken: the last one is still shown, no longer used.
+        self._sample_in_force = False
         self._last_reason: Reason = Reason.OK
         self._given_up = asyncio.Event()
         self._api_key_path: Path | None = None
@@ -790,6 +792,7 @@ class Supervisor:
         """A JSON-ready snapshot: state, admission counters, last sample, restarts, pid."""
         statistics = self.controller.statistics()
         sample = self._last_sample
+        age_s = 0.0 if sample is None else max(self._clock() - sample.taken_at, 0.0)
         process = self._process
         return {
             "state": self._lifecycle.state.value,
@@ -821,8 +824,11 @@ class Supervisor:
                 "ram_bytes": sample.observation.ram_bytes,
                 "vram_bytes": sample.observation.vram_bytes,
                 "cpu_percent": sample.observation.cpu_percent,
-                "age_s": max(self._clock() - sample.taken_at, 0.0),
+                "age_s": age_s,
                 "process_count": sample.process_count,
+                # What admission decides on: False once a newer sample could not be taken, or
+                # once this one is older than max_sample_age_s (refused malformed_observation).
+                "in_force": self._sample_in_force and age_s <= self._config.max_sample_age_s,
             },
             "recent_moves": [{"at": at, "state": state.value} for at, state in self._moves],
         }
@@ -1143,6 +1149,8 @@ class Supervisor:
             sample = await probe.sample()
         except ProbeError:
             self.controller.forget_resources()
+            self._sample_in_force = False
             raise
         self._last_sample = sample
+        self._sample_in_force = True
         self.controller.update_resources(sample.observation, taken_at=sample.taken_at)
