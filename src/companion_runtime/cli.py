@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
-from typer.core import TyperCommand, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -65,6 +65,21 @@ class _OptionsOnce(TyperCommand):
                             _usage_error(f"{param.opts[0]} is given more than once; give it once")
                         seen.add(param.name)
         return super().parse_args(ctx, args)
+
+    def collect_usage_pieces(self, ctx: Context) -> list[str]:
+        # typer writes a required argument as "{file}" in the usage line: a placeholder, not
+        # the FILE and MANIFEST the help text and the README speak of. click's own convention
+        # instead: the argument's metavar as it is ("[FILE]" when optional, "FILE..." for
+        # more than one).
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.metavar or (param.name or "").upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
 
 
 # --- verify / pull ------------------------------------------------------------------------
@@ -399,7 +414,9 @@ def _progress_bar(
 
 @app.command(cls=_OptionsOnce)
 def verify(
-    file: Annotated[Path, typer.Argument(help="The file to verify.", readable=False)],
+    file: Annotated[
+        Path, typer.Argument(help="The file to verify.", readable=False, metavar="FILE")
+    ],
     sha256: Annotated[str, typer.Option("--sha256", help="Expected SHA-256, 64 lowercase hex.")],
     size: Annotated[int, typer.Option("--size", help="Expected size in bytes.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -430,7 +447,9 @@ def verify(
 
 @app.command(cls=_OptionsOnce)
 def pull(
-    manifest: Annotated[Path, typer.Argument(help=_MANIFEST_HELP, readable=False)],
+    manifest: Annotated[
+        Path, typer.Argument(help=_MANIFEST_HELP, readable=False, metavar="MANIFEST")
+    ],
     store: Annotated[
         Path | None,
         typer.Option(
@@ -501,7 +520,9 @@ def pull(
 
 @app.command(cls=_OptionsOnce)
 def serve(
-    manifest: Annotated[Path, typer.Argument(help=_MANIFEST_HELP, readable=False)],
+    manifest: Annotated[
+        Path, typer.Argument(help=_MANIFEST_HELP, readable=False, metavar="MANIFEST")
+    ],
     store: Annotated[
         Path | None,
         typer.Option(
