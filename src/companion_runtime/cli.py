@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
-from typer.core import TyperCommand, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -65,6 +65,21 @@ class _OptionsOnce(TyperCommand):
                             _usage_error(f"{param.opts[0]} is given more than once; give it once")
                         seen.add(param.name)
         return super().parse_args(ctx, args)
+
+    def collect_usage_pieces(self, ctx: Context) -> list[str]:
+        # typer writes a required argument as "{file}" in the usage line: a placeholder, not
+        # the FILE and MANIFEST the help text and the README speak of. click's own convention
+        # instead: the argument's metavar as it is ("[FILE]" when optional, "FILE..." for
+        # more than one).
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.metavar or (param.name or "").upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
 
 
 # --- verify / pull ------------------------------------------------------------------------
@@ -399,7 +414,9 @@ def _progress_bar(
 
 @app.command(cls=_OptionsOnce)
 def verify(
-    file: Annotated[Path, typer.Argument(help="The file to verify.", readable=False)],
+    file: Annotated[
+        Path, typer.Argument(help="The file to verify.", readable=False, metavar="FILE")
+    ],
     sha256: Annotated[str, typer.Option("--sha256", help="Expected SHA-256, 64 lowercase hex.")],
     size: Annotated[int, typer.Option("--size", help="Expected size in bytes.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -430,7 +447,9 @@ def verify(
 
 @app.command(cls=_OptionsOnce)
 def pull(
-    manifest: Annotated[Path, typer.Argument(help=_MANIFEST_HELP, readable=False)],
+    manifest: Annotated[
+        Path, typer.Argument(help=_MANIFEST_HELP, readable=False, metavar="MANIFEST")
+    ],
     store: Annotated[
         Path | None,
         typer.Option(
@@ -501,7 +520,9 @@ def pull(
 
 @app.command(cls=_OptionsOnce)
 def serve(
-    manifest: Annotated[Path, typer.Argument(help=_MANIFEST_HELP, readable=False)],
+    manifest: Annotated[
+        Path, typer.Argument(help=_MANIFEST_HELP, readable=False, metavar="MANIFEST")
+    ],
     store: Annotated[
         Path | None,
         typer.Option(
@@ -527,8 +548,8 @@ def serve(
     Runs until SIGINT, SIGTERM or SIGHUP, then stops admitting (503 not_ready), lets requests
     in flight finish, stops the runtime, removes the token file and exits 0. Clients send
     "Authorization: Bearer <token>" with the token from the printed token file. A signal before
-    ready (during the download, say) ends serve within about a second with not_ready (exit 1);
-    a partial download is kept for the next pull or serve to resume.
+    ready (from its start, during the download too) ends serve within about a second with
+    not_ready (exit 1); a partial download is kept for the next pull or serve to resume.
 
     Output is best effort: if its stdout or stderr is closed, serve goes on serving (status
     finds it through its state files) and exits as it would have otherwise.
@@ -540,99 +561,111 @@ def serve(
     directory whose path is not valid UTF-8 is a usage error (exit 2) before the download:
     JSON text could not name the token file in it.
     """
-    import asyncio
-    import signal
+    # First of all, before serve's imports: a signal from here on is recorded instead of
+    # taking its default action (death by SIGTERM or SIGHUP, or a KeyboardInterrupt: exit 130
+    # with nothing printed) in the tenth of a second or more before the event loop handles
+    # signals itself. Recorded before the loop runs, it starts nothing: not_ready, as for any
+    # signal before ready.
+    cancel = threading.Event()
+    with _cancel_on_signals(cancel):
+        import asyncio
+        import signal
 
-    from companion_runtime.bind.manifest import ManifestError, load_manifest
-    from companion_runtime.bind.serve import ServeOptions, Serving, serve_manifest
-    from companion_runtime.core import Reason, Verdict
+        from companion_runtime.bind.manifest import ManifestError, load_manifest
+        from companion_runtime.bind.serve import ServeOptions, Serving, serve_manifest
+        from companion_runtime.core import Reason, Verdict
 
-    if not _is_file(manifest):
-        typer.echo("Error: MANIFEST does not exist or is not a file", err=True)
-        raise typer.Exit(2)
-    if ca_bundle is not None and not _is_file(ca_bundle):
-        typer.echo("Error: --ca-bundle does not exist or is not a file", err=True)
-        raise typer.Exit(2)
-    try:
-        # Loaded here too (serve loads it again) so that a refusal names the field, as pull's.
-        load_manifest(manifest)
-    except ManifestError as error:
-        refused = {"ok": False, "reason": error.reason.value, "field": error.field}
-        _say(json.dumps(refused) if json_output else _refusal_line(refused), err=not json_output)
-        raise typer.Exit(1) from None
-    if json_output and not _is_utf8(_default_state_dir()):
-        # The ready line names the token file, in the state directory: as for pull's store,
-        # JSON text could only carry such a path as lone-surrogate escapes. Refused before the
-        # download.
-        _usage_error(
-            "--json cannot print a token file path that is not valid UTF-8; set "
-            "COMPANION_RUNTIME_STATE_DIR to another directory, or leave --json out to have "
-            "the path printed as it is"
-        )
-    options = ServeOptions(manifest_path=manifest, store=store, ca_bundle=ca_bundle, port=port)
-    ready_seen = False
-
-    def on_ready(running: Serving) -> None:
-        nonlocal ready_seen
-        ready_seen = True
-        if json_output:
-            _say(json.dumps(running.ready_line()))
-        else:
-            line = f"serving {running.url}  token file: ".encode()
-            _say(line + _path_bytes(running.token_file))
-
-    def on_progress(step: str) -> None:
-        if not json_output:
-            _say(f"> {step}", err=True)
-
-    _raise_open_file_limit()
-
-    async def run() -> Verdict:
-        stop = asyncio.Event()
-        task = asyncio.create_task(
-            serve_manifest(options, on_ready=on_ready, stop=stop, on_progress=on_progress)
-        )
-
-        def on_signal() -> None:
-            stop.set()
-            if not ready_seen:
-                task.cancel()  # nothing is serving yet: abandon the start (it cleans up)
-
-        loop = asyncio.get_running_loop()
-        # SIGHUP too: closing the terminal serve runs in must drain and clean up as well,
-        # not kill it with the runtime's children, the token file and the key file left over.
-        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        for signum in signals:
-            loop.add_signal_handler(signum, on_signal)
+        if not _is_file(manifest):
+            typer.echo("Error: MANIFEST does not exist or is not a file", err=True)
+            raise typer.Exit(2)
+        if ca_bundle is not None and not _is_file(ca_bundle):
+            typer.echo("Error: --ca-bundle does not exist or is not a file", err=True)
+            raise typer.Exit(2)
         try:
-            return await task
-        except asyncio.CancelledError:
-            if stop.is_set() and not ready_seen:
-                return Verdict(False, Reason.NOT_READY)
-            raise
-        finally:
-            # Drained and cleaned up (or refused): a signal from here on has nothing left to
-            # stop. Closing the loop would put the default actions back, and a late signal
-            # (a flood from a closing session) then ended serve by it after its clean exit.
-            # Held back while the loop's handlers give way, so none finds the default.
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+            # Loaded here too (serve loads it again) so that a refusal names the field, as pull's.
+            load_manifest(manifest)
+        except ManifestError as error:
+            refused = {"ok": False, "reason": error.reason.value, "field": error.field}
+            _say(
+                json.dumps(refused) if json_output else _refusal_line(refused), err=not json_output
+            )
+            raise typer.Exit(1) from None
+        if json_output and not _is_utf8(_default_state_dir()):
+            # The ready line names the token file, in the state directory: as for pull's store,
+            # JSON text could only carry such a path as lone-surrogate escapes. Refused before the
+            # download.
+            _usage_error(
+                "--json cannot print a token file path that is not valid UTF-8; set "
+                "COMPANION_RUNTIME_STATE_DIR to another directory, or leave --json out to have "
+                "the path printed as it is"
+            )
+        options = ServeOptions(manifest_path=manifest, store=store, ca_bundle=ca_bundle, port=port)
+        ready_seen = False
+
+        def on_ready(running: Serving) -> None:
+            nonlocal ready_seen
+            ready_seen = True
+            if json_output:
+                _say(json.dumps(running.ready_line()))
+            else:
+                line = f"serving {running.url}  token file: ".encode()
+                _say(line + _path_bytes(running.token_file))
+
+        def on_progress(step: str) -> None:
+            if not json_output:
+                _say(f"> {step}", err=True)
+
+        _raise_open_file_limit()
+
+        async def run() -> Verdict:
+            stop = asyncio.Event()
+            task = asyncio.create_task(
+                serve_manifest(options, on_ready=on_ready, stop=stop, on_progress=on_progress)
+            )
+
+            def on_signal() -> None:
+                stop.set()
+                if not ready_seen:
+                    task.cancel()  # nothing is serving yet: abandon the start (it cleans up)
+
+            loop = asyncio.get_running_loop()
+            # SIGHUP too: closing the terminal serve runs in must drain and clean up as well,
+            # not kill it with the runtime's children, the token file and the key file left over.
+            signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            for signum in signals:
+                loop.add_signal_handler(signum, on_signal)
+            if cancel.is_set():
+                on_signal()  # one came after the check below, before the loop's handlers
             try:
-                for signum in signals:
-                    loop.remove_signal_handler(signum)
-                    signal.signal(signum, signal.SIG_IGN)
+                return await task
+            except asyncio.CancelledError:
+                if stop.is_set() and not ready_seen:
+                    return Verdict(False, Reason.NOT_READY)
+                raise
             finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                # Drained and cleaned up (or refused): a signal from here on has nothing left to
+                # stop. Closing the loop would put the default actions back, and a late signal
+                # (a flood from a closing session) then ended serve by it after its clean exit.
+                # Held back while the loop's handlers give way, so none finds the default.
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+                try:
+                    for signum in signals:
+                        loop.remove_signal_handler(signum)
+                        signal.signal(signum, signal.SIG_IGN)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
-    from companion_runtime.bind.eventloop import run as run_loop
+        from companion_runtime.bind.eventloop import run as run_loop
 
-    verdict = run_loop(run())
-    if not verdict.ok:
-        reason = verdict.reason.value
-        if json_output:
-            _say(json.dumps(verdict.to_dict()))
-        else:
-            _say(f"refused: {reason}", err=True)
-    raise typer.Exit(0 if verdict.ok else 1)
+        # A signal so far: nothing started, nothing to stop.
+        verdict = Verdict(False, Reason.NOT_READY) if cancel.is_set() else run_loop(run())
+        if not verdict.ok:
+            reason = verdict.reason.value
+            if json_output:
+                _say(json.dumps(verdict.to_dict()))
+            else:
+                _say(f"refused: {reason}", err=True)
+        raise typer.Exit(0 if verdict.ok else 1)
 
 
 @app.command(cls=_OptionsOnce)

@@ -157,3 +157,27 @@ def test_help_answers_even_with_an_option_given_twice(tmp_path: Path) -> None:
     finished = run(tmp_path, "verify", "--sha256", "a", "--sha256", "b", "--help")
     assert finished.returncode == 0
     assert "--sha256" in finished.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "arguments"),
+    [("verify", ["FILE"]), ("pull", ["MANIFEST"]), ("serve", ["MANIFEST"]), ("status", [])],
+)
+def test_usage_lines_name_their_arguments_in_upper_case(
+    tmp_path: Path, command: str, arguments: list[str]
+) -> None:
+    # verify's usage line read "verify [OPTIONS] {file}", pull's and serve's "{manifest}": a
+    # placeholder, not the FILE and MANIFEST their help text and the README speak of. In the
+    # help's usage line, in its list of arguments, and in the error for a missing one.
+    result = run(tmp_path, command, "--help")
+    assert result.returncode == 0, result.stderr
+    usage = result.stdout.splitlines()[0]
+    assert usage.split(f" {command} ", 1)[1] == " ".join(["[OPTIONS]", *arguments]), usage
+    listed = result.stdout.split("Arguments:", 1)[1].split("Options:", 1)[0] if arguments else ""
+    for argument in arguments:
+        assert listed.split()[0] == argument, listed
+        missing = run(tmp_path, command)
+        assert missing.returncode == 2
+        assert f" {command} [OPTIONS] {argument}\n" in missing.stderr, missing.stderr
+        assert f"Missing argument '{argument}'." in missing.stderr, missing.stderr
+    assert "{" not in result.stdout.splitlines()[0]

@@ -36,7 +36,11 @@ from tests.support.frontdoor import (
     serve_manifest_text,
 )
 from tests.support.llama import declaring_context
-from tests.support.signals import flood_until_exit, threads_blocking
+from tests.support.signals import (
+    catches_termination_signals,
+    flood_until_exit,
+    threads_blocking,
+)
 from tests.support.supervision import (
     BIG_BLOB_BYTES,
     BIG_BLOB_SHA256,
@@ -932,6 +936,84 @@ def test_a_signal_during_the_download_ends_serve_within_a_second(
     assert not store.has_blob(digest)
     assert 0 < partial_size(store, digest) < len(data)  # kept for the next pull to resume
     assert not (state_dir / "serve.json").exists()
+
+
+def _serve_imports_asyncio(pid: int) -> bool:
+    # serve's own first imports load asyncio's extension module: nothing before its command
+    # does (click's parsing included), and its event loop is not there yet.
+    try:
+        return "_asyncio" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif("_asyncio" in sys.builtin_module_names, reason="needs _asyncio as a module")
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+@pytest.mark.parametrize("moment", ["caught", "imports", "first-line"])
+def test_a_signal_before_serve_s_event_loop_handles_one_ends_it_not_ready(
+    tmp_path: Path, signum: signal.Signals, moment: str
+) -> None:
+    # The tenth of a second or more between serve's first line and its event loop's handlers
+    # (its imports, the manifest's check): a SIGINT there ended serve with exit 130 and nothing
+    # printed, a SIGTERM or SIGHUP by the signal. Sent as soon as serve catches SIGTERM and
+    # SIGHUP (its command's first line), while it imports asyncio, or at the first step it
+    # names (without --json): every time exit 1 not_ready, nothing running or left behind.
+    from companion_runtime.bind.https_origin import ModelOrigin
+
+    data = b"the stand-in runtime never reads its model\n"
+    with ModelOrigin({"/models/standin.bin": data}) as origin:
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(
+            _standin_manifest_text(origin.url("/models/standin.bin"), origin.base_url, data)
+        )
+        for trial in range(3):
+            state_dir = tmp_path / f"state-{trial}"
+            command = serve_command(manifest, tmp_path / "store", origin.ca_pem_path)
+            if moment == "first-line":
+                command.remove("--json")
+            process = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=serve_env(state_dir),
+            )
+            try:
+                deadline = time.monotonic() + 60
+                if moment == "first-line":
+                    assert process.stderr is not None
+                    first = process.stderr.readline()
+                    assert first.startswith("> "), first
+                else:
+                    reached = (
+                        catches_termination_signals
+                        if moment == "caught"
+                        else _serve_imports_asyncio
+                    )
+                    while not reached(process.pid):
+                        assert process.poll() is None and time.monotonic() < deadline, moment
+                        time.sleep(0.0005)
+                children = psutil.Process(process.pid).children(recursive=True)
+                started = [(child.pid, child.create_time()) for child in children]
+                process.send_signal(signum)
+                stdout, stderr = process.communicate(timeout=60)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate(timeout=30)
+            assert process.returncode == 1, (moment, trial, process.returncode, stderr[-3000:])
+            assert "Traceback" not in stderr
+            if moment == "first-line":
+                assert stdout == ""
+                assert stderr.strip().endswith("refused: not_ready"), stderr[-3000:]
+            else:
+                assert json.loads(stdout) == {"ok": False, "reason": "not_ready"}
+            assert wait_for(lambda: all(process_gone(pid, at) for pid, at in started), 10)
+            assert not state_dir.exists() or not any(state_dir.rglob("*")), list(
+                state_dir.rglob("*")
+            )
 
 
 @pytest.mark.data_integrity
