@@ -142,6 +142,21 @@ def test_an_entry_with_a_look_alike_of_ascii_punctuation_grants_nothing(segment:
     assert cr.validate_source_url(plain + "m.gguf", [plain]) is cr.ALLOW
 
 
+@pytest.mark.parametrize("segment", ["...", "..%20", ".:x", "%20"])
+def test_an_entry_with_a_segment_windows_reads_as_a_dot_segment_grants_nothing(
+    segment: str,
+) -> None:
+    # Each is ".", ".." or nothing once Win32 drops a ":stream" and trailing dots and spaces;
+    # the entry is as ambiguous as such a URL, so it is invalid. A name with dots and spaces
+    # ("v1.0 x.") is the control.
+    host = _fresh_host()
+    assert cr.validate_source_url(f"{host}m.gguf", [f"{host}{segment}/"]).reason is (
+        cr.Reason.SOURCE_NOT_ALLOWED
+    )
+    plain = _fresh_host() + "v1.0%20x./"
+    assert cr.validate_source_url(plain + "m.gguf", [plain]) is cr.ALLOW
+
+
 # --- model fit ---------------------------------------------------------------------------------
 
 ROOMY = cr.create_resource_limits(max_ram_bytes=10**12, max_vram_bytes=10**12, max_cpu_percent=100)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import string
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from hypothesis import example, given
@@ -189,6 +189,49 @@ CASES = [
     ("https://cdn.example.org/models/.%3bx/y.gguf", MALFORMED),
     ("https://cdn.example.org/models/x/..%3B", MALFORMED),
     ("https://cdn.example.org/models/x%3Bv=1/y.gguf", OK),
+    # Segments Win32 path handling (IIS, Windows file servers and mirrors) reads as "." or "..":
+    # it strips trailing dots and spaces from each component and reads "name:stream" as a
+    # stream of "name", so all of these leave the allowlisted prefix on such an origin.
+    ("https://cdn.example.org/models/..%20/secret", MALFORMED),
+    ("https://cdn.example.org/models/.../secret", MALFORMED),
+    ("https://cdn.example.org/models/..%3A/x", MALFORMED),
+    ("https://cdn.example.org/models/..%3ax/x", MALFORMED),
+    ("https://cdn.example.org/models/..:/x", MALFORMED),
+    ("https://cdn.example.org/models/..::$DATA/x", MALFORMED),
+    ("https://cdn.example.org/models/..%3A%3A$DATA/x", MALFORMED),
+    ("https://cdn.example.org/models/..../x", MALFORMED),
+    ("https://cdn.example.org/models/..%20./x", MALFORMED),
+    ("https://cdn.example.org/models/..%20%20/x", MALFORMED),
+    ("https://cdn.example.org/models/.%20/x", MALFORMED),
+    ("https://cdn.example.org/models/.%20.%20/x", MALFORMED),
+    ("https://cdn.example.org/models/%20../x", MALFORMED),
+    ("https://cdn.example.org/models/%20/x", MALFORMED),
+    ("https://cdn.example.org/models/.:x/y", MALFORMED),
+    ("https://cdn.example.org/models/:x/y", MALFORMED),
+    ("https://cdn.example.org/models/::$DATA", MALFORMED),
+    ("https://cdn.example.org/models/...;x/y", MALFORMED),
+    ("https://cdn.example.org/models/..%20;x/y", MALFORMED),
+    ("https://cdn.example.org/models/..%20%3Bx/y", MALFORMED),
+    ("https://cdn.example.org/models/x/...", MALFORMED),
+    ("https://cdn.example.org/models/x/..%20", MALFORMED),
+    ("https://cdn.example.org/models/x/..:x", MALFORMED),
+    ("https://models.example.com/.../x", MALFORMED),
+    ("https://models.example.com/..%20", MALFORMED),
+    # Names with dots, spaces or a ":" that are still names to such a server.
+    ("https://cdn.example.org/models/x./y", OK),
+    ("https://cdn.example.org/models/X./X", OK),
+    ("https://cdn.example.org/models/x.", OK),
+    ("https://cdn.example.org/models/a..b", OK),
+    ("https://cdn.example.org/models/model..gguf", OK),
+    ("https://cdn.example.org/models/.hidden/x", OK),
+    ("https://cdn.example.org/models/v1.0/x.gguf", OK),
+    ("https://cdn.example.org/models/~", OK),
+    ("https://cdn.example.org/models/..x/y", OK),
+    ("https://cdn.example.org/models/.%20x/y", OK),
+    ("https://cdn.example.org/models/my%20model.gguf", OK),
+    ("https://cdn.example.org/models/x:y/z", OK),
+    ("https://cdn.example.org/models/x::$DATA", OK),
+    ("https://cdn.example.org/models/x/;v=1", OK),
     # Fragments.
     ("https://models.example.com/x#frag", MALFORMED),
     ("https://evil.net#@models.example.com/", MALFORMED),
@@ -366,6 +409,12 @@ TOKENS = [
     "..;",
     "..%3b",
     "%3B",
+    "...",
+    "..%20",
+    "%20",
+    "..%3A",
+    "%3a",
+    ":x",
     "%2e",
     "%2E",
     "%2f",
@@ -424,6 +473,8 @@ def oracle_allows(url: str, allowlist: list[str]) -> bool:
     segments = (split.path or "/").split("/")
     if any(re.split(r";|%3[bB]", segment, maxsplit=1)[0] in (".", "..") for segment in segments):
         return False
+    if any(win32_reads_a_dot_segment(segment) for segment in segments):
+        return False
     for entry in allowlist:
         try:
             entry_split = urlsplit(entry)
@@ -446,6 +497,16 @@ def oracle_allows(url: str, allowlist: list[str]) -> bool:
         ):
             return True
     return False
+
+
+def win32_reads_a_dot_segment(segment: str) -> bool:
+    """Does a Windows server read the percent-encoded ``segment`` as ``.``, ``..`` or nothing?
+    It drops a ``;`` parameter and a ``:stream``, then trailing dots and spaces."""
+    name = unquote(segment).split(";")[0]
+    stem = name.split(":")[0]
+    while stem[-1:] in (".", " "):
+        stem = stem[:-1]
+    return name != "" and stem in ("", ".", "..")
 
 
 urls = st.one_of(
@@ -478,6 +539,24 @@ def test_accepted_urls_name_an_allowlisted_host_port_and_path(
     assert type(verdict) is cr.Verdict
     if verdict.ok:
         assert oracle_allows(url, allowlist), url
+
+
+@pytest.mark.security
+@given(
+    segment=st.lists(st.sampled_from([".", "%20", ":", "%3A", ";", "x", "$"]), min_size=1).map(
+        "".join
+    ),
+    last=st.booleans(),
+)
+@THOROUGH
+def test_a_segment_is_refused_exactly_when_windows_reads_it_as_a_dot_segment(
+    segment: str, last: bool
+) -> None:
+    url = "https://cdn.example.org/models/" + segment + ("" if last else "/x.gguf")
+    name = unquote(segment).split(";")[0]
+    # An empty name is refused inside the path, not at its end (a trailing "/", or "/;v=1").
+    refused = win32_reads_a_dot_segment(segment) or (name == "" and not last)
+    assert cr.validate_source_url(url, ALLOWLIST).reason == (MALFORMED if refused else OK)
 
 
 SAFE_SEGMENT = st.text(

@@ -102,6 +102,13 @@ def test_url_oracle_property_on_arbitrary_values(url: object) -> None:
         ("https://[::1]/x", ["https://[::1]/"], "malformed_spec"),
         # "..;" is ".." to servers that drop path parameters (Tomcat, Jetty, Spring).
         ("https://cdn.example.org/models/..;/secret/x", ALLOW_CDN, "malformed_spec"),
+        # "...", ".. " and "..:x" are ".." to Win32 path handling (IIS, Windows file servers),
+        # which strips trailing dots and spaces and reads "name:stream" as "name".
+        ("https://cdn.example.org/models/.../secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/..%20/secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/..%3A/secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/..::$DATA/secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/v1.0/model..gguf", ALLOW_CDN, "ok"),
         ("https://models.example.com/x#frag", ALLOW_MODELS, "malformed_spec"),
         # Unicode look-alikes of "." and "/": ".." and "/" to servers that normalise (NFKC,
         # best fit), so outside the prefix there.
@@ -132,6 +139,15 @@ def test_the_oracle_rejects_an_allowlist_that_accepts_by_string_prefix() -> None
         == "accepted URL is inside no valid allowlist entry"
     )
     assert url_oracle_violation("https://models.example.com@evil.net/x", ALLOW_MODELS, ALLOW)
+
+
+@pytest.mark.parametrize("segment", ["...", "..%20", ".%20", "..%3A", "..::$DATA", ":x"])
+def test_the_oracle_rejects_a_segment_windows_reads_as_a_dot_segment(segment: str) -> None:
+    url = f"https://cdn.example.org/models/{segment}/secret"
+    assert url_oracle_violation(url, ALLOW_CDN, ALLOW) == (
+        "accepted URL has no unambiguous https target"
+    )
+    assert url_oracle_violation("https://cdn.example.org/models/x./a..b", ALLOW_CDN, ALLOW) is None
 
 
 def test_the_oracle_accepts_a_path_that_httpx_sends_percent_encoded() -> None:

@@ -81,6 +81,13 @@ URL_TOKENS: tuple[str, ...] = (
     "..;",
     "..%3b",
     "%3B",
+    # Dots, spaces and streams that Win32 path handling strips: "...", ".. " and "..:x" are "..".
+    "...",
+    "..%20",
+    "%20",
+    "..%3A",
+    "%3a",
+    ":$DATA",
     "%2e",
     "%2E",
     "%2f",
@@ -168,6 +175,9 @@ def _https_view(url: str) -> tuple[str, int, list[str]] | None:
     # resolving dots read "..;x" as "..", and so "..%3bx" once a front server has decoded it.
     if any(re.split(r";|%3[bB]", segment, maxsplit=1)[0] in (".", "..") for segment in segments):
         return None
+    # Nor any that Win32 path handling (IIS, Windows file servers and mirrors) reads as one.
+    if any(_windows_reads_a_dot_segment(unquote(segment)) for segment in segments):
+        return None
     # httpx percent-encodes characters such as "}" on the wire; both readings must still
     # decode to the same path.
     if seen_by_httpx.path != unquote(raw_path):
@@ -175,6 +185,17 @@ def _https_view(url: str) -> tuple[str, int, list[str]] | None:
     if not _same_under_normalisation(unquote(raw_path)):
         return None
     return split_host, port, segments
+
+
+def _windows_reads_a_dot_segment(decoded_segment: str) -> bool:
+    """Does Windows read ``decoded_segment`` as ``.``, ``..`` or nothing, where its text says
+    it is a name? Win32 drops a ``:stream`` and then trailing dots and spaces from a
+    component; a server that drops path parameters drops ``;...`` first."""
+    name = decoded_segment.split(";")[0]
+    component = name.split(":")[0]
+    while component.endswith((".", " ")):
+        component = component[:-1]
+    return bool(name) and component in ("", ".", "..")
 
 
 #: What the path's structure is made of, for a server that resolves or splits it.

@@ -18,7 +18,10 @@ servers that normalise Unicode read as ``.``; see :func:`_plain_under_normalisat
 characters outside RFC 3986 in the path or
 query (``"``, ``<``, ``{``, ``[``, ``|``, ...), ``.``/``..`` or empty path segments (also
 with a ``;`` parameter: ``..;x`` is ``..`` to servers that drop path parameters, as Tomcat,
-Jetty and Spring do, and so is ``..%3b`` once a front server has decoded it), fragments, an
+Jetty and Spring do, and so is ``..%3b`` once a front server has decoded it), percent-decoded
+segments that Win32 path handling reads as ``.`` or ``..`` (``...``, ``..%20``, ``..%3Ax``:
+trailing dots and spaces stripped, ``name:stream`` read as ``name``; see
+:func:`_read_as_dot_segment`), fragments, an
 empty host, bracketed (IPv6) hosts, scheme-relative URLs, and ports that are empty,
 non-numeric or out of range.
 The scheme is compared case-insensitively (RFC 3986), so ``HTTPS://`` is ``https``.
@@ -74,8 +77,6 @@ _IGNORABLE = re.compile(
     "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0"
     "\U000e0100-\U000e01ef]"
 )
-# What starts a path segment's parameters, as it is sent or once a server has decoded it.
-_PARAMETER = re.compile(r";|%3[bB]")
 _DEFAULT_PORT = 443
 _ALLOWLIST_TYPES = (list, tuple, set, frozenset)
 
@@ -137,6 +138,7 @@ def _parse(url: str) -> _Parsed:
     ):
         raise _Refused(_MALFORMED)
     path = parts.path or "/"
+    decoded = path
     if "%" in path:
         # Encoded bytes of the path must be UTF-8: an overlong form of "." or "/" ("%c0%ae",
         # "%e0%80%ae", "%c0%af") is no UTF-8, and servers that decode it loosely (Tomcat's
@@ -147,18 +149,30 @@ def _parse(url: str) -> _Parsed:
             raise _Refused(_MALFORMED) from None
         if not _plain_under_normalisation(decoded):
             raise _Refused(_MALFORMED)
-    # A segment's name is what comes before its first ";": servers that drop path parameters
-    # before resolving dot segments read "/models/..;/secret" as "/secret", outside the prefix
-    # the string "/models/" says it is in. An encoded ";" counts too: a front server that
-    # decodes the path before passing it on turns "..%3b" into "..;".
-    names = [_PARAMETER.split(segment, maxsplit=1)[0] for segment in path.split("/")]
+    # Segments are read decoded, as the server that resolves them does; "%2f" is refused above,
+    # so decoding adds no "/". A segment's name is what comes before its first ";": servers
+    # that drop path parameters before resolving dot segments read "/models/..;/secret" as
+    # "/secret", outside the prefix the string "/models/" says it is in. An encoded ";" counts
+    # too: a front server that decodes the path before passing it on turns "..%3b" into "..;".
+    names = [segment.partition(";")[0] for segment in decoded.split("/")]
     # names[0] is "" (the path is absolute); the last may be "" (a trailing slash).
-    for name in names[1:-1]:
-        if name in ("", ".", ".."):
-            raise _Refused(_MALFORMED)
-    if names[-1] in (".", ".."):
+    if "" in names[1:-1] or any(_read_as_dot_segment(name) for name in names[1:]):
         raise _Refused(_MALFORMED)
     return _Parsed(host, port, path, bool(parts.query) or "?" in url)
+
+
+def _read_as_dot_segment(name: str) -> bool:
+    """May a server read the decoded segment name ``name`` as ``.`` or ``..``?
+
+    True for ``.`` and ``..`` themselves, and for every other name that Win32 path handling
+    (IIS, Windows file servers, static servers and mirrors on Windows) turns into one: it
+    strips trailing dots and spaces from each component (``...``, ``.. ``, ``. .``) and reads
+    ``name:stream`` as a stream of ``name`` (``..:x``, ``..::$DATA``, ``:x``). So: a name that
+    is not empty and whose part before its first ``:`` is made of nothing but dots and spaces.
+    An empty name is left to the caller (``//`` is refused, a trailing ``/`` is not); ``x.``,
+    ``a..b``, ``.hidden`` and ``v1.0`` are names.
+    """
+    return bool(name) and not name.partition(":")[0].rstrip(". ")
 
 
 def _ascii_punctuation(text: str) -> tuple[str, ...]:
