@@ -349,3 +349,72 @@ def test_root_s_file_only_root_may_write_is_used_through_a_read_only_bind_mount(
         answer = answers.read()
     os.waitpid(pid, 0)
     assert answer == "ok"
+
+
+@pytest.fixture
+def layers() -> Iterator[Path]:
+    """A tmpfs of its own, which another user can reach, to hold an overlay's lower layers."""
+    mount_point = Path(tempfile.mkdtemp())
+    mount_point.chmod(0o755)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        mount_point.rmdir()
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        mount_point.rmdir()
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="an overlay and a file of another user need root")
+@pytest.mark.parametrize("second_layer", ["same file system", "another file system"])
+def test_another_user_s_file_in_a_read_only_overlay_is_no_file_no_one_can_change(
+    layers: Path, tmp_path: Path, second_layer: str
+) -> None:
+    # An overlay with lower layers only is read-only in its superblock, yet each lower layer
+    # stays writable where it is, and the overlay shows what its owner writes there at once.
+    # With both layers on one file system the file showed the overlay's own device, read-only
+    # in mountinfo; with the layers on two, a device no mount names: either way another
+    # user's file had counted as one no one could change.
+    lower = layers / "lower"
+    lower.mkdir(mode=0o755)
+    path, data, digest = write_model(lower, 10_000)
+    os.chown(path, 65534, 65534)
+    second = layers / "second" if second_layer == "same file system" else tmp_path / "second"
+    second.mkdir()
+    shown = tmp_path / "overlay"
+    shown.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower}:{second}", str(shown)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount an overlay here")
+    try:
+        seen = shown / path.name
+        verdict = verify_file(
+            seen, expected_digest=digest, expected_size_bytes=len(data), private=True
+        )
+        assert verdict.reason is Reason.STORE_ERROR
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                with open(path, "r+b") as theirs:
+                    theirs.write(b"other bytes")
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert seen.read_bytes().startswith(b"other bytes")
+    finally:
+        subprocess.run(["umount", "-l", str(shown)], check=False)
