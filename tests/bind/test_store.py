@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import shutil
 import stat
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -337,6 +342,73 @@ def test_a_store_an_acl_lets_another_user_only_read_is_accepted(tmp_path: Path) 
     ModelStore(root).ensure_layout()
     grant_by_acl(root, os.geteuid(), 0o7)  # the user named in their own ACL
     ModelStore(root).ensure_layout()
+
+
+def _as_other_user(gid: int, act: Callable[[], object], uid: int = OTHER_UID) -> str:
+    """Run ``act`` in a child as ``uid`` with ``gid`` its only group; ``ok`` or what it
+    raised (a reason code, or the exception's name)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            try:
+                act()
+                answer = "ok"
+            except StoreError as error:
+                answer = error.reason.value
+            except Exception as error:
+                answer = type(error).__name__
+            os.write(write_end, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as another user and group needs root")
+def test_group_write_for_a_group_other_accounts_have_as_theirs_is_refused() -> None:
+    # Group write had been allowed whenever the group was the process's effective one. Where
+    # accounts share a primary group (``users`` for every account on some distributions;
+    # ``nogroup`` here) or after ``newgrp``, another account of that group could rename
+    # blobs/ away and put a directory of its own there.
+    others = [account for account in pwd.getpwall() if account.pw_uid not in (0, OTHER_UID)]
+    if not others:
+        pytest.skip("no other account to share a primary group with")
+    other = others[0]
+    shared = other.pw_gid
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        root = base / "models"
+        ModelStore(root).ensure_layout()
+        for directory in (root, root / "blobs", root / "tmp", root / "locks"):
+            os.chown(directory, OTHER_UID, shared)
+        root.chmod(0o770)
+        assert _as_other_user(shared, ModelStore(root).ensure_layout) == "store_error"
+        # What the refusal is about: the other account really can.
+        moved = _as_other_user(
+            shared, lambda: (root / "blobs").rename(root / "moved"), uid=other.pw_uid
+        )
+        assert moved == "ok"
+        (root / "moved").rename(root / "blobs")
+        # A group no account has as its own and that names no member is the user's alone.
+        taken = {account.pw_gid for account in pwd.getpwall()}
+        taken |= {group.gr_gid for group in grp.getgrall()}
+        alone = max(taken | {OTHER_UID}) + 1
+        for directory in (root, root / "blobs", root / "tmp", root / "locks"):
+            os.chown(directory, OTHER_UID, alone)
+        assert _as_other_user(alone, ModelStore(root).ensure_layout) == "ok"
+    finally:
+        shutil.rmtree(base)
 
 
 @pytest.mark.unit

@@ -18,7 +18,9 @@ store and the state directory share:
 from __future__ import annotations
 
 import errno
+import grp
 import os
+import pwd
 import stat
 import struct
 from pathlib import Path
@@ -49,9 +51,9 @@ def writable_by_no_one_else(info: os.stat_result, path: Path) -> bool:
     """Whether no one but the owner can write the directory at ``path`` (``info`` is its
     ``stat``), beyond the user and the user's own group.
 
-    Group write is allowed when the group is the user's own (primary) one: with the usual
-    per-user groups (umask 002) a directory made by hand has it. With an access ACL the group
-    bits are its mask, and a ``w`` there may be a named user's or group's
+    Group write is allowed when the group is the user's own (:func:`_own_group`): with the
+    usual per-user groups (umask 002) a directory made by hand has it. With an access ACL the
+    group bits are its mask, and a ``w`` there may be a named user's or group's
     (``setfacl -m u:someone:rwx``): then no entry but the user's and the user's own group's
     may have write. Raises ``OSError`` when the ACL cannot be looked at.
     """
@@ -61,17 +63,40 @@ def writable_by_no_one_else(info: os.stat_result, path: Path) -> bool:
         return True
     entries = _access_acl(path)
     if entries is None:
-        return info.st_gid == os.getegid()
+        return _own_group(info.st_gid)
     for tag, permissions, entry_id in entries:
         if not permissions & 0o2:
             continue
         if tag == _ACL_USER and entry_id != os.geteuid():
             return False
-        if tag == _ACL_GROUP_OBJ and info.st_gid != os.getegid():
+        if tag == _ACL_GROUP_OBJ and not _own_group(info.st_gid):
             return False
-        if tag == _ACL_GROUP and entry_id != os.getegid():
+        if tag == _ACL_GROUP and not _own_group(entry_id):
             return False
     return True
+
+
+def _own_group(gid: int) -> bool:
+    """Whether ``gid`` is the user's own group: the effective one, and no one else's, as far
+    as the account databases tell: no other account has it as its primary group, and it
+    names no other member.
+
+    The effective group alone is not enough: where every account's primary group is one
+    shared group (``users`` on some distributions), or after ``newgrp``/``sg``, its other
+    members may write whatever it may.
+    """
+    if gid != os.getegid():
+        return False
+    uid = os.geteuid()
+    accounts = pwd.getpwall()
+    if any(account.pw_gid == gid and account.pw_uid != uid for account in accounts):
+        return False
+    try:
+        members = grp.getgrgid(gid).gr_mem
+    except KeyError:  # a group the group database does not name names no member
+        return True
+    own_names = {account.pw_name for account in accounts if account.pw_uid == uid}
+    return all(member in own_names for member in members)
 
 
 def _access_acl(path: Path) -> list[tuple[int, int, int]] | None:
