@@ -122,8 +122,11 @@ class ModelStore:
 
         Raises :class:`StoreError` (``store_error``) unless the root (which may be a symlink,
         say to a larger disk) and ``blobs/``, ``tmp/`` and ``locks/`` (which may not) are
-        directories of this user that no one else can write to. Anyone who can write there
-        could swap a verified blob for other bytes before the runtime opens it. Group write is
+        directories of this user, or of root, that no one else can write to. Anyone who can
+        write there could swap a verified blob for other bytes before the runtime opens it.
+        Root's are for a store baked into an image and used by another user from a read-only
+        file system; where they are writable, the user cannot lock or write them, and a pull
+        that would is ``store_error`` all the same. Group write is
         allowed for the user's own group: with the usual per-user groups (umask 002) a
         directory made by hand has it; not for other users or groups an access ACL lets write
         (the group bits are then its mask).
@@ -146,7 +149,7 @@ class ModelStore:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             own_ok = all(
                 stat.S_ISDIR(info.st_mode)
-                and info.st_uid == uid
+                and info.st_uid in (uid, 0)
                 and writable_by_no_one_else(info, directory)
                 for directory, info in (
                     (self.root, self.root.stat()),
