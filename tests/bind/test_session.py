@@ -92,6 +92,15 @@ def test_a_shared_or_foreign_state_dir_is_refused(tmp_path: Path) -> None:
         prepare_state_dir(tmp_path / "alias")
 
 
+def test_a_state_dir_with_a_nul_in_its_path_is_refused_not_a_crash(tmp_path: Path) -> None:
+    # No file can have such a name: the lookup raised ValueError out of both, a traceback
+    # instead of a refusal.
+    for check in (prepare_state_dir, check_state_dir):
+        with pytest.raises(SessionFileError) as caught:
+            check(tmp_path / "state\0dir")
+        assert caught.value.reason is Reason.STORE_ERROR
+
+
 def test_state_file_round_trip_and_removal_only_by_its_owner(tmp_path: Path) -> None:
     directory = prepare_state_dir(tmp_path / "state")
     with pytest.raises(SessionFileError) as caught:

@@ -53,6 +53,18 @@ def test_a_home_of_no_user_is_a_store_error(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.unit
+def test_a_root_with_a_nul_in_it_is_a_store_error(tmp_path: Path) -> None:
+    # No file can have such a name: every lookup raised ValueError out of ensure_layout and
+    # stored_blob, a traceback instead of a refusal.
+    with pytest.raises(StoreError) as caught:
+        ModelStore(tmp_path / "store\0root").ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
+    assert default_store_root({STORE_ENV_VAR: f"{tmp_path}/a"}) == tmp_path / "a"
+    with pytest.raises(StoreError):
+        default_store_root({STORE_ENV_VAR: f"{tmp_path}/a\0b"})
+
+
+@pytest.mark.unit
 def test_layout_and_paths(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "s")
     store.ensure_layout()

@@ -192,8 +192,9 @@ def prepare_state_dir(directory: Path) -> Path:
         if creatable:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             info = directory.lstat()
-    except (OSError, RuntimeError) as error:
-        # RuntimeError: a symlink loop on the way (Python before 3.13).
+    except (OSError, RuntimeError, ValueError) as error:
+        # RuntimeError: a symlink loop on the way (Python before 3.13); ValueError: a NUL in
+        # the path, which no file can have.
         raise SessionFileError(Reason.STORE_ERROR) from error
     if not creatable:
         raise SessionFileError(Reason.STORE_ERROR)
@@ -210,7 +211,7 @@ def check_state_dir(directory: Path) -> Path:
         info = directory.lstat()
     except FileNotFoundError as error:
         raise SessionFileError(Reason.FILE_NOT_FOUND) from error
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
         raise SessionFileError(Reason.STORE_ERROR) from error
     _require_private_dir(directory, info)
     return directory

@@ -74,6 +74,9 @@ def default_store_root(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def _expand_user(path: Path) -> Path:
+    if "\0" in str(path):
+        # No file can have such a name; every call on it would raise ValueError.
+        raise StoreError(Reason.STORE_ERROR)
     try:
         return path.expanduser()
     except RuntimeError:
@@ -110,7 +113,8 @@ class ModelStore:
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         """``root`` as given (``~`` expanded), else :func:`default_store_root`.
 
-        Raises :class:`StoreError` (``store_error``) for a ``~user`` that names no user.
+        Raises :class:`StoreError` (``store_error``) for a ``~user`` that names no user, and
+        for a root with a NUL in it.
         """
         self.root: Final = _expand_user(Path(root)) if root is not None else default_store_root()
         self.blobs_dir: Final = self.root / "blobs"
