@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -418,3 +418,104 @@ def test_another_user_s_file_in_a_read_only_overlay_is_no_file_no_one_can_change
         assert seen.read_bytes().startswith(b"other bytes")
     finally:
         subprocess.run(["umount", "-l", str(shown)], check=False)
+
+
+#: The owner of a disk image, neither root nor the user the test verifies as (nobody).
+IMAGE_OWNER = 4242
+
+
+@pytest.fixture(params=[4243, 0], ids=["another user's file", "root's file"])
+def disk_image(request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path]]:
+    """An ext4 image holding a model (another user's, or root's), and where it is mounted
+    read-only through a loop device: (image, mount point)."""
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("no mkfs.ext4 to make an image with")
+    base = Path(tempfile.mkdtemp())
+    base.chmod(0o755)
+    content, image, shown = base / "content", base / "disk.img", base / "mounted"
+    content.mkdir()
+    shown.mkdir()
+    path, _data, _digest = write_model(content, 10_000)
+    path.chmod(0o644)
+    os.chown(path, request.param, request.param)
+    with open(image, "wb") as handle:
+        handle.truncate(4 * 1024 * 1024)
+    made = subprocess.run(
+        ["mkfs.ext4", "-q", "-d", str(content), str(image)], capture_output=True, check=False
+    )
+    mounted = subprocess.run(
+        ["mount", "-o", "ro,loop", str(image), str(shown)], capture_output=True, check=False
+    )
+    if made.returncode != 0 or mounted.returncode != 0:
+        shutil.rmtree(base)
+        pytest.skip("cannot make or mount an ext4 image here (needs root and loop devices)")
+    try:
+        yield image, shown
+    finally:
+        subprocess.run(["umount", "-l", str(shown)], check=False)
+        shutil.rmtree(base)
+
+
+def _as_another_user(uid: int, act: Callable[[], object]) -> str:
+    """Run ``act`` in a child as ``uid`` (its own group alone); what it returned, as text."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(write_end, str(act()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="a loop device and another user's image need root")
+def test_a_read_only_mount_of_a_disk_image_another_user_may_write_is_no_read_only_file_system(
+    disk_image: tuple[Path, Path],
+) -> None:
+    # ext4 on a loop device, read-only in its superblock: nothing writes through the mount,
+    # but the image's owner rewrites its blocks, and the mount shows them once the cache
+    # lets go of the old ones. A file there had counted as one no one could change, another
+    # user's and root's alike.
+    image, shown = disk_image
+    data, digest = model_bytes(10_000)
+    seen = shown / "model.bin"
+
+    def verdict() -> str:
+        answer = verify_file(
+            seen, expected_digest=digest, expected_size_bytes=len(data), private=True
+        )
+        return answer.reason.value
+
+    os.chown(image, IMAGE_OWNER, IMAGE_OWNER)
+    image.chmod(0o644)
+    assert _as_another_user(65534, verdict) == "store_error"
+    # An image only root may write is a read-only file system as before.
+    os.chown(image, 0, 0)
+    assert _as_another_user(65534, verdict) == "ok"
+    # What the refusal is about: the image's owner really changes what the mount shows.
+    os.chown(image, IMAGE_OWNER, IMAGE_OWNER)
+    offset = image.read_bytes().index(data[:4096])
+
+    def overwrite() -> None:
+        with open(image, "r+b") as theirs:
+            theirs.seek(offset)
+            theirs.write(b"other bytes")
+
+    _as_another_user(IMAGE_OWNER, overwrite)
+    loop = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", str(shown)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    with open(seen, "rb") as handle:
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    subprocess.run(["blockdev", "--flushbufs", loop], check=True)
+    assert seen.read_bytes().startswith(b"other bytes")

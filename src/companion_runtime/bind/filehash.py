@@ -20,6 +20,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final, Literal, Protocol, final
 
+from companion_runtime.bind.read_only_file_system import (
+    file_system_read_only,
+    on_no_file_of_another_user,
+)
 from companion_runtime.bind.regular_file import NotARegularFileError, open_regular_file
 from companion_runtime.core import IntegrityAccumulator, Reason, SpecError, Verdict
 
@@ -79,72 +83,14 @@ def _only_ours_to_change(fd: int, info: os.stat_result) -> bool:
     # A read-only mount of one that is writable elsewhere (a bind mount, docker's ":ro" or
     # "--read-only") can: its owner, and whoever else may write it, write the bytes through
     # any other mount of it. Root's file that only root may write stays as it is, then, as
-    # long as no one but root can write through any mount. A read-only overlay is no
-    # read-only file system either: its lower layers' owners write them where they are.
+    # long as no one but root can write through any mount, nor the disk image it lies on. A
+    # read-only overlay is no read-only file system either, nor one on a disk image others
+    # may write (see read_only_file_system).
     if not os.fstatvfs(fd).f_flag & os.ST_RDONLY:
         return False
     if info.st_uid == 0 and not info.st_mode & _WRITE_BY_OTHERS:
-        return True
-    return _file_system_read_only(info.st_dev)
-
-
-#: File systems whose bytes, once the superblock is read-only, nothing but a remount (root)
-#: changes: they keep them on their own device or in memory. Not overlayfs, whose lower
-#: layers are other file systems, written through their own mounts and seen through the
-#: overlay at once; not FUSE, whose daemon answers every read; not a network file system,
-#: whose server does.
-_HOLDS_ITS_OWN_BYTES: Final = frozenset(
-    {
-        "btrfs",
-        "cramfs",
-        "erofs",
-        "exfat",
-        "ext2",
-        "ext3",
-        "ext4",
-        "f2fs",
-        "iso9660",
-        "msdos",
-        "ntfs3",
-        "ramfs",
-        "romfs",
-        "squashfs",
-        "tmpfs",
-        "udf",
-        "vfat",
-        "xfs",
-    }
-)
-
-
-def _file_system_read_only(device: int) -> bool:
-    """Whether the file system on ``device`` is read-only in all its mounts, as Linux's
-    ``/proc/self/mountinfo`` tells (its superblock options), and one that holds its own bytes
-    (:data:`_HOLDS_ITS_OWN_BYTES`). False when it does not tell: no ``/proc``, another
-    system, or a device no mount names (a btrfs subvolume's; a file overlayfs shows from a
-    lower layer on another file system, which its owner may write there)."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
-            lines = mounts.read().splitlines()
-    except OSError:
-        return False
-    wanted = f"{os.major(device)}:{os.minor(device)}"
-    found = False
-    for line in lines:
-        # "36 35 98:0 /root /mnt ro,noatime shared:1 - ext3 /dev/root rw,errors=continue":
-        # the mount's own options, optional fields up to "-", then the file system's type,
-        # its source and its own options.
-        fields = line.split(" ")
-        if len(fields) < 10 or fields[2] != wanted or "-" not in fields[6:]:
-            continue
-        separator = fields.index("-", 6)
-        if len(fields) <= separator + 3:
-            return False
-        file_system = fields[separator + 1]
-        if file_system not in _HOLDS_ITS_OWN_BYTES or "ro" not in fields[separator + 3].split(","):
-            return False
-        found = True
-    return found
+        return on_no_file_of_another_user(info.st_dev)
+    return file_system_read_only(info.st_dev)
 
 
 @final
@@ -183,7 +129,8 @@ def verify_file(
     user could change once it verified (another user's, or one with group or other write
     permission) is ``store_error`` before it is read, unless it lies on a file system that
     keeps its own bytes and is read-only in its superblock (not only in one mount; not an
-    overlay, FUSE or network file system). Its verdict would not hold until the runtime opens
+    overlay, FUSE or network file system; not on an image file another user may write). Its
+    verdict would not hold until the runtime opens
     it, nor under the runtime's ``mmap`` after that.
     """
     try:
