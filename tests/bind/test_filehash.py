@@ -424,9 +424,12 @@ def test_another_user_s_file_in_a_read_only_overlay_is_no_file_no_one_can_change
 IMAGE_OWNER = 4242
 
 
-@pytest.fixture(params=[4243, 0], ids=["another user's file", "root's file"])
+@pytest.fixture(
+    params=[4243, 0, 65534], ids=["another user's file", "root's file", "the user's own file"]
+)
 def disk_image(request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path]]:
-    """An ext4 image holding a model (another user's, or root's), and where it is mounted
+    """An ext4 image holding a model (another user's, root's, or nobody's, the user the tests
+    verify as), and where it is mounted
     read-only through a loop device: (image, mount point)."""
     if shutil.which("mkfs.ext4") is None:
         pytest.skip("no mkfs.ext4 to make an image with")
@@ -485,7 +488,8 @@ def test_a_read_only_mount_of_a_disk_image_another_user_may_write_is_no_read_onl
     # ext4 on a loop device, read-only in its superblock: nothing writes through the mount,
     # but the image's owner rewrites its blocks, and the mount shows them once the cache
     # lets go of the old ones. A file there had counted as one no one could change, another
-    # user's and root's alike.
+    # user's and root's alike; and one the image names as the user's own, as one only the
+    # user could change.
     image, shown = disk_image
     data, digest = model_bytes(10_000)
     seen = shown / "model.bin"

@@ -78,7 +78,9 @@ _WRITE_BY_OTHERS: Final = stat.S_IWGRP | stat.S_IWOTH
 def _only_ours_to_change(fd: int, info: os.stat_result) -> bool:
     """Whether only this user can change the open file's bytes (or nobody can)."""
     if info.st_uid == os.geteuid() and not info.st_mode & _WRITE_BY_OTHERS:
-        return True
+        # Unless the file system lies on a disk image another user may write: its owner
+        # writes whatever it holds, whoever the file's owner field names.
+        return on_no_file_of_another_user(info.st_dev)
     # A read-only file system (a model baked into an image) cannot change, whoever owns it.
     # A read-only mount of one that is writable elsewhere (a bind mount, docker's ":ro" or
     # "--read-only") can: its owner, and whoever else may write it, write the bytes through

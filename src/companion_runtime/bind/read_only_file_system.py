@@ -68,15 +68,22 @@ def file_system_read_only(device: int) -> bool:
     for file_system, _source, super_options in mounts:
         if file_system not in _HOLDS_ITS_OWN_BYTES or "ro" not in super_options:
             return False
-    return _on_no_file_of_another_user(device, mounts[0][1])
+    return _on_no_file_of_another_user(device, mounts[0][1], unknown=False)
 
 
 def on_no_file_of_another_user(device: int) -> bool:
-    """Whether the file system on ``device`` lies on no image file another user may write,
-    as far as ``/proc/self/mountinfo`` and ``/sys`` tell: true for a device no mount names
-    (nothing is known to lie under it), false for one whose image cannot be looked at."""
+    """Whether the file system on ``device`` lies on no image file another user may write.
+
+    For a file the owner field names as the user's own, or root's: that says who may write
+    it only where the file system's bytes are its own; another user who may write the image
+    it lies on writes whatever it holds. True where nothing is known to lie under it (no
+    ``/proc`` or ``/sys`` to tell, a device no mount names), false for an image that cannot
+    be looked at.
+    """
     mounts = _mounts_of(device)
-    return mounts is None or not mounts or _on_no_file_of_another_user(device, mounts[0][1])
+    if not mounts:
+        return True
+    return _on_no_file_of_another_user(device, mounts[0][1], unknown=True)
 
 
 def _mounts_of(device: int) -> list[tuple[str, str, list[str]]] | None:
@@ -106,10 +113,11 @@ def _mounts_of(device: int) -> list[tuple[str, str, list[str]]] | None:
     return mounts
 
 
-def _on_no_file_of_another_user(device: int, source: str) -> bool:
+def _on_no_file_of_another_user(device: int, source: str, *, unknown: bool) -> bool:
     """Whether no file another user may write lies under the file system: a loop device's
     image file (under a partition or a device-mapper target too), or the image a file-backed
-    mount reads (erofs), must be this user's or root's, and writable by no one else."""
+    mount reads (erofs), must be this user's or root's, and writable by no one else.
+    ``unknown`` where ``/sys`` or the source's device cannot be looked at."""
     if os.major(device) == 0:
         # An anonymous device: memory (tmpfs, its source a word such as "tmpfs"), or a file
         # system that names what it lies on only as its source (btrfs; erofs on an image).
@@ -119,15 +127,16 @@ def _on_no_file_of_another_user(device: int, source: str) -> bool:
         try:
             named = os.stat(path)
         except OSError:
-            return False
+            return unknown
         if stat.S_ISREG(named.st_mode):
             return _written_by_no_one_else(named)
         if not stat.S_ISBLK(named.st_mode):
-            return False
+            return unknown
         device = named.st_rdev
-    return _block_device_on_no_file_of_another_user(
-        _BLOCK_DEVICES / f"{os.major(device)}:{os.minor(device)}", 0
-    )
+    entry = _BLOCK_DEVICES / f"{os.major(device)}:{os.minor(device)}"
+    if not os.path.lexists(entry):
+        return unknown
+    return _block_device_on_no_file_of_another_user(entry, 0)
 
 
 def _block_device_on_no_file_of_another_user(entry: Path, depth: int) -> bool:
