@@ -101,6 +101,22 @@ def test_a_state_dir_with_a_nul_in_its_path_is_refused_not_a_crash(tmp_path: Pat
         assert caught.value.reason is Reason.STORE_ERROR
 
 
+def test_the_directories_prepare_state_dir_makes_are_owner_only_whatever_the_umask(
+    tmp_path: Path,
+) -> None:
+    # The directories missing on the way had been made with the umask's mode (rwxrwxr-x
+    # under umask 002): group-writable directories above the state directory, refused
+    # where the user's primary group is not theirs alone, though prepare_state_dir made them.
+    directory = tmp_path / "run" / "companion-runtime"
+    previous = os.umask(0o002)
+    try:
+        prepare_state_dir(directory)
+    finally:
+        os.umask(previous)
+    for made in (tmp_path / "run", directory):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700
+
+
 def test_state_file_round_trip_and_removal_only_by_its_owner(tmp_path: Path) -> None:
     directory = prepare_state_dir(tmp_path / "state")
     with pytest.raises(SessionFileError) as caught:

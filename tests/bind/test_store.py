@@ -452,3 +452,20 @@ def test_lock_excludes_a_second_thread(tmp_path: Path) -> None:
         order.append("first")
     thread.join(5)
     assert order == ["first", "second"]
+
+
+@pytest.mark.unit
+def test_the_directories_the_store_makes_are_owner_only_whatever_the_umask(
+    tmp_path: Path,
+) -> None:
+    # The root and any directory missing on the way to it had been made with the umask's
+    # mode: rwxrwxr-x under umask 002, a store group-writable by the user's primary group,
+    # refused where that group is not the user's alone, though the store had made it itself.
+    root = tmp_path / "cache" / "companion-runtime" / "models"
+    previous = os.umask(0o002)
+    try:
+        ModelStore(root).ensure_layout()
+    finally:
+        os.umask(previous)
+    for directory in (tmp_path / "cache", root.parent, root, root / "blobs", root / "tmp"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700

@@ -29,6 +29,7 @@ from typing import Final
 __all__ = [
     "ancestors_hold_no_one_else_s_entries",
     "holds_no_one_else_s_entries",
+    "make_private_directories",
     "may_create_on_the_way_to",
     "writable_by_no_one_else",
 ]
@@ -165,6 +166,27 @@ def may_create_on_the_way_to(path: Path, uid: int) -> bool:
     return holds_no_one_else_s_entries(
         existing.stat(), uid, existing
     ) and ancestors_hold_no_one_else_s_entries(existing, uid)
+
+
+def make_private_directories(path: Path) -> None:
+    """Make ``path`` and every directory missing on the way to it, each ``0700`` (an existing
+    one is left as it is).
+
+    ``Path.mkdir(parents=True)`` makes the missing parents with the umask's mode: under
+    ``umask 002`` the store's own root came out group-writable, and was then refused where
+    the user's primary group is not theirs alone (see :func:`writable_by_no_one_else`).
+    Raises ``OSError`` as ``mkdir`` does.
+    """
+    missing: list[Path] = []
+    current = path
+    while not os.path.lexists(current) and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # made in the meantime: it is checked as any other
 
 
 def _sticky_and_shared(info: os.stat_result, directory: Path) -> bool:

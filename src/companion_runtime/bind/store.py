@@ -32,6 +32,7 @@ import platformdirs
 
 from companion_runtime.bind.directory_trust import (
     ancestors_hold_no_one_else_s_entries,
+    make_private_directories,
     may_create_on_the_way_to,
     writable_by_no_one_else,
 )
@@ -122,7 +123,8 @@ class ModelStore:
         self.locks_dir: Final = self.root / "locks"
 
     def ensure_layout(self) -> None:
-        """Create the store directories (owner-only) if they do not exist yet, and check them.
+        """Create the store directories, and any missing on the way to them, owner-only (0700,
+        whatever the umask) if they do not exist yet, and check them.
 
         Raises :class:`StoreError` (``store_error``) unless the root (which may be a symlink,
         say to a larger disk) and ``blobs/``, ``tmp/`` and ``locks/`` (which may not) are
@@ -150,7 +152,7 @@ class ModelStore:
             if not may_create_on_the_way_to(self.root, uid):
                 raise StoreError(Reason.STORE_ERROR)
             for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                make_private_directories(directory)
             own_ok = all(
                 stat.S_ISDIR(info.st_mode)
                 and info.st_uid in (uid, 0)
