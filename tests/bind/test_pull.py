@@ -347,20 +347,8 @@ def reachable_mount() -> Iterator[Path]:
         mount_point.rmdir()
 
 
-@pytest.mark.integration
-@pytest.mark.skipif(os.geteuid() != 0, reason="a store of root's used by another user needs root")
-def test_a_read_only_store_of_root_s_is_used_by_another_user(
-    origin: FaultyOrigin, reachable_mount: Path
-) -> None:
-    # A model baked into an image by root, the image run as another user: the store's
-    # directories are root's and no one can write them, yet only the user's own had been
-    # accepted, and every pull and serve was store_error.
-    store = ModelStore(reachable_mount / "store")
-    blob = pull(origin, store).path
-    assert blob is not None
-    for directory in (store.root, store.blobs_dir, store.tmp_dir, store.locks_dir):
-        directory.chmod(0o755)
-    subprocess.run(["mount", "-o", "remount,ro", str(reachable_mount)], check=True)
+def _pull_as_another_user(origin: FaultyOrigin, store: ModelStore, blob: Path) -> str:
+    """Pull in a child as nobody; the reason, and whether the path is ``blob``."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -378,7 +366,44 @@ def test_a_read_only_store_of_root_s_is_used_by_another_user(
     with os.fdopen(read_end) as answers:
         answer = answers.read()
     os.waitpid(pid, 0)
-    assert answer == "ok True"
+    return answer
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="a store of root's used by another user needs root")
+def test_a_read_only_store_of_root_s_is_used_by_another_user(
+    origin: FaultyOrigin, reachable_mount: Path
+) -> None:
+    # A model baked into an image by root, the image run as another user: the store's
+    # directories are root's and no one can write them, yet only the user's own had been
+    # accepted, and every pull and serve was store_error.
+    store = ModelStore(reachable_mount / "store")
+    blob = pull(origin, store).path
+    assert blob is not None
+    for directory in (store.root, store.blobs_dir, store.tmp_dir, store.locks_dir):
+        directory.chmod(0o755)
+    subprocess.run(["mount", "-o", "remount,ro", str(reachable_mount)], check=True)
+    assert _pull_as_another_user(origin, store, blob) == "ok True"
+    assert len(body_requests(origin, "/m.bin")) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="a store of a third user's needs root")
+def test_a_read_only_store_another_user_made_is_used(
+    origin: FaultyOrigin, reachable_mount: Path
+) -> None:
+    # An image built as one user and run as another: on a file system no one can write, the
+    # directories' owner renames nothing, yet they had to be the user's or root's.
+    store = ModelStore(reachable_mount / "store")
+    blob = pull(origin, store).path
+    assert blob is not None
+    for path in (store.root, store.blobs_dir, store.tmp_dir, store.locks_dir, blob):
+        os.chown(path, 4242, 4242)
+    for directory in (store.root, store.blobs_dir, store.tmp_dir, store.locks_dir):
+        directory.chmod(0o755)
+    assert _pull_as_another_user(origin, store, blob) == "store_error False"
+    subprocess.run(["mount", "-o", "remount,ro", str(reachable_mount)], check=True)
+    assert _pull_as_another_user(origin, store, blob) == "ok True"
     assert len(body_requests(origin, "/m.bin")) == 1
 
 

@@ -26,6 +26,8 @@ import struct
 from pathlib import Path
 from typing import Final
 
+from companion_runtime.bind.read_only_file_system import file_system_read_only
+
 __all__ = [
     "ancestors_hold_no_one_else_s_entries",
     "holds_no_one_else_s_entries",
@@ -122,12 +124,18 @@ def _access_acl(path: Path) -> list[tuple[int, int, int]] | None:
 
 def holds_no_one_else_s_entries(info: os.stat_result, uid: int, path: Path) -> bool:
     """Whether only this user (or root) can rename or remove the entries of the directory at
-    ``path`` (``info`` is its ``stat``)."""
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (uid, 0):
+    ``path`` (``info`` is its ``stat``), or no one can: it lies on a file system read-only in
+    its superblock that keeps its own bytes (:func:`file_system_read_only`), whoever owns
+    it, as an image built by another user does."""
+    if not stat.S_ISDIR(info.st_mode):
         return False
     # Sticky (/tmp): an entry is renamed or removed only by its owner, the directory's owner
     # (this user or root) or root.
-    return bool(info.st_mode & stat.S_ISVTX) or writable_by_no_one_else(info, path)
+    if info.st_uid in (uid, 0) and (
+        info.st_mode & stat.S_ISVTX or writable_by_no_one_else(info, path)
+    ):
+        return True
+    return file_system_read_only(info.st_dev)
 
 
 def ancestors_hold_no_one_else_s_entries(path: Path, uid: int) -> bool:

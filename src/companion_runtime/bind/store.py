@@ -36,6 +36,7 @@ from companion_runtime.bind.directory_trust import (
     may_create_on_the_way_to,
     writable_by_no_one_else,
 )
+from companion_runtime.bind.read_only_file_system import file_system_read_only
 from companion_runtime.core import Reason
 
 __all__ = [
@@ -128,11 +129,13 @@ class ModelStore:
 
         Raises :class:`StoreError` (``store_error``) unless the root (which may be a symlink,
         say to a larger disk) and ``blobs/``, ``tmp/`` and ``locks/`` (which may not) are
-        directories of this user, or of root, that no one else can write to. Anyone who can
-        write there could swap a verified blob for other bytes before the runtime opens it.
-        Root's are for a store baked into an image and used by another user from a read-only
-        file system; where they are writable, the user cannot lock or write them, and a pull
-        that would is ``store_error`` all the same. Group write is
+        directories of this user, or of root, that no one else can write to, or directories
+        on a file system no one can write (read-only in its superblock, and keeping its own
+        bytes), whoever their owner. Anyone who can write there could swap a verified blob
+        for other bytes before the runtime opens it. Root's, or another user's on a read-only
+        file system, are for a store baked into an image and used by another user; where root's
+        are writable, the user cannot lock or write them, and a pull that would is
+        ``store_error`` all the same. Group write is
         allowed for the user's own group: with the usual per-user groups (umask 002) a
         directory made by hand has it; not for other users or groups an access ACL lets write
         (the group bits are then its mask).
@@ -155,8 +158,12 @@ class ModelStore:
                 make_private_directories(directory)
             own_ok = all(
                 stat.S_ISDIR(info.st_mode)
-                and info.st_uid in (uid, 0)
-                and writable_by_no_one_else(info, directory)
+                and (
+                    (info.st_uid in (uid, 0) and writable_by_no_one_else(info, directory))
+                    # No one writes a file system read-only in its superblock (an image
+                    # built by another user), whoever its directories' owner.
+                    or file_system_read_only(info.st_dev)
+                )
                 for directory, info in (
                     (self.root, self.root.stat()),
                     *(
