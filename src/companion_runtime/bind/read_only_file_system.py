@@ -9,8 +9,8 @@ file system, whose server does. Nor a file system on a loop device (a disk image
 rewrites the blocks, and the mount shows them as soon as the cache lets go of the old ones.
 
 Linux only: ``/proc/self/mountinfo`` tells the superblock's options, its type and its source,
-and ``/sys/dev/block`` what lies under a block device. Where they do not tell, the answer is
-no.
+and ``/sys/dev/block`` what lies under a block device. Where they do not tell, no file system
+counts as read-only, and none as lying on another user's image.
 """
 
 from __future__ import annotations
