@@ -424,6 +424,27 @@ def test_group_write_for_a_group_other_accounts_have_as_theirs_is_refused() -> N
 
 
 @pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as another user and group needs root")
+def test_group_write_for_root_s_group_run_as_another_user_is_accepted() -> None:
+    # A process run as another user with group 0 (OpenShift's way) had its store refused
+    # because root's own account has group 0: root may write anything anyway.
+    sharing = [account for account in pwd.getpwall() if account.pw_gid == 0 and account.pw_uid]
+    if sharing or any(member != "root" for member in grp.getgrgid(0).gr_mem):
+        pytest.skip("accounts other than root share group 0 here")
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        root = base / "models"
+        ModelStore(root).ensure_layout()
+        for directory in (root, root / "blobs", root / "tmp", root / "locks"):
+            os.chown(directory, OTHER_UID, 0)
+        root.chmod(0o770)
+        assert _as_other_user(0, ModelStore(root).ensure_layout) == "ok"
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.unit
 def test_free_bytes_reports_the_file_system(tmp_path: Path) -> None:
     # Of the nearest existing parent. Other processes may write to the same file system
     # between the two readings, hence the slack (far below any file system's size).

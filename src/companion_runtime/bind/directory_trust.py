@@ -80,9 +80,9 @@ def writable_by_no_one_else(info: os.stat_result, path: Path) -> bool:
 
 
 def _own_group(gid: int) -> bool:
-    """Whether ``gid`` is the user's own group: the effective one, and no one else's, as far
-    as the account databases tell: no other account has it as its primary group, and it
-    names no other member.
+    """Whether ``gid`` is the user's own group: the effective one, and no one else's but
+    root's, as far as the account databases tell: no other account has it as its primary
+    group, and it names no other member.
 
     The effective group alone is not enough: where every account's primary group is one
     shared group (``users`` on some distributions), or after ``newgrp``/``sg``, its other
@@ -90,16 +90,18 @@ def _own_group(gid: int) -> bool:
     """
     if gid != os.getegid():
         return False
-    uid = os.geteuid()
+    # Root may write anything anyway: root's account in the group (the root group itself,
+    # a process run as another user with group 0, as OpenShift does) takes nothing away.
+    trusted = (os.geteuid(), 0)
     accounts = pwd.getpwall()
-    if any(account.pw_gid == gid and account.pw_uid != uid for account in accounts):
+    if any(account.pw_gid == gid and account.pw_uid not in trusted for account in accounts):
         return False
     try:
         members = grp.getgrgid(gid).gr_mem
     except KeyError:  # a group the group database does not name names no member
         return True
-    own_names = {account.pw_name for account in accounts if account.pw_uid == uid}
-    return all(member in own_names for member in members)
+    trusted_names = {account.pw_name for account in accounts if account.pw_uid in trusted}
+    return all(member in trusted_names for member in members)
 
 
 def _access_acl(path: Path) -> list[tuple[int, int, int]] | None:
