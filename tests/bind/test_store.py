@@ -415,7 +415,7 @@ def test_group_write_for_a_group_other_accounts_have_as_theirs_is_refused() -> N
         # A group no account has as its own and that names no member is the user's alone.
         taken = {account.pw_gid for account in pwd.getpwall()}
         taken |= {group.gr_gid for group in grp.getgrall()}
-        alone = max(taken | {OTHER_UID}) + 1
+        alone = next(gid for gid in range(20_000, 2**31) if gid not in taken)
         for directory in (root, root / "blobs", root / "tmp", root / "locks"):
             os.chown(directory, OTHER_UID, alone)
         assert _as_other_user(alone, ModelStore(root).ensure_layout) == "ok"
