@@ -132,8 +132,8 @@ def verify_file(
     permission) is ``store_error`` before it is read, unless it lies on a file system that
     keeps its own bytes and is read-only in its superblock (not only in one mount; not an
     overlay, FUSE or network file system; not on an image file another user may write). Its
-    verdict would not hold until the runtime opens
-    it, nor under the runtime's ``mmap`` after that.
+    verdict would not hold until the runtime opens it, nor under the runtime's ``mmap``
+    after that.
     """
     try:
         return verify_file_or_raise(

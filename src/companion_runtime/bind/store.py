@@ -133,12 +133,12 @@ class ModelStore:
         on a file system no one can write (read-only in its superblock, and keeping its own
         bytes), whoever their owner. Anyone who can write there could swap a verified blob
         for other bytes before the runtime opens it. Root's, or another user's on a read-only
-        file system, are for a store baked into an image and used by another user; where root's
-        are writable, the user cannot lock or write them, and a pull that would is
-        ``store_error`` all the same. Group write is
-        allowed for the user's own group: with the usual per-user groups (umask 002) a
-        directory made by hand has it; not for other users or groups an access ACL lets write
-        (the group bits are then its mask).
+        file system, are for a store baked into an image and used by another user; where
+        root's are writable, the user cannot lock or write them, and a pull that would is
+        ``store_error`` all the same. Group write is allowed for the user's own group (one no
+        other account has or lists): with the usual per-user groups (umask 002) a directory
+        made by hand has it; not for other users or groups an access ACL lets write (the
+        group bits are then its mask).
 
         Every directory above the root, as written and as its symlinks resolve, and every
         directory a symlink on the way lives in (also one met half-way through another
