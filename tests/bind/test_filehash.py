@@ -523,3 +523,49 @@ def test_a_read_only_mount_of_a_disk_image_another_user_may_write_is_no_read_onl
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     subprocess.run(["blockdev", "--flushbufs", loop], check=True)
     assert seen.read_bytes().startswith(b"other bytes")
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="a FUSE daemon of another user needs root")
+def test_a_file_another_user_s_fuse_daemon_serves_is_no_file_only_the_user_can_change() -> None:
+    # A FUSE daemon answers every read and names every file's owner: one run by another user
+    # (bindfs here) showed a file as the user's own, read-only, and it had counted as one
+    # only the user could change, while the daemon's owner changed it at will.
+    if shutil.which("bindfs") is None or shutil.which("setpriv") is None:
+        pytest.skip("no bindfs or setpriv to run a FUSE daemon with")
+    base = Path(tempfile.mkdtemp())
+    base.chmod(0o755)
+    source, shown = base / "source", base / "shown"
+    source.mkdir(mode=0o755)
+    shown.mkdir(mode=0o755)
+    path, data, digest = write_model(source, 10_000)
+    path.chmod(0o644)
+    os.chown(source, IMAGE_OWNER, IMAGE_OWNER)
+    os.chown(path, IMAGE_OWNER, IMAGE_OWNER)
+    # The daemon runs as IMAGE_OWNER; the capabilities only let it open /dev/fuse and mount.
+    daemon = ["setpriv", f"--reuid={IMAGE_OWNER}", f"--regid={IMAGE_OWNER}", "--clear-groups"]
+    daemon += ["--inh-caps=+sys_admin,+dac_override", "--ambient-caps=+sys_admin,+dac_override"]
+    daemon += ["bindfs", "-o", "allow_other", "--force-user=65534", "--force-group=65534"]
+    mounted = subprocess.run([*daemon, str(source), str(shown)], capture_output=True, check=False)
+    if mounted.returncode != 0:
+        shutil.rmtree(base)
+        pytest.skip("cannot mount a FUSE file system here")
+    try:
+        seen = shown / path.name
+        assert seen.stat().st_uid == 65534
+        answer = _as_another_user(
+            65534,
+            lambda: (
+                verify_file(
+                    seen, expected_digest=digest, expected_size_bytes=len(data), private=True
+                ).reason.value
+            ),
+        )
+        assert answer == "store_error"
+        with open(path, "r+b") as theirs:  # what the daemon's owner may do at any time
+            theirs.write(b"other bytes")
+        assert seen.read_bytes().startswith(b"other bytes")
+    finally:
+        subprocess.run(["umount", str(shown)], check=False)
+        shutil.rmtree(base)

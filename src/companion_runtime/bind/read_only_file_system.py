@@ -72,18 +72,26 @@ def file_system_read_only(device: int) -> bool:
 
 
 def on_no_file_of_another_user(device: int) -> bool:
-    """Whether the file system on ``device`` lies on no image file another user may write.
+    """Whether the file system on ``device`` lies on no image file another user may write,
+    and no other user's FUSE daemon serves it.
 
     For a file the owner field names as the user's own, or root's: that says who may write
     it only where the file system's bytes are its own; another user who may write the image
-    it lies on writes whatever it holds. True where nothing is known to lie under it (no
-    ``/proc`` or ``/sys`` to tell, a device no mount names), false for an image that cannot
-    be looked at.
+    it lies on writes whatever it holds, and a FUSE daemon names whatever owner it likes.
+    True where nothing is known to lie under it (no ``/proc`` or ``/sys`` to tell, a device
+    no mount names), false for an image that cannot be looked at.
     """
+    own_daemon = {f"user_id={os.geteuid()}", "user_id=0"}
     mounts = _mounts_of(device)
     if not mounts:
         return True
-    return _on_no_file_of_another_user(device, mounts[0][1], unknown=True)
+    file_system, source, super_options = mounts[0]
+    if file_system == "fuse" or file_system.startswith(("fuse.", "fuseblk")):
+        # Whoever runs a FUSE daemon answers every read with bytes of their choosing, and
+        # names every file's owner: the daemon must be this user's or root's. The kernel
+        # records who mounted it (libfuse's user_id).
+        return any(option in own_daemon for option in super_options)
+    return _on_no_file_of_another_user(device, source, unknown=True)
 
 
 def _mounts_of(device: int) -> list[tuple[str, str, list[str]]] | None:
