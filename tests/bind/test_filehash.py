@@ -431,8 +431,8 @@ def disk_image(request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path]]:
     """An ext4 image holding a model (another user's, root's, or nobody's, the user the tests
     verify as), and where it is mounted
     read-only through a loop device: (image, mount point)."""
-    if shutil.which("mkfs.ext4") is None:
-        pytest.skip("no mkfs.ext4 to make an image with")
+    if any(shutil.which(tool) is None for tool in ("mkfs.ext4", "findmnt", "blockdev")):
+        pytest.skip("no mkfs.ext4, findmnt or blockdev to make and look at an image with")
     base = Path(tempfile.mkdtemp())
     base.chmod(0o755)
     content, image, shown = base / "content", base / "disk.img", base / "mounted"
