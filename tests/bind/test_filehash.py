@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -349,3 +349,223 @@ def test_root_s_file_only_root_may_write_is_used_through_a_read_only_bind_mount(
         answer = answers.read()
     os.waitpid(pid, 0)
     assert answer == "ok"
+
+
+@pytest.fixture
+def layers() -> Iterator[Path]:
+    """A tmpfs of its own, which another user can reach, to hold an overlay's lower layers."""
+    mount_point = Path(tempfile.mkdtemp())
+    mount_point.chmod(0o755)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        mount_point.rmdir()
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        mount_point.rmdir()
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="an overlay and a file of another user need root")
+@pytest.mark.parametrize("second_layer", ["same file system", "another file system"])
+def test_another_user_s_file_in_a_read_only_overlay_is_no_file_no_one_can_change(
+    layers: Path, tmp_path: Path, second_layer: str
+) -> None:
+    # An overlay with lower layers only is read-only in its superblock, yet each lower layer
+    # stays writable where it is, and the overlay shows what its owner writes there at once.
+    # With both layers on one file system the file showed the overlay's own device, read-only
+    # in mountinfo; with the layers on two, a device no mount names: either way another
+    # user's file had counted as one no one could change.
+    lower = layers / "lower"
+    lower.mkdir(mode=0o755)
+    path, data, digest = write_model(lower, 10_000)
+    os.chown(path, 65534, 65534)
+    second = layers / "second" if second_layer == "same file system" else tmp_path / "second"
+    second.mkdir()
+    shown = tmp_path / "overlay"
+    shown.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower}:{second}", str(shown)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount an overlay here")
+    try:
+        seen = shown / path.name
+        verdict = verify_file(
+            seen, expected_digest=digest, expected_size_bytes=len(data), private=True
+        )
+        assert verdict.reason is Reason.STORE_ERROR
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                with open(path, "r+b") as theirs:
+                    theirs.write(b"other bytes")
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert seen.read_bytes().startswith(b"other bytes")
+    finally:
+        subprocess.run(["umount", "-l", str(shown)], check=False)
+
+
+#: The owner of a disk image, neither root nor the user the test verifies as (nobody).
+IMAGE_OWNER = 4242
+
+
+@pytest.fixture(
+    params=[4243, 0, 65534], ids=["another user's file", "root's file", "the user's own file"]
+)
+def disk_image(request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path]]:
+    """An ext4 image holding a model (another user's, root's, or nobody's, the user the tests
+    verify as), and where it is mounted
+    read-only through a loop device: (image, mount point)."""
+    if any(shutil.which(tool) is None for tool in ("mkfs.ext4", "findmnt", "blockdev")):
+        pytest.skip("no mkfs.ext4, findmnt or blockdev to make and look at an image with")
+    base = Path(tempfile.mkdtemp())
+    base.chmod(0o755)
+    content, image, shown = base / "content", base / "disk.img", base / "mounted"
+    content.mkdir()
+    shown.mkdir()
+    path, _data, _digest = write_model(content, 10_000)
+    path.chmod(0o644)
+    os.chown(path, request.param, request.param)
+    with open(image, "wb") as handle:
+        handle.truncate(4 * 1024 * 1024)
+    made = subprocess.run(
+        ["mkfs.ext4", "-q", "-d", str(content), str(image)], capture_output=True, check=False
+    )
+    mounted = subprocess.run(
+        ["mount", "-o", "ro,loop", str(image), str(shown)], capture_output=True, check=False
+    )
+    if made.returncode != 0 or mounted.returncode != 0:
+        shutil.rmtree(base)
+        pytest.skip("cannot make or mount an ext4 image here (needs root and loop devices)")
+    try:
+        yield image, shown
+    finally:
+        subprocess.run(["umount", "-l", str(shown)], check=False)
+        shutil.rmtree(base)
+
+
+def _as_another_user(uid: int, act: Callable[[], object]) -> str:
+    """Run ``act`` in a child as ``uid`` (its own group alone); what it returned, as text."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(write_end, str(act()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="a loop device and another user's image need root")
+def test_a_read_only_mount_of_a_disk_image_another_user_may_write_is_no_read_only_file_system(
+    disk_image: tuple[Path, Path],
+) -> None:
+    # ext4 on a loop device, read-only in its superblock: nothing writes through the mount,
+    # but the image's owner rewrites its blocks, and the mount shows them once the cache
+    # lets go of the old ones. A file there had counted as one no one could change, another
+    # user's and root's alike; and one the image names as the user's own, as one only the
+    # user could change.
+    image, shown = disk_image
+    data, digest = model_bytes(10_000)
+    seen = shown / "model.bin"
+
+    def verdict() -> str:
+        answer = verify_file(
+            seen, expected_digest=digest, expected_size_bytes=len(data), private=True
+        )
+        return answer.reason.value
+
+    os.chown(image, IMAGE_OWNER, IMAGE_OWNER)
+    image.chmod(0o644)
+    assert _as_another_user(65534, verdict) == "store_error"
+    # An image only root may write is a read-only file system as before.
+    os.chown(image, 0, 0)
+    assert _as_another_user(65534, verdict) == "ok"
+    # What the refusal is about: the image's owner really changes what the mount shows.
+    os.chown(image, IMAGE_OWNER, IMAGE_OWNER)
+    offset = image.read_bytes().index(data[:4096])
+
+    def overwrite() -> None:
+        with open(image, "r+b") as theirs:
+            theirs.seek(offset)
+            theirs.write(b"other bytes")
+
+    _as_another_user(IMAGE_OWNER, overwrite)
+    loop = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", str(shown)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    with open(seen, "rb") as handle:
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    subprocess.run(["blockdev", "--flushbufs", loop], check=True)
+    assert seen.read_bytes().startswith(b"other bytes")
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="a FUSE daemon of another user needs root")
+def test_a_file_another_user_s_fuse_daemon_serves_is_no_file_only_the_user_can_change() -> None:
+    # A FUSE daemon answers every read and names every file's owner: one run by another user
+    # (bindfs here) showed a file as the user's own, read-only, and it had counted as one
+    # only the user could change, while the daemon's owner changed it at will.
+    if shutil.which("bindfs") is None or shutil.which("setpriv") is None:
+        pytest.skip("no bindfs or setpriv to run a FUSE daemon with")
+    base = Path(tempfile.mkdtemp())
+    base.chmod(0o755)
+    source, shown = base / "source", base / "shown"
+    source.mkdir(mode=0o755)
+    shown.mkdir(mode=0o755)
+    path, data, digest = write_model(source, 10_000)
+    path.chmod(0o644)
+    os.chown(source, IMAGE_OWNER, IMAGE_OWNER)
+    os.chown(path, IMAGE_OWNER, IMAGE_OWNER)
+    # The daemon runs as IMAGE_OWNER; the capabilities only let it open /dev/fuse and mount.
+    daemon = ["setpriv", f"--reuid={IMAGE_OWNER}", f"--regid={IMAGE_OWNER}", "--clear-groups"]
+    daemon += ["--inh-caps=+sys_admin,+dac_override", "--ambient-caps=+sys_admin,+dac_override"]
+    daemon += ["bindfs", "-o", "allow_other", "--force-user=65534", "--force-group=65534"]
+    mounted = subprocess.run([*daemon, str(source), str(shown)], capture_output=True, check=False)
+    if mounted.returncode != 0:
+        shutil.rmtree(base)
+        pytest.skip("cannot mount a FUSE file system here")
+    try:
+        seen = shown / path.name
+        assert seen.stat().st_uid == 65534
+        answer = _as_another_user(
+            65534,
+            lambda: (
+                verify_file(
+                    seen, expected_digest=digest, expected_size_bytes=len(data), private=True
+                ).reason.value
+            ),
+        )
+        assert answer == "store_error"
+        with open(path, "r+b") as theirs:  # what the daemon's owner may do at any time
+            theirs.write(b"other bytes")
+        assert seen.read_bytes().startswith(b"other bytes")
+    finally:
+        subprocess.run(["umount", str(shown)], check=False)
+        shutil.rmtree(base)

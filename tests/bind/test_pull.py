@@ -326,6 +326,87 @@ def test_a_blob_on_a_read_only_mount_is_used_whoever_may_write_it(
     assert len(body_requests(origin, "/m.bin")) == 1
 
 
+@pytest.fixture
+def reachable_mount() -> Iterator[Path]:
+    """A real tmpfs of its own that another user can reach (the ``mount`` fixture lies
+    under ``tmp_path``, which only its user may enter)."""
+    mount_point = Path(tempfile.mkdtemp())
+    mount_point.chmod(0o755)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        mount_point.rmdir()
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        mount_point.rmdir()
+
+
+def _pull_as_another_user(origin: FaultyOrigin, store: ModelStore, blob: Path) -> str:
+    """Pull in a child as nobody; the reason, and whether the path is ``blob``."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(OTHER_UID)
+            os.setuid(OTHER_UID)
+            result = pull(origin, store)
+            answer = f"{result.verdict.reason.value} {result.path == blob}"
+            os.write(write_end, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="a store of root's used by another user needs root")
+def test_a_read_only_store_of_root_s_is_used_by_another_user(
+    origin: FaultyOrigin, reachable_mount: Path
+) -> None:
+    # A model baked into an image by root, the image run as another user: the store's
+    # directories are root's and no one can write them, yet only the user's own had been
+    # accepted, and every pull and serve was store_error.
+    store = ModelStore(reachable_mount / "store")
+    blob = pull(origin, store).path
+    assert blob is not None
+    for directory in (store.root, store.blobs_dir, store.tmp_dir, store.locks_dir):
+        directory.chmod(0o755)
+    subprocess.run(["mount", "-o", "remount,ro", str(reachable_mount)], check=True)
+    assert _pull_as_another_user(origin, store, blob) == "ok True"
+    assert len(body_requests(origin, "/m.bin")) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="a store of a third user's needs root")
+def test_a_read_only_store_another_user_made_is_used(
+    origin: FaultyOrigin, reachable_mount: Path
+) -> None:
+    # An image built as one user and run as another: on a file system no one can write, the
+    # directories' owner renames nothing, yet they had to be the user's or root's.
+    store = ModelStore(reachable_mount / "store")
+    blob = pull(origin, store).path
+    assert blob is not None
+    for path in (store.root, store.blobs_dir, store.tmp_dir, store.locks_dir, blob):
+        os.chown(path, 4242, 4242)
+    for directory in (store.root, store.blobs_dir, store.tmp_dir, store.locks_dir):
+        directory.chmod(0o755)
+    assert _pull_as_another_user(origin, store, blob) == "store_error False"
+    subprocess.run(["mount", "-o", "remount,ro", str(reachable_mount)], check=True)
+    assert _pull_as_another_user(origin, store, blob) == "ok True"
+    assert len(body_requests(origin, "/m.bin")) == 1
+
+
 @pytest.mark.integration
 def test_unknown_policy_is_refused_without_touching_the_blob(
     origin: FaultyOrigin, tmp_path: Path

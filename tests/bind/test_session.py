@@ -92,6 +92,31 @@ def test_a_shared_or_foreign_state_dir_is_refused(tmp_path: Path) -> None:
         prepare_state_dir(tmp_path / "alias")
 
 
+def test_a_state_dir_with_a_nul_in_its_path_is_refused_not_a_crash(tmp_path: Path) -> None:
+    # No file can have such a name: the lookup raised ValueError out of both, a traceback
+    # instead of a refusal.
+    for check in (prepare_state_dir, check_state_dir):
+        with pytest.raises(SessionFileError) as caught:
+            check(tmp_path / "state\0dir")
+        assert caught.value.reason is Reason.STORE_ERROR
+
+
+def test_the_directories_prepare_state_dir_makes_are_owner_only_whatever_the_umask(
+    tmp_path: Path,
+) -> None:
+    # The directories missing on the way had been made with the umask's mode (rwxrwxr-x
+    # under umask 002): group-writable directories above the state directory, refused
+    # where the user's primary group is not theirs alone, though prepare_state_dir made them.
+    directory = tmp_path / "run" / "companion-runtime"
+    previous = os.umask(0o002)
+    try:
+        prepare_state_dir(directory)
+    finally:
+        os.umask(previous)
+    for made in (tmp_path / "run", directory):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700
+
+
 def test_state_file_round_trip_and_removal_only_by_its_owner(tmp_path: Path) -> None:
     directory = prepare_state_dir(tmp_path / "state")
     with pytest.raises(SessionFileError) as caught:

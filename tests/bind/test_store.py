@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import shutil
 import stat
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,6 +50,18 @@ def test_a_home_of_no_user_is_a_store_error(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv(STORE_ENV_VAR, nobody)
     with pytest.raises(StoreError):
         ModelStore()
+
+
+@pytest.mark.unit
+def test_a_root_with_a_nul_in_it_is_a_store_error(tmp_path: Path) -> None:
+    # No file can have such a name: every lookup raised ValueError out of ensure_layout and
+    # stored_blob, a traceback instead of a refusal.
+    with pytest.raises(StoreError) as caught:
+        ModelStore(tmp_path / "store\0root").ensure_layout()
+    assert caught.value.reason is Reason.STORE_ERROR
+    assert default_store_root({STORE_ENV_VAR: f"{tmp_path}/a"}) == tmp_path / "a"
+    with pytest.raises(StoreError):
+        default_store_root({STORE_ENV_VAR: f"{tmp_path}/a\0b"})
 
 
 @pytest.mark.unit
@@ -339,6 +356,94 @@ def test_a_store_an_acl_lets_another_user_only_read_is_accepted(tmp_path: Path) 
     ModelStore(root).ensure_layout()
 
 
+def _as_other_user(gid: int, act: Callable[[], object], uid: int = OTHER_UID) -> str:
+    """Run ``act`` in a child as ``uid`` with ``gid`` its only group; ``ok`` or what it
+    raised (a reason code, or the exception's name)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            try:
+                act()
+                answer = "ok"
+            except StoreError as error:
+                answer = error.reason.value
+            except Exception as error:
+                answer = type(error).__name__
+            os.write(write_end, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answers:
+        answer = answers.read()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.mark.unit
+@pytest.mark.security
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as another user and group needs root")
+def test_group_write_for_a_group_other_accounts_have_as_theirs_is_refused() -> None:
+    # Group write had been allowed whenever the group was the process's effective one. Where
+    # accounts share a primary group (``users`` for every account on some distributions;
+    # ``nogroup`` here) or after ``newgrp``, another account of that group could rename
+    # blobs/ away and put a directory of its own there.
+    others = [account for account in pwd.getpwall() if account.pw_uid not in (0, OTHER_UID)]
+    if not others:
+        pytest.skip("no other account to share a primary group with")
+    other = others[0]
+    shared = other.pw_gid
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        root = base / "models"
+        ModelStore(root).ensure_layout()
+        for directory in (root, root / "blobs", root / "tmp", root / "locks"):
+            os.chown(directory, OTHER_UID, shared)
+        root.chmod(0o770)
+        assert _as_other_user(shared, ModelStore(root).ensure_layout) == "store_error"
+        # What the refusal is about: the other account really can.
+        moved = _as_other_user(
+            shared, lambda: (root / "blobs").rename(root / "moved"), uid=other.pw_uid
+        )
+        assert moved == "ok"
+        (root / "moved").rename(root / "blobs")
+        # A group no account has as its own and that names no member is the user's alone.
+        taken = {account.pw_gid for account in pwd.getpwall()}
+        taken |= {group.gr_gid for group in grp.getgrall()}
+        alone = next(gid for gid in range(20_000, 2**31) if gid not in taken)
+        for directory in (root, root / "blobs", root / "tmp", root / "locks"):
+            os.chown(directory, OTHER_UID, alone)
+        assert _as_other_user(alone, ModelStore(root).ensure_layout) == "ok"
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as another user and group needs root")
+def test_group_write_for_root_s_group_run_as_another_user_is_accepted() -> None:
+    # A process run as another user with group 0 (OpenShift's way) had its store refused
+    # because root's own account has group 0: root may write anything anyway.
+    sharing = [account for account in pwd.getpwall() if account.pw_gid == 0 and account.pw_uid]
+    if sharing or any(member != "root" for member in grp.getgrgid(0).gr_mem):
+        pytest.skip("accounts other than root share group 0 here")
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        root = base / "models"
+        ModelStore(root).ensure_layout()
+        for directory in (root, root / "blobs", root / "tmp", root / "locks"):
+            os.chown(directory, OTHER_UID, 0)
+        root.chmod(0o770)
+        assert _as_other_user(0, ModelStore(root).ensure_layout) == "ok"
+    finally:
+        shutil.rmtree(base)
+
+
 @pytest.mark.unit
 def test_free_bytes_reports_the_file_system(tmp_path: Path) -> None:
     # Of the nearest existing parent. Other processes may write to the same file system
@@ -368,3 +473,20 @@ def test_lock_excludes_a_second_thread(tmp_path: Path) -> None:
         order.append("first")
     thread.join(5)
     assert order == ["first", "second"]
+
+
+@pytest.mark.unit
+def test_the_directories_the_store_makes_are_owner_only_whatever_the_umask(
+    tmp_path: Path,
+) -> None:
+    # The root and any directory missing on the way to it had been made with the umask's
+    # mode: rwxrwxr-x under umask 002, a store group-writable by the user's primary group,
+    # refused where that group is not the user's alone, though the store had made it itself.
+    root = tmp_path / "cache" / "companion-runtime" / "models"
+    previous = os.umask(0o002)
+    try:
+        ModelStore(root).ensure_layout()
+    finally:
+        os.umask(previous)
+    for directory in (tmp_path / "cache", root.parent, root, root / "blobs", root / "tmp"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700

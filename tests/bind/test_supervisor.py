@@ -1202,3 +1202,25 @@ async def test_a_blob_of_another_user_is_never_started_on(tmp_path: Path) -> Non
     async with supervisor:
         assert (await supervisor.start()).reason is Reason.STORE_ERROR
         assert supervisor.status()["spawns"] == 0
+
+
+@pytest.mark.data_integrity
+@pytest.mark.security
+async def test_a_blob_in_a_directory_others_can_write_to_is_never_started_on(
+    tmp_path: Path,
+) -> None:
+    # The re-verify vouched for the file, not for its name: whoever can rename the entries of
+    # a directory on the way to it puts other bytes at that name between the re-verify and
+    # the runtime's open. A store keeps its blobs only where no one else can, but a model
+    # path given to the supervisor itself had not been looked at.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    model, digest, size = _blob(shared)
+    model.chmod(0o444)
+    shared.chmod(0o777)
+    supervisor = Supervisor(_config(standin_command(), model, digest, size))
+    async with supervisor:
+        assert (await supervisor.start()).reason is Reason.STORE_ERROR
+        assert supervisor.status()["spawns"] == 0
+        shared.chmod(0o755)  # only its owner's to rename in: used
+        assert (await supervisor.start()).ok

@@ -18,15 +18,20 @@ store and the state directory share:
 from __future__ import annotations
 
 import errno
+import grp
 import os
+import pwd
 import stat
 import struct
 from pathlib import Path
 from typing import Final
 
+from companion_runtime.bind.read_only_file_system import file_system_read_only
+
 __all__ = [
     "ancestors_hold_no_one_else_s_entries",
     "holds_no_one_else_s_entries",
+    "make_private_directories",
     "may_create_on_the_way_to",
     "writable_by_no_one_else",
 ]
@@ -49,9 +54,9 @@ def writable_by_no_one_else(info: os.stat_result, path: Path) -> bool:
     """Whether no one but the owner can write the directory at ``path`` (``info`` is its
     ``stat``), beyond the user and the user's own group.
 
-    Group write is allowed when the group is the user's own (primary) one: with the usual
-    per-user groups (umask 002) a directory made by hand has it. With an access ACL the group
-    bits are its mask, and a ``w`` there may be a named user's or group's
+    Group write is allowed when the group is the user's own (:func:`_own_group`): with the
+    usual per-user groups (umask 002) a directory made by hand has it. With an access ACL the
+    group bits are its mask, and a ``w`` there may be a named user's or group's
     (``setfacl -m u:someone:rwx``): then no entry but the user's and the user's own group's
     may have write. Raises ``OSError`` when the ACL cannot be looked at.
     """
@@ -61,17 +66,42 @@ def writable_by_no_one_else(info: os.stat_result, path: Path) -> bool:
         return True
     entries = _access_acl(path)
     if entries is None:
-        return info.st_gid == os.getegid()
+        return _own_group(info.st_gid)
     for tag, permissions, entry_id in entries:
         if not permissions & 0o2:
             continue
         if tag == _ACL_USER and entry_id != os.geteuid():
             return False
-        if tag == _ACL_GROUP_OBJ and info.st_gid != os.getegid():
+        if tag == _ACL_GROUP_OBJ and not _own_group(info.st_gid):
             return False
-        if tag == _ACL_GROUP and entry_id != os.getegid():
+        if tag == _ACL_GROUP and not _own_group(entry_id):
             return False
     return True
+
+
+def _own_group(gid: int) -> bool:
+    """Whether ``gid`` is the user's own group: the effective one, and no one else's but
+    root's, as far as the account databases tell: no other account has it as its primary
+    group, and it names no other member.
+
+    The effective group alone is not enough: where every account's primary group is one
+    shared group (``users`` on some distributions), or after ``newgrp``/``sg``, its other
+    members may write whatever it may.
+    """
+    if gid != os.getegid():
+        return False
+    # Root may write anything anyway: root's account in the group (the root group itself,
+    # a process run as another user with group 0, as OpenShift does) takes nothing away.
+    trusted = (os.geteuid(), 0)
+    accounts = pwd.getpwall()
+    if any(account.pw_gid == gid and account.pw_uid not in trusted for account in accounts):
+        return False
+    try:
+        members = grp.getgrgid(gid).gr_mem
+    except KeyError:  # a group the group database does not name names no member
+        return True
+    trusted_names = {account.pw_name for account in accounts if account.pw_uid in trusted}
+    return all(member in trusted_names for member in members)
 
 
 def _access_acl(path: Path) -> list[tuple[int, int, int]] | None:
@@ -96,12 +126,18 @@ def _access_acl(path: Path) -> list[tuple[int, int, int]] | None:
 
 def holds_no_one_else_s_entries(info: os.stat_result, uid: int, path: Path) -> bool:
     """Whether only this user (or root) can rename or remove the entries of the directory at
-    ``path`` (``info`` is its ``stat``)."""
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (uid, 0):
+    ``path`` (``info`` is its ``stat``), or no one can: it lies on a file system read-only in
+    its superblock that keeps its own bytes (:func:`file_system_read_only`), whoever owns
+    it, as an image built by another user does."""
+    if not stat.S_ISDIR(info.st_mode):
         return False
     # Sticky (/tmp): an entry is renamed or removed only by its owner, the directory's owner
     # (this user or root) or root.
-    return bool(info.st_mode & stat.S_ISVTX) or writable_by_no_one_else(info, path)
+    if info.st_uid in (uid, 0) and (
+        info.st_mode & stat.S_ISVTX or writable_by_no_one_else(info, path)
+    ):
+        return True
+    return file_system_read_only(info.st_dev)
 
 
 def ancestors_hold_no_one_else_s_entries(path: Path, uid: int) -> bool:
@@ -140,6 +176,27 @@ def may_create_on_the_way_to(path: Path, uid: int) -> bool:
     return holds_no_one_else_s_entries(
         existing.stat(), uid, existing
     ) and ancestors_hold_no_one_else_s_entries(existing, uid)
+
+
+def make_private_directories(path: Path) -> None:
+    """Make ``path`` and every directory missing on the way to it, each ``0700`` (an existing
+    one is left as it is).
+
+    ``Path.mkdir(parents=True)`` makes the missing parents with the umask's mode: under
+    ``umask 002`` the store's own root came out group-writable, and was then refused where
+    the user's primary group is not theirs alone (see :func:`writable_by_no_one_else`).
+    Raises ``OSError`` as ``mkdir`` does.
+    """
+    missing: list[Path] = []
+    current = path
+    while not os.path.lexists(current) and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # made in the meantime: it is checked as any other
 
 
 def _sticky_and_shared(info: os.stat_result, directory: Path) -> bool:

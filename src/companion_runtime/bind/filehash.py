@@ -20,6 +20,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final, Literal, Protocol, final
 
+from companion_runtime.bind.read_only_file_system import (
+    file_system_read_only,
+    on_no_file_of_another_user,
+)
 from companion_runtime.bind.regular_file import NotARegularFileError, open_regular_file
 from companion_runtime.core import IntegrityAccumulator, Reason, SpecError, Verdict
 
@@ -74,42 +78,21 @@ _WRITE_BY_OTHERS: Final = stat.S_IWGRP | stat.S_IWOTH
 def _only_ours_to_change(fd: int, info: os.stat_result) -> bool:
     """Whether only this user can change the open file's bytes (or nobody can)."""
     if info.st_uid == os.geteuid() and not info.st_mode & _WRITE_BY_OTHERS:
-        return True
+        # Unless the file system lies on a disk image another user may write: its owner
+        # writes whatever it holds, whoever the file's owner field names.
+        return on_no_file_of_another_user(info.st_dev)
     # A read-only file system (a model baked into an image) cannot change, whoever owns it.
     # A read-only mount of one that is writable elsewhere (a bind mount, docker's ":ro" or
     # "--read-only") can: its owner, and whoever else may write it, write the bytes through
     # any other mount of it. Root's file that only root may write stays as it is, then, as
-    # long as no one but root can write through any mount.
+    # long as no one but root can write through any mount, nor the disk image it lies on. A
+    # read-only overlay is no read-only file system either, nor one on a disk image others
+    # may write (see read_only_file_system).
     if not os.fstatvfs(fd).f_flag & os.ST_RDONLY:
         return False
     if info.st_uid == 0 and not info.st_mode & _WRITE_BY_OTHERS:
-        return True
-    return _file_system_read_only(info.st_dev) is not False
-
-
-def _file_system_read_only(device: int) -> bool | None:
-    """Whether the file system on ``device`` is read-only in all its mounts, as Linux's
-    ``/proc/self/mountinfo`` tells (its superblock options); ``None`` when it does not tell
-    (no ``/proc``, another system, or a device no mount names, as a btrfs subvolume's)."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
-            lines = mounts.read().splitlines()
-    except OSError:
-        return None
-    wanted = f"{os.major(device)}:{os.minor(device)}"
-    found: bool | None = None
-    for line in lines:
-        # "36 35 98:0 /root /mnt ro,noatime shared:1 - ext3 /dev/root rw,errors=continue":
-        # the mount's own options, optional fields up to "-", then the file system's.
-        fields = line.split(" ")
-        if len(fields) < 10 or fields[2] != wanted or "-" not in fields[6:]:
-            continue
-        separator = fields.index("-", 6)
-        super_options = fields[separator + 3].split(",") if len(fields) > separator + 3 else []
-        if "ro" not in super_options:
-            return False
-        found = True
-    return found
+        return on_no_file_of_another_user(info.st_dev)
+    return file_system_read_only(info.st_dev)
 
 
 @final
@@ -146,9 +129,11 @@ def verify_file(
 
     ``private=True`` is for bytes a runtime is about to load: a file someone other than this
     user could change once it verified (another user's, or one with group or other write
-    permission) is ``store_error`` before it is read, unless it lies on a read-only file
-    system. Its verdict would not hold until the runtime opens it, nor under the runtime's
-    ``mmap`` after that.
+    permission) is ``store_error`` before it is read, unless it lies on a file system that
+    keeps its own bytes and is read-only in its superblock (not only in one mount; not an
+    overlay, FUSE or network file system; not on an image file another user may write). Its
+    verdict would not hold until the runtime opens it, nor under the runtime's ``mmap``
+    after that.
     """
     try:
         return verify_file_or_raise(

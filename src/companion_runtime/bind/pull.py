@@ -21,10 +21,11 @@ Concurrency: the whole pull of one digest runs under the store's per-digest file
 pulls in two threads or two processes download it once; the second finds the published blob
 when it gets the lock, and re-verifies it like any other stored blob.
 
-Read-only store: a store on a file system mounted read-only (a model baked into an image, a
-shared read-only mount) cannot hold a lock file, but then no pull can change its blobs either,
-so a stored blob is re-verified and used without the lock. Anything that would write there
-(a download, removing a blob that no longer verifies) is refused with ``store_error``.
+Read-only store: a store on a file system mounted read-only (a model baked into an image, by
+root for another user too; a shared read-only mount) cannot hold a lock file, but then no
+pull can change its blobs either, so a stored blob is re-verified and used without the lock.
+Anything that would write there (a download, removing a blob that no longer verifies) is
+refused with ``store_error``.
 
 Cancellation: ``cancel`` (a :class:`threading.Event`) is for a caller that must stop a pull
 running in another thread, as ``serve`` and ``pull`` do on SIGINT, SIGTERM or SIGHUP. Once it is

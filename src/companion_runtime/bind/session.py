@@ -74,6 +74,7 @@ import psutil
 
 from companion_runtime.bind.directory_trust import (
     ancestors_hold_no_one_else_s_entries,
+    make_private_directories,
     may_create_on_the_way_to,
 )
 from companion_runtime.core import Reason
@@ -181,7 +182,8 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def prepare_state_dir(directory: Path) -> Path:
-    """Create ``directory`` (mode 0700) if needed and check it is private; return it.
+    """Create ``directory``, and any directory missing on the way to it, mode 0700 (whatever
+    the umask) if needed, and check it is private; return it.
 
     Nothing is created unless the nearest directory that is there, and the way to it, pass
     the rule for the directories above it (see the module docstring).
@@ -190,10 +192,11 @@ def prepare_state_dir(directory: Path) -> Path:
         # A symlink of someone else's on the way would send the mkdir wherever they chose.
         creatable = may_create_on_the_way_to(directory, os.getuid())
         if creatable:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_directories(directory)
             info = directory.lstat()
-    except (OSError, RuntimeError) as error:
-        # RuntimeError: a symlink loop on the way (Python before 3.13).
+    except (OSError, RuntimeError, ValueError) as error:
+        # RuntimeError: a symlink loop on the way (Python before 3.13); ValueError: a NUL in
+        # the path, which no file can have.
         raise SessionFileError(Reason.STORE_ERROR) from error
     if not creatable:
         raise SessionFileError(Reason.STORE_ERROR)
@@ -210,7 +213,7 @@ def check_state_dir(directory: Path) -> Path:
         info = directory.lstat()
     except FileNotFoundError as error:
         raise SessionFileError(Reason.FILE_NOT_FOUND) from error
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
         raise SessionFileError(Reason.STORE_ERROR) from error
     _require_private_dir(directory, info)
     return directory

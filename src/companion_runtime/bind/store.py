@@ -32,9 +32,11 @@ import platformdirs
 
 from companion_runtime.bind.directory_trust import (
     ancestors_hold_no_one_else_s_entries,
+    make_private_directories,
     may_create_on_the_way_to,
     writable_by_no_one_else,
 )
+from companion_runtime.bind.read_only_file_system import file_system_read_only
 from companion_runtime.core import Reason
 
 __all__ = [
@@ -74,6 +76,9 @@ def default_store_root(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def _expand_user(path: Path) -> Path:
+    if "\0" in str(path):
+        # No file can have such a name; every call on it would raise ValueError.
+        raise StoreError(Reason.STORE_ERROR)
     try:
         return path.expanduser()
     except RuntimeError:
@@ -110,7 +115,8 @@ class ModelStore:
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         """``root`` as given (``~`` expanded), else :func:`default_store_root`.
 
-        Raises :class:`StoreError` (``store_error``) for a ``~user`` that names no user.
+        Raises :class:`StoreError` (``store_error``) for a ``~user`` that names no user, and
+        for a root with a NUL in it.
         """
         self.root: Final = _expand_user(Path(root)) if root is not None else default_store_root()
         self.blobs_dir: Final = self.root / "blobs"
@@ -118,15 +124,21 @@ class ModelStore:
         self.locks_dir: Final = self.root / "locks"
 
     def ensure_layout(self) -> None:
-        """Create the store directories (owner-only) if they do not exist yet, and check them.
+        """Create the store directories, and any missing on the way to them, owner-only (0700,
+        whatever the umask) if they do not exist yet, and check them.
 
         Raises :class:`StoreError` (``store_error``) unless the root (which may be a symlink,
         say to a larger disk) and ``blobs/``, ``tmp/`` and ``locks/`` (which may not) are
-        directories of this user that no one else can write to. Anyone who can write there
-        could swap a verified blob for other bytes before the runtime opens it. Group write is
-        allowed for the user's own group: with the usual per-user groups (umask 002) a
-        directory made by hand has it; not for other users or groups an access ACL lets write
-        (the group bits are then its mask).
+        directories of this user, or of root, that no one else can write to, or directories
+        on a file system no one can write (read-only in its superblock, and keeping its own
+        bytes), whoever their owner. Anyone who can write there could swap a verified blob
+        for other bytes before the runtime opens it. Root's, or another user's on a read-only
+        file system, are for a store baked into an image and used by another user; where
+        root's are writable, the user cannot lock or write them, and a pull that would is
+        ``store_error`` all the same. Group write is allowed for the user's own group (one no
+        other account has or lists): with the usual per-user groups (umask 002) a directory
+        made by hand has it; not for other users or groups an access ACL lets write (the
+        group bits are then its mask).
 
         Every directory above the root, as written and as its symlinks resolve, and every
         directory a symlink on the way lives in (also one met half-way through another
@@ -143,11 +155,15 @@ class ModelStore:
             if not may_create_on_the_way_to(self.root, uid):
                 raise StoreError(Reason.STORE_ERROR)
             for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                make_private_directories(directory)
             own_ok = all(
                 stat.S_ISDIR(info.st_mode)
-                and info.st_uid == uid
-                and writable_by_no_one_else(info, directory)
+                and (
+                    (info.st_uid in (uid, 0) and writable_by_no_one_else(info, directory))
+                    # No one writes a file system read-only in its superblock (an image
+                    # built by another user), whoever its directories' owner.
+                    or file_system_read_only(info.st_dev)
+                )
                 for directory, info in (
                     (self.root, self.root.stat()),
                     *(

@@ -56,6 +56,7 @@ import secrets
 import select
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ from companion_runtime.bind.context_memory import (
     estimate_context_memory,
     unverified_weights,
 )
+from companion_runtime.bind.directory_trust import ancestors_hold_no_one_else_s_entries
 from companion_runtime.bind.filehash import VerifyPolicy, verify_file
 from companion_runtime.bind.health import (
     HealthAnswer,
@@ -847,14 +849,21 @@ class Supervisor:
         return True
 
     async def _verify_blob(self, path: Path) -> Verdict:
-        """``verify_file`` in a worker thread that a cancel stops between two buffers.
+        """``verify_file`` in a worker thread that a cancel stops between two buffers, for a
+        blob only this user can change, at a name no one else can point elsewhere.
 
         Cancelled, it raises ``CancelledError`` once the hash has stopped: the ``cancelled``
         verdict says nothing about the blob and is never reported as a refusal.
         """
         config = self._config
-        return await run_cancellable(
-            lambda cancel: verify_file(
+
+        def verify(cancel: threading.Event) -> Verdict:
+            # Nor are bytes at a name someone else could point elsewhere: whoever may rename
+            # the entries of a directory on the way puts another file there after this.
+            way = _way_held_by_no_one_else(path)
+            if way is False:
+                return deny(Reason.STORE_ERROR)
+            verdict = verify_file(
                 path,
                 expected_digest=config.expected_digest,
                 expected_size_bytes=config.expected_size_bytes,
@@ -863,7 +872,11 @@ class Supervisor:
                 # Bytes someone else could change after this are not what the runtime loads.
                 private=True,
             )
-        )
+            if verdict.ok and way is None:
+                return deny(Reason.STORE_ERROR)  # there now, but its way was not looked at
+            return verdict
+
+        return await run_cancellable(verify)
 
     async def _prepare(self) -> Verdict:
         """Re-verify the blob, then the fit check. Runs before every spawn.
@@ -1154,3 +1167,14 @@ class Supervisor:
         self._last_sample = sample
         self._sample_in_force = True
         self.controller.update_resources(sample.observation, taken_at=sample.taken_at)
+
+
+def _way_held_by_no_one_else(path: Path) -> bool | None:
+    """Whether every directory on the way to ``path`` holds no one else's entries (the rule
+    the store holds its own directories to, see ``directory_trust``); ``None`` when the way
+    cannot be looked at (the file is not there, say: the re-verify says what is wrong)."""
+    try:
+        return ancestors_hold_no_one_else_s_entries(path, os.geteuid())
+    except (OSError, RuntimeError, ValueError):
+        # RuntimeError: a symlink loop (Python before 3.13); ValueError: a NUL in the path.
+        return None
