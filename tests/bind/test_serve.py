@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from pathlib import Path
 
 import httpx
@@ -149,3 +150,45 @@ async def test_a_port_its_runtime_no_longer_holds_gets_no_request_while_the_runt
         assert not received, f"{len(received)} requests reached the port taker"
         assert [answer.status_code for answer in answers] == [502] * 3
         assert {answer.json()["reason"] for answer in answers} == {"runtime_gone"}
+
+
+def _port_free(port: int) -> bool:
+    """Whether no socket listens on ``127.0.0.1:port`` (connections on it may remain)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.security
+async def test_a_port_taken_while_the_runtime_reopens_its_listener_gets_no_request(
+    tmp_path: Path,
+) -> None:
+    # A runtime that re-executes itself closes its listener (and its connections) and opens a
+    # new one on the same port, in the same process: that process never exits, and while no
+    # listener holds the port, anyone may bind it. A new runtime connection must not carry a
+    # request, its body or the runtime's key (the live run's) to whoever did.
+    manifest, model = _standin_manifest(tmp_path, "--reexec-after-s", "1.5")
+    async with serving(manifest, model, state_dir=tmp_path / "state") as served:
+        supervisor = served.supervisor
+        runtime_url = supervisor.runtime_url
+        assert runtime_url is not None
+        port = int(runtime_url.rsplit(":", 1)[1])
+        auth = {"authorization": f"Bearer {served.token}"}
+        async with httpx.AsyncClient(base_url=served.url, headers=auth, timeout=30) as client:
+            assert (await client.post("/work?sleep_s=0")).status_code == 200
+            assert await async_wait_for(lambda: _port_free(port), 10)
+            with port_taker(port=port) as taker:
+                answers = [await client.post("/work?sleep_s=0") for _ in range(3)]
+                received = taker.stop()
+            assert not received, f"{len(received)} requests reached the port taker"
+            assert [answer.status_code for answer in answers] == [502] * 3
+            assert {answer.json()["reason"] for answer in answers} == {"runtime_gone"}
+            # The port is free again: the runtime opens its new listener, and is served on.
+            assert await async_wait_for(lambda: not _port_free(port), 10)
+            answer = await client.post("/work?sleep_s=0")
+        assert answer.status_code == 200
+        assert supervisor.status()["state"] == "ready"
