@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 from pathlib import Path
@@ -192,3 +193,50 @@ async def test_a_port_taken_while_the_runtime_reopens_its_listener_gets_no_reque
             answer = await client.post("/work?sleep_s=0")
         assert answer.status_code == 200
         assert supervisor.status()["state"] == "ready"
+
+
+@pytest.mark.security
+async def test_a_listener_the_runtime_sent_to_a_process_outside_its_tree_gets_no_request(
+    tmp_path: Path,
+) -> None:
+    # The runtime sends its listener to a process outside its tree (SCM_RIGHTS), closes its
+    # own copy and lives on. The socket still listens and the runtime's process still runs,
+    # but what accepts on the port now is not the runtime: a new runtime connection must not
+    # carry a request, its body or the runtime's key there.
+    channel = str(tmp_path / "listener")
+    manifest, model = _standin_manifest(
+        tmp_path, "--send-listener-to", channel, "--send-listener-after-s", "1.5"
+    )
+    async with serving(manifest, model, state_dir=tmp_path / "state") as served:
+        supervisor = served.supervisor
+        keeper = supervisor.status()["pid"]
+        assert isinstance(keeper, int)
+        (runtime,) = psutil.Process(keeper).children()
+        auth = {"authorization": f"Bearer {served.token}"}
+        async with httpx.AsyncClient(base_url=served.url, headers=auth, timeout=30) as client:
+            assert (await client.post("/work?sleep_s=0")).status_code == 200
+            with contextlib.ExitStack() as stack:
+                # Until the runtime has sent it (the event loop runs on meanwhile).
+                taker = await asyncio.to_thread(
+                    stack.enter_context, port_taker(receive_listener_at=channel)
+                )
+                assert await async_wait_for(
+                    lambda: (
+                        not any(
+                            connection.status == psutil.CONN_LISTEN
+                            for connection in runtime.net_connections()
+                        )
+                    ),
+                    10,
+                )
+                # Four at once: one on the runtime connection kept from the first request (made
+                # to the runtime, which still answers on it), three on new ones.
+                answers = await asyncio.gather(
+                    *(client.post("/work?sleep_s=0.3") for _ in range(4))
+                )
+                received = taker.stop()
+        assert not received, f"{len(received)} requests reached the process sent the listener"
+        assert sorted(answer.status_code for answer in answers) == [200, 502, 502, 502]
+        refused = [answer for answer in answers if answer.status_code == 502]
+        assert {answer.json()["reason"] for answer in refused} == {"runtime_gone"}
+        assert not process_gone(runtime.pid)

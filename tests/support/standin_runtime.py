@@ -10,6 +10,7 @@ real server.
         [--emit-stdout-bytes N] [--exit-after-s S] [--spawn-orphan] [--orphan-mib N]
         [--busy-children] [--pid-file PATH] [--api-key-file PATH] [--hand-over-after-s S]
         [--give-up-listener-after-s S] [--reexec-after-s S]
+        [--send-listener-to PATH --send-listener-after-s S]
 
 Endpoints: ``GET /health`` (200 ``{"status":"ok"}``, 503 while loading), ``POST /work?sleep_s=S``
 (answers after S seconds), ``POST /crash`` (sends the headers and part of a body, then exits
@@ -33,6 +34,9 @@ later, with no successor: the port is free while the runtime runs.
 restarts itself in place does: the same process, its listener and connections closed by the
 exec; the new image listens on the same port a second later, and tries again every 50 ms
 while the port is taken.
+``--send-listener-to`` sends the listener, S seconds (``--send-listener-after-s``) after it
+starts, to whatever listens on the Unix socket PATH (``SCM_RIGHTS``), closes its own copy and
+lives on: the socket still listens, in a process that is not below the runtime.
 ``--pid-file`` gets one line per process: ``runtime PID``, ``child PID``, ``orphan PID``.
 """
 
@@ -184,6 +188,8 @@ def main() -> None:
     parser.add_argument("--hand-over-after-s", type=float, default=0.0)
     parser.add_argument("--give-up-listener-after-s", type=float, default=0.0)
     parser.add_argument("--reexec-after-s", type=float, default=0.0)
+    parser.add_argument("--send-listener-to")
+    parser.add_argument("--send-listener-after-s", type=float, default=0.0)
     parser.add_argument("--retry-bind", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -234,7 +240,22 @@ def main() -> None:
         _give_up_listener(server, args.give_up_listener_after_s)
     if args.reexec_after_s:
         threading.Timer(args.reexec_after_s, _reexec).start()
+    if args.send_listener_to:
+        _send_listener(server, args.send_listener_to, args.send_listener_after_s)
     server.serve_forever()
+
+
+def _send_listener(server: ThreadingHTTPServer, path: str, after_s: float) -> None:
+    """Serve for ``after_s``, send the listener to ``path``, close it here and live on."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    time.sleep(after_s)
+    with socket.socket(socket.AF_UNIX) as channel:
+        channel.connect(path)
+        socket.send_fds(channel, [b"listener"], [server.socket.fileno()])
+    server.shutdown()
+    server.server_close()
+    while True:
+        time.sleep(60)
 
 
 def _reexec() -> None:
