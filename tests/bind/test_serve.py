@@ -240,3 +240,37 @@ async def test_a_listener_the_runtime_sent_to_a_process_outside_its_tree_gets_no
         refused = [answer for answer in answers if answer.status_code == 502]
         assert {answer.json()["reason"] for answer in refused} == {"runtime_gone"}
         assert not process_gone(runtime.pid)
+
+
+@pytest.mark.security
+async def test_a_runtime_whose_port_another_process_took_is_restarted_on_a_new_one(
+    tmp_path: Path,
+) -> None:
+    # While the runtime re-executes itself, another process takes its port and keeps it, and
+    # answers the supervisor's health probes 200. The runtime is no longer reachable at all:
+    # it must not stay ready, refusing every request runtime_gone for as long as that process
+    # holds the port; it is restarted on a new port, and the requests go there.
+    manifest, model = _standin_manifest(tmp_path, "--reexec-after-s", "1.5")
+    async with serving(manifest, model, state_dir=tmp_path / "state") as served:
+        supervisor = served.supervisor
+        runtime_url = supervisor.runtime_url
+        assert runtime_url is not None
+        port = int(runtime_url.rsplit(":", 1)[1])
+        auth = {"authorization": f"Bearer {served.token}"}
+        async with httpx.AsyncClient(base_url=served.url, headers=auth, timeout=30) as client:
+            assert (await client.post("/work?sleep_s=0")).status_code == 200
+            assert await async_wait_for(lambda: _port_free(port), 10)
+            with port_taker(port=port) as taker:
+                assert await async_wait_for(
+                    lambda: (
+                        supervisor.status()["spawns"] == 2
+                        and supervisor.status()["state"] == "ready"
+                    ),
+                    20,
+                )
+                answer = await client.post("/work?sleep_s=0")
+                received = taker.stop()
+        # Health probes only (they carry no key), never a request.
+        assert received and set(received) == {None}
+        assert answer.status_code == 200
+        assert supervisor.runtime_url != runtime_url

@@ -382,13 +382,17 @@ class _RuntimeHealth:
     any local user can read) and answers ``200`` must not make the runtime ready, nor receive
     the requests and the runtime key the front door would then send it.
 
-    Once the runtime's own listener has been seen on the port, the question is settled for
-    the rest of this run: no other socket can bind a port a listener holds (``SO_REUSEPORT``
-    needs the same user on both sides) while the process holding it lives. So the check,
-    which reads the tree's sockets from ``/proc`` (about 11 ms, more with many sockets on the
-    machine), runs until it passes, not on every probe while ready; the listening sockets it
-    found (process, descriptor, inode) go to ``on_owned``, for
-    :meth:`Supervisor.runtime_listening`.
+    Once the runtime's own listener has been seen on the port, no other socket can bind the
+    port (``SO_REUSEPORT`` needs the same user on both sides) while that socket is held. So
+    the check, which reads the tree's sockets from ``/proc`` (about 11 ms, more with many
+    sockets on the machine), runs until it passes; the listening sockets it found (process,
+    descriptor, inode) go to ``on_owned``, for :meth:`Supervisor.runtime_listening`. While
+    ready, a healthy answer counts only while ``still_owned`` (that check: one ``stat``) says
+    those sockets are still held, or ``find_again`` finds the runtime's listener anew (a
+    runtime that re-executed itself opened a new one): a runtime that closed its listener and
+    lives on while another process took the port and answers its probes is not healthy, and
+    is restarted on a new port, where it had stayed ready with every request refused
+    ``runtime_gone`` for as long as that process held the port.
     """
 
     def __init__(
@@ -399,22 +403,31 @@ class _RuntimeHealth:
         port: int,
         listeners: Callable[[int, int], Awaitable[tuple[HeldListener, ...]]],
         on_owned: Callable[[tuple[HeldListener, ...]], None],
+        still_owned: Callable[[], bool],
+        find_again: Callable[[], Awaitable[bool]],
     ) -> None:
         self._checker = checker
         self._pid = pid
         self._port = port
         self._listeners = listeners
         self._on_owned = on_owned
+        self._still_owned = still_owned
+        self._find_again = find_again
         self._owned = False
 
     async def check(self) -> HealthAnswer:
         answer = await self._checker.check()
-        if answer is HealthAnswer.HEALTHY and not self._owned:
-            holders = await self._listeners(self._pid, self._port)
-            if not holders:
-                return HealthAnswer.FOREIGN_LISTENER
-            self._owned = True
-            self._on_owned(holders)
+        if answer is not HealthAnswer.HEALTHY:
+            return answer
+        if self._owned:
+            if self._still_owned() or await self._find_again():
+                return answer
+            return HealthAnswer.FOREIGN_LISTENER
+        holders = await self._listeners(self._pid, self._port)
+        if not holders:
+            return HealthAnswer.FOREIGN_LISTENER
+        self._owned = True
+        self._on_owned(holders)
         return answer
 
 
@@ -1029,6 +1042,8 @@ class Supervisor:
                     port=spec.port,
                     listeners=self._listeners,
                     on_owned=self._watch_listeners,
+                    still_owned=self.runtime_listening,
+                    find_again=self.find_runtime_listener,
                 )
                 self._process = process
                 self._last_pid = process.pid
