@@ -54,6 +54,7 @@ import math
 import os
 import secrets
 import signal
+import stat
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -611,10 +612,11 @@ class Supervisor:
             return False  # not found yet, or none found
         for path, inode in held:
             try:
-                if os.stat(path).st_ino != inode:
-                    return False  # closed, and the descriptor reused
+                found = os.stat(path)
             except OSError:
                 return False  # closed, or its process exited
+            if found.st_ino != inode or not stat.S_ISSOCK(found.st_mode):
+                return False  # closed, and the descriptor reused (a file's inode may match)
         return True
 
     async def find_runtime_listener(self) -> bool:
