@@ -20,6 +20,7 @@ from companion_runtime.bind.manifest import (
     SourcesSpec,
 )
 from companion_runtime.bind.serve import serving
+from tests.support.llama import upstream_binary, write_model
 from tests.support.port_taker import port_taker
 from tests.support.supervision import async_wait_for, process_gone, standin_command, wait_for
 
@@ -274,3 +275,46 @@ async def test_a_runtime_whose_port_another_process_took_is_restarted_on_a_new_o
         assert received and set(received) == {None}
         assert answer.status_code == 200
         assert supervisor.runtime_url != runtime_url
+
+
+@pytest.mark.skipif(upstream_binary() is None, reason="needs an upstream llama-server binary")
+async def test_a_shell_script_that_execs_llama_server_is_served_on_new_connections(
+    tmp_path: Path,
+) -> None:
+    # A runtime that is a shell script exec-ing llama-server: the listener is found in the
+    # process the script became, and each new runtime connection (eight at once, on an empty
+    # pool) is checked against it and relayed, none refused runtime_gone.
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_model(tmp_path)
+    script = tmp_path / "llama-server"
+    script.write_text(f'#!/bin/sh\nexec "{binary}" "$@"\n')
+    script.chmod(0o755)
+    data = model.read_bytes()
+    manifest = Manifest(
+        model=ModelSpec(
+            name="tiny",
+            url="https://models.example.com/tiny.gguf",
+            sha256=hashlib.sha256(data).hexdigest(),
+            size_bytes=len(data),
+        ),
+        sources=SourcesSpec(allow=("https://models.example.com/",)),
+        runtime=RuntimeSpec(
+            command=(
+                str(script),
+                *("-m", "{model_path}", "--host", "{host}", "--port", "{port}"),
+                *("--api-key-file", "{api_key_file}", "-c", "512", "-np", "2", "-t", "1"),
+            ),
+            health_path="/health",
+            ready_timeout_s=60,
+        ),
+        limits=LimitsSpec(max_in_flight=8, queue_bound=8),
+    )
+    async with serving(manifest, model, state_dir=tmp_path / "state") as served:
+        auth = {"authorization": f"Bearer {served.token}"}
+        body = {"prompt": "ab", "n_predict": 2}
+        async with httpx.AsyncClient(base_url=served.url, headers=auth, timeout=60) as client:
+            answers = await asyncio.gather(
+                *(client.post("/completion", json=body) for _ in range(8))
+            )
+    assert [answer.status_code for answer in answers] == [200] * 8
