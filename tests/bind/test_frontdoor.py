@@ -995,6 +995,127 @@ def test_expect_100_continue_with_a_body_over_what_is_left_of_the_budget_is_refu
     run(scenario)
 
 
+@pytest.mark.security
+def test_status_shows_bodies_still_arriving_and_every_way_out_gives_them_back() -> None:
+    # A body's bytes count against max_arriving_body_bytes while it arrives; one never given
+    # back would shrink the budget for good, until every body is refused at_capacity. Every
+    # way a body stops arriving gives its bytes back, and /_status shows what is held.
+    cap = 100_000
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(
+                upstream.url,
+                max_in_flight=1,
+                max_body_bytes=cap,
+                max_arriving_body_bytes=cap + cap // 2,
+                request_timeout_s=1.0,
+            ) as ready:
+                door = ready.door
+                port = door.port
+
+                def head(
+                    path: bytes = b"/echo", *, length: int | None, extra: bytes = b""
+                ) -> bytes:
+                    framing = (
+                        b"transfer-encoding: chunked\r\n"
+                        if length is None
+                        else b"content-length: %d\r\n" % length
+                    )
+                    return b"POST %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n%s%s%s\r\n" % (
+                        path,
+                        port,
+                        b"authorization: Bearer %s\r\n" % ready.token.encode(),
+                        framing,
+                        extra,
+                    )
+
+                async def arriving() -> int:
+                    async with httpx.AsyncClient(base_url=ready.url) as client:
+                        status = (await client.get("/_status", headers=ready.auth)).json()
+                    held = status["front_door"]["arriving_body_bytes"]
+                    assert isinstance(held, int)
+                    return held
+
+                async def send(data: bytes, *, answer: bool, reset: bool = False) -> None:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(data)
+                    await writer.drain()
+                    if answer:
+                        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    else:
+                        await wait_for(lambda: door.statistics().arriving_body_bytes > 0)
+                    if reset:
+                        writer.transport.abort()
+                    else:
+                        writer.close()
+                    await wait_for(lambda: door.statistics().arriving_body_bytes == 0)
+
+                # Held while it arrives, and shown.
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head(length=cap) + b"x" * (cap // 2))
+                await writer.drain()
+                await wait_for(lambda: door.statistics().arriving_body_bytes == cap // 2)
+                assert await arriving() == cap // 2
+                writer.close()  # the client leaves mid-body
+                await wait_for(lambda: door.statistics().arriving_body_bytes == 0)
+                ways = [
+                    # A reset mid-body.
+                    send(head(length=cap) + b"x" * (cap // 2), answer=False, reset=True),
+                    # 413 by its length, with part of the body in the same write.
+                    send(head(length=cap + 1) + b"x" * (cap // 2), answer=True),
+                    # 413 as a chunked body passes the cap.
+                    send(
+                        head(length=None) + b"%x\r\n%s\r\n" % (cap // 4, b"y" * (cap // 4)) * 5,
+                        answer=True,
+                    ),
+                    # 400: a chunk that does not parse, mid-body.
+                    send(head(length=None) + b"10\r\n" + b"a" * 16 + b"\r\nZZ\r\n", answer=True),
+                    # 401 with its body coming.
+                    send(
+                        head(length=cap).replace(b"authorization", b"x-not-it") + b"x" * 1000,
+                        answer=True,
+                    ),
+                    # 408: not whole within request_timeout_s.
+                    send(head(length=cap) + b"x" * 1000, answer=True),
+                    # Pipelined behind a slow request, half a body, then the client leaves.
+                    send(
+                        head(b"/slow?ms=300", length=0) + head(length=cap) + b"x" * 30_000,
+                        answer=False,
+                    ),
+                ]
+                for way in ways:
+                    await way
+                # Refused before 100 Continue for want of budget, and the body sent anyway.
+                held_reader, held_writer = await asyncio.open_connection("127.0.0.1", port)
+                held_writer.write(head(length=cap) + b"x" * (cap - 1))
+                await held_writer.drain()
+                await wait_for(lambda: door.statistics().arriving_body_bytes == cap - 1)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head(length=cap, extra=b"expect: 100-continue\r\n"))
+                await writer.drain()
+                refusal = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert refusal.startswith(b"HTTP/1.1 503 ")
+                with contextlib.suppress(ConnectionError):
+                    writer.write(b"z" * cap)
+                    await writer.drain()
+                writer.close()
+                held_writer.write(b"x")  # the whole body: relayed, and given back
+                answer = await asyncio.wait_for(held_reader.readuntil(b"\r\n\r\n"), 5)
+                assert answer.startswith(b"HTTP/1.1 200 ")
+                await wait_for(lambda: door.statistics().arriving_body_bytes == 0)
+                assert await arriving() == 0
+                # Shutdown with a body arriving.
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head(length=cap) + b"x" * (cap // 2))
+                await writer.drain()
+                await wait_for(lambda: door.statistics().arriving_body_bytes == cap // 2)
+            assert door.statistics().arriving_body_bytes == 0
+            writer.close()
+
+    run(scenario)
+
+
 # --- admission ----------------------------------------------------------------------------
 
 

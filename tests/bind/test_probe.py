@@ -20,6 +20,8 @@ from companion_runtime.bind.probe import (
     NvmlGpuMemory,
     ProbeError,
     PsutilResourceProbe,
+    held_listeners_below,
+    listeners_below,
     listens_below,
     measure_machine_headroom,
 )
@@ -32,6 +34,7 @@ from companion_runtime.core import (
 )
 from tests.support.admission import READY
 from tests.support.nvml import fake_nvml
+from tests.support.port_taker import ipv6_loopback
 from tests.support.supervision import (
     async_wait_for,
     llama_ready,
@@ -168,6 +171,42 @@ async def test_only_a_listener_below_the_runtime_is_the_runtime_s() -> None:
             # A port another process (this one, above the runtime) listens on is not its.
             assert not await listens_below(runtime.pid, elsewhere.getsockname()[1])
     assert not await listens_below(runtime.pid, spec.port)  # gone
+
+
+@pytest.mark.security
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc names the sockets")
+@pytest.mark.parametrize(
+    ("family", "host", "reaches"),
+    [
+        (socket.AF_INET, "127.0.0.1", True),
+        (socket.AF_INET, "0.0.0.0", True),
+        (socket.AF_INET6, "::ffff:127.0.0.1", True),
+        (socket.AF_INET6, "::1", False),
+    ],
+)
+async def test_a_held_listener_names_its_process_descriptor_and_socket(
+    family: socket.AddressFamily, host: str, reaches: bool
+) -> None:
+    # A process that lives on may close its listener; what is watched is that very socket,
+    # held at that descriptor, so the check names both, and only where 127.0.0.1 reaches it.
+    if family == socket.AF_INET6 and not ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    listener = socket.socket(family)
+    if family == socket.AF_INET6 and host.startswith("::ffff:"):
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    with listener:
+        listener.bind((host, 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        held = await held_listeners_below(os.getpid(), port)
+        if not reaches:
+            assert held == ()
+            return
+        (found,) = held
+        assert (found.pid, found.fd) == (os.getpid(), listener.fileno())
+        assert found.inode == os.fstat(listener.fileno()).st_ino
+        assert await listeners_below(os.getpid(), port) == (os.getpid(),)
+    assert await held_listeners_below(os.getpid(), port) == ()
 
 
 async def test_without_an_nvidia_gpu_nvml_reads_as_no_gpu() -> None:

@@ -106,11 +106,17 @@ def ipv6_loopback() -> bool:
 
 @contextmanager
 def port_taker(
-    *, port: int = 0, user: int | None = None, host: str = "127.0.0.1"
+    *,
+    port: int = 0,
+    user: int | None = None,
+    host: str = "127.0.0.1",
+    receive_listener_at: str | None = None,
 ) -> Iterator[PortTaker]:
     """Listen on ``host``:``port`` (any free port by default), as ``user`` when given (needs
     root). ``host`` may be ``::1``: the same port number there is another socket, which any
-    local user can take while a front door listens on ``127.0.0.1``."""
+    local user can take while a front door listens on ``127.0.0.1``. With
+    ``receive_listener_at``, accept on a listening socket another process sends to that Unix
+    socket path (``SCM_RIGHTS``) instead; this waits until one has come."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the port taker, until it is killed
@@ -121,7 +127,18 @@ def port_taker(
                 os.setgid(user)
                 os.setuid(user)
             server_class = _Server6 if ":" in host else _Server
-            server = server_class((host, port), _Handler)
+            if receive_listener_at is None:
+                server = server_class((host, port), _Handler)
+            else:
+                server = server_class((host, port), _Handler, bind_and_activate=False)
+                server.socket.close()
+                with socket.socket(socket.AF_UNIX) as channel:
+                    channel.bind(receive_listener_at)
+                    channel.listen()
+                    sender, _ = channel.accept()
+                    _, (listener,), _, _ = socket.recv_fds(sender, 64, 1)
+                server.socket = socket.socket(fileno=listener)
+                server.server_address = server.socket.getsockname()
             server.report = os.fdopen(write_end, "w")
             server.report.write(f"{server.server_address[1]}\n")
             server.report.flush()

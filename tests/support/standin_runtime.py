@@ -9,7 +9,8 @@ real server.
         [--loading-s S] [--never-healthy] [--ignore-sigterm] [--spawn-child]
         [--emit-stdout-bytes N] [--exit-after-s S] [--spawn-orphan] [--orphan-mib N]
         [--busy-children] [--pid-file PATH] [--api-key-file PATH] [--hand-over-after-s S]
-        [--give-up-listener-after-s S]
+        [--give-up-listener-after-s S] [--reexec-after-s S]
+        [--send-listener-to PATH --send-listener-after-s S]
 
 Endpoints: ``GET /health`` (200 ``{"status":"ok"}``, 503 while loading), ``POST /work?sleep_s=S``
 (answers after S seconds), ``POST /crash`` (sends the headers and part of a body, then exits
@@ -29,6 +30,13 @@ and serves from then on) and exits.
 ``--give-up-listener-after-s`` serves from a worker too, but the runtime keeps its copy of the
 listener until S seconds after it starts, then closes it and lives on; the worker exits a moment
 later, with no successor: the port is free while the runtime runs.
+``--reexec-after-s`` re-executes the runtime S seconds after it listens, as a runtime that
+restarts itself in place does: the same process, its listener and connections closed by the
+exec; the new image listens on the same port a second later, and tries again every 50 ms
+while the port is taken.
+``--send-listener-to`` sends the listener, S seconds (``--send-listener-after-s``) after it
+starts, to whatever listens on the Unix socket PATH (``SCM_RIGHTS``), closes its own copy and
+lives on: the socket still listens, in a process that is not below the runtime.
 ``--pid-file`` gets one line per process: ``runtime PID``, ``child PID``, ``orphan PID``.
 """
 
@@ -179,6 +187,10 @@ def main() -> None:
     parser.add_argument("--api-key-file")
     parser.add_argument("--hand-over-after-s", type=float, default=0.0)
     parser.add_argument("--give-up-listener-after-s", type=float, default=0.0)
+    parser.add_argument("--reexec-after-s", type=float, default=0.0)
+    parser.add_argument("--send-listener-to")
+    parser.add_argument("--send-listener-after-s", type=float, default=0.0)
+    parser.add_argument("--retry-bind", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.ignore_sigterm:
@@ -209,7 +221,15 @@ def main() -> None:
     time.sleep(args.listen_delay_s)
     _ready_at = time.monotonic() + args.loading_s
     server_class = _Server6 if ":" in args.host else ThreadingHTTPServer
-    server = server_class((args.host, args.port), _Handler)
+    while True:
+        try:
+            server = server_class((args.host, args.port), _Handler)
+        except OSError:
+            if not args.retry_bind:
+                raise
+            time.sleep(0.05)
+            continue
+        break
     server.daemon_threads = True
     print(f"LISTENING {args.port}", flush=True)
     if args.exit_after_s:
@@ -218,7 +238,33 @@ def main() -> None:
         _serve_in_workers(server, args.hand_over_after_s, args.pid_file)
     if args.give_up_listener_after_s:
         _give_up_listener(server, args.give_up_listener_after_s)
+    if args.reexec_after_s:
+        threading.Timer(args.reexec_after_s, _reexec).start()
+    if args.send_listener_to:
+        _send_listener(server, args.send_listener_to, args.send_listener_after_s)
     server.serve_forever()
+
+
+def _send_listener(server: ThreadingHTTPServer, path: str, after_s: float) -> None:
+    """Serve for ``after_s``, send the listener to ``path``, close it here and live on."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    time.sleep(after_s)
+    with socket.socket(socket.AF_UNIX) as channel:
+        channel.connect(path)
+        socket.send_fds(channel, [b"listener"], [server.socket.fileno()])
+    server.shutdown()
+    server.server_close()
+    while True:
+        time.sleep(60)
+
+
+def _reexec() -> None:
+    """Run this program again in this process, without ``--reexec-after-s``."""
+    argv = sys.argv[1:]
+    at = argv.index("--reexec-after-s")
+    del argv[at : at + 2]
+    again = [sys.executable, sys.argv[0], *argv, "--listen-delay-s", "1", "--retry-bind"]
+    os.execv(sys.executable, again)
 
 
 def _give_up_listener(server: ThreadingHTTPServer, after_s: float) -> None:

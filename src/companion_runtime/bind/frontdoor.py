@@ -315,6 +315,9 @@ class FrontDoorStatistics:
     #: half-open until the client has read its answer (at most 64, for at most a second each;
     #: not in ``open_connections``).
     lingering_connections: int = 0
+    #: Bytes of request bodies still arriving, over every connection, held to
+    #: ``max_arriving_body_bytes``; 0 whenever no body is arriving.
+    arriving_body_bytes: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
@@ -337,6 +340,7 @@ class FrontDoorStatistics:
             "status_answered": self.status_answered,
             "shutdown_cancels": self.shutdown_cancels,
             "lingering_connections": self.lingering_connections,
+            "arriving_body_bytes": self.arriving_body_bytes,
         }
 
 
@@ -1416,6 +1420,7 @@ class FrontDoor:
             status_answered=counters.status_answered,
             shutdown_cancels=counters.shutdown_cancels,
             lingering_connections=len(self._lingering),
+            arriving_body_bytes=self._arriving_body_bytes,
         )
 
     def status_document(self) -> dict[str, object]:

@@ -37,12 +37,18 @@ admitted over its ceilings), and no listener in it is trusted.
   match none of ours, so the runtime's VRAM reads 0 and the VRAM ceiling is not enforced;
   this is not detected (a GPU process whose PID is not ours may well be another program's).
 
-:func:`listeners_below` names the processes of the runtime (its PID or descendants) that listen
-on ``127.0.0.1`` at a TCP port, and :func:`listens_below` says whether there is one: the port is
-picked free and released before the runtime binds it, so another local process (of any user:
-the port is in the runtime's argv for all to read) could take it first and answer the health
-check; and once the runtime is gone, the port is free again for anyone to take. Only our
-processes' own sockets are looked at.
+:func:`held_listeners_below` names the listening sockets of the runtime's processes (its PID or
+descendants) on ``127.0.0.1`` at a TCP port: which process holds each, at which descriptor,
+and the socket's inode, so that whether that process still holds that very socket can be asked
+later with one ``stat`` of ``/proc/<pid>/fd/<fd>``. :func:`listeners_below` names the processes
+and :func:`listens_below` says whether there is one: the port is picked free and released
+before the runtime binds it, so another local process (of any user: the port is in the
+runtime's argv for all to read) could take it first and answer the health check; and once the
+runtime is gone, or has closed its listener (a runtime that re-executes itself does, and opens
+a new one a moment later), the port is free again for anyone to take. Only our processes' own
+sockets are looked at: on Linux, the listening sockets of the runtime's network namespace on
+that port (``/proc/<pid>/net/tcp`` and ``tcp6``) and our processes' descriptors; elsewhere
+psutil's ``net_connections``, which names the processes only.
 
 All psutil and NVML calls block, so they run in a worker thread (``asyncio.to_thread``).
 Foreign exceptions are translated in one place per adapter: a runtime that vanished is
@@ -61,6 +67,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -75,6 +82,7 @@ from companion_runtime.core import Reason, ResourceObservation
 
 __all__ = [
     "GpuMemory",
+    "HeldListener",
     "MachineHeadroom",
     "NoGpu",
     "NvmlGpuMemory",
@@ -83,6 +91,7 @@ __all__ = [
     "ResourceProbe",
     "ResourceSample",
     "default_gpu_memory",
+    "held_listeners_below",
     "listeners_below",
     "listens_below",
     "measure_machine_headroom",
@@ -436,8 +445,71 @@ class PsutilResourceProbe:
 _RECEIVES_LOOPBACK: Final = frozenset({"127.0.0.1", "0.0.0.0", "::ffff:127.0.0.1"})  # noqa: S104
 
 
-def _listeners_below_blocking(pid: int, port: int) -> tuple[int, ...]:
-    holders: list[int] = []
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldListener:
+    """A listening socket one of the runtime's processes holds."""
+
+    #: The process holding it.
+    pid: int
+    #: The descriptor it holds it at, and the socket's inode (``-1`` and ``0`` where they
+    #: cannot be known: not Linux).
+    fd: int = -1
+    inode: int = 0
+
+
+def _proc_address(text: str) -> str:
+    """``0100007F`` → ``127.0.0.1``: an address as ``/proc/net/tcp`` shows it (32-bit words
+    in the machine's byte order)."""
+    raw = bytes.fromhex(text)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[at : at + 4][::-1] for at in range(0, len(raw), 4))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+
+
+def _listening_inodes(pid: int, port: int) -> frozenset[int]:
+    """The inodes of the sockets listening on TCP ``port`` at an address a connection to
+    ``127.0.0.1`` reaches, in ``pid``'s network namespace (anyone's: filtered by ours next)."""
+    inodes: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue  # no IPv6 here
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # 0A: TCP_LISTEN
+                continue
+            address, _, port_hex = fields[1].rpartition(":")
+            if int(port_hex, 16) == port and _proc_address(address) in _RECEIVES_LOOPBACK:
+                inodes.add(int(fields[9]))
+    return frozenset(inodes)
+
+
+def _held_listeners_linux(pid: int, port: int) -> tuple[HeldListener, ...]:
+    inodes = _listening_inodes(pid, port)
+    if not inodes:
+        return ()
+    held: list[HeldListener] = []
+    for member in (pid, *_descendants(psutil.Process(pid))):
+        try:
+            descriptors = os.listdir(f"/proc/{member}/fd")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited between listing and reading: it holds nothing now
+        for name in descriptors:
+            try:
+                target = os.readlink(f"/proc/{member}/fd/{name}")
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # closed meanwhile, or the process exited
+            if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+                held.append(HeldListener(pid=member, fd=int(name), inode=int(target[8:-1])))
+    return tuple(held)
+
+
+def _held_listeners_blocking(pid: int, port: int) -> tuple[HeldListener, ...]:
+    if sys.platform.startswith("linux") and Path("/proc/self/fd").is_dir():
+        return _held_listeners_linux(pid, port)
+    held: list[HeldListener] = []
     for member in (pid, *_descendants(psutil.Process(pid))):
         try:
             connections = psutil.Process(member).net_connections(kind="tcp")
@@ -449,19 +521,26 @@ def _listeners_below_blocking(pid: int, port: int) -> tuple[int, ...]:
             and connection.laddr.ip in _RECEIVES_LOOPBACK
             for connection in connections
         ):
-            holders.append(member)
-    return tuple(holders)
+            held.append(HeldListener(pid=member))
+    return tuple(held)
+
+
+async def held_listeners_below(pid: int, port: int) -> tuple[HeldListener, ...]:
+    """The listening sockets that ``pid`` or processes below it hold on TCP
+    ``127.0.0.1:port`` (bound to that address, the IPv4 wildcard or its IPv4-mapped form; in a
+    worker thread), one per process and descriptor; empty when there is none. Anything that
+    cannot be read counts as none: a listener we cannot show to be the runtime's is not
+    trusted."""
+    try:
+        return await asyncio.to_thread(_held_listeners_blocking, pid, port)
+    except (psutil.Error, OSError, ValueError, _TreeTooLarge):
+        return ()
 
 
 async def listeners_below(pid: int, port: int) -> tuple[int, ...]:
-    """The processes, ``pid`` or ones below it, that listen on TCP ``127.0.0.1:port`` (bound to
-    that address, the IPv4 wildcard or its IPv4-mapped form; in a worker thread); empty when
-    none does. Anything that cannot be read counts as none: a listener we cannot show to be
-    the runtime's is not trusted."""
-    try:
-        return await asyncio.to_thread(_listeners_below_blocking, pid, port)
-    except (psutil.Error, OSError, _TreeTooLarge):
-        return ()
+    """The processes, ``pid`` or ones below it, that listen on TCP ``127.0.0.1:port``
+    (:func:`held_listeners_below`'s processes); empty when none does."""
+    return tuple(dict.fromkeys(held.pid for held in await held_listeners_below(pid, port)))
 
 
 async def listens_below(pid: int, port: int) -> bool:

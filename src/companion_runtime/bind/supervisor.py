@@ -53,8 +53,8 @@ import logging
 import math
 import os
 import secrets
-import select
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -84,13 +84,14 @@ from companion_runtime.bind.health import (
 from companion_runtime.bind.manifest import Manifest
 from companion_runtime.bind.probe import (
     GpuMemory,
+    HeldListener,
     MachineHeadroom,
     ProbeError,
     PsutilResourceProbe,
     ResourceProbe,
     ResourceSample,
     default_gpu_memory,
-    listeners_below,
+    held_listeners_below,
     listens_below,
     measure_machine_headroom,
 )
@@ -351,12 +352,12 @@ def _config_from_manifest(
 
 def _holders_of(
     listens: Callable[[int, int], Awaitable[bool]],
-) -> Callable[[int, int], Awaitable[tuple[int, ...]]]:
-    """A ``listens`` seam that answers yes or no, as :func:`listeners_below` answers: the
-    runtime's own pid stands for the process holding the listener."""
+) -> Callable[[int, int], Awaitable[tuple[HeldListener, ...]]]:
+    """A ``listens`` seam that answers yes or no, as :func:`held_listeners_below` answers: the
+    runtime's own pid stands for the process holding the listener, at a descriptor unknown."""
 
-    async def holders(pid: int, port: int) -> tuple[int, ...]:
-        return (pid,) if await listens(pid, port) else ()
+    async def holders(pid: int, port: int) -> tuple[HeldListener, ...]:
+        return (HeldListener(pid=pid),) if await listens(pid, port) else ()
 
     return holders
 
@@ -384,12 +385,17 @@ class _RuntimeHealth:
     any local user can read) and answers ``200`` must not make the runtime ready, nor receive
     the requests and the runtime key the front door would then send it.
 
-    Once the runtime's own listener has been seen on the port, the question is settled for
-    the rest of this run: no other socket can bind a port a listener holds (``SO_REUSEPORT``
-    needs the same user on both sides) while the process holding it lives. So the check,
-    which reads the tree's sockets from ``/proc`` (about 11 ms, more with many sockets on the
-    machine), runs until it passes, not on every probe while ready; the processes it found
-    holding the listener go to ``on_owned``, for :meth:`Supervisor.runtime_listening`.
+    Once the runtime's own listener has been seen on the port, no other socket can bind the
+    port (``SO_REUSEPORT`` needs the same user on both sides) while that socket is held. So
+    the check, which reads the tree's sockets from ``/proc`` (about 11 ms, more with many
+    sockets on the machine), runs until it passes; the listening sockets it found (process,
+    descriptor, inode) go to ``on_owned``, for :meth:`Supervisor.runtime_listening`. While
+    ready, a healthy answer counts only while ``still_owned`` (that check: one ``stat``) says
+    those sockets are still held, or ``find_again`` finds the runtime's listener anew (a
+    runtime that re-executed itself opened a new one): a runtime that closed its listener and
+    lives on while another process took the port and answers its probes is not healthy, and
+    is restarted on a new port, where it had stayed ready with every request refused
+    ``runtime_gone`` for as long as that process held the port.
     """
 
     def __init__(
@@ -398,24 +404,33 @@ class _RuntimeHealth:
         *,
         pid: int,
         port: int,
-        listeners: Callable[[int, int], Awaitable[tuple[int, ...]]],
-        on_owned: Callable[[tuple[int, ...]], None],
+        listeners: Callable[[int, int], Awaitable[tuple[HeldListener, ...]]],
+        on_owned: Callable[[tuple[HeldListener, ...]], None],
+        still_owned: Callable[[], bool],
+        find_again: Callable[[], Awaitable[bool]],
     ) -> None:
         self._checker = checker
         self._pid = pid
         self._port = port
         self._listeners = listeners
         self._on_owned = on_owned
+        self._still_owned = still_owned
+        self._find_again = find_again
         self._owned = False
 
     async def check(self) -> HealthAnswer:
         answer = await self._checker.check()
-        if answer is HealthAnswer.HEALTHY and not self._owned:
-            holders = await self._listeners(self._pid, self._port)
-            if not holders:
-                return HealthAnswer.FOREIGN_LISTENER
-            self._owned = True
-            self._on_owned(holders)
+        if answer is not HealthAnswer.HEALTHY:
+            return answer
+        if self._owned:
+            if self._still_owned() or await self._find_again():
+                return answer
+            return HealthAnswer.FOREIGN_LISTENER
+        holders = await self._listeners(self._pid, self._port)
+        if not holders:
+            return HealthAnswer.FOREIGN_LISTENER
+        self._owned = True
+        self._on_owned(holders)
         return answer
 
 
@@ -481,8 +496,8 @@ class Supervisor:
             lambda url: HttpHealthChecker(url, probe_timeout_s=config.health.probe_timeout_s)
         )
         self._headroom = headroom or (lambda: measure_machine_headroom(self._gpu))
-        self._listeners: Callable[[int, int], Awaitable[tuple[int, ...]]] = (
-            listeners_below if listens is listens_below else _holders_of(listens)
+        self._listeners: Callable[[int, int], Awaitable[tuple[HeldListener, ...]]] = (
+            held_listeners_below if listens is listens_below else _holders_of(listens)
         )
         self.controller: Final = AdmissionController(
             max_in_flight=config.max_in_flight,
@@ -500,10 +515,11 @@ class Supervisor:
         self._stopping = False
         self._process: RuntimeProcess | None = None
         self._runtime_url: str | None = None
-        # pidfds of the processes found holding the runtime's listener this run, and a poll
-        # object over them (None: not found yet, or this system has no pidfd).
-        self._listener_fds: list[int] | None = None
-        self._listener_poll: select.poll | None = None
+        # The listening sockets found holding the runtime's port this run, as the
+        # /proc/<pid>/fd/<fd> path each is held at and its inode (None: not found yet); and
+        # whether they were found by process alone (not Linux, or a seam that says yes or no).
+        self._held_listeners: tuple[tuple[str, int], ...] | None = None
+        self._listeners_untold = False
         self._last_pid: int | None = None
         # How the last run that ended by itself ended: an exit status, or -N for signal N.
         self._last_exit_status: int | None = None
@@ -570,49 +586,56 @@ class Supervisor:
         return self._runtime_authorization
 
     def runtime_listening(self) -> bool:
-        """Whether the runtime's port is still the runtime's: a runtime runs, and none of the
-        processes found holding its listener (when it turned ready, or last by
-        :meth:`find_runtime_listener`) has exited.
+        """Whether the runtime's port is still the runtime's: a runtime runs, and every
+        listening socket found holding its port (when it turned ready, or last by
+        :meth:`find_runtime_listener`) is still held by the process it was found in, at the
+        same descriptor.
 
         The front door asks this once a new connection to :attr:`runtime_url` is made and
         before it sends anything on it. The port is in the runtime's argv for every local
-        user to read and is free the moment the runtime dies, while requests still hold
-        slots and before the exit is seen: a process that binds it then must not receive a
-        request, its body or the runtime's key. A listener lives as long as the process
-        holding it (unless it closes it, which a runtime does only when told to stop, and
-        :attr:`runtime_url` is ``None`` before that), so a connection made before this
-        answers ``True`` reached the runtime. Every one of them, not any: a process that
-        shared the listener may have closed its copy, and the one that exited was then the
-        last holding it. One ``poll`` over a pidfd per process found (usually one); without
-        pidfds (not Linux 5.3 or later) only the first part holds.
+        user to read and is free the moment no socket listens on it: when the runtime dies,
+        while requests still hold slots and before the exit is seen, and when a runtime that
+        lives on closes its listener (one that re-executes itself does, and opens a new one a
+        moment later). A process that binds it then must not receive a request, its body or
+        the runtime's key. No other socket can take a port while a listener holds it, so a
+        connection made before this answers ``True`` reached the runtime. The process alone
+        is not enough: it may have closed that socket and live on. Every socket, not any: a
+        process that shared the listener may have closed its copy, and the one that went was
+        then the last holding it. One ``stat`` of ``/proc/<pid>/fd/<fd>`` per socket found
+        (usually one), its inode compared; where the sockets cannot be named (not Linux),
+        only the first part holds.
         """
         if self._runtime_url is None:
             return False
-        fds = self._listener_fds
-        poller = self._listener_poll
-        if fds is None or poller is None:
+        if self._listeners_untold:
             return True
-        try:
-            ended = poller.poll(0)  # a pidfd reads as ready once its process has exited
-        except OSError:
-            return False
-        # Every one of them: one that exited may have been the only one still holding it.
-        return bool(fds) and not ended
+        held = self._held_listeners
+        if not held:
+            return False  # not found yet, or none found
+        for path, inode in held:
+            try:
+                found = os.stat(path)
+            except OSError:
+                return False  # closed, or its process exited
+            if found.st_ino != inode or not stat.S_ISSOCK(found.st_mode):
+                return False  # closed, and the descriptor reused (a file's inode may match)
+        return True
 
     async def find_runtime_listener(self) -> bool:
-        """Look again for the processes of the runtime's tree holding its listener, after
+        """Look again for the listening sockets of the runtime's tree on its port, after
         :meth:`runtime_listening` said no while the runtime runs; True when some hold it now
         (``runtime_listening`` watches those from then on), False when none does.
 
         A runtime may hand its listener on: a pre-forking server's worker that exits leaves
-        it to its successor, a wrapper restarts its server on the same port. The answer is
-        the check made at ready (the tree's sockets, read from ``/proc`` in a worker thread,
-        about 11 ms), so it is asked only when ``runtime_listening`` said no, and a
-        connection made before it is not used: the front door makes a new one.
+        it to its successor, a wrapper restarts its server on the same port, a runtime that
+        re-executes itself opens a new one. The answer is the check made at ready (the tree's
+        sockets, read from ``/proc`` in a worker thread, about 11 ms), so it is asked only
+        when ``runtime_listening`` said no, and a connection made before it is not used: the
+        front door makes a new one.
         """
         process = self._process
         url = self._runtime_url
-        if process is None or url is None or self._listener_fds is None:
+        if process is None or url is None or self._listeners_untold:
             return False
         holders = await self._listeners(process.pid, int(url.rsplit(":", 1)[1]))
         if not holders or self._process is not process or self._runtime_url != url:
@@ -620,36 +643,21 @@ class Supervisor:
         self._watch_listeners(holders)
         return self.runtime_listening()
 
-    def _watch_listeners(self, pids: tuple[int, ...]) -> None:
-        self._close_listener_fds()
-        fds: list[int] = []
-        for pid in pids:
-            try:
-                fds.append(os.pidfd_open(pid))
-            except ProcessLookupError:
-                continue  # gone already: it holds nothing now
-            except (OSError, AttributeError):
-                for fd in fds:
-                    os.close(fd)
-                return  # no pidfd here: runtime_listening cannot tell
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        self._listener_fds = fds
-        self._listener_poll = poller
-
-    def _close_listener_fds(self) -> None:
-        fds = self._listener_fds
-        self._listener_fds = None
-        self._listener_poll = None
-        for fd in fds or ():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    def _watch_listeners(self, held: tuple[HeldListener, ...]) -> None:
+        if any(listener.fd < 0 for listener in held):
+            self._held_listeners = None
+            self._listeners_untold = True  # runtime_listening cannot tell
+            return
+        self._listeners_untold = False
+        self._held_listeners = tuple(
+            (f"/proc/{listener.pid}/fd/{listener.fd}", listener.inode) for listener in held
+        )
 
     def _forget_runtime_address(self) -> None:
         """Nothing more goes to this run's port (its runtime has exited or is being stopped)."""
         self._runtime_url = None
-        self._close_listener_fds()
+        self._held_listeners = None
+        self._listeners_untold = False
 
     @property
     def config(self) -> SupervisorConfig:
@@ -1049,6 +1057,8 @@ class Supervisor:
                     port=spec.port,
                     listeners=self._listeners,
                     on_owned=self._watch_listeners,
+                    still_owned=self.runtime_listening,
+                    find_again=self.find_runtime_listener,
                 )
                 self._process = process
                 self._last_pid = process.pid
