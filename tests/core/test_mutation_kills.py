@@ -157,6 +157,20 @@ def test_an_entry_with_a_segment_windows_reads_as_a_dot_segment_grants_nothing(
     assert cr.validate_source_url(plain + "m.gguf", [plain]) is cr.ALLOW
 
 
+@pytest.mark.parametrize("segment", ["c:x", "C%3A", "%C7%86:x", "%E1%84%80%E1%85%A1:", "x%CC%B4:"])
+def test_an_entry_with_a_segment_windows_reads_as_a_drive_grants_nothing(segment: str) -> None:
+    # A drive, as written, in NFKC ("dz" as one letter, two Hangul jamo composed into one
+    # syllable) or with accents folded away (x with an overlay). Every URL under such an entry
+    # carries the same segment, so it is refused itself, before any entry is consulted; one
+    # beside it is not under the entry. Longer names before a ":" are the control.
+    host = _fresh_host()
+    entry = f"{host}{segment}/"
+    assert cr.validate_source_url(entry + "m.gguf", [entry]).reason is cr.Reason.MALFORMED_SPEC
+    assert cr.validate_source_url(f"{host}m.gguf", [entry]).reason is (cr.Reason.SOURCE_NOT_ALLOWED)
+    plain = _fresh_host() + "llama3:8b/%C7%86x:y/"
+    assert cr.validate_source_url(plain + "m.gguf", [plain]) is cr.ALLOW
+
+
 # --- model fit ---------------------------------------------------------------------------------
 
 ROOMY = cr.create_resource_limits(max_ram_bytes=10**12, max_vram_bytes=10**12, max_cpu_percent=100)

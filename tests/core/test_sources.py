@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ntpath
 import re
 import string
+import unicodedata
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -229,9 +231,52 @@ CASES = [
     ("https://cdn.example.org/models/..x/y", OK),
     ("https://cdn.example.org/models/.%20x/y", OK),
     ("https://cdn.example.org/models/my%20model.gguf", OK),
-    ("https://cdn.example.org/models/x:y/z", OK),
-    ("https://cdn.example.org/models/x::$DATA", OK),
+    ("https://cdn.example.org/models/xy:z/z", OK),
+    ("https://cdn.example.org/models/model.gguf::$DATA", OK),
     ("https://cdn.example.org/models/x/;v=1", OK),
+    # Segments Win32 path handling reads as a drive: a name whose second character is ":" is
+    # drive-relative ("c:secret") or, followed by "/", drive-absolute, and a server joining it
+    # onto its root the way PathCombine or os.path.join does leaves the root for that drive.
+    # Windows takes any one character as a drive letter ("subst +: C:\x"), not only A to Z.
+    ("https://cdn.example.org/models/c:secret", MALFORMED),
+    ("https://cdn.example.org/models/c:/secret", MALFORMED),
+    ("https://cdn.example.org/models/C%3A/secret", MALFORMED),
+    ("https://cdn.example.org/models/c%3a/secret", MALFORMED),
+    ("https://cdn.example.org/models/c%3A%5Csecret", MALFORMED),
+    ("https://cdn.example.org/models/c:", MALFORMED),
+    ("https://cdn.example.org/models/x/Z:", MALFORMED),
+    ("https://cdn.example.org/models/c:;x/y", MALFORMED),
+    ("https://cdn.example.org/models/c%3A%3Bx/y", MALFORMED),
+    ("https://cdn.example.org/models/x:y/z", MALFORMED),
+    ("https://cdn.example.org/models/x::$DATA", MALFORMED),
+    ("https://cdn.example.org/models/%63:secret", MALFORMED),
+    ("https://cdn.example.org/models/1:secret", MALFORMED),
+    ("https://cdn.example.org/models/+:secret", MALFORMED),
+    ("https://cdn.example.org/models/%E2%82%AC:secret", MALFORMED),
+    ("https://models.example.com/c:/secret", MALFORMED),
+    ("https://models.example.com/C:", MALFORMED),
+    # The same once a server normalises: fullwidth "c" (one character, "c" best fit),
+    # "dz" as one letter (NFKC "dz"), two Hangul jamo that NFKC composes into one syllable,
+    # and "c" or "x" with combining marks, which a server that folds accents reads as "c:".
+    ("https://cdn.example.org/models/%EF%BD%83:secret", MALFORMED),
+    ("https://cdn.example.org/models/%C7%86:secret", MALFORMED),
+    ("https://cdn.example.org/models/%E1%84%80%E1%85%A1:secret", MALFORMED),
+    ("https://cdn.example.org/models/c%CC%81:secret", MALFORMED),
+    ("https://cdn.example.org/models/x%CC%B4:secret", MALFORMED),
+    ("https://cdn.example.org/models/x%CC%88%CC%81:secret", MALFORMED),
+    # Names: more than one character before the ":", a ";" before it, or none at all.
+    ("https://cdn.example.org/models/llama3:8b", OK),
+    ("https://cdn.example.org/models/model.gguf", OK),
+    ("https://cdn.example.org/models/ab:c/d", OK),
+    ("https://cdn.example.org/models/c;x:/y", OK),
+    ("https://cdn.example.org/models/c", OK),
+    ("https://cdn.example.org/models/%C3%A8%C3%A8:x", OK),
+    ("https://cdn.example.org/models/%E1%84%80%E1%85%A1%E1%84%80:x", OK),
+    ("https://cdn.example.org/models/c%CC%81x:y", OK),
+    ("https://cdn.example.org/models/%C7%86x:y", OK),
+    # Reserved device names (CON, NUL, COM1, ...) are no way out of the root: still allowed.
+    ("https://cdn.example.org/models/CON", OK),
+    ("https://cdn.example.org/models/nul.gguf", OK),
     # Fragments.
     ("https://models.example.com/x#frag", MALFORMED),
     ("https://evil.net#@models.example.com/", MALFORMED),
@@ -415,6 +460,8 @@ TOKENS = [
     "..%3A",
     "%3a",
     ":x",
+    "c:",
+    "C%3A",
     "%2e",
     "%2E",
     "%2f",
@@ -475,6 +522,8 @@ def oracle_allows(url: str, allowlist: list[str]) -> bool:
         return False
     if any(win32_reads_a_dot_segment(segment) for segment in segments):
         return False
+    if any(win32_reads_a_drive(segment) for segment in segments):
+        return False
     for entry in allowlist:
         try:
             entry_split = urlsplit(entry)
@@ -507,6 +556,20 @@ def win32_reads_a_dot_segment(segment: str) -> bool:
     while stem[-1:] in (".", " "):
         stem = stem[:-1]
     return name != "" and stem in ("", ".", "..")
+
+
+def win32_reads_a_drive(segment: str) -> bool:
+    """Does a Windows server read the percent-encoded ``segment`` as a drive (``c:``,
+    ``c:x``), once it has dropped a ``;`` parameter and normalised the name (NFKC, or NFKD
+    with accents folded away)? ``ntpath`` reads the drive, as ``PathCombine`` does."""
+    name = unquote(segment).split(";")[0]
+    nfkd = unicodedata.normalize("NFKD", name)
+    readings = (
+        name,
+        unicodedata.normalize("NFKC", name),
+        "".join(char for char in nfkd if not unicodedata.category(char).startswith("M")),
+    )
+    return any(ntpath.splitdrive(reading)[0] != "" for reading in readings)
 
 
 urls = st.one_of(
@@ -543,19 +606,23 @@ def test_accepted_urls_name_an_allowlisted_host_port_and_path(
 
 @pytest.mark.security
 @given(
-    segment=st.lists(st.sampled_from([".", "%20", ":", "%3A", ";", "x", "$"]), min_size=1).map(
-        "".join
-    ),
+    segment=st.lists(
+        st.sampled_from([".", "%20", ":", "%3A", ";", "x", "$", "%C3%A8"]), min_size=1
+    ).map("".join),
     last=st.booleans(),
 )
 @THOROUGH
-def test_a_segment_is_refused_exactly_when_windows_reads_it_as_a_dot_segment(
+def test_a_segment_is_refused_exactly_when_windows_reads_it_as_a_dot_segment_or_a_drive(
     segment: str, last: bool
 ) -> None:
     url = "https://cdn.example.org/models/" + segment + ("" if last else "/x.gguf")
     name = unquote(segment).split(";")[0]
     # An empty name is refused inside the path, not at its end (a trailing "/", or "/;v=1").
-    refused = win32_reads_a_dot_segment(segment) or (name == "" and not last)
+    refused = (
+        win32_reads_a_dot_segment(segment)
+        or win32_reads_a_drive(segment)
+        or (name == "" and not last)
+    )
     assert cr.validate_source_url(url, ALLOWLIST).reason == (MALFORMED if refused else OK)
 
 

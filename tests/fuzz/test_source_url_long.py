@@ -109,6 +109,17 @@ def test_url_oracle_property_on_arbitrary_values(url: object) -> None:
         ("https://cdn.example.org/models/..%3A/secret", ALLOW_CDN, "malformed_spec"),
         ("https://cdn.example.org/models/..::$DATA/secret", ALLOW_CDN, "malformed_spec"),
         ("https://cdn.example.org/models/v1.0/model..gguf", ALLOW_CDN, "ok"),
+        # A name whose second character is ":" is a drive to Win32 path handling: a server
+        # that joins "c:secret" onto its root (PathCombine, os.path.join) leaves the root.
+        ("https://cdn.example.org/models/c:secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/c:/secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/C%3A/secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/c%3A%5Csecret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/1:secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/c%CC%81:secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/llama3:8b", ALLOW_CDN, "ok"),
+        ("https://cdn.example.org/models/model.gguf", ALLOW_CDN, "ok"),
+        ("https://cdn.example.org/models/NUL.gguf", ALLOW_CDN, "ok"),
         ("https://models.example.com/x#frag", ALLOW_MODELS, "malformed_spec"),
         # Unicode look-alikes of "." and "/": ".." and "/" to servers that normalise (NFKC,
         # best fit), so outside the prefix there.
@@ -148,6 +159,18 @@ def test_the_oracle_rejects_a_segment_windows_reads_as_a_dot_segment(segment: st
         "accepted URL has no unambiguous https target"
     )
     assert url_oracle_violation("https://cdn.example.org/models/x./a..b", ALLOW_CDN, ALLOW) is None
+
+
+@pytest.mark.parametrize(
+    "segment", ["c:secret", "c:", "C%3A", "1:x", "%EF%BD%83:x", "c%CC%81:x", "c:;v=1"]
+)
+def test_the_oracle_rejects_a_segment_windows_reads_as_a_drive(segment: str) -> None:
+    url = f"https://cdn.example.org/models/{segment}/secret"
+    assert url_oracle_violation(url, ALLOW_CDN, ALLOW) == (
+        "accepted URL has no unambiguous https target"
+    )
+    control = "https://cdn.example.org/models/llama3:8b/ab:c/c;x:"
+    assert url_oracle_violation(control, ALLOW_CDN, ALLOW) is None
 
 
 def test_the_oracle_accepts_a_path_that_httpx_sends_percent_encoded() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import ntpath
 import random
 import re
 import struct
@@ -88,6 +89,11 @@ URL_TOKENS: tuple[str, ...] = (
     "..%3A",
     "%3a",
     ":$DATA",
+    # A name whose second character is ":" is a drive to Win32 path handling: "c:secret" is
+    # drive-relative, outside the root a Windows server joins segments onto.
+    "c:",
+    "C%3A",
+    "x%CC%81:",
     "%2e",
     "%2E",
     "%2f",
@@ -175,8 +181,11 @@ def _https_view(url: str) -> tuple[str, int, list[str]] | None:
     # resolving dots read "..;x" as "..", and so "..%3bx" once a front server has decoded it.
     if any(re.split(r";|%3[bB]", segment, maxsplit=1)[0] in (".", "..") for segment in segments):
         return None
-    # Nor any that Win32 path handling (IIS, Windows file servers and mirrors) reads as one.
+    # Nor any that Win32 path handling (IIS, Windows file servers and mirrors) reads as one,
+    # or as a drive: joined onto the server's root, "c:secret" is outside it.
     if any(_windows_reads_a_dot_segment(unquote(segment)) for segment in segments):
+        return None
+    if any(_windows_reads_a_drive(unquote(segment)) for segment in segments):
         return None
     # httpx percent-encodes characters such as "}" on the wire; both readings must still
     # decode to the same path.
@@ -196,6 +205,19 @@ def _windows_reads_a_dot_segment(decoded_segment: str) -> bool:
     while component.endswith((".", " ")):
         component = component[:-1]
     return bool(name) and component in ("", ".", "..")
+
+
+def _windows_reads_a_drive(decoded_segment: str) -> bool:
+    """Does Windows read ``decoded_segment`` as a path on a drive (``c:``, ``c:secret``)?
+    ``ntpath.join(root, name)`` drops ``root`` for such a name, as ``PathCombine`` does; any
+    one character is a drive letter to both. Read as written, under NFKC and NFKD, and with
+    combining marks dropped (a server that folds accents), after a ``;`` parameter is dropped.
+    """
+    name = decoded_segment.split(";")[0]
+    readings = [name, *(unicodedata.normalize(form, name) for form in ("NFKC", "NFKD"))]
+    readings.append("".join(char for char in readings[2] if unicodedata.combining(char) == 0))
+    root = "\\site\\root"  # no drive of its own, so every drive in a name replaces it
+    return any(not ntpath.join(root, reading).startswith(root) for reading in readings if reading)
 
 
 #: What the path's structure is made of, for a server that resolves or splits it.

@@ -21,7 +21,9 @@ with a ``;`` parameter: ``..;x`` is ``..`` to servers that drop path parameters,
 Jetty and Spring do, and so is ``..%3b`` once a front server has decoded it), percent-decoded
 segments that Win32 path handling reads as ``.`` or ``..`` (``...``, ``..%20``, ``..%3Ax``:
 trailing dots and spaces stripped, ``name:stream`` read as ``name``; see
-:func:`_read_as_dot_segment`), fragments, an
+:func:`_read_as_dot_segment`), percent-decoded segments that Win32 path handling reads as a
+drive (``c:secret``, ``C%3A``: a drive-relative or drive-absolute name, which a server joining
+segments onto its root reads outside it; see :func:`_names_a_drive`), fragments, an
 empty host, bracketed (IPv6) hosts, scheme-relative URLs, and ports that are empty,
 non-numeric or out of range.
 The scheme is compared case-insensitively (RFC 3986), so ``HTTPS://`` is ``https``.
@@ -156,7 +158,9 @@ def _parse(url: str) -> _Parsed:
     # too: a front server that decodes the path before passing it on turns "..%3b" into "..;".
     names = [segment.partition(";")[0] for segment in decoded.split("/")]
     # names[0] is "" (the path is absolute); the last may be "" (a trailing slash).
-    if "" in names[1:-1] or any(_read_as_dot_segment(name) for name in names[1:]):
+    if "" in names[1:-1] or any(
+        _read_as_dot_segment(name) or _names_a_drive(name) for name in names[1:]
+    ):
         raise _Refused(_MALFORMED)
     return _Parsed(host, port, path, bool(parts.query) or "?" in url)
 
@@ -173,6 +177,30 @@ def _read_as_dot_segment(name: str) -> bool:
     ``a..b``, ``.hidden`` and ``v1.0`` are names.
     """
     return bool(name) and not name.partition(":")[0].rstrip(". ")
+
+
+def _names_a_drive(name: str) -> bool:
+    """May a server read the decoded segment name ``name`` as a drive?
+
+    Win32 path handling reads a component whose second character is ``:`` as a path on a
+    drive: ``c:secret`` is drive-relative, ``c:`` followed by ``/secret`` drive-absolute. A
+    Windows server that joins the segments onto its document root the way ``PathCombine`` or
+    ``os.path.join`` does (``ntpath.join("D:\\site\\models", "c:secret")`` is ``c:secret``)
+    leaves the root, as with a dot segment. Any character before the ``:`` counts, not only
+    ``A`` to ``Z``: Windows takes any one UTF-16 code unit as a drive letter (``subst +: C:\\x``
+    works), and so does Python's ``ntpath``. The name is read as written, in its NFKC form
+    (two Hangul jamo compose into one syllable) and in its NFKD form without combining marks
+    (``c`` with an accent is ``c`` to a server that folds accents away). ``xy:z``,
+    ``llama3:8b`` and ``model.gguf:x`` (a stream of ``model.gguf``) are names.
+    """
+    if name.isascii():
+        # Both forms of an ASCII text are the text itself; skipping them halves the time a
+        # typical URL takes.
+        return name[1:2] == ":"
+    folded = "".join(
+        char for char in unicodedata.normalize("NFKD", name) if unicodedata.category(char)[0] != "M"
+    )
+    return any(text[1:2] == ":" for text in (name, unicodedata.normalize("NFKC", name), folded))
 
 
 def _ascii_punctuation(text: str) -> tuple[str, ...]:
