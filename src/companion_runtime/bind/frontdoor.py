@@ -864,7 +864,7 @@ class _Client(asyncio.Protocol):
         if not self._in_head:
             return  # a chunked body's trailer: checked by nobody, so relayed to nobody
         line = len(name) + len(value) + 4  # "name: value\r\n", as relayed
-        if line > self._max_header_line or len(request.headers) >= self._max_header_fields:
+        if line > self._max_header_line:
             self.error = 431
             raise _HeadRefused
         request.headers.append((name.lower(), value))
@@ -880,6 +880,10 @@ class _Client(asyncio.Protocol):
             raise _HeadRefused
         if len(method) + len(request.target) + _REQUEST_LINE_OVERHEAD > self._max_request_line:
             self.error = 414
+            raise _HeadRefused
+        # Counted once per head, not per field: the head's 16 KiB bound the list meanwhile.
+        if len(request.headers) > self._max_header_fields:
+            self.error = 431
             raise _HeadRefused
         request.http_10 = parser.get_http_version() == "1.0"
         request.keep_alive = parser.should_keep_alive() and not request.http_10
