@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import gzip
 import json
 import logging
 import socket
@@ -12,7 +13,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -26,6 +27,14 @@ from tests.support.frontdoor import (
     ready_controller,
     running_front_door,
     tiny_upstream,
+)
+from tests.support.llama import (
+    LLAMA_SERVER_ENV,
+    free_port,
+    running_llama_server,
+    upstream_binary,
+    upstream_command,
+    write_model,
 )
 
 pytestmark = pytest.mark.integration
@@ -1112,6 +1121,256 @@ def test_status_shows_bodies_still_arriving_and_every_way_out_gives_them_back() 
                 await wait_for(lambda: door.statistics().arriving_body_bytes == cap // 2)
             assert door.statistics().arriving_body_bytes == 0
             writer.close()
+
+    run(scenario)
+
+
+# --- the runtime's own HTTP limits ---------------------------------------------------------
+#
+# llama.cpp's server (cpp-httplib) refuses some requests llhttp accepts, with a bare status and
+# no body: a header line over 8 KiB or more than 100 header fields (400), a method it does not
+# route (400), a body in a content coding (415), a Range it cannot satisfy (416). Relayed, such
+# a request takes an admission slot and comes back without a reason. The front door refuses
+# them itself (or, for Range, which a server may ignore, drops the header), within limits any
+# runtime should take: nginx's 8 KiB per line, Apache's 100 fields.
+
+
+@pytest.fixture(scope="module")
+def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The pinned upstream llama-server on the tiny model (skipped when it is not built)."""
+    binary = upstream_binary()
+    if binary is None:
+        pytest.skip(
+            f"no upstream llama-server: run scripts/build-llama-server or set {LLAMA_SERVER_ENV}"
+        )
+    directory = tmp_path_factory.mktemp("llama")
+    command = upstream_command(binary, write_model(directory), free_port())
+    with running_llama_server(command, directory) as server:
+        yield server.base_url
+
+
+def _head(
+    door: ReadyDoor, *, method: str = "GET", target: str = "/health", extra: str = ""
+) -> bytes:
+    return (
+        f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+        f"Authorization: Bearer {door.token}\r\n{extra}\r\n"
+    ).encode()
+
+
+async def _exchange(door: ReadyDoor, payload: bytes, *, responses: int = 1) -> bytes:
+    """Send ``payload``; read ``responses`` whole responses (each with a content-length), or
+    until the connection ends."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+    writer.write(payload)
+    await writer.drain()
+    data = b""
+    while True:
+        rest, complete = data, 0
+        while (end := rest.find(b"\r\n\r\n")) >= 0:
+            head = rest[:end].lower()
+            at = head.find(b"\r\ncontent-length: ")
+            length = int(head[at + 18 :].split(b"\r\n")[0]) if at >= 0 else 0
+            if len(rest) < end + 4 + length:
+                break
+            rest, complete = rest[end + 4 + length :], complete + 1
+        if complete >= responses:
+            break
+        more = await asyncio.wait_for(reader.read(65536), 10)
+        if not more:
+            break
+        data += more
+    writer.close()
+    return data
+
+
+def _fields(count: int) -> str:
+    """``count`` small header fields."""
+    return "".join(f"x-field-{index}: v\r\n" for index in range(count))
+
+
+async def _refused_before_the_runtime(door: ReadyDoor, payload: bytes, status: int) -> bytes:
+    """Send ``payload``; assert the front door refused it with ``status`` and a reason, and
+    relayed nothing to the runtime."""
+    relayed = door.door.statistics().proxied_total
+    answer = await _exchange(door, payload)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert rest.endswith(b'{"ok":false,"reason":"bad_request"}'), answer[:200]
+    assert door.door.statistics().proxied_total == relayed
+    return answer
+
+
+async def _answered_by_the_runtime(door: ReadyDoor, payload: bytes) -> bytes:
+    relayed = door.door.statistics().proxied_total
+    answer = await _exchange(door, payload)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    # Counted once the relay has ended, a moment after the client has the answer.
+    await wait_for(lambda: door.door.statistics().proxied_total == relayed + 1)
+    return answer
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [
+        ("header line over 8 KiB", 431),
+        ("more than 100 header fields", 431),
+        ("TRACE", 400),
+        ("PROPFIND", 400),
+        ("body in a content coding", 415),
+    ],
+)
+def test_what_llama_server_refuses_without_a_reason_the_front_door_refuses_with_one(
+    llama_url: str, name: str, status: int
+) -> None:
+    # Each of these, relayed, came back as llama-server's bare 400 or 415, no body, after
+    # taking an admission slot.
+    async def scenario() -> None:
+        async with running_front_door(llama_url) as door:
+            if name == "header line over 8 KiB":
+                payload = _head(door, extra=f"x-pad: {'a' * 9000}\r\n")
+            elif name == "more than 100 header fields":
+                payload = _head(door, extra=_fields(101))
+            elif name == "body in a content coding":
+                body = gzip.compress(b'{"content": "hi"}')
+                payload = (
+                    _head(
+                        door,
+                        method="POST",
+                        target="/tokenize",
+                        extra=f"content-encoding: gzip\r\ncontent-length: {len(body)}\r\n",
+                    )
+                    + body
+                )
+            else:
+                payload = _head(door, method=name)
+            answer = await _refused_before_the_runtime(door, payload, status)
+            if status == 415:
+                assert b"\r\naccept-encoding: identity\r\n" in answer
+            # The same request within the limits is the runtime's to answer.
+            await _answered_by_the_runtime(door, _head(door))
+
+    run(scenario)
+
+
+@pytest.mark.security
+def test_a_range_the_runtime_cannot_satisfy_never_reaches_it(llama_url: str) -> None:
+    # llama-server answers a Range it cannot apply (also on a POST) with a bare 416. A server
+    # may ignore Range (RFC 9110 section 14.2): the front door never relays it, and the client
+    # gets the whole answer.
+    async def scenario() -> None:
+        async with running_front_door(llama_url) as door:
+            for extra in ("range: bytes=100-50\r\n", "range: chars=0-1\r\nif-range: x\r\n"):
+                answer = await _answered_by_the_runtime(door, _head(door, extra=extra))
+                assert answer.endswith(b'{"status":"ok"}')
+
+    run(scenario)
+
+
+@pytest.mark.security
+def test_at_the_line_and_field_limits_the_runtime_answers_and_past_them_the_front_door(
+    llama_url: str,
+) -> None:
+    async def scenario() -> None:
+        async with running_front_door(llama_url, runtime_authorization=b"Bearer key") as door:
+            limit = 8192
+            # A header line as relayed ("x-pad: " + value + CRLF): llama-server's own limit.
+            pad = limit - len("x-pad: \r\n")
+            await _answered_by_the_runtime(door, _head(door, extra=f"x-pad: {'a' * pad}\r\n"))
+            await _refused_before_the_runtime(
+                door, _head(door, extra=f"x-pad: {'a' * (pad + 1)}\r\n"), 431
+            )
+            # The request line as relayed ("GET " + target + " HTTP/1.1" + CRLF).
+            query = limit - len("GET /health? HTTP/1.1\r\n")
+            await _answered_by_the_runtime(door, _head(door, target=f"/health?{'a' * query}"))
+            await _refused_before_the_runtime(
+                door, _head(door, target=f"/health?{'a' * (query + 1)}"), 414
+            )
+            # 100 fields, Host and Authorization among them; the runtime gets 100 too (its own
+            # Host and key for the client's), llama-server's limit.
+            await _answered_by_the_runtime(door, _head(door, extra=_fields(98)))
+            await _refused_before_the_runtime(door, _head(door, extra=_fields(99)), 431)
+            # A POST without a body gets a Content-Length from the front door: with 100
+            # fields of its own it would reach the runtime with 101.
+            await _refused_before_the_runtime(
+                door, _head(door, method="POST", target="/health", extra=_fields(98)), 431
+            )
+            answer = await _exchange(
+                door, _head(door, method="POST", target="/health", extra=_fields(97))
+            )
+            assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]  # llama-server's own JSON
+            assert b'"not_found_error"' in answer
+
+    run(scenario)
+
+
+def test_config_refuses_head_limits_too_small_for_a_request() -> None:
+    for name, value in (
+        ("max_request_line_bytes", 63),
+        ("max_header_line_bytes", 0),
+        ("max_header_fields", 3),
+        ("max_header_fields", 1.5),
+        ("max_header_fields", True),
+    ):
+        with pytest.raises(ValueError, match=name):
+            FrontDoorConfig(token="t" * 32, **{name: value})  # type: ignore[arg-type]
+
+
+def test_configured_head_limits_hold_for_a_head_whole_pipelined_or_in_pieces() -> None:
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(
+                upstream.url,
+                max_request_line_bytes=100,
+                max_header_line_bytes=200,
+                max_header_fields=10,
+            ) as door:
+                # "GET " + target + " HTTP/1.1" + CRLF: 100 bytes at most.
+                target = "/echo?" + "a" * (100 - len("GET /echo? HTTP/1.1\r\n"))
+                await _answered_by_the_runtime(door, _head(door, target=target))
+                await _refused_before_the_runtime(door, _head(door, target=target + "a"), 414)
+                # A longer method leaves less room for the target.
+                await _refused_before_the_runtime(
+                    door, _head(door, method="DELETE", target=target), 414
+                )
+                value = "v" * (200 - len("x-pad: \r\n"))
+                await _answered_by_the_runtime(
+                    door, _head(door, target="/echo", extra=f"x-pad: {value}\r\n")
+                )
+                await _refused_before_the_runtime(
+                    door, _head(door, target="/echo", extra=f"x-pad: {value}v\r\n"), 431
+                )
+                await _answered_by_the_runtime(door, _head(door, target="/echo", extra=_fields(8)))
+                await _refused_before_the_runtime(
+                    door, _head(door, target="/echo", extra=_fields(9)), 431
+                )
+                # Behind a request within the limits, in the same write: that one is
+                # answered, then the refusal, and the connection ends.
+                answer = await _exchange(
+                    door,
+                    _head(door, target="/echo") + _head(door, target="/echo", extra=_fields(9)),
+                    responses=2,
+                )
+                first, _, second = answer.partition(b"\r\n\r\n")
+                assert first.startswith(b"HTTP/1.1 200 ")
+                assert b"HTTP/1.1 431 " in second
+                assert second.endswith(b'{"ok":false,"reason":"bad_request"}')
+                # A target sent in pieces is refused once it passes the limit, before its
+                # head ends.
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                writer.write(b"GET /echo?")
+                for _ in range(10):
+                    writer.write(b"a" * 20)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                answer = await asyncio.wait_for(reader.read(65536), 5)
+                writer.close()
+                assert answer.startswith(b"HTTP/1.1 414 ")
+                assert answer.endswith(b'{"ok":false,"reason":"bad_request"}')
+                refused = door.door.statistics().refused_by_reason
+                assert refused["bad_request"] == 6
+                assert upstream.requests_seen == 4
 
     run(scenario)
 

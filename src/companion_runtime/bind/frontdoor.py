@@ -7,8 +7,13 @@ parser, plus one task that serves the parsed requests in order. A request passes
 fixed order, and the first guard that fails answers it:
 
 1. the request target is in origin form (``/path``), else ``400 bad_request``; so is a head
-   that does not parse, an HTTP/1.1 request without exactly one ``Host``, and a head over
-   16 KiB (``431``);
+   that does not parse, an HTTP/1.1 request without exactly one ``Host``, a method other than
+   ``GET``, ``HEAD``, ``POST``, ``PUT``, ``DELETE``, ``OPTIONS`` and ``PATCH``, a head over
+   16 KiB (``431``), a request line over ``max_request_line_bytes`` (``414``), and a header
+   line over ``max_header_line_bytes`` or more than ``max_header_fields`` fields (``431``),
+   also counted as the request is relayed: the runtime's HTTP layer has limits of its own
+   (llama.cpp's server: 8 KiB a header line, 100 fields), and answers past them with a bare
+   status and no reason, after the request took an admission slot;
 2. ``Host`` is a loopback name (``127.0.0.1``, ``localhost``, ``[::1]``) with the front door's
    own port, else ``403 host_not_allowed`` (a DNS-rebinding page names its own host);
 3. an ``Origin`` header, when present, is the front door's own origin, else
@@ -16,24 +21,25 @@ fixed order, and the first guard that fails answers it:
 4. ``Authorization: Bearer <token>`` matches the session token, compared in constant time,
    else ``401 unauthorized``.
 
-``GET /_status`` is answered by the front door itself. Every other request has its body read
-(up to a cap, ``413 request_too_large`` beyond it; ``408 timeout`` when it is not whole within
-``request_timeout_s``; ``503 at_capacity`` when the bodies still arriving on all connections
-would pass ``max_arriving_body_bytes``, since every connection may be sending one and none of
-them is counted by admission yet) and then waits for an admission slot
-(``async with controller.slot(deadline=...)``); a refusal is ``503`` with ``Retry-After`` and
-``{"ok": false, "reason": "<code>"}``. A refusal that ends the connection before the request's
-end was read (a 401 or 413 with the body still coming) half-closes it and reads on until the
-client goes, at most a second, so that the client gets to read its answer (at most 64 such
-connections linger at once, the refused-at-capacity ones below included; past that the one
-that has lingered longest is closed to make room). An admitted request
-is sent to the runtime over a pooled keep-alive connection (a second protocol with an
-``httptools`` response parser) without the client's credentials; a new one carries nothing
-until ``runtime_listening`` confirms that the runtime still holds its port (which anyone may
-take once it dies). The response is relayed from
-the parser's callbacks as the bytes arrive, so streamed tokens are never buffered; when the
-client reads slower than the runtime writes, reading from the runtime pauses until the client
-catches up.
+``GET /_status`` is answered by the front door itself. Every other request has its body read (up
+to a cap, ``413 request_too_large`` beyond it; a body in a content coding other than
+``identity`` is ``415 bad_request``, as a runtime that decodes none answers it; ``408 timeout``
+when it is not whole within ``request_timeout_s``; ``503 at_capacity`` when the bodies still
+arriving on all connections would pass ``max_arriving_body_bytes``, since every connection may
+be sending one and none of them is counted by admission yet) and then waits for an admission
+slot (``async with controller.slot(deadline=...)``); a refusal is ``503`` with ``Retry-After``
+and ``{"ok": false, "reason": "<code>"}``. A refusal that ends the connection before the
+request's end was read (a 401 or 413 with the body still coming) half-closes it and reads on
+until the client goes, at most a second, so that the client gets to read its answer (at most 64
+such connections linger at once, the refused-at-capacity ones below included; past that the one
+that has lingered longest is closed to make room). An admitted request is sent to the runtime
+over a pooled keep-alive connection (a second protocol with an ``httptools`` response parser)
+without the client's credentials (nor a ``Range``, which a server may ignore and llama.cpp's
+answers with a bare ``416`` when it cannot apply it); a new one carries nothing until
+``runtime_listening`` confirms that the runtime still holds its port (which anyone may take once
+it dies). The response is relayed from the parser's callbacks as the bytes arrive, so streamed
+tokens are never buffered; when the client reads slower than the runtime writes, reading from
+the runtime pauses until the client catches up.
 
 The client connection's protocol sees the client leave (EOF or reset) at once, also while the
 request waits for a slot or is relayed; while reading is paused (see below), where that end
@@ -106,6 +112,8 @@ from companion_runtime.core import Reason
 __all__ = [
     "DEFAULT_MAX_ARRIVING_BODY_BYTES",
     "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_HEADER_FIELDS",
+    "DEFAULT_MAX_LINE_BYTES",
     "STATUS_PATH",
     "AdmissionPort",
     "AdmissionSnapshot",
@@ -122,6 +130,11 @@ STATUS_PATH: Final = b"/_status"
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 #: Request bodies still arriving, over all connections at once (eight at the cap).
 DEFAULT_MAX_ARRIVING_BODY_BYTES: Final = 64 * 1024 * 1024
+#: Longest request line and header line, CRLF included, as relayed (nginx's
+#: ``large_client_header_buffers 4 8k``; llama.cpp's server refuses a longer header line).
+DEFAULT_MAX_LINE_BYTES: Final = 8 * 1024
+#: Most header fields in a request (Apache's ``LimitRequestFields``; llama.cpp's limit too).
+DEFAULT_MAX_HEADER_FIELDS: Final = 100
 _MAX_HEAD_BYTES: Final = 16 * 1024
 # The runtime's response head, with room for a body that comes in the same read.
 _MAX_UPSTREAM_HEAD_BYTES: Final = 256 * 1024
@@ -172,6 +185,8 @@ _HOP_BY_HOP: Final = frozenset(
         b"upgrade",
     }
 )
+# Range too: a server may ignore it (RFC 9110 section 14.2), and llama.cpp's server answers
+# one it cannot apply, also to a POST, with a bare 416.
 _NOT_TO_RUNTIME: Final = _HOP_BY_HOP | {
     b"host",
     b"authorization",
@@ -179,10 +194,22 @@ _NOT_TO_RUNTIME: Final = _HOP_BY_HOP | {
     b"origin",
     b"expect",
     b"content-length",
+    b"range",
+    b"if-range",
 }
 # Framing headers of the runtime's response: the client leg's framing is the front door's own.
 _NOT_TO_CLIENT: Final = _HOP_BY_HOP | {b"content-length"}
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
+# Methods relayed: what llama.cpp's server routes (it answers any other, TRACE and WebDAV's
+# among them, with a bare 400), and what an HTTP API needs. CONNECT is refused as an upgrade.
+_METHODS: Final = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
+# What the front door writes around the target on a relayed request line: method, " ",
+# " HTTP/1.1\r\n"; the shortest method is three bytes.
+_REQUEST_LINE_OVERHEAD: Final = len(b"  HTTP/1.1\r\n")
+_SHORTEST_METHOD: Final = 3
+# Header fields the front door may add to a relayed request beyond the client's own: Host
+# (for an HTTP/1.0 client that sent none), its runtime key and a Content-Length.
+_ADDED_FIELDS: Final = 3
 _STATUS_LINES: Final = {
     status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())
     for status in HTTPStatus
@@ -241,6 +268,15 @@ class FrontDoorConfig:
     #: before admission; never less than ``max_body_bytes``). A body that would pass it is
     #: answered ``503 at_capacity`` and its connection closed.
     max_arriving_body_bytes: int = DEFAULT_MAX_ARRIVING_BODY_BYTES
+    #: Longest request line, as relayed (method, target, ``HTTP/1.1`` and CRLF); a longer one
+    #: is answered ``414 bad_request``.
+    max_request_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    #: Longest header line, as relayed (``name: value`` and CRLF); a longer one is answered
+    #: ``431 bad_request``.
+    max_header_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    #: Most header fields in a request, and in the request as relayed (the front door's own
+    #: ``Host``, ``Content-Length`` and runtime key counted); more is ``431 bad_request``.
+    max_header_fields: int = DEFAULT_MAX_HEADER_FIELDS
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or len(self.token) < 16:
@@ -267,6 +303,16 @@ class FrontDoorConfig:
             raise ValueError("bounds")
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ValueError("max_connections")
+        for name, least in (
+            # Room for "OPTIONS /x HTTP/1.1" and a short header; for the front door's own
+            # fields and one of the client's.
+            ("max_request_line_bytes", 64),
+            ("max_header_line_bytes", 64),
+            ("max_header_fields", _ADDED_FIELDS + 1),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(name)
 
 
 @final
@@ -354,6 +400,10 @@ class _Closing(Exception):
 
 class _PipelineFull(Exception):
     """A request began while the pipelining bound's worth of requests were already waiting."""
+
+
+class _HeadRefused(Exception):
+    """A request head passed a limit (``_Client.error`` says which answer it gets)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -509,14 +559,20 @@ class _Client(asyncio.Protocol):
         # Looked up once: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
-        self._max_body = door._config.max_body_bytes
+        config = door._config
+        self._max_body = config.max_body_bytes
+        self._max_request_line = config.max_request_line_bytes
+        self._max_target = config.max_request_line_bytes - _REQUEST_LINE_OVERHEAD - _SHORTEST_METHOD
+        self._max_header_line = config.max_header_line_bytes
+        self._max_header_fields = config.max_header_fields
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.requests: deque[_Request] = deque()
         self._current: _Request | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
-        #: 400 or 431 once the byte stream stopped being parseable HTTP.
+        #: 400, 414 or 431 once the byte stream stopped being parseable HTTP, or a head passed
+        #: a limit.
         self.error = 0
         #: After an upgrade request nothing more on the connection is HTTP.
         self.no_more = False
@@ -607,7 +663,7 @@ class _Client(asyncio.Protocol):
         except httptools.HttpParserError:
             if self.overflowed:
                 self._overflow()
-            else:
+            elif not self.error:  # else a callback refused the head (_HeadRefused)
                 self.error = 400
         if self._in_head and self._head_bytes > _MAX_HEAD_BYTES and not self.error:
             self.error = 431
@@ -794,25 +850,45 @@ class _Client(asyncio.Protocol):
         self._current = _Request()
         self._in_head = True
 
+    # The head's limits are checked here, one integer compare per callback the parser makes
+    # anyway; raising stops the parser, and the head is answered ``self.error``.
+
     def on_url(self, url: bytes) -> None:
         request = self._current
         assert request is not None
         request.target += url
         request.head_bytes += len(url)
+        if len(request.target) > self._max_target:
+            self.error = 414  # too long with any method (checked exactly once it is known)
+            raise _HeadRefused
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self._current
         assert request is not None
         if not self._in_head:
             return  # a chunked body's trailer: checked by nobody, so relayed to nobody
+        line = len(name) + len(value) + 4  # "name: value\r\n", as relayed
+        if line > self._max_header_line:
+            self.error = 431
+            raise _HeadRefused
         request.headers.append((name.lower(), value))
-        request.head_bytes += len(name) + len(value) + 4
+        request.head_bytes += line
 
     def on_headers_complete(self) -> None:
         request = self._current
         assert request is not None
         parser = self._parser
-        request.method = parser.get_method()
+        method = request.method = parser.get_method()
+        if method not in _METHODS:
+            self.error = 400
+            raise _HeadRefused
+        if len(method) + len(request.target) + _REQUEST_LINE_OVERHEAD > self._max_request_line:
+            self.error = 414
+            raise _HeadRefused
+        # Counted once per head, not per field: the head's 16 KiB bound the list meanwhile.
+        if len(request.headers) > self._max_header_fields:
+            self.error = 431
+            raise _HeadRefused
         request.http_10 = parser.get_http_version() == "1.0"
         request.keep_alive = parser.should_keep_alive() and not request.http_10
         self._in_head = False
@@ -1641,6 +1717,7 @@ class FrontDoor:
         authorization: list[bytes] = []
         content_length = 0
         expect = False
+        coded = False
         for name, value in request.headers:
             if name == b"host":
                 host = value.lower()
@@ -1657,7 +1734,13 @@ class FrontDoor:
                 request.nominated = request.nominated.union(
                     token.strip().lower() for token in value.split(b",")
                 )
-        if request.head_bytes > _MAX_HEAD_BYTES:
+            elif name == b"content-encoding":
+                coded = coded or value.strip().lower() != b"identity"
+        if request.head_bytes > _MAX_HEAD_BYTES or (
+            # Near the limit (rarely), the fields the runtime would get are counted.
+            len(request.headers) > self._config.max_header_fields - _ADDED_FIELDS
+            and self._relayed_fields(request, content_length) > self._config.max_header_fields
+        ):
             return self._refuse(client, 431, Reason.BAD_REQUEST, close=True)
         if hosts > 1 or (hosts == 0 and not request.http_10):
             return self._refuse(client, 400, Reason.BAD_REQUEST, close=True)
@@ -1695,6 +1778,16 @@ class FrontDoor:
 
         if content_length > self._config.max_body_bytes:
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
+        if coded and (content_length or request.body_size or not request.complete):
+            # A compressed body: llama.cpp's server decodes none (a bare 415), and the front
+            # door relays bodies as they are.
+            return self._refuse(
+                client,
+                415,
+                Reason.BAD_REQUEST,
+                close=True,
+                extra=((b"accept-encoding", b"identity"),),
+            )
         # A body that arrived with its head (the usual case) needs no wait.
         if not request.complete:
             if expect and (
@@ -1757,6 +1850,25 @@ class FrontDoor:
         finally:
             reading.discard(client)
         return True
+
+    def _relayed_fields(self, request: _Request, content_length: int) -> int:
+        """How many header fields the request would reach the runtime with, at most (see
+        ``_upstream_request``; a body still arriving counts as one)."""
+        nominated = request.nominated
+        fields = 1  # host
+        for name, _value in request.headers:
+            if name not in _NOT_TO_RUNTIME and name not in nominated:
+                fields += 1
+        if self._runtime_authorization is not None and self._runtime_authorization() is not None:
+            fields += 1
+        if (
+            content_length
+            or request.body_size
+            or not request.complete
+            or request.method in _BODY_METHODS
+        ):
+            fields += 1  # content-length
+        return fields
 
     def _authorized(self, values: list[bytes]) -> bool:
         if len(values) != 1:
