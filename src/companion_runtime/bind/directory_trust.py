@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Final
 
 from companion_runtime.bind.read_only_file_system import file_system_read_only
-from companion_runtime.bind.write_permission import writable_by_no_one_else
+from companion_runtime.bind.write_permission import accounts_read_once, writable_by_no_one_else
 
 __all__ = [
     "ancestors_hold_no_one_else_s_entries",
@@ -65,12 +65,13 @@ def ancestors_hold_no_one_else_s_entries(path: Path, uid: int) -> bool:
     lookups = _lookups_on_the_way_to(path.absolute())
     above = [*path.absolute().parents, *path.resolve().parents, *(where for where, _ in lookups)]
     infos = {directory: directory.stat() for directory in dict.fromkeys(above)}
-    if not all(holds_no_one_else_s_entries(info, uid, where) for where, info in infos.items()):
-        return False
-    return all(
-        entry.st_uid in (uid, 0) or not _sticky_and_shared(infos[where], where)
-        for where, entry in lookups
-    )
+    with accounts_read_once():
+        if not all(holds_no_one_else_s_entries(info, uid, where) for where, info in infos.items()):
+            return False
+        return all(
+            entry.st_uid in (uid, 0) or not _sticky_and_shared(infos[where], where)
+            for where, entry in lookups
+        )
 
 
 def may_create_on_the_way_to(path: Path, uid: int) -> bool:
@@ -84,9 +85,10 @@ def may_create_on_the_way_to(path: Path, uid: int) -> bool:
     existing = path
     while not os.path.lexists(existing) and existing.parent != existing:
         existing = existing.parent
-    return holds_no_one_else_s_entries(
-        existing.stat(), uid, existing
-    ) and ancestors_hold_no_one_else_s_entries(existing, uid)
+    with accounts_read_once():
+        return holds_no_one_else_s_entries(
+            existing.stat(), uid, existing
+        ) and ancestors_hold_no_one_else_s_entries(existing, uid)
 
 
 def make_private_directories(path: Path) -> None:

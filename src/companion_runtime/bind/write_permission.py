@@ -8,16 +8,44 @@ either, no one else may.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import os
 import pwd
 import stat
 import struct
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Final
 
-__all__ = ["writable_by_no_one_else"]
+__all__ = ["accounts_read_once", "writable_by_no_one_else"]
+
+#: Within :func:`accounts_read_once`, whether each group asked about is the user's own.
+_OWN_GROUP_ANSWERS: ContextVar[dict[int, bool] | None] = ContextVar(
+    "own_group_answers", default=None
+)
+
+
+@contextlib.contextmanager
+def accounts_read_once() -> Iterator[None]:
+    """Within it (in this thread), the account databases are read once per group asked about,
+    however many directories on the way that group may write.
+
+    Reading them is a full enumeration of every account (``getpwall``): with a directory
+    service that enumerates, tens of thousands of entries, or its timeouts when it does not
+    answer, once for every group-writable directory a check meets. Nested uses share the
+    outermost one's answers.
+    """
+    if _OWN_GROUP_ANSWERS.get() is not None:
+        yield
+        return
+    token = _OWN_GROUP_ANSWERS.set({})
+    try:
+        yield
+    finally:
+        _OWN_GROUP_ANSWERS.reset(token)
 
 
 #: The extended attribute a POSIX access ACL is stored in (Linux), and how: a version, then
@@ -73,6 +101,15 @@ def _own_group(gid: int) -> bool:
     """
     if gid != os.getegid():
         return False
+    answers = _OWN_GROUP_ANSWERS.get()
+    if answers is None:
+        return _no_one_else_s_group(gid)
+    if gid not in answers:
+        answers[gid] = _no_one_else_s_group(gid)
+    return answers[gid]
+
+
+def _no_one_else_s_group(gid: int) -> bool:
     # Root may write anything anyway: root's account in the group (the root group itself,
     # a process run as another user with group 0, as OpenShift does) takes nothing away.
     trusted = (os.geteuid(), 0)
