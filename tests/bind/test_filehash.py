@@ -431,8 +431,20 @@ def disk_image(request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path]]:
     """An ext4 image holding a model (another user's, root's, or nobody's, the user the tests
     verify as), and where it is mounted
     read-only through a loop device: (image, mount point)."""
+    with _mounted_image(request.param) as (image, shown):
+        yield image, shown
+
+
+@contextlib.contextmanager
+def _mounted_image(
+    file_owner: int, *, over_a_block_device: bool = False
+) -> Iterator[tuple[Path, Path]]:
+    """An ext4 image holding a model of ``file_owner``'s, mounted read-only through a loop
+    device, or through a loop device over another one: (image, mount point)."""
     if any(shutil.which(tool) is None for tool in ("mkfs.ext4", "findmnt", "blockdev")):
         pytest.skip("no mkfs.ext4, findmnt or blockdev to make and look at an image with")
+    if over_a_block_device and shutil.which("losetup") is None:
+        pytest.skip("no losetup to put a loop device over a block device with")
     base = Path(tempfile.mkdtemp())
     base.chmod(0o755)
     content, image, shown = base / "content", base / "disk.img", base / "mounted"
@@ -440,22 +452,29 @@ def disk_image(request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path]]:
     shown.mkdir()
     path, _data, _digest = write_model(content, 10_000)
     path.chmod(0o644)
-    os.chown(path, request.param, request.param)
+    os.chown(path, file_owner, file_owner)
     with open(image, "wb") as handle:
         handle.truncate(4 * 1024 * 1024)
     made = subprocess.run(
         ["mkfs.ext4", "-q", "-d", str(content), str(image)], capture_output=True, check=False
     )
+    lower = ""
+    if over_a_block_device and made.returncode == 0:
+        lower = subprocess.run(
+            ["losetup", "-f", "--show", "-r", str(image)], capture_output=True, text=True
+        ).stdout.strip()
+    source = lower or str(image)
     mounted = subprocess.run(
-        ["mount", "-o", "ro,loop", str(image), str(shown)], capture_output=True, check=False
+        ["mount", "-o", "ro,loop", source, str(shown)], capture_output=True, check=False
     )
-    if made.returncode != 0 or mounted.returncode != 0:
-        shutil.rmtree(base)
-        pytest.skip("cannot make or mount an ext4 image here (needs root and loop devices)")
     try:
+        if made.returncode != 0 or mounted.returncode != 0:
+            pytest.skip("cannot make or mount an ext4 image here (needs root and loop devices)")
         yield image, shown
     finally:
         subprocess.run(["umount", "-l", str(shown)], check=False)
+        if lower:
+            subprocess.run(["losetup", "-d", lower], check=False)
         shutil.rmtree(base)
 
 
@@ -523,6 +542,52 @@ def test_a_read_only_mount_of_a_disk_image_another_user_may_write_is_no_read_onl
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     subprocess.run(["blockdev", "--flushbufs", loop], check=True)
     assert seen.read_bytes().startswith(b"other bytes")
+
+
+#: A user whose group is theirs alone: no account has it as its primary group or lists it.
+OWN_GROUP_USER = 4244
+
+
+def _verdict_as(uid: int, seen: Path) -> str:
+    data, digest = model_bytes(10_000)
+    return _as_another_user(
+        uid,
+        lambda: (
+            verify_file(
+                seen, expected_digest=digest, expected_size_bytes=len(data), private=True
+            ).reason.value
+        ),
+    )
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() != 0, reason="a loop device and another user's file need root")
+def test_a_disk_image_the_user_s_own_group_may_write_is_the_user_s_own() -> None:
+    # Under umask 002 (the per-user groups of Fedora and Ubuntu) the user's own image file is
+    # group-writable for their own group, which the store's directories may be: a model on
+    # it had been refused before every start.
+    with _mounted_image(OWN_GROUP_USER) as (image, shown):
+        os.chown(image, OWN_GROUP_USER, OWN_GROUP_USER)
+        image.chmod(0o664)
+        assert _verdict_as(OWN_GROUP_USER, shown / "model.bin") == "ok"
+        # A group of someone else's that may write the image is another writer.
+        os.chown(image, OWN_GROUP_USER, OWN_GROUP_USER + 1)
+        assert _verdict_as(OWN_GROUP_USER, shown / "model.bin") == "store_error"
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() != 0, reason="loop devices and another user's image need root")
+def test_a_loop_device_over_a_block_device_is_judged_by_what_lies_under_that() -> None:
+    # A loop device's backing file may be a block device (losetup /dev/sdb1, another loop
+    # device): it had been taken for an image no one could vouch for, and the user's own
+    # model on it refused before every start.
+    with _mounted_image(OWN_GROUP_USER, over_a_block_device=True) as (image, shown):
+        os.chown(image, OWN_GROUP_USER, OWN_GROUP_USER)
+        image.chmod(0o644)
+        assert _verdict_as(OWN_GROUP_USER, shown / "model.bin") == "ok"
+        # Another user's image under the lower loop device still writes what the mount shows.
+        os.chown(image, IMAGE_OWNER, IMAGE_OWNER)
+        assert _verdict_as(OWN_GROUP_USER, shown / "model.bin") == "store_error"
 
 
 @pytest.mark.unit

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from companion_runtime.bind.directory_trust import ancestors_hold_no_one_else_s_entries
 from companion_runtime.bind.store import (
     STORE_ENV_VAR,
     ModelStore,
@@ -440,6 +441,47 @@ def test_group_write_for_root_s_group_run_as_another_user_is_accepted() -> None:
             os.chown(directory, OTHER_UID, 0)
         root.chmod(0o770)
         assert _as_other_user(0, ModelStore(root).ensure_layout) == "ok"
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() != 0, reason="a group-writable way only root's group has")
+def test_the_accounts_are_read_once_per_check_however_many_directories_group_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Whether a group is the user's own is a full enumeration of the accounts: a directory
+    # service with tens of thousands (or one that does not answer, and times out) had been
+    # enumerated again for every group-writable directory on the way, nine times over for a
+    # store three such directories deep, before every pull and every start.
+    sharing = [account for account in pwd.getpwall() if account.pw_gid == 0 and account.pw_uid]
+    if sharing or any(member != "root" for member in grp.getgrgid(0).gr_mem):
+        pytest.skip("accounts other than root share group 0 here")
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        deep = base / "a" / "b" / "c"
+        deep.mkdir(parents=True)
+        for directory in (base / "a", base / "a" / "b", deep):
+            os.chown(directory, 0, 0)
+            directory.chmod(0o770)
+        enumerations = []
+        enumerate_accounts = pwd.getpwall
+
+        def counted() -> list[pwd.struct_passwd]:
+            enumerations.append(1)
+            return enumerate_accounts()
+
+        monkeypatch.setattr(pwd, "getpwall", counted)
+        store = ModelStore(deep / "models")
+        store.ensure_layout()
+        assert len(enumerations) == 1
+        enumerations.clear()
+        assert ancestors_hold_no_one_else_s_entries(store.blobs_dir, 0)
+        assert len(enumerations) == 1
+        # Each check reads them afresh: an account added since counts at the next one.
+        store.ensure_layout()
+        assert len(enumerations) == 2
     finally:
         shutil.rmtree(base)
 

@@ -34,6 +34,33 @@ def test_demo_runs_end_to_end_and_exits_0() -> None:
 
 
 @pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
+def test_a_temporary_directory_others_may_write_is_refused_with_the_rule_it_breaks(
+    tmp_path: Path,
+) -> None:
+    # The demo's store lies in the temporary directory: a TMPDIR others may write (a shared
+    # group's, under umask 002) had ended the demo with a bare "pull refused: store_error",
+    # which named neither the directory nor the rule, beside a runtime "STILL THERE" that
+    # had never been started.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    scratch.chmod(0o777)
+    finished = subprocess.run(
+        [sys.executable, "-m", "companion_runtime.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(scratch), "COLUMNS": "400"},
+    )
+    assert finished.returncode == 1
+    assert "pull refused: store_error" in finished.stdout
+    assert "temporary directory (TMPDIR)" in finished.stdout
+    # Nor had it a runtime to stop, which the report had called still there.
+    assert "never started" in finished.stdout and "STILL THERE" not in finished.stdout
+    assert str(scratch) not in finished.stdout + finished.stderr
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.skipif(not llama_available(), reason="needs the llama extra")
 @pytest.mark.parametrize(
     "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
 )

@@ -84,6 +84,7 @@ class DemoReport:
     refused_by_reason: Counter[str] = field(default_factory=Counter)
     peak_in_flight: int = 0
     peak_queued: int = 0
+    runtime_started: bool = False
     runtime_pid_gone: bool = False
     timings_s: dict[str, float] = field(default_factory=dict)
     failure: str = ""
@@ -107,6 +108,13 @@ def _flip_one_bit(data: bytes) -> bytes:
     tampered = bytearray(data)
     tampered[len(tampered) // 2] ^= 0x01
     return bytes(tampered)
+
+
+#: Why a store in the temporary directory is refused, said without its path.
+_TEMPORARY_DIRECTORY_RULE: Final = (
+    "the demo's store is made in the temporary directory (TMPDIR): it and every directory "
+    "above it must be yours or root's and writable by no one else, unless sticky like /tmp"
+)
 
 
 def _manifest(origin: ModelOrigin, path: str, data: bytes) -> Manifest:
@@ -200,6 +208,10 @@ async def run_demo(*, say: Callable[[str], None] = lambda _: None) -> DemoReport
             report.timings_s["pulls"] = time.monotonic() - mark
         if not pulled.ok or pulled.path is None:
             report.failure = f"pull refused: {pulled.verdict.reason.value}"
+            if pulled.verdict.reason is Reason.STORE_ERROR:
+                # The one store_error a demo user can act on: the store lies in the
+                # temporary directory, whose way must pass the store's rule.
+                report.failure += f" ({_TEMPORARY_DIRECTORY_RULE})"
             return report
 
         say("start llama.cpp behind the front door")
@@ -210,6 +222,7 @@ async def run_demo(*, say: Callable[[str], None] = lambda _: None) -> DemoReport
             ) as running:
                 report.timings_s["start"] = time.monotonic() - mark
                 pid = running.supervisor.status().get("pid")
+                report.runtime_started = True
                 say(f"send a burst of {BURST_SIZE} completions")
                 mark = time.monotonic()
                 try:
@@ -264,8 +277,10 @@ def report_table(report: DemoReport) -> Table:
         f"{reason} {count}" for reason, count in sorted(report.refused_by_reason.items())
     )
     table.add_row("refused (503)", refused or "none")
+    after_stop = "gone" if report.runtime_pid_gone else "STILL THERE"
+    # A step that failed before the start (a refused pull) leaves nothing to be gone.
     table.add_row(
-        "runtime process after stop", "gone" if report.runtime_pid_gone else "STILL THERE"
+        "runtime process after stop", after_stop if report.runtime_started else "never started"
     )
     timings = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in report.timings_s.items())
     table.add_row("timings", timings)

@@ -18,15 +18,13 @@ store and the state directory share:
 from __future__ import annotations
 
 import errno
-import grp
 import os
-import pwd
 import stat
-import struct
 from pathlib import Path
 from typing import Final
 
 from companion_runtime.bind.read_only_file_system import file_system_read_only
+from companion_runtime.bind.write_permission import accounts_read_once, writable_by_no_one_else
 
 __all__ = [
     "ancestors_hold_no_one_else_s_entries",
@@ -35,93 +33,6 @@ __all__ = [
     "may_create_on_the_way_to",
     "writable_by_no_one_else",
 ]
-
-
-#: The extended attribute a POSIX access ACL is stored in (Linux), and how: a version, then
-#: (tag, permissions, id) entries, little-endian. The kernel keeps none for an ACL the mode
-#: bits say all of.
-_ACCESS_ACL: Final = "system.posix_acl_access"
-_ACL_VERSION: Final = 2
-_ACL_ENTRY: Final = struct.Struct("<HHI")
-#: The entries that may give someone other than the owner write: a named user, the owning
-#: group, a named group (the others' entry is the mode's own bits).
-_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP = 0x02, 0x04, 0x08
-#: What ``getxattr`` answers when there is no such ACL, or no ACLs on that file system.
-_NO_ACL: Final = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
-
-
-def writable_by_no_one_else(info: os.stat_result, path: Path) -> bool:
-    """Whether no one but the owner can write the directory at ``path`` (``info`` is its
-    ``stat``), beyond the user and the user's own group.
-
-    Group write is allowed when the group is the user's own (:func:`_own_group`): with the
-    usual per-user groups (umask 002) a directory made by hand has it. With an access ACL the
-    group bits are its mask, and a ``w`` there may be a named user's or group's
-    (``setfacl -m u:someone:rwx``): then no entry but the user's and the user's own group's
-    may have write. Raises ``OSError`` when the ACL cannot be looked at.
-    """
-    if info.st_mode & stat.S_IWOTH:
-        return False
-    if not info.st_mode & stat.S_IWGRP:
-        return True
-    entries = _access_acl(path)
-    if entries is None:
-        return _own_group(info.st_gid)
-    for tag, permissions, entry_id in entries:
-        if not permissions & 0o2:
-            continue
-        if tag == _ACL_USER and entry_id != os.geteuid():
-            return False
-        if tag == _ACL_GROUP_OBJ and not _own_group(info.st_gid):
-            return False
-        if tag == _ACL_GROUP and not _own_group(entry_id):
-            return False
-    return True
-
-
-def _own_group(gid: int) -> bool:
-    """Whether ``gid`` is the user's own group: the effective one, and no one else's but
-    root's, as far as the account databases tell: no other account has it as its primary
-    group, and it names no other member.
-
-    The effective group alone is not enough: where every account's primary group is one
-    shared group (``users`` on some distributions), or after ``newgrp``/``sg``, its other
-    members may write whatever it may.
-    """
-    if gid != os.getegid():
-        return False
-    # Root may write anything anyway: root's account in the group (the root group itself,
-    # a process run as another user with group 0, as OpenShift does) takes nothing away.
-    trusted = (os.geteuid(), 0)
-    accounts = pwd.getpwall()
-    if any(account.pw_gid == gid and account.pw_uid not in trusted for account in accounts):
-        return False
-    try:
-        members = grp.getgrgid(gid).gr_mem
-    except KeyError:  # a group the group database does not name names no member
-        return True
-    trusted_names = {account.pw_name for account in accounts if account.pw_uid in trusted}
-    return all(member in trusted_names for member in members)
-
-
-def _access_acl(path: Path) -> list[tuple[int, int, int]] | None:
-    """The entries of the directory's access ACL; ``None`` when it has none. An ACL in a
-    form not known here is one entry that lets a named user (no one) write, so it is never
-    taken for a harmless one."""
-    try:
-        value = os.getxattr(path, _ACCESS_ACL)
-    except AttributeError:  # no xattr calls on this system (macOS): no POSIX ACL to read
-        return None
-    except OSError as error:
-        if error.errno in _NO_ACL:
-            return None
-        raise
-    unknown = [(_ACL_USER, 0o7, -1)]
-    if len(value) < 4 or (len(value) - 4) % _ACL_ENTRY.size:
-        return unknown
-    if int.from_bytes(value[:4], "little") != _ACL_VERSION:
-        return unknown
-    return list(_ACL_ENTRY.iter_unpack(value[4:]))
 
 
 def holds_no_one_else_s_entries(info: os.stat_result, uid: int, path: Path) -> bool:
@@ -154,12 +65,13 @@ def ancestors_hold_no_one_else_s_entries(path: Path, uid: int) -> bool:
     lookups = _lookups_on_the_way_to(path.absolute())
     above = [*path.absolute().parents, *path.resolve().parents, *(where for where, _ in lookups)]
     infos = {directory: directory.stat() for directory in dict.fromkeys(above)}
-    if not all(holds_no_one_else_s_entries(info, uid, where) for where, info in infos.items()):
-        return False
-    return all(
-        entry.st_uid in (uid, 0) or not _sticky_and_shared(infos[where], where)
-        for where, entry in lookups
-    )
+    with accounts_read_once():
+        if not all(holds_no_one_else_s_entries(info, uid, where) for where, info in infos.items()):
+            return False
+        return all(
+            entry.st_uid in (uid, 0) or not _sticky_and_shared(infos[where], where)
+            for where, entry in lookups
+        )
 
 
 def may_create_on_the_way_to(path: Path, uid: int) -> bool:
@@ -173,9 +85,10 @@ def may_create_on_the_way_to(path: Path, uid: int) -> bool:
     existing = path
     while not os.path.lexists(existing) and existing.parent != existing:
         existing = existing.parent
-    return holds_no_one_else_s_entries(
-        existing.stat(), uid, existing
-    ) and ancestors_hold_no_one_else_s_entries(existing, uid)
+    with accounts_read_once():
+        return holds_no_one_else_s_entries(
+            existing.stat(), uid, existing
+        ) and ancestors_hold_no_one_else_s_entries(existing, uid)
 
 
 def make_private_directories(path: Path) -> None:

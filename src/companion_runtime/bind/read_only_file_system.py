@@ -21,6 +21,8 @@ import stat
 from pathlib import Path
 from typing import Final
 
+from companion_runtime.bind.write_permission import writable_by_no_one_else
+
 __all__ = ["file_system_read_only", "on_no_file_of_another_user"]
 
 #: File systems that keep their bytes on their own device (or in memory), which nothing but a
@@ -53,7 +55,6 @@ _MAX_STACK: Final = 8
 #: mountinfo writes a space, a tab, a newline and a backslash in a path as an octal escape.
 _ESCAPE: Final = re.compile(r"\\([0-7]{3})")
 _BLOCK_DEVICES: Final = Path("/sys/dev/block")
-_WRITE_BY_OTHERS: Final = stat.S_IWGRP | stat.S_IWOTH
 
 
 def file_system_read_only(device: int) -> bool:
@@ -124,7 +125,8 @@ def _mounts_of(device: int) -> list[tuple[str, str, list[str]]] | None:
 def _on_no_file_of_another_user(device: int, source: str, *, unknown: bool) -> bool:
     """Whether no file another user may write lies under the file system: a loop device's
     image file (under a partition or a device-mapper target too), or the image a file-backed
-    mount reads (erofs), must be this user's or root's, and writable by no one else.
+    mount reads (erofs), must be this user's or root's, and writable by no one else (the
+    user's own group aside).
     ``unknown`` where ``/sys`` or the source's device cannot be looked at."""
     if os.major(device) == 0:
         # An anonymous device: memory (tmpfs, its source a word such as "tmpfs"), or a file
@@ -137,14 +139,21 @@ def _on_no_file_of_another_user(device: int, source: str, *, unknown: bool) -> b
         except OSError:
             return unknown
         if stat.S_ISREG(named.st_mode):
-            return _written_by_no_one_else(named)
+            try:
+                return _written_by_no_one_else(named, path)
+            except OSError:  # its ACL could not be read: who else may write it is not known
+                return False
         if not stat.S_ISBLK(named.st_mode):
             return unknown
         device = named.st_rdev
-    entry = _BLOCK_DEVICES / f"{os.major(device)}:{os.minor(device)}"
+    entry = _block_device_entry(device)
     if not os.path.lexists(entry):
         return unknown
     return _block_device_on_no_file_of_another_user(entry, 0)
+
+
+def _block_device_entry(device: int) -> Path:
+    return _BLOCK_DEVICES / f"{os.major(device)}:{os.minor(device)}"
 
 
 def _block_device_on_no_file_of_another_user(entry: Path, depth: int) -> bool:
@@ -159,16 +168,26 @@ def _block_device_on_no_file_of_another_user(entry: Path, depth: int) -> bool:
             # The image's path as the kernel names it now (a rename shows), free of symlinks;
             # " (deleted)" once no name is left, when who else holds it open is not known.
             backing = (loop / "backing_file").read_text(errors="surrogateescape").rstrip("\n")
-            return _written_by_no_one_else(os.lstat(backing))
-        under = sorted((entry / "slaves").iterdir()) if (entry / "slaves").is_dir() else []
+            named = os.lstat(backing)
+            if not stat.S_ISBLK(named.st_mode):
+                return _written_by_no_one_else(named, Path(backing))
+            # A loop device over a block device (losetup /dev/sdb1, another loop device): what
+            # lies under that one decides, as for a device-mapper target's.
+            under = [_block_device_entry(named.st_rdev)]
+        else:
+            slaves = entry / "slaves"
+            under = sorted(slaves.iterdir()) if slaves.is_dir() else []
     except (OSError, RuntimeError):
         return False
     return all(_block_device_on_no_file_of_another_user(lower, depth + 1) for lower in under)
 
 
-def _written_by_no_one_else(info: os.stat_result) -> bool:
+def _written_by_no_one_else(info: os.stat_result, path: Path | str) -> bool:
+    """Whether the image file is the user's or root's and no one else may write it: write for
+    the user's own group is fine, as for the store's directories (an image made under
+    ``umask 002`` has it); raises ``OSError`` when its ACL cannot be looked at."""
     return (
         stat.S_ISREG(info.st_mode)
         and info.st_uid in (os.geteuid(), 0)
-        and not info.st_mode & _WRITE_BY_OTHERS
+        and writable_by_no_one_else(info, Path(path))
     )

@@ -37,6 +37,7 @@ from companion_runtime.bind.directory_trust import (
     writable_by_no_one_else,
 )
 from companion_runtime.bind.read_only_file_system import file_system_read_only
+from companion_runtime.bind.write_permission import accounts_read_once
 from companion_runtime.core import Reason
 
 __all__ = [
@@ -148,6 +149,10 @@ class ModelStore:
         can move the whole store aside and put a store of their own at its path, between the
         re-verify and the runtime's open.
         """
+        with accounts_read_once():
+            self._ensure_layout()
+
+    def _ensure_layout(self) -> None:
         try:
             uid = os.geteuid()
             # Nothing is made where the way there is not the user's own: a symlink of
