@@ -89,6 +89,13 @@ URL_TOKENS: tuple[str, ...] = (
     "..%3A",
     "%3a",
     ":$DATA",
+    # "..%3F" and "..%23" are ".." behind a decoding front server, "..+" is ".. " to servers
+    # that decode form data, and "..%EF%BE%9E" is ".." once accents are folded away.
+    "+",
+    "..+",
+    "%3F",
+    "%23",
+    "%EF%BE%9E",
     # A name whose second character is ":" is a drive to Win32 path handling: "c:secret" is
     # drive-relative, outside the root a Windows server joins segments onto.
     "c:",
