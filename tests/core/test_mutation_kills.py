@@ -157,6 +157,23 @@ def test_an_entry_with_a_segment_windows_reads_as_a_dot_segment_grants_nothing(
     assert cr.validate_source_url(plain + "m.gguf", [plain]) is cr.ALLOW
 
 
+@pytest.mark.parametrize("segment", ["..%3F", ".%23x", "..+", "+", "..%EF%BE%9E", "%EF%BE%9F"])
+def test_an_entry_with_a_segment_read_as_a_dot_segment_past_one_more_hop_grants_nothing(
+    segment: str,
+) -> None:
+    # ".." once a decoded "?" or "#" starts a query or fragment, once "+" is a space that Win32
+    # strips, or once accents are folded away (U+FF9E is a combining mark in NFKD). Every URL
+    # under such an entry carries the same segment, so it is refused itself; one beside it is
+    # not under the entry. Names with these characters ("c++", "x%3Fy", halfwidth "ga") are
+    # the control.
+    host = _fresh_host()
+    entry = f"{host}{segment}/"
+    assert cr.validate_source_url(entry + "m.gguf", [entry]).reason is cr.Reason.MALFORMED_SPEC
+    assert cr.validate_source_url(f"{host}m.gguf", [entry]).reason is (cr.Reason.SOURCE_NOT_ALLOWED)
+    plain = _fresh_host() + "c++/x%3Fy/x%23y/%EF%BD%B6%EF%BE%9E/"
+    assert cr.validate_source_url(plain + "m.gguf", [plain]) is cr.ALLOW
+
+
 @pytest.mark.parametrize("segment", ["c:x", "C%3A", "%C7%86:x", "%E1%84%80%E1%85%A1:", "x%CC%B4:"])
 def test_an_entry_with_a_segment_windows_reads_as_a_drive_grants_nothing(segment: str) -> None:
     # A drive, as written, in NFKC ("dz" as one letter, two Hangul jamo composed into one

@@ -219,6 +219,27 @@ CASES = [
     ("https://cdn.example.org/models/x/..:x", MALFORMED),
     ("https://models.example.com/.../x", MALFORMED),
     ("https://models.example.com/..%20", MALFORMED),
+    # The same behind a front server that decodes the path and a server that parses it again:
+    # a decoded "?" or "#" starts the query or fragment there, so "..%3F" is "..".
+    ("https://cdn.example.org/models/..%3F/secret", MALFORMED),
+    ("https://cdn.example.org/models/..%3f", MALFORMED),
+    ("https://cdn.example.org/models/x/..%23x", MALFORMED),
+    ("https://cdn.example.org/models/.%3Fx/y", MALFORMED),
+    ("https://cdn.example.org/models/..%20%3F/y", MALFORMED),
+    ("https://cdn.example.org/models/..%3F;x/y", MALFORMED),
+    ("https://cdn.example.org/models/%3Fx/y", MALFORMED),
+    # "+" is a space to servers that decode a path as form data (Java's URLDecoder, PHP's
+    # urldecode, .NET's HttpUtility.UrlDecode), and Win32 then strips it: "..+" is "..".
+    ("https://cdn.example.org/models/..+/secret", MALFORMED),
+    ("https://cdn.example.org/models/.+./secret", MALFORMED),
+    ("https://cdn.example.org/models/+/x", MALFORMED),
+    ("https://cdn.example.org/models/..+:x/y", MALFORMED),
+    # A letter that folding accents away removes: U+FF9E and U+FF9F, the halfwidth katakana
+    # voiced sound marks, are letters whose NFKD form is a combining mark, so "..%EF%BE%9E"
+    # is ".." to a server that folds accents.
+    ("https://cdn.example.org/models/..%EF%BE%9E/secret", MALFORMED),
+    ("https://cdn.example.org/models/.%EF%BE%9F/secret", MALFORMED),
+    ("https://cdn.example.org/models/%EF%BE%9E/secret", MALFORMED),
     # Names with dots, spaces or a ":" that are still names to such a server.
     ("https://cdn.example.org/models/x./y", OK),
     ("https://cdn.example.org/models/X./X", OK),
@@ -234,6 +255,12 @@ CASES = [
     ("https://cdn.example.org/models/xy:z/z", OK),
     ("https://cdn.example.org/models/model.gguf::$DATA", OK),
     ("https://cdn.example.org/models/x/;v=1", OK),
+    ("https://cdn.example.org/models/x%3Fy/z.gguf", OK),
+    ("https://cdn.example.org/models/x%23y/z.gguf", OK),
+    ("https://cdn.example.org/models/c++/x.gguf", OK),
+    ("https://cdn.example.org/models/x+/+x/a+b.gguf", OK),
+    ("https://cdn.example.org/models/%EF%BD%B6%EF%BE%9E.gguf", OK),
+    ("https://cdn.example.org/models/..%E3%82%AC/x", OK),
     # Segments Win32 path handling reads as a drive: a name whose second character is ":" is
     # drive-relative ("c:secret") or, followed by "/", drive-absolute, and a server joining it
     # onto its root the way PathCombine or os.path.join does leaves the root for that drive.
@@ -550,12 +577,23 @@ def oracle_allows(url: str, allowlist: list[str]) -> bool:
 
 def win32_reads_a_dot_segment(segment: str) -> bool:
     """Does a Windows server read the percent-encoded ``segment`` as ``.``, ``..`` or nothing?
-    It drops a ``;`` parameter and a ``:stream``, then trailing dots and spaces."""
+    It drops a ``;`` parameter, a ``:stream`` and what a decoded ``?`` or ``#`` starts, then
+    trailing dots and spaces (``+`` decoded as form data is one), as written, under NFKC, or
+    with accents folded away."""
     name = unquote(segment).split(";")[0]
-    stem = name.split(":")[0]
-    while stem[-1:] in (".", " "):
-        stem = stem[:-1]
-    return name != "" and stem in ("", ".", "..")
+    nfkd = unicodedata.normalize("NFKD", name)
+    readings = (
+        name,
+        unicodedata.normalize("NFKC", name),
+        "".join(char for char in nfkd if not unicodedata.category(char).startswith("M")),
+    )
+    for reading in readings:
+        stem = re.split("[:?#]", reading)[0].replace("+", " ")
+        while stem[-1:] in (".", " "):
+            stem = stem[:-1]
+        if name != "" and stem in ("", ".", ".."):
+            return True
+    return False
 
 
 def win32_reads_a_drive(segment: str) -> bool:
@@ -607,7 +645,10 @@ def test_accepted_urls_name_an_allowlisted_host_port_and_path(
 @pytest.mark.security
 @given(
     segment=st.lists(
-        st.sampled_from([".", "%20", ":", "%3A", ";", "x", "$", "%C3%A8"]), min_size=1
+        st.sampled_from(
+            [".", "%20", ":", "%3A", ";", "x", "$", "%C3%A8", "+", "%3F", "%23", "%EF%BE%9E"]
+        ),
+        min_size=1,
     ).map("".join),
     last=st.booleans(),
 )

@@ -108,6 +108,14 @@ def test_url_oracle_property_on_arbitrary_values(url: object) -> None:
         ("https://cdn.example.org/models/..%20/secret", ALLOW_CDN, "malformed_spec"),
         ("https://cdn.example.org/models/..%3A/secret", ALLOW_CDN, "malformed_spec"),
         ("https://cdn.example.org/models/..::$DATA/secret", ALLOW_CDN, "malformed_spec"),
+        # "..%3F" and "..%23" are ".." and a query or fragment behind a front server that
+        # decodes the path; "..+" is ".. " to servers that decode form data, then ".." to Win32;
+        # "..%EF%BE%9E" (U+FF9E, a letter whose NFKD form is a mark) is ".." with accents folded.
+        ("https://cdn.example.org/models/..%3F/secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/..%23/secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/..+/secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/..%EF%BE%9E/secret", ALLOW_CDN, "malformed_spec"),
+        ("https://cdn.example.org/models/c++/x%3Fy/%EF%BD%B6%EF%BE%9E.gguf", ALLOW_CDN, "ok"),
         ("https://cdn.example.org/models/v1.0/model..gguf", ALLOW_CDN, "ok"),
         # A name whose second character is ":" is a drive to Win32 path handling: a server
         # that joins "c:secret" onto its root (PathCombine, os.path.join) leaves the root.
@@ -152,7 +160,10 @@ def test_the_oracle_rejects_an_allowlist_that_accepts_by_string_prefix() -> None
     assert url_oracle_violation("https://models.example.com@evil.net/x", ALLOW_MODELS, ALLOW)
 
 
-@pytest.mark.parametrize("segment", ["...", "..%20", ".%20", "..%3A", "..::$DATA", ":x"])
+@pytest.mark.parametrize(
+    "segment",
+    ["...", "..%20", ".%20", "..%3A", "..::$DATA", ":x", "..%3F", "..%23x", "..+", "..%EF%BE%9E"],
+)
 def test_the_oracle_rejects_a_segment_windows_reads_as_a_dot_segment(segment: str) -> None:
     url = f"https://cdn.example.org/models/{segment}/secret"
     assert url_oracle_violation(url, ALLOW_CDN, ALLOW) == (

@@ -89,6 +89,13 @@ URL_TOKENS: tuple[str, ...] = (
     "..%3A",
     "%3a",
     ":$DATA",
+    # "..%3F" and "..%23" are ".." behind a decoding front server, "..+" is ".. " to servers
+    # that decode form data, and "..%EF%BE%9E" is ".." once accents are folded away.
+    "+",
+    "..+",
+    "%3F",
+    "%23",
+    "%EF%BE%9E",
     # A name whose second character is ":" is a drive to Win32 path handling: "c:secret" is
     # drive-relative, outside the root a Windows server joins segments onto.
     "c:",
@@ -178,8 +185,11 @@ def _https_view(url: str) -> tuple[str, int, list[str]] | None:
     segments = raw_path.split("/")
     # httpx normalises dot segments away; the text itself must not contain any, or the two
     # readings would name different resources. Servers that drop ";" parameters before
-    # resolving dots read "..;x" as "..", and so "..%3bx" once a front server has decoded it.
-    if any(re.split(r";|%3[bB]", segment, maxsplit=1)[0] in (".", "..") for segment in segments):
+    # resolving dots read "..;x" as "..", and so "..%3bx" once a front server has decoded it;
+    # "..%3Fx" and "..%23x" are ".." followed by a query or fragment to a server behind it.
+    if any(
+        re.split(r";|%3[bBfF]|%23", segment, maxsplit=1)[0] in (".", "..") for segment in segments
+    ):
         return None
     # Nor any that Win32 path handling (IIS, Windows file servers and mirrors) reads as one,
     # or as a drive: joined onto the server's root, "c:secret" is outside it.
@@ -199,12 +209,20 @@ def _https_view(url: str) -> tuple[str, int, list[str]] | None:
 def _windows_reads_a_dot_segment(decoded_segment: str) -> bool:
     """Does Windows read ``decoded_segment`` as ``.``, ``..`` or nothing, where its text says
     it is a name? Win32 drops a ``:stream`` and then trailing dots and spaces from a
-    component; a server that drops path parameters drops ``;...`` first."""
+    component; a server that drops path parameters drops ``;...`` first, one behind a
+    decoding front server what a ``?`` or ``#`` starts, and one that decodes form data reads
+    ``+`` as a space. Read as written, under NFKC, and with combining marks dropped after NFKD
+    (a server that folds accents)."""
     name = decoded_segment.split(";")[0]
-    component = name.split(":")[0]
-    while component.endswith((".", " ")):
-        component = component[:-1]
-    return bool(name) and component in ("", ".", "..")
+    readings = [name, *(unicodedata.normalize(form, name) for form in ("NFKC", "NFKD"))]
+    readings.append("".join(char for char in readings[2] if unicodedata.combining(char) == 0))
+    for reading in readings:
+        component = re.split("[:?#]", reading)[0].replace("+", " ")
+        while component.endswith((".", " ")):
+            component = component[:-1]
+        if name and component in ("", ".", ".."):
+            return True
+    return False
 
 
 def _windows_reads_a_drive(decoded_segment: str) -> bool:

@@ -20,12 +20,14 @@ query (``"``, ``<``, ``{``, ``[``, ``|``, ...), ``.``/``..`` or empty path segme
 with a ``;`` parameter: ``..;x`` is ``..`` to servers that drop path parameters, as Tomcat,
 Jetty and Spring do, and so is ``..%3b`` once a front server has decoded it), percent-decoded
 segments that Win32 path handling reads as ``.`` or ``..`` (``...``, ``..%20``, ``..%3Ax``:
-trailing dots and spaces stripped, ``name:stream`` read as ``name``; see
-:func:`_read_as_dot_segment`), percent-decoded segments that Win32 path handling reads as a
-drive (``c:secret``, ``C%3A``: a drive-relative or drive-absolute name, which a server joining
-segments onto its root reads outside it; see :func:`_names_a_drive`), fragments, an
-empty host, bracketed (IPv6) hosts, scheme-relative URLs, and ports that are empty,
-non-numeric or out of range.
+trailing dots and spaces stripped, ``name:stream`` read as ``name``; also ``..+``, ``+`` being
+a space to servers that decode a path as form data, ``..%3F`` and ``..%23``, a query or
+fragment behind a front server that decodes the path, and ``..%EF%BE%9E``, ``..`` once
+accents are folded away; see :func:`_read_as_dot_segment`), percent-decoded segments that
+Win32 path handling reads as a drive (``c:secret``, ``C%3A``: a drive-relative or
+drive-absolute name, which a server joining segments onto its root reads outside it; see
+:func:`_names_a_drive`), fragments, an empty host, bracketed (IPv6) hosts, scheme-relative
+URLs, and ports that are empty, non-numeric or out of range.
 The scheme is compared case-insensitively (RFC 3986), so ``HTTPS://`` is ``https``.
 Queries are allowed on a source URL (they do not change which host or path is asked for);
 an allowlist entry with a query, a fragment or a non-``https`` scheme is invalid and grants
@@ -79,6 +81,13 @@ _IGNORABLE = re.compile(
     "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0"
     "\U000e0100-\U000e01ef]"
 )
+# What may end a decoded segment's name, besides its end (""): ":" (Win32 reads "name:stream"
+# as a stream of "name"), and "?" or "#", which start the query or the fragment to a server
+# behind a front server that decoded "%3F" or "%23" and passed the path on.
+_NAME_ENDS = ("", ":", "?", "#")
+# What Win32 path handling strips from the end of a name: dots and spaces, and "+", a space
+# to servers that decode a path as form data (Java's URLDecoder, PHP's urldecode).
+_STRIPPED_AT_END = ". +"
 _DEFAULT_PORT = 443
 _ALLOWLIST_TYPES = (list, tuple, set, frozenset)
 
@@ -171,12 +180,22 @@ def _read_as_dot_segment(name: str) -> bool:
     True for ``.`` and ``..`` themselves, and for every other name that Win32 path handling
     (IIS, Windows file servers, static servers and mirrors on Windows) turns into one: it
     strips trailing dots and spaces from each component (``...``, ``.. ``, ``. .``) and reads
-    ``name:stream`` as a stream of ``name`` (``..:x``, ``..::$DATA``, ``:x``). So: a name that
-    is not empty and whose part before its first ``:`` is made of nothing but dots and spaces.
+    ``name:stream`` as a stream of ``name`` (``..:x``, ``..::$DATA``, ``:x``). A ``+`` counts
+    as a space (``..+``: servers that decode a path as form data read it as ``.. ``), and a
+    ``?`` or ``#`` ends the name as ``:`` does (``..?x``: ``%3F`` decoded by a front server is
+    a query to the server behind it). So: a name that is not empty and whose part before its
+    first ``:``, ``?`` or ``#`` is made of nothing but dots, spaces and ``+``, as written, in
+    its NFKC form or with accents folded away (see :func:`_readings`: U+FF9E, a letter, is a
+    combining mark in NFKD, so ``..`` followed by it is ``..`` once marks are dropped).
     An empty name is left to the caller (``//`` is refused, a trailing ``/`` is not); ``x.``,
-    ``a..b``, ``.hidden`` and ``v1.0`` are names.
+    ``a..b``, ``.hidden``, ``v1.0`` and ``c++`` are names.
     """
-    return bool(name) and not name.partition(":")[0].rstrip(". ")
+    # The part before the first end is made of nothing but what Win32 strips exactly when
+    # the first character that is none of those is an end: one pass, no split.
+    if name.isascii():
+        # An ASCII name is its only reading (see _readings); the empty one is no dot segment.
+        return bool(name) and name.lstrip(_STRIPPED_AT_END)[:1] in _NAME_ENDS
+    return any(reading.lstrip(_STRIPPED_AT_END)[:1] in _NAME_ENDS for reading in _readings(name))
 
 
 def _names_a_drive(name: str) -> bool:
@@ -188,19 +207,25 @@ def _names_a_drive(name: str) -> bool:
     ``os.path.join`` does (``ntpath.join("D:\\site\\models", "c:secret")`` is ``c:secret``)
     leaves the root, as with a dot segment. Any character before the ``:`` counts, not only
     ``A`` to ``Z``: Windows takes any one UTF-16 code unit as a drive letter (``subst +: C:\\x``
-    works), and so does Python's ``ntpath``. The name is read as written, in its NFKC form
-    (two Hangul jamo compose into one syllable) and in its NFKD form without combining marks
-    (``c`` with an accent is ``c`` to a server that folds accents away). ``xy:z``,
-    ``llama3:8b`` and ``model.gguf:x`` (a stream of ``model.gguf``) are names.
+    works), and so does Python's ``ntpath``. The name is read in each of its
+    :func:`_readings`. ``xy:z``, ``llama3:8b`` and ``model.gguf:x`` (a stream of
+    ``model.gguf``) are names.
     """
     if name.isascii():
-        # Both forms of an ASCII text are the text itself; skipping them halves the time a
-        # typical URL takes.
         return name[1:2] == ":"
+    return any(text[1:2] == ":" for text in _readings(name))
+
+
+def _readings(name: str) -> tuple[str, ...]:
+    """The ways a server may read the decoded segment name ``name``, which is not ASCII: as
+    written, in its NFKC form (two Hangul jamo compose into one syllable) and in its NFKD form
+    without combining marks (``c`` with an accent is ``c`` to a server that folds accents
+    away). Both forms of an ASCII name are the name itself, so the callers read an ASCII name
+    as written without calling this; that halves the time a typical URL takes."""
     folded = "".join(
         char for char in unicodedata.normalize("NFKD", name) if unicodedata.category(char)[0] != "M"
     )
-    return any(text[1:2] == ":" for text in (name, unicodedata.normalize("NFKC", name), folded))
+    return (name, unicodedata.normalize("NFKC", name), folded)
 
 
 def _ascii_punctuation(text: str) -> tuple[str, ...]:
