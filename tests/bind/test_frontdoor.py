@@ -1305,6 +1305,50 @@ def test_at_the_line_and_field_limits_the_runtime_answers_and_past_them_the_fron
     run(scenario)
 
 
+@pytest.mark.security
+def test_what_a_browser_sends_by_default_reaches_the_runtime_whatever_its_cookies(
+    llama_url: str,
+) -> None:
+    # Chromium's fetch() from a page of the front door's own origin, with the cookies every
+    # other local server has set for 127.0.0.1 (a browser sends a host's cookies to all its
+    # ports). The Cookie line is never relayed, so its length is no limit of the runtime's:
+    # refused 431 at 8 KiB, where the front door had relayed the request without it.
+    async def scenario() -> None:
+        async with running_front_door(llama_url) as door:
+            origin = f"http://127.0.0.1:{door.door.port}"
+            cookies = "; ".join(f"session-{index}={'c' * 120}" for index in range(80))
+            assert len(cookies) > 10 * 1024
+            body = b'{"content": "hi"}'
+            browser = (
+                'sec-ch-ua-platform: "Linux"\r\n'
+                'sec-ch-ua: "Chromium";v="131", "Not_A Brand";v="24"\r\n'
+                "sec-ch-ua-mobile: ?0\r\n"
+                "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like"
+                " Gecko) Chrome/131.0.0.0 Safari/537.36\r\n"
+                "Content-Type: application/json\r\n"
+                "Accept: */*\r\n"
+                f"Origin: {origin}\r\n"
+                "Sec-Fetch-Site: same-origin\r\n"
+                "Sec-Fetch-Mode: cors\r\n"
+                "Sec-Fetch-Dest: empty\r\n"
+                f"Referer: {origin}/\r\n"
+                "Accept-Encoding: gzip, deflate, br, zstd\r\n"
+                "Accept-Language: en-US,en;q=0.9\r\n"
+                "Priority: u=1, i\r\n"
+                f"Cookie: {cookies}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+            )
+            head = _head(door, method="POST", target="/tokenize", extra=browser)
+            answer = await _answered_by_the_runtime(door, head + body)
+            assert b'"tokens"' in answer
+            # A header line the runtime would get is still held to its limit.
+            await _refused_before_the_runtime(
+                door, _head(door, extra=f"x-pad: {'a' * 9000}\r\n"), 431
+            )
+
+    run(scenario)
+
+
 def test_config_refuses_head_limits_too_small_for_a_request() -> None:
     for name, value in (
         ("max_request_line_bytes", 63),

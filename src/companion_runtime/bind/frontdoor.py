@@ -10,10 +10,11 @@ fixed order, and the first guard that fails answers it:
    that does not parse, an HTTP/1.1 request without exactly one ``Host``, a method other than
    ``GET``, ``HEAD``, ``POST``, ``PUT``, ``DELETE``, ``OPTIONS`` and ``PATCH``, a head over
    16 KiB (``431``), a request line over ``max_request_line_bytes`` (``414``), and a header
-   line over ``max_header_line_bytes`` or more than ``max_header_fields`` fields (``431``),
-   also counted as the request is relayed: the runtime's HTTP layer has limits of its own
-   (llama.cpp's server: 8 KiB a header line, 100 fields), and answers past them with a bare
-   status and no reason, after the request took an admission slot;
+   line over ``max_header_line_bytes`` (one the front door relays) or more than
+   ``max_header_fields`` fields (``431``), also counted as the request is relayed: the
+   runtime's HTTP layer has limits of its own (llama.cpp's server: 8 KiB a header line, 100
+   fields), and answers past them with a bare status and no reason, after the request took an
+   admission slot;
 2. ``Host`` is a loopback name (``127.0.0.1``, ``localhost``, ``[::1]``) with the front door's
    own port, else ``403 host_not_allowed`` (a DNS-rebinding page names its own host);
 3. an ``Origin`` header, when present, is the front door's own origin, else
@@ -272,7 +273,8 @@ class FrontDoorConfig:
     #: is answered ``414 bad_request``.
     max_request_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     #: Longest header line, as relayed (``name: value`` and CRLF); a longer one is answered
-    #: ``431 bad_request``.
+    #: ``431 bad_request``. A line never relayed (``Cookie``, ``Authorization``, ...) is held
+    #: only to the head's 16 KiB.
     max_header_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     #: Most header fields in a request, and in the request as relayed (the front door's own
     #: ``Host``, ``Content-Length`` and runtime key counted); more is ``431 bad_request``.
@@ -868,7 +870,9 @@ class _Client(asyncio.Protocol):
         if not self._in_head:
             return  # a chunked body's trailer: checked by nobody, so relayed to nobody
         line = len(name) + len(value) + 4  # "name: value\r\n", as relayed
-        if line > self._max_header_line:
+        # A line never relayed (a browser's Cookie: every local server's cookies for the
+        # host) is the runtime's limit to none; looked up only past the limit.
+        if line > self._max_header_line and name.lower() not in _NOT_TO_RUNTIME:
             self.error = 431
             raise _HeadRefused
         request.headers.append((name.lower(), value))
