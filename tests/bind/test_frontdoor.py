@@ -1349,6 +1349,26 @@ def test_what_a_browser_sends_by_default_reaches_the_runtime_whatever_its_cookie
     run(scenario)
 
 
+@pytest.mark.security
+def test_a_content_coding_list_of_identity_or_of_nothing_is_no_coding(llama_url: str) -> None:
+    # An empty list element is no coding (RFC 9110 section 5.6.1): an empty Content-Encoding,
+    # or one that lists only identity, says the body is as sent, and llama-server answers it.
+    async def scenario() -> None:
+        async with running_front_door(llama_url) as door:
+            body = b'{"content": "hi"}'
+            for value in ("", " ", "identity,", "IDENTITY, identity", ", Identity"):
+                extra = f"content-encoding: {value}\r\ncontent-length: {len(body)}\r\n"
+                head = _head(door, method="POST", target="/tokenize", extra=extra)
+                answer = await _answered_by_the_runtime(door, head + body)
+                assert b'"tokens"' in answer, value
+            for value in ("gzip", "identity, gzip", ", x-gzip"):
+                extra = f"content-encoding: {value}\r\ncontent-length: {len(body)}\r\n"
+                head = _head(door, method="POST", target="/tokenize", extra=extra)
+                await _refused_before_the_runtime(door, head + body, 415)
+
+    run(scenario)
+
+
 def test_config_refuses_head_limits_too_small_for_a_request() -> None:
     for name, value in (
         ("max_request_line_bytes", 63),

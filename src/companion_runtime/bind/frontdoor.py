@@ -505,6 +505,17 @@ def _peer_closed(transport: asyncio.Transport) -> bool:
     return bool(info) and info[0] in (_TCP_CLOSE, _TCP_CLOSE_WAIT)
 
 
+def _coded(content_encoding: bytes) -> bool:
+    """Whether a ``Content-Encoding`` value names a coding other than ``identity``. An empty
+    list element names none (RFC 9110 section 5.6.1): an empty value, or ``identity,``, says
+    the body is as sent."""
+    for coding in content_encoding.split(b","):
+        coding = coding.strip().lower()
+        if coding and coding != b"identity":
+            return True
+    return False
+
+
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
@@ -1739,7 +1750,7 @@ class FrontDoor:
                     token.strip().lower() for token in value.split(b",")
                 )
             elif name == b"content-encoding":
-                coded = coded or value.strip().lower() != b"identity"
+                coded = coded or _coded(value)
         if request.head_bytes > _MAX_HEAD_BYTES or (
             # Near the limit (rarely), the fields the runtime would get are counted.
             len(request.headers) > self._config.max_header_fields - _ADDED_FIELDS
