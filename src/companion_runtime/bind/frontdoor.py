@@ -115,6 +115,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_HEADER_FIELDS",
     "DEFAULT_MAX_LINE_BYTES",
+    "DEFAULT_MAX_REQUEST_LINE_BYTES",
     "STATUS_PATH",
     "AdmissionPort",
     "AdmissionSnapshot",
@@ -131,9 +132,12 @@ STATUS_PATH: Final = b"/_status"
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 #: Request bodies still arriving, over all connections at once (eight at the cap).
 DEFAULT_MAX_ARRIVING_BODY_BYTES: Final = 64 * 1024 * 1024
-#: Longest request line and header line, CRLF included, as relayed (nginx's
-#: ``large_client_header_buffers 4 8k``; llama.cpp's server refuses a longer header line).
+#: Longest header line, CRLF included, as relayed (nginx's ``large_client_header_buffers 4 8k``;
+#: llama.cpp's server refuses a longer header line).
 DEFAULT_MAX_LINE_BYTES: Final = 8 * 1024
+#: Longest request line, CRLF included: the head's own bound. llama.cpp's server takes a request
+#: line of about 32 KiB, so a shorter limit would refuse what the runtime answers.
+DEFAULT_MAX_REQUEST_LINE_BYTES: Final = 16 * 1024
 #: Most header fields in a request (Apache's ``LimitRequestFields``; llama.cpp's limit too).
 DEFAULT_MAX_HEADER_FIELDS: Final = 100
 _MAX_HEAD_BYTES: Final = 16 * 1024
@@ -271,7 +275,7 @@ class FrontDoorConfig:
     max_arriving_body_bytes: int = DEFAULT_MAX_ARRIVING_BODY_BYTES
     #: Longest request line, as relayed (method, target, ``HTTP/1.1`` and CRLF); a longer one
     #: is answered ``414 bad_request``.
-    max_request_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_request_line_bytes: int = DEFAULT_MAX_REQUEST_LINE_BYTES
     #: Longest header line, as relayed (``name: value`` and CRLF); a longer one is answered
     #: ``431 bad_request``. A line never relayed (``Cookie``, ``Authorization``, ...) is held
     #: only to the head's 16 KiB.
