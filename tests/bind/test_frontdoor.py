@@ -1372,6 +1372,36 @@ def test_a_content_coding_list_of_identity_or_of_nothing_is_no_coding(llama_url:
     run(scenario)
 
 
+@pytest.mark.security
+def test_a_post_in_a_content_coding_is_refused_with_a_reason_also_when_empty(
+    llama_url: str,
+) -> None:
+    # llama-server answers a POST in a content coding with its bare 415 whatever the body's
+    # length: an empty one (Content-Length: 0, or a chunked body of no chunk, whole in the
+    # first read) was relayed and came back without a reason, where the same chunked body
+    # in two reads was refused by the front door. A GET without a body gets no Content-Length
+    # from the front door and is the runtime's to answer.
+    async def scenario() -> None:
+        async with running_front_door(llama_url) as door:
+            for extra, body in (
+                ("content-length: 0\r\n", b""),
+                ("transfer-encoding: chunked\r\n", b"0\r\n\r\n"),
+                ("", b""),
+            ):
+                head = _head(
+                    door,
+                    method="POST",
+                    target="/tokenize",
+                    extra="content-encoding: gzip\r\n" + extra,
+                )
+                answer = await _refused_before_the_runtime(door, head + body, 415)
+                assert b"\r\naccept-encoding: identity\r\n" in answer
+            head = _head(door, extra="content-encoding: gzip\r\ncontent-length: 0\r\n")
+            await _answered_by_the_runtime(door, head)
+
+    run(scenario)
+
+
 def test_config_refuses_head_limits_too_small_for_a_request() -> None:
     for name, value in (
         ("max_request_line_bytes", 63),

@@ -1797,9 +1797,15 @@ class FrontDoor:
 
         if content_length > self._config.max_body_bytes:
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
-        if coded and (content_length or request.body_size or not request.complete):
-            # A compressed body: llama.cpp's server decodes none (a bare 415), and the front
-            # door relays bodies as they are.
+        if coded and (
+            content_length
+            or request.body_size
+            or not request.complete
+            or request.method in _BODY_METHODS
+        ):
+            # A compressed body: llama.cpp's server decodes none (a bare 415, also to a POST
+            # whose body is empty, which the front door relays with a Content-Length: 0), and
+            # the front door relays bodies as they are.
             return self._refuse(
                 client,
                 415,
