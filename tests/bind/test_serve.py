@@ -123,6 +123,44 @@ async def test_a_runtime_that_hands_its_listener_on_to_a_new_process_is_still_se
         assert supervisor.status()["state"] == "ready"
 
 
+async def test_a_runtime_that_moves_its_listener_to_another_descriptor_is_still_served(
+    tmp_path: Path,
+) -> None:
+    # The runtime moves its listener to a new descriptor (a dup, then the old one closed): the
+    # descriptor found at ready is gone, the socket is still the runtime's. New runtime
+    # connections (six at once, past the one pooled) find it again and are relayed, and
+    # the health probes that follow keep the runtime ready, never taken for foreign_listener.
+    manifest, model = _standin_manifest(tmp_path, "--move-listener-after-s", "1.5")
+    async with serving(manifest, model, state_dir=tmp_path / "state") as served:
+        supervisor = served.supervisor
+        keeper = supervisor.status()["pid"]
+        assert isinstance(keeper, int)
+        (runtime,) = psutil.Process(keeper).children()
+
+        def listening_fds() -> set[int]:
+            return {
+                connection.fd
+                for connection in runtime.net_connections(kind="tcp")
+                if connection.status == psutil.CONN_LISTEN
+            }
+
+        found_at_ready = listening_fds()
+        assert len(found_at_ready) == 1
+        auth = {"authorization": f"Bearer {served.token}"}
+        async with httpx.AsyncClient(base_url=served.url, headers=auth, timeout=30) as client:
+            assert (await client.post("/work?sleep_s=0")).status_code == 200
+            assert await async_wait_for(
+                lambda: len(listening_fds()) == 1 and listening_fds() != found_at_ready, 10
+            )
+            answers = await asyncio.gather(*(client.post("/work?sleep_s=0.3") for _ in range(6)))
+            assert [answer.status_code for answer in answers] == [200] * 6
+            await asyncio.sleep(3)  # health probes while ready
+            assert (await client.post("/work?sleep_s=0")).status_code == 200
+        status = supervisor.status()
+        assert status["state"] == "ready"
+        assert status["restarts"] == 0
+
+
 @pytest.mark.security
 async def test_a_port_its_runtime_no_longer_holds_gets_no_request_while_the_runtime_lives(
     tmp_path: Path,

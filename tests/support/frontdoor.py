@@ -325,9 +325,11 @@ async def running_front_door(
     upstream_read_timeout_s: float = 600.0,
     max_connections: int = 1024,
     max_arriving_body_bytes: int = 64 * 1024 * 1024,
-    max_request_line_bytes: int = 8 * 1024,
-    max_header_line_bytes: int = 8 * 1024,
-    max_header_fields: int = 100,
+    # None: FrontDoorConfig's defaults (serve's), which the tests against the real
+    # llama-server hold to its limits.
+    max_request_line_bytes: int | None = None,
+    max_header_line_bytes: int | None = None,
+    max_header_fields: int | None = None,
 ) -> AsyncIterator[ReadyDoor]:
     """A started :class:`FrontDoor` over ``upstream_url`` with a ready controller."""
     token = secrets.token_urlsafe(32)
@@ -341,9 +343,15 @@ async def running_front_door(
         upstream_read_timeout_s=upstream_read_timeout_s,
         max_connections=max_connections,
         max_arriving_body_bytes=max_arriving_body_bytes,
-        max_request_line_bytes=max_request_line_bytes,
-        max_header_line_bytes=max_header_line_bytes,
-        max_header_fields=max_header_fields,
+        **{
+            name: value
+            for name, value in (
+                ("max_request_line_bytes", max_request_line_bytes),
+                ("max_header_line_bytes", max_header_line_bytes),
+                ("max_header_fields", max_header_fields),
+            )
+            if value is not None
+        },
     )
     async with FrontDoor(
         config=config,

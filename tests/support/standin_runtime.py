@@ -10,7 +10,7 @@ real server.
         [--emit-stdout-bytes N] [--exit-after-s S] [--spawn-orphan] [--orphan-mib N]
         [--busy-children] [--pid-file PATH] [--api-key-file PATH] [--hand-over-after-s S]
         [--give-up-listener-after-s S] [--reexec-after-s S]
-        [--send-listener-to PATH --send-listener-after-s S]
+        [--send-listener-to PATH --send-listener-after-s S] [--move-listener-after-s S]
 
 Endpoints: ``GET /health`` (200 ``{"status":"ok"}``, 503 while loading), ``POST /work?sleep_s=S``
 (answers after S seconds), ``POST /crash`` (sends the headers and part of a body, then exits
@@ -37,6 +37,9 @@ while the port is taken.
 ``--send-listener-to`` sends the listener, S seconds (``--send-listener-after-s``) after it
 starts, to whatever listens on the Unix socket PATH (``SCM_RIGHTS``), closes its own copy and
 lives on: the socket still listens, in a process that is not below the runtime.
+``--move-listener-after-s`` moves the listener to another descriptor S seconds after it starts
+(a dup, then the old one closed), as a server that rearranges its descriptors does: the same
+socket, held all along, by the same process, at a new number.
 ``--pid-file`` gets one line per process: ``runtime PID``, ``child PID``, ``orphan PID``.
 """
 
@@ -190,6 +193,7 @@ def main() -> None:
     parser.add_argument("--reexec-after-s", type=float, default=0.0)
     parser.add_argument("--send-listener-to")
     parser.add_argument("--send-listener-after-s", type=float, default=0.0)
+    parser.add_argument("--move-listener-after-s", type=float, default=0.0)
     parser.add_argument("--retry-bind", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -242,7 +246,21 @@ def main() -> None:
         threading.Timer(args.reexec_after_s, _reexec).start()
     if args.send_listener_to:
         _send_listener(server, args.send_listener_to, args.send_listener_after_s)
+    if args.move_listener_after_s:
+        _move_listener(server, args.move_listener_after_s)
     server.serve_forever()
+
+
+def _move_listener(server: ThreadingHTTPServer, after_s: float) -> None:
+    """Serve for ``after_s``, then move the listener to a new descriptor (held all along)."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    time.sleep(after_s)
+    server.shutdown()
+    moved = server.socket.dup()
+    old = server.socket.fileno()
+    server.socket.close()
+    server.socket = moved
+    print(f"MOVED {old} {moved.fileno()}", flush=True)
 
 
 def _send_listener(server: ThreadingHTTPServer, path: str, after_s: float) -> None:

@@ -10,10 +10,11 @@ fixed order, and the first guard that fails answers it:
    that does not parse, an HTTP/1.1 request without exactly one ``Host``, a method other than
    ``GET``, ``HEAD``, ``POST``, ``PUT``, ``DELETE``, ``OPTIONS`` and ``PATCH``, a head over
    16 KiB (``431``), a request line over ``max_request_line_bytes`` (``414``), and a header
-   line over ``max_header_line_bytes`` or more than ``max_header_fields`` fields (``431``),
-   also counted as the request is relayed: the runtime's HTTP layer has limits of its own
-   (llama.cpp's server: 8 KiB a header line, 100 fields), and answers past them with a bare
-   status and no reason, after the request took an admission slot;
+   line over ``max_header_line_bytes`` (one the front door relays) or more than
+   ``max_header_fields`` fields (``431``), also counted as the request is relayed: the
+   runtime's HTTP layer has limits of its own (llama.cpp's server: 8 KiB a header line, 100
+   fields), and answers past them with a bare status and no reason, after the request took an
+   admission slot;
 2. ``Host`` is a loopback name (``127.0.0.1``, ``localhost``, ``[::1]``) with the front door's
    own port, else ``403 host_not_allowed`` (a DNS-rebinding page names its own host);
 3. an ``Origin`` header, when present, is the front door's own origin, else
@@ -114,6 +115,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_HEADER_FIELDS",
     "DEFAULT_MAX_LINE_BYTES",
+    "DEFAULT_MAX_REQUEST_LINE_BYTES",
     "STATUS_PATH",
     "AdmissionPort",
     "AdmissionSnapshot",
@@ -130,9 +132,12 @@ STATUS_PATH: Final = b"/_status"
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 #: Request bodies still arriving, over all connections at once (eight at the cap).
 DEFAULT_MAX_ARRIVING_BODY_BYTES: Final = 64 * 1024 * 1024
-#: Longest request line and header line, CRLF included, as relayed (nginx's
-#: ``large_client_header_buffers 4 8k``; llama.cpp's server refuses a longer header line).
+#: Longest header line, CRLF included, as relayed (nginx's ``large_client_header_buffers 4 8k``;
+#: llama.cpp's server refuses a longer header line).
 DEFAULT_MAX_LINE_BYTES: Final = 8 * 1024
+#: Longest request line, CRLF included: the head's own bound. llama.cpp's server takes a request
+#: line of about 32 KiB, so a shorter limit would refuse what the runtime answers.
+DEFAULT_MAX_REQUEST_LINE_BYTES: Final = 16 * 1024
 #: Most header fields in a request (Apache's ``LimitRequestFields``; llama.cpp's limit too).
 DEFAULT_MAX_HEADER_FIELDS: Final = 100
 _MAX_HEAD_BYTES: Final = 16 * 1024
@@ -270,9 +275,10 @@ class FrontDoorConfig:
     max_arriving_body_bytes: int = DEFAULT_MAX_ARRIVING_BODY_BYTES
     #: Longest request line, as relayed (method, target, ``HTTP/1.1`` and CRLF); a longer one
     #: is answered ``414 bad_request``.
-    max_request_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_request_line_bytes: int = DEFAULT_MAX_REQUEST_LINE_BYTES
     #: Longest header line, as relayed (``name: value`` and CRLF); a longer one is answered
-    #: ``431 bad_request``.
+    #: ``431 bad_request``. A line never relayed (``Cookie``, ``Authorization``, ...) is held
+    #: only to the head's 16 KiB.
     max_header_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     #: Most header fields in a request, and in the request as relayed (the front door's own
     #: ``Host``, ``Content-Length`` and runtime key counted); more is ``431 bad_request``.
@@ -501,6 +507,17 @@ def _peer_closed(transport: asyncio.Transport) -> bool:
     except OSError:
         return False
     return bool(info) and info[0] in (_TCP_CLOSE, _TCP_CLOSE_WAIT)
+
+
+def _coded(content_encoding: bytes) -> bool:
+    """Whether a ``Content-Encoding`` value names a coding other than ``identity``. An empty
+    list element names none (RFC 9110 section 5.6.1): an empty value, or ``identity,``, says
+    the body is as sent."""
+    for coding in content_encoding.split(b","):
+        coding = coding.strip().lower()
+        if coding and coding != b"identity":
+            return True
+    return False
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -868,7 +885,9 @@ class _Client(asyncio.Protocol):
         if not self._in_head:
             return  # a chunked body's trailer: checked by nobody, so relayed to nobody
         line = len(name) + len(value) + 4  # "name: value\r\n", as relayed
-        if line > self._max_header_line:
+        # A line never relayed (a browser's Cookie: every local server's cookies for the
+        # host) is the runtime's limit to none; looked up only past the limit.
+        if line > self._max_header_line and name.lower() not in _NOT_TO_RUNTIME:
             self.error = 431
             raise _HeadRefused
         request.headers.append((name.lower(), value))
@@ -1735,7 +1754,7 @@ class FrontDoor:
                     token.strip().lower() for token in value.split(b",")
                 )
             elif name == b"content-encoding":
-                coded = coded or value.strip().lower() != b"identity"
+                coded = coded or _coded(value)
         if request.head_bytes > _MAX_HEAD_BYTES or (
             # Near the limit (rarely), the fields the runtime would get are counted.
             len(request.headers) > self._config.max_header_fields - _ADDED_FIELDS
@@ -1778,9 +1797,15 @@ class FrontDoor:
 
         if content_length > self._config.max_body_bytes:
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
-        if coded and (content_length or request.body_size or not request.complete):
-            # A compressed body: llama.cpp's server decodes none (a bare 415), and the front
-            # door relays bodies as they are.
+        if coded and (
+            content_length
+            or request.body_size
+            or not request.complete
+            or request.method in _BODY_METHODS
+        ):
+            # A compressed body: llama.cpp's server decodes none (a bare 415, also to a POST
+            # whose body is empty, which the front door relays with a Content-Length: 0), and
+            # the front door relays bodies as they are.
             return self._refuse(
                 client,
                 415,
