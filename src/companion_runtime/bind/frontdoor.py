@@ -10,8 +10,10 @@ fixed order, and the first guard that fails answers it:
    that does not parse, an HTTP/1.1 request without exactly one ``Host``, a method other than
    ``GET``, ``HEAD``, ``POST``, ``PUT``, ``DELETE``, ``OPTIONS`` and ``PATCH``, a head over
    16 KiB (``431``), a request line over ``max_request_line_bytes`` (``414``), and a header
-   line over ``max_header_line_bytes`` (one the front door relays) or more than
-   ``max_header_fields`` fields (``431``), also counted as the request is relayed: the
+   line over ``max_header_line_bytes`` or more than ``max_header_fields`` fields (``431``),
+   both counted in the request as relayed (never the client's ``Host``, credentials,
+   ``Cookie``, hop-by-hop headers or those its ``Connection`` header names; the front door's
+   own ``Host``, runtime key and ``Content-Length``, the last once a chunked body is in): the
    runtime's HTTP layer has limits of its own (llama.cpp's server: 8 KiB a header line, 100
    fields), and answers past them with a bare status and no reason, after the request took an
    admission slot;
@@ -277,11 +279,13 @@ class FrontDoorConfig:
     #: is answered ``414 bad_request``.
     max_request_line_bytes: int = DEFAULT_MAX_REQUEST_LINE_BYTES
     #: Longest header line, as relayed (``name: value`` and CRLF); a longer one is answered
-    #: ``431 bad_request``. A line never relayed (``Cookie``, ``Authorization``, ...) is held
-    #: only to the head's 16 KiB.
+    #: ``431 bad_request``. A line never relayed (``Cookie``, ``Authorization``, one the
+    #: ``Connection`` header names, ...) is held only to the head's 16 KiB.
     max_header_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-    #: Most header fields in a request, and in the request as relayed (the front door's own
-    #: ``Host``, ``Content-Length`` and runtime key counted); more is ``431 bad_request``.
+    #: Most header fields in the request as relayed: the client's own that are relayed, and
+    #: the front door's ``Host``, runtime key and ``Content-Length`` (for a chunked body, once
+    #: it is in: an empty one on a ``GET`` gets none); more is ``431 bad_request``. Fields
+    #: never relayed count only within the head's 16 KiB.
     max_header_fields: int = DEFAULT_MAX_HEADER_FIELDS
 
     def __post_init__(self) -> None:
