@@ -1158,12 +1158,18 @@ def _head(
     ).encode()
 
 
-async def _exchange(door: ReadyDoor, payload: bytes, *, responses: int = 1) -> bytes:
-    """Send ``payload``; read ``responses`` whole responses (each with a content-length), or
-    until the connection ends."""
+async def _exchange(
+    door: ReadyDoor, payload: bytes, *, responses: int = 1, then: bytes = b""
+) -> bytes:
+    """Send ``payload`` (and ``then`` in a later read); read ``responses`` whole responses
+    (each with a content-length), or until the connection ends."""
     reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
     writer.write(payload)
     await writer.drain()
+    if then:
+        await asyncio.sleep(0.2)
+        writer.write(then)
+        await writer.drain()
     data = b""
     while True:
         rest, complete = data, 0
@@ -1189,11 +1195,13 @@ def _fields(count: int) -> str:
     return "".join(f"x-field-{index}: v\r\n" for index in range(count))
 
 
-async def _refused_before_the_runtime(door: ReadyDoor, payload: bytes, status: int) -> bytes:
-    """Send ``payload``; assert the front door refused it with ``status`` and a reason, and
-    relayed nothing to the runtime."""
+async def _refused_before_the_runtime(
+    door: ReadyDoor, payload: bytes, status: int, *, then: bytes = b""
+) -> bytes:
+    """Send ``payload`` (and ``then``, see ``_exchange``); assert the front door refused it
+    with ``status`` and a reason, and relayed nothing to the runtime."""
     relayed = door.door.statistics().proxied_total
-    answer = await _exchange(door, payload)
+    answer = await _exchange(door, payload, then=then)
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 %d " % status), answer[:200]
     assert rest.endswith(b'{"ok":false,"reason":"bad_request"}'), answer[:200]
@@ -1201,9 +1209,9 @@ async def _refused_before_the_runtime(door: ReadyDoor, payload: bytes, status: i
     return answer
 
 
-async def _answered_by_the_runtime(door: ReadyDoor, payload: bytes) -> bytes:
+async def _answered_by_the_runtime(door: ReadyDoor, payload: bytes, *, then: bytes = b"") -> bytes:
     relayed = door.door.statistics().proxied_total
-    answer = await _exchange(door, payload)
+    answer = await _exchange(door, payload, then=then)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     # Counted once the relay has ended, a moment after the client has the answer.
     await wait_for(lambda: door.door.statistics().proxied_total == relayed + 1)
@@ -1304,6 +1312,67 @@ def test_at_the_line_and_field_limits_the_runtime_answers_and_past_them_the_fron
             )
             assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]  # llama-server's own JSON
             assert b'"not_found_error"' in answer
+
+    run(scenario)
+
+
+@pytest.mark.security
+def test_the_field_limit_counts_only_the_fields_the_runtime_is_sent(llama_url: str) -> None:
+    # Host, Authorization, Cookie, hop-by-hop headers and the headers a Connection header
+    # names are never relayed, but were counted among the 100 fields: 98 of the client's own
+    # with Host, Authorization and Connection were refused 431, though the runtime would get
+    # 100 (the front door's Host and key for the client's).
+    async def scenario() -> None:
+        async with running_front_door(llama_url, runtime_authorization=b"Bearer key") as door:
+            dropped = (
+                "connection: keep-alive, x-hop\r\nx-hop: h\r\n"
+                "cookie: c=1\r\nkeep-alive: timeout=5\r\n"
+            )
+            # 104 fields sent; relayed, 98 with the front door's Host and key: 100.
+            await _answered_by_the_runtime(door, _head(door, extra=dropped + _fields(98)))
+            await _refused_before_the_runtime(door, _head(door, extra=dropped + _fields(99)), 431)
+            # A Connection header naming one of the fields leaves 99 relayed, then 100.
+            named = "connection: x-field-0\r\n"
+            await _answered_by_the_runtime(door, _head(door, extra=named + _fields(99)))
+            await _refused_before_the_runtime(door, _head(door, extra=named + _fields(100)), 431)
+            # One with a Content-Length gets the front door's: refused at its head.
+            await _refused_before_the_runtime(
+                door, _head(door, extra="content-length: 1\r\n" + _fields(98)) + b"a", 431
+            )
+
+    run(scenario)
+
+
+@pytest.mark.security
+def test_a_long_line_the_connection_header_names_is_no_limit_of_the_runtimes(
+    llama_url: str,
+) -> None:
+    # A header the client's Connection header names is hop-by-hop and never relayed, but was
+    # held to the 8 KiB line limit (refused 431).
+    async def scenario() -> None:
+        async with running_front_door(llama_url) as door:
+            long = f"x-long: {'a' * 9000}\r\n"
+            for extra in (long + "connection: x-long\r\n", "connection: close, X-Long\r\n" + long):
+                await _answered_by_the_runtime(door, _head(door, extra=extra))
+            await _refused_before_the_runtime(
+                door, _head(door, extra=long + "connection: x-other\r\n"), 431
+            )
+
+    run(scenario)
+
+
+@pytest.mark.security
+def test_at_the_field_limit_a_chunked_body_decides_whether_a_content_length_counts(
+    llama_url: str,
+) -> None:
+    # A GET gets a Content-Length from the front door only with a body. A chunked one whose
+    # body came in a later read was counted as having one: with 98 fields of the client's it
+    # was refused 431, though an empty body reaches the runtime with 100 fields.
+    async def scenario() -> None:
+        async with running_front_door(llama_url, runtime_authorization=b"Bearer key") as door:
+            chunked = _head(door, extra="transfer-encoding: chunked\r\n" + _fields(98))
+            await _answered_by_the_runtime(door, chunked, then=b"0\r\n\r\n")
+            await _refused_before_the_runtime(door, chunked, 431, then=b"1\r\na\r\n0\r\n\r\n")
 
     run(scenario)
 
@@ -1438,15 +1507,17 @@ def test_configured_head_limits_hold_for_a_head_whole_pipelined_or_in_pieces() -
                 await _refused_before_the_runtime(
                     door, _head(door, target="/echo", extra=f"x-pad: {value}v\r\n"), 431
                 )
-                await _answered_by_the_runtime(door, _head(door, target="/echo", extra=_fields(8)))
+                # Relayed without the client's Host and Authorization, with the front door's
+                # Host (and no runtime key here): 10 fields, then 11.
+                await _answered_by_the_runtime(door, _head(door, target="/echo", extra=_fields(9)))
                 await _refused_before_the_runtime(
-                    door, _head(door, target="/echo", extra=_fields(9)), 431
+                    door, _head(door, target="/echo", extra=_fields(10)), 431
                 )
                 # Behind a request within the limits, in the same write: that one is
                 # answered, then the refusal, and the connection ends.
                 answer = await _exchange(
                     door,
-                    _head(door, target="/echo") + _head(door, target="/echo", extra=_fields(9)),
+                    _head(door, target="/echo") + _head(door, target="/echo", extra=_fields(10)),
                     responses=2,
                 )
                 first, _, second = answer.partition(b"\r\n\r\n")

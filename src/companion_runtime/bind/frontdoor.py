@@ -10,8 +10,10 @@ fixed order, and the first guard that fails answers it:
    that does not parse, an HTTP/1.1 request without exactly one ``Host``, a method other than
    ``GET``, ``HEAD``, ``POST``, ``PUT``, ``DELETE``, ``OPTIONS`` and ``PATCH``, a head over
    16 KiB (``431``), a request line over ``max_request_line_bytes`` (``414``), and a header
-   line over ``max_header_line_bytes`` (one the front door relays) or more than
-   ``max_header_fields`` fields (``431``), also counted as the request is relayed: the
+   line over ``max_header_line_bytes`` or more than ``max_header_fields`` fields (``431``),
+   both counted in the request as relayed (never the client's ``Host``, credentials,
+   ``Cookie``, hop-by-hop headers or those its ``Connection`` header names; the front door's
+   own ``Host``, runtime key and ``Content-Length``, the last once a chunked body is in): the
    runtime's HTTP layer has limits of its own (llama.cpp's server: 8 KiB a header line, 100
    fields), and answers past them with a bare status and no reason, after the request took an
    admission slot;
@@ -99,7 +101,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -277,11 +279,13 @@ class FrontDoorConfig:
     #: is answered ``414 bad_request``.
     max_request_line_bytes: int = DEFAULT_MAX_REQUEST_LINE_BYTES
     #: Longest header line, as relayed (``name: value`` and CRLF); a longer one is answered
-    #: ``431 bad_request``. A line never relayed (``Cookie``, ``Authorization``, ...) is held
-    #: only to the head's 16 KiB.
+    #: ``431 bad_request``. A line never relayed (``Cookie``, ``Authorization``, one the
+    #: ``Connection`` header names, ...) is held only to the head's 16 KiB.
     max_header_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-    #: Most header fields in a request, and in the request as relayed (the front door's own
-    #: ``Host``, ``Content-Length`` and runtime key counted); more is ``431 bad_request``.
+    #: Most header fields in the request as relayed: the client's own that are relayed, and
+    #: the front door's ``Host``, runtime key and ``Content-Length`` (for a chunked body, once
+    #: it is in: an empty one on a ``GET`` gets none); more is ``431 bad_request``. Fields
+    #: never relayed count only within the head's 16 KiB.
     max_header_fields: int = DEFAULT_MAX_HEADER_FIELDS
 
     def __post_init__(self) -> None:
@@ -520,6 +524,11 @@ def _coded(content_encoding: bytes) -> bool:
     return False
 
 
+def _named(connection: bytes) -> Iterator[bytes]:
+    """The header names a Connection header's value lists (lower case)."""
+    return (token.strip().lower() for token in connection.split(b","))
+
+
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
@@ -541,6 +550,7 @@ class _Request:
         "held",
         "http_10",
         "keep_alive",
+        "long_line",
         "method",
         "nominated",
         "over_cap",
@@ -554,6 +564,9 @@ class _Request:
         self.headers: list[tuple[bytes, bytes]] = []
         # Header names the client's Connection header lists: hop-by-hop, never relayed.
         self.nominated: frozenset[bytes] = frozenset()
+        # A header line past max_header_line_bytes, relayed unless the Connection header
+        # names it (known once the head is whole).
+        self.long_line = False
         self.head_bytes = 0
         self.http_10 = False
         self.keep_alive = False
@@ -886,11 +899,12 @@ class _Client(asyncio.Protocol):
             return  # a chunked body's trailer: checked by nobody, so relayed to nobody
         line = len(name) + len(value) + 4  # "name: value\r\n", as relayed
         # A line never relayed (a browser's Cookie: every local server's cookies for the
-        # host) is the runtime's limit to none; looked up only past the limit.
-        if line > self._max_header_line and name.lower() not in _NOT_TO_RUNTIME:
-            self.error = 431
-            raise _HeadRefused
-        request.headers.append((name.lower(), value))
+        # host) is the runtime's limit to none; one the Connection header names neither,
+        # which is known once the head is whole (see on_headers_complete).
+        lowered = name.lower()
+        if line > self._max_header_line and lowered not in _NOT_TO_RUNTIME:
+            request.long_line = True
+        request.headers.append((lowered, value))
         request.head_bytes += line
 
     def on_headers_complete(self) -> None:
@@ -905,7 +919,10 @@ class _Client(asyncio.Protocol):
             self.error = 414
             raise _HeadRefused
         # Counted once per head, not per field: the head's 16 KiB bound the list meanwhile.
-        if len(request.headers) > self._max_header_fields:
+        # Only near a limit (rarely) is the request looked at as it would be relayed.
+        if (
+            request.long_line or len(request.headers) > self._max_header_fields - _ADDED_FIELDS
+        ) and self._door._past_the_runtime_limits(request):
             self.error = 431
             raise _HeadRefused
         request.http_10 = parser.get_http_version() == "1.0"
@@ -1750,16 +1767,10 @@ class FrontDoor:
             elif name == b"expect":
                 expect = value.lower() == b"100-continue" and not request.http_10
             elif name == b"connection":
-                request.nominated = request.nominated.union(
-                    token.strip().lower() for token in value.split(b",")
-                )
+                request.nominated = request.nominated.union(_named(value))
             elif name == b"content-encoding":
                 coded = coded or _coded(value)
-        if request.head_bytes > _MAX_HEAD_BYTES or (
-            # Near the limit (rarely), the fields the runtime would get are counted.
-            len(request.headers) > self._config.max_header_fields - _ADDED_FIELDS
-            and self._relayed_fields(request, content_length) > self._config.max_header_fields
-        ):
+        if request.head_bytes > _MAX_HEAD_BYTES:
             return self._refuse(client, 431, Reason.BAD_REQUEST, close=True)
         if hosts > 1 or (hosts == 0 and not request.http_10):
             return self._refuse(client, 400, Reason.BAD_REQUEST, close=True)
@@ -1848,6 +1859,15 @@ class FrontDoor:
                     client, 503, Reason.AT_CAPACITY, close=True, extra=((b"retry-after", b"1"),)
                 )
             return self._refuse(client, 413, Reason.REQUEST_TOO_LARGE, close=True)
+        if (
+            request.body_size
+            and request.method not in _BODY_METHODS
+            and len(request.headers) > self._config.max_header_fields - _ADDED_FIELDS
+            and self._relayed_fields(request, body=True) > self._config.max_header_fields
+        ):
+            # A chunked body's length was not known at its head: one that is not empty gets
+            # a Content-Length from the front door (see _upstream_request).
+            return self._refuse(client, 431, Reason.BAD_REQUEST, close=True)
         keep = await self._admit_and_relay(client, request)
         if client.write_paused:
             await self._drain(client)
@@ -1876,9 +1896,10 @@ class FrontDoor:
             reading.discard(client)
         return True
 
-    def _relayed_fields(self, request: _Request, content_length: int) -> int:
-        """How many header fields the request would reach the runtime with, at most (see
-        ``_upstream_request``; a body still arriving counts as one)."""
+    def _relayed_fields(self, request: _Request, *, body: bool) -> int:
+        """How many header fields the request reaches the runtime with (see
+        ``_upstream_request``): the client's own that are relayed, the front door's Host, its
+        runtime key, and a Content-Length when there is a ``body`` or the method takes one."""
         nominated = request.nominated
         fields = 1  # host
         for name, _value in request.headers:
@@ -1886,14 +1907,34 @@ class FrontDoor:
                 fields += 1
         if self._runtime_authorization is not None and self._runtime_authorization() is not None:
             fields += 1
-        if (
-            content_length
-            or request.body_size
-            or not request.complete
-            or request.method in _BODY_METHODS
-        ):
+        if body or request.method in _BODY_METHODS:
             fields += 1  # content-length
         return fields
+
+    def _past_the_runtime_limits(self, request: _Request) -> bool:
+        """Whether the request, relayed, would pass the runtime's head limits: a header line
+        over ``max_header_line_bytes`` or more than ``max_header_fields`` fields. Asked once
+        its head is whole; what is not relayed (``_NOT_TO_RUNTIME``, the headers the
+        Connection header names) counts for neither. A chunked body's length is not known
+        yet: its Content-Length is counted once it is in (see ``_serve_request``)."""
+        nominated: frozenset[bytes] = frozenset()
+        body = False
+        for name, value in request.headers:
+            if name == b"connection":
+                nominated = nominated.union(_named(value))
+            elif name == b"content-length":
+                body = body or int(value) > 0  # llhttp accepted it: digits only
+        request.nominated = nominated
+        if request.long_line:
+            longest = self._config.max_header_line_bytes
+            for name, value in request.headers:
+                if (
+                    len(name) + len(value) + 4 > longest
+                    and name not in _NOT_TO_RUNTIME
+                    and name not in nominated
+                ):
+                    return True
+        return self._relayed_fields(request, body=body) > self._config.max_header_fields
 
     def _authorized(self, values: list[bytes]) -> bool:
         if len(values) != 1:
