@@ -88,6 +88,14 @@ def fault_paths(base: str) -> dict[str, Fault]:
         ),
         "/shorter-ignoring-range.bin": Fault(kind="ignore_range"),
         "/switch.bin": Fault(kind="switch_protocols"),
+        "/chunked-then-switch.bin": Fault(
+            kind="chunked_then",
+            after_body=b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+            b"Connection: Upgrade\r\n\r\n",
+        ),
+        "/chunked-then-response.bin": Fault(
+            kind="chunked_then", after_body=b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nmore!"
+        ),
         "/extension-drip.bin": Fault(
             kind="chunk_extension_drip", stall_after_bytes=300, drip_interval_s=0.02
         ),
@@ -351,6 +359,18 @@ def test_a_chunked_body_cut_before_its_last_chunk_is_a_broken_transfer(
     assert fetch(origin, store, "/m.bin").read_bytes() == DATA
     (request,) = origin.requests[before:]
     assert request.range_header == "bytes=50000-"
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.parametrize("path", ["/chunked-then-switch.bin", "/chunked-then-response.bin"])
+def test_what_follows_a_chunked_body_s_last_chunk_is_not_body(
+    origin: FaultyOrigin, store: ModelStore, path: str
+) -> None:
+    # The right file, chunked, then another response on the same connection. Parsed as body
+    # it was an overrun that threw the file away (size_mismatch), and a "101" escaped the
+    # download as the parser's HttpParserUpgrade, a traceback instead of a reason.
+    assert fetch(origin, store, path).read_bytes() == DATA
 
 
 @pytest.mark.integration

@@ -30,7 +30,7 @@ class Fault:
     ``gzip`` | ``status`` | ``stall`` | ``ignore_range`` | ``bad_content_range`` |
     ``huge_content_range`` | ``set_cookie_redirect`` | ``drip`` | ``chunked`` |
     ``chunked_cut`` | ``switch_protocols`` | ``chunk_extension_drip`` | ``short_range`` |
-    ``unsatisfiable_range`` | ``range_answer``.
+    ``unsatisfiable_range`` | ``range_answer`` | ``chunked_then``.
     """
 
     kind: str
@@ -46,6 +46,8 @@ class Fault:
     #: For ``drip``: seconds between single body bytes (``stall_after_bytes`` of them are
     #: dripped, then the server hangs up); for ``short_range``, seconds before each ``206``.
     drip_interval_s: float = 0.0
+    #: For ``chunked_then``: bytes written on the connection right after the last chunk.
+    after_body: bytes = b""
 
 
 class FaultHandler(OriginHandler):
@@ -114,6 +116,12 @@ class FaultHandler(OriginHandler):
             self.close_connection = True
         elif kind == "chunked":
             self._chunked(record, body, fault.stall_after_bytes)
+        elif kind == "chunked_then":
+            # The whole body chunked, then more bytes on the same connection: another
+            # response's head and body, or anything else, past the end of this one.
+            self._chunked(record, body, 0)
+            self.wfile.write(fault.after_body)
+            self.close_connection = True
         elif kind == "chunked_cut":
             self._chunked(record, body, fault.stall_after_bytes, hang_up=True)
         elif kind == "ignore_range":
