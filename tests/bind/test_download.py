@@ -80,6 +80,7 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/byte-range.bin": Fault(kind="short_range", stall_after_bytes=1),
         "/slow-range.bin": Fault(kind="short_range", stall_after_bytes=70_000, drip_interval_s=1),
         "/unsatisfiable-range.bin": Fault(kind="unsatisfiable_range"),
+        "/range-runs-on.bin": Fault(kind="range_runs_on", stall_after_bytes=70_000),
         "/unknown-total.bin": Fault(kind="range_answer", location="bytes {start}-{last}/*"),
         "/longer-unknown-total.bin": Fault(kind="range_answer", location="bytes {start}-{last}/*"),
         "/longer-ignoring-range.bin": Fault(kind="ignore_range"),
@@ -781,6 +782,25 @@ def test_a_206_covering_less_than_the_rest_is_continued_and_its_bytes_kept(
         ("bytes=170000-", 206),
         ("bytes=240000-", 206),
     ]
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_a_206_whose_body_runs_past_its_range_is_read_to_the_range_s_end_only(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each 206 names 70,000 bytes in its Content-Range and then sends zeros to the file's end.
+    # Those zeros had been taken for the bytes after the range: the digest failed, the kept
+    # prefix was thrown away as stale, and the file asked for from byte 0, which this server
+    # refuses: a good prefix lost to a lie about bytes it never covered.
+    caplog.set_level(logging.DEBUG)
+    store.ensure_layout()
+    store.partial_path(DIGEST).write_bytes(DATA[:100_000])
+    before = len(origin.requests)
+    assert fetch(origin, store, "/range-runs-on.bin").read_bytes() == DATA
+    ranges = [request.range_header for request in origin.requests[before:]]
+    assert ranges == ["bytes=100000-", "bytes=170000-", "bytes=240000-"]
+    assert "verification" not in caplog.text
 
 
 @pytest.mark.integration

@@ -30,7 +30,7 @@ class Fault:
     ``gzip`` | ``status`` | ``stall`` | ``ignore_range`` | ``bad_content_range`` |
     ``huge_content_range`` | ``set_cookie_redirect`` | ``drip`` | ``chunked`` |
     ``chunked_cut`` | ``switch_protocols`` | ``chunk_extension_drip`` | ``short_range`` |
-    ``unsatisfiable_range`` | ``range_answer`` | ``chunked_then``.
+    ``unsatisfiable_range`` | ``range_answer`` | ``chunked_then`` | ``range_runs_on``.
     """
 
     kind: str
@@ -41,7 +41,7 @@ class Fault:
     status: int = 0
     #: For ``stall`` (and ``chunked``): bytes sent before the server goes silent; for
     #: ``chunked_cut``, before it hangs up without the last chunk; for ``short_range``, the
-    #: most bytes one ``206`` answer covers.
+    #: most bytes one ``206`` answer covers (its Content-Range's, for ``range_runs_on``).
     stall_after_bytes: int = 0
     #: For ``drip``: seconds between single body bytes (``stall_after_bytes`` of them are
     #: dripped, then the server hangs up); for ``short_range``, seconds before each ``206``.
@@ -163,6 +163,25 @@ class FaultHandler(OriginHandler):
                         "Content-Range": f"bytes {start}-{end}/{len(body)}",
                     },
                     piece,
+                )
+        elif kind == "range_runs_on":
+            if record.range_header is None:
+                # The whole file is refused: only the ranges can bring it.
+                self.send_status_only(record, fault.status or 503)
+            else:
+                # A 206 whose Content-Range covers stall_after_bytes from the byte asked for,
+                # and whose body runs on past that range to the file's end, with zeros.
+                start = int(record.range_header.removeprefix("bytes=").removesuffix("-"))
+                piece = body[start : start + fault.stall_after_bytes]
+                end = start + len(piece) - 1
+                self._raw(
+                    record,
+                    206,
+                    {
+                        "Content-Length": str(len(body) - start),
+                        "Content-Range": f"bytes {start}-{end}/{len(body)}",
+                    },
+                    piece + bytes(len(body) - start - len(piece)),
                 )
         elif kind == "unsatisfiable_range":
             if record.range_header is None:
