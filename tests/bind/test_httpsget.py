@@ -210,6 +210,36 @@ def test_bytes_past_the_last_chunk_are_never_body(
         assert bytes(out) == BODY
 
 
+def test_bytes_decrypted_before_a_bad_record_are_handed_out_first(authority: trustme.CA) -> None:
+    # The body's records and a record that cannot decrypt arrive in one socket read: the
+    # bytes before it are body, handed out before the TLS error is raised (it had been
+    # raised at once, and the whole buffer decrypted in that call was lost).
+    def respond(wire: _Wire) -> None:
+        wire.send(f"HTTP/1.1 200 OK\r\nContent-Length: {2 * len(BODY)}\r\n\r\n".encode())
+        time.sleep(0.2)
+        wire.sock.sendall(wire.record(BODY) + b"\x17\x03\x03\x00\x20" + bytes(32))
+        time.sleep(1)
+
+    with tls_server(authority, respond) as (port, context):
+        view = memoryview(bytearray(1 << 20))
+        out = bytearray()
+        with get(
+            "127.0.0.1",
+            port,
+            "/m.bin",
+            {},
+            context=context,
+            connect_timeout_s=5,
+            read_timeout_s=5,
+        ) as response:
+            with pytest.raises(ssl.SSLError):
+                while count := response.read_some(view):
+                    out += view[:count]
+            assert bytes(out) == BODY
+            with pytest.raises(ssl.SSLError):
+                response.read_some(view)  # and it stays failed
+
+
 def test_a_record_dripped_byte_by_byte_is_a_timeout(authority: trustme.CA) -> None:
     # Every socket read brings a byte within the read timeout, yet no record ever completes;
     # the wait for one record is bounded by the read timeout in all.

@@ -170,6 +170,8 @@ class _Tls:
         self._eof = False
         #: Whether the server ended TLS with a close_notify alert (not just a closed socket).
         self.closed_cleanly = False
+        #: A TLS error met after bytes were decrypted in the same call: raised by the next.
+        self._failure: ssl.SSLError | None = None
         self._cancelled = cancelled
         self._timeout_s = timeout_s
         # Every socket call waits at most one slice; _wait() adds the slices up to the timeout.
@@ -273,7 +275,13 @@ class _Tls:
         answer to one with ``update_requested``) are sent before the next socket read: at
         most one receive buffer after the message that asked for them, and without any work
         added to a read that decrypts.
+
+        A TLS error (a record that fails to decrypt, an alert) after bytes were decrypted in
+        this call ends the call with those bytes; the next call raises it. Raised at once, it
+        lost every byte this call had decrypted, up to a whole receive buffer.
         """
+        if self._failure is not None:
+            raise self._failure
         read = self._tls.read
         size = len(view)
         filled = 0
@@ -310,6 +318,11 @@ class _Tls:
             except ssl.SSLEOFError:
                 # An end without one: the body ends here too, and Response.complete tells the
                 # caller whether it ended where the server said it would.
+                break
+            except ssl.SSLError as error:
+                if not filled:
+                    raise
+                self._failure = error
                 break
             if not count:
                 # What read() answers once a close_notify arrived.
