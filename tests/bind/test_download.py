@@ -60,6 +60,8 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/loop-a.bin": Fault(kind="redirect", location="/loop-b.bin"),
         "/loop-b.bin": Fault(kind="redirect", location="/loop-a.bin"),
         "/gzip.bin": Fault(kind="gzip"),
+        "/gzip-transfer.bin": Fault(kind="gzip_transfer", location="gzip, chunked"),
+        "/gzip-transfer-unchunked.bin": Fault(kind="gzip_transfer", location="gzip"),
         "/404.bin": Fault(kind="status", status=404),
         "/500.bin": Fault(kind="status", status=500),
         "/stall.bin": Fault(kind="stall", stall_after_bytes=50_000),
@@ -235,6 +237,11 @@ def test_bad_bodies_are_refused(
         ("/loop-a.bin", Reason.TOO_MANY_REDIRECTS),
         ("/chain-0.bin", Reason.TOO_MANY_REDIRECTS),
         ("/gzip.bin", Reason.CONTENT_ENCODING_NOT_ALLOWED),
+        # A transfer coding other than chunked is as much a coding nobody asked for: its
+        # compressed bytes had been hashed to the end, the whole model fetched, for a
+        # digest_mismatch that blamed the mirror's bytes.
+        ("/gzip-transfer.bin", Reason.CONTENT_ENCODING_NOT_ALLOWED),
+        ("/gzip-transfer-unchunked.bin", Reason.CONTENT_ENCODING_NOT_ALLOWED),
         ("/nowhere.bin", Reason.HTTP_STATUS),
         # URL parsers drop a tab (WHATWG), so "/m\t.bin" would have been asked as "/m.bin":
         # whitespace in a Location is as ambiguous as in a source URL, and refused alike.

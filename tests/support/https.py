@@ -30,11 +30,13 @@ class Fault:
     ``gzip`` | ``status`` | ``stall`` | ``ignore_range`` | ``bad_content_range`` |
     ``huge_content_range`` | ``set_cookie_redirect`` | ``drip`` | ``chunked`` |
     ``chunked_cut`` | ``switch_protocols`` | ``chunk_extension_drip`` | ``short_range`` |
-    ``unsatisfiable_range`` | ``range_answer`` | ``chunked_then`` | ``range_runs_on``.
+    ``unsatisfiable_range`` | ``range_answer`` | ``chunked_then`` | ``range_runs_on`` |
+    ``gzip_transfer``.
     """
 
     kind: str
-    #: For ``redirect``: the Location; for ``range_answer``: the Content-Range of its ``206``,
+    #: For ``redirect``: the Location; for ``gzip_transfer``: the Transfer-Encoding (``gzip``
+    #: and maybe ``chunked``); for ``range_answer``: the Content-Range of its ``206``,
     #: with ``{start}``, ``{last}`` (the file's last byte) and ``{size}`` filled in (and its
     #: ``status``, when set, is the answer to a request without ``Range``).
     location: str = ""
@@ -96,6 +98,17 @@ class FaultHandler(OriginHandler):
                 {"Content-Length": str(len(packed)), "Content-Encoding": "gzip"},
                 packed,
             )
+        elif kind == "gzip_transfer":
+            # A transfer coding nobody asked for (the request names none in TE): the body
+            # gzip-compressed, and chunked too when the coding ends in "chunked".
+            packed = gzip.compress(body)
+            self._raw(record, 200, {"Transfer-Encoding": fault.location}, b"")
+            if fault.location.replace(" ", "").endswith(",chunked"):
+                self.wfile.write(b"%x\r\n" % len(packed) + packed + b"\r\n0\r\n\r\n")
+            else:
+                self.wfile.write(packed)
+            record.bytes_sent += len(packed)
+            self.close_connection = True
         elif kind == "status":
             self.send_status_only(record, fault.status)
         elif kind == "stall":

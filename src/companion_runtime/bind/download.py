@@ -11,7 +11,8 @@ rules around it:
   parsers drop, so the target asked for would not be the one written). No credentials, cookies,
   proxies or ``.netrc`` are ever used, so nothing can be forwarded to another origin.
 * ``Accept-Encoding: identity`` is asked for and anything else refused: the raw bytes on the
-  wire are what is hashed, never a decoded form of them.
+  wire are what is hashed, never a decoded form of them. So is a transfer coding other than
+  ``chunked`` (``Transfer-Encoding: gzip, chunked``), which no request asks for.
 * The expected size comes from the manifest, never from ``Content-Length``. Each read asks
   for at most one byte more than the size still allows; bytes past the size are handed to the
   accumulator (which refuses them) and never written, so the temp file never exceeds the size.
@@ -632,6 +633,8 @@ class _Download:
             encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
             if encoding != "identity":
                 raise DownloadError(Reason.CONTENT_ENCODING_NOT_ALLOWED)
+            if not _only_chunked(response.getheader("Transfer-Encoding")):
+                raise DownloadError(Reason.CONTENT_ENCODING_NOT_ALLOWED)
             status = response.status
             # Where the body's bytes end in the file: a 206's range may end before it does.
             ends_at = self.size
@@ -875,6 +878,20 @@ class _ProgressWatch:
         self._start = now
         self._start_received = received
         return False
+
+
+def _only_chunked(transfer_encoding: str | None) -> bool:
+    """Whether a ``Transfer-Encoding`` names no coding but ``chunked`` (or is absent).
+
+    The request names no transfer coding (no ``TE``), so chunked is the only one a server may
+    use (RFC 9112 section 6.1). Any other (``gzip, chunked``) means the bytes on the wire are
+    not the file's: they are never decoded, and were hashed to the end of a whole transfer
+    only to fail the digest (or, without ``chunked``, kept as a prefix to resume from).
+    """
+    if transfer_encoding is None:
+        return True
+    codings = [coding.strip(" \t").lower() for coding in transfer_encoding.split(",")]
+    return codings == ["chunked"]
 
 
 def _made_by_the_store(info: os.stat_result) -> bool:
