@@ -164,6 +164,82 @@ def test_bytes_past_the_announced_length_are_never_read(authority: trustme.CA) -
         assert read_all(port, context) == b"hello"
 
 
+#: What a server may write after a chunked body's last chunk: another response (a "101" makes
+#: llhttp raise HttpParserUpgrade, which is no HttpParserError), or bytes that parse as nothing.
+AFTER_THE_LAST_CHUNK = [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\nzz",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nmore!",
+    b"not HTTP at all",
+]
+
+
+@pytest.mark.parametrize("after", AFTER_THE_LAST_CHUNK)
+@pytest.mark.parametrize("with_the_head", [True, False])
+def test_bytes_past_the_last_chunk_are_never_body(
+    authority: trustme.CA, after: bytes, with_the_head: bool
+) -> None:
+    # As with a Content-Length, the body ends where the server said it does; what follows
+    # it is not parsed as a next response whose body would be handed out as more of this one.
+    chunks = f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    def respond(wire: _Wire) -> None:
+        if with_the_head:  # all of it in the first records, before the first body read
+            wire.send(head + chunks + after)
+        else:
+            wire.send(head)
+            time.sleep(0.1)
+            wire.send(chunks + after)
+
+    with tls_server(authority, respond) as (port, context):
+        view = memoryview(bytearray(1 << 20))
+        out = bytearray()
+        with get(
+            "127.0.0.1",
+            port,
+            "/m.bin",
+            {},
+            context=context,
+            connect_timeout_s=5,
+            read_timeout_s=5,
+        ) as response:
+            while count := response.read_some(view):
+                out += view[:count]
+            assert response.complete
+            assert response.read_some(view) == 0
+        assert bytes(out) == BODY
+
+
+def test_bytes_decrypted_before_a_bad_record_are_handed_out_first(authority: trustme.CA) -> None:
+    # The body's records and a record that cannot decrypt arrive in one socket read: the
+    # bytes before it are body, handed out before the TLS error is raised (it had been
+    # raised at once, and the whole buffer decrypted in that call was lost).
+    def respond(wire: _Wire) -> None:
+        wire.send(f"HTTP/1.1 200 OK\r\nContent-Length: {2 * len(BODY)}\r\n\r\n".encode())
+        time.sleep(0.2)
+        wire.sock.sendall(wire.record(BODY) + b"\x17\x03\x03\x00\x20" + bytes(32))
+        time.sleep(1)
+
+    with tls_server(authority, respond) as (port, context):
+        view = memoryview(bytearray(1 << 20))
+        out = bytearray()
+        with get(
+            "127.0.0.1",
+            port,
+            "/m.bin",
+            {},
+            context=context,
+            connect_timeout_s=5,
+            read_timeout_s=5,
+        ) as response:
+            with pytest.raises(ssl.SSLError):
+                while count := response.read_some(view):
+                    out += view[:count]
+            assert bytes(out) == BODY
+            with pytest.raises(ssl.SSLError):
+                response.read_some(view)  # and it stays failed
+
+
 def test_a_record_dripped_byte_by_byte_is_a_timeout(authority: trustme.CA) -> None:
     # Every socket read brings a byte within the read timeout, yet no record ever completes;
     # the wait for one record is bounded by the read timeout in all.

@@ -30,22 +30,26 @@ class Fault:
     ``gzip`` | ``status`` | ``stall`` | ``ignore_range`` | ``bad_content_range`` |
     ``huge_content_range`` | ``set_cookie_redirect`` | ``drip`` | ``chunked`` |
     ``chunked_cut`` | ``switch_protocols`` | ``chunk_extension_drip`` | ``short_range`` |
-    ``unsatisfiable_range`` | ``range_answer``.
+    ``unsatisfiable_range`` | ``range_answer`` | ``chunked_then`` | ``range_runs_on`` |
+    ``gzip_transfer``.
     """
 
     kind: str
-    #: For ``redirect``: the Location; for ``range_answer``: the Content-Range of its ``206``,
+    #: For ``redirect``: the Location; for ``gzip_transfer``: the Transfer-Encoding (``gzip``
+    #: and maybe ``chunked``); for ``range_answer``: the Content-Range of its ``206``,
     #: with ``{start}``, ``{last}`` (the file's last byte) and ``{size}`` filled in (and its
     #: ``status``, when set, is the answer to a request without ``Range``).
     location: str = ""
     status: int = 0
     #: For ``stall`` (and ``chunked``): bytes sent before the server goes silent; for
     #: ``chunked_cut``, before it hangs up without the last chunk; for ``short_range``, the
-    #: most bytes one ``206`` answer covers.
+    #: most bytes one ``206`` answer covers (its Content-Range's, for ``range_runs_on``).
     stall_after_bytes: int = 0
     #: For ``drip``: seconds between single body bytes (``stall_after_bytes`` of them are
     #: dripped, then the server hangs up); for ``short_range``, seconds before each ``206``.
     drip_interval_s: float = 0.0
+    #: For ``chunked_then``: bytes written on the connection right after the last chunk.
+    after_body: bytes = b""
 
 
 class FaultHandler(OriginHandler):
@@ -94,6 +98,17 @@ class FaultHandler(OriginHandler):
                 {"Content-Length": str(len(packed)), "Content-Encoding": "gzip"},
                 packed,
             )
+        elif kind == "gzip_transfer":
+            # A transfer coding nobody asked for (the request names none in TE): the body
+            # gzip-compressed, and chunked too when the coding ends in "chunked".
+            packed = gzip.compress(body)
+            self._raw(record, 200, {"Transfer-Encoding": fault.location}, b"")
+            if fault.location.replace(" ", "").endswith(",chunked"):
+                self.wfile.write(b"%x\r\n" % len(packed) + packed + b"\r\n0\r\n\r\n")
+            else:
+                self.wfile.write(packed)
+            record.bytes_sent += len(packed)
+            self.close_connection = True
         elif kind == "status":
             self.send_status_only(record, fault.status)
         elif kind == "stall":
@@ -114,6 +129,12 @@ class FaultHandler(OriginHandler):
             self.close_connection = True
         elif kind == "chunked":
             self._chunked(record, body, fault.stall_after_bytes)
+        elif kind == "chunked_then":
+            # The whole body chunked, then more bytes on the same connection: another
+            # response's head and body, or anything else, past the end of this one.
+            self._chunked(record, body, 0)
+            self.wfile.write(fault.after_body)
+            self.close_connection = True
         elif kind == "chunked_cut":
             self._chunked(record, body, fault.stall_after_bytes, hang_up=True)
         elif kind == "ignore_range":
@@ -155,6 +176,25 @@ class FaultHandler(OriginHandler):
                         "Content-Range": f"bytes {start}-{end}/{len(body)}",
                     },
                     piece,
+                )
+        elif kind == "range_runs_on":
+            if record.range_header is None:
+                # The whole file is refused: only the ranges can bring it.
+                self.send_status_only(record, fault.status or 503)
+            else:
+                # A 206 whose Content-Range covers stall_after_bytes from the byte asked for,
+                # and whose body runs on past that range to the file's end, with zeros.
+                start = int(record.range_header.removeprefix("bytes=").removesuffix("-"))
+                piece = body[start : start + fault.stall_after_bytes]
+                end = start + len(piece) - 1
+                self._raw(
+                    record,
+                    206,
+                    {
+                        "Content-Length": str(len(body) - start),
+                        "Content-Range": f"bytes {start}-{end}/{len(body)}",
+                    },
+                    piece + bytes(len(body) - start - len(piece)),
                 )
         elif kind == "unsatisfiable_range":
             if record.range_header is None:

@@ -11,7 +11,8 @@ rules around it:
   parsers drop, so the target asked for would not be the one written). No credentials, cookies,
   proxies or ``.netrc`` are ever used, so nothing can be forwarded to another origin.
 * ``Accept-Encoding: identity`` is asked for and anything else refused: the raw bytes on the
-  wire are what is hashed, never a decoded form of them.
+  wire are what is hashed, never a decoded form of them. So is a transfer coding other than
+  ``chunked`` (``Transfer-Encoding: gzip, chunked``), which no request asks for.
 * The expected size comes from the manifest, never from ``Content-Length``. Each read asks
   for at most one byte more than the size still allows; bytes past the size are handed to the
   accumulator (which refuses them) and never written, so the temp file never exceeds the size.
@@ -32,7 +33,9 @@ rules around it:
   from where it ended, as long as each such answer brings at least 64 KiB (or
   :attr:`DownloadOptions.min_progress_bytes` when larger; else ``download_failed``), and the
   minimum progress for each window of the whole time it took, its connect, redirects and head
-  included (else ``timeout``); the bytes of a refused one are kept.
+  included (else ``timeout``); the bytes of a refused one are kept. A ``206`` body is read
+  up to the end of its range and never past it: bytes a server sends after its range are
+  none of the range, so they are not taken for the bytes that follow it in the file.
 * Timeouts: :attr:`DownloadOptions.connect_timeout_s` for the TCP connect and TLS handshake,
   :attr:`DownloadOptions.stall_timeout_s` (default 30 s) for any single read, and a
   minimum-progress rule for a server that drips bytes just fast enough to keep every read
@@ -630,10 +633,16 @@ class _Download:
             encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
             if encoding != "identity":
                 raise DownloadError(Reason.CONTENT_ENCODING_NOT_ALLOWED)
+            if not _only_chunked(response.getheader("Transfer-Encoding")):
+                raise DownloadError(Reason.CONTENT_ENCODING_NOT_ALLOWED)
             status = response.status
+            # Where the body's bytes end in the file: a 206's range may end before it does.
+            ends_at = self.size
             if offset and status == 206:
-                if not self._content_range_ok(response.getheader("Content-Range"), offset):
+                last = self._content_range_last(response.getheader("Content-Range"), offset)
+                if last is None:
                     raise _Restart
+                ends_at = last + 1
             elif (offset or replace) and status == 200:
                 # The server ignored the Range (or none was sent, to start again): this body
                 # starts at byte 0 and replaces the kept file. One that announces
@@ -648,13 +657,16 @@ class _Download:
             elif status != 200:
                 raise DownloadError(Reason.HTTP_STATUS)
             os.lseek(fd, offset, os.SEEK_SET)
-            self._stream(response, fd, offset, ranged=status == 206)
+            self._stream(response, fd, offset, ranged=status == 206, ends_at=ends_at)
 
-    def _content_range_ok(self, header: str | None, offset: int) -> bool:
-        """Whether a ``206`` starts where it was asked to; another file size is refused."""
+    def _content_range_last(self, header: str | None, offset: int) -> int | None:
+        """The last byte of a ``206`` that starts where it was asked to, else None.
+
+        Another file size is refused.
+        """
         match = _CONTENT_RANGE.fullmatch((header or "").strip())
         if match is None:
-            return False
+            return None
         start, end, total = match.groups()
         if total != "*" and int(total) != self.size:
             # The manifest's size is the contract, and the server says its file has another:
@@ -666,7 +678,9 @@ class _Download:
             # its file is longer. Streamed, the body would overrun the size, and the overrun
             # would drop the kept prefix with it.
             raise DownloadError(Reason.SIZE_MISMATCH)
-        return int(start) == offset and offset <= int(end) < self.size
+        if int(start) == offset and offset <= int(end) < self.size:
+            return int(end)
+        return None
 
     def _check_unsatisfied_range(self, header: str | None) -> None:
         """Refuse a ``416`` unless its Content-Range names the manifest's size.
@@ -681,9 +695,21 @@ class _Download:
             raise DownloadError(Reason.SIZE_MISMATCH)
 
     def _stream(
-        self, response: httpsget.Response, fd: int, offset: int, *, ranged: bool = False
+        self,
+        response: httpsget.Response,
+        fd: int,
+        offset: int,
+        *,
+        ranged: bool = False,
+        ends_at: int | None = None,
     ) -> None:
         """Receive into one buffer while two workers hash and write the ones before it.
+
+        ``ends_at``: where in the file a ``206``'s range ends, when before the file does. Its
+        body is read up to there and never past: bytes after its range are not the bytes that
+        follow it in the file (the server says they are none of the range), as bytes past a
+        ``Content-Length`` are not body. At the file's end, one byte more is read to see an
+        overrun.
 
         The hashing thread and the writing thread each take the buffers in order; a buffer is
         written only after it hashed without a refusal, and is filled again only after it was
@@ -692,6 +718,9 @@ class _Download:
         """
         accumulator = self.accumulator
         size = self.size
+        # Ask for at most one byte more than the size allows: an overrun is seen at size + 1,
+        # never later. A range that ends before the file is read to its end only.
+        read_to = size + 1 if ends_at is None or ends_at >= size else ends_at
         received = offset
         capacity = self.options.buffer_bytes
         views = [memoryview(bytearray(capacity)) for _ in range(_BUFFERS)]
@@ -751,9 +780,7 @@ class _Download:
                     if len(pending) == _BUFFERS:
                         settle_oldest()  # the one that used this buffer
                     buffer = views[index]
-                    # Ask for at most one byte more than the size allows: an overrun is seen
-                    # at size + 1, never later.
-                    limit = min(capacity, size - received + 1)
+                    limit = min(capacity, read_to - received)
                     filled = 0
                     try:
                         with _network():
@@ -807,10 +834,11 @@ class _Download:
                     with contextlib.suppress(Exception):
                         future.result()
         if received < size:
-            if not response.complete:
+            if received < read_to and not response.complete:
                 # The connection ended before the body did (short of its Content-Length, or
                 # of the last chunk, or without a close_notify): a broken transfer. What
-                # arrived is kept for a resume.
+                # arrived is kept for a resume. A range read to its end is whole, whatever
+                # the server sent after it.
                 raise DownloadError(Reason.DOWNLOAD_FAILED)
             if ranged:
                 # A 206 covers the range its Content-Range names, which may end before the
@@ -850,6 +878,20 @@ class _ProgressWatch:
         self._start = now
         self._start_received = received
         return False
+
+
+def _only_chunked(transfer_encoding: str | None) -> bool:
+    """Whether a ``Transfer-Encoding`` names no coding but ``chunked`` (or is absent).
+
+    The request names no transfer coding (no ``TE``), so chunked is the only one a server may
+    use (RFC 9112 section 6.1). Any other (``gzip, chunked``) means the bytes on the wire are
+    not the file's: they are never decoded, and were hashed to the end of a whole transfer
+    only to fail the digest (or, without ``chunked``, kept as a prefix to resume from).
+    """
+    if transfer_encoding is None:
+        return True
+    codings = [coding.strip(" \t").lower() for coding in transfer_encoding.split(",")]
+    return codings == ["chunked"]
 
 
 def _made_by_the_store(info: os.stat_result) -> bool:

@@ -170,6 +170,8 @@ class _Tls:
         self._eof = False
         #: Whether the server ended TLS with a close_notify alert (not just a closed socket).
         self.closed_cleanly = False
+        #: A TLS error met after bytes were decrypted in the same call: raised by the next.
+        self._failure: ssl.SSLError | None = None
         self._cancelled = cancelled
         self._timeout_s = timeout_s
         # Every socket call waits at most one slice; _wait() adds the slices up to the timeout.
@@ -273,7 +275,13 @@ class _Tls:
         answer to one with ``update_requested``) are sent before the next socket read: at
         most one receive buffer after the message that asked for them, and without any work
         added to a read that decrypts.
+
+        A TLS error (a record that fails to decrypt, an alert) after bytes were decrypted in
+        this call ends the call with those bytes; the next call raises it. Raised at once, it
+        lost every byte this call had decrypted, up to a whole receive buffer.
         """
+        if self._failure is not None:
+            raise self._failure
         read = self._tls.read
         size = len(view)
         filled = 0
@@ -311,6 +319,11 @@ class _Tls:
                 # An end without one: the body ends here too, and Response.complete tells the
                 # caller whether it ended where the server said it would.
                 break
+            except ssl.SSLError as error:
+                if not filled:
+                    raise
+                self._failure = error
+                break
             if not count:
                 # What read() answers once a close_notify arrived.
                 self.closed_cleanly = True
@@ -333,6 +346,7 @@ class Response:
         length: int | None,
         parser: httptools.HttpResponseParser,
         sink: _HeadSink,
+        unparsed: bytes = b"",
     ) -> None:
         self._connection = connection
         self.status = status
@@ -343,7 +357,9 @@ class Response:
         self._parser = parser
         self._sink = sink
         self._scratch: memoryview | None = None
-        self._deferred: httptools.HttpParserError | None = None
+        self._deferred: Exception | None = None
+        #: Chunked: bytes that came with the head, for the parser before any socket read.
+        self._unparsed = unparsed
 
     @property
     def complete(self) -> bool:
@@ -392,6 +408,13 @@ class Response:
         timeout in all. Otherwise a server dripping a chunk extension forever would keep every
         socket read short of the stall timeout and the caller's progress rules, which only
         ever see body bytes, would never run.
+
+        The body ends with its last chunk (and trailers): whatever follows it on the
+        connection is never body, as bytes past a ``Content-Length`` are never read. llhttp
+        would parse them as the next response, hand that one's body over as more of this one
+        and raise :class:`httptools.HttpParserUpgrade` (no ``HttpParserError``) for a ``101``;
+        the sink takes nothing after the end, and a parser error after it is no error of this
+        body.
         """
         sink = self._sink
         framing = 0
@@ -399,17 +422,27 @@ class Response:
         while not sink.pending and not sink.complete:
             if self._deferred is not None:
                 raise self._deferred
-            scratch = self._scratch
-            if scratch is None:
-                scratch = self._scratch = memoryview(bytearray(RECEIVE_BYTES))
-            count = self._connection.read_into(scratch)
-            if not count:
-                return 0
+            if self._unparsed:
+                data: bytes | memoryview = self._unparsed
+                self._unparsed = b""
+            else:
+                scratch = self._scratch
+                if scratch is None:
+                    scratch = self._scratch = memoryview(bytearray(RECEIVE_BYTES))
+                count = self._connection.read_into(scratch)
+                if not count:
+                    return 0
+                data = scratch[:count]
+            count = len(data)
             try:
-                self._parser.feed_data(scratch[:count])
+                self._parser.feed_data(data)
             except httptools.HttpParserError as error:
                 # Bytes decoded before the error are body: hand them out first.
-                self._deferred = error
+                if not sink.complete:
+                    self._deferred = error
+            except httptools.HttpParserUpgrade:
+                if not sink.complete:
+                    self._deferred = ProtocolError("protocol switch not asked for")
             if sink.pending or sink.complete:
                 break
             framing += count
@@ -438,6 +471,8 @@ class _HeadSink:
         self.pending = bytearray()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            return  # the next response's, past the end of this one
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > MAX_HEAD_BYTES:
             raise ProtocolError("head too large")
@@ -460,7 +495,8 @@ class _HeadSink:
         self.complete = False
 
     def on_body(self, body: bytes) -> None:
-        self.pending += body
+        if not self.complete:  # else the next response's, past the end of this one
+            self.pending += body
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -541,8 +577,9 @@ def get(
             sink.start_over()  # an interim answer: the final head follows
         chunked = "chunked" in sink.headers.get("transfer-encoding", "").lower()
         length: int | None = None
+        unparsed = b""
         if chunked:
-            parser.feed_data(received)  # chunk framing is the parser's
+            unparsed = bytes(received)  # chunk framing is the parser's, at the first read
         else:
             sink.pending += received
             if "content-length" in sink.headers:
@@ -555,6 +592,7 @@ def get(
             length=length,
             parser=parser,
             sink=sink,
+            unparsed=unparsed,
         )
     finally:
         connection.close()

@@ -77,7 +77,8 @@ class Reason(enum.StrEnum):
     DOWNLOAD_FAILED = "download_failed"
     #: The server answered with a status that is not a success.
     HTTP_STATUS = "http_status"
-    #: The server sent a content encoding although ``identity`` was asked for.
+    #: The server sent a content encoding although ``identity`` was asked for (or a transfer
+    #: coding other than ``chunked``, which no request asks for).
     CONTENT_ENCODING_NOT_ALLOWED = "content_encoding_not_allowed"
     #: A connect, read or stall timeout expired.
     TIMEOUT = "timeout"
