@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,56 @@ def test_bad_toml_and_files(tmp_path: Path) -> None:
         load_manifest(tmp_path)  # a directory is not a manifest
     with pytest.raises(ManifestError):
         load_manifest_text(b"[model]")  # type: ignore[arg-type]
+
+
+@pytest.mark.unit
+def test_a_long_dotted_key_is_refused_before_tomllib_spends_memory_on_it() -> None:
+    # tomllib's time and memory grow with the square of a dotted key's parts: 5,000 of them
+    # (10 KB) took 100 MB, 100,000 (200 KB, well inside the size limit) more memory than the
+    # machine had, and the command was killed by the kernel instead of refused.
+    text = FULL_TOML + "a" + ".a" * 5000 + " = 1\n"
+    tracemalloc.start()
+    try:
+        with pytest.raises(ManifestError) as caught:
+            load_manifest_text(text)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert caught.value.reason is Reason.MALFORMED_MANIFEST
+    assert caught.value.field == "manifest"
+    assert peak < 4 * 1024 * 1024, peak
+
+
+@pytest.mark.unit
+def test_dots_in_strings_and_comments_and_a_few_dotted_keys_are_no_dotted_key() -> None:
+    # Only dots outside strings and comments count, read as TOML reads them: a quote in a
+    # comment, an escaped quote, a multi-line string ending in four or five quotes.
+    dots = "." * 400
+    lines = [
+        f'# {dots} " \' """',
+        'model.name = "tinyllama"',
+        f'model.url = "https://models.example.com/tinyllama-q4.gguf?token={SECRET}"',
+        f'model.sha256 = "{DIGEST}"',
+        'model."size_bytes" = 668788096',
+        f'sources.allow = ["https://models.example.com/"]  # {dots}',
+        "[runtime]",
+        f'command = ["/usr/local/bin/llama-server", "{dots}\\\\", "\\"{dots}", \'{dots}\',',
+        f'  """{dots}""""", \'\'\'\n{dots}\'\'\'\'\', ""]',
+        "ready_timeout_s = 2.5",
+        "[limits]",
+        "queue_timeout_s = 2.5",
+    ]
+    manifest = load_manifest_text("\n".join(lines) + "\n")
+    assert manifest.model.name == "tinyllama"
+    assert manifest.runtime.command[1:] == (
+        dots + "\\",
+        '"' + dots,
+        dots,
+        dots + '""',
+        dots + "''",
+        "",
+    )
+    assert manifest.limits.queue_timeout_s == 2.5
 
 
 def _released(path: Path) -> None:
