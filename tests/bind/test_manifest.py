@@ -5,11 +5,14 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import tomllib
 import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from companion_runtime.bind.manifest import (
     DEFAULT_HEALTH_PATH,
@@ -17,6 +20,7 @@ from companion_runtime.bind.manifest import (
     DEFAULT_READY_TIMEOUT_S,
     Manifest,
     ManifestError,
+    _dots_outside_strings,
     load_manifest,
     load_manifest_text,
     manifest_from_dict,
@@ -342,6 +346,64 @@ def test_dots_in_strings_and_comments_and_a_few_dotted_keys_are_no_dotted_key() 
         "",
     )
     assert manifest.limits.queue_timeout_s == 2.5
+
+
+#: What strings, comments and bare text are made of: every character that starts or ends
+#: something in TOML's lexical rules, and a letter.
+_PIECES = st.text(alphabet="a.\"'#\\ ", max_size=12)
+
+
+def _basic(content: str) -> str:
+    return '"' + content.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@st.composite
+def _string(draw: st.DrawFn) -> str:
+    """A TOML string of any of the four kinds, with its dots, quotes and hashes."""
+    content = draw(_PIECES)
+    kind = draw(st.sampled_from(["basic", "literal", "multi-line basic", "multi-line literal"]))
+    if kind == "basic":
+        return _basic(content)
+    no_quote = content.replace("'", "")
+    if kind == "literal":
+        return "'" + no_quote + "'"
+    extra = draw(st.integers(0, 2))  # one or two more quotes end a multi-line string
+    if kind == "multi-line basic":
+        escaped = _basic(content + "\n" + content)[1:-1]
+        return '"""' + escaped + '"' * extra + '"""'
+    return "'''" + no_quote + "\n" + no_quote + "'" * extra + "'''"
+
+
+@st.composite
+def _manifest_like(draw: st.DrawFn) -> tuple[str, int]:
+    """TOML text and the number of dots it has outside strings and comments."""
+    lines: list[str] = []
+    dots = 0
+    for index in range(draw(st.integers(1, 8))):
+        parts = [f"k{index}"]
+        for _ in range(draw(st.integers(0, 3))):
+            parts.append(draw(st.one_of(st.just("p"), _string().filter(lambda s: "\n" not in s))))
+        dots += len(parts) - 1
+        values = draw(st.lists(st.one_of(_string(), st.just("1.5"), st.just("{ a.b = 2 }"))))
+        dots += sum(value.count(".") for value in values if value[0] in "1{")
+        line = ".".join(parts) + " = [" + ", ".join(values) + "]"
+        if draw(st.booleans()):
+            line += " # " + draw(_PIECES)
+        lines.append(line)
+    return "\n".join(lines) + "\n", dots
+
+
+@pytest.mark.unit
+@settings(max_examples=200, deadline=None)
+@given(_manifest_like())
+def test_the_dots_that_count_are_those_outside_strings_and_comments(
+    case: tuple[str, int],
+) -> None:
+    # Counted too few, a dotted key hides in what the count takes for a string; too many, a
+    # manifest with dots in its strings is refused.
+    text, dots = case
+    tomllib.loads(text)  # TOML indeed
+    assert _dots_outside_strings(text, stop_after=10**9) == dots
 
 
 def _released(path: Path) -> None:
