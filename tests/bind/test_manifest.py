@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from companion_runtime.bind import regular_file
 from companion_runtime.bind.manifest import (
     DEFAULT_HEALTH_PATH,
     DEFAULT_LIMITS,
@@ -26,6 +27,7 @@ from companion_runtime.bind.manifest import (
     manifest_from_dict,
 )
 from companion_runtime.core import Reason
+from tests.support.would_block import opener_that_would_block
 
 DIGEST = "ab" * 32
 SECRET = "s3cr3t-token-value"
@@ -404,6 +406,26 @@ def test_the_dots_that_count_are_those_outside_strings_and_comments(
     text, dots = case
     tomllib.loads(text)  # TOML indeed
     assert _dots_outside_strings(text, stop_after=10**9) == dots
+
+
+@pytest.mark.unit
+def test_a_manifest_with_no_bytes_to_give_for_now_is_not_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read non-blocking, such a file (/proc/kmsg, a file in user space) answers None, which
+    # was taken for its end: the manifest loaded without its [limits], their defaults instead.
+    path = tmp_path / "model.toml"
+    path.write_text(FULL_TOML)
+    before_limits = FULL_TOML.split("[limits]")[0].encode()
+    monkeypatch.setattr(
+        regular_file,
+        "open",
+        opener_that_would_block(open, inode=path.stat().st_ino, given=before_limits),
+        raising=False,
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert caught.value.reason is Reason.FILE_NOT_FOUND
 
 
 def _released(path: Path) -> None:

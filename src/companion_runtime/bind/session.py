@@ -77,6 +77,7 @@ from companion_runtime.bind.directory_trust import (
     make_private_directories,
     may_create_on_the_way_to,
 )
+from companion_runtime.bind.regular_file import read_to_end
 from companion_runtime.core import Reason
 
 __all__ = [
@@ -308,8 +309,8 @@ def _read_small_with_info(path: Path, *, private: bool = False) -> tuple[str, os
         ):
             os.close(descriptor)
             raise SessionFileError(Reason.STORE_ERROR)
-        with os.fdopen(descriptor, "rb") as handle:
-            data = handle.read(_MAX_SMALL_FILE_BYTES + 1)
+        with os.fdopen(descriptor, "rb", buffering=0) as handle:
+            data = read_to_end(handle, max_bytes=_MAX_SMALL_FILE_BYTES)
     except OSError as error:
         raise SessionFileError(Reason.STORE_ERROR) from error
     if len(data) > _MAX_SMALL_FILE_BYTES:
