@@ -359,8 +359,9 @@ _CA_BUNDLE_HELP = "PEM CA bundle to trust instead of the system store (a mirror)
 
 
 def _usage_error(message: str) -> None:
-    # click's own usage errors echo the offending value; this one deliberately does not.
-    typer.echo(f"Error: {message}", err=True)
+    # click's own usage errors echo the offending value; this one deliberately does not. A
+    # stderr that cannot be written (a full disk) loses the line, not the exit code.
+    _say(f"Error: {message}", err=True)
     raise typer.Exit(2)
 
 
@@ -576,11 +577,9 @@ def serve(
         from companion_runtime.core import Reason, Verdict
 
         if not _is_file(manifest):
-            typer.echo("Error: MANIFEST does not exist or is not a file", err=True)
-            raise typer.Exit(2)
+            _usage_error("MANIFEST does not exist or is not a file")
         if ca_bundle is not None and not _is_file(ca_bundle):
-            typer.echo("Error: --ca-bundle does not exist or is not a file", err=True)
-            raise typer.Exit(2)
+            _usage_error("--ca-bundle does not exist or is not a file")
         try:
             # Loaded here too (serve loads it again) so that a refusal names the field, as pull's.
             load_manifest(manifest)
@@ -851,11 +850,30 @@ def _ignore_signals_at_exit() -> None:
             signal.signal(signum, signal.SIG_IGN)
 
 
+def _unwritten(error: OSError) -> int:
+    """One line on stderr for an ``OSError`` no command turned into its result; the exit code.
+
+    What comes here is click's own output that could not be written: a help text on a full
+    disk, or a usage error on a stderr that is one (a closed pipe click answers itself, with
+    exit 1). It ended the command with a traceback, and a usage error with exit 1. The line
+    is the error's description only (its own text may carry a path); a usage error keeps its
+    exit 2, anything else is exit 1: whoever asked never got the answer.
+    """
+    import sys
+
+    _to_null(sys.stdout)
+    _say(f"could not write the output: {error.strerror or 'output error'}", err=True)
+    exit_code = getattr(error.__context__, "exit_code", None)
+    return exit_code if exit_code == 2 else 1
+
+
 def main() -> None:
     """Console-script entry point."""
     _open_standard_descriptors()
     try:
         app()
+    except OSError as error:
+        raise SystemExit(_unwritten(error)) from None
     finally:
         _ignore_signals_at_exit()
 

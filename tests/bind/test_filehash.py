@@ -20,6 +20,7 @@ from companion_runtime.bind import filehash
 from companion_runtime.bind.filehash import verify_file
 from companion_runtime.core import Reason
 from tests.support.https import model_bytes
+from tests.support.would_block import opener_that_would_block
 
 
 def write_model(tmp_path: Path, size: int) -> tuple[Path, bytes, str]:
@@ -634,3 +635,22 @@ def test_a_file_another_user_s_fuse_daemon_serves_is_no_file_only_the_user_can_c
     finally:
         subprocess.run(["umount", str(shown)], check=False)
         shutil.rmtree(base)
+
+
+def test_a_file_with_no_bytes_to_give_for_now_is_unreadable_not_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read non-blocking, such a file (/proc/kmsg, a file in user space) answers None, which
+    # was taken for its end: the file was judged on what came before it (size_mismatch), a
+    # verdict about bytes that were never read.
+    data, digest = model_bytes(64 * 1024)
+    path = tmp_path / "model.bin"
+    path.write_bytes(data)
+    monkeypatch.setattr(
+        filehash,
+        "open",
+        opener_that_would_block(open, inode=path.stat().st_ino, given=data[:1000]),
+        raising=False,
+    )
+    verdict = verify_file(path, expected_digest=digest, expected_size_bytes=len(data))
+    assert verdict.reason is Reason.STORE_ERROR

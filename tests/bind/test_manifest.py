@@ -5,22 +5,29 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import tomllib
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from companion_runtime.bind import regular_file
 from companion_runtime.bind.manifest import (
     DEFAULT_HEALTH_PATH,
     DEFAULT_LIMITS,
     DEFAULT_READY_TIMEOUT_S,
     Manifest,
     ManifestError,
+    _dots_outside_strings,
     load_manifest,
     load_manifest_text,
     manifest_from_dict,
 )
 from companion_runtime.core import Reason
+from tests.support.would_block import opener_that_would_block
 
 DIGEST = "ab" * 32
 SECRET = "s3cr3t-token-value"
@@ -291,6 +298,134 @@ def test_bad_toml_and_files(tmp_path: Path) -> None:
         load_manifest(tmp_path)  # a directory is not a manifest
     with pytest.raises(ManifestError):
         load_manifest_text(b"[model]")  # type: ignore[arg-type]
+
+
+@pytest.mark.unit
+def test_a_long_dotted_key_is_refused_before_tomllib_spends_memory_on_it() -> None:
+    # tomllib's time and memory grow with the square of a dotted key's parts: 5,000 of them
+    # (10 KB) took 100 MB, 100,000 (200 KB, well inside the size limit) more memory than the
+    # machine had, and the command was killed by the kernel instead of refused.
+    text = FULL_TOML + "a" + ".a" * 5000 + " = 1\n"
+    tracemalloc.start()
+    try:
+        with pytest.raises(ManifestError) as caught:
+            load_manifest_text(text)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert caught.value.reason is Reason.MALFORMED_MANIFEST
+    assert caught.value.field == "manifest"
+    assert peak < 4 * 1024 * 1024, peak
+
+
+@pytest.mark.unit
+def test_dots_in_strings_and_comments_and_a_few_dotted_keys_are_no_dotted_key() -> None:
+    # Only dots outside strings and comments count, read as TOML reads them: a quote in a
+    # comment, an escaped quote, a multi-line string ending in four or five quotes.
+    dots = "." * 400
+    lines = [
+        f'# {dots} " \' """',
+        'model.name = "tinyllama"',
+        f'model.url = "https://models.example.com/tinyllama-q4.gguf?token={SECRET}"',
+        f'model.sha256 = "{DIGEST}"',
+        'model."size_bytes" = 668788096',
+        f'sources.allow = ["https://models.example.com/"]  # {dots}',
+        "[runtime]",
+        f'command = ["/usr/local/bin/llama-server", "{dots}\\\\", "\\"{dots}", \'{dots}\',',
+        f'  """{dots}""""", \'\'\'\n{dots}\'\'\'\'\', ""]',
+        "ready_timeout_s = 2.5",
+        "[limits]",
+        "queue_timeout_s = 2.5",
+    ]
+    manifest = load_manifest_text("\n".join(lines) + "\n")
+    assert manifest.model.name == "tinyllama"
+    assert manifest.runtime.command[1:] == (
+        dots + "\\",
+        '"' + dots,
+        dots,
+        dots + '""',
+        dots + "''",
+        "",
+    )
+    assert manifest.limits.queue_timeout_s == 2.5
+
+
+#: What strings, comments and bare text are made of: every character that starts or ends
+#: something in TOML's lexical rules, and a letter.
+_PIECES = st.text(alphabet="a.\"'#\\ ", max_size=12)
+
+
+def _basic(content: str) -> str:
+    return '"' + content.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@st.composite
+def _string(draw: st.DrawFn) -> str:
+    """A TOML string of any of the four kinds, with its dots, quotes and hashes."""
+    content = draw(_PIECES)
+    kind = draw(st.sampled_from(["basic", "literal", "multi-line basic", "multi-line literal"]))
+    if kind == "basic":
+        return _basic(content)
+    no_quote = content.replace("'", "")
+    if kind == "literal":
+        return "'" + no_quote + "'"
+    extra = draw(st.integers(0, 2))  # one or two more quotes end a multi-line string
+    if kind == "multi-line basic":
+        escaped = _basic(content + "\n" + content)[1:-1]
+        return '"""' + escaped + '"' * extra + '"""'
+    return "'''" + no_quote + "\n" + no_quote + "'" * extra + "'''"
+
+
+@st.composite
+def _manifest_like(draw: st.DrawFn) -> tuple[str, int]:
+    """TOML text and the number of dots it has outside strings and comments."""
+    lines: list[str] = []
+    dots = 0
+    for index in range(draw(st.integers(1, 8))):
+        parts = [f"k{index}"]
+        for _ in range(draw(st.integers(0, 3))):
+            parts.append(draw(st.one_of(st.just("p"), _string().filter(lambda s: "\n" not in s))))
+        dots += len(parts) - 1
+        values = draw(st.lists(st.one_of(_string(), st.just("1.5"), st.just("{ a.b = 2 }"))))
+        dots += sum(value.count(".") for value in values if value[0] in "1{")
+        line = ".".join(parts) + " = [" + ", ".join(values) + "]"
+        if draw(st.booleans()):
+            line += " # " + draw(_PIECES)
+        lines.append(line)
+    return "\n".join(lines) + "\n", dots
+
+
+@pytest.mark.unit
+@settings(max_examples=200, deadline=None)
+@given(_manifest_like())
+def test_the_dots_that_count_are_those_outside_strings_and_comments(
+    case: tuple[str, int],
+) -> None:
+    # Counted too few, a dotted key hides in what the count takes for a string; too many, a
+    # manifest with dots in its strings is refused.
+    text, dots = case
+    tomllib.loads(text)  # TOML indeed
+    assert _dots_outside_strings(text, stop_after=10**9) == dots
+
+
+@pytest.mark.unit
+def test_a_manifest_with_no_bytes_to_give_for_now_is_not_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read non-blocking, such a file (/proc/kmsg, a file in user space) answers None, which
+    # was taken for its end: the manifest loaded without its [limits], their defaults instead.
+    path = tmp_path / "model.toml"
+    path.write_text(FULL_TOML)
+    before_limits = FULL_TOML.split("[limits]")[0].encode()
+    monkeypatch.setattr(
+        regular_file,
+        "open",
+        opener_that_would_block(open, inode=path.stat().st_ino, given=before_limits),
+        raising=False,
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert caught.value.reason is Reason.FILE_NOT_FOUND
 
 
 def _released(path: Path) -> None:

@@ -38,6 +38,7 @@ from companion_runtime.bind.session import (
 from tests.support.acl import grant_write_by_acl
 from tests.support.port_taker import PortTaker, port_taker
 from tests.support.supervision import wait_for
+from tests.support.would_block import opener_that_would_block
 
 pytestmark = [pytest.mark.unit, pytest.mark.security]
 
@@ -959,3 +960,19 @@ def test_a_state_dir_inside_a_directory_of_another_user_is_refused(tmp_path: Pat
         prepare_state_dir(theirs / "state")
     os.chown(theirs, 0, 0)
     prepare_state_dir(theirs / "state")
+
+
+@pytest.mark.parametrize("given", [b"", b"tokentokentoken"], ids=["nothing", "part"])
+def test_a_token_file_with_no_bytes_to_give_for_now_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: bytes
+) -> None:
+    # Read non-blocking, such a file (/proc/kmsg, a file in user space) answers None: status
+    # ended in a TypeError traceback, or sent what came before it as the whole token.
+    path = tmp_path / "front.token"
+    path.write_text("tokentokentoken-and-the-rest\n")
+    monkeypatch.setattr(
+        os, "fdopen", opener_that_would_block(os.fdopen, inode=path.stat().st_ino, given=given)
+    )
+    with pytest.raises(SessionFileError) as caught:
+        read_token_file(path)
+    assert caught.value.reason is Reason.STORE_ERROR

@@ -114,6 +114,45 @@ def test_a_result_written_to_a_pipe_nobody_reads_is_one_line_on_stderr_and_exit_
     _assert_one_line(finished, BROKEN_PIPE)
 
 
+@pytest.mark.parametrize(
+    "arguments",
+    [["--help"], ["verify", "--help"], ["demo", "--help"]],
+    ids=["app", "verify", "demo"],
+)
+def test_help_written_to_a_full_disk_is_one_line_on_stderr_and_exit_1(
+    tmp_path: Path, arguments: list[str]
+) -> None:
+    # click's help text had ended the command with a traceback.
+    with open("/dev/full", "wb") as full:
+        finished = _run(tmp_path, arguments, full.fileno())
+    _assert_one_line(finished, "could not write the output: No space left on device")
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["verify"],  # click's own: a missing argument
+        ["verify", "model.bin", "--sha256", "a", "--sha256", "b", "--size", "1"],  # ours
+        ["serve", "no-such-manifest.toml"],  # serve's own check
+    ],
+    ids=["missing-argument", "option-given-twice", "serve-no-manifest"],
+)
+def test_a_usage_error_that_cannot_be_written_to_stderr_still_exits_2(
+    tmp_path: Path, arguments: list[str]
+) -> None:
+    # It had exited 1, the code of a refusal, with a traceback nobody could see either.
+    with open("/dev/full", "wb") as full:
+        finished = subprocess.run(
+            [sys.executable, "-m", "companion_runtime.cli", *arguments],
+            stdout=subprocess.PIPE,
+            stderr=full,
+            timeout=60,
+            cwd=tmp_path,
+            env={**os.environ, "COMPANION_RUNTIME_STATE_DIR": str(tmp_path / "state")},
+        )
+    assert (finished.returncode, finished.stdout) == (2, b"")
+
+
 def test_a_refusal_that_cannot_be_written_to_stderr_still_exits_1(tmp_path: Path) -> None:
     # Nowhere left to say it: exit 1, and nothing written to stdout either.
     with open("/dev/full", "wb") as full:

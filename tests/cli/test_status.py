@@ -945,3 +945,30 @@ def test_a_token_file_that_cannot_be_read_is_refused_without_its_path(tmp_path: 
     assert result.returncode == 1, result.stderr
     assert json.loads(result.stdout)["reason"] == "store_error"
     assert str(tmp_path) not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"tok\x00en-token-token", "tokén-token-token".encode(), b"tok\x1b[31men-token-token"],
+    ids=["nul", "non-ascii", "escape"],
+)
+def test_a_token_file_holding_no_header_token_is_refused_before_anything_is_sent(
+    tmp_path: Path, content: bytes
+) -> None:
+    # A NUL or a letter outside ASCII had the HTTP client refuse the header after connecting,
+    # reported as upstream_error, as if the front door had answered wrongly; an escape sequence
+    # was sent as it is. serve's own tokens are URL-safe base64.
+    token_file = tmp_path / "front.token"
+    token_file.write_bytes(content + b"\n")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        result = run_status(
+            "--url", url, "--token-file", str(token_file), "--json", state_dir=tmp_path / "state"
+        )
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    assert_refused(result, "store_error", json_output=True)
+    assert str(tmp_path) not in result.stdout + result.stderr

@@ -245,7 +245,12 @@ def hash_file_into(
                 view = views[index]
                 if remaining is not None and remaining < len(view):
                     view = view[:remaining]
-                count = (handle.readinto(view) or 0) if len(view) else 0
+                count = handle.readinto(view) if len(view) else 0
+                if count is None:
+                    # Non-blocking, a file with no bytes to give for now (/proc/kmsg, a file in
+                    # user space) answers None, which is no end of file: taken for one, the
+                    # bytes read so far were judged as the whole file.
+                    raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
                 if pending is not None:
                     # Wait for the other buffer before handing this one over: at most one
                     # buffer is being hashed while the next one is being read.

@@ -37,6 +37,7 @@ never echoes a value from the file (a URL may carry a token in its query).
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_READY_TIMEOUT_S",
     "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_DOTS",
     "LimitsSpec",
     "Manifest",
     "ManifestError",
@@ -68,6 +70,11 @@ DEFAULT_HEALTH_PATH: Final = "/health"
 DEFAULT_READY_TIMEOUT_S: Final = 120.0
 #: A manifest is a few hundred bytes; anything far larger is not one.
 MAX_MANIFEST_BYTES: Final = 1024 * 1024
+#: Most ``.`` a manifest may hold outside its strings and comments: its dotted keys and floats
+#: have a handful. tomllib's time and memory grow with the square of a dotted key's length
+#: (``a.a.a...`` of 10,000 parts took 3 s and 400 MB, of 100,000 parts more memory than the
+#: machine had), so a longer one is refused before it is parsed.
+MAX_MANIFEST_DOTS: Final = 256
 _MAX_NAME_CHARS: Final = 128
 _GIB: Final = 1024**3
 
@@ -158,9 +165,9 @@ def load_manifest(path: str | Path) -> Manifest:
 
     A missing or unreadable file, or anything but a regular file (a FIFO, a device, a
     directory: refused without waiting for a writer), raises
-    ``ManifestError(FILE_NOT_FOUND, "manifest")``; bad TOML
-    or a file over :data:`MAX_MANIFEST_BYTES` raises ``ManifestError(MALFORMED_MANIFEST,
-    "manifest")``.
+    ``ManifestError(FILE_NOT_FOUND, "manifest")``; bad TOML, a file over
+    :data:`MAX_MANIFEST_BYTES`, or one with more than :data:`MAX_MANIFEST_DOTS` dots outside
+    its strings and comments raises ``ManifestError(MALFORMED_MANIFEST, "manifest")``.
     """
     try:
         raw = read_regular_file(path, max_bytes=MAX_MANIFEST_BYTES)
@@ -176,8 +183,8 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def load_manifest_text(text: str) -> Manifest:
-    """Parse and validate manifest TOML given as a string."""
-    if not isinstance(text, str):
+    """Parse and validate manifest TOML given as a string (see :func:`load_manifest`)."""
+    if not isinstance(text, str) or _dots_outside_strings(text) > MAX_MANIFEST_DOTS:
         raise ManifestError(Reason.MALFORMED_MANIFEST, "manifest")
     try:
         data = tomllib.loads(text)
@@ -190,6 +197,57 @@ def load_manifest_text(text: str) -> Manifest:
         # levels exhaust the stack. No real manifest nests more than two levels.
         raise ManifestError(Reason.MALFORMED_MANIFEST, "manifest") from None
     return manifest_from_dict(data)
+
+
+#: What ends TOML's strings: a basic string at its first unescaped ``"``, a multi-line basic
+#: string at its first unescaped ``\"\"\"`` (one or two more ``"`` just after it are its own,
+#: skipped by the caller, as tomllib reads them). Every alternative starts with another
+#: character, so a match never backtracks more than one step.
+_BASIC_STRING_REST: Final = re.compile(r'(?:[^"\\]|\\.)*"', re.DOTALL)
+_MULTI_LINE_BASIC_STRING_REST: Final = re.compile(r'(?:[^"\\]|\\.|"(?!""))*"""', re.DOTALL)
+#: Where a string, a comment or a dot may begin.
+_LEXICAL_START: Final = re.compile(r"[.#\"']")
+
+
+def _dots_outside_strings(text: str, stop_after: int = MAX_MANIFEST_DOTS) -> int:
+    """How many ``.`` ``text`` has outside its strings and comments, as TOML reads them
+    (counting stops past ``stop_after``).
+
+    Where a string or comment is left open, the count stops: tomllib refuses the text there,
+    before it acts on anything after it.
+    """
+    dots = 0
+    position = 0
+    while dots <= stop_after:
+        found = _LEXICAL_START.search(text, position)
+        if found is None:
+            break
+        start = found.group()
+        position = found.end()
+        if start == ".":
+            dots += 1
+            continue
+        multi_line = start != "#" and text.startswith(start * 2, position)
+        if multi_line:
+            position += 2
+        if start == "#":
+            end = text.find("\n", position)
+        elif start == "'":
+            end = text.find("'''" if multi_line else "'", position)
+            end = end if end < 0 else end + (3 if multi_line else 1)
+        else:
+            pattern = _MULTI_LINE_BASIC_STRING_REST if multi_line else _BASIC_STRING_REST
+            rest = pattern.match(text, position)
+            end = -1 if rest is None else rest.end()
+        if end < 0:
+            break
+        position = end
+        if multi_line:
+            # Up to two more quotes end a multi-line string: they are its last characters.
+            for _ in range(2):
+                if text.startswith(start, position):
+                    position += 1
+    return dots
 
 
 def manifest_from_dict(data: Mapping[str, object]) -> Manifest:

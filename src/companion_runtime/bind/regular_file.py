@@ -12,9 +12,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Final, final
+from typing import BinaryIO, Final, final
 
-__all__ = ["NotARegularFileError", "open_regular_file", "read_regular_file"]
+__all__ = ["NotARegularFileError", "open_regular_file", "read_regular_file", "read_to_end"]
 
 _FLAGS: Final = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
@@ -53,15 +53,30 @@ def open_regular_file(path: str | os.PathLike[str]) -> tuple[int, os.stat_result
 
 def read_regular_file(path: str | os.PathLike[str], *, max_bytes: int) -> bytes:
     """The bytes of the regular file at ``path``, at most ``max_bytes + 1`` of them (so a
-    caller can tell a file over its limit). Raises as :func:`open_regular_file` does."""
+    caller can tell a file over its limit). Raises as :func:`open_regular_file` does, and
+    as :func:`read_to_end` does."""
     fd, _info = open_regular_file(path)
     with open(fd, "rb", buffering=0) as handle:
-        chunks: list[bytes] = []
-        left = max_bytes + 1
-        while left > 0:
-            chunk = handle.read(min(left, 1024 * 1024))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+        return read_to_end(handle, max_bytes=max_bytes)
+
+
+def read_to_end(handle: BinaryIO, *, max_bytes: int) -> bytes:
+    """What an unbuffered ``handle`` holds up to its end, at most ``max_bytes + 1`` bytes.
+
+    The descriptor is non-blocking, and a few regular files have no bytes to give at times
+    (``/proc/kmsg``, a file system in user space): a read there answers ``None``, which is no
+    end of file. Taken for one, the bytes stopped early (a manifest cut short, its last tables
+    left to their defaults) or a read of them ended in a ``TypeError``. It raises
+    ``BlockingIOError`` instead.
+    """
+    chunks: list[bytes] = []
+    left = max_bytes + 1
+    while left > 0:
+        chunk = handle.read(min(left, 1024 * 1024))
+        if chunk is None:
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)

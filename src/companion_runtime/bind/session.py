@@ -77,6 +77,7 @@ from companion_runtime.bind.directory_trust import (
     make_private_directories,
     may_create_on_the_way_to,
 )
+from companion_runtime.bind.regular_file import read_to_end
 from companion_runtime.core import Reason
 
 __all__ = [
@@ -308,8 +309,8 @@ def _read_small_with_info(path: Path, *, private: bool = False) -> tuple[str, os
         ):
             os.close(descriptor)
             raise SessionFileError(Reason.STORE_ERROR)
-        with os.fdopen(descriptor, "rb") as handle:
-            data = handle.read(_MAX_SMALL_FILE_BYTES + 1)
+        with os.fdopen(descriptor, "rb", buffering=0) as handle:
+            data = read_to_end(handle, max_bytes=_MAX_SMALL_FILE_BYTES)
     except OSError as error:
         raise SessionFileError(Reason.STORE_ERROR) from error
     if len(data) > _MAX_SMALL_FILE_BYTES:
@@ -321,13 +322,17 @@ def _read_small_with_info(path: Path, *, private: bool = False) -> tuple[str, os
 
 
 def read_token_file(path: Path, *, private: bool = False) -> str:
-    """The token stored in ``path`` (surrounding whitespace removed).
+    """The token stored in ``path`` (surrounding whitespace removed): ``store_error`` unless it
+    is one or more visible ASCII characters.
 
     With ``private`` (a token file a state file named, not one the user chose), the file must
     also be the current user's and closed to group and others, as ``serve`` writes it.
     """
     token = _read_small(path, private=private).strip()
-    if not token or any(character.isspace() for character in token):
+    # Visible ASCII only, what an HTTP header carries (serve's own are URL-safe base64): the
+    # client refused a NUL or a letter outside ASCII only once connected, which read as the
+    # front door's fault (upstream_error), and sent an escape sequence as it is.
+    if not token or not all("!" <= character <= "~" for character in token):
         raise SessionFileError(Reason.STORE_ERROR)
     return token
 
