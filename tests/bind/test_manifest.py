@@ -116,6 +116,18 @@ def test_full_manifest_loads_every_field(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_a_manifest_an_editor_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + FULL_TOML.encode())
+    assert load_manifest(path).model.name == "tinyllama"
+    # Only one, and only at the start: anywhere else it is a character TOML does not allow.
+    path.write_bytes(b"\xef\xbb\xbf\xef\xbb\xbf" + FULL_TOML.encode())
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert caught.value.reason is Reason.MALFORMED_MANIFEST
+
+
+@pytest.mark.unit
 def test_optional_fields_take_documented_defaults() -> None:
     manifest = manifest_from_dict(minimal())
     assert manifest.runtime.health_path == DEFAULT_HEALTH_PATH == "/health"

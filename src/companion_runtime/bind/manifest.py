@@ -176,7 +176,8 @@ def load_manifest(path: str | Path) -> Manifest:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestError(Reason.MALFORMED_MANIFEST, "manifest")
     try:
-        text = raw.decode("utf-8")
+        # One byte order mark at the start, which editors on Windows write, is no content.
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ManifestError(Reason.MALFORMED_MANIFEST, "manifest") from None
     return load_manifest_text(text)
