@@ -727,6 +727,62 @@ async def test_a_runtime_that_signals_its_own_group_is_stopped_and_leaves_nothin
         _end_all(pids)
 
 
+# Holds the process argv[1] names in ptrace's stops for as long as it lives: signals are left
+# undelivered, SIGCONT included, until a SIGKILL ends it.
+_TRACER = """\
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pid = int(sys.argv[1])
+if libc.ptrace(16, pid, None, None) != 0:  # PTRACE_ATTACH
+    sys.exit("attach: %d" % ctypes.get_errno())
+os.waitpid(pid, 0x40000000)  # __WALL: the attach's own stop
+print("ATTACHED", flush=True)
+while True:
+    _, status = os.waitpid(pid, 0x40000000)
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        break
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="tracing another process's child needs root")
+async def test_a_keeper_that_cannot_act_still_leaves_nothing_of_the_runtime_s_group(
+    tmp_path: Path,
+) -> None:
+    # A keeper held in a stop that SIGCONT does not end (traced): the stop kills the groups of
+    # its children itself, or the runtime's child, in the runtime's group, would outlive it.
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(
+        standin_command("--spawn-child", "--pid-file", str(pid_file)), model_path="m"
+    )
+    pids: dict[str, int] = {}
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            await _wait_healthy(spec.base_url)
+            pids = _noted_pids(pid_file, "runtime", "child")
+            created = {pid: psutil.Process(pid).create_time() for pid in pids.values()}
+            tracer = subprocess.Popen(
+                [sys.executable, "-c", _TRACER, str(runtime.pid)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert tracer.stdout is not None
+            assert tracer.stdout.readline().strip() == "ATTACHED"
+            outcome = await runtime.stop(grace_s=0.2)
+        assert outcome.killed is True
+        assert wait_for(lambda: all(process_gone(p, c) for p, c in created.items()), 5.0), {
+            role: pid for role, pid in pids.items() if not process_gone(pid, created[pid])
+        }
+    finally:
+        _end_all(pids)
+        if tracer is not None:
+            tracer.kill()
+            tracer.wait()
+            if tracer.stdout is not None:
+                tracer.stdout.close()
+
+
 _EXIT_AS = """
 import os, resource, signal, sys
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
