@@ -287,10 +287,7 @@ except (OSError, AttributeError):
     pass  # no pidfd (Linux before 5.3): signals are passed on until the runtime is reaped
 for early in signal.sigpending() & PASSED:
     signal.sigtimedwait([early], 0)  # taken here, so the handler does not pass it on again
-    try:
-        os.killpg(holder, early)
-    except OSError:
-        pass
+    pass_on(early, None)  # to the group the runtime is in by now (its own, after a setsid)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED)
 while True:
     try:
