@@ -637,6 +637,32 @@ async def test_the_exit_is_seen_even_while_a_survivor_holds_the_output_pipes(
 
 
 @pytest.mark.integration
+async def test_a_stop_after_the_keeper_was_killed_still_ends_the_runtime_s_group(
+    tmp_path: Path,
+) -> None:
+    # A SIGKILL of the keeper itself leaves the runtime to its death signal; what the runtime
+    # started in its own group is ended by the stop's SIGKILL to that group, as it was when
+    # the runtime shared the keeper's group.
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(
+        standin_command("--spawn-child", "--pid-file", str(pid_file)), model_path="m"
+    )
+    pids: dict[str, int] = {}
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            pids = _noted_pids(pid_file, "runtime", "child")
+            created = {pid: psutil.Process(pid).create_time() for pid in pids.values()}
+            os.kill(runtime.pid, signal.SIGKILL)
+            assert await asyncio.wait_for(runtime.wait(), 5.0) == -signal.SIGKILL
+            await runtime.stop(grace_s=1.0)
+            assert wait_for(lambda: all(process_gone(p, c) for p, c in created.items()), 5.0), {
+                role: pid for role, pid in pids.items() if not process_gone(pid, created[pid])
+            }
+    finally:
+        _end_all(pids)
+
+
+@pytest.mark.integration
 async def test_a_runtime_that_exits_by_itself_leaves_nothing_below_it(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids"
     spec = build_launch_spec(

@@ -152,6 +152,7 @@ signal.pthread_sigmask(signal.SIG_BLOCK, PASSED)
 libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 MAX_BELOW = 4096
+GROUP_FD = -1
 def below():
     found, frontier = [], [os.getpid()]
     while frontier and len(found) < MAX_BELOW:
@@ -263,6 +264,13 @@ try:
     os.setpgid(holder, holder)  # as the holder does: whichever comes first
 except OSError:
     pass
+if GROUP_FD >= 0:
+    # The manager's record of the runtime's group, for a stop after the keeper was killed.
+    try:
+        os.write(GROUP_FD, b'%d' % holder)
+        os.close(GROUP_FD)
+    except OSError:
+        pass
 runtime = os.fork()
 if runtime == 0:
     try:
@@ -790,10 +798,16 @@ class _SubprocessRuntime:
     """The real :class:`RuntimeProcess`: an asyncio subprocess in its own process group."""
 
     def __init__(
-        self, process: asyncio.subprocess.Process, cap_bytes: int, *, keeper: bool
+        self,
+        process: asyncio.subprocess.Process,
+        cap_bytes: int,
+        *,
+        keeper: bool,
+        group_fd: int = -1,
     ) -> None:
         self._process = process
         self._keeper = keeper
+        self._group_fd = group_fd
         self.stdout = OutputTail(cap_bytes=cap_bytes)
         self.stderr = OutputTail(cap_bytes=cap_bytes)
         self._stop_lock = asyncio.Lock()
@@ -855,11 +869,30 @@ class _SubprocessRuntime:
                     # below ends it, and the groups its children lead go with it.
                     _kill_groups_of_children(pgid)
             # SIGKILL the group even when the leader went quietly: anything it started and
-            # left behind in the group goes too.
+            # left behind in the group goes too; so does the runtime's own group, which a
+            # keeper killed by someone else left to itself.
             _signal_group(pgid, signal.SIGKILL)
+            runtime_group = self._runtime_group()
+            if runtime_group is not None:
+                _signal_group(runtime_group, signal.SIGKILL)
             returncode = await self._exited()
             self._stop_outcome = StopOutcome(returncode=returncode, killed=killed)
             return self._stop_outcome
+
+    def _runtime_group(self) -> int | None:
+        """The runtime's process group, as the keeper told it (read once; ``None`` when it
+        did not, having died first)."""
+        if self._group_fd < 0:
+            return None
+        try:
+            os.set_blocking(self._group_fd, False)
+            told = os.read(self._group_fd, 32)
+        except OSError:
+            told = b""
+        finally:
+            os.close(self._group_fd)
+            self._group_fd = -1
+        return int(told) if told.isdigit() and int(told) > 1 else None
 
     def stdout_tail(self) -> bytes:
         return self.stdout.snapshot()
@@ -885,7 +918,7 @@ class SubprocessLauncher:
             sys.platform.startswith("linux") if use_death_signal is None else use_death_signal
         )
 
-    def _argv(self, spec: LaunchSpec) -> tuple[str, ...]:
+    def _argv(self, spec: LaunchSpec, group_fd: int = -1) -> tuple[str, ...]:
         if not self._use_death_signal:
             return spec.argv
         return (
@@ -893,7 +926,9 @@ class SubprocessLauncher:
             "-I",
             "-S",
             "-c",
-            _KEEPER.replace("MAX_BELOW = 4096", f"MAX_BELOW = {_KEEPER_MAX_BELOW:d}", 1),
+            _KEEPER.replace("MAX_BELOW = 4096", f"MAX_BELOW = {_KEEPER_MAX_BELOW:d}", 1).replace(
+                "GROUP_FD = -1", f"GROUP_FD = {group_fd:d}", 1
+            ),
             str(os.getpid()),
             str(len(spec.run_files)),
             *spec.run_files,
@@ -905,18 +940,30 @@ class SubprocessLauncher:
         self, spec: LaunchSpec, *, stop_grace_s: float = 5.0
     ) -> AsyncIterator[RuntimeProcess]:
         """Start ``spec``; on leaving, stop it (SIGTERM, ``stop_grace_s``, SIGKILL) and reap."""
-        argv = self._argv(spec)
-        with _spawn_errors():
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=dict(spec.env),
-                start_new_session=True,
-                close_fds=True,
-            )
-        runtime = _SubprocessRuntime(process, spec.output_cap_bytes, keeper=self._use_death_signal)
+        # The keeper writes the number of the runtime's process group here.
+        group_r, group_w = os.pipe() if self._use_death_signal else (-1, -1)
+        try:
+            with _spawn_errors():
+                process = await asyncio.create_subprocess_exec(
+                    *self._argv(spec, group_w),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=dict(spec.env),
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(group_w,) if group_w >= 0 else (),
+                )
+        except BaseException:
+            if group_r >= 0:
+                os.close(group_r)
+            raise
+        finally:
+            if group_w >= 0:
+                os.close(group_w)
+        runtime = _SubprocessRuntime(
+            process, spec.output_cap_bytes, keeper=self._use_death_signal, group_fd=group_r
+        )
         # The readers are not in a TaskGroup around the ``yield``: that would wrap the
         # caller's own exception in an ExceptionGroup. They are awaited below instead.
         drains = [
