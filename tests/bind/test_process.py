@@ -433,11 +433,14 @@ async def test_the_runtime_leads_its_own_session_and_answers_on_loopback() -> No
         assert os.getpgid(runtime.pid) == runtime.pid
         assert os.getsid(runtime.pid) == runtime.pid
         assert os.getpgid(runtime.pid) != os.getpgid(0)
-        # The PID we hold is the keeper's; the runtime is its one child, in its group.
+        # The PID we hold is the keeper's; the runtime is its one child, in its session but in
+        # a process group of its own that it does not lead (what it sends its group never
+        # reaches the keeper, and it may still make a session of its own).
         async with httpx.AsyncClient() as client:
             served_by = (await client.get(spec.base_url + "/pid")).json()["pid"]
         assert [child.pid for child in psutil.Process(runtime.pid).children()] == [served_by]
-        assert os.getpgid(served_by) == os.getsid(served_by) == runtime.pid
+        assert os.getsid(served_by) == runtime.pid
+        assert os.getpgid(served_by) not in (runtime.pid, served_by)
         connections = psutil.Process(served_by).net_connections(kind="tcp")
         listening = [c for c in connections if c.status == psutil.CONN_LISTEN]
         assert [c.laddr.ip for c in listening] == ["127.0.0.1"]
@@ -634,6 +637,32 @@ async def test_the_exit_is_seen_even_while_a_survivor_holds_the_output_pipes(
 
 
 @pytest.mark.integration
+async def test_a_stop_after_the_keeper_was_killed_still_ends_the_runtime_s_group(
+    tmp_path: Path,
+) -> None:
+    # A SIGKILL of the keeper itself leaves the runtime to its death signal; what the runtime
+    # started in its own group is ended by the stop's SIGKILL to that group, as it was when
+    # the runtime shared the keeper's group.
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(
+        standin_command("--spawn-child", "--pid-file", str(pid_file)), model_path="m"
+    )
+    pids: dict[str, int] = {}
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            pids = _noted_pids(pid_file, "runtime", "child")
+            created = {pid: psutil.Process(pid).create_time() for pid in pids.values()}
+            os.kill(runtime.pid, signal.SIGKILL)
+            assert await asyncio.wait_for(runtime.wait(), 5.0) == -signal.SIGKILL
+            await runtime.stop(grace_s=1.0)
+            assert wait_for(lambda: all(process_gone(p, c) for p, c in created.items()), 5.0), {
+                role: pid for role, pid in pids.items() if not process_gone(pid, created[pid])
+            }
+    finally:
+        _end_all(pids)
+
+
+@pytest.mark.integration
 async def test_a_runtime_that_exits_by_itself_leaves_nothing_below_it(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids"
     spec = build_launch_spec(
@@ -646,6 +675,138 @@ async def test_a_runtime_that_exits_by_itself_leaves_nothing_below_it(tmp_path: 
         # The keeper exits the way the runtime did, once what it left is gone.
         assert await asyncio.wait_for(runtime.wait(), 10) == 4
         assert process_gone(pids["orphan"], created)
+
+
+# A runtime that leaves a process in a session of its own (out of the group's reach), then
+# signals its own process group (``kill -STOP 0`` or ``kill -KILL 0`` from a shell script) once
+# the file ``<pid file>.go`` is there.
+_SIGNALS_ITS_GROUP = """\
+import os, signal, sys, time
+pid_file, how = sys.argv[1], sys.argv[2]
+def note(role):
+    with open(pid_file, "a") as f:
+        f.write("%s %d\\n" % (role, os.getpid()))
+note("runtime")
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        note("orphan")
+        while True:
+            time.sleep(1)
+    os._exit(0)
+while not os.path.exists(pid_file + ".go"):
+    time.sleep(0.01)
+if how == "stop-itself":
+    os.kill(os.getpid(), signal.SIGSTOP)
+else:
+    os.kill(0, signal.SIGSTOP if how == "stop-its-group" else signal.SIGKILL)
+time.sleep(120)
+"""
+
+
+def _signals_its_group(pid_file: Path, how: str) -> list[str]:
+    return [sys.executable, "-c", _SIGNALS_ITS_GROUP, str(pid_file), how, "{port}"]
+
+
+def _end_all(pids: dict[str, int]) -> None:
+    """So that a failure leaves nothing behind either."""
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.integration
+@pytest.mark.security
+@pytest.mark.parametrize("how", ["stop-itself", "stop-its-group", "kill-its-group"])
+async def test_a_runtime_that_signals_its_own_group_is_stopped_and_leaves_nothing(
+    tmp_path: Path, how: str
+) -> None:
+    # The runtime shared the keeper's process group: a SIGSTOP it sent its group stopped the
+    # keeper, so the stop waited out its grace and the keeper's kill, and the group's SIGKILL
+    # left the process in a session of its own running, orphaned to init; a SIGKILL it sent
+    # its group killed the keeper, with the same result. A runtime that stopped only itself
+    # acted on the SIGTERM only at the SIGKILL, after the whole grace.
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(_signals_its_group(pid_file, how), model_path="m")
+    pids: dict[str, int] = {}
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            pids = _noted_pids(pid_file, "runtime", "orphan")
+            created = {pid: psutil.Process(pid).create_time() for pid in pids.values()}
+            pid_file.with_name("pids.go").touch()
+            if how == "kill-its-group":
+                assert await asyncio.wait_for(runtime.wait(), 10) == -signal.SIGKILL
+            else:
+                runtime_process = psutil.Process(pids["runtime"])
+                assert wait_for(lambda: runtime_process.status() == psutil.STATUS_STOPPED, 5.0)
+            started = time.monotonic()
+            outcome = await runtime.stop(grace_s=5.0)
+            elapsed = time.monotonic() - started
+        assert wait_for(lambda: all(process_gone(p, c) for p, c in created.items()), 5.0), {
+            role: pid for role, pid in pids.items() if not process_gone(pid, created[pid])
+        }
+        if how != "kill-its-group":
+            # Continued, the runtime acts on the SIGTERM at once.
+            assert outcome == StopOutcome(returncode=-signal.SIGTERM, killed=False)
+            assert elapsed < 2.0
+    finally:
+        _end_all(pids)
+
+
+# Holds the process argv[1] names in ptrace's stops for as long as it lives: signals are left
+# undelivered, SIGCONT included, until a SIGKILL ends it.
+_TRACER = """\
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pid = int(sys.argv[1])
+if libc.ptrace(16, pid, None, None) != 0:  # PTRACE_ATTACH
+    sys.exit("attach: %d" % ctypes.get_errno())
+os.waitpid(pid, 0x40000000)  # __WALL: the attach's own stop
+print("ATTACHED", flush=True)
+while True:
+    _, status = os.waitpid(pid, 0x40000000)
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        break
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="tracing another process's child needs root")
+async def test_a_keeper_that_cannot_act_still_leaves_nothing_of_the_runtime_s_group(
+    tmp_path: Path,
+) -> None:
+    # A keeper held in a stop that SIGCONT does not end (traced): the stop kills the groups of
+    # its children itself, or the runtime's child, in the runtime's group, would outlive it.
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(
+        standin_command("--spawn-child", "--pid-file", str(pid_file)), model_path="m"
+    )
+    pids: dict[str, int] = {}
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            await _wait_healthy(spec.base_url)
+            pids = _noted_pids(pid_file, "runtime", "child")
+            created = {pid: psutil.Process(pid).create_time() for pid in pids.values()}
+            tracer = subprocess.Popen(
+                [sys.executable, "-c", _TRACER, str(runtime.pid)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert tracer.stdout is not None
+            assert tracer.stdout.readline().strip() == "ATTACHED"
+            outcome = await runtime.stop(grace_s=0.2)
+        assert outcome.killed is True
+        assert wait_for(lambda: all(process_gone(p, c) for p, c in created.items()), 5.0), {
+            role: pid for role, pid in pids.items() if not process_gone(pid, created[pid])
+        }
+    finally:
+        _end_all(pids)
+        if tracer is not None:
+            tracer.kill()
+            tracer.wait()
+            if tracer.stdout is not None:
+                tracer.stdout.close()
 
 
 _EXIT_AS = """
@@ -815,6 +976,39 @@ def test_a_manager_killed_with_sigkill_leaves_nothing_the_runtime_started_behind
             manager.wait()
         if manager.stdout is not None:
             manager.stdout.close()
+
+
+@pytest.mark.integration
+@pytest.mark.security
+@pytest.mark.timeout(60)
+def test_a_manager_killed_with_sigkill_leaves_nothing_behind_a_runtime_that_stops_its_group(
+    tmp_path: Path,
+) -> None:
+    # A SIGSTOP the runtime sent its own group stopped the keeper too, which then never acted
+    # on the manager's death: the keeper, the runtime and the process in a session of its own
+    # were all left behind, for good.
+    pid_file = tmp_path / "pids"
+    manager = start_manager(_signals_its_group(pid_file, "stop-its-group"), "/nonexistent/m")
+    pids: dict[str, int] = {}
+    try:
+        pids = {"keeper": read_runtime_pid(manager)}
+        pids |= _noted_pids(pid_file, "runtime", "orphan")
+        created = {role: psutil.Process(pid).create_time() for role, pid in pids.items()}
+        pid_file.with_name("pids.go").touch()
+        runtime = psutil.Process(pids["runtime"])
+        assert wait_for(lambda: runtime.status() == psutil.STATUS_STOPPED, 5.0)
+        os.kill(manager.pid, signal.SIGKILL)
+        manager.wait(10)
+        assert wait_for(
+            lambda: all(process_gone(pids[role], c) for role, c in created.items()), 5.0
+        ), {role: pids[role] for role, c in created.items() if not process_gone(pids[role], c)}
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+            manager.wait()
+        if manager.stdout is not None:
+            manager.stdout.close()
+        _end_all(pids)
 
 
 @pytest.mark.stress

@@ -22,7 +22,8 @@ runtime.
         await runtime.wait()
 
 The child leads its own session and process group, so stopping it reaches every process it
-started: SIGTERM to the group, a grace period, SIGKILL to the group, then the exit is reaped.
+started: SIGTERM and SIGCONT to the group (a stopped runtime acts on the SIGTERM at once), a
+grace period, SIGKILL to the group, then the exit is reaped.
 Leaving the context always stops the runtime.
 
 Dying with the manager, and leaving nothing behind: on Linux the runtime runs under a keeper,
@@ -36,14 +37,18 @@ keeper's, which leads the process group. The keeper:
 - sets ``PR_SET_PDEATHSIG`` and checks that its parent is still the manager (closing the race
   where the manager died before ``prctl``); when the manager dies, it kills every process below
   it, then itself;
-- forks and execs the runtime (which gets a death signal of its own for the keeper), passes
-  the group's SIGTERM/SIGINT/SIGHUP by letting them reach the runtime (and sends them on to a
-  runtime that made a session of its own, as ``setsid llama-server`` does, so that a stop is
-  still graceful there), and when the runtime
-  exits, kills whatever the runtime left below it and exits with the runtime's status (or its
-  signal), so the caller sees the runtime's own exit;
-- on SIGUSR2, the stop's escalation after the grace period, kills everything below it and then
-  itself, before the group gets SIGKILL.
+- forks and execs the runtime (which gets a death signal of its own for the keeper) in a
+  process group of its own, which the runtime does not lead (a first, short-lived child of the
+  keeper makes it), so that what the runtime sends its own group (``kill -STOP 0``,
+  ``kill -KILL 0``) never stops or kills the keeper, and the runtime may still make a session
+  of its own; sends the group's SIGTERM/SIGINT/SIGHUP/SIGCONT on to the runtime's group (or to
+  the one it made, as ``setsid llama-server`` does, so that a stop is still graceful there),
+  and when the runtime exits, kills whatever the runtime left below it and exits with the
+  runtime's status (or its signal), so the caller sees the runtime's own exit;
+- on SIGUSR2, the stop's escalation after the grace period (sent after a SIGCONT, should the
+  keeper have been stopped), kills everything below it and then itself, before the group gets
+  SIGKILL. A keeper that still cannot act (stopped again, traced) has its children's groups
+  killed by the manager, then its own.
 - once everything below it is dead (the runtime exited, the manager died, or the stop's
   escalation), removes the spec's ``run_files`` (the run's key file and its directory), which
   a manager killed with SIGKILL could not remove.
@@ -133,19 +138,21 @@ _ELF_MAGIC: Final = b"\x7fELF"
 # manager, forks and execs the runtime, and reaps. When the runtime exits it kills everything
 # left below it and exits the same way; when the manager dies (the death signal) or asks for it
 # (SIGUSR2, the stop's escalation) it kills everything below it and then itself with SIGKILL.
-# SIGTERM, SIGINT and SIGHUP to the group reach the runtime directly; the keeper waits them
-# out, and sends them on to a runtime that left the group (a setsid of its own). They are
-# blocked from the start until the fork, and any that came in before it is sent on to the
-# runtime, so a stop that lands in that window is not lost. The runtime starts with every
+# The runtime runs in a process group of its own (made by a first child, so the runtime does not
+# lead it and may still setsid): SIGTERM, SIGINT, SIGHUP and SIGCONT to the keeper's group are
+# sent on to the runtime's group (or the one it made). They are blocked from the start until the
+# fork, and any that came in before it is sent on to the runtime's group, so a stop that lands
+# in that window is not lost. The runtime starts with every
 # signal at its default (Python ignores SIGPIPE and SIGXFSZ, and the fork would pass that
 # on). Exit codes follow the shell's convention (126: cannot arm, 127: cannot exec).
 _KEEPER: Final = """\
 import ctypes, os, signal, sys, time
-PASSED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+PASSED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCONT}
 signal.pthread_sigmask(signal.SIG_BLOCK, PASSED)
 libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 MAX_BELOW = 4096
+GROUP_FD = -1
 def below():
     found, frontier = [], [os.getpid()]
     while frontier and len(found) < MAX_BELOW:
@@ -219,25 +226,58 @@ if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR2), 0, 0, 0) != 0:
 if os.getppid() != int(sys.argv[1]):
     forget()
     os._exit(0)
-target = None
+target, reaped = None, False
 def pass_on(signum, frame):
-    # The group's signal reached the runtime too, unless the runtime left the group (a setsid
-    # of its own): then it is sent on, through a pidfd, which names no other process once the
-    # runtime has been reaped.
+    # The runtime leads a process group of its own, so what it sends its group (a SIGSTOP, a
+    # SIGKILL) never reaches the keeper: the manager's signal is sent on to the runtime's
+    # group (the one it made, should it have made a session of its own), once, and only while
+    # the runtime is not reaped (the pidfd tells), as its number may name another group then.
     try:
-        if target is not None and os.getpgid(runtime) != os.getpgrp():
-            signal.pidfd_send_signal(target, signum)
+        if target is not None and hasattr(os, 'P_PIDFD'):
+            os.waitid(os.P_PIDFD, target, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        elif reaped:
+            return
+        group = os.getpgid(runtime)
+        if group != os.getpgrp():
+            os.killpg(group, signum)
     except (OSError, AttributeError):
         pass
 for passed in PASSED:
     signal.signal(passed, pass_on)
 keeper = os.getpid()
+# The runtime's process group: not the keeper's, so that what the runtime sends its group (a
+# SIGSTOP, a SIGKILL) never reaches the keeper, and not one it leads, so that it may still make
+# a session of its own (setsid fails for a group leader). A first child makes the group and
+# holds it until the runtime is in it (its end of the pipe closes at the runtime's exec); the
+# group then lives on with the runtime, and its number with it.
+ready_r, ready_w = os.pipe()
+holder = os.fork()
+if holder == 0:
+    try:
+        os.setpgid(0, 0)
+        os.close(ready_w)
+        os.read(ready_r, 1)
+    finally:
+        os._exit(0)
+os.close(ready_r)
+try:
+    os.setpgid(holder, holder)  # as the holder does: whichever comes first
+except OSError:
+    pass
+if GROUP_FD >= 0:
+    # The manager's record of the runtime's group, for a stop after the keeper was killed.
+    try:
+        os.write(GROUP_FD, b'%d' % holder)
+        os.close(GROUP_FD)
+    except OSError:
+        pass
 runtime = os.fork()
 if runtime == 0:
     try:
         for default in (*PASSED, signal.SIGUSR2, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(default, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED)
+        os.setpgid(0, holder)
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() == keeper:
             os.execv(RUNTIME[0], RUNTIME)
@@ -245,12 +285,17 @@ if runtime == 0:
         pass
     os._exit(127)
 try:
+    os.setpgid(runtime, holder)  # as the runtime does: whichever comes first
+except OSError:
+    pass
+os.close(ready_w)
+try:
     target = os.pidfd_open(runtime)
 except (OSError, AttributeError):
-    pass  # no pidfd (Linux before 5.3): a runtime that left the group gets no signal passed on
+    pass  # no pidfd (Linux before 5.3): signals are passed on until the runtime is reaped
 for early in signal.sigpending() & PASSED:
     signal.sigtimedwait([early], 0)  # taken here, so the handler does not pass it on again
-    os.kill(runtime, early)
+    pass_on(early, None)  # to the group the runtime is in by now (its own, after a setsid)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED)
 while True:
     try:
@@ -259,6 +304,7 @@ while True:
         forget()
         os._exit(127)
     if pid == runtime:
+        reaped = True
         break
 kill_below()
 forget()
@@ -723,15 +769,45 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
 
 
+def _kill_groups_of_children(pid: int) -> None:
+    """SIGKILL the process group of every child of ``pid`` (but ``pid``'s own), and each child.
+
+    Only for a ``pid`` that is alive and has not reaped its children: a child's number then
+    names that child alone, and its group's number stays that group's while it is a member.
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as listing:
+                children = [int(child) for child in listing.read().split()]
+        except (OSError, ValueError):
+            continue
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                group = os.getpgid(child)
+                if group != os.getpgid(pid):
+                    _signal_group(group, signal.SIGKILL)
+                os.kill(child, signal.SIGKILL)
+
+
 @final
 class _SubprocessRuntime:
     """The real :class:`RuntimeProcess`: an asyncio subprocess in its own process group."""
 
     def __init__(
-        self, process: asyncio.subprocess.Process, cap_bytes: int, *, keeper: bool
+        self,
+        process: asyncio.subprocess.Process,
+        cap_bytes: int,
+        *,
+        keeper: bool,
+        group_fd: int = -1,
     ) -> None:
         self._process = process
         self._keeper = keeper
+        self._group_fd = group_fd
         self.stdout = OutputTail(cap_bytes=cap_bytes)
         self.stderr = OutputTail(cap_bytes=cap_bytes)
         self._stop_lock = asyncio.Lock()
@@ -772,6 +848,9 @@ class _SubprocessRuntime:
             killed = False
             if self._process.returncode is None:
                 _signal_group(pgid, signal.SIGTERM)
+                # A stopped runtime (SIGSTOP) would act on the SIGTERM only at the SIGKILL:
+                # continued, it stops gracefully. The keeper passes both on.
+                _signal_group(pgid, signal.SIGCONT)
                 try:
                     await asyncio.wait_for(self._exited(), timeout=max(grace_s, 0.0))
                 except TimeoutError:
@@ -779,16 +858,41 @@ class _SubprocessRuntime:
             if killed and self._keeper:
                 # The keeper kills everything below it, a process that left the group too,
                 # then itself; the group's SIGKILL below would end it before it could.
+                # A keeper someone stopped is continued first, or the SIGUSR2 would wait.
                 with contextlib.suppress(ProcessLookupError):
+                    os.kill(pgid, signal.SIGCONT)
                     os.kill(pgid, signal.SIGUSR2)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._exited(), timeout=_KEEPER_KILL_TIMEOUT_S)
+                if self._process.returncode is None:
+                    # A keeper that cannot act (stopped again, traced): the group's SIGKILL
+                    # below ends it, and the groups its children lead go with it.
+                    _kill_groups_of_children(pgid)
             # SIGKILL the group even when the leader went quietly: anything it started and
-            # left behind in the group goes too.
+            # left behind in the group goes too; so does the runtime's own group, which a
+            # keeper killed by someone else left to itself.
             _signal_group(pgid, signal.SIGKILL)
+            runtime_group = self._runtime_group()
+            if runtime_group is not None:
+                _signal_group(runtime_group, signal.SIGKILL)
             returncode = await self._exited()
             self._stop_outcome = StopOutcome(returncode=returncode, killed=killed)
             return self._stop_outcome
+
+    def _runtime_group(self) -> int | None:
+        """The runtime's process group, as the keeper told it (read once; ``None`` when it
+        did not, having died first)."""
+        if self._group_fd < 0:
+            return None
+        try:
+            os.set_blocking(self._group_fd, False)
+            told = os.read(self._group_fd, 32)
+        except OSError:
+            told = b""
+        finally:
+            os.close(self._group_fd)
+            self._group_fd = -1
+        return int(told) if told.isdigit() and int(told) > 1 else None
 
     def stdout_tail(self) -> bytes:
         return self.stdout.snapshot()
@@ -814,7 +918,7 @@ class SubprocessLauncher:
             sys.platform.startswith("linux") if use_death_signal is None else use_death_signal
         )
 
-    def _argv(self, spec: LaunchSpec) -> tuple[str, ...]:
+    def _argv(self, spec: LaunchSpec, group_fd: int = -1) -> tuple[str, ...]:
         if not self._use_death_signal:
             return spec.argv
         return (
@@ -822,7 +926,9 @@ class SubprocessLauncher:
             "-I",
             "-S",
             "-c",
-            _KEEPER.replace("MAX_BELOW = 4096", f"MAX_BELOW = {_KEEPER_MAX_BELOW:d}", 1),
+            _KEEPER.replace("MAX_BELOW = 4096", f"MAX_BELOW = {_KEEPER_MAX_BELOW:d}", 1).replace(
+                "GROUP_FD = -1", f"GROUP_FD = {group_fd:d}", 1
+            ),
             str(os.getpid()),
             str(len(spec.run_files)),
             *spec.run_files,
@@ -834,18 +940,30 @@ class SubprocessLauncher:
         self, spec: LaunchSpec, *, stop_grace_s: float = 5.0
     ) -> AsyncIterator[RuntimeProcess]:
         """Start ``spec``; on leaving, stop it (SIGTERM, ``stop_grace_s``, SIGKILL) and reap."""
-        argv = self._argv(spec)
-        with _spawn_errors():
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=dict(spec.env),
-                start_new_session=True,
-                close_fds=True,
-            )
-        runtime = _SubprocessRuntime(process, spec.output_cap_bytes, keeper=self._use_death_signal)
+        # The keeper writes the number of the runtime's process group here.
+        group_r, group_w = os.pipe() if self._use_death_signal else (-1, -1)
+        try:
+            with _spawn_errors():
+                process = await asyncio.create_subprocess_exec(
+                    *self._argv(spec, group_w),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=dict(spec.env),
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(group_w,) if group_w >= 0 else (),
+                )
+        except BaseException:
+            if group_r >= 0:
+                os.close(group_r)
+            raise
+        finally:
+            if group_w >= 0:
+                os.close(group_w)
+        runtime = _SubprocessRuntime(
+            process, spec.output_cap_bytes, keeper=self._use_death_signal, group_fd=group_r
+        )
         # The readers are not in a TaskGroup around the ``yield``: that would wrap the
         # caller's own exception in an ExceptionGroup. They are awaited below instead.
         drains = [

@@ -34,8 +34,8 @@ after that the supervisor stays ``stopped`` with ``restart_limit_reached``. A ru
 ready for ``stable_after_s`` earns its restart budget back.
 
 ``stop(grace_s)``: ``drain`` (ready → draining: new requests and waiters are refused), wait up
-to ``grace_s`` for in-flight requests to finish, then SIGTERM the process group, wait
-``kill_grace_s``, SIGKILL, reap, ``stopped``.
+to ``grace_s`` for in-flight requests to finish, then SIGTERM (and SIGCONT, so a stopped
+runtime acts on it) to the process group, wait ``kill_grace_s``, SIGKILL, reap, ``stopped``.
 
 Every move goes through :func:`transition_lifecycle`, and every new :class:`Lifecycle` is pushed
 to the :class:`AdmissionController` the moment it is taken. All tasks belong to the
