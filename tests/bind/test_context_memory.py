@@ -45,6 +45,7 @@ from tests.support.recurrent import (
     write_rwkv7,
 )
 from tests.support.sliding import write_gemma, write_gpt_oss
+from tests.support.vocabulary import write_large_vocabulary
 
 pytestmark = pytest.mark.unit
 
@@ -1326,6 +1327,88 @@ def test_a_large_vocabulary_is_read_quickly(tmp_path: Path) -> None:
     assert len(data) > 3 << 20
     model.write_bytes(data[: 3 << 20])
     assert read_attention_shape(model) is None
+
+
+def test_what_llama_cpp_holds_for_a_large_vocabulary_is_counted(tmp_path: Path) -> None:
+    # llama.cpp keeps every token in the GGUF context, in its vocabulary's tables and maps and
+    # in the text it prints of the header: the pinned build's peak RSS grew by 226 bytes for
+    # each 6-byte token and 515 for each 40-byte one (and by 911 MiB for 4,190,000 tokens in a
+    # 208 MB file, where the fit check had counted the file and 0.125 MiB of KV cache).
+    command = [UPSTREAM, "-m", "{model_path}", "-c", "256", "-np", "1"]
+    short = write_large_vocabulary(tmp_path / "short.gguf", tokens=200_000, token_length=6)
+    long = write_large_vocabulary(tmp_path / "long.gguf", tokens=50_000, token_length=40)
+    for model, tokens, per_token in ((short, 200_000, 226), (long, 50_000, 515)):
+        estimate = estimate_context_memory(model, command)
+        assert isinstance(estimate, ContextMemory)
+        assert estimate.metadata_bytes >= tokens * per_token, (model.name, estimate)
+        assert estimate.bytes == 2 * 4 * 16 * 2 * 2 * 256  # the KV cache alone, as before
+        assert estimate.metadata_bytes == read_attention_shape(model).metadata_bytes  # type: ignore[union-attr]
+    # An array llama.cpp only holds while it loads counts too (97 and 41 bytes an element).
+    strings = write_large_vocabulary(tmp_path / "strings.gguf", strings=100_000)
+    floats = write_large_vocabulary(tmp_path / "floats.gguf", floats=400_000)
+    plain = write_large_vocabulary(tmp_path / "plain.gguf")
+    baseline = estimate_context_memory(plain, command)
+    assert isinstance(baseline, ContextMemory) and baseline.metadata_bytes < 1 * MIB
+    for model, elements, per_element in ((strings, 100_000, 97), (floats, 400_000, 41)):
+        estimate = estimate_context_memory(model, command)
+        assert isinstance(estimate, ContextMemory)
+        grown = estimate.metadata_bytes - baseline.metadata_bytes
+        assert grown >= elements * per_element, (model.name, estimate)
+
+
+def _peak_rss(command: list[str], log: Path) -> int:
+    """Run llama.cpp's server until it listens (it has loaded the model and made its context
+    by then); return its peak resident set size in bytes (``VmHWM``)."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if "listening on" in log.read_text(errors="replace"):
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                [kib] = re.findall(r"VmHWM:\s+(\d+) kB", status)
+                return int(kib) * 1024
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(log.read_text(errors="replace")[-2000:])
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+@pytest.mark.parametrize(
+    "contents",
+    [
+        {"tokens": 1_000_000},
+        {"tokens": 200_000, "token_length": 40},
+        {"strings": 500_000, "string_length": 40},
+        {"floats": 4_000_000},
+    ],
+    ids=["tokens", "long-tokens", "strings", "floats"],
+)
+def test_the_metadata_estimate_covers_what_llama_cpp_holds(
+    tmp_path: Path, contents: dict[str, int]
+) -> None:
+    binary = upstream_binary()
+    assert binary is not None
+    plain = write_large_vocabulary(tmp_path / "plain.gguf")
+    model = write_large_vocabulary(tmp_path / "large.gguf", **contents)
+    flags = ["--port", "0", "-t", "1", "-c", "256", "-np", "1"]
+    template = [str(binary), "-m", "{model_path}", *flags]
+    peaks = [
+        _peak_rss([str(binary), "-m", str(path), *flags], tmp_path / f"{path.stem}.log")
+        for path in (plain, model)
+    ]
+    estimates = [estimate_context_memory(path, template) for path in (plain, model)]
+    assert all(isinstance(estimate, ContextMemory) for estimate in estimates)
+    counted = estimates[1].metadata_bytes - estimates[0].metadata_bytes  # type: ignore[union-attr]
+    grown = peaks[1] - peaks[0]
+    # Never less than llama.cpp takes; not so much more that a model that fits is refused.
+    assert grown <= counted <= 2 * grown, (grown, counted)
 
 
 def _logged_kv_cache(
