@@ -34,6 +34,7 @@ from companion_runtime.bind.llama_server import (
 )
 from companion_runtime.bind.tiny_model import write_tiny_model
 from tests.support.llama import declaring_context, free_port, upstream_binary
+from tests.support.quantized import quantized_bytes, write_quantized
 from tests.support.recurrent import (
     write_granite_hybrid,
     write_jamba,
@@ -1215,7 +1216,13 @@ def test_a_cut_or_corrupted_header_gives_none_and_never_raises(tmp_path: Path) -
     for end in [*range(0, header_end, 7), header_end - 1]:
         cut.write_bytes(data[:end])
         assert read_attention_shape(cut) is None, end
-    cut.write_bytes(data[:header_end])
+    # The tensor infos follow (the repacked weights are counted from them): the one tensor's
+    # name, two dimensions, its type and offset. A file cut among them is no model either.
+    infos_end = data.index(b"token_embd.weight") + len(b"token_embd.weight") + 4 + 16 + 4 + 8
+    for end in range(header_end, infos_end, 5):
+        cut.write_bytes(data[:end])
+        assert read_attention_shape(cut) is None, end
+    cut.write_bytes(data[:infos_end])
     assert read_attention_shape(cut) is not None
     # A string length far past the end of the file, and an array count of 2^63.
     key = b"tokenizer.ggml.tokens"
@@ -1354,6 +1361,65 @@ def test_what_llama_cpp_holds_for_a_large_vocabulary_is_counted(tmp_path: Path) 
         assert isinstance(estimate, ContextMemory)
         grown = estimate.metadata_bytes - baseline.metadata_bytes
         assert grown >= elements * per_element, (model.name, estimate)
+
+
+def test_the_weights_the_cpu_backend_repacks_are_counted(tmp_path: Path) -> None:
+    # On an AVX2 machine llama.cpp's CPU backend copies Q4_0, Q4_K and IQ4_NL matrices into a
+    # buffer of its own after reading them through the memory map, whose pages stay resident:
+    # a 144 MiB Q4_0 model held 311 MiB (176 MiB with --no-repack), counted as 144 MiB.
+    model = write_quantized(tmp_path / "q4_0.gguf", layers=2)
+    repacked = quantized_bytes(2) if context_memory._repack_rows() else 0
+
+    def counted(*flags: str, environ: dict[str, str] | None = None) -> int:
+        estimate = estimate_context_memory(model, [*UPSTREAM_CMD, *flags], environ)
+        assert isinstance(estimate, ContextMemory)
+        return estimate.repacked_bytes
+
+    assert counted() == repacked > 0 or not context_memory._repack_rows()
+    assert counted("-nr") == counted("--no-repack") == counted("--no_repack") == 0
+    assert counted("-nr", "--repack") == repacked
+    assert counted(environ={"LLAMA_ARG_REPACK": "0"}) == 0
+    assert counted("--repack", environ={"LLAMA_ARG_REPACK": "off"}) == repacked
+    assert counted(environ={"LLAMA_ARG_REPACK": "1"}) == repacked
+    # The launcher repacks too, with no switch for it.
+    launcher = estimate_context_memory(model, EMBEDDED)
+    assert isinstance(launcher, ContextMemory) and launcher.repacked_bytes == repacked
+    # Types it does not repack, and the token embedding (only looked up), count nothing.
+    q8 = write_quantized(
+        tmp_path / "q8_0.gguf", layers=2, quantization=gguf.GGMLQuantizationType.Q8_0
+    )
+    estimate = estimate_context_memory(q8, UPSTREAM_CMD)
+    assert isinstance(estimate, ContextMemory) and estimate.repacked_bytes == 0
+    # A tensor info past the file, or with more than four dimensions, is no model to count.
+    data = model.read_bytes()
+    at = data.index(b"blk.0.attn_q.weight") + len(b"blk.0.attn_q.weight")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(data[:at] + struct.pack("<I", 5) + data[at + 4 :])
+    assert read_attention_shape(broken) is None
+    broken.write_bytes(data[:at])
+    assert read_attention_shape(broken) is None
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_the_repacked_weights_are_what_llama_cpp_holds(tmp_path: Path) -> None:
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_quantized(tmp_path / "q4_0.gguf", layers=8)
+    flags = ["--port", "0", "-t", "1", "-c", "256", "-np", "1"]
+    peaks = [
+        _peak_rss([str(binary), "-m", str(model), *flags, *extra], tmp_path / f"{index}.log")
+        for index, extra in enumerate(([], ["--no-repack"]))
+    ]
+    estimate = estimate_context_memory(model, [str(binary), "-m", "{model_path}", *flags])
+    assert isinstance(estimate, ContextMemory)
+    grown = peaks[0] - peaks[1]
+    if not context_memory._repack_rows():
+        assert estimate.repacked_bytes == 0 and grown < 8 * MIB
+        return
+    # Never less than the copy llama.cpp keeps; about the matrices' own bytes.
+    assert grown <= estimate.repacked_bytes <= 1.2 * grown, (grown, estimate.repacked_bytes)
 
 
 def _peak_rss(command: list[str], log: Path) -> int:

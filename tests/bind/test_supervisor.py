@@ -52,6 +52,7 @@ from companion_runtime.core import (
 )
 from tests.support.llama import declaring_context
 from tests.support.nvml import fake_nvml
+from tests.support.quantized import cpu_backend_repacks, quantized_bytes, write_quantized
 from tests.support.supervision import (
     async_wait_for,
     big_zero_blob,
@@ -578,6 +579,30 @@ async def test_a_vocabulary_that_cannot_fit_is_refused_before_spawning(
     # The runtime's share names what the metadata takes, beside the allowance (0 here).
     assert f"and {estimate.metadata_bytes / MIB:,.0f} MiB for the runtime" in said
     assert str(tmp_path) not in said and digest not in said
+
+
+async def test_weights_the_cpu_backend_repacks_are_counted_before_spawning(
+    tmp_path: Path,
+) -> None:
+    # A 72 MiB Q4_0 model: llama.cpp's CPU backend (also the launcher's) keeps a repacked copy
+    # of its matrices beside the mapped file, whose pages stay resident. Under a ceiling 16 MiB
+    # above the file, its KV cache and its metadata, the check had started the runtime.
+    template, _tiny = real_runtime(tmp_path)
+    model = write_quantized(tmp_path / "q4_0.gguf", layers=8)
+    data = model.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    ceiling = len(data) + estimate.bytes + estimate.metadata_bytes + 16 * MIB
+    limits = create_resource_limits(max_ram_bytes=ceiling, max_vram_bytes=1, max_cpu_percent=100)
+    supervisor = Supervisor(_config(template, model, digest, len(data), resource_limits=limits))
+    if not cpu_backend_repacks():
+        pytest.skip("the CPU backend repacks nothing on this machine")
+    async with supervisor:
+        assert (await supervisor.check_fit()).ok  # the size alone fits
+        assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
+        assert supervisor.status()["spawns"] == 0
+    assert estimate.repacked_bytes == quantized_bytes(8)
 
 
 async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_refused(

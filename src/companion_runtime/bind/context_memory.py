@@ -47,8 +47,9 @@ What it reads:
   model with a recurrent state its ``ssm.conv_kernel``, ``ssm.inner_size``,
   ``ssm.state_size``, ``ssm.group_count``, ``wkv.head_size``, ``token_shift_count``,
   ``shortconv.l_cache``, ``full_attention_interval``, ``attention.recurrent_layers`` and
-  ``feed_forward_length`` (see below). Only the key-value
-  section is read, with every length checked against the file's size; anything malformed, or
+  ``feed_forward_length`` (see below); and the tensor infos after them, for the weights the
+  CPU backend repacks (see below). Only the key-value section and the tensor infos are read,
+  with every length checked against the file's size; anything malformed, or
   a file that is not GGUF, gives None (llama.cpp will not load it either; but with an
   ``--override-kv``, which may give it a key it lacks, :class:`Uncountable`). An
   ``--override-kv`` of ``general.architecture`` (llama.cpp then reads another architecture's
@@ -119,6 +120,14 @@ maps; the text of every number of an array. A vocabulary of 4,190,000 six-byte t
 (:data:`_STRING_BYTES`), in :attr:`ContextMemory.metadata_bytes`, which the fit check adds to
 the cache.
 
+**Repacked weights.** llama.cpp's CPU backend repacks Q4_0, Q4_K and IQ4_NL matrices
+(:data:`_REPACKED_TYPES`, on an x86 machine with AVX2, or with NEON) into a buffer of its own
+after reading them through the memory map, whose pages then stay resident: a 144 MiB Q4_0
+model held 311 MiB (176 MiB with ``--no-repack``). The walk reads the tensor infos after the
+key-value section and counts those matrices' bytes in :attr:`ContextMemory.repacked_bytes`
+(0 with upstream's ``--no-repack``, ``-nr`` or ``LLAMA_ARG_REPACK`` off; a configuration
+file's ``repack`` key is not read), which the fit check adds where the weights stay in RAM.
+
 The header is parsed here rather than with ``gguf.GGUFReader``: the reader builds a view for
 every element of every array, which took 12.7–15.4 s for a 151,936-token vocabulary on the test
 machine; the fit check runs before every start. The ``gguf`` package still names the keys, the
@@ -130,7 +139,9 @@ name is followed as the verifier and the runtime follow it (a symbolic link is r
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 import pwd
 import re
 import shlex
@@ -187,6 +198,20 @@ _VOCABULARY_ENTRY_BYTES: Final = 112
 _PRINTED_COPIES: Final = 4
 #: The vocabulary's arrays llama.cpp keeps in tables of its own.
 _VOCABULARY_KEYS: Final = frozenset({b"tokenizer.ggml.tokens", b"tokenizer.ggml.merges"})
+#: The tensor types the CPU backend of the pinned build repacks into a buffer of its own for
+#: its matrix products (``ggml_repack_get_optimal_repack_type``), when a tensor's rows come in
+#: multiples of :func:`_repack_rows` (8 with AVX2; 4 with NEON). The token embedding is only
+#: looked up (``get_rows``), never repacked.
+_REPACKED_TYPES: Final = frozenset(
+    {
+        gguf.GGMLQuantizationType.Q4_0,
+        gguf.GGMLQuantizationType.Q4_K,
+        gguf.GGMLQuantizationType.IQ4_NL,
+    }
+)
+_LOOKED_UP_ONLY: Final = frozenset({b"token_embd.weight"})
+#: The most dimensions a ggml tensor has (llama.cpp refuses a file with more).
+_MAX_DIMENSIONS: Final = 4
 #: Which layers attend through a sliding window: every N-th is not (a number N), or one bool
 #: per layer (true: a sliding window).
 _SLIDING_WINDOW_PATTERN_KEY: Final = b".attention.sliding_window_pattern"
@@ -575,6 +600,8 @@ class AttentionShape:
     #: What llama.cpp holds in memory for the header's values as it loads the model (its
     #: vocabulary above all), beyond the file's own bytes: not part of the shape.
     metadata_bytes: int = field(default=0, compare=False)
+    #: The weights the CPU backend repacks into a buffer of its own (:data:`_REPACKED_TYPES`).
+    repacked_bytes: int = field(default=0, compare=False)
 
 
 @final
@@ -590,6 +617,10 @@ class ContextMemory:
     recurrent_bytes: int = 0
     #: An allowance measured, not a figure llama.cpp logs: left out of comparisons.
     metadata_bytes: int = field(default=0, compare=False)
+    #: The weights the CPU backend repacks beside the mapped file, whose pages it read them
+    #: from stay resident too (0 with ``--no-repack``): for a runtime that keeps its weights
+    #: in RAM, a copy beside the model's bytes.
+    repacked_bytes: int = field(default=0, compare=False)
 
 
 @final
@@ -735,7 +766,7 @@ class _Header:
 
 def _read_metadata(
     data: bytes, file_size: int
-) -> tuple[dict[str, int | tuple[int, ...] | bytes], int]:
+) -> tuple[dict[str, int | tuple[int, ...] | bytes], int, int]:
     """The header's integer, integer-array and string values by key (others are skipped), and
     what llama.cpp holds in memory for all of its values as it loads them (``_Header.loaded``).
 
@@ -753,7 +784,7 @@ def _read_metadata(
     header.take(4)
     if header.integer("I") not in (2, 3):  # version 1 used 32-bit counts and is long gone
         raise _Malformed
-    header.integer("Q")  # tensor count
+    tensors = header.integer("Q")
     pairs = header.integer("Q")
     if pairs > file_size // 13:  # a pair takes 13 bytes at least: an 8-byte length, 1, type
         raise _Malformed
@@ -776,7 +807,61 @@ def _read_metadata(
             value = b""  # only its presence counts, whatever its type
         if value is not None:
             found[key.decode("utf-8", "replace")] = value
-    return found, header.loaded
+    return found, header.loaded, _repacked_bytes(header, tensors, file_size)
+
+
+def _repacked_bytes(header: _Header, tensors: int, file_size: int) -> int:
+    """The bytes of the tensors (their infos follow the key-value section) that the CPU
+    backend repacks into a buffer of its own, beside the memory-mapped file whose pages it
+    read them from (:data:`_REPACKED_TYPES`)."""
+    if (
+        tensors > file_size // 24
+    ):  # an info takes 24 bytes at least: name length, n_dims, type, offset
+        raise _Malformed
+    if tensors > _MAX_PAIRS:
+        raise _TooLarge
+    rows = _repack_rows()
+    repacked = 0
+    for _ in range(tensors):
+        name = header.string()
+        dimensions = header.integer("I")
+        if dimensions > _MAX_DIMENSIONS:
+            raise _Malformed
+        shape = [header.integer("Q") for _ in range(dimensions)]
+        tensor_type = header.integer("I")
+        header.integer("Q")  # offset
+        if (
+            rows
+            and tensor_type in _REPACKED_TYPES
+            and name not in _LOOKED_UP_ONLY
+            and dimensions >= 2
+            and shape[1] % rows == 0
+        ):
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor_type)]
+            elements = 1
+            for extent in shape:
+                elements *= extent
+            repacked += elements // block * type_size
+    return repacked
+
+
+@functools.cache
+def _repack_rows() -> int:
+    """What a tensor's rows must be a multiple of for the CPU backend to repack it here: 8 on
+    an x86 machine with AVX2 (or where its flags cannot be read), 0 (nothing is repacked) on
+    one without; 4 elsewhere (NEON), which also covers 8."""
+    machine = platform.machine().lower()
+    if machine not in {"x86_64", "amd64", "i386", "i686"}:
+        return 4
+    try:
+        with open("/proc/cpuinfo", "rb") as handle:
+            # The first processor's flags: a line at a time, not the whole file in memory.
+            for line in handle:
+                if line.startswith(b"flags"):
+                    return 8 if b"avx2" in line.split() else 0
+    except OSError:
+        pass
+    return 8  # not known here: counted
 
 
 def _positive(value: object, *, zero: bool = False) -> int:
@@ -792,7 +877,9 @@ def _positive_or_zero(value: object) -> int:
 
 
 def _attention_shape(
-    metadata: Mapping[str, int | tuple[int, ...] | bytes], metadata_bytes: int = 0
+    metadata: Mapping[str, int | tuple[int, ...] | bytes],
+    metadata_bytes: int = 0,
+    repacked_bytes: int = 0,
 ) -> AttentionShape:
     architecture = metadata.get(gguf.Keys.General.ARCHITECTURE)
     if not isinstance(architecture, bytes) or not architecture:
@@ -858,6 +945,7 @@ def _attention_shape(
             recurrent_r=r_elements,
             recurrent_s=s_elements,
             metadata_bytes=metadata_bytes,
+            repacked_bytes=repacked_bytes,
         )
     return AttentionShape(
         context_length=context_length,
@@ -873,6 +961,7 @@ def _attention_shape(
         swa_key_length=_positive_or_zero(swa_key_length),
         swa_value_length=_positive_or_zero(swa_value_length),
         metadata_bytes=metadata_bytes,
+        repacked_bytes=repacked_bytes,
     )
 
 
@@ -1070,6 +1159,9 @@ class _Settings:
     ubatch: int = _UPSTREAM_UBATCH
     #: Upstream's ``--swa-full``: sliding-window layers get a cache of the full context.
     swa_full: bool = False
+    #: Whether the CPU backend repacks weights (upstream's ``--repack``, on by default; the
+    #: launcher has no switch for it).
+    repack: bool = True
     #: Whether the runtime is upstream's ``llama-server``, whose sliding-window cache this
     #: module sizes (the launcher's is counted at the full context).
     upstream: bool = False
@@ -1240,6 +1332,9 @@ def _upstream_settings(
         # On for on, 1, enabled or true, off for anything else: unlike LLAMA_ARG_KV_UNIFIED,
         # the pinned build never stops for this one ("yes" and "TRUE" are off).
         settings.swa_full = environ["LLAMA_ARG_SWA_FULL"] in _TRUTHY
+    if "LLAMA_ARG_REPACK" in environ:
+        # Off only for what the pinned build reads as off; anything else counts as on.
+        settings.repack = environ["LLAMA_ARG_REPACK"] not in _FALSEY
     index = 0
     while index < len(arguments):
         option = arguments[index]
@@ -1252,6 +1347,8 @@ def _upstream_settings(
             settings.unified = _UPSTREAM_UNIFIED[option]
         elif option == "--swa-full":
             settings.swa_full = True
+        elif option in {"--repack", "-nr", "--no-repack"}:
+            settings.repack = option == "--repack"
         elif option in _UPSTREAM_TWO_VALUE_OPTIONS:
             index += 2
         elif option in _UPSTREAM_VALUE_OPTIONS:
@@ -1572,6 +1669,7 @@ def estimate_context_memory(
         bytes=kv_cache + recurrent,
         recurrent_bytes=recurrent,
         metadata_bytes=shape.metadata_bytes,
+        repacked_bytes=shape.repacked_bytes if settings.repack else 0,
     )
 
 

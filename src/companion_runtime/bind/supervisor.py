@@ -914,8 +914,14 @@ class Supervisor:
             return deny(Reason.MODEL_TOO_LARGE)
         self._context_memory = context
         headroom = await self._headroom()
-        # The vocabulary and the other metadata llama.cpp holds as it loads, beside the cache.
-        context_bytes = 0 if context is None else context.bytes + context.metadata_bytes
+        # The vocabulary and the other metadata llama.cpp holds as it loads, beside the cache;
+        # and, where the weights stay in RAM, the copy the CPU backend repacks beside them.
+        in_ram = not (config.gpu_offload and headroom.available_vram_bytes > 0)
+        context_bytes = (
+            0
+            if context is None
+            else context.bytes + context.metadata_bytes + (context.repacked_bytes if in_ram else 0)
+        )
         verdict = check_fit(
             model_size_bytes=config.expected_size_bytes,
             headroom=headroom,
@@ -934,7 +940,7 @@ class Supervisor:
                 if kv_cache
                 else "",
                 _size(context.recurrent_bytes),
-                _size(config.overhead_bytes + context.metadata_bytes),
+                _size(config.overhead_bytes + context_bytes - context.bytes),
             )
         elif not verdict.ok and context is not None and context.bytes > 0:
             # Sizes only: no path, no digest. The context is what the user can change.
@@ -944,7 +950,7 @@ class Supervisor:
                 _size(config.expected_size_bytes),
                 _size(context.bytes),
                 context.context_tokens,
-                _size(config.overhead_bytes + context.metadata_bytes),
+                _size(config.overhead_bytes + context_bytes - context.bytes),
             )
         return verdict
 
