@@ -1400,6 +1400,20 @@ def test_the_weights_the_cpu_backend_repacks_are_counted(tmp_path: Path) -> None
     assert read_attention_shape(broken) is None
 
 
+def test_tensor_infos_past_the_bounds_are_refused_and_a_corrupted_count_is_no_model(
+    tmp_path: Path,
+) -> None:
+    pairs = _llama_pairs()
+    path = tmp_path / "m.gguf"
+    for tensors, expected in ((70_000, UNCOUNTABLE), (1 << 63, None)):
+        header = b"GGUF" + struct.pack("<IQQ", 3, tensors, len(pairs)) + b"".join(pairs)
+        # Room in the file for 70,000 infos of 24 bytes: more than the walk goes through.
+        path.write_bytes(header + bytes(24 * 70_000))
+        started = time.monotonic()
+        assert read_attention_shape(path) is expected, tensors
+        assert time.monotonic() - started < 1.0
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")

@@ -176,7 +176,8 @@ _CONTEXT_PADDING: Final = 256
 #: Elements (values, array items) walked over in the whole header before giving up. A real
 #: header has < 10^6: a 262,144-token vocabulary is 786,432 with its scores and types.
 _MAX_ELEMENTS: Final = 1 << 22
-#: Key-value pairs in the header before giving up (a real one has a few dozen).
+#: Key-value pairs in the header before giving up (a real one has a few dozen), and tensors
+#: (a real one has a few hundred, a few thousand with experts apart).
 _MAX_PAIRS: Final = 1 << 16
 #: Bytes read first, and at most, for the key-value section (a 262,144-token vocabulary with
 #: its merges takes about 10 MB; the read grows four times at a step while more is needed).
