@@ -34,6 +34,7 @@ from companion_runtime.bind.llama_server import (
 )
 from companion_runtime.bind.tiny_model import write_tiny_model
 from tests.support.llama import declaring_context, free_port, upstream_binary
+from tests.support.quantized import quantized_bytes, write_quantized
 from tests.support.recurrent import (
     write_granite_hybrid,
     write_jamba,
@@ -45,6 +46,7 @@ from tests.support.recurrent import (
     write_rwkv7,
 )
 from tests.support.sliding import write_gemma, write_gpt_oss
+from tests.support.vocabulary import write_large_vocabulary
 
 pytestmark = pytest.mark.unit
 
@@ -1214,7 +1216,13 @@ def test_a_cut_or_corrupted_header_gives_none_and_never_raises(tmp_path: Path) -
     for end in [*range(0, header_end, 7), header_end - 1]:
         cut.write_bytes(data[:end])
         assert read_attention_shape(cut) is None, end
-    cut.write_bytes(data[:header_end])
+    # The tensor infos follow (the repacked weights are counted from them): the one tensor's
+    # name, two dimensions, its type and offset. A file cut among them is no model either.
+    infos_end = data.index(b"token_embd.weight") + len(b"token_embd.weight") + 4 + 16 + 4 + 8
+    for end in range(header_end, infos_end, 5):
+        cut.write_bytes(data[:end])
+        assert read_attention_shape(cut) is None, end
+    cut.write_bytes(data[:infos_end])
     assert read_attention_shape(cut) is not None
     # A string length far past the end of the file, and an array count of 2^63.
     key = b"tokenizer.ggml.tokens"
@@ -1326,6 +1334,161 @@ def test_a_large_vocabulary_is_read_quickly(tmp_path: Path) -> None:
     assert len(data) > 3 << 20
     model.write_bytes(data[: 3 << 20])
     assert read_attention_shape(model) is None
+
+
+def test_what_llama_cpp_holds_for_a_large_vocabulary_is_counted(tmp_path: Path) -> None:
+    # llama.cpp keeps every token in the GGUF context, in its vocabulary's tables and maps and
+    # in the text it prints of the header: the pinned build's peak RSS grew by 226 bytes for
+    # each 6-byte token and 515 for each 40-byte one (and by 911 MiB for 4,190,000 tokens in a
+    # 208 MB file, where the fit check had counted the file and 0.125 MiB of KV cache).
+    command = [UPSTREAM, "-m", "{model_path}", "-c", "256", "-np", "1"]
+    short = write_large_vocabulary(tmp_path / "short.gguf", tokens=200_000, token_length=6)
+    long = write_large_vocabulary(tmp_path / "long.gguf", tokens=50_000, token_length=40)
+    for model, tokens, per_token in ((short, 200_000, 226), (long, 50_000, 515)):
+        estimate = estimate_context_memory(model, command)
+        assert isinstance(estimate, ContextMemory)
+        assert estimate.metadata_bytes >= tokens * per_token, (model.name, estimate)
+        assert estimate.bytes == 2 * 4 * 16 * 2 * 2 * 256  # the KV cache alone, as before
+        assert estimate.metadata_bytes == read_attention_shape(model).metadata_bytes  # type: ignore[union-attr]
+    # An array llama.cpp only holds while it loads counts too (97 and 41 bytes an element).
+    strings = write_large_vocabulary(tmp_path / "strings.gguf", strings=100_000)
+    floats = write_large_vocabulary(tmp_path / "floats.gguf", floats=400_000)
+    plain = write_large_vocabulary(tmp_path / "plain.gguf")
+    baseline = estimate_context_memory(plain, command)
+    assert isinstance(baseline, ContextMemory) and baseline.metadata_bytes < 1 * MIB
+    for model, elements, per_element in ((strings, 100_000, 97), (floats, 400_000, 41)):
+        estimate = estimate_context_memory(model, command)
+        assert isinstance(estimate, ContextMemory)
+        grown = estimate.metadata_bytes - baseline.metadata_bytes
+        assert grown >= elements * per_element, (model.name, estimate)
+
+
+def test_the_weights_the_cpu_backend_repacks_are_counted(tmp_path: Path) -> None:
+    # On an AVX2 machine llama.cpp's CPU backend copies Q4_0, Q4_K and IQ4_NL matrices into a
+    # buffer of its own after reading them through the memory map, whose pages stay resident:
+    # a 144 MiB Q4_0 model held 311 MiB (176 MiB with --no-repack), counted as 144 MiB.
+    model = write_quantized(tmp_path / "q4_0.gguf", layers=2)
+    repacked = quantized_bytes(2) if context_memory._repack_rows() else 0
+
+    def counted(*flags: str, environ: dict[str, str] | None = None) -> int:
+        estimate = estimate_context_memory(model, [*UPSTREAM_CMD, *flags], environ)
+        assert isinstance(estimate, ContextMemory)
+        return estimate.repacked_bytes
+
+    assert counted() == repacked > 0 or not context_memory._repack_rows()
+    assert counted("-nr") == counted("--no-repack") == counted("--no_repack") == 0
+    assert counted("-nr", "--repack") == repacked
+    assert counted(environ={"LLAMA_ARG_REPACK": "0"}) == 0
+    assert counted("--repack", environ={"LLAMA_ARG_REPACK": "off"}) == repacked
+    assert counted(environ={"LLAMA_ARG_REPACK": "1"}) == repacked
+    # The launcher repacks too, with no switch for it.
+    launcher = estimate_context_memory(model, EMBEDDED)
+    assert isinstance(launcher, ContextMemory) and launcher.repacked_bytes == repacked
+    # Types it does not repack, and the token embedding (only looked up), count nothing.
+    q8 = write_quantized(
+        tmp_path / "q8_0.gguf", layers=2, quantization=gguf.GGMLQuantizationType.Q8_0
+    )
+    estimate = estimate_context_memory(q8, UPSTREAM_CMD)
+    assert isinstance(estimate, ContextMemory) and estimate.repacked_bytes == 0
+    # A tensor info past the file, or with more than four dimensions, is no model to count.
+    data = model.read_bytes()
+    at = data.index(b"blk.0.attn_q.weight") + len(b"blk.0.attn_q.weight")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(data[:at] + struct.pack("<I", 5) + data[at + 4 :])
+    assert read_attention_shape(broken) is None
+    broken.write_bytes(data[:at])
+    assert read_attention_shape(broken) is None
+
+
+def test_tensor_infos_past_the_bounds_are_refused_and_a_corrupted_count_is_no_model(
+    tmp_path: Path,
+) -> None:
+    pairs = _llama_pairs()
+    path = tmp_path / "m.gguf"
+    for tensors, expected in ((70_000, UNCOUNTABLE), (1 << 63, None)):
+        header = b"GGUF" + struct.pack("<IQQ", 3, tensors, len(pairs)) + b"".join(pairs)
+        # Room in the file for 70,000 infos of 24 bytes: more than the walk goes through.
+        path.write_bytes(header + bytes(24 * 70_000))
+        started = time.monotonic()
+        assert read_attention_shape(path) is expected, tensors
+        assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_the_repacked_weights_are_what_llama_cpp_holds(tmp_path: Path) -> None:
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_quantized(tmp_path / "q4_0.gguf", layers=8)
+    flags = ["--port", "0", "-t", "1", "-c", "256", "-np", "1"]
+    peaks = [
+        _peak_rss([str(binary), "-m", str(model), *flags, *extra], tmp_path / f"{index}.log")
+        for index, extra in enumerate(([], ["--no-repack"]))
+    ]
+    estimate = estimate_context_memory(model, [str(binary), "-m", "{model_path}", *flags])
+    assert isinstance(estimate, ContextMemory)
+    grown = peaks[0] - peaks[1]
+    if not context_memory._repack_rows():
+        assert estimate.repacked_bytes == 0 and grown < 8 * MIB
+        return
+    # Never less than the copy llama.cpp keeps; about the matrices' own bytes.
+    assert grown <= estimate.repacked_bytes <= 1.2 * grown, (grown, estimate.repacked_bytes)
+
+
+def _peak_rss(command: list[str], log: Path) -> int:
+    """Run llama.cpp's server until it listens (it has loaded the model and made its context
+    by then); return its peak resident set size in bytes (``VmHWM``)."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if "listening on" in log.read_text(errors="replace"):
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                [kib] = re.findall(r"VmHWM:\s+(\d+) kB", status)
+                return int(kib) * 1024
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(log.read_text(errors="replace")[-2000:])
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+@pytest.mark.parametrize(
+    "contents",
+    [
+        {"tokens": 1_000_000},
+        {"tokens": 200_000, "token_length": 40},
+        {"strings": 500_000, "string_length": 40},
+        {"floats": 4_000_000},
+    ],
+    ids=["tokens", "long-tokens", "strings", "floats"],
+)
+def test_the_metadata_estimate_covers_what_llama_cpp_holds(
+    tmp_path: Path, contents: dict[str, int]
+) -> None:
+    binary = upstream_binary()
+    assert binary is not None
+    plain = write_large_vocabulary(tmp_path / "plain.gguf")
+    model = write_large_vocabulary(tmp_path / "large.gguf", **contents)
+    flags = ["--port", "0", "-t", "1", "-c", "256", "-np", "1"]
+    template = [str(binary), "-m", "{model_path}", *flags]
+    peaks = [
+        _peak_rss([str(binary), "-m", str(path), *flags], tmp_path / f"{path.stem}.log")
+        for path in (plain, model)
+    ]
+    estimates = [estimate_context_memory(path, template) for path in (plain, model)]
+    assert all(isinstance(estimate, ContextMemory) for estimate in estimates)
+    counted = estimates[1].metadata_bytes - estimates[0].metadata_bytes  # type: ignore[union-attr]
+    grown = peaks[1] - peaks[0]
+    # Never less than llama.cpp takes; not so much more that a model that fits is refused.
+    assert grown <= counted <= 2 * grown, (grown, counted)
 
 
 def _logged_kv_cache(

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from companion_runtime.bind.admission import AdmissionRefused
+from companion_runtime.bind.context_memory import ContextMemory, estimate_context_memory
 from companion_runtime.bind.filehash import verify_file
 from companion_runtime.bind.health import HealthPolicy
 from companion_runtime.bind.manifest import (
@@ -51,6 +52,7 @@ from companion_runtime.core import (
 )
 from tests.support.llama import declaring_context
 from tests.support.nvml import fake_nvml
+from tests.support.quantized import cpu_backend_repacks, quantized_bytes, write_quantized
 from tests.support.supervision import (
     async_wait_for,
     big_zero_blob,
@@ -61,6 +63,7 @@ from tests.support.supervision import (
     sparse_scratch_dir,
     standin_command,
 )
+from tests.support.vocabulary import write_large_vocabulary
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -549,6 +552,57 @@ async def test_a_recurrent_state_that_cannot_fit_is_refused_before_spawning(
     [said] = [record.getMessage() for record in caplog.records]
     assert "of weights, 760 MiB of recurrent state" in said and "fewer slots (-np)" in said
     assert str(tmp_path) not in said and digest not in said
+
+
+async def test_a_vocabulary_that_cannot_fit_is_refused_before_spawning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 400,000 tokens of 6 bytes in a 13 MB file: llama.cpp holds about 226 bytes for each as it
+    # loads them (86 MiB), before any sample sees it. The check counted the file and the KV
+    # cache only, and spawned the runtime under a ceiling 32 MiB above them.
+    template, _tiny = real_runtime(tmp_path)
+    model = write_large_vocabulary(tmp_path / "vocabulary.gguf", tokens=400_000)
+    data = model.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    ceiling = len(data) + estimate.bytes + 32 * MIB
+    limits = create_resource_limits(max_ram_bytes=ceiling, max_vram_bytes=1, max_cpu_percent=100)
+    supervisor = Supervisor(_config(template, model, digest, len(data), resource_limits=limits))
+    async with supervisor:
+        assert (await supervisor.check_fit()).ok  # the size alone fits
+        with caplog.at_level(logging.WARNING, logger="companion_runtime.bind.supervisor"):
+            assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
+        assert supervisor.status()["spawns"] == 0
+    assert estimate.metadata_bytes > 400_000 * 226
+    [said] = [record.getMessage() for record in caplog.records]
+    # The runtime's share names what the metadata takes, beside the allowance (0 here).
+    assert f"and {estimate.metadata_bytes / MIB:,.0f} MiB for the runtime" in said
+    assert str(tmp_path) not in said and digest not in said
+
+
+async def test_weights_the_cpu_backend_repacks_are_counted_before_spawning(
+    tmp_path: Path,
+) -> None:
+    # A 72 MiB Q4_0 model: llama.cpp's CPU backend (also the launcher's) keeps a repacked copy
+    # of its matrices beside the mapped file, whose pages stay resident. Under a ceiling 16 MiB
+    # above the file, its KV cache and its metadata, the check had started the runtime.
+    template, _tiny = real_runtime(tmp_path)
+    model = write_quantized(tmp_path / "q4_0.gguf", layers=8)
+    data = model.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    ceiling = len(data) + estimate.bytes + estimate.metadata_bytes + 16 * MIB
+    limits = create_resource_limits(max_ram_bytes=ceiling, max_vram_bytes=1, max_cpu_percent=100)
+    supervisor = Supervisor(_config(template, model, digest, len(data), resource_limits=limits))
+    if not cpu_backend_repacks():
+        pytest.skip("the CPU backend repacks nothing on this machine")
+    async with supervisor:
+        assert (await supervisor.check_fit()).ok  # the size alone fits
+        assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
+        assert supervisor.status()["spawns"] == 0
+    assert estimate.repacked_bytes == quantized_bytes(8)
 
 
 async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_refused(

@@ -47,8 +47,9 @@ What it reads:
   model with a recurrent state its ``ssm.conv_kernel``, ``ssm.inner_size``,
   ``ssm.state_size``, ``ssm.group_count``, ``wkv.head_size``, ``token_shift_count``,
   ``shortconv.l_cache``, ``full_attention_interval``, ``attention.recurrent_layers`` and
-  ``feed_forward_length`` (see below). Only the key-value
-  section is read, with every length checked against the file's size; anything malformed, or
+  ``feed_forward_length`` (see below); and the tensor infos after them, for the weights the
+  CPU backend repacks (see below). Only the key-value section and the tensor infos are read,
+  with every length checked against the file's size; anything malformed, or
   a file that is not GGUF, gives None (llama.cpp will not load it either; but with an
   ``--override-kv``, which may give it a key it lacks, :class:`Uncountable`). An
   ``--override-kv`` of ``general.architecture`` (llama.cpp then reads another architecture's
@@ -110,6 +111,23 @@ Not counted: the compute buffers (reserved, but touched only as the context fill
 resource samples see them), and the prompt checkpoints llama.cpp keeps in RAM for a window
 model as requests come (``--swa-checkpoints``), which the resource samples see too.
 
+**Metadata.** llama.cpp also holds the header's values in memory while it loads the model,
+beyond the file's bytes (which the fit check counts as the model's size): every string (a key,
+a value, an array's element) in its GGUF context, in the text it prints of every value and in
+the model's copy of the metadata; a vocabulary's tokens and merges once more in its tables and
+maps; the text of every number of an array. A vocabulary of 4,190,000 six-byte tokens in a
+208 MB file took the pinned build 911 MiB at its peak. The walk counts it as it goes
+(:data:`_STRING_BYTES`), in :attr:`ContextMemory.metadata_bytes`, which the fit check adds to
+the cache.
+
+**Repacked weights.** llama.cpp's CPU backend repacks Q4_0, Q4_K and IQ4_NL matrices
+(:data:`_REPACKED_TYPES`, on an x86 machine with AVX2, or with NEON) into a buffer of its own
+after reading them through the memory map, whose pages then stay resident: a 144 MiB Q4_0
+model held 311 MiB (176 MiB with ``--no-repack``). The walk reads the tensor infos after the
+key-value section and counts those matrices' bytes in :attr:`ContextMemory.repacked_bytes`
+(0 with upstream's ``--no-repack``, ``-nr`` or ``LLAMA_ARG_REPACK`` off; a configuration
+file's ``repack`` key is not read), which the fit check adds where the weights stay in RAM.
+
 The header is parsed here rather than with ``gguf.GGUFReader``: the reader builds a view for
 every element of every array, which took 12.7–15.4 s for a 151,936-token vocabulary on the test
 machine; the fit check runs before every start. The ``gguf`` package still names the keys, the
@@ -121,14 +139,16 @@ name is followed as the verifier and the runtime follow it (a symbolic link is r
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 import pwd
 import re
 import shlex
 import stat
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, final
 
@@ -156,12 +176,43 @@ _CONTEXT_PADDING: Final = 256
 #: Elements (values, array items) walked over in the whole header before giving up. A real
 #: header has < 10^6: a 262,144-token vocabulary is 786,432 with its scores and types.
 _MAX_ELEMENTS: Final = 1 << 22
-#: Key-value pairs in the header before giving up (a real one has a few dozen).
+#: Key-value pairs in the header before giving up (a real one has a few dozen), and tensors
+#: (a real one has a few hundred, a few thousand with experts apart).
 _MAX_PAIRS: Final = 1 << 16
 #: Bytes read first, and at most, for the key-value section (a 262,144-token vocabulary with
 #: its merges takes about 10 MB; the read grows four times at a step while more is needed).
 _FIRST_READ: Final = 1 << 20
 _MAX_HEADER_BYTES: Final = 64 << 20
+#: What llama.cpp holds in memory, at its peak while it loads, for the header's values
+#: (measured with the pinned build, b11434, as the growth of its peak RSS): every string (a
+#: key, a value, an array's element) is a ``std::string`` in the GGUF context, in the text it
+#: prints of every value, and in the model's copy of the metadata, about
+#: :data:`_STRING_BYTES` and :data:`_STRING_BYTE_BYTES` per byte of it (measured: 97 bytes for
+#: a 6-byte string, 236 for a 40-byte one); a vocabulary's tokens and merges are kept again,
+#: in the vocabulary's tables and maps, :data:`_VOCABULARY_ENTRY_BYTES` more and as much per
+#: byte (226 bytes for a 6-byte token, 515 for a 40-byte one, 151 for a 7-byte merge); a number
+#: of an array is printed too, :data:`_PRINTED_COPIES` times its widest text and the separator
+#: (41 bytes for a float32). The file's bytes themselves are counted as the model's size.
+_STRING_BYTES: Final = 80
+_STRING_BYTE_BYTES: Final = 5
+_VOCABULARY_ENTRY_BYTES: Final = 112
+_PRINTED_COPIES: Final = 4
+#: The vocabulary's arrays llama.cpp keeps in tables of its own.
+_VOCABULARY_KEYS: Final = frozenset({b"tokenizer.ggml.tokens", b"tokenizer.ggml.merges"})
+#: The tensor types the CPU backend of the pinned build repacks into a buffer of its own for
+#: its matrix products (``ggml_repack_get_optimal_repack_type``), when a tensor's rows come in
+#: multiples of :func:`_repack_rows` (8 with AVX2; 4 with NEON). The token embedding is only
+#: looked up (``get_rows``), never repacked.
+_REPACKED_TYPES: Final = frozenset(
+    {
+        gguf.GGMLQuantizationType.Q4_0,
+        gguf.GGMLQuantizationType.Q4_K,
+        gguf.GGMLQuantizationType.IQ4_NL,
+    }
+)
+_LOOKED_UP_ONLY: Final = frozenset({b"token_embd.weight"})
+#: The most dimensions a ggml tensor has (llama.cpp refuses a file with more).
+_MAX_DIMENSIONS: Final = 4
 #: Which layers attend through a sliding window: every N-th is not (a number N), or one bool
 #: per layer (true: a sliding window).
 _SLIDING_WINDOW_PATTERN_KEY: Final = b".attention.sliding_window_pattern"
@@ -490,6 +541,21 @@ _INTEGER_FORMATS: Final[Mapping[int, str]] = {
     _V.INT64: "q",
 }
 
+#: The widest text ``std::ostream`` gives a number of each type, and ", " after it.
+_PRINTED_WIDTHS: Final[Mapping[int, int]] = {
+    _V.UINT8: 3 + 2,
+    _V.INT8: 4 + 2,
+    _V.BOOL: 5 + 2,
+    _V.UINT16: 5 + 2,
+    _V.INT16: 6 + 2,
+    _V.UINT32: 10 + 2,
+    _V.INT32: 11 + 2,
+    _V.FLOAT32: 13 + 2,
+    _V.UINT64: 20 + 2,
+    _V.INT64: 20 + 2,
+    _V.FLOAT64: 13 + 2,
+}
+
 #: An array of flags (``attention.recurrent_layers``) may be bools as well as integers.
 _FLAG_FORMATS: Final[Mapping[int, str]] = {**_INTEGER_FORMATS, _V.BOOL: "?"}
 
@@ -532,17 +598,30 @@ class AttentionShape:
     #: attend through a window, where the model gives them a length of their own (0: none).
     swa_key_length: int = 0
     swa_value_length: int = 0
+    #: What llama.cpp holds in memory for the header's values as it loads the model (its
+    #: vocabulary above all), beyond the file's own bytes: not part of the shape.
+    metadata_bytes: int = field(default=0, compare=False)
+    #: The weights the CPU backend repacks into a buffer of its own (:data:`_REPACKED_TYPES`).
+    repacked_bytes: int = field(default=0, compare=False)
 
 
 @final
 @dataclass(frozen=True, slots=True)
 class ContextMemory:
     """What a runtime will allocate for its context: the context in tokens, and the bytes of
-    its KV cache and recurrent state together (``recurrent_bytes`` of them the latter)."""
+    its KV cache and recurrent state together (``recurrent_bytes`` of them the latter); and,
+    apart, what it holds for the model's metadata as it loads it (``metadata_bytes``: its
+    vocabulary's tables, the header's values as text), beyond the file's own bytes."""
 
     context_tokens: int
     bytes: int
     recurrent_bytes: int = 0
+    #: An allowance measured, not a figure llama.cpp logs: left out of comparisons.
+    metadata_bytes: int = field(default=0, compare=False)
+    #: The weights the CPU backend repacks beside the mapped file, whose pages it read them
+    #: from stay resident too (0 with ``--no-repack``): for a runtime that keeps its weights
+    #: in RAM, a copy beside the model's bytes.
+    repacked_bytes: int = field(default=0, compare=False)
 
 
 @final
@@ -583,7 +662,7 @@ def _unverified(what: str) -> Uncountable:
 class _Header:
     """Sequential reads from a GGUF header held in memory, every length checked."""
 
-    __slots__ = ("_data", "_end", "_file_size", "_order", "elements", "position")
+    __slots__ = ("_data", "_end", "_file_size", "_order", "elements", "loaded", "position")
 
     def __init__(self, data: bytes, order: str, file_size: int) -> None:
         self._data = data
@@ -592,6 +671,8 @@ class _Header:
         self._order = order
         self.position = 0
         self.elements = 0
+        #: What llama.cpp holds in memory for the values walked so far (:data:`_STRING_BYTES`).
+        self.loaded = 0
 
     def _past_end(self, position: int) -> None:
         if position > self._file_size:
@@ -615,9 +696,10 @@ class _Header:
     def string(self) -> bytes:
         length = self.integer("Q")
         start = self.take(length)
+        self.loaded += _STRING_BYTES + _STRING_BYTE_BYTES * length
         return bytes(self._data[start : start + length])
 
-    def _skip_strings(self, count: int) -> None:
+    def _skip_strings(self, count: int, *, vocabulary: bool) -> None:
         # Each string takes 8 bytes at least: more than the file holds is malformed, checked
         # before the count is (so a corrupted count is no estimate, not a refusal).
         if self.position + 8 * count > self._file_size:
@@ -632,6 +714,10 @@ class _Header:
             position += 8 + unpack(data, position)[0]
         if position > end:
             self._past_end(position)
+        text = position - self.position - 8 * count
+        self.loaded += count * _STRING_BYTES + text * _STRING_BYTE_BYTES
+        if vocabulary:
+            self.loaded += count * _VOCABULARY_ENTRY_BYTES + text * _STRING_BYTE_BYTES
         self.position = position
 
     def count(self, amount: int) -> None:
@@ -640,11 +726,12 @@ class _Header:
             raise _TooLarge
 
     def value(
-        self, value_type: int, *, keep: bool, flags: bool = False
+        self, value_type: int, *, keep: bool, flags: bool = False, vocabulary: bool = False
     ) -> int | tuple[int, ...] | bytes | None:
         """Read one value: an int, a tuple of ints, a string; None for anything else, and for
         everything when not ``keep`` (skipped, lengths checked, nothing copied). With
-        ``flags``, an array of bools is kept too, as a tuple of 0 and 1."""
+        ``flags``, an array of bools is kept too, as a tuple of 0 and 1. What llama.cpp holds
+        for it goes to :attr:`loaded` (more for an array of its ``vocabulary``)."""
         self.count(1)
         if value_type in _SCALAR_SIZES:
             start = self.take(_SCALAR_SIZES[value_type])
@@ -656,6 +743,7 @@ class _Header:
         if value_type == _V.STRING:
             length = self.integer("Q")
             start = self.take(length)
+            self.loaded += _STRING_BYTES + _STRING_BYTE_BYTES * length
             return bytes(self._data[start : start + length]) if keep else None
         if value_type != _V.ARRAY:
             raise _Malformed  # an unknown type
@@ -665,19 +753,23 @@ class _Header:
             size = _SCALAR_SIZES[item_type]
             start = self.take(size * length)
             self.count(length)
+            self.loaded += length * (_PRINTED_COPIES * _PRINTED_WIDTHS[item_type] + size)
             formats = _FLAG_FORMATS if flags else _INTEGER_FORMATS
             if not keep or item_type not in formats or length > _MAX_DECODED_ARRAY:
                 return None  # a vocabulary's scores, its token types
             code = f"{self._order}{length}{formats[item_type]}"
             return tuple(int(item) for item in struct.unpack_from(code, self._data, start))
         if item_type == _V.STRING:
-            self._skip_strings(length)
+            self._skip_strings(length, vocabulary=vocabulary)
             return None
         raise _Malformed  # an array of arrays (or of an unknown type): ggml refuses both
 
 
-def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ...] | bytes]:
-    """The header's integer, integer-array and string values by key (others are skipped).
+def _read_metadata(
+    data: bytes, file_size: int
+) -> tuple[dict[str, int | tuple[int, ...] | bytes], int, int]:
+    """The header's integer, integer-array and string values by key (others are skipped), and
+    what llama.cpp holds in memory for all of its values as it loads them (``_Header.loaded``).
 
     ``data`` is the start of a file of ``file_size`` bytes: :class:`_NeedMore` when the
     key-value section goes on past it."""
@@ -693,7 +785,7 @@ def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ..
     header.take(4)
     if header.integer("I") not in (2, 3):  # version 1 used 32-bit counts and is long gone
         raise _Malformed
-    header.integer("Q")  # tensor count
+    tensors = header.integer("Q")
     pairs = header.integer("Q")
     if pairs > file_size // 13:  # a pair takes 13 bytes at least: an 8-byte length, 1, type
         raise _Malformed
@@ -710,12 +802,67 @@ def _read_metadata(data: bytes, file_size: int) -> dict[str, int | tuple[int, ..
             header.integer("I"),
             keep=key.endswith(_WANTED),
             flags=key.endswith((_RECURRENT_LAYERS_KEY, _SLIDING_WINDOW_PATTERN_KEY)),
+            vocabulary=key in _VOCABULARY_KEYS,
         )
         if value is None and key.endswith(_RECURRENT_UNKNOWN_KEYS):
             value = b""  # only its presence counts, whatever its type
         if value is not None:
             found[key.decode("utf-8", "replace")] = value
-    return found
+    return found, header.loaded, _repacked_bytes(header, tensors, file_size)
+
+
+def _repacked_bytes(header: _Header, tensors: int, file_size: int) -> int:
+    """The bytes of the tensors (their infos follow the key-value section) that the CPU
+    backend repacks into a buffer of its own, beside the memory-mapped file whose pages it
+    read them from (:data:`_REPACKED_TYPES`)."""
+    if (
+        tensors > file_size // 24
+    ):  # an info takes 24 bytes at least: name length, n_dims, type, offset
+        raise _Malformed
+    if tensors > _MAX_PAIRS:
+        raise _TooLarge
+    rows = _repack_rows()
+    repacked = 0
+    for _ in range(tensors):
+        name = header.string()
+        dimensions = header.integer("I")
+        if dimensions > _MAX_DIMENSIONS:
+            raise _Malformed
+        shape = [header.integer("Q") for _ in range(dimensions)]
+        tensor_type = header.integer("I")
+        header.integer("Q")  # offset
+        if (
+            rows
+            and tensor_type in _REPACKED_TYPES
+            and name not in _LOOKED_UP_ONLY
+            and dimensions >= 2
+            and shape[1] % rows == 0
+        ):
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor_type)]
+            elements = 1
+            for extent in shape:
+                elements *= extent
+            repacked += elements // block * type_size
+    return repacked
+
+
+@functools.cache
+def _repack_rows() -> int:
+    """What a tensor's rows must be a multiple of for the CPU backend to repack it here: 8 on
+    an x86 machine with AVX2 (or where its flags cannot be read), 0 (nothing is repacked) on
+    one without; 4 elsewhere (NEON), which also covers 8."""
+    machine = platform.machine().lower()
+    if machine not in {"x86_64", "amd64", "i386", "i686"}:
+        return 4
+    try:
+        with open("/proc/cpuinfo", "rb") as handle:
+            # The first processor's flags: a line at a time, not the whole file in memory.
+            for line in handle:
+                if line.startswith(b"flags"):
+                    return 8 if b"avx2" in line.split() else 0
+    except OSError:
+        pass
+    return 8  # not known here: counted
 
 
 def _positive(value: object, *, zero: bool = False) -> int:
@@ -730,7 +877,11 @@ def _positive_or_zero(value: object) -> int:
     return value if type(value) is int and value > 0 else 0
 
 
-def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> AttentionShape:
+def _attention_shape(
+    metadata: Mapping[str, int | tuple[int, ...] | bytes],
+    metadata_bytes: int = 0,
+    repacked_bytes: int = 0,
+) -> AttentionShape:
     architecture = metadata.get(gguf.Keys.General.ARCHITECTURE)
     if not isinstance(architecture, bytes) or not architecture:
         raise _Malformed
@@ -794,6 +945,8 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
             recurrent_layers=sum(recurrent_layers),
             recurrent_r=r_elements,
             recurrent_s=s_elements,
+            metadata_bytes=metadata_bytes,
+            repacked_bytes=repacked_bytes,
         )
     return AttentionShape(
         context_length=context_length,
@@ -808,6 +961,8 @@ def _attention_shape(metadata: Mapping[str, int | tuple[int, ...] | bytes]) -> A
         swa_layers=swa_layers,
         swa_key_length=_positive_or_zero(swa_key_length),
         swa_value_length=_positive_or_zero(swa_value_length),
+        metadata_bytes=metadata_bytes,
+        repacked_bytes=repacked_bytes,
     )
 
 
@@ -956,7 +1111,7 @@ def read_attention_shape(path: Path) -> AttentionShape | Uncountable | None:
             if len(data) < want:
                 return None  # the file shrank under the read
             try:
-                return _attention_shape(_read_metadata(data, size))
+                return _attention_shape(*_read_metadata(data, size))
             except _UncountableState as error:
                 return Uncountable(f"its recurrent state cannot be counted ({error.args[0]})")
             except _NeedMore:
@@ -1005,6 +1160,9 @@ class _Settings:
     ubatch: int = _UPSTREAM_UBATCH
     #: Upstream's ``--swa-full``: sliding-window layers get a cache of the full context.
     swa_full: bool = False
+    #: Whether the CPU backend repacks weights (upstream's ``--repack``, on by default; the
+    #: launcher has no switch for it).
+    repack: bool = True
     #: Whether the runtime is upstream's ``llama-server``, whose sliding-window cache this
     #: module sizes (the launcher's is counted at the full context).
     upstream: bool = False
@@ -1175,6 +1333,9 @@ def _upstream_settings(
         # On for on, 1, enabled or true, off for anything else: unlike LLAMA_ARG_KV_UNIFIED,
         # the pinned build never stops for this one ("yes" and "TRUE" are off).
         settings.swa_full = environ["LLAMA_ARG_SWA_FULL"] in _TRUTHY
+    if "LLAMA_ARG_REPACK" in environ:
+        # Off only for what the pinned build reads as off; anything else counts as on.
+        settings.repack = environ["LLAMA_ARG_REPACK"] not in _FALSEY
     index = 0
     while index < len(arguments):
         option = arguments[index]
@@ -1187,6 +1348,8 @@ def _upstream_settings(
             settings.unified = _UPSTREAM_UNIFIED[option]
         elif option == "--swa-full":
             settings.swa_full = True
+        elif option in {"--repack", "-nr", "--no-repack"}:
+            settings.repack = option == "--repack"
         elif option in _UPSTREAM_TWO_VALUE_OPTIONS:
             index += 2
         elif option in _UPSTREAM_VALUE_OPTIONS:
@@ -1503,7 +1666,11 @@ def estimate_context_memory(
     if isinstance(recurrent, Uncountable):
         return recurrent
     return ContextMemory(
-        context_tokens=context, bytes=kv_cache + recurrent, recurrent_bytes=recurrent
+        context_tokens=context,
+        bytes=kv_cache + recurrent,
+        recurrent_bytes=recurrent,
+        metadata_bytes=shape.metadata_bytes,
+        repacked_bytes=shape.repacked_bytes if settings.repack else 0,
     )
 
 

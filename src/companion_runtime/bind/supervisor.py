@@ -914,7 +914,14 @@ class Supervisor:
             return deny(Reason.MODEL_TOO_LARGE)
         self._context_memory = context
         headroom = await self._headroom()
-        context_bytes = 0 if context is None else context.bytes
+        # The vocabulary and the other metadata llama.cpp holds as it loads, beside the cache;
+        # and, where the weights stay in RAM, the copy the CPU backend repacks beside them.
+        in_ram = not (config.gpu_offload and headroom.available_vram_bytes > 0)
+        context_bytes = (
+            0
+            if context is None
+            else context.bytes + context.metadata_bytes + (context.repacked_bytes if in_ram else 0)
+        )
         verdict = check_fit(
             model_size_bytes=config.expected_size_bytes,
             headroom=headroom,
@@ -924,7 +931,7 @@ class Supervisor:
         )
         if not verdict.ok and context is not None and context.recurrent_bytes > 0:
             # A recurrent state is per slot, whatever the context: fewer slots need less.
-            kv_cache = context_bytes - context.recurrent_bytes
+            kv_cache = context.bytes - context.recurrent_bytes
             _logger.warning(
                 "the model does not fit: %s of weights, %s%s of recurrent state and %s for the "
                 "runtime; fewer slots (-np) need less",
@@ -933,17 +940,17 @@ class Supervisor:
                 if kv_cache
                 else "",
                 _size(context.recurrent_bytes),
-                _size(config.overhead_bytes),
+                _size(config.overhead_bytes + context_bytes - context.bytes),
             )
-        elif not verdict.ok and context is not None and context_bytes > 0:
+        elif not verdict.ok and context is not None and context.bytes > 0:
             # Sizes only: no path, no digest. The context is what the user can change.
             _logger.warning(
                 "the model does not fit: %s of weights, %s of KV cache for a %d-token context "
                 "and %s for the runtime; a smaller context (-c) needs less",
                 _size(config.expected_size_bytes),
-                _size(context_bytes),
+                _size(context.bytes),
                 context.context_tokens,
-                _size(config.overhead_bytes),
+                _size(config.overhead_bytes + context_bytes - context.bytes),
             )
         return verdict
 
