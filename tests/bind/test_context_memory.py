@@ -24,6 +24,7 @@ from companion_runtime.bind.context_memory import (
     ContextMemory,
     Uncountable,
     estimate_context_memory,
+    launcher_refuses,
     read_attention_shape,
 )
 from companion_runtime.bind.llama_server import (
@@ -265,6 +266,39 @@ def test_upstream_reads_its_configuration_files_first(
     launcher = [*EMBEDDED[:4], "-m", "{model_path}", "--port", "{port}"]
     embedded = estimate_context_memory(model, launcher, {"HOME": str(home)})
     assert isinstance(embedded, ContextMemory) and embedded.context_tokens == 4096
+
+
+@pytest.mark.parametrize(
+    ("extra", "refused"),
+    [
+        ([], False),
+        (["-c", "8192", "--metrics"], False),
+        (["--mmproj", "/m/projector.gguf"], True),  # upstream's option, not the launcher's
+        (["--host", "0.0.0.0"], True),  # not loopback
+        (["-c", "-1"], True),
+        (["--parallel"], True),  # no value
+    ],
+)
+def test_a_command_line_the_launcher_refuses_is_known_from_the_command_alone(
+    tmp_path: Path, extra: list[str], refused: bool
+) -> None:
+    command = [*EMBEDDED, *extra]
+    assert launcher_refuses(command) is refused
+    # The launcher itself agrees: it exits with its usage error before loading anything.
+    filled = [
+        word.replace("{model_path}", str(tmp_path / "absent.gguf"))
+        .replace("{host}", "127.0.0.1")
+        .replace("{port}", "1")
+        .replace("{api_key_file}", str(tmp_path / "key"))
+        for word in command
+    ]
+    finished = subprocess.run(filled, capture_output=True, text=True, timeout=60)
+    assert (finished.returncode == 2) is refused, finished.stderr
+
+
+def test_upstream_s_command_line_is_not_the_launcher_s_to_refuse() -> None:
+    assert not launcher_refuses(["/opt/llama-server", "-m", "{model_path}", "--mmproj", "p"])
+    assert not launcher_refuses(["/bin/sh", "-c", "exit 0", "{port}"])
 
 
 def test_a_command_that_loads_another_model_is_not_counted_as_the_verified_one(

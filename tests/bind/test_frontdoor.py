@@ -428,6 +428,33 @@ def test_more_than_one_host_header_is_400() -> None:
     run(scenario)
 
 
+@pytest.mark.security
+def test_whitespace_around_host_and_origin_is_no_part_of_their_value() -> None:
+    # RFC 9112, section 5: whitespace before or after a field value is not part of it.
+    async def scenario() -> None:
+        async with running_front_door(None) as door:
+            port = door.door.port
+            answer = await raw_exchange(
+                door,
+                f"GET /_status HTTP/1.1\r\nHost: 127.0.0.1:{port} \t\r\n"
+                f"Origin: http://localhost:{port}\t \r\n"
+                f"Authorization: Bearer {door.token}\r\nConnection: close\r\n\r\n".encode(),
+            )
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            for host, origin, reason in (
+                (f"evil.example:{port} ", f"http://127.0.0.1:{port}", b"host_not_allowed"),
+                (f"127.0.0.1:{port}", f"http://evil.example:{port} ", b"origin_not_allowed"),
+            ):
+                answer = await raw_exchange(
+                    door,
+                    f"GET /_status HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n"
+                    f"Authorization: Bearer {door.token}\r\n\r\n".encode(),
+                )
+                assert answer.startswith(b"HTTP/1.1 403") and reason in answer, answer[:200]
+
+    run(scenario)
+
+
 def test_an_http_1_0_client_gets_a_chunked_stream_as_a_body_ended_by_close() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:

@@ -123,13 +123,14 @@ def test_state_file_round_trip_and_removal_only_by_its_owner(tmp_path: Path) -> 
     with pytest.raises(SessionFileError) as caught:
         read_serve_state(directory)
     assert caught.value.reason is Reason.FILE_NOT_FOUND
-    state = ServeState(url="http://127.0.0.1:5000", token_file=directory / "t", pid=12345)
+    # A live process of this user's (this one): another serve's exit leaves its serve.json.
+    state = ServeState(url="http://127.0.0.1:5000", token_file=directory / "t", pid=os.getpid())
     path = write_serve_state(directory, state)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert read_serve_state(directory) == state
     forget_serve(directory, pid=999)
     assert read_serve_state(directory) == state
-    forget_serve(directory, pid=12345)
+    forget_serve(directory, pid=os.getpid())
     assert not path.exists()
     assert list(directory.iterdir()) == []
 
@@ -377,6 +378,31 @@ def test_serve_json_is_removed_when_no_other_serve_is_alive(tmp_path: Path) -> N
         taker.stop()
     # The record of a serve that is no longer alive is no reason to keep serve.json.
     assert not (directory / "serve.json").exists()
+    assert list(directory.iterdir()) == []
+
+
+def test_serve_json_naming_a_killed_serve_follows_the_live_ones_when_another_exits(
+    tmp_path: Path,
+) -> None:
+    # The latest serve is killed (SIGKILL: it cannot clean up), so serve.json names it. When
+    # another serve exits, the killed one's record and token file go, and serve.json with them:
+    # it names the most recently started serve still alive, or is removed.
+    directory = prepare_state_dir(tmp_path / "state")
+    with port_taker() as first_taker, port_taker() as second_taker, port_taker() as killed_taker:
+        first = _record_live_serve(directory, first_taker)
+        second = _record_live_serve(directory, second_taker)
+        killed = _record_live_serve(directory, killed_taker)
+        assert read_serve_state(directory) == killed
+        killed_taker.stop()
+        assert wait_for(lambda: not psutil.pid_exists(killed.pid), 10)
+        second.token_file.unlink()
+        forget_serve(directory, pid=second.pid)
+        assert not killed.token_file.exists()
+        assert read_serve_state(directory) == first
+        first.token_file.unlink()
+        forget_serve(directory, pid=first.pid)
+        first_taker.stop()
+        second_taker.stop()
     assert list(directory.iterdir()) == []
 
 

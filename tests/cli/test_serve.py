@@ -651,6 +651,25 @@ _RUNTIME = ["RUNTIME", "--port", "{port}"]  # RUNTIME: a file the test writes wi
             "malformed_spec",
             id="another-model",
         ),
+        # The embedded launcher given an option its parser does not take (upstream's
+        # --mmproj): it would exit with a usage error at every start, whatever was downloaded.
+        pytest.param(
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "companion_runtime.bind.llama_server",
+                "-m",
+                "{model_path}",
+                "--port",
+                "{port}",
+                "--mmproj",
+                "/models/projector.gguf",
+            ],
+            None,
+            "malformed_spec",
+            id="launcher-refuses-its-arguments",
+        ),
         # ... or weights beside it: a projector fetched from a host nobody allowlisted.
         pytest.param(
             [
@@ -715,6 +734,8 @@ def test_a_runtime_command_that_cannot_run_is_refused_before_the_download(
     assert "elsewhere" not in finished.stderr and "/models/" not in finished.stderr
     if "--mmproj-url" in command:
         assert "loads weights the manifest does not verify (--mmproj-url)" in finished.stderr
+    if "--mmproj" in command:
+        assert "the embedded launcher would refuse its command line" in finished.stderr
     assert requests == 0
     assert not any((tmp_path / "store").rglob("sha256-*"))
 

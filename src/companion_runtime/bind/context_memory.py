@@ -166,6 +166,7 @@ __all__ = [
     "ContextMemory",
     "Uncountable",
     "estimate_context_memory",
+    "launcher_refuses",
     "loads_another_model",
     "read_attention_shape",
     "unverified_weights",
@@ -1374,8 +1375,20 @@ def _embedded_settings(arguments: Sequence[str]) -> _Settings | None:
     return _Settings(context=parsed.ctx_size, slots=parsed.parallel, model=str(parsed.model))
 
 
-def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings | Uncountable | None:
-    """What the command asks of llama.cpp, or None: not its server, or it would not start."""
+def launcher_refuses(command_template: Sequence[str]) -> bool:
+    """Whether ``command_template`` runs the embedded launcher (``python -m
+    companion_runtime.bind.llama_server``) with a command line its own parser refuses: an
+    option it does not take (upstream's ``--mmproj``, say), a value it does not accept (a
+    host that is not loopback, a negative ``-c``), ``-m`` missing. It would exit with a usage
+    error at every start, so this can be asked before the download. Never raises."""
+    found = _runtime_in(command_template)
+    return found is not None and found[0] and _embedded_settings(found[1]) is None
+
+
+def _runtime_in(command: Sequence[str]) -> tuple[bool, list[str], list[str]] | None:
+    """Which llama.cpp server ``command`` (placeholders filled) runs, or None: ``(True, its
+    arguments, [])`` for the embedded launcher, ``(False, its arguments, the words before
+    it)`` for upstream's ``llama-server``."""
     if not command:
         return None
     try:
@@ -1392,14 +1405,25 @@ def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings |
             (argument == MODULE and _MODULE_OPTION.fullmatch(argv[index - 1]))
             or _ATTACHED_MODULE.fullmatch(argument)
         ):
-            return _embedded_settings(argv[index + 1 :])
+            return True, argv[index + 1 :], []
         # llama-server itself, or behind a wrapper that runs it (env, nice, taskset...); an
         # "env NAME=VALUE" before it sets a variable of its environment, also when env is
         # itself behind another wrapper ("nice env NAME=VALUE llama-server").
         if Path(argument).name == _UPSTREAM_NAME and not (index and _assignment(argument)):
-            wrapped = _wrapped_environment(argv[:index], _runtime_environment(environ))
-            return _upstream_settings(argv[index + 1 :], wrapped)
+            return False, argv[index + 1 :], argv[:index]
     return None
+
+
+def _settings(command: Sequence[str], environ: Mapping[str, str]) -> _Settings | Uncountable | None:
+    """What the command asks of llama.cpp, or None: not its server, or it would not start."""
+    found = _runtime_in(command)
+    if found is None:
+        return None
+    embedded, arguments, wrappers = found
+    if embedded:
+        return _embedded_settings(arguments)
+    wrapped = _wrapped_environment(wrappers, _runtime_environment(environ))
+    return _upstream_settings(arguments, wrapped)
 
 
 def _assignment(word: str) -> bool:

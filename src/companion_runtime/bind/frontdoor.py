@@ -1756,10 +1756,10 @@ class FrontDoor:
         coded = False
         for name, value in request.headers:
             if name == b"host":
-                host = value.lower()
+                host = value.strip(b" \t").lower()
                 hosts += 1
             elif name == b"origin":
-                origin = value.lower() if origin is None else b"\0"
+                origin = value.strip(b" \t").lower() if origin is None else b"\0"
             elif name == b"authorization":
                 authorization.append(value)
             elif name == b"content-length":

@@ -553,17 +553,17 @@ def _previous_record(directory: Path, state: ServeState) -> ServeState | None:
 def forget_serve(directory: Path, *, pid: int) -> None:
     """Remove what :func:`record_serve` wrote for ``pid``; never raises.
 
-    Its record goes; ``serve.json``, if it still names ``pid``, then names the most recently
-    started ``serve`` that is still alive, or is removed when none is. A ``serve.json`` naming
-    another ``serve`` is left as it is. Records of ``serve`` processes that are gone are
-    removed too.
+    Its record goes; ``serve.json``, if it still names ``pid`` or a ``serve`` that is gone
+    (killed, it could not clean up), then names the most recently started ``serve`` that is
+    still alive, or is removed when none is. A ``serve.json`` naming another live ``serve`` is
+    left as it is. Records of ``serve`` processes that are gone are removed too.
     """
     with contextlib.suppress(SessionFileError, OSError), _locked(directory):
         with contextlib.suppress(OSError):
             (directory / _record_name(pid, _own_pid_ns())).unlink()
         alive = _sweep(directory, keep=None)
         named = read_serve_state(directory)
-        if named.pid != pid or _elsewhere(named):
+        if _elsewhere(named) or (named.pid != pid and not _is_gone(named.pid)):
             return
         if alive:
             write_serve_state(directory, alive[0])

@@ -69,6 +69,7 @@ from companion_runtime.bind.context_memory import (
     ContextMemory,
     Uncountable,
     estimate_context_memory,
+    launcher_refuses,
     unverified_weights,
 )
 from companion_runtime.bind.directory_trust import ancestors_hold_no_one_else_s_entries
@@ -296,6 +297,12 @@ def check_runtime_command(manifest: Manifest) -> Verdict:
         )
     except ProcessError as error:
         return deny(error.reason)
+    if launcher_refuses(template):
+        _logger.warning(
+            "the embedded launcher would refuse its command line (an option it does not take, "
+            "or a value it does not accept); its --help lists what it takes"
+        )
+        return deny(Reason.MALFORMED_SPEC)
     return _verified_model_only(template, {})
 
 
