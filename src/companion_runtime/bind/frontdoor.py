@@ -13,7 +13,9 @@ fixed order, and the first guard that fails answers it:
    line over ``max_header_line_bytes`` or more than ``max_header_fields`` fields (``431``),
    both counted in the request as relayed (never the client's ``Host``, credentials,
    ``Cookie``, hop-by-hop headers or those its ``Connection`` header names; the front door's
-   own ``Host``, runtime key and ``Content-Length``, the last once a chunked body is in): the
+   own ``Host``, runtime key and ``Content-Length``, the last once a chunked body is in), and a
+   head of more than twice ``max_header_fields`` fields in all, relayed or not, as soon as the
+   one too many arrives (each field held costs about 120 bytes besides its own): the
    runtime's HTTP layer has limits of its own (llama.cpp's server: 8 KiB a header line, 100
    fields), and answers past them with a bare status and no reason, after the request took an
    admission slot;
@@ -143,6 +145,11 @@ DEFAULT_MAX_REQUEST_LINE_BYTES: Final = 16 * 1024
 #: Most header fields in a request (Apache's ``LimitRequestFields``; llama.cpp's limit too).
 DEFAULT_MAX_HEADER_FIELDS: Final = 100
 _MAX_HEAD_BYTES: Final = 16 * 1024
+# Header fields a head may carry, per field ``max_header_fields`` lets through to the runtime:
+# the rest are the fields never relayed (the client's Host and credentials, Cookie lines,
+# hop-by-hop headers). Each held field costs a tuple and two bytes objects, about 120 bytes
+# over its own, so the head's 16 KiB alone would let a head of tiny fields hold 20 times that.
+_HEAD_FIELDS_PER_RELAYED: Final = 2
 # The runtime's response head, with room for a body that comes in the same read.
 _MAX_UPSTREAM_HEAD_BYTES: Final = 256 * 1024
 # Bytes a client may pipeline while its previous request is still being answered, and how
@@ -285,7 +292,9 @@ class FrontDoorConfig:
     #: Most header fields in the request as relayed: the client's own that are relayed, and
     #: the front door's ``Host``, runtime key and ``Content-Length`` (for a chunked body, once
     #: it is in: an empty one on a ``GET`` gets none); more is ``431 bad_request``. Fields
-    #: never relayed count only within the head's 16 KiB.
+    #: never relayed count only within the head's 16 KiB, and a head carries at most twice
+    #: ``max_header_fields`` fields in all (``431 bad_request`` at the one too many, before the
+    #: head ends).
     max_header_fields: int = DEFAULT_MAX_HEADER_FIELDS
 
     def __post_init__(self) -> None:
@@ -595,6 +604,7 @@ class _Client(asyncio.Protocol):
         self._max_target = config.max_request_line_bytes - _REQUEST_LINE_OVERHEAD - _SHORTEST_METHOD
         self._max_header_line = config.max_header_line_bytes
         self._max_header_fields = config.max_header_fields
+        self._max_head_fields = _HEAD_FIELDS_PER_RELAYED * config.max_header_fields
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.requests: deque[_Request] = deque()
@@ -897,6 +907,12 @@ class _Client(asyncio.Protocol):
         assert request is not None
         if not self._in_head:
             return  # a chunked body's trailer: checked by nobody, so relayed to nobody
+        if len(request.headers) >= self._max_head_fields:
+            # Each field held costs far more than its bytes on the wire: 16 KiB of fields of
+            # a few bytes each ("1:", "2:", ...) had held 329 KiB a connection, without a
+            # token, for as long as the head never ended.
+            self.error = 431
+            raise _HeadRefused
         line = len(name) + len(value) + 4  # "name: value\r\n", as relayed
         # A line never relayed (a browser's Cookie: every local server's cookies for the
         # host) is the runtime's limit to none; one the Connection header names neither,
