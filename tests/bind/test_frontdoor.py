@@ -2213,6 +2213,48 @@ def test_a_client_pipelining_without_reading_cannot_queue_without_bound() -> Non
     run_on_serves_loop(scenario())
 
 
+@pytest.mark.security
+def test_requests_pipelined_in_one_write_hold_at_most_two_heads_worth_of_fields() -> None:
+    # Every head in a read is parsed before the serving task looks at the first, with or
+    # without a token: 32 heads of 200 small fields each (within every bound of one head) had
+    # all been held, 700 KiB a connection, and 1,000 connections without a token that sent
+    # 47 KB each had grown the front door by 700 MiB before the first refusal went out.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                # 200 fields: the client's Host and Authorization, 98 it relays (99 with the
+                # front door's Host: the stand-in runtime takes no more) and 100 Cookie lines.
+                fields = "".join(f"{index:x}: v\r\n" for index in range(98)) + "cookie:\r\n" * 100
+                unauthorized = (
+                    f"GET /echo HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+                    f"Authorization: Bearer {'x' * 43}\r\n{fields}\r\n"
+                ).encode()
+                answer = await _exchange(door, unauthorized * 32)
+                assert answer.startswith(b"HTTP/1.1 401 ")
+                statistics = door.door.statistics()
+                assert statistics.peak_pipelined == 2
+                assert statistics.pipelined_unanswered == 1
+                # With the token, the two parsed are answered, the second saying that the
+                # connection closes; the third is left for the client to send again.
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                try:
+                    writer.write(_head(door, target="/echo", extra=fields) * 3)
+                    await writer.drain()
+                    first, _ = await _read_response(reader)
+                    second, _ = await _read_response(reader)
+                    assert first.startswith(b"HTTP/1.1 200 ")
+                    assert b"connection: close" not in first
+                    assert second.startswith(b"HTTP/1.1 200 ")
+                    assert b"connection: close" in second
+                    assert await asyncio.wait_for(reader.read(), 5) == b""
+                finally:
+                    writer.close()
+                await wait_for(lambda: door.door.statistics().open_connections == 0)
+                assert upstream.requests_seen == 2
+
+    run(scenario)
+
+
 def test_requests_pipelined_past_the_bound_in_one_write_are_not_queued() -> None:
     # Reading pauses at the bound only after a read: one read held thousands of small
     # requests, every one parsed and queued (7,103 from one 180 KB write). Past 32 waiting

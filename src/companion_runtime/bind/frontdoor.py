@@ -57,9 +57,10 @@ cancels the generation and ends the response), and the rest of the response is r
 dropped. Releasing the slot at the disconnect instead would let the runtime run more than
 ``max_in_flight`` requests, because llama.cpp does not reliably stop a generation whose client
 went away, least of all a non-streamed one while other requests keep it busy.
-Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB or 32 requests,
-after which reading pauses until every queued request is answered (a 33rd request in the same
-read stops the parser: the rest of the connection is dropped, and the last one waiting is
+Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB or 32 requests
+(or heads holding twice the fields one head may carry, in all), after which reading pauses
+until every queued request is answered (a 33rd request in the same read, or one behind that
+many fields, stops the parser: the rest of the connection is dropped, and the last one waiting is
 answered with ``connection: close``; reading stays paused until the connection lingers, so
 what comes meanwhile is not read at all). Behind any request that ends the connection
 (``connection: close``, HTTP/1.0, an upgrade, bytes that do not parse, a refusal that closes)
@@ -156,6 +157,10 @@ _MAX_UPSTREAM_HEAD_BYTES: Final = 256 * 1024
 # many parsed requests may wait; reading then pauses until every waiting one is answered.
 _MAX_PIPELINED_BYTES: Final = 64 * 1024
 _MAX_PIPELINED_REQUESTS: Final = 32
+# And the header fields they may hold in all, per field a head may carry: every head in a read
+# is parsed before the serving task looks at the first, with or without a token, and 32 heads
+# of small fields (each within the head's bounds) had held 700 KiB a connection.
+_PIPELINED_FIELDS_PER_HEAD: Final = 2
 _LOOPBACK_NAMES: Final = (b"127.0.0.1", b"localhost", b"[::1]")
 # At max_connections, a connection that never sent an authorized request may be closed to make
 # room once it has waited this long for one (a client that connects sends its request within
@@ -538,6 +543,11 @@ def _named(connection: bytes) -> Iterator[bytes]:
     return (token.strip().lower() for token in connection.split(b","))
 
 
+def _fields_of(requests: deque[_Request]) -> int:
+    """The header fields ``requests`` hold in all."""
+    return sum(len(request.headers) for request in requests)
+
+
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
@@ -605,6 +615,7 @@ class _Client(asyncio.Protocol):
         self._max_header_line = config.max_header_line_bytes
         self._max_header_fields = config.max_header_fields
         self._max_head_fields = _HEAD_FIELDS_PER_RELAYED * config.max_header_fields
+        self._max_waiting_fields = _PIPELINED_FIELDS_PER_HEAD * self._max_head_fields
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.requests: deque[_Request] = deque()
@@ -712,7 +723,10 @@ class _Client(asyncio.Protocol):
         if waiting > counters.peak_pipelined:
             counters.peak_pipelined = waiting
         if (
-            self._pipelined > _MAX_PIPELINED_BYTES or waiting >= _MAX_PIPELINED_REQUESTS
+            self._pipelined > _MAX_PIPELINED_BYTES
+            or waiting >= _MAX_PIPELINED_REQUESTS
+            # One head carries fewer fields than the bound: only pipelining can reach it.
+            or (waiting > 1 and _fields_of(self.requests) >= self._max_waiting_fields)
         ) and not self._reading_paused:
             self._pause()
         _wake(self._waiter)
@@ -883,7 +897,10 @@ class _Client(asyncio.Protocol):
     # parser callbacks
 
     def on_message_begin(self) -> None:
-        if len(self.requests) >= _MAX_PIPELINED_REQUESTS:
+        requests = self.requests
+        if len(requests) >= _MAX_PIPELINED_REQUESTS or (
+            len(requests) > 1 and _fields_of(requests) >= self._max_waiting_fields
+        ):
             # Stops the parser (see _overflow); pausing the transport comes a read too late.
             self.overflowed = True
             raise _PipelineFull
@@ -907,7 +924,8 @@ class _Client(asyncio.Protocol):
         assert request is not None
         if not self._in_head:
             return  # a chunked body's trailer: checked by nobody, so relayed to nobody
-        if len(request.headers) >= self._max_head_fields:
+        headers = request.headers
+        if len(headers) >= self._max_head_fields:
             # Each field held costs far more than its bytes on the wire: 16 KiB of fields of
             # a few bytes each ("1:", "2:", ...) had held 329 KiB a connection, without a
             # token, for as long as the head never ended.
@@ -920,7 +938,7 @@ class _Client(asyncio.Protocol):
         lowered = name.lower()
         if line > self._max_header_line and lowered not in _NOT_TO_RUNTIME:
             request.long_line = True
-        request.headers.append((lowered, value))
+        headers.append((lowered, value))
         request.head_bytes += line
 
     def on_headers_complete(self) -> None:
