@@ -795,6 +795,49 @@ def test_a_chunked_body_is_relayed_with_a_length_and_without_its_trailer() -> No
     run(scenario)
 
 
+@pytest.mark.security
+def test_a_body_of_tiny_chunks_costs_the_front_door_no_more_than_its_bytes() -> None:
+    # Each piece of a body was kept as it came, a bytes object and a list slot: 43 bytes for
+    # each 2-byte chunk, so a body within the 8 MiB cap held 224 MiB, and the bodies within
+    # the 64 MiB budget for bodies still arriving nearly 2 GiB.
+    import psutil
+
+    payload = 4 * 1024 * 1024
+    process = psutil.Process()
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(
+                upstream.url, max_body_bytes=8 * 1024 * 1024, request_timeout_s=120
+            ) as door:
+                gc.collect()
+                before = process.memory_info().rss
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                writer.write(
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\nTransfer-Encoding: chunked\r\n"
+                    "\r\n".encode()
+                )
+                block = b"2\r\nab\r\n" * 8192
+                for _ in range(payload // 2 // 8192):
+                    writer.write(block)
+                    await writer.drain()
+                await wait_for(
+                    lambda: door.door.statistics().arriving_body_bytes == payload, timeout_s=60
+                )
+                grown = process.memory_info().rss - before
+                assert grown < 4 * payload, grown
+                writer.write(b"0\r\n\r\n")
+                head, body = await _read_response(reader)
+                writer.close()
+                assert head.startswith(b"HTTP/1.1 200")
+                echoed = json.loads(body)
+                assert echoed["headers"]["content-length"] == str(payload)
+                assert echoed["body"] == "ab" * (payload // 2)
+
+    run(scenario)
+
+
 def test_malformed_http_is_400_bad_request() -> None:
     async def scenario() -> None:
         async with running_front_door(None) as door:
