@@ -822,6 +822,87 @@ def test_a_chunked_body_is_relayed_with_a_length_and_without_its_trailer() -> No
     run(scenario)
 
 
+@pytest.mark.security
+def test_a_body_of_tiny_chunks_costs_the_front_door_no_more_than_its_bytes() -> None:
+    # Each piece of a body was kept as it came, a bytes object and a list slot: 43 bytes for
+    # each 2-byte chunk, so a body within the 8 MiB cap held 224 MiB, and the bodies within
+    # the 64 MiB budget for bodies still arriving nearly 2 GiB.
+    import psutil
+
+    payload = 4 * 1024 * 1024
+    process = psutil.Process()
+
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(
+                upstream.url, max_body_bytes=8 * 1024 * 1024, request_timeout_s=120
+            ) as door:
+                gc.collect()
+                before = process.memory_info().rss
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                writer.write(
+                    f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+                    f"Authorization: Bearer {door.token}\r\nTransfer-Encoding: chunked\r\n"
+                    "\r\n".encode()
+                )
+                block = b"2\r\nab\r\n" * 8192
+                for _ in range(payload // 2 // 8192):
+                    writer.write(block)
+                    await writer.drain()
+                await wait_for(
+                    lambda: door.door.statistics().arriving_body_bytes == payload, timeout_s=60
+                )
+                grown = process.memory_info().rss - before
+                assert grown < 4 * payload, grown
+                writer.write(b"0\r\n\r\n")
+                head, body = await _read_response(reader)
+                writer.close()
+                assert head.startswith(b"HTTP/1.1 200")
+                echoed = json.loads(body)
+                assert echoed["headers"]["content-length"] == str(payload)
+                assert echoed["body"] == "ab" * (payload // 2)
+
+    run(scenario)
+
+
+@pytest.mark.security
+def test_a_body_of_tiny_chunks_without_a_token_is_refused_unparsed() -> None:
+    # The read that brings a head also brings what follows, and each chunk of a body cost the
+    # parser a callback before the serving task refused the request 401 whatever its body:
+    # 200 KB of 2-byte chunks had cost 8.4 ms of the front door's CPU for each connection,
+    # 33 times a plain body of that size, with no token needed.
+    async def scenario() -> None:
+        async with running_front_door(None) as door:
+            payload = (
+                f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n"
+            ).encode() + b"2\r\nab\r\n" * 30_000
+            connections = 50  # fewer than may linger at once, so each reads its answer
+
+            def send_all() -> list[bytes]:
+                socks = [
+                    socket.create_connection(("127.0.0.1", door.door.port))
+                    for _ in range(connections)
+                ]
+                answers = []
+                for sock in socks:
+                    sock.sendall(payload)
+                for sock in socks:
+                    sock.settimeout(5)
+                    answers.append(sock.recv(65536).split(b"\r\n", 1)[0])
+                    sock.close()
+                return answers
+
+            started = time.thread_time()  # the front door runs on this thread alone
+            answers = await asyncio.to_thread(send_all)
+            spent = time.thread_time() - started
+            assert answers == [b"HTTP/1.1 401 Unauthorized"] * connections
+            assert spent / connections < 0.002, spent
+            assert door.door.statistics().refused_by_reason == {"unauthorized": connections}
+
+    run(scenario)
+
+
 def test_malformed_http_is_400_bad_request() -> None:
     async def scenario() -> None:
         async with running_front_door(None) as door:
@@ -1570,6 +1651,47 @@ def test_configured_head_limits_hold_for_a_head_whole_pipelined_or_in_pieces() -
     run(scenario)
 
 
+@pytest.mark.security
+def test_a_head_holds_at_most_twice_the_relayed_fields_however_small_they_are() -> None:
+    # A head of fields of a few bytes each ("0:", "1:", ...) just under 16 KiB, never ended,
+    # needs no token: the front door had held each field as a tuple of two bytes objects,
+    # 329 KiB a connection (40 KiB for a 16 KiB head of ordinary fields), so 330 MiB at the
+    # 1,024 connections serve allows, and spent 2.3 ms of CPU taking each such head in.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                # 200 fields: 98 of the client's own the runtime is sent (with the front door's
+                # Host, 99: the stand-in runtime takes no more), its Host and Authorization and
+                # 100 Cookie lines, which are not.
+                fields = _fields(98) + "".join(f"cookie: c{index}=v\r\n" for index in range(100))
+                answer = await _answered_by_the_runtime(
+                    door, _head(door, target="/echo", extra=fields)
+                )
+                assert b'"x-field-97"' in answer
+                await _refused_before_the_runtime(
+                    door, _head(door, target="/echo", extra=fields + "cookie: one=more\r\n"), 431
+                )
+                # Without a token, and refused before the head ends, whether it comes in one
+                # write or in pieces.
+                tiny = b"".join(b"%x:\r\n" % index for index in range(2700))
+                assert len(tiny) < 16 * 1024 - 64
+                for pieces in (1, 30):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                    payload = b"GET /echo HTTP/1.1\r\n" + tiny
+                    step = -(-len(payload) // pieces)
+                    for at in range(0, len(payload), step):
+                        writer.write(payload[at : at + step])
+                        await writer.drain()
+                    answer = await asyncio.wait_for(reader.read(65536), 5)
+                    writer.close()
+                    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+                    assert answer.endswith(b'{"ok":false,"reason":"bad_request"}')
+                await wait_for(lambda: door.door.statistics().open_connections == 0)
+                assert upstream.requests_seen == 1
+
+    run(scenario)
+
+
 # --- admission ----------------------------------------------------------------------------
 
 
@@ -2197,6 +2319,48 @@ def test_a_client_pipelining_without_reading_cannot_queue_without_bound() -> Non
                 assert door.door.statistics().peak_pipelined <= 32
 
     run_on_serves_loop(scenario())
+
+
+@pytest.mark.security
+def test_requests_pipelined_in_one_write_hold_at_most_two_heads_worth_of_fields() -> None:
+    # Every head in a read is parsed before the serving task looks at the first, with or
+    # without a token: 32 heads of 200 small fields each (within every bound of one head) had
+    # all been held, 700 KiB a connection, and 1,000 connections without a token that sent
+    # 47 KB each had grown the front door by 700 MiB before the first refusal went out.
+    async def scenario() -> None:
+        with tiny_upstream() as upstream:
+            async with running_front_door(upstream.url) as door:
+                # 200 fields: the client's Host and Authorization, 98 it relays (99 with the
+                # front door's Host: the stand-in runtime takes no more) and 100 Cookie lines.
+                fields = "".join(f"{index:x}: v\r\n" for index in range(98)) + "cookie:\r\n" * 100
+                unauthorized = (
+                    f"GET /echo HTTP/1.1\r\nHost: 127.0.0.1:{door.door.port}\r\n"
+                    f"Authorization: Bearer {'x' * 43}\r\n{fields}\r\n"
+                ).encode()
+                answer = await _exchange(door, unauthorized * 32)
+                assert answer.startswith(b"HTTP/1.1 401 ")
+                statistics = door.door.statistics()
+                assert statistics.peak_pipelined == 2
+                assert statistics.pipelined_unanswered == 1
+                # With the token, the two parsed are answered, the second saying that the
+                # connection closes; the third is left for the client to send again.
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+                try:
+                    writer.write(_head(door, target="/echo", extra=fields) * 3)
+                    await writer.drain()
+                    first, _ = await _read_response(reader)
+                    second, _ = await _read_response(reader)
+                    assert first.startswith(b"HTTP/1.1 200 ")
+                    assert b"connection: close" not in first
+                    assert second.startswith(b"HTTP/1.1 200 ")
+                    assert b"connection: close" in second
+                    assert await asyncio.wait_for(reader.read(), 5) == b""
+                finally:
+                    writer.close()
+                await wait_for(lambda: door.door.statistics().open_connections == 0)
+                assert upstream.requests_seen == 2
+
+    run(scenario)
 
 
 def test_requests_pipelined_past_the_bound_in_one_write_are_not_queued() -> None:

@@ -13,7 +13,9 @@ fixed order, and the first guard that fails answers it:
    line over ``max_header_line_bytes`` or more than ``max_header_fields`` fields (``431``),
    both counted in the request as relayed (never the client's ``Host``, credentials,
    ``Cookie``, hop-by-hop headers or those its ``Connection`` header names; the front door's
-   own ``Host``, runtime key and ``Content-Length``, the last once a chunked body is in): the
+   own ``Host``, runtime key and ``Content-Length``, the last once a chunked body is in), and a
+   head of more than twice ``max_header_fields`` fields in all, relayed or not, as soon as the
+   one too many arrives (each field held costs about 120 bytes besides its own): the
    runtime's HTTP layer has limits of its own (llama.cpp's server: 8 KiB a header line, 100
    fields), and answers past them with a bare status and no reason, after the request took an
    admission slot;
@@ -35,7 +37,10 @@ and ``{"ok": false, "reason": "<code>"}``. A refusal that ends the connection be
 request's end was read (a 401 or 413 with the body still coming) half-closes it and reads on
 until the client goes, at most a second, so that the client gets to read its answer (at most 64
 such connections linger at once, the refused-at-capacity ones below included; past that the one
-that has lingered longest is closed to make room). An admitted request is sent to the runtime
+that has lingered longest is closed to make room). On a connection no authorized request came
+on yet, a body in more than 16 pieces (a chunked body of tiny chunks) is parsed no further
+unless its request carries the token: that request is refused whatever its body, and each piece
+costs a callback. An admitted request is sent to the runtime
 over a pooled keep-alive connection (a second protocol with an ``httptools`` response parser)
 without the client's credentials (nor a ``Range``, which a server may ignore and llama.cpp's
 answers with a bare ``416`` when it cannot apply it); a new one carries nothing until
@@ -55,9 +60,10 @@ cancels the generation and ends the response), and the rest of the response is r
 dropped. Releasing the slot at the disconnect instead would let the runtime run more than
 ``max_in_flight`` requests, because llama.cpp does not reliably stop a generation whose client
 went away, least of all a non-streamed one while other requests keep it busy.
-Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB or 32 requests,
-after which reading pauses until every queued request is answered (a 33rd request in the same
-read stops the parser: the rest of the connection is dropped, and the last one waiting is
+Bytes a client pipelines behind a request are parsed and queued, up to 64 KiB or 32 requests
+(or heads holding twice the fields one head may carry, in all), after which reading pauses
+until every queued request is answered (a 33rd request in the same read, or one behind that
+many fields, stops the parser: the rest of the connection is dropped, and the last one waiting is
 answered with ``connection: close``; reading stays paused until the connection lingers, so
 what comes meanwhile is not read at all). Behind any request that ends the connection
 (``connection: close``, HTTP/1.0, an upgrade, bytes that do not parse, a refusal that closes)
@@ -143,12 +149,24 @@ DEFAULT_MAX_REQUEST_LINE_BYTES: Final = 16 * 1024
 #: Most header fields in a request (Apache's ``LimitRequestFields``; llama.cpp's limit too).
 DEFAULT_MAX_HEADER_FIELDS: Final = 100
 _MAX_HEAD_BYTES: Final = 16 * 1024
+# Header fields a head may carry, per field ``max_header_fields`` lets through to the runtime:
+# the rest are the fields never relayed (the client's Host and credentials, Cookie lines,
+# hop-by-hop headers). Each held field costs a tuple and two bytes objects, about 120 bytes
+# over its own, so the head's 16 KiB alone would let a head of tiny fields hold 20 times that.
+_HEAD_FIELDS_PER_RELAYED: Final = 2
 # The runtime's response head, with room for a body that comes in the same read.
 _MAX_UPSTREAM_HEAD_BYTES: Final = 256 * 1024
 # Bytes a client may pipeline while its previous request is still being answered, and how
 # many parsed requests may wait; reading then pauses until every waiting one is answered.
 _MAX_PIPELINED_BYTES: Final = 64 * 1024
 _MAX_PIPELINED_REQUESTS: Final = 32
+# And the header fields they may hold in all, per field a head may carry: every head in a read
+# is parsed before the serving task looks at the first, with or without a token, and 32 heads
+# of small fields (each within the head's bounds) had held 700 KiB a connection.
+_PIPELINED_FIELDS_PER_HEAD: Final = 2
+# Pieces of a body parsed before its request's token is looked at, on a connection no
+# authorized request came on (a body in one read, the usual case, is one piece).
+_PIECES_BEFORE_TOKEN_CHECK: Final = 16
 _LOOPBACK_NAMES: Final = (b"127.0.0.1", b"localhost", b"[::1]")
 # At max_connections, a connection that never sent an authorized request may be closed to make
 # room once it has waited this long for one (a client that connects sends its request within
@@ -285,7 +303,9 @@ class FrontDoorConfig:
     #: Most header fields in the request as relayed: the client's own that are relayed, and
     #: the front door's ``Host``, runtime key and ``Content-Length`` (for a chunked body, once
     #: it is in: an empty one on a ``GET`` gets none); more is ``431 bad_request``. Fields
-    #: never relayed count only within the head's 16 KiB.
+    #: never relayed count only within the head's 16 KiB, and a head carries at most twice
+    #: ``max_header_fields`` fields in all (``431 bad_request`` at the one too many, before the
+    #: head ends).
     max_header_fields: int = DEFAULT_MAX_HEADER_FIELDS
 
     def __post_init__(self) -> None:
@@ -416,6 +436,11 @@ class _HeadRefused(Exception):
     """A request head passed a limit (``_Client.error`` says which answer it gets)."""
 
 
+class _NotAuthorized(Exception):
+    """A body in many pieces comes with a request that has no valid token, on a connection
+    no authorized request came on: it is refused whatever its body, which is not parsed."""
+
+
 @dataclass(slots=True, kw_only=True)
 class _Counters:
     requests_total: int = 0
@@ -529,6 +554,11 @@ def _named(connection: bytes) -> Iterator[bytes]:
     return (token.strip().lower() for token in connection.split(b","))
 
 
+def _fields_of(requests: deque[_Request]) -> int:
+    """The header fields ``requests`` hold in all."""
+    return sum(len(request.headers) for request in requests)
+
+
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
@@ -554,6 +584,7 @@ class _Request:
         "method",
         "nominated",
         "over_cap",
+        "pieces",
         "shed",
         "target",
     )
@@ -570,8 +601,13 @@ class _Request:
         self.head_bytes = 0
         self.http_10 = False
         self.keep_alive = False
-        self.body: list[bytes] = []
+        # The body as it came in one read (the usual case, kept without a copy), or one buffer
+        # from its second piece on, never a list of the pieces: a chunked body of 2-byte
+        # chunks had held a bytes object and a list slot, 43 bytes, for every 2 bytes of it.
+        self.body: bytes | bytearray = b""
         self.body_size = 0
+        # How many pieces the parser handed the body over in (one per chunk, and per read).
+        self.pieces = 0
         # Bytes of the body counted in the front door's budget for bodies still arriving.
         self.held = 0
         self.over_cap = False
@@ -595,6 +631,8 @@ class _Client(asyncio.Protocol):
         self._max_target = config.max_request_line_bytes - _REQUEST_LINE_OVERHEAD - _SHORTEST_METHOD
         self._max_header_line = config.max_header_line_bytes
         self._max_header_fields = config.max_header_fields
+        self._max_head_fields = _HEAD_FIELDS_PER_RELAYED * config.max_header_fields
+        self._max_waiting_fields = _PIPELINED_FIELDS_PER_HEAD * self._max_head_fields
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.requests: deque[_Request] = deque()
@@ -693,7 +731,9 @@ class _Client(asyncio.Protocol):
         except httptools.HttpParserError:
             if self.overflowed:
                 self._overflow()
-            elif not self.error:  # else a callback refused the head (_HeadRefused)
+            elif not self.error and not self.no_more:
+                # Else a callback refused the head (_HeadRefused) or stopped at an unauthorized
+                # body (_NotAuthorized): the serving task refuses that request.
                 self.error = 400
         if self._in_head and self._head_bytes > _MAX_HEAD_BYTES and not self.error:
             self.error = 431
@@ -702,7 +742,10 @@ class _Client(asyncio.Protocol):
         if waiting > counters.peak_pipelined:
             counters.peak_pipelined = waiting
         if (
-            self._pipelined > _MAX_PIPELINED_BYTES or waiting >= _MAX_PIPELINED_REQUESTS
+            self._pipelined > _MAX_PIPELINED_BYTES
+            or waiting >= _MAX_PIPELINED_REQUESTS
+            # One head carries fewer fields than the bound: only pipelining can reach it.
+            or (waiting > 1 and _fields_of(self.requests) >= self._max_waiting_fields)
         ) and not self._reading_paused:
             self._pause()
         _wake(self._waiter)
@@ -873,7 +916,10 @@ class _Client(asyncio.Protocol):
     # parser callbacks
 
     def on_message_begin(self) -> None:
-        if len(self.requests) >= _MAX_PIPELINED_REQUESTS:
+        requests = self.requests
+        if len(requests) >= _MAX_PIPELINED_REQUESTS or (
+            len(requests) > 1 and _fields_of(requests) >= self._max_waiting_fields
+        ):
             # Stops the parser (see _overflow); pausing the transport comes a read too late.
             self.overflowed = True
             raise _PipelineFull
@@ -897,6 +943,13 @@ class _Client(asyncio.Protocol):
         assert request is not None
         if not self._in_head:
             return  # a chunked body's trailer: checked by nobody, so relayed to nobody
+        headers = request.headers
+        if len(headers) >= self._max_head_fields:
+            # Each field held costs far more than its bytes on the wire: 16 KiB of fields of
+            # a few bytes each ("1:", "2:", ...) had held 329 KiB a connection, without a
+            # token, for as long as the head never ended.
+            self.error = 431
+            raise _HeadRefused
         line = len(name) + len(value) + 4  # "name: value\r\n", as relayed
         # A line never relayed (a browser's Cookie: every local server's cookies for the
         # host) is the runtime's limit to none; one the Connection header names neither,
@@ -904,7 +957,7 @@ class _Client(asyncio.Protocol):
         lowered = name.lower()
         if line > self._max_header_line and lowered not in _NOT_TO_RUNTIME:
             request.long_line = True
-        request.headers.append((lowered, value))
+        headers.append((lowered, value))
         request.head_bytes += line
 
     def on_headers_complete(self) -> None:
@@ -936,12 +989,23 @@ class _Client(asyncio.Protocol):
         assert request is not None
         size = len(body)
         request.body_size += size
+        request.pieces += 1
+        if (
+            request.pieces == _PIECES_BEFORE_TOKEN_CHECK
+            and not self.authorized
+            and not self._door._carries_token(request)
+        ):
+            # Every piece costs a callback, and a chunked body of 2-byte chunks in the read
+            # that brought its head, 200 KB, had cost 8.4 ms of CPU (33 times a plain body of
+            # that size) on a request refused 401 whatever its body.
+            self.no_more = True
+            raise _NotAuthorized
         if request.over_cap:
             return
         door = self._door
         if request.body_size > self._max_body:
             request.over_cap = True
-            request.body.clear()
+            request.body = b""
             door._release_body(request)
             return
         # Every connection may be sending a body: they share one budget.
@@ -949,10 +1013,16 @@ class _Client(asyncio.Protocol):
         request.held += size
         if door._arriving_body_bytes > door._max_arriving_body_bytes:
             request.over_cap = request.shed = True
-            request.body.clear()
+            request.body = b""
             door._release_body(request)
             return
-        request.body.append(body)
+        held = request.body
+        if not held:
+            request.body = body
+        elif type(held) is bytes:
+            request.body = bytearray(held) + body
+        else:
+            held += body
 
     def on_message_complete(self) -> None:
         request = self._current
@@ -1936,6 +2006,12 @@ class FrontDoor:
                     return True
         return self._relayed_fields(request, body=body) > self._config.max_header_fields
 
+    def _carries_token(self, request: _Request) -> bool:
+        """Whether ``request`` would pass the token check (see ``_serve_request``)."""
+        return self._authorized(
+            [value for name, value in request.headers if name == b"authorization"]
+        )
+
     def _authorized(self, values: list[bytes]) -> bool:
         if len(values) != 1:
             return False
@@ -2018,7 +2094,7 @@ class FrontDoor:
         return None
 
     def _upstream_request(self, request: _Request, host_line: bytes) -> bytes:
-        parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
+        parts: list[bytes | bytearray] = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
         nominated = request.nominated
         for name, value in request.headers:
             if name not in _NOT_TO_RUNTIME and name not in nominated:
@@ -2029,7 +2105,7 @@ class FrontDoor:
             credential = self._runtime_authorization()
             if credential is not None:
                 parts += (b"authorization: ", credential, b"\r\n")
-        body = b"".join(request.body)
+        body = request.body
         if body or request.method in _BODY_METHODS:
             parts.append(b"content-length: %d\r\n" % len(body))
         parts.append(b"\r\n")
