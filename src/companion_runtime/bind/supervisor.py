@@ -397,12 +397,13 @@ class _RuntimeHealth:
     the check, which reads the tree's sockets from ``/proc`` (about 11 ms, more with many
     sockets on the machine), runs until it passes; the listening sockets it found (process,
     descriptor, inode) go to ``on_owned``, for :meth:`Supervisor.runtime_listening`. While
-    ready, a healthy answer counts only while ``still_owned`` (that check: one ``stat``) says
-    those sockets are still held, or ``find_again`` finds the runtime's listener anew (a
-    runtime that re-executed itself opened a new one): a runtime that closed its listener and
-    lives on while another process took the port and answers its probes is not healthy, and
-    is restarted on a new port, where it had stayed ready with every request refused
-    ``runtime_gone`` for as long as that process held the port.
+    ready, a probe is sent, and its healthy answer counts, only while ``still_owned`` (one
+    ``stat``) says those sockets are still held, or ``find_again`` finds the runtime's
+    listener anew (a runtime that re-executed itself opened a new one); it is asked before
+    the probe and again after it. A runtime that closed its listener and lives on while
+    another process took the port is not healthy, and is restarted on a new port, where it
+    had stayed ready with every request refused ``runtime_gone`` for as long as that process
+    held the port; that process is sent no probe either.
     """
 
     def __init__(
@@ -426,11 +427,15 @@ class _RuntimeHealth:
         self._owned = False
 
     async def check(self) -> HealthAnswer:
+        if self._owned and not await self._holds_listener():
+            # Not even a probe goes to a port the runtime no longer holds.
+            return HealthAnswer.FOREIGN_LISTENER
         answer = await self._checker.check()
         if answer is not HealthAnswer.HEALTHY:
             return answer
         if self._owned:
-            if self._still_owned() or await self._find_again():
+            # Checked again: the listener may have changed hands while the probe was out.
+            if await self._holds_listener():
                 return answer
             return HealthAnswer.FOREIGN_LISTENER
         holders = await self._listeners(self._pid, self._port)
@@ -439,6 +444,9 @@ class _RuntimeHealth:
         self._owned = True
         self._on_owned(holders)
         return answer
+
+    async def _holds_listener(self) -> bool:
+        return self._still_owned() or await self._find_again()
 
 
 @dataclass(frozen=True, slots=True)
