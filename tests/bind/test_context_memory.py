@@ -1381,6 +1381,17 @@ def test_the_weights_the_cpu_backend_repacks_are_counted(tmp_path: Path) -> None
     assert counted(environ={"LLAMA_ARG_REPACK": "0"}) == 0
     assert counted("--repack", environ={"LLAMA_ARG_REPACK": "off"}) == repacked
     assert counted(environ={"LLAMA_ARG_REPACK": "1"}) == repacked
+    # Upstream's --load-mode none, mlock and dio read the file into buffers and map nothing:
+    # the repacked matrices are read into the CPU backend's buffer instead, no copy beside.
+    for mode in ("none", "mlock", "dio"):
+        assert counted("--load-mode", mode) == counted("-lm", mode) == 0, mode
+        assert counted(environ={"LLAMA_ARG_LOAD_MODE": mode}) == 0, mode
+        assert counted("-lm", "mmap", environ={"LLAMA_ARG_LOAD_MODE": mode}) == repacked
+    for mode in ("auto", "mmap", "mmap+mlock"):
+        assert counted("--load-mode", mode) == repacked, mode
+    assert counted("--load-mode", "none", "--load_mode", "auto") == repacked
+    # A mode it does not know (they are case-sensitive) stops it: nothing to count.
+    assert estimate_context_memory(model, [*UPSTREAM_CMD, "-lm", "NONE"]) is None
     # The launcher repacks too, with no switch for it.
     launcher = estimate_context_memory(model, EMBEDDED)
     assert isinstance(launcher, ContextMemory) and launcher.repacked_bytes == repacked
