@@ -582,7 +582,7 @@ async def test_a_vocabulary_that_cannot_fit_is_refused_before_spawning(
 
 
 async def test_weights_the_cpu_backend_repacks_are_counted_before_spawning(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A 72 MiB Q4_0 model: llama.cpp's CPU backend (also the launcher's) keeps a repacked copy
     # of its matrices beside the mapped file, whose pages stay resident. Under a ceiling 16 MiB
@@ -600,9 +600,18 @@ async def test_weights_the_cpu_backend_repacks_are_counted_before_spawning(
         pytest.skip("the CPU backend repacks nothing on this machine")
     async with supervisor:
         assert (await supervisor.check_fit()).ok  # the size alone fits
-        assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
+        with caplog.at_level(logging.WARNING, logger="companion_runtime.bind.supervisor"):
+            assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
         assert supervisor.status()["spawns"] == 0
     assert estimate.repacked_bytes == quantized_bytes(8)
+    # The refusal's line names the copy and what turns it off, apart from the runtime's share
+    # (it had been folded into that, beside the advice of a smaller context).
+    [said] = [record.getMessage() for record in caplog.records]
+    assert f"{estimate.repacked_bytes / MIB:,.0f} MiB of them again as the CPU backend" in said
+    assert "--no-repack or --load-mode none" in said
+    assert estimate.metadata_bytes < MIB  # the runtime's share: the metadata alone
+    assert f"and {estimate.metadata_bytes / 1024:,.0f} KiB for the runtime" in said
+    assert str(tmp_path) not in said and digest not in said
 
 
 @pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
