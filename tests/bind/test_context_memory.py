@@ -1392,6 +1392,16 @@ def test_the_weights_the_cpu_backend_repacks_are_counted(tmp_path: Path) -> None
     assert counted("--load-mode", "none", "--load_mode", "auto") == repacked
     # A mode it does not know (they are case-sensitive) stops it: nothing to count.
     assert estimate_context_memory(model, [*UPSTREAM_CMD, "-lm", "NONE"]) is None
+    # A configuration file's load-mode (or its variable's name) counts as well, below the flag.
+    config = tmp_path / "home" / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    home = {"HOME": str(tmp_path / "home")}
+    for line in ("load-mode = none", "LLAMA_ARG_LOAD_MODE = mlock", "lm = dio"):
+        config.write_text(line + "\n")
+        assert counted(environ=home) == 0, line
+        assert counted("-lm", "mmap", environ=home) == repacked, line
+    config.write_text("load-mode = NONE\n")
+    assert estimate_context_memory(model, UPSTREAM_CMD, home) is None
     # The launcher repacks too, with no switch for it.
     launcher = estimate_context_memory(model, EMBEDDED)
     assert isinstance(launcher, ContextMemory) and launcher.repacked_bytes == repacked
