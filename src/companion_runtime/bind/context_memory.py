@@ -127,6 +127,9 @@ model held 311 MiB (176 MiB with ``--no-repack``). The walk reads the tensor inf
 key-value section and counts those matrices' bytes in :attr:`ContextMemory.repacked_bytes`
 (0 with upstream's ``--no-repack``, ``-nr`` or ``LLAMA_ARG_REPACK`` off; a configuration
 file's ``repack`` key is not read), which the fit check adds where the weights stay in RAM.
+A model without an output matrix (``output.weight``; one with an ``output_norm.weight``)
+multiplies by its token embedding for the logits: llama.cpp loads that a second time for the
+output layer, and repacks the copy, which counts too (a 65,536-token Q4_0 embedding, 36 MiB).
 Also 0 with upstream's ``--load-mode`` (``-lm``, ``LLAMA_ARG_LOAD_MODE``) ``none``, ``mlock``
 or ``dio``: it then maps nothing, reads the file into buffers of its own and the matrices it
 repacks straight into the CPU backend's, so they are held once (a 360 MiB Q4_0 model: 460 MiB
@@ -206,7 +209,8 @@ _VOCABULARY_KEYS: Final = frozenset({b"tokenizer.ggml.tokens", b"tokenizer.ggml.
 #: The tensor types the CPU backend of the pinned build repacks into a buffer of its own for
 #: its matrix products (``ggml_repack_get_optimal_repack_type``), when a tensor's rows come in
 #: multiples of :func:`_repack_rows` (8 with AVX2; 4 with NEON). The token embedding is only
-#: looked up (``get_rows``), never repacked.
+#: looked up (``get_rows``), never repacked, but for the copy of it a model without an output
+#: matrix multiplies by (:data:`_OUTPUT`).
 _REPACKED_TYPES: Final = frozenset(
     {
         gguf.GGMLQuantizationType.Q4_0,
@@ -215,6 +219,11 @@ _REPACKED_TYPES: Final = frozenset(
     }
 )
 _LOOKED_UP_ONLY: Final = frozenset({b"token_embd.weight"})
+#: A model without an output matrix of its own (``output.weight``) but with the final norm
+#: before it multiplies by its token embedding for the logits: llama.cpp loads the embedding
+#: a second time for the output layer, and the CPU backend repacks that copy.
+_OUTPUT: Final = b"output.weight"
+_OUTPUT_NORM: Final = b"output_norm.weight"
 #: The most dimensions a ggml tensor has (llama.cpp refuses a file with more).
 _MAX_DIMENSIONS: Final = 4
 #: Which layers attend through a sliding window: every N-th is not (a number N), or one bool
@@ -836,26 +845,28 @@ def _repacked_bytes(header: _Header, tensors: int, file_size: int) -> int:
         raise _TooLarge
     rows = _repack_rows()
     repacked = 0
+    names: set[bytes] = set()
+    tied = 0  # the token embedding's bytes, were it repacked as the output matrix
     for _ in range(tensors):
         name = header.string()
+        names.add(name)
         dimensions = header.integer("I")
         if dimensions > _MAX_DIMENSIONS:
             raise _Malformed
         shape = [header.integer("Q") for _ in range(dimensions)]
         tensor_type = header.integer("I")
         header.integer("Q")  # offset
-        if (
-            rows
-            and tensor_type in _REPACKED_TYPES
-            and name not in _LOOKED_UP_ONLY
-            and dimensions >= 2
-            and shape[1] % rows == 0
-        ):
+        if rows and tensor_type in _REPACKED_TYPES and dimensions >= 2 and shape[1] % rows == 0:
             block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor_type)]
             elements = 1
             for extent in shape:
                 elements *= extent
-            repacked += elements // block * type_size
+            if name in _LOOKED_UP_ONLY:
+                tied = elements // block * type_size
+            else:
+                repacked += elements // block * type_size
+    if _OUTPUT not in names and _OUTPUT_NORM in names:
+        repacked += tied  # the embedding, loaded again as the output matrix, is repacked
     return repacked
 
 
