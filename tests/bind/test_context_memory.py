@@ -35,7 +35,7 @@ from companion_runtime.bind.llama_server import (
 )
 from companion_runtime.bind.tiny_model import write_tiny_model
 from tests.support.llama import declaring_context, free_port, upstream_binary
-from tests.support.quantized import quantized_bytes, write_quantized
+from tests.support.quantized import embedding_bytes, quantized_bytes, write_quantized
 from tests.support.recurrent import (
     write_granite_hybrid,
     write_jamba,
@@ -1415,6 +1415,27 @@ def test_the_weights_the_cpu_backend_repacks_are_counted(tmp_path: Path) -> None
     assert counted(environ={"LLAMA_ARG_REPACK": "0"}) == 0
     assert counted("--repack", environ={"LLAMA_ARG_REPACK": "off"}) == repacked
     assert counted(environ={"LLAMA_ARG_REPACK": "1"}) == repacked
+    # Upstream's --load-mode none, mlock and dio read the file into buffers and map nothing:
+    # the repacked matrices are read into the CPU backend's buffer instead, no copy beside.
+    for mode in ("none", "mlock", "dio"):
+        assert counted("--load-mode", mode) == counted("-lm", mode) == 0, mode
+        assert counted(environ={"LLAMA_ARG_LOAD_MODE": mode}) == 0, mode
+        assert counted("-lm", "mmap", environ={"LLAMA_ARG_LOAD_MODE": mode}) == repacked
+    for mode in ("auto", "mmap", "mmap+mlock"):
+        assert counted("--load-mode", mode) == repacked, mode
+    assert counted("--load-mode", "none", "--load_mode", "auto") == repacked
+    # A mode it does not know (they are case-sensitive) stops it: nothing to count.
+    assert estimate_context_memory(model, [*UPSTREAM_CMD, "-lm", "NONE"]) is None
+    # A configuration file's load-mode (or its variable's name) counts as well, below the flag.
+    config = tmp_path / "home" / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    home = {"HOME": str(tmp_path / "home")}
+    for line in ("load-mode = none", "LLAMA_ARG_LOAD_MODE = mlock", "lm = dio"):
+        config.write_text(line + "\n")
+        assert counted(environ=home) == 0, line
+        assert counted("-lm", "mmap", environ=home) == repacked, line
+    config.write_text("load-mode = NONE\n")
+    assert estimate_context_memory(model, UPSTREAM_CMD, home) is None
     # The launcher repacks too, with no switch for it.
     launcher = estimate_context_memory(model, EMBEDDED)
     assert isinstance(launcher, ContextMemory) and launcher.repacked_bytes == repacked
@@ -1432,6 +1453,51 @@ def test_the_weights_the_cpu_backend_repacks_are_counted(tmp_path: Path) -> None
     assert read_attention_shape(broken) is None
     broken.write_bytes(data[:at])
     assert read_attention_shape(broken) is None
+
+
+def test_a_token_embedding_tied_to_the_output_is_counted_as_repacked(tmp_path: Path) -> None:
+    # Without an output matrix of its own, llama.cpp multiplies by the token embedding for the
+    # logits: it loads it a second time for the output layer, and the CPU backend repacks that
+    # one. A 55 MiB Q4_0 model with a 65,536-token tied embedding grew by 54 MiB with repacking
+    # (18 MiB of layers, 36 MiB of the embedding), where 18 MiB were counted.
+    tokens = 65_536 - 354  # rows in multiples of 8: repacked
+    model = write_quantized(tmp_path / "tied.gguf", layers=2, tokens=tokens)
+    estimate = estimate_context_memory(model, UPSTREAM_CMD)
+    assert isinstance(estimate, ContextMemory)
+    if not context_memory._repack_rows():
+        assert estimate.repacked_bytes == 0
+        return
+    assert estimate.repacked_bytes == quantized_bytes(2) + embedding_bytes(tokens)
+    # Rows the backend does not repack (354 + 3 tokens), or a type it does not: the layers only.
+    odd = write_quantized(tmp_path / "odd.gguf", layers=2, tokens=3)
+    estimate = estimate_context_memory(odd, UPSTREAM_CMD)
+    assert isinstance(estimate, ContextMemory) and estimate.repacked_bytes == quantized_bytes(2)
+    q8 = write_quantized(
+        tmp_path / "q8.gguf", layers=2, tokens=tokens, quantization=gguf.GGMLQuantizationType.Q8_0
+    )
+    estimate = estimate_context_memory(q8, UPSTREAM_CMD)
+    assert isinstance(estimate, ContextMemory) and estimate.repacked_bytes == 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_a_tied_embedding_s_repacked_copy_is_what_llama_cpp_holds(tmp_path: Path) -> None:
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_quantized(tmp_path / "tied.gguf", layers=2, tokens=65_536 - 354)
+    flags = ["--port", "0", "-t", "1", "-c", "256", "-np", "1"]
+    peaks = [
+        _peak_rss([str(binary), "-m", str(model), *flags, *extra], tmp_path / f"{index}.log")
+        for index, extra in enumerate(([], ["--no-repack"]))
+    ]
+    estimate = estimate_context_memory(model, [str(binary), "-m", "{model_path}", *flags])
+    assert isinstance(estimate, ContextMemory)
+    grown = peaks[0] - peaks[1]
+    if not context_memory._repack_rows():
+        assert estimate.repacked_bytes == 0 and grown < 8 * MIB
+        return
+    assert grown <= estimate.repacked_bytes <= 1.2 * grown, (grown, estimate.repacked_bytes)
 
 
 def test_tensor_infos_past_the_bounds_are_refused_and_a_corrupted_count_is_no_model(

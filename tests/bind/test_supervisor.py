@@ -50,7 +50,7 @@ from companion_runtime.core import (
     Verdict,
     create_resource_limits,
 )
-from tests.support.llama import declaring_context
+from tests.support.llama import declaring_context, upstream_binary
 from tests.support.nvml import fake_nvml
 from tests.support.quantized import cpu_backend_repacks, quantized_bytes, write_quantized
 from tests.support.supervision import (
@@ -582,7 +582,7 @@ async def test_a_vocabulary_that_cannot_fit_is_refused_before_spawning(
 
 
 async def test_weights_the_cpu_backend_repacks_are_counted_before_spawning(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A 72 MiB Q4_0 model: llama.cpp's CPU backend (also the launcher's) keeps a repacked copy
     # of its matrices beside the mapped file, whose pages stay resident. Under a ceiling 16 MiB
@@ -600,9 +600,55 @@ async def test_weights_the_cpu_backend_repacks_are_counted_before_spawning(
         pytest.skip("the CPU backend repacks nothing on this machine")
     async with supervisor:
         assert (await supervisor.check_fit()).ok  # the size alone fits
-        assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
+        with caplog.at_level(logging.WARNING, logger="companion_runtime.bind.supervisor"):
+            assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
         assert supervisor.status()["spawns"] == 0
     assert estimate.repacked_bytes == quantized_bytes(8)
+    # The refusal's line names the copy and what turns it off, apart from the runtime's share
+    # (it had been folded into that, beside the advice of a smaller context).
+    [said] = [record.getMessage() for record in caplog.records]
+    assert f"{estimate.repacked_bytes / MIB:,.0f} MiB of them again as the CPU backend" in said
+    assert "--no-repack or --load-mode none" in said
+    assert estimate.metadata_bytes < MIB  # the runtime's share: the metadata alone
+    assert f"and {estimate.metadata_bytes / 1024:,.0f} KiB for the runtime" in said
+    assert str(tmp_path) not in said and digest not in said
+
+
+@pytest.mark.skipif(upstream_binary() is None, reason="no upstream llama-server built")
+async def test_weights_read_without_the_memory_map_are_counted_once(tmp_path: Path) -> None:
+    # A 144 MiB Q4_0 model under upstream's --load-mode none: llama.cpp reads the file into
+    # its buffers, the repacked matrices straight into the CPU backend's, and maps nothing
+    # (measured: 460 MiB resident for a 360 MiB model with or without --no-repack, 810 MiB
+    # mapped). The check counted the repacked copy on top of the file all the same and
+    # refused, under a ceiling 64 MiB above the file, its KV cache and its metadata, a runtime
+    # the samples then measured well under it.
+    if not cpu_backend_repacks():
+        pytest.skip("the CPU backend repacks nothing on this machine")
+    binary = upstream_binary()
+    assert binary is not None
+    model = write_quantized(tmp_path / "q4_0.gguf", layers=16)
+    data = model.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    template = [str(binary), "-m", "{model_path}", "--host", "{host}", "--port", "{port}"]
+    template += ["-t", "1", "-c", "256", "-np", "1", "--load-mode", "none"]
+    estimate = estimate_context_memory(model, template)
+    assert isinstance(estimate, ContextMemory)
+    mapped = estimate_context_memory(model, template[:-2])
+    assert isinstance(mapped, ContextMemory) and mapped.repacked_bytes == quantized_bytes(16)
+    ceiling = len(data) + estimate.bytes + estimate.metadata_bytes + 64 * MIB
+    limits = create_resource_limits(max_ram_bytes=ceiling, max_vram_bytes=1, max_cpu_percent=100)
+    config = _config(template, model, digest, len(data), resource_limits=limits)
+    async with Supervisor(config) as supervisor:
+        verdict = await supervisor.start()
+        assert verdict.ok, verdict
+        await asyncio.sleep(0.5)
+        sample = supervisor.status()["last_sample"]
+        assert isinstance(sample, dict)
+        assert 0 < sample["ram_bytes"] <= ceiling, (sample["ram_bytes"], ceiling)
+        async with supervisor.controller.slot(deadline=time.monotonic() + 5):
+            pass  # under the ceiling: admitted
+        await supervisor.stop()
+    assert estimate.repacked_bytes == 0
 
 
 async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_refused(

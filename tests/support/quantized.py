@@ -14,7 +14,7 @@ import numpy as np
 
 from companion_runtime.bind import tiny_model
 
-__all__ = ["cpu_backend_repacks", "quantized_bytes", "write_quantized"]
+__all__ = ["cpu_backend_repacks", "embedding_bytes", "quantized_bytes", "write_quantized"]
 
 _EMBEDDING: int = 1024
 _FEED_FORWARD: int = 4096
@@ -50,14 +50,25 @@ def quantized_bytes(
     return layers * per_layer // block * size
 
 
+def embedding_bytes(
+    tokens: int, quantization: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q4_0
+) -> int:
+    """The bytes of :func:`write_quantized`'s token embedding with ``tokens`` more tokens."""
+    block, size = gguf.GGML_QUANT_SIZES[quantization]
+    return (len(tiny_model.VOCABULARY) + tokens) * _EMBEDDING // block * size
+
+
 def write_quantized(
     path: Path,
     *,
     layers: int = 8,
     quantization: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q4_0,
+    tokens: int = 0,
 ) -> Path:
     """A ``layers``-layer llama model (1,024 wide, a feed-forward of 4,096) whose matrices
-    and token embedding are of type ``quantization``."""
+    and token embedding are of type ``quantization``; it has no output matrix of its own (the
+    token embedding is tied to it). ``tokens`` more tokens grow the vocabulary, and the token
+    embedding with it."""
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_context_length(2048)
     writer.add_embedding_length(_EMBEDDING)
@@ -68,13 +79,14 @@ def write_quantized(
     writer.add_rope_dimension_count(_EMBEDDING // _HEADS)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_tokenizer_model("llama")
-    writer.add_token_list(list(tiny_model.VOCABULARY))
+    vocabulary = [*tiny_model.VOCABULARY, *(f"~{index}" for index in range(tokens))]
+    writer.add_token_list(vocabulary)
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    vocabulary = len(tiny_model.VOCABULARY)
     raw = {"raw_dtype": quantization}
-    writer.add_tensor("token_embd.weight", _blocks(vocabulary, _EMBEDDING, quantization), **raw)
+    embedding = _blocks(len(vocabulary), _EMBEDDING, quantization)
+    writer.add_tensor("token_embd.weight", embedding, **raw)
     writer.add_tensor("output_norm.weight", np.ones(_EMBEDDING, dtype=np.float32))
     for layer in range(layers):
         prefix = f"blk.{layer}."

@@ -127,6 +127,13 @@ model held 311 MiB (176 MiB with ``--no-repack``). The walk reads the tensor inf
 key-value section and counts those matrices' bytes in :attr:`ContextMemory.repacked_bytes`
 (0 with upstream's ``--no-repack``, ``-nr`` or ``LLAMA_ARG_REPACK`` off; a configuration
 file's ``repack`` key is not read), which the fit check adds where the weights stay in RAM.
+A model without an output matrix (``output.weight``; one with an ``output_norm.weight``)
+multiplies by its token embedding for the logits: llama.cpp loads that a second time for the
+output layer, and repacks the copy, which counts too (a 65,536-token Q4_0 embedding, 36 MiB).
+Also 0 with upstream's ``--load-mode`` (``-lm``, ``LLAMA_ARG_LOAD_MODE``) ``none``, ``mlock``
+or ``dio``: it then maps nothing, reads the file into buffers of its own and the matrices it
+repacks straight into the CPU backend's, so they are held once (a 360 MiB Q4_0 model: 460 MiB
+resident, as with ``--no-repack``; 810 MiB with the file mapped).
 
 The header is parsed here rather than with ``gguf.GGUFReader``: the reader builds a view for
 every element of every array, which took 12.7–15.4 s for a 151,936-token vocabulary on the test
@@ -203,7 +210,8 @@ _VOCABULARY_KEYS: Final = frozenset({b"tokenizer.ggml.tokens", b"tokenizer.ggml.
 #: The tensor types the CPU backend of the pinned build repacks into a buffer of its own for
 #: its matrix products (``ggml_repack_get_optimal_repack_type``), when a tensor's rows come in
 #: multiples of :func:`_repack_rows` (8 with AVX2; 4 with NEON). The token embedding is only
-#: looked up (``get_rows``), never repacked.
+#: looked up (``get_rows``), never repacked, but for the copy of it a model without an output
+#: matrix multiplies by (:data:`_OUTPUT`).
 _REPACKED_TYPES: Final = frozenset(
     {
         gguf.GGMLQuantizationType.Q4_0,
@@ -212,6 +220,11 @@ _REPACKED_TYPES: Final = frozenset(
     }
 )
 _LOOKED_UP_ONLY: Final = frozenset({b"token_embd.weight"})
+#: A model without an output matrix of its own (``output.weight``) but with the final norm
+#: before it multiplies by its token embedding for the logits: llama.cpp loads the embedding
+#: a second time for the output layer, and the CPU backend repacks that copy.
+_OUTPUT: Final = b"output.weight"
+_OUTPUT_NORM: Final = b"output_norm.weight"
 #: The most dimensions a ggml tensor has (llama.cpp refuses a file with more).
 _MAX_DIMENSIONS: Final = 4
 #: Which layers attend through a sliding window: every N-th is not (a number N), or one bool
@@ -268,6 +281,11 @@ _DEFAULT_CACHE_TYPE: Final = "f16"
 _UPSTREAM_AUTO_SLOTS: Final = 4
 #: Upstream's batch sizes when ``-b`` / ``-ub`` are not given.
 _UPSTREAM_BATCH: Final = 2048
+#: Upstream's ``--load-mode`` values (any other stops it), and those that map the model file:
+#: with the others (``none``, ``mlock``, ``dio``) it reads the file into buffers of its own,
+#: the weights it repacks straight into the CPU backend's, and keeps no mapped page of it.
+_LOAD_MODES: Final = frozenset({"auto", "none", "mmap", "mlock", "mmap+mlock", "dio"})
+_MAPPING_LOAD_MODES: Final = frozenset({"auto", "mmap", "mmap+mlock"})
 _UPSTREAM_UBATCH: Final = 512
 #: Architectures whose sliding-window layers the estimate counts at llama.cpp's window cache
 #: (the others at the full context, an upper bound), and their layer pattern when the model
@@ -357,6 +375,8 @@ _UPSTREAM_SETTINGS: Final[Mapping[str, str]] = {
     "--batch-size": "batch",
     "-ub": "ubatch",
     "--ubatch-size": "ubatch",
+    "-lm": "load_mode",
+    "--load-mode": "load_mode",
 }
 _UPSTREAM_UNIFIED: Final[Mapping[str, bool]] = {
     "-kvu": True,
@@ -375,6 +395,7 @@ _UPSTREAM_VARIABLES: Final[Mapping[str, str]] = {
     "LLAMA_ARG_SPEC_TYPE": "spec_type",
     "LLAMA_ARG_BATCH": "batch",
     "LLAMA_ARG_UBATCH": "ubatch",
+    "LLAMA_ARG_LOAD_MODE": "load_mode",
 }
 #: The keys of a llama.cpp configuration file that the estimate reads: an option's names
 #: without their dashes, and its variable. ``no-`` names set the opposite.
@@ -620,8 +641,9 @@ class ContextMemory:
     #: An allowance measured, not a figure llama.cpp logs: left out of comparisons.
     metadata_bytes: int = field(default=0, compare=False)
     #: The weights the CPU backend repacks beside the mapped file, whose pages it read them
-    #: from stay resident too (0 with ``--no-repack``): for a runtime that keeps its weights
-    #: in RAM, a copy beside the model's bytes.
+    #: from stay resident too (0 with ``--no-repack``, and with a ``--load-mode`` that maps
+    #: nothing, which reads them into the repacked buffer alone): for a runtime that keeps its
+    #: weights in RAM, a copy beside the model's bytes.
     repacked_bytes: int = field(default=0, compare=False)
 
 
@@ -824,26 +846,28 @@ def _repacked_bytes(header: _Header, tensors: int, file_size: int) -> int:
         raise _TooLarge
     rows = _repack_rows()
     repacked = 0
+    names: set[bytes] = set()
+    tied = 0  # the token embedding's bytes, were it repacked as the output matrix
     for _ in range(tensors):
         name = header.string()
+        names.add(name)
         dimensions = header.integer("I")
         if dimensions > _MAX_DIMENSIONS:
             raise _Malformed
         shape = [header.integer("Q") for _ in range(dimensions)]
         tensor_type = header.integer("I")
         header.integer("Q")  # offset
-        if (
-            rows
-            and tensor_type in _REPACKED_TYPES
-            and name not in _LOOKED_UP_ONLY
-            and dimensions >= 2
-            and shape[1] % rows == 0
-        ):
+        if rows and tensor_type in _REPACKED_TYPES and dimensions >= 2 and shape[1] % rows == 0:
             block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor_type)]
             elements = 1
             for extent in shape:
                 elements *= extent
-            repacked += elements // block * type_size
+            if name in _LOOKED_UP_ONLY:
+                tied = elements // block * type_size
+            else:
+                repacked += elements // block * type_size
+    if _OUTPUT not in names and _OUTPUT_NORM in names:
+        repacked += tied  # the embedding, loaded again as the output matrix, is repacked
     return repacked
 
 
@@ -1164,6 +1188,8 @@ class _Settings:
     #: Whether the CPU backend repacks weights (upstream's ``--repack``, on by default; the
     #: launcher has no switch for it).
     repack: bool = True
+    #: Upstream's ``--load-mode`` (``auto``, the default, maps the file on a CPU).
+    load_mode: str = "auto"
     #: Whether the runtime is upstream's ``llama-server``, whose sliding-window cache this
     #: module sizes (the launcher's is counted at the full context).
     upstream: bool = False
@@ -1215,6 +1241,11 @@ def _apply_upstream(settings: _Settings, setting: str, value: str) -> bool:
         return True
     if setting in ("model", "spec_type"):
         setattr(settings, setting, value)
+        return True
+    if setting == "load_mode":
+        if value not in _LOAD_MODES:
+            return False  # upstream: "unknown load mode"
+        settings.load_mode = value
         return True
     number = _stoi(value)
     if number is None:
@@ -1694,7 +1725,13 @@ def estimate_context_memory(
         bytes=kv_cache + recurrent,
         recurrent_bytes=recurrent,
         metadata_bytes=shape.metadata_bytes,
-        repacked_bytes=shape.repacked_bytes if settings.repack else 0,
+        # Beside the mapped file's pages only: read into buffers (upstream's --load-mode none,
+        # mlock, dio), a repacked matrix is read into the CPU backend's and nowhere else.
+        repacked_bytes=(
+            shape.repacked_bytes
+            if settings.repack and settings.load_mode in _MAPPING_LOAD_MODES
+            else 0
+        ),
     )
 
 

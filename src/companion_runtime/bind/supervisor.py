@@ -944,28 +944,41 @@ class Supervisor:
             overhead_bytes=config.overhead_bytes + context_bytes,
             gpu_offload=config.gpu_offload,
         )
+        repacked = context.repacked_bytes if context is not None and in_ram else 0
+        # The copy is named apart, with what turns it off: it is no part of the runtime's
+        # allowance, and no smaller context makes it go away.
+        weights = (
+            _size(config.expected_size_bytes)
+            + " of weights"
+            + (
+                f", {_size(repacked)} of them again as the CPU backend repacks them "
+                "(none with --no-repack or --load-mode none)"
+                if repacked
+                else ""
+            )
+        )
         if not verdict.ok and context is not None and context.recurrent_bytes > 0:
             # A recurrent state is per slot, whatever the context: fewer slots need less.
             kv_cache = context.bytes - context.recurrent_bytes
             _logger.warning(
-                "the model does not fit: %s of weights, %s%s of recurrent state and %s for the "
+                "the model does not fit: %s, %s%s of recurrent state and %s for the "
                 "runtime; fewer slots (-np) need less",
-                _size(config.expected_size_bytes),
+                weights,
                 f"{_size(kv_cache)} of KV cache for a {context.context_tokens}-token context, "
                 if kv_cache
                 else "",
                 _size(context.recurrent_bytes),
-                _size(config.overhead_bytes + context_bytes - context.bytes),
+                _size(config.overhead_bytes + context_bytes - context.bytes - repacked),
             )
-        elif not verdict.ok and context is not None and context.bytes > 0:
+        elif not verdict.ok and context is not None and (context.bytes > 0 or repacked):
             # Sizes only: no path, no digest. The context is what the user can change.
             _logger.warning(
-                "the model does not fit: %s of weights, %s of KV cache for a %d-token context "
+                "the model does not fit: %s, %s of KV cache for a %d-token context "
                 "and %s for the runtime; a smaller context (-c) needs less",
-                _size(config.expected_size_bytes),
+                weights,
                 _size(context.bytes),
                 context.context_tokens,
-                _size(config.overhead_bytes + context_bytes - context.bytes),
+                _size(config.overhead_bytes + context_bytes - context.bytes - repacked),
             )
         return verdict
 
