@@ -32,6 +32,7 @@ from companion_runtime.bind.process import (
 )
 from companion_runtime.core._reasons import Reason
 from tests.support.supervision import (
+    async_wait_for,
     llama_ready,
     process_gone,
     read_runtime_pid,
@@ -660,6 +661,70 @@ async def test_a_stop_after_the_keeper_was_killed_still_ends_the_runtime_s_group
             }
     finally:
         _end_all(pids)
+
+
+def _group_numbered(number: int) -> subprocess.Popen[bytes] | None:
+    """A process of the user's in a session and group of its own whose number is ``number``
+    (the kernel hands out the number after ``ns_last_pid`` next, which root may set)."""
+    for _ in range(200):
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(number - 1))
+        process = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        if process.pid == number:
+            return process
+        process.kill()  # another process took the number first
+        process.wait()
+    return None
+
+
+# A runtime that writes its process group's number on stdout and exits after argv[1] seconds.
+_TELLS_ITS_GROUP = (
+    "import os, sys, time; print(os.getpgrp(), flush=True); time.sleep(float(sys.argv[1]))"
+)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
+@pytest.mark.parametrize("keeper_killed", [False, True], ids=["runtime-exited", "keeper-killed"])
+@pytest.mark.parametrize("whose", ["runtime", "keeper"])
+async def test_a_stop_signals_no_group_whose_number_came_free(
+    keeper_killed: bool, whose: str
+) -> None:
+    # Once the runtime's group and the keeper's are empty, their numbers are free and the
+    # user's next process group may get one. The stop had SIGKILLed both numbers whatever
+    # became of them, and so killed an unrelated group of the user's that had one by then.
+    exit_after_s = "60" if keeper_killed else "0"
+    spec = build_launch_spec(
+        [sys.executable, "-c", _TELLS_ITS_GROUP, exit_after_s, "{port}"], model_path="m"
+    )
+    unrelated: subprocess.Popen[bytes] | None = None
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            if keeper_killed:
+                await async_wait_for(lambda: runtime.stdout_tail().strip().isdigit(), 5.0)
+                os.kill(runtime.pid, signal.SIGKILL)
+            await asyncio.wait_for(runtime.wait(), 5.0)
+            runtime_group = int(runtime.stdout_tail())
+            assert wait_for(lambda: not _members_of(runtime_group), 5.0)
+            unrelated = _group_numbered(runtime_group if whose == "runtime" else runtime.pid)
+            if unrelated is None:
+                pytest.skip("another process kept taking the number")
+        time.sleep(0.2)
+        assert unrelated.poll() is None, "the stop killed an unrelated group"
+    finally:
+        if unrelated is not None:
+            unrelated.kill()
+            unrelated.wait()
+
+
+def _members_of(group: int) -> list[int]:
+    return [process.pid for process in psutil.process_iter() if _group_of(process) == group]
+
+
+def _group_of(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except OSError:
+        return None
 
 
 @pytest.mark.integration
