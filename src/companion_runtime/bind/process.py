@@ -949,8 +949,8 @@ class _SubprocessRuntime:
                     # session, each group through a member alive as it is signalled.
                     groups = {pgid} if runtime_group is None else {pgid, runtime_group}
                     _kill_groups_in_session(pgid, groups)
-                    if self._process.returncode is None:
-                        _signal_group(pgid, signal.SIGKILL)  # alive: the number is its own
+                if self._process.returncode is None:
+                    _signal_group(pgid, signal.SIGKILL)  # not reaped: the number is its own
             returncode = await self._exited()
             self._stop_outcome = StopOutcome(returncode=returncode, killed=killed)
             return self._stop_outcome
