@@ -676,34 +676,54 @@ def _group_numbered(number: int) -> subprocess.Popen[bytes] | None:
     return None
 
 
-# A runtime that writes its process group's number on stdout and exits after argv[1] seconds.
-_TELLS_ITS_GROUP = (
-    "import os, sys, time; print(os.getpgrp(), flush=True); time.sleep(float(sys.argv[1]))"
-)
+# A runtime that writes its process group's number on stdout, then (argv[1]) exits at once,
+# lives on, or makes a session of its own (as ``setsid llama-server`` does) and lives on.
+_TELLS_ITS_GROUP = """\
+import os, sys, time
+print(os.getpgrp(), flush=True)
+if sys.argv[1] != "exit":
+    if sys.argv[1] == "setsid":
+        os.setsid()
+    time.sleep(60)
+"""
 
 
 @pytest.mark.integration
 @pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
-@pytest.mark.parametrize("keeper_killed", [False, True], ids=["runtime-exited", "keeper-killed"])
-@pytest.mark.parametrize("whose", ["runtime", "keeper"])
-async def test_a_stop_signals_no_group_whose_number_came_free(
-    keeper_killed: bool, whose: str
-) -> None:
-    # Once the runtime's group and the keeper's are empty, their numbers are free and the
-    # user's next process group may get one. The stop had SIGKILLed both numbers whatever
-    # became of them, and so killed an unrelated group of the user's that had one by then.
-    exit_after_s = "60" if keeper_killed else "0"
+@pytest.mark.parametrize(
+    ("how", "whose"),
+    [
+        ("runtime-exited", "runtime"),
+        ("runtime-exited", "keeper"),
+        ("keeper-killed", "runtime"),
+        ("keeper-killed", "keeper"),
+        # The keeper's number is held by the keeper for as long as the runtime lives.
+        ("runtime-left-its-group", "runtime"),
+    ],
+)
+async def test_a_stop_signals_no_group_whose_number_came_free(how: str, whose: str) -> None:
+    # Once the runtime's group or the keeper's is empty, its number is free and the user's
+    # next process group may get it. The stop had SIGKILLed both numbers whatever became of
+    # them, and so killed an unrelated group of the user's that had one by then: after the
+    # runtime exited, after the keeper was killed, and (the runtime's number) for the whole
+    # life of a runtime that made a session of its own.
+    behaviour = {
+        "runtime-exited": "exit",
+        "keeper-killed": "live",
+        "runtime-left-its-group": "setsid",
+    }
     spec = build_launch_spec(
-        [sys.executable, "-c", _TELLS_ITS_GROUP, exit_after_s, "{port}"], model_path="m"
+        [sys.executable, "-c", _TELLS_ITS_GROUP, behaviour[how], "{port}"], model_path="m"
     )
     unrelated: subprocess.Popen[bytes] | None = None
     try:
         async with SubprocessLauncher().launch(spec) as runtime:
-            if keeper_killed:
-                await async_wait_for(lambda: runtime.stdout_tail().strip().isdigit(), 5.0)
-                os.kill(runtime.pid, signal.SIGKILL)
-            await asyncio.wait_for(runtime.wait(), 5.0)
+            assert await async_wait_for(lambda: runtime.stdout_tail().strip().isdigit(), 5.0)
             runtime_group = int(runtime.stdout_tail())
+            if how == "keeper-killed":
+                os.kill(runtime.pid, signal.SIGKILL)
+            if how != "runtime-left-its-group":
+                await asyncio.wait_for(runtime.wait(), 5.0)
             assert wait_for(lambda: not _members_of(runtime_group), 5.0)
             unrelated = _group_numbered(runtime_group if whose == "runtime" else runtime.pid)
             if unrelated is None:
