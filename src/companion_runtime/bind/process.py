@@ -803,16 +803,24 @@ def _kill_groups_in_session(session: int, groups: set[int]) -> None:
     that named one of them may name another user's group by now, and a ``killpg`` would reach
     it. Each process is signalled through a pidfd, once its session and group were read with
     the pidfd open and it was still there after, so the signal reaches that process or none.
-    Passes until one finds none (a process forked meanwhile is found on the next), at most
-    :data:`_SESSION_KILL_PASSES`.
+    Passes until one finds no process it had not signalled (one forked meanwhile is found on
+    the next; one still dying, or in the kernel's uninterruptible sleep, is not waited for), at
+    most :data:`_SESSION_KILL_PASSES`.
     """
+    signalled: set[int] = set()
     for _ in range(_SESSION_KILL_PASSES):
         try:
             entries = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
         except OSError:
             return
-        if not any(_kill_if_in(pid, session, groups) for pid in entries if pid != session):
+        found = {
+            pid
+            for pid in entries
+            if pid != session and pid not in signalled and _kill_if_in(pid, session, groups)
+        }
+        if not found:
             return
+        signalled |= found
 
 
 def _kill_if_in(pid: int, session: int, groups: set[int]) -> bool:
