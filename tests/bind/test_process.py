@@ -736,6 +736,35 @@ async def test_a_stop_signals_no_group_whose_number_came_free(how: str, whose: s
             unrelated.wait()
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
+async def test_a_stop_signals_nothing_by_number_once_the_keeper_is_reaped_unseen() -> None:
+    # The child watcher reaps the keeper in a thread of its own and tells the event loop
+    # later; until the loop has run that, the runtime's returncode is still None. A stop in
+    # between had sent SIGTERM and SIGCONT to the keeper's number, by then free and maybe
+    # another group's of the user's.
+    spec = build_launch_spec(
+        [sys.executable, "-c", _TELLS_ITS_GROUP, "exit", "{port}"], model_path="m"
+    )
+    unrelated: subprocess.Popen[bytes] | None = None
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            keeper = runtime.pid
+            # The loop is held here (no await), so it sees neither the exit nor the reaping.
+            assert wait_for(lambda: not Path(f"/proc/{keeper}").exists(), 5.0)
+            unrelated = _group_numbered(keeper)
+            if unrelated is None:
+                pytest.skip("another process kept taking the number")
+            assert runtime.returncode is None
+            await runtime.stop(grace_s=1.0)
+        time.sleep(0.2)
+        assert unrelated.poll() is None, "the stop signalled an unrelated group"
+    finally:
+        if unrelated is not None:
+            unrelated.kill()
+            unrelated.wait()
+
+
 def _members_of(group: int) -> list[int]:
     return [process.pid for process in psutil.process_iter() if _group_of(process) == group]
 

@@ -23,7 +23,9 @@ runtime.
 
 The child leads its own session and process group, so stopping it reaches every process it
 started: SIGTERM and SIGCONT to the group (a stopped runtime acts on the SIGTERM at once), a
-grace period, SIGKILL to the group, then the exit is reaped.
+grace period, SIGKILL to the group, then the exit is reaped. Under the keeper (below), the
+stop's signals go to the keeper through a pidfd, so they reach it or nothing even once it has
+been reaped unseen, and no group is signalled by a number that may have come free since.
 Leaving the context always stops the runtime.
 
 Dying with the manager, and leaving nothing behind: on Linux the runtime runs under a keeper,
@@ -884,6 +886,12 @@ class _SubprocessRuntime:
         self._process = process
         self._keeper = keeper
         self._group_fd = group_fd
+        # The keeper's pidfd: signals reach the keeper or nothing, also once it has been reaped
+        # and before the event loop has seen that (the child watcher reaps in a thread).
+        self._keeper_fd = -1
+        if keeper:
+            with contextlib.suppress(OSError):  # no pidfd (Linux before 5.3), or gone already
+                self._keeper_fd = os.pidfd_open(process.pid)
         self.stdout = OutputTail(cap_bytes=cap_bytes)
         self.stderr = OutputTail(cap_bytes=cap_bytes)
         self._stop_lock = asyncio.Lock()
@@ -923,10 +931,10 @@ class _SubprocessRuntime:
             pgid = self._process.pid
             killed = False
             if self._process.returncode is None:
-                _signal_group(pgid, signal.SIGTERM)
+                self._signal_leader(signal.SIGTERM, group=True)
                 # A stopped runtime (SIGSTOP) would act on the SIGTERM only at the SIGKILL:
                 # continued, it stops gracefully. The keeper passes both on.
-                _signal_group(pgid, signal.SIGCONT)
+                self._signal_leader(signal.SIGCONT, group=True)
                 try:
                     await asyncio.wait_for(self._exited(), timeout=max(grace_s, 0.0))
                 except TimeoutError:
@@ -935,9 +943,8 @@ class _SubprocessRuntime:
                 # The keeper kills everything below it, a process that left the group too,
                 # then itself; the group's SIGKILL below would end it before it could.
                 # A keeper someone stopped is continued first, or the SIGUSR2 would wait.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pgid, signal.SIGCONT)
-                    os.kill(pgid, signal.SIGUSR2)
+                self._signal_leader(signal.SIGCONT, group=False)
+                self._signal_leader(signal.SIGUSR2, group=False)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._exited(), timeout=_KEEPER_KILL_TIMEOUT_S)
                 if self._process.returncode is None:
@@ -958,10 +965,25 @@ class _SubprocessRuntime:
                     groups = {pgid} if runtime_group is None else {pgid, runtime_group}
                     _kill_groups_in_session(pgid, groups)
                 if self._process.returncode is None:
-                    _signal_group(pgid, signal.SIGKILL)  # not reaped: the number is its own
+                    self._signal_leader(signal.SIGKILL, group=True)
             returncode = await self._exited()
+            if self._keeper_fd >= 0:
+                os.close(self._keeper_fd)
+                self._keeper_fd = -1
             self._stop_outcome = StopOutcome(returncode=returncode, killed=killed)
             return self._stop_outcome
+
+    def _signal_leader(self, signum: signal.Signals, *, group: bool) -> None:
+        """Signal the keeper through its pidfd (it sends a stop's signals on to the runtime's
+        group, and nothing but what joined it on purpose shares its group); without a pidfd,
+        or without a keeper, the leader's group (``group``) or the leader, by number."""
+        with contextlib.suppress(ProcessLookupError):
+            if self._keeper_fd >= 0:
+                signal.pidfd_send_signal(self._keeper_fd, signum)
+            elif group:
+                os.killpg(self._process.pid, signum)
+            else:
+                os.kill(self._process.pid, signum)
 
     def _keeper_report(self) -> tuple[int | None, bool]:
         """What the keeper told (read once): the runtime's process group (``None`` when it
