@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -774,6 +775,37 @@ def _group_of(process: psutil.Process) -> int | None:
         return os.getpgid(process.pid)
     except OSError:
         return None
+
+
+@pytest.mark.integration
+async def test_a_stop_after_the_keeper_was_killed_works_with_descriptors_past_1024(
+    tmp_path: Path,
+) -> None:
+    # A manager serving many clients holds more than 1,024 descriptors, and the pidfds the
+    # stop opens after a killed keeper are numbered past them, beyond what select() takes.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("the open-file limit is below 1,200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(
+        standin_command("--spawn-child", "--pid-file", str(pid_file)), model_path="m"
+    )
+    pids: dict[str, int] = {}
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            pids = _noted_pids(pid_file, "runtime", "child")
+            created = psutil.Process(pids["child"]).create_time()
+            os.kill(runtime.pid, signal.SIGKILL)
+            await asyncio.wait_for(runtime.wait(), 5.0)
+            await runtime.stop(grace_s=1.0)
+            assert wait_for(lambda: process_gone(pids["child"], created), 5.0)
+    finally:
+        _end_all(pids)
+        for descriptor in held:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.integration

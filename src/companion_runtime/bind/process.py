@@ -837,7 +837,9 @@ def _kill_if_in(pid: int, session: int, groups: set[int]) -> bool:
         # of the process the pidfd names.
         if ids is None or ids[0] != session or ids[1] not in groups:
             return False
-        if select.select([pidfd], [], [], 0)[0]:
+        ended = select.poll()  # not select(): a manager may hold more than 1,024 descriptors
+        ended.register(pidfd, select.POLLIN)
+        if ended.poll(0):
             return False
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         return True
