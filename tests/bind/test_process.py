@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -32,6 +33,7 @@ from companion_runtime.bind.process import (
 )
 from companion_runtime.core._reasons import Reason
 from tests.support.supervision import (
+    async_wait_for,
     llama_ready,
     process_gone,
     read_runtime_pid,
@@ -660,6 +662,150 @@ async def test_a_stop_after_the_keeper_was_killed_still_ends_the_runtime_s_group
             }
     finally:
         _end_all(pids)
+
+
+def _group_numbered(number: int) -> subprocess.Popen[bytes] | None:
+    """A process of the user's in a session and group of its own whose number is ``number``
+    (the kernel hands out the number after ``ns_last_pid`` next, which root may set)."""
+    for _ in range(200):
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(number - 1))
+        process = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        if process.pid == number:
+            return process
+        process.kill()  # another process took the number first
+        process.wait()
+    return None
+
+
+# A runtime that writes its process group's number on stdout, then (argv[1]) exits at once,
+# lives on, or makes a session of its own (as ``setsid llama-server`` does) and lives on.
+_TELLS_ITS_GROUP = """\
+import os, sys, time
+print(os.getpgrp(), flush=True)
+if sys.argv[1] != "exit":
+    if sys.argv[1] == "setsid":
+        os.setsid()
+    time.sleep(60)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
+@pytest.mark.parametrize(
+    ("how", "whose"),
+    [
+        ("runtime-exited", "runtime"),
+        ("runtime-exited", "keeper"),
+        ("keeper-killed", "runtime"),
+        ("keeper-killed", "keeper"),
+        # The keeper's number is held by the keeper for as long as the runtime lives.
+        ("runtime-left-its-group", "runtime"),
+    ],
+)
+async def test_a_stop_signals_no_group_whose_number_came_free(how: str, whose: str) -> None:
+    # Once the runtime's group or the keeper's is empty, its number is free and the user's
+    # next process group may get it. The stop had SIGKILLed both numbers whatever became of
+    # them, and so killed an unrelated group of the user's that had one by then: after the
+    # runtime exited, after the keeper was killed, and (the runtime's number) for the whole
+    # life of a runtime that made a session of its own.
+    behaviour = {
+        "runtime-exited": "exit",
+        "keeper-killed": "live",
+        "runtime-left-its-group": "setsid",
+    }
+    spec = build_launch_spec(
+        [sys.executable, "-c", _TELLS_ITS_GROUP, behaviour[how], "{port}"], model_path="m"
+    )
+    unrelated: subprocess.Popen[bytes] | None = None
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            assert await async_wait_for(lambda: runtime.stdout_tail().strip().isdigit(), 5.0)
+            runtime_group = int(runtime.stdout_tail())
+            if how == "keeper-killed":
+                os.kill(runtime.pid, signal.SIGKILL)
+            if how != "runtime-left-its-group":
+                await asyncio.wait_for(runtime.wait(), 5.0)
+            assert wait_for(lambda: not _members_of(runtime_group), 5.0)
+            unrelated = _group_numbered(runtime_group if whose == "runtime" else runtime.pid)
+            if unrelated is None:
+                pytest.skip("another process kept taking the number")
+        time.sleep(0.2)
+        assert unrelated.poll() is None, "the stop killed an unrelated group"
+    finally:
+        if unrelated is not None:
+            unrelated.kill()
+            unrelated.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
+async def test_a_stop_signals_nothing_by_number_once_the_keeper_is_reaped_unseen() -> None:
+    # The child watcher reaps the keeper in a thread of its own and tells the event loop
+    # later; until the loop has run that, the runtime's returncode is still None. A stop in
+    # between had sent SIGTERM and SIGCONT to the keeper's number, by then free and maybe
+    # another group's of the user's.
+    spec = build_launch_spec(
+        [sys.executable, "-c", _TELLS_ITS_GROUP, "exit", "{port}"], model_path="m"
+    )
+    unrelated: subprocess.Popen[bytes] | None = None
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            keeper = runtime.pid
+            # The loop is held here (no await), so it sees neither the exit nor the reaping.
+            assert wait_for(lambda: not Path(f"/proc/{keeper}").exists(), 5.0)
+            unrelated = _group_numbered(keeper)
+            if unrelated is None:
+                pytest.skip("another process kept taking the number")
+            assert runtime.returncode is None
+            await runtime.stop(grace_s=1.0)
+        time.sleep(0.2)
+        assert unrelated.poll() is None, "the stop signalled an unrelated group"
+    finally:
+        if unrelated is not None:
+            unrelated.kill()
+            unrelated.wait()
+
+
+def _members_of(group: int) -> list[int]:
+    return [process.pid for process in psutil.process_iter() if _group_of(process) == group]
+
+
+def _group_of(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except OSError:
+        return None
+
+
+@pytest.mark.integration
+async def test_a_stop_after_the_keeper_was_killed_works_with_descriptors_past_1024(
+    tmp_path: Path,
+) -> None:
+    # A manager serving many clients holds more than 1,024 descriptors, and the pidfds the
+    # stop opens after a killed keeper are numbered past them, beyond what select() takes.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("the open-file limit is below 1,200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(
+        standin_command("--spawn-child", "--pid-file", str(pid_file)), model_path="m"
+    )
+    pids: dict[str, int] = {}
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            pids = _noted_pids(pid_file, "runtime", "child")
+            created = psutil.Process(pids["child"]).create_time()
+            os.kill(runtime.pid, signal.SIGKILL)
+            await asyncio.wait_for(runtime.wait(), 5.0)
+            await runtime.stop(grace_s=1.0)
+            assert wait_for(lambda: process_gone(pids["child"], created), 5.0)
+    finally:
+        _end_all(pids)
+        for descriptor in held:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.integration

@@ -23,7 +23,9 @@ runtime.
 
 The child leads its own session and process group, so stopping it reaches every process it
 started: SIGTERM and SIGCONT to the group (a stopped runtime acts on the SIGTERM at once), a
-grace period, SIGKILL to the group, then the exit is reaped.
+grace period, SIGKILL to the group, then the exit is reaped. Under the keeper (below), the
+stop's signals go to the keeper through a pidfd, so they reach it or nothing even once it has
+been reaped unseen, and no group is signalled by a number that may have come free since.
 Leaving the context always stops the runtime.
 
 Dying with the manager, and leaving nothing behind: on Linux the runtime runs under a keeper,
@@ -81,6 +83,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import select
 import signal
 import socket
 import stat
@@ -153,6 +156,8 @@ libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 MAX_BELOW = 4096
 GROUP_FD = -1
+if GROUP_FD >= 0:
+    os.set_inheritable(GROUP_FD, False)  # the keeper's alone: the runtime's exec closes it
 def below():
     found, frontier = [], [os.getpid()]
     while frontier and len(found) < MAX_BELOW:
@@ -181,12 +186,13 @@ def kill_below():
     # Until nothing is left: a pass lists at most MAX_BELOW, and what is below those is found
     # once they are dead (the keeper, as subreaper, inherits it). A pass that finds only what
     # the last one found (still dying) waits a little; only a tree that stays the same for
-    # about 5 s (a process in the kernel's uninterruptible sleep) is given up on.
+    # about 5 s (a process in the kernel's uninterruptible sleep) is given up on. True when
+    # nothing is left below.
     last, same = None, 0
     while True:
         pids = below()
         if not pids:
-            return
+            return True
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -197,7 +203,7 @@ def kill_below():
         if found == last:
             same += 1
             if same > 500:
-                return
+                return False
             time.sleep(0.01)
         else:
             last, same = found, 0
@@ -214,8 +220,16 @@ def forget():
                 pass
         except OSError:
             pass
+def emptied():
+    # Nothing is left below the keeper, so no process is left in its group or the runtime's:
+    # the manager then signals neither, as their numbers may soon name other groups.
+    try:
+        os.write(GROUP_FD, b'emptied\\n')
+    except OSError:
+        pass
 def end(signum, frame):
-    kill_below()
+    if kill_below():
+        emptied()
     forget()
     os.kill(os.getpid(), signal.SIGKILL)
 if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
@@ -267,8 +281,7 @@ except OSError:
 if GROUP_FD >= 0:
     # The manager's record of the runtime's group, for a stop after the keeper was killed.
     try:
-        os.write(GROUP_FD, b'%d' % holder)
-        os.close(GROUP_FD)
+        os.write(GROUP_FD, b'%d\\n' % holder)
     except OSError:
         pass
 runtime = os.fork()
@@ -306,7 +319,8 @@ while True:
     if pid == runtime:
         reaped = True
         break
-kill_below()
+if kill_below():
+    emptied()
 forget()
 if os.WIFSIGNALED(status):
     # Die of the runtime's signal, so the manager sees it; never with a core dump of our own
@@ -328,6 +342,11 @@ os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 _KEEPER_MAX_BELOW: Final = 4096
 # How often a wait for the runtime's exit looks at its status when the output pipes stay open.
 _EXIT_POLL_S: Final = 0.1
+# The largest process number Linux hands out (PID_MAX_LIMIT): anything larger the keeper told
+# is no process group.
+_PID_MAX_LIMIT: Final = 4 * 1024 * 1024
+# Passes over /proc a stop makes to kill what a keeper killed by someone else left behind.
+_SESSION_KILL_PASSES: Final = 50
 # How long the stop's escalation waits for the keeper to kill what is below it before the
 # group gets SIGKILL (which ends the keeper too).
 _KEEPER_KILL_TIMEOUT_S: Final = 2.0
@@ -769,6 +788,67 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
 
 
+def _session_and_group(pid: int) -> tuple[int, int] | None:
+    """``(session, process group)`` of ``pid`` from ``/proc``; ``None`` when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            fields = stat_file.read().rpartition(b")")[2].split()
+        return int(fields[3]), int(fields[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _kill_groups_in_session(session: int, groups: set[int]) -> None:
+    """SIGKILL every process of ``session`` that is in one of ``groups`` (Linux, ``/proc``).
+
+    For groups whose number nothing of ours holds any more (their keeper is gone): a number
+    that named one of them may name another user's group by now, and a ``killpg`` would reach
+    it. Each process is signalled through a pidfd, once its session and group were read with
+    the pidfd open and it was still there after, so the signal reaches that process or none.
+    Passes until one finds no process it had not signalled (one forked meanwhile is found on
+    the next; one still dying, or in the kernel's uninterruptible sleep, is not waited for), at
+    most :data:`_SESSION_KILL_PASSES`.
+    """
+    signalled: set[int] = set()
+    for _ in range(_SESSION_KILL_PASSES):
+        try:
+            entries = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+        except OSError:
+            return
+        found = {
+            pid
+            for pid in entries
+            if pid != session and pid not in signalled and _kill_if_in(pid, session, groups)
+        }
+        if not found:
+            return
+        signalled |= found
+
+
+def _kill_if_in(pid: int, session: int, groups: set[int]) -> bool:
+    """SIGKILL ``pid`` through a pidfd if it is in ``session`` and one of ``groups``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        ids = _session_and_group(pid)
+        # Read with the pidfd open, and the process not ended afterwards: they are the ids
+        # of the process the pidfd names.
+        if ids is None or ids[0] != session or ids[1] not in groups:
+            return False
+        ended = select.poll()  # not select(): a manager may hold more than 1,024 descriptors
+        ended.register(pidfd, select.POLLIN)
+        if ended.poll(0):
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
 def _kill_groups_of_children(pid: int) -> None:
     """SIGKILL the process group of every child of ``pid`` (but ``pid``'s own), and each child.
 
@@ -808,6 +888,12 @@ class _SubprocessRuntime:
         self._process = process
         self._keeper = keeper
         self._group_fd = group_fd
+        # The keeper's pidfd: signals reach the keeper or nothing, also once it has been reaped
+        # and before the event loop has seen that (the child watcher reaps in a thread).
+        self._keeper_fd = -1
+        if keeper:
+            with contextlib.suppress(OSError):  # no pidfd (Linux before 5.3), or gone already
+                self._keeper_fd = os.pidfd_open(process.pid)
         self.stdout = OutputTail(cap_bytes=cap_bytes)
         self.stderr = OutputTail(cap_bytes=cap_bytes)
         self._stop_lock = asyncio.Lock()
@@ -847,10 +933,10 @@ class _SubprocessRuntime:
             pgid = self._process.pid
             killed = False
             if self._process.returncode is None:
-                _signal_group(pgid, signal.SIGTERM)
+                self._signal_leader(signal.SIGTERM, group=True)
                 # A stopped runtime (SIGSTOP) would act on the SIGTERM only at the SIGKILL:
                 # continued, it stops gracefully. The keeper passes both on.
-                _signal_group(pgid, signal.SIGCONT)
+                self._signal_leader(signal.SIGCONT, group=True)
                 try:
                     await asyncio.wait_for(self._exited(), timeout=max(grace_s, 0.0))
                 except TimeoutError:
@@ -859,40 +945,66 @@ class _SubprocessRuntime:
                 # The keeper kills everything below it, a process that left the group too,
                 # then itself; the group's SIGKILL below would end it before it could.
                 # A keeper someone stopped is continued first, or the SIGUSR2 would wait.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pgid, signal.SIGCONT)
-                    os.kill(pgid, signal.SIGUSR2)
+                self._signal_leader(signal.SIGCONT, group=False)
+                self._signal_leader(signal.SIGUSR2, group=False)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._exited(), timeout=_KEEPER_KILL_TIMEOUT_S)
                 if self._process.returncode is None:
                     # A keeper that cannot act (stopped again, traced): the group's SIGKILL
                     # below ends it, and the groups its children lead go with it.
                     _kill_groups_of_children(pgid)
-            # SIGKILL the group even when the leader went quietly: anything it started and
-            # left behind in the group goes too; so does the runtime's own group, which a
-            # keeper killed by someone else left to itself.
-            _signal_group(pgid, signal.SIGKILL)
-            runtime_group = self._runtime_group()
-            if runtime_group is not None:
-                _signal_group(runtime_group, signal.SIGKILL)
+            if not self._keeper:
+                # SIGKILL the group even when the leader went quietly: anything it started
+                # and left behind in the group goes too.
+                _signal_group(pgid, signal.SIGKILL)
+            else:
+                runtime_group, emptied = self._keeper_report()
+                if not emptied:
+                    # A keeper killed by someone else, or one that cannot act, left its group
+                    # and the runtime's to themselves. Once it is reaped their numbers are held
+                    # only by what is left in them: what is killed is what is still in its
+                    # session, each group through a member alive as it is signalled.
+                    groups = {pgid} if runtime_group is None else {pgid, runtime_group}
+                    _kill_groups_in_session(pgid, groups)
+                if self._process.returncode is None:
+                    self._signal_leader(signal.SIGKILL, group=True)
             returncode = await self._exited()
+            if self._keeper_fd >= 0:
+                os.close(self._keeper_fd)
+                self._keeper_fd = -1
             self._stop_outcome = StopOutcome(returncode=returncode, killed=killed)
             return self._stop_outcome
 
-    def _runtime_group(self) -> int | None:
-        """The runtime's process group, as the keeper told it (read once; ``None`` when it
-        did not, having died first)."""
+    def _signal_leader(self, signum: signal.Signals, *, group: bool) -> None:
+        """Signal the keeper through its pidfd (it sends a stop's signals on to the runtime's
+        group, and nothing but what joined it on purpose shares its group); without a pidfd,
+        or without a keeper, the leader's group (``group``) or the leader, by number."""
+        with contextlib.suppress(ProcessLookupError):
+            if self._keeper_fd >= 0:
+                signal.pidfd_send_signal(self._keeper_fd, signum)
+            elif group:
+                os.killpg(self._process.pid, signum)
+            else:
+                os.kill(self._process.pid, signum)
+
+    def _keeper_report(self) -> tuple[int | None, bool]:
+        """What the keeper told (read once): the runtime's process group (``None`` when it
+        did not tell it, having died first), and whether it emptied everything below it
+        (then neither its group nor the runtime's has a member left)."""
         if self._group_fd < 0:
-            return None
+            return None, False
         try:
             os.set_blocking(self._group_fd, False)
-            told = os.read(self._group_fd, 32)
+            told = os.read(self._group_fd, 64)
         except OSError:
             told = b""
         finally:
             os.close(self._group_fd)
             self._group_fd = -1
-        return int(told) if told.isdigit() and int(told) > 1 else None
+        lines = told.split(b"\n")
+        first = lines[0]
+        group = int(first) if first.isdigit() and 1 < int(first) <= _PID_MAX_LIMIT else None
+        return group, b"emptied" in lines
 
     def stdout_tail(self) -> bytes:
         return self.stdout.snapshot()
