@@ -99,6 +99,14 @@ def fault_paths(base: str) -> dict[str, Fault]:
         "/chunked-then-response.bin": Fault(
             kind="chunked_then", after_body=b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nmore!"
         ),
+        # Chunk framing under a Transfer-Encoding llhttp does not read as chunked (a tab
+        # after the coding), or reads as chunked (other case, spaces, a tab before it).
+        "/chunked-tab.bin": Fault(kind="chunked_as", location="chunked\t"),
+        "/chunked-tab-cut.bin": Fault(
+            kind="chunked_as", location="chunked\t", stall_after_bytes=50_000
+        ),
+        "/chunked-space-tab.bin": Fault(kind="chunked_as", location="Chunked \t"),
+        "/chunked-spaced.bin": Fault(kind="chunked_as", location="\t CHUNKED  "),
         "/extension-drip.bin": Fault(
             kind="chunk_extension_drip", stall_after_bytes=300, drip_interval_s=0.02
         ),
@@ -379,6 +387,32 @@ def test_what_follows_a_chunked_body_s_last_chunk_is_not_body(
     # it was an overrun that threw the file away (size_mismatch), and a "101" escaped the
     # download as the parser's HttpParserUpgrade, a traceback instead of a reason.
     assert fetch(origin, store, path).read_bytes() == DATA
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+@pytest.mark.parametrize(
+    "path", ["/chunked-tab.bin", "/chunked-tab-cut.bin", "/chunked-space-tab.bin"]
+)
+def test_chunk_framing_the_parser_does_not_read_as_chunks_is_refused_and_not_kept(
+    origin: FaultyOrigin, store: ModelStore, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    # "Transfer-Encoding: chunked<TAB>" is chunked once the value's whitespace is trimmed,
+    # but llhttp reads a body under it to the connection's end, framing and all. Its chunk
+    # sizes and line ends had been hashed and written as the model's bytes: a whole body
+    # overran the size (size_mismatch, blaming the file), and one cut off was kept for a
+    # resume, a prefix that was never the model's.
+    error = refused(origin, store, path, caplog)
+    assert error.reason is Reason.CONTENT_ENCODING_NOT_ALLOWED
+    assert not store.partial_path(DIGEST).exists()
+
+
+@pytest.mark.integration
+@pytest.mark.data_integrity
+def test_chunked_in_any_case_with_spaces_around_it_is_read_in_chunks(
+    origin: FaultyOrigin, store: ModelStore
+) -> None:
+    assert fetch(origin, store, "/chunked-spaced.bin").read_bytes() == DATA
 
 
 @pytest.mark.integration

@@ -155,6 +155,39 @@ def test_a_chunked_body_is_unframed(authority: trustme.CA) -> None:
         assert read_all(port, context) == BODY
 
 
+@pytest.mark.parametrize(
+    ("coding", "chunked"),
+    [("chunked", True), ("Chunked ", True), ("\tCHUNKED", True), ("chunked\t", False)],
+)
+def test_a_body_is_read_in_chunks_exactly_when_the_parser_reads_it_so(
+    authority: trustme.CA, coding: str, chunked: bool
+) -> None:
+    # llhttp reads "chunked" followed by a tab as another coding, and the body to the
+    # connection's end, framing and all. The trimmed header value said "chunked" all the same,
+    # so the response had claimed chunks while handing out their framing as body.
+    framed = f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\n\r\n"
+
+    def respond(wire: _Wire) -> None:
+        wire.send(f"HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\n\r\n".encode() + framed)
+
+    with tls_server(authority, respond) as (port, context):
+        view = memoryview(bytearray(1 << 20))
+        out = bytearray()
+        with get(
+            "127.0.0.1",
+            port,
+            "/m.bin",
+            {},
+            context=context,
+            connect_timeout_s=5,
+            read_timeout_s=5,
+        ) as response:
+            assert response.chunked is chunked
+            while count := response.read_some(view):
+                out += view[:count]
+        assert bytes(out) == (BODY if chunked else framed)
+
+
 def test_bytes_past_the_announced_length_are_never_read(authority: trustme.CA) -> None:
     # Sent in the head's record, so a parser fed everything would see a second "response".
     def respond(wire: _Wire) -> None:

@@ -31,19 +31,21 @@ class Fault:
     ``huge_content_range`` | ``set_cookie_redirect`` | ``drip`` | ``chunked`` |
     ``chunked_cut`` | ``switch_protocols`` | ``chunk_extension_drip`` | ``short_range`` |
     ``unsatisfiable_range`` | ``range_answer`` | ``chunked_then`` | ``range_runs_on`` |
-    ``gzip_transfer``.
+    ``gzip_transfer`` | ``chunked_as``.
     """
 
     kind: str
     #: For ``redirect``: the Location; for ``gzip_transfer``: the Transfer-Encoding (``gzip``
-    #: and maybe ``chunked``); for ``range_answer``: the Content-Range of its ``206``,
+    #: and maybe ``chunked``); for ``chunked_as``, the Transfer-Encoding a chunked body is
+    #: sent under; for ``range_answer``: the Content-Range of its ``206``,
     #: with ``{start}``, ``{last}`` (the file's last byte) and ``{size}`` filled in (and its
     #: ``status``, when set, is the answer to a request without ``Range``).
     location: str = ""
     status: int = 0
     #: For ``stall`` (and ``chunked``): bytes sent before the server goes silent; for
-    #: ``chunked_cut``, before it hangs up without the last chunk; for ``short_range``, the
-    #: most bytes one ``206`` answer covers (its Content-Range's, for ``range_runs_on``).
+    #: ``chunked_cut`` (and ``chunked_as``), before it hangs up without the last chunk; for
+    #: ``short_range``, the most bytes one ``206`` answer covers (its Content-Range's, for
+    #: ``range_runs_on``).
     stall_after_bytes: int = 0
     #: For ``drip``: seconds between single body bytes (``stall_after_bytes`` of them are
     #: dripped, then the server hangs up); for ``short_range``, seconds before each ``206``.
@@ -137,6 +139,12 @@ class FaultHandler(OriginHandler):
             self.close_connection = True
         elif kind == "chunked_cut":
             self._chunked(record, body, fault.stall_after_bytes, hang_up=True)
+        elif kind == "chunked_as":
+            # Chunk framing under the Transfer-Encoding value given (and, with
+            # stall_after_bytes, cut off without the last chunk after that many body bytes).
+            self._chunked(
+                record, body, fault.stall_after_bytes, hang_up=True, coding=fault.location
+            )
         elif kind == "ignore_range":
             self._raw(record, 200, {"Content-Length": str(len(body))}, body)
         elif kind in ("bad_content_range", "huge_content_range"):
@@ -251,14 +259,20 @@ class FaultHandler(OriginHandler):
             return
 
     def _chunked(
-        self, record: RequestRecord, body: bytes, stall_after_bytes: int, *, hang_up: bool = False
+        self,
+        record: RequestRecord,
+        body: bytes,
+        stall_after_bytes: int,
+        *,
+        hang_up: bool = False,
+        coding: str = "chunked",
     ) -> None:
         # ``Transfer-Encoding: chunked`` in odd-sized chunks. With ``stall_after_bytes``, only
         # that many body bytes go out, then the server goes silent mid-body (or, with
         # ``hang_up``, closes the connection without the last chunk).
         self.send_response(200)
         record.status = 200
-        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Transfer-Encoding", coding)
         self.end_headers()
         data = body[:stall_after_bytes] if stall_after_bytes else body
         try:

@@ -633,7 +633,10 @@ class _Download:
             encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
             if encoding != "identity":
                 raise DownloadError(Reason.CONTENT_ENCODING_NOT_ALLOWED)
-            if not _only_chunked(response.getheader("Transfer-Encoding")):
+            transfer = response.getheader("Transfer-Encoding")
+            if not _only_chunked(transfer) or (transfer is not None and not response.chunked):
+                # The second: "chunked" followed by a tab, which llhttp takes for another
+                # coding, reading the body to the connection's end with its chunk framing.
                 raise DownloadError(Reason.CONTENT_ENCODING_NOT_ALLOWED)
             status = response.status
             # Where the body's bytes end in the file: a 206's range may end before it does.

@@ -508,6 +508,35 @@ class _HeadSink:
         return count
 
 
+@final
+class _BodyProbe:
+    """The parser's body callback alone, for :func:`_reads_chunks`."""
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+
+#: One chunk of one byte: llhttp reads it as the byte if it reads chunks, as itself if not.
+_CHUNK_PROBE: Final = b"1\r\nX\r\n"
+
+
+def _reads_chunks(head: bytes) -> bool:
+    """Whether llhttp, given this response head, takes chunk framing out of the body.
+
+    The head's ``Transfer-Encoding`` value as the sink trims it is no guide: llhttp reads
+    ``chunked`` followed by a tab as another coding, and a body under it to the connection's
+    end, framing and all (RFC 9110 allows the tab). A head with no body at all (a ``204``)
+    counts as chunked: no bytes of it are read as they came.
+    """
+    probe = _BodyProbe()
+    with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
+        httptools.HttpResponseParser(probe).feed_data(head + _CHUNK_PROBE)
+    return bytes(probe.body) != _CHUNK_PROBE
+
+
 @contextlib.contextmanager
 def get(
     host: str,
@@ -570,12 +599,16 @@ def get(
             except httptools.HttpParserUpgrade:
                 # "101 Switching Protocols" (or an Upgrade) to a GET that asked for none.
                 raise ProtocolError("protocol switch not asked for") from None
+            head = bytes(received[:end])
             del received[:end]
             status = parser.get_status_code()
             if not 100 <= status < 200:
                 break
             sink.start_over()  # an interim answer: the final head follows
-        chunked = "chunked" in sink.headers.get("transfer-encoding", "").lower()
+        # Framed as llhttp frames it, not only as the trimmed header value reads: the two
+        # differ for "chunked" followed by a tab.
+        coding = sink.headers.get("transfer-encoding", "").lower()
+        chunked = "chunked" in coding and _reads_chunks(head)
         length: int | None = None
         unparsed = b""
         if chunked:
