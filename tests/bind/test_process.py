@@ -766,6 +766,65 @@ async def test_a_stop_signals_nothing_by_number_once_the_keeper_is_reaped_unseen
             unrelated.wait()
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
+@pytest.mark.parametrize("seen", [True, False])
+@pytest.mark.parametrize("kernel", ["6.9", "before-6.9"])
+async def test_a_stop_without_the_keeper_signals_no_group_whose_number_came_free(
+    seen: bool, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the keeper the runtime leads its own group, and the stop SIGKILLed that group by
+    # number even once the runtime had exited and been reaped and the group was empty, so its
+    # number free (and SIGTERMed it by number while the loop had not yet seen the reaping):
+    # another group of the user's that had the number by then was killed. A kernel before 6.9
+    # refuses the pidfd's group flag (EINVAL), as it refuses this one.
+    if kernel == "before-6.9":
+        monkeypatch.setattr(process_module, "_PIDFD_SIGNAL_PROCESS_GROUP", 1 << 30, raising=False)
+    spec = build_launch_spec(
+        [sys.executable, "-c", _TELLS_ITS_GROUP, "exit", "{port}"], model_path="m"
+    )
+    unrelated: subprocess.Popen[bytes] | None = None
+    try:
+        async with SubprocessLauncher(use_death_signal=False).launch(spec) as runtime:
+            if seen:
+                await asyncio.wait_for(runtime.wait(), 5.0)
+            else:  # the loop is held here, so it does not see the reaping
+                assert wait_for(lambda: not Path(f"/proc/{runtime.pid}").exists(), 5.0)
+            assert wait_for(lambda: not _members_of(runtime.pid), 5.0)
+            unrelated = _group_numbered(runtime.pid)
+            if unrelated is None:
+                pytest.skip("another process kept taking the number")
+            assert (runtime.returncode is None) is not seen
+        time.sleep(0.2)
+        assert unrelated.poll() is None, "the stop signalled an unrelated group"
+    finally:
+        if unrelated is not None:
+            unrelated.kill()
+            unrelated.wait()
+
+
+@pytest.mark.integration
+async def test_a_stop_without_the_keeper_still_ends_what_the_runtime_left_in_its_group(
+    tmp_path: Path,
+) -> None:
+    # The runtime exits by itself and leaves a process in its group: the stop still ends it.
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(
+        standin_command("--spawn-child", "--pid-file", str(pid_file), "--exit-after-s", "1"),
+        model_path="m",
+    )
+    pids: dict[str, int] = {}
+    try:
+        async with SubprocessLauncher(use_death_signal=False).launch(spec) as runtime:
+            pids = _noted_pids(pid_file, "runtime", "child")
+            created = psutil.Process(pids["child"]).create_time()
+            await asyncio.wait_for(runtime.wait(), 10.0)
+            assert not process_gone(pids["child"], created)
+        assert wait_for(lambda: process_gone(pids["child"], created), 5.0)
+    finally:
+        _end_all(pids)
+
+
 def _members_of(group: int) -> list[int]:
     return [process.pid for process in psutil.process_iter() if _group_of(process) == group]
 

@@ -26,6 +26,11 @@ started: SIGTERM and SIGCONT to the group (a stopped runtime acts on the SIGTERM
 grace period, SIGKILL to the group, then the exit is reaped. Under the keeper (below), the
 stop's signals go to the keeper through a pidfd, so they reach it or nothing even once it has
 been reaped unseen, and no group is signalled by a number that may have come free since.
+Without the keeper (not Linux, or ``use_death_signal=False``), the runtime leads the group: on
+Linux 6.9 and later its signals go through the runtime's pidfd to the group it leads, which
+reaches what is left in that group after the runtime was reaped and nothing once the group is
+empty (its number free); before 6.9, by number while the runtime lives and not at all once it
+has ended; elsewhere, by number until the runtime is known to be reaped.
 Leaving the context always stops the runtime.
 
 Dying with the manager, and leaving nothing behind: on Linux the runtime runs under a keeper,
@@ -81,6 +86,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
 import select
@@ -347,6 +353,8 @@ _EXIT_POLL_S: Final = 0.1
 _PID_MAX_LIMIT: Final = 4 * 1024 * 1024
 # Passes over /proc a stop makes to kill what a keeper killed by someone else left behind.
 _SESSION_KILL_PASSES: Final = 50
+# pidfd_send_signal's flag for the process group the pidfd's process leads (Linux 6.9).
+_PIDFD_SIGNAL_PROCESS_GROUP: Final = 1 << 2
 # How long the stop's escalation waits for the keeper to kill what is below it before the
 # group gets SIGKILL (which ends the keeper too).
 _KEEPER_KILL_TIMEOUT_S: Final = 2.0
@@ -788,6 +796,47 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
 
 
+def _leader_pidfd(pid: int) -> tuple[int, bool]:
+    """A pidfd for the child ``pid`` and ``False``; ``(-1, True)`` where there are no pidfds
+    (signals then go by number); ``(-1, False)`` when ``pid`` was reaped already."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return -1, False
+    except (OSError, AttributeError):  # not Linux, or Linux before 5.3
+        return -1, True
+    try:
+        # Still our child (the watcher's thread may have reaped it, and the number come to
+        # another process, before the pidfd was opened).
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except OSError:
+        os.close(pidfd)
+        return -1, False
+    return pidfd, False
+
+
+def _signal_group_through(pidfd: int, pgid: int, signum: signal.Signals) -> None:
+    """Signal the process group the process behind ``pidfd`` leads, numbered ``pgid``.
+
+    Through the pidfd (Linux 6.9), it is that group, or nothing once it is empty, whatever the
+    number names by then. Before 6.9, by number while the leader lives, so the number is held;
+    once it has ended (the watcher's thread may have reaped it) nothing is signalled: the group
+    may be empty and its number, which is also the session's, another session's by then.
+    """
+    try:
+        signal.pidfd_send_signal(pidfd, signum, None, _PIDFD_SIGNAL_PROCESS_GROUP)
+        return
+    except ProcessLookupError:
+        return
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # EINVAL: a kernel without the flag
+            return
+    ended = select.poll()
+    ended.register(pidfd, select.POLLIN)
+    if not ended.poll(0):
+        _signal_group(pgid, signum)
+
+
 def _session_and_group(pid: int) -> tuple[int, int] | None:
     """``(session, process group)`` of ``pid`` from ``/proc``; ``None`` when it is gone."""
     try:
@@ -888,12 +937,11 @@ class _SubprocessRuntime:
         self._process = process
         self._keeper = keeper
         self._group_fd = group_fd
-        # The keeper's pidfd: signals reach the keeper or nothing, also once it has been reaped
-        # and before the event loop has seen that (the child watcher reaps in a thread).
-        self._keeper_fd = -1
-        if keeper:
-            with contextlib.suppress(OSError):  # no pidfd (Linux before 5.3), or gone already
-                self._keeper_fd = os.pidfd_open(process.pid)
+        # The leader's pidfd (the keeper's, or the runtime's without one): signals reach it (or
+        # the group it leads) or nothing, also once it has been reaped and before the event
+        # loop has seen that (the child watcher reaps in a thread). ``_by_number``: no pidfd
+        # here (not Linux, or Linux before 5.3), so signals go by number while it is unreaped.
+        self._leader_fd, self._by_number = _leader_pidfd(process.pid)
         self.stdout = OutputTail(cap_bytes=cap_bytes)
         self.stderr = OutputTail(cap_bytes=cap_bytes)
         self._stop_lock = asyncio.Lock()
@@ -955,8 +1003,8 @@ class _SubprocessRuntime:
                     _kill_groups_of_children(pgid)
             if not self._keeper:
                 # SIGKILL the group even when the leader went quietly: anything it started
-                # and left behind in the group goes too.
-                _signal_group(pgid, signal.SIGKILL)
+                # and left behind in the group goes too (not by its number once it may be free).
+                self._signal_leader(signal.SIGKILL, group=True)
             else:
                 runtime_group, emptied = self._keeper_report()
                 if not emptied:
@@ -969,19 +1017,27 @@ class _SubprocessRuntime:
                 if self._process.returncode is None:
                     self._signal_leader(signal.SIGKILL, group=True)
             returncode = await self._exited()
-            if self._keeper_fd >= 0:
-                os.close(self._keeper_fd)
-                self._keeper_fd = -1
+            if self._leader_fd >= 0:
+                os.close(self._leader_fd)
+                self._leader_fd = -1
             self._stop_outcome = StopOutcome(returncode=returncode, killed=killed)
             return self._stop_outcome
 
     def _signal_leader(self, signum: signal.Signals, *, group: bool) -> None:
         """Signal the keeper through its pidfd (it sends a stop's signals on to the runtime's
-        group, and nothing but what joined it on purpose shares its group); without a pidfd,
-        or without a keeper, the leader's group (``group``) or the leader, by number."""
+        group, and nothing but what joined it on purpose shares its group). Without a keeper,
+        the group the runtime leads (``group``) through the runtime's pidfd: it reaches the
+        group that number named at the spawn, as long as anything is left in it, and nothing
+        once it is empty and the number free. Without a pidfd, by number, and only while the
+        leader is not known to be reaped (a reaping the loop has not seen yet is not known)."""
         with contextlib.suppress(ProcessLookupError):
-            if self._keeper_fd >= 0:
-                signal.pidfd_send_signal(self._keeper_fd, signum)
+            if self._leader_fd >= 0:
+                if not group or self._keeper:
+                    signal.pidfd_send_signal(self._leader_fd, signum)
+                else:
+                    _signal_group_through(self._leader_fd, self._process.pid, signum)
+            elif not self._by_number or self._process.returncode is not None:
+                return
             elif group:
                 os.killpg(self._process.pid, signum)
             else:
