@@ -825,6 +825,74 @@ async def test_a_stop_without_the_keeper_still_ends_what_the_runtime_left_in_its
         _end_all(pids)
 
 
+# A runtime that ignores SIGTERM, starts a child that exits once the file argv[1] is there,
+# writes the child's number on stdout, reaps the child and lives on.
+_REAPS_ITS_CHILD = """\
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = os.fork()
+if child == 0:
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+    os._exit(0)
+print(child, flush=True)
+os.waitpid(child, 0)
+time.sleep(60)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
+async def test_the_keeper_kills_no_process_whose_number_came_free_after_its_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The keeper lists what is below it, then kills it by number: a child its own parent reaped
+    # in between, whose number another process of the user's got, was killed in its place.
+    # The keeper is held right after its listing (the file ``hold`` is there) until ``go``.
+    hold = tmp_path / "hold"
+    keeper = process_module._KEEPER
+    assert keeper.count("    return found\n") == 1
+    monkeypatch.setattr(
+        process_module,
+        "_KEEPER",
+        keeper.replace(
+            "    return found\n",
+            f"    if os.path.exists({str(hold)!r}):\n"
+            f"        os.unlink({str(hold)!r})\n"
+            f"        open({str(hold) + '.listed'!r}, 'w').close()\n"
+            f"        while not os.path.exists({str(hold) + '.go'!r}):\n"
+            "            time.sleep(0.01)\n"
+            "    return found\n",
+        ),
+    )
+    monkeypatch.setattr(process_module, "_KEEPER_KILL_TIMEOUT_S", 20.0)
+    child_exits = tmp_path / "child-exits"
+    spec = build_launch_spec(
+        [sys.executable, "-c", _REAPS_ITS_CHILD, str(child_exits), "{port}"], model_path="m"
+    )
+    unrelated: subprocess.Popen[bytes] | None = None
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            assert await async_wait_for(lambda: runtime.stdout_tail().strip().isdigit(), 5.0)
+            child = int(runtime.stdout_tail())
+            hold.touch()
+            stopping = asyncio.create_task(runtime.stop(grace_s=0.2))
+            assert await async_wait_for(Path(str(hold) + ".listed").exists, 10.0)
+            child_exits.touch()  # the runtime reaps it: its number is free
+            assert await async_wait_for(lambda: not Path(f"/proc/{child}").exists(), 5.0)
+            unrelated = _group_numbered(child)
+            Path(str(hold) + ".go").touch()
+            await stopping
+            if unrelated is None:
+                pytest.skip("another process kept taking the number")
+        time.sleep(0.2)
+        assert unrelated.poll() is None, "the keeper killed an unrelated process"
+    finally:
+        if unrelated is not None:
+            unrelated.kill()
+            unrelated.wait()
+
+
 def _members_of(group: int) -> list[int]:
     return [process.pid for process in psutil.process_iter() if _group_of(process) == group]
 

@@ -66,10 +66,13 @@ always does, and it would cover the runtime only. One limit follows from the ker
 semantics: the death signal fires when the *thread* that spawned the keeper exits (asyncio
 spawns from the event-loop thread, which lives as long as the manager's loop). A process below
 the keeper that is killed while it is forking can leave a child the keeper finds on its next
-pass. A pass lists at most ``_KEEPER_MAX_BELOW`` (4,096) processes; what lies below those is
-found on a later pass, once they are dead and the keeper inherits it, and the keeper passes
-until nothing is left below it (it once gave up after 100 passes taken back to back, most of
-them finding only processes still dying, and left the rest running). It gives up only on a
+pass. Each process a pass lists is killed through a pidfd, once it is seen to be still the
+child of the process it was listed under (one its own parent reaped since the listing may have
+left its number to another process). A pass lists at most ``_KEEPER_MAX_BELOW`` (4,096)
+processes; what lies below those is found on a later pass, once they are dead and the keeper
+inherits it, and the keeper passes until nothing is left below it (it once gave up after 100
+passes taken back to back, most of them finding only processes still dying, and left the rest
+running). It gives up only on a
 tree that stays the same for about 5 s: a process in the kernel's uninterruptible sleep,
 which dies when it leaves it (its SIGKILL is pending). A stop's escalation waits 2 s for the
 keeper before the group gets SIGKILL, which ends the keeper wherever it is.
@@ -155,7 +158,7 @@ _ELF_MAGIC: Final = b"\x7fELF"
 # signal at its default (Python ignores SIGPIPE and SIGXFSZ, and the fork would pass that
 # on). Exit codes follow the shell's convention (126: cannot arm, 127: cannot exec).
 _KEEPER: Final = """\
-import ctypes, os, signal, sys, time
+import ctypes, errno, os, signal, sys, time
 PASSED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCONT}
 signal.pthread_sigmask(signal.SIG_BLOCK, PASSED)
 libc = ctypes.CDLL(None, use_errno=True)
@@ -165,6 +168,7 @@ GROUP_FD = -1
 if GROUP_FD >= 0:
     os.set_inheritable(GROUP_FD, False)  # the keeper's alone: the runtime's exec closes it
 def below():
+    # (process, the parent it was listed under) for each process below the keeper.
     found, frontier = [], [os.getpid()]
     while frontier and len(found) < MAX_BELOW:
         pid = frontier.pop()
@@ -178,9 +182,29 @@ def below():
                     kids = [int(k) for k in f.read().split()]
             except OSError:
                 continue
-            found += kids
+            found += [(kid, pid) for kid in kids]
             frontier += kids
     return found
+def kill(pid, parent):
+    # Through a pidfd, once the process it names is seen to be the listed parent's child: one
+    # its own parent reaped since the listing may have left its number to another process.
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError) as error:
+        if getattr(error, 'errno', errno.ENOSYS) == errno.ENOSYS:
+            try:
+                os.kill(pid, signal.SIGKILL)  # no pidfd (Linux before 5.3): by number
+            except OSError:
+                pass
+        return
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as f:
+            if int(f.read().rpartition(b')')[2].split()[1]) == parent:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except (OSError, ValueError, IndexError):
+        pass
+    finally:
+        os.close(pidfd)
 def reap():
     while True:
         try:
@@ -199,11 +223,8 @@ def kill_below():
         pids = below()
         if not pids:
             return True
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        for pid, parent in pids:
+            kill(pid, parent)
         reap()
         found = set(pids)
         if found == last:
