@@ -255,6 +255,8 @@ def emptied():
     except OSError:
         pass
 def end(signum, frame):
+    global reaped
+    reaped = True  # kill_below may reap the runtime: pass_on sends nothing by number from here
     if kill_below():
         emptied()
     forget()
@@ -339,12 +341,16 @@ for early in signal.sigpending() & PASSED:
 signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED)
 while True:
     try:
-        pid, status = os.waitpid(-1, 0)
+        # Seen before it is reaped, so that without a pidfd ``reaped`` is set while the
+        # runtime's number is still its own: pass_on never sends by a reaped runtime's number.
+        exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT).si_pid
     except ChildProcessError:
         forget()
         os._exit(127)
-    if pid == runtime:
+    if exited == runtime:
         reaped = True
+    pid, status = os.waitpid(exited, 0)
+    if pid == runtime:
         break
 if kill_below():
     emptied()
