@@ -664,12 +664,16 @@ async def test_a_stop_after_the_keeper_was_killed_still_ends_the_runtime_s_group
         _end_all(pids)
 
 
-def _group_numbered(number: int) -> subprocess.Popen[bytes] | None:
+def _group_numbered(number: int, *, with_child: bool = False) -> subprocess.Popen[bytes] | None:
     """A process of the user's in a session and group of its own whose number is ``number``
-    (the kernel hands out the number after ``ns_last_pid`` next, which root may set)."""
+    (the kernel hands out the number after ``ns_last_pid`` next, which root may set), with a
+    child in its group (``with_child``, as a service's workers or ``setsid sh -c 'a & b'``)."""
+    command = ["sleep", "30"]
+    if with_child:
+        command = [sys.executable, "-c", "import os, time; os.fork(); time.sleep(30)"]
     for _ in range(200):
         Path("/proc/sys/kernel/ns_last_pid").write_text(str(number - 1))
-        process = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        process = subprocess.Popen(command, start_new_session=True)
         if process.pid == number:
             return process
         process.kill()  # another process took the number first
@@ -734,6 +738,42 @@ async def test_a_stop_signals_no_group_whose_number_came_free(how: str, whose: s
     finally:
         if unrelated is not None:
             unrelated.kill()
+            unrelated.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
+async def test_a_stop_after_the_keeper_was_killed_spares_a_session_that_got_its_number() -> None:
+    # After a keeper killed by someone else, the stop SIGKILLed every process in the keeper's
+    # session whose group was the keeper's or the runtime's, by their numbers: once the
+    # keeper's session had emptied, a session of the user's whose leader got the keeper's
+    # number has that number as session and group, and all but its leader were killed.
+    spec = build_launch_spec(
+        [sys.executable, "-c", _TELLS_ITS_GROUP, "live", "{port}"], model_path="m"
+    )
+    unrelated: subprocess.Popen[bytes] | None = None
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            assert await async_wait_for(lambda: runtime.stdout_tail().strip().isdigit(), 5.0)
+            runtime_group = int(runtime.stdout_tail())
+            os.kill(runtime.pid, signal.SIGKILL)
+            await asyncio.wait_for(runtime.wait(), 5.0)
+            assert wait_for(lambda: not _members_of(runtime_group), 5.0)
+            unrelated = _group_numbered(runtime.pid, with_child=True)
+            if unrelated is None:
+                pytest.skip("another process kept taking the number")
+            leader = psutil.Process(unrelated.pid)
+            assert wait_for(lambda: len(leader.children()) == 1, 5.0)
+            worker = leader.children()[0]
+        time.sleep(0.2)
+        assert unrelated.poll() is None
+        assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE, (
+            "the stop killed a process of an unrelated session"
+        )
+    finally:
+        if unrelated is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(unrelated.pid, signal.SIGKILL)
             unrelated.wait()
 
 

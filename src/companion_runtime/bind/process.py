@@ -850,18 +850,25 @@ def _signal_group_through(pidfd: int, pgid: int, signum: signal.Signals) -> None
     once it has ended (the watcher's thread may have reaped it) nothing is signalled: the group
     may be empty and its number, which is also the session's, another session's by then.
     """
-    try:
-        signal.pidfd_send_signal(pidfd, signum, None, _PIDFD_SIGNAL_PROCESS_GROUP)
+    if _group_signalled_through(pidfd, signum):
         return
-    except ProcessLookupError:
-        return
-    except OSError as error:
-        if error.errno != errno.EINVAL:  # EINVAL: a kernel without the flag
-            return
     ended = select.poll()
     ended.register(pidfd, select.POLLIN)
     if not ended.poll(0):
         _signal_group(pgid, signum)
+
+
+def _group_signalled_through(pidfd: int, signum: signal.Signals) -> bool:
+    """Signal the process group the process behind ``pidfd`` leads through the pidfd: that
+    group, also once its leader is reaped, or nothing once it is empty, whatever its number
+    names by then. ``False`` when the kernel refuses to (before Linux 6.9), or no pidfd."""
+    if pidfd < 0:
+        return False
+    try:
+        signal.pidfd_send_signal(pidfd, signum, None, _PIDFD_SIGNAL_PROCESS_GROUP)
+    except OSError as error:
+        return error.errno != errno.EINVAL  # ESRCH: the group is empty
+    return True
 
 
 def _session_and_group(pid: int) -> tuple[int, int] | None:
@@ -1037,10 +1044,15 @@ class _SubprocessRuntime:
                 if not emptied:
                     # A keeper killed by someone else, or one that cannot act, left its group
                     # and the runtime's to themselves. Once it is reaped their numbers are held
-                    # only by what is left in them: what is killed is what is still in its
-                    # session, each group through a member alive as it is signalled.
-                    groups = {pgid} if runtime_group is None else {pgid, runtime_group}
-                    _kill_groups_in_session(pgid, groups)
+                    # only by what is left in them. The keeper's group is killed through its
+                    # pidfd (its number is also the session's, which a session of the user's
+                    # may have by now, its leader's group with it); what is left in the
+                    # runtime's group (in the keeper's session) through a pidfd per process.
+                    groups = set() if runtime_group is None else {runtime_group}
+                    if not _group_signalled_through(self._leader_fd, signal.SIGKILL):
+                        groups.add(pgid)
+                    if groups:
+                        _kill_groups_in_session(pgid, groups)
                 if self._process.returncode is None:
                     self._signal_leader(signal.SIGKILL, group=True)
             returncode = await self._exited()
