@@ -1122,6 +1122,68 @@ async def test_a_keeper_that_cannot_act_still_leaves_nothing_of_the_runtime_s_gr
                 tracer.stdout.close()
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="tracing another process's child needs root")
+async def test_a_keeper_that_cannot_act_and_is_then_reaped_unseen_leaves_its_number_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop kills the groups of a keeper's children itself when the keeper cannot act,
+    # reading them from /proc by the keeper's number while the runtime's returncode is unset:
+    # a keeper killed and reaped by the child watcher's thread just before, the loop not having
+    # seen it, whose number another session of the user's got, had that session's processes
+    # killed instead. Killed and handed out here, right before the stop reads the children.
+    spec = build_launch_spec(standin_command(), model_path="m")
+    unrelated: subprocess.Popen[bytes] | None = None
+    tracer: subprocess.Popen[str] | None = None
+    original = process_module._kill_groups_of_children
+
+    def keeper_reaped_unseen(pid: int, *args: int) -> None:
+        nonlocal unrelated
+        assert tracer is not None
+        below = [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        tracer.kill()
+        tracer.wait()
+        os.kill(pid, signal.SIGKILL)
+        # The runtime dies by its death signal; the number is free once all are reaped.
+        assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in [pid, *below]), 5)
+        unrelated = _group_numbered(pid, with_child=True)
+        if unrelated is not None:
+            leader = psutil.Process(unrelated.pid)
+            assert wait_for(lambda: len(leader.children()) == 1, 5.0)
+        original(pid, *args)
+
+    monkeypatch.setattr(process_module, "_kill_groups_of_children", keeper_reaped_unseen)
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            await _wait_healthy(spec.base_url)
+            tracer = subprocess.Popen(
+                [sys.executable, "-c", _TRACER, str(runtime.pid)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert tracer.stdout is not None
+            assert tracer.stdout.readline().strip() == "ATTACHED"
+            await runtime.stop(grace_s=0.2)
+        if unrelated is None:
+            pytest.skip("another process kept taking the number")
+        worker = psutil.Process(unrelated.pid).children()
+        time.sleep(0.2)
+        assert unrelated.poll() is None
+        assert len(worker) == 1 and worker[0].status() != psutil.STATUS_ZOMBIE, (
+            "the stop killed a process of an unrelated session"
+        )
+    finally:
+        if unrelated is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(unrelated.pid, signal.SIGKILL)
+            unrelated.wait()
+        if tracer is not None:
+            tracer.kill()
+            tracer.wait()
+            if tracer.stdout is not None:
+                tracer.stdout.close()
+
+
 _EXIT_AS = """
 import os, resource, signal, sys
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -932,11 +932,15 @@ def _kill_if_in(pid: int, session: int, groups: set[int]) -> bool:
         os.close(pidfd)
 
 
-def _kill_groups_of_children(pid: int) -> None:
+def _kill_groups_of_children(pid: int, pidfd: int) -> None:
     """SIGKILL the process group of every child of ``pid`` (but ``pid``'s own), and each child.
 
-    Only for a ``pid`` that is alive and has not reaped its children: a child's number then
-    names that child alone, and its group's number stays that group's while it is a member.
+    Only for a ``pid`` that is alive and has not reaped its children (stopped): a child's
+    number then names that child alone, and its group's number stays that group's while it is
+    a member. With ``pidfd`` (``pid``'s), each child is read with a pidfd of its own open and
+    counted only if its parent is ``pid`` and ``pid`` has not ended after the read: ``pid``
+    may have been reaped unseen by the child watcher's thread, and its number come to another
+    process, whose children these would be. ``pidfd`` -1: no pidfds here, by number.
     """
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -949,11 +953,39 @@ def _kill_groups_of_children(pid: int) -> None:
         except (OSError, ValueError):
             continue
         for child in children:
+            if pidfd >= 0:
+                _kill_child_and_group(pid, pidfd, child)
+                continue
             with contextlib.suppress(ProcessLookupError):
                 group = os.getpgid(child)
                 if group != os.getpgid(pid):
                     _signal_group(group, signal.SIGKILL)
                 os.kill(child, signal.SIGKILL)
+
+
+def _kill_child_and_group(parent: int, parent_fd: int, child: int) -> None:
+    """SIGKILL ``child``'s group (unless it is ``parent``'s) and ``child``, through a pidfd,
+    if it is the child of the process behind ``parent_fd``, numbered ``parent``."""
+    try:
+        child_fd = os.pidfd_open(child)
+    except OSError:
+        return
+    try:
+        with open(f"/proc/{child}/stat", "rb") as stat_file:
+            fields = stat_file.read().rpartition(b")")[2].split()
+        ended = select.poll()
+        ended.register(parent_fd, select.POLLIN)
+        # Read with both pidfds open, and the parent not ended afterwards: the ids are those of
+        # a child of that parent, which (stopped) reaps none of them.
+        if int(fields[1]) != parent or ended.poll(0):
+            return
+        if int(fields[2]) != parent:
+            _signal_group(int(fields[2]), signal.SIGKILL)
+        signal.pidfd_send_signal(child_fd, signal.SIGKILL)
+    except (OSError, ValueError, IndexError):
+        return
+    finally:
+        os.close(child_fd)
 
 
 @final
@@ -1031,10 +1063,10 @@ class _SubprocessRuntime:
                 self._signal_leader(signal.SIGUSR2, group=False)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._exited(), timeout=_KEEPER_KILL_TIMEOUT_S)
-                if self._process.returncode is None:
+                if self._process.returncode is None and (self._leader_fd >= 0 or self._by_number):
                     # A keeper that cannot act (stopped again, traced): the group's SIGKILL
                     # below ends it, and the groups its children lead go with it.
-                    _kill_groups_of_children(pgid)
+                    _kill_groups_of_children(pgid, self._leader_fd)
             if not self._keeper:
                 # SIGKILL the group even when the leader went quietly: anything it started
                 # and left behind in the group goes too (not by its number once it may be free).
