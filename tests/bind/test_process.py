@@ -664,12 +664,16 @@ async def test_a_stop_after_the_keeper_was_killed_still_ends_the_runtime_s_group
         _end_all(pids)
 
 
-def _group_numbered(number: int) -> subprocess.Popen[bytes] | None:
+def _group_numbered(number: int, *, with_child: bool = False) -> subprocess.Popen[bytes] | None:
     """A process of the user's in a session and group of its own whose number is ``number``
-    (the kernel hands out the number after ``ns_last_pid`` next, which root may set)."""
+    (the kernel hands out the number after ``ns_last_pid`` next, which root may set), with a
+    child in its group (``with_child``, as a service's workers or ``setsid sh -c 'a & b'``)."""
+    command = ["sleep", "30"]
+    if with_child:
+        command = [sys.executable, "-c", "import os, time; os.fork(); time.sleep(30)"]
     for _ in range(200):
         Path("/proc/sys/kernel/ns_last_pid").write_text(str(number - 1))
-        process = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        process = subprocess.Popen(command, start_new_session=True)
         if process.pid == number:
             return process
         process.kill()  # another process took the number first
@@ -739,6 +743,42 @@ async def test_a_stop_signals_no_group_whose_number_came_free(how: str, whose: s
 
 @pytest.mark.integration
 @pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
+async def test_a_stop_after_the_keeper_was_killed_spares_a_session_that_got_its_number() -> None:
+    # After a keeper killed by someone else, the stop SIGKILLed every process in the keeper's
+    # session whose group was the keeper's or the runtime's, by their numbers: once the
+    # keeper's session had emptied, a session of the user's whose leader got the keeper's
+    # number has that number as session and group, and all but its leader were killed.
+    spec = build_launch_spec(
+        [sys.executable, "-c", _TELLS_ITS_GROUP, "live", "{port}"], model_path="m"
+    )
+    unrelated: subprocess.Popen[bytes] | None = None
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            assert await async_wait_for(lambda: runtime.stdout_tail().strip().isdigit(), 5.0)
+            runtime_group = int(runtime.stdout_tail())
+            os.kill(runtime.pid, signal.SIGKILL)
+            await asyncio.wait_for(runtime.wait(), 5.0)
+            assert wait_for(lambda: not _members_of(runtime_group), 5.0)
+            unrelated = _group_numbered(runtime.pid, with_child=True)
+            if unrelated is None:
+                pytest.skip("another process kept taking the number")
+            leader = psutil.Process(unrelated.pid)
+            assert wait_for(lambda: len(leader.children()) == 1, 5.0)
+            worker = leader.children()[0]
+        time.sleep(0.2)
+        assert unrelated.poll() is None
+        assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE, (
+            "the stop killed a process of an unrelated session"
+        )
+    finally:
+        if unrelated is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(unrelated.pid, signal.SIGKILL)
+            unrelated.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
 async def test_a_stop_signals_nothing_by_number_once_the_keeper_is_reaped_unseen() -> None:
     # The child watcher reaps the keeper in a thread of its own and tells the event loop
     # later; until the loop has run that, the runtime's returncode is still None. A stop in
@@ -760,6 +800,133 @@ async def test_a_stop_signals_nothing_by_number_once_the_keeper_is_reaped_unseen
             await runtime.stop(grace_s=1.0)
         time.sleep(0.2)
         assert unrelated.poll() is None, "the stop signalled an unrelated group"
+    finally:
+        if unrelated is not None:
+            unrelated.kill()
+            unrelated.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
+@pytest.mark.parametrize("seen", [True, False])
+@pytest.mark.parametrize("kernel", ["6.9", "before-6.9"])
+async def test_a_stop_without_the_keeper_signals_no_group_whose_number_came_free(
+    seen: bool, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the keeper the runtime leads its own group, and the stop SIGKILLed that group by
+    # number even once the runtime had exited and been reaped and the group was empty, so its
+    # number free (and SIGTERMed it by number while the loop had not yet seen the reaping):
+    # another group of the user's that had the number by then was killed. A kernel before 6.9
+    # refuses the pidfd's group flag (EINVAL), as it refuses this one.
+    if kernel == "before-6.9":
+        monkeypatch.setattr(process_module, "_PIDFD_SIGNAL_PROCESS_GROUP", 1 << 30, raising=False)
+    spec = build_launch_spec(
+        [sys.executable, "-c", _TELLS_ITS_GROUP, "exit", "{port}"], model_path="m"
+    )
+    unrelated: subprocess.Popen[bytes] | None = None
+    try:
+        async with SubprocessLauncher(use_death_signal=False).launch(spec) as runtime:
+            if seen:
+                await asyncio.wait_for(runtime.wait(), 5.0)
+            else:  # the loop is held here, so it does not see the reaping
+                assert wait_for(lambda: not Path(f"/proc/{runtime.pid}").exists(), 5.0)
+            assert wait_for(lambda: not _members_of(runtime.pid), 5.0)
+            unrelated = _group_numbered(runtime.pid)
+            if unrelated is None:
+                pytest.skip("another process kept taking the number")
+            assert (runtime.returncode is None) is not seen
+        time.sleep(0.2)
+        assert unrelated.poll() is None, "the stop signalled an unrelated group"
+    finally:
+        if unrelated is not None:
+            unrelated.kill()
+            unrelated.wait()
+
+
+@pytest.mark.integration
+async def test_a_stop_without_the_keeper_still_ends_what_the_runtime_left_in_its_group(
+    tmp_path: Path,
+) -> None:
+    # The runtime exits by itself and leaves a process in its group: the stop still ends it.
+    pid_file = tmp_path / "pids"
+    spec = build_launch_spec(
+        standin_command("--spawn-child", "--pid-file", str(pid_file), "--exit-after-s", "1"),
+        model_path="m",
+    )
+    pids: dict[str, int] = {}
+    try:
+        async with SubprocessLauncher(use_death_signal=False).launch(spec) as runtime:
+            pids = _noted_pids(pid_file, "runtime", "child")
+            created = psutil.Process(pids["child"]).create_time()
+            await asyncio.wait_for(runtime.wait(), 10.0)
+            assert not process_gone(pids["child"], created)
+        assert wait_for(lambda: process_gone(pids["child"], created), 5.0)
+    finally:
+        _end_all(pids)
+
+
+# A runtime that ignores SIGTERM, starts a child that exits once the file argv[1] is there,
+# writes the child's number on stdout, reaps the child and lives on.
+_REAPS_ITS_CHILD = """\
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = os.fork()
+if child == 0:
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+    os._exit(0)
+print(child, flush=True)
+os.waitpid(child, 0)
+time.sleep(60)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing out a chosen process number needs root")
+async def test_the_keeper_kills_no_process_whose_number_came_free_after_its_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The keeper lists what is below it, then kills it by number: a child its own parent reaped
+    # in between, whose number another process of the user's got, was killed in its place.
+    # The keeper is held right after its listing (the file ``hold`` is there) until ``go``.
+    hold = tmp_path / "hold"
+    keeper = process_module._KEEPER
+    assert keeper.count("    return found\n") == 1
+    monkeypatch.setattr(
+        process_module,
+        "_KEEPER",
+        keeper.replace(
+            "    return found\n",
+            f"    if os.path.exists({str(hold)!r}):\n"
+            f"        os.unlink({str(hold)!r})\n"
+            f"        open({str(hold) + '.listed'!r}, 'w').close()\n"
+            f"        while not os.path.exists({str(hold) + '.go'!r}):\n"
+            "            time.sleep(0.01)\n"
+            "    return found\n",
+        ),
+    )
+    monkeypatch.setattr(process_module, "_KEEPER_KILL_TIMEOUT_S", 20.0)
+    child_exits = tmp_path / "child-exits"
+    spec = build_launch_spec(
+        [sys.executable, "-c", _REAPS_ITS_CHILD, str(child_exits), "{port}"], model_path="m"
+    )
+    unrelated: subprocess.Popen[bytes] | None = None
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            assert await async_wait_for(lambda: runtime.stdout_tail().strip().isdigit(), 5.0)
+            child = int(runtime.stdout_tail())
+            hold.touch()
+            stopping = asyncio.create_task(runtime.stop(grace_s=0.2))
+            assert await async_wait_for(Path(str(hold) + ".listed").exists, 10.0)
+            child_exits.touch()  # the runtime reaps it: its number is free
+            assert await async_wait_for(lambda: not Path(f"/proc/{child}").exists(), 5.0)
+            unrelated = _group_numbered(child)
+            Path(str(hold) + ".go").touch()
+            await stopping
+            if unrelated is None:
+                pytest.skip("another process kept taking the number")
+        time.sleep(0.2)
+        assert unrelated.poll() is None, "the keeper killed an unrelated process"
     finally:
         if unrelated is not None:
             unrelated.kill()
@@ -948,6 +1115,68 @@ async def test_a_keeper_that_cannot_act_still_leaves_nothing_of_the_runtime_s_gr
         }
     finally:
         _end_all(pids)
+        if tracer is not None:
+            tracer.kill()
+            tracer.wait()
+            if tracer.stdout is not None:
+                tracer.stdout.close()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="tracing another process's child needs root")
+async def test_a_keeper_that_cannot_act_and_is_then_reaped_unseen_leaves_its_number_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop kills the groups of a keeper's children itself when the keeper cannot act,
+    # reading them from /proc by the keeper's number while the runtime's returncode is unset:
+    # a keeper killed and reaped by the child watcher's thread just before, the loop not having
+    # seen it, whose number another session of the user's got, had that session's processes
+    # killed instead. Killed and handed out here, right before the stop reads the children.
+    spec = build_launch_spec(standin_command(), model_path="m")
+    unrelated: subprocess.Popen[bytes] | None = None
+    tracer: subprocess.Popen[str] | None = None
+    original = process_module._kill_groups_of_children
+
+    def keeper_reaped_unseen(pid: int, *args: int) -> None:
+        nonlocal unrelated
+        assert tracer is not None
+        below = [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        tracer.kill()
+        tracer.wait()
+        os.kill(pid, signal.SIGKILL)
+        # The runtime dies by its death signal; the number is free once all are reaped.
+        assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in [pid, *below]), 5)
+        unrelated = _group_numbered(pid, with_child=True)
+        if unrelated is not None:
+            leader = psutil.Process(unrelated.pid)
+            assert wait_for(lambda: len(leader.children()) == 1, 5.0)
+        original(pid, *args)
+
+    monkeypatch.setattr(process_module, "_kill_groups_of_children", keeper_reaped_unseen)
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            await _wait_healthy(spec.base_url)
+            tracer = subprocess.Popen(
+                [sys.executable, "-c", _TRACER, str(runtime.pid)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert tracer.stdout is not None
+            assert tracer.stdout.readline().strip() == "ATTACHED"
+            await runtime.stop(grace_s=0.2)
+        if unrelated is None:
+            pytest.skip("another process kept taking the number")
+        worker = psutil.Process(unrelated.pid).children()
+        time.sleep(0.2)
+        assert unrelated.poll() is None
+        assert len(worker) == 1 and worker[0].status() != psutil.STATUS_ZOMBIE, (
+            "the stop killed a process of an unrelated session"
+        )
+    finally:
+        if unrelated is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(unrelated.pid, signal.SIGKILL)
+            unrelated.wait()
         if tracer is not None:
             tracer.kill()
             tracer.wait()

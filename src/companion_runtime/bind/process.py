@@ -26,6 +26,11 @@ started: SIGTERM and SIGCONT to the group (a stopped runtime acts on the SIGTERM
 grace period, SIGKILL to the group, then the exit is reaped. Under the keeper (below), the
 stop's signals go to the keeper through a pidfd, so they reach it or nothing even once it has
 been reaped unseen, and no group is signalled by a number that may have come free since.
+Without the keeper (not Linux, or ``use_death_signal=False``), the runtime leads the group: on
+Linux 6.9 and later its signals go through the runtime's pidfd to the group it leads, which
+reaches what is left in that group after the runtime was reaped and nothing once the group is
+empty (its number free); before 6.9, by number while the runtime lives and not at all once it
+has ended; elsewhere, by number until the runtime is known to be reaped.
 Leaving the context always stops the runtime.
 
 Dying with the manager, and leaving nothing behind: on Linux the runtime runs under a keeper,
@@ -61,10 +66,13 @@ always does, and it would cover the runtime only. One limit follows from the ker
 semantics: the death signal fires when the *thread* that spawned the keeper exits (asyncio
 spawns from the event-loop thread, which lives as long as the manager's loop). A process below
 the keeper that is killed while it is forking can leave a child the keeper finds on its next
-pass. A pass lists at most ``_KEEPER_MAX_BELOW`` (4,096) processes; what lies below those is
-found on a later pass, once they are dead and the keeper inherits it, and the keeper passes
-until nothing is left below it (it once gave up after 100 passes taken back to back, most of
-them finding only processes still dying, and left the rest running). It gives up only on a
+pass. Each process a pass lists is killed through a pidfd, once it is seen to be still the
+child of the process it was listed under (one its own parent reaped since the listing may have
+left its number to another process). A pass lists at most ``_KEEPER_MAX_BELOW`` (4,096)
+processes; what lies below those is found on a later pass, once they are dead and the keeper
+inherits it, and the keeper passes until nothing is left below it (it once gave up after 100
+passes taken back to back, most of them finding only processes still dying, and left the rest
+running). It gives up only on a
 tree that stays the same for about 5 s: a process in the kernel's uninterruptible sleep,
 which dies when it leaves it (its SIGKILL is pending). A stop's escalation waits 2 s for the
 keeper before the group gets SIGKILL, which ends the keeper wherever it is.
@@ -81,6 +89,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
 import select
@@ -149,7 +158,7 @@ _ELF_MAGIC: Final = b"\x7fELF"
 # signal at its default (Python ignores SIGPIPE and SIGXFSZ, and the fork would pass that
 # on). Exit codes follow the shell's convention (126: cannot arm, 127: cannot exec).
 _KEEPER: Final = """\
-import ctypes, os, signal, sys, time
+import ctypes, errno, os, signal, sys, time
 PASSED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCONT}
 signal.pthread_sigmask(signal.SIG_BLOCK, PASSED)
 libc = ctypes.CDLL(None, use_errno=True)
@@ -159,6 +168,7 @@ GROUP_FD = -1
 if GROUP_FD >= 0:
     os.set_inheritable(GROUP_FD, False)  # the keeper's alone: the runtime's exec closes it
 def below():
+    # (process, the parent it was listed under) for each process below the keeper.
     found, frontier = [], [os.getpid()]
     while frontier and len(found) < MAX_BELOW:
         pid = frontier.pop()
@@ -172,9 +182,29 @@ def below():
                     kids = [int(k) for k in f.read().split()]
             except OSError:
                 continue
-            found += kids
+            found += [(kid, pid) for kid in kids]
             frontier += kids
     return found
+def kill(pid, parent):
+    # Through a pidfd, once the process it names is seen to be the listed parent's child: one
+    # its own parent reaped since the listing may have left its number to another process.
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError) as error:
+        if getattr(error, 'errno', errno.ENOSYS) == errno.ENOSYS:
+            try:
+                os.kill(pid, signal.SIGKILL)  # no pidfd (Linux before 5.3): by number
+            except OSError:
+                pass
+        return
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as f:
+            if int(f.read().rpartition(b')')[2].split()[1]) == parent:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except (OSError, ValueError, IndexError):
+        pass
+    finally:
+        os.close(pidfd)
 def reap():
     while True:
         try:
@@ -193,11 +223,8 @@ def kill_below():
         pids = below()
         if not pids:
             return True
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        for pid, parent in pids:
+            kill(pid, parent)
         reap()
         found = set(pids)
         if found == last:
@@ -228,6 +255,8 @@ def emptied():
     except OSError:
         pass
 def end(signum, frame):
+    global reaped
+    reaped = True  # kill_below may reap the runtime: pass_on sends nothing by number from here
     if kill_below():
         emptied()
     forget()
@@ -312,12 +341,16 @@ for early in signal.sigpending() & PASSED:
 signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED)
 while True:
     try:
-        pid, status = os.waitpid(-1, 0)
+        # Seen before it is reaped, so that without a pidfd ``reaped`` is set while the
+        # runtime's number is still its own: pass_on never sends by a reaped runtime's number.
+        exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT).si_pid
     except ChildProcessError:
         forget()
         os._exit(127)
-    if pid == runtime:
+    if exited == runtime:
         reaped = True
+    pid, status = os.waitpid(exited, 0)
+    if pid == runtime:
         break
 if kill_below():
     emptied()
@@ -347,6 +380,8 @@ _EXIT_POLL_S: Final = 0.1
 _PID_MAX_LIMIT: Final = 4 * 1024 * 1024
 # Passes over /proc a stop makes to kill what a keeper killed by someone else left behind.
 _SESSION_KILL_PASSES: Final = 50
+# pidfd_send_signal's flag for the process group the pidfd's process leads (Linux 6.9).
+_PIDFD_SIGNAL_PROCESS_GROUP: Final = 1 << 2
 # How long the stop's escalation waits for the keeper to kill what is below it before the
 # group gets SIGKILL (which ends the keeper too).
 _KEEPER_KILL_TIMEOUT_S: Final = 2.0
@@ -788,6 +823,54 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
 
 
+def _leader_pidfd(pid: int) -> tuple[int, bool]:
+    """A pidfd for the child ``pid`` and ``False``; ``(-1, True)`` where there are no pidfds
+    (signals then go by number); ``(-1, False)`` when ``pid`` was reaped already."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return -1, False
+    except (OSError, AttributeError):  # not Linux, or Linux before 5.3
+        return -1, True
+    try:
+        # Still our child (the watcher's thread may have reaped it, and the number come to
+        # another process, before the pidfd was opened).
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except OSError:
+        os.close(pidfd)
+        return -1, False
+    return pidfd, False
+
+
+def _signal_group_through(pidfd: int, pgid: int, signum: signal.Signals) -> None:
+    """Signal the process group the process behind ``pidfd`` leads, numbered ``pgid``.
+
+    Through the pidfd (Linux 6.9), it is that group, or nothing once it is empty, whatever the
+    number names by then. Before 6.9, by number while the leader lives, so the number is held;
+    once it has ended (the watcher's thread may have reaped it) nothing is signalled: the group
+    may be empty and its number, which is also the session's, another session's by then.
+    """
+    if _group_signalled_through(pidfd, signum):
+        return
+    ended = select.poll()
+    ended.register(pidfd, select.POLLIN)
+    if not ended.poll(0):
+        _signal_group(pgid, signum)
+
+
+def _group_signalled_through(pidfd: int, signum: signal.Signals) -> bool:
+    """Signal the process group the process behind ``pidfd`` leads through the pidfd: that
+    group, also once its leader is reaped, or nothing once it is empty, whatever its number
+    names by then. ``False`` when the kernel refuses to (before Linux 6.9), or no pidfd."""
+    if pidfd < 0:
+        return False
+    try:
+        signal.pidfd_send_signal(pidfd, signum, None, _PIDFD_SIGNAL_PROCESS_GROUP)
+    except OSError as error:
+        return error.errno != errno.EINVAL  # ESRCH: the group is empty
+    return True
+
+
 def _session_and_group(pid: int) -> tuple[int, int] | None:
     """``(session, process group)`` of ``pid`` from ``/proc``; ``None`` when it is gone."""
     try:
@@ -849,11 +932,15 @@ def _kill_if_in(pid: int, session: int, groups: set[int]) -> bool:
         os.close(pidfd)
 
 
-def _kill_groups_of_children(pid: int) -> None:
+def _kill_groups_of_children(pid: int, pidfd: int) -> None:
     """SIGKILL the process group of every child of ``pid`` (but ``pid``'s own), and each child.
 
-    Only for a ``pid`` that is alive and has not reaped its children: a child's number then
-    names that child alone, and its group's number stays that group's while it is a member.
+    Only for a ``pid`` that is alive and has not reaped its children (stopped): a child's
+    number then names that child alone, and its group's number stays that group's while it is
+    a member. With ``pidfd`` (``pid``'s), each child is read with a pidfd of its own open and
+    counted only if its parent is ``pid`` and ``pid`` has not ended after the read: ``pid``
+    may have been reaped unseen by the child watcher's thread, and its number come to another
+    process, whose children these would be. ``pidfd`` -1: no pidfds here, by number.
     """
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -866,11 +953,39 @@ def _kill_groups_of_children(pid: int) -> None:
         except (OSError, ValueError):
             continue
         for child in children:
+            if pidfd >= 0:
+                _kill_child_and_group(pid, pidfd, child)
+                continue
             with contextlib.suppress(ProcessLookupError):
                 group = os.getpgid(child)
                 if group != os.getpgid(pid):
                     _signal_group(group, signal.SIGKILL)
                 os.kill(child, signal.SIGKILL)
+
+
+def _kill_child_and_group(parent: int, parent_fd: int, child: int) -> None:
+    """SIGKILL ``child``'s group (unless it is ``parent``'s) and ``child``, through a pidfd,
+    if it is the child of the process behind ``parent_fd``, numbered ``parent``."""
+    try:
+        child_fd = os.pidfd_open(child)
+    except OSError:
+        return
+    try:
+        with open(f"/proc/{child}/stat", "rb") as stat_file:
+            fields = stat_file.read().rpartition(b")")[2].split()
+        ended = select.poll()
+        ended.register(parent_fd, select.POLLIN)
+        # Read with both pidfds open, and the parent not ended afterwards: the ids are those of
+        # a child of that parent, which (stopped) reaps none of them.
+        if int(fields[1]) != parent or ended.poll(0):
+            return
+        if int(fields[2]) != parent:
+            _signal_group(int(fields[2]), signal.SIGKILL)
+        signal.pidfd_send_signal(child_fd, signal.SIGKILL)
+    except (OSError, ValueError, IndexError):
+        return
+    finally:
+        os.close(child_fd)
 
 
 @final
@@ -888,12 +1003,11 @@ class _SubprocessRuntime:
         self._process = process
         self._keeper = keeper
         self._group_fd = group_fd
-        # The keeper's pidfd: signals reach the keeper or nothing, also once it has been reaped
-        # and before the event loop has seen that (the child watcher reaps in a thread).
-        self._keeper_fd = -1
-        if keeper:
-            with contextlib.suppress(OSError):  # no pidfd (Linux before 5.3), or gone already
-                self._keeper_fd = os.pidfd_open(process.pid)
+        # The leader's pidfd (the keeper's, or the runtime's without one): signals reach it (or
+        # the group it leads) or nothing, also once it has been reaped and before the event
+        # loop has seen that (the child watcher reaps in a thread). ``_by_number``: no pidfd
+        # here (not Linux, or Linux before 5.3), so signals go by number while it is unreaped.
+        self._leader_fd, self._by_number = _leader_pidfd(process.pid)
         self.stdout = OutputTail(cap_bytes=cap_bytes)
         self.stderr = OutputTail(cap_bytes=cap_bytes)
         self._stop_lock = asyncio.Lock()
@@ -949,39 +1063,52 @@ class _SubprocessRuntime:
                 self._signal_leader(signal.SIGUSR2, group=False)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._exited(), timeout=_KEEPER_KILL_TIMEOUT_S)
-                if self._process.returncode is None:
+                if self._process.returncode is None and (self._leader_fd >= 0 or self._by_number):
                     # A keeper that cannot act (stopped again, traced): the group's SIGKILL
                     # below ends it, and the groups its children lead go with it.
-                    _kill_groups_of_children(pgid)
+                    _kill_groups_of_children(pgid, self._leader_fd)
             if not self._keeper:
                 # SIGKILL the group even when the leader went quietly: anything it started
-                # and left behind in the group goes too.
-                _signal_group(pgid, signal.SIGKILL)
+                # and left behind in the group goes too (not by its number once it may be free).
+                self._signal_leader(signal.SIGKILL, group=True)
             else:
                 runtime_group, emptied = self._keeper_report()
                 if not emptied:
                     # A keeper killed by someone else, or one that cannot act, left its group
                     # and the runtime's to themselves. Once it is reaped their numbers are held
-                    # only by what is left in them: what is killed is what is still in its
-                    # session, each group through a member alive as it is signalled.
-                    groups = {pgid} if runtime_group is None else {pgid, runtime_group}
-                    _kill_groups_in_session(pgid, groups)
+                    # only by what is left in them. The keeper's group is killed through its
+                    # pidfd (its number is also the session's, which a session of the user's
+                    # may have by now, its leader's group with it); what is left in the
+                    # runtime's group (in the keeper's session) through a pidfd per process.
+                    groups = set() if runtime_group is None else {runtime_group}
+                    if not _group_signalled_through(self._leader_fd, signal.SIGKILL):
+                        groups.add(pgid)
+                    if groups:
+                        _kill_groups_in_session(pgid, groups)
                 if self._process.returncode is None:
                     self._signal_leader(signal.SIGKILL, group=True)
             returncode = await self._exited()
-            if self._keeper_fd >= 0:
-                os.close(self._keeper_fd)
-                self._keeper_fd = -1
+            if self._leader_fd >= 0:
+                os.close(self._leader_fd)
+                self._leader_fd = -1
             self._stop_outcome = StopOutcome(returncode=returncode, killed=killed)
             return self._stop_outcome
 
     def _signal_leader(self, signum: signal.Signals, *, group: bool) -> None:
         """Signal the keeper through its pidfd (it sends a stop's signals on to the runtime's
-        group, and nothing but what joined it on purpose shares its group); without a pidfd,
-        or without a keeper, the leader's group (``group``) or the leader, by number."""
+        group, and nothing but what joined it on purpose shares its group). Without a keeper,
+        the group the runtime leads (``group``) through the runtime's pidfd: it reaches the
+        group that number named at the spawn, as long as anything is left in it, and nothing
+        once it is empty and the number free. Without a pidfd, by number, and only while the
+        leader is not known to be reaped (a reaping the loop has not seen yet is not known)."""
         with contextlib.suppress(ProcessLookupError):
-            if self._keeper_fd >= 0:
-                signal.pidfd_send_signal(self._keeper_fd, signum)
+            if self._leader_fd >= 0:
+                if not group or self._keeper:
+                    signal.pidfd_send_signal(self._leader_fd, signum)
+                else:
+                    _signal_group_through(self._leader_fd, self._process.pid, signum)
+            elif not self._by_number or self._process.returncode is not None:
+                return
             elif group:
                 os.killpg(self._process.pid, signum)
             else:
