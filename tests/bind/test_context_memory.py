@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -374,6 +375,46 @@ def test_weights_named_in_a_configuration_file_are_refused_too(tmp_path: Path) -
         assert context_memory.unverified_weights(UPSTREAM_CMD, env) == named, text
         memory = estimate_context_memory(model, UPSTREAM_CMD, env)
         assert isinstance(memory, Uncountable if named else ContextMemory), text
+
+
+def test_a_configuration_file_that_is_a_fifo_is_never_waited_on(tmp_path: Path) -> None:
+    # open() on a FIFO waits for a writer, and no signal handler runs meanwhile: serve, whose
+    # command check reads the configuration before the download, hung there past SIGINT and
+    # SIGTERM (a FIFO at /tmp/llama.cpp/config.ini, for a runtime given XDG_CONFIG_HOME=/tmp,
+    # is anyone's to make). What upstream would read from it nobody can tell: no estimate.
+    model = _model(tmp_path / "m.gguf", context=2048)
+    home = tmp_path / "home"
+    config = home / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    os.mkfifo(config)
+    env = {"HOME": str(home)}
+    answers: list[object] = []
+
+    def ask() -> None:
+        answers.append(context_memory.unverified_weights(UPSTREAM_CMD, env))
+        answers.append(estimate_context_memory(model, UPSTREAM_CMD, env))
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(5)
+    if asking.is_alive():
+        # Let the waiting open() go, so the test ends.
+        os.close(os.open(config, os.O_WRONLY | os.O_NONBLOCK))
+        asking.join(5)
+        pytest.fail("the configuration file's FIFO was waited on")
+    unverified, memory = answers
+    assert unverified is None
+    assert isinstance(memory, Uncountable) and "configuration file" in memory.what
+    # The null device (a configuration turned off with a symlink to it) and a directory hold
+    # nothing to read, as before.
+    config.unlink()
+    config.symlink_to(os.devnull)
+    memory = estimate_context_memory(model, UPSTREAM_CMD, env)
+    assert isinstance(memory, ContextMemory) and memory.context_tokens == 2048
+    config.unlink()
+    config.mkdir()
+    memory = estimate_context_memory(model, UPSTREAM_CMD, env)
+    assert isinstance(memory, ContextMemory) and memory.context_tokens == 2048
 
 
 def test_a_switch_in_a_configuration_file_is_off_unless_truthy(tmp_path: Path) -> None:
