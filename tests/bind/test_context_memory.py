@@ -30,6 +30,7 @@ from companion_runtime.bind.context_memory import (
 )
 from companion_runtime.bind.llama_server import (
     DEFAULT_CONTEXT_SIZE,
+    MAX_LAUNCHER_ARGUMENTS,
     MODULE,
     embedded_llama_command,
     llama_available,
@@ -295,6 +296,35 @@ def test_a_command_line_the_launcher_refuses_is_known_from_the_command_alone(
     ]
     finished = subprocess.run(filled, capture_output=True, text=True, timeout=60)
     assert (finished.returncode == 2) is refused, finished.stderr
+
+
+def test_a_launcher_command_line_too_long_to_parse_in_time_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    # argparse's time grows with the square of the arguments' number: 40,000 "--metrics" (a
+    # 480 KB manifest) took the check 71 s, on serve's event loop before the download, deaf
+    # to SIGINT and SIGTERM all along (and the launcher itself as long to start). The
+    # launcher takes at most MAX_LAUNCHER_ARGUMENTS, and says so at once.
+    command = [*EMBEDDED, *["--metrics"] * 20_000]
+    started = time.monotonic()
+    assert launcher_refuses(command)
+    assert estimate_context_memory(_model(tmp_path / "m.gguf"), command) is None
+    assert time.monotonic() - started < 2
+    at_most = [*EMBEDDED, *["--metrics"] * (MAX_LAUNCHER_ARGUMENTS - len(EMBEDDED) + 4)]
+    assert not launcher_refuses(at_most)
+    assert launcher_refuses([*at_most, "--metrics"])
+    filled = [
+        word.replace("{model_path}", str(tmp_path / "absent.gguf"))
+        .replace("{host}", "127.0.0.1")
+        .replace("{port}", "1")
+        .replace("{api_key_file}", str(tmp_path / "key"))
+        for word in command
+    ]
+    started = time.monotonic()
+    finished = subprocess.run(filled, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 2, finished.stderr
+    assert "arguments" in finished.stderr.splitlines()[-1]
+    assert time.monotonic() - started < 10
 
 
 def test_upstream_s_command_line_is_not_the_launcher_s_to_refuse() -> None:
