@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -29,6 +30,7 @@ from companion_runtime.bind.context_memory import (
 )
 from companion_runtime.bind.llama_server import (
     DEFAULT_CONTEXT_SIZE,
+    MAX_LAUNCHER_ARGUMENTS,
     MODULE,
     embedded_llama_command,
     llama_available,
@@ -296,6 +298,35 @@ def test_a_command_line_the_launcher_refuses_is_known_from_the_command_alone(
     assert (finished.returncode == 2) is refused, finished.stderr
 
 
+def test_a_launcher_command_line_too_long_to_parse_in_time_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    # argparse's time grows with the square of the arguments' number: 40,000 "--metrics" (a
+    # 480 KB manifest) took the check 71 s, on serve's event loop before the download, deaf
+    # to SIGINT and SIGTERM all along (and the launcher itself as long to start). The
+    # launcher takes at most MAX_LAUNCHER_ARGUMENTS, and says so at once.
+    command = [*EMBEDDED, *["--metrics"] * 20_000]
+    started = time.monotonic()
+    assert launcher_refuses(command)
+    assert estimate_context_memory(_model(tmp_path / "m.gguf"), command) is None
+    assert time.monotonic() - started < 2
+    at_most = [*EMBEDDED, *["--metrics"] * (MAX_LAUNCHER_ARGUMENTS - len(EMBEDDED) + 4)]
+    assert not launcher_refuses(at_most)
+    assert launcher_refuses([*at_most, "--metrics"])
+    filled = [
+        word.replace("{model_path}", str(tmp_path / "absent.gguf"))
+        .replace("{host}", "127.0.0.1")
+        .replace("{port}", "1")
+        .replace("{api_key_file}", str(tmp_path / "key"))
+        for word in command
+    ]
+    started = time.monotonic()
+    finished = subprocess.run(filled, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 2, finished.stderr
+    assert "arguments" in finished.stderr.splitlines()[-1]
+    assert time.monotonic() - started < 10
+
+
 def test_upstream_s_command_line_is_not_the_launcher_s_to_refuse() -> None:
     assert not launcher_refuses(["/opt/llama-server", "-m", "{model_path}", "--mmproj", "p"])
     assert not launcher_refuses(["/bin/sh", "-c", "exit 0", "{port}"])
@@ -374,6 +405,46 @@ def test_weights_named_in_a_configuration_file_are_refused_too(tmp_path: Path) -
         assert context_memory.unverified_weights(UPSTREAM_CMD, env) == named, text
         memory = estimate_context_memory(model, UPSTREAM_CMD, env)
         assert isinstance(memory, Uncountable if named else ContextMemory), text
+
+
+def test_a_configuration_file_that_is_a_fifo_is_never_waited_on(tmp_path: Path) -> None:
+    # open() on a FIFO waits for a writer, and no signal handler runs meanwhile: serve, whose
+    # command check reads the configuration before the download, hung there past SIGINT and
+    # SIGTERM (a FIFO at /tmp/llama.cpp/config.ini, for a runtime given XDG_CONFIG_HOME=/tmp,
+    # is anyone's to make). What upstream would read from it nobody can tell: no estimate.
+    model = _model(tmp_path / "m.gguf", context=2048)
+    home = tmp_path / "home"
+    config = home / ".config" / "llama.cpp" / "config.ini"
+    config.parent.mkdir(parents=True)
+    os.mkfifo(config)
+    env = {"HOME": str(home)}
+    answers: list[object] = []
+
+    def ask() -> None:
+        answers.append(context_memory.unverified_weights(UPSTREAM_CMD, env))
+        answers.append(estimate_context_memory(model, UPSTREAM_CMD, env))
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(5)
+    if asking.is_alive():
+        # Let the waiting open() go, so the test ends.
+        os.close(os.open(config, os.O_WRONLY | os.O_NONBLOCK))
+        asking.join(5)
+        pytest.fail("the configuration file's FIFO was waited on")
+    unverified, memory = answers
+    assert unverified is None
+    assert isinstance(memory, Uncountable) and "configuration file" in memory.what
+    # The null device (a configuration turned off with a symlink to it) and a directory hold
+    # nothing to read, as before.
+    config.unlink()
+    config.symlink_to(os.devnull)
+    memory = estimate_context_memory(model, UPSTREAM_CMD, env)
+    assert isinstance(memory, ContextMemory) and memory.context_tokens == 2048
+    config.unlink()
+    config.mkdir()
+    memory = estimate_context_memory(model, UPSTREAM_CMD, env)
+    assert isinstance(memory, ContextMemory) and memory.context_tokens == 2048
 
 
 def test_a_switch_in_a_configuration_file_is_off_unless_truthy(tmp_path: Path) -> None:

@@ -331,6 +331,28 @@ def test_a_long_dotted_key_is_refused_before_tomllib_spends_memory_on_it() -> No
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize(
+    "text",
+    [
+        'a = "' + "x" * 1_000_000 + '"\n',  # a long string: 153 MB had gone to the count
+        'a = """' + "\\t" * 500_000 + '"""\n',  # escapes
+        'a = "' + "x" * 1_000_000,  # left open
+        'a = """' + '""x' * 300_000,
+    ],
+)
+def test_the_count_of_dots_takes_little_memory_for_a_long_string(text: str) -> None:
+    # The count runs before tomllib so that a manifest under the size limit cannot take more
+    # memory than it is worth; the count itself must not: tomllib reads these in a few MB.
+    tracemalloc.start()
+    try:
+        _dots_outside_strings(text)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, peak
+
+
+@pytest.mark.unit
 def test_dots_in_strings_and_comments_and_a_few_dotted_keys_are_no_dotted_key() -> None:
     # Only dots outside strings and comments count, read as TOML reads them: a quote in a
     # comment, an escaped quote, a multi-line string ending in four or five quotes.

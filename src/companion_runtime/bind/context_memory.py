@@ -166,6 +166,7 @@ from companion_runtime.bind.llama_server import (
     parse_launcher_arguments,
 )
 from companion_runtime.bind.process import LOOPBACK_HOST, ProcessError, filled_argv
+from companion_runtime.bind.regular_file import NotARegularFileError, read_regular_file
 
 __all__ = [
     "UNCOUNTABLE",
@@ -667,6 +668,10 @@ _NEGATIVE_CONTEXT: Final = Uncountable(
 )
 _CONFIG_TOO_LARGE: Final = Uncountable(
     "llama.cpp's configuration file is too large for the fit check to read"
+)
+_CONFIG_NOT_A_FILE: Final = Uncountable(
+    "llama.cpp's configuration file is no regular file the fit check can read (a FIFO, a "
+    "device): what llama.cpp would read from it cannot be known"
 )
 
 
@@ -1274,17 +1279,34 @@ def _config_files(environ: Mapping[str, str]) -> list[Path]:
     return [_SYSTEM_CONFIG, user / _USER_CONFIG]
 
 
-def _config_lines(path: Path) -> list[str] | None:
+def _config_lines(path: Path) -> list[str] | Uncountable:
     """The lines of a configuration file ([] when there is none to read, as upstream skips
-    it); None for one too large to read."""
+    it, a directory and the null device too); :class:`Uncountable` for one too large to
+    read, and for anything else but a regular file (a FIFO, whose open would wait for a
+    writer past any signal, and whose bytes are whatever is written into it when upstream
+    reads it; a device)."""
     try:
-        with path.open("rb") as handle:
-            data = handle.read(_MAX_CONFIG_BYTES + 1)
+        data = read_regular_file(path, max_bytes=_MAX_CONFIG_BYTES)
+    except NotARegularFileError:
+        return [] if _nothing_to_read(path) else _CONFIG_NOT_A_FILE
+    except BlockingIOError:
+        return _CONFIG_NOT_A_FILE  # a regular file with no bytes to give for now
     except (OSError, ValueError):
         return []
     if len(data) > _MAX_CONFIG_BYTES:
-        return None
+        return _CONFIG_TOO_LARGE
     return data.decode("utf-8", "replace").splitlines()
+
+
+def _nothing_to_read(path: Path) -> bool:
+    """Whether ``path`` is a directory or the null device, where upstream reads nothing."""
+    try:
+        info, null = os.stat(path), os.stat(os.devnull)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISDIR(info.st_mode) or (
+        stat.S_ISCHR(info.st_mode) and stat.S_ISCHR(null.st_mode) and info.st_rdev == null.st_rdev
+    )
 
 
 def _apply_config(settings: _Settings, lines: Sequence[str]) -> bool:
@@ -1346,8 +1368,8 @@ def _upstream_settings(
     settings = _Settings(upstream=True)
     for path in _config_files(environ):
         lines = _config_lines(path)
-        if lines is None:
-            return _CONFIG_TOO_LARGE
+        if isinstance(lines, Uncountable):
+            return lines
         if not _apply_config(settings, lines):
             return None
     for variable, name in _UPSTREAM_VARIABLES.items():

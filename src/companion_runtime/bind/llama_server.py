@@ -36,6 +36,7 @@ __all__ = [
     "EXIT_START_FAILED",
     "EXIT_USAGE",
     "INSTALL_COMMAND",
+    "MAX_LAUNCHER_ARGUMENTS",
     "MODULE",
     "embedded_llama_command",
     "llama_available",
@@ -62,6 +63,11 @@ MODULE: Final = "companion_runtime.bind.llama_server"
 #: allocate gigabytes as it loads, before a resource sample can see it. The fit check counts
 #: the model's bytes plus an allowance; this keeps the allowance honest by default.
 DEFAULT_CONTEXT_SIZE: Final = 4096
+
+#: Most arguments the launcher takes: its own command line has a dozen or two. argparse's
+#: time grows with the square of their number (40,000 flags took 71 s), and ``serve`` parses
+#: the command line with this parser before the download, where it must stay quick.
+MAX_LAUNCHER_ARGUMENTS: Final = 1000
 
 _STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
 _PROGRAM: Final = "llama_server"
@@ -169,7 +175,10 @@ class _QuietParser(argparse.ArgumentParser):
 def parse_launcher_arguments(argv: Sequence[str]) -> argparse.Namespace | None:
     """What this launcher makes of ``argv`` (its arguments, without the interpreter's), or
     None where it would refuse them: the same parser, so the same abbreviations (``--ctx``),
-    attached values (``-c8192``) and last-one-wins. Prints nothing."""
+    attached values (``-c8192``) and last-one-wins, and the same bound on their number
+    (:data:`MAX_LAUNCHER_ARGUMENTS`). Prints nothing."""
+    if len(argv) > MAX_LAUNCHER_ARGUMENTS:
+        return None
     try:
         return _parser(_QuietParser).parse_args(list(argv))
     except (_Refused, ValueError, TypeError):
@@ -237,7 +246,11 @@ def _wait_for_inference_loop(host: str, port: int, key: str | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGTERM or SIGINT; return the process exit code."""
-    arguments = _parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    if len(given) > MAX_LAUNCHER_ARGUMENTS:
+        parser.error(f"more than {MAX_LAUNCHER_ARGUMENTS} arguments")
+    arguments = parser.parse_args(given)
     if arguments.ctx_size < 0:
         _say("the context size must not be negative")
         return EXIT_USAGE

@@ -203,9 +203,12 @@ def load_manifest_text(text: str) -> Manifest:
 #: What ends TOML's strings: a basic string at its first unescaped ``"``, a multi-line basic
 #: string at its first unescaped ``\"\"\"`` (one or two more ``"`` just after it are its own,
 #: skipped by the caller, as tomllib reads them). Every alternative starts with another
-#: character, so a match never backtracks more than one step.
-_BASIC_STRING_REST: Final = re.compile(r'(?:[^"\\]|\\.)*"', re.DOTALL)
-_MULTI_LINE_BASIC_STRING_REST: Final = re.compile(r'(?:[^"\\]|\\.|"(?!""))*"""', re.DOTALL)
+#: character and none can take the closing quotes, so giving a character back never helps a
+#: match: the repetition is possessive (``*+``). A backtracking one keeps a frame for each
+#: character it took, in case it must give it back: 153 MB for a string of a mebibyte, which
+#: tomllib reads in a few.
+_BASIC_STRING_REST: Final = re.compile(r'(?:[^"\\]|\\.)*+"', re.DOTALL)
+_MULTI_LINE_BASIC_STRING_REST: Final = re.compile(r'(?:[^"\\]|\\.|"(?!""))*+"""', re.DOTALL)
 #: Where a string, a comment or a dot may begin.
 _LEXICAL_START: Final = re.compile(r"[.#\"']")
 
