@@ -80,7 +80,8 @@ def run(main: Coroutine[Any, Any, _T]) -> _T:
     except OSError as error:
         main.close()
         raise EventLoopUnavailable(error.strerror or "no event loop") from None
-    with runner:
+    broken: OSError | None = None
+    try:
         loop.set_default_executor(
             ThreadPoolExecutor(thread_name_prefix="asyncio", initializer=_block_signals)
         )
@@ -90,12 +91,22 @@ def run(main: Coroutine[Any, Any, _T]) -> _T:
         try:
             runner.run(_start_worker_threads())
         except OSError as error:
-            main.close()
-            raise EventLoopUnavailable(error.strerror or "no event loop") from None
+            broken = error
         finally:
             if mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        return runner.run(main)
+        if broken is None:
+            return runner.run(main)
+    finally:
+        if broken is None:
+            runner.close()
+        else:
+            # uvloop's signal set-up failed inside its first run, which left the loop marked
+            # running: it can be neither run nor closed again, only dropped.
+            with contextlib.suppress(RuntimeError):
+                runner.close()
+    main.close()
+    raise EventLoopUnavailable(broken.strerror or "no event loop")
 
 
 def _check_free_descriptors(count: int) -> None:
