@@ -654,10 +654,19 @@ def serve(
                 finally:
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
+        from companion_runtime.bind.eventloop import EventLoopUnavailable
         from companion_runtime.bind.eventloop import run as run_loop
 
         # A signal so far: nothing started, nothing to stop.
-        verdict = Verdict(False, Reason.NOT_READY) if cancel.is_set() else run_loop(run())
+        if cancel.is_set():
+            verdict = Verdict(False, Reason.NOT_READY)
+        else:
+            try:
+                verdict = run_loop(run())
+            except EventLoopUnavailable as error:
+                # Too few descriptors left for the loop itself (ulimit -n): nothing started.
+                _say(f"serve could not start its event loop: {error.strerror}", err=True)
+                verdict = Verdict(False, Reason.NOT_READY)
         if not verdict.ok:
             reason = verdict.reason.value
             if json_output:

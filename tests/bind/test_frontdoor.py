@@ -2255,6 +2255,45 @@ def test_a_runtime_transfer_coding_other_than_chunked_is_502_not_a_relayed_body(
     run(scenario)
 
 
+def test_a_runtime_s_chunked_followed_by_a_tab_is_framed_as_llhttp_frames_it() -> None:
+    # llhttp reads "chunked" followed by a tab as another coding and hands the body over to
+    # the connection's end, chunk sizes and all; the trimmed header value read as chunked, so
+    # the client got the runtime's framing as the body ("5\r\nhello\r\n0\r\n\r\n").
+    # Followed by a space, or after a tab, llhttp reads it as chunked, and so it is relayed.
+    answers = {
+        b"/tab": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\t\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"/tab-space": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\t \r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+        b"/space": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked \r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"/leading-tab": b"HTTP/1.1 200 OK\r\ntransfer-encoding:\tchunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+    }
+
+    async def runtime(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers[head.split(b" ", 2)[1]])
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(runtime, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server, running_front_door(url) as door:
+            async with httpx.AsyncClient(base_url=door.url, headers=door.auth) as client:
+                for path in ("/tab", "/tab-space"):
+                    response = await client.get(path)
+                    assert response.status_code == 502, (path, response.content)
+                    assert reason_of(response) == "upstream_error"
+                for path in ("/space", "/leading-tab"):
+                    response = await client.get(path)
+                    assert (response.status_code, response.content) == (200, b"hello"), path
+            statistics = door.door.statistics()
+            assert statistics.upstream_aborts == 0
+            assert statistics.refused_by_reason == {"upstream_error": 2}
+
+    run(scenario)
+
+
 def test_a_client_leaving_the_queue_gives_up_its_place() -> None:
     async def scenario() -> None:
         with tiny_upstream() as upstream:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import gguf
 import httpx
 import psutil
 import pytest
+from rich.console import Console
 
 from companion_runtime.bind.admission import AdmissionRefused
 from companion_runtime.bind.context_memory import ContextMemory, estimate_context_memory
@@ -34,6 +36,7 @@ from companion_runtime.bind.manifest import (
 )
 from companion_runtime.bind.probe import MachineHeadroom, NvmlGpuMemory, listens_below
 from companion_runtime.bind.process import ProcessError, SubprocessLauncher, build_launch_spec
+from companion_runtime.bind.status import status_table
 from companion_runtime.bind.supervisor import (
     Supervisor,
     SupervisorConfig,
@@ -489,10 +492,14 @@ async def test_a_context_whose_kv_cache_cannot_fit_is_refused_before_spawning(
             assert (await whole.start()).reason is Reason.MODEL_TOO_LARGE
         status = whole.status()
         assert status["spawns"] == 0
+        counted = estimate_context_memory(model, template)
+        assert isinstance(counted, ContextMemory)
         assert status["context"] == {
             "tokens": 2**22,
             "kv_cache_bytes": 2 << 30,
             "recurrent_state_bytes": 0,
+            "metadata_bytes": counted.metadata_bytes,
+            "repacked_weights_bytes": counted.repacked_bytes,
         }
     [said] = [record.getMessage() for record in caplog.records]
     assert "2,048 MiB of KV cache for a 4194304-token context" in said
@@ -502,12 +509,29 @@ async def test_a_context_whose_kv_cache_cannot_fit_is_refused_before_spawning(
     small = Supervisor(_config(template, model, digest, len(data), resource_limits=limits))
     async with small:
         assert (await small.start()).ok
-        # Two slots, a cache each, each its 128 tokens padded to 256: 512 cells in all.
+        # Two slots, a cache each, each its 128 tokens padded to 256: 512 cells in all. The
+        # metadata and the repacked weights the fit check counted beside the cache show too
+        # (the weights stay in RAM here: no GPU offload).
+        counted = estimate_context_memory(model, template)
+        assert isinstance(counted, ContextMemory) and counted.metadata_bytes > 0
         assert small.status()["context"] == {
             "tokens": 512,
             "kv_cache_bytes": 512 * 512,
             "recurrent_state_bytes": 0,
+            "metadata_bytes": counted.metadata_bytes,
+            "repacked_weights_bytes": counted.repacked_bytes,
         }
+        # companion-runtime status shows them in its table.
+        console = Console(width=200, record=True, file=io.StringIO())
+        console.print(status_table(small.status()))
+        shown = console.export_text()
+        rows = {
+            line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in shown.splitlines()
+            if line.count("│") == 3
+        }
+        assert rows["context.metadata_bytes"] == str(counted.metadata_bytes)
+        assert rows["context.repacked_weights_bytes"] == str(counted.repacked_bytes)
         await small.stop()
 
 
@@ -544,10 +568,14 @@ async def test_a_recurrent_state_that_cannot_fit_is_refused_before_spawning(
             assert (await supervisor.start()).reason is Reason.MODEL_TOO_LARGE
         status = supervisor.status()
         assert status["spawns"] == 0
+        counted = estimate_context_memory(model, template)
+        assert isinstance(counted, ContextMemory)
         assert status["context"] == {
             "tokens": 32 * 256,
             "kv_cache_bytes": 0,
             "recurrent_state_bytes": state,
+            "metadata_bytes": counted.metadata_bytes,
+            "repacked_weights_bytes": counted.repacked_bytes,
         }
     [said] = [record.getMessage() for record in caplog.records]
     assert "of weights, 760 MiB of recurrent state" in said and "fewer slots (-np)" in said
@@ -668,10 +696,14 @@ async def test_a_kv_cache_is_counted_through_a_link_and_a_header_too_large_is_re
     async with linked:
         assert (await linked.start()).reason is Reason.MODEL_TOO_LARGE
         assert linked.status()["spawns"] == 0
+        counted = estimate_context_memory(link, template)
+        assert isinstance(counted, ContextMemory)
         assert linked.status()["context"] == {
             "tokens": 2**22,
             "kv_cache_bytes": 2 << 30,
             "recurrent_state_bytes": 0,
+            "metadata_bytes": counted.metadata_bytes,
+            "repacked_weights_bytes": counted.repacked_bytes,
         }
     # A GGUF header with 70,000 keys before the model's own: llama.cpp reads it, the walk
     # stops at 65,536. Refused, not counted as no KV cache (it would be 2 GiB again).

@@ -1491,3 +1491,41 @@ def test_serve_killed_with_sigkill_leaves_no_runtime_key_behind(
         assert wait_for(lambda: not any(scratch.iterdir()), 5), sorted(
             path.name for path in scratch.iterdir()
         )
+
+
+# --- too few descriptors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [8, 10, 11, 12, 13])
+def test_too_few_descriptors_for_the_event_loop_is_a_refusal_not_a_traceback(
+    tmp_path: Path, limit: int
+) -> None:
+    """Below a few free descriptors libuv aborted the process; a little above, the loop's
+    signal set-up failed and left a ``RuntimeError`` traceback, and at 7-9 the loop's own
+    failure read "could not write the output"."""
+    import resource
+
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(
+        _standin_manifest_text(
+            "https://127.0.0.1:9/models/standin.bin", "https://127.0.0.1:9", b"unused\n"
+        )
+    )
+    ca_bundle = tmp_path / "ca.pem"
+    ca_bundle.write_text("")
+
+    def limit_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    finished = subprocess.run(
+        serve_command(manifest, tmp_path / "store", ca_bundle),
+        capture_output=True,
+        text=True,
+        env=serve_env(tmp_path / "state"),
+        timeout=60,
+        preexec_fn=limit_descriptors,
+    )
+    assert finished.returncode == 1, finished.stderr[-3000:]
+    assert json.loads(finished.stdout) == {"ok": False, "reason": "not_ready"}
+    assert "Traceback" not in finished.stderr
+    assert finished.stderr == "serve could not start its event loop: Too many open files\n"

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
-__all__ = ["new_event_loop", "run"]
+__all__ = ["EventLoopUnavailable", "new_event_loop", "run"]
 
 _T = TypeVar("_T")
 
@@ -46,10 +47,42 @@ def _factory() -> Callable[[], asyncio.AbstractEventLoop]:
 new_event_loop: Callable[[], asyncio.AbstractEventLoop] = _factory()
 
 
+#: Descriptors a loop takes for itself: libuv's epoll, its wakeup eventfd, its signal pipe and
+#: the self-pipe Python's signal wakeup writes to (nine on uvloop, counted), with room to spare.
+_LOOP_DESCRIPTORS: Final = 12
+
+
+class EventLoopUnavailable(Exception):
+    """No event loop could be made: too few descriptors left (``ulimit -n``), or no memory."""
+
+    def __init__(self, strerror: str) -> None:
+        super().__init__(strerror)
+        self.strerror = strerror
+
+
 def run(main: Coroutine[Any, Any, _T]) -> _T:
-    """``asyncio.run`` on the preferred loop."""
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.get_loop().set_default_executor(
+    """``asyncio.run`` on the preferred loop.
+
+    Raises :class:`EventLoopUnavailable`, ``main`` never run, where the loop cannot be made.
+    Below a few free descriptors libuv aborts the process in its loop's setup (uvloop's
+    ``new_event_loop``), and a little above that its signal set-up's ``socketpair`` failed in
+    the first run and left a loop that could not even be closed: a ``RuntimeError`` traceback.
+    """
+    try:
+        _check_free_descriptors(_LOOP_DESCRIPTORS)
+        runner = asyncio.Runner(loop_factory=new_event_loop)
+        try:
+            loop = runner.get_loop()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                runner.close()
+            raise
+    except OSError as error:
+        main.close()
+        raise EventLoopUnavailable(error.strerror or "no event loop") from None
+    broken: OSError | None = None
+    try:
+        loop.set_default_executor(
             ThreadPoolExecutor(thread_name_prefix="asyncio", initializer=_block_signals)
         )
         # libuv starts all of its worker threads at the first task it gives them, with the
@@ -57,10 +90,34 @@ def run(main: Coroutine[Any, Any, _T]) -> _T:
         mask = _block_signals()
         try:
             runner.run(_start_worker_threads())
+        except OSError as error:
+            broken = error
         finally:
             if mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        return runner.run(main)
+        if broken is None:
+            return runner.run(main)
+    finally:
+        if broken is None:
+            runner.close()
+        else:
+            # uvloop's signal set-up failed inside its first run, which left the loop marked
+            # running: it can be neither run nor closed again, only dropped.
+            with contextlib.suppress(RuntimeError):
+                runner.close()
+    main.close()
+    raise EventLoopUnavailable(broken.strerror or "no event loop")
+
+
+def _check_free_descriptors(count: int) -> None:
+    """Raise ``OSError`` (``EMFILE``) unless ``count`` more descriptors can be opened now."""
+    opened: list[int] = []
+    try:
+        while len(opened) < count:
+            opened.extend(os.pipe())
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def _block_signals() -> set[int | signal.Signals] | None:

@@ -475,6 +475,22 @@ def _refusal_body(reason: Reason) -> bytes:
 _REFUSAL_BODIES: Final = {reason: _refusal_body(reason) for reason in Reason}
 
 
+def _llhttp_reads_chunks(coding: bytes) -> bool:
+    """Whether ``coding``, a runtime answer's ``Transfer-Encoding`` that is not exactly
+    ``chunked``, is chunked as llhttp frames its body.
+
+    Its value trimmed is no guide: llhttp reads ``chunked`` followed by a tab as another
+    coding and hands the body over to the connection's end, chunk sizes and all, while it
+    reads ``chunked`` followed by a space as chunked. Asked only where the trimmed value is
+    ``chunked``, so an answer framed the usual way costs nothing more.
+    """
+    if coding.strip().lower() != b"chunked":
+        return False
+    from companion_runtime.bind.httpsget import reads_chunks
+
+    return reads_chunks(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + coding + b"\r\n\r\n")
+
+
 def _status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     return line if line is not None else b"HTTP/1.1 %d \r\n" % status
@@ -1346,7 +1362,7 @@ class _Upstream(asyncio.Protocol):
             if name == b"content-length":
                 length = value
             elif name == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
+                if value.lower() != b"chunked" and not _llhttp_reads_chunks(value):
                     # Another coding (gzip, chunked) would reach the client decoded of its
                     # chunks but not of the rest, and unmarked; without chunked last the body
                     # ends with the connection. The front door re-frames, never re-encodes.

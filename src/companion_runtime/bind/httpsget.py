@@ -510,7 +510,7 @@ class _HeadSink:
 
 @final
 class _BodyProbe:
-    """The parser's body callback alone, for :func:`_reads_chunks`."""
+    """The parser's body callback alone, for :func:`reads_chunks`."""
 
     def __init__(self) -> None:
         self.body = bytearray()
@@ -523,7 +523,7 @@ class _BodyProbe:
 _CHUNK_PROBE: Final = b"1\r\nX\r\n"
 
 
-def _reads_chunks(head: bytes) -> bool:
+def reads_chunks(head: bytes) -> bool:
     """Whether llhttp, given this response head, takes chunk framing out of the body.
 
     The head's ``Transfer-Encoding`` value as the sink trims it is no guide: llhttp reads
@@ -608,7 +608,7 @@ def get(
         # Framed as llhttp frames it, not only as the trimmed header value reads: the two
         # differ for "chunked" followed by a tab.
         coding = sink.headers.get("transfer-encoding", "").lower()
-        chunked = "chunked" in coding and _reads_chunks(head)
+        chunked = "chunked" in coding and reads_chunks(head)
         length: int | None = None
         unparsed = b""
         if chunked:

@@ -540,6 +540,8 @@ class Supervisor:
         self._last_exit_status: int | None = None
         # The last fit check's estimate of the runtime's KV cache (None: not a llama.cpp one).
         self._context_memory: ContextMemory | None = None
+        #: The repacked weights the last fit check counted (0 where they do not stay in RAM).
+        self._context_repacked_bytes = 0
         self._last_sample: ResourceSample | None = None
         # False once a sample could not be taken: the last one is still shown, no longer used.
         self._sample_in_force = False
@@ -836,6 +838,8 @@ class Supervisor:
                 "tokens": self._context_memory.context_tokens,
                 "kv_cache_bytes": self._context_memory.bytes - self._context_memory.recurrent_bytes,
                 "recurrent_state_bytes": self._context_memory.recurrent_bytes,
+                "metadata_bytes": self._context_memory.metadata_bytes,
+                "repacked_weights_bytes": self._context_repacked_bytes,
             },
             "runtime_url": self._runtime_url,
             "spawns": self._spawns,
@@ -945,6 +949,7 @@ class Supervisor:
             gpu_offload=config.gpu_offload,
         )
         repacked = context.repacked_bytes if context is not None and in_ram else 0
+        self._context_repacked_bytes = repacked
         # The copy is named apart, with what turns it off: it is no part of the runtime's
         # allowance, and no smaller context makes it go away.
         weights = (
