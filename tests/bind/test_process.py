@@ -1218,16 +1218,30 @@ async def test_the_caller_sees_the_runtimes_own_exit(how: str, returncode: int) 
 
 
 @pytest.mark.integration
-async def test_the_runtime_starts_with_no_signal_ignored_or_blocked() -> None:
+@pytest.mark.parametrize(
+    "manager_ignores",
+    [(), (signal.SIGQUIT, signal.SIGUSR1, signal.SIGTTOU)],
+    ids=["nothing", "what-a-background-job-or-nohup-ignores"],
+)
+async def test_the_runtime_starts_with_no_signal_ignored_or_blocked(
+    manager_ignores: tuple[signal.Signals, ...],
+) -> None:
     # Python ignores SIGPIPE and SIGXFSZ, and a fork passes that on to what it execs: a runtime
-    # killed by SIGPIPE would have kept running, unlike one started from a shell.
+    # killed by SIGPIPE would have kept running, unlike one started from a shell. A manager
+    # started as a background job of a script ignores SIGQUIT (and SIGINT), one under nohup
+    # SIGHUP; exec passes those on too.
     spec = build_launch_spec(
         ["/bin/grep", "-hE", "^Sig(Ign|Blk):", "/proc/self/status", "{port}"], model_path="m"
     )
-    async with SubprocessLauncher().launch(spec) as runtime:
-        await asyncio.wait_for(runtime.wait(), 10)
-        await asyncio.sleep(0.1)
-        lines = runtime.stdout_tail().decode().split()
+    before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in manager_ignores}
+    try:
+        async with SubprocessLauncher().launch(spec) as runtime:
+            await asyncio.wait_for(runtime.wait(), 10)
+            await asyncio.sleep(0.1)
+            lines = runtime.stdout_tail().decode().split()
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
     assert lines == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16]
 
 

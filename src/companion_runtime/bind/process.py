@@ -318,6 +318,15 @@ if runtime == 0:
     try:
         for default in (*PASSED, signal.SIGUSR2, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(default, signal.SIG_DFL)
+        # And whatever the manager inherited ignored (a shell without job control ignores
+        # SIGINT and SIGQUIT in a job it puts in the background, nohup SIGHUP), which exec
+        # passes on: the runtime starts as a service manager starts one, nothing ignored.
+        for inherited in signal.valid_signals():
+            try:
+                if signal.getsignal(inherited) == signal.SIG_IGN:
+                    signal.signal(inherited, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
         signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED)
         os.setpgid(0, holder)
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
